@@ -1,0 +1,59 @@
+# Everything bootstraps from nothing: python3, node and npm are all a machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY_STAMP   := $(VENV)/.installed-dev
+APE_STAMP  := $(VENV)/.installed-ape
+NODE_STAMP := node_modules/.installed
+
+.PHONY: bootstrap test lint format artifacts demo bench ape test-ape clean
+
+bootstrap: $(PY_STAMP) $(NODE_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(PY_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,seller]'
+	touch $@
+
+# solc-js (the compiler) and anvil (the local chain) both come from npm.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+lint: bootstrap
+	$(BIN)/ruff check escrow_py tests scripts
+	$(BIN)/ruff format --check escrow_py tests scripts
+	$(BIN)/mypy
+
+format: bootstrap
+	$(BIN)/ruff format escrow_py tests scripts
+	$(BIN)/ruff check --fix escrow_py tests scripts
+
+# Recompile contracts/ into the artifacts shipped in escrow_py/chain/artifacts/.
+artifacts: bootstrap
+	$(BIN)/x402-escrow contracts build
+
+test: bootstrap lint
+	$(BIN)/pytest -q -m "not ape"
+
+# The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base): one step.
+ape: $(APE_STAMP)
+
+$(APE_STAMP): $(PY_STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,seller,ape]'
+	touch $@
+
+test-ape: ape $(NODE_STAMP)
+	$(BIN)/pytest -q -m ape -p ape_test
+
+demo: bootstrap
+	$(BIN)/x402-escrow demo
+
+bench: bootstrap
+	$(BIN)/x402-escrow bench gas --json
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,141 @@
+"""A local anvil chain imitating Base Sepolia: the embedded default for the demo, benchmarks and tests.
+
+The binary comes from the npm package `@foundry-rs/anvil` (`npm ci` in the
+checkout), from `$X402_ESCROW_ANVIL`, or from PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+from eth_account import Account
+from web3 import HTTPProvider, Web3
+
+from escrow_py.chain.signer import LocalSigner
+from escrow_py.errors import ConfigError, RpcError
+
+BASE_SEPOLIA_CHAIN_ID = 84532
+
+# anvil's well-known development mnemonic: its keys are public, for local chains only.
+DEV_MNEMONIC = "test test test test test test test test test test test junk"
+DEV_ACCOUNTS = 10
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def dev_signer(index: int) -> LocalSigner:
+    """anvil's dev account `index` (0-9), funded with ETH on every anvil chain."""
+    if not 0 <= index < DEV_ACCOUNTS:
+        raise ValueError(f"anvil has dev accounts 0-{DEV_ACCOUNTS - 1}, not {index}")
+    Account.enable_unaudited_hdwallet_features()
+    return LocalSigner(Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}"))
+
+
+def find_anvil() -> str:
+    """Path of an anvil binary; raises ConfigError saying how to get one."""
+    if env := os.environ.get("X402_ESCROW_ANVIL"):
+        return env
+    # Prefer the platform binary over the npm `bin` shim: it skips a node start.
+    for platform_dir in sorted((_REPO_ROOT / "node_modules" / "@foundry-rs").glob("anvil-*")):
+        binary = platform_dir / "bin" / "anvil"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    for candidate in (str(_REPO_ROOT / "node_modules" / ".bin" / "anvil"), shutil.which("anvil")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise ConfigError("no anvil binary: run `npm ci` in the checkout, or set X402_ESCROW_ANVIL")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Anvil:
+    """A running anvil process on a loopback port; stop it with `stop()` or a `with` block."""
+
+    def __init__(
+        self,
+        *,
+        chain_id: int = BASE_SEPOLIA_CHAIN_ID,
+        block_time: float | None = None,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.chain_id = chain_id
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            find_anvil(),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--chain-id", str(chain_id),
+            "--mnemonic", DEV_MNEMONIC,
+            "--accounts", str(DEV_ACCOUNTS),
+            "--silent",
+        ]  # fmt: skip
+        if block_time is not None:
+            args += ["--block-time", str(block_time)]
+        args += extra_args or []
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready(startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        w3 = self.web3()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                err = self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
+                raise RpcError(f"anvil exited with code {self._process.returncode}: {err.strip()}")
+            try:
+                if w3.eth.chain_id == self.chain_id:
+                    return
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.05)
+        self.stop()
+        raise RpcError(f"anvil did not answer on {self.url} within {timeout:.0f}s")
+
+    def web3(self, timeout: float = 30.0) -> Web3:
+        return Web3(HTTPProvider(self.url, request_kwargs={"timeout": timeout}))
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._process.stderr:
+            self._process.stderr.close()
+
+    def __enter__(self) -> Anvil:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+@contextmanager
+def running_anvil(**kwargs: object) -> Iterator[Anvil]:
+    node = Anvil(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield node
+    finally:
+        node.stop()

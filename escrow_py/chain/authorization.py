@@ -1,0 +1,156 @@
+"""ERC-3009 authorizations: the buyer's signature that lets the escrow pull the payment.
+
+The buyer signs a `ReceiveWithAuthorization` with `to` = the escrow, `value` =
+the amount and `nonce` = the escrow id, in the token's EIP-712 domain
+(USDC on Base Sepolia: name "USDC", version "2").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_typing import ChecksumAddress
+from eth_utils.address import to_checksum_address
+
+from escrow_py.chain.signer import Signer
+from escrow_py.terms import Terms
+
+RECEIVE_WITH_AUTHORIZATION = "ReceiveWithAuthorization"
+TRANSFER_WITH_AUTHORIZATION = "TransferWithAuthorization"
+
+_AUTHORIZATION_FIELDS = [
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDomain:
+    """The token's EIP-712 domain."""
+
+    name: str
+    version: str
+    chain_id: int
+    verifying_contract: ChecksumAddress
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": self.verifying_contract,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """An ERC-3009 authorization message (the x402 payload's `authorization`)."""
+
+    from_: ChecksumAddress
+    to: ChecksumAddress
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+
+    def as_message(self) -> dict[str, Any]:
+        return {
+            "from": self.from_,
+            "to": self.to,
+            "value": self.value,
+            "validAfter": self.valid_after,
+            "validBefore": self.valid_before,
+            "nonce": self.nonce,
+        }
+
+    def to_json(self) -> dict[str, str]:
+        """Wire form: every number a decimal string, as in x402's exact scheme."""
+        return {
+            "from": self.from_,
+            "to": self.to,
+            "value": str(self.value),
+            "validAfter": str(self.valid_after),
+            "validBefore": str(self.valid_before),
+            "nonce": "0x" + self.nonce.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Authorization:
+        if not isinstance(data, dict):
+            raise ValueError("authorization must be a JSON object")
+        try:
+            nonce = bytes.fromhex(str(data["nonce"]).removeprefix("0x"))
+            numbers = {}
+            for key in ("value", "validAfter", "validBefore"):
+                raw = data[key]
+                if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit():
+                    raise ValueError(f"authorization.{key} must be a non-negative integer")
+                numbers[key] = int(raw)
+            auth = cls(
+                from_=to_checksum_address(data["from"]),
+                to=to_checksum_address(data["to"]),
+                value=numbers["value"],
+                valid_after=numbers["validAfter"],
+                valid_before=numbers["validBefore"],
+                nonce=nonce,
+            )
+        except KeyError as exc:
+            raise ValueError(f"authorization.{exc.args[0]} is missing") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid authorization: {exc}") from None
+        if len(auth.nonce) != 32:
+            raise ValueError("authorization.nonce must be 32 bytes")
+        return auth
+
+
+def typed_data(primary_type: str, domain: TokenDomain, authorization: Authorization) -> dict[str, Any]:
+    """The full EIP-712 message for eth-account."""
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            primary_type: _AUTHORIZATION_FIELDS,
+        },
+        "primaryType": primary_type,
+        "domain": domain.as_dict(),
+        "message": authorization.as_message(),
+    }
+
+
+def authorization_for(terms: Terms, escrow: str, chain_id: int, valid_after: int, valid_before: int) -> Authorization:
+    """The ReceiveWithAuthorization that deposits `terms` into `escrow`."""
+    return Authorization(
+        from_=terms.buyer,
+        to=to_checksum_address(escrow),
+        value=terms.amount,
+        valid_after=valid_after,
+        valid_before=valid_before,
+        nonce=terms.escrow_id(chain_id, escrow),
+    )
+
+
+def sign_authorization(
+    signer: Signer, domain: TokenDomain, authorization: Authorization, primary_type: str = RECEIVE_WITH_AUTHORIZATION
+) -> bytes:
+    if signer.address != authorization.from_:
+        raise ValueError(f"signer {signer.address} is not the authorization's payer {authorization.from_}")
+    return signer.sign_typed_data(typed_data(primary_type, domain, authorization))
+
+
+def recover_signer(
+    domain: TokenDomain, authorization: Authorization, signature: bytes, primary_type: str = RECEIVE_WITH_AUTHORIZATION
+) -> ChecksumAddress:
+    """The address that signed; raises ValueError for a malformed signature."""
+    message = encode_typed_data(full_message=typed_data(primary_type, domain, authorization))
+    return to_checksum_address(Account.recover_message(message, signature=signature))

@@ -1,0 +1,130 @@
+"""Compile `contracts/` into the artifacts that ship inside the package.
+
+A development tool, run from a checkout (`make artifacts` or
+`x402-escrow contracts build`): the runtime never compiles. It drives
+py-solc-x's `compile_standard` with a native `solc` of the pinned version when
+one is installed, and otherwise with `scripts/solc-js.cjs`, a stand-in backed
+by the npm package `solc` (no native compiler can be downloaded offline). Both
+produce the same bytecode for the same version and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from escrow_py.chain.artifacts import ARTIFACTS_DIR, CONTRACTS
+
+SOLC_VERSION = "0.8.30"
+
+# Part of the interface of the shipped artifacts: ape-config.yaml repeats them
+# so that an Ape build reproduces the same runtime bytecode. `bytecodeHash:
+# none` keeps the metadata trailer free of source paths, so the bytecode does
+# not depend on where the checkout lives.
+SOLC_SETTINGS: dict[str, Any] = {
+    "optimizer": {"enabled": True, "runs": 1_000_000},
+    "evmVersion": "cancun",
+    "viaIR": True,
+    "metadata": {"bytecodeHash": "none"},
+    "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
+}
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONTRACTS_DIR = REPO_ROOT / "contracts"
+SOLCJS_WRAPPER = REPO_ROOT / "scripts" / "solc-js.cjs"
+
+
+class BuildError(RuntimeError):
+    """The contracts did not compile, or no compiler could be found."""
+
+
+def _version_of(binary: str | Path) -> str | None:
+    try:
+        out = subprocess.run([str(binary), "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        if line.startswith("Version: "):
+            return line.removeprefix("Version: ").split("+")[0]
+    return None
+
+
+def find_solc() -> Path:
+    """A native solc of `SOLC_VERSION` if there is one, else the solc-js wrapper."""
+    candidates: list[Path] = []
+    if found := shutil.which("solc"):
+        candidates.append(Path(found))
+    candidates.append(Path.home() / ".solcx" / f"solc-v{SOLC_VERSION}")
+    for candidate in candidates:
+        # The wrapper may itself be installed under ~/.solcx for ape-solidity.
+        if candidate.is_file() and candidate.resolve() != SOLCJS_WRAPPER.resolve():
+            text = candidate.read_bytes()[:64]
+            if not text.startswith(b"#!") and _version_of(candidate) == SOLC_VERSION:
+                return candidate
+    if not SOLCJS_WRAPPER.is_file():
+        raise BuildError(f"no solc {SOLC_VERSION} found and {SOLCJS_WRAPPER} is missing (build from a checkout)")
+    if _version_of(SOLCJS_WRAPPER) != SOLC_VERSION:
+        raise BuildError(f"{SOLCJS_WRAPPER} does not answer as solc {SOLC_VERSION}: run `npm ci` first")
+    return SOLCJS_WRAPPER
+
+
+def sources() -> dict[str, dict[str, str]]:
+    """Every .sol file under contracts/, keyed by its path relative to that folder."""
+    return {
+        path.relative_to(CONTRACTS_DIR).as_posix(): {"content": path.read_text()}
+        for path in sorted(CONTRACTS_DIR.rglob("*.sol"))
+    }
+
+
+def compile_contracts(solc: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Compile every contract; return the artifact dict of each shipped contract by name."""
+    import solcx  # development dependency only
+
+    binary = solc or find_solc()
+    standard_input = {"language": "Solidity", "sources": sources(), "settings": SOLC_SETTINGS}
+    try:
+        output = solcx.compile_standard(standard_input, solc_binary=binary, base_path=str(CONTRACTS_DIR))
+    except solcx.exceptions.SolcError as exc:
+        raise BuildError(str(exc)) from exc
+    errors = [e for e in output.get("errors", []) if e.get("severity") == "error"]
+    if errors:
+        raise BuildError("\n".join(e.get("formattedMessage", e.get("message", "")) for e in errors))
+    artifacts: dict[str, dict[str, Any]] = {}
+    for source_name, contracts in output["contracts"].items():
+        for name, out in contracts.items():
+            if name not in CONTRACTS:
+                continue
+            artifacts[name] = {
+                "contractName": name,
+                "sourceName": source_name,
+                "compiler": {"version": SOLC_VERSION, "settings": _settings_without_selection()},
+                "abi": out["abi"],
+                "bytecode": "0x" + out["evm"]["bytecode"]["object"],
+                "deployedBytecode": "0x" + out["evm"]["deployedBytecode"]["object"],
+            }
+    missing = set(CONTRACTS) - set(artifacts)
+    if missing:
+        raise BuildError(f"contracts not found in the sources: {sorted(missing)}")
+    return artifacts
+
+
+def _settings_without_selection() -> dict[str, Any]:
+    return {k: v for k, v in SOLC_SETTINGS.items() if k != "outputSelection"}
+
+
+def render(artifact: dict[str, Any]) -> str:
+    """The exact text written for an artifact: stable key order, one trailing newline."""
+    return json.dumps(artifact, indent=2, sort_keys=True) + "\n"
+
+
+def write_artifacts(artifacts: dict[str, dict[str, Any]], directory: Path = ARTIFACTS_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, artifact in sorted(artifacts.items()):
+        path = directory / f"{name}.json"
+        path.write_text(render(artifact))
+        written.append(path)
+    return written

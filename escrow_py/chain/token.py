@@ -1,0 +1,83 @@
+"""Binding to an ERC-3009 token (USDC, EURC, or the shipped TestUSDC)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eth_typing import ChecksumAddress
+from eth_utils.address import to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.types import BlockIdentifier, TxReceipt
+
+from escrow_py.chain.artifacts import load_artifact
+from escrow_py.chain.authorization import Authorization, TokenDomain
+from escrow_py.chain.tx import TxSender
+
+TOKEN_ABI: list[dict[str, Any]] = load_artifact("TestUSDC")["abi"]
+
+
+def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
+    """(v, r, s) of a 65-byte (r, s, v) signature."""
+    if len(signature) != 65:
+        raise ValueError(f"expected a 65-byte signature, got {len(signature)} bytes")
+    return signature[64], signature[:32], signature[32:64]
+
+
+class Token:
+    """An ERC-3009 token at `address`."""
+
+    def __init__(self, w3: Web3, address: str) -> None:
+        self.w3 = w3
+        self.address = to_checksum_address(address)
+        self.contract = w3.eth.contract(address=self.address, abi=TOKEN_ABI)
+
+    def balance_of(self, account: str, block: BlockIdentifier = "latest") -> int:
+        return int(self.contract.functions.balanceOf(to_checksum_address(account)).call(block_identifier=block))
+
+    def authorization_state(self, authorizer: str, nonce: bytes) -> bool:
+        """True once the nonce was used or cancelled."""
+        return bool(self.contract.functions.authorizationState(to_checksum_address(authorizer), nonce).call())
+
+    def domain(self, chain_id: int | None = None) -> TokenDomain:
+        """The token's EIP-712 domain, read from its `name()` and `version()`."""
+        return TokenDomain(
+            name=str(self.contract.functions.name().call()),
+            version=str(self.contract.functions.version().call()),
+            chain_id=int(chain_id if chain_id is not None else self.w3.eth.chain_id),
+            verifying_contract=self.address,
+        )
+
+    def _data(self, fn: str, *args: Any) -> bytes:
+        return bytes(HexBytes(self.contract.encode_abi(fn, args=list(args))))
+
+    def mint(self, sender: TxSender, to: str, amount: int) -> TxReceipt:
+        """TestUSDC only: anyone may mint."""
+        return sender.transact(self.address, self._data("mint", to_checksum_address(to), amount))
+
+    def transfer(self, sender: TxSender, to: str, amount: int) -> TxReceipt:
+        return sender.transact(self.address, self._data("transfer", to_checksum_address(to), amount))
+
+    def transfer_with_authorization_data(self, authorization: Authorization, signature: bytes) -> bytes:
+        """Calldata of the x402 `exact` payment: transferWithAuthorization in the (v, r, s) form."""
+        v, r, s = split_signature(signature)
+        fn = self.contract.get_function_by_signature(
+            "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+        )
+        args = (
+            authorization.from_,
+            authorization.to,
+            authorization.value,
+            authorization.valid_after,
+            authorization.valid_before,
+            authorization.nonce,
+            v,
+            r,
+            s,
+        )
+        return bytes(HexBytes(fn(*args)._encode_transaction_data()))
+
+    def cancel_authorization_data(self, authorizer: ChecksumAddress, nonce: bytes, signature: bytes) -> bytes:
+        v, r, s = split_signature(signature)
+        fn = self.contract.get_function_by_signature("cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")
+        return bytes(HexBytes(fn(authorizer, nonce, v, r, s)._encode_transaction_data()))

@@ -1,0 +1,66 @@
+"""The `x402-escrow` command.
+
+Each role registers its own subcommands from its own module (`register(subparsers)`),
+so this file only assembles them:
+
+    x402-escrow contracts build     recompile contracts/ into the shipped artifacts
+    x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from escrow_py.errors import EscrowError
+
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _register_contracts(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    contracts = sub.add_parser("contracts", help="compile the Solidity sources into the shipped artifacts")
+    actions = contracts.add_subparsers(dest="action", required=True)
+    build = actions.add_parser("build", help="recompile contracts/ and rewrite escrow_py/chain/artifacts/")
+    build.set_defaults(func=_contracts_build)
+
+
+def _contracts_build(args: argparse.Namespace) -> int:
+    from escrow_py.chain import build
+
+    solc = build.find_solc()
+    print(f"compiling with {solc}", file=sys.stderr)
+    for path in build.write_artifacts(build.compile_contracts(solc)):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _registrars() -> list[Registrar]:
+    from escrow_py.bench.cli import register as bench
+
+    return [_register_contracts, bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-escrow", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except EscrowError as exc:
+        print(f"x402-escrow: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
