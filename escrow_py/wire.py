@@ -1,0 +1,367 @@
+"""The x402 version 2 wire format of the `delivery-escrow` scheme (DESIGN.md section 3).
+
+Shared by the seller, the buyer and the keeper. The envelope types are the
+official `x402` SDK's pydantic models (PaymentRequired, PaymentPayload,
+SettleResponse); this module adds the scheme's own parts:
+
+    requirements.extra  {name, version, escrow, operator, requestHash}
+    payload             {authorization: {...}, signature: "0x...", terms: {...}}
+    settlement.extra    {escrowId, deadline, deliveryHash, [deliveryTransaction], [refundTransaction], [state]}
+
+Every decoder raises ProtocolError with a machine-readable `reason` (`Reason`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from eth_typing import ChecksumAddress
+from eth_utils.address import is_address, to_checksum_address
+from pydantic import ValidationError
+from x402.http.constants import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
+
+from escrow_py.chain.authorization import Authorization
+from escrow_py.errors import ProtocolError
+from escrow_py.terms import Terms
+
+SCHEME = "delivery-escrow"
+X402_VERSION = 2
+
+# Header names come from the SDK: one definition for the whole ecosystem.
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "PAYMENT_REQUIRED_HEADER",
+    "PAYMENT_RESPONSE_HEADER",
+    "PAYMENT_SIGNATURE_HEADER",
+    "SCHEME",
+    "X402_VERSION",
+    "EscrowExtra",
+    "EscrowPayload",
+    "EscrowRequirements",
+    "Reason",
+    "SettlementExtra",
+    "chain_id_of",
+    "decode_payment_required",
+    "decode_payment_response",
+    "decode_payment_signature",
+    "encode_header",
+    "encode_payment_required",
+    "encode_payment_response",
+    "encode_payment_signature",
+    "network_of",
+]
+
+# A PAYMENT-SIGNATURE of this scheme is about 2 KiB; anything far larger is refused unread.
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class Reason(StrEnum):
+    """Machine-readable failure reasons (x402's and the x402 `escrow` scheme's names where one fits)."""
+
+    INVALID_PAYLOAD = "invalid_payload"
+    HEADER_TOO_LARGE = "header_too_large"
+    UNSUPPORTED_VERSION = "unsupported_x402_version"
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    REQUIREMENTS_MISMATCH = "requirements_mismatch"
+    NETWORK_MISMATCH = "network_mismatch"
+    ASSET_MISMATCH = "asset_mismatch"
+    RECEIVER_MISMATCH = "receiver_mismatch"
+    ESCROW_MISMATCH = "escrow_mismatch"
+    OPERATOR_MISMATCH = "operator_mismatch"
+    AMOUNT_MISMATCH = "amount_mismatch"
+    REQUEST_HASH_MISMATCH = "request_hash_mismatch"
+    TERMS_MISMATCH = "terms_mismatch"
+    NONCE_MISMATCH = "nonce_mismatch"
+    INVALID_SIGNATURE = "invalid_escrow_signature"
+    AUTHORIZATION_EXPIRED = "authorization_expired"
+    AUTHORIZATION_NOT_YET_VALID = "authorization_not_yet_valid"
+    AUTHORIZATION_USED = "authorization_used"
+    DEADLINE_TOO_SOON = "deadline_too_soon"
+    DEADLINE_TOO_FAR = "deadline_too_far"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    SIMULATION_FAILED = "simulation_failed"
+    DEPOSIT_FAILED = "deposit_failed"
+    ESCROW_REFUNDABLE = "escrow_refundable"
+    ESCROW_SETTLED = "escrow_settled"
+    HANDLER_FAILED_REFUNDED = "handler_failed_refunded"
+
+
+def network_of(chain_id: int) -> str:
+    """CAIP-2 id of an EVM chain: eip155:84532 for Base Sepolia."""
+    return f"eip155:{chain_id}"
+
+
+def chain_id_of(network: str) -> int:
+    namespace, _, reference = network.partition(":")
+    if namespace != "eip155" or not reference.isdigit():
+        raise ProtocolError(Reason.NETWORK_MISMATCH, f"not an EVM CAIP-2 network id: {network!r}")
+    return int(reference)
+
+
+def _address(value: Any, field: str) -> ChecksumAddress:
+    if not isinstance(value, str) or not is_address(value):
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"{field} is not an address: {value!r}")
+    return to_checksum_address(value)
+
+
+def _hex_bytes(value: Any, field: str, length: int | None = None) -> bytes:
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"{field} must be 0x-prefixed hex")
+    try:
+        raw = bytes.fromhex(value[2:])
+    except ValueError:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"{field} is not valid hex") from None
+    if length is not None and len(raw) != length:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"{field} must be {length} bytes, got {len(raw)}")
+    return raw
+
+
+# -- requirements --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowExtra:
+    """`requirements.extra` of the delivery-escrow scheme."""
+
+    name: str  # the token's EIP-712 domain name
+    version: str  # the token's EIP-712 domain version
+    escrow: ChecksumAddress
+    operator: ChecksumAddress
+    request_hash: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "escrow": self.escrow,
+            "operator": self.operator,
+            "requestHash": "0x" + self.request_hash.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> EscrowExtra:
+        if not isinstance(data, dict):
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "requirements.extra must be an object")
+        for key in ("name", "version"):
+            if not isinstance(data.get(key), str):
+                raise ProtocolError(Reason.INVALID_PAYLOAD, f"requirements.extra.{key} must be a string")
+        return cls(
+            name=data["name"],
+            version=data["version"],
+            escrow=_address(data.get("escrow"), "requirements.extra.escrow"),
+            operator=_address(data.get("operator"), "requirements.extra.operator"),
+            request_hash=_hex_bytes(data.get("requestHash"), "requirements.extra.requestHash", 32),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowRequirements:
+    """A typed `delivery-escrow` entry of `accepts`."""
+
+    network: str
+    amount: int
+    asset: ChecksumAddress
+    pay_to: ChecksumAddress
+    max_timeout_seconds: int
+    extra: EscrowExtra
+
+    @property
+    def chain_id(self) -> int:
+        return chain_id_of(self.network)
+
+    def to_model(self) -> PaymentRequirements:
+        return PaymentRequirements(
+            scheme=SCHEME,
+            network=self.network,
+            asset=self.asset,
+            amount=str(self.amount),
+            pay_to=self.pay_to,
+            max_timeout_seconds=self.max_timeout_seconds,
+            extra=self.extra.to_json(),
+        )
+
+    @classmethod
+    def from_model(cls, model: PaymentRequirements) -> EscrowRequirements:
+        if model.scheme != SCHEME:
+            raise ProtocolError(Reason.UNSUPPORTED_SCHEME, f"scheme {model.scheme!r} is not {SCHEME!r}")
+        chain_id_of(model.network)
+        if not model.amount.isdigit() or int(model.amount) == 0:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, f"amount must be a positive integer, got {model.amount!r}")
+        if model.max_timeout_seconds <= 0:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "maxTimeoutSeconds must be positive")
+        return cls(
+            network=model.network,
+            amount=int(model.amount),
+            asset=_address(model.asset, "asset"),
+            pay_to=_address(model.pay_to, "payTo"),
+            max_timeout_seconds=model.max_timeout_seconds,
+            extra=EscrowExtra.from_json(model.extra),
+        )
+
+
+# -- payload -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowPayload:
+    """`payload` of a delivery-escrow PAYMENT-SIGNATURE."""
+
+    authorization: Authorization
+    signature: bytes
+    terms: Terms
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "authorization": self.authorization.to_json(),
+            "signature": "0x" + self.signature.hex(),
+            "terms": self.terms.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> EscrowPayload:
+        if not isinstance(data, dict):
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "payload must be an object")
+        try:
+            authorization = Authorization.from_json(data.get("authorization"))
+            terms = Terms.from_json(data.get("terms"))
+        except ValueError as exc:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, str(exc)) from None
+        signature = _hex_bytes(data.get("signature"), "payload.signature")
+        if not 65 <= len(signature) <= 4096:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, f"payload.signature has {len(signature)} bytes")
+        return cls(authorization=authorization, signature=signature, terms=terms)
+
+
+# -- settlement ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementExtra:
+    """`extra` of a delivery-escrow PAYMENT-RESPONSE."""
+
+    escrow_id: bytes
+    deadline: int
+    delivery_hash: bytes | None = None
+    delivery_transaction: bytes | None = None
+    refund_transaction: bytes | None = None
+    state: str | None = None  # "held", "released", "refunded" as far as the seller knows
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"escrowId": "0x" + self.escrow_id.hex(), "deadline": self.deadline}
+        for key, value in (
+            ("deliveryHash", self.delivery_hash),
+            ("deliveryTransaction", self.delivery_transaction),
+            ("refundTransaction", self.refund_transaction),
+        ):
+            if value is not None:
+                data[key] = "0x" + value.hex()
+        if self.state is not None:
+            data["state"] = self.state
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> SettlementExtra:
+        if not isinstance(data, dict):
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra must be an object")
+        deadline = data.get("deadline")
+        if isinstance(deadline, bool) or not isinstance(deadline, int):
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra.deadline must be an integer")
+
+        def optional(key: str, length: int) -> bytes | None:
+            return None if data.get(key) is None else _hex_bytes(data[key], f"extra.{key}", length)
+
+        state = data.get("state")
+        return cls(
+            escrow_id=_hex_bytes(data.get("escrowId"), "extra.escrowId", 32),
+            deadline=deadline,
+            delivery_hash=optional("deliveryHash", 32),
+            delivery_transaction=optional("deliveryTransaction", 32),
+            refund_transaction=optional("refundTransaction", 32),
+            state=state if isinstance(state, str) else None,
+        )
+
+
+# -- header codecs -------------------------------------------------------------------------
+
+
+def encode_header(data: dict[str, Any]) -> str:
+    """base64 of compact JSON, the x402 header encoding."""
+    return base64.b64encode(json.dumps(data, separators=(",", ":")).encode()).decode()
+
+
+def _decode_header(value: str) -> Any:
+    if len(value) > MAX_HEADER_BYTES:
+        raise ProtocolError(Reason.HEADER_TOO_LARGE, f"header of {len(value)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(Reason.INVALID_PAYLOAD, "header is not valid base64") from None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError(Reason.INVALID_PAYLOAD, "header is not JSON") from None
+
+
+def encode_payment_required(model: PaymentRequired) -> str:
+    return encode_header(model.model_dump(by_alias=True, exclude_none=True))
+
+
+def decode_payment_required(value: str) -> PaymentRequired:
+    data = _decode_header(value)
+    try:
+        return PaymentRequired.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"PAYMENT-REQUIRED: {_first_error(exc)}") from None
+
+
+def encode_payment_signature(model: PaymentPayload) -> str:
+    return encode_header(model.model_dump(by_alias=True, exclude_none=True))
+
+
+def decode_payment_signature(value: str) -> PaymentPayload:
+    """Decode PAYMENT-SIGNATURE into the SDK's model; the scheme payload is parsed by EscrowPayload."""
+    data = _decode_header(value)
+    if not isinstance(data, dict):
+        raise ProtocolError(Reason.INVALID_PAYLOAD, "PAYMENT-SIGNATURE must be a JSON object")
+    if data.get("x402Version") != X402_VERSION:
+        raise ProtocolError(Reason.UNSUPPORTED_VERSION, f"x402Version {data.get('x402Version')!r} is not 2")
+    try:
+        return PaymentPayload.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"PAYMENT-SIGNATURE: {_first_error(exc)}") from None
+
+
+def encode_payment_response(model: SettleResponse) -> str:
+    return encode_header(model.model_dump(by_alias=True, exclude_none=True))
+
+
+def decode_payment_response(value: str) -> SettleResponse:
+    data = _decode_header(value)
+    try:
+        return SettleResponse.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"PAYMENT-RESPONSE: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"])
+    return f"{location}: {error['msg']}"
+
+
+def payment_required(
+    resource_url: str, accepts: list[PaymentRequirements], *, description: str | None = None,
+    mime_type: str | None = None, error: str | None = None,
+) -> PaymentRequired:  # fmt: skip
+    return PaymentRequired(
+        x402_version=X402_VERSION,
+        error=error,
+        resource=ResourceInfo(url=resource_url, description=description, mime_type=mime_type),
+        accepts=accepts,
+    )
