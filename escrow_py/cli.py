@@ -4,6 +4,7 @@ Each role registers its own subcommands from its own module (`register(subparser
 so this file only assembles them:
 
     x402-escrow contracts build     recompile contracts/ into the shipped artifacts
+    x402-escrow demo                play the escrow's stories on a fresh local anvil
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
 """
 
@@ -35,10 +36,21 @@ def _contracts_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser("demo", help="play the escrow's stories on a fresh local anvil")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from escrow_py.demo import run_demo
+
+    return 0 if run_demo() else 1
+
+
 def _registrars() -> list[Registrar]:
     from escrow_py.bench.cli import register as bench
 
-    return [_register_contracts, bench]
+    return [_register_contracts, _register_demo, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
