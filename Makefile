@@ -18,9 +18,11 @@ $(PY_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev,seller]'
 	touch $@
 
-# solc-js (the compiler) and anvil (the local chain) both come from npm.
+# solc-js (the compiler) and anvil (the local chain) both come from npm, pinned exactly in
+# package.json and package-lock.json. Not `npm ci`: npm 11 leaves the other platforms'
+# optional anvil binaries out of the lockfile, and `npm ci` then refuses it as out of sync.
 $(NODE_STAMP): package.json package-lock.json
-	npm ci --no-audit --no-fund
+	npm install --no-audit --no-fund
 	touch $@
 
 lint: bootstrap
