@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 
@@ -31,8 +32,12 @@ DEV_ACCOUNTS = 10
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@cache
 def dev_signer(index: int) -> LocalSigner:
-    """anvil's dev account `index` (0-9), funded with ETH on every anvil chain."""
+    """anvil's dev account `index` (0-9), funded with ETH on every anvil chain.
+
+    Cached: a mnemonic derivation takes milliseconds, and tests ask for the same accounts often.
+    """
     if not 0 <= index < DEV_ACCOUNTS:
         raise ValueError(f"anvil has dev accounts 0-{DEV_ACCOUNTS - 1}, not {index}")
     Account.enable_unaudited_hdwallet_features()
