@@ -134,7 +134,9 @@ contract X402Escrow {
     /// @param token The token.
     /// @param to The recipient.
     /// @param amount The amount.
-    error TransferFailed(address token, address to, uint256 amount);
+    /// @param reason The token's own revert data (empty if it returned false or reverted bare),
+    ///        so the cause, e.g. a blacklist or a refused re-entry, is never hidden.
+    error TransferFailed(address token, address to, uint256 amount, bytes reason);
 
     /// @notice Batch arrays of different lengths.
     /// @param terms Number of terms.
@@ -377,8 +379,9 @@ contract X402Escrow {
     /// @dev ERC-20 transfer that accepts tokens returning nothing and rejects those returning false.
     function _send(address token, address to, uint256 amount) private {
         (bool ok, bytes memory data) = token.call(abi.encodeWithSelector(0xa9059cbb, to, amount));
-        if (!ok || (data.length != 0 && (data.length < 32 || abi.decode(data, (uint256)) != 1))) {
-            revert TransferFailed(token, to, amount);
+        if (!ok) revert TransferFailed(token, to, amount, data);
+        if (data.length != 0 && (data.length < 32 || abi.decode(data, (uint256)) != 1)) {
+            revert TransferFailed(token, to, amount, "");
         }
     }
 }

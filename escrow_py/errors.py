@@ -2,7 +2,7 @@
 
     EscrowError                      anything raised on purpose by escrow_py
     ├── ConfigError                  bad settings; the message says what to fix
-    │   └── KeyLoadError             a key could not be loaded (never quotes the key)
+    │   └── KeyLoadError             a key could not be loaded, never quoting it (escrow_py.chain.signer)
     ├── ChainError                   the chain or the RPC said no
     │   ├── RpcError                 the node could not be reached or answered garbage
     │   ├── ContractRevert           a call or simulation reverted; `.name` and `.args` of the custom error

@@ -153,4 +153,7 @@ def recover_signer(
 ) -> ChecksumAddress:
     """The address that signed; raises ValueError for a malformed signature."""
     message = encode_typed_data(full_message=typed_data(primary_type, domain, authorization))
-    return to_checksum_address(Account.recover_message(message, signature=signature))
+    try:
+        return to_checksum_address(Account.recover_message(message, signature=signature))
+    except Exception as exc:  # noqa: BLE001 - eth-account raises several unrelated types for bad signatures
+        raise ValueError(f"malformed signature ({len(signature)} bytes): {type(exc).__name__}") from None

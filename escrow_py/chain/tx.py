@@ -65,6 +65,9 @@ def decode_revert(data: bytes) -> ContractRevert:
             name, names, types = known
             values = _try_decode(types, body)
             if values is not None:
+                values = tuple(
+                    to_checksum_address(v) if t == "address" else v for t, v in zip(types, values, strict=True)
+                )
                 return ContractRevert(name, dict(zip(names, values, strict=True)), data)
     return ContractRevert("UnknownRevert", {"data": data}, data)
 

@@ -1,0 +1,134 @@
+"""X402Escrow.refundMany: settled entries skipped, counts returned, every buyer refunded exactly its due."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
+from helpers import address, clock_at, deposit, expect_revert, make_terms
+
+from escrow_py.chain.escrow import Refunded
+from escrow_py.terms import State, Terms, delivery_hash
+
+
+def _raw(chain: Chain, batch: list[Terms]) -> bytes:
+    """refundMany calldata in exactly this order (the binding sorts; these tests must not)."""
+    data = chain.escrow.contract.encode_abi("refundMany", args=[[t.as_tuple() for t in batch]])
+    return bytes.fromhex(data.removeprefix("0x"))
+
+
+def _refunded_count(chain: Chain, who: int, data: bytes) -> int:
+    return int.from_bytes(chain.sender(who).call(chain.escrow.address, data), "big")
+
+
+def test_anyone_refunds_expired_entries_and_gets_the_count(chain: Chain) -> None:
+    batch = [make_terms(chain, amount=1_000 * (i + 1), window=100) for i in range(3)]
+    for terms in batch:
+        deposit(chain, terms)
+    clock_at(chain, max(t.deadline for t in batch))
+    assert _refunded_count(chain, STRANGER, chain.escrow.refund_many_data(batch)) == 3
+    buyer_before = chain.token.balance_of(address(BUYER))
+    receipt = chain.escrow.refund_many(chain.sender(STRANGER), batch)
+    assert chain.token.balance_of(address(BUYER)) == buyer_before + 6_000
+    assert chain.token.balance_of(address(STRANGER)) == 0
+    assert chain.token.balance_of(chain.escrow.address) == 0
+    events = chain.escrow.events_in(receipt)
+    assert {e.id for e in events} == {chain.escrow.id_of(t) for t in batch}
+    assert all(isinstance(e, Refunded) and e.caller == address(STRANGER) for e in events)
+
+
+def test_operator_refunds_many_before_the_deadline(chain: Chain) -> None:
+    batch = [make_terms(chain) for _ in range(2)]
+    for terms in batch:
+        deposit(chain, terms)
+    chain.escrow.refund_many(chain.sender(OPERATOR), batch)
+    assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in batch)
+
+
+def test_settled_entries_are_skipped_not_reverted(chain: Chain) -> None:
+    released, refunded, held = (make_terms(chain, amount=a, window=100) for a in (1_000, 2_000, 4_000))
+    for terms in (released, refunded, held):
+        deposit(chain, terms)
+    chain.escrow.deliver(chain.sender(SELLER), released, delivery_hash(b"r"))
+    chain.escrow.refund(chain.sender(SELLER), refunded)
+    clock_at(chain, held.deadline)
+    data = _raw(chain, [released, refunded, held])
+    assert _refunded_count(chain, STRANGER, data) == 1
+    buyer_before = chain.token.balance_of(address(BUYER))
+    seller_before = chain.token.balance_of(address(SELLER))
+    receipt = chain.sender(STRANGER).transact(chain.escrow.address, data)
+    assert chain.token.balance_of(address(BUYER)) == buyer_before + 4_000
+    assert chain.token.balance_of(address(SELLER)) == seller_before
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(held)]
+    assert chain.escrow.state_of(chain.escrow.id_of(released)) is State.RELEASED
+    # Two keepers racing: the second one pays gas and nothing else.
+    assert _refunded_count(chain, OPERATOR, data) == 0
+    chain.sender(OPERATOR).transact(chain.escrow.address, data)
+    assert chain.token.balance_of(address(BUYER)) == buyer_before + 4_000
+
+
+def test_the_same_entry_twice_in_one_batch_is_refunded_once(chain: Chain) -> None:
+    terms = make_terms(chain, amount=9_000)
+    deposit(chain, terms)
+    data = _raw(chain, [terms, terms])
+    assert _refunded_count(chain, SELLER, data) == 1
+    buyer_before = chain.token.balance_of(address(BUYER))
+    chain.sender(SELLER).transact(chain.escrow.address, data)
+    assert chain.token.balance_of(address(BUYER)) == buyer_before + 9_000
+
+
+def test_interleaved_buyers_and_tokens_each_get_their_due(chain: Chain) -> None:
+    usdc2 = chain.deploy_token()
+    tokens = [chain.token, usdc2]
+    plan = [  # (token, buyer, seller, amount), deliberately unsorted and alternating
+        (1, BUYER, SELLER, 1_000),
+        (0, BUYER2, SELLER, 2_000),
+        (1, BUYER2, SELLER2, 3_000),
+        (0, BUYER, SELLER2, 5_000),
+        (0, BUYER2, SELLER, 7_000),
+        (1, BUYER, SELLER, 11_000),
+        (0, BUYER, SELLER2, 13_000),
+    ]
+    batch = []
+    due: Counter[tuple[int, int]] = Counter()
+    for token, buyer, seller, amount in plan:
+        terms = make_terms(chain, token=tokens[token].address, buyer=buyer, seller=seller, amount=amount, window=100)
+        deposit(chain, terms)
+        batch.append(terms)
+        due[(token, buyer)] += amount
+    before = {(t, b): tokens[t].balance_of(address(b)) for t in (0, 1) for b in (BUYER, BUYER2)}
+    clock_at(chain, max(t.deadline for t in batch))
+    data = _raw(chain, batch)
+    assert _refunded_count(chain, STRANGER, data) == len(plan)
+    chain.sender(STRANGER).transact(chain.escrow.address, data)
+    for (t, b), start in before.items():
+        assert tokens[t].balance_of(address(b)) == start + due[(t, b)], (t, b)
+    for each in tokens:
+        assert each.balance_of(chain.escrow.address) == 0
+        assert each.balance_of(address(SELLER)) == 0
+        assert each.balance_of(address(SELLER2)) == 0
+
+
+def test_an_unexpired_entry_reverts_a_strangers_batch(chain: Chain) -> None:
+    expired = make_terms(chain, window=50)
+    running = make_terms(chain, window=5_000)
+    deposit(chain, expired)
+    deposit(chain, running)
+    clock_at(chain, expired.deadline)
+    with expect_revert(
+        "RefundBeforeDeadline", deadline=running.deadline, now_=expired.deadline, caller=address(STRANGER)
+    ):
+        chain.escrow.refund_many(chain.sender(STRANGER), [expired, running])
+    assert chain.escrow.state_of(chain.escrow.id_of(expired)) is State.HELD
+
+
+def test_an_unknown_entry_reverts_the_whole_batch(chain: Chain) -> None:
+    held, unknown = make_terms(chain), make_terms(chain)
+    deposit(chain, held)
+    with expect_revert("NotHeld", id=chain.escrow.id_of(unknown), state=State.NONE):
+        chain.escrow.refund_many(chain.sender(SELLER), [held, unknown])
+    assert chain.escrow.state_of(chain.escrow.id_of(held)) is State.HELD
+
+
+def test_empty_batch_refunds_nothing(chain: Chain) -> None:
+    assert _refunded_count(chain, STRANGER, _raw(chain, [])) == 0

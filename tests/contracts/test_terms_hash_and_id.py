@@ -1,0 +1,72 @@
+"""X402Escrow.termsHash / escrowId / TERMS_TYPEHASH: the contract's own derivations.
+
+The Python mirror is checked against these over random terms in tests/chain/test_terms_parity.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import BUYER, STRANGER, Chain
+from eth_abi.abi import encode
+from helpers import address, deposit, make_terms
+
+from escrow_py.chain.escrow import Escrow, deploy
+from escrow_py.errors import ContractRevert
+from escrow_py.terms import TERMS_TYPEHASH, State, Terms
+
+
+def test_typehash_and_window_constants(chain: Chain) -> None:
+    functions = chain.escrow.contract.functions
+    assert bytes(functions.TERMS_TYPEHASH().call()) == TERMS_TYPEHASH
+    assert functions.MAX_DEADLINE_WINDOW().call() == 30 * 24 * 3600
+
+
+def test_every_field_changes_the_hash(chain: Chain) -> None:
+    terms = make_terms(chain)
+    variants = [
+        terms.with_(buyer=address(STRANGER)),
+        terms.with_(seller=address(STRANGER)),
+        terms.with_(operator=address(STRANGER)),
+        terms.with_(token=address(STRANGER)),
+        terms.with_(amount=terms.amount + 1),
+        terms.with_(deadline=terms.deadline + 1),
+        terms.with_(request_hash=bytes(32)),
+        terms.with_(salt=bytes(32)),
+    ]
+    hashes = {chain.escrow.onchain_terms_hash(t) for t in [terms, *variants]}
+    assert len(hashes) == 9
+    assert chain.escrow.onchain_terms_hash(terms) == terms.hash()
+
+
+def test_id_is_bound_to_this_escrow_and_chain(chain: Chain) -> None:
+    terms = make_terms(chain)
+    other = Escrow(chain.w3, deploy(chain.deployer, "X402Escrow"))
+    assert chain.escrow.onchain_terms_hash(terms) == other.onchain_terms_hash(terms)
+    assert chain.escrow.onchain_escrow_id(terms) != other.onchain_escrow_id(terms)
+    assert other.onchain_escrow_id(terms) == terms.escrow_id(84532, other.address)
+    assert terms.escrow_id(8453, chain.escrow.address) != terms.escrow_id(84532, chain.escrow.address)
+
+
+def test_the_id_is_the_nonce_the_token_consumes(chain: Chain) -> None:
+    terms = make_terms(chain, buyer=BUYER)
+    escrow_id = chain.escrow.onchain_escrow_id(terms)
+    assert not chain.token.authorization_state(terms.buyer, escrow_id)
+    deposit(chain, terms)
+    assert chain.token.authorization_state(terms.buyer, escrow_id)
+    assert chain.escrow.state_of(escrow_id) is State.HELD
+
+
+@pytest.mark.parametrize("word", [0, 1, 2, 3, 5])
+def test_dirty_high_bits_are_rejected(chain: Chain, word: int) -> None:
+    """An address or deadline word with dirty high bits would hash differently from its ABI value."""
+    terms: Terms = make_terms(chain)
+    words = bytearray(encode(["(address,address,address,address,uint256,uint64,bytes32,bytes32)"], [terms.as_tuple()]))
+    words[word * 32] = 0x01  # the top byte of the word: outside 160 or 64 bits
+    selector = chain.escrow.contract.get_function_by_name("termsHash")(terms.as_tuple())._encode_transaction_data()
+    data = bytes.fromhex(selector.removeprefix("0x")[:8]) + bytes(words)
+    with pytest.raises(ContractRevert):
+        chain.sender(STRANGER).call(chain.escrow.address, data)
+    clean = bytes.fromhex(selector.removeprefix("0x")[:8]) + encode(
+        ["(address,address,address,address,uint256,uint64,bytes32,bytes32)"], [terms.as_tuple()]
+    )
+    assert chain.sender(STRANGER).call(chain.escrow.address, clean) == terms.hash()
