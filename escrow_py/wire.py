@@ -18,11 +18,11 @@ import binascii
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from x402.http.constants import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 
@@ -56,6 +56,8 @@ __all__ = [
     "encode_payment_signature",
     "network_of",
 ]
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 # A PAYMENT-SIGNATURE of this scheme is about 2 KiB; anything far larger is refused unread.
 MAX_HEADER_BYTES = 16 * 1024
@@ -135,6 +137,11 @@ class EscrowExtra:
     operator: ChecksumAddress
     request_hash: bytes
 
+    def __post_init__(self) -> None:
+        # Equal requirements must compare equal whatever case the addresses came in.
+        object.__setattr__(self, "escrow", _address(self.escrow, "escrow"))
+        object.__setattr__(self, "operator", _address(self.operator, "operator"))
+
     def to_json(self) -> dict[str, str]:
         return {
             "name": self.name,
@@ -170,6 +177,10 @@ class EscrowRequirements:
     pay_to: ChecksumAddress
     max_timeout_seconds: int
     extra: EscrowExtra
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "asset", _address(self.asset, "asset"))
+        object.__setattr__(self, "pay_to", _address(self.pay_to, "payTo"))
 
     @property
     def chain_id(self) -> int:
@@ -308,20 +319,27 @@ def _decode_header(value: str) -> Any:
         raise ProtocolError(Reason.INVALID_PAYLOAD, "header is not JSON") from None
 
 
-def encode_payment_required(model: PaymentRequired) -> str:
+def _validate(data: Any, model: type[_Model], header: str) -> _Model:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"{header}: {_first_error(exc)}") from None
+
+
+def _encode_model(model: BaseModel) -> str:
     return encode_header(model.model_dump(by_alias=True, exclude_none=True))
+
+
+def encode_payment_required(model: PaymentRequired) -> str:
+    return _encode_model(model)
 
 
 def decode_payment_required(value: str) -> PaymentRequired:
-    data = _decode_header(value)
-    try:
-        return PaymentRequired.model_validate(data)
-    except ValidationError as exc:
-        raise ProtocolError(Reason.INVALID_PAYLOAD, f"PAYMENT-REQUIRED: {_first_error(exc)}") from None
+    return _validate(_decode_header(value), PaymentRequired, PAYMENT_REQUIRED_HEADER)
 
 
 def encode_payment_signature(model: PaymentPayload) -> str:
-    return encode_header(model.model_dump(by_alias=True, exclude_none=True))
+    return _encode_model(model)
 
 
 def decode_payment_signature(value: str) -> PaymentPayload:
@@ -331,22 +349,15 @@ def decode_payment_signature(value: str) -> PaymentPayload:
         raise ProtocolError(Reason.INVALID_PAYLOAD, "PAYMENT-SIGNATURE must be a JSON object")
     if data.get("x402Version") != X402_VERSION:
         raise ProtocolError(Reason.UNSUPPORTED_VERSION, f"x402Version {data.get('x402Version')!r} is not 2")
-    try:
-        return PaymentPayload.model_validate(data)
-    except ValidationError as exc:
-        raise ProtocolError(Reason.INVALID_PAYLOAD, f"PAYMENT-SIGNATURE: {_first_error(exc)}") from None
+    return _validate(data, PaymentPayload, PAYMENT_SIGNATURE_HEADER)
 
 
 def encode_payment_response(model: SettleResponse) -> str:
-    return encode_header(model.model_dump(by_alias=True, exclude_none=True))
+    return _encode_model(model)
 
 
 def decode_payment_response(value: str) -> SettleResponse:
-    data = _decode_header(value)
-    try:
-        return SettleResponse.model_validate(data)
-    except ValidationError as exc:
-        raise ProtocolError(Reason.INVALID_PAYLOAD, f"PAYMENT-RESPONSE: {_first_error(exc)}") from None
+    return _validate(_decode_header(value), SettleResponse, PAYMENT_RESPONSE_HEADER)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -29,8 +29,8 @@ from escrow_py.chain.anvil import dev_signer
 from escrow_py.chain.authorization import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
-    TokenDomain,
     authorization_for,
+    cancel_typed_data,
     sign_authorization,
     typed_data,
 )
@@ -131,34 +131,11 @@ def deposit(chain: Chain, terms: Terms, *, submitter: int = SELLER) -> TxReceipt
     return chain.escrow.deposit(chain.sender(submitter), terms, auth, signature)
 
 
-def cancel_authorization_typed_data(domain: TokenDomain, authorizer: str, nonce: bytes) -> dict[str, Any]:
-    """The ERC-3009 CancelAuthorization EIP-712 message."""
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "CancelAuthorization": [
-                {"name": "authorizer", "type": "address"},
-                {"name": "nonce", "type": "bytes32"},
-            ],
-        },
-        "primaryType": "CancelAuthorization",
-        "domain": domain.as_dict(),
-        "message": {"authorizer": authorizer, "nonce": nonce},
-    }
-
-
 def cancel_authorization(chain: Chain, terms: Terms, *, submitter: int = STRANGER) -> TxReceipt:
     """The buyer cancels the authorization that would deposit `terms` (anyone may submit it)."""
     token = Token(chain.w3, terms.token)
     nonce = chain.escrow.id_of(terms)
-    signature = _signer_for(terms.buyer).sign_typed_data(
-        cancel_authorization_typed_data(token.domain(), terms.buyer, nonce)
-    )
+    signature = _signer_for(terms.buyer).sign_typed_data(cancel_typed_data(token.domain(), terms.buyer, nonce))
     data = token.cancel_authorization_data(terms.buyer, nonce, signature)
     return chain.sender(submitter).transact(token.address, data)
 

@@ -110,22 +110,36 @@ class Authorization:
         return auth
 
 
-def typed_data(primary_type: str, domain: TokenDomain, authorization: Authorization) -> dict[str, Any]:
-    """The full EIP-712 message for eth-account."""
+_EIP712_DOMAIN_FIELDS = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+
+
+def _message(
+    primary_type: str, fields: list[dict[str, str]], domain: TokenDomain, message: dict[str, Any]
+) -> dict[str, Any]:
     return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            primary_type: _AUTHORIZATION_FIELDS,
-        },
+        "types": {"EIP712Domain": _EIP712_DOMAIN_FIELDS, primary_type: fields},
         "primaryType": primary_type,
         "domain": domain.as_dict(),
-        "message": authorization.as_message(),
+        "message": message,
     }
+
+
+def typed_data(primary_type: str, domain: TokenDomain, authorization: Authorization) -> dict[str, Any]:
+    """The full EIP-712 message of a Transfer- or ReceiveWithAuthorization, for eth-account."""
+    return _message(primary_type, _AUTHORIZATION_FIELDS, domain, authorization.as_message())
+
+
+def cancel_typed_data(domain: TokenDomain, authorizer: str, nonce: bytes) -> dict[str, Any]:
+    """The ERC-3009 CancelAuthorization message: lets a buyer withdraw a payment never deposited."""
+    fields = [{"name": "authorizer", "type": "address"}, {"name": "nonce", "type": "bytes32"}]
+    return _message(
+        "CancelAuthorization", fields, domain, {"authorizer": to_checksum_address(authorizer), "nonce": nonce}
+    )
 
 
 def authorization_for(terms: Terms, escrow: str, chain_id: int, valid_after: int, valid_before: int) -> Authorization:

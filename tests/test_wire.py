@@ -1,0 +1,128 @@
+"""The delivery-escrow wire format: round trips, the SDK's own decoders, and refusals with reasons."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import pytest
+from x402.http.utils import (
+    decode_payment_required_header,
+    decode_payment_response_header,
+    decode_payment_signature_header,
+)
+from x402.schemas import PaymentPayload, SettleResponse
+
+from escrow_py import wire
+from escrow_py.chain.anvil import dev_signer
+from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
+from escrow_py.errors import ProtocolError
+from escrow_py.terms import Terms, request_hash
+
+ESCROW = "0x" + "ee" * 20
+TOKEN = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+BUYER, SELLER = dev_signer(1), dev_signer(2)
+RESOURCE = "http://127.0.0.1:8000/report/7"
+
+
+def _requirements() -> wire.EscrowRequirements:
+    extra = wire.EscrowExtra("USDC", "2", ESCROW, SELLER.address, request_hash("GET", RESOURCE))  # type: ignore[arg-type]
+    return wire.EscrowRequirements("eip155:84532", 10_000, TOKEN, SELLER.address, 120, extra)  # type: ignore[arg-type]
+
+
+def _payload() -> wire.EscrowPayload:
+    req = _requirements()
+    terms = Terms(BUYER.address, SELLER.address, SELLER.address, TOKEN, 10_000, 1_800_000_000,
+                  req.extra.request_hash, os.urandom(32))  # fmt: skip
+    auth = authorization_for(terms, ESCROW, 84532, 0, terms.deadline)
+    signature = sign_authorization(BUYER, TokenDomain("USDC", "2", 84532, TOKEN), auth)  # type: ignore[arg-type]
+    return wire.EscrowPayload(auth, signature, terms)
+
+
+def test_payment_required_decodes_with_the_sdk_decoder() -> None:
+    header = wire.encode_payment_required(wire.payment_required(RESOURCE, [_requirements().to_model()]))
+    decoded = decode_payment_required_header(header)
+    assert decoded.x402_version == 2
+    assert decoded.resource is not None and decoded.resource.url == RESOURCE
+    entry = decoded.accepts[0]
+    assert (entry.scheme, entry.network, entry.amount, entry.pay_to) == (
+        "delivery-escrow",
+        "eip155:84532",
+        "10000",
+        SELLER.address,
+    )
+    assert entry.extra["requestHash"] == "0x" + request_hash("GET", RESOURCE).hex()
+    assert wire.EscrowRequirements.from_model(entry) == _requirements()
+
+
+def test_payment_signature_round_trips_through_the_sdk_and_back() -> None:
+    payload = _payload()
+    model = PaymentPayload(x402_version=2, accepted=_requirements().to_model(), payload=payload.to_json())
+    header = wire.encode_payment_signature(model)
+    assert decode_payment_signature_header(header).payload == payload.to_json()
+    assert wire.EscrowPayload.from_json(wire.decode_payment_signature(header).payload) == payload
+
+
+def test_settlement_response_round_trips() -> None:
+    extra = wire.SettlementExtra(os.urandom(32), 1_800_000_000, delivery_hash=os.urandom(32), state="held")
+    model = SettleResponse(success=True, transaction="0x" + "ab" * 32, network="eip155:84532", extra=extra.to_json())
+    header = wire.encode_payment_response(model)
+    assert wire.SettlementExtra.from_json(decode_payment_response_header(header).extra) == extra
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("not base64!", wire.Reason.INVALID_PAYLOAD),
+        (_b64("{not json"), wire.Reason.INVALID_PAYLOAD),
+        (_b64("[1, 2]"), wire.Reason.INVALID_PAYLOAD),
+        (_b64(json.dumps({"x402Version": 1})), wire.Reason.UNSUPPORTED_VERSION),
+        (_b64(json.dumps({"x402Version": 2, "payload": {}})), wire.Reason.INVALID_PAYLOAD),
+        ("A" * (wire.MAX_HEADER_BYTES + 4), wire.Reason.HEADER_TOO_LARGE),
+    ],
+)
+def test_undecodable_signatures_are_refused_with_a_reason(header: str, reason: wire.Reason) -> None:
+    with pytest.raises(ProtocolError) as info:
+        wire.decode_payment_signature(header)
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p.pop("signature"), "signature"),
+        (lambda p: p.update(signature="0x1234"), "signature has 2 bytes"),
+        (lambda p: p["terms"].update(amount="-1"), "amount"),
+        (lambda p: p["terms"].update(buyer="0xnothex"), "terms"),
+        (lambda p: p["terms"].update(extra="field"), "unexpected"),
+        (lambda p: p["authorization"].update(nonce="0x12"), "nonce"),
+        (lambda p: p["authorization"].pop("validBefore"), "validBefore is missing"),
+        (lambda p: p["authorization"].update(value=True), "value"),
+    ],
+)
+def test_malformed_payloads_name_the_field(mutate: object, message: str) -> None:
+    data = _payload().to_json()
+    mutate(data)  # type: ignore[operator]
+    with pytest.raises(ProtocolError, match=message) as info:
+        wire.EscrowPayload.from_json(data)
+    assert info.value.reason == wire.Reason.INVALID_PAYLOAD
+
+
+def test_requirements_of_another_scheme_are_refused() -> None:
+    model = _requirements().to_model()
+    model.scheme = "exact"
+    with pytest.raises(ProtocolError) as info:
+        wire.EscrowRequirements.from_model(model)
+    assert info.value.reason == wire.Reason.UNSUPPORTED_SCHEME
+
+
+def test_network_ids_are_caip2() -> None:
+    assert wire.network_of(84532) == "eip155:84532"
+    assert wire.chain_id_of("eip155:8453") == 8453
+    with pytest.raises(ProtocolError):
+        wire.chain_id_of("solana:mainnet")
