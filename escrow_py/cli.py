@@ -5,6 +5,7 @@ so this file only assembles them:
 
     x402-escrow contracts build     recompile contracts/ into the shipped artifacts
     x402-escrow demo                play the escrow's stories on a fresh local anvil
+    x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
 """
 
@@ -49,8 +50,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _registrars() -> list[Registrar]:
     from escrow_py.bench.cli import register as bench
+    from escrow_py.keeper._cli import register as keeper
 
-    return [_register_contracts, _register_demo, bench]
+    return [_register_contracts, _register_demo, keeper, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

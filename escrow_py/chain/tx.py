@@ -96,11 +96,16 @@ def revert_from_exception(exc: Exception) -> ContractRevert | None:
 
 @dataclass
 class SentTx:
-    """A broadcast transaction; `tx` is what was signed, so it can be replaced with the same nonce."""
+    """A signed transaction; `tx` is what was signed, so it can be replaced with the same nonce.
+
+    `raw` and `tx_hash` exist before broadcast, so a caller can record them durably first
+    and, after a crash, re-broadcast exactly the same transaction instead of a new one.
+    """
 
     tx_hash: bytes
     nonce: int
     tx: dict[str, Any]
+    raw: bytes = b""
     sent_at: float = field(default_factory=time.monotonic)
 
 
@@ -162,6 +167,16 @@ class TxSender:
 
         A revert found by the gas estimate raises ContractRevert before anything is sent.
         """
+        signed = self.sign(to, data, gas=gas)
+        self.broadcast(signed)
+        return signed
+
+    def sign(self, to: str | None, data: bytes, *, gas: int | None = None) -> SentTx:
+        """Build and sign with the next nonce, without broadcasting: record it, then `broadcast` it.
+
+        The nonce is taken; if the transaction is never broadcast, the node's pending count
+        is the truth again after `resync_nonce()`.
+        """
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
         max_fee, tip = self.fees()
@@ -180,25 +195,33 @@ class TxSender:
             }
             if to is not None:
                 tx["to"] = to_checksum_address(to)
-            try:
-                tx_hash = self._broadcast(tx)
-            except Exception:
-                # The nonce may or may not have been consumed: ask the node next time.
-                self._next_nonce = None
-                raise
+            raw = self.signer.sign_transaction(tx)
             self._next_nonce = nonce + 1
-        return SentTx(tx_hash, nonce, tx)
+        return SentTx(bytes(keccak(raw)), nonce, tx, raw)
+
+    def broadcast(self, signed: SentTx) -> None:
+        """Send a signed transaction; sending one the node already knows is not an error."""
+        try:
+            self.broadcast_raw(signed.raw)
+        except Exception:
+            # The nonce may or may not have been consumed: ask the node next time.
+            self.resync_nonce()
+            raise
+
+    def resync_nonce(self) -> None:
+        with self._lock:
+            self._next_nonce = None
 
     def replace(self, sent: SentTx, *, bump: float = REPLACEMENT_BUMP) -> SentTx:
-        """Re-send the same transaction with the same nonce and fees raised by at least 10%."""
+        """Re-sign the same transaction with the same nonce and fees raised by at least 10%; not broadcast."""
         max_fee, tip = self.fees()
         tx = dict(sent.tx)
         tx["maxPriorityFeePerGas"] = max(int(sent.tx["maxPriorityFeePerGas"] * bump) + 1, tip)
         tx["maxFeePerGas"] = max(int(sent.tx["maxFeePerGas"] * bump) + 1, max_fee, tx["maxPriorityFeePerGas"])
-        return SentTx(self._broadcast(tx), sent.nonce, tx)
-
-    def _broadcast(self, tx: dict[str, Any]) -> bytes:
         raw = self.signer.sign_transaction(tx)
+        return SentTx(bytes(keccak(raw)), sent.nonce, tx, raw)
+
+    def broadcast_raw(self, raw: bytes) -> bytes:
         try:
             return bytes(self.w3.eth.send_raw_transaction(raw))
         except Web3RPCError as exc:
