@@ -141,6 +141,10 @@ class Keeper:
         if not batch:
             return
         data = escrow.refund_many_data([e.terms for e in batch])
+        # refundMany returns how many it refunded: zero means another keeper (or the seller) got
+        # there first and the index has not caught up; sending would only burn gas.
+        if int.from_bytes(self.sender.call(address, data)[:32], "big") == 0:
+            return
         signed = self.sender.sign(address, data)
         # Durable before it leaves the process: a crash after this line re-broadcasts this exact transaction.
         self.store.record_attempt(address, [e.id for e in batch], signed)

@@ -13,7 +13,7 @@ from conftest import Chain
 from helpers import BUYER, deposit, dev, make_terms
 
 from escrow_py.chain.artifacts import load_artifact
-from escrow_py.keeper import Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
+from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
 
 KEEPER = 7  # an anvil dev account no other role uses
@@ -173,3 +173,21 @@ def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain
     status = _cli("keeper", "status", *args)
     assert status.returncode == 0, status.stderr
     assert "held 0, released 0, refunded 1" in status.stdout
+
+
+def test_two_keepers_at_once_refund_everything_exactly_once_and_waste_little(chain: Chain, tmp_path: Path) -> None:
+    batch = [make_terms(chain, window=100) for _ in range(6)]
+    for terms in batch:
+        deposit(chain, terms)
+    chain.mine(batch[0].deadline)
+    first = _keeper(chain, tmp_path / "a.sqlite")
+    second = Keeper(KeeperConfig.load({"rpc_url": chain.node.url, "escrows": chain.escrow.address,
+                                       "database": str(tmp_path / "b.sqlite")}), dev(8))  # fmt: skip
+    second.index()  # the second keeper's view is now stale: it believes all six are open
+    assert first.run_once().refunds_sent == 6
+    report = CycleReport()
+    second.act(report)
+    assert report.refunds_sent == 0  # its simulation said refundMany would refund nothing: nothing sent
+    for terms in batch:
+        assert _refund_events(chain, terms) == 1
+    assert chain.w3.eth.get_transaction_count(dev(8).address) == 0  # not one wasted transaction
