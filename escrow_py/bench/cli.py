@@ -1,4 +1,4 @@
-"""`x402-escrow bench ...`: benchmarks that print numbers (JSON with --json)."""
+"""`x402-escrow bench gas|keeper`: benchmarks that print numbers (JSON with --json)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gas = kinds.add_parser("gas", help="receipt gas of deposit, deliver, refund and batches vs x402 exact")
     gas.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     gas.set_defaults(func=_gas)
+    keeper = kinds.add_parser(
+        "keeper", help="N escrows expiring together on 1-second blocks: time and gas to refund all"
+    )
+    keeper.add_argument("--escrows", type=int, default=1000, help="how many escrows expire together (default 1000)")
+    keeper.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    keeper.set_defaults(func=_keeper)
 
 
 def _progress(message: str) -> None:
@@ -28,12 +34,28 @@ def _gas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keeper(args: argparse.Namespace) -> int:
+    from escrow_py.bench.keeper import measure_keeper
+
+    if args.escrows < 1:
+        print("x402-escrow: --escrows must be at least 1", file=sys.stderr)
+        return 2
+    result = measure_keeper(args.escrows, progress=_progress)
+    _print(result, args.json)
+    return 0
+
+
 def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
     ratios = result.get("ratios", {})
     targets = result.get("targets", {})
+    if "escrows" in result:  # the keeper benchmark: one figure per line
+        for key, value in result.items():
+            if key != "targets":
+                print(f"{key:<32}{value!s:>12}{targets.get(key, '')!s:>8}")
+        return
     print(f"{'operation':<24}{'gas':>10}{'x exact':>10}{'target':>10}")
     for key, value in result.items():
         if isinstance(value, int) and not isinstance(value, bool) and key != "batch_size":

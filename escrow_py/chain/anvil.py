@@ -33,15 +33,22 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @cache
+def dev_private_key(index: int) -> str:
+    """The private key of anvil's dev account `index`: public knowledge, for handing to a local subprocess."""
+    if not 0 <= index < DEV_ACCOUNTS:
+        raise ValueError(f"anvil has dev accounts 0-{DEV_ACCOUNTS - 1}, not {index}")
+    Account.enable_unaudited_hdwallet_features()
+    account = Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
+    return "0x" + bytes(account.key).hex()
+
+
+@cache
 def dev_signer(index: int) -> LocalSigner:
     """anvil's dev account `index` (0-9), funded with ETH on every anvil chain.
 
     Cached: a mnemonic derivation takes milliseconds, and tests ask for the same accounts often.
     """
-    if not 0 <= index < DEV_ACCOUNTS:
-        raise ValueError(f"anvil has dev accounts 0-{DEV_ACCOUNTS - 1}, not {index}")
-    Account.enable_unaudited_hdwallet_features()
-    return LocalSigner(Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}"))
+    return LocalSigner.from_key(dev_private_key(index))
 
 
 def find_anvil() -> str:

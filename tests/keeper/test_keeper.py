@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from conftest import Chain
 from helpers import BUYER, deposit, dev, make_terms
 
+from escrow_py.chain.anvil import dev_private_key
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
@@ -154,7 +156,7 @@ def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain
     deposit(chain, terms)
     chain.mine(terms.deadline)
     db = str(tmp_path / "k.sqlite")
-    env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": "0x" + dev(KEEPER)._account.key.hex()}
+    env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(KEEPER)}
     args = ["--rpc", chain.node.url, "--escrow", chain.escrow.address, "--database", db]
     proc = subprocess.Popen([sys.executable, "-m", "escrow_py.cli", "keeper", "run", *args, "--poll-interval", "0.2",
                              "--log-json"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -191,3 +193,57 @@ def test_two_keepers_at_once_refund_everything_exactly_once_and_waste_little(cha
     for terms in batch:
         assert _refund_events(chain, terms) == 1
     assert chain.w3.eth.get_transaction_count(dev(8).address) == 0  # not one wasted transaction
+
+
+def test_a_stuck_refund_is_replaced_with_higher_fees_and_lands_once(chain: Chain, tmp_path: Path) -> None:
+    terms = make_terms(chain, window=100)
+    deposit(chain, terms)
+    chain.mine(terms.deadline)
+    keeper = _keeper(chain, tmp_path / "k.sqlite", replace_after=0)
+    chain.w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+    try:
+        assert keeper.run_once().refunds_sent == 1  # broadcast, but no block is coming
+        [stuck] = keeper.store.open_attempts(chain.escrow.address)
+        report = keeper.run_once()
+        assert report.replaced == 1 and report.refunds_sent == 0
+        [replacement] = keeper.store.open_attempts(chain.escrow.address)
+        assert replacement.nonce == stuck.nonce
+        assert int(replacement.tx["maxPriorityFeePerGas"]) >= int(stuck.tx["maxPriorityFeePerGas"]) * 1.1  # type: ignore[call-overload]
+        chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
+    report = keeper.run_once()
+    assert report.confirmed == 1
+    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.REFUNDED
+    assert _refund_events(chain, terms) == 1
+    assert chain.w3.eth.get_transaction_receipt(replacement.tx_hash)["status"] == 1
+
+
+def test_two_keeper_daemons_running_together_refund_each_escrow_once(chain: Chain, tmp_path: Path) -> None:
+    batch = [make_terms(chain, window=100) for _ in range(12)]
+    for terms in batch:
+        deposit(chain, terms)
+    chain.mine(batch[0].deadline)
+    keepers = [
+        Keeper(KeeperConfig.load({"rpc_url": chain.node.url, "escrows": chain.escrow.address, "poll_interval": 0.05,
+                                  "batch_size": 5, "database": str(tmp_path / f"{who}.sqlite")}), dev(who))
+        for who in (KEEPER, 8)
+    ]  # fmt: skip
+    stop = threading.Event()
+    threads = [threading.Thread(target=k.run, args=(stop,)) for k in keepers]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while any(chain.escrow.state_of(chain.escrow.id_of(t)) is not State.REFUNDED for t in batch):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # let both index the outcome
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert all(_refund_events(chain, t) == 1 for t in batch)
+    # Wasted work is bounded: at most one transaction per batch per keeper (3 batches of 5 or fewer).
+    sent = sum(chain.w3.eth.get_transaction_count(dev(who).address) for who in (KEEPER, 8))
+    assert 3 <= sent <= 6

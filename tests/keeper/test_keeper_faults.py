@@ -17,7 +17,7 @@ from pathlib import Path
 from conftest import Chain
 from helpers import deposit, dev, make_terms
 
-from escrow_py.chain.anvil import free_port
+from escrow_py.chain.anvil import dev_private_key, free_port
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import Keeper, KeeperConfig
 from escrow_py.terms import State, Terms
@@ -35,7 +35,7 @@ def _refunds_by_id(chain: Chain) -> dict[bytes, int]:
 
 
 def _start_keeper(chain: Chain, db: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": "0x" + dev(KEEPER)._account.key.hex()}
+    env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(KEEPER)}
     return subprocess.Popen(
         [sys.executable, "-m", "escrow_py.cli", "keeper", "run", "--rpc", chain.node.url, "--escrow",
          chain.escrow.address, "--database", str(db), "--poll-interval", "0.1", "--batch-size", "2"],
