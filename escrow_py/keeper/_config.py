@@ -94,6 +94,8 @@ class KeeperConfig:
         ):
             if value < low:
                 raise ConfigError(f"{name} must be at least {low}, got {value}")
+        if "://" in self.database and not self.database.startswith("sqlite:///"):
+            raise ConfigError(f"database {self.database!r}: only SQLite is supported so far (a path or sqlite:///path)")
         if self.poll_interval <= 0:
             raise ConfigError(f"poll_interval must be positive, got {self.poll_interval}")
         if self.metrics is not None:

@@ -145,6 +145,9 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> 
     assert out.returncode == 2 and "'0xnope' is not an address" in out.stderr
     out = _cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20, env=env)
     assert out.returncode == 2 and "X402_ESCROW_PRIVATE_KEY is not set" in out.stderr
+    out = _cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
+               "--database", "postgresql://db/keeper", env=env)  # fmt: skip
+    assert out.returncode == 2 and "only SQLite is supported" in out.stderr
     toml = tmp_path / "keeper.toml"
     toml.write_text('[keeper]\nrpc_url = "http://127.0.0.1:1"\nbatchsize = 3\n')
     out = _cli("keeper", "run", "--config", str(toml), env=env)
