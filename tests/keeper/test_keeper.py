@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import Chain
 from helpers import BUYER, deposit, dev, make_terms
+from hexbytes import HexBytes
 
 from escrow_py.chain.anvil import dev_private_key
 from escrow_py.chain.artifacts import load_artifact
@@ -108,7 +109,7 @@ def test_a_reorg_that_removes_a_refund_brings_the_escrow_back_and_it_is_refunded
     assert keeper.run_once().refunds_sent == 1
     keeper.index()
     assert keeper.store.counts(chain.escrow.address)["refunded"] == 1
-    chain.w3.provider.make_request("anvil_reorg", [1, []])  # the refund's block is gone
+    chain.w3.provider.make_request("anvil_reorg", [1, []])  # type: ignore[arg-type]  # the refund's block is gone
     assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
     keeper.run_once()  # the escrow is open again; the lost attempt is followed up and re-sent
     keeper.run_once()
@@ -219,7 +220,7 @@ def test_a_stuck_refund_is_replaced_with_higher_fees_and_lands_once(chain: Chain
     assert report.confirmed == 1
     assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.REFUNDED
     assert _refund_events(chain, terms) == 1
-    assert chain.w3.eth.get_transaction_receipt(replacement.tx_hash)["status"] == 1
+    assert chain.w3.eth.get_transaction_receipt(HexBytes(replacement.tx_hash))["status"] == 1
 
 
 def test_two_keeper_daemons_running_together_refund_each_escrow_once(chain: Chain, tmp_path: Path) -> None:
