@@ -51,7 +51,8 @@ ape: $(APE_STAMP)
 $(APE_STAMP): $(PY_STAMP) $(NODE_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,seller,ape]'
 	mkdir -p $(HOME)/.solcx
-	[ -e $(HOME)/.solcx/solc-v0.8.30 ] || ln -s $(CURDIR)/scripts/solc-js.cjs $(HOME)/.solcx/solc-v0.8.30
+	if [ -L $(HOME)/.solcx/solc-v0.8.30 ] || [ ! -e $(HOME)/.solcx/solc-v0.8.30 ]; then \
+		ln -sfn $(CURDIR)/scripts/solc-js.cjs $(HOME)/.solcx/solc-v0.8.30; fi
 	touch $@
 
 demo: bootstrap
