@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_importing_every_module_of_the_package_loads_no_ape() -> None:
     code = (
@@ -18,3 +20,9 @@ def test_importing_every_module_of_the_package_loads_no_ape() -> None:
     count, loaded = out.stdout.strip().split(" ", 1)
     assert int(count) > 20
     assert loaded == "[]"
+
+
+def test_the_suite_runs_without_apes_pytest_plugin(pytestconfig: pytest.Config) -> None:
+    # Ape's plugin connects to a network at start-up and costs seconds per run; pyproject disables it.
+    assert pytestconfig.pluginmanager.get_plugin("ape_test") is None
+    assert "ape.pytest.plugin" not in sys.modules
