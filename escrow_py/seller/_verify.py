@@ -1,0 +1,214 @@
+"""Every rule a PAYMENT-SIGNATURE must pass before the seller spends gas depositing it.
+
+Two stages. `verify_offchain` is pure (no RPC): it decodes the header and checks the
+payment against the offer the seller computed for *this* request, with the chain
+time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
+balance, whether the authorization was used or cancelled, and an `eth_call`
+simulation of the deposit itself. Each rule broken raises `PaymentRejected` with the
+machine-readable reason and the values involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_typing import ChecksumAddress
+
+from escrow_py.chain.authorization import TokenDomain, recover_signer
+from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.token import Token
+from escrow_py.chain.tx import TxSender
+from escrow_py.errors import ContractRevert, ProtocolError
+from escrow_py.terms import Terms, request_hash
+from escrow_py.wire import (
+    EscrowExtra,
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    decode_payment_signature,
+)
+
+# A header that does not decode is a client bug (400); a payment that decodes but breaks a
+# rule is refused with a fresh offer (402), as x402 does.
+_UNDECODABLE = {Reason.INVALID_PAYLOAD, Reason.HEADER_TOO_LARGE, Reason.UNSUPPORTED_VERSION}
+
+
+class PaymentRejected(ProtocolError):
+    """The payment breaks a rule; `status` is the HTTP status to answer with (400 or 402)."""
+
+    @property
+    def status(self) -> int:
+        return 400 if self.reason in _UNDECODABLE else 402
+
+
+def offer_for(
+    *,
+    network: str,
+    amount: int,
+    asset: str,
+    pay_to: str,
+    escrow: str,
+    operator: str,
+    token_name: str,
+    token_version: str,
+    max_timeout_seconds: int,
+    method: str,
+    resource_url: str,
+    body: bytes,
+) -> EscrowRequirements:
+    """The delivery-escrow requirements for one request: its requestHash binds method, URL and body."""
+    extra = EscrowExtra(
+        name=token_name,
+        version=token_version,
+        escrow=escrow,  # type: ignore[arg-type]
+        operator=operator,  # type: ignore[arg-type]
+        request_hash=request_hash(method, resource_url, body),
+    )
+    return EscrowRequirements(network, amount, asset, pay_to, max_timeout_seconds, extra)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPayment:
+    """A payment that passed the off-chain rules."""
+
+    payload: EscrowPayload
+    escrow_id: bytes
+
+    @property
+    def terms(self) -> Terms:
+        return self.payload.terms
+
+    @property
+    def buyer(self) -> ChecksumAddress:
+        return self.payload.terms.buyer
+
+
+def _reject(reason: Reason, message: str) -> PaymentRejected:
+    return PaymentRejected(reason, message)
+
+
+def _require(condition: bool, reason: Reason, message: str) -> None:
+    if not condition:
+        raise _reject(reason, message)
+
+
+def verify_offchain(
+    header: str, offer: EscrowRequirements, *, chain_time: int, min_time_left: int, deadline_slack: int = 30
+) -> VerifiedPayment:
+    """Decode PAYMENT-SIGNATURE and check it against `offer`, judging time by `chain_time`."""
+    try:
+        return _verify_offchain(header, offer, chain_time, min_time_left, deadline_slack)
+    except PaymentRejected:
+        raise
+    except ProtocolError as exc:  # a decoding error of the shared wire layer
+        raise PaymentRejected(exc.reason, str(exc)) from None
+
+
+def _verify_offchain(
+    header: str, offer: EscrowRequirements, chain_time: int, min_time_left: int, deadline_slack: int
+) -> VerifiedPayment:
+    model = decode_payment_signature(header)
+    accepted = model.accepted
+    # The specific fields first, so the reason names what differs.
+    _require(accepted.scheme == offer.to_model().scheme, Reason.UNSUPPORTED_SCHEME, f"scheme {accepted.scheme!r}")
+    _require(
+        accepted.network == offer.network,
+        Reason.NETWORK_MISMATCH,
+        f"network {accepted.network!r}, expected {offer.network!r}",
+    )
+    requirements = EscrowRequirements.from_model(accepted)
+    _require(
+        requirements.asset == offer.asset, Reason.ASSET_MISMATCH, f"asset {requirements.asset}, expected {offer.asset}"
+    )
+    _require(
+        requirements.pay_to == offer.pay_to,
+        Reason.RECEIVER_MISMATCH,
+        f"payTo {requirements.pay_to}, expected {offer.pay_to}",
+    )
+    _require(
+        requirements.extra.escrow == offer.extra.escrow,
+        Reason.ESCROW_MISMATCH,
+        f"escrow {requirements.extra.escrow}, expected {offer.extra.escrow}",
+    )
+    _require(
+        requirements.amount == offer.amount,
+        Reason.AMOUNT_MISMATCH,
+        f"amount {requirements.amount}, expected {offer.amount}",
+    )
+    _require(
+        requirements.extra.request_hash == offer.extra.request_hash,
+        Reason.REQUEST_HASH_MISMATCH,
+        "the payment was made for another request (method, URL or body)",
+    )
+    _require(requirements == offer, Reason.REQUIREMENTS_MISMATCH, "accepted differs from the requirements offered")
+
+    payload = EscrowPayload.from_json(model.payload)
+    terms, auth = payload.terms, payload.authorization
+    _require(terms.seller == offer.pay_to, Reason.RECEIVER_MISMATCH, f"terms.seller {terms.seller}")
+    _require(terms.operator == offer.extra.operator, Reason.OPERATOR_MISMATCH, f"terms.operator {terms.operator}")
+    _require(terms.token == offer.asset, Reason.ASSET_MISMATCH, f"terms.token {terms.token}")
+    _require(terms.amount == offer.amount, Reason.AMOUNT_MISMATCH, f"terms.amount {terms.amount}")
+    _require(
+        terms.request_hash == offer.extra.request_hash,
+        Reason.REQUEST_HASH_MISMATCH,
+        "terms.requestHash is not this request's",
+    )
+    earliest, latest = chain_time + min_time_left, chain_time + offer.max_timeout_seconds + deadline_slack
+    _require(
+        terms.deadline >= earliest,
+        Reason.DEADLINE_TOO_SOON,
+        f"deadline {terms.deadline} leaves less than {min_time_left}s after chain time {chain_time}",
+    )
+    _require(
+        terms.deadline <= latest,
+        Reason.DEADLINE_TOO_FAR,
+        f"deadline {terms.deadline} is after {latest} (maxTimeoutSeconds {offer.max_timeout_seconds})",
+    )
+
+    escrow_id = terms.escrow_id(offer.chain_id, offer.extra.escrow)
+    _require(auth.from_ == terms.buyer, Reason.TERMS_MISMATCH, f"authorization.from {auth.from_} is not the buyer")
+    _require(auth.to == offer.extra.escrow, Reason.ESCROW_MISMATCH, f"authorization.to {auth.to}")
+    _require(auth.value == offer.amount, Reason.AMOUNT_MISMATCH, f"authorization.value {auth.value}")
+    _require(
+        auth.nonce == escrow_id,
+        Reason.NONCE_MISMATCH,
+        "authorization.nonce is not the escrow id of these terms (terms altered after signing?)",
+    )
+    _require(
+        auth.valid_after < chain_time,
+        Reason.AUTHORIZATION_NOT_YET_VALID,
+        f"validAfter {auth.valid_after} is not before chain time {chain_time}",
+    )
+    _require(
+        auth.valid_before > chain_time + min_time_left,
+        Reason.AUTHORIZATION_EXPIRED,
+        f"validBefore {auth.valid_before} leaves no time to deposit (chain time {chain_time})",
+    )
+
+    domain = TokenDomain(offer.extra.name, offer.extra.version, offer.chain_id, offer.asset)
+    try:
+        signer = recover_signer(domain, auth, payload.signature)
+    except ValueError as exc:
+        raise _reject(Reason.INVALID_SIGNATURE, str(exc)) from None
+    _require(signer == terms.buyer, Reason.INVALID_SIGNATURE, f"signed by {signer}, not by the buyer {terms.buyer}")
+    return VerifiedPayment(payload, escrow_id)
+
+
+def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender) -> None:
+    """Balance, authorization state, and a simulation of the deposit, as `sender` would send it."""
+    balance = token.balance_of(payment.buyer)
+    _require(
+        balance >= payment.terms.amount,
+        Reason.INSUFFICIENT_BALANCE,
+        f"buyer balance {balance} < amount {payment.terms.amount}",
+    )
+    _require(
+        not token.authorization_state(payment.buyer, payment.escrow_id),
+        Reason.AUTHORIZATION_USED,
+        "the authorization was already used or cancelled",
+    )
+    payload = payment.payload
+    try:
+        sender.call(escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature))
+    except ContractRevert as revert:
+        raise _reject(Reason.SIMULATION_FAILED, f"deposit would revert: {revert}") from None
