@@ -1,14 +1,70 @@
-"""The seller's side: verify a delivery-escrow payment before depositing it.
+"""The seller: an ASGI middleware that sells routes for delivery-escrow payments.
 
-So far this package holds the verification every paid request goes through
-(`verify_offchain`, then `verify_onchain`); the ASGI middleware that prices routes,
-deposits, serves, and posts delivery hashes builds on it.
+    from escrow_py.seller import EscrowMiddleware, SellerConfig, PricedRoute
+    app.add_middleware(EscrowMiddleware, config=SellerConfig(
+        rpc_url=..., escrow=..., token=..., network="eip155:84532", pay_to=..., operator=signer,
+        routes=[PricedRoute("GET", "/report/{item}", amount=10_000, max_timeout_seconds=120)],
+        store="seller.sqlite"))
+
+A request to a priced route without PAYMENT-SIGNATURE gets 402 with the offer for
+exactly that request (`offer_for`). A paid one goes through `verify_offchain`
+then `verify_onchain`, is deposited (the operator's transaction), served, stored
+under its escrow id with its delivery hash queued for `deliverMany`, and answered
+with PAYMENT-RESPONSE. A failed handler is refunded at once. The same payment
+again replays the stored response byte for byte. The delivery poster runs with
+the app's lifespan; `await EscrowMiddleware.of(app).poster.flush()` or
+`post_pending(config)` runs one pass.
+
+Errors: ConfigError for bad settings (raised when SellerConfig or PricedRoute is
+built). A bad payment never raises to the server: it answers 400 or 402 with a
+wire.Reason in PAYMENT-REQUIRED's `error`. Chain failures while depositing,
+refunding or posting are logged and retried (by the poster, or the keeper).
 
     EscrowError
+    ├── ConfigError
+    │   └── (SellerConfig / PricedRoute settings)
     └── ProtocolError
         └── PaymentRejected     a rule broken: `.reason` (wire.Reason) and `.status` (400 or 402)
 """
 
+from __future__ import annotations
+
+from web3 import Web3
+
+from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._middleware import EscrowMiddleware
+from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
-__all__ = ["PaymentRejected", "VerifiedPayment", "offer_for", "verify_offchain", "verify_onchain"]
+
+def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
+    """One poster pass from the store named in `config` (blocking): for a cron job, a restart, or a test.
+
+    It sends from the operator key with its own nonce tracking, so don't run it while a
+    middleware with the same operator is sending.
+    """
+    store = SellerStore(config.store)
+    try:
+        return DeliveryPoster(SellerChain(config, w3), store).post_pending()
+    finally:
+        store.close()
+
+
+__all__ = [
+    "DeliveryPoster",
+    "EscrowMiddleware",
+    "PaymentRejected",
+    "PostReport",
+    "PricedRoute",
+    "SellerChain",
+    "SellerConfig",
+    "SellerStore",
+    "StoredResponse",
+    "VerifiedPayment",
+    "offer_for",
+    "post_pending",
+    "verify_offchain",
+    "verify_onchain",
+]

@@ -1,0 +1,441 @@
+"""The seller's pure ASGI middleware: 402, verify, deposit, serve, store, queue the delivery, refund on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import anyio.to_thread
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from web3 import Web3
+from web3.exceptions import Web3Exception
+from x402.schemas import SettleResponse
+
+from escrow_py.errors import EscrowError, ProtocolError
+from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._poster import DeliveryPoster
+from escrow_py.seller._store import POSTED, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.wire import (
+    PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    SettlementExtra,
+    decode_payment_signature,
+    encode_payment_required,
+    encode_payment_response,
+    payment_required,
+)
+
+log = logging.getLogger("escrow_py.seller")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
+_OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
+
+
+async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run web3 and SQLite calls in a worker thread: they block."""
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    url: str
+    body: bytes
+    route: PricedRoute
+    offer: EscrowRequirements
+
+
+class EscrowMiddleware:
+    """Prices routes of an ASGI app with delivery-escrow payments (DESIGN.md sections 3 and 4).
+
+        app.add_middleware(EscrowMiddleware, config=SellerConfig(...))
+
+    Unpriced routes pass through untouched. The delivery poster starts and stops
+    with the app's lifespan; `await middleware.poster.flush()` runs one pass now.
+    `EscrowMiddleware.of(app)` finds the instance inside a Starlette/FastAPI app.
+    """
+
+    def __init__(self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None) -> None:
+        if not isinstance(config, SellerConfig):
+            raise EscrowError("EscrowMiddleware needs config=SellerConfig(...)")
+        self.app = app
+        self.config = config
+        self.chain = SellerChain(config, w3)
+        self.store = SellerStore(config.store)
+        self.poster = DeliveryPoster(self.chain, self.store, interval=config.poster_interval)
+        self._locks: weakref.WeakValueDictionary[bytes, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    @staticmethod
+    def of(app: Any) -> EscrowMiddleware:
+        """The EscrowMiddleware inside a Starlette/FastAPI app (building its middleware stack if needed)."""
+        node = app
+        if getattr(app, "middleware_stack", False) is None:
+            app.middleware_stack = app.build_middleware_stack()
+        node = getattr(app, "middleware_stack", app)
+        while node is not None:
+            if isinstance(node, EscrowMiddleware):
+                return node
+            node = getattr(node, "app", None)
+        raise LookupError("no EscrowMiddleware in this app")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        route = self.config.route_for(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        await self._paid(scope, receive, send, route)
+
+    # -- lifespan ------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def on_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.poster.stop()
+            return message
+
+        async def on_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.poster.start()
+            await send(message)
+
+        await self.app(scope, on_receive, on_send)
+
+    # -- a paid request --------------------------------------------------------------------
+
+    async def _paid(self, scope: Scope, receive: Receive, send: Send, route: PricedRoute) -> None:
+        body = await self._read_body(receive)
+        if body is None:
+            await _send_plain(send, 413, b"request body too large")
+            return
+        request = self._request(scope, body, route)
+        header = _header(scope, _SIGNATURE_HEADER)
+        if header is None:
+            await self._send_required(send, request, 402, None)
+            return
+        try:
+            escrow_id = self._escrow_id_of(header)
+            lock = self._locks.get(escrow_id)
+            if lock is None:
+                lock = self._locks[escrow_id] = asyncio.Lock()
+            # One payment is handled once at a time; the store's unique key guards other processes.
+            async with lock:
+                await self._settle(scope, receive, send, request, header=header, escrow_id=escrow_id)
+        except PaymentRejected as rejected:
+            await self._send_required(send, request, rejected.status, rejected.reason)
+        except (EscrowError, OSError, Web3Exception) as exc:
+            # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
+            log.warning("paid request %s %s failed: %s", request.method, request.url, exc)
+            await _send_plain(send, 503, b"payment service unavailable, retry later", retry_after=True)
+
+    def _escrow_id_of(self, header: str) -> bytes:
+        """The id the payment claims (it is verified before anything is done with it)."""
+        try:
+            payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
+        except ProtocolError as exc:
+            raise PaymentRejected(exc.reason, str(exc)) from None
+        return payload.terms.escrow_id(self.config.chain_id, self.config.escrow)
+
+    def _verify(self, header: str, request: _Request, chain_time: int) -> VerifiedPayment:
+        return verify_offchain(
+            header,
+            request.offer,
+            chain_time=chain_time,
+            min_time_left=self.config.min_time_left,
+            deadline_slack=self.config.deadline_slack,
+        )
+
+    async def _settle(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+    ) -> None:
+        payment = await _blocking(self.store.payment, escrow_id)
+        if payment is not None:
+            # Verified again as it was when accepted: same request, same terms, same signature.
+            verified = self._verify(header, request, payment.accepted_at)
+            if payment.response is not None:
+                await self._replay(send, payment, payment.response)
+                return
+            deposit_tx = payment.deposit_tx
+            state = await _blocking(self.chain.state_of, escrow_id)
+            if state == State.NONE:
+                # Recorded, but the deposit never landed: try it again under today's rules.
+                now = await _blocking(self.chain.now)
+                verified = self._verify(header, request, now)
+                deposit_tx = await self._deposit(verified, accepted_at=None)
+            elif state == State.HELD:
+                await self._require_time_left(verified.terms)  # a crash mid-handler: serve it now
+            else:
+                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+        else:
+            state, now = await _blocking(self._state_and_time, escrow_id)
+            if state == State.NONE:
+                verified = self._verify(header, request, now)
+                deposit_tx = await self._deposit(verified, accepted_at=now)
+            elif state == State.HELD:
+                # Deposited by someone else (the buyer, another replica) and never answered here. The
+                # token checked the signature on deposit; judge the rest at a time the deadline was valid.
+                reference = min(now, self._latest_valid_time(request, header))
+                verified = self._verify(header, request, reference)
+                await _blocking(self.store.begin_deposit, escrow_id, verified.terms, reference)
+                await _blocking(self.store.set_held, escrow_id, None)
+                deposit_tx = None
+                await self._require_time_left(verified.terms)
+            else:
+                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
+
+    def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
+        return self.chain.state_of(escrow_id), self.chain.now()
+
+    def _latest_valid_time(self, request: _Request, header: str) -> int:
+        """The last chain time at which this payment's deadline and authorization both had time left."""
+        payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
+        return min(payload.terms.deadline, payload.authorization.valid_before) - self.config.min_time_left - 1
+
+    async def _require_time_left(self, terms: Terms) -> None:
+        now = await _blocking(self.chain.now)
+        if now + self.config.min_time_left > terms.deadline:
+            raise PaymentRejected(
+                Reason.ESCROW_REFUNDABLE,
+                f"deadline {terms.deadline} is less than {self.config.min_time_left}s after chain time {now}: "
+                "too late to deliver, the escrow is refundable",
+            )
+
+    async def _deposit(self, verified: VerifiedPayment, *, accepted_at: int | None) -> bytes | None:
+        """Check on chain, record, deposit, wait for the receipt. `accepted_at` None: already recorded."""
+        escrow_id = verified.escrow_id
+        chain = self.chain
+        await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+        if accepted_at is not None and not await _blocking(
+            self.store.begin_deposit, escrow_id, verified.terms, accepted_at
+        ):
+            raise PaymentRejected(Reason.DEPOSIT_FAILED, "this payment is being processed by another process; retry")
+        try:
+            receipt = await _blocking(chain.deposit, verified.payload)
+        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            if await _blocking(chain.state_of, escrow_id) == State.HELD:
+                # It landed although we saw an error (a lost receipt): go on as deposited.
+                await _blocking(self.store.set_held, escrow_id, None)
+                return None
+            await _blocking(self.store.forget, escrow_id)
+            log.warning("deposit of 0x%s failed: %s", escrow_id.hex(), exc)
+            raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc)) from None
+        tx_hash = bytes(receipt["transactionHash"])
+        await _blocking(self.store.set_held, escrow_id, tx_hash)
+        return tx_hash
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: _Request,
+        *,
+        verified: VerifiedPayment,
+        deposit_tx: bytes | None,
+    ) -> None:
+        escrow_id, terms = verified.escrow_id, verified.terms
+        response = await self._run_handler(scope, receive, request.body)
+        extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline)
+        if response.status < 400:
+            hashed = delivery_hash(response.body)
+            await _blocking(self.store.save_served, escrow_id, terms, response, hashed)
+            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
+            await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
+            return
+        refund_tx: bytes | None = None
+        try:
+            receipt = await _blocking(self.chain.refund, terms)
+            refund_tx = bytes(receipt["transactionHash"])
+        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            # The poster retries it; failing that, the keeper refunds after the deadline.
+            log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
+        await _blocking(self.store.save_failed, escrow_id, response, refund_tx)
+        extra = SettlementExtra(
+            escrow_id=escrow_id,
+            deadline=terms.deadline,
+            refund_transaction=refund_tx,
+            state="refunded" if refund_tx else "held",
+        )
+        settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
+        await self._send_response(send, response, settle)
+
+    async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
+        terms = payment.terms
+        if payment.status in (REFUNDED, "refund_pending"):
+            extra = SettlementExtra(
+                escrow_id=payment.escrow_id,
+                deadline=terms.deadline,
+                refund_transaction=payment.refund_tx,
+                state="refunded" if payment.status == REFUNDED else "held",
+            )
+            settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
+        else:
+            record = await _blocking(self.store.delivery, payment.escrow_id)
+            extra = SettlementExtra(
+                escrow_id=payment.escrow_id,
+                deadline=terms.deadline,
+                delivery_hash=delivery_hash(response.body),
+                delivery_transaction=record.tx_hash if record else None,
+                state="released" if record is not None and record.status == POSTED else "held",
+            )
+            settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
+        await self._send_response(send, response, settle)
+
+    # -- the wrapped handler ---------------------------------------------------------------
+
+    async def _run_handler(self, scope: Scope, receive: Receive, body: bytes) -> StoredResponse:
+        """Run the app with the buffered body and capture its whole response; an exception is a 500."""
+        delivered = False
+
+        async def replay_receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        status: int | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            nonlocal status, headers
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
+            elif message["type"] == "http.response.body":
+                chunks.append(bytes(message.get("body", b"")))
+
+        try:
+            await self.app(scope, replay_receive, capture)
+        except Exception:
+            log.exception("handler for %s %s raised", scope["method"], scope["path"])
+            return StoredResponse(500, [(b"content-type", b"text/plain; charset=utf-8")], b"Internal Server Error")
+        if status is None:
+            return StoredResponse(500, [(b"content-type", b"text/plain; charset=utf-8")], b"no response")
+        return StoredResponse(status, headers, b"".join(chunks))
+
+    # -- building responses ----------------------------------------------------------------
+
+    def _request(self, scope: Scope, body: bytes, route: PricedRoute) -> _Request:
+        method = str(scope["method"]).upper()
+        url = self._resource_url(scope)
+        config = self.config
+        offer = offer_for(
+            network=config.network,
+            amount=route.amount,
+            asset=config.token,
+            pay_to=config.pay_to,
+            escrow=config.escrow,
+            operator=config.operator.address,
+            token_name=config.token_name,
+            token_version=config.token_version,
+            max_timeout_seconds=route.max_timeout_seconds,
+            method=method,
+            resource_url=url,
+            body=body,
+        )
+        return _Request(method, url, body, route, offer)
+
+    def _resource_url(self, scope: Scope) -> str:
+        path = str(scope.get("root_path", "")) + str(scope["path"])
+        if self.config.public_base_url is not None:
+            url = self.config.public_base_url + path
+        else:
+            host = _header(scope, b"host")
+            if host is None:
+                server = scope.get("server") or ("localhost", None)
+                host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+            url = f"{scope.get('scheme', 'http')}://{host}{path}"
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        return f"{url}?{query}" if query else url
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _settlement(
+        self, payer: str, deposit_tx: bytes | None, extra: SettlementExtra, *, error: str | None = None
+    ) -> SettleResponse:
+        return SettleResponse(
+            success=True,
+            transaction="0x" + deposit_tx.hex() if deposit_tx else "",
+            network=self.config.network,
+            payer=payer,
+            error_reason=error,
+            extra=extra.to_json(),
+        )
+
+    async def _send_required(self, send: Send, request: _Request, status: int, reason: str | None) -> None:
+        model = payment_required(
+            request.url,
+            [request.offer.to_model()],
+            description=request.route.description or None,
+            mime_type=request.route.mime_type,
+            error=reason,
+        )
+        body = json.dumps(model.model_dump(by_alias=True, exclude_none=True), separators=(",", ":")).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (PAYMENT_REQUIRED_HEADER.encode(), encode_payment_required(model).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _send_response(self, send: Send, response: StoredResponse, settle: SettleResponse) -> None:
+        headers = [(k, v) for k, v in response.headers if k.lower() not in _OWN_HEADERS]
+        headers.append((b"cache-control", b"no-store"))
+        headers.append((PAYMENT_RESPONSE_HEADER.encode(), encode_payment_response(settle).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if bytes(key).lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _send_plain(send: Send, status: int, body: bytes, *, retry_after: bool = False) -> None:
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", b"2"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+__all__ = ["EscrowMiddleware"]

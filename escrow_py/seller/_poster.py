@@ -1,0 +1,136 @@
+"""Posts queued delivery hashes with deliverMany, and retries refunds that did not go through.
+
+Everything it needs is in the store, so a new poster on the same file (after a
+restart) picks up where the last one stopped. An entry whose deadline has
+passed is never posted (the contract would revert the whole batch, and the
+escrow now belongs to the buyer's refund); an entry found settled on chain is
+closed without a transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+from web3.exceptions import Web3Exception
+
+from escrow_py.errors import EscrowError
+from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._store import EXPIRED, POSTED, SETTLED_ELSEWHERE, SellerStore
+from escrow_py.terms import State
+
+log = logging.getLogger("escrow_py.seller.poster")
+
+# A delivery mined at or after the deadline reverts: leave the next block room.
+DEADLINE_MARGIN = 2
+BATCH_SIZE = 50
+
+
+@dataclass
+class PostReport:
+    """What one pass did."""
+
+    posted: list[bytes] = field(default_factory=list)
+    tx_hash: bytes | None = None
+    expired: list[bytes] = field(default_factory=list)
+    settled: list[bytes] = field(default_factory=list)
+    refunded: list[bytes] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class DeliveryPoster:
+    """Runs `post_pending` every `interval` seconds in the background, or on demand with `flush()`."""
+
+    def __init__(self, chain: SellerChain, store: SellerStore, *, interval: float = 0.5) -> None:
+        self.chain = chain
+        self.store = store
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def post_pending(self) -> PostReport:
+        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch."""
+        report = PostReport()
+        self._retry_refunds(report)
+        while True:
+            pending = self.store.pending_deliveries(BATCH_SIZE)
+            if not pending:
+                return report
+            now = self.chain.now()
+            batch, expired, settled = [], [], []
+            for entry in pending:
+                if entry.terms.deadline <= now + DEADLINE_MARGIN:
+                    expired.append(entry.escrow_id)
+                elif self.chain.state_of(entry.escrow_id) == State.HELD:
+                    batch.append(entry)
+                else:
+                    settled.append(entry.escrow_id)
+            self.store.mark_deliveries(expired, EXPIRED)
+            self.store.mark_deliveries(settled, SETTLED_ELSEWHERE)
+            report.expired.extend(expired)
+            report.settled.extend(settled)
+            if not batch:
+                continue
+            ids = [e.escrow_id for e in batch]
+            try:
+                receipt = self.chain.deliver_many([(e.terms, e.delivery_hash) for e in batch])
+            except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+                # Left pending: the next pass retries (and drops what expired meanwhile).
+                log.warning("deliverMany of %d entries failed: %s", len(ids), exc)
+                self.store.note_attempt(ids, str(exc))
+                report.errors.append(str(exc))
+                return report
+            tx_hash = bytes(receipt["transactionHash"])
+            self.store.mark_deliveries(ids, POSTED, tx_hash)
+            report.posted.extend(ids)
+            report.tx_hash = tx_hash
+
+    def _retry_refunds(self, report: PostReport) -> None:
+        for escrow_id, terms in self.store.refunds_pending():
+            try:
+                if self.chain.state_of(escrow_id) != State.HELD:
+                    self.store.set_refunded(escrow_id, None)
+                    continue
+                receipt = self.chain.refund(terms)
+            except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+                log.warning("refund of 0x%s failed again: %s", escrow_id.hex(), exc)
+                report.errors.append(str(exc))
+                continue
+            self.store.set_refunded(escrow_id, bytes(receipt["transactionHash"]))
+            report.refunded.append(escrow_id)
+
+    async def flush(self) -> PostReport:
+        """One pass now, off the event loop; passes never overlap."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await anyio.to_thread.run_sync(self.post_pending)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.flush()
+            except Exception:  # an RPC outage must not kill the poster: it retries
+                log.exception("delivery poster pass failed")
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="escrow-delivery-poster")
+
+    async def stop(self) -> None:
+        """Stop the loop, then one last pass so nothing queued waits for the next start."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()

@@ -1,0 +1,243 @@
+"""The seller's durable state: one row per escrow id, and the queue of delivery hashes to post.
+
+A payment row is written before its deposit is sent (status `depositing`), so a
+crash anywhere leaves a trace; the handler's response and its pending delivery
+are written in one transaction, so a response never leaves without its delivery
+queued. The escrow id is the primary key: the same payment can be recorded once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from escrow_py.storage import open_sqlite, transaction
+from escrow_py.terms import Terms
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS payments (
+    escrow_id TEXT PRIMARY KEY, terms TEXT NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    deposit_tx TEXT, refund_tx TEXT,
+    response_status INTEGER, response_headers TEXT, response_body BLOB,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    escrow_id TEXT PRIMARY KEY REFERENCES payments (escrow_id), terms TEXT NOT NULL,
+    delivery_hash TEXT NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
+    tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline);
+"""
+
+# Payment statuses.
+DEPOSITING = "depositing"  # recorded, deposit sent or about to be
+HELD = "held"  # deposit confirmed, handler not finished
+SERVED = "served"  # response stored, delivery queued
+REFUNDED = "refunded"  # handler failed, refund confirmed
+REFUND_PENDING = "refund_pending"  # handler failed, refund not (yet) confirmed
+
+# Delivery statuses.
+PENDING = "pending"
+POSTED = "posted"
+EXPIRED = "expired"  # deadline passed before it could be posted: the escrow is refundable
+SETTLED_ELSEWHERE = "settled"  # found settled on chain by someone else (or a lost receipt)
+
+
+def _hex(value: bytes | None) -> str | None:
+    return None if value is None else "0x" + value.hex()
+
+
+def _unhex(value: str | None) -> bytes | None:
+    return None if value is None else bytes.fromhex(value[2:])
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    escrow_id: bytes
+    terms: Terms
+    status: str
+    accepted_at: int  # the chain time the payment was verified at: replays are verified at it again
+    deposit_tx: bytes | None
+    refund_tx: bytes | None
+    response: StoredResponse | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelivery:
+    escrow_id: bytes
+    terms: Terms
+    delivery_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    status: str
+    delivery_hash: bytes
+    tx_hash: bytes | None
+
+
+class SellerStore:
+    """SQLite store (one file); every method is thread-safe and durable when it returns."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = open_sqlite(path)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def payment(self, escrow_id: bytes) -> Payment | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
+                "response_body FROM payments WHERE escrow_id = ?",
+                (_hex(escrow_id),),
+            ).fetchone()
+        if row is None:
+            return None
+        terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body = row
+        response = None
+        if response_status is not None:
+            pairs = [(bytes.fromhex(k), bytes.fromhex(v)) for k, v in json.loads(headers)]
+            response = StoredResponse(int(response_status), pairs, bytes(body))
+        return Payment(
+            escrow_id,
+            Terms.from_json(json.loads(terms)),
+            status,
+            int(accepted_at),
+            _unhex(deposit_tx),
+            _unhex(refund_tx),
+            response,
+        )
+
+    def begin_deposit(self, escrow_id: bytes, terms: Terms, accepted_at: int) -> bool:
+        """Record a payment about to be deposited; False if the id is already known (unique key)."""
+        now = time.time()
+        with self._lock:
+            try:
+                with transaction(self._conn):
+                    self._conn.execute(
+                        "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, "
+                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            _hex(escrow_id),
+                            json.dumps(terms.to_json()),
+                            terms.deadline,
+                            DEPOSITING,
+                            accepted_at,
+                            now,
+                            now,
+                        ),
+                    )
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def forget(self, escrow_id: bytes) -> None:
+        """Drop a payment whose deposit never happened, so the buyer may try again."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), DEPOSITING))
+
+    def set_held(self, escrow_id: bytes, deposit_tx: bytes | None) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
+                "WHERE escrow_id = ?",
+                (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id)),
+            )
+
+    def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> None:
+        """Store the response and queue its delivery hash in one transaction."""
+        now = time.time()
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
+                "updated_at = ? WHERE escrow_id = ?",
+                (SERVED, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
+            )
+            self._conn.execute(
+                "INSERT OR IGNORE INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (_hex(escrow_id), json.dumps(terms.to_json()), _hex(delivery_hash), terms.deadline, PENDING, now),
+            )
+
+    def save_failed(self, escrow_id: bytes, response: StoredResponse, refund_tx: bytes | None) -> None:
+        status = REFUNDED if refund_tx is not None else REFUND_PENDING
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
+                "response_body = ?, updated_at = ? WHERE escrow_id = ?",
+                (status, _hex(refund_tx), response.status, _headers_json(response), response.body, time.time(),
+                 _hex(escrow_id)),
+            )  # fmt: skip
+
+    def set_refunded(self, escrow_id: bytes, refund_tx: bytes | None) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE payments SET status = ?, refund_tx = COALESCE(?, refund_tx), updated_at = ? "
+                "WHERE escrow_id = ?",
+                (REFUNDED, _hex(refund_tx), time.time(), _hex(escrow_id)),
+            )
+
+    def refunds_pending(self) -> list[tuple[bytes, Terms]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,)
+            ).fetchall()
+        return [(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t))) for i, t in rows]
+
+    def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT escrow_id, terms, delivery_hash FROM deliveries WHERE status = ? ORDER BY deadline LIMIT ?",
+                (PENDING, limit),
+            ).fetchall()
+        return [
+            PendingDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]))
+            for i, t, h in rows
+        ]
+
+    def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
+            ).fetchone()
+        if row is None:
+            return None
+        return DeliveryRecord(row[0], bytes.fromhex(row[1][2:]), _unhex(row[2]))
+
+    def mark_deliveries(self, ids: list[bytes], status: str, tx_hash: bytes | None = None) -> None:
+        now = time.time()
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE deliveries SET status = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
+                "WHERE escrow_id = ? AND status = ?",
+                [(status, _hex(tx_hash), now, _hex(i), PENDING) for i in ids],
+            )
+
+    def note_attempt(self, ids: list[bytes], error: str) -> None:
+        now = time.time()
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
+                [(error[:500], now, _hex(i)) for i in ids],
+            )
+
+
+def _headers_json(response: StoredResponse) -> str:
+    return json.dumps([[k.hex(), v.hex()] for k, v in response.headers])

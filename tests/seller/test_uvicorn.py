@@ -1,0 +1,49 @@
+"""The middleware behind a real uvicorn on 127.0.0.1: the lifespan runs the poster, which posts on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+from conftest import Chain
+
+from escrow_py.chain.anvil import free_port
+from escrow_py.terms import State
+
+from .conftest import make_shop
+from .payer import buy
+
+
+def test_over_real_http_the_lifespan_poster_releases_the_payment(chain: Chain, tmp_path: Path) -> None:
+    chain.mine()
+    shop = make_shop(chain, tmp_path / "seller.sqlite", poster_interval=0.1)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(shop.app, host="127.0.0.1", port=port, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+        async def run() -> bytes:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                response, payment = await buy(client, chain, "GET", "/report/live")
+            assert response.status_code == 200, response.text
+            return payment.escrow_id
+
+        escrow_id = asyncio.run(run())
+        # Nobody calls flush(): the poster started by the lifespan posts the delivery.
+        deadline = time.monotonic() + 10
+        while chain.escrow.state_of(escrow_id) != State.RELEASED:
+            assert time.monotonic() < deadline, "the lifespan poster did not post the delivery"
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert not thread.is_alive()
