@@ -50,9 +50,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _registrars() -> list[Registrar]:
     from escrow_py.bench.cli import register as bench
+    from escrow_py.buyer._cli import register as buyer
     from escrow_py.keeper._cli import register as keeper
 
-    return [_register_contracts, _register_demo, keeper, bench]
+    return [_register_contracts, _register_demo, keeper, bench, buyer]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,170 @@
+"""The buyer's HTTP clients: an httpx.Auth hook, and sync/async clients built on it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+from web3 import Web3
+
+from escrow_py.buyer._core import PaymentCore, PaymentPolicy, find_offer
+from escrow_py.buyer._journal import Journal
+from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
+from escrow_py.chain.signer import Signer
+from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+
+
+class EscrowAuth(httpx.Auth):
+    """Pays delivery-escrow 402s for an existing httpx client: `httpx.Client(auth=EscrowAuth(...))`.
+
+    A 402 that offers no delivery-escrow option is returned as it is. The paid request
+    is sent once; its answer is returned only when the body's hash is the one the
+    seller committed to, otherwise a PaymentError subclass is raised.
+    """
+
+    requires_request_body = True
+    requires_response_body = True
+
+    def __init__(
+        self,
+        signer: Signer,
+        rpc_url: str,
+        journal: str | Path | Journal,
+        *,
+        policy: PaymentPolicy | None = None,
+        w3: Web3 | None = None,
+    ) -> None:
+        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, w3=w3)
+
+    @property
+    def journal(self) -> Journal:
+        return self.core.journal
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if PAYMENT_SIGNATURE_HEADER in request.headers:
+            yield request  # already paid (a replay): not ours to pay again
+            return
+        response = yield request
+        response.read()  # overriding sync_auth_flow skips httpx's own read for requires_response_body
+        offer = find_offer(response)
+        if offer is None:
+            return
+        prepared = self.core.prepare(request, offer)
+        request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
+        response = yield request
+        response.read()
+        self.core.settle(prepared, response)
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        if PAYMENT_SIGNATURE_HEADER in request.headers:
+            yield request
+            return
+        response = yield request
+        await response.aread()
+        offer = find_offer(response)
+        if offer is None:
+            return
+        # Chain reads, signing and the journal's fsync block: keep them off the event loop.
+        prepared = await asyncio.to_thread(self.core.prepare, request, offer)
+        request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
+        response = yield request
+        await response.aread()
+        await asyncio.to_thread(self.core.settle, prepared, response)
+
+
+class EscrowClient:
+    """An httpx.Client that pays delivery-escrow 402s; every other keyword goes to httpx.Client.
+
+    with EscrowClient(signer, rpc_url, "buyer.sqlite") as client:
+        body = client.get("https://api.example/report/1").content   # hash-verified
+        client.recover()                                            # after a crash
+    """
+
+    def __init__(
+        self,
+        signer: Signer,
+        rpc_url: str,
+        journal: str | Path | Journal,
+        *,
+        policy: PaymentPolicy | None = None,
+        w3: Web3 | None = None,
+        **httpx_kwargs: Any,
+    ) -> None:
+        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, w3=w3)
+        self.http = httpx.Client(auth=self.auth, **httpx_kwargs)
+
+    @property
+    def journal(self) -> Journal:
+        return self.auth.journal
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, url, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.http.request("POST", url, **kwargs)
+
+    def recover(self, *, refund_expired: bool = True) -> RecoveryReport:
+        """Settle every unfinished journaled payment (see escrow_py.buyer.recover)."""
+        return recover_with(self.auth.core, self.http, refund_expired=refund_expired)
+
+    def close(self) -> None:
+        self.http.close()
+        self.journal.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncEscrowClient:
+    """The httpx.AsyncClient form of EscrowClient."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        rpc_url: str,
+        journal: str | Path | Journal,
+        *,
+        policy: PaymentPolicy | None = None,
+        w3: Web3 | None = None,
+        **httpx_kwargs: Any,
+    ) -> None:
+        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, w3=w3)
+        self.http = httpx.AsyncClient(auth=self.auth, **httpx_kwargs)
+
+    @property
+    def journal(self) -> Journal:
+        return self.auth.journal
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.request(method, url, **kwargs)
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.request("GET", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.http.request("POST", url, **kwargs)
+
+    async def recover(self, *, refund_expired: bool = True) -> RecoveryReport:
+        return await arecover_with(self.auth.core, self.http, refund_expired=refund_expired)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        self.journal.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,311 @@
+"""What the sync client, the async client and the httpx.Auth hook share: reading a 402,
+building and signing the terms, journaling them, and judging the paid response.
+
+Every step that talks to the chain or the disk is a plain blocking call; the async
+flow runs those in a worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import httpx
+from eth_typing import ChecksumAddress
+from web3 import HTTPProvider, Web3
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+
+from escrow_py.buyer._errors import (
+    DeliveryMismatch,
+    HandlerFailedRefunded,
+    PaymentNotDelivered,
+    PaymentRefused,
+    PaymentRejected,
+    RequestHashMismatch,
+)
+from escrow_py.buyer._journal import Journal, PaymentState
+from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
+from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.signer import Signer
+from escrow_py.chain.token import Token
+from escrow_py.errors import ProtocolError
+from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, delivery_hash, request_hash
+from escrow_py.wire import (
+    PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    SCHEME,
+    X402_VERSION,
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    SettlementExtra,
+    decode_payment_required,
+    decode_payment_response,
+    encode_payment_signature,
+)
+
+# Headers never written to the journal: credentials, and those httpx recomputes on replay.
+_UNJOURNALED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        PAYMENT_SIGNATURE_HEADER.lower(),
+    }
+)
+
+
+@runtime_checkable
+class PaymentPolicy(Protocol):
+    """Decides, before anything is signed, whether to pay; raise PolicyDenied (or any PaymentRefused) to deny."""
+
+    def check(self, request: httpx.Request | None, requirements: EscrowRequirements, terms: Terms) -> None:
+        """`request` is None when the SDK plugin pays (it never sees the request)."""
+        ...
+
+
+class AllowAll:
+    """The default policy: pays every delivery-escrow 402."""
+
+    def check(self, request: httpx.Request | None, requirements: EscrowRequirements, terms: Terms) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """The delivery-escrow option of a 402, with the envelope it came in."""
+
+    required: PaymentRequired
+    model: PaymentRequirements
+    requirements: EscrowRequirements
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A signed, journaled payment, ready to send."""
+
+    escrow_id: bytes
+    terms: Terms
+    escrow: ChecksumAddress
+    valid_before: int
+    header: str
+
+
+def journal_headers(request: httpx.Request) -> dict[str, str]:
+    """The request headers a replay needs, without credentials."""
+    return {k: v for k, v in request.headers.items() if k.lower() not in _UNJOURNALED_HEADERS}
+
+
+def find_offer(response: httpx.Response) -> Offer | None:
+    """The delivery-escrow option of a 402; None if the response offers none (not ours to pay)."""
+    if response.status_code != 402:
+        return None
+    value = response.headers.get(PAYMENT_REQUIRED_HEADER)
+    if value is None:
+        return None
+    try:
+        required = decode_payment_required(value)
+    except ProtocolError as exc:
+        raise PaymentRefused("invalid_payment_required", str(exc)) from None
+    for model in required.accepts:
+        if model.scheme == SCHEME:
+            try:
+                return Offer(required, model, EscrowRequirements.from_model(model))
+            except ProtocolError as exc:
+                raise PaymentRefused("invalid_requirements", str(exc)) from None
+    return None
+
+
+class BuyerChain:
+    """The buyer's read-only view of the chain behind `rpc_url`, plus its refund sender."""
+
+    def __init__(self, rpc_url: str, *, w3: Web3 | None = None, timeout: float = 30.0) -> None:
+        self.w3 = w3 or Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        self._chain_id: int | None = None
+        self._domains: dict[str, TokenDomain] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = int(self.w3.eth.chain_id)
+        return self._chain_id
+
+    def now(self) -> int:
+        """The latest block's timestamp: the clock the contract judges deadlines by."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def domain(self, token: str) -> TokenDomain:
+        with self._lock:
+            if token not in self._domains:
+                self._domains[token] = Token(self.w3, token).domain(self.chain_id)
+            return self._domains[token]
+
+    def escrow(self, address: str) -> Escrow:
+        return Escrow(self.w3, address)
+
+
+class PaymentCore:
+    """Builds, signs, journals and judges payments for one signer; shared by every client form."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        rpc_url: str,
+        journal: str | Path | Journal,
+        *,
+        policy: PaymentPolicy | None = None,
+        w3: Web3 | None = None,
+    ) -> None:
+        self.signer = signer
+        self.chain = BuyerChain(rpc_url, w3=w3)
+        self.journal = journal if isinstance(journal, Journal) else Journal(journal)
+        self.policy: PaymentPolicy = policy if policy is not None else AllowAll()
+
+    def sign(
+        self, req: EscrowRequirements, rhash: bytes, request: httpx.Request | None
+    ) -> tuple[Terms, Authorization, bytes]:
+        """Check the requirements against the chain, build fresh terms, ask the policy, sign; raises PaymentRefused."""
+        chain_id = self.chain.chain_id
+        if req.chain_id != chain_id:
+            raise PaymentRefused("network_mismatch", f"the offer is for {req.network} but the RPC is chain {chain_id}")
+        if req.max_timeout_seconds > MAX_DEADLINE_WINDOW:
+            raise PaymentRefused(
+                "deadline_too_far", f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
+            )
+        domain = self.chain.domain(req.asset)
+        if (domain.name, domain.version) != (req.extra.name, req.extra.version):
+            raise PaymentRefused(
+                "token_domain_mismatch",
+                f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
+                f"({req.extra.name!r}, {req.extra.version!r})",
+            )
+        balance = Token(self.chain.w3, req.asset).balance_of(self.signer.address)
+        if balance < req.amount:
+            raise PaymentRefused(
+                Reason.INSUFFICIENT_BALANCE, f"{self.signer.address} holds {balance} of {req.asset}, needs {req.amount}"
+            )
+        # The chain's clock, not ours: the contract judges the deadline by block time.
+        deadline = self.chain.now() + req.max_timeout_seconds
+        terms = Terms(
+            buyer=self.signer.address,
+            seller=req.pay_to,
+            operator=req.extra.operator,
+            token=req.asset,
+            amount=req.amount,
+            deadline=deadline,
+            request_hash=rhash,
+            salt=Terms.new_salt(),
+        )
+        self.policy.check(request, req, terms)
+        authorization = authorization_for(terms, req.extra.escrow, chain_id, 0, deadline)
+        return terms, authorization, sign_authorization(self.signer, domain, authorization)
+
+    def prepare(self, request: httpx.Request, offer: Offer) -> Prepared:
+        """Check the offer, build and sign the terms, and journal them durably; raises PaymentRefused."""
+        req = offer.requirements
+        body = request.content
+        url = str(request.url)
+        expected = request_hash(request.method, url, body)
+        if expected != req.extra.request_hash:
+            raise RequestHashMismatch(expected, req.extra.request_hash, request.method, url)
+        terms, authorization, signature = self.sign(req, expected, request)
+        payload = PaymentPayload(
+            x402_version=X402_VERSION,
+            resource=offer.required.resource,
+            accepted=offer.model,
+            payload=EscrowPayload(authorization, signature, terms).to_json(),
+        )
+        header = encode_payment_signature(payload)
+        # Durable before the header can leave the process: a crash from here on is recoverable.
+        self.journal.record(
+            escrow_id=authorization.nonce,
+            chain_id=self.chain.chain_id,
+            escrow=req.extra.escrow,
+            method=request.method,
+            url=url,
+            headers=journal_headers(request),
+            body=body,
+            terms=terms,
+            valid_before=authorization.valid_before,
+            payment_header=header,
+        )
+        return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, header)
+
+    def settle(self, prepared: Prepared, response: httpx.Response) -> None:
+        """Judge the answer to the paid request: returns if the body is the one paid for, else raises."""
+        judge_response(
+            self,
+            escrow_id=prepared.escrow_id,
+            terms=prepared.terms,
+            escrow=prepared.escrow,
+            valid_before=prepared.valid_before,
+            response=response,
+        )
+
+
+def judge_response(
+    core: PaymentCore, *, escrow_id: bytes, terms: Terms, escrow: str, valid_before: int, response: httpx.Response
+) -> None:
+    """Journal what the answer to a paid (or replayed) request says, and raise unless it is a verified delivery."""
+    journal = core.journal
+    value = response.headers.get(PAYMENT_RESPONSE_HEADER)
+    if value is None:
+        reason = _refusal_reason(response)
+        state = core.chain.escrow(escrow).state_of(escrow_id)
+        if state is State.NONE:
+            journal.update(escrow_id, PaymentState.REJECTED, detail=f"{response.status_code} {reason}")
+            raise PaymentRejected(escrow_id, reason, response.status_code, valid_before)
+        if state is State.REFUNDED:
+            journal.update(escrow_id, PaymentState.REFUNDED, detail=f"{response.status_code} {reason}")
+            raise HandlerFailedRefunded(escrow_id, None, response.status_code)
+        journal.update(escrow_id, PaymentState.HELD, detail=f"{response.status_code} {reason}")
+        raise PaymentNotDelivered(
+            escrow_id, terms.deadline, f"the seller answered {response.status_code} ({reason}), escrow is {state.name}"
+        )
+    try:
+        settle = decode_payment_response(value)
+        extra = SettlementExtra.from_json(settle.extra)
+    except ProtocolError as exc:
+        journal.update(escrow_id, PaymentState.HELD, detail=f"unreadable PAYMENT-RESPONSE: {exc}")
+        raise PaymentNotDelivered(escrow_id, terms.deadline, f"unreadable PAYMENT-RESPONSE ({exc})") from None
+    if extra.escrow_id != escrow_id:
+        journal.update(escrow_id, PaymentState.HELD, detail="PAYMENT-RESPONSE names another escrow")
+        raise PaymentNotDelivered(
+            escrow_id, terms.deadline, f"PAYMENT-RESPONSE names escrow 0x{extra.escrow_id.hex()} instead"
+        )
+    if response.status_code >= 400 or settle.error_reason == Reason.HANDLER_FAILED_REFUNDED:
+        state = core.chain.escrow(escrow).state_of(escrow_id)
+        if state is State.REFUNDED:
+            journal.update(
+                escrow_id, PaymentState.REFUNDED, detail=settle.error_reason, tx_hash=extra.refund_transaction
+            )
+            raise HandlerFailedRefunded(escrow_id, extra.refund_transaction, response.status_code)
+        journal.update(escrow_id, PaymentState.HELD, detail=settle.error_reason)
+        raise PaymentNotDelivered(
+            escrow_id,
+            terms.deadline,
+            f"the handler failed with {response.status_code} and the escrow is still {state.name}",
+        )
+    received = delivery_hash(response.content)
+    if extra.delivery_hash != received:
+        journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=extra.delivery_hash)
+        raise DeliveryMismatch(escrow_id, extra.delivery_hash, received)
+    journal.update(escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=extra.delivery_hash)
+
+
+def _refusal_reason(response: httpx.Response) -> str | None:
+    value = response.headers.get(PAYMENT_REQUIRED_HEADER)
+    if value is None:
+        return None
+    try:
+        return decode_payment_required(value).error
+    except ProtocolError:
+        return None

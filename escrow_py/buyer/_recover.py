@@ -1,0 +1,254 @@
+"""recover(): finish every unfinished journaled payment from the journal file and the chain alone."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import httpx
+from hexbytes import HexBytes
+from web3 import Web3
+
+from escrow_py.buyer._core import PaymentCore, judge_response
+from escrow_py.buyer._errors import PaymentError
+from escrow_py.buyer._journal import JournalEntry, PaymentState
+from escrow_py.chain.escrow import DELIVERED_TOPIC, Delivered, decode_log
+from escrow_py.chain.signer import Signer
+from escrow_py.chain.tx import TxSender
+from escrow_py.errors import ChainError
+from escrow_py.terms import State, delivery_hash
+from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+
+
+class Action(StrEnum):
+    REPLAYED = "replayed"  # asked the seller for the bytes again with the same PAYMENT-SIGNATURE
+    REFUNDED = "refunded"  # sent Escrow.refund from the buyer's key
+    LEFT_TO_KEEPER = "left_to_keeper"  # expired and held; refund_expired=False
+    MARKED_REFUNDED = "marked_refunded"  # someone else already refunded it
+    MARKED_VOID = "marked_void"  # never deposited and the authorization expired
+    WAITING = "waiting"  # not deposited yet, the authorization still valid: nothing to do now
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryItem:
+    """What recover() found and did for one payment."""
+
+    escrow_id: bytes
+    chain_state: State
+    action: Action
+    outcome: str
+    journal_state: PaymentState
+    tx_hash: bytes | None = None
+
+
+@dataclass
+class RecoveryReport:
+    items: list[RecoveryItem] = field(default_factory=list)
+
+    def by_id(self, escrow_id: bytes) -> RecoveryItem:
+        for item in self.items:
+            if item.escrow_id == escrow_id:
+                return item
+        raise KeyError(f"escrow 0x{escrow_id.hex()} is not in this report")
+
+
+# A recovery step either finishes, or asks its driver to send one replay and hand back the answer.
+_Flow = Generator[httpx.Request, "httpx.Response | Exception", RecoveryItem]
+
+
+def delivered_hash(w3: Web3, escrow: str, escrow_id: bytes) -> bytes | None:
+    """The delivery hash the seller posted on chain for `escrow_id` (its Delivered event), if any."""
+    logs = w3.eth.get_logs(
+        {
+            "address": Web3.to_checksum_address(escrow),
+            "fromBlock": 0,
+            "toBlock": "latest",
+            "topics": [HexBytes(DELIVERED_TOPIC), HexBytes(escrow_id)],
+        }
+    )
+    for log in logs:
+        event = decode_log(log)
+        if isinstance(event, Delivered) and event.id == escrow_id:
+            return event.delivery_hash
+    return None
+
+
+def replay_request(entry: JournalEntry) -> httpx.Request:
+    """The journaled request again, with the same PAYMENT-SIGNATURE: redelivery, never a second charge."""
+    headers = dict(entry.headers)
+    headers[PAYMENT_SIGNATURE_HEADER] = entry.payment_header
+    return httpx.Request(entry.method, entry.url, headers=headers, content=entry.body)
+
+
+def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow:
+    escrow = core.chain.escrow(entry.escrow)
+    state = escrow.state_of(entry.escrow_id)
+    now = core.chain.now()
+    replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
+    if state is State.RELEASED and replayable:
+        return (yield from _replay_released(core, entry))
+    if state is State.HELD and now < entry.terms.deadline and replayable:
+        return (yield from _replay_held(core, entry))
+    return _settle_without_replay(core, entry, state, now, refund_expired)
+
+
+def _replay_released(core: PaymentCore, entry: JournalEntry) -> _Flow:
+    eid, journal = entry.escrow_id, core.journal
+    committed = delivered_hash(core.chain.w3, entry.escrow, eid)
+    answer = yield replay_request(entry)
+    if isinstance(answer, Exception) or answer.status_code >= 400:
+        shown = repr(answer) if isinstance(answer, Exception) else f"status {answer.status_code}"
+        return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, f"replay failed ({shown}); released", entry.state)
+    received = delivery_hash(answer.content)
+    if committed is not None and received == committed:
+        journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
+        outcome = "delivered: body matches the on-chain hash"
+        return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.DELIVERED)
+    journal.update(eid, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
+    shown = "none" if committed is None else "0x" + committed.hex()
+    outcome = f"mismatch: body hashes to 0x{received.hex()}, chain has {shown}"
+    return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.MISMATCH)
+
+
+def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
+    eid = entry.escrow_id
+    answer = yield replay_request(entry)
+    if isinstance(answer, Exception):
+        return RecoveryItem(eid, State.HELD, Action.REPLAYED, f"replay failed: {answer!r}; held", entry.state)
+    try:
+        judge_response(
+            core,
+            escrow_id=eid,
+            terms=entry.terms,
+            escrow=entry.escrow,
+            valid_before=entry.valid_before,
+            response=answer,
+        )
+    except PaymentError as exc:
+        after = core.journal.get(eid)
+        return RecoveryItem(eid, State.HELD, Action.REPLAYED, str(exc), after.state if after else entry.state)
+    outcome = "delivered: body matches the committed hash"
+    return RecoveryItem(eid, State.HELD, Action.REPLAYED, outcome, PaymentState.DELIVERED)
+
+
+def _settle_without_replay(
+    core: PaymentCore, entry: JournalEntry, state: State, now: int, refund_expired: bool
+) -> RecoveryItem:
+    eid, journal = entry.escrow_id, core.journal
+
+    def item(action: Action, outcome: str, journal_state: PaymentState, tx: bytes | None = None) -> RecoveryItem:
+        return RecoveryItem(eid, state, action, outcome, journal_state, tx)
+
+    if state is State.HELD and now >= entry.terms.deadline:
+        if not refund_expired:
+            journal.update(eid, PaymentState.HELD, detail="expired; left to the keeper")
+            return item(Action.LEFT_TO_KEEPER, f"deadline {entry.terms.deadline} passed; held", PaymentState.HELD)
+        return _refund(core, entry)
+    if state is State.REFUNDED:
+        journal.update(eid, PaymentState.REFUNDED, detail="refunded on chain")
+        return item(Action.MARKED_REFUNDED, "refunded on chain", PaymentState.REFUNDED)
+    if state is State.NONE and entry.valid_before <= now:
+        outcome = f"never deposited; authorization expired at {entry.valid_before}"
+        journal.update(eid, PaymentState.VOID, detail=outcome)
+        return item(Action.MARKED_VOID, outcome, PaymentState.VOID)
+    if state is State.NONE:
+        return item(Action.WAITING, f"not deposited; authorization valid until {entry.valid_before}", entry.state)
+    return item(Action.WAITING, f"{state.name.lower()}; no request journaled to replay", entry.state)
+
+
+def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
+    eid, journal = entry.escrow_id, core.journal
+    escrow = core.chain.escrow(entry.escrow)
+    try:
+        receipt = escrow.refund(TxSender(core.chain.w3, core.signer), entry.terms)
+    except ChainError as exc:
+        if escrow.state_of(eid) is State.REFUNDED:  # a keeper got there first
+            journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
+            return RecoveryItem(
+                eid, State.HELD, Action.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
+            )
+        return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refund failed: {exc}", entry.state)
+    tx = bytes(receipt["transactionHash"])
+    journal.update(eid, PaymentState.REFUNDED, detail="refunded by recover()", tx_hash=tx)
+    return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx)
+
+
+def recover_with(core: PaymentCore, http: httpx.Client, *, refund_expired: bool = True) -> RecoveryReport:
+    report = RecoveryReport()
+    for entry in core.journal.entries(unfinished_only=True):
+        flow = _flow(core, entry, refund_expired)
+        try:
+            request = next(flow)
+            while True:
+                answer: httpx.Response | Exception
+                try:
+                    answer = http.send(request)
+                except httpx.HTTPError as exc:
+                    answer = exc
+                request = flow.send(answer)
+        except StopIteration as done:
+            report.items.append(done.value)
+    return report
+
+
+async def arecover_with(core: PaymentCore, http: httpx.AsyncClient, *, refund_expired: bool = True) -> RecoveryReport:
+    report = RecoveryReport()
+    for entry in core.journal.entries(unfinished_only=True):
+        flow = _flow(core, entry, refund_expired)
+        try:
+            request = next(flow)
+            while True:
+                answer: httpx.Response | Exception
+                try:
+                    answer = await http.send(request)
+                except httpx.HTTPError as exc:
+                    answer = exc
+                request = flow.send(answer)
+        except StopIteration as done:
+            report.items.append(done.value)
+    return report
+
+
+def recover(
+    journal: str | Path,
+    signer: Signer,
+    rpc_url: str,
+    *,
+    refund_expired: bool = True,
+    transport: httpx.BaseTransport | None = None,
+    w3: Web3 | None = None,
+) -> RecoveryReport:
+    """Finish every unfinished payment in the journal file, in a fresh process if need be.
+
+    Per payment, by its escrow's on-chain state: Released, replay the request with the
+    same PAYMENT-SIGNATURE and check the bytes against the Delivered hash; Held and in
+    time, replay; Held past the deadline, refund from the buyer's key (or, with
+    refund_expired=False, leave it to the keeper); Refunded, record it; never
+    deposited and the authorization expired, mark it void.
+    """
+    core = PaymentCore(signer, rpc_url, journal, w3=w3)
+    try:
+        with httpx.Client(transport=transport) as http:
+            return recover_with(core, http, refund_expired=refund_expired)
+    finally:
+        core.journal.close()
+
+
+async def arecover(
+    journal: str | Path,
+    signer: Signer,
+    rpc_url: str,
+    *,
+    refund_expired: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+    w3: Web3 | None = None,
+) -> RecoveryReport:
+    """The async form of recover(); replays go through `transport` (e.g. httpx.ASGITransport)."""
+    core = PaymentCore(signer, rpc_url, journal, w3=w3)
+    try:
+        async with httpx.AsyncClient(transport=transport) as http:
+            return await arecover_with(core, http, refund_expired=refund_expired)
+    finally:
+        core.journal.close()

@@ -1,0 +1,82 @@
+"""The SDK plugin through the official x402 httpx transport, and the sync client over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from conftest import Chain
+from eth_utils.crypto import keccak
+from helpers import BUYER, address, dev
+from x402 import x402Client
+from x402.http.clients.httpx import x402_httpx_transport
+
+from escrow_py.buyer import DeliveryEscrowScheme, EscrowClient, Journal, PaymentState, recover
+from escrow_py.terms import State
+
+from .conftest import BASE_URL, PRICE, Shop
+
+
+def test_sdk_client_pays_with_the_registered_scheme(chain: Chain, shop: Shop, tmp_path: Path) -> None:
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    sdk = x402Client().register("eip155:84532", scheme)
+    # The SDK allows only assets it knows by default; the local TestUSDC is declared with a cap.
+    sdk.set_spend_controls(
+        {
+            "allowed_assets": [
+                {"network": "eip155:84532", "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
+            ]
+        }
+    )
+    before = chain.token.balance_of(address(BUYER))
+
+    async def run() -> httpx.Response:
+        transport = x402_httpx_transport(sdk, shop.transport())
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            return await http.get("/report/sdk")
+
+    response = asyncio.run(run())
+    assert response.status_code == 200
+    assert scheme.verify_delivery(response) == response.content
+    (entry,) = scheme.core.journal.entries()
+    assert entry.state is PaymentState.DELIVERED and entry.response_hash == keccak(response.content)
+    assert chain.escrow.state_of(entry.escrow_id) is State.HELD
+    assert chain.token.balance_of(address(BUYER)) == before - PRICE
+
+
+@pytest.fixture
+def served(shop: Shop) -> Iterator[str]:
+    """The shop on a real uvicorn server on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(shop.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_sync_client_over_real_http_then_recover_is_idle(chain: Chain, served: str, tmp_path: Path) -> None:
+    journal = tmp_path / "buyer.sqlite"
+    with EscrowClient(dev(BUYER), chain.node.url, journal) as client:
+        response = client.get(f"{served}/report/sync")
+        assert response.status_code == 200 and response.json()["item"] == "sync"
+        free = client.get(f"{served}/nothing-here")
+        assert free.status_code == 404  # not a 402: passed through untouched
+        assert client.recover().items == []
+    (entry,) = Journal(journal).entries()
+    assert entry.state is PaymentState.DELIVERED
+    assert recover(journal, dev(BUYER), chain.node.url).items == []
