@@ -137,14 +137,12 @@ class Keeper:
     def _refund_batch(
         self, address: str, escrow: Escrow, batch: Sequence[OpenEscrow], chain_time: int, report: CycleReport
     ) -> None:
-        batch = self._simulated(address, escrow, list(batch), report)
-        if not batch:
-            return
-        data = escrow.refund_many_data([e.terms for e in batch])
+        batch, would_refund = self._simulated(address, escrow, list(batch), report)
         # refundMany returns how many it refunded: zero means another keeper (or the seller) got
         # there first and the index has not caught up; sending would only burn gas.
-        if int.from_bytes(self.sender.call(address, data)[:32], "big") == 0:
+        if not batch or would_refund == 0:
             return
+        data = escrow.refund_many_data([e.terms for e in batch])
         signed = self.sender.sign(address, data)
         # Durable before it leaves the process: a crash after this line re-broadcasts this exact transaction.
         self.store.record_attempt(address, [e.id for e in batch], signed)
@@ -158,10 +156,13 @@ class Keeper:
 
     def _simulated(
         self, address: str, escrow: Escrow, batch: list[OpenEscrow], report: CycleReport
-    ) -> list[OpenEscrow]:
-        """The entries of `batch` whose refund goes through in an eth_call; the others are recorded as failed."""
+    ) -> tuple[list[OpenEscrow], int]:
+        """The entries whose refund goes through in an eth_call, and how many of them it would refund.
+
+        The entries whose refund reverts are recorded as failed.
+        """
         try:
-            self.sender.call(address, escrow.refund_many_data([e.terms for e in batch]))
+            result = self.sender.call(address, escrow.refund_many_data([e.terms for e in batch]))
         except ContractRevert as revert:
             if len(batch) == 1:
                 entry = batch[0]
@@ -169,12 +170,12 @@ class Keeper:
                 self.metrics.refunds_failed.inc()
                 report.failed += 1
                 log.warning("refund of 0x%s fails in simulation: %s", entry.id.hex(), revert)
-                return []
+                return [], 0
             middle = len(batch) // 2
-            return self._simulated(address, escrow, batch[:middle], report) + self._simulated(
-                address, escrow, batch[middle:], report
-            )
-        return batch
+            left, left_count = self._simulated(address, escrow, batch[:middle], report)
+            right, right_count = self._simulated(address, escrow, batch[middle:], report)
+            return left + right, left_count + right_count
+        return batch, int.from_bytes(result[:32], "big")
 
     def _broadcast(self, signed: SentTx) -> None:
         try:
