@@ -41,6 +41,7 @@ class RecoveryItem:
     outcome: str
     journal_state: PaymentState
     tx_hash: bytes | None = None
+    body: bytes | None = None  # the delivered bytes, when a replay got them and they match the committed hash
 
 
 @dataclass
@@ -105,7 +106,9 @@ def _replay_released(core: PaymentCore, entry: JournalEntry) -> _Flow:
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
         outcome = "delivered: body matches the on-chain hash"
-        return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.DELIVERED)
+        return RecoveryItem(
+            eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
+        )
     journal.update(eid, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
     shown = "none" if committed is None else "0x" + committed.hex()
     outcome = f"mismatch: body hashes to 0x{received.hex()}, chain has {shown}"
@@ -130,7 +133,7 @@ def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
         after = core.journal.get(eid)
         return RecoveryItem(eid, State.HELD, Action.REPLAYED, str(exc), after.state if after else entry.state)
     outcome = "delivered: body matches the committed hash"
-    return RecoveryItem(eid, State.HELD, Action.REPLAYED, outcome, PaymentState.DELIVERED)
+    return RecoveryItem(eid, State.HELD, Action.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content))
 
 
 def _settle_without_replay(

@@ -163,6 +163,7 @@ def test_released_is_replayed_and_checked_against_the_chain(chain: Chain, shop: 
     got = Journal(journal).get(entry.escrow_id)
     assert got is not None
     assert got.response_hash == delivered_hash(chain.w3, chain.escrow.address, entry.escrow_id)
+    assert item.body is not None and json.loads(item.body) == {"item": "5", "call": 1}  # the bytes, handed back
     assert shop.calls["report"] == 1  # redelivered from the seller's store, not served twice
 
 
@@ -173,6 +174,7 @@ def test_held_in_time_is_replayed(chain: Chain, shop: Shop, tmp_path: Path) -> N
     report = asyncio.run(arecover(journal, dev(BUYER), chain.node.url, transport=shop.transport()))
     (item,) = report.items
     assert (item.chain_state, item.action, item.journal_state) == (State.HELD, Action.REPLAYED, PaymentState.DELIVERED)
+    assert item.body is not None and json.loads(item.body) == {"item": "5", "call": 1}
     assert chain.token.balance_of(address(BUYER)) == balance  # no second charge
     assert shop.calls["report"] == 1
     assert chain.escrow.state_of(entry.escrow_id) is State.HELD  # delivered bytes; the seller posts the hash later
