@@ -4,7 +4,7 @@ Each role registers its own subcommands from its own module (`register(subparser
 so this file only assembles them:
 
     x402-escrow contracts build     recompile contracts/ into the shipped artifacts
-    x402-escrow demo                play the escrow's stories on a fresh local anvil
+    x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from escrow_py.errors import EscrowError
 
@@ -38,14 +39,26 @@ def _contracts_build(args: argparse.Namespace) -> int:
 
 
 def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo = sub.add_parser("demo", help="play the escrow's stories on a fresh local anvil")
+    demo = sub.add_parser(
+        "demo",
+        help="play the escrow's four stories over HTTP on a fresh local anvil (or an existing chain)",
+        description="Without --rpc: a fresh anvil, deployed contracts and dev keys. With --rpc and --escrow: an "
+        "existing chain, the buyer, seller and keeper keys from X402_ESCROW_BUYER_KEY, X402_ESCROW_SELLER_KEY and "
+        "X402_ESCROW_KEEPER_KEY (each defaults to X402_ESCROW_PRIVATE_KEY); the buyer needs 0.05 USDC, the seller "
+        "and the keeper ETH for gas.",
+    )
+    demo.add_argument("--rpc", dest="rpc_url", help="JSON-RPC URL of an existing chain (with --escrow)")
+    demo.add_argument("--escrow", help="X402Escrow address on that chain")
+    demo.add_argument("--token", help="ERC-3009 token (default: the chain's known USDC)")
+    demo.add_argument("--workdir", type=Path, help="where journals, stores and logs go (default: a new temp dir)")
     demo.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from escrow_py.demo import run_demo
+    from escrow_py.demo import DemoOptions, run_demo
 
-    return 0 if run_demo() else 1
+    options = DemoOptions(rpc_url=args.rpc_url, escrow=args.escrow, token=args.token, workdir=args.workdir)
+    return 0 if run_demo(options) else 1
 
 
 def _registrars() -> list[Registrar]:

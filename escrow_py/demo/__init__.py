@@ -1,0 +1,26 @@
+"""`x402-escrow demo`: the escrow's promise, told in four stories over real HTTP on a real chain.
+
+By default it starts anvil (chain id 84532, one block per second), deploys TestUSDC and
+X402Escrow, funds a buyer, serves a priced FastAPI app behind the seller middleware on
+loopback, and starts a keeper process. Then:
+
+1. paid and delivered: the buyer client pays, receives, and the body's hash matches
+   the one the seller posts on chain;
+2. the handler fails: the seller's operator refunds at once;
+3. a buyer agent (its own process) is SIGKILLed once its payment is deposited, and
+   the seller never answers: the keeper refunds at the deadline, no buyer alive;
+4. a buyer agent is SIGKILLed after paying while the seller works; the seller
+   delivers; a new buyer process runs recover() and gets the exact bytes, checked
+   against the on-chain hash.
+
+After each story and at the end: the sum of balances is unchanged and the escrow
+holds exactly what is Held. `run_demo` returns False (the command exits 1) otherwise.
+With `DemoOptions(rpc_url=..., escrow=...)` (`--rpc`, `--escrow`) it plays the same
+stories on an existing chain, with keys from the environment.
+"""
+
+from __future__ import annotations
+
+from escrow_py.demo._run import DemoOptions, run_demo
+
+__all__ = ["DemoOptions", "run_demo"]

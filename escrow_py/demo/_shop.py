@@ -1,0 +1,47 @@
+"""The demo's seller: a FastAPI app with three priced routes behind the escrow middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import FastAPI
+
+from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
+
+REPORT_PRICE = 10_000  # 0.01 USDC
+STUCK_PRICE = 20_000
+# Short enough that story 3 waits seconds, not minutes; above SellerConfig.min_time_left.
+STUCK_TIMEOUT = 20
+
+
+def routes() -> list[PricedRoute]:
+    return [
+        PricedRoute("GET", "/report/{item}", amount=REPORT_PRICE, max_timeout_seconds=120, description="a report"),
+        PricedRoute("GET", "/fail", amount=REPORT_PRICE, max_timeout_seconds=120, description="a broken upstream"),
+        PricedRoute("GET", "/stuck", amount=STUCK_PRICE, max_timeout_seconds=STUCK_TIMEOUT, description="never ends"),
+    ]
+
+
+def build_shop(config: SellerConfig, *, work_seconds: float) -> FastAPI:
+    """The app: `/report/{item}` works for `work_seconds` then answers; `/fail` raises; `/stuck` never answers."""
+    app = FastAPI(title="x402-escrow demo shop")
+
+    @app.get("/report/{item}")
+    async def report(item: str) -> dict[str, Any]:
+        await asyncio.sleep(work_seconds)  # the paid work: the window in which a buyer can die
+        # generated_at shows that a replay returns the stored bytes, not a fresh rendering.
+        return {"item": item, "summary": f"everything about {item}", "generated_at": time.time()}
+
+    @app.get("/fail")
+    async def fail() -> dict[str, Any]:
+        raise RuntimeError("the upstream data source is down")
+
+    @app.get("/stuck")
+    async def stuck() -> dict[str, Any]:
+        await asyncio.Event().wait()  # an upstream that never answers: nothing is ever delivered
+        raise AssertionError("unreachable")
+
+    app.add_middleware(EscrowMiddleware, config=config)
+    return app
