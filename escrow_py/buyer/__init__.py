@@ -25,7 +25,8 @@ Errors, each saying what happened to the money:
         ├── PaymentRejected        the seller refused the signed payment, not deposited when checked;
         │                          recover() voids it after `.valid_before`
         ├── PaymentNotDelivered    deposited (or may be) but not delivered: held, refundable after
-        │                          `.deadline` by the keeper or recover()
+        │                          `.deadline` by the keeper or recover(); also what EscrowClient
+        │                          raises when the connection drops after the paid request left
         ├── DeliveryMismatch       the body's hash differs from the committed hash; `.committed`, `.received`
         └── HandlerFailedRefunded  the seller's handler failed and it refunded; `.refund_tx`
 
@@ -35,7 +36,7 @@ when the RPC fails before anything is signed.
 
 from __future__ import annotations
 
-from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient
+from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient, lost_in_flight
 from escrow_py.buyer._core import AllowAll, PaymentPolicy
 from escrow_py.buyer._errors import (
     DeliveryMismatch,
@@ -74,5 +75,6 @@ __all__ = [
     "RequestHashMismatch",
     "arecover",
     "delivered_hash",
+    "lost_in_flight",
     "recover",
 ]

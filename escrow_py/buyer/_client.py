@@ -11,11 +11,32 @@ from typing import Any, Self
 import httpx
 from web3 import Web3
 
-from escrow_py.buyer._core import PaymentCore, PaymentPolicy, find_offer
+from escrow_py.buyer._core import PaymentCore, PaymentPolicy, Prepared, find_offer
+from escrow_py.buyer._errors import PaymentNotDelivered
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
 from escrow_py.chain.signer import Signer
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+
+# The paid request carries its payment here, so a transport failure can say which payment it left in flight.
+PAYMENT_EXTENSION = "x402_escrow_payment"
+
+
+def lost_in_flight(exc: httpx.TransportError) -> PaymentNotDelivered | None:
+    """The typed error for a connection that failed after a signed payment was sent; None if none was."""
+    try:
+        request = exc.request
+    except RuntimeError:  # httpx raises when the error carries no request
+        return None
+    prepared = request.extensions.get(PAYMENT_EXTENSION)
+    if not isinstance(prepared, Prepared):
+        return None
+    return PaymentNotDelivered(
+        prepared.escrow_id,
+        prepared.terms.deadline,
+        f"the connection failed after the signed payment was sent ({type(exc).__name__}: {exc}); "
+        "the journal has it: recover() replays it or refunds it",
+    )
 
 
 class EscrowAuth(httpx.Auth):
@@ -23,7 +44,10 @@ class EscrowAuth(httpx.Auth):
 
     A 402 that offers no delivery-escrow option is returned as it is. The paid request
     is sent once; its answer is returned only when the body's hash is the one the
-    seller committed to, otherwise a PaymentError subclass is raised.
+    seller committed to, otherwise a PaymentError subclass is raised. httpx does not
+    tell an Auth about a connection that fails after the paid request went out: the
+    caller gets httpx's TransportError (EscrowClient turns it into PaymentNotDelivered,
+    and `lost_in_flight(exc)` does the same for any client); the journal holds the payment.
     """
 
     requires_request_body = True
@@ -55,6 +79,7 @@ class EscrowAuth(httpx.Auth):
             return
         prepared = self.core.prepare(request, offer)
         request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
+        request.extensions[PAYMENT_EXTENSION] = prepared
         response = yield request
         response.read()
         self.core.settle(prepared, response)
@@ -71,6 +96,7 @@ class EscrowAuth(httpx.Auth):
         # Chain reads, signing and the journal's fsync block: keep them off the event loop.
         prepared = await asyncio.to_thread(self.core.prepare, request, offer)
         request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
+        request.extensions[PAYMENT_EXTENSION] = prepared
         response = yield request
         await response.aread()
         await asyncio.to_thread(self.core.settle, prepared, response)
@@ -102,13 +128,16 @@ class EscrowClient:
         return self.auth.journal
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return self.http.request(method, url, **kwargs)
+        try:
+            return self.http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise (lost_in_flight(exc) or exc) from exc
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.http.request("GET", url, **kwargs)
+        return self.request("GET", url, **kwargs)
 
     def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.http.request("POST", url, **kwargs)
+        return self.request("POST", url, **kwargs)
 
     def recover(self, *, refund_expired: bool = True) -> RecoveryReport:
         """Settle every unfinished journaled payment (see escrow_py.buyer.recover)."""
@@ -146,13 +175,16 @@ class AsyncEscrowClient:
         return self.auth.journal
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.request(method, url, **kwargs)
+        try:
+            return await self.http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise (lost_in_flight(exc) or exc) from exc
 
     async def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.request("GET", url, **kwargs)
+        return await self.request("GET", url, **kwargs)
 
     async def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.request("POST", url, **kwargs)
+        return await self.request("POST", url, **kwargs)
 
     async def recover(self, *, refund_expired: bool = True) -> RecoveryReport:
         return await arecover_with(self.auth.core, self.http, refund_expired=refund_expired)

@@ -18,6 +18,7 @@ from escrow_py.buyer import (
     EscrowAuth,
     HandlerFailedRefunded,
     Journal,
+    PaymentNotDelivered,
     PaymentRefused,
     PaymentRejected,
     PaymentState,
@@ -72,8 +73,9 @@ def test_journal_row_is_committed_before_the_payment_leaves(chain: Chain, shop: 
         async with client(chain, journal, transport) as buyer:
             await buyer.get("/report/7")
 
-    with pytest.raises(LostPayment):
+    with pytest.raises(PaymentNotDelivered) as lost:
         asyncio.run(run())
+    assert isinstance(lost.value.__cause__, LostPayment)  # the dropped connection, typed as money in flight
     assert transport.paid_sent == 0
     (entry,) = Journal(journal).entries()  # a fresh connection: what a new process would read
     assert entry.state is PaymentState.SIGNED
@@ -89,8 +91,9 @@ def test_signed_terms_are_the_offer_and_deposit_on_chain(chain: Chain, shop: Sho
         async with client(chain, journal, Faulty(shop.transport(), drop_before=True)) as buyer:
             await buyer.post("/echo", content=b"payload bytes")
 
-    with pytest.raises(LostPayment):
+    with pytest.raises(PaymentNotDelivered) as lost:
         asyncio.run(run())
+    assert isinstance(lost.value.__cause__, LostPayment)  # the dropped connection, typed as money in flight
     (entry,) = Journal(journal).entries()
     payload = EscrowPayload.from_json(decode_payment_signature(entry.payment_header).payload)
     terms, auth = payload.terms, payload.authorization

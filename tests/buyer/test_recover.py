@@ -22,6 +22,7 @@ from escrow_py.buyer import (
     AsyncEscrowClient,
     Journal,
     JournalEntry,
+    PaymentNotDelivered,
     PaymentState,
     arecover,
     delivered_hash,
@@ -141,8 +142,9 @@ def _lose_the_answer(chain: Chain, shop: Shop, journal: Path) -> JournalEntry:
         async with AsyncEscrowClient(dev(BUYER), chain.node.url, journal, transport=transport, base_url=BASE_URL) as c:
             await c.get("/report/5")
 
-    with pytest.raises(LostPayment):
+    with pytest.raises(PaymentNotDelivered) as lost:
         asyncio.run(run())
+    assert isinstance(lost.value.__cause__, LostPayment)  # the dropped connection, typed as money in flight
     (entry,) = Journal(journal).entries()
     assert entry.state is PaymentState.SIGNED
     return entry
