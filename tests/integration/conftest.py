@@ -1,0 +1,134 @@
+"""Integration on loopback: uvicorn serving the seller app, buyers as clients or real processes, the session anvil.
+
+`Books` is the promise every test ends on: the sum of token balances is unchanged
+and the escrow holds exactly the sum of the Held amounts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from conftest import Chain
+from helpers import OPERATOR, SELLER, address, dev
+
+from escrow_py.chain.anvil import dev_private_key, free_port
+from escrow_py.chain.escrow import Deposited
+from escrow_py.demo._shop import build_shop, routes
+from escrow_py.seller import SellerConfig
+from escrow_py.terms import State
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+class Books:
+    """Token balances of every dev account and the escrow, taken now; `check()` after every step."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.accounts = [address(i) for i in range(10)] + [chain.escrow.address]
+        self.before = self.balances()
+
+    def balances(self) -> dict[str, int]:
+        return {a: self.chain.token.balance_of(a) for a in self.accounts}
+
+    def held(self) -> int:
+        events = self.chain.escrow.events(0, int(self.chain.w3.eth.block_number))
+        return sum(
+            e.terms.amount
+            for e in events
+            if isinstance(e, Deposited)
+            and e.terms.token == self.chain.token.address
+            and self.chain.escrow.state_of(e.id) is State.HELD
+        )
+
+    def check(self) -> None:
+        after = self.balances()
+        assert sum(after.values()) == sum(self.before.values()), "tokens appeared or vanished"
+        assert after[self.chain.escrow.address] == self.held(), "the escrow does not hold exactly what is Held"
+
+
+def seller_config(chain: Chain, store: Path, **overrides: Any) -> SellerConfig:
+    settings: dict[str, Any] = {
+        "rpc_url": chain.node.url,
+        "escrow": chain.escrow.address,
+        "token": chain.token.address,
+        "network": "eip155:84532",
+        "pay_to": address(SELLER),
+        "operator": dev(OPERATOR),
+        "routes": routes(),
+        "store": store,
+        "poster_interval": 0.1,
+    }
+    settings.update(overrides)
+    return SellerConfig(**settings)
+
+
+@contextmanager
+def serving(chain: Chain, store: Path, *, work_seconds: float = 0.0, **overrides: Any) -> Iterator[str]:
+    """The demo shop (report, fail, stuck) behind the middleware, on uvicorn on 127.0.0.1; yields its base URL."""
+    app = build_shop(seller_config(chain, store, **overrides), work_seconds=work_seconds)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+class SellerProcess:
+    """tests/integration/seller_process.py as a real process, the operator's key in its environment."""
+
+    def __init__(self, chain: Chain, store: Path, port: int, *flags: str) -> None:
+        command = [
+            sys.executable, str(HERE / "seller_process.py"),
+            "--rpc", chain.node.url, "--escrow", chain.escrow.address, "--token", chain.token.address,
+            "--pay-to", address(SELLER), "--store", str(store), "--port", str(port), *flags,
+        ]  # fmt: skip
+        env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(OPERATOR)}
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, self.output()
+            assert time.monotonic() < deadline, "the seller process did not start"
+            try:
+                if httpx.get(f"{self.url}/report/ping", timeout=1).status_code == 402:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def output(self) -> str:
+        if self.process.poll() is None:
+            return ""
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
