@@ -26,13 +26,13 @@ $(NODE_STAMP): package.json package-lock.json
 	touch $@
 
 lint: bootstrap
-	$(BIN)/ruff check escrow_py tests scripts
-	$(BIN)/ruff format --check escrow_py tests scripts
+	$(BIN)/ruff check escrow_py tests scripts examples
+	$(BIN)/ruff format --check escrow_py tests scripts examples
 	$(BIN)/mypy
 
 format: bootstrap
-	$(BIN)/ruff format escrow_py tests scripts
-	$(BIN)/ruff check --fix escrow_py tests scripts
+	$(BIN)/ruff format escrow_py tests scripts examples
+	$(BIN)/ruff check --fix escrow_py tests scripts examples
 
 # Recompile contracts/ into the artifacts shipped in escrow_py/chain/artifacts/.
 artifacts: bootstrap

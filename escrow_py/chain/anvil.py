@@ -63,7 +63,7 @@ def find_anvil() -> str:
     for candidate in (str(_REPO_ROOT / "node_modules" / ".bin" / "anvil"), shutil.which("anvil")):
         if candidate and Path(candidate).is_file():
             return candidate
-    raise ConfigError("no anvil binary: run `npm ci` in the checkout, or set X402_ESCROW_ANVIL")
+    raise ConfigError("no anvil binary: run `make bootstrap` (npm install) in the checkout, or set X402_ESCROW_ANVIL")
 
 
 def free_port() -> int:
