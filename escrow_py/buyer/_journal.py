@@ -84,6 +84,7 @@ class JournalEntry:
     response_hash: bytes | None
     committed_hash: bytes | None
     tx_hash: bytes | None
+    created_at: float  # wall time the payment was signed: bounds the search for its delivery on chain
 
 
 class Journal:
@@ -174,12 +175,14 @@ class Journal:
 
 _COLUMNS = (
     "escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before, payment_header, state,"
-    " detail, response_hash, committed_hash, tx_hash"
+    " detail, response_hash, committed_hash, tx_hash, created_at"
 )
 
 
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
-    (eid, chain_id, escrow, method, url, headers, body, terms, valid_before, header, state, detail, rh, ch, tx) = row
+    (eid, chain_id, escrow, method, url, headers, body, terms, valid_before, header, state, detail, rh, ch, tx, at) = (
+        row
+    )
     return JournalEntry(
         escrow_id=bytes(eid),
         chain_id=int(chain_id),
@@ -196,4 +199,5 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         response_hash=None if rh is None else bytes(rh),
         committed_hash=None if ch is None else bytes(ch),
         tx_hash=None if tx is None else bytes(tx),
+        created_at=float(at),
     )

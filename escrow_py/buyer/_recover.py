@@ -8,18 +8,22 @@ from enum import StrEnum
 from pathlib import Path
 
 import httpx
-from hexbytes import HexBytes
 from web3 import Web3
 
 from escrow_py.buyer._core import PaymentCore, judge_response
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
-from escrow_py.chain.escrow import DELIVERED_TOPIC, Delivered, decode_log
+from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ChainError
+from escrow_py.errors import ChainError, ProtocolError
 from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.wire import (
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    SettlementExtra,
+    decode_payment_response,
+)
 
 
 class Action(StrEnum):
@@ -55,25 +59,26 @@ class RecoveryReport:
         raise KeyError(f"escrow 0x{escrow_id.hex()} is not in this report")
 
 
+# Wall clock (journal) against chain clock (blocks): how far apart they may be when bounding a log search.
+CLOCK_SKEW = 3600
+
 # A recovery step either finishes, or asks its driver to send one replay and hand back the answer.
 _Flow = Generator[httpx.Request, "httpx.Response | Exception", RecoveryItem]
 
 
-def delivered_hash(w3: Web3, escrow: str, escrow_id: bytes) -> bytes | None:
-    """The delivery hash the seller posted on chain for `escrow_id` (its Delivered event), if any."""
-    logs = w3.eth.get_logs(
-        {
-            "address": Web3.to_checksum_address(escrow),
-            "fromBlock": 0,
-            "toBlock": "latest",
-            "topics": [HexBytes(DELIVERED_TOPIC), HexBytes(escrow_id)],
-        }
-    )
-    for log in logs:
-        event = decode_log(log)
-        if isinstance(event, Delivered) and event.id == escrow_id:
-            return event.delivery_hash
-    return None
+def delivered_hash(
+    w3: Web3, escrow: str, escrow_id: bytes, *, since: int = 0, tx_hash: bytes | None = None
+) -> bytes | None:
+    """The delivery hash the seller posted on chain for `escrow_id` (its Delivered event), if any.
+
+    `tx_hash`, the seller's pointer to its deliverMany, is checked first (one receipt);
+    otherwise the logs are searched from chain time `since` on, in chunks a public RPC accepts.
+    """
+    contract = Escrow(w3, escrow)
+    if tx_hash is not None and (event := contract.delivery_in(tx_hash, escrow_id)) is not None:
+        return event.delivery_hash
+    event = contract.delivery_of(escrow_id, since=since)
+    return None if event is None else event.delivery_hash
 
 
 def replay_request(entry: JournalEntry) -> httpx.Request:
@@ -97,11 +102,13 @@ def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow
 
 def _replay_released(core: PaymentCore, entry: JournalEntry) -> _Flow:
     eid, journal = entry.escrow_id, core.journal
-    committed = delivered_hash(core.chain.w3, entry.escrow, eid)
     answer = yield replay_request(entry)
     if isinstance(answer, Exception) or answer.status_code >= 400:
         shown = repr(answer) if isinstance(answer, Exception) else f"status {answer.status_code}"
         return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, f"replay failed ({shown}); released", entry.state)
+    # The chain, not the answer, is the judge; the answer only says where to look first.
+    since = int(entry.created_at) - CLOCK_SKEW
+    committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
@@ -113,6 +120,16 @@ def _replay_released(core: PaymentCore, entry: JournalEntry) -> _Flow:
     shown = "none" if committed is None else "0x" + committed.hex()
     outcome = f"mismatch: body hashes to 0x{received.hex()}, chain has {shown}"
     return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.MISMATCH)
+
+
+def _delivery_tx(answer: httpx.Response) -> bytes | None:
+    value = answer.headers.get(PAYMENT_RESPONSE_HEADER)
+    if value is None:
+        return None
+    try:
+        return SettlementExtra.from_json(decode_payment_response(value).extra).delivery_transaction
+    except ProtocolError:
+        return None
 
 
 def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:

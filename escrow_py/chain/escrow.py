@@ -19,10 +19,12 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from web3 import Web3
+from web3.exceptions import TransactionNotFound
 from web3.types import BlockIdentifier, LogReceipt, TxReceipt
 
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.authorization import Authorization
+from escrow_py.chain.blocks import LOG_CHUNK, find_in_chunks, first_block_at
 from escrow_py.chain.tx import TxSender
 from escrow_py.terms import State, Terms
 
@@ -209,6 +211,39 @@ class Escrow:
             }
         )
         return [event for log in logs if (event := decode_log(log)) is not None]
+
+    def delivery_of(
+        self, escrow_id: bytes, *, since: int, until: int | None = None, chunk: int = LOG_CHUNK
+    ) -> Delivered | None:
+        """The Delivered event of `escrow_id`, searched among blocks stamped from `since` to `until` (chain time).
+
+        A delivery is mined after the deposit and before the deadline, so the signing time and
+        the deadline bound the search; it runs in LOG_CHUNK-block eth_getLogs calls a public RPC accepts.
+        """
+        latest = int(self.w3.eth.block_number)
+        first = first_block_at(self.w3, since, latest=latest)
+        last = latest if until is None else min(latest, first_block_at(self.w3, until, latest=latest))
+
+        def fetch(start: int, end: int) -> Delivered | None:
+            logs = self.w3.eth.get_logs(
+                {
+                    "address": self.address,
+                    "fromBlock": start,
+                    "toBlock": end,
+                    "topics": [HexBytes(DELIVERED_TOPIC), HexBytes(escrow_id)],
+                }
+            )
+            return next((e for log in logs if isinstance(e := decode_log(log), Delivered) and e.id == escrow_id), None)
+
+        return find_in_chunks(fetch, first, last, chunk)
+
+    def delivery_in(self, tx_hash: bytes, escrow_id: bytes) -> Delivered | None:
+        """The Delivered event of `escrow_id` in transaction `tx_hash` (a seller's pointer, checked here)."""
+        try:
+            receipt = self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return None
+        return next((e for e in self.events_in(receipt) if isinstance(e, Delivered) and e.id == escrow_id), None)
 
 
 def deploy(sender: TxSender, contract: str, *constructor_args: Any, confirmations: int = 1) -> ChecksumAddress:

@@ -15,7 +15,8 @@ from conftest import Chain
 from eth_utils.crypto import keccak
 from fastapi import FastAPI
 from fastapi.responses import Response
-from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, dev, expect_revert
+from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, dev, expect_revert, make_terms
+from helpers import deposit as deposit_terms
 
 from escrow_py.buyer import (
     Action,
@@ -30,7 +31,7 @@ from escrow_py.buyer import (
 )
 from escrow_py.buyer._core import Offer, PaymentCore
 from escrow_py.chain.anvil import dev_private_key
-from escrow_py.terms import State, request_hash
+from escrow_py.terms import State, delivery_hash, request_hash
 from escrow_py.wire import EscrowExtra, EscrowPayload, EscrowRequirements, decode_payment_signature, payment_required
 
 from .conftest import BASE_URL, PRICE, Faulty, LostPayment, Shop
@@ -204,3 +205,21 @@ def test_recover_in_a_new_process_from_the_journal_alone(chain: Chain, tmp_path:
     )
     assert json.loads(out.stdout) == [[entry.escrow_id.hex(), "refunded", "refunded"]]
     assert chain.escrow.state_of(entry.escrow_id) is State.REFUNDED
+
+
+def test_delivered_hash_follows_the_sellers_pointer_or_searches_from_the_signing_time(chain: Chain) -> None:
+    terms = make_terms(chain)
+    deposit_terms(chain, terms)
+    signed_at = chain.now()
+    receipt = chain.escrow.deliver(chain.sender(SELLER), terms, delivery_hash(b"bytes"))
+    tx = bytes(receipt["transactionHash"])
+    escrow_id = chain.escrow.id_of(terms)
+    after = int(chain.w3.eth.get_block(receipt["blockNumber"])["timestamp"]) + 1
+    chain.mine(after)
+    assert delivered_hash(chain.w3, chain.escrow.address, escrow_id, since=signed_at) == delivery_hash(b"bytes")
+    assert delivered_hash(chain.w3, chain.escrow.address, escrow_id, since=after) is None  # the search is bounded
+    assert delivered_hash(chain.w3, chain.escrow.address, escrow_id, since=after, tx_hash=tx) == delivery_hash(b"bytes")
+    # A pointer to a transaction without this escrow's delivery is not believed; the search decides.
+    assert delivered_hash(chain.w3, chain.escrow.address, escrow_id, since=signed_at, tx_hash=os.urandom(32)) == (
+        delivery_hash(b"bytes")
+    )
