@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -199,36 +200,42 @@ def recover_with(core: PaymentCore, http: httpx.Client, *, refund_expired: bool 
     report = RecoveryReport()
     for entry in core.journal.entries(unfinished_only=True):
         flow = _flow(core, entry, refund_expired)
-        try:
-            request = next(flow)
-            while True:
-                answer: httpx.Response | Exception
-                try:
-                    answer = http.send(request)
-                except httpx.HTTPError as exc:
-                    answer = exc
-                request = flow.send(answer)
-        except StopIteration as done:
-            report.items.append(done.value)
+        step = _advance(flow, None)
+        while isinstance(step, httpx.Request):
+            answer: httpx.Response | Exception
+            try:
+                answer = http.send(step)
+            except httpx.HTTPError as exc:
+                answer = exc
+            step = _advance(flow, answer)
+        report.items.append(step)
     return report
 
 
 async def arecover_with(core: PaymentCore, http: httpx.AsyncClient, *, refund_expired: bool = True) -> RecoveryReport:
     report = RecoveryReport()
-    for entry in core.journal.entries(unfinished_only=True):
+    # The chain reads, refunds and journal writes between replays block: they run in a worker thread.
+    for entry in await asyncio.to_thread(core.journal.entries, unfinished_only=True):
         flow = _flow(core, entry, refund_expired)
-        try:
-            request = next(flow)
-            while True:
-                answer: httpx.Response | Exception
-                try:
-                    answer = await http.send(request)
-                except httpx.HTTPError as exc:
-                    answer = exc
-                request = flow.send(answer)
-        except StopIteration as done:
-            report.items.append(done.value)
+        step = await asyncio.to_thread(_advance, flow, None)
+        while isinstance(step, httpx.Request):
+            answer: httpx.Response | Exception
+            try:
+                answer = await http.send(step)
+            except httpx.HTTPError as exc:
+                answer = exc
+            step = await asyncio.to_thread(_advance, flow, answer)
+        report.items.append(step)
     return report
+
+
+def _advance(flow: _Flow, answer: httpx.Response | Exception | None) -> httpx.Request | RecoveryItem:
+    """One step of a flow: the next replay to send, or its result (StopIteration cannot cross a thread's future)."""
+    try:
+        return next(flow) if answer is None else flow.send(answer)
+    except StopIteration as done:
+        item: RecoveryItem = done.value
+        return item
 
 
 def recover(
