@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +39,13 @@ class Paid:
     settlement: dict[str, Any]
 
 
-def pay(url: str, private_key: str, chain_id: int, *, method: str = "GET", body: bytes = b"") -> Paid:
+def chain_time(rpc_url: str) -> int:
+    """The latest block's timestamp: deadlines are judged by the chain's clock, not ours (DESIGN.md section 1)."""
+    request = {"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockByNumber", "params": ["latest", False]}
+    return int(httpx.post(rpc_url, json=request, timeout=30).json()["result"]["timestamp"], 16)
+
+
+def pay(url: str, private_key: str, chain_id: int, rpc_url: str, *, method: str = "GET", body: bytes = b"") -> Paid:
     """Request `url`, pay its delivery-escrow 402, and return the paid response."""
     account = Account.from_key(private_key)
     with httpx.Client(timeout=60) as http:
@@ -49,7 +54,7 @@ def pay(url: str, private_key: str, chain_id: int, *, method: str = "GET", body:
         required = _b64json(first.headers["PAYMENT-REQUIRED"])
         accepted = next(r for r in required["accepts"] if r["scheme"] == "delivery-escrow")
         extra = accepted["extra"]
-        deadline = int(time.time()) + int(accepted["maxTimeoutSeconds"]) - 5
+        deadline = chain_time(rpc_url) + int(accepted["maxTimeoutSeconds"]) - 5
         terms = {
             "buyer": account.address,
             "seller": accepted["payTo"],

@@ -207,7 +207,7 @@ def test_seller_killed_after_the_handler_restarts_and_posts_the_delivery(chain: 
 def test_an_independent_client_written_from_the_design_pays_a_route(chain: Chain, tmp_path: Path) -> None:
     books = Books(chain)
     with serving(chain, tmp_path / "seller.sqlite") as url:
-        paid = independent_pay(f"{url}/report/independent", dev_private_key(BUYER), 84532)
+        paid = independent_pay(f"{url}/report/independent", dev_private_key(BUYER), 84532, chain.node.url)
         assert paid.status == 200, paid.body
         extra = paid.settlement["extra"]
         escrow_id = bytes.fromhex(extra["escrowId"][2:])
