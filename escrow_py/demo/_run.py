@@ -138,25 +138,30 @@ class Books:
         self.parties.setdefault(world.escrow.address, "escrow")
         self.before = self.balances()
 
-    def balances(self) -> dict[str, int]:
-        return {address: self.world.token.balance_of(address) for address in self.parties}
+    def balances(self, block: int | None = None) -> dict[str, int]:
+        at = int(self.world.w3.eth.block_number) if block is None else block
+        return {address: self.world.token.balance_of(address, at) for address in self.parties}
 
-    def held_by_us(self) -> int:
-        """The sum of Held amounts over the escrows this demo's buyer opened since it started."""
+    def held_by_us(self, block: int) -> int:
+        """The sum of Held amounts, at `block`, over the escrows this demo's buyer opened since it started."""
         buyer = self.world.address("buyer")
-        events = self.world.escrow.events(self.world.start_block, int(self.world.w3.eth.block_number))
+        escrow = self.world.escrow
         return sum(
             e.terms.amount
-            for e in events
-            if isinstance(e, Deposited) and e.terms.buyer == buyer and self.world.escrow.state_of(e.id) is State.HELD
+            for e in escrow.events(self.world.start_block, block)
+            if isinstance(e, Deposited) and e.terms.buyer == buyer and escrow.state_of(e.id, block) is State.HELD
         )
 
     def check(self) -> tuple[bool, str]:
-        """Sum of balances unchanged, and the escrow holding exactly what is Held (beyond what it held before)."""
-        after = self.balances()
+        """Sum of balances unchanged, and the escrow holding exactly what is Held (beyond what it held before).
+
+        Everything is read at one block: the seller and the keeper keep sending transactions meanwhile.
+        """
+        block = int(self.world.w3.eth.block_number)
+        after = self.balances(block)
         conserved = sum(after.values()) == sum(self.before.values())
         escrow = self.world.escrow.address
-        held = self.held_by_us()
+        held = self.held_by_us(block)
         holds_held = after[escrow] - self.before[escrow] == held
         extra = after[escrow] - self.before[escrow]
         text = (

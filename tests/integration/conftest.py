@@ -39,23 +39,26 @@ class Books:
         self.accounts = [address(i) for i in range(10)] + [chain.escrow.address]
         self.before = self.balances()
 
-    def balances(self) -> dict[str, int]:
-        return {a: self.chain.token.balance_of(a) for a in self.accounts}
+    def balances(self, block: int | None = None) -> dict[str, int]:
+        at = int(self.chain.w3.eth.block_number) if block is None else block
+        return {a: self.chain.token.balance_of(a, at) for a in self.accounts}
 
-    def held(self) -> int:
-        events = self.chain.escrow.events(0, int(self.chain.w3.eth.block_number))
+    def held(self, block: int) -> int:
+        events = self.chain.escrow.events(0, block)
         return sum(
             e.terms.amount
             for e in events
             if isinstance(e, Deposited)
             and e.terms.token == self.chain.token.address
-            and self.chain.escrow.state_of(e.id) is State.HELD
+            and self.chain.escrow.state_of(e.id, block) is State.HELD
         )
 
     def check(self) -> None:
-        after = self.balances()
+        """At one block (the poster may be delivering meanwhile): conservation, and escrow == sum of Held."""
+        block = int(self.chain.w3.eth.block_number)
+        after = self.balances(block)
         assert sum(after.values()) == sum(self.before.values()), "tokens appeared or vanished"
-        assert after[self.chain.escrow.address] == self.held(), "the escrow does not hold exactly what is Held"
+        assert after[self.chain.escrow.address] == self.held(block), "the escrow does not hold exactly what is Held"
 
 
 def seller_config(chain: Chain, store: Path, **overrides: Any) -> SellerConfig:
