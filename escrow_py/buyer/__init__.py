@@ -8,6 +8,14 @@ what it receives against the seller's committed hash, and recovers after a crash
     httpx.Client(auth=EscrowAuth(signer, rpc_url, "buyer.sqlite"))  # for an existing client
     x402Client().register("eip155:84532", DeliveryEscrowScheme(signer, rpc_url, "buyer.sqlite"))
 
+Governance (DESIGN.md section 5): a declarative `Policy` (per-request maximum, deadline,
+allowed networks, tokens, escrows, sellers and hosts; budgets overall, per task, per seller
+and per time window) is decided before anything is signed; the amount is reserved in the
+ledger (in the journal file) atomically with the budget check, spent on delivery, released
+on refund or void; every decision and state change goes to the audit trail
+(`<journal>.audit.jsonl` and `.audit.sqlite`), which never holds keys, signatures or
+request contents. A `validator` (JSON schema or callable) checks delivered bodies.
+
 On a 402 with a delivery-escrow option the client recomputes requestHash from the
 request (method, URL, body) and refuses an offer whose hash differs; builds terms
 (deadline = chain time + maxTimeoutSeconds, fresh salt); asks the policy; signs the
@@ -21,14 +29,17 @@ Errors, each saying what happened to the money:
     └── PaymentError               a paid request did not end in a verified delivery; `.escrow_id`
         ├── PaymentRefused         the client refused: nothing signed, no money moved; `.rule`
         │   ├── RequestHashMismatch  the 402's requestHash is not this request's; `.expected`, `.offered`
-        │   └── PolicyDenied       the spending policy said no; `.reason`
+        │   └── PolicyDenied       the spending policy said no: `.code` (ReasonCode), `.reason`,
+        │                          `.limit`, `.wanted`, `.available`
         ├── PaymentRejected        the seller refused the signed payment, not deposited when checked;
         │                          recover() voids it after `.valid_before`
         ├── PaymentNotDelivered    deposited (or may be) but not delivered: held, refundable after
         │                          `.deadline` by the keeper or recover(); also what EscrowClient
         │                          raises when the connection drops after the paid request left
         ├── DeliveryMismatch       the body's hash differs from the committed hash; `.committed`, `.received`
-        └── HandlerFailedRefunded  the seller's handler failed and it refunded; `.refund_tx`
+        ├── HandlerFailedRefunded  the seller's handler failed and it refunded; `.refund_tx`
+        └── ResponseInvalid        delivered and settled (money spent) but the validator rejected the
+                                   body; `.problem`, `.body`
 
 Also raised: ProtocolError from the SDK plugin for malformed requirements, ChainError
 when the RPC fails before anything is signed.
@@ -36,6 +47,7 @@ when the RPC fails before anything is signed.
 
 from __future__ import annotations
 
+from escrow_py.buyer._audit import AuditLog
 from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient, lost_in_flight
 from escrow_py.buyer._core import AllowAll, PaymentPolicy
 from escrow_py.buyer._errors import (
@@ -47,15 +59,31 @@ from escrow_py.buyer._errors import (
     PaymentRejected,
     PolicyDenied,
     RequestHashMismatch,
+    ResponseInvalid,
 )
 from escrow_py.buyer._journal import Journal, JournalEntry, PaymentState
-from escrow_py.buyer._recover import Action, RecoveryItem, RecoveryReport, arecover, delivered_hash, recover
+from escrow_py.buyer._ledger import LedgerRow, LedgerStatus
+from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode, Usage, WindowBudget
+from escrow_py.buyer._recover import (
+    Action,
+    RecoveryItem,
+    RecoveryReport,
+    arecover,
+    delivered_hash,
+    reconcile_ledger,
+    recover,
+)
 from escrow_py.buyer._sdk import DeliveryEscrowScheme
+from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator
 
 __all__ = [
+    "TASK_EXTENSION",
+    "VALIDATOR_EXTENSION",
     "Action",
     "AllowAll",
     "AsyncEscrowClient",
+    "AuditLog",
+    "Decision",
     "DeliveryEscrowScheme",
     "DeliveryMismatch",
     "EscrowAuth",
@@ -63,18 +91,28 @@ __all__ = [
     "HandlerFailedRefunded",
     "Journal",
     "JournalEntry",
+    "LedgerRow",
+    "LedgerStatus",
+    "PaymentContext",
     "PaymentError",
     "PaymentNotDelivered",
     "PaymentPolicy",
     "PaymentRefused",
     "PaymentRejected",
     "PaymentState",
+    "Policy",
     "PolicyDenied",
+    "ReasonCode",
     "RecoveryItem",
     "RecoveryReport",
     "RequestHashMismatch",
+    "ResponseInvalid",
+    "Usage",
+    "Validator",
+    "WindowBudget",
     "arecover",
     "delivered_hash",
     "lost_in_flight",
+    "reconcile_ledger",
     "recover",
 ]

@@ -14,7 +14,9 @@ from web3 import Web3
 from escrow_py.buyer._core import PaymentCore, PaymentPolicy, Prepared, find_offer
 from escrow_py.buyer._errors import PaymentNotDelivered
 from escrow_py.buyer._journal import Journal
+from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
+from escrow_py.buyer._validate import Validator
 from escrow_py.chain.signer import Signer
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 
@@ -59,10 +61,12 @@ class EscrowAuth(httpx.Auth):
         rpc_url: str,
         journal: str | Path | Journal,
         *,
-        policy: PaymentPolicy | None = None,
+        policy: Policy | PaymentPolicy | None = None,
+        task: str = "default",
+        validator: Validator | None = None,
         w3: Web3 | None = None,
     ) -> None:
-        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, w3=w3)
+        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
 
     @property
     def journal(self) -> Journal:
@@ -83,6 +87,7 @@ class EscrowAuth(httpx.Auth):
         response = yield request
         response.read()
         self.core.settle(prepared, response)
+        self.core.validate(prepared.escrow_id, request, response)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         if PAYMENT_SIGNATURE_HEADER in request.headers:
@@ -100,6 +105,7 @@ class EscrowAuth(httpx.Auth):
         response = yield request
         await response.aread()
         await asyncio.to_thread(self.core.settle, prepared, response)
+        await asyncio.to_thread(self.core.validate, prepared.escrow_id, request, response)
 
 
 class EscrowClient:
@@ -116,11 +122,13 @@ class EscrowClient:
         rpc_url: str,
         journal: str | Path | Journal,
         *,
-        policy: PaymentPolicy | None = None,
+        policy: Policy | PaymentPolicy | None = None,
+        task: str = "default",
+        validator: Validator | None = None,
         w3: Web3 | None = None,
         **httpx_kwargs: Any,
     ) -> None:
-        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, w3=w3)
+        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
         self.http = httpx.Client(auth=self.auth, **httpx_kwargs)
 
     @property
@@ -163,11 +171,13 @@ class AsyncEscrowClient:
         rpc_url: str,
         journal: str | Path | Journal,
         *,
-        policy: PaymentPolicy | None = None,
+        policy: Policy | PaymentPolicy | None = None,
+        task: str = "default",
+        validator: Validator | None = None,
         w3: Web3 | None = None,
         **httpx_kwargs: Any,
     ) -> None:
-        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, w3=w3)
+        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
         self.http = httpx.AsyncClient(auth=self.auth, **httpx_kwargs)
 
     @property

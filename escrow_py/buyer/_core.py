@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from eth_typing import ChecksumAddress
@@ -23,9 +23,13 @@ from escrow_py.buyer._errors import (
     PaymentNotDelivered,
     PaymentRefused,
     PaymentRejected,
+    PolicyDenied,
     RequestHashMismatch,
+    ResponseInvalid,
 )
 from escrow_py.buyer._journal import Journal, PaymentState
+from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
+from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.signer import Signer
@@ -64,7 +68,8 @@ _UNJOURNALED_HEADERS = frozenset(
 
 @runtime_checkable
 class PaymentPolicy(Protocol):
-    """Decides, before anything is signed, whether to pay; raise PolicyDenied (or any PaymentRefused) to deny."""
+    """A custom rule, asked before anything is signed (after the declarative Policy's offer rules and before
+    its budgets); raise PolicyDenied (or any PaymentRefused) to deny."""
 
     def check(self, request: httpx.Request | None, requirements: EscrowRequirements, terms: Terms) -> None:
         """`request` is None when the SDK plugin pays (it never sees the request)."""
@@ -153,7 +158,13 @@ class BuyerChain:
 
 
 class PaymentCore:
-    """Builds, signs, journals and judges payments for one signer; shared by every client form."""
+    """Builds, signs, journals and judges payments for one signer; shared by every client form.
+
+    `policy` is a declarative Policy (rules and budgets, reserved in the ledger), or a custom
+    PaymentPolicy hook, or None (pay every offer; the ledger still records every payment).
+    `task` names the budget a payment counts against (a request can override it with the
+    `x402_task` extension); `validator` checks delivered bodies (override: `x402_validator`).
+    """
 
     def __init__(
         self,
@@ -161,13 +172,62 @@ class PaymentCore:
         rpc_url: str,
         journal: str | Path | Journal,
         *,
-        policy: PaymentPolicy | None = None,
+        policy: Policy | PaymentPolicy | None = None,
+        task: str = "default",
+        validator: Validator | None = None,
         w3: Web3 | None = None,
     ) -> None:
         self.signer = signer
         self.chain = BuyerChain(rpc_url, w3=w3)
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
-        self.policy: PaymentPolicy = policy if policy is not None else AllowAll()
+        self.rules: Policy | None = policy if isinstance(policy, Policy) else None
+        self.hook: PaymentPolicy | None = None if policy is None or isinstance(policy, Policy) else policy
+        self.task = task
+        self.validator = validator
+
+    @property
+    def policy(self) -> PaymentPolicy:
+        """The custom hook (AllowAll when there is none)."""
+        return self.hook if self.hook is not None else AllowAll()
+
+    def _decide(self, request: httpx.Request | None, req: EscrowRequirements, terms: Terms, escrow_id: bytes) -> None:
+        """The policy's verdict, audited; on allow the amount is reserved in the ledger. Raises PolicyDenied."""
+        task = self.task
+        if request is not None and isinstance(request.extensions.get(TASK_EXTENSION), str):
+            task = request.extensions[TASK_EXTENSION]
+        ctx = PaymentContext(
+            network=req.network,
+            token=terms.token,
+            escrow=req.extra.escrow,
+            seller=terms.seller,
+            host=None if request is None else request.url.host,
+            amount=terms.amount,
+            deadline_seconds=req.max_timeout_seconds,
+            task=task,
+        )
+        if self.rules is not None and not (offer := self.rules.check_offer(ctx)).allowed:
+            self.journal.audit_decision(escrow_id, terms, ctx, offer)
+            raise _denied(offer)
+        if self.hook is not None:
+            try:
+                self.hook.check(request, req, terms)
+            except PolicyDenied as denied:
+                self.journal.audit_decision(escrow_id, terms, ctx, Decision(False, ReasonCode.CUSTOM, denied.reason))
+                raise
+        decision = self.journal.reserve(escrow_id, terms, ctx, self.rules)
+        if not decision.allowed:
+            raise _denied(decision)
+
+    def validate(self, escrow_id: bytes, request: httpx.Request | None, response: httpx.Response) -> None:
+        """Run the request's (or the client's) validator on a verified delivery; raises ResponseInvalid."""
+        validator = self.validator
+        if request is not None and request.extensions.get(VALIDATOR_EXTENSION) is not None:
+            validator = request.extensions[VALIDATOR_EXTENSION]
+        if validator is None:
+            return
+        if (problem := problem_with(validator, response)) is not None:
+            self.journal.record_invalid(escrow_id, problem)
+            raise ResponseInvalid(escrow_id, problem, response.content)
 
     def sign(
         self, req: EscrowRequirements, rhash: bytes, request: httpx.Request | None
@@ -204,9 +264,13 @@ class PaymentCore:
             request_hash=rhash,
             salt=Terms.new_salt(),
         )
-        self.policy.check(request, req, terms)
         authorization = authorization_for(terms, req.extra.escrow, chain_id, 0, deadline)
-        return terms, authorization, sign_authorization(self.signer, domain, authorization)
+        self._decide(request, req, terms, authorization.nonce)
+        try:
+            return terms, authorization, sign_authorization(self.signer, domain, authorization)
+        except BaseException:
+            self.journal.cancel_reservation(authorization.nonce)  # nothing was signed, nothing can be sent
+            raise
 
     def prepare(self, request: httpx.Request, offer: Offer) -> Prepared:
         """Check the offer, build and sign the terms, and journal them durably; raises PaymentRefused."""
@@ -225,7 +289,7 @@ class PaymentCore:
         )
         header = encode_payment_signature(payload)
         # Durable before the header can leave the process: a crash from here on is recoverable.
-        self.journal.record(
+        self.record_payment(
             escrow_id=authorization.nonce,
             chain_id=self.chain.chain_id,
             escrow=req.extra.escrow,
@@ -238,6 +302,14 @@ class PaymentCore:
             payment_header=header,
         )
         return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, header)
+
+    def record_payment(self, **fields: Any) -> None:
+        """journal.record, releasing the reservation if the row could not be written (the header is never sent)."""
+        try:
+            self.journal.record(**fields)
+        except BaseException:
+            self.journal.cancel_reservation(fields["escrow_id"])
+            raise
 
     def settle(self, prepared: Prepared, response: httpx.Response) -> None:
         """Judge the answer to the paid request: returns if the body is the one paid for, else raises."""
@@ -299,6 +371,16 @@ def judge_response(
         journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=extra.delivery_hash)
         raise DeliveryMismatch(escrow_id, extra.delivery_hash, received)
     journal.update(escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=extra.delivery_hash)
+
+
+def _denied(decision: Decision) -> PolicyDenied:
+    return PolicyDenied(
+        decision.detail,
+        code=decision.reason.value,
+        limit=decision.limit,
+        wanted=decision.wanted,
+        available=decision.available,
+    )
 
 
 def _refusal_reason(response: httpx.Response) -> str | None:

@@ -39,11 +39,41 @@ class RequestHashMismatch(PaymentRefused):
 
 
 class PolicyDenied(PaymentRefused):
-    """The spending policy denied the payment."""
+    """The spending policy denied the payment: `.code` (a ReasonCode value) names the rule, `.reason`
+    explains it, and `.limit`, `.wanted`, `.available` carry the numbers of a limit that was hit."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        code: str = "custom",
+        limit: int | None = None,
+        wanted: int | None = None,
+        available: int | None = None,
+    ) -> None:
         self.reason = reason
-        super().__init__("policy", reason)
+        self.code = code
+        self.limit = limit
+        self.wanted = wanted
+        self.available = available
+        super().__init__("policy", f"{code}: {reason}")
+
+
+class ResponseInvalid(PaymentError):
+    """The delivery was verified (its hash is the committed one) but the caller's validator rejected it.
+
+    The payment is delivered and settled: the money is the seller's. The agent must not act on
+    the body; the journal and the audit trail record the failure as evidence.
+    """
+
+    def __init__(self, escrow_id: bytes, problem: str, body: bytes) -> None:
+        self.problem = problem
+        self.body = body
+        super().__init__(
+            f"escrow {_hex(escrow_id)}: the response failed validation ({problem}); the payment was delivered "
+            "and settled, the money is spent",
+            escrow_id=escrow_id,
+        )
 
 
 class PaymentRejected(PaymentError):

@@ -15,12 +15,19 @@ States: `signed` (committed; whether it reached the seller is unknown),
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from escrow_py.buyer import _ledger as ledger
+from escrow_py.buyer._audit import AuditLog, terms_fields
+from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy
 from escrow_py.storage import open_sqlite, transaction
 from escrow_py.terms import Terms
 
@@ -88,17 +95,106 @@ class JournalEntry:
 
 
 class Journal:
-    """The journal file at `path` (a path or sqlite:/// URL); safe to share between threads."""
+    """The journal file at `path` (a path or sqlite:/// URL); safe to share between threads.
 
-    def __init__(self, path: str | Path) -> None:
+    It also holds the budget ledger (escrow_py.buyer._ledger), moved in the same
+    transactions as the payments, and writes the audit trail: `audit` defaults to
+    `<journal>.audit.jsonl` and `<journal>.audit.sqlite` beside the file; False turns it off.
+    """
+
+    def __init__(self, path: str | Path, *, audit: AuditLog | bool = True) -> None:
         self.path = path
         self._conn = open_sqlite(path)
-        with transaction(self._conn) as conn:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+        # One connection shared by threads: one transaction at a time on it (BEGIN IMMEDIATE orders processes).
+        self._lock = threading.RLock()
+        with self._transaction() as conn:
+            for statement in filter(str.strip, (_SCHEMA + ";" + ledger.SCHEMA).split(";")):
                 conn.execute(statement)
+        self.audit: AuditLog | None = AuditLog.beside(path) if audit is True else audit or None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
+
+    def _read(self, query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._conn.execute(query, args).fetchall())
 
     def close(self) -> None:
         self._conn.close()
+        if self.audit is not None:
+            self.audit.close()
+
+    # -- the ledger ----------------------------------------------------------------------------
+
+    def reserve(self, escrow_id: bytes, terms: Terms, ctx: PaymentContext, policy: Policy | None) -> Decision:
+        """Decide by the policy and, if allowed, reserve ctx.amount, atomically; the decision is audited."""
+        decision = ALLOW if policy is None else policy.check_offer(ctx)
+        if decision.allowed:
+            now = time.time()
+            with self._transaction() as conn:
+                if policy is not None:
+                    windows = tuple(w.seconds for w in policy.windows)
+                    decision = policy.check_budgets(ctx, ledger.usage(conn, ctx, windows, now))
+                if decision.allowed:
+                    ledger.insert_reservation(conn, escrow_id, ctx, now)
+        self.audit_decision(escrow_id, terms, ctx, decision)
+        return decision
+
+    def audit_decision(self, escrow_id: bytes, terms: Terms, ctx: PaymentContext, decision: Decision) -> None:
+        if self.audit is None:
+            return
+        fields = {
+            **terms_fields(terms),
+            "decision": "allow" if decision.allowed else "deny",
+            "reason": decision.reason.value,
+            "network": ctx.network,
+            "escrow": ctx.escrow,
+            "host": ctx.host,
+            "task": ctx.task,
+        }
+        if not decision.allowed:
+            fields.update(detail=decision.detail, limit=decision.limit, available=decision.available)
+        self.audit.write("decision", escrow_id, fields)
+
+    def cancel_reservation(self, escrow_id: bytes) -> None:
+        """Release a reservation whose payment was never sent (signing failed)."""
+        with self._transaction() as conn:
+            ledger.set_status(conn, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
+
+    def ledger_rows(self) -> list[ledger.LedgerRow]:
+        with self._lock:
+            return ledger.rows(self._conn)
+
+    def release_orphans(self, grace: float = 60.0) -> list[bytes]:
+        """Release reservations older than `grace` seconds that never got a journal row (nothing was sent)."""
+        with self._transaction() as conn:
+            found = ledger.orphans(conn, time.time() - grace)
+            for escrow_id in found:
+                ledger.set_status(conn, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
+        for escrow_id in found:
+            if self.audit is not None:
+                self.audit.write("ledger", escrow_id, {"ledger": "released", "reason": "never_sent"})
+        return found
+
+    def unconfirmed(self) -> list[bytes]:
+        with self._lock:
+            return ledger.unconfirmed(self._conn)
+
+    def confirm_on_chain(self, escrow_id: bytes, spent: bool) -> None:
+        """The chain's final word on a payment: its money went to the seller (spent) or back (released)."""
+        status = ledger.LedgerStatus.SPENT if spent else ledger.LedgerStatus.RELEASED
+        with self._transaction() as conn:
+            ledger.mark_chain_final(conn, escrow_id, status, time.time())
+        if self.audit is not None:
+            self.audit.write("ledger", escrow_id, {"ledger": status.value, "reason": "chain_final"})
+
+    def record_invalid(self, escrow_id: bytes, problem: str) -> None:
+        """A delivered body the caller's validator rejected: noted in the journal and the audit trail."""
+        self.update(escrow_id, PaymentState.DELIVERED, detail=f"validation failed: {problem}")
+        if self.audit is not None:
+            self.audit.write("validation_failed", escrow_id, {"problem": problem})
 
     def record(
         self,
@@ -116,7 +212,7 @@ class Journal:
     ) -> None:
         """Commit a new `signed` payment; durable when this returns."""
         now = time.time()
-        with transaction(self._conn) as conn:
+        with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
                 " payment_header, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -136,6 +232,8 @@ class Journal:
                     now,
                 ),
             )
+        if self.audit is not None:
+            self.audit.write("state", escrow_id, {**terms_fields(terms), "state": PaymentState.SIGNED.value})
 
     def update(
         self,
@@ -148,7 +246,7 @@ class Journal:
         tx_hash: bytes | None = None,
     ) -> None:
         """Move a payment to `state`; the hashes and tx given are kept, the others left as they were."""
-        with transaction(self._conn) as conn:
+        with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE payments SET state = ?, detail = COALESCE(?, detail),"
                 " response_hash = COALESCE(?, response_hash), committed_hash = COALESCE(?, committed_hash),"
@@ -157,19 +255,26 @@ class Journal:
             )
             if cursor.rowcount != 1:
                 raise KeyError(f"escrow 0x{escrow_id.hex()} is not in the journal {self.path}")
+            ledger.follow(conn, escrow_id, state.value, time.time())
+            terms = conn.execute("SELECT terms FROM payments WHERE escrow_id = ?", (escrow_id,)).fetchone()[0]
+        if self.audit is not None:
+            fields = {**terms_fields(Terms.from_json(json.loads(str(terms)))), "state": state.value}
+            if tx_hash is not None:
+                fields["txHash"] = "0x" + tx_hash.hex()
+            self.audit.write("state", escrow_id, fields)
 
     def get(self, escrow_id: bytes) -> JournalEntry | None:
         query = f"SELECT {_COLUMNS} FROM payments WHERE escrow_id = ?"  # noqa: S608 - constant column list
-        row = self._conn.execute(query, (escrow_id,)).fetchone()
-        return None if row is None else _entry(row)
+        rows = self._read(query, (escrow_id,))
+        return _entry(rows[0]) if rows else None
 
     def entries(self, *, unfinished_only: bool = False) -> list[JournalEntry]:
         if unfinished_only:
             marks = ",".join("?" * len(UNFINISHED))
             query = f"SELECT {_COLUMNS} FROM payments WHERE state IN ({marks}) ORDER BY created_at"  # noqa: S608
-            rows = self._conn.execute(query, UNFINISHED).fetchall()
+            rows = self._read(query, UNFINISHED)
         else:
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM payments ORDER BY created_at").fetchall()  # noqa: S608
+            rows = self._read(f"SELECT {_COLUMNS} FROM payments ORDER BY created_at")  # noqa: S608
         return [_entry(row) for row in rows]
 
 

@@ -196,6 +196,25 @@ def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
     return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx)
 
 
+def reconcile_ledger(core: PaymentCore) -> None:
+    """Bring the budget ledger in line with the chain: release reservations that were never sent, and take
+    the chain's final word on finished payments (a delivered one the seller never posted ends refunded)."""
+    journal = core.journal
+    journal.release_orphans()
+    for escrow_id in journal.unconfirmed():
+        entry = journal.get(escrow_id)
+        if entry is None:
+            continue
+        if entry.state is PaymentState.VOID:
+            journal.confirm_on_chain(escrow_id, spent=False)
+            continue
+        state = core.chain.escrow(entry.escrow).state_of(escrow_id)
+        if state is State.RELEASED:
+            journal.confirm_on_chain(escrow_id, spent=True)
+        elif state is State.REFUNDED:
+            journal.confirm_on_chain(escrow_id, spent=False)
+
+
 def recover_with(core: PaymentCore, http: httpx.Client, *, refund_expired: bool = True) -> RecoveryReport:
     report = RecoveryReport()
     for entry in core.journal.entries(unfinished_only=True):
@@ -209,6 +228,7 @@ def recover_with(core: PaymentCore, http: httpx.Client, *, refund_expired: bool 
                 answer = exc
             step = _advance(flow, answer)
         report.items.append(step)
+    reconcile_ledger(core)
     return report
 
 
@@ -226,6 +246,7 @@ async def arecover_with(core: PaymentCore, http: httpx.AsyncClient, *, refund_ex
                 answer = exc
             step = await asyncio.to_thread(_advance, flow, answer)
         report.items.append(step)
+    await asyncio.to_thread(reconcile_ledger, core)
     return report
 
 

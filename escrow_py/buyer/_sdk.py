@@ -23,6 +23,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements
 from escrow_py.buyer._core import PaymentCore, PaymentPolicy
 from escrow_py.buyer._errors import DeliveryMismatch
 from escrow_py.buyer._journal import Journal, PaymentState
+from escrow_py.buyer._policy import Policy
 from escrow_py.chain.signer import Signer
 from escrow_py.terms import delivery_hash
 from escrow_py.wire import (
@@ -48,10 +49,12 @@ class DeliveryEscrowScheme:
         rpc_url: str,
         journal: str | Path | Journal,
         *,
-        policy: PaymentPolicy | None = None,
+        policy: Policy | PaymentPolicy | None = None,
+        task: str = "default",
         w3: Web3 | None = None,
     ) -> None:
-        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, w3=w3)
+        # The SDK never shows the plugin the request: a Policy with a host allowlist denies (host_unknown).
+        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, w3=w3)
 
     def create_payment_payload(self, requirements: PaymentRequirements) -> dict[str, Any]:
         req = EscrowRequirements.from_model(requirements)
@@ -61,7 +64,7 @@ class DeliveryEscrowScheme:
         header = encode_payment_signature(
             PaymentPayload(x402_version=X402_VERSION, accepted=requirements, payload=payload)
         )
-        self.core.journal.record(
+        self.core.record_payment(
             escrow_id=authorization.nonce,
             chain_id=self.core.chain.chain_id,
             escrow=req.extra.escrow,

@@ -1,0 +1,101 @@
+"""The buyer's audit trail: one append-only record per decision and per state change, in JSONL and SQLite.
+
+A record says what was decided or what became of a payment, with the numbers that
+matter to an auditor: the escrow id, the terms hash, the amount, the token, the
+seller, the network, the reason code, transaction hashes. It never says what was
+asked. By construction (records are built from a fixed list of fields, not by
+dropping fields from something larger) it holds no private key, no signature, no
+PAYMENT-SIGNATURE header, no request body, headers or query string; the host is
+the only part of a URL it keeps, and `include_path=True` adds the path.
+
+The SQLite table is the reference (one row per record, never updated or deleted by
+this code); the JSONL file is the same records as lines, flushed and fsync'd, for
+log shippers. Both are written after the journal's transaction commits and before
+the call that caused them returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from escrow_py.storage import open_sqlite, sqlite_path, transaction
+from escrow_py.terms import Terms
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at        REAL NOT NULL,
+    event     TEXT NOT NULL,
+    escrow_id TEXT,
+    record    TEXT NOT NULL
+)
+"""
+
+
+def audit_paths(journal: str | Path) -> tuple[Path, Path]:
+    """Where the audit of a journal file goes by default: beside it, `<name>.audit.jsonl` and `.audit.sqlite`."""
+    path = sqlite_path(journal)
+    return path.with_name(path.stem + ".audit.jsonl"), path.with_name(path.stem + ".audit.sqlite")
+
+
+def _hex(value: bytes | None) -> str | None:
+    return None if value is None else "0x" + value.hex()
+
+
+def terms_fields(terms: Terms) -> dict[str, Any]:
+    """What a record says about a payment's terms: never the request hash's preimage, which it cannot know."""
+    return {
+        "termsHash": _hex(terms.hash()),
+        "amount": terms.amount,
+        "token": terms.token,
+        "seller": terms.seller,
+        "deadline": terms.deadline,
+    }
+
+
+class AuditLog:
+    """Appends records to `jsonl` and `sqlite`; safe to share between threads."""
+
+    def __init__(self, jsonl: str | Path, sqlite: str | Path, *, include_path: bool = False) -> None:
+        self.jsonl_path = Path(jsonl)
+        self.include_path = include_path
+        self._conn = open_sqlite(sqlite)
+        with transaction(self._conn) as conn:
+            conn.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self._file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
+
+    @classmethod
+    def beside(cls, journal: str | Path, *, include_path: bool = False) -> AuditLog:
+        jsonl, sqlite = audit_paths(journal)
+        return cls(jsonl, sqlite, include_path=include_path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+            self._conn.close()
+
+    def write(self, event: str, escrow_id: bytes | None, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append one record; durable in both forms when this returns."""
+        record = {"at": round(time.time(), 3), "event": event, "escrowId": _hex(escrow_id), **fields}
+        line = json.dumps(record, sort_keys=True)
+        with self._lock:
+            with transaction(self._conn) as conn:
+                conn.execute(
+                    "INSERT INTO audit (at, event, escrow_id, record) VALUES (?,?,?,?)",
+                    (record["at"], event, record["escrowId"], line),
+                )
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return record
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, oldest first, from the SQLite table."""
+        rows = self._conn.execute("SELECT record FROM audit ORDER BY seq").fetchall()
+        return [json.loads(str(row[0])) for row in rows]
