@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from conftest import Chain
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -70,6 +74,24 @@ def shop(chain: Chain, tmp_path: Path) -> Shop:
 
     app.add_middleware(EscrowMiddleware, config=config)
     return Shop(app, calls)
+
+
+@pytest.fixture
+def served(shop: Shop) -> Iterator[str]:
+    """The shop on a real uvicorn server on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(shop.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 class LostPayment(httpx.TransportError):

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
-import uvicorn
 from conftest import Chain
 from eth_utils.crypto import keccak
 from helpers import BUYER, address, dev
@@ -49,24 +43,6 @@ def test_sdk_client_pays_with_the_registered_scheme(chain: Chain, shop: Shop, tm
     assert entry.state is PaymentState.DELIVERED and entry.response_hash == keccak(response.content)
     assert chain.escrow.state_of(entry.escrow_id) is State.HELD
     assert chain.token.balance_of(address(BUYER)) == before - PRICE
-
-
-@pytest.fixture
-def served(shop: Shop) -> Iterator[str]:
-    """The shop on a real uvicorn server on 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(shop.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_sync_client_over_real_http_then_recover_is_idle(chain: Chain, served: str, tmp_path: Path) -> None:

@@ -1,0 +1,109 @@
+"""200 concurrent paid requests against a budget that allows exactly 10: exactly 10 are paid, never more.
+
+Both forms: 200 threads sharing one sync client over real HTTP, and 200 asyncio tasks
+sharing one async client. Afterwards the ledger matches the chain: ten deposits by
+the buyer, ten spent rows, nothing reserved, and once the seller's poster has posted
+the deliveries the seller holds exactly what the ledger says was spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from conftest import Chain
+from helpers import BUYER, SELLER, address, dev
+
+from escrow_py.buyer import (
+    AsyncEscrowClient,
+    EscrowClient,
+    Journal,
+    LedgerStatus,
+    PaymentState,
+    Policy,
+    PolicyDenied,
+    ReasonCode,
+    recover,
+)
+from escrow_py.chain.escrow import Deposited
+from escrow_py.terms import State
+
+from .conftest import BASE_URL, PRICE, Shop
+
+REQUESTS = 200
+AFFORDABLE = 10
+POLICY = Policy(total_budget=AFFORDABLE * PRICE)
+
+
+def _outcome(call: object) -> str:
+    return "paid" if isinstance(call, httpx.Response) and call.status_code == 200 else str(call)
+
+
+def _assert_ledger_matches_the_chain(chain: Chain, shop: Shop, journal: Path, outcomes: Counter[str]) -> None:
+    assert outcomes == Counter({"paid": AFFORDABLE, ReasonCode.OVER_TOTAL_BUDGET.value: REQUESTS - AFFORDABLE})
+    deposits = [
+        e
+        for e in chain.escrow.events(0, int(chain.w3.eth.block_number))
+        if isinstance(e, Deposited) and e.terms.buyer == address(BUYER)
+    ]
+    assert len(deposits) == AFFORDABLE
+    entries = Journal(journal, audit=False).entries()
+    assert len(entries) == AFFORDABLE  # the denied ones signed nothing, journaled nothing
+    assert all(e.state is PaymentState.DELIVERED for e in entries)
+    rows = Journal(journal, audit=False).ledger_rows()
+    assert Counter(r.status for r in rows) == Counter({LedgerStatus.SPENT: AFFORDABLE})
+    assert {r.escrow_id for r in rows} == {d.id for d in deposits}
+    # The seller's poster posts; recover() reconciles the ledger with the chain's final word.
+    seller_before = chain.token.balance_of(address(SELLER))
+    asyncio.run(shop.middleware.poster.flush())
+    assert all(chain.escrow.state_of(d.id) is State.RELEASED for d in deposits)
+    recover(journal, dev(BUYER), chain.node.url)
+    assert Journal(journal, audit=False).unconfirmed() == []
+    spent = sum(r.amount for r in Journal(journal, audit=False).ledger_rows() if r.status is LedgerStatus.SPENT)
+    assert chain.token.balance_of(address(SELLER)) - seller_before == spent == AFFORDABLE * PRICE
+
+
+def test_200_threads_against_a_budget_for_10(chain: Chain, shop: Shop, served: str, tmp_path: Path) -> None:
+    journal = tmp_path / "buyer.sqlite"
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(REQUESTS)
+    with EscrowClient(dev(BUYER), chain.node.url, journal, policy=POLICY, timeout=120) as client:
+
+        def buy(i: int) -> None:
+            start.wait()
+            try:
+                result: object = client.get(f"{served}/report/t{i}")
+            except PolicyDenied as denied:
+                result = denied.code
+            with lock:
+                outcomes[_outcome(result)] += 1
+
+        threads = [threading.Thread(target=buy, args=(i,)) for i in range(REQUESTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+    _assert_ledger_matches_the_chain(chain, shop, journal, outcomes)
+
+
+def test_200_asyncio_tasks_against_a_budget_for_10(chain: Chain, shop: Shop, tmp_path: Path) -> None:
+    journal = tmp_path / "buyer.sqlite"
+
+    async def run() -> Counter[str]:
+        async with AsyncEscrowClient(
+            dev(BUYER), chain.node.url, journal, policy=POLICY, transport=shop.transport(), base_url=BASE_URL
+        ) as client:
+
+            async def buy(i: int) -> str:
+                try:
+                    return _outcome(await client.get(f"/report/a{i}"))
+                except PolicyDenied as denied:
+                    return denied.code
+
+            return Counter(await asyncio.gather(*(buy(i) for i in range(REQUESTS))))
+
+    _assert_ledger_matches_the_chain(chain, shop, journal, asyncio.run(run()))
