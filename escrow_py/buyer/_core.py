@@ -30,6 +30,7 @@ from escrow_py.buyer._errors import (
 from escrow_py.buyer._journal import Journal, PaymentState
 from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
+from escrow_py.chain import rpc
 from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.signer import Signer
@@ -145,7 +146,7 @@ class BuyerChain:
 
     def now(self) -> int:
         """The latest block's timestamp: the clock the contract judges deadlines by."""
-        return int(self.w3.eth.get_block("latest")["timestamp"])
+        return rpc.latest_timestamp(self.w3)
 
     def domain(self, token: str) -> TokenDomain:
         with self._lock:

@@ -20,8 +20,9 @@ from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
-from web3.types import BlockIdentifier, LogReceipt, TxReceipt
+from web3.types import LogReceipt, TxReceipt
 
+from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.authorization import Authorization
 from escrow_py.chain.blocks import LOG_CHUNK, find_in_chunks, first_block_at
@@ -108,6 +109,9 @@ def decode_log(log: LogReceipt | dict[str, Any]) -> EscrowEvent | None:
     return None
 
 
+_STATE_OF = keccak(text="stateOf(bytes32)")[:4]
+
+
 class Escrow:
     """A deployed X402Escrow at `address` on the chain behind `w3`."""
 
@@ -129,8 +133,8 @@ class Escrow:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def state_of(self, escrow_id: bytes, block: BlockIdentifier = "latest") -> State:
-        return State(self.contract.functions.stateOf(escrow_id).call(block_identifier=block))
+    def state_of(self, escrow_id: bytes, block: str | int = "latest") -> State:
+        return State(int.from_bytes(rpc.call(self.w3, self.address, _STATE_OF + escrow_id, block=block), "big"))
 
     def onchain_terms_hash(self, terms: Terms) -> bytes:
         return bytes(self.contract.functions.termsHash(terms.as_tuple()).call())
@@ -170,10 +174,12 @@ class Escrow:
         authorization: Authorization,
         signature: bytes,
         *,
+        gas: int | None = None,
         confirmations: int = 1,
     ) -> TxReceipt:
+        """`gas` None: estimated first (the estimate is a simulation: a revert raises before sending)."""
         return sender.transact(
-            self.address, self.deposit_data(terms, authorization, signature), confirmations=confirmations
+            self.address, self.deposit_data(terms, authorization, signature), gas=gas, confirmations=confirmations
         )
 
     def deliver(self, sender: TxSender, terms: Terms, delivery_hash: bytes, *, confirmations: int = 1) -> TxReceipt:

@@ -22,6 +22,7 @@ from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, TransactionNotFound, Web3RPCError
 from web3.types import BlockIdentifier, TxReceipt
 
+from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import CONTRACTS, load_artifact
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ContractRevert, RpcError, TransactionFailed
@@ -94,6 +95,16 @@ def revert_from_exception(exc: Exception) -> ContractRevert | None:
     return None
 
 
+def _revert_or(exc: rpc.NodeError) -> ContractRevert | rpc.NodeError:
+    """The decoded revert behind a node error, or the node error itself when it is not a revert."""
+    if exc.revert_data is not None:
+        return decode_revert(exc.revert_data)
+    if exc.is_revert:
+        message = exc.error.get("message", "") if isinstance(exc.error, dict) else str(exc.error)
+        return ContractRevert("Error", {"message": str(message)})
+    return exc
+
+
 @dataclass
 class SentTx:
     """A signed transaction; `tx` is what was signed, so it can be replaced with the same nonce.
@@ -133,34 +144,27 @@ class TxSender:
     def fees(self) -> tuple[int, int]:
         """(maxFeePerGas, maxPriorityFeePerGas): twice the latest base fee plus the suggested tip."""
         try:
-            base = int(self.w3.eth.get_block("latest")["baseFeePerGas"])
-            tip = int(self.w3.eth.max_priority_fee)
-        except (Web3RPCError, OSError, KeyError) as exc:
+            base = int(str(rpc.request(self.w3, "eth_getBlockByNumber", ["latest", False])["baseFeePerGas"]), 16)
+            tip = int(str(rpc.request(self.w3, "eth_maxPriorityFeePerGas", [])), 16)
+        except (RpcError, KeyError, TypeError, ValueError) as exc:
             raise RpcError(f"cannot read fees: {exc}") from exc
         return 2 * base + tip, tip
 
     def call(self, to: str, data: bytes, *, block: BlockIdentifier = "latest") -> bytes:
         """eth_call as this sender; raises ContractRevert with the decoded error."""
         try:
-            return bytes(self.w3.eth.call({"from": self.address, "to": to_checksum_address(to), "data": data}, block))
-        except Exception as exc:
-            revert = revert_from_exception(exc)
-            if revert is not None:
-                raise revert from None
-            raise RpcError(f"eth_call failed: {exc}") from exc
+            return rpc.call(
+                self.w3, to, data, sender=self.address, block=block if isinstance(block, int) else str(block)
+            )
+        except rpc.NodeError as exc:
+            raise _revert_or(exc) from None
 
     def estimate_gas(self, to: str | None, data: bytes) -> int:
         """Gas for a call to `to` (None: a contract creation); raises ContractRevert if it would revert."""
-        request: dict[str, Any] = {"from": self.address, "data": HexBytes(data)}
-        if to is not None:
-            request["to"] = to_checksum_address(to)
         try:
-            return int(self.w3.eth.estimate_gas(request))  # type: ignore[arg-type]
-        except Exception as exc:
-            revert = revert_from_exception(exc)
-            if revert is not None:
-                raise revert from None
-            raise RpcError(f"eth_estimateGas failed: {exc}") from exc
+            return rpc.estimate_gas(self.w3, to, data, sender=self.address)
+        except rpc.NodeError as exc:
+            raise _revert_or(exc) from None
 
     def send(self, to: str | None, data: bytes, *, gas: int | None = None) -> SentTx:
         """Sign and broadcast (`to` None: create a contract).

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from web3 import HTTPProvider, Web3
 from web3.types import TxReceipt
 
+from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
@@ -32,17 +33,18 @@ class SellerChain:
 
     def now(self) -> int:
         """The chain's clock: the latest block's timestamp."""
-        return int(self.w3.eth.get_block("latest")["timestamp"])
+        return rpc.latest_timestamp(self.w3)
 
     def state_of(self, escrow_id: bytes) -> State:
         return self.escrow.state_of(escrow_id)
 
-    def deposit(self, payload: EscrowPayload) -> TxReceipt:
+    def deposit(self, payload: EscrowPayload, *, gas: int | None = None) -> TxReceipt:
         return self.escrow.deposit(
             self.sender,
             payload.terms,
             payload.authorization,
             payload.signature,
+            gas=gas,
             confirmations=self.config.confirmations,
         )
 
