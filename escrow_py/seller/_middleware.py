@@ -223,13 +223,13 @@ class EscrowMiddleware:
         """Check on chain, record, deposit, wait for the receipt. `accepted_at` None: already recorded."""
         escrow_id = verified.escrow_id
         chain = self.chain
-        await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+        gas = await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
         if accepted_at is not None and not await _blocking(
             self.store.begin_deposit, escrow_id, verified.terms, accepted_at
         ):
             raise PaymentRejected(Reason.DEPOSIT_FAILED, "this payment is being processed by another process; retry")
         try:
-            receipt = await _blocking(chain.deposit, verified.payload)
+            receipt = await _blocking(chain.deposit, verified.payload, gas=gas)
         except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
             if await _blocking(chain.state_of, escrow_id) == State.HELD:
                 # It landed although we saw an error (a lost receipt): go on as deposited.

@@ -17,7 +17,7 @@ from eth_typing import ChecksumAddress
 from escrow_py.chain.authorization import TokenDomain, recover_signer
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
-from escrow_py.chain.tx import TxSender
+from escrow_py.chain.tx import GAS_MARGIN, TxSender
 from escrow_py.errors import ContractRevert, ProtocolError
 from escrow_py.terms import Terms, request_hash
 from escrow_py.wire import (
@@ -194,8 +194,12 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender) -> None:
-    """Balance, authorization state, and a simulation of the deposit, as `sender` would send it."""
+def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender) -> int:
+    """Balance, authorization state, and a simulation of the deposit as `sender` would send it.
+
+    The simulation is the gas estimate itself; it returns the gas limit to send the deposit
+    with, so the transaction is not simulated a second time.
+    """
     balance = token.balance_of(payment.buyer)
     _require(
         balance >= payment.terms.amount,
@@ -209,6 +213,9 @@ def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, se
     )
     payload = payment.payload
     try:
-        sender.call(escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature))
+        gas = sender.estimate_gas(
+            escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+        )
     except ContractRevert as revert:
         raise _reject(Reason.SIMULATION_FAILED, f"deposit would revert: {revert}") from None
+    return int(gas * GAS_MARGIN)
