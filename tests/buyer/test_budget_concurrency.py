@@ -42,7 +42,9 @@ def _outcome(call: object) -> str:
     return "paid" if isinstance(call, httpx.Response) and call.status_code == 200 else str(call)
 
 
-def _assert_ledger_matches_the_chain(chain: Chain, shop: Shop, journal: Path, outcomes: Counter[str]) -> None:
+def _assert_ledger_matches_the_chain(
+    chain: Chain, shop: Shop, journal: Path, outcomes: Counter[str], seller_before: int
+) -> None:
     assert outcomes == Counter({"paid": AFFORDABLE, ReasonCode.OVER_TOTAL_BUDGET.value: REQUESTS - AFFORDABLE})
     deposits = [
         e
@@ -56,8 +58,7 @@ def _assert_ledger_matches_the_chain(chain: Chain, shop: Shop, journal: Path, ou
     rows = Journal(journal, audit=False).ledger_rows()
     assert Counter(r.status for r in rows) == Counter({LedgerStatus.SPENT: AFFORDABLE})
     assert {r.escrow_id for r in rows} == {d.id for d in deposits}
-    # The seller's poster posts; recover() reconciles the ledger with the chain's final word.
-    seller_before = chain.token.balance_of(address(SELLER))
+    # The seller's poster posts (the uvicorn lifespan's may already have); recover() reconciles the ledger.
     asyncio.run(shop.middleware.poster.flush())
     assert all(chain.escrow.state_of(d.id) is State.RELEASED for d in deposits)
     recover(journal, dev(BUYER), chain.node.url)
@@ -68,6 +69,7 @@ def _assert_ledger_matches_the_chain(chain: Chain, shop: Shop, journal: Path, ou
 
 def test_200_threads_against_a_budget_for_10(chain: Chain, shop: Shop, served: str, tmp_path: Path) -> None:
     journal = tmp_path / "buyer.sqlite"
+    seller_before = chain.token.balance_of(address(SELLER))
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
     start = threading.Barrier(REQUESTS)
@@ -87,11 +89,12 @@ def test_200_threads_against_a_budget_for_10(chain: Chain, shop: Shop, served: s
             thread.start()
         for thread in threads:
             thread.join(180)
-    _assert_ledger_matches_the_chain(chain, shop, journal, outcomes)
+    _assert_ledger_matches_the_chain(chain, shop, journal, outcomes, seller_before)
 
 
 def test_200_asyncio_tasks_against_a_budget_for_10(chain: Chain, shop: Shop, tmp_path: Path) -> None:
     journal = tmp_path / "buyer.sqlite"
+    seller_before = chain.token.balance_of(address(SELLER))
 
     async def run() -> Counter[str]:
         async with AsyncEscrowClient(
@@ -106,4 +109,4 @@ def test_200_asyncio_tasks_against_a_budget_for_10(chain: Chain, shop: Shop, tmp
 
             return Counter(await asyncio.gather(*(buy(i) for i in range(REQUESTS))))
 
-    _assert_ledger_matches_the_chain(chain, shop, journal, asyncio.run(run()))
+    _assert_ledger_matches_the_chain(chain, shop, journal, asyncio.run(run()), seller_before)
