@@ -1,4 +1,4 @@
-"""`x402-escrow bench gas|keeper`: benchmarks that print numbers (JSON with --json)."""
+"""`x402-escrow bench gas|keeper|http`: benchmarks that print numbers (JSON with --json)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keeper.add_argument("--escrows", type=int, default=1000, help="how many escrows expire together (default 1000)")
     keeper.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     keeper.set_defaults(func=_keeper)
+    http = kinds.add_parser(
+        "http", help="latency and throughput of a paid route: escrow vs the SDK's exact vs unpaid, on loopback"
+    )
+    http.add_argument("--requests", type=int, default=100, help="requests per variant and phase (default 100)")
+    http.add_argument("--concurrency", type=int, default=8, help="workers in the throughput phase (default 8)")
+    http.add_argument("--warmup", type=int, default=5, help="unmeasured requests per variant first (default 5)")
+    http.add_argument("--block-time", type=float, help="anvil block time in seconds (default: automine)")
+    http.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    http.set_defaults(func=_http)
 
 
 def _progress(message: str) -> None:
@@ -42,6 +51,36 @@ def _keeper(args: argparse.Namespace) -> int:
         return 2
     result = measure_keeper(args.escrows, progress=_progress)
     _print(result, args.json)
+    return 0
+
+
+def _http(args: argparse.Namespace) -> int:
+    from escrow_py.bench.http import measure_http
+
+    for name in ("requests", "concurrency"):
+        if getattr(args, name) < 1:
+            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    result = measure_http(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        warmup=max(0, args.warmup),
+        block_time=args.block_time,
+        progress=_progress,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'variant':<22}{'p50 ms':>10}{'p95 ms':>10}{'rps':>10}")
+    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess"):
+        row = result[name]
+        print(f"{name:<22}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['rps']:>10}")
+    for key in (
+        "ratio_p50_escrow_vs_sdk_exact",
+        "ratio_p50_escrow_vs_sdk_exact_inprocess",
+        "ratio_rps_escrow_vs_sdk_exact",
+    ):
+        print(f"{key:<44}{result[key]:>8}")
     return 0
 
 

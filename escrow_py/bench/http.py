@@ -1,0 +1,302 @@
+"""`x402-escrow bench http`: latency and throughput of a paid route, escrow against the x402 SDK's `exact`.
+
+One run, one anvil, one token, one handler served three ways on loopback uvicorn:
+
+- `unpaid`: the route with no payment at all (the floor);
+- `escrow`: behind EscrowMiddleware, paid by AsyncEscrowClient (402, sign, deposit, serve,
+  hash check; the poster posts deliveries in the background, as in production);
+- `sdk_exact`: behind the official SDK's FastAPI middleware with the `exact` scheme, paid by
+  the SDK's httpx client, settled by the SDK's facilitator running as a local HTTP server
+  against the same anvil and token (how a seller talks to a facilitator);
+- `sdk_exact_inprocess`: the same, with the facilitator in the seller's process (no HTTP
+  hop): the cheapest the SDK can be, reported so the comparison can be read both ways.
+
+Latency: requests one at a time, round-robin over the variants so that machine noise hits
+all of them alike. Throughput: `concurrency` workers per variant, variants in turn.
+Every paid request is checked: status 200, and on chain exactly one payment per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from eth_account import Account
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from escrow_py.buyer import AsyncEscrowClient
+from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer, free_port
+from escrow_py.chain.escrow import Deposited, Escrow, deploy
+from escrow_py.chain.token import Token
+from escrow_py.chain.tx import TxSender
+from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
+
+PRICE = 10_000
+NETWORK = "eip155:84532"
+# Anvil dev accounts: who plays which part.
+DEPLOYER, BUYER, ESCROW_SELLER, OPERATOR, FACILITATOR, EXACT_SELLER = 0, 1, 2, 3, 4, 5
+
+Progress = Callable[[str], None]
+
+
+def _report_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/report/{item}")
+    async def report(item: str) -> dict[str, Any]:
+        return {"item": item, "summary": f"everything about {item}"}
+
+    return app
+
+
+class _Server:
+    """A uvicorn server in a thread on 127.0.0.1."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("a benchmark server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def _stop_all(servers: list[_Server]) -> None:
+    for server in servers:
+        server.stop()
+
+
+def _facilitator_app(facilitator: Any) -> FastAPI:
+    """The SDK's facilitator behind the HTTP API its HTTPFacilitatorClient speaks."""
+    from x402.schemas import PaymentPayload, PaymentRequirements
+
+    app = FastAPI()
+
+    @app.get("/supported")
+    async def supported() -> JSONResponse:
+        return JSONResponse(facilitator.get_supported().model_dump(by_alias=True, exclude_none=True))
+
+    async def _body(request: Request) -> tuple[Any, Any]:
+        data = await request.json()
+        return (
+            PaymentPayload.model_validate(data["paymentPayload"]),
+            PaymentRequirements.model_validate(data["paymentRequirements"]),
+        )
+
+    @app.post("/verify")
+    async def verify(request: Request) -> JSONResponse:
+        payload, requirements = await _body(request)
+        result = await facilitator.verify(payload, requirements)
+        return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
+
+    @app.post("/settle")
+    async def settle(request: Request) -> JSONResponse:
+        payload, requirements = await _body(request)
+        result = await facilitator.settle(payload, requirements)
+        return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
+
+    return app
+
+
+def _exact_app(token: str, facilitator_client: Any) -> FastAPI:
+    from x402 import x402ResourceServer
+    from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+    from x402.mechanisms.evm.exact import register_exact_evm_server
+
+    server = x402ResourceServer(facilitator_client)
+    register_exact_evm_server(server, NETWORK)
+    price = {"amount": str(PRICE), "asset": token, "extra": {"name": "USDC", "version": "2"}}
+    accepts = {"scheme": "exact", "payTo": dev_signer(EXACT_SELLER).address, "network": NETWORK, "price": price}
+    app = _report_app()
+    routes: Any = {"GET /report/*": {"accepts": accepts}}  # the SDK's RouteConfig, as the JSON it documents
+    app.add_middleware(PaymentMiddlewareASGI, routes=routes, server=server)
+    return app
+
+
+def _sdk_client(token: str) -> Any:
+    from x402 import x402Client
+    from x402.mechanisms.evm import EthAccountSigner
+    from x402.mechanisms.evm.exact import register_exact_evm_client
+
+    client = x402Client()
+    register_exact_evm_client(client, EthAccountSigner(Account.from_key(dev_private_key(BUYER))), networks=NETWORK)
+    # The SDK pays only assets it knows, unless told: the local TestUSDC, capped at the price.
+    client.set_spend_controls(
+        {"allowed_assets": [{"network": NETWORK, "asset": token, "max_amount_per_payment": str(PRICE)}]}
+    )
+    return client
+
+
+@dataclass
+class Variant:
+    name: str
+    url: str
+    get: Callable[[str], Awaitable[httpx.Response]]
+    latencies: list[float] = field(default_factory=list)
+    paid: int = 0
+    rps: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        return {
+            "p50_ms": round(statistics.median(ordered) * 1000, 2),
+            "p95_ms": round(p95 * 1000, 2),
+            "rps": round(self.rps, 1),
+            "requests": self.paid,
+        }
+
+
+async def _one(variant: Variant, item: str) -> float:
+    start = time.perf_counter()
+    response = await variant.get(f"{variant.url}/report/{item}")
+    elapsed = time.perf_counter() - start
+    if response.status_code != 200:
+        raise RuntimeError(f"{variant.name}: {response.status_code} {response.text[:200]}")
+    variant.paid += 1
+    return elapsed
+
+
+async def _measure(variants: list[Variant], requests: int, concurrency: int, warmup: int, progress: Progress) -> None:
+    for variant in variants:
+        for i in range(warmup):
+            await _one(variant, f"warm-{i}")
+    progress(f"latency: {requests} sequential requests per variant, interleaved")
+    for i in range(requests):
+        for variant in variants:
+            variant.latencies.append(await _one(variant, f"lat-{i}"))
+    progress(f"throughput: {requests} requests per variant over {concurrency} concurrent workers")
+    for variant in variants:
+        queue = list(range(requests))
+
+        async def worker(v: Variant = variant, q: list[int] = queue) -> None:
+            while q:
+                await _one(v, f"tput-{q.pop()}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        variant.rps = requests / (time.perf_counter() - start)
+
+
+def measure_http(
+    *, requests: int = 100, concurrency: int = 8, warmup: int = 5, block_time: float | None = None,
+    progress: Progress = lambda _: None,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the benchmark; the JSON-ready result (see the module docstring)."""
+    from x402 import x402Facilitator
+    from x402.http import HTTPFacilitatorClient
+    from x402.http.clients.httpx import x402_httpx_transport
+    from x402.mechanisms.evm import FacilitatorWeb3Signer
+    from x402.mechanisms.evm.exact import register_exact_evm_facilitator
+
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="x402-bench-http-") as tmp:
+        progress(f"anvil ({'automine' if block_time is None else f'{block_time}s blocks'}), deploying")
+        node = stack.enter_context(Anvil(block_time=block_time))
+        w3 = node.web3()
+        deployer = TxSender(w3, dev_signer(DEPLOYER))
+        token = Token(w3, deploy(deployer, "TestUSDC", "USDC", "2"))
+        escrow = Escrow(w3, deploy(deployer, "X402Escrow"))
+        token.mint(deployer, dev_signer(BUYER).address, 10**12)
+        start_block = int(w3.eth.block_number)
+
+        servers: list[_Server] = []
+        stack.callback(lambda: _stop_all(servers))
+
+        def serve(app: Any) -> str:
+            servers.append(_Server(app))
+            return servers[-1].url
+
+        unpaid_url = serve(_report_app())
+        escrow_app = _report_app()
+        config = SellerConfig(
+            rpc_url=node.url,
+            escrow=escrow.address,
+            token=token.address,
+            network=NETWORK,
+            pay_to=dev_signer(ESCROW_SELLER).address,
+            operator=dev_signer(OPERATOR),
+            routes=[PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300)],
+            store=Path(tmp) / "seller.sqlite",
+        )
+        escrow_app.add_middleware(EscrowMiddleware, config=config)
+        escrow_url = serve(escrow_app)
+        facilitator = x402Facilitator()
+        register_exact_evm_facilitator(
+            facilitator, FacilitatorWeb3Signer(dev_private_key(FACILITATOR), node.url), NETWORK
+        )
+        facilitator_url = serve(_facilitator_app(facilitator))
+        exact_url = serve(_exact_app(token.address, HTTPFacilitatorClient({"url": facilitator_url})))
+        exact_inprocess_url = serve(_exact_app(token.address, facilitator))
+        progress("servers up: unpaid, escrow, sdk_exact (+ local facilitator), sdk_exact_inprocess")
+
+        async def run() -> list[Variant]:
+            async with (
+                httpx.AsyncClient(timeout=60) as plain,
+                AsyncEscrowClient(dev_signer(BUYER), node.url, Path(tmp) / "buyer.sqlite", timeout=60) as buyer,
+                httpx.AsyncClient(
+                    transport=x402_httpx_transport(_sdk_client(token.address), httpx.AsyncHTTPTransport()), timeout=60
+                ) as sdk,
+            ):
+                variants = [
+                    Variant("unpaid", unpaid_url, plain.get),
+                    Variant("escrow", escrow_url, buyer.get),
+                    Variant("sdk_exact", exact_url, sdk.get),
+                    Variant("sdk_exact_inprocess", exact_inprocess_url, sdk.get),
+                ]
+                await _measure(variants, requests, concurrency, warmup, progress)
+                return variants
+
+        variants = {v.name: v for v in asyncio.run(run())}
+        progress("checking every payment on chain")
+        _check_payments(w3, escrow, token, start_block, variants)
+        result: dict[str, Any] = {name: v.summary() for name, v in variants.items()}
+        result["ratio_p50_escrow_vs_sdk_exact"] = round(result["escrow"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
+        result["ratio_p50_escrow_vs_sdk_exact_inprocess"] = round(
+            result["escrow"]["p50_ms"] / result["sdk_exact_inprocess"]["p50_ms"], 3
+        )
+        result["ratio_rps_escrow_vs_sdk_exact"] = round(result["escrow"]["rps"] / result["sdk_exact"]["rps"], 3)
+        result["target_ratio_p50"] = 1.25
+        result["settings"] = {
+            "requests": requests,
+            "concurrency": concurrency,
+            "warmup": warmup,
+            "anvil": "automine" if block_time is None else f"{block_time}s blocks",
+        }
+        return result
+
+
+def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, variants: dict[str, Variant]) -> None:
+    """Exactly one on-chain payment per paid request: deposits by the buyer, and the exact seller's income."""
+    buyer = dev_signer(BUYER).address
+    deposits = [
+        e
+        for e in escrow.events(start_block, int(w3.eth.block_number))
+        if isinstance(e, Deposited) and e.terms.buyer == buyer
+    ]
+    if len(deposits) != variants["escrow"].paid or len({d.id for d in deposits}) != len(deposits):
+        raise RuntimeError(f"{variants['escrow'].paid} escrow requests but {len(deposits)} deposits")
+    exact_paid = variants["sdk_exact"].paid + variants["sdk_exact_inprocess"].paid
+    income = token.balance_of(dev_signer(EXACT_SELLER).address)
+    if income != exact_paid * PRICE:
+        raise RuntimeError(f"{exact_paid} exact requests but the exact seller received {income}")

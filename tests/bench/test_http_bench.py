@@ -1,0 +1,40 @@
+"""`x402-escrow bench http` runs end to end: every variant measured, every payment counted on chain.
+
+It asserts the shape and the accounting, never a timing: speed is read from the benchmark's output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+
+def test_bench_http_prints_every_variant_and_the_ratio() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "escrow_py.cli", "bench", "http", "--requests", "4", "--concurrency", "2",
+         "--warmup", "1", "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess"):
+        row = result[name]
+        # warm-up + latency + throughput phases, each request paid exactly once (checked on chain by the bench)
+        assert row["requests"] == 1 + 4 + 4
+        for key in ("p50_ms", "p95_ms", "rps"):
+            assert row[key] > 0 and math.isfinite(row[key])
+        assert row["p95_ms"] >= row["p50_ms"]
+    expected = round(result["escrow"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
+    assert result["ratio_p50_escrow_vs_sdk_exact"] == expected
+    assert result["settings"] == {"requests": 4, "concurrency": 2, "warmup": 1, "anvil": "automine"}
+    assert "checking every payment on chain" in out.stderr
+
+
+def test_bench_http_refuses_nonsense_settings() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "escrow_py.cli", "bench", "http", "--requests", "0"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--requests must be at least 1" in out.stderr
