@@ -60,6 +60,7 @@ demo: bootstrap
 
 bench: bootstrap
 	$(BIN)/x402-escrow bench gas --json
+	$(BIN)/x402-escrow bench http --json
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis .build
