@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -49,10 +50,20 @@ class DeliveryPoster:
         self.store = store
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
-        self._lock: asyncio.Lock | None = None
+        # A thread lock, not an asyncio one: passes are run from worker threads, and a
+        # caller may flush from another thread's event loop (an asyncio.Lock bound to
+        # one loop never wakes a waiter on another, which hangs that caller).
+        self._pass = threading.Lock()
 
     def post_pending(self) -> PostReport:
-        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch."""
+        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch.
+
+        Passes never overlap, whichever thread or event loop asks for them.
+        """
+        with self._pass:
+            return self._post_pending()
+
+    def _post_pending(self) -> PostReport:
         report = PostReport()
         self._retry_refunds(report)
         while True:
@@ -104,10 +115,7 @@ class DeliveryPoster:
 
     async def flush(self) -> PostReport:
         """One pass now, off the event loop; passes never overlap."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            return await anyio.to_thread.run_sync(self.post_pending)
+        return await anyio.to_thread.run_sync(self.post_pending)
 
     async def _run(self) -> None:
         while True:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Chain
@@ -253,6 +255,51 @@ def test_a_refund_that_fails_is_retried_by_the_poster(chain: Chain, shop: Shop) 
         assert chain.token.balance_of(address(BUYER)) == buyer_before
 
     asyncio.run(run())
+
+
+def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_overlaps(
+    chain: Chain, shop: Shop
+) -> None:
+    # The lifespan's poster runs on uvicorn's loop; an operator (or a test) may flush
+    # from its own thread and loop at the same moment. It must wait its turn, not hang.
+    async def serve() -> bytes:
+        async with shop.client() as client:
+            response, payment = await buy(client, chain, "GET", "/report/two-loops")
+        assert response.status_code == 200
+        return payment.escrow_id
+
+    escrow_id = asyncio.run(serve())
+    poster = shop.middleware.poster
+    entered, release = threading.Event(), threading.Event()
+    inside, most_inside = [0], [0]
+    pending = poster.store.pending_deliveries
+
+    def held_pass(limit: int) -> list[Any]:
+        inside[0] += 1
+        most_inside[0] = max(most_inside[0], inside[0])
+        entered.set()
+        release.wait(10)
+        inside[0] -= 1
+        return pending(limit)
+
+    poster.store.pending_deliveries = held_pass  # type: ignore[method-assign]
+    reports: dict[str, Any] = {}
+
+    def flush_on_own_loop(name: str) -> None:
+        reports[name] = asyncio.run(poster.flush())
+
+    first = threading.Thread(target=flush_on_own_loop, args=("first",))
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=flush_on_own_loop, args=("second",))
+    second.start()
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert not first.is_alive() and not second.is_alive(), "a flush from a second event loop hung"
+    assert most_inside[0] == 1
+    assert reports["first"].posted + reports["second"].posted == [escrow_id]
+    assert chain.escrow.state_of(escrow_id) == State.RELEASED
 
 
 def test_post_pending_function_posts_from_the_store(chain: Chain, shop: Shop) -> None:
