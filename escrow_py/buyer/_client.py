@@ -23,6 +23,12 @@ from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 # The paid request carries its payment here, so a transport failure can say which payment it left in flight.
 PAYMENT_EXTENSION = "x402_escrow_payment"
 
+# The clients' default pool. httpcore 1.0.9 closes an idle connection whenever the pool
+# holds more than max_keepalive_connections in all, and under many threads it can close
+# one it has just handed to a waiting request, whose read then fails with EBADF
+# (encode/httpcore#1110). With keep-alive equal to the connection limit it never does.
+POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+
 
 def lost_in_flight(exc: httpx.TransportError) -> PaymentNotDelivered | None:
     """The typed error for a connection that failed after a signed payment was sent; None if none was."""
@@ -129,6 +135,7 @@ class EscrowClient:
         **httpx_kwargs: Any,
     ) -> None:
         self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
+        httpx_kwargs.setdefault("limits", POOL_LIMITS)
         self.http = httpx.Client(auth=self.auth, **httpx_kwargs)
 
     @property
@@ -178,6 +185,7 @@ class AsyncEscrowClient:
         **httpx_kwargs: Any,
     ) -> None:
         self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
+        httpx_kwargs.setdefault("limits", POOL_LIMITS)
         self.http = httpx.AsyncClient(auth=self.auth, **httpx_kwargs)
 
     @property

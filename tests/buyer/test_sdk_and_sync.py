@@ -12,7 +12,7 @@ from helpers import BUYER, address, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
-from escrow_py.buyer import DeliveryEscrowScheme, EscrowClient, Journal, PaymentState, recover
+from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, EscrowClient, Journal, PaymentState, recover
 from escrow_py.terms import State
 
 from .conftest import BASE_URL, PRICE, Shop
@@ -56,3 +56,26 @@ def test_sync_client_over_real_http_then_recover_is_idle(chain: Chain, served: s
     (entry,) = Journal(journal).entries()
     assert entry.state is PaymentState.DELIVERED
     assert recover(journal, dev(BUYER), chain.node.url).items == []
+
+
+def test_the_clients_pool_keeps_alive_every_connection_it_may_open(chain: Chain, tmp_path: Path) -> None:
+    # httpcore 1.0.9 closes "surplus" idle connections once the pool holds more than
+    # max_keepalive_connections, and under many threads one already handed to a waiting
+    # request (encode/httpcore#1110): the 200-thread budget test failed on it with EBADF.
+    def pool_limits(http: httpx.Client | httpx.AsyncClient) -> tuple[int, int]:
+        pool = http._transport._pool  # type: ignore[union-attr]
+        return pool._max_connections, pool._max_keepalive_connections
+
+    with EscrowClient(dev(BUYER), chain.node.url, tmp_path / "a.sqlite") as client:
+        most, kept = pool_limits(client.http)
+    assert kept >= most
+    chosen = httpx.Limits(max_connections=7, max_keepalive_connections=3)
+    with EscrowClient(dev(BUYER), chain.node.url, tmp_path / "b.sqlite", limits=chosen) as client:
+        assert pool_limits(client.http) == (7, 3)  # a caller's own limits win
+
+    async def async_limits() -> tuple[int, int]:
+        async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "c.sqlite") as client:
+            return pool_limits(client.http)
+
+    most, kept = asyncio.run(async_limits())
+    assert kept >= most
