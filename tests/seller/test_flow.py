@@ -38,6 +38,18 @@ def _settlement(response_headers: dict[str, str] | object) -> tuple[object, Sett
     return settle, SettlementExtra.from_json(settle.extra)
 
 
+def _served_and_held(chain: Chain, shop: Shop, path: str) -> bytes:
+    """Buy `path` once; the delivery is queued, not posted yet. Returns the escrow id."""
+
+    async def serve() -> bytes:
+        async with shop.client() as client:
+            response, payment = await buy(client, chain, "GET", path)
+        assert response.status_code == 200
+        return payment.escrow_id
+
+    return asyncio.run(serve())
+
+
 def test_unpriced_route_passes_through_and_priced_route_answers_402(shop: Shop) -> None:
     async def run() -> None:
         async with shop.client() as client:
@@ -262,13 +274,7 @@ def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_ov
 ) -> None:
     # The lifespan's poster runs on uvicorn's loop; an operator (or a test) may flush
     # from its own thread and loop at the same moment. It must wait its turn, not hang.
-    async def serve() -> bytes:
-        async with shop.client() as client:
-            response, payment = await buy(client, chain, "GET", "/report/two-loops")
-        assert response.status_code == 200
-        return payment.escrow_id
-
-    escrow_id = asyncio.run(serve())
+    escrow_id = _served_and_held(chain, shop, "/report/two-loops")
     poster = shop.middleware.poster
     entered, release = threading.Event(), threading.Event()
     inside, most_inside = [0], [0]
@@ -303,13 +309,7 @@ def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_ov
 
 
 def test_post_pending_function_posts_from_the_store(chain: Chain, shop: Shop) -> None:
-    async def serve() -> bytes:
-        async with shop.client() as client:
-            response, payment = await buy(client, chain, "GET", "/report/cron")
-        assert response.status_code == 200
-        return payment.escrow_id
-
-    escrow_id = asyncio.run(serve())
+    escrow_id = _served_and_held(chain, shop, "/report/cron")
     shop.middleware.store.close()
     report = post_pending(shop.config)
     assert report.posted == [escrow_id]
