@@ -276,11 +276,14 @@ def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_ov
     # from its own thread and loop at the same moment. It must wait its turn, not hang.
     escrow_id = _served_and_held(chain, shop, "/report/two-loops")
     poster = shop.middleware.poster
-    entered, release = threading.Event(), threading.Event()
-    inside, most_inside = [0], [0]
+    entered, second_entered, release = threading.Event(), threading.Event(), threading.Event()
+    inside, most_inside, passes = [0], [0], set[int]()
     pending = poster.store.pending_deliveries
 
     def held_pass(limit: int) -> list[Any]:
+        passes.add(threading.get_ident())
+        if len(passes) > 1:
+            second_entered.set()
         inside[0] += 1
         most_inside[0] = max(most_inside[0], inside[0])
         entered.set()
@@ -299,6 +302,8 @@ def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_ov
     assert entered.wait(10)
     second = threading.Thread(target=flush_on_own_loop, args=("second",))
     second.start()
+    # Without serialisation the second pass would be inside within this half second.
+    assert not second_entered.wait(0.5), "a second pass ran while the first was under way"
     release.set()
     first.join(30)
     second.join(30)
