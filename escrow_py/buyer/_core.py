@@ -36,7 +36,7 @@ from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.errors import ProtocolError
-from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, delivery_hash, request_hash
+from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
 from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
@@ -277,7 +277,7 @@ class PaymentCore:
         """Check the offer, build and sign the terms, and journal them durably; raises PaymentRefused."""
         req = offer.requirements
         body = request.content
-        url = str(request.url)
+        url = canonical_url(str(request.url))
         expected = request_hash(request.method, url, body)
         if expected != req.extra.request_hash:
             raise RequestHashMismatch(expected, req.extra.request_hash, request.method, url)

@@ -22,7 +22,7 @@ from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._poster import DeliveryPoster
 from escrow_py.seller._store import POSTED, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
-from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
@@ -357,17 +357,22 @@ class EscrowMiddleware:
         return _Request(method, url, body, route, offer)
 
     def _resource_url(self, scope: Scope) -> str:
-        path = str(scope.get("root_path", "")) + str(scope["path"])
+        """The canonical URL of this request as it went over the wire (terms.canonical_url)."""
+        root = str(scope.get("root_path", "")).encode("utf-8")
+        # raw_path is the request target exactly as sent; `path` is already percent-decoded.
+        target = scope.get("raw_path") or str(scope["path"]).encode("utf-8")
+        if root and not target.startswith(root):
+            target = root + target
         if self.config.public_base_url is not None:
-            url = self.config.public_base_url + path
+            base = self.config.public_base_url.encode("utf-8")
         else:
             host = _header(scope, b"host")
             if host is None:
                 server = scope.get("server") or ("localhost", None)
                 host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
-            url = f"{scope.get('scheme', 'http')}://{host}{path}"
-        query = bytes(scope.get("query_string", b"")).decode("latin-1")
-        return f"{url}?{query}" if query else url
+            base = f"{scope.get('scheme', 'http')}://{host}".encode("latin-1")
+        query = bytes(scope.get("query_string", b""))
+        return canonical_url(base + target + (b"?" + query if query else b""))
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
