@@ -15,7 +15,7 @@ from web3.types import RPCEndpoint
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import decode_revert
-from escrow_py.terms import State, delivery_hash
+from escrow_py.terms import State, Terms, delivery_hash
 
 HASH = delivery_hash(b"served")
 
@@ -87,8 +87,10 @@ def test_reentrant_deliver_during_refund_bubbles_reentrancy(chain: Chain) -> Non
     assert _callback_errors(chain, OPERATOR, chain.escrow.refund_many_data([a])) == ["Reentrancy"]
     with expect_revert("TransferFailed", token=token.address, to=a.buyer, amount=a.amount, reason=REENTRANCY):
         chain.escrow.refund(chain.sender(OPERATOR), a)
-    with expect_revert("TransferFailed", token=token.address, to=a.buyer, amount=a.amount, reason=REENTRANCY):
-        chain.escrow.refund_many(chain.sender(OPERATOR), [a])
+    # In a batch the refused payout is put back, not reverted.
+    receipt = chain.escrow.refund_many(chain.sender(OPERATOR), [a])
+    assert chain.escrow.events_in(receipt) == []
+    assert [(f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [(a.buyer, a.amount)]
     assert chain.escrow.state_of(chain.escrow.id_of(a)) is State.HELD
     assert chain.escrow.state_of(chain.escrow.id_of(b)) is State.HELD
 
@@ -140,8 +142,8 @@ def test_false_returning_token_payouts_revert_and_funds_stay_held(chain: Chain) 
     with expect_revert("TransferFailed", token=token.address, to=terms.buyer, amount=4_000, reason=b""):
         chain.escrow.refund(chain.sender(SELLER), terms)
     clock_at(chain, terms.deadline)
-    with expect_revert("TransferFailed", token=token.address, to=terms.buyer, amount=4_000, reason=b""):
-        chain.escrow.refund_many(chain.sender(STRANGER), [terms])
+    receipt = chain.escrow.refund_many(chain.sender(STRANGER), [terms])
+    assert [(f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [(terms.buyer, 4_000)]
     assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
     assert token.balance_of(chain.escrow.address) == 4_000
 
@@ -177,10 +179,52 @@ def test_a_blocking_token_does_not_hold_up_another_tokens_escrows(chain: Chain) 
     with expect_revert(
         "TransferFailed", token=token.address, to=address(SELLER), amount=1_000, reason=blocked(address(SELLER))
     ):
-        chain.escrow.deliver_many(chain.sender(SELLER), [(stuck, HASH), (normal, HASH)])
-    chain.escrow.deliver(chain.sender(SELLER), normal, HASH)
+        chain.escrow.deliver(chain.sender(SELLER), stuck, HASH)
+    # In one batch the blocked payout is put back and the other token's escrow is delivered.
+    receipt = chain.escrow.deliver_many(chain.sender(SELLER), [(stuck, HASH), (normal, HASH)])
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(normal)]
+    assert chain.escrow.state_of(chain.escrow.id_of(stuck)) is State.HELD
     assert chain.token.balance_of(address(SELLER)) == 3_000
     assert chain.token.balance_of(chain.escrow.address) == 0
     # The seller's own side gives the blocked payment back instead.
     chain.escrow.refund(chain.sender(OPERATOR), stuck)
     assert token.balance_of(chain.escrow.address) == 0
+
+
+def test_a_token_whose_transfer_returns_nothing_pays_out(chain: Chain) -> None:
+    """USDT-style: `transfer` returns no data at all; a successful call with no answer is a transfer."""
+    token = chain.deploy_token("NoReturnToken")
+    delivered = make_terms(chain, token=token.address, amount=1_000)
+    refunded = make_terms(chain, token=token.address, amount=2_000)
+    batched = make_terms(chain, token=token.address, amount=4_000)
+    for terms in (delivered, refunded, batched):
+        deposit(chain, terms)
+    chain.escrow.deliver(chain.sender(SELLER), delivered, HASH)
+    chain.escrow.refund(chain.sender(SELLER), refunded)
+    receipt = chain.escrow.deliver_many(chain.sender(SELLER), [(batched, HASH)])
+    assert chain.escrow.payout_failures_in(receipt) == []
+    assert token.balance_of(address(SELLER)) == 5_000
+    assert token.balance_of(chain.escrow.address) == 0
+    assert chain.escrow.state_of(chain.escrow.id_of(batched)) is State.RELEASED
+
+
+def _terms_whose_id_ends_in_one(chain: Chain, token: str) -> Terms:
+    """Terms whose escrow id's last byte is 0x01: the word left in the escrow's scratch memory then ends
+    in 1, so a short answer copied over its first 31 bytes would read as `true` without the size check."""
+    while True:
+        terms = make_terms(chain, token=token, amount=3_000)
+        if chain.escrow.id_of(terms)[-1] == 1:
+            return terms
+
+
+def test_a_token_whose_transfer_returns_fewer_than_32_bytes_is_refused(chain: Chain) -> None:
+    token = chain.deploy_token("ShortReturnToken")
+    terms = _terms_whose_id_ends_in_one(chain, token.address)
+    deposit(chain, terms)
+    with expect_revert("TransferFailed", token=token.address, to=terms.seller, amount=3_000, reason=b""):
+        chain.escrow.deliver(chain.sender(SELLER), terms, HASH)
+    with expect_revert("TransferFailed", token=token.address, to=terms.buyer, amount=3_000, reason=b""):
+        chain.escrow.refund(chain.sender(SELLER), terms)
+    receipt = chain.escrow.deliver_many(chain.sender(SELLER), [(terms, HASH)])
+    assert [(f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [(terms.seller, 3_000)]
+    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
