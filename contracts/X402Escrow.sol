@@ -67,14 +67,17 @@ contract X402Escrow is IX402Escrow {
 
     /// @notice Gas given to each token transfer of a `deliverMany`/`refundMany` payout.
     /// @dev USDC's transfer costs under 45,000 even to a recipient with no balance yet.
-    uint256 public constant PAYOUT_GAS = 100_000;
+    uint256 internal constant PAYOUT_GAS = 100_000;
 
     /// @notice Gas given to each buyer's pull in `settleMany` (the token's signature check included).
-    uint256 public constant PULL_GAS = 300_000;
+    uint256 internal constant PULL_GAS = 300_000;
 
     /// @notice Gas a batch keeps after a capped call that used all it was given, enough for the
     ///         aggregated transfer that may follow it.
-    uint256 public constant BATCH_GAS_RESERVE = 100_000;
+    uint256 internal constant BATCH_GAS_RESERVE = 100_000;
+
+    /// @dev A call's gas argument meaning "all there is": the EVM gives a callee at most 63/64 of what is left.
+    uint256 private constant ALL_GAS = type(uint256).max;
 
     /// @dev Gas given to the `balanceOf` look-up before a `settleMany` pull.
     uint256 private constant BALANCE_GAS = 50_000;
@@ -104,8 +107,10 @@ contract X402Escrow is IX402Escrow {
     uint256 private constant RELEASED = uint256(State.Released);
     uint256 private constant REFUNDED = uint256(State.Refunded);
 
-    /// @notice State of each escrow, by id (a `State` as a word).
-    mapping(bytes32 id => uint256) private _states;
+    // Storage: one slot per escrow, its `State` as a full word (a write needs no read of the slot first),
+    // at the slot numbered by the escrow id itself (`_state`, `_setState`). Ids are keccak256 outputs: they
+    // meet neither each other nor any other slot (the contract has no other storage), so no mapping hash
+    // is needed to place them. Read through `stateOf`.
 
     /// @notice Non-zero while a state-changing call runs; cleared at its end, and at the end of the transaction at the latest.
     /// @dev A full word: setting it needs no read-modify-write.
@@ -141,25 +146,27 @@ contract X402Escrow is IX402Escrow {
         // Nothing to hold.
         if (t.amount == 0) revert ZeroAmount();
         // A release would send the funds nowhere.
-        if (t.seller == address(0)) revert ZeroSeller();
+        if (_sellerOf(t) == address(0)) revert ZeroSeller();
         // The delivery window must still be open.
-        if (block.timestamp >= t.deadline) revert DeadlinePassed(t.deadline, block.timestamp);
-        // Funds are never locked for longer than the fixed window.
-        if (t.deadline > block.timestamp + MAX_DEADLINE_WINDOW) {
-            revert DeadlineTooFar(t.deadline, block.timestamp + MAX_DEADLINE_WINDOW);
+        if (block.timestamp >= _deadlineOf(t)) revert DeadlinePassed(_deadlineOf(t), block.timestamp);
+        uint256 maxDeadline;
+        unchecked {
+            maxDeadline = block.timestamp + MAX_DEADLINE_WINDOW; // a timestamp is far from 2**256
         }
+        // Funds are never locked for longer than the fixed window.
+        if (_deadlineOf(t) > maxDeadline) revert DeadlineTooFar(_deadlineOf(t), maxDeadline);
         // A token with no code would "transfer" without moving anything (the pull below is a raw call).
-        if (t.token.code.length == 0) revert NotAContract(t.token);
-        uint256 state = _states[id];
+        if (_tokenOf(t).code.length == 0) revert NotAContract(_tokenOf(t));
+        uint256 state = _state(id);
         // Once per id, even with a token that does not enforce its nonces.
         if (state != 0) revert AlreadyDeposited(id, State(state));
 
-        _states[id] = HELD;
+        _setState(id, HELD);
 
-        emit Deposited(id, t.buyer, t.seller, t.operator, t.token, t.amount, t.deadline, t.requestHash, t.salt);
+        _emitDeposited(t, id);
 
         // The token's own revert (spent nonce, bad signature, expired, no balance) is the caller's answer.
-        if (!_pull(t, validAfter, validBefore, signature, id, false)) _bubbleRevert();
+        if (!_pull(t, validAfter, validBefore, signature, id, ALL_GAS)) _bubbleRevert();
     }
 
     /// @inheritdoc IX402Escrow
@@ -167,37 +174,37 @@ contract X402Escrow is IX402Escrow {
         bytes32 id = _id(t);
         // An unset hash is a bug in the caller, not a delivery.
         if (deliveryHash == 0) revert ZeroDeliveryHash(id);
-        uint256 state = _states[id];
+        uint256 state = _state(id);
         // Only held funds can be released.
         if (state != HELD) revert NotHeld(id, State(state));
         // Only the seller's side vouches for a delivery.
-        if (msg.sender != t.seller && msg.sender != t.operator) {
-            revert NotSellerOrOperator(msg.sender, t.seller, t.operator);
+        if (msg.sender != _sellerOf(t) && msg.sender != _operatorOf(t)) {
+            revert NotSellerOrOperator(msg.sender, _sellerOf(t), _operatorOf(t));
         }
         // Strictly before the deadline, so release and third-party refund never overlap.
-        if (block.timestamp >= t.deadline) revert DeadlinePassed(t.deadline, block.timestamp);
+        if (block.timestamp >= _deadlineOf(t)) revert DeadlinePassed(_deadlineOf(t), block.timestamp);
 
-        _states[id] = RELEASED;
+        _setState(id, RELEASED);
 
         emit Delivered(id, deliveryHash);
-        _send(t.token, t.seller, t.amount);
+        _send(_tokenOf(t), _sellerOf(t), t.amount);
     }
 
     /// @inheritdoc IX402Escrow
     function refund(Terms calldata t) external nonReentrant {
         bytes32 id = _id(t);
-        uint256 state = _states[id];
+        uint256 state = _state(id);
         // Only held funds can be refunded.
         if (state != HELD) revert NotHeld(id, State(state));
         // Before the deadline the seller's side alone may give up the payment.
-        if (block.timestamp < t.deadline && msg.sender != t.seller && msg.sender != t.operator) {
-            revert RefundBeforeDeadline(t.deadline, block.timestamp, msg.sender);
+        if (block.timestamp < _deadlineOf(t) && msg.sender != _sellerOf(t) && msg.sender != _operatorOf(t)) {
+            revert RefundBeforeDeadline(_deadlineOf(t), block.timestamp, msg.sender);
         }
 
-        _states[id] = REFUNDED;
+        _setState(id, REFUNDED);
 
         emit Refunded(id, msg.sender);
-        _send(t.token, t.buyer, t.amount);
+        _send(_tokenOf(t), _buyerOf(t), t.amount);
     }
 
     /// @inheritdoc IX402Escrow
@@ -222,17 +229,17 @@ contract X402Escrow is IX402Escrow {
             // An unset hash is a bug in the caller, whatever the entry's state.
             if (deliveryHash == 0) revert ZeroDeliveryHash(id);
             // Only the seller's side vouches for a delivery, whatever the entry's state.
-            if (msg.sender != t.seller && msg.sender != t.operator) {
-                revert NotSellerOrOperator(msg.sender, t.seller, t.operator);
+            if (msg.sender != _sellerOf(t) && msg.sender != _operatorOf(t)) {
+                revert NotSellerOrOperator(msg.sender, _sellerOf(t), _operatorOf(t));
             }
             // Not held (settled by a racing poster, or never deposited, e.g. reorged out): done, not an error.
-            if (_states[id] != HELD) continue;
+            if (_state(id) != HELD) continue;
             // Past its deadline (it passed after the poster's simulation): the buyer's to refund, not an error.
-            if (block.timestamp >= t.deadline) continue;
+            if (block.timestamp >= _deadlineOf(t)) continue;
 
-            _states[id] = RELEASED;
+            _setState(id, RELEASED);
 
-            released += _queue(payout, t.token, t.seller, t.amount, queued, ids, hashes);
+            released += _queue(payout, _tokenOf(t), _sellerOf(t), t.amount, queued, ids, hashes);
             ids[queued] = id;
             hashes[queued] = deliveryHash;
             ++queued;
@@ -253,13 +260,13 @@ contract X402Escrow is IX402Escrow {
             Terms calldata t = ts[i];
             bytes32 id = _id(t);
             // Not held (refunded by a racing keeper, delivered, or never deposited, e.g. reorged out): done.
-            if (_states[id] != HELD) continue;
+            if (_state(id) != HELD) continue;
             // A third party's refund before the deadline is not due yet: skipped, retried after it.
-            if (block.timestamp < t.deadline && msg.sender != t.seller && msg.sender != t.operator) continue;
+            if (block.timestamp < _deadlineOf(t) && msg.sender != _sellerOf(t) && msg.sender != _operatorOf(t)) continue;
 
-            _states[id] = REFUNDED;
+            _setState(id, REFUNDED);
 
-            refunded += _queue(payout, t.token, t.buyer, t.amount, queued, ids, noHashes);
+            refunded += _queue(payout, _tokenOf(t), _buyerOf(t), t.amount, queued, ids, noHashes);
             ids[queued] = id;
             ++queued;
         }
@@ -277,15 +284,15 @@ contract X402Escrow is IX402Escrow {
         id = _id(t);
         _checkSettlement(t, id, deliveryHash);
         // Strictly before the deadline, like a delivery.
-        if (block.timestamp >= t.deadline) revert DeadlinePassed(t.deadline, block.timestamp);
+        if (block.timestamp >= _deadlineOf(t)) revert DeadlinePassed(_deadlineOf(t), block.timestamp);
         // A token with no code would "transfer" without moving anything (the pull below is a raw call).
-        if (t.token.code.length == 0) revert NotAContract(t.token);
+        if (_tokenOf(t).code.length == 0) revert NotAContract(_tokenOf(t));
 
         // The token's own revert (spent nonce: settled or deposited before; bad signature; no balance) is the answer.
-        if (!_pull(t, validAfter, validBefore, signature, id, false)) _bubbleRevert();
+        if (!_pull(t, validAfter, validBefore, signature, id, ALL_GAS)) _bubbleRevert();
 
         emit Settled(id, deliveryHash);
-        _send(t.token, t.seller, t.amount);
+        _send(_tokenOf(t), _sellerOf(t), t.amount);
     }
 
     /// @inheritdoc IX402Escrow
@@ -314,10 +321,10 @@ contract X402Escrow is IX402Escrow {
                 continue;
             }
             emit Settled(id, s.deliveryHash);
-            if (payout.token != t.token || payout.to != t.seller || payout.amount > type(uint256).max - t.amount) {
+            if (payout.token != _tokenOf(t) || payout.to != _sellerOf(t) || payout.amount > type(uint256).max - t.amount) {
                 _flush(payout);
-                payout.token = t.token;
-                payout.to = t.seller;
+                payout.token = _tokenOf(t);
+                payout.to = _sellerOf(t);
             }
             payout.amount += t.amount;
             ++settled;
@@ -330,7 +337,7 @@ contract X402Escrow is IX402Escrow {
 
     /// @inheritdoc IX402Escrow
     function stateOf(bytes32 id) external view returns (State) {
-        return State(_states[id]);
+        return State(_state(id));
     }
 
     /// @inheritdoc IX402Escrow
@@ -352,11 +359,15 @@ contract X402Escrow is IX402Escrow {
 
     /// @dev The escrow id, hashed in scratch memory (a batch computes one per entry and keeps none).
     ///      Validating first makes hashing the eight static words as they lie in calldata equal
-    ///      hashing the decoded values.
+    ///      hashing the decoded values. One block, not `termsHash` plus a hash: every call is paid per entry.
     function _id(Terms calldata t) private view returns (bytes32 id) {
-        _validate(t);
         bytes32 typehash = TERMS_TYPEHASH;
+        uint256 dirty;
         assembly ("memory-safe") {
+            let addresses := or(
+                or(calldataload(t), calldataload(add(t, 0x20))), or(calldataload(add(t, 0x40)), calldataload(add(t, 0x60)))
+            )
+            dirty := or(shr(160, addresses), shr(64, calldataload(add(t, 0xa0))))
             let m := mload(0x40)
             mstore(m, typehash)
             calldatacopy(add(m, 0x20), t, 0x100)
@@ -366,6 +377,52 @@ contract X402Escrow is IX402Escrow {
             mstore(add(m, 0x40), hash)
             id := keccak256(m, 0x60)
         }
+        // The terms are ABI-clean: no dirty high bits in an address or the deadline.
+        if (dirty != 0) _revertMalformed(t);
+    }
+
+    // Fields of terms that `_id` validated, read raw: the ABI decoder would check their high bits again at
+    // every access. Only ever read after `_id(t)`. (`t.amount`, a full word, needs no check.)
+
+    function _buyerOf(Terms calldata t) private pure returns (address buyer) {
+        assembly ("memory-safe") {
+            buyer := calldataload(t)
+        }
+    }
+
+    function _sellerOf(Terms calldata t) private pure returns (address seller) {
+        assembly ("memory-safe") {
+            seller := calldataload(add(t, 0x20))
+        }
+    }
+
+    function _operatorOf(Terms calldata t) private pure returns (address operator) {
+        assembly ("memory-safe") {
+            operator := calldataload(add(t, 0x40))
+        }
+    }
+
+    function _tokenOf(Terms calldata t) private pure returns (address token) {
+        assembly ("memory-safe") {
+            token := calldataload(add(t, 0x60))
+        }
+    }
+
+    function _deadlineOf(Terms calldata t) private pure returns (uint64 deadline) {
+        assembly ("memory-safe") {
+            deadline := calldataload(add(t, 0xa0))
+        }
+    }
+
+    /// @dev Emits `Deposited` with every term. The six data words (operator, token, amount, deadline,
+    ///      requestHash, salt) lie in that order in the validated calldata, so they are copied as they are.
+    function _emitDeposited(Terms calldata t, bytes32 id) private {
+        bytes32 topic = Deposited.selector;
+        assembly ("memory-safe") {
+            let m := mload(0x40)
+            calldatacopy(m, add(t, 0x40), 0xc0)
+            log4(m, 0xc0, topic, id, calldataload(t), calldataload(add(t, 0x20)))
+        }
     }
 
     /// @dev Reverts with `MalformedTerms` unless every field is ABI-clean (no dirty high bits in the
@@ -373,16 +430,19 @@ contract X402Escrow is IX402Escrow {
     function _validate(Terms calldata t) private pure {
         uint256 dirty;
         assembly ("memory-safe") {
-            for { let i := 0 } lt(i, 4) { i := add(i, 1) } {
-                dirty := or(dirty, shr(160, calldataload(add(t, mul(i, 0x20)))))
-            }
-            dirty := or(dirty, shr(64, calldataload(add(t, 0xa0))))
+            let addresses := or(
+                or(calldataload(t), calldataload(add(t, 0x20))), or(calldataload(add(t, 0x40)), calldataload(add(t, 0x60)))
+            )
+            dirty := or(shr(160, addresses), shr(64, calldataload(add(t, 0xa0))))
         }
-        if (dirty != 0) {
-            uint256 field;
-            while (field < 4 && _cleanAddress(t, field)) ++field;
-            revert MalformedTerms(field == 4 ? 5 : field);
-        }
+        if (dirty != 0) _revertMalformed(t);
+    }
+
+    /// @dev Reverts with `MalformedTerms` naming the first dirty field of terms known to have one.
+    function _revertMalformed(Terms calldata t) private pure {
+        uint256 field;
+        while (field < 4 && _cleanAddress(t, field)) ++field;
+        revert MalformedTerms(field == 4 ? 5 : field);
     }
 
     /// @dev Whether word `field` of the terms holds a clean address.
@@ -399,10 +459,24 @@ contract X402Escrow is IX402Escrow {
         // Nothing to pay.
         if (t.amount == 0) revert ZeroAmount();
         // The payout would go nowhere.
-        if (t.seller == address(0)) revert ZeroSeller();
+        if (_sellerOf(t) == address(0)) revert ZeroSeller();
         // Only the seller's side vouches for a delivery, and only it may spend the buyer's authorization.
-        if (msg.sender != t.seller && msg.sender != t.operator) {
-            revert NotSellerOrOperator(msg.sender, t.seller, t.operator);
+        if (msg.sender != _sellerOf(t) && msg.sender != _operatorOf(t)) {
+            revert NotSellerOrOperator(msg.sender, _sellerOf(t), _operatorOf(t));
+        }
+    }
+
+    /// @dev Escrow `id`'s state word, from the slot numbered by the id.
+    function _state(bytes32 id) private view returns (uint256 state) {
+        assembly ("memory-safe") {
+            state := sload(id)
+        }
+    }
+
+    /// @dev Writes escrow `id`'s state word.
+    function _setState(bytes32 id, uint256 state) private {
+        assembly ("memory-safe") {
+            sstore(id, state)
         }
     }
 
@@ -414,13 +488,13 @@ contract X402Escrow is IX402Escrow {
     {
         Terms calldata t = s.terms;
         // Past its deadline (it passed after the seller's simulation): never paid, not an error.
-        if (block.timestamp >= t.deadline) return (false, SkipReason.DeadlinePassed);
+        if (block.timestamp >= _deadlineOf(t)) return (false, SkipReason.DeadlinePassed);
         // A token with no code would "transfer" without moving anything (the pull is a raw call).
-        if (t.token != checkedToken && t.token.code.length == 0) return (false, SkipReason.NotAContract);
+        if (_tokenOf(t) != checkedToken && _tokenOf(t).code.length == 0) return (false, SkipReason.NotAContract);
         // A buyer who moved its funds, skipped for little gas: the token would write the nonce before failing.
-        if (_balanceBelow(t.token, t.buyer, t.amount)) return (false, SkipReason.InsufficientBalance);
+        if (_balanceBelow(_tokenOf(t), _buyerOf(t), t.amount)) return (false, SkipReason.InsufficientBalance);
         // A spent nonce (deposited or settled before), a cancelled or expired authorization, a bad signature.
-        if (!_pull(t, s.validAfter, s.validBefore, s.signature, id, true)) return (false, SkipReason.PullFailed);
+        if (!_pull(t, s.validAfter, s.validBefore, s.signature, id, PULL_GAS)) return (false, SkipReason.PullFailed);
         return (true, reason);
     }
 
@@ -465,7 +539,7 @@ contract X402Escrow is IX402Escrow {
             return end - payout.first;
         }
         for (uint256 k = payout.first; k < end; ++k) {
-            _states[ids[k]] = HELD;
+            _setState(ids[k], HELD);
         }
         emit PayoutFailed(payout.token, payout.to, payout.amount);
     }
@@ -479,23 +553,23 @@ contract X402Escrow is IX402Escrow {
     }
 
     /// @dev Pulls the payment with the signature encoding the token understands best; false if the
-    ///      token refused. `capped`: a batch's pull, given `PULL_GAS` after checking it will get all of it.
-    ///      No return data is copied; `_bubbleRevert` reads the last call's.
+    ///      token refused. `gasLimit`: `ALL_GAS` for a single payment; `PULL_GAS` for a batch's, each
+    ///      call checked first to get all of it. No return data is copied; `_bubbleRevert` reads the last call's.
     function _pull(
         Terms calldata t,
         uint256 validAfter,
         uint256 validBefore,
         bytes calldata signature,
         bytes32 id,
-        bool capped
+        uint256 gasLimit
     ) private returns (bool ok) {
-        address token = t.token;
-        address buyer = t.buyer;
+        address token = _tokenOf(t);
+        address buyer = _buyerOf(t);
         uint256 amount = t.amount;
+        bool capped = gasLimit != ALL_GAS;
         if (signature.length == 65) {
             // The (v, r, s) form exists on every ERC-3009 token; the bytes form only on newer ones.
             if (capped) _requireGas(PULL_GAS_NEEDED);
-            uint256 gasLimit = capped ? PULL_GAS : gasleft();
             bytes4 selector = RECEIVE_VRS_SELECTOR;
             assembly ("memory-safe") {
                 let m := mload(0x40)
@@ -519,9 +593,8 @@ contract X402Escrow is IX402Escrow {
             RECEIVE_BYTES_SELECTOR, buyer, address(this), amount, validAfter, validBefore, id, signature
         );
         if (capped) _requireGas(PULL_GAS_NEEDED);
-        uint256 limit = capped ? PULL_GAS : gasleft();
         assembly ("memory-safe") {
-            ok := call(limit, token, 0, add(data, 0x20), mload(data), 0, 0)
+            ok := call(gasLimit, token, 0, add(data, 0x20), mload(data), 0, 0)
         }
     }
 
@@ -541,7 +614,7 @@ contract X402Escrow is IX402Escrow {
 
     /// @dev ERC-20 transfer that reverts with `TransferFailed` unless the token transferred.
     function _send(address token, address to, uint256 amount) private {
-        (bool called, bool ok) = _transfer(token, to, amount, gasleft());
+        (bool called, bool ok) = _transfer(token, to, amount, ALL_GAS);
         // A revert's data is the token's reason (a blacklist, a refused re-entry); a `false` has none.
         if (!ok) revert TransferFailed(token, to, amount, called ? bytes("") : _returnData());
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
-from helpers import address, clock_at, deposit, expect_revert, make_terms
+from helpers import address, clock_at, deposit, make_terms
 
 from escrow_py.chain.escrow import Refunded
 from escrow_py.terms import State, Terms, delivery_hash
