@@ -589,13 +589,24 @@ contract X402Escrow is IX402Escrow {
             // whose pull failed gets the bytes form too. No cost unless the first form failed.
             if (ok || buyer.code.length == 0) return ok;
         }
-        bytes memory data = abi.encodeWithSelector(
-            RECEIVE_BYTES_SELECTOR, buyer, address(this), amount, validAfter, validBefore, id, signature
-        );
+        bytes memory data = _bytesPullData(t, validAfter, validBefore, signature, id);
         if (capped) _requireGas(PULL_GAS_NEEDED);
         assembly ("memory-safe") {
             ok := call(gasLimit, token, 0, add(data, 0x20), mload(data), 0, 0)
         }
+    }
+
+    /// @dev Calldata of `receiveWithAuthorization` with the signature as bytes.
+    function _bytesPullData(
+        Terms calldata t,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes calldata signature,
+        bytes32 id
+    ) private view returns (bytes memory) {
+        return abi.encodeWithSelector(
+            RECEIVE_BYTES_SELECTOR, _buyerOf(t), address(this), t.amount, validAfter, validBefore, id, signature
+        );
     }
 
     /// @dev Whether the token says `who` holds less than `amount`. A token that does not answer with a
