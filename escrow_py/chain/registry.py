@@ -44,7 +44,7 @@ CREATE2_PROXY = to_checksum_address("0x4e59b44847b379578588920ca78fbf26c0b4956c"
 ESCROW_SALT = keccak(text="x402-escrow")
 # Where X402Escrow lives on every chain: CREATE2_PROXY, ESCROW_SALT and the shipped creation bytecode.
 # A change to the contract changes it: tests/deploy/test_registry.py says the new value.
-ESCROW_ADDRESS = to_checksum_address("0x0000000000000000000000000000000000000000")
+ESCROW_ADDRESS = to_checksum_address("0x298E30EBFc0717cA9EA00fec7ac862D461745214")
 
 
 def create2_address(init_code: bytes, salt: bytes = ESCROW_SALT, factory: str = CREATE2_PROXY) -> ChecksumAddress:
