@@ -16,7 +16,7 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 
 from escrow_py.chain.signer import Signer
-from escrow_py.terms import Terms
+from escrow_py.terms import Terms, parse_uint
 
 RECEIVE_WITH_AUTHORIZATION = "ReceiveWithAuthorization"
 TRANSFER_WITH_AUTHORIZATION = "TransferWithAuthorization"
@@ -86,13 +86,16 @@ class Authorization:
         if not isinstance(data, dict):
             raise ValueError("authorization must be a JSON object")
         try:
-            nonce = bytes.fromhex(str(data["nonce"]).removeprefix("0x"))
-            numbers = {}
-            for key in ("value", "validAfter", "validBefore"):
-                raw = data[key]
-                if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit():
-                    raise ValueError(f"authorization.{key} must be a non-negative integer")
-                numbers[key] = int(raw)
+            if not isinstance(data["nonce"], str):
+                raise ValueError("authorization.nonce must be a 0x hex string")
+            nonce = bytes.fromhex(data["nonce"].removeprefix("0x"))
+            # uint256 on the token: anything wider is refused here, not by the ABI encoder later.
+            numbers = {
+                key: parse_uint(data[key], f"authorization.{key}") for key in ("value", "validAfter", "validBefore")
+            }
+            for key in ("from", "to"):
+                if not isinstance(data[key], str):
+                    raise ValueError(f"authorization.{key} must be an address string")
             auth = cls(
                 from_=to_checksum_address(data["from"]),
                 to=to_checksum_address(data["to"]),
