@@ -57,7 +57,10 @@ class PricedRoute:
         object.__setattr__(self, "_regex", _compile_path(self.path))
 
     def matches(self, method: str, path: str) -> bool:
-        return method.upper() == self.method and self._regex.match(path) is not None
+        return method.upper() == self.method and self.matches_path(path)
+
+    def matches_path(self, path: str) -> bool:
+        return self._regex.match(path) is not None
 
 
 def _checked_address(value: object, name: str) -> ChecksumAddress:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import anyio.to_thread
+from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
 from web3.exceptions import Web3Exception
@@ -97,11 +98,36 @@ class EscrowMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        route = self.config.route_for(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        route = self._priced_route(scope) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return
         await self._paid(scope, receive, send, route)
+
+    def _priced_route(self, scope: Scope) -> PricedRoute | None:
+        """The priced route this request reaches, whatever its method.
+
+        A PricedRoute names a method, but frameworks send other methods to the same handler:
+        Starlette's Route answers HEAD with the GET endpoint, FastAPI takes methods=["GET",
+        "HEAD"], an api_route may take GET and POST. The rule: a request is priced if its own
+        method is priced on its path, or if the app's router sends it to the same endpoint as
+        a priced method on that path (then it pays that route's price). Without a router to
+        ask (a bare ASGI app), HEAD is priced as GET, the way every server answers it.
+        """
+        method, path = str(scope["method"]).upper(), str(scope["path"])
+        route = self.config.route_for(method, path)
+        if route is not None:
+            return route
+        others = [r for r in self.config.routes if r.matches_path(path)]
+        if not others:
+            return None
+        routes = _router_routes(scope, self.app)
+        if routes is None:
+            return next((r for r in others if r.method == "GET"), None) if method == "HEAD" else None
+        reached = _endpoint(routes, scope)
+        if reached is None:
+            return None
+        return next((r for r in others if _endpoint(routes, {**scope, "method": r.method}) is reached), None)
 
     # -- lifespan ------------------------------------------------------------------------
 
@@ -426,6 +452,33 @@ class EscrowMiddleware:
         headers.append((PAYMENT_RESPONSE_HEADER.encode(), encode_payment_response(settle).encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+def _router_routes(scope: Scope, app: ASGIApp) -> list[BaseRoute] | None:
+    """The routes of the Starlette/FastAPI router behind this middleware, if there is one."""
+    candidates: list[Any] = [scope.get("app")]
+    node: Any = app
+    while node is not None:  # the middleware stack down to the router
+        candidates.append(node)
+        node = getattr(node, "app", None)
+    for candidate in candidates:
+        router = getattr(candidate, "router", candidate)
+        routes = getattr(router, "routes", None)
+        if isinstance(routes, list) and all(isinstance(r, BaseRoute) for r in routes):
+            return routes
+    return None
+
+
+def _endpoint(routes: list[BaseRoute], scope: Scope) -> Any:
+    """The endpoint the router would run for `scope` (None: no full match), looking into mounts."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            inner = getattr(route, "routes", None)
+            if isinstance(route, (Mount, Host)) and inner:
+                return _endpoint(list(inner), {**scope, **child})
+            return child.get("endpoint", route)
+    return None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
