@@ -98,6 +98,12 @@ class Reason(StrEnum):
     ESCROW_REFUNDABLE = "escrow_refundable"
     ESCROW_SETTLED = "escrow_settled"
     HANDLER_FAILED_REFUNDED = "handler_failed_refunded"
+    # The seller's own side failed, not the payment: answered 503 with Retry-After; send the same payment again.
+    CHAIN_UNAVAILABLE = "chain_unavailable"  # the seller's node is down, hung or refused
+    OPERATOR_UNFUNDED = "operator_unfunded"  # the seller's operator key cannot pay for gas
+    NONCE_CONFLICT = "operator_nonce_conflict"  # the operator key's nonce was taken elsewhere, even after a resync
+    DEPOSIT_PENDING = "deposit_pending"  # the deposit was sent and is not confirmed yet (it may still land)
+    PAYMENT_IN_PROGRESS = "payment_in_progress"  # another request or replica is handling this payment now
 
 
 def network_of(chain_id: int) -> str:

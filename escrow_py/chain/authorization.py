@@ -10,13 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from eth_abi.abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 from escrow_py.chain.signer import Signer
 from escrow_py.terms import Terms, parse_uint
+
+EIP712_DOMAIN_TYPEHASH = keccak(
+    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
 
 RECEIVE_WITH_AUTHORIZATION = "ReceiveWithAuthorization"
 TRANSFER_WITH_AUTHORIZATION = "TransferWithAuthorization"
@@ -47,6 +53,21 @@ class TokenDomain:
             "chainId": self.chain_id,
             "verifyingContract": self.verifying_contract,
         }
+
+    def separator(self) -> bytes:
+        """The EIP-712 domain separator, as the token's DOMAIN_SEPARATOR() returns it for this domain."""
+        return keccak(
+            encode(
+                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                [
+                    EIP712_DOMAIN_TYPEHASH,
+                    keccak(text=self.name),
+                    keccak(text=self.version),
+                    self.chain_id,
+                    self.verifying_contract,
+                ],
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
@@ -63,6 +64,7 @@ __all__ = [
     "SellerStore",
     "StoredResponse",
     "VerifiedPayment",
+    "check_seller",
     "offer_for",
     "post_pending",
     "verify_offchain",

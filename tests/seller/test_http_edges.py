@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from conftest import Chain
 from fastapi import FastAPI
+from rpc_proxy import RpcProxy
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -151,3 +153,45 @@ def test_deeply_nested_json_and_a_uint256_overflow_get_400_not_500(chain: Chain,
         assert answer.json()["error"] == Reason.INVALID_PAYLOAD
     assert deposits(chain, start) == []
     assert shop.calls == {}
+
+
+def test_a_node_that_never_answers_gets_503_within_the_deadline_and_the_app_recovers(
+    chain: Chain, tmp_path: Path
+) -> None:
+    chain.mine()
+    proxy = RpcProxy(chain.node.url)
+    deadline = 2.0
+    shop = make_shop(chain, tmp_path / "seller.sqlite", rpc_url=proxy.url, rpc_timeout=deadline)
+    start = int(chain.w3.eth.block_number) + 1
+    try:
+        with served(shop.app) as (url, _):
+
+            async def run() -> None:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    payments = [sign_payment(chain, await quote(client, "GET", f"/report/h{i}")) for i in range(3)]
+                    proxy.mode = "blackhole"
+                    began = time.monotonic()
+                    answers = await asyncio.gather(
+                        *(
+                            client.get(f"/report/h{i}", headers={PAYMENT_SIGNATURE_HEADER: p.header})
+                            for i, p in enumerate(payments)
+                        )
+                    )
+                    elapsed = time.monotonic() - began
+                    # Still serving while the node hangs: free routes and new offers need no chain.
+                    assert (await client.get("/free")).status_code == 200
+                    assert (await client.get("/report/other")).status_code == 402
+                    for answer in answers:
+                        assert answer.status_code == 503, answer.text
+                        assert answer.json()["error"] == Reason.CHAIN_UNAVAILABLE
+                        assert int(answer.headers["retry-after"]) >= 1
+                    # One deadline per chain call, web3's retries included: not 5 attempts of it.
+                    assert elapsed < deadline + 3, f"503 after {elapsed:.1f}s with a {deadline}s deadline"
+                    proxy.mode = "forward"
+                    again = await client.get("/report/h0", headers={PAYMENT_SIGNATURE_HEADER: payments[0].header})
+                    assert again.status_code == 200, again.text
+
+            asyncio.run(run())
+    finally:
+        proxy.close()
+    assert len(deposits(chain, start)) == 1
