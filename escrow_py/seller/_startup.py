@@ -95,7 +95,7 @@ def _check_token(chain: SellerChain) -> None:
         name, version = _text(chain, _NAME), _text(chain, _VERSION)
         raise ConfigError(
             f"SellerConfig.token_name/token_version are {config.token_name!r}/{config.token_version!r}, but the "
-            f"token {token} signs in another EIP-712 domain (its name() is {name!r}, version() {version!r}): "
+            f"token {token} signs in another EIP-712 domain (its name() is {name!r}, its version() is {version!r}): "
             "every payment would fail at the token"
         )
 
