@@ -7,6 +7,7 @@ nonce handling and fee bumping live in one place.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -357,10 +358,10 @@ class TxSender:
 
         A transaction not mined after `reprice_after` seconds is stuck, and holds back every
         later one of the key. If it waits behind a gap (a transaction before it vanished in a
-        reorg, or never reached the node), the nonce is resynchronised and it is signed again
-        at the gap; otherwise it is signed again with the same nonce and fees raised by at
-        least 10%. Again after each further `reprice_after`; `on_signed` sees each new one
-        before it is broadcast. If the nonces of all of them were taken by some other
+        reorg, or never reached the node), the nonce is resynchronised and the gap filled with
+        empty transfers to the key itself; otherwise it is signed again with the same nonce
+        and fees raised by at least 10%. Again after each further `reprice_after`; `on_signed`
+        sees each new version before it is broadcast. If the nonces of all of them were taken by some other
         transaction, none can be mined: TransactionTimeout at once. Otherwise after `timeout`
         seconds: TransactionTimeout naming every hash (one of them may still be mined).
         """
@@ -382,7 +383,9 @@ class TxSender:
                 if now - start > timeout:
                     raise TransactionTimeout([a.tx_hash for a in attempts], sent.nonce, timeout)
                 if reprice_after is not None and now >= next_check:
-                    attempts.append(self._unstick(attempts[-1], on_signed))
+                    unstuck = self._unstick(attempts[-1], on_signed)
+                    if unstuck is not attempts[-1]:
+                        attempts.append(unstuck)
                     next_check = now + reprice_after
             time.sleep(self.poll_interval)
 
@@ -394,13 +397,13 @@ class TxSender:
     def _unstick(self, stuck: SentTx, on_signed: OnSigned | None) -> SentTx:
         pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
         if pending < stuck.nonce:
-            # Queued behind a gap: no fee makes it minable. Sign it again at the first free nonce.
+            # Queued behind a gap (a transaction before it vanished in a reorg, or never reached the
+            # node): no fee makes it minable. Fill the gap with empty transfers to ourselves, so it is
+            # mined as it is, rather than signing the same call again at the gap and running it twice.
             self.resync_nonce()
-            refill = self._sign_next({k: v for k, v in stuck.tx.items() if k != "nonce"})
-            if on_signed is not None:
-                on_signed(refill)
-            self.broadcast(refill)
-            return refill
+            for nonce in range(pending, stuck.nonce):
+                self._fill_gap(nonce, stuck)
+            return stuck
         replacement = self.replace(stuck)
         if on_signed is not None:
             on_signed(replacement)
@@ -411,6 +414,24 @@ class TxSender:
         else:
             self._follow(replacement)
         return replacement
+
+    def _fill_gap(self, nonce: int, like: SentTx) -> None:
+        max_fee, tip = self.fees()
+        tx: dict[str, Any] = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "from": self.address,
+            "to": self.address,
+            "data": HexBytes(b""),
+            "value": 0,
+            "nonce": nonce,
+            "gas": 21_000,
+            "maxFeePerGas": max(max_fee, int(like.tx["maxFeePerGas"])),
+            "maxPriorityFeePerGas": max(tip, int(like.tx["maxPriorityFeePerGas"])),
+        }
+        # NonceConflict: filled meanwhile (by our own next transaction, or the key's other user).
+        with contextlib.suppress(NonceConflict):
+            self.broadcast_raw(self.signer.sign_transaction(tx))
 
     def transact(
         self,
