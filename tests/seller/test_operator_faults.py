@@ -183,6 +183,11 @@ def _slow_deposit(chain: Chain, shop: Shop, url: str) -> None:
         assert pending.json()["error"] == Reason.DEPOSIT_PENDING
         assert int(pending.headers["retry-after"]) >= 1
         assert shop.calls == {}
+        # Sent again while the deposit is still in the pool: it waits for that one, and sends no second deposit.
+        still = _pay(url, "/report/slow", payment)
+        assert still.status_code == 503, still.text
+        assert still.json()["error"] == Reason.DEPOSIT_PENDING
+        assert len(pending_of(chain, operator)) == 1
     # Mining resumes: the deposit that was sent lands, and the same payment is served without a second one.
     until("the deposit mined", lambda: not pending_of(chain, operator))
     served_now = _pay(url, "/report/slow", payment)
