@@ -349,8 +349,13 @@ class PaymentCore:
         body = request.content
         try:
             url = canonical_url(str(request.url))
-        except ValueError as exc:
-            raise PaymentRefused("invalid_url", str(exc)) from None
+        except ValueError:
+            # Not quoted: the URL's userinfo is a credential.
+            raise PaymentRefused(
+                "invalid_url",
+                f"the {request.method} URL to host {request.url.host!r} has no canonical form (credentials in the "
+                "URL, or a host that is not plain ASCII), so no requestHash can bind it",
+            ) from None
         expected = request_hash(request.method, url, body)
         if expected != req.extra.request_hash:
             raise RequestHashMismatch(expected, req.extra.request_hash, request.method, url)

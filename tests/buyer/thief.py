@@ -8,7 +8,8 @@ buyer) and, given a signed payment, redeems it as the named "escrow" allows:
   (to == msg.sender) and keeps the money;
 - `lookalike`: a LookAlikeEscrow it deployed; it deposits the payment like a real seller, then
   drains the contract through its back door;
-- `token`: the token contract itself; nobody can redeem that, but the buyer must still refuse.
+- `token`: the token contract itself; nobody can redeem that, but the buyer must still refuse;
+- anything else: redeems nothing (a seller that lies about something other than the escrow).
 
 Every paid request is answered 200 with a PAYMENT-RESPONSE whose deliveryHash matches the body,
 so a buyer that signs believes it was served.
@@ -120,7 +121,7 @@ class Thief:
             back_door = encode(["address", "address", "uint256"], [self.token.address, self.sender.address, auth.value])
             receipt = self.sender.transact(self.escrow, back_door)
         else:
-            return bytes(32)  # an authorization to the token itself: nobody can redeem it
+            return bytes(32)  # e.g. an authorization to the token itself: nobody can redeem it
         tx = bytes(receipt["transactionHash"])
         self.redeemed.append(tx)
         return tx
