@@ -42,6 +42,11 @@ class Shop:
 
 @pytest.fixture
 def shop(chain: Chain, tmp_path: Path) -> Shop:
+    return make_shop(chain, tmp_path)
+
+
+def make_shop(chain: Chain, tmp_path: Path, *, max_timeout_seconds: int = 120, **settings: Any) -> Shop:
+    """The shop app; `settings` override SellerConfig's defaults (e.g. deadline_slack)."""
     chain.mine()  # a reverted snapshot leaves the chain's clock behind the wall clock
     app = FastAPI()
     calls: dict[str, int] = {}
@@ -53,12 +58,13 @@ def shop(chain: Chain, tmp_path: Path) -> Shop:
         pay_to=address(SELLER),
         operator=dev(OPERATOR),
         routes=[
-            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=120),
-            PricedRoute("POST", "/echo", amount=PRICE, max_timeout_seconds=120),
-            PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=120),
+            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
+            PricedRoute("POST", "/echo", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
+            PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
         ],
         store=tmp_path / "seller.sqlite",
         confirmations=1,
+        **settings,
     )
 
     @app.get("/report/{item}")
