@@ -112,8 +112,27 @@ class Prepared:
 
 
 def journal_headers(request: httpx.Request) -> dict[str, str]:
-    """The request headers a replay needs, without credentials."""
-    return {k: v for k, v in request.headers.items() if k.lower() not in _UNJOURNALED_HEADERS}
+    """The request headers a replay needs, without credentials.
+
+    A Host header the caller chose (virtual hosting: another name than the URL's) is kept: the seller
+    hashes the URL from it, so a replay without it would be another request.
+    """
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _UNJOURNALED_HEADERS}
+    host = request.headers.get("host")
+    if host is not None and host != request.url.netloc.decode("ascii"):
+        headers["host"] = host
+    return headers
+
+
+def wire_url(request: httpx.Request) -> str:
+    """The URL as the request carries it over the wire: scheme, the Host header as sent, the raw target.
+
+    What the seller hashes (terms.canonical_url of its scheme, Host and raw path), so both sides
+    canonicalise the same bytes: httpx's percent-encoded path and query, and a Host header that
+    may name another host than the URL's.
+    """
+    host = request.headers.get("host") or request.url.netloc.decode("ascii")
+    return f"{request.url.scheme}://{host}{request.url.raw_path.decode('ascii')}"
 
 
 def find_offer(response: httpx.Response) -> Offer | None:
@@ -348,7 +367,8 @@ class PaymentCore:
         req = offer.requirements
         body = request.content
         try:
-            url = canonical_url(str(request.url))
+            url = canonical_url(str(request.url))  # where a replay connects to
+            hashed = canonical_url(wire_url(request))  # what the seller hashes: the same unless Host was set
         except ValueError:
             # Not quoted: the URL's userinfo is a credential.
             raise PaymentRefused(
@@ -356,9 +376,9 @@ class PaymentCore:
                 f"the {request.method} URL to host {request.url.host!r} has no canonical form (credentials in the "
                 "URL, or a host that is not plain ASCII), so no requestHash can bind it",
             ) from None
-        expected = request_hash(request.method, url, body)
+        expected = request_hash(request.method, hashed, body)
         if expected != req.extra.request_hash:
-            raise RequestHashMismatch(expected, req.extra.request_hash, request.method, url)
+            raise RequestHashMismatch(expected, req.extra.request_hash, request.method, hashed)
         terms, authorization, signature = self.sign(req, expected, request)
         payload = PaymentPayload(
             x402_version=X402_VERSION,
