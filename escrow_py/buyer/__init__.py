@@ -17,8 +17,9 @@ on refund or void; every decision and state change goes to the audit trail
 request contents. A `validator` (JSON schema or callable) checks delivered bodies.
 
 On a 402 with a delivery-escrow option the client recomputes requestHash from the
-request (method, URL, body) and refuses an offer whose hash differs; builds terms
-(deadline = chain time + maxTimeoutSeconds, fresh salt); asks the policy; signs the
+request as it goes over the wire (method; scheme, Host header and raw target in canonical
+form; body) and refuses an offer whose hash differs; builds terms (deadline = the next
+block's time + maxTimeoutSeconds, fresh salt); asks the policy; signs the
 ReceiveWithAuthorization (validBefore = deadline); commits the payment to the
 journal; retries once with PAYMENT-SIGNATURE; and accepts the answer only if
 keccak256(body) equals PAYMENT-RESPONSE's deliveryHash.
