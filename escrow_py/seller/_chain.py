@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from web3 import Web3
 from web3.types import TxReceipt
 
-from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
+from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import OnSigned, TxSender
@@ -34,8 +34,8 @@ class SellerChain:
         self.domain = TokenDomain(config.token_name, config.token_version, config.chain_id, self.token.address)
 
     def now(self) -> int:
-        """The chain's clock: the latest block's timestamp."""
-        return rpc.latest_timestamp(self.w3)
+        """The chain's clock as the deposit will meet it: the next block's timestamp."""
+        return next_block_time(self.w3)
 
     def state_of(self, escrow_id: bytes) -> State:
         return self.escrow.state_of(escrow_id)

@@ -12,8 +12,8 @@ from typing import Any
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent
 
-# The escrow, the USDC-like test token, and the hostile tokens the tests use.
-CONTRACTS = ("X402Escrow", "TestUSDC", "ReentrantToken", "FalseReturningToken", "BlockingToken")
+# The escrow, the USDC-like test token, the hostile tokens and the look-alike escrow the tests use.
+CONTRACTS = ("X402Escrow", "TestUSDC", "ReentrantToken", "FalseReturningToken", "BlockingToken", "LookAlikeEscrow")
 
 
 @cache
