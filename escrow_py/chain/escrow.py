@@ -31,10 +31,6 @@ from escrow_py.terms import State, Terms
 
 ESCROW_ABI: list[dict[str, Any]] = load_artifact("X402Escrow")["abi"]
 
-# keccak256 of the shipped X402Escrow runtime code: what eth_getCode returns at a genuine deployment
-# (the contract has no immutables, so every deployment of this build carries exactly these bytes).
-ESCROW_CODE_HASH: bytes = keccak(bytes.fromhex(load_artifact("X402Escrow")["deployedBytecode"].removeprefix("0x")))
-
 DEPOSITED_TOPIC = keccak(text="Deposited(bytes32,address,address,address,address,uint256,uint64,bytes32,bytes32)")
 DELIVERED_TOPIC = keccak(text="Delivered(bytes32,bytes32)")
 REFUNDED_TOPIC = keccak(text="Refunded(bytes32,address)")
@@ -254,22 +250,6 @@ class Escrow:
         except TransactionNotFound:
             return None
         return next((e for e in self.events_in(receipt) if isinstance(e, Delivered) and e.id == escrow_id), None)
-
-
-def code_hash(w3: Web3, address: str) -> tuple[bytes, int]:
-    """(keccak256 of the runtime code at `address`, its length in bytes); an account without code hashes b""."""
-    code = bytes.fromhex(str(rpc.request(w3, "eth_getCode", [to_checksum_address(address), "latest"]))[2:])
-    return keccak(code), len(code)
-
-
-def is_genuine_escrow(w3: Web3, address: str) -> bool:
-    """Whether `address` holds the shipped X402Escrow's runtime code (keccak of eth_getCode == ESCROW_CODE_HASH).
-
-    Shared by the seller's start-up check and the buyer's refusal to sign for anything
-    else: an account, a token, or a look-alike contract all fail it. RpcError if the node
-    cannot say.
-    """
-    return code_hash(w3, address)[0] == ESCROW_CODE_HASH
 
 
 def deploy(sender: TxSender, contract: str, *constructor_args: Any, confirmations: int = 1) -> ChecksumAddress:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from web3 import Web3
 from web3.types import TxReceipt
 
+from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow

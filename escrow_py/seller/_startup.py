@@ -11,7 +11,7 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import ESCROW_CODE_HASH, code_hash
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, check_escrow_code
 from escrow_py.errors import ChainError, ConfigError
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import SellerConfig
@@ -59,11 +59,12 @@ def _check(chain: SellerChain) -> None:
             f"{rpc.redact_url(config.rpc_url)} is on chain {chain_id} (eip155:{chain_id})"
         )
 
-    found, size = code_hash(w3, config.escrow)
-    if found != ESCROW_CODE_HASH:
-        what = "no code (an account, or nothing deployed there on this chain)" if size == 0 else (
-            f"{size} bytes of other code (keccak 0x{found.hex()}, expected 0x{ESCROW_CODE_HASH.hex()})"
-        )  # fmt: skip
+    # The buyer's own check (chain.genuine): a buyer would refuse to sign for anything else.
+    escrow = check_escrow_code(w3, config.escrow, chain_id=chain_id)
+    if not escrow.genuine:
+        what = "no code (an account, or nothing deployed there on this chain)"
+        if escrow.verdict is EscrowCode.OTHER_CODE and escrow.code_hash is not None:
+            what = f"other code (keccak 0x{escrow.code_hash.hex()}, expected 0x{ESCROW_CODE_HASH.hex()})"
         raise ConfigError(f"SellerConfig.escrow {config.escrow} is not an X402Escrow: it holds {what}")
 
     _check_token(chain)
@@ -81,7 +82,7 @@ def _check(chain: SellerChain) -> None:
 def _check_token(chain: SellerChain) -> None:
     config, w3 = chain.config, chain.w3
     token = config.token
-    if code_hash(w3, token)[1] == 0:
+    if rpc.request(w3, "eth_getCode", [token, "latest"]) in ("0x", None):
         raise ConfigError(f"SellerConfig.token {token} has no code: not a token on chain {config.chain_id}")
     try:
         rpc.call(w3, token, _AUTHORIZATION_STATE + bytes(64))

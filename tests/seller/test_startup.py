@@ -18,7 +18,7 @@ from conftest import Chain
 from helpers import OPERATOR, STRANGER, address
 
 from escrow_py.chain.anvil import free_port
-from escrow_py.chain.escrow import ESCROW_CODE_HASH, is_genuine_escrow
+from escrow_py.chain.genuine import ESCROW_CODE_HASH
 from escrow_py.errors import ConfigError
 from escrow_py.seller import check_seller
 
@@ -121,9 +121,3 @@ def test_a_well_configured_seller_starts_and_the_checks_can_run_on_their_own(cha
     unchecked = make_shop(chain, tmp_path / "d.sqlite", escrow=address(STRANGER), startup_checks=False)
     with served(unchecked.app) as (url, _):
         assert httpx.get(f"{url}/report/x").status_code == 402
-
-
-def test_is_genuine_escrow_tells_the_escrow_from_an_account_and_a_token(chain: Chain) -> None:
-    assert is_genuine_escrow(chain.w3, chain.escrow.address)
-    assert not is_genuine_escrow(chain.w3, chain.token.address)
-    assert not is_genuine_escrow(chain.w3, address(STRANGER))
