@@ -252,6 +252,8 @@ class EscrowMiddleware:
                 resumed = await self._resume(verified, payment.deposit_tx)
                 if resumed is not None:
                     state, deposit_tx = State.HELD, resumed
+                else:  # gone from the node, or reverted because another deposit of it landed first
+                    state = await _blocking(self.chain.state_of, escrow_id)
             if state == State.NONE:
                 # Recorded, but the deposit never landed: try it again under today's rules.
                 now = await _blocking(self.chain.now)
