@@ -298,8 +298,8 @@ class SettlementExtra:
         if not isinstance(data, dict):
             raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra must be an object")
         deadline = data.get("deadline")
-        if isinstance(deadline, bool) or not isinstance(deadline, int):
-            raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra.deadline must be an integer")
+        if isinstance(deadline, bool) or not isinstance(deadline, int) or not 0 <= deadline <= UINT64_MAX:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra.deadline must be a uint64 integer")
 
         def optional(key: str, length: int) -> bytes | None:
             return None if data.get(key) is None else _hex_bytes(data[key], f"extra.{key}", length)
