@@ -61,11 +61,29 @@ def _bytes32(value: bytes | str, field: str) -> bytes:
     return raw
 
 
-def _uint(value: int | str, field: str, maximum: int) -> int:
+# ASCII decimal digits only: str.isdigit() and int() also take "²" or "١٢", which the wire must not.
+_DECIMAL = re.compile(r"[0-9]{1,78}")
+
+
+def parse_uint(value: object, field: str, maximum: int = UINT256_MAX) -> int:
+    """An unsigned integer field of the wire form: a JSON integer or an ASCII decimal string, in [0, maximum].
+
+    Every number a payment carries goes through here, so a value the ABI encoder or the
+    contract would refuse (2**256, -1, "1e3", a 5,000-digit string) is refused at decode
+    time with the field's name, never later as an encoder error. Raises ValueError.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{field} must be an integer or a decimal string, got {type(value).__name__}")
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise ValueError(f"{field} must be a decimal string of at most 78 digits, got {value[:80]!r}")
     number = int(value)
-    if isinstance(value, bool) or not 0 <= number <= maximum:
-        raise ValueError(f"{field} must be an integer in [0, {maximum}], got {value!r}")
+    if not 0 <= number <= maximum:
+        raise ValueError(f"{field} must be an integer in [0, {maximum}], got {str(value)[:80]}")
     return number
+
+
+def _uint(value: int | str, field: str, maximum: int) -> int:
+    return parse_uint(value, field, maximum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,20 +166,16 @@ class Terms:
         for name in ("buyer", "seller", "operator", "token", "requestHash", "salt"):
             if not isinstance(data[name], str):
                 raise ValueError(f"terms.{name} must be a string")
-        for name in ("amount", "deadline"):
-            value = data[name]
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise ValueError(f"terms.{name} must be an integer or a decimal string")
-            if isinstance(value, str) and not value.isdigit():
-                raise ValueError(f"terms.{name} must be a decimal string, got {value!r}")
+        amount = parse_uint(data["amount"], "terms.amount")
+        deadline = parse_uint(data["deadline"], "terms.deadline", UINT64_MAX)
         try:
             return cls(
                 buyer=data["buyer"],
                 seller=data["seller"],
                 operator=data["operator"],
                 token=data["token"],
-                amount=int(data["amount"]),
-                deadline=int(data["deadline"]),
+                amount=amount,
+                deadline=deadline,
                 request_hash=data["requestHash"],
                 salt=data["salt"],
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, R
 
 from escrow_py.chain.authorization import Authorization
 from escrow_py.errors import ProtocolError
-from escrow_py.terms import Terms
+from escrow_py.terms import UINT64_MAX, Terms, parse_uint
 
 SCHEME = "delivery-escrow"
 X402_VERSION = 2
@@ -61,6 +62,11 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 # A PAYMENT-SIGNATURE of this scheme is about 2 KiB; anything far larger is refused unread.
 MAX_HEADER_BYTES = 16 * 1024
+# The deepest legitimate header nests 4 levels (envelope.accepted.extra, envelope.payload.terms);
+# a bound far below Python's recursion limit turns 2,000 nested "[" into a reason, not a RecursionError.
+MAX_JSON_DEPTH = 16
+# The widest integer the scheme carries is a uint256: 78 decimal digits.
+_MAX_INT_DIGITS = 78
 
 
 class Reason(StrEnum):
@@ -92,6 +98,12 @@ class Reason(StrEnum):
     ESCROW_REFUNDABLE = "escrow_refundable"
     ESCROW_SETTLED = "escrow_settled"
     HANDLER_FAILED_REFUNDED = "handler_failed_refunded"
+    # The seller's own side failed, not the payment: answered 503 with Retry-After; send the same payment again.
+    CHAIN_UNAVAILABLE = "chain_unavailable"  # the seller's node is down, hung or refused
+    OPERATOR_UNFUNDED = "operator_unfunded"  # the seller's operator key cannot pay for gas
+    NONCE_CONFLICT = "operator_nonce_conflict"  # the operator key's nonce was taken elsewhere, even after a resync
+    DEPOSIT_PENDING = "deposit_pending"  # the deposit was sent and is not confirmed yet (it may still land)
+    PAYMENT_IN_PROGRESS = "payment_in_progress"  # another request or replica is handling this payment now
 
 
 def network_of(chain_id: int) -> str:
@@ -101,7 +113,8 @@ def network_of(chain_id: int) -> str:
 
 def chain_id_of(network: str) -> int:
     namespace, _, reference = network.partition(":")
-    if namespace != "eip155" or not reference.isdigit():
+    # ASCII digits only ("²".isdigit() is true), and no wider than a uint256 chain id.
+    if namespace != "eip155" or not (reference.isascii() and reference.isdigit() and len(reference) <= 78):
         raise ProtocolError(Reason.NETWORK_MISMATCH, f"not an EVM CAIP-2 network id: {network!r}")
     return int(reference)
 
@@ -202,13 +215,17 @@ class EscrowRequirements:
         if model.scheme != SCHEME:
             raise ProtocolError(Reason.UNSUPPORTED_SCHEME, f"scheme {model.scheme!r} is not {SCHEME!r}")
         chain_id_of(model.network)
-        if not model.amount.isdigit() or int(model.amount) == 0:
-            raise ProtocolError(Reason.INVALID_PAYLOAD, f"amount must be a positive integer, got {model.amount!r}")
-        if model.max_timeout_seconds <= 0:
-            raise ProtocolError(Reason.INVALID_PAYLOAD, "maxTimeoutSeconds must be positive")
+        try:
+            amount = parse_uint(model.amount, "amount")
+        except ValueError as exc:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, str(exc)) from None
+        if amount == 0:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "amount must be a positive integer, got 0")
+        if not 0 < model.max_timeout_seconds <= UINT64_MAX:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "maxTimeoutSeconds must be positive and fit a uint64")
         return cls(
             network=model.network,
-            amount=int(model.amount),
+            amount=amount,
             asset=_address(model.asset, "asset"),
             pay_to=_address(model.pay_to, "payTo"),
             max_timeout_seconds=model.max_timeout_seconds,
@@ -281,8 +298,8 @@ class SettlementExtra:
         if not isinstance(data, dict):
             raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra must be an object")
         deadline = data.get("deadline")
-        if isinstance(deadline, bool) or not isinstance(deadline, int):
-            raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra.deadline must be an integer")
+        if isinstance(deadline, bool) or not isinstance(deadline, int) or not 0 <= deadline <= UINT64_MAX:
+            raise ProtocolError(Reason.INVALID_PAYLOAD, "settlement extra.deadline must be a uint64 integer")
 
         def optional(key: str, length: int) -> bytes | None:
             return None if data.get(key) is None else _hex_bytes(data[key], f"extra.{key}", length)
@@ -306,17 +323,60 @@ def encode_header(data: dict[str, Any]) -> str:
     return base64.b64encode(json.dumps(data, separators=(",", ":")).encode()).decode()
 
 
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, counted without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"a JSON integer of {len(text)} digits is wider than a uint256")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"JSON number {text[:40]} overflows")
+    return number
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
 def _decode_header(value: str) -> Any:
+    """base64 of a JSON object, with every size bounded before anything is built from it."""
     if len(value) > MAX_HEADER_BYTES:
         raise ProtocolError(Reason.HEADER_TOO_LARGE, f"header of {len(value)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         raw = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError(Reason.INVALID_PAYLOAD, "header is not valid base64") from None
+    if (depth := _json_depth(raw)) > MAX_JSON_DEPTH:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"header JSON nests {depth} levels, more than {MAX_JSON_DEPTH}")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError(Reason.INVALID_PAYLOAD, "header is not JSON") from None
+        return json.loads(raw, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"header is not JSON: {detail[:120]}") from None
 
 
 def _validate(data: Any, model: type[_Model], header: str) -> _Model:

@@ -84,6 +84,12 @@ def _b64(text: str) -> str:
         (_b64(json.dumps({"x402Version": 1})), wire.Reason.UNSUPPORTED_VERSION),
         (_b64(json.dumps({"x402Version": 2, "payload": {}})), wire.Reason.INVALID_PAYLOAD),
         ("A" * (wire.MAX_HEADER_BYTES + 4), wire.Reason.HEADER_TOO_LARGE),
+        # Bounded before anything is built: nesting (RecursionError), integer width, NaN, infinity.
+        (_b64("[" * 2000), wire.Reason.INVALID_PAYLOAD),
+        (_b64('{"a":' + "[" * (wire.MAX_JSON_DEPTH) + "]" * wire.MAX_JSON_DEPTH + "}"), wire.Reason.INVALID_PAYLOAD),
+        (_b64('{"x402Version": 2, "n": ' + "9" * 79 + "}"), wire.Reason.INVALID_PAYLOAD),
+        (_b64('{"x402Version": 2, "n": NaN}'), wire.Reason.INVALID_PAYLOAD),
+        (_b64('{"x402Version": 2, "n": 1e999}'), wire.Reason.INVALID_PAYLOAD),
     ],
 )
 def test_undecodable_signatures_are_refused_with_a_reason(header: str, reason: wire.Reason) -> None:
@@ -103,6 +109,14 @@ def test_undecodable_signatures_are_refused_with_a_reason(header: str, reason: w
         (lambda p: p["authorization"].update(nonce="0x12"), "nonce"),
         (lambda p: p["authorization"].pop("validBefore"), "validBefore is missing"),
         (lambda p: p["authorization"].update(value=True), "value"),
+        # Every number bounded to its ABI width, in ASCII digits only.
+        (lambda p: p["authorization"].update(validBefore=str(2**256)), "validBefore"),
+        (lambda p: p["authorization"].update(validAfter=2**256), "validAfter"),
+        (lambda p: p["authorization"].update(value="\u0661\u0662"), "value"),
+        (lambda p: p["terms"].update(amount=str(2**256)), "amount"),
+        (lambda p: p["terms"].update(deadline=2**64), "deadline"),
+        (lambda p: p["terms"].update(deadline="1e3"), "deadline"),
+        (lambda p: p["authorization"].update(nonce=["0x12"]), "nonce"),
     ],
 )
 def test_malformed_payloads_name_the_field(mutate: object, message: str) -> None:
@@ -124,5 +138,16 @@ def test_requirements_of_another_scheme_are_refused() -> None:
 def test_network_ids_are_caip2() -> None:
     assert wire.network_of(84532) == "eip155:84532"
     assert wire.chain_id_of("eip155:8453") == 8453
-    with pytest.raises(ProtocolError):
-        wire.chain_id_of("solana:mainnet")
+    for bad in ("solana:mainnet", "eip155:\u00b2", "eip155:" + "9" * 80):
+        with pytest.raises(ProtocolError):
+            wire.chain_id_of(bad)
+
+
+def test_a_nesting_at_the_limit_still_decodes_and_a_settlement_deadline_is_a_uint64() -> None:
+    nested = '{"x402Version": 2, "a": ' + "[" * (wire.MAX_JSON_DEPTH - 1) + "]" * (wire.MAX_JSON_DEPTH - 1) + "}"
+    with pytest.raises(ProtocolError, match="Field required"):  # past the depth check, refused by the model
+        wire.decode_payment_signature(_b64(nested))
+    extra = wire.SettlementExtra(os.urandom(32), 1).to_json()
+    extra["deadline"] = 2**64
+    with pytest.raises(ProtocolError, match="uint64"):
+        wire.SettlementExtra.from_json(extra)

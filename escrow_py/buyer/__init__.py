@@ -17,32 +17,49 @@ on refund or void; every decision and state change goes to the audit trail
 request contents. A `validator` (JSON schema or callable) checks delivered bodies.
 
 On a 402 with a delivery-escrow option the client recomputes requestHash from the
-request (method, URL, body) and refuses an offer whose hash differs; builds terms
-(deadline = chain time + maxTimeoutSeconds, fresh salt); asks the policy; signs the
+request as it goes over the wire (method; scheme, Host header and raw target in canonical
+form; body) and refuses an offer whose hash differs; builds terms (deadline = the next
+block's time + maxTimeoutSeconds, fresh salt); asks the policy; signs the
 ReceiveWithAuthorization (validBefore = deadline); commits the payment to the
 journal; retries once with PAYMENT-SIGNATURE; and accepts the answer only if
 keccak256(body) equals PAYMENT-RESPONSE's deliveryHash.
 
-Errors, each saying what happened to the money:
+Before signing, the client checks that `extra.escrow` holds the genuine X402Escrow (its
+runtime code hashes to the shipped contract's, or it is the shipped registry's deployment):
+the token lets only that address redeem the signature, so a seller naming its own wallet or
+a look-alike contract gets nothing signed.
+
+Errors, each saying what happened to the money. Every failure out of the buyer API is one
+of these (httpx's own errors pass through only for a request that carried no payment):
 
     EscrowError (escrow_py.errors)
     └── PaymentError               a paid request did not end in a verified delivery; `.escrow_id`
-        ├── PaymentRefused         the client refused: nothing signed, no money moved; `.rule`
+        ├── PaymentRefused         the client refused: nothing signed, no money moved; `.rule` is the
+        │   │                      reason code (network_mismatch, deadline_too_far, token_domain_mismatch,
+        │   │                      insufficient_balance, asset_not_erc3009, invalid_url,
+        │   │                      invalid_requirements, invalid_payment_required, ...)
+        │   ├── EscrowNotGenuine   rule escrow_not_genuine: extra.escrow is not X402Escrow; `.code`
+        │   │                      (no_code: a wallet or empty address; other_code: another contract),
+        │   │                      `.escrow`, `.chain_id`, `.code_hash`, `.expected`
+        │   ├── ChainUnavailable   rule chain_unavailable: the RPC failed before signing (also a
+        │   │                      ChainError); the typed chain error is its __cause__
         │   ├── RequestHashMismatch  the 402's requestHash is not this request's; `.expected`, `.offered`
         │   └── PolicyDenied       the spending policy said no: `.code` (ReasonCode), `.reason`,
         │                          `.limit`, `.wanted`, `.available`
         ├── PaymentRejected        the seller refused the signed payment, not deposited when checked;
         │                          recover() voids it after `.valid_before`
-        ├── PaymentNotDelivered    deposited (or may be) but not delivered: held, refundable after
-        │                          `.deadline` by the keeper or recover(); also what EscrowClient
-        │                          raises when the connection drops after the paid request left
+        ├── PaymentNotDelivered    deposited (or may be) but not delivered: held by `.escrow`, refundable
+        │                          after `.deadline` by the keeper or recover(); also raised when the
+        │                          chain cannot be read after the payment left, and by EscrowClient
+        │                          when the connection drops after the paid request left
         ├── DeliveryMismatch       the body's hash differs from the committed hash; `.committed`, `.received`
         ├── HandlerFailedRefunded  the seller's handler failed and it refunded; `.refund_tx`
         └── ResponseInvalid        delivered and settled (money spent) but the validator rejected the
                                    body; `.problem`, `.body`
 
-Also raised: ProtocolError from the SDK plugin for malformed requirements, ChainError
-when the RPC fails before anything is signed.
+recover() raises a ChainError (RpcError) when it cannot read the chain; what it settled
+before stays journaled. EscrowAuth cannot see a connection that fails after the paid
+request left (httpx does not tell an Auth): `lost_in_flight(exc)` types it.
 """
 
 from __future__ import annotations
@@ -51,7 +68,9 @@ from escrow_py.buyer._audit import AuditLog
 from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient, lost_in_flight
 from escrow_py.buyer._core import AllowAll, PaymentPolicy
 from escrow_py.buyer._errors import (
+    ChainUnavailable,
     DeliveryMismatch,
+    EscrowNotGenuine,
     HandlerFailedRefunded,
     PaymentError,
     PaymentNotDelivered,
@@ -83,11 +102,13 @@ __all__ = [
     "AllowAll",
     "AsyncEscrowClient",
     "AuditLog",
+    "ChainUnavailable",
     "Decision",
     "DeliveryEscrowScheme",
     "DeliveryMismatch",
     "EscrowAuth",
     "EscrowClient",
+    "EscrowNotGenuine",
     "HandlerFailedRefunded",
     "Journal",
     "JournalEntry",

@@ -44,6 +44,7 @@ def lost_in_flight(exc: httpx.TransportError) -> PaymentNotDelivered | None:
         prepared.terms.deadline,
         f"the connection failed after the signed payment was sent ({type(exc).__name__}: {exc}); "
         "the journal has it: recover() replays it or refunds it",
+        escrow=prepared.escrow,
     )
 
 

@@ -14,11 +14,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from eth_typing import ChecksumAddress
+from eth_utils.address import to_checksum_address
 from web3 import HTTPProvider, Web3
+from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 from escrow_py.buyer._errors import (
+    ChainUnavailable,
     DeliveryMismatch,
+    EscrowNotGenuine,
     HandlerFailedRefunded,
     PaymentNotDelivered,
     PaymentRefused,
@@ -32,10 +36,13 @@ from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
+from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.failures import typed_chain_errors
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
-from escrow_py.errors import ProtocolError
+from escrow_py.errors import ChainError, ProtocolError
 from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
 from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -105,8 +112,27 @@ class Prepared:
 
 
 def journal_headers(request: httpx.Request) -> dict[str, str]:
-    """The request headers a replay needs, without credentials."""
-    return {k: v for k, v in request.headers.items() if k.lower() not in _UNJOURNALED_HEADERS}
+    """The request headers a replay needs, without credentials.
+
+    A Host header the caller chose (virtual hosting: another name than the URL's) is kept: the seller
+    hashes the URL from it, so a replay without it would be another request.
+    """
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _UNJOURNALED_HEADERS}
+    host = request.headers.get("host")
+    if host is not None and host != request.url.netloc.decode("ascii"):
+        headers["host"] = host
+    return headers
+
+
+def wire_url(request: httpx.Request) -> str:
+    """The URL as the request carries it over the wire: scheme, the Host header as sent, the raw target.
+
+    What the seller hashes (terms.canonical_url of its scheme, Host and raw path), so both sides
+    canonicalise the same bytes: httpx's percent-encoded path and query, and a Host header that
+    may name another host than the URL's.
+    """
+    host = request.headers.get("host") or request.url.netloc.decode("ascii")
+    return f"{request.url.scheme}://{host}{request.url.raw_path.decode('ascii')}"
 
 
 def find_offer(response: httpx.Response) -> Offer | None:
@@ -130,29 +156,75 @@ def find_offer(response: httpx.Response) -> Offer | None:
 
 
 class BuyerChain:
-    """The buyer's read-only view of the chain behind `rpc_url`, plus its refund sender."""
+    """The buyer's view of the chain behind `rpc_url`: every read raises a typed ChainError, never web3's own.
+
+    Genuine escrows are remembered per chain and address (X402Escrow's code cannot change); a
+    refusal is not, so an address that gets the genuine code later is judged again.
+    """
 
     def __init__(self, rpc_url: str, *, w3: Web3 | None = None, timeout: float = 30.0) -> None:
         self.w3 = w3 or Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
         self._chain_id: int | None = None
         self._domains: dict[str, TokenDomain] = {}
+        self._genuine: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
 
     @property
     def chain_id(self) -> int:
         if self._chain_id is None:
-            self._chain_id = int(self.w3.eth.chain_id)
+            with typed_chain_errors("reading the chain id"):
+                self._chain_id = int(self.w3.eth.chain_id)
         return self._chain_id
 
     def now(self) -> int:
-        """The latest block's timestamp: the clock the contract judges deadlines by."""
-        return rpc.latest_timestamp(self.w3)
+        """The latest block's timestamp: the clock the contract judged the chain's past by."""
+        with typed_chain_errors("reading the latest block"):
+            return rpc.latest_timestamp(self.w3)
+
+    def next_block_time(self) -> int:
+        """The timestamp the next block will carry: the clock a payment signed now is judged by."""
+        with typed_chain_errors("reading the pending block"):
+            return next_block_time(self.w3)
+
+    def check_escrow(self, address: str) -> EscrowCodeCheck:
+        """Whether `address` holds the genuine X402Escrow (escrow_py.chain.genuine), remembered once it does."""
+        chain_id = self.chain_id
+        key = (chain_id, address.lower())
+        with self._lock:
+            if key in self._genuine:
+                return EscrowCodeCheck(to_checksum_address(address), chain_id, EscrowCode.GENUINE, ESCROW_CODE_HASH)
+        with typed_chain_errors(f"reading the code at escrow {address}"):
+            check = check_escrow_code(self.w3, address, chain_id=chain_id)
+        if check.genuine:
+            with self._lock:
+                self._genuine.add(key)
+        return check
 
     def domain(self, token: str) -> TokenDomain:
+        """The token's EIP-712 domain; PaymentRefused (asset_not_erc3009) if `token` cannot answer it."""
         with self._lock:
-            if token not in self._domains:
-                self._domains[token] = Token(self.w3, token).domain(self.chain_id)
-            return self._domains[token]
+            if token in self._domains:
+                return self._domains[token]
+        chain_id = self.chain_id
+        with typed_chain_errors(f"reading the EIP-712 name and version of token {token}"):
+            try:
+                domain = Token(self.w3, token).domain(chain_id)
+            except (BadFunctionCallOutput, ContractLogicError) as exc:  # no code there, or it reverts
+                raise PaymentRefused(
+                    "asset_not_erc3009",
+                    f"the offer's asset {token} does not answer name() and version() ({type(exc).__name__}: {exc})",
+                ) from exc
+        with self._lock:
+            self._domains[token] = domain
+        return domain
+
+    def balance_of(self, token: str, holder: str) -> int:
+        with typed_chain_errors(f"reading the balance of {holder} in token {token}"):
+            return Token(self.w3, token).balance_of(holder)
+
+    def state_of(self, escrow: str, escrow_id: bytes) -> State:
+        with typed_chain_errors(f"reading the state of escrow 0x{escrow_id.hex()}"):
+            return Escrow(self.w3, escrow).state_of(escrow_id)
 
     def escrow(self, address: str) -> Escrow:
         return Escrow(self.w3, address)
@@ -233,10 +305,30 @@ class PaymentCore:
     def sign(
         self, req: EscrowRequirements, rhash: bytes, request: httpx.Request | None
     ) -> tuple[Terms, Authorization, bytes]:
-        """Check the requirements against the chain, build fresh terms, ask the policy, sign; raises PaymentRefused."""
+        """Check the requirements against the chain, build fresh terms, ask the policy, sign; raises PaymentRefused.
+
+        Nothing is reserved, journaled or signed unless every check passed, the genuine-escrow one first.
+        """
+        try:
+            domain, terms, authorization = self._terms_for(req, rhash)
+        except ChainError as exc:
+            raise ChainUnavailable(exc) from exc
+        self._decide(request, req, terms, authorization.nonce)
+        try:
+            return terms, authorization, sign_authorization(self.signer, domain, authorization)
+        except BaseException:
+            self.journal.cancel_reservation(authorization.nonce)  # nothing was signed, nothing can be sent
+            raise
+
+    def _terms_for(self, req: EscrowRequirements, rhash: bytes) -> tuple[TokenDomain, Terms, Authorization]:
+        """The offer's checks against the chain, then fresh terms and their authorization (unsigned)."""
         chain_id = self.chain.chain_id
         if req.chain_id != chain_id:
             raise PaymentRefused("network_mismatch", f"the offer is for {req.network} but the RPC is chain {chain_id}")
+        # The token lets only `to` redeem the authorization: `to` must be the genuine escrow, or anyone
+        # naming their own wallet (or a look-alike contract) as the escrow takes the money.
+        if not (check := self.chain.check_escrow(req.extra.escrow)).genuine:
+            raise EscrowNotGenuine(check)
         if req.max_timeout_seconds > MAX_DEADLINE_WINDOW:
             raise PaymentRefused(
                 "deadline_too_far", f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
@@ -248,13 +340,15 @@ class PaymentCore:
                 f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
                 f"({req.extra.name!r}, {req.extra.version!r})",
             )
-        balance = Token(self.chain.w3, req.asset).balance_of(self.signer.address)
+        balance = self.chain.balance_of(req.asset, self.signer.address)
         if balance < req.amount:
             raise PaymentRefused(
                 Reason.INSUFFICIENT_BALANCE, f"{self.signer.address} holds {balance} of {req.asset}, needs {req.amount}"
             )
-        # The chain's clock, not ours: the contract judges the deadline by block time.
-        deadline = self.chain.now() + req.max_timeout_seconds
+        # The contract (deadline) and the token (validBefore) judge the deposit by the time of the block
+        # that includes it. That is the next block's time, not the latest block's: on a chain that mines
+        # only on demand the latest block can be older than the whole window.
+        deadline = self.chain.next_block_time() + req.max_timeout_seconds
         terms = Terms(
             buyer=self.signer.address,
             seller=req.pay_to,
@@ -265,22 +359,26 @@ class PaymentCore:
             request_hash=rhash,
             salt=Terms.new_salt(),
         )
-        authorization = authorization_for(terms, req.extra.escrow, chain_id, 0, deadline)
-        self._decide(request, req, terms, authorization.nonce)
-        try:
-            return terms, authorization, sign_authorization(self.signer, domain, authorization)
-        except BaseException:
-            self.journal.cancel_reservation(authorization.nonce)  # nothing was signed, nothing can be sent
-            raise
+        # validBefore = deadline: a deposit after the deadline reverts anyway, one before it needs the token's consent.
+        return domain, terms, authorization_for(terms, req.extra.escrow, chain_id, 0, deadline)
 
     def prepare(self, request: httpx.Request, offer: Offer) -> Prepared:
         """Check the offer, build and sign the terms, and journal them durably; raises PaymentRefused."""
         req = offer.requirements
         body = request.content
-        url = canonical_url(str(request.url))
-        expected = request_hash(request.method, url, body)
+        try:
+            url = canonical_url(str(request.url))  # where a replay connects to
+            hashed = canonical_url(wire_url(request))  # what the seller hashes: the same unless Host was set
+        except ValueError:
+            # Not quoted: the URL's userinfo is a credential.
+            raise PaymentRefused(
+                "invalid_url",
+                f"the {request.method} URL to host {request.url.host!r} has no canonical form (credentials in the "
+                "URL, or a host that is not plain ASCII), so no requestHash can bind it",
+            ) from None
+        expected = request_hash(request.method, hashed, body)
         if expected != req.extra.request_hash:
-            raise RequestHashMismatch(expected, req.extra.request_hash, request.method, url)
+            raise RequestHashMismatch(expected, req.extra.request_hash, request.method, hashed)
         terms, authorization, signature = self.sign(req, expected, request)
         payload = PaymentPayload(
             x402_version=X402_VERSION,
@@ -329,10 +427,24 @@ def judge_response(
 ) -> None:
     """Journal what the answer to a paid (or replayed) request says, and raise unless it is a verified delivery."""
     journal = core.journal
+
+    def chain_state(answer: str) -> State:
+        # The signed payment has left the process: a chain failure now must still say where the money is.
+        try:
+            return core.chain.state_of(escrow, escrow_id)
+        except ChainError as exc:
+            raise PaymentNotDelivered(
+                escrow_id,
+                terms.deadline,
+                f"{answer}, and the escrow's state could not be read ({exc}); the money stays in the buyer's "
+                f"wallet unless the signed authorization is deposited before {valid_before}",
+                escrow=escrow,
+            ) from exc
+
     value = response.headers.get(PAYMENT_RESPONSE_HEADER)
     if value is None:
         reason = _refusal_reason(response)
-        state = core.chain.escrow(escrow).state_of(escrow_id)
+        state = chain_state(f"the seller answered {response.status_code} ({reason})")
         if state is State.NONE:
             journal.update(escrow_id, PaymentState.REJECTED, detail=f"{response.status_code} {reason}")
             raise PaymentRejected(escrow_id, reason, response.status_code, valid_before)
@@ -341,21 +453,26 @@ def judge_response(
             raise HandlerFailedRefunded(escrow_id, None, response.status_code)
         journal.update(escrow_id, PaymentState.HELD, detail=f"{response.status_code} {reason}")
         raise PaymentNotDelivered(
-            escrow_id, terms.deadline, f"the seller answered {response.status_code} ({reason}), escrow is {state.name}"
+            escrow_id,
+            terms.deadline,
+            f"the seller answered {response.status_code} ({reason}), escrow is {state.name}",
+            escrow=escrow,
         )
     try:
         settle = decode_payment_response(value)
         extra = SettlementExtra.from_json(settle.extra)
     except ProtocolError as exc:
         journal.update(escrow_id, PaymentState.HELD, detail=f"unreadable PAYMENT-RESPONSE: {exc}")
-        raise PaymentNotDelivered(escrow_id, terms.deadline, f"unreadable PAYMENT-RESPONSE ({exc})") from None
+        raise PaymentNotDelivered(
+            escrow_id, terms.deadline, f"unreadable PAYMENT-RESPONSE ({exc})", escrow=escrow
+        ) from None
     if extra.escrow_id != escrow_id:
         journal.update(escrow_id, PaymentState.HELD, detail="PAYMENT-RESPONSE names another escrow")
         raise PaymentNotDelivered(
-            escrow_id, terms.deadline, f"PAYMENT-RESPONSE names escrow 0x{extra.escrow_id.hex()} instead"
+            escrow_id, terms.deadline, f"PAYMENT-RESPONSE names escrow 0x{extra.escrow_id.hex()} instead", escrow=escrow
         )
     if response.status_code >= 400 or settle.error_reason == Reason.HANDLER_FAILED_REFUNDED:
-        state = core.chain.escrow(escrow).state_of(escrow_id)
+        state = chain_state(f"the handler failed with {response.status_code}")
         if state is State.REFUNDED:
             journal.update(
                 escrow_id, PaymentState.REFUNDED, detail=settle.error_reason, tx_hash=extra.refund_transaction
@@ -366,6 +483,7 @@ def judge_response(
             escrow_id,
             terms.deadline,
             f"the handler failed with {response.status_code} and the escrow is still {state.name}",
+            escrow=escrow,
         )
     received = delivery_hash(response.content)
     if extra.delivery_hash != received:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from escrow_py.errors import EscrowError
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck
+from escrow_py.errors import ChainError, EscrowError
 
 
 def _hex(value: bytes | None) -> str:
@@ -36,6 +37,42 @@ class RequestHashMismatch(PaymentRefused):
             f"the seller asks to sign requestHash {_hex(offered)} but {method} {url} with this body hashes "
             f"to {_hex(expected)}",
         )
+
+
+class EscrowNotGenuine(PaymentRefused):
+    """The 402 names as escrow an address that does not hold the genuine X402Escrow: nothing was signed.
+
+    An authorization to such an address can be redeemed by whoever controls it (an EOA simply
+    calls receiveWithAuthorization itself), so the client never signs one. `.code` is the
+    reason (`no_code`: a wallet or an empty address; `other_code`: some other contract),
+    `.escrow` and `.chain_id` say where, `.code_hash` what was found (None for no code) and
+    `.expected` X402Escrow's runtime code hash.
+    """
+
+    def __init__(self, check: EscrowCodeCheck) -> None:
+        self.escrow = check.address
+        self.chain_id = check.chain_id
+        self.code = check.verdict.value
+        self.code_hash = check.code_hash
+        self.expected = ESCROW_CODE_HASH
+        if check.verdict is EscrowCode.NO_CODE:
+            found = "holds no code: a wallet (EOA) or an empty address, which could redeem the authorization itself"
+        else:
+            found = (
+                f"holds code hashing to {_hex(check.code_hash)}, not X402Escrow's {_hex(ESCROW_CODE_HASH)}: "
+                "a contract that only looks like the escrow could keep the money"
+            )
+        super().__init__("escrow_not_genuine", f"{self.code}: escrow {self.escrow} on chain {self.chain_id} {found}")
+
+
+class ChainUnavailable(PaymentRefused, ChainError):
+    """The chain could not be read before signing (node down, bad RPC URL, timeout): nothing was signed.
+
+    Both a PaymentRefused and a ChainError; `.__cause__` is the typed chain error behind it.
+    """
+
+    def __init__(self, cause: ChainError) -> None:
+        super().__init__("chain_unavailable", str(cause))
 
 
 class PolicyDenied(PaymentRefused):
@@ -97,15 +134,19 @@ class PaymentRejected(PaymentError):
 class PaymentNotDelivered(PaymentError):
     """The payment was (or may have been) deposited but no verified delivery came back.
 
-    The money is held by the escrow: refundable to the buyer after `deadline` by the
-    keeper or by recover(), or released if the seller still delivers in time.
+    The money is held by the escrow (`.escrow` when known): refundable to the buyer after
+    `deadline` by the keeper or by recover(), or released if the seller still delivers in
+    time. A payment never deposited stays in the buyer's wallet, and recover() marks it void
+    once its authorization has expired.
     """
 
-    def __init__(self, escrow_id: bytes, deadline: int, detail: str) -> None:
+    def __init__(self, escrow_id: bytes, deadline: int, detail: str, *, escrow: str | None = None) -> None:
         self.deadline = deadline
+        self.escrow = escrow
+        held_by = f"escrow {escrow}" if escrow is not None else "the escrow"
         super().__init__(
-            f"escrow {_hex(escrow_id)}: {detail}; the payment is held or about to be, refundable after "
-            f"deadline {deadline} by the keeper or recover()",
+            f"escrow {_hex(escrow_id)}: {detail}; the payment is held by {held_by} or about to be, refundable "
+            f"after deadline {deadline} by the keeper or recover()",
             escrow_id=escrow_id,
         )
 

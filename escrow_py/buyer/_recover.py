@@ -15,6 +15,7 @@ from escrow_py.buyer._core import PaymentCore, judge_response
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
 from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import TxSender
 from escrow_py.errors import ChainError, ProtocolError
@@ -90,8 +91,7 @@ def replay_request(entry: JournalEntry) -> httpx.Request:
 
 
 def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow:
-    escrow = core.chain.escrow(entry.escrow)
-    state = escrow.state_of(entry.escrow_id)
+    state = core.chain.state_of(entry.escrow, entry.escrow_id)
     now = core.chain.now()
     replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
     if state is State.RELEASED and replayable:
@@ -109,7 +109,8 @@ def _replay_released(core: PaymentCore, entry: JournalEntry) -> _Flow:
         return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, f"replay failed ({shown}); released", entry.state)
     # The chain, not the answer, is the judge; the answer only says where to look first.
     since = int(entry.created_at) - CLOCK_SKEW
-    committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
+    with typed_chain_errors(f"searching the Delivered event of escrow 0x{eid.hex()}"):
+        committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
@@ -183,9 +184,10 @@ def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
     eid, journal = entry.escrow_id, core.journal
     escrow = core.chain.escrow(entry.escrow)
     try:
-        receipt = escrow.refund(TxSender(core.chain.w3, core.signer), entry.terms)
+        with typed_chain_errors(f"refunding escrow 0x{eid.hex()}"):
+            receipt = escrow.refund(TxSender(core.chain.w3, core.signer), entry.terms)
     except ChainError as exc:
-        if escrow.state_of(eid) is State.REFUNDED:  # a keeper got there first
+        if core.chain.state_of(entry.escrow, eid) is State.REFUNDED:  # a keeper got there first
             journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
             return RecoveryItem(
                 eid, State.HELD, Action.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
@@ -208,7 +210,7 @@ def reconcile_ledger(core: PaymentCore) -> None:
         if entry.state is PaymentState.VOID:
             journal.confirm_on_chain(escrow_id, spent=False)
             continue
-        state = core.chain.escrow(entry.escrow).state_of(escrow_id)
+        state = core.chain.state_of(entry.escrow, escrow_id)
         if state is State.RELEASED:
             journal.confirm_on_chain(escrow_id, spent=True)
         elif state is State.REFUNDED:
@@ -274,7 +276,8 @@ def recover(
     same PAYMENT-SIGNATURE and check the bytes against the Delivered hash; Held and in
     time, replay; Held past the deadline, refund from the buyer's key (or, with
     refund_expired=False, leave it to the keeper); Refunded, record it; never
-    deposited and the authorization expired, mark it void.
+    deposited and the authorization expired, mark it void. A chain that cannot be read
+    raises a ChainError (RpcError) naming what was being read; what was settled before stays journaled.
     """
     core = PaymentCore(signer, rpc_url, journal, w3=w3)
     try:

@@ -7,8 +7,9 @@ The SDK hands a scheme only the requirements, never the request, so the plugin
 signs extra.requestHash as given (the seller recomputes it on the paid request
 and refuses a payment for another request). Each payment is journaled before it
 is returned to the SDK, without a request to replay: recover() can refund or
-void it, not fetch its bytes again. Checking the body against
-PAYMENT-RESPONSE's deliveryHash is left to the caller (`verify_delivery`).
+void it, not fetch its bytes again. The SDK returns the paid response as it came;
+`verify_delivery(response)` judges it (body against PAYMENT-RESPONSE's deliveryHash,
+the escrow's state when the seller failed) and journals the outcome.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ import httpx
 from web3 import Web3
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from escrow_py.buyer._core import PaymentCore, PaymentPolicy
-from escrow_py.buyer._errors import DeliveryMismatch
-from escrow_py.buyer._journal import Journal, PaymentState
+from escrow_py.buyer._core import PaymentCore, PaymentPolicy, judge_response
+from escrow_py.buyer._errors import PaymentError, PaymentRefused
+from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import Policy
 from escrow_py.chain.signer import Signer
-from escrow_py.terms import delivery_hash
+from escrow_py.errors import ProtocolError
 from escrow_py.wire import (
     PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
     SCHEME,
     X402_VERSION,
     EscrowPayload,
     EscrowRequirements,
     SettlementExtra,
     decode_payment_response,
+    decode_payment_signature,
     encode_payment_signature,
 )
 
@@ -57,7 +60,12 @@ class DeliveryEscrowScheme:
         self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, w3=w3)
 
     def create_payment_payload(self, requirements: PaymentRequirements) -> dict[str, Any]:
-        req = EscrowRequirements.from_model(requirements)
+        """Sign the requirements (after the same checks as EscrowClient: genuine escrow, network, token,
+        balance, policy) and journal the payment; raises a PaymentRefused, nothing signed, on any failure."""
+        try:
+            req = EscrowRequirements.from_model(requirements)
+        except ProtocolError as exc:
+            raise PaymentRefused("invalid_requirements", str(exc)) from None
         terms, authorization, signature = self.core.sign(req, req.extra.request_hash, None)
         payload = EscrowPayload(authorization, signature, terms).to_json()
         # The SDK builds the header itself; journal the same envelope so the row is complete.
@@ -79,15 +87,50 @@ class DeliveryEscrowScheme:
         return payload
 
     def verify_delivery(self, response: httpx.Response) -> bytes:
-        """Check a paid response's body against its PAYMENT-RESPONSE deliveryHash; journals and returns the body."""
-        extra = SettlementExtra.from_json(decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER]).extra)
-        received = delivery_hash(response.content)
-        if extra.delivery_hash != received:
-            self.core.journal.update(
-                extra.escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=extra.delivery_hash
+        """Judge a paid response as EscrowClient does and return its body if it is the one paid for.
+
+        The payment is found by PAYMENT-RESPONSE's escrowId (or, without one, by the PAYMENT-SIGNATURE
+        of the request, when the response carries it) in this plugin's journal. Raises DeliveryMismatch,
+        PaymentNotDelivered, PaymentRejected or HandlerFailedRefunded as EscrowClient would, and a bare
+        PaymentError when the response does not say which journaled payment it answers.
+        """
+        escrow_id = _answered_escrow_id(response)
+        if escrow_id is None:
+            raise PaymentError(
+                "the response says no escrow (no readable PAYMENT-RESPONSE, no PAYMENT-SIGNATURE on its request): "
+                "which payment it answers is unknown; recover() settles every journaled payment"
             )
-            raise DeliveryMismatch(extra.escrow_id, extra.delivery_hash, received)
-        self.core.journal.update(
-            extra.escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=extra.delivery_hash
+        entry = self.core.journal.get(escrow_id)
+        if entry is None:
+            raise PaymentError(
+                f"the response names escrow 0x{escrow_id.hex()}, which this journal never signed", escrow_id=escrow_id
+            )
+        judge_response(
+            self.core,
+            escrow_id=escrow_id,
+            terms=entry.terms,
+            escrow=entry.escrow,
+            valid_before=entry.valid_before,
+            response=response,
         )
         return response.content
+
+
+def _answered_escrow_id(response: httpx.Response) -> bytes | None:
+    """The escrow a paid response answers: PAYMENT-RESPONSE's escrowId, else its request's authorization nonce."""
+    value = response.headers.get(PAYMENT_RESPONSE_HEADER)
+    if value is not None:
+        try:
+            return SettlementExtra.from_json(decode_payment_response(value).extra).escrow_id
+        except ProtocolError:
+            pass
+    try:
+        header = response.request.headers.get(PAYMENT_SIGNATURE_HEADER)
+    except RuntimeError:  # httpx raises when the response was built without a request
+        return None
+    if header is None:
+        return None
+    try:
+        return EscrowPayload.from_json(decode_payment_signature(header).payload).authorization.nonce
+    except ProtocolError:
+        return None

@@ -10,13 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from eth_abi.abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 from escrow_py.chain.signer import Signer
-from escrow_py.terms import Terms
+from escrow_py.terms import Terms, parse_uint
+
+EIP712_DOMAIN_TYPEHASH = keccak(
+    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
 
 RECEIVE_WITH_AUTHORIZATION = "ReceiveWithAuthorization"
 TRANSFER_WITH_AUTHORIZATION = "TransferWithAuthorization"
@@ -47,6 +53,21 @@ class TokenDomain:
             "chainId": self.chain_id,
             "verifyingContract": self.verifying_contract,
         }
+
+    def separator(self) -> bytes:
+        """The EIP-712 domain separator, as the token's DOMAIN_SEPARATOR() returns it for this domain."""
+        return keccak(
+            encode(
+                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                [
+                    EIP712_DOMAIN_TYPEHASH,
+                    keccak(text=self.name),
+                    keccak(text=self.version),
+                    self.chain_id,
+                    self.verifying_contract,
+                ],
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +107,16 @@ class Authorization:
         if not isinstance(data, dict):
             raise ValueError("authorization must be a JSON object")
         try:
-            nonce = bytes.fromhex(str(data["nonce"]).removeprefix("0x"))
-            numbers = {}
-            for key in ("value", "validAfter", "validBefore"):
-                raw = data[key]
-                if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit():
-                    raise ValueError(f"authorization.{key} must be a non-negative integer")
-                numbers[key] = int(raw)
+            if not isinstance(data["nonce"], str):
+                raise ValueError("authorization.nonce must be a 0x hex string")
+            nonce = bytes.fromhex(data["nonce"].removeprefix("0x"))
+            # uint256 on the token: anything wider is refused here, not by the ABI encoder later.
+            numbers = {
+                key: parse_uint(data[key], f"authorization.{key}") for key in ("value", "validAfter", "validBefore")
+            }
+            for key in ("from", "to"):
+                if not isinstance(data[key], str):
+                    raise ValueError(f"authorization.{key} must be an address string")
             auth = cls(
                 from_=to_checksum_address(data["from"]),
                 to=to_checksum_address(data["to"]),

@@ -1,4 +1,11 @@
-"""Plain JSON-RPC reads for the hot paths: eth_call, eth_estimateGas and the latest block's time.
+"""The connection to the node, with one total deadline per call, and plain JSON-RPC reads for the hot paths.
+
+`connect(url, deadline=...)` is the Web3 every role should use. web3's own
+HTTPProvider retries a timed-out call five times with its timeout applying to each
+attempt, so a node that accepts connections and never answers held a paid request
+for about 152 s with a 30 s timeout. `DeadlineHTTPProvider` gives every call one
+deadline for the whole of it (connecting, waiting, reading; no retry past it) and
+raises `RpcTimeout` when it passes.
 
 web3.py's `w3.eth.call` runs every request through its middleware and formatters,
 which costs about four times the node's own answer time on a local chain (3.8 ms
@@ -9,13 +16,68 @@ provider instead; everything else keeps using web3.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_utils.address import to_checksum_address
-from web3 import Web3
+from web3 import HTTPProvider, Web3
 from web3.types import RPCEndpoint
 
-from escrow_py.errors import RpcError
+from escrow_py.errors import RpcError, RpcTimeout
+
+DEFAULT_DEADLINE = 5.0
+
+
+class DeadlineHTTPProvider(HTTPProvider):
+    """An HTTP JSON-RPC provider whose every call ends within `deadline` seconds, whatever the node does.
+
+    The request runs on a worker thread and the caller waits for it at most `deadline`:
+    a read timeout alone is per socket read, so a node trickling bytes could outlast it.
+    A worker left behind by a hung node ends with its own socket timeout (the same
+    deadline); at most `max_workers` calls are in progress at once.
+    """
+
+    def __init__(self, endpoint_uri: str, deadline: float = DEFAULT_DEADLINE, *, max_workers: int = 64) -> None:
+        if not deadline > 0:
+            raise ValueError(f"deadline must be > 0 seconds, got {deadline!r}")
+        super().__init__(endpoint_uri, request_kwargs={"timeout": deadline}, exception_retry_configuration=None)
+        self.deadline = deadline
+        self._shown = redact_url(endpoint_uri)
+        self._max_workers = max_workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def _workers(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="escrow-rpc")
+            return self._pool
+
+    def _make_request(self, method: RPCEndpoint, request_data: bytes) -> bytes:
+        future = self._workers().submit(super()._make_request, method, request_data)
+        try:
+            return future.result(timeout=self.deadline)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RpcTimeout(f"{method}: no answer from {self._shown} within {self.deadline:g}s") from None
+        except OSError as exc:  # refused, reset, HTTP error status: requests' exceptions are OSErrors
+            raise RpcError(f"{method}: {self._shown} unreachable: {type(exc).__name__}") from None
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port] of an RPC URL: providers put API keys in the path or query, never shown."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}" + (
+        "/..." if parts.path.strip("/") else ""
+    )
+
+
+def connect(url: str, *, deadline: float = DEFAULT_DEADLINE) -> Web3:
+    """A Web3 on `url` whose every call ends within `deadline` seconds (DeadlineHTTPProvider)."""
+    return Web3(DeadlineHTTPProvider(url, deadline))
 
 
 def request(w3: Web3, method: str, params: list[Any]) -> Any:

@@ -7,8 +7,10 @@ nonce handling and fee bumping live in one place.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -19,13 +21,20 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, TransactionNotFound, Web3RPCError
+from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.types import BlockIdentifier, TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import CONTRACTS, load_artifact
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ContractRevert, RpcError, TransactionFailed
+from escrow_py.errors import (
+    ContractRevert,
+    InsufficientFunds,
+    NonceConflict,
+    RpcError,
+    TransactionFailed,
+    TransactionTimeout,
+)
 
 # A replacement must pay at least 10% more (geth and most providers' rule); bump a little more.
 REPLACEMENT_BUMP = 1.125
@@ -120,16 +129,47 @@ class SentTx:
     sent_at: float = field(default_factory=time.monotonic)
 
 
-class TxSender:
-    """Builds, signs, sends and confirms transactions for one signer; thread-safe."""
+@dataclass
+class WatchReport:
+    """What `TxSender.watch` found among the transactions it follows."""
 
-    def __init__(self, w3: Web3, signer: Signer, *, poll_interval: float = 0.05) -> None:
+    final: list[bytes] = field(default_factory=list)  # mined and `depth` blocks deep: no longer followed
+    replaced: list[bytes] = field(default_factory=list)  # its nonce went to another transaction (a replacement)
+    dropped: list[SentTx] = field(default_factory=list)  # gone from chain and node (a reorg, an eviction)
+    following: int = 0
+
+
+OnSigned = Callable[[SentTx], None]
+
+# What nodes answer when a nonce is already used, or taken by a pending transaction of the same fee.
+_NONCE_USED = ("nonce too low", "replacement transaction underpriced", "nonce has already been used", "already used")
+_ALREADY_KNOWN = ("already known", "already imported")
+
+
+class TxSender:
+    """Builds, signs, sends and confirms transactions for one signer; thread-safe.
+
+    Nonces: the next nonce is the higher of the node's pending count and this sender's
+    own count, so a key also used elsewhere (another process, a wallet) is followed
+    without a failed transaction; a `nonce too low` that slips through a race is
+    answered by signing again once with a fresh nonce (`send`). A stuck transaction is
+    repriced, or re-signed when it waits behind a gap (`confirm`).
+
+    With `watch=True` every broadcast transaction is followed until `watch(depth)`
+    finds it `depth` blocks deep; one that disappears (a reorg) resynchronises the
+    nonce and is reported, so its owner can send it again.
+    """
+
+    def __init__(self, w3: Web3, signer: Signer, *, poll_interval: float = 0.05, watch: bool = False) -> None:
         self.w3 = w3
         self.signer = signer
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
         self._chain_id: int | None = None
+        self._watching = watch
+        self._followed: dict[bytes, SentTx] = {}
+        self._mined_at: dict[bytes, tuple[int, bytes]] = {}  # tx hash -> (block number, block hash) seen
 
     @property
     def address(self) -> ChecksumAddress:
@@ -150,6 +190,10 @@ class TxSender:
             raise RpcError(f"cannot read fees: {exc}") from exc
         return 2 * base + tip, tip
 
+    def balance(self) -> int:
+        """The key's ETH balance in wei (what it can pay gas with)."""
+        return int(str(rpc.request(self.w3, "eth_getBalance", [self.address, "latest"])), 16)
+
     def call(self, to: str, data: bytes, *, block: BlockIdentifier = "latest") -> bytes:
         """eth_call as this sender; raises ContractRevert with the decoded error."""
         try:
@@ -164,41 +208,67 @@ class TxSender:
         try:
             return rpc.estimate_gas(self.w3, to, data, sender=self.address)
         except rpc.NodeError as exc:
-            raise _revert_or(exc) from None
+            failure = _revert_or(exc)
+            if isinstance(failure, rpc.NodeError) and "insufficient funds" in str(failure).lower():
+                raise InsufficientFunds(self.address, str(failure)) from None
+            raise failure from None
 
-    def send(self, to: str | None, data: bytes, *, gas: int | None = None) -> SentTx:
-        """Sign and broadcast (`to` None: create a contract).
+    def send(self, to: str | None, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> SentTx:
+        """Sign and broadcast (`to` None: create a contract); `on_signed` sees each signed transaction first.
 
-        A revert found by the gas estimate raises ContractRevert before anything is sent.
+        A revert found by the gas estimate raises ContractRevert before anything is sent. If
+        the node says the nonce is used (the key sent elsewhere meanwhile), the nonce is read
+        again and the transaction signed and sent once more; a second refusal raises
+        NonceConflict. A key without gas money raises InsufficientFunds.
         """
-        signed = self.sign(to, data, gas=gas)
-        self.broadcast(signed)
-        return signed
+        if gas is None:
+            gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
+        for attempt in (1, 2):
+            signed = self.sign(to, data, gas=gas)
+            if on_signed is not None:
+                on_signed(signed)
+            try:
+                self.broadcast(signed)
+            except NonceConflict:
+                if attempt == 2:
+                    raise
+                continue
+            return signed
+        raise AssertionError("unreachable")
 
     def sign(self, to: str | None, data: bytes, *, gas: int | None = None) -> SentTx:
         """Build and sign with the next nonce, without broadcasting: record it, then `broadcast` it.
 
-        The nonce is taken; if the transaction is never broadcast, the node's pending count
-        is the truth again after `resync_nonce()`.
+        The nonce is taken; if the transaction is never broadcast, `resync_nonce()` lets the
+        next one take it again.
         """
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
         max_fee, tip = self.fees()
+        tx: dict[str, Any] = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "from": self.address,
+            "data": HexBytes(data),
+            "value": 0,
+            "gas": gas,
+            "maxFeePerGas": max_fee,
+            "maxPriorityFeePerGas": tip,
+        }
+        if to is not None:
+            tx["to"] = to_checksum_address(to)
+        return self._sign_next(tx)
+
+    def _sign_next(self, tx: dict[str, Any]) -> SentTx:
         with self._lock:
-            nonce = self._take_nonce()
-            tx: dict[str, Any] = {
-                "type": 2,
-                "chainId": self.chain_id,
-                "from": self.address,
-                "data": HexBytes(data),
-                "value": 0,
-                "nonce": nonce,
-                "gas": gas,
-                "maxFeePerGas": max_fee,
-                "maxPriorityFeePerGas": tip,
-            }
-            if to is not None:
-                tx["to"] = to_checksum_address(to)
+            # The node's count is ahead of ours when the key was used elsewhere (another process, a
+            # wallet): follow it rather than fail with `nonce too low`. Ours is ahead while our last
+            # transactions are on their way to the node. Ours too far ahead (a reorg dropped one, a
+            # broadcast was lost) is corrected by resync_nonce(), which watch, confirm and a failed
+            # broadcast call.
+            pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
+            nonce = pending if self._next_nonce is None else max(pending, self._next_nonce)
+            tx = {**tx, "nonce": nonce}
             raw = self.signer.sign_transaction(tx)
             self._next_nonce = nonce + 1
         return SentTx(bytes(keccak(raw)), nonce, tx, raw)
@@ -211,6 +281,7 @@ class TxSender:
             # The nonce may or may not have been consumed: ask the node next time.
             self.resync_nonce()
             raise
+        self._follow(signed)
 
     def resync_nonce(self) -> None:
         with self._lock:
@@ -226,18 +297,23 @@ class TxSender:
         return SentTx(bytes(keccak(raw)), sent.nonce, tx, raw)
 
     def broadcast_raw(self, raw: bytes) -> bytes:
+        """eth_sendRawTransaction; NonceConflict, InsufficientFunds or RpcError when the node refuses."""
         try:
             return bytes(self.w3.eth.send_raw_transaction(raw))
         except Web3RPCError as exc:
             message = str(exc)
-            if "already known" in message or "already imported" in message:
+            lowered = message.lower()
+            if any(text in lowered for text in _ALREADY_KNOWN):
                 return bytes(keccak(raw))
+            if any(text in lowered for text in _NONCE_USED):
+                raise NonceConflict(self.address, message) from exc
+            if "insufficient funds" in lowered:
+                raise InsufficientFunds(self.address, message) from exc
             raise RpcError(f"transaction rejected: {message}") from exc
 
-    def _take_nonce(self) -> int:
-        if self._next_nonce is None:
-            self._next_nonce = int(self.w3.eth.get_transaction_count(self.address, "pending"))
-        return self._next_nonce
+    def confirmed_nonce(self) -> int:
+        """How many of the key's transactions are mined: every nonce below this one is used."""
+        return int(self.w3.eth.get_transaction_count(self.address, "latest"))
 
     def receipt(self, tx_hash: bytes) -> TxReceipt | None:
         try:
@@ -246,31 +322,233 @@ class TxSender:
             return None
 
     def wait(self, tx_hash: bytes, *, confirmations: int = 1, timeout: float = 120.0) -> TxReceipt:
-        """The receipt once mined with `confirmations` blocks (1 = mined); raises TransactionFailed on status 0."""
+        """The receipt once mined with `confirmations` blocks (1 = mined); raises TransactionFailed on status 0.
+
+        TransactionTimeout after `timeout` seconds without it.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            receipt = self.receipt(tx_hash)
+            receipt = self._confirmed_receipt(tx_hash, confirmations)
             if receipt is not None:
-                if receipt["status"] != 1:
-                    raise TransactionFailed(tx_hash, self._failure_reason(receipt))
-                if int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 >= confirmations:
-                    return receipt
+                return receipt
             if time.monotonic() > deadline:
-                raise TimeExhausted(f"0x{tx_hash.hex()} not confirmed within {timeout:.0f}s")
+                raise TransactionTimeout([tx_hash], -1, timeout)
             time.sleep(self.poll_interval)
 
-    def transact(self, to: str | None, data: bytes, *, gas: int | None = None, confirmations: int = 1) -> TxReceipt:
-        return self.wait(self.send(to, data, gas=gas).tx_hash, confirmations=confirmations)
+    def _confirmed_receipt(self, tx_hash: bytes, confirmations: int) -> TxReceipt | None:
+        receipt = self.receipt(tx_hash)
+        if receipt is None:
+            return None
+        if receipt["status"] != 1:
+            raise TransactionFailed(tx_hash, self._failure_reason(receipt))
+        if int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 < confirmations:
+            return None
+        return receipt
+
+    def confirm(
+        self,
+        sent: SentTx,
+        *,
+        confirmations: int = 1,
+        timeout: float = 120.0,
+        reprice_after: float | None = None,
+        on_signed: OnSigned | None = None,
+    ) -> TxReceipt:
+        """The receipt of `sent`, or of a replacement of it, once mined with `confirmations` blocks.
+
+        A transaction not mined after `reprice_after` seconds is stuck, and holds back every
+        later one of the key. If it waits behind a gap (a transaction before it vanished in a
+        reorg, or never reached the node), the nonce is resynchronised and the gap filled with
+        empty transfers to the key itself; otherwise it is signed again with the same nonce
+        and fees raised by at least 10%. Again after each further `reprice_after`; `on_signed`
+        sees each new version before it is broadcast. If the nonces of all of them were taken by some other
+        transaction, none can be mined: TransactionTimeout at once. Otherwise after `timeout`
+        seconds: TransactionTimeout naming every hash (one of them may still be mined).
+        """
+        start = time.monotonic()
+        attempts = [sent]
+        next_check = start + reprice_after if reprice_after else float("inf")
+        while True:
+            for attempt in attempts:
+                if self.receipt(attempt.tx_hash) is not None:
+                    final = self._confirmed_receipt(attempt.tx_hash, confirmations)
+                    if final is not None:
+                        return final
+                    break
+            else:
+                now = time.monotonic()
+                if (now >= next_check or now - start > timeout) and self._all_superseded(attempts):
+                    self.resync_nonce()
+                    raise TransactionTimeout([a.tx_hash for a in attempts], sent.nonce, now - start)
+                if now - start > timeout:
+                    raise TransactionTimeout([a.tx_hash for a in attempts], sent.nonce, timeout)
+                if reprice_after is not None and now >= next_check:
+                    unstuck = self._unstick(attempts[-1], on_signed)
+                    if unstuck is not attempts[-1]:
+                        attempts.append(unstuck)
+                    next_check = now + reprice_after
+            time.sleep(self.poll_interval)
+
+    def _all_superseded(self, attempts: list[SentTx]) -> bool:
+        """Every attempt's nonce is used on chain, by none of them."""
+        used = self.confirmed_nonce()
+        return all(a.nonce < used for a in attempts) and not any(self.receipt(a.tx_hash) for a in attempts)
+
+    def _unstick(self, stuck: SentTx, on_signed: OnSigned | None) -> SentTx:
+        pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
+        if pending < stuck.nonce:
+            # Queued behind a gap (a transaction before it vanished in a reorg, or never reached the
+            # node): no fee makes it minable. Fill the gap with empty transfers to ourselves, so it is
+            # mined as it is, rather than signing the same call again at the gap and running it twice.
+            self.resync_nonce()
+            for nonce in range(pending, stuck.nonce):
+                self._fill_gap(nonce, stuck)
+            return stuck
+        replacement = self.replace(stuck)
+        if on_signed is not None:
+            on_signed(replacement)
+        try:
+            self.broadcast_raw(replacement.raw)
+        except NonceConflict:
+            pass  # mined meanwhile, or the node wants a larger bump: the next round sees which
+        else:
+            self._follow(replacement)
+        return replacement
+
+    def _fill_gap(self, nonce: int, like: SentTx) -> None:
+        max_fee, tip = self.fees()
+        tx: dict[str, Any] = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "from": self.address,
+            "to": self.address,
+            "data": HexBytes(b""),
+            "value": 0,
+            "nonce": nonce,
+            "gas": 21_000,
+            "maxFeePerGas": max(max_fee, int(like.tx["maxFeePerGas"])),
+            "maxPriorityFeePerGas": max(tip, int(like.tx["maxPriorityFeePerGas"])),
+        }
+        # NonceConflict: filled meanwhile (by our own next transaction, or the key's other user).
+        with contextlib.suppress(NonceConflict):
+            self.broadcast_raw(self.signer.sign_transaction(tx))
+
+    def transact(
+        self,
+        to: str | None,
+        data: bytes,
+        *,
+        gas: int | None = None,
+        confirmations: int = 1,
+        timeout: float = 120.0,
+        reprice_after: float | None = None,
+        on_signed: OnSigned | None = None,
+    ) -> TxReceipt:
+        """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds."""
+        sent = self.send(to, data, gas=gas, on_signed=on_signed)
+        return self.confirm(
+            sent, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after, on_signed=on_signed
+        )
+
+    # -- following sent transactions through reorgs -------------------------------------------
+
+    def _follow(self, signed: SentTx) -> None:
+        if self._watching:
+            with self._lock:
+                self._followed[signed.tx_hash] = signed
+
+    def watch(self, depth: int) -> WatchReport:
+        """Look at every followed transaction once: settled `depth` blocks deep, replaced, or dropped.
+
+        A mined one is checked by its block's hash (one call per block, not per transaction);
+        one whose block was reorged away and that is neither mined elsewhere nor back in the
+        node's pool is dropped. A drop leaves the key's nonce where the chain says, so the
+        cached nonce is resynchronised; the owner of the transaction decides whether to send
+        it again.
+        """
+        report = WatchReport()
+        with self._lock:
+            followed = list(self._followed.values())
+        if not followed:
+            return report
+        head = int(self.w3.eth.block_number)
+        canonical: dict[int, bytes | None] = {}
+        used: int | None = None
+        for sent in followed:
+            mined = self._mined_at.get(sent.tx_hash)
+            if mined is not None:
+                number, block_hash = mined
+                if number not in canonical:
+                    canonical[number] = self._block_hash(number)
+                if canonical[number] == block_hash:
+                    if head - number + 1 >= depth:
+                        report.final.append(sent.tx_hash)
+                        self._unfollow(sent.tx_hash)
+                    continue
+                self._mined_at.pop(sent.tx_hash, None)  # its block is gone: where is it now?
+            receipt = self.receipt(sent.tx_hash)
+            if receipt is not None:
+                self._mined_at[sent.tx_hash] = (int(receipt["blockNumber"]), bytes(receipt["blockHash"]))
+                continue
+            if self.known_to_node(sent.tx_hash):
+                continue  # in the pool (pending, or back there after a reorg): confirm() or the next pass sees it
+            if mined is None:
+                used = self.confirmed_nonce() if used is None else used
+                if sent.nonce < used:
+                    report.replaced.append(sent.tx_hash)  # a replacement of it (another use of its nonce) was mined
+                    self._unfollow(sent.tx_hash)
+                    continue
+            # Gone from the chain and from the node: a reorg took its block, or the pool evicted it.
+            report.dropped.append(sent)
+            self._unfollow(sent.tx_hash)
+        if report.dropped:
+            self.resync_nonce()
+        with self._lock:
+            report.following = len(self._followed)
+        return report
+
+    def _block_hash(self, number: int) -> bytes | None:
+        block = rpc.request(self.w3, "eth_getBlockByNumber", [hex(number), False])
+        return bytes.fromhex(str(block["hash"])[2:]) if block else None
+
+    def followed(self, tx_hash: bytes) -> SentTx | None:
+        """The signed transaction `tx_hash` if this sender broadcast it and still follows it."""
+        with self._lock:
+            return self._followed.get(tx_hash)
+
+    def _unfollow(self, tx_hash: bytes) -> None:
+        with self._lock:
+            self._followed.pop(tx_hash, None)
+            self._mined_at.pop(tx_hash, None)
+
+    def known_to_node(self, tx_hash: bytes) -> bool:
+        """Whether the node has the transaction, mined or in its pool."""
+        try:
+            self.w3.eth.get_transaction(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return False
+        return True
 
     def _failure_reason(self, receipt: TxReceipt) -> str:
-        """Replay the failed transaction at its block to recover the revert reason."""
+        """The revert reason of a mined, failed transaction.
+
+        Best from the node's trace of the transaction itself (exact, even when an earlier
+        transaction of the same block caused it); where tracing is not offered, by replaying
+        it as a call on the state after its block, then before it.
+        """
+        tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
         try:
-            tx = self.w3.eth.get_transaction(receipt["transactionHash"])
-            self.w3.eth.call(
-                {"from": tx["from"], "to": tx["to"], "data": tx["input"], "gas": tx["gas"]},
-                receipt["blockNumber"] - 1,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure here is the reason we are after
-            revert = revert_from_exception(exc)
-            return str(revert) if revert is not None else str(exc)
+            trace = rpc.request(self.w3, "debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
+            output = str(trace.get("output") or "0x")
+            if len(output) > 2:
+                return str(decode_revert(bytes.fromhex(output[2:])))
+        except (RpcError, AttributeError, ValueError):
+            pass  # no tracing on this node: replay instead
+        tx = self.w3.eth.get_transaction(receipt["transactionHash"])
+        for block in (receipt["blockNumber"], receipt["blockNumber"] - 1):
+            try:
+                self.w3.eth.call({"from": tx["from"], "to": tx["to"], "data": tx["input"], "gas": tx["gas"]}, block)
+            except Exception as exc:  # noqa: BLE001 - any failure here is the reason we are after
+                revert = revert_from_exception(exc)
+                return str(revert) if revert is not None else str(exc)
         return "reverted (reason not reproducible)"

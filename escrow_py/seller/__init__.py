@@ -15,10 +15,19 @@ again replays the stored response byte for byte. The delivery poster runs with
 the app's lifespan; `await EscrowMiddleware.of(app).poster.flush()` or
 `post_pending(config)` runs one pass.
 
+A request of any method that reaches a priced handler is priced (HEAD through a GET
+route, the other methods of a multi-method route). When the app starts, `check_seller`
+checks the chain id, the escrow's code, the token's ERC-3009 domain and the operator's
+gas, and a failure stops the start naming the setting.
+
 Errors: ConfigError for bad settings (raised when SellerConfig or PricedRoute is
-built). A bad payment never raises to the server: it answers 400 or 402 with a
-wire.Reason in PAYMENT-REQUIRED's `error`. Chain failures while depositing,
-refunding or posting are logged and retried (by the poster, or the keeper).
+built, or at start-up). A bad payment never raises to the server: it answers 400 or
+402 with a wire.Reason in PAYMENT-REQUIRED's `error` (a refused deposit adds the
+decoded revert: "simulation_failed: ..."). A failure on the seller's side answers
+503 with Retry-After and {"error": reason, "message": ...}: chain_unavailable,
+operator_unfunded, operator_nonce_conflict, deposit_pending, payment_in_progress.
+Chain failures while refunding or posting are logged and retried (by the poster,
+or the keeper); a delivery a reorg drops is posted again.
 
     EscrowError
     ├── ConfigError
@@ -35,6 +44,7 @@ from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
@@ -63,6 +73,7 @@ __all__ = [
     "SellerStore",
     "StoredResponse",
     "VerifiedPayment",
+    "check_seller",
     "offer_for",
     "post_pending",
     "verify_offchain",

@@ -2,21 +2,24 @@
 
 Sharing one sender keeps the operator's nonces in one place (TxSender takes them
 under a lock), whichever task or thread sends. Every method blocks on RPC: the
-middleware calls them from worker threads.
+middleware calls them from worker threads. Each RPC call ends within
+`config.rpc_timeout` seconds (rpc.connect), and each transaction is confirmed, repriced
+or given up within `config.tx_timeout` (TxSender.confirm).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from web3 import HTTPProvider, Web3
+from web3 import Web3
 from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
+from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
-from escrow_py.chain.tx import TxSender
+from escrow_py.chain.tx import OnSigned, TxSender
 from escrow_py.seller._config import SellerConfig
 from escrow_py.terms import State, Terms
 from escrow_py.wire import EscrowPayload
@@ -25,31 +28,56 @@ from escrow_py.wire import EscrowPayload
 class SellerChain:
     def __init__(self, config: SellerConfig, w3: Web3 | None = None) -> None:
         self.config = config
-        self.w3 = w3 or Web3(HTTPProvider(config.rpc_url, request_kwargs={"timeout": config.rpc_timeout}))
+        self.w3 = w3 or rpc.connect(config.rpc_url, deadline=config.rpc_timeout)
         self.escrow = Escrow(self.w3, config.escrow)
         self.token = Token(self.w3, config.token)
-        self.sender = TxSender(self.w3, config.operator)
+        self.sender = TxSender(self.w3, config.operator, watch=True)
         self.domain = TokenDomain(config.token_name, config.token_version, config.chain_id, self.token.address)
 
     def now(self) -> int:
-        """The chain's clock: the latest block's timestamp."""
-        return rpc.latest_timestamp(self.w3)
+        """The chain's clock as the deposit will meet it: the next block's timestamp."""
+        return next_block_time(self.w3)
 
     def state_of(self, escrow_id: bytes) -> State:
         return self.escrow.state_of(escrow_id)
 
-    def deposit(self, payload: EscrowPayload, *, gas: int | None = None) -> TxReceipt:
-        return self.escrow.deposit(
-            self.sender,
-            payload.terms,
-            payload.authorization,
-            payload.signature,
+    def _transact(self, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> TxReceipt:
+        config = self.config
+        return self.sender.transact(
+            self.escrow.address,
+            data,
             gas=gas,
-            confirmations=self.config.confirmations,
+            confirmations=config.confirmations,
+            timeout=config.tx_timeout,
+            reprice_after=config.reprice_after,
+            on_signed=on_signed,
+        )
+
+    def deposit(
+        self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None
+    ) -> TxReceipt:
+        """Send the deposit and wait for it; `on_signed` records each signed version before it leaves."""
+        data = self.escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+        return self._transact(data, gas=gas, on_signed=on_signed)
+
+    def resume(self, tx_hash: bytes) -> TxReceipt | None:
+        """Wait again for a transaction sent earlier (a deposit that was not confirmed in time).
+
+        None when the node no longer knows it and it was never mined: it can be sent anew.
+        TransactionTimeout if it is still pending after `tx_timeout`.
+        """
+        if self.sender.receipt(tx_hash) is None and not self.sender.known_to_node(tx_hash):
+            return None
+        sent = self.sender.followed(tx_hash)
+        config = self.config
+        if sent is None:  # sent by an earlier process: no signed copy to reprice, wait for it as it is
+            return self.sender.wait(tx_hash, confirmations=config.confirmations, timeout=config.tx_timeout)
+        return self.sender.confirm(
+            sent, confirmations=config.confirmations, timeout=config.tx_timeout, reprice_after=config.reprice_after
         )
 
     def refund(self, terms: Terms) -> TxReceipt:
-        return self.escrow.refund(self.sender, terms, confirmations=self.config.confirmations)
+        return self._transact(self.escrow.refund_data(terms))
 
     def deliver_many(self, entries: Sequence[tuple[Terms, bytes]]) -> TxReceipt:
-        return self.escrow.deliver_many(self.sender, entries, confirmations=self.config.confirmations)
+        return self._transact(self.escrow.deliver_many_data(entries))

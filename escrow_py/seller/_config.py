@@ -57,7 +57,10 @@ class PricedRoute:
         object.__setattr__(self, "_regex", _compile_path(self.path))
 
     def matches(self, method: str, path: str) -> bool:
-        return method.upper() == self.method and self._regex.match(path) is not None
+        return method.upper() == self.method and self.matches_path(path)
+
+    def matches_path(self, path: str) -> bool:
+        return self._regex.match(path) is not None
 
 
 def _checked_address(value: object, name: str) -> ChecksumAddress:
@@ -74,6 +77,15 @@ class SellerConfig:
     operator. `min_time_left` is the least time a payment's deadline must leave to be
     accepted (and to be served after a crash); `deadline_slack` tolerates a buyer
     whose clock runs a little ahead of the chain's.
+
+    Time limits on the request path: every chain call ends within `rpc_timeout` seconds
+    (retries included), or the request gets 503 `chain_unavailable`; a deposit not
+    confirmed within `tx_timeout` seconds gets 503 `deposit_pending` (the same payment
+    sent again later is served once it lands); a transaction not mined after
+    `reprice_after` seconds is sent again with higher fees. Every transaction is
+    followed until `confirmation_depth` blocks deep, and a delivery a reorg drops
+    before that is sent again. `startup_checks` checks the chain, escrow, token and
+    operator when the app starts (see `check_seller`).
     """
 
     rpc_url: str
@@ -92,7 +104,11 @@ class SellerConfig:
     poster_interval: float = 0.5
     deadline_slack: int = 30
     max_body_bytes: int = 1024 * 1024
-    rpc_timeout: float = 30.0
+    rpc_timeout: float = 5.0
+    tx_timeout: float = 30.0
+    reprice_after: float = 10.0
+    confirmation_depth: int = 5
+    startup_checks: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
@@ -113,18 +129,29 @@ class SellerConfig:
         self._check_numbers(routes)
 
     def _check_numbers(self, routes: tuple[PricedRoute, ...]) -> None:
-        for name, minimum in (("confirmations", 1), ("min_time_left", 0), ("deadline_slack", 0), ("max_body_bytes", 0)):
+        integers = (
+            ("confirmations", 1),
+            ("min_time_left", 0),
+            ("deadline_slack", 0),
+            ("max_body_bytes", 0),
+            ("confirmation_depth", 1),
+        )
+        for name, minimum in integers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"SellerConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("poster_interval", "rpc_timeout", "tx_timeout", "reprice_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"SellerConfig.{name} must be a number of seconds > 0, got {value!r}")
+        if not isinstance(self.startup_checks, bool):
+            raise ConfigError(f"SellerConfig.startup_checks must be True or False, got {self.startup_checks!r}")
         for route in routes:
             if route.max_timeout_seconds <= self.min_time_left:
                 raise ConfigError(
                     f"route {route.method} {route.path}: max_timeout_seconds {route.max_timeout_seconds} "
                     f"must exceed min_time_left {self.min_time_left}"
                 )
-        if not (isinstance(self.poster_interval, (int, float)) and self.poster_interval > 0):
-            raise ConfigError(f"SellerConfig.poster_interval must be > 0 seconds, got {self.poster_interval!r}")
         if self.public_base_url is not None:
             if not self.public_base_url.startswith(("http://", "https://")):
                 raise ConfigError(f"SellerConfig.public_base_url must be an http(s) URL, got {self.public_base_url!r}")

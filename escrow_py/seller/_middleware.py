@@ -5,22 +5,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import anyio.to_thread
+from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
 from web3.exceptions import Web3Exception
 from x402.schemas import SettleResponse
 
-from escrow_py.errors import EscrowError, ProtocolError
+from escrow_py.chain.tx import SentTx
+from escrow_py.errors import (
+    ConfigError,
+    EscrowError,
+    InsufficientFunds,
+    NonceConflict,
+    ProtocolError,
+    TransactionFailed,
+    TransactionTimeout,
+)
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
-from escrow_py.seller._poster import DeliveryPoster
-from escrow_py.seller._store import POSTED, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._poster import DeliveryPoster, log_sale
+from escrow_py.seller._startup import check_chain
+from escrow_py.seller._store import DEPOSITING, POSTED, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 from escrow_py.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.wire import (
@@ -42,6 +54,9 @@ log = logging.getLogger("escrow_py.seller")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
+# Seconds a client should wait before sending the payment again after a 503 chain_unavailable.
+CHAIN_RETRY_AFTER = 2
+
 _SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
 
@@ -49,6 +64,20 @@ _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-cont
 async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Run web3 and SQLite calls in a worker thread: they block."""
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+class SellerUnavailable(EscrowError):
+    """The seller's own side cannot take the payment now (503 with Retry-After); the buyer is not at fault.
+
+    `reason` is a wire.Reason, `public` the message the client sees (never an exception's
+    text: those can carry the RPC URL and its API key).
+    """
+
+    def __init__(self, reason: Reason, public: str, retry_after: int) -> None:
+        super().__init__(f"{reason}: {public}")
+        self.reason = reason
+        self.public = public
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +126,36 @@ class EscrowMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        route = self.config.route_for(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        route = self._priced_route(scope) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return
         await self._paid(scope, receive, send, route)
+
+    def _priced_route(self, scope: Scope) -> PricedRoute | None:
+        """The priced route this request reaches, whatever its method.
+
+        A PricedRoute names a method, but frameworks send other methods to the same handler:
+        Starlette's Route answers HEAD with the GET endpoint, FastAPI takes methods=["GET",
+        "HEAD"], an api_route may take GET and POST. The rule: a request is priced if its own
+        method is priced on its path, or if the app's router sends it to the same endpoint as
+        a priced method on that path (then it pays that route's price). Without a router to
+        ask (a bare ASGI app), HEAD is priced as GET, the way every server answers it.
+        """
+        method, path = str(scope["method"]).upper(), str(scope["path"])
+        route = self.config.route_for(method, path)
+        if route is not None:
+            return route
+        others = [r for r in self.config.routes if r.matches_path(path)]
+        if not others:
+            return None
+        routes = _router_routes(scope, self.app)
+        if routes is None:
+            return next((r for r in others if r.method == "GET"), None) if method == "HEAD" else None
+        reached = _endpoint(routes, scope)
+        if reached is None:
+            return None
+        return next((r for r in others if _endpoint(routes, {**scope, "method": r.method}) is reached), None)
 
     # -- lifespan ------------------------------------------------------------------------
 
@@ -114,10 +168,25 @@ class EscrowMiddleware:
 
         async def on_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
+                failure = await self._startup_failure()
+                if failure is not None:
+                    await send({"type": "lifespan.startup.failed", "message": failure})
+                    return
                 self.poster.start()
             await send(message)
 
         await self.app(scope, on_receive, on_send)
+
+    async def _startup_failure(self) -> str | None:
+        """check_seller's verdict when the app starts (None: fine, or checks turned off)."""
+        if not self.config.startup_checks:
+            return None
+        try:
+            await _blocking(check_chain, self.chain)
+        except ConfigError as exc:
+            log.error("seller start-up check failed: %s", exc)
+            return str(exc)
+        return None
 
     # -- a paid request --------------------------------------------------------------------
 
@@ -140,11 +209,14 @@ class EscrowMiddleware:
             async with lock:
                 await self._settle(scope, receive, send, request, header=header, escrow_id=escrow_id)
         except PaymentRejected as rejected:
-            await self._send_required(send, request, rejected.status, rejected.reason)
+            await self._send_required(send, request, rejected.status, rejected.error)
+        except SellerUnavailable as unavailable:
+            await _send_unavailable(send, unavailable)
         except (EscrowError, OSError, Web3Exception) as exc:
             # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
-            log.warning("paid request %s %s failed: %s", request.method, request.url, exc)
-            await _send_plain(send, 503, b"payment service unavailable, retry later", retry_after=True)
+            log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
+            down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
+            await _send_unavailable(send, down)
 
     def _escrow_id_of(self, header: str) -> bytes:
         """The id the payment claims (it is verified before anything is done with it)."""
@@ -175,11 +247,18 @@ class EscrowMiddleware:
                 return
             deposit_tx = payment.deposit_tx
             state = await _blocking(self.chain.state_of, escrow_id)
+            if state == State.NONE and payment.status == DEPOSITING and payment.deposit_tx is not None:
+                # Sent earlier and not confirmed then (503 deposit_pending): wait for that one, don't send another.
+                resumed = await self._resume(verified, payment.deposit_tx)
+                if resumed is not None:
+                    state, deposit_tx = State.HELD, resumed
+                else:  # gone from the node, or reverted because another deposit of it landed first
+                    state = await _blocking(self.chain.state_of, escrow_id)
             if state == State.NONE:
                 # Recorded, but the deposit never landed: try it again under today's rules.
                 now = await _blocking(self.chain.now)
                 verified = self._verify(header, request, now)
-                deposit_tx = await self._deposit(verified, accepted_at=None)
+                deposit_tx = await self._deposit(verified, accepted_at=None, route=request.route)
             elif state == State.HELD:
                 await self._require_time_left(verified.terms)  # a crash mid-handler: serve it now
             else:
@@ -188,13 +267,15 @@ class EscrowMiddleware:
             state, now = await _blocking(self._state_and_time, escrow_id)
             if state == State.NONE:
                 verified = self._verify(header, request, now)
-                deposit_tx = await self._deposit(verified, accepted_at=now)
+                deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
             elif state == State.HELD:
                 # Deposited by someone else (the buyer, another replica) and never answered here. The
                 # token checked the signature on deposit; judge the rest at a time the deadline was valid.
                 reference = min(now, self._latest_valid_time(request, header))
                 verified = self._verify(header, request, reference)
-                await _blocking(self.store.begin_deposit, escrow_id, verified.terms, reference)
+                await _blocking(
+                    self.store.begin_deposit, escrow_id, verified.terms, reference, _route_name(request.route)
+                )
                 await _blocking(self.store.set_held, escrow_id, None)
                 deposit_tx = None
                 await self._require_time_left(verified.terms)
@@ -219,28 +300,93 @@ class EscrowMiddleware:
                 "too late to deliver, the escrow is refundable",
             )
 
-    async def _deposit(self, verified: VerifiedPayment, *, accepted_at: int | None) -> bytes | None:
-        """Check on chain, record, deposit, wait for the receipt. `accepted_at` None: already recorded."""
+    async def _deposit(self, verified: VerifiedPayment, *, accepted_at: int | None, route: PricedRoute) -> bytes | None:
+        """Check on chain, record, deposit, wait for the receipt. `accepted_at` None: already recorded.
+
+        The buyer's faults are 402s (a simulation or a mined deposit that reverts, with the
+        revert in `error`); the seller's own are 503s with a reason (SellerUnavailable): the
+        operator cannot pay gas, its nonce is taken, the deposit is not confirmed in time.
+        """
         escrow_id = verified.escrow_id
         chain = self.chain
-        gas = await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
-        if accepted_at is not None and not await _blocking(
-            self.store.begin_deposit, escrow_id, verified.terms, accepted_at
-        ):
-            raise PaymentRejected(Reason.DEPOSIT_FAILED, "this payment is being processed by another process; retry")
         try:
-            receipt = await _blocking(chain.deposit, verified.payload, gas=gas)
-        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            gas = await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+        except PaymentRejected as rejected:
+            if rejected.reason == Reason.SIMULATION_FAILED:
+                log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
+            raise
+        if accepted_at is not None and not await _blocking(
+            self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(route)
+        ):
+            raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
+
+        def record(signed: SentTx) -> None:
+            # Before the transaction leaves: a retry finds it, and never sends a second deposit beside it.
+            self.store.set_deposit_sent(escrow_id, signed.tx_hash)
+
+        try:
+            receipt = await _blocking(chain.deposit, verified.payload, gas=gas, on_signed=record)
+        except TransactionTimeout as exc:
+            raise self._pending(escrow_id, exc) from None
+        except TransactionFailed as exc:
+            return await self._deposit_reverted(verified, exc)
+        except (InsufficientFunds, NonceConflict) as exc:
+            await _blocking(self.store.forget, escrow_id)  # the node refused it: nothing is on its way
+            raise self._operator_failure(escrow_id, exc) from None
+        except (EscrowError, OSError, Web3Exception) as exc:
             if await _blocking(chain.state_of, escrow_id) == State.HELD:
                 # It landed although we saw an error (a lost receipt): go on as deposited.
                 await _blocking(self.store.set_held, escrow_id, None)
                 return None
             await _blocking(self.store.forget, escrow_id)
             log.warning("deposit of 0x%s failed: %s", escrow_id.hex(), exc)
-            raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc)) from None
+            raise SellerUnavailable(
+                Reason.CHAIN_UNAVAILABLE, "the deposit could not be sent", CHAIN_RETRY_AFTER
+            ) from None
         tx_hash = bytes(receipt["transactionHash"])
         await _blocking(self.store.set_held, escrow_id, tx_hash)
         return tx_hash
+
+    async def _resume(self, verified: VerifiedPayment, tx_hash: bytes) -> bytes | None:
+        """The deposit sent by an earlier request, waited for again; None if it is gone (send a new one)."""
+        escrow_id = verified.escrow_id
+        try:
+            receipt = await _blocking(self.chain.resume, tx_hash)
+        except TransactionTimeout as exc:
+            raise self._pending(escrow_id, exc) from None
+        except TransactionFailed as exc:
+            await self._deposit_reverted(verified, exc)
+            return None
+        if receipt is None:
+            return None
+        mined = bytes(receipt["transactionHash"])
+        await _blocking(self.store.set_held, escrow_id, mined)
+        return mined
+
+    def _pending(self, escrow_id: bytes, exc: TransactionTimeout) -> SellerUnavailable:
+        log.warning("deposit of 0x%s not confirmed in time, answered 503: %s", escrow_id.hex(), exc)
+        return SellerUnavailable(
+            Reason.DEPOSIT_PENDING,
+            "the deposit was sent and is not confirmed yet; send the same payment again",
+            max(1, math.ceil(self.config.reprice_after)),
+        )
+
+    def _operator_failure(self, escrow_id: bytes, exc: InsufficientFunds | NonceConflict) -> SellerUnavailable:
+        if isinstance(exc, InsufficientFunds):
+            log.error("operator %s cannot pay gas; deposit of 0x%s not sent: %s", exc.address, escrow_id.hex(), exc)
+            return SellerUnavailable(Reason.OPERATOR_UNFUNDED, "the seller cannot pay for gas now", 30)
+        log.error("operator nonce taken twice; deposit of 0x%s not sent: %s", escrow_id.hex(), exc)
+        return SellerUnavailable(Reason.NONCE_CONFLICT, "the seller's transaction key is busy", 1)
+
+    async def _deposit_reverted(self, verified: VerifiedPayment, exc: TransactionFailed) -> bytes | None:
+        """A mined deposit that reverted: the buyer's payment failed at the token or the escrow."""
+        escrow_id = verified.escrow_id
+        if await _blocking(self.chain.state_of, escrow_id) == State.HELD:
+            await _blocking(self.store.set_held, escrow_id, None)  # deposited by another transaction meanwhile
+            return None
+        await _blocking(self.store.forget, escrow_id)
+        log.warning("deposit of 0x%s reverted on chain: %s (buyer %s)", escrow_id.hex(), exc, verified.buyer)
+        raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
 
     async def _serve(
         self,
@@ -265,6 +411,15 @@ class EscrowMiddleware:
         try:
             receipt = await _blocking(self.chain.refund, terms)
             refund_tx = bytes(receipt["transactionHash"])
+            log_sale(
+                "refunded",
+                escrow_id,
+                terms,
+                route=_route_name(request.route),
+                deposit_tx=deposit_tx,
+                refund_tx=refund_tx,
+                status=str(response.status),
+            )
         except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
@@ -428,6 +583,33 @@ class EscrowMiddleware:
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
+def _router_routes(scope: Scope, app: ASGIApp) -> list[BaseRoute] | None:
+    """The routes of the Starlette/FastAPI router behind this middleware, if there is one."""
+    candidates: list[Any] = [scope.get("app")]
+    node: Any = app
+    while node is not None:  # the middleware stack down to the router
+        candidates.append(node)
+        node = getattr(node, "app", None)
+    for candidate in candidates:
+        router = getattr(candidate, "router", candidate)
+        routes = getattr(router, "routes", None)
+        if isinstance(routes, list) and all(isinstance(r, BaseRoute) for r in routes):
+            return routes
+    return None
+
+
+def _endpoint(routes: list[BaseRoute], scope: Scope) -> Any:
+    """The endpoint the router would run for `scope` (None: no full match), looking into mounts."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            inner = getattr(route, "routes", None)
+            if isinstance(route, (Mount, Host)) and inner:
+                return _endpoint(list(inner), {**scope, **child})
+            return child.get("endpoint", route)
+    return None
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if bytes(key).lower() == name:
@@ -435,12 +617,27 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_plain(send: Send, status: int, body: bytes, *, retry_after: bool = False) -> None:
+async def _send_plain(send: Send, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
-    if retry_after:
-        headers.append((b"retry-after", b"2"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
+    """503 with Retry-After: `{"error": reason, "message": ...}`; no new offer (the same payment is to be resent)."""
+    body = json.dumps({"error": str(unavailable.reason), "message": unavailable.public}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"retry-after", str(unavailable.retry_after).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _route_name(route: PricedRoute) -> str:
+    return f"{route.method} {route.path}"
 
 
 __all__ = ["EscrowMiddleware"]

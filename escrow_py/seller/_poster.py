@@ -5,6 +5,16 @@ restart) picks up where the last one stopped. An entry whose deadline has
 passed is never posted (the contract would revert the whole batch, and the
 escrow now belongs to the buyer's refund); an entry found settled on chain is
 closed without a transaction.
+
+A posted delivery is followed until its transaction is `confirmation_depth`
+blocks deep: if a reorg takes it away while the escrow is Held again, it goes
+back to the queue and is sent again while its deadline allows. Each pass also
+lets the operator's TxSender look at every transaction it sent, so a reorged-out
+one resynchronises the cached nonce before the next transaction is signed.
+
+Each completed sale is one INFO line on `escrow_py.seller.sales`, with its
+fields as key=value: `sale delivered escrow_id=0x.. amount=10000 route="GET
+/report/{item}" buyer=0x.. deposit_tx=0x.. delivery_tx=0x..`.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ from web3.exceptions import Web3Exception
 from escrow_py.errors import EscrowError
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._store import EXPIRED, POSTED, SETTLED_ELSEWHERE, SellerStore
-from escrow_py.terms import State
+from escrow_py.terms import State, Terms
 
 log = logging.getLogger("escrow_py.seller.poster")
+sales = logging.getLogger("escrow_py.seller.sales")
 
 # A delivery mined at or after the deadline reverts: leave the next block room.
 DEADLINE_MARGIN = 2
@@ -36,10 +47,20 @@ class PostReport:
 
     posted: list[bytes] = field(default_factory=list)
     tx_hash: bytes | None = None
+    reposted: list[bytes] = field(default_factory=list)  # their delivery transaction vanished in a reorg
+    final: list[bytes] = field(default_factory=list)  # their delivery is confirmation_depth blocks deep
     expired: list[bytes] = field(default_factory=list)
     settled: list[bytes] = field(default_factory=list)
     refunded: list[bytes] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes | None) -> None:
+    """The one INFO line of a sale, with its fields as key=value (and as LogRecord attributes)."""
+    values: dict[str, object] = {"escrow_id": escrow_id, "amount": terms.amount, **fields, "buyer": terms.buyer}
+    shown = {k: ("0x" + v.hex() if isinstance(v, bytes) else v) for k, v in values.items() if v is not None}
+    text = " ".join(f'{k}="{v}"' if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in shown.items())
+    sales.info("sale %s %s", outcome, text, extra={"sale": outcome, **shown})
 
 
 class DeliveryPoster:
@@ -65,6 +86,7 @@ class DeliveryPoster:
 
     def _post_pending(self) -> PostReport:
         report = PostReport()
+        self._follow_posted(report)
         self._retry_refunds(report)
         while True:
             pending = self.store.pending_deliveries(BATCH_SIZE)
@@ -98,6 +120,54 @@ class DeliveryPoster:
             self.store.mark_deliveries(ids, POSTED, tx_hash)
             report.posted.extend(ids)
             report.tx_hash = tx_hash
+            for entry in batch:
+                log_sale(
+                    "delivered",
+                    entry.escrow_id,
+                    entry.terms,
+                    route=entry.route,
+                    deposit_tx=entry.deposit_tx,
+                    delivery_tx=tx_hash,
+                )
+
+    def _follow_posted(self, report: PostReport) -> None:
+        """Posted deliveries until they are deep enough: one a reorg took away is queued again."""
+        depth = self.chain.config.confirmation_depth
+        watched = self.chain.sender.watch(depth)
+        for dropped in watched.dropped:
+            log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
+        posted = self.store.posted_unsettled()
+        if not posted:
+            return
+        head = int(self.chain.w3.eth.block_number)
+        final, again = [], []
+        for entry in posted:
+            receipt = self.chain.sender.receipt(entry.tx_hash)
+            if receipt is not None and receipt["status"] == 1:
+                if head - int(receipt["blockNumber"]) + 1 >= depth:
+                    final.append(entry.escrow_id)
+                continue
+            state = self.chain.state_of(entry.escrow_id)
+            if state == State.HELD:
+                again.append(entry.escrow_id)
+                log.warning(
+                    "delivery of 0x%s: its transaction 0x%s is no longer on chain (a reorg); sending it again",
+                    entry.escrow_id.hex(),
+                    entry.tx_hash.hex(),
+                )
+            elif state == State.NONE:
+                # The deposit went with the reorg too: nothing to deliver, and nothing was paid.
+                final.append(entry.escrow_id)
+                log.error(
+                    "escrow 0x%s: its deposit and delivery vanished in a reorg; the response was served unpaid",
+                    entry.escrow_id.hex(),
+                )
+            else:
+                final.append(entry.escrow_id)  # settled by another transaction: nothing left to follow
+        self.store.mark_final(final)
+        self.store.repost(again, "its transaction vanished in a reorg")
+        report.final.extend(final)
+        report.reposted.extend(again)
 
     def _retry_refunds(self, report: PostReport) -> None:
         for escrow_id, terms in self.store.refunds_pending():
@@ -110,8 +180,10 @@ class DeliveryPoster:
                 log.warning("refund of 0x%s failed again: %s", escrow_id.hex(), exc)
                 report.errors.append(str(exc))
                 continue
-            self.store.set_refunded(escrow_id, bytes(receipt["transactionHash"]))
+            refund_tx = bytes(receipt["transactionHash"])
+            self.store.set_refunded(escrow_id, refund_tx)
             report.refunded.append(escrow_id)
+            log_sale("refunded", escrow_id, terms, refund_tx=refund_tx)
 
     async def flush(self) -> PostReport:
         """One pass now, off the event loop; passes never overlap."""

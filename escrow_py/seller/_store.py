@@ -24,15 +24,22 @@ CREATE TABLE IF NOT EXISTS payments (
     accepted_at INTEGER NOT NULL,
     deposit_tx TEXT, refund_tx TEXT,
     response_status INTEGER, response_headers TEXT, response_body BLOB,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, route TEXT
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     escrow_id TEXT PRIMARY KEY REFERENCES payments (escrow_id), terms TEXT NOT NULL,
     delivery_hash TEXT NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
-    tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at REAL NOT NULL
+    tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at REAL NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline);
 """
+
+# Columns added since the first schema: a store file written by an older version gets them on open.
+_ADDED_COLUMNS = {
+    "payments": {"route": "TEXT"},
+    "deliveries": {"final": "INTEGER NOT NULL DEFAULT 0"},
+}
 
 # Payment statuses.
 DEPOSITING = "depositing"  # recorded, deposit sent or about to be
@@ -79,6 +86,17 @@ class PendingDelivery:
     escrow_id: bytes
     terms: Terms
     delivery_hash: bytes
+    route: str | None = None  # "GET /report/{item}": the priced route it was sold on
+    deposit_tx: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PostedDelivery:
+    """A delivery whose transaction was mined, followed until it is deep enough to survive reorgs."""
+
+    escrow_id: bytes
+    terms: Terms
+    tx_hash: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +114,11 @@ class SellerStore:
         self._lock = threading.Lock()
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                for name, declaration in columns.items():
+                    if name not in present:
+                        self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -125,7 +148,7 @@ class SellerStore:
             response,
         )
 
-    def begin_deposit(self, escrow_id: bytes, terms: Terms, accepted_at: int) -> bool:
+    def begin_deposit(self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None) -> bool:
         """Record a payment about to be deposited; False if the id is already known (unique key)."""
         now = time.time()
         with self._lock:
@@ -133,7 +156,7 @@ class SellerStore:
                 with transaction(self._conn):
                     self._conn.execute(
                         "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, "
-                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "updated_at, route) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             _hex(escrow_id),
                             json.dumps(terms.to_json()),
@@ -142,11 +165,20 @@ class SellerStore:
                             accepted_at,
                             now,
                             now,
+                            route,
                         ),
                     )
             except sqlite3.IntegrityError:
                 return False
         return True
+
+    def set_deposit_sent(self, escrow_id: bytes, tx_hash: bytes) -> None:
+        """The deposit transaction about to leave (or its repriced replacement): found again on a retry."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
+                (_hex(tx_hash), time.time(), _hex(escrow_id), DEPOSITING),
+            )
 
     def forget(self, escrow_id: bytes) -> None:
         """Drop a payment whose deposit never happened, so the buyer may try again."""
@@ -204,13 +236,43 @@ class SellerStore:
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT escrow_id, terms, delivery_hash FROM deliveries WHERE status = ? ORDER BY deadline LIMIT ?",
+                "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx FROM deliveries d "
+                "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? ORDER BY d.deadline LIMIT ?",
                 (PENDING, limit),
             ).fetchall()
         return [
-            PendingDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]))
+            PendingDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]), r, _unhex(d))
+            for i, t, h, r, d in rows
+        ]
+
+    def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
+        """Posted deliveries not yet `final` (deep enough): a reorg may still take their transaction away."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT escrow_id, terms, tx_hash FROM deliveries "
+                "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
+                (POSTED, limit),
+            ).fetchall()
+        return [
+            PostedDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]))
             for i, t, h in rows
         ]
+
+    def mark_final(self, ids: list[bytes]) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE deliveries SET final = 1, updated_at = ? WHERE escrow_id = ?",
+                [(time.time(), _hex(i)) for i in ids],
+            )
+
+    def repost(self, ids: list[bytes], why: str) -> None:
+        """Back to pending: the transaction that posted them is gone (a reorg); the poster sends them again."""
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE deliveries SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "
+                "WHERE escrow_id = ? AND status = ?",
+                [(PENDING, why[:500], time.time(), _hex(i), POSTED) for i in ids],
+            )
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
         with self._lock:

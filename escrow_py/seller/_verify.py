@@ -33,12 +33,29 @@ from escrow_py.wire import (
 _UNDECODABLE = {Reason.INVALID_PAYLOAD, Reason.HEADER_TOO_LARGE, Reason.UNSUPPORTED_VERSION}
 
 
+# The short detail a 402's `error` may carry after its reason ("simulation_failed: RecipientBlocked(...)").
+MAX_DETAIL = 160
+
+
 class PaymentRejected(ProtocolError):
-    """The payment breaks a rule; `status` is the HTTP status to answer with (400 or 402)."""
+    """The payment breaks a rule; `status` is the HTTP status to answer with (400 or 402).
+
+    `detail` is a short public explanation (a decoded revert, never a secret) that the
+    402's `error` field carries after the reason: `error` is `"<reason>"` or
+    `"<reason>: <detail>"`.
+    """
+
+    def __init__(self, reason: str, message: str, *, detail: str | None = None) -> None:
+        super().__init__(reason, message)
+        self.detail = detail[:MAX_DETAIL] if detail else None
 
     @property
     def status(self) -> int:
         return 400 if self.reason in _UNDECODABLE else 402
+
+    @property
+    def error(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else str(self.reason)
 
 
 def offer_for(
@@ -217,5 +234,5 @@ def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, se
             escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
         )
     except ContractRevert as revert:
-        raise _reject(Reason.SIMULATION_FAILED, f"deposit would revert: {revert}") from None
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"deposit would revert: {revert}", detail=str(revert)) from None
     return int(gas * GAS_MARGIN)

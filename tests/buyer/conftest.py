@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from conftest import Chain
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from helpers import OPERATOR, SELLER, address, dev
+from starlette.types import ASGIApp
 
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
@@ -40,6 +42,11 @@ class Shop:
 
 @pytest.fixture
 def shop(chain: Chain, tmp_path: Path) -> Shop:
+    return make_shop(chain, tmp_path)
+
+
+def make_shop(chain: Chain, tmp_path: Path, *, max_timeout_seconds: int = 120, **settings: Any) -> Shop:
+    """The shop app; `settings` override SellerConfig's defaults (e.g. deadline_slack)."""
     chain.mine()  # a reverted snapshot leaves the chain's clock behind the wall clock
     app = FastAPI()
     calls: dict[str, int] = {}
@@ -51,12 +58,13 @@ def shop(chain: Chain, tmp_path: Path) -> Shop:
         pay_to=address(SELLER),
         operator=dev(OPERATOR),
         routes=[
-            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=120),
-            PricedRoute("POST", "/echo", amount=PRICE, max_timeout_seconds=120),
-            PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=120),
+            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
+            PricedRoute("POST", "/echo", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
+            PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
         ],
         store=tmp_path / "seller.sqlite",
         confirmations=1,
+        **settings,
     )
 
     @app.get("/report/{item}")
@@ -76,22 +84,31 @@ def shop(chain: Chain, tmp_path: Path) -> Shop:
     return Shop(app, calls)
 
 
-@pytest.fixture
-def served(shop: Shop) -> Iterator[str]:
-    """The shop on a real uvicorn server on 127.0.0.1."""
+@contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """`app` on a real uvicorn server on 127.0.0.1, for the duration of the block; yields its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(shop.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def served(shop: Shop) -> Iterator[str]:
+    """The shop on a real uvicorn server on 127.0.0.1."""
+    with serving(shop.app) as url:
+        yield url
 
 
 class LostPayment(httpx.TransportError):

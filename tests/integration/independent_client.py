@@ -1,7 +1,10 @@
-"""A minimal delivery-escrow buyer written only from DESIGN.md sections 1 and 3, with eth-account.
+"""A minimal delivery-escrow buyer written only from DESIGN.md sections 1 and 3 and the README's
+"The wire format", with eth-account.
 
 It deliberately imports nothing from escrow_py: if it can pay the seller middleware,
 the wire format is what the design says, not just what our own client happens to send.
+It computes the canonical URL and the requestHash itself, from the documented rule, and
+refuses a 402 whose `resource.url` or `extra.requestHash` is not what it computed.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,76 @@ TERMS_TYPE = (
 )
 
 
+# README, "The wire format": bytes that are never percent-encoded, and the others a path or query keeps.
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+KEPT = UNRESERVED | frozenset("!$&'()*+,;=:@/?")
+DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+class Refused(Exception):
+    """The 402 is not for the request this client is about to pay for."""
+
+
+def _normalised(component: str) -> str:
+    """One rule per character: %XX of an unreserved byte decoded, any other %XX upper-cased, anything else
+    outside the kept set (a lone %, a space, a non-ASCII character) percent-encoded as UTF-8."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(1) is not None:
+            char = chr(int(match.group(1), 16))
+            return char if char in UNRESERVED else "%" + match.group(1).upper()
+        char = match.group(2)
+        return char if char in KEPT else "".join(f"%{b:02X}" for b in char.encode())
+
+    return re.sub(r"%([0-9A-Fa-f]{2})|(.)", one, component, flags=re.DOTALL)
+
+
+def _without_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4, as its steps are written (input buffer to output buffer)."""
+    source, out = path, ""
+    while source:
+        if source.startswith(("../", "./")):
+            source = source[source.index("/") + 1 :]
+        elif source.startswith("/./") or source == "/.":
+            source = "/" + source[3:]
+        elif source.startswith("/../") or source == "/..":
+            source = "/" + source[4:]
+            out = out[: out.rfind("/")] if "/" in out else ""
+        elif source in (".", ".."):
+            source = ""
+        else:
+            cut = source.find("/", 1)
+            segment, source = (source, "") if cut == -1 else (source[:cut], source[cut:])
+            out += segment
+    return out
+
+
+def canonical_url(url: str) -> str:
+    """The URL as the seller must advertise and hash it, derived from what this client sends."""
+    sent = httpx.URL(url)  # httpx percent-encodes the target before it goes over the wire
+    scheme, host = sent.scheme.lower(), sent.host.lower()
+    authority = host if sent.port in (None, DEFAULT_PORT.get(scheme)) else f"{host}:{sent.port}"
+    path, _, query = sent.raw_path.decode("ascii").partition("?")
+    path = _without_dot_segments(_normalised(path or "/")) or "/"
+    query = _normalised(query)
+    return f"{scheme}://{authority}{path}" + (f"?{query}" if query else "")
+
+
+def request_hash(method: str, url: str, body: bytes) -> bytes:
+    """keccak256(abi.encode(keccak256("Request(string method,string url,bytes body)"), ...)) of the README."""
+    return keccak(
+        encode(
+            ["bytes32", "bytes32", "bytes32", "bytes32"],
+            [
+                keccak(text="Request(string method,string url,bytes body)"),
+                keccak(text=method.upper()),
+                keccak(text=canonical_url(url)),
+                keccak(body),
+            ],
+        )
+    )
+
+
 def _b64json(value: str) -> Any:
     return json.loads(base64.b64decode(value))
 
@@ -37,6 +111,7 @@ class Paid:
     status: int
     body: bytes
     settlement: dict[str, Any]
+    resource_url: str = ""
 
 
 def chain_time(rpc_url: str) -> int:
@@ -54,6 +129,11 @@ def pay(url: str, private_key: str, chain_id: int, rpc_url: str, *, method: str 
         required = _b64json(first.headers["PAYMENT-REQUIRED"])
         accepted = next(r for r in required["accepts"] if r["scheme"] == "delivery-escrow")
         extra = accepted["extra"]
+        expected_url = canonical_url(url)
+        if required["resource"]["url"] != expected_url:
+            raise Refused(f"resource.url {required['resource']['url']!r} is not {expected_url!r}")
+        if extra["requestHash"] != "0x" + request_hash(method, url, body).hex():
+            raise Refused(f"requestHash {extra['requestHash']} is not this request's")
         deadline = chain_time(rpc_url) + int(accepted["maxTimeoutSeconds"]) - 5
         terms = {
             "buyer": account.address,
@@ -134,4 +214,4 @@ def pay(url: str, private_key: str, chain_id: int, rpc_url: str, *, method: str 
         }
         paid = http.request(method, url, content=body, headers={"PAYMENT-SIGNATURE": _header(payload)})
         settlement = _b64json(paid.headers["PAYMENT-RESPONSE"]) if "PAYMENT-RESPONSE" in paid.headers else {}
-        return Paid(paid.status_code, paid.content, settlement)
+        return Paid(paid.status_code, paid.content, settlement, expected_url)

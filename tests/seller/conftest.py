@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from conftest import Chain
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from helpers import OPERATOR, SELLER, address, dev
+from starlette.types import ASGIApp
 from web3.types import RPCEndpoint
 
+from escrow_py.chain.anvil import free_port
 from escrow_py.chain.escrow import Deposited
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 
@@ -121,6 +127,32 @@ def shop(chain: Chain, tmp_path: Path) -> Iterator[Shop]:
     # Bring the chain's clock to the wall clock: a reverted snapshot leaves it behind.
     chain.mine()
     yield make_shop(chain, tmp_path / "seller.sqlite")
+
+
+@contextmanager
+def served(app: ASGIApp, *, started: bool = True) -> Iterator[tuple[str, uvicorn.Server]]:
+    """`app` on a real uvicorn on 127.0.0.1 (lifespan on); yields its base URL and the server.
+
+    With started=False it does not wait for the start (a failed start-up is what is tested).
+    """
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while started and not server.started:
+        assert thread.is_alive(), "uvicorn stopped during start-up"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def set_gas_money(chain: Chain, who: int, wei: int) -> None:

@@ -430,6 +430,8 @@ def test_an_unreachable_node_answers_503_and_deposits_nothing(chain: Chain, tmp_
             response, _ = await buy(client, chain, "GET", "/report/offline")
         assert response.status_code == 503
         assert response.headers["retry-after"] == "2"
+        assert response.json()["error"] == Reason.CHAIN_UNAVAILABLE
+        assert "127.0.0.1:9" not in response.text, "the node's URL (it can hold an API key) must not leak"
 
     asyncio.run(run())
     assert deposits(chain, start) == []
@@ -446,6 +448,11 @@ def test_an_unreachable_node_answers_503_and_deposits_nothing(chain: Chain, tmp_
         ({"routes": []}, "routes"),
         ({"confirmations": 0}, "confirmations"),
         ({"poster_interval": 0}, "poster_interval"),
+        ({"rpc_timeout": 0}, "rpc_timeout"),
+        ({"tx_timeout": -1}, "tx_timeout"),
+        ({"reprice_after": "soon"}, "reprice_after"),
+        ({"confirmation_depth": 0}, "confirmation_depth"),
+        ({"startup_checks": "yes"}, "startup_checks"),
         ({"store": "postgres://db"}, "store"),
         ({"min_time_left": 500}, "min_time_left"),
     ],

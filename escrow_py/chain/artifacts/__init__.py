@@ -17,13 +17,14 @@ from typing import Any
 ARTIFACTS_DIR = Path(__file__).resolve().parent
 CIRCLE_DIR = ARTIFACTS_DIR / "circle"
 
-# The escrow, the USDC-like test token, the hostile tokens and the helpers the tests use.
+# The escrow, the USDC-like test token, the hostile tokens, the look-alike escrow and the helpers the tests use.
 CONTRACTS = (
     "X402Escrow",
     "TestUSDC",
     "ReentrantToken",
     "FalseReturningToken",
     "BlockingToken",
+    "LookAlikeEscrow",
     "NoReturnToken",
     "ShortReturnToken",
     "SimulationOnlyToken",

@@ -1,0 +1,38 @@
+"""The chain's clock as a transaction sent now will meet it.
+
+The contract and the token judge every time limit by `block.timestamp` of the block that
+includes the transaction, not of the latest block. On a chain that mines only when there
+is a transaction (anvil's automine, a quiet devnet) the latest block can be minutes old,
+and a window counted from it is already spent when the next block is stamped with the
+current time. The node knows what that stamp will be: it is the `pending` block's.
+"""
+
+from __future__ import annotations
+
+from web3 import Web3
+
+from escrow_py.chain import rpc
+
+
+def next_block_time(w3: Web3) -> int:
+    """The timestamp the next block will carry, as the node sees it now.
+
+    The `pending` block's timestamp: anvil, geth and their kin build that block on top of the
+    latest one, stamped with the time the next block would get, so it is never earlier than the
+    latest block's. A node that has no pending block (some providers answer null, or an error)
+    gives the latest block's instead, which on a chain that mines every few seconds is as good.
+    Raises RpcError when the node cannot be reached.
+    """
+    try:
+        pending = rpc.request(w3, "eth_getBlockByNumber", ["pending", False])
+    except rpc.NodeError:
+        pending = None
+    if isinstance(pending, dict) and pending.get("timestamp") is not None:
+        return _timestamp(pending)
+    return _timestamp(rpc.request(w3, "eth_getBlockByNumber", ["latest", False]))
+
+
+def _timestamp(block: object) -> int:
+    if not isinstance(block, dict):
+        raise rpc.NodeError("eth_getBlockByNumber", {"message": f"no block in the answer: {block!r}"})
+    return int(str(block["timestamp"]), 16)

@@ -1,0 +1,192 @@
+"""Every failure out of the buyer is a typed error; after the payment left, it names the escrow and the money.
+
+Each fault is produced for real: an RPC with nothing listening, an RPC URL with a scheme
+requests cannot speak, a seller (real uvicorn) whose asset has no code or reverts, and a node
+that goes away or answers errors after the paid request left (a proxy in front of anvil).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Chain
+from eth_utils.address import to_checksum_address
+from helpers import BUYER, STRANGER, address, dev
+from web3.exceptions import BadFunctionCallOutput, ContractLogicError
+from x402 import x402Client
+from x402.http.clients.httpx import x402_httpx_transport
+
+from escrow_py.buyer import (
+    ChainUnavailable,
+    DeliveryEscrowScheme,
+    EscrowClient,
+    HandlerFailedRefunded,
+    Journal,
+    PaymentError,
+    PaymentNotDelivered,
+    PaymentRefused,
+    PaymentState,
+    recover,
+)
+from escrow_py.chain.anvil import free_port
+from escrow_py.chain.rpc import NodeError
+from escrow_py.chain.token import Token
+from escrow_py.errors import ChainError, RpcError
+from escrow_py.terms import State
+from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
+
+from .conftest import PRICE, Shop, serving
+from .rpc_proxy import RpcProxy
+from .thief import NETWORK, Thief
+
+FORMS = ["EscrowClient", "DeliveryEscrowScheme"]
+
+
+def _attempt(form: str, rpc_url: str, journal: Path, url: str) -> None:
+    """Buy `url` with EscrowClient, or hand its 402's requirements to the SDK plugin as the SDK would."""
+    if form == "EscrowClient":
+        with EscrowClient(dev(BUYER), rpc_url, journal) as client:
+            client.get(url)
+        return
+    requirements = decode_payment_required(httpx.get(url).headers[PAYMENT_REQUIRED_HEADER]).accepts[0]
+    scheme = DeliveryEscrowScheme(dev(BUYER), rpc_url, journal)
+    try:
+        scheme.create_payment_payload(requirements)
+    finally:
+        scheme.core.journal.close()
+
+
+def _nothing_happened(chain: Chain, journal: Path, buyer_before: int) -> None:
+    stored = Journal(journal)
+    assert stored.entries() == [] and stored.ledger_rows() == []
+    stored.close()
+    assert chain.token.balance_of(address(BUYER)) == buyer_before
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("rpc", ["nothing_listening", "bad_scheme"])
+def test_an_rpc_that_cannot_be_used_refuses_before_signing(
+    chain: Chain, served: str, shop: Shop, tmp_path: Path, form: str, rpc: str
+) -> None:
+    # main: requests.exceptions.ConnectionError / InvalidSchema, raw.
+    rpc_url = {"nothing_listening": f"http://127.0.0.1:{free_port()}", "bad_scheme": "ftp://127.0.0.1:8545"}[rpc]
+    journal = tmp_path / "buyer.sqlite"
+    before = chain.token.balance_of(address(BUYER))
+    with pytest.raises(ChainUnavailable) as refused:
+        _attempt(form, rpc_url, journal, f"{served}/report/{rpc}")
+    error = refused.value
+    assert isinstance(error, PaymentRefused) and isinstance(error, ChainError)
+    assert error.rule == "chain_unavailable" and error.escrow_id is None
+    assert isinstance(error.__cause__, RpcError) and "reading the chain id" in str(error)
+    assert "nothing signed, no money moved" in str(error)
+    assert shop.calls == {}
+    _nothing_happened(chain, journal, before)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("asset", ["no_code", "reverts"])
+def test_an_asset_that_does_not_answer_as_a_token_is_refused(
+    chain: Chain, tmp_path: Path, form: str, asset: str
+) -> None:
+    # main: BadFunctionCallOutput (no code at the asset) and ContractLogicError (the call reverts), raw.
+    chain.mine()
+    bogus = {"no_code": "0x" + "ab" * 20, "reverts": chain.escrow.address}[asset]  # the escrow has no name()
+    seller = Thief(chain.w3, chain.sender(STRANGER), Token(chain.w3, bogus), chain.escrow.address, "none", PRICE)
+    journal = tmp_path / "buyer.sqlite"
+    before = chain.token.balance_of(address(BUYER))
+    with serving(seller.app()) as base, pytest.raises(PaymentRefused) as refused:
+        _attempt(form, chain.node.url, journal, f"{base}/article/{asset}")
+    assert refused.value.rule == "asset_not_erc3009" and to_checksum_address(bogus) in str(refused.value)
+    cause = {"no_code": BadFunctionCallOutput, "reverts": ContractLogicError}[asset]
+    assert isinstance(refused.value.__cause__, cause)
+    assert seller.paid_requests == 0
+    _nothing_happened(chain, journal, before)
+
+
+@pytest.mark.parametrize("fault", ["node_gone", "node_errors"])
+def test_a_chain_failure_after_the_payment_left_names_the_escrow_and_the_money(
+    chain: Chain, served: str, tmp_path: Path, fault: str
+) -> None:
+    # The seller deposits, its handler fails, it refunds; the buyer must then read the escrow's state
+    # and the node is gone (or answers errors). main: RpcError / NodeError, with no escrow id.
+    journal = tmp_path / "buyer.sqlite"
+    with RpcProxy(chain.node.url) as proxy:
+
+        def after_each_response(response: httpx.Response) -> None:
+            if PAYMENT_SIGNATURE_HEADER in response.request.headers:  # the paid request has left
+                proxy.stop() if fault == "node_gone" else proxy.answer_errors()
+
+        hooks = {"response": [after_each_response]}
+        with (
+            EscrowClient(dev(BUYER), proxy.url, journal, event_hooks=hooks) as client,
+            pytest.raises(PaymentNotDelivered) as lost,
+        ):
+            client.get(f"{served}/fail")
+    (entry,) = Journal(journal).entries()
+    error = lost.value
+    assert (error.escrow_id, error.escrow) == (entry.escrow_id, chain.escrow.address)
+    assert error.deadline == entry.terms.deadline
+    assert "the escrow's state could not be read" in str(error) and str(entry.valid_before) in str(error)
+    assert isinstance(error.__cause__, NodeError if fault == "node_errors" else RpcError)
+    assert entry.state is PaymentState.SIGNED  # journaled as no more than what is known
+    # Where the money is, as the error says: the chain has it refunded; recover() records it.
+    assert chain.escrow.state_of(entry.escrow_id) is State.REFUNDED
+    item = recover(journal, dev(BUYER), chain.node.url).by_id(entry.escrow_id)
+    assert item.journal_state is PaymentState.REFUNDED
+
+
+def _sdk_get(chain: Chain, scheme: DeliveryEscrowScheme, url: str) -> httpx.Response:
+    sdk = x402Client().register(NETWORK, scheme)
+    allowed = {"network": NETWORK, "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
+    sdk.set_spend_controls({"allowed_assets": [allowed]})
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:
+            return await http.get(url)
+
+    return asyncio.run(run())
+
+
+def test_the_sdk_plugin_judges_a_failed_handler_as_refunded(chain: Chain, served: str, tmp_path: Path) -> None:
+    # main: DeliveryMismatch (it compared the body with a delivery hash the refund never had).
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    response = _sdk_get(chain, scheme, f"{served}/fail")
+    assert response.status_code == 503
+    with pytest.raises(HandlerFailedRefunded) as refunded:
+        scheme.verify_delivery(response)
+    (entry,) = scheme.core.journal.entries()
+    assert refunded.value.escrow_id == entry.escrow_id and entry.state is PaymentState.REFUNDED
+
+
+def test_the_sdk_plugin_says_where_the_money_is_when_the_node_is_gone(
+    chain: Chain, served: str, tmp_path: Path
+) -> None:
+    with RpcProxy(chain.node.url) as proxy:
+        scheme = DeliveryEscrowScheme(dev(BUYER), proxy.url, tmp_path / "buyer.sqlite")
+        response = _sdk_get(chain, scheme, f"{served}/fail")
+        proxy.stop()
+        with pytest.raises(PaymentNotDelivered) as lost:
+            scheme.verify_delivery(response)
+    (entry,) = scheme.core.journal.entries()
+    assert (lost.value.escrow_id, lost.value.escrow) == (entry.escrow_id, chain.escrow.address)
+
+
+def test_the_sdk_plugin_types_a_response_that_names_no_payment(chain: Chain, tmp_path: Path) -> None:
+    # main: KeyError('payment-response').
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    with pytest.raises(PaymentError, match="which payment it answers is unknown") as unknown:
+        scheme.verify_delivery(httpx.Response(200, content=b"free?"))
+    assert unknown.value.escrow_id is None
+
+
+def test_a_url_with_credentials_is_refused_not_a_value_error(chain: Chain, served: str, tmp_path: Path) -> None:
+    # main: ValueError from canonical_url (a requestHash cannot bind a URL with userinfo).
+    journal = tmp_path / "buyer.sqlite"
+    before = chain.token.balance_of(address(BUYER))
+    with EscrowClient(dev(BUYER), chain.node.url, journal) as client, pytest.raises(PaymentRefused) as refused:
+        client.get(served.replace("http://", "http://user:secret@") + "/report/1")
+    assert refused.value.rule == "invalid_url" and "secret" not in str(refused.value)
+    _nothing_happened(chain, journal, before)
