@@ -18,7 +18,8 @@ contract NoReturnToken is TestUSDC {
 
 /// @title ShortReturnToken
 /// @notice `transfer` moves nothing and returns 31 zero bytes: too short to be a boolean, so the escrow must
-///         refuse it, even when the memory it copies the answer into already ends in a 1.
+///         refuse it, even when the memory it copies the answer into already ends in a 1 (an earlier
+///         token's `true` in the same batch).
 contract ShortReturnToken is TestUSDC {
     constructor() TestUSDC("USDC", "2") {}
 

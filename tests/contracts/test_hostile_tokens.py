@@ -15,7 +15,7 @@ from web3.types import RPCEndpoint
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import decode_revert
-from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.terms import State, delivery_hash
 
 HASH = delivery_hash(b"served")
 
@@ -208,23 +208,24 @@ def test_a_token_whose_transfer_returns_nothing_pays_out(chain: Chain) -> None:
     assert chain.escrow.state_of(chain.escrow.id_of(batched)) is State.RELEASED
 
 
-def _terms_whose_id_ends_in_one(chain: Chain, token: str) -> Terms:
-    """Terms whose escrow id's last byte is 0x01: the word left in the escrow's scratch memory then ends
-    in 1, so a short answer copied over its first 31 bytes would read as `true` without the size check."""
-    while True:
-        terms = make_terms(chain, token=token, amount=3_000)
-        if chain.escrow.id_of(terms)[-1] == 1:
-            return terms
-
-
 def test_a_token_whose_transfer_returns_fewer_than_32_bytes_is_refused(chain: Chain) -> None:
+    """A short answer is no `true`, even right after an honest token's payout in the same batch has left
+    a 32-byte `true` (0x...01) in the memory the answer is copied into: 31 bytes overwrite all but that 1."""
     token = chain.deploy_token("ShortReturnToken")
-    terms = _terms_whose_id_ends_in_one(chain, token.address)
-    deposit(chain, terms)
-    with expect_revert("TransferFailed", token=token.address, to=terms.seller, amount=3_000, reason=b""):
-        chain.escrow.deliver(chain.sender(SELLER), terms, HASH)
-    with expect_revert("TransferFailed", token=token.address, to=terms.buyer, amount=3_000, reason=b""):
-        chain.escrow.refund(chain.sender(SELLER), terms)
-    receipt = chain.escrow.deliver_many(chain.sender(SELLER), [(terms, HASH)])
-    assert [(f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [(terms.seller, 3_000)]
-    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
+    honest = make_terms(chain, amount=1_000)
+    short = make_terms(chain, token=token.address, amount=3_000)
+    deposit(chain, honest)
+    deposit(chain, short)
+    with expect_revert("TransferFailed", token=token.address, to=short.seller, amount=3_000, reason=b""):
+        chain.escrow.deliver(chain.sender(SELLER), short, HASH)
+    with expect_revert("TransferFailed", token=token.address, to=short.buyer, amount=3_000, reason=b""):
+        chain.escrow.refund(chain.sender(SELLER), short)
+    # Raw order: the honest payout first, then the short one.
+    data = chain.escrow.contract.encode_abi("deliverMany", args=[[honest.as_tuple(), short.as_tuple()], [HASH, HASH]])
+    receipt = chain.sender(SELLER).transact(chain.escrow.address, bytes.fromhex(data.removeprefix("0x")))
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(honest)]
+    assert [(f.token, f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [
+        (token.address, short.seller, 3_000)
+    ]
+    assert chain.escrow.state_of(chain.escrow.id_of(short)) is State.HELD
+    assert token.balance_of(chain.escrow.address) == 3_000
