@@ -155,17 +155,25 @@ def send_at(chain: Chain, who: int, data: bytes, timestamp: int, *, to: str | No
 
 
 def mine_at(
-    chain: Chain, who: int | TxSender, data: bytes, timestamp: int, *, to: str | None = None, check_time: bool = True
+    chain: Chain,
+    who: int | TxSender,
+    data: bytes,
+    timestamp: int,
+    *,
+    to: str | None = None,
+    check_time: bool = True,
+    gas: int = 3_000_000,
 ) -> tuple[TxReceipt, ContractRevert | None]:
     """Like `send_at`, but a revert is returned, decoded from the mined transaction's own trace.
 
     The trace is of the block as mined, so the error's values (e.g. `now_`) are those
     of `timestamp` exactly; None when the transaction succeeded. `who` is a dev account
-    index or a sender to reuse (a long sequence saves the nonce look-ups).
+    index or a sender to reuse (a long sequence saves the nonce look-ups). The gas limit is
+    fixed (`gas`), since an estimate would simulate at the latest block's time.
     """
     sender = chain.sender(who) if isinstance(who, int) else who
     chain.set_next_timestamp(timestamp)
-    sent = sender.send(to or chain.escrow.address, data, gas=3_000_000)
+    sent = sender.send(to or chain.escrow.address, data, gas=gas)
     while (receipt := sender.receipt(sent.tx_hash)) is None:
         time.sleep(0.005)
     if check_time:
@@ -214,3 +222,19 @@ def expect_revert(name: str, **expected: Any) -> Iterator[Caught]:
         assert _normal(revert.args_by_name[key]) == _normal(value), (
             f"{revert}: {key} is {revert.args_by_name[key]!r}, not {value!r}"
         )
+
+
+# Circle's FiatToken roles on the test chain: the proxy admin, and the owner who also mints.
+FIAT_ADMIN, FIAT_OWNER = 8, 9
+
+
+def deploy_fiat_token(chain: Chain, *, fund: tuple[int, ...] = (BUYER, BUYER2), amount: int = 10**12) -> Token:
+    """Circle's real USDC (FiatTokenV2_2 behind its proxy, initialised through V2_2), buyers funded."""
+    from escrow_py.chain.fiat_token import deploy_fiat_token as deploy_usdc
+    from escrow_py.chain.fiat_token import mint_fiat_token
+
+    owner = chain.sender(FIAT_OWNER)
+    token = Token(chain.w3, deploy_usdc(chain.sender(FIAT_ADMIN), owner))
+    for who in fund:
+        mint_fiat_token(owner, token.address, address(who), amount)
+    return token

@@ -6,7 +6,9 @@ pragma solidity 0.8.30;
 /// @dev Mirrors the parts of Circle's FiatToken v2.2 that x402 relies on: the EIP-712 domain
 ///      (name, version, chain id, contract), `transferWithAuthorization`,
 ///      `receiveWithAuthorization` and `cancelAuthorization` in both signature encodings,
-///      and `authorizationState`. Anyone may mint: it is worthless by design.
+///      and `authorizationState`. Its (v, r, s) forms check an ECDSA signature only, as
+///      FiatToken did before v2.2; its bytes forms also accept an EIP-1271 wallet's, as v2.2
+///      does in both forms. Anyone may mint: it is worthless by design.
 ///      Transfers go through the virtual `_transfer` so that hostile tokens can override it.
 contract TestUSDC {
     /// @notice EIP-712 type hash of a TransferWithAuthorization.
@@ -20,6 +22,9 @@ contract TestUSDC {
     /// @notice EIP-712 type hash of a CancelAuthorization.
     bytes32 public constant CANCEL_AUTHORIZATION_TYPEHASH =
         keccak256("CancelAuthorization(address authorizer,bytes32 nonce)");
+
+    /// @notice EIP-1271 `isValidSignature(bytes32,bytes)` selector, returned by a wallet that accepts a signature.
+    bytes4 public constant EIP1271_MAGIC_VALUE = 0x1626ba7e;
 
     /// @notice EIP-712 domain name.
     string public name;
@@ -132,7 +137,7 @@ contract TestUSDC {
         bytes32 s
     ) external {
         _useAuthorization(
-            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v)
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v), false
         );
         _transfer(from, to, value);
     }
@@ -147,7 +152,9 @@ contract TestUSDC {
         bytes32 nonce,
         bytes calldata signature
     ) external {
-        _useAuthorization(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature);
+        _useAuthorization(
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature, true
+        );
         _transfer(from, to, value);
     }
 
@@ -165,7 +172,7 @@ contract TestUSDC {
     ) external {
         if (to != msg.sender) revert CallerMustBePayee(msg.sender, to);
         _useAuthorization(
-            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v)
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v), false
         );
         _transfer(from, to, value);
     }
@@ -181,23 +188,25 @@ contract TestUSDC {
         bytes calldata signature
     ) external {
         if (to != msg.sender) revert CallerMustBePayee(msg.sender, to);
-        _useAuthorization(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature);
+        _useAuthorization(
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature, true
+        );
         _transfer(from, to, value);
     }
 
     /// @notice Cancels an unused authorization, signed (v, r, s) by its authorizer.
     function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external {
-        _cancel(authorizer, nonce, abi.encodePacked(r, s, v));
+        _cancel(authorizer, nonce, abi.encodePacked(r, s, v), false);
     }
 
     /// @notice Cancels an unused authorization, signed by its authorizer.
     function cancelAuthorization(address authorizer, bytes32 nonce, bytes calldata signature) external {
-        _cancel(authorizer, nonce, signature);
+        _cancel(authorizer, nonce, signature, true);
     }
 
-    function _cancel(address authorizer, bytes32 nonce, bytes memory signature) private {
+    function _cancel(address authorizer, bytes32 nonce, bytes memory signature, bool wallets) private {
         if (_authorizationStates[authorizer][nonce]) revert AuthorizationUsedOrCanceled(authorizer, nonce);
-        _verify(authorizer, keccak256(abi.encode(CANCEL_AUTHORIZATION_TYPEHASH, authorizer, nonce)), signature);
+        _verify(authorizer, keccak256(abi.encode(CANCEL_AUTHORIZATION_TYPEHASH, authorizer, nonce)), signature, wallets);
         _authorizationStates[authorizer][nonce] = true;
         emit AuthorizationCanceled(authorizer, nonce);
     }
@@ -210,19 +219,29 @@ contract TestUSDC {
         uint256 validAfter,
         uint256 validBefore,
         bytes32 nonce,
-        bytes memory signature
+        bytes memory signature,
+        bool wallets
     ) private {
         if (block.timestamp <= validAfter) revert AuthorizationNotYetValid(validAfter, block.timestamp);
         if (block.timestamp >= validBefore) revert AuthorizationExpired(validBefore, block.timestamp);
         if (_authorizationStates[from][nonce]) revert AuthorizationUsedOrCanceled(from, nonce);
-        _verify(from, keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce)), signature);
+        _verify(from, keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce)), signature, wallets);
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
     }
 
-    /// @dev EOA signatures only (r, s, v), with the low-s rule against malleability.
-    function _verify(address signer, bytes32 structHash, bytes memory signature) private view {
+    /// @dev An EOA's (r, s, v) signature, with the low-s rule against malleability; with `wallets`, a
+    ///      contract signer's EIP-1271 `isValidSignature` instead, as FiatToken v2.2's SignatureChecker.
+    function _verify(address signer, bytes32 structHash, bytes memory signature, bool wallets) private view {
         bytes32 digest = keccak256(abi.encodePacked("\x19\x01", DOMAIN_SEPARATOR(), structHash));
+        if (wallets && signer.code.length != 0) {
+            (bool ok, bytes memory answer) =
+                signer.staticcall(abi.encodeWithSelector(EIP1271_MAGIC_VALUE, digest, signature));
+            if (!ok || answer.length < 32 || abi.decode(answer, (bytes4)) != EIP1271_MAGIC_VALUE) {
+                revert InvalidSignature(signer);
+            }
+            return;
+        }
         if (signature.length != 65) revert InvalidSignature(signer);
         bytes32 r;
         bytes32 s;

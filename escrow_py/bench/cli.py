@@ -39,7 +39,22 @@ def _gas(args: argparse.Namespace) -> int:
     from escrow_py.bench.gas import measure_gas
 
     result = measure_gas(progress=_progress)
-    _print(result, args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    tokens = result["tokens"]
+    header = f"{'operation':<40}" + "".join(f"{name + ' gas':>16}{'x exact':>9}{'target':>8}" for name in tokens)
+    print(header + "    (! a target missed)")
+    for op in ("exact", *result[tokens[0]]["ratios"]):
+        row = f"{op:<40}"
+        for name in tokens:
+            figures = result[name]
+            ratio = 1.0 if op == "exact" else figures["ratios"][op]
+            target = str(figures["targets"].get(op, ""))
+            if op in figures["met"]:
+                target += "" if figures["met"][op] else "!"
+            row += f"{figures[op]:>16,}{ratio:>9}{target:>8}"
+        print(row)
     return 0
 
 
@@ -88,16 +103,7 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    ratios = result.get("ratios", {})
     targets = result.get("targets", {})
-    if "escrows" in result:  # the keeper benchmark: one figure per line
-        for key, value in result.items():
-            if key != "targets":
-                print(f"{key:<32}{value!s:>12}{targets.get(key, '')!s:>8}")
-        return
-    print(f"{'operation':<24}{'gas':>10}{'x exact':>10}{'target':>10}")
-    for key, value in result.items():
-        if isinstance(value, int) and not isinstance(value, bool) and key != "batch_size":
-            ratio = ratios.get(key, 1.0 if key == "exact" else "")
-            target = targets.get(key, "")
-            print(f"{key:<24}{value:>10}{ratio!s:>10}{target!s:>10}")
+    for key, value in result.items():  # the keeper benchmark: one figure per line
+        if key != "targets":
+            print(f"{key:<32}{value!s:>12}{targets.get(key, '')!s:>8}")

@@ -48,7 +48,7 @@ def _proc_usage(pid: int) -> tuple[float, float]:
 def measure_keeper(escrows: int = 1000, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     say = progress or (lambda _msg: None)
     say("reference: the gas benchmark's refundMany per item, same build")
-    reference = measure_gas()["refund_many_per_item"]
+    reference = measure_gas(tokens=("TestUSDC",))["TestUSDC"]["refund_many_per_item_one_buyer"]
     with Anvil(block_time=1, extra_args=["--gas-limit", "60000000"]) as node, tempfile.TemporaryDirectory() as tmp:
         w3 = node.web3()
         deployer = TxSender(w3, dev_signer(0))

@@ -4,13 +4,19 @@ escrow = Escrow(w3, address)
 escrow.state_of(escrow_id)                      -> State
 escrow.deposit(sender, terms, auth, signature)  -> receipt
 escrow.deliver_many(sender, [(terms, hash), ...])
+escrow.settle_many(sender, [Settlement(terms, auth, signature, hash), ...])
+escrow.simulate_settle_many(sender, entries)    -> SettleManyResult (what would be skipped)
 escrow.events(from_block, to_block)             -> [Deposited | Delivered | Refunded]
+escrow.settlements_in(receipt)                  -> [Settled | SettlementSkipped]
+escrow.payout_failures_in(receipt)              -> [PayoutFailed]
+deploy_escrow(sender)                           -> ESCROW_ADDRESS, through the CREATE2 proxy
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 from eth_abi.abi import decode
@@ -26,7 +32,9 @@ from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.authorization import Authorization
 from escrow_py.chain.blocks import LOG_CHUNK, find_in_chunks, first_block_at
+from escrow_py.chain.registry import CREATE2_PROXY, ESCROW_SALT, create2_address, escrow_init_code
 from escrow_py.chain.tx import TxSender
+from escrow_py.errors import ConfigError
 from escrow_py.terms import State, Terms
 
 ESCROW_ABI: list[dict[str, Any]] = load_artifact("X402Escrow")["abi"]
@@ -34,6 +42,46 @@ ESCROW_ABI: list[dict[str, Any]] = load_artifact("X402Escrow")["abi"]
 DEPOSITED_TOPIC = keccak(text="Deposited(bytes32,address,address,address,address,uint256,uint64,bytes32,bytes32)")
 DELIVERED_TOPIC = keccak(text="Delivered(bytes32,bytes32)")
 REFUNDED_TOPIC = keccak(text="Refunded(bytes32,address)")
+SETTLED_TOPIC = keccak(text="Settled(bytes32,bytes32)")
+SETTLEMENT_SKIPPED_TOPIC = keccak(text="SettlementSkipped(bytes32,uint8)")
+PAYOUT_FAILED_TOPIC = keccak(text="PayoutFailed(address,address,uint256)")
+
+
+class SkipReason(IntEnum):
+    """Why `settleMany` skipped an entry (X402Escrow.SkipReason)."""
+
+    DEADLINE_PASSED = 0
+    NOT_A_CONTRACT = 1
+    INSUFFICIENT_BALANCE = 2
+    PULL_FAILED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One serve-first payment to settle: the buyer's signed authorization and the hash of what was served."""
+
+    terms: Terms
+    authorization: Authorization
+    signature: bytes
+    delivery_hash: bytes
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        """The ABI tuple of X402Escrow.Settlement."""
+        return (
+            self.terms.as_tuple(),
+            self.authorization.valid_after,
+            self.authorization.valid_before,
+            self.signature,
+            self.delivery_hash,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SettleManyResult:
+    """What a `settleMany` did (or, simulated, would do): how many settled, and which entries it skipped."""
+
+    settled: int
+    skipped: list[Settlement]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,24 +115,58 @@ class Refunded:
     at: LogPosition
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A serve-first payment was pulled and paid to the seller, committing the delivery hash."""
+
+    id: bytes
+    delivery_hash: bytes
+    at: LogPosition
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementSkipped:
+    """`settleMany` skipped this entry: nothing moved for it."""
+
+    id: bytes
+    reason: SkipReason
+    at: LogPosition
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutFailed:
+    """A `deliverMany`/`refundMany` payout failed: its entries are Held again and emitted no settlement event."""
+
+    token: ChecksumAddress
+    to: ChecksumAddress
+    amount: int
+    at: LogPosition
+
+
+# The events of an escrow's life (what the keeper indexes); the serve-first and batch-failure events apart.
 EscrowEvent = Deposited | Delivered | Refunded
+SettlementEvent = Settled | SettlementSkipped
 
 
 def _address_topic(topic: bytes) -> ChecksumAddress:
     return to_checksum_address(topic[12:])
 
 
-def decode_log(log: LogReceipt | dict[str, Any]) -> EscrowEvent | None:
-    """Decode one escrow log; None for a log that is not an escrow event."""
-    topics = [bytes(t) for t in log["topics"]]
-    if not topics:
-        return None
-    at = LogPosition(
+def _position(log: LogReceipt | dict[str, Any]) -> LogPosition:
+    return LogPosition(
         block_number=int(log["blockNumber"]),
         block_hash=bytes(log["blockHash"]),
         tx_hash=bytes(log["transactionHash"]),
         log_index=int(log["logIndex"]),
     )
+
+
+def decode_log(log: LogReceipt | dict[str, Any]) -> EscrowEvent | None:
+    """Decode one escrow log of an escrow's life; None for any other log (serve-first events included)."""
+    topics = [bytes(t) for t in log["topics"]]
+    if not topics:
+        return None
+    at = _position(log)
     data = bytes(log["data"])
     if topics[0] == DEPOSITED_TOPIC and len(topics) == 4:
         operator, token, amount, deadline, request_hash, salt = decode(
@@ -106,6 +188,24 @@ def decode_log(log: LogReceipt | dict[str, Any]) -> EscrowEvent | None:
         return Delivered(topics[1], delivery_hash, at)
     if topics[0] == REFUNDED_TOPIC and len(topics) == 3:
         return Refunded(topics[1], _address_topic(topics[2]), at)
+    return None
+
+
+def decode_settlement_log(log: LogReceipt | dict[str, Any]) -> SettlementEvent | PayoutFailed | None:
+    """Decode one `Settled`, `SettlementSkipped` or `PayoutFailed` log; None for any other log."""
+    topics = [bytes(t) for t in log["topics"]]
+    if not topics:
+        return None
+    data = bytes(log["data"])
+    if topics[0] == SETTLED_TOPIC and len(topics) == 2:
+        (delivery_hash,) = decode(["bytes32"], data)
+        return Settled(topics[1], delivery_hash, _position(log))
+    if topics[0] == SETTLEMENT_SKIPPED_TOPIC and len(topics) == 2:
+        (reason,) = decode(["uint8"], data)
+        return SettlementSkipped(topics[1], SkipReason(reason), _position(log))
+    if topics[0] == PAYOUT_FAILED_TOPIC and len(topics) == 3:
+        (amount,) = decode(["uint256"], data)
+        return PayoutFailed(_address_topic(topics[1]), _address_topic(topics[2]), amount, _position(log))
     return None
 
 
@@ -165,6 +265,27 @@ class Escrow:
         ordered = sorted(terms, key=lambda t: (t.token, t.buyer))
         return self._data("refundMany", [t.as_tuple() for t in ordered])
 
+    def settle_data(self, entry: Settlement) -> bytes:
+        auth = entry.authorization
+        return self._data(
+            "settle", entry.terms.as_tuple(), auth.valid_after, auth.valid_before, entry.signature, entry.delivery_hash
+        )
+
+    @staticmethod
+    def order_for_payout(entries: Iterable[Settlement]) -> list[Settlement]:
+        """Grouped by (token, seller), so the contract pays each group in one transfer: `settleMany`'s order."""
+        return sorted(entries, key=lambda e: (e.terms.token, e.terms.seller))
+
+    def settle_many_data(self, entries: Sequence[Settlement]) -> bytes:
+        """settleMany calldata, in `order_for_payout` order (its `skipped` indexes refer to that order)."""
+        return self._data("settleMany", [e.as_tuple() for e in self.order_for_payout(entries)])
+
+    def decode_settle_many(self, entries: Sequence[Settlement], output: bytes) -> SettleManyResult:
+        """settleMany's return data, with the skipped indexes turned back into the entries."""
+        settled, skipped = decode(["uint256", "uint256[]"], output)
+        ordered = self.order_for_payout(entries)
+        return SettleManyResult(int(settled), [ordered[int(i)] for i in skipped])
+
     # -- transactions (each waits for `confirmations` and raises on failure) ---------------
 
     def deposit(
@@ -196,6 +317,18 @@ class Escrow:
     def refund_many(self, sender: TxSender, terms: Sequence[Terms], *, confirmations: int = 1) -> TxReceipt:
         return sender.transact(self.address, self.refund_many_data(terms), confirmations=confirmations)
 
+    def settle(self, sender: TxSender, entry: Settlement, *, confirmations: int = 1) -> TxReceipt:
+        """Pull one serve-first payment and pay the seller; the sender must be the seller or the operator."""
+        return sender.transact(self.address, self.settle_data(entry), confirmations=confirmations)
+
+    def settle_many(self, sender: TxSender, entries: Sequence[Settlement], *, confirmations: int = 1) -> TxReceipt:
+        """Settle a batch; an entry whose pull fails or whose deadline passed is skipped (`settlements_in`)."""
+        return sender.transact(self.address, self.settle_many_data(entries), confirmations=confirmations)
+
+    def simulate_settle_many(self, sender: TxSender, entries: Sequence[Settlement]) -> SettleManyResult:
+        """eth_call of settleMany as `sender`: which entries would settle now, and which would be skipped."""
+        return self.decode_settle_many(entries, sender.call(self.address, self.settle_many_data(entries)))
+
     # -- events --------------------------------------------------------------------------
 
     def events_in(self, receipt: TxReceipt) -> list[EscrowEvent]:
@@ -205,6 +338,21 @@ class Escrow:
             if to_checksum_address(log["address"]) == self.address and (event := decode_log(log)):
                 events.append(event)
         return events
+
+    def settlements_in(self, receipt: TxReceipt) -> list[SettlementEvent]:
+        """The `Settled` and `SettlementSkipped` events of one transaction, in log order."""
+        return [e for e in self._decoded(receipt) if isinstance(e, Settled | SettlementSkipped)]
+
+    def payout_failures_in(self, receipt: TxReceipt) -> list[PayoutFailed]:
+        """The `PayoutFailed` events of one transaction: their entries are Held again."""
+        return [e for e in self._decoded(receipt) if isinstance(e, PayoutFailed)]
+
+    def _decoded(self, receipt: TxReceipt) -> list[SettlementEvent | PayoutFailed]:
+        return [
+            event
+            for log in receipt["logs"]
+            if to_checksum_address(log["address"]) == self.address and (event := decode_settlement_log(log))
+        ]
 
     def events(self, from_block: int, to_block: int) -> list[EscrowEvent]:
         """Every escrow event in [from_block, to_block], in chain order (one eth_getLogs)."""
@@ -243,6 +391,32 @@ class Escrow:
 
         return find_in_chunks(fetch, first, last, chunk)
 
+    def settlement_of(
+        self, escrow_id: bytes, *, since: int, until: int | None = None, chunk: int = LOG_CHUNK
+    ) -> Settled | None:
+        """The Settled event of `escrow_id`, searched among blocks stamped from `since` to `until` (chain time).
+
+        A settlement is mined after the buyer signed and before the deadline, so those bound the search.
+        """
+        latest = int(self.w3.eth.block_number)
+        first = first_block_at(self.w3, since, latest=latest)
+        last = latest if until is None else min(latest, first_block_at(self.w3, until, latest=latest))
+
+        def fetch(start: int, end: int) -> Settled | None:
+            logs = self.w3.eth.get_logs(
+                {
+                    "address": self.address,
+                    "fromBlock": start,
+                    "toBlock": end,
+                    "topics": [HexBytes(SETTLED_TOPIC), HexBytes(escrow_id)],
+                }
+            )
+            return next(
+                (e for log in logs if isinstance(e := decode_settlement_log(log), Settled) and e.id == escrow_id), None
+            )
+
+        return find_in_chunks(fetch, first, last, chunk)
+
     def delivery_in(self, tx_hash: bytes, escrow_id: bytes) -> Delivered | None:
         """The Delivered event of `escrow_id` in transaction `tx_hash` (a seller's pointer, checked here)."""
         try:
@@ -253,7 +427,13 @@ class Escrow:
 
 
 def deploy(sender: TxSender, contract: str, *constructor_args: Any, confirmations: int = 1) -> ChecksumAddress:
-    """Deploy a shipped artifact from `sender`; returns its address."""
+    """Deploy a shipped artifact from `sender`; returns its address.
+
+    X402Escrow goes through `deploy_escrow`, to its one address (`registry.ESCROW_ADDRESS`);
+    every other contract is created plainly.
+    """
+    if contract == "X402Escrow" and not constructor_args:
+        return deploy_escrow(sender, confirmations=confirmations)
     artifact = load_artifact(contract)
     factory = sender.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
     data = bytes(HexBytes(factory.constructor(*constructor_args).data_in_transaction))
@@ -262,3 +442,25 @@ def deploy(sender: TxSender, contract: str, *constructor_args: Any, confirmation
     if address is None:
         raise RuntimeError(f"deployment of {contract} produced no contract address")
     return to_checksum_address(address)
+
+
+def deploy_escrow(sender: TxSender, *, salt: bytes = ESCROW_SALT, confirmations: int = 1) -> ChecksumAddress:
+    """Create the shipped X402Escrow through the CREATE2 proxy; returns its address.
+
+    With the fixed salt the address is `registry.ESCROW_ADDRESS` on every chain. If the genuine
+    contract is there already (anyone may have deployed it), nothing is sent. Raises ConfigError
+    if the chain has no CREATE2 proxy or something else occupies the address.
+    """
+    w3 = sender.w3
+    if not bytes(w3.eth.get_code(CREATE2_PROXY)):
+        raise ConfigError(f"no CREATE2 deployment proxy at {CREATE2_PROXY} on chain {sender.chain_id}")
+    init_code = escrow_init_code()
+    address = create2_address(init_code, salt)
+    runtime = bytes.fromhex(str(load_artifact("X402Escrow")["deployedBytecode"]).removeprefix("0x"))
+    existing = bytes(w3.eth.get_code(address))
+    if not existing:
+        sender.transact(CREATE2_PROXY, salt + init_code, confirmations=confirmations)
+        existing = bytes(w3.eth.get_code(address))
+    if existing != runtime:
+        raise ConfigError(f"the code at {address} is not the shipped X402Escrow runtime ({len(existing)} bytes)")
+    return address

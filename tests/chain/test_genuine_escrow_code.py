@@ -10,7 +10,7 @@ from eth_utils.crypto import keccak
 from helpers import BUYER, STRANGER, address
 
 from escrow_py.chain import genuine
-from escrow_py.chain.escrow import deploy
+from escrow_py.chain.escrow import deploy, deploy_escrow
 from escrow_py.chain.genuine import (
     ESCROW_CODE_HASH,
     EscrowCode,
@@ -18,11 +18,12 @@ from escrow_py.chain.genuine import (
     is_genuine_escrow,
     shipped_escrow,
 )
-from escrow_py.chain.registry import ADDRESS_ENV, DIR_ENV, Deployment, record
+from escrow_py.chain.registry import ADDRESS_ENV, DIR_ENV, ESCROW_ADDRESS, Deployment, record
 
 
 def test_the_shipped_code_hash_is_what_a_deployment_leaves_on_chain(chain: Chain) -> None:
-    fresh = deploy(chain.sender(STRANGER), "X402Escrow")
+    # Another salt: the genuine code at an address the shipped registry does not name.
+    fresh = deploy_escrow(chain.sender(STRANGER), salt=b"\x07" * 32)
     assert keccak(bytes(chain.w3.eth.get_code(fresh))) == ESCROW_CODE_HASH
     check = check_escrow_code(chain.w3, fresh.lower(), chain_id=84532)
     assert (check.address, check.verdict, check.code_hash, check.genuine) == (
@@ -60,7 +61,7 @@ def test_a_shipped_registry_entry_is_trusted_and_nothing_else_makes_an_address_t
     # The user's own settings name it: still judged by its code.
     monkeypatch.setenv(ADDRESS_ENV, lookalike)
     monkeypatch.setenv(DIR_ENV, str(elsewhere))
-    assert shipped_escrow(84532) is None
+    assert shipped_escrow(84532) == ESCROW_ADDRESS  # the package's record: the one CREATE2 address
     assert check_escrow_code(chain.w3, lookalike, chain_id=84532).verdict is EscrowCode.OTHER_CODE
     # In the package's own registry (e.g. a deployment from an earlier compile): trusted, for that chain only.
     monkeypatch.setattr(genuine, "DEPLOYMENTS_DIR", elsewhere)

@@ -103,3 +103,13 @@ def test_deliver_with_altered_terms_reverts_not_held_none(chain: Chain) -> None:
     inflated = terms.with_(amount=20_000)
     with expect_revert("NotHeld", id=chain.escrow.id_of(inflated), state=State.NONE):
         chain.escrow.deliver(chain.sender(SELLER), inflated, BODY_HASH)
+
+
+def test_an_unset_delivery_hash_is_refused_and_the_funds_stay_held(chain: Chain) -> None:
+    """A zero hash is a bug in the seller, not a delivery: nothing is released for it."""
+    terms = make_terms(chain)
+    deposit(chain, terms)
+    with expect_revert("ZeroDeliveryHash", id=chain.escrow.id_of(terms)):
+        chain.escrow.deliver(chain.sender(SELLER), terms, bytes(32))
+    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
+    assert chain.token.balance_of(terms.seller) == 0

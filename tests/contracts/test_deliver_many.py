@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections import Counter
 
 from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
-from helpers import address, clock_at, deposit, expect_revert, make_terms
+from helpers import address, deposit, expect_revert, make_terms, mine_at
 
+from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.escrow import Delivered
 from escrow_py.terms import State, Terms, delivery_hash
+
+HASH = delivery_hash(b"served")
+ZERO = "0x0000000000000000000000000000000000000000"
 
 
 def _raw(chain: Chain, entries: list[tuple[Terms, bytes]]) -> bytes:
@@ -134,23 +138,41 @@ def test_empty_batch_releases_nothing(chain: Chain) -> None:
     assert _released_count(chain, STRANGER, _raw(chain, [])) == 0
 
 
-def test_an_unknown_entry_reverts_the_whole_batch(chain: Chain) -> None:
+def test_a_zero_hash_reverts_the_batch_whatever_the_entrys_state(chain: Chain) -> None:
     held, unknown = make_terms(chain), make_terms(chain)
     deposit(chain, held)
-    with expect_revert("NotHeld", id=chain.escrow.id_of(unknown), state=State.NONE):
-        chain.escrow.deliver_many(chain.sender(SELLER), [(held, b"\x00" * 32), (unknown, b"\x00" * 32)])
+    with expect_revert("ZeroDeliveryHash", id=chain.escrow.id_of(unknown)):
+        chain.escrow.deliver_many(chain.sender(SELLER), [(held, HASH), (unknown, bytes(32))])
     assert chain.escrow.state_of(chain.escrow.id_of(held)) is State.HELD
 
 
-def test_an_entry_past_its_deadline_reverts_the_whole_batch(chain: Chain) -> None:
+def test_an_unknown_entry_is_skipped(chain: Chain) -> None:
+    """A deposit the poster saw and a reorg removed: the rest of the batch is delivered."""
+    held, unknown = make_terms(chain), make_terms(chain)
+    deposit(chain, held)
+    data = _raw(chain, [(held, HASH), (unknown, HASH)])
+    assert _released_count(chain, SELLER, data) == 1
+    receipt = chain.sender(SELLER).transact(chain.escrow.address, data)
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(held)]
+    assert chain.escrow.state_of(chain.escrow.id_of(held)) is State.RELEASED
+    assert chain.escrow.state_of(chain.escrow.id_of(unknown)) is State.NONE
+
+
+def test_an_entry_that_crosses_its_deadline_after_the_simulation_is_skipped(chain: Chain) -> None:
+    """Simulated while both are open, mined at the first one's deadline: that one stays Held for its refund."""
     early = make_terms(chain, window=50)
     late = make_terms(chain, window=5_000)
     deposit(chain, early)
     deposit(chain, late)
-    clock_at(chain, early.deadline)
-    with expect_revert("DeadlinePassed", deadline=early.deadline, now_=early.deadline):
-        chain.escrow.deliver_many(chain.sender(SELLER), [(late, b"\x00" * 32), (early, b"\x00" * 32)])
-    assert chain.escrow.state_of(chain.escrow.id_of(late)) is State.HELD
+    data = _raw(chain, [(late, HASH), (early, HASH)])
+    assert _released_count(chain, SELLER, data) == 2  # the poster's simulation
+    receipt, revert = mine_at(chain, SELLER, data, early.deadline)  # included at the deadline
+    assert revert is None
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(late)]
+    assert chain.escrow.state_of(chain.escrow.id_of(late)) is State.RELEASED
+    assert chain.escrow.state_of(chain.escrow.id_of(early)) is State.HELD
+    assert chain.token.balance_of(address(SELLER)) == late.amount
+    assert chain.token.balance_of(chain.escrow.address) == early.amount
 
 
 def test_an_entry_of_another_seller_reverts_the_whole_batch(chain: Chain) -> None:
@@ -159,5 +181,51 @@ def test_an_entry_of_another_seller_reverts_the_whole_batch(chain: Chain) -> Non
     deposit(chain, mine)
     deposit(chain, theirs)
     with expect_revert("NotSellerOrOperator", caller=address(SELLER), seller=address(SELLER2)):
-        chain.escrow.deliver_many(chain.sender(SELLER), [(mine, b"\x00" * 32), (theirs, b"\x00" * 32)])
+        chain.escrow.deliver_many(chain.sender(SELLER), [(mine, HASH), (theirs, HASH)])
     assert chain.escrow.state_of(chain.escrow.id_of(mine)) is State.HELD
+
+
+def test_a_refused_payout_puts_its_entries_back_and_the_rest_is_delivered(chain: Chain) -> None:
+    """A token that refuses one seller: its entries are Held again, unchanged, and everyone else is paid."""
+    blocking = chain.deploy_token("BlockingToken")
+    block = chain.w3.eth.contract(abi=load_artifact("BlockingToken")["abi"]).encode_abi(
+        "setBlocked", args=[address(SELLER2)]
+    )
+    chain.deployer.transact(blocking.address, bytes.fromhex(block.removeprefix("0x")))
+    stuck = [make_terms(chain, token=blocking.address, seller=SELLER2, amount=a) for a in (1_000, 2_000)]
+    paid = [make_terms(chain, seller=SELLER, amount=4_000), make_terms(chain, seller=SELLER2, amount=8_000)]
+    for terms in stuck + paid:
+        deposit(chain, terms)
+    entries = [(paid[0], HASH), (stuck[0], HASH), (stuck[1], HASH), (paid[1], HASH)]
+    data = _raw(chain, entries)
+    assert _released_count(chain, OPERATOR, data) == 2
+    receipt = chain.sender(OPERATOR).transact(chain.escrow.address, data)
+    delivered = {e.id for e in chain.escrow.events_in(receipt) if isinstance(e, Delivered)}
+    assert delivered == {chain.escrow.id_of(t) for t in paid}
+    failures = chain.escrow.payout_failures_in(receipt)
+    assert [(f.token, f.to, f.amount) for f in failures] == [(blocking.address, address(SELLER2), 3_000)]
+    assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in stuck)
+    assert blocking.balance_of(chain.escrow.address) == 3_000
+    assert chain.token.balance_of(address(SELLER)) == 4_000
+    assert chain.token.balance_of(address(SELLER2)) == 8_000
+    # Held as before: once the token lets the seller receive again, the same delivery goes through.
+    unblock = chain.w3.eth.contract(abi=load_artifact("BlockingToken")["abi"]).encode_abi("setBlocked", args=[ZERO])
+    chain.deployer.transact(blocking.address, bytes.fromhex(unblock.removeprefix("0x")))
+    chain.escrow.deliver_many(chain.sender(OPERATOR), [(t, HASH) for t in stuck])
+    assert blocking.balance_of(address(SELLER2)) == 3_000
+
+
+def test_too_little_gas_for_a_full_payout_allowance_reverts_by_name(chain: Chain) -> None:
+    """Below the gas a payout needs, the batch fails whole and says so: never a payout starved into a restore."""
+    terms = make_terms(chain)
+    deposit(chain, terms)
+    data = _raw(chain, [(terms, HASH)])
+    # Plenty for the payout itself (a TestUSDC transfer costs about 30,000), short of its full allowance.
+    gas = 100_000  # X402Escrow.PAYOUT_GAS: the allowance alone, without the 64/63 and the call's own cost
+    receipt, revert = mine_at(chain, SELLER, data, chain.now() + 1, gas=gas)
+    assert receipt["status"] == 0 and revert is not None
+    assert revert.name == "InsufficientGas" and revert.args_by_name["left"] < revert.args_by_name["needed"]
+    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
+    # With the gas an estimate gives, the same batch delivers.
+    chain.escrow.deliver_many(chain.sender(SELLER), [(terms, HASH)])
+    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.RELEASED

@@ -87,8 +87,10 @@ def test_reentrant_deliver_during_refund_bubbles_reentrancy(chain: Chain) -> Non
     assert _callback_errors(chain, OPERATOR, chain.escrow.refund_many_data([a])) == ["Reentrancy"]
     with expect_revert("TransferFailed", token=token.address, to=a.buyer, amount=a.amount, reason=REENTRANCY):
         chain.escrow.refund(chain.sender(OPERATOR), a)
-    with expect_revert("TransferFailed", token=token.address, to=a.buyer, amount=a.amount, reason=REENTRANCY):
-        chain.escrow.refund_many(chain.sender(OPERATOR), [a])
+    # In a batch the refused payout is put back, not reverted.
+    receipt = chain.escrow.refund_many(chain.sender(OPERATOR), [a])
+    assert chain.escrow.events_in(receipt) == []
+    assert [(f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [(a.buyer, a.amount)]
     assert chain.escrow.state_of(chain.escrow.id_of(a)) is State.HELD
     assert chain.escrow.state_of(chain.escrow.id_of(b)) is State.HELD
 
@@ -140,8 +142,8 @@ def test_false_returning_token_payouts_revert_and_funds_stay_held(chain: Chain) 
     with expect_revert("TransferFailed", token=token.address, to=terms.buyer, amount=4_000, reason=b""):
         chain.escrow.refund(chain.sender(SELLER), terms)
     clock_at(chain, terms.deadline)
-    with expect_revert("TransferFailed", token=token.address, to=terms.buyer, amount=4_000, reason=b""):
-        chain.escrow.refund_many(chain.sender(STRANGER), [terms])
+    receipt = chain.escrow.refund_many(chain.sender(STRANGER), [terms])
+    assert [(f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [(terms.buyer, 4_000)]
     assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
     assert token.balance_of(chain.escrow.address) == 4_000
 
@@ -177,10 +179,53 @@ def test_a_blocking_token_does_not_hold_up_another_tokens_escrows(chain: Chain) 
     with expect_revert(
         "TransferFailed", token=token.address, to=address(SELLER), amount=1_000, reason=blocked(address(SELLER))
     ):
-        chain.escrow.deliver_many(chain.sender(SELLER), [(stuck, HASH), (normal, HASH)])
-    chain.escrow.deliver(chain.sender(SELLER), normal, HASH)
+        chain.escrow.deliver(chain.sender(SELLER), stuck, HASH)
+    # In one batch the blocked payout is put back and the other token's escrow is delivered.
+    receipt = chain.escrow.deliver_many(chain.sender(SELLER), [(stuck, HASH), (normal, HASH)])
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(normal)]
+    assert chain.escrow.state_of(chain.escrow.id_of(stuck)) is State.HELD
     assert chain.token.balance_of(address(SELLER)) == 3_000
     assert chain.token.balance_of(chain.escrow.address) == 0
     # The seller's own side gives the blocked payment back instead.
     chain.escrow.refund(chain.sender(OPERATOR), stuck)
     assert token.balance_of(chain.escrow.address) == 0
+
+
+def test_a_token_whose_transfer_returns_nothing_pays_out(chain: Chain) -> None:
+    """USDT-style: `transfer` returns no data at all; a successful call with no answer is a transfer."""
+    token = chain.deploy_token("NoReturnToken")
+    delivered = make_terms(chain, token=token.address, amount=1_000)
+    refunded = make_terms(chain, token=token.address, amount=2_000)
+    batched = make_terms(chain, token=token.address, amount=4_000)
+    for terms in (delivered, refunded, batched):
+        deposit(chain, terms)
+    chain.escrow.deliver(chain.sender(SELLER), delivered, HASH)
+    chain.escrow.refund(chain.sender(SELLER), refunded)
+    receipt = chain.escrow.deliver_many(chain.sender(SELLER), [(batched, HASH)])
+    assert chain.escrow.payout_failures_in(receipt) == []
+    assert token.balance_of(address(SELLER)) == 5_000
+    assert token.balance_of(chain.escrow.address) == 0
+    assert chain.escrow.state_of(chain.escrow.id_of(batched)) is State.RELEASED
+
+
+def test_a_token_whose_transfer_returns_fewer_than_32_bytes_is_refused(chain: Chain) -> None:
+    """A short answer is no `true`, even right after an honest token's payout in the same batch has left
+    a 32-byte `true` (0x...01) in the memory the answer is copied into: 31 bytes overwrite all but that 1."""
+    token = chain.deploy_token("ShortReturnToken")
+    honest = make_terms(chain, amount=1_000)
+    short = make_terms(chain, token=token.address, amount=3_000)
+    deposit(chain, honest)
+    deposit(chain, short)
+    with expect_revert("TransferFailed", token=token.address, to=short.seller, amount=3_000, reason=b""):
+        chain.escrow.deliver(chain.sender(SELLER), short, HASH)
+    with expect_revert("TransferFailed", token=token.address, to=short.buyer, amount=3_000, reason=b""):
+        chain.escrow.refund(chain.sender(SELLER), short)
+    # Raw order: the honest payout first, then the short one.
+    data = chain.escrow.contract.encode_abi("deliverMany", args=[[honest.as_tuple(), short.as_tuple()], [HASH, HASH]])
+    receipt = chain.sender(SELLER).transact(chain.escrow.address, bytes.fromhex(data.removeprefix("0x")))
+    assert [e.id for e in chain.escrow.events_in(receipt)] == [chain.escrow.id_of(honest)]
+    assert [(f.token, f.to, f.amount) for f in chain.escrow.payout_failures_in(receipt)] == [
+        (token.address, short.seller, 3_000)
+    ]
+    assert chain.escrow.state_of(chain.escrow.id_of(short)) is State.HELD
+    assert token.balance_of(chain.escrow.address) == 3_000

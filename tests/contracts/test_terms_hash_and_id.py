@@ -10,7 +10,7 @@ from conftest import BUYER, STRANGER, Chain
 from eth_abi.abi import encode
 from helpers import address, deposit, make_terms
 
-from escrow_py.chain.escrow import Escrow, deploy
+from escrow_py.chain.escrow import Escrow, deploy_escrow
 from escrow_py.errors import ContractRevert
 from escrow_py.terms import TERMS_TYPEHASH, State, Terms
 
@@ -40,7 +40,8 @@ def test_every_field_changes_the_hash(chain: Chain) -> None:
 
 def test_id_is_bound_to_this_escrow_and_chain(chain: Chain) -> None:
     terms = make_terms(chain)
-    other = Escrow(chain.w3, deploy(chain.deployer, "X402Escrow"))
+    other = Escrow(chain.w3, deploy_escrow(chain.deployer, salt=b"\x01" * 32))  # the same code elsewhere
+    assert other.address != chain.escrow.address
     assert chain.escrow.onchain_terms_hash(terms) == other.onchain_terms_hash(terms)
     assert chain.escrow.onchain_escrow_id(terms) != other.onchain_escrow_id(terms)
     assert other.onchain_escrow_id(terms) == terms.escrow_id(84532, other.address)
@@ -56,17 +57,25 @@ def test_the_id_is_the_nonce_the_token_consumes(chain: Chain) -> None:
     assert chain.escrow.state_of(escrow_id) is State.HELD
 
 
+TERMS_ABI = "(address,address,address,address,uint256,uint64,bytes32,bytes32)"
+
+
 @pytest.mark.parametrize("word", [0, 1, 2, 3, 5])
-def test_dirty_high_bits_are_rejected(chain: Chain, word: int) -> None:
-    """An address or deadline word with dirty high bits would hash differently from its ABI value."""
+@pytest.mark.parametrize("function", ["termsHash", "escrowId", "refund", "deposit"])
+def test_dirty_high_bits_are_rejected_with_a_named_error(chain: Chain, word: int, function: str) -> None:
+    """An address or deadline word with dirty high bits would hash differently from its ABI value.
+
+    Every entry point checks the terms before reading a field, so the error names the word.
+    """
     terms: Terms = make_terms(chain)
-    words = bytearray(encode(["(address,address,address,address,uint256,uint64,bytes32,bytes32)"], [terms.as_tuple()]))
+    deposit(chain, terms)
+    words = bytearray(encode([TERMS_ABI], [terms.as_tuple()]))
     words[word * 32] = 0x01  # the top byte of the word: outside 160 or 64 bits
-    selector = chain.escrow.contract.get_function_by_name("termsHash")(terms.as_tuple())._encode_transaction_data()
-    data = bytes.fromhex(selector.removeprefix("0x")[:8]) + bytes(words)
-    with pytest.raises(ContractRevert):
-        chain.sender(STRANGER).call(chain.escrow.address, data)
-    clean = bytes.fromhex(selector.removeprefix("0x")[:8]) + encode(
-        ["(address,address,address,address,uint256,uint64,bytes32,bytes32)"], [terms.as_tuple()]
-    )
-    assert chain.sender(STRANGER).call(chain.escrow.address, clean) == terms.hash()
+    rest: list[object] = [0, terms.deadline, b"\x01" * 65] if function == "deposit" else []
+    clean = bytes.fromhex(chain.escrow.contract.encode_abi(function, args=[terms.as_tuple(), *rest])[2:])
+    dirty = clean[:4] + bytes(words) + clean[4 + len(words) :]
+    with pytest.raises(ContractRevert) as caught:
+        chain.sender(STRANGER).call(chain.escrow.address, dirty)
+    assert caught.value.name == "MalformedTerms" and caught.value.args_by_name == {"field": word}
+    if function == "termsHash":
+        assert chain.sender(STRANGER).call(chain.escrow.address, clean) == terms.hash()

@@ -127,8 +127,9 @@ def test_a_refund_that_fails_in_simulation_does_not_block_the_others(chain: Chai
     block = blocking.encode_abi("setBlocked", args=[dev(BUYER).address])
     chain.deployer.transact(token.address, bytes.fromhex(block.removeprefix("0x")))
     chain.mine(fine.deadline)
-    report = _keeper(chain, tmp_path / "k.sqlite").run_once()
-    assert (report.refunds_sent, report.failed) == (1, 1)
+    _keeper(chain, tmp_path / "k.sqlite").run_once()
+    # refundMany puts a refused payout back to Held (PayoutFailed) instead of reverting: the blocked
+    # buyer's escrow no longer fails the simulation, and the batch refunds the other one regardless.
     assert chain.escrow.state_of(chain.escrow.id_of(fine)) is State.REFUNDED
     assert chain.escrow.state_of(chain.escrow.id_of(stuck)) is State.HELD
 
