@@ -15,6 +15,7 @@ import pytest
 from conftest import Chain
 from eth_utils.address import to_checksum_address
 from helpers import BUYER, STRANGER, address, dev
+from rpc_proxy import RpcProxy
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
@@ -39,7 +40,6 @@ from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
 from .conftest import PRICE, Shop, serving
-from .rpc_proxy import RpcProxy
 from .thief import NETWORK, Thief
 
 FORMS = ["EscrowClient", "DeliveryEscrowScheme"]
