@@ -32,7 +32,17 @@ from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
-from escrow_py.seller._store import DEPOSITING, POSTED, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._store import (
+    DEPOSITING,
+    POSTED,
+    REFUND_PENDING,
+    REFUNDED,
+    REFUNDED_ON_CHAIN,
+    SETTLED_ELSEWHERE,
+    Payment,
+    SellerStore,
+    StoredResponse,
+)
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 from escrow_py.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.wire import (
@@ -56,6 +66,10 @@ _T = TypeVar("_T")
 
 # Seconds a client should wait before sending the payment again after a 503 chain_unavailable.
 CHAIN_RETRY_AFTER = 2
+
+# PAYMENT-RESPONSE `state` of a served payment by its delivery's status: what the chain says as far as
+# the seller knows (pending and expired deliveries leave the escrow Held).
+_DELIVERY_STATE = {POSTED: "released", SETTLED_ELSEWHERE: "released", REFUNDED_ON_CHAIN: "refunded"}
 
 _SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
@@ -435,7 +449,7 @@ class EscrowMiddleware:
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         terms = payment.terms
-        if payment.status in (REFUNDED, "refund_pending"):
+        if payment.status in (REFUNDED, REFUND_PENDING):
             extra = SettlementExtra(
                 escrow_id=payment.escrow_id,
                 deadline=terms.deadline,
@@ -450,7 +464,7 @@ class EscrowMiddleware:
                 deadline=terms.deadline,
                 delivery_hash=delivery_hash(response.body),
                 delivery_transaction=record.tx_hash if record else None,
-                state="released" if record is not None and record.status == POSTED else "held",
+                state=_DELIVERY_STATE.get(record.status, "held") if record is not None else "held",
             )
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
         await self._send_response(send, response, settle)
