@@ -49,10 +49,12 @@ from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
+    UNAVAILABLE_STATUS,
     EscrowPayload,
     EscrowRequirements,
     Reason,
     SettlementExtra,
+    Unavailable,
     decode_payment_signature,
     encode_payment_required,
     encode_payment_response,
@@ -639,14 +641,14 @@ async def _send_plain(send: Send, status: int, body: bytes) -> None:
 
 async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
     """503 with Retry-After: `{"error": reason, "message": ...}`; no new offer (the same payment is to be resent)."""
-    body = json.dumps({"error": str(unavailable.reason), "message": unavailable.public}).encode()
+    body = Unavailable(unavailable.reason, unavailable.public, unavailable.retry_after).body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
         (b"retry-after", str(unavailable.retry_after).encode()),
     ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.start", "status": UNAVAILABLE_STATUS, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
