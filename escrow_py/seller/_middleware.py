@@ -34,6 +34,7 @@ from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
 from escrow_py.seller._store import (
     DEPOSITING,
+    EXPIRED,
     POSTED,
     REFUND_PENDING,
     REFUNDED,
@@ -461,15 +462,28 @@ class EscrowMiddleware:
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         else:
             record = await _blocking(self.store.delivery, payment.escrow_id)
+            state = _DELIVERY_STATE.get(record.status, "held") if record is not None else "held"
+            if record is not None and record.status == EXPIRED:
+                state = await self._expired_state(payment.escrow_id)
             extra = SettlementExtra(
                 escrow_id=payment.escrow_id,
                 deadline=terms.deadline,
                 delivery_hash=delivery_hash(response.body),
                 delivery_transaction=record.tx_hash if record else None,
-                state=_DELIVERY_STATE.get(record.status, "held") if record is not None else "held",
+                state=state,
             )
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
         await self._send_response(send, response, settle)
+
+    async def _expired_state(self, escrow_id: bytes) -> str:
+        """The PAYMENT-RESPONSE state of an escrow whose delivery expired: it stays Held until the buyer's
+        refund (a keeper, recover()), so the chain is asked; if it cannot answer, the stored reply still goes."""
+        try:
+            onchain = await _blocking(self.chain.state_of, escrow_id)
+        except (EscrowError, OSError, Web3Exception) as exc:
+            log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
+            return "held"
+        return {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held")
 
     # -- the wrapped handler ---------------------------------------------------------------
 

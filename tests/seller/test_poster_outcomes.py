@@ -22,7 +22,7 @@ import httpx
 import pytest
 from conftest import Chain
 from eth_utils.crypto import keccak
-from helpers import OPERATOR, SELLER, dev, no_automine, pending_of, until
+from helpers import OPERATOR, SELLER, STRANGER, dev, no_automine, pending_of, until
 
 from escrow_py.seller import PostReport
 from escrow_py.seller._store import EXPIRED, PENDING, POSTED, REFUNDED_ON_CHAIN, SETTLED_ELSEWHERE
@@ -180,3 +180,6 @@ def test_a_refused_payout_is_retried_only_until_the_deadline(chain: Chain, block
     assert _delivery_status(shop, payment) == EXPIRED
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
     assert _replayed_state(url, "/report/never-paid", payment).state == "held"
+    # Anyone may refund it now (a keeper); the replay then says so.
+    chain.escrow.refund(chain.sender(STRANGER), payment.terms)
+    assert _replayed_state(url, "/report/never-paid", payment).state == "refunded"
