@@ -55,11 +55,12 @@ class EscrowAuth(httpx.Auth):
 
     A 402 that offers no delivery-escrow option is returned as it is. The paid request
     is sent once, and again with the same PAYMENT-SIGNATURE only after a 503 of the
-    seller's own side (within `resend`, a ResendPolicy); its answer is returned only when
-    the body's hash is the one the seller committed to, otherwise a PaymentError subclass is raised. httpx does not
-    tell an Auth about a connection that fails after the paid request went out: the
-    caller gets httpx's TransportError (EscrowClient turns it into PaymentNotDelivered,
-    and `lost_in_flight(exc)` does the same for any client); the journal holds the payment.
+    seller's own side (within `resend`, a ResendPolicy); its answer is returned only
+    when the body's hash is the one the seller committed to, otherwise a PaymentError
+    subclass is raised. httpx does not tell an Auth about a connection that fails after
+    the paid request went out: the caller gets httpx's TransportError (EscrowClient turns
+    it into PaymentNotDelivered, and `lost_in_flight(exc)` does the same for any client);
+    the journal holds the payment.
     """
 
     requires_request_body = True
