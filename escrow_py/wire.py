@@ -7,6 +7,7 @@ SettleResponse); this module adds the scheme's own parts:
     requirements.extra  {name, version, escrow, operator, requestHash}
     payload             {authorization: {...}, signature: "0x...", terms: {...}}
     settlement.extra    {escrowId, deadline, deliveryHash, [deliveryTransaction], [refundTransaction], [state]}
+    503 (seller side)   {error: reason, message} + Retry-After (`Unavailable`): resend the same payment
 
 Every decoder raises ProtocolError with a machine-readable `reason` (`Reason`).
 """
@@ -36,17 +37,21 @@ X402_VERSION = 2
 
 # Header names come from the SDK: one definition for the whole ecosystem.
 __all__ = [
+    "DEPOSIT_MAY_BE_PENDING",
     "MAX_HEADER_BYTES",
     "PAYMENT_REQUIRED_HEADER",
     "PAYMENT_RESPONSE_HEADER",
     "PAYMENT_SIGNATURE_HEADER",
     "SCHEME",
+    "SELLER_SIDE_REASONS",
+    "UNAVAILABLE_STATUS",
     "X402_VERSION",
     "EscrowExtra",
     "EscrowPayload",
     "EscrowRequirements",
     "Reason",
     "SettlementExtra",
+    "Unavailable",
     "chain_id_of",
     "decode_payment_required",
     "decode_payment_response",
@@ -313,6 +318,66 @@ class SettlementExtra:
             refund_transaction=optional("refundTransaction", 32),
             state=state if isinstance(state, str) else None,
         )
+
+
+# -- the seller's own failures ---------------------------------------------------------------
+
+# A failure on the seller's side, not the payment's, is a 503 with Retry-After (seconds) and the
+# JSON body {"error": reason, "message": ...}, without PAYMENT-REQUIRED: send the same
+# PAYMENT-SIGNATURE again after Retry-After, never a new one.
+UNAVAILABLE_STATUS = 503
+SELLER_SIDE_REASONS = frozenset(
+    {
+        Reason.CHAIN_UNAVAILABLE,
+        Reason.OPERATOR_UNFUNDED,
+        Reason.NONCE_CONFLICT,
+        Reason.DEPOSIT_PENDING,
+        Reason.PAYMENT_IN_PROGRESS,
+    }
+)
+# After these a deposit of the payment may already be on its way (sent, or being sent by another
+# request or replica); after the others the node refused the seller's transaction, nothing was sent.
+DEPOSIT_MAY_BE_PENDING = frozenset({Reason.CHAIN_UNAVAILABLE, Reason.DEPOSIT_PENDING, Reason.PAYMENT_IN_PROGRESS})
+# A body larger than this is not the seller's 503; a Retry-After of more digits is not a delay.
+_MAX_UNAVAILABLE_BODY = 4096
+_MAX_RETRY_AFTER_DIGITS = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """A 503 from the seller's own side: `reason` (one of SELLER_SIDE_REASONS), its message, Retry-After."""
+
+    reason: Reason
+    message: str
+    retry_after: int
+
+    def body(self) -> bytes:
+        return json.dumps({"error": str(self.reason), "message": self.message}).encode()
+
+    @classmethod
+    def decode(cls, status: int, headers: Any, body: bytes) -> Unavailable | None:
+        """The seller's 503, or None for any other answer (a proxy's 503, a 402, a malformed body, or a
+        handler's own 503, which comes with PAYMENT-RESPONSE: the payment's outcome, final).
+
+        `headers` is any case-insensitive mapping (httpx.Headers, Starlette's). A missing or
+        unreadable Retry-After (an HTTP date, garbage) counts as 1 second.
+        """
+        if status != UNAVAILABLE_STATUS:
+            return None
+        if headers.get(PAYMENT_REQUIRED_HEADER) is not None or headers.get(PAYMENT_RESPONSE_HEADER) is not None:
+            return None
+        if len(body) > _MAX_UNAVAILABLE_BODY:
+            return None
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+        if not isinstance(data, dict) or data.get("error") not in SELLER_SIDE_REASONS:
+            return None
+        message = data.get("message")
+        raw = str(headers.get("retry-after") or "").strip()
+        retry_after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_RETRY_AFTER_DIGITS else 1
+        return cls(Reason(data["error"]), message[:500] if isinstance(message, str) else "", retry_after)
 
 
 # -- header codecs -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -184,6 +184,38 @@ def mine_at(
         RPCEndpoint("debug_traceTransaction"), ["0x" + bytes(sent.tx_hash).hex(), {"tracer": "callTracer"}]
     )["result"]
     return receipt, decode_revert(bytes.fromhex(str(trace.get("output", "0x"))[2:]))
+
+
+def rpc(chain: Chain, method: str, params: list[Any]) -> Any:
+    """One raw JSON-RPC call to the test node (anvil's own methods included); its `result`."""
+    return chain.w3.provider.make_request(RPCEndpoint(method), params).get("result")
+
+
+@contextmanager
+def no_automine(chain: Chain) -> Iterator[None]:
+    """Blocks only when the test mines them: a transaction stays pending as long as it likes."""
+    rpc(chain, "evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        rpc(chain, "evm_setAutomine", [True])
+        rpc(chain, "evm_mine", [])
+
+
+def pending_of(chain: Chain, who: str) -> list[dict[str, Any]]:
+    """The node's pending transactions from `who`."""
+    pool = rpc(chain, "txpool_content", [])["pending"]
+    by_sender = next((txs for sender, txs in pool.items() if sender.lower() == who.lower()), {})
+    return list(by_sender.values())
+
+
+def until(what: str, condition: Callable[[], Any], timeout: float = 60) -> Any:
+    """Poll `condition` until it returns something true, and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
 
 
 def clock_at(chain: Chain, timestamp: int) -> None:

@@ -1,12 +1,13 @@
 """A loopback JSON-RPC proxy in front of anvil that produces node faults on demand.
 
-    proxy = RpcProxy(chain.node.url)       # forwards everything
-    proxy.mode = "blackhole"               # accepts connections, reads the request, never answers
-    proxy.fail("eth_sendRawTransaction", {"code": -32003, "message": "nonce too low"})
-    proxy.mode = "forward"                 # the node is back (held connections are released unanswered)
-    proxy.close()
+    with RpcProxy(chain.node.url) as proxy:  # proxy.url forwards everything to anvil
+        proxy.mode = "blackhole"             # accepts connections, reads the request, never answers
+        proxy.mode = "forward"               # the node is back (held connections are released unanswered)
+        proxy.fail("eth_sendRawTransaction", {"code": -32003, "message": "nonce too low"}, times=1)
+        proxy.answer_errors()                # every method answers a JSON-RPC error object (NODE_ERROR)
+        proxy.stop()                         # the node is gone: every later call fails to connect
 
-A real node hangs or refuses only when it is broken; this is the fault-injecting
+A real node hangs, errs or goes away only when it is broken; this is the fault-injecting
 stand-in the charter allows for that. Everything it forwards is anvil's own answer.
 """
 
@@ -16,9 +17,15 @@ import json
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
 from typing import Any
 
 from escrow_py.chain.anvil import free_port
+
+# What a load-balanced public RPC answers when the backend behind it lags: a real error, not a revert.
+NODE_ERROR = {"code": -32000, "message": "header not found"}
+
+_EVERY_METHOD = "*"
 
 
 class RpcProxy:
@@ -28,12 +35,17 @@ class RpcProxy:
         self._errors: dict[str, tuple[dict[str, Any], int | None]] = {}
         self._release = threading.Event()
         self._lock = threading.Lock()
+        self._stopped = False
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
+                if proxy._stopped:
+                    # A kept-alive connection outlives the listening socket: drop it unanswered, as a dead node would.
+                    self.close_connection = True
+                    return
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 try:
                     request = json.loads(body)
@@ -90,20 +102,38 @@ class RpcProxy:
             else:
                 self._errors[method] = (error, times)
 
+    def answer_errors(self, error: dict[str, Any] | None = NODE_ERROR) -> None:
+        """Answer every method with `error` from now on (None: forward again, unless a method has its own)."""
+        self.fail(_EVERY_METHOD, error)
+
     def _take_error(self, method: str) -> dict[str, Any] | None:
         with self._lock:
-            entry = self._errors.get(method)
+            key = method if method in self._errors else _EVERY_METHOD
+            entry = self._errors.get(key)
             if entry is None:
                 return None
             error, times = entry
             if times is not None:
                 if times <= 1:
-                    del self._errors[method]
+                    del self._errors[key]
                 else:
-                    self._errors[method] = (error, times - 1)
+                    self._errors[key] = (error, times - 1)
             return error
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """The node goes away: the listening socket closes, kept-alive connections are dropped unanswered."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._release.set()
         self.server.shutdown()
         self.server.server_close()
+        self._thread.join(timeout=10)
+
+    close = stop
+
+    def __enter__(self) -> RpcProxy:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

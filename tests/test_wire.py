@@ -6,6 +6,7 @@ import base64
 import json
 import os
 
+import httpx
 import pytest
 from x402.http.utils import (
     decode_payment_required_header,
@@ -151,3 +152,37 @@ def test_a_nesting_at_the_limit_still_decodes_and_a_settlement_deadline_is_a_uin
     extra["deadline"] = 2**64
     with pytest.raises(ProtocolError, match="uint64"):
         wire.SettlementExtra.from_json(extra)
+
+
+def _unavailable(status: int = 503, body: object = None, **headers: str) -> wire.Unavailable | None:
+    content = json.dumps({"error": "operator_unfunded", "message": "no gas"} if body is None else body).encode()
+    # As bytes off the wire: a header value is any latin-1 text, not only ASCII.
+    raw = httpx.Headers([(k.encode(), v.encode("latin-1")) for k, v in headers.items()])
+    return wire.Unavailable.decode(status, raw, content)
+
+
+def test_the_sellers_503_round_trips_and_only_its_own_reasons_count() -> None:
+    sent = wire.Unavailable(wire.Reason.DEPOSIT_PENDING, "not confirmed yet", 10)
+    assert wire.Unavailable.decode(503, httpx.Headers({"Retry-After": "10"}), sent.body()) == sent
+    assert _unavailable(**{"Retry-After": "30"}) == wire.Unavailable(wire.Reason.OPERATOR_UNFUNDED, "no gas", 30)
+    # Not the seller's own failure: another status, another reason, a proxy's HTML, a 402's reason.
+    assert _unavailable(status=502) is None
+    assert _unavailable(body={"error": "upstream down"}) is None
+    assert _unavailable(body={"error": wire.Reason.SIMULATION_FAILED.value}) is None
+    assert _unavailable(body=["operator_unfunded"]) is None
+    assert wire.Unavailable.decode(503, httpx.Headers(), b"<html>Service Unavailable</html>") is None
+    assert _unavailable(body={"error": "operator_unfunded", "message": "x" * 5000}) is None  # too large to be ours
+    # A handler's own 503 carries the payment's outcome (PAYMENT-RESPONSE): final, never resent.
+    assert _unavailable(**{wire.PAYMENT_RESPONSE_HEADER: "e30="}) is None
+    assert _unavailable(**{wire.PAYMENT_REQUIRED_HEADER: "e30="}) is None
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "seconds"),
+    [(None, 1), ("0", 0), ("7", 7), ("999999999", 999_999_999), ("9" * 400, 1), ("-5", 1), ("2.5", 1),
+     ("Wed, 21 Oct 2015 07:28:00 GMT", 1), ("\xb2", 1)],
+)  # fmt: skip
+def test_a_retry_after_that_is_not_plain_seconds_counts_as_one(retry_after: str | None, seconds: int) -> None:
+    headers = {} if retry_after is None else {"Retry-After": retry_after}
+    decoded = _unavailable(**headers)
+    assert decoded is not None and decoded.retry_after == seconds

@@ -22,7 +22,12 @@ form; body) and refuses an offer whose hash differs; builds terms (deadline = th
 block's time + maxTimeoutSeconds, fresh salt); asks the policy; signs the
 ReceiveWithAuthorization (validBefore = deadline); commits the payment to the
 journal; retries once with PAYMENT-SIGNATURE; and accepts the answer only if
-keccak256(body) equals PAYMENT-RESPONSE's deliveryHash.
+keccak256(body) equals PAYMENT-RESPONSE's deliveryHash. A 503 of the seller's own
+side (wire.Unavailable: chain_unavailable, operator_unfunded, deposit_pending, ...)
+is answered by sending the same PAYMENT-SIGNATURE again after Retry-After, within a
+`ResendPolicy` (capped wait, bounded count, never within its margin of validBefore),
+each resend journaled; never by signing a new payment. Every chain call ends within
+`rpc_timeout` seconds (escrow_py.chain.rpc.connect).
 
 Before signing, the client checks that `extra.escrow` holds the genuine X402Escrow (its
 runtime code hashes to the shipped contract's, or it is the shipped registry's deployment):
@@ -46,12 +51,15 @@ of these (httpx's own errors pass through only for a request that carried no pay
         │   ├── RequestHashMismatch  the 402's requestHash is not this request's; `.expected`, `.offered`
         │   └── PolicyDenied       the spending policy said no: `.code` (ReasonCode), `.reason`,
         │                          `.limit`, `.wanted`, `.available`
-        ├── PaymentRejected        the seller refused the signed payment, not deposited when checked;
-        │                          recover() voids it after `.valid_before`
+        ├── PaymentRejected        the seller refused the signed payment, not deposited when checked
+        │                          (also after the last resend of a 503 operator_unfunded or
+        │                          operator_nonce_conflict); recover() voids it after `.valid_before`
         ├── PaymentNotDelivered    deposited (or may be) but not delivered: held by `.escrow`, refundable
         │                          after `.deadline` by the keeper or recover(); also raised when the
-        │                          chain cannot be read after the payment left, and by EscrowClient
-        │                          when the connection drops after the paid request left
+        │                          chain cannot be read after the payment left, after the last resend
+        │                          of a 503 deposit_pending, payment_in_progress or chain_unavailable
+        │                          (a deposit may still land), and by EscrowClient when the
+        │                          connection drops after the paid request left
         ├── DeliveryMismatch       the body's hash differs from the committed hash; `.committed`, `.received`
         ├── HandlerFailedRefunded  the seller's handler failed and it refunded; `.refund_tx`
         └── ResponseInvalid        delivered and settled (money spent) but the validator rejected the
@@ -66,7 +74,7 @@ from __future__ import annotations
 
 from escrow_py.buyer._audit import AuditLog
 from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient, lost_in_flight
-from escrow_py.buyer._core import AllowAll, PaymentPolicy
+from escrow_py.buyer._core import AllowAll, PaymentPolicy, ResendPolicy
 from escrow_py.buyer._errors import (
     ChainUnavailable,
     DeliveryMismatch,
@@ -127,6 +135,7 @@ __all__ = [
     "RecoveryItem",
     "RecoveryReport",
     "RequestHashMismatch",
+    "ResendPolicy",
     "ResponseInvalid",
     "Usage",
     "Validator",

@@ -12,6 +12,7 @@ from typing import Any
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._ledger import LedgerRow, LedgerStatus
 from escrow_py.buyer._recover import recover
+from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import load_signer
 from escrow_py.errors import ConfigError
 from escrow_py.storage import sqlite_path
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      "without it the key comes from X402_ESCROW_PRIVATE_KEY")  # fmt: skip
     rec.add_argument("--leave-to-keeper", dest="leave", action="store_true",
                      help="do not refund expired escrows from the buyer's key")  # fmt: skip
+    rec.add_argument("--rpc-timeout", type=float, default=DEFAULT_DEADLINE,
+                     help=f"seconds one chain call may take, retries included ({DEFAULT_DEADLINE:g})")  # fmt: skip
     rec.set_defaults(func=_recover)
     rep = actions.add_parser("report", help="spend by task and by seller, reservations, and open payments")
     rep.add_argument("--journal", required=True, help="the buyer's journal (SQLite path or sqlite:/// URL)")
@@ -38,7 +41,8 @@ def _recover(args: argparse.Namespace) -> int:
     rpc_url = args.rpc_url or os.environ.get("X402_ESCROW_RPC_URL")
     if not rpc_url:
         raise ConfigError("buyer recover needs --rpc or X402_ESCROW_RPC_URL")
-    report = recover(args.journal, load_signer(keystore=args.keystore), rpc_url, refund_expired=not args.leave)
+    signer = load_signer(keystore=args.keystore)
+    report = recover(args.journal, signer, rpc_url, refund_expired=not args.leave, rpc_timeout=args.rpc_timeout)
     for item in report.items:
         line = {
             "escrowId": "0x" + item.escrow_id.hex(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 from types import TracebackType
@@ -11,12 +12,13 @@ from typing import Any, Self
 import httpx
 from web3 import Web3
 
-from escrow_py.buyer._core import PaymentCore, PaymentPolicy, Prepared, find_offer
+from escrow_py.buyer._core import PaymentCore, PaymentPolicy, Prepared, ResendPolicy, find_offer
 from escrow_py.buyer._errors import PaymentNotDelivered
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
 from escrow_py.buyer._validate import Validator
+from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 
@@ -52,11 +54,13 @@ class EscrowAuth(httpx.Auth):
     """Pays delivery-escrow 402s for an existing httpx client: `httpx.Client(auth=EscrowAuth(...))`.
 
     A 402 that offers no delivery-escrow option is returned as it is. The paid request
-    is sent once; its answer is returned only when the body's hash is the one the
-    seller committed to, otherwise a PaymentError subclass is raised. httpx does not
-    tell an Auth about a connection that fails after the paid request went out: the
-    caller gets httpx's TransportError (EscrowClient turns it into PaymentNotDelivered,
-    and `lost_in_flight(exc)` does the same for any client); the journal holds the payment.
+    is sent once, and again with the same PAYMENT-SIGNATURE only after a 503 of the
+    seller's own side (within `resend`, a ResendPolicy); its answer is returned only
+    when the body's hash is the one the seller committed to, otherwise a PaymentError
+    subclass is raised. httpx does not tell an Auth about a connection that fails after
+    the paid request went out: the caller gets httpx's TransportError (EscrowClient turns
+    it into PaymentNotDelivered, and `lost_in_flight(exc)` does the same for any client);
+    the journal holds the payment.
     """
 
     requires_request_body = True
@@ -72,8 +76,20 @@ class EscrowAuth(httpx.Auth):
         task: str = "default",
         validator: Validator | None = None,
         w3: Web3 | None = None,
+        rpc_timeout: float = DEFAULT_DEADLINE,
+        resend: ResendPolicy | None = None,
     ) -> None:
-        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
+        self.core = PaymentCore(
+            signer,
+            rpc_url,
+            journal,
+            policy=policy,
+            task=task,
+            validator=validator,
+            w3=w3,
+            rpc_timeout=rpc_timeout,
+            resend=resend,
+        )
 
     @property
     def journal(self) -> Journal:
@@ -93,6 +109,12 @@ class EscrowAuth(httpx.Auth):
         request.extensions[PAYMENT_EXTENSION] = prepared
         response = yield request
         response.read()
+        resent = 0
+        while (wait := self.core.resend_after(prepared, response, resent)) is not None:
+            time.sleep(wait)  # the seller's own 503: the same request, the same signed payment, again
+            resent += 1
+            response = yield request
+            response.read()
         self.core.settle(prepared, response)
         self.core.validate(prepared.escrow_id, request, response)
 
@@ -111,6 +133,12 @@ class EscrowAuth(httpx.Auth):
         request.extensions[PAYMENT_EXTENSION] = prepared
         response = yield request
         await response.aread()
+        resent = 0
+        while (wait := await asyncio.to_thread(self.core.resend_after, prepared, response, resent)) is not None:
+            await asyncio.sleep(wait)
+            resent += 1
+            response = yield request
+            await response.aread()
         await asyncio.to_thread(self.core.settle, prepared, response)
         await asyncio.to_thread(self.core.validate, prepared.escrow_id, request, response)
 
@@ -133,9 +161,21 @@ class EscrowClient:
         task: str = "default",
         validator: Validator | None = None,
         w3: Web3 | None = None,
+        rpc_timeout: float = DEFAULT_DEADLINE,
+        resend: ResendPolicy | None = None,
         **httpx_kwargs: Any,
     ) -> None:
-        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
+        self.auth = EscrowAuth(
+            signer,
+            rpc_url,
+            journal,
+            policy=policy,
+            task=task,
+            validator=validator,
+            w3=w3,
+            rpc_timeout=rpc_timeout,
+            resend=resend,
+        )
         httpx_kwargs.setdefault("limits", POOL_LIMITS)
         self.http = httpx.Client(auth=self.auth, **httpx_kwargs)
 
@@ -183,9 +223,21 @@ class AsyncEscrowClient:
         task: str = "default",
         validator: Validator | None = None,
         w3: Web3 | None = None,
+        rpc_timeout: float = DEFAULT_DEADLINE,
+        resend: ResendPolicy | None = None,
         **httpx_kwargs: Any,
     ) -> None:
-        self.auth = EscrowAuth(signer, rpc_url, journal, policy=policy, task=task, validator=validator, w3=w3)
+        self.auth = EscrowAuth(
+            signer,
+            rpc_url,
+            journal,
+            policy=policy,
+            task=task,
+            validator=validator,
+            w3=w3,
+            rpc_timeout=rpc_timeout,
+            resend=resend,
+        )
         httpx_kwargs.setdefault("limits", POOL_LIMITS)
         self.http = httpx.AsyncClient(auth=self.auth, **httpx_kwargs)
 

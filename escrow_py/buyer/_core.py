@@ -8,6 +8,7 @@ flow runs those in a worker thread.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -15,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
-from web3 import HTTPProvider, Web3
+from web3 import Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
@@ -42,9 +43,10 @@ from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
-from escrow_py.errors import ChainError, ProtocolError
+from escrow_py.errors import ChainError, ConfigError, ProtocolError
 from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
 from escrow_py.wire import (
+    DEPOSIT_MAY_BE_PENDING,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -54,6 +56,7 @@ from escrow_py.wire import (
     EscrowRequirements,
     Reason,
     SettlementExtra,
+    Unavailable,
     decode_payment_required,
     decode_payment_response,
     encode_payment_signature,
@@ -102,13 +105,49 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A signed, journaled payment, ready to send."""
+    """A signed, journaled payment, ready to send.
+
+    `resend_until` (time.monotonic) is the last moment the same payment may be sent again after
+    a 503 of the seller's: its validBefore less the ResendPolicy's margin, counted from signing.
+    """
 
     escrow_id: bytes
     terms: Terms
     escrow: ChecksumAddress
     valid_before: int
     header: str
+    resend_until: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResendPolicy:
+    """How a paid request answers the seller's own failures (a 503 with Retry-After, wire.Unavailable).
+
+    The same PAYMENT-SIGNATURE is sent again after Retry-After, capped at `max_wait` seconds, at
+    most `attempts` times, and never later than `margin` seconds before the authorization's
+    validBefore (the seller needs time left to deposit and serve it). A fresh payment is never
+    signed for it. `ResendPolicy(attempts=0)` turns resending off.
+    """
+
+    attempts: int = 4
+    max_wait: float = 10.0
+    margin: float = 20.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 0:
+            raise ConfigError(f"ResendPolicy.attempts must be an integer >= 0, got {self.attempts!r}")
+        for name in ("max_wait", "margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"ResendPolicy.{name} must be a number of seconds >= 0, got {value!r}")
+
+    def next_wait(self, retry_after: int, *, resent: int, time_left: float) -> float | None:
+        """Seconds to wait before resending after `resent` resends, with `time_left` seconds until
+        `resend_until`; None: give up (no attempts left, or the wait would run past the margin)."""
+        if resent >= self.attempts:
+            return None
+        wait = float(min(max(retry_after, 0), self.max_wait))
+        return wait if wait <= time_left else None
 
 
 def journal_headers(request: httpx.Request) -> dict[str, str]:
@@ -158,12 +197,16 @@ def find_offer(response: httpx.Response) -> Offer | None:
 class BuyerChain:
     """The buyer's view of the chain behind `rpc_url`: every read raises a typed ChainError, never web3's own.
 
+    Every call ends within `rpc_timeout` seconds, retries included (escrow_py.chain.rpc.connect),
+    so a node that hangs costs a payment that long, not web3's five retries of a per-attempt timeout.
     Genuine escrows are remembered per chain and address (X402Escrow's code cannot change); a
     refusal is not, so an address that gets the genuine code later is judged again.
     """
 
-    def __init__(self, rpc_url: str, *, w3: Web3 | None = None, timeout: float = 30.0) -> None:
-        self.w3 = w3 or Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+    def __init__(self, rpc_url: str, *, w3: Web3 | None = None, rpc_timeout: float = rpc.DEFAULT_DEADLINE) -> None:
+        if isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, (int, float)) or not rpc_timeout > 0:
+            raise ConfigError(f"rpc_timeout must be a number of seconds > 0, got {rpc_timeout!r}")
+        self.w3 = w3 or rpc.connect(rpc_url, deadline=rpc_timeout)
         self._chain_id: int | None = None
         self._domains: dict[str, TokenDomain] = {}
         self._genuine: set[tuple[int, str]] = set()
@@ -237,6 +280,8 @@ class PaymentCore:
     PaymentPolicy hook, or None (pay every offer; the ledger still records every payment).
     `task` names the budget a payment counts against (a request can override it with the
     `x402_task` extension); `validator` checks delivered bodies (override: `x402_validator`).
+    `rpc_timeout` bounds every chain call (BuyerChain); `resend` says how a 503 of the seller's own
+    side is answered (ResendPolicy).
     """
 
     def __init__(
@@ -249,9 +294,14 @@ class PaymentCore:
         task: str = "default",
         validator: Validator | None = None,
         w3: Web3 | None = None,
+        rpc_timeout: float = rpc.DEFAULT_DEADLINE,
+        resend: ResendPolicy | None = None,
     ) -> None:
+        if resend is not None and not isinstance(resend, ResendPolicy):
+            raise ConfigError(f"resend must be a ResendPolicy, got {resend!r}")
         self.signer = signer
-        self.chain = BuyerChain(rpc_url, w3=w3)
+        self.resend = resend if resend is not None else ResendPolicy()
+        self.chain = BuyerChain(rpc_url, w3=w3, rpc_timeout=rpc_timeout)
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.rules: Policy | None = policy if isinstance(policy, Policy) else None
         self.hook: PaymentPolicy | None = None if policy is None or isinstance(policy, Policy) else policy
@@ -379,7 +429,9 @@ class PaymentCore:
         expected = request_hash(request.method, hashed, body)
         if expected != req.extra.request_hash:
             raise RequestHashMismatch(expected, req.extra.request_hash, request.method, hashed)
+        signing = time.monotonic()  # no later than the chain time the window is counted from
         terms, authorization, signature = self.sign(req, expected, request)
+        window = authorization.valid_before - (terms.deadline - req.max_timeout_seconds)
         payload = PaymentPayload(
             x402_version=X402_VERSION,
             resource=offer.required.resource,
@@ -400,7 +452,8 @@ class PaymentCore:
             valid_before=authorization.valid_before,
             payment_header=header,
         )
-        return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, header)
+        resend_until = signing + window - self.resend.margin
+        return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, header, resend_until)
 
     def record_payment(self, **fields: Any) -> None:
         """journal.record, releasing the reservation if the row could not be written (the header is never sent)."""
@@ -409,6 +462,23 @@ class PaymentCore:
         except BaseException:
             self.journal.cancel_reservation(fields["escrow_id"])
             raise
+
+    def resend_after(self, prepared: Prepared, response: httpx.Response, resent: int) -> float | None:
+        """After this answer to the paid request, the seconds to wait before sending the same request (same
+        PAYMENT-SIGNATURE) again, the resend journaled; None: the answer is final, `settle` judges it.
+
+        Only the seller's own 503 (wire.Unavailable) is resent, within the ResendPolicy.
+        """
+        unavailable = Unavailable.decode(response.status_code, response.headers, response.content)
+        if unavailable is None:
+            return None
+        time_left = prepared.resend_until - time.monotonic()
+        wait = self.resend.next_wait(unavailable.retry_after, resent=resent, time_left=time_left)
+        if wait is not None:
+            self.journal.record_resend(
+                prepared.escrow_id, resent + 1, unavailable.reason, unavailable.retry_after, wait
+            )
+        return wait
 
     def settle(self, prepared: Prepared, response: httpx.Response) -> None:
         """Judge the answer to the paid request: returns if the body is the one paid for, else raises."""
@@ -443,8 +513,20 @@ def judge_response(
 
     value = response.headers.get(PAYMENT_RESPONSE_HEADER)
     if value is None:
-        reason = _refusal_reason(response)
+        unavailable = Unavailable.decode(response.status_code, response.headers, response.content)
+        reason = unavailable.reason.value if unavailable is not None else _refusal_reason(response)
         state = chain_state(f"the seller answered {response.status_code} ({reason})")
+        if state is State.NONE and unavailable is not None and unavailable.reason in DEPOSIT_MAY_BE_PENDING:
+            # Not deposited when checked, but the seller may have sent the deposit: it can still land.
+            detail = f"{response.status_code} {reason}: a deposit may be pending"
+            journal.update(escrow_id, PaymentState.SIGNED, detail=detail)
+            raise PaymentNotDelivered(
+                escrow_id,
+                terms.deadline,
+                f"the seller answered {response.status_code} ({reason}: {unavailable.message}) and the escrow "
+                f"was not deposited when checked; a deposit the seller sent may still land before {valid_before}",
+                escrow=escrow,
+            )
         if state is State.NONE:
             journal.update(escrow_id, PaymentState.REJECTED, detail=f"{response.status_code} {reason}")
             raise PaymentRejected(escrow_id, reason, response.status_code, valid_before)

@@ -263,6 +263,20 @@ class Journal:
                 fields["txHash"] = "0x" + tx_hash.hex()
             self.audit.write("state", escrow_id, fields)
 
+    def record_resend(self, escrow_id: bytes, attempt: int, reason: str, retry_after: int, wait: float) -> None:
+        """The same signed payment is about to be sent again after a 503 of the seller's (`reason`): noted in
+        the payment's detail (its state stays what it was) and as a `resend` record of the audit trail."""
+        detail = f"resend {attempt} after 503 {reason} (Retry-After {retry_after}s, waiting {wait:g}s)"
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE payments SET detail = ?, updated_at = ? WHERE escrow_id = ?", (detail, time.time(), escrow_id)
+            )
+            if cursor.rowcount != 1:
+                raise KeyError(f"escrow 0x{escrow_id.hex()} is not in the journal {self.path}")
+        if self.audit is not None:
+            fields = {"attempt": attempt, "reason": reason, "retryAfter": retry_after, "wait": wait}
+            self.audit.write("resend", escrow_id, fields)
+
     def get(self, escrow_id: bytes) -> JournalEntry | None:
         query = f"SELECT {_COLUMNS} FROM payments WHERE escrow_id = ?"  # noqa: S608 - constant column list
         rows = self._read(query, (escrow_id,))

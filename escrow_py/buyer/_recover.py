@@ -16,6 +16,7 @@ from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.failures import typed_chain_errors
+from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import TxSender
 from escrow_py.errors import ChainError, ProtocolError
@@ -269,6 +270,7 @@ def recover(
     refund_expired: bool = True,
     transport: httpx.BaseTransport | None = None,
     w3: Web3 | None = None,
+    rpc_timeout: float = DEFAULT_DEADLINE,
 ) -> RecoveryReport:
     """Finish every unfinished payment in the journal file, in a fresh process if need be.
 
@@ -277,9 +279,10 @@ def recover(
     time, replay; Held past the deadline, refund from the buyer's key (or, with
     refund_expired=False, leave it to the keeper); Refunded, record it; never
     deposited and the authorization expired, mark it void. A chain that cannot be read
-    raises a ChainError (RpcError) naming what was being read; what was settled before stays journaled.
+    (each call bounded by `rpc_timeout` seconds) raises a ChainError (RpcError) naming what was
+    being read; what was settled before stays journaled.
     """
-    core = PaymentCore(signer, rpc_url, journal, w3=w3)
+    core = PaymentCore(signer, rpc_url, journal, w3=w3, rpc_timeout=rpc_timeout)
     try:
         with httpx.Client(transport=transport) as http:
             return recover_with(core, http, refund_expired=refund_expired)
@@ -295,9 +298,10 @@ async def arecover(
     refund_expired: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
     w3: Web3 | None = None,
+    rpc_timeout: float = DEFAULT_DEADLINE,
 ) -> RecoveryReport:
     """The async form of recover(); replays go through `transport` (e.g. httpx.ASGITransport)."""
-    core = PaymentCore(signer, rpc_url, journal, w3=w3)
+    core = PaymentCore(signer, rpc_url, journal, w3=w3, rpc_timeout=rpc_timeout)
     try:
         async with httpx.AsyncClient(transport=transport) as http:
             return await arecover_with(core, http, refund_expired=refund_expired)

@@ -25,6 +25,7 @@ from escrow_py.buyer._core import PaymentCore, PaymentPolicy, judge_response
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import Policy
+from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ProtocolError
 from escrow_py.wire import (
@@ -55,9 +56,10 @@ class DeliveryEscrowScheme:
         policy: Policy | PaymentPolicy | None = None,
         task: str = "default",
         w3: Web3 | None = None,
+        rpc_timeout: float = DEFAULT_DEADLINE,
     ) -> None:
         # The SDK never shows the plugin the request: a Policy with a host allowlist denies (host_unknown).
-        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, w3=w3)
+        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, w3=w3, rpc_timeout=rpc_timeout)
 
     def create_payment_payload(self, requirements: PaymentRequirements) -> dict[str, Any]:
         """Sign the requirements (after the same checks as EscrowClient: genuine escrow, network, token,

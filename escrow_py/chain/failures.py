@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from web3.exceptions import BadFunctionCallOutput, Web3Exception
 
 from escrow_py.chain.tx import revert_from_exception
-from escrow_py.errors import ChainError, EscrowError, RpcError
+from escrow_py.errors import ChainError, EscrowError, RpcError, RpcTimeout
 
 # What a chain read can raise besides our own errors: transport errors are OSError (requests'
 # RequestException included, InvalidSchema too), web3's own derive from Web3Exception, and web3
@@ -45,7 +45,10 @@ def typed_chain_errors(what: str) -> Iterator[None]:
     """Re-raise any chain failure inside the block as a ChainError (the original as its __cause__)."""
     try:
         yield
-    except EscrowError:
+    except EscrowError as exc:
+        if type(exc) in (RpcError, RpcTimeout):
+            # The transport's own (rpc.DeadlineHTTPProvider) names the JSON-RPC method, not what it was for.
+            raise type(exc)(f"{what}: {exc}") from exc
         raise
     except CHAIN_FAILURES as exc:
         raise as_chain_error(exc, what) from exc

@@ -84,6 +84,8 @@ def request(w3: Web3, method: str, params: list[Any]) -> Any:
     """One JSON-RPC request; its `result`, or RpcError carrying the node's error object."""
     try:
         response = w3.provider.make_request(RPCEndpoint(method), params)
+    except RpcError:
+        raise  # DeadlineHTTPProvider's own, already typed (an RpcTimeout is an OSError too: keep it one)
     except OSError as exc:
         raise RpcError(f"{method} failed: {exc}") from exc
     error = response.get("error")

@@ -38,8 +38,12 @@ class SellerChain:
         """The chain's clock as the deposit will meet it: the next block's timestamp."""
         return next_block_time(self.w3)
 
-    def state_of(self, escrow_id: bytes) -> State:
-        return self.escrow.state_of(escrow_id)
+    def state_of(self, escrow_id: bytes, *, block: str | int = "latest") -> State:
+        return self.escrow.state_of(escrow_id, block=block)
+
+    def block_time(self, number: int) -> int:
+        """The timestamp of block `number`: the clock a transaction mined in it was judged by."""
+        return int(str(rpc.request(self.w3, "eth_getBlockByNumber", [hex(number), False])["timestamp"]), 16)
 
     def _transact(self, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> TxReceipt:
         config = self.config

@@ -32,17 +32,30 @@ from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
-from escrow_py.seller._store import DEPOSITING, POSTED, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._store import (
+    DEPOSITING,
+    EXPIRED,
+    POSTED,
+    REFUND_PENDING,
+    REFUNDED,
+    REFUNDED_ON_CHAIN,
+    SETTLED_ELSEWHERE,
+    Payment,
+    SellerStore,
+    StoredResponse,
+)
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 from escrow_py.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
+    UNAVAILABLE_STATUS,
     EscrowPayload,
     EscrowRequirements,
     Reason,
     SettlementExtra,
+    Unavailable,
     decode_payment_signature,
     encode_payment_required,
     encode_payment_response,
@@ -56,6 +69,10 @@ _T = TypeVar("_T")
 
 # Seconds a client should wait before sending the payment again after a 503 chain_unavailable.
 CHAIN_RETRY_AFTER = 2
+
+# PAYMENT-RESPONSE `state` of a served payment by its delivery's status: what the chain says as far as
+# the seller knows (pending and expired deliveries leave the escrow Held).
+_DELIVERY_STATE = {POSTED: "released", SETTLED_ELSEWHERE: "released", REFUNDED_ON_CHAIN: "refunded"}
 
 _SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
@@ -435,7 +452,7 @@ class EscrowMiddleware:
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         terms = payment.terms
-        if payment.status in (REFUNDED, "refund_pending"):
+        if payment.status in (REFUNDED, REFUND_PENDING):
             extra = SettlementExtra(
                 escrow_id=payment.escrow_id,
                 deadline=terms.deadline,
@@ -445,15 +462,28 @@ class EscrowMiddleware:
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         else:
             record = await _blocking(self.store.delivery, payment.escrow_id)
+            state = _DELIVERY_STATE.get(record.status, "held") if record is not None else "held"
+            if record is not None and record.status == EXPIRED:
+                state = await self._expired_state(payment.escrow_id)
             extra = SettlementExtra(
                 escrow_id=payment.escrow_id,
                 deadline=terms.deadline,
                 delivery_hash=delivery_hash(response.body),
                 delivery_transaction=record.tx_hash if record else None,
-                state="released" if record is not None and record.status == POSTED else "held",
+                state=state,
             )
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
         await self._send_response(send, response, settle)
+
+    async def _expired_state(self, escrow_id: bytes) -> str:
+        """The PAYMENT-RESPONSE state of an escrow whose delivery expired: it stays Held until the buyer's
+        refund (a keeper, recover()), so the chain is asked; if it cannot answer, the stored reply still goes."""
+        try:
+            onchain = await _blocking(self.chain.state_of, escrow_id)
+        except (EscrowError, OSError, Web3Exception) as exc:
+            log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
+            return "held"
+        return {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held")
 
     # -- the wrapped handler ---------------------------------------------------------------
 
@@ -625,14 +655,14 @@ async def _send_plain(send: Send, status: int, body: bytes) -> None:
 
 async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
     """503 with Retry-After: `{"error": reason, "message": ...}`; no new offer (the same payment is to be resent)."""
-    body = json.dumps({"error": str(unavailable.reason), "message": unavailable.public}).encode()
+    body = Unavailable(unavailable.reason, unavailable.public, unavailable.retry_after).body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
         (b"retry-after", str(unavailable.retry_after).encode()),
     ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.start", "status": UNAVAILABLE_STATUS, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

@@ -2,9 +2,15 @@
 
 Everything it needs is in the store, so a new poster on the same file (after a
 restart) picks up where the last one stopped. An entry whose deadline has
-passed is never posted (the contract would revert the whole batch, and the
-escrow now belongs to the buyer's refund); an entry found settled on chain is
-closed without a transaction.
+passed is never posted (the escrow now belongs to the buyer's refund); an entry
+found settled on chain is closed without a transaction.
+
+A delivery is `posted` only if its `Delivered` event is in our deliverMany's
+receipt. The contract skips an entry that is no longer Held or past its deadline,
+and puts back to Held (with `PayoutFailed`) the entries whose payout the token
+refused; for those the escrow's state at the receipt's block says what they
+became: released by someone else (`settled`), `refunded`, `expired`, or, when the
+payout was refused, still `pending`, tried again with backoff until the deadline.
 
 A posted delivery is followed until its transaction is `confirmation_depth`
 blocks deep: if a reorg takes it away while the escrow is Held again, it goes
@@ -27,32 +33,69 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 from web3.exceptions import Web3Exception
+from web3.types import TxReceipt
 
+from escrow_py.chain.escrow import Delivered, PayoutFailed
 from escrow_py.errors import EscrowError
 from escrow_py.seller._chain import SellerChain
-from escrow_py.seller._store import EXPIRED, POSTED, SETTLED_ELSEWHERE, SellerStore
+from escrow_py.seller._store import (
+    EXPIRED,
+    PENDING,
+    POSTED,
+    REFUNDED_ON_CHAIN,
+    SETTLED_ELSEWHERE,
+    PendingDelivery,
+    SellerStore,
+)
 from escrow_py.terms import State, Terms
 
 log = logging.getLogger("escrow_py.seller.poster")
 sales = logging.getLogger("escrow_py.seller.sales")
 
-# A delivery mined at or after the deadline reverts: leave the next block room.
+# A delivery mined at or after the deadline is skipped: leave the next block room.
 DEADLINE_MARGIN = 2
 BATCH_SIZE = 50
+# A delivery the token refused to pay out is tried again after 1, 2, 4, ... seconds, at most a minute apart.
+RETRY_FIRST = 1.0
+RETRY_CAP = 60.0
 
 
 @dataclass
 class PostReport:
     """What one pass did."""
 
-    posted: list[bytes] = field(default_factory=list)
+    posted: list[bytes] = field(default_factory=list)  # delivered by our transaction: its Delivered event
     tx_hash: bytes | None = None
     reposted: list[bytes] = field(default_factory=list)  # their delivery transaction vanished in a reorg
     final: list[bytes] = field(default_factory=list)  # their delivery is confirmation_depth blocks deep
-    expired: list[bytes] = field(default_factory=list)
-    settled: list[bytes] = field(default_factory=list)
-    refunded: list[bytes] = field(default_factory=list)
+    expired: list[bytes] = field(default_factory=list)  # still Held at their deadline: the buyer's to refund
+    settled: list[bytes] = field(default_factory=list)  # found Released by another transaction
+    refunded_elsewhere: list[bytes] = field(default_factory=list)  # found Refunded (not by this pass)
+    payout_refused: list[bytes] = field(default_factory=list)  # the token refused the payout: retried later
+    deferred: list[bytes] = field(default_factory=list)  # Held, not delivered, no reason seen: retried later
+    refunded: list[bytes] = field(default_factory=list)  # failed handlers' refunds this pass sent
     errors: list[str] = field(default_factory=list)
+
+
+def undelivered_outcome(state: State, deadline: int, chain_time: int, payout_refused: bool) -> str:
+    """The delivery status of an entry that was not delivered, from its escrow's `state` at `chain_time`.
+
+    Released: someone else delivered it. Refunded: recorded as such. Held at or past its
+    deadline: expired (the contract skips it; the buyer's refund is due). Held otherwise (its
+    payout refused, or a deposit a reorg removed for now): still pending, retried later.
+    """
+    if state == State.RELEASED:
+        return SETTLED_ELSEWHERE
+    if state == State.REFUNDED:
+        return REFUNDED_ON_CHAIN
+    if deadline <= chain_time:
+        return EXPIRED
+    return PENDING
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before a delivery that did not go through is tried again, after `attempts` earlier tries."""
+    return float(min(RETRY_CAP, RETRY_FIRST * 2 ** min(attempts, 16)))
 
 
 def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes | None) -> None:
@@ -89,22 +132,19 @@ class DeliveryPoster:
         self._follow_posted(report)
         self._retry_refunds(report)
         while True:
+            now = self.chain.now()
+            # Past (or too close to) its deadline, a delivery would be skipped: the escrow is the buyer's now.
+            report.expired.extend(self.store.expire_pending(now + DEADLINE_MARGIN))
             pending = self.store.pending_deliveries(BATCH_SIZE)
             if not pending:
                 return report
-            now = self.chain.now()
-            batch, expired, settled = [], [], []
+            batch: list[PendingDelivery] = []
             for entry in pending:
-                if entry.terms.deadline <= now + DEADLINE_MARGIN:
-                    expired.append(entry.escrow_id)
-                elif self.chain.state_of(entry.escrow_id) == State.HELD:
+                state = self.chain.state_of(entry.escrow_id)
+                if state == State.HELD:
                     batch.append(entry)
                 else:
-                    settled.append(entry.escrow_id)
-            self.store.mark_deliveries(expired, EXPIRED)
-            self.store.mark_deliveries(settled, SETTLED_ELSEWHERE)
-            report.expired.extend(expired)
-            report.settled.extend(settled)
+                    self._record_undelivered(report, entry, state, now, payout_refused=None)
             if not batch:
                 continue
             ids = [e.escrow_id for e in batch]
@@ -116,19 +156,81 @@ class DeliveryPoster:
                 self.store.note_attempt(ids, str(exc))
                 report.errors.append(str(exc))
                 return report
-            tx_hash = bytes(receipt["transactionHash"])
-            self.store.mark_deliveries(ids, POSTED, tx_hash)
-            report.posted.extend(ids)
-            report.tx_hash = tx_hash
-            for entry in batch:
-                log_sale(
-                    "delivered",
-                    entry.escrow_id,
-                    entry.terms,
-                    route=entry.route,
-                    deposit_tx=entry.deposit_tx,
-                    delivery_tx=tx_hash,
+            self._judge_receipt(report, batch, receipt)
+
+    def _judge_receipt(self, report: PostReport, batch: list[PendingDelivery], receipt: TxReceipt) -> None:
+        """Mark posted what our transaction delivered (its Delivered event is in the receipt); find out why not
+        for the rest: the contract skips an entry that is no longer Held or past its deadline, and puts one
+        whose payout the token refused back to Held."""
+        tx_hash = bytes(receipt["transactionHash"])
+        delivered = {e.id for e in self.chain.escrow.events_in(receipt) if isinstance(e, Delivered)}
+        posted = [e for e in batch if e.escrow_id in delivered]
+        self.store.mark_deliveries([e.escrow_id for e in posted], POSTED, tx_hash)
+        report.posted.extend(e.escrow_id for e in posted)
+        report.tx_hash = tx_hash
+        for entry in posted:
+            log_sale(
+                "delivered",
+                entry.escrow_id,
+                entry.terms,
+                route=entry.route,
+                deposit_tx=entry.deposit_tx,
+                delivery_tx=tx_hash,
+            )
+        missed = [e for e in batch if e.escrow_id not in delivered]
+        if not missed:
+            return
+        block = int(receipt["blockNumber"])
+        block_time = self.chain.block_time(block)
+        refused = self.chain.escrow.payout_failures_in(receipt)
+        for entry in missed:
+            failure = next((f for f in refused if (f.token, f.to) == (entry.terms.token, entry.terms.seller)), None)
+            # The state as the transaction left it: what it skipped, or what it put back.
+            state = self.chain.state_of(entry.escrow_id, block=block)
+            self._record_undelivered(report, entry, state, block_time, payout_refused=failure, tx_hash=tx_hash)
+
+    def _record_undelivered(
+        self,
+        report: PostReport,
+        entry: PendingDelivery,
+        state: State,
+        chain_time: int,
+        *,
+        payout_refused: PayoutFailed | None,
+        tx_hash: bytes | None = None,
+    ) -> None:
+        """Record why `entry` was not delivered (found `state` at `chain_time`): settled, refunded, expired,
+        or kept pending and retried later with backoff."""
+        escrow_id, terms = entry.escrow_id, entry.terms
+        shown = f"0x{escrow_id.hex()}" + (f" (deliverMany 0x{tx_hash.hex()})" if tx_hash else "")
+        outcome = undelivered_outcome(state, terms.deadline, chain_time, payout_refused is not None)
+        if outcome == SETTLED_ELSEWHERE:
+            self.store.mark_deliveries([escrow_id], SETTLED_ELSEWHERE)
+            report.settled.append(escrow_id)
+            log.info("delivery of %s: already released by another transaction", shown)
+        elif outcome == REFUNDED_ON_CHAIN:
+            self.store.mark_deliveries([escrow_id], REFUNDED_ON_CHAIN)
+            report.refunded_elsewhere.append(escrow_id)
+            log.warning("delivery of %s: the escrow was refunded to buyer %s instead", shown, terms.buyer)
+        elif outcome == EXPIRED:
+            self.store.mark_deliveries([escrow_id], EXPIRED)
+            report.expired.append(escrow_id)
+            log.warning("delivery of %s: deadline %d passed before it landed; refundable", shown, terms.deadline)
+        else:
+            delay = retry_delay(entry.attempts)
+            if payout_refused is not None:
+                why = (
+                    f"the token refused the payout (PayoutFailed token={payout_refused.token} "
+                    f"to={payout_refused.to} amount={payout_refused.amount}); the escrow is Held again"
                 )
+                report.payout_refused.append(escrow_id)
+            else:
+                why = f"the escrow is {state.name} on chain"
+                report.deferred.append(escrow_id)
+            self.store.defer([(escrow_id, delay)], why)
+            log.warning(
+                "delivery of %s not made: %s; retried in %.0fs, until deadline %d", shown, why, delay, terms.deadline
+            )
 
     def _follow_posted(self, report: PostReport) -> None:
         """Posted deliveries until they are deep enough: one a reorg took away is queued again."""
@@ -140,10 +242,14 @@ class DeliveryPoster:
         if not posted:
             return
         head = int(self.chain.w3.eth.block_number)
-        final, again = [], []
+        final, again, refunded = [], [], []
+        receipts: dict[bytes, TxReceipt | None] = {}
         for entry in posted:
-            receipt = self.chain.sender.receipt(entry.tx_hash)
-            if receipt is not None and receipt["status"] == 1:
+            if entry.tx_hash not in receipts:
+                receipts[entry.tx_hash] = self.chain.sender.receipt(entry.tx_hash)
+            receipt = receipts[entry.tx_hash]
+            # Mined again after a reorg, the same transaction may now have skipped this entry.
+            if receipt is not None and receipt["status"] == 1 and self._delivered_in(receipt, entry.escrow_id):
                 if head - int(receipt["blockNumber"]) + 1 >= depth:
                     final.append(entry.escrow_id)
                 continue
@@ -151,7 +257,7 @@ class DeliveryPoster:
             if state == State.HELD:
                 again.append(entry.escrow_id)
                 log.warning(
-                    "delivery of 0x%s: its transaction 0x%s is no longer on chain (a reorg); sending it again",
+                    "delivery of 0x%s: its transaction 0x%s no longer delivers it (a reorg); sending it again",
                     entry.escrow_id.hex(),
                     entry.tx_hash.hex(),
                 )
@@ -162,12 +268,20 @@ class DeliveryPoster:
                     "escrow 0x%s: its deposit and delivery vanished in a reorg; the response was served unpaid",
                     entry.escrow_id.hex(),
                 )
+            elif state == State.REFUNDED:
+                refunded.append(entry.escrow_id)
+                log.warning("escrow 0x%s: its delivery vanished in a reorg and it was refunded", entry.escrow_id.hex())
             else:
-                final.append(entry.escrow_id)  # settled by another transaction: nothing left to follow
+                final.append(entry.escrow_id)  # released by another transaction: nothing left to follow
         self.store.mark_final(final)
+        self.store.mark_deliveries(refunded, REFUNDED_ON_CHAIN, was=POSTED)
         self.store.repost(again, "its transaction vanished in a reorg")
         report.final.extend(final)
         report.reposted.extend(again)
+        report.refunded_elsewhere.extend(refunded)
+
+    def _delivered_in(self, receipt: TxReceipt, escrow_id: bytes) -> bool:
+        return any(isinstance(e, Delivered) and e.id == escrow_id for e in self.chain.escrow.events_in(receipt))
 
     def _retry_refunds(self, report: PostReport) -> None:
         for escrow_id, terms in self.store.refunds_pending():

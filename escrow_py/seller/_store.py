@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     escrow_id TEXT PRIMARY KEY REFERENCES payments (escrow_id), terms TEXT NOT NULL,
     delivery_hash TEXT NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
     tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at REAL NOT NULL,
-    final INTEGER NOT NULL DEFAULT 0
+    final INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline);
 """
@@ -38,7 +38,7 @@ CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline);
 # Columns added since the first schema: a store file written by an older version gets them on open.
 _ADDED_COLUMNS = {
     "payments": {"route": "TEXT"},
-    "deliveries": {"final": "INTEGER NOT NULL DEFAULT 0"},
+    "deliveries": {"final": "INTEGER NOT NULL DEFAULT 0", "retry_at": "REAL NOT NULL DEFAULT 0"},
 }
 
 # Payment statuses.
@@ -48,11 +48,13 @@ SERVED = "served"  # response stored, delivery queued
 REFUNDED = "refunded"  # handler failed, refund confirmed
 REFUND_PENDING = "refund_pending"  # handler failed, refund not (yet) confirmed
 
-# Delivery statuses.
-PENDING = "pending"
+# Delivery statuses. Only `posted` means our own transaction delivered it (its Delivered event
+# is in our receipt); the others say why it never will be.
+PENDING = "pending"  # to post; `retry_at` (wall clock) holds it back after a refused payout
 POSTED = "posted"
-EXPIRED = "expired"  # deadline passed before it could be posted: the escrow is refundable
-SETTLED_ELSEWHERE = "settled"  # found settled on chain by someone else (or a lost receipt)
+EXPIRED = "expired"  # still Held when its deadline passed: the escrow is the buyer's to refund
+SETTLED_ELSEWHERE = "settled"  # found Released by another transaction (another poster, the seller's own key)
+REFUNDED_ON_CHAIN = "refunded"  # found Refunded (an early refund by the seller's side, or a keeper)
 
 
 def _hex(value: bytes | None) -> str | None:
@@ -88,6 +90,7 @@ class PendingDelivery:
     delivery_hash: bytes
     route: str | None = None  # "GET /report/{item}": the priced route it was sold on
     deposit_tx: bytes | None = None
+    attempts: int = 0  # transactions that tried and did not deliver it
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,16 +237,42 @@ class SellerStore:
         return [(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t))) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
+        """Pending deliveries due now (not held back by `defer`), earliest deadline first."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx FROM deliveries d "
-                "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? ORDER BY d.deadline LIMIT ?",
-                (PENDING, limit),
+                "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx, d.attempts FROM deliveries d "
+                "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? AND d.retry_at <= ? "
+                "ORDER BY d.deadline LIMIT ?",
+                (PENDING, time.time(), limit),
             ).fetchall()
         return [
-            PendingDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]), r, _unhex(d))
-            for i, t, h, r, d in rows
+            PendingDelivery(
+                bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]), r, _unhex(d), int(n)
+            )
+            for i, t, h, r, d, n in rows
         ]
+
+    def expire_pending(self, chain_time: int) -> list[bytes]:
+        """Mark expired every pending delivery whose deadline is at or before `chain_time`, held back or not."""
+        with self._lock, transaction(self._conn):
+            rows = self._conn.execute(
+                "SELECT escrow_id FROM deliveries WHERE status = ? AND deadline <= ?", (PENDING, chain_time)
+            ).fetchall()
+            self._conn.executemany(
+                "UPDATE deliveries SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
+                [(EXPIRED, time.time(), i, PENDING) for (i,) in rows],
+            )
+        return [bytes.fromhex(i[2:]) for (i,) in rows]
+
+    def defer(self, delays: list[tuple[bytes, float]], error: str) -> None:
+        """Keep these deliveries pending, each held back for its delay in seconds; counted as an attempt."""
+        now = time.time()
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, retry_at = ?, updated_at = ? "
+                "WHERE escrow_id = ? AND status = ?",
+                [(error[:500], now + delay, now, _hex(i), PENDING) for i, delay in delays],
+            )
 
     def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
         """Posted deliveries not yet `final` (deep enough): a reorg may still take their transaction away."""
@@ -283,13 +312,16 @@ class SellerStore:
             return None
         return DeliveryRecord(row[0], bytes.fromhex(row[1][2:]), _unhex(row[2]))
 
-    def mark_deliveries(self, ids: list[bytes], status: str, tx_hash: bytes | None = None) -> None:
+    def mark_deliveries(
+        self, ids: list[bytes], status: str, tx_hash: bytes | None = None, *, was: str = PENDING
+    ) -> None:
+        """Move deliveries that are in status `was` to `status` (a row in any other status is left alone)."""
         now = time.time()
         with self._lock, transaction(self._conn):
             self._conn.executemany(
                 "UPDATE deliveries SET status = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                [(status, _hex(tx_hash), now, _hex(i), PENDING) for i in ids],
+                [(status, _hex(tx_hash), now, _hex(i), was) for i in ids],
             )
 
     def note_attempt(self, ids: list[bytes], error: str) -> None:

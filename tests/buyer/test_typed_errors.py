@@ -8,6 +8,8 @@ that goes away or answers errors after the paid request left (a proxy in front o
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,7 @@ import pytest
 from conftest import Chain
 from eth_utils.address import to_checksum_address
 from helpers import BUYER, STRANGER, address, dev
+from rpc_proxy import RpcProxy
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
@@ -32,14 +35,13 @@ from escrow_py.buyer import (
     recover,
 )
 from escrow_py.chain.anvil import free_port
-from escrow_py.chain.rpc import NodeError
+from escrow_py.chain.rpc import DEFAULT_DEADLINE, NodeError
 from escrow_py.chain.token import Token
-from escrow_py.errors import ChainError, RpcError
+from escrow_py.errors import ChainError, ConfigError, RpcError, RpcTimeout
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
 from .conftest import PRICE, Shop, serving
-from .rpc_proxy import RpcProxy
 from .thief import NETWORK, Thief
 
 FORMS = ["EscrowClient", "DeliveryEscrowScheme"]
@@ -86,6 +88,46 @@ def test_an_rpc_that_cannot_be_used_refuses_before_signing(
     _nothing_happened(chain, journal, before)
 
 
+@pytest.mark.parametrize("rpc_timeout", [None, 1.0])
+def test_a_node_that_never_answers_refuses_before_signing_within_the_deadline(
+    chain: Chain, served: str, shop: Shop, tmp_path: Path, rpc_timeout: float | None
+) -> None:
+    # main: a bare HTTPProvider with a 30 s timeout per attempt that web3 retries: minutes, then a raw error.
+    journal = tmp_path / "buyer.sqlite"
+    before = chain.token.balance_of(address(BUYER))
+    deadline = DEFAULT_DEADLINE if rpc_timeout is None else rpc_timeout
+    settings = {} if rpc_timeout is None else {"rpc_timeout": rpc_timeout}
+    outcome: list[BaseException] = []
+    with RpcProxy(chain.node.url) as proxy:
+        proxy.mode = "blackhole"  # accepts the connection, reads the call, never answers
+
+        def attempt() -> None:
+            try:
+                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:
+                    client.get(f"{served}/report/hung")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        began = time.monotonic()
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(deadline + 20)
+        took = time.monotonic() - began
+        assert not worker.is_alive(), f"the buyer still waits for a silent node after {took:.0f}s"
+    (error,) = outcome
+    assert isinstance(error, ChainUnavailable), repr(error)
+    assert isinstance(error.__cause__, RpcTimeout) and "reading the chain id" in str(error)
+    assert took < deadline + 10, f"{took:.1f}s for a {deadline:g}s deadline"
+    assert shop.calls == {}
+    _nothing_happened(chain, journal, before)
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, "5", True, None])
+def test_a_bad_rpc_timeout_is_refused_naming_the_setting(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ConfigError, match=f"rpc_timeout must be a number of seconds > 0, got {bad!r}"):
+        EscrowClient(dev(BUYER), "http://127.0.0.1:1", tmp_path / "buyer.sqlite", rpc_timeout=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("asset", ["no_code", "reverts"])
 def test_an_asset_that_does_not_answer_as_a_token_is_refused(
@@ -106,31 +148,42 @@ def test_an_asset_that_does_not_answer_as_a_token_is_refused(
     _nothing_happened(chain, journal, before)
 
 
-@pytest.mark.parametrize("fault", ["node_gone", "node_errors"])
+@pytest.mark.parametrize("fault", ["node_gone", "node_errors", "node_hangs"])
 def test_a_chain_failure_after_the_payment_left_names_the_escrow_and_the_money(
     chain: Chain, served: str, tmp_path: Path, fault: str
 ) -> None:
     # The seller deposits, its handler fails, it refunds; the buyer must then read the escrow's state
-    # and the node is gone (or answers errors). main: RpcError / NodeError, with no escrow id.
+    # and the node is gone (answers errors, or never answers). main: RpcError / NodeError, with no
+    # escrow id; and a node that hangs held the buyer for minutes (30 s per attempt, retried).
     journal = tmp_path / "buyer.sqlite"
+    failed_at: list[float] = []
     with RpcProxy(chain.node.url) as proxy:
 
         def after_each_response(response: httpx.Response) -> None:
             if PAYMENT_SIGNATURE_HEADER in response.request.headers:  # the paid request has left
-                proxy.stop() if fault == "node_gone" else proxy.answer_errors()
+                failed_at.append(time.monotonic())
+                if fault == "node_gone":
+                    proxy.stop()
+                elif fault == "node_errors":
+                    proxy.answer_errors()
+                else:
+                    proxy.mode = "blackhole"
 
         hooks = {"response": [after_each_response]}
         with (
-            EscrowClient(dev(BUYER), proxy.url, journal, event_hooks=hooks) as client,
+            EscrowClient(dev(BUYER), proxy.url, journal, rpc_timeout=1.0, event_hooks=hooks) as client,
             pytest.raises(PaymentNotDelivered) as lost,
         ):
             client.get(f"{served}/fail")
+        took = time.monotonic() - failed_at[0]
     (entry,) = Journal(journal).entries()
     error = lost.value
     assert (error.escrow_id, error.escrow) == (entry.escrow_id, chain.escrow.address)
     assert error.deadline == entry.terms.deadline
     assert "the escrow's state could not be read" in str(error) and str(entry.valid_before) in str(error)
-    assert isinstance(error.__cause__, NodeError if fault == "node_errors" else RpcError)
+    cause = {"node_gone": RpcError, "node_errors": NodeError, "node_hangs": RpcTimeout}[fault]
+    assert isinstance(error.__cause__, cause)
+    assert took < 1.0 + 5, f"the buyer waited {took:.1f}s for a failed node, its rpc_timeout is 1 s"
     assert entry.state is PaymentState.SIGNED  # journaled as no more than what is known
     # Where the money is, as the error says: the chain has it refunded; recover() records it.
     assert chain.escrow.state_of(entry.escrow_id) is State.REFUNDED

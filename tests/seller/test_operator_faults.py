@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ import httpx
 import pytest
 from conftest import Chain
 from eth_utils.crypto import keccak
-from helpers import OPERATOR, STRANGER, address, dev
+from helpers import OPERATOR, STRANGER, address, dev, no_automine, pending_of, rpc, until
 from rpc_proxy import RpcProxy
-from web3.types import RPCEndpoint
 
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
@@ -37,36 +35,6 @@ from escrow_py.wire import (
 
 from .conftest import Shop, deposits, make_shop, served, set_gas_money
 from .payer import Payment, buy, quote, sign_payment
-
-
-def _rpc(chain: Chain, method: str, params: list[Any]) -> Any:
-    return chain.w3.provider.make_request(RPCEndpoint(method), params).get("result")
-
-
-@contextmanager
-def no_automine(chain: Chain) -> Iterator[None]:
-    """Blocks only when the test mines them: a transaction stays pending as long as it likes."""
-    _rpc(chain, "evm_setAutomine", [False])
-    try:
-        yield
-    finally:
-        _rpc(chain, "evm_setAutomine", [True])
-        _rpc(chain, "evm_mine", [])
-
-
-def pending_of(chain: Chain, who: str) -> list[dict[str, Any]]:
-    """The node's pending transactions from `who`."""
-    pool = _rpc(chain, "txpool_content", [])["pending"]
-    by_sender = next((txs for sender, txs in pool.items() if sender.lower() == who.lower()), {})
-    return list(by_sender.values())
-
-
-def until(what: str, condition: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def _pay(url: str, path: str, payment: Payment) -> httpx.Response:
@@ -219,7 +187,7 @@ def test_a_stuck_deposit_is_repriced_and_the_repriced_one_is_mined(chain: Chain,
 
                     replacement = (await asyncio.to_thread(until, "a repriced deposit", repriced))[0]
                     assert int(replacement["nonce"], 16) == int(first[0]["nonce"], 16)
-                    _rpc(chain, "evm_mine", [])
+                    rpc(chain, "evm_mine", [])
                     response = await paid
                     assert response.status_code == 200, response.text
                     settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
@@ -288,7 +256,7 @@ def test_a_deposit_that_reverts_when_mined_gets_402_with_the_revert_and_is_logge
                     freezer = chain.sender(STRANGER)
                     signed = freezer.sign(token.address, _set_blocked(token, chain.escrow.address), gas=100_000)
                     freezer.broadcast(freezer.replace(signed, bump=4.0))
-                    _rpc(chain, "evm_mine", [])
+                    rpc(chain, "evm_mine", [])
                     return await paid
 
             response = asyncio.run(run())
