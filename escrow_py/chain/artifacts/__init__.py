@@ -12,8 +12,16 @@ from typing import Any
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent
 
-# The escrow, the USDC-like test token, and the hostile tokens the tests use.
-CONTRACTS = ("X402Escrow", "TestUSDC", "ReentrantToken", "FalseReturningToken", "BlockingToken")
+# The escrow, the USDC-like test token, the hostile tokens the tests use, and the keeper benchmark's minter.
+CONTRACTS = (
+    "X402Escrow",
+    "TestUSDC",
+    "ReentrantToken",
+    "FalseReturningToken",
+    "BlockingToken",
+    "GasPriceCheckingToken",
+    "BatchMinter",
+)
 
 
 @cache
