@@ -172,18 +172,24 @@ class Keeper:
         for attempt in attempts:
             status = statuses[attempt.tx_hash]
             if status in PENDING:
-                receipt = self._receipt(attempt.tx_hash) if new_block or status == "signed" else None
-                if receipt is not None:
-                    self._on_receipt(attempt, receipt, head, attempts=attempts, statuses=statuses, report=report)
-                    changed = True
-                    continue
-                if confirmed_nonce is None:
-                    confirmed_nonce = self._confirmed_nonce()
-                if attempt.nonce < confirmed_nonce:
-                    # Its nonce went to another transaction (a replacement of it, or one from elsewhere).
-                    self._set(attempt, "dropped", statuses)
-                    changed = True
-                elif status == "signed" and broadcast_ok:
+                # A receipt, or a nonce used up, can only appear with a new block.
+                if new_block or status == "signed":
+                    receipt = self._receipt(attempt.tx_hash)
+                    if receipt is None:
+                        if confirmed_nonce is None:
+                            confirmed_nonce = self._confirmed_nonce()
+                        if attempt.nonce < confirmed_nonce:
+                            receipt = self._receipt(attempt.tx_hash)  # it may have been mined in between
+                            if receipt is None:
+                                # Its nonce went to another transaction (a replacement of it, or one from elsewhere).
+                                self._set(attempt, "dropped", statuses)
+                                changed = True
+                                continue
+                    if receipt is not None:
+                        self._on_receipt(attempt, receipt, head, attempts=attempts, statuses=statuses, report=report)
+                        changed = True
+                        continue
+                if status == "signed" and broadcast_ok:
                     # Recorded but not (known to be) accepted: a crash or a failed broadcast. A replacement's
                     # escrows were counted as sent with the transaction it replaces.
                     replacement = any(statuses[a.tx_hash] == "replaced" and a.nonce == attempt.nonce for a in attempts)

@@ -88,7 +88,7 @@ IN_FLIGHT = (*PENDING, "mined")
 SIMULATION, SUSPECT, QUARANTINED = "simulation", "suspect", "quarantined"
 
 _TRACKED_SQL = (
-    "SELECT tx_hash, signer, escrow, ids, nonce, status, created_at, updated_at, block_number, block_hash, "  # noqa: S608 - marks
+    "SELECT tx_hash, signer, escrow, nonce, status, created_at, updated_at, block_number, block_hash, "  # noqa: S608 - marks
     f"refunded, gas_used FROM attempts WHERE status IN ({', '.join('?' * len(TRACKED))})"
 )
 
@@ -190,6 +190,7 @@ class KeeperStore:
     """SQLite by default; one file, safe for several keeper processes and signers."""
 
     def __init__(self, database: str) -> None:
+        self._ids: dict[str, tuple[bytes, ...]] = {}
         try:
             self.conn: sqlite3.Connection = open_sqlite(database)
             self._migrate()
@@ -387,12 +388,19 @@ class KeeperStore:
         if signer is not None:
             sql += " AND signer = ?"
             args.append(signer.lower())
-        rows = self.conn.execute(sql + " ORDER BY created_at", args)
+        rows = self.conn.execute(sql + " ORDER BY created_at", args).fetchall()
+        # An attempt's escrows never change: parsed once, kept while it is tracked (a batch of 250 ids is
+        # 17 kB of JSON, and a keeper follows its transactions every cycle until they are final).
+        self._ids = {r[0]: self._ids.get(r[0]) or self._read_ids(r[0]) for r in rows}
         return [
-            Attempt(_bytes(r[0]), r[1], r[2], tuple(bytes.fromhex(i[2:]) for i in json.loads(r[3])), int(r[4]), r[5],
-                    float(r[6]), float(r[7]), r[8], r[9], r[10], r[11])
+            Attempt(_bytes(r[0]), r[1], r[2], self._ids[r[0]], int(r[3]), r[4], float(r[5]), float(r[6]), r[7], r[8],
+                    r[9], r[10])
             for r in rows
         ]  # fmt: skip
+
+    def _read_ids(self, tx_hash: str) -> tuple[bytes, ...]:
+        (text,) = self.conn.execute("SELECT ids FROM attempts WHERE tx_hash = ?", (tx_hash,)).fetchone()
+        return tuple(bytes.fromhex(i[2:]) for i in json.loads(text))
 
     def attempt_tx(self, tx_hash: bytes) -> SentTx:
         """The signed transaction of an attempt, to broadcast it again or replace it."""

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,26 +122,34 @@ def test_json_rpc_error_objects_fail_cycles_not_the_process_and_readyz_says_so(c
     procs.append(start_keeper(chain, db, *args, rpc_url=proxy.url, stderr=subprocess.PIPE))
     supervisor = threading.Thread(target=supervise)
     supervisor.start()
+
+    def alive_and(condition: Callable[[], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            assert restarts == 0, f"the keeper died ({restarts} restarts by the supervisor)"
+            return condition()
+
+        return check
+
     try:
-        wait_until(lambda: _ready(port) == 200, "keeper up", 60)
+        wait_until(alive_and(lambda: _ready(port) == 200), "keeper up", 60)
         # Phase 1: the key's nonce cannot be read, so no refund can be signed, while escrows are due.
         proxy.fail("eth_getTransactionCount")
         batch = [make_terms(chain, window=60) for _ in range(3)]
         for terms in batch:
             deposit(chain, terms)
         chain.mine(batch[0].deadline)
-        wait_until(lambda: readyz(port) == 503, "readyz 503 after repeated failures")
+        wait_until(alive_and(lambda: _ready(port) == 503), "readyz 503 after repeated failures")
         failures = metric(scrape(port), "x402_keeper_cycle_failures_total")
         assert failures >= 3 and all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in batch)
         proxy.heal()
-        wait_until(lambda: all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in batch),
-                   "refunds once the node answers again")  # fmt: skip
-        wait_until(lambda: readyz(port) == 200, "ready again")
+        wait_until(alive_and(lambda: all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED
+                                         for t in batch)), "refunds once the node answers again")  # fmt: skip
+        wait_until(alive_and(lambda: _ready(port) == 200), "ready again")
         # Phase 2: the chain head cannot be read at all.
         proxy.fail("eth_blockNumber", "eth_getBlockByNumber")
-        wait_until(lambda: readyz(port) == 503, "readyz 503 while the head cannot be read")
+        wait_until(alive_and(lambda: _ready(port) == 503), "readyz 503 while the head cannot be read")
         proxy.heal()
-        wait_until(lambda: readyz(port) == 200, "ready again after the second outage")
+        wait_until(alive_and(lambda: _ready(port) == 200), "ready again after the second outage")
     finally:
         stop.set()
         supervisor.join(timeout=30)
