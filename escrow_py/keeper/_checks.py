@@ -8,17 +8,14 @@ An RPC that cannot be reached is an RpcError naming the URL.
 
 from __future__ import annotations
 
-import json
-
 from eth_utils.crypto import keccak
 from web3 import Web3
 
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
-from escrow_py.chain.registry import registry_path
 from escrow_py.errors import ConfigError, RpcError
 from escrow_py.keeper._batch import batch_gas
-from escrow_py.keeper._config import KeeperConfig
+from escrow_py.keeper._config import KeeperConfig, registry_entry
 
 
 def _hex_int(value: object, what: str) -> int:
@@ -33,17 +30,6 @@ def escrow_code_hash() -> bytes:
     return keccak(hexstr=load_artifact("X402Escrow")["deployedBytecode"])
 
 
-def _registered_escrow(network: str) -> str | None:
-    """The escrow address of the shipped deployment registry for `network`, if there is one."""
-    try:
-        path = registry_path(network)
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (ConfigError, OSError, ValueError):
-        return None
-    escrow = data.get("escrow") if isinstance(data, dict) else None
-    return escrow.lower() if isinstance(escrow, str) else None
-
-
 def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
     """Raise ConfigError (or RpcError) if this keeper could not refund anything as configured."""
     try:
@@ -56,7 +42,7 @@ def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
             f"chain id {chain_id}: set network = 'eip155:{chain_id}' or point rpc_url at the right chain"
         )
     expected = escrow_code_hash()
-    registered = _registered_escrow(config.network)
+    registered = str(registry_entry(config.network).get("escrow", "")).lower()
     for address in config.escrows:
         code = str(rpc.request(w3, "eth_getCode", [address, "latest"]))
         if code in ("0x", "", "0x0"):

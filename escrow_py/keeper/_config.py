@@ -226,8 +226,8 @@ class KeeperConfig:
         allowed = {t.lower() for t in self.tokens}
         if self.network in USDC:
             allowed.add(USDC[self.network].address.lower())
-        registered = _registry_token(self.network)
-        if registered is not None:
+        registered = registry_entry(self.network).get("token")
+        if isinstance(registered, str) and is_address(registered):
             allowed.add(registered.lower())
         return frozenset(allowed)
 
@@ -287,12 +287,11 @@ class KeeperConfig:
         )
 
 
-def _registry_token(network: str) -> str | None:
-    """The token recorded beside the escrow in the deployment registry for `network`, if any."""
+def registry_entry(network: str) -> dict[str, Any]:
+    """The shipped deployment registry's record for `network` (escrow, token, ...); empty if there is none."""
     try:
         path = registry_path(network)
         data = json.loads(path.read_text()) if path.is_file() else {}
     except (ConfigError, OSError, json.JSONDecodeError):
-        return None
-    token = data.get("token") if isinstance(data, dict) else None
-    return token if isinstance(token, str) and is_address(token) else None
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -115,6 +115,7 @@ class Keeper:
         self._batch_cap: int | None = None
         # Set when a cycle stopped sending early: the next one acts even without a new block.
         self._act_again = False
+        self._gauges_set = False  # the escrow and quarantine gauges are read from the store once, then on changes
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -148,9 +149,12 @@ class Keeper:
         for address, indexer in self.indexers.items():
             checkpoint, _, changed = indexer.sync(confirmed, hashes)
             done[address] = checkpoint
-            if changed:
+            if changed or not self._gauges_set:
                 for state, n in self.store.counts(address).items():
                     self.metrics.escrows.labels(state=state).set(n)
+        if not self._gauges_set:
+            self._set_quarantine_gauge()
+            self._gauges_set = True
         if done:
             self.metrics.last_indexed_block.set(min(done.values()))
         if report is not None:
@@ -379,9 +383,12 @@ class Keeper:
     def _quarantine(self, escrow: str, escrow_id: bytes, reason: str, report: CycleReport) -> None:
         self.store.quarantine(escrow, escrow_id, reason)
         self.metrics.quarantined.inc()
-        self.metrics.quarantined_open.set(sum(len(self.store.troubles(a, QUARANTINED)) for a in self.bindings))
+        self._set_quarantine_gauge()
         report.quarantined += 1
         log.warning("escrow 0x%s quarantined: %s", escrow_id.hex(), reason)
+
+    def _set_quarantine_gauge(self) -> None:
+        self.metrics.quarantined_open.set(sum(len(self.store.troubles(a, QUARANTINED)) for a in self.bindings))
 
     def _replace(self, attempt: Attempt, statuses: dict[bytes, str], report: CycleReport) -> bool:
         """Re-sign a stuck transaction with the same nonce and higher fees; False if its broadcast failed."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from hexbytes import HexBytes
+from prometheus_client import generate_latest
 
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
@@ -85,6 +86,10 @@ def test_restart_resumes_from_the_checkpoint(chain: Chain, tmp_path: Path) -> No
     assert second.store.checkpoint(chain.escrow.address) == checkpoint
     assert len(second.store.open_escrows(chain.escrow.address)) == 1
     assert second.run_once().indexed_to[chain.escrow.address] == checkpoint + 3
+    # Nothing new was indexed, yet the restarted keeper's gauges show what its store holds.
+    metrics = generate_latest(second.metrics.registry).decode()
+    assert 'x402_keeper_escrows{state="held"} 1.0' in metrics
+    assert "x402_keeper_quarantined_open 0.0" in metrics
 
 
 def test_a_reorg_that_removes_a_deposit_is_undone(chain: Chain, tmp_path: Path) -> None:

@@ -147,3 +147,26 @@ def test_act_on_a_stale_view_leaves_out_what_a_pending_transaction_covers(chain:
     assert refunds_by_id(chain) == {chain.escrow.id_of(t): 1 for t in batch}
     [receipt] = transactions_of(chain, KEEPER2)
     assert receipt["status"] == 1 and len(receipt["logs"]) >= 2  # type: ignore[arg-type]
+
+
+def test_a_standby_keeper_steps_in_only_for_what_the_active_one_left_after_its_delay(
+    chain: Chain, tmp_path: Path
+) -> None:
+    start = int(chain.w3.eth.block_number)
+    mine = [make_terms(chain, window=60, buyer=BUYER) for _ in range(2)]
+    left = [make_terms(chain, window=60, buyer=BUYER2) for _ in range(2)]  # the active keeper never gets to these
+    for terms in mine + left:
+        deposit(chain, terms)
+    deadline = mine[0].deadline
+    chain.mine(deadline)
+    active = make_keeper(chain, tmp_path / "active.sqlite", who=KEEPER, buyers=dev(BUYER).address)
+    standby = make_keeper(chain, tmp_path / "standby.sqlite", who=KEEPER2, standby_after=120)
+    assert standby.run_once().refunds_sent == 0  # at the deadline: the active keeper's turn
+    assert active.run_once().refunds_sent == 2
+    chain.mine(deadline + 119)
+    assert standby.run_once().refunds_sent == 0
+    chain.mine(deadline + 120)
+    assert standby.run_once().refunds_sent == 2
+    assert refunds_by_id(chain) == {chain.escrow.id_of(t): 1 for t in mine + left}
+    [receipt] = transactions_of(chain, KEEPER2, start)  # one transaction, and it refunded the two left
+    assert receipt["status"] == 1
