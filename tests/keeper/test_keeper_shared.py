@@ -11,16 +11,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from conftest import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from prometheus_client import generate_latest
 
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import CycleReport, Keeper
-from escrow_py.keeper._batch import batch_gas, refund_many_data
+from escrow_py.keeper._batch import batch_gas, ordered, refund_many_data
 from escrow_py.terms import State
 
 from .kit import KEEPER, KEEPER2, KEEPER3, make_keeper, metric, refunds_by_id, transactions_of, wait_until
+from .rpc_proxy import FaultProxy
 
 
 def _automine(chain: Chain, on: bool) -> None:
@@ -123,30 +125,38 @@ def test_three_racing_keepers_count_exactly_the_refunds_each_made(chain: Chain, 
     assert sum(confirmed(k) for k in keepers) == 30
 
 
-def test_act_on_a_stale_view_leaves_out_what_a_pending_transaction_covers(chain: Chain, tmp_path: Path) -> None:
-    """Only the escrows still Held in the pending state go out: a partial overlap costs nothing."""
-    batch = [make_terms(chain, window=60) for _ in range(6)]
+@pytest.mark.parametrize("covered", [40, 30, 0])
+def test_act_on_a_stale_view_leaves_out_what_a_pending_transaction_covers_in_a_few_calls(
+    chain: Chain, tmp_path: Path, covered: int
+) -> None:
+    """Only the escrows still Held in the pending state go out; finding them costs a few eth_calls, not one each."""
+    batch = [make_terms(chain, window=60, buyer=BUYER if i % 2 else BUYER2) for i in range(40)]
     for terms in batch:
         deposit(chain, terms)
     chain.mine(batch[0].deadline)
     first = make_keeper(chain, tmp_path / "a.sqlite", who=KEEPER)
-    second = make_keeper(chain, tmp_path / "b.sqlite", who=KEEPER2)
+    proxy = FaultProxy(chain.node.url)
+    second = make_keeper(chain, tmp_path / "b.sqlite", who=KEEPER2, rpc_url=proxy.url, batch_size=40)
     second.index()
     first.index()
     _automine(chain, False)
     try:
-        # The first keeper refunds four of the six (a buyer filter stands in for a head start).
-        due = first.store.open_escrows(chain.escrow.address)[:4]
-        first.sender.send(chain.escrow.address, refund_many_data(due), gas=batch_gas(4))
+        # The first keeper's transaction, pending, refunds `covered` of the forty (a run of its send order).
+        if covered:
+            due = ordered(first.store.open_escrows(chain.escrow.address))[:covered]
+            first.sender.send(chain.escrow.address, refund_many_data(due), gas=batch_gas(covered))
         report = CycleReport()
+        proxy.calls.clear()
         second.act(report)
-        assert (report.covered, report.refunds_sent) == (4, 2)
+        assert (report.covered, report.refunds_sent) == (covered, 40 - covered)
+        # One simulation of the batch, then (if the overlap is partial) a bisection on the refund count.
+        assert proxy.calls["eth_call"] <= {40: 1, 30: 12, 0: 1}[covered], proxy.calls
         chain.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
     finally:
         _automine(chain, True)
+        proxy.close()
     assert refunds_by_id(chain) == {chain.escrow.id_of(t): 1 for t in batch}
-    [receipt] = transactions_of(chain, KEEPER2)
-    assert receipt["status"] == 1 and len(receipt["logs"]) >= 2  # type: ignore[arg-type]
+    assert all(r["status"] == 1 and r["logs"] for r in transactions_of(chain, KEEPER2))
 
 
 def test_a_standby_keeper_steps_in_only_for_what_the_active_one_left_after_its_delay(
