@@ -150,7 +150,54 @@ class _Chain:
     start_block: int
 
 
-def _setup(node: Anvil, escrows: int) -> _Chain:
+def _submit(w3: Web3, provider: HTTPProvider, sender: TxSender, build: Callable[[int], tuple[str, bytes, int]], *,
+            count: int, say: Callable[[str], None]) -> None:  # fmt: skip
+    """Sign `count` transactions of one sender (`build(n)`: the n-th's to, data, gas), send them, wait until mined.
+
+    Set-up only, so fixed fees and gas. A node under load has been seen to lose a transaction without a word (never
+    mined, not in its pool), leaving every later nonce queued: the sender's mined nonce shows how far the chain
+    got, and whatever stalls is sent again, the same bytes.
+    """
+    max_fee, tip = sender.fees()
+    first = int(w3.eth.get_transaction_count(sender.address, "pending"))
+    raws = []
+    for n in range(count):
+        to, data, gas = build(n)
+        tx = {"type": 2, "chainId": sender.chain_id, "from": sender.address, "to": to, "data": data, "value": 0,
+              "nonce": first + n, "gas": gas, "maxFeePerGas": max_fee * 4, "maxPriorityFeePerGas": tip}  # fmt: skip
+        raws.append(sender.signer.sign_transaction(tx))
+        if (n + 1) % 2000 == 0:
+            say(f"  {n + 1} of {count} signed")
+
+    def send(batch: list[bytes]) -> None:
+        for start in range(0, len(batch), SEND_CHUNK):
+            requests = [
+                (RPCEndpoint("eth_sendRawTransaction"), ["0x" + r.hex()]) for r in batch[start : start + SEND_CHUNK]
+            ]
+            answers = provider.make_batch_request(requests)
+            if not isinstance(answers, list):
+                raise RuntimeError(f"the node refused a batch of transactions: {answers.get('error')}")
+            for answer in answers:
+                message = str(answer.get("error", {}).get("message", "")) if "error" in answer else ""
+                if message and "already known" not in message and "nonce too low" not in message:
+                    raise RuntimeError(f"a set-up transaction was refused: {answer['error']}")
+
+    send(raws)
+    limit, mined, stalled_since = time.monotonic() + 1800, 0, time.monotonic()
+    while mined < count:
+        time.sleep(1.0)
+        now = int(w3.eth.get_transaction_count(sender.address, "latest")) - first
+        if now > mined:
+            mined, stalled_since = now, time.monotonic()
+        elif time.monotonic() - stalled_since > 15:
+            say(f"  {count - mined} transactions not mined for 15 s: sending them again")
+            send(raws[mined:])
+            stalled_since = time.monotonic()
+        if time.monotonic() > limit:
+            raise RuntimeError(f"only {mined} of {count} set-up transactions mined in 30 minutes")
+
+
+def _setup(node: Anvil, escrows: int, say: Callable[[str], None]) -> _Chain:
     w3 = node.web3(timeout=120)
     deployer = TxSender(w3, dev_signer(0))
     token = Token(w3, deploy(deployer, "TestUSDC", "USDC", "2"))
@@ -159,49 +206,32 @@ def _setup(node: Anvil, escrows: int) -> _Chain:
     buyers = [LocalSigner.from_key(keccak(b"x402-escrow keeper bench buyer %d" % n)) for n in range(escrows)]
     minter = deploy(deployer, "BatchMinter")
     selector = keccak(text="mintEach(address,address[],uint256)")[:4]
-    sent = []
-    for start in range(0, len(buyers), MINT_CHUNK):
-        chunk = [b.address for b in buyers[start : start + MINT_CHUNK]]
-        data = selector + encode(["address", "address[]", "uint256"], [token.address, chunk, FUNDING])
-        sent.append(deployer.send(minter, data, gas=60_000 + 30_000 * len(chunk)))
-    for tx in sent:
-        deployer.wait(tx.tx_hash, timeout=600)
+    chunks = [[b.address for b in buyers[i : i + MINT_CHUNK]] for i in range(0, len(buyers), MINT_CHUNK)]
+
+    def mint(n: int) -> tuple[str, bytes, int]:
+        data = selector + encode(["address", "address[]", "uint256"], [token.address, chunks[n], FUNDING])
+        return minter, data, 60_000 + 30_000 * len(chunks[n])
+
+    provider = HTTPProvider(node.url, request_kwargs={"timeout": 120})
+    _submit(w3, provider, deployer, mint, count=len(chunks), say=say)
     return _Chain(node, w3, escrow, token, buyers, int(w3.eth.block_number))
 
 
 def _deposit_all(chain: _Chain, deadline: int, say: Callable[[str], None]) -> None:
-    """Sign one payment per buyer and submit every deposit, JSON-RPC-batched, with fixed fees (set-up only)."""
-    w3, escrow, token = chain.w3, chain.escrow, chain.token
-    submitter = TxSender(w3, dev_signer(2))
-    provider = HTTPProvider(chain.node.url, request_kwargs={"timeout": 120})
+    """Sign one payment per buyer and deposit each (set-up only)."""
+    escrow, token = chain.escrow, chain.token
     domain = token.domain()
     seller = dev_signer(3).address
     rh = request_hash("GET", "http://127.0.0.1/item")
-    max_fee, tip = submitter.fees()
-    nonce = int(w3.eth.get_transaction_count(submitter.address, "pending"))
-    raws: list[bytes] = []
-    last = b""
-    for n, buyer in enumerate(chain.buyers):
+
+    def deposit(n: int) -> tuple[str, bytes, int]:
+        buyer = chain.buyers[n]
         terms = Terms(buyer.address, seller, seller, token.address, AMOUNT, deadline, rh, Terms.new_salt())
         auth = authorization_for(terms, escrow.address, escrow.chain_id, 0, deadline)
-        data = escrow.deposit_data(terms, auth, sign_authorization(buyer, domain, auth))
-        tx = {"type": 2, "chainId": escrow.chain_id, "from": submitter.address, "to": escrow.address, "data": data,
-              "value": 0, "nonce": nonce + n, "gas": DEPOSIT_GAS, "maxFeePerGas": max_fee * 4,
-              "maxPriorityFeePerGas": tip}  # fmt: skip
-        raws.append(submitter.signer.sign_transaction(tx))
-        last = keccak(raws[-1])
-        if len(raws) == SEND_CHUNK or n == len(chain.buyers) - 1:
-            requests = [(RPCEndpoint("eth_sendRawTransaction"), ["0x" + r.hex()]) for r in raws]
-            answers = provider.make_batch_request(requests)
-            if not isinstance(answers, list):
-                raise RuntimeError(f"the node refused a batch of deposits: {answers.get('error')}")
-            for answer in answers:
-                if "error" in answer:
-                    raise RuntimeError(f"a deposit was refused: {answer['error']}")
-            raws = []
-        if (n + 1) % 1000 == 0:
-            say(f"  {n + 1} deposits signed and sent")
-    submitter.wait(last, timeout=1800)
+        return escrow.address, escrow.deposit_data(terms, auth, sign_authorization(buyer, domain, auth)), DEPOSIT_GAS
+
+    provider = HTTPProvider(chain.node.url, request_kwargs={"timeout": 120})
+    _submit(chain.w3, provider, TxSender(chain.w3, dev_signer(2)), deposit, count=len(chain.buyers), say=say)
 
 
 def _refund_logs(chain: _Chain, first: int, last: int) -> list[dict[str, Any]]:
@@ -279,7 +309,7 @@ def measure_keeper(
     with Anvil(block_time=1, extra_args=["--gas-limit", str(BLOCK_GAS_LIMIT)]) as node, \
             tempfile.TemporaryDirectory() as tmp:  # fmt: skip
         say(f"funding {escrows} distinct buyers")
-        chain = _setup(node, escrows)
+        chain = _setup(node, escrows, say)
         w3 = chain.w3
         group = _Keepers(node.url, chain.escrow.address, chain.token.address, start_block=chain.start_block,
                          count=keepers, workdir=Path(tmp))  # fmt: skip
