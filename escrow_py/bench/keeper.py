@@ -11,9 +11,10 @@ so a slow machine lengthens the set-up, never the measured part.
 Measured from the keepers' side (each process's /proc):
 - blocks from the deadline's block to the block of the last refund;
 - peak RSS of each keeper (VmHWM);
-- CPU per refund: the keepers' CPU from ready (imported, checked) to the last refund, over N,
-  so it includes indexing the N deposits;
-- idle CPU after the burst: CPU seconds per second over the IDLE_WINDOW seconds after the last refund;
+- CPU per refund: the keepers' CPU from ready (imported, checked) until each has indexed every refund,
+  over N, so it includes indexing the N deposits and following up its own transactions;
+- idle CPU after the burst: CPU seconds per second over the IDLE_WINDOW seconds after that (the keeper is
+  still following its last transactions to `reorg_depth` then);
 - gas: per refund, and the share spent on transactions that refunded nothing (with several keepers).
 """
 
@@ -291,8 +292,13 @@ def _burst(chain: _Chain, group: _Keepers, deadline: int, say: Callable[[str], N
         return len(refunded) == len(chain.buyers)
 
     group.wait(all_refunded, f"all {len(chain.buyers)} refunds", 1800)
-    usage.refunded = group.usage()
     seconds = time.monotonic() - started
+    # The burst is over for a keeper once it has indexed every refund (its own and the others'): until then
+    # it is still reading receipts and Refunded logs, work of the burst, not idling.
+    done = 'x402_keeper_escrows{state="refunded"}'
+    group.wait(lambda: all(_metrics(p).get(done) == len(chain.buyers) for p in group.ports),
+               "the keepers to index every refund", 600)  # fmt: skip
+    usage.refunded = group.usage()
     say(f"all refunded; measuring idle CPU for {IDLE_WINDOW:.0f}s")
     time.sleep(IDLE_WINDOW)
     group.check_alive()
