@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -115,6 +116,7 @@ class Keeper:
         self._batch_cap: int | None = None
         # Set when a cycle stopped sending early: the next one acts even without a new block.
         self._act_again = False
+        self._random = random.Random()
         self._gauges_set = False  # the escrow and quarantine gauges are read from the store once, then on changes
 
     # -- start-up --------------------------------------------------------------------------------
@@ -422,6 +424,9 @@ class Keeper:
             batches = [ordered(g)[i : i + limit] for g in groups.values() for i in range(0, len(g), limit)]
             plain = ordered(plain)
             batches += [plain[i : i + limit] for i in range(0, len(plain), limit)]
+            # Keepers racing over the same due escrows cut the same batches. Each takes them in its own random
+            # order, so they mostly start on different ones and then see each other's in the pending state.
+            self._random.shuffle(batches)
             for batch in batches:
                 if not self._refund_batch(address, batch, chain_time, report):
                     self._act_again = True  # the node refused or could not be reached: next cycle, afresh
