@@ -15,9 +15,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     gas.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     gas.set_defaults(func=_gas)
     keeper = kinds.add_parser(
-        "keeper", help="N escrows expiring together on 1-second blocks: time and gas to refund all"
+        "keeper",
+        help="N escrows of N distinct buyers expiring together on 1-second blocks: blocks, memory, CPU and gas "
+        "for keepers to refund all",
     )
     keeper.add_argument("--escrows", type=int, default=1000, help="how many escrows expire together (default 1000)")
+    keeper.add_argument("--keepers", type=int, default=1, help="independent keeper processes racing (1-3; default 1)")
     keeper.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     keeper.set_defaults(func=_keeper)
     http = kinds.add_parser(
@@ -64,7 +67,10 @@ def _keeper(args: argparse.Namespace) -> int:
     if args.escrows < 1:
         print("x402-escrow: --escrows must be at least 1", file=sys.stderr)
         return 2
-    result = measure_keeper(args.escrows, progress=_progress)
+    if not 1 <= args.keepers <= 3:
+        print("x402-escrow: --keepers must be 1, 2 or 3", file=sys.stderr)
+        return 2
+    result = measure_keeper(args.escrows, keepers=args.keepers, progress=_progress)
     _print(result, args.json)
     return 0
 

@@ -294,6 +294,8 @@ def _keeper(world: World, display: Display) -> Iterator[subprocess.Popen[bytes]]
         "--database", str(world.workdir / "keeper.sqlite"),
         "--start-block", str(world.start_block), "--poll-interval", "1",
         "--buyer", world.address("buyer"),
+        # The keeper refunds only allowed tokens (the registry's USDC by default): the demo's may be TestUSDC.
+        "--token", world.token.address, "--network", f"eip155:{world.chain_id}",
     ]  # fmt: skip
     env = {**os.environ, DEFAULT_KEY_ENV: world.keys["keeper"]}
     process = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file)

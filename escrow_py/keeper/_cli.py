@@ -1,4 +1,9 @@
-"""`x402-escrow keeper run` and `x402-escrow keeper status`."""
+"""`x402-escrow keeper run` and `x402-escrow keeper status`.
+
+Neither prints a traceback for a fault of its surroundings: a bad setting, a busy
+metrics port, an RPC that is down or a database that cannot be opened each end
+the command with status 2 and one line naming the setting and the value found.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ from typing import Any
 from web3 import HTTPProvider, Web3
 
 from escrow_py.chain.signer import load_signer
-from escrow_py.keeper._config import KeeperConfig
+from escrow_py.errors import RpcError
+from escrow_py.keeper._config import MAX_BATCH_SIZE, KeeperConfig
 from escrow_py.keeper._daemon import JsonFormatter, Keeper
-from escrow_py.keeper._store import KeeperStore
+from escrow_py.keeper._decide import TOKEN_NOT_ALLOWED, Skip, next_action
+from escrow_py.keeper._index import read_head
+from escrow_py.keeper._store import QUARANTINED, SIMULATION, SUSPECT, KeeperStore
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,10 +31,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions = keeper.add_subparsers(dest="action", required=True)
     run = actions.add_parser("run", help="index escrow events and refund expired escrows until SIGTERM")
     _common(run)
-    run.add_argument("--start-block", dest="start_block", type=int, help="first block to index (default 0)")
-    run.add_argument("--confirmations", type=int, help="blocks before an event counts (default 1: mined)")
-    run.add_argument("--batch-size", dest="batch_size", type=int, help="escrows per refundMany (default 100)")
-    run.add_argument("--poll-interval", dest="poll_interval", type=float, help="seconds between cycles (default 2)")
+    # Numbers are taken as text and checked by KeeperConfig, whose errors name the setting.
+    run.add_argument("--start-block", dest="start_block", help="first block to index (default 0)")
+    run.add_argument("--confirmations", help="blocks before an event counts (default 1: mined)")
+    run.add_argument("--batch-size", dest="batch_size",
+                     help=f"escrows per refundMany (default 100, at most {MAX_BATCH_SIZE})")  # fmt: skip
+    run.add_argument("--max-batch-gas", dest="max_batch_gas", help="gas limit of one refund batch (default 20M)")
+    run.add_argument("--poll-interval", dest="poll_interval", help="seconds between cycles (default 2)")
+    run.add_argument("--standby-after", dest="standby_after",
+                     help="seconds past a deadline before this keeper refunds (a standby; default 0)")  # fmt: skip
+    run.add_argument("--reorg-depth", dest="reorg_depth", help="blocks after which an event or a refund is final")
     run.add_argument("--keystore", help="encrypted keystore JSON (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE); "
                      "without it the key comes from X402_ESCROW_PRIVATE_KEY")  # fmt: skip
     run.add_argument("--buyer", dest="buyers", action="append", help="only refund this buyer's escrows (repeatable)")
@@ -34,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--metrics", help="serve /metrics, /healthz, /readyz on host:port")
     run.add_argument("--log-json", dest="log_json", action="store_true", default=None, help="JSON log lines")
     run.set_defaults(func=_run)
-    status = actions.add_parser("status", help="open escrows, next deadlines and indexing lag")
+    status = actions.add_parser("status", help="open escrows, next deadlines, quarantine and indexing lag")
     _common(status)
     status.set_defaults(func=_status)
 
@@ -43,12 +57,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file (settings under [keeper] or at top level)")
     parser.add_argument("--rpc", dest="rpc_url", help="JSON-RPC URL (or X402_ESCROW_RPC_URL)")
     parser.add_argument("--escrow", dest="escrows", action="append", help="escrow contract address (repeatable)")
+    parser.add_argument("--network", help="CAIP-2 network the RPC must serve (default eip155:84532)")
+    parser.add_argument(
+        "--token", dest="tokens", action="append",
+        help="refund this token's escrows besides the registry's (repeatable; '*': any token)",
+    )  # fmt: skip
     parser.add_argument("--database", help="SQLite path or sqlite:/// URL (default keeper.sqlite)")
 
 
 def _config(args: argparse.Namespace) -> KeeperConfig:
     flags: dict[str, Any] = dict(vars(args))
-    for key in ("escrows", "buyers", "sellers"):
+    for key in ("escrows", "buyers", "sellers", "tokens"):
         if flags.get(key):
             flags[key] = ",".join(flags[key])
     return KeeperConfig.load(flags, config_file=args.config)
@@ -67,41 +86,65 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     keeper = Keeper(config, signer)
-    logging.getLogger("x402_escrow.keeper").info(
-        "keeper started", extra={"keeper": signer.address, "escrows": list(config.escrows), "database": config.database}
-    )
     try:
-        keeper.run(stop)
+        keeper.run(stop)  # start-up checks first: a failure ends the command with its message
     finally:
         keeper.close()
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    flags = dict(vars(args))
-    if flags.get("escrows"):
-        flags["escrows"] = ",".join(flags["escrows"])
-    config = KeeperConfig.load(flags, config_file=args.config)
-    w3 = Web3(HTTPProvider(config.rpc_url, request_kwargs={"timeout": 30}))
+    config = _config(args)
     store = KeeperStore(config.database)
-    head = int(w3.eth.block_number)
-    chain_time = int(w3.eth.get_block("latest")["timestamp"])
-    for address in config.escrows:
-        checkpoint = store.checkpoint(address)
-        counts = store.counts(address)
-        lag = "never indexed" if checkpoint is None else f"{head - checkpoint} blocks behind head {head}"
-        print(f"escrow {address}: {lag}")
-        print(f"  held {counts['held']}, released {counts['released']}, refunded {counts['refunded']}")
-        open_ = store.open_escrows(address)
-        expired = sum(1 for e in open_ if e.terms.deadline <= chain_time)
-        print(f"  open escrows: {len(open_)} ({expired} past their deadline)")
-        for entry in open_[:10]:
-            when = entry.terms.deadline - chain_time
-            due = f"in {when}s" if when > 0 else f"{-when}s ago"
-            print(f"    0x{entry.id.hex()}  {entry.terms.amount:>12}  deadline {entry.terms.deadline} ({due})")
-    attempts = store.attempt_counts()
-    if attempts:
-        print("refund transactions: " + ", ".join(f"{k} {v}" for k, v in sorted(attempts.items())))
-    print(f"chain time {chain_time} ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(chain_time))} UTC)")
-    store.close()
+    w3 = Web3(HTTPProvider(config.rpc_url, request_kwargs={"timeout": config.rpc_timeout},
+                           exception_retry_configuration=None))  # fmt: skip
+    try:
+        try:
+            head = read_head(w3)
+        except RpcError as exc:
+            raise RpcError(f"rpc_url = {config.rpc_url!r}: the node does not answer ({exc})") from None
+        tokens = config.allowed_tokens()
+        for address in config.escrows:
+            _print_escrow(store, address, head=head.number, chain_time=head.timestamp, tokens=tokens)
+        attempts = store.attempt_counts()
+        if attempts:
+            print("refund transactions: " + ", ".join(f"{k} {v}" for k, v in sorted(attempts.items())))
+        print(f"chain time {head.timestamp} ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(head.timestamp))} UTC)")
+    finally:
+        store.close()
     return 0
+
+
+def _print_escrow(
+    store: KeeperStore, address: str, *, head: int, chain_time: int, tokens: frozenset[str] | None
+) -> None:
+    checkpoint = store.checkpoint(address)
+    counts = store.counts(address)
+    lag = "never indexed" if checkpoint is None else f"{head - checkpoint} blocks behind head {head}"
+    print(f"escrow {address}: {lag}")
+    print(f"  held {counts['held']}, released {counts['released']}, refunded {counts['refunded']}")
+    open_ = store.open_escrows(address)
+    expired = [e for e in open_ if e.deadline <= chain_time]
+    print(f"  open escrows: {len(open_)} ({len(expired)} past their deadline)")
+    not_allowed = sum(
+        1
+        for e in expired
+        if next_action(e, chain_time, wall_time=time.time(), tokens=tokens) == Skip(TOKEN_NOT_ALLOWED)
+    )
+    if not_allowed:
+        print(f"  left alone, token not in the allowlist: {not_allowed} (add it with --token or tokens = [...])")
+    for entry in open_[:10]:
+        when = entry.deadline - chain_time
+        due = f"in {when}s" if when > 0 else f"{-when}s ago"
+        print(f"    0x{entry.id.hex()}  {entry.terms.amount:>12}  deadline {entry.deadline} ({due})")
+    quarantined = store.troubles(address, QUARANTINED)
+    print(f"  quarantined: {len(quarantined)} (never sent again; the buyer can still refund it)")
+    for trouble in quarantined[:10]:
+        print(f"    0x{trouble.id.hex()}  {trouble.reason}")
+    suspects, failing = store.troubles(address, SUSPECT), store.troubles(address, SIMULATION)
+    if suspects:
+        print(f"  being isolated after a batch reverted when mined: {len(suspects)}")
+    if failing:
+        print(f"  refund failing in simulation, retried every few minutes: {len(failing)}")
+        for trouble in failing[:10]:
+            print(f"    0x{trouble.id.hex()}  {trouble.reason}")

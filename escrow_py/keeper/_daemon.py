@@ -1,36 +1,70 @@
-"""The keeper loop: fetch (index events), decide (`next_action`), act (refundMany), repeat.
+"""The keeper loop: index events, follow up this keeper's transactions, decide, refund; repeat.
 
-Crash safety: every refund transaction is signed, then recorded with its raw
-bytes, then broadcast. After a crash the recorded transaction is broadcast again
-as it was (same nonce), never a new one; and `refundMany` skips escrows settled
-meanwhile, so a refund can be neither lost nor paid twice.
+One cycle, on each new block:
+1. index: every escrow contract's events up to the confirmed head (`_index`), undoing reorgs;
+2. track: every transaction this keeper sent, until it is `reorg_depth` blocks deep. A receipt
+   counts the `Refunded` logs that name this keeper; a mined revert splits its batch and
+   quarantines the entry that reverts on its own; a transaction a reorg removed is broadcast again
+   (the same bytes, so the same nonce) and the cached nonce is dropped; a stuck one is replaced;
+3. act: refund the due escrows (`next_action`) in batches capped by calldata and gas, each
+   simulated against the pending state just before it is signed, so escrows another keeper's
+   pending transaction already covers are left out.
+
+Crash safety: every refund transaction is signed, then recorded with its raw bytes, then
+broadcast. After a crash the recorded transaction is broadcast again as it was (same nonce),
+never a new one; and `refundMany` skips escrows settled meanwhile, so a refund can be neither
+lost nor paid twice.
+
+Faults: any failure of a cycle (an RPC error object, a refused connection, a malformed answer,
+even a bug) is logged, counted in `x402_keeper_cycle_failures`, and retried after a backoff;
+/readyz answers 503 after a few in a row. The process never dies of one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from web3 import HTTPProvider, Web3
+from web3.exceptions import Web3Exception
 
-from escrow_py.chain.escrow import Escrow, EscrowEvent
+from escrow_py.chain import rpc
+from escrow_py.chain.escrow import ESCROW_ABI, REFUNDED_TOPIC, Escrow
 from escrow_py.chain.signer import Signer
-from escrow_py.chain.tx import SentTx, TxSender
+from escrow_py.chain.tx import SentTx, TxSender, decode_revert
 from escrow_py.errors import ChainError, ContractRevert, RpcError
-from escrow_py.keeper._config import MAX_LOG_CHUNK, KeeperConfig
+from escrow_py.keeper._batch import batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
+from escrow_py.keeper._checks import check_startup
+from escrow_py.keeper._config import KeeperConfig
 from escrow_py.keeper._decide import Refund, next_action
+from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
-from escrow_py.keeper._store import OPEN_ATTEMPTS, Attempt, KeeperStore, OpenEscrow
+from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow
+from escrow_py.terms import State
 
 log = logging.getLogger("x402_escrow.keeper")
 
-# A refund batch that fails in simulation is split to isolate the entries at fault
-# (a token that blacklists the buyer); those wait this long before another try.
+# A refund that fails in simulation (a token that blacklists the buyer) waits this long before another try.
 FAILURE_RETRY_SECONDS = 300.0
+# Failures a cycle treats as the chain's or the network's, logged without a stack trace.
+RPC_FAILURES = (ChainError, Web3Exception, OSError, ValueError)
+_REFUNDED = "0x" + REFUNDED_TOPIC.hex()
+# Node answers to eth_sendRawTransaction that say the nonce is taken, not that the transaction is bad.
+_NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
+                "nonce has already been used")  # fmt: skip
+_ALREADY_KNOWN = ("already known", "already imported", "known transaction")
+# Reverts that are the escrow's own rules (an entry not Held, or not yet due): a race with the chain, never a
+# token's doing. Every other revert of a refund that passed its simulation is the token's.
+_ESCROW_RULES = frozenset(
+    item["name"] for item in ESCROW_ABI if item.get("type") == "error" and item["name"] != "TransferFailed"
+)
 
 
 @dataclass
@@ -40,9 +74,17 @@ class CycleReport:
     indexed_to: dict[str, int] = field(default_factory=dict)
     refunds_sent: int = 0
     batches_sent: int = 0
-    failed: int = 0
-    confirmed: int = 0
+    failed: int = 0  # escrows whose refund reverted in simulation
+    confirmed: int = 0  # Refunded logs naming this keeper, in receipts now final
     replaced: int = 0
+    covered: int = 0  # due escrows left out: the pending state showed them settled
+    reverted: int = 0  # this keeper's transactions mined with status 0
+    quarantined: int = 0
+    reorged: int = 0  # this keeper's mined transactions a reorg removed
+
+    def eventful(self) -> bool:
+        return any((self.batches_sent, self.failed, self.confirmed, self.replaced, self.covered, self.reverted,
+                    self.quarantined, self.reorged))  # fmt: skip
 
 
 class Keeper:
@@ -50,119 +92,414 @@ class Keeper:
 
     def __init__(self, config: KeeperConfig, signer: Signer, *, store: KeeperStore | None = None) -> None:
         self.config = config
-        self.w3 = Web3(HTTPProvider(config.rpc_url, request_kwargs={"timeout": 30}))
+        # No retries inside web3: a failed request fails the cycle, which backs off and tries again.
+        provider = HTTPProvider(
+            config.rpc_url, request_kwargs={"timeout": config.rpc_timeout}, exception_retry_configuration=None
+        )
+        self.w3 = Web3(provider)
         self.sender = TxSender(self.w3, signer)
+        self.me = signer.address.lower()
         self.store = store or KeeperStore(config.database)
-        self.escrows = {address: Escrow(self.w3, address) for address in config.escrows}
         self.metrics = KeeperMetrics()
+        self.bindings: dict[str, Escrow] = {address: Escrow(self.w3, address) for address in config.escrows}
+        self.indexers = {
+            address: Indexer(self.w3, self.store, address, config.start_block, self.metrics.rpc_errors.inc)
+            for address in config.escrows
+        }
+        self.tokens = config.allowed_tokens()
+        self.buyers = frozenset(b.lower() for b in config.buyers)
+        self.sellers = frozenset(s.lower() for s in config.sellers)
         self._server: MetricsServer | None = None
+        self._seen_head: str | None = None
+        self._in_flight: set[bytes] = set()
+        # Lowered after a node refuses a batch for good (too large for it): batches stay under it.
+        self._batch_cap: int | None = None
+        # Set when a cycle stopped sending early: the next one acts even without a new block.
+        self._act_again = False
+        self._random = random.Random()
+        self._gauges_set = False  # the escrow and quarantine gauges are read from the store once, then on changes
 
-    # -- fetch -------------------------------------------------------------------------------
+    # -- start-up --------------------------------------------------------------------------------
 
-    def index(self) -> dict[str, int]:
+    def check(self) -> None:
+        """Start-up checks (chain id, escrow code, token allowlist, gas); ConfigError or RpcError if one fails."""
+        check_startup(self.w3, self.config, self.sender.address)
+
+    # -- one cycle -------------------------------------------------------------------------------
+
+    def run_once(self) -> CycleReport:
+        report = CycleReport()
+        head = read_head(self.w3)
+        hashes = {head.number: head.hash}
+        new_block = head.hash != self._seen_head
+        if new_block:
+            self.index(head, hashes, report)
+        changed = self._track(head, hashes, new_block, report)
+        if new_block or changed or self._act_again:
+            self.act(report, head)
+        self._seen_head = head.hash
+        self.metrics.cycle_ok()
+        return report
+
+    def index(self, head: Head | None = None, hashes: dict[int, str] | None = None,
+              report: CycleReport | None = None) -> dict[str, int]:  # fmt: skip
         """Bring every escrow's events up to the confirmed head; returns the new checkpoints."""
-        latest = int(self.w3.eth.block_number)
-        head = latest - self.config.confirmations + 1
+        head = head or read_head(self.w3)
+        hashes = {head.number: head.hash} if hashes is None else hashes
         done: dict[str, int] = {}
-        for address, escrow in self.escrows.items():
-            done[address] = self._index_one(address, escrow, head)
+        confirmed = head.number - self.config.confirmations + 1
+        for address, indexer in self.indexers.items():
+            checkpoint, _, changed = indexer.sync(confirmed, hashes)
+            done[address] = checkpoint
+            if changed or not self._gauges_set:
+                for state, n in self.store.counts(address).items():
+                    self.metrics.escrows.labels(state=state).set(n)
+        if not self._gauges_set:
+            self._set_quarantine_gauge()
+            self._gauges_set = True
+        if done:
+            self.metrics.last_indexed_block.set(min(done.values()))
+        if report is not None:
+            report.indexed_to = done
         return done
 
-    def _index_one(self, address: str, escrow: Escrow, head: int) -> int:
-        start = self.config.start_block
-        checkpoint = self.store.checkpoint(address)
-        rewind = start - 1 if checkpoint is None else max(start - 1, checkpoint - self.config.reorg_depth)
-        rewind = self._below_reorg(rewind, start)
-        if head <= rewind:
-            return checkpoint if checkpoint is not None else rewind
-        events = self._fetch(escrow, rewind + 1, head)
-        head_hash = bytes(self.w3.eth.get_block(head)["hash"])
-        self.store.apply(address, rewind_to=rewind, events=events, checkpoint=head, block_hashes=[(head, head_hash)])
-        self.metrics.last_indexed_block.set(head)
-        return head
+    # -- track this keeper's transactions ----------------------------------------------------------
 
-    def _below_reorg(self, rewind: int, start: int) -> int:
-        """Move `rewind` down until the block we last saw there is still on the chain."""
-        while rewind >= start:
-            stored = self.store.block_hash(rewind)
-            if stored is None:
-                return rewind
-            if bytes(self.w3.eth.get_block(rewind)["hash"]) == stored:
-                return rewind
-            log.warning("reorg below the re-scan window at block %d: re-indexing further back", rewind)
-            rewind = max(start - 1, rewind - max(self.config.reorg_depth, 1) * 2)
-        return rewind
+    def _track(self, head: Head, hashes: dict[int, str], new_block: bool, report: CycleReport) -> bool:
+        """Follow up every transaction this keeper sent; True if some escrow came back into play."""
+        attempts = self.store.tracked_attempts(self.me)
+        statuses = {a.tx_hash: a.status for a in attempts}
+        changed = False
+        confirmed_nonce: int | None = None
+        newest: dict[int, Attempt] = {}
+        for attempt in attempts:
+            newest[attempt.nonce] = attempt  # oldest first: the last one per nonce is the newest
+        broadcast_ok = True
+        for attempt in attempts:
+            status = statuses[attempt.tx_hash]
+            if status in PENDING:
+                # A receipt, or a nonce used up, can only appear with a new block.
+                if new_block or status == "signed":
+                    receipt = self._receipt(attempt.tx_hash)
+                    if receipt is None:
+                        if confirmed_nonce is None:
+                            confirmed_nonce = self._confirmed_nonce()
+                        if attempt.nonce < confirmed_nonce:
+                            receipt = self._receipt(attempt.tx_hash)  # it may have been mined in between
+                            if receipt is None:
+                                # Its nonce went to another transaction (a replacement of it, or one from elsewhere).
+                                self._set(attempt, "dropped", statuses)
+                                changed = True
+                                continue
+                    if receipt is not None:
+                        self._on_receipt(attempt, receipt, head, attempts=attempts, statuses=statuses, report=report)
+                        changed = True
+                        continue
+                if status == "signed" and broadcast_ok:
+                    # Recorded but not (known to be) accepted: a crash or a failed broadcast. A replacement's
+                    # escrows were counted as sent with the transaction it replaces.
+                    replacement = any(statuses[a.tx_hash] == "replaced" and a.nonce == attempt.nonce for a in attempts)
+                    outcome = self._rebroadcast(attempt, statuses, report if not replacement else None)
+                    broadcast_ok = outcome == "sent"
+                    changed |= outcome == "rejected"
+                elif (status == "sent" and newest[attempt.nonce] is attempt and broadcast_ok
+                      and time.time() - attempt.updated_at > self.config.replace_after):  # fmt: skip
+                    broadcast_ok = self._replace(attempt, statuses, report)
+            elif status in ("mined", "reverted") and new_block:
+                changed |= self._follow_mined(attempt, status, head, hashes=hashes, statuses=statuses, report=report)
+        self._in_flight = {i for a in attempts if statuses[a.tx_hash] in IN_FLIGHT for i in a.ids}
+        return changed
 
-    def _fetch(self, escrow: Escrow, first: int, last: int) -> list[EscrowEvent]:
-        """eth_getLogs in chunks of at most MAX_LOG_CHUNK blocks, halving the chunk on provider errors."""
-        events: list[EscrowEvent] = []
-        chunk = MAX_LOG_CHUNK
-        block = first
-        while block <= last:
-            end = min(last, block + chunk - 1)
-            try:
-                events.extend(escrow.events(block, end))
-            except Exception as exc:
-                self.metrics.rpc_errors.inc()
-                if chunk == 1:
-                    raise RpcError(f"eth_getLogs failed for block {block}: {exc}") from exc
-                chunk = max(1, chunk // 2)
-                continue
-            block = end + 1
-        return events
+    def _rebroadcast(self, attempt: Attempt, statuses: dict[bytes, str], first: CycleReport | None) -> str:
+        """Broadcast a recorded transaction again, as it was (same bytes, same nonce)."""
+        outcome = self._broadcast(attempt.escrow, self.store.attempt_tx(attempt.tx_hash), attempt.ids, first=first)
+        if outcome in ("sent", "rejected"):
+            statuses[attempt.tx_hash] = outcome
+        return outcome
 
-    # -- decide and act ------------------------------------------------------------------------
+    def _set(self, attempt: Attempt, status: str, statuses: dict[bytes, str], **fields: Any) -> None:
+        self.store.set_attempt_status(attempt.tx_hash, status, **fields)
+        statuses[attempt.tx_hash] = status
+        if status in ("dropped", "rejected", "replaced"):
+            self.metrics.transactions.labels(outcome=status).inc()
 
-    def act(self, report: CycleReport) -> None:
-        chain_time = int(self.w3.eth.get_block("latest")["timestamp"])
-        for address, escrow in self.escrows.items():
-            self._reconcile(address, report)
-            due = [
-                e
-                for e in self.store.open_escrows(address, deadline_before=chain_time)
-                if isinstance(
-                    next_action(e, chain_time, wall_time=time.time(), buyers=self.config.buyers,
-                                sellers=self.config.sellers),
-                    Refund,
-                )
-            ]  # fmt: skip
-            # Sorted by (token, buyer): the contract pays consecutive same-recipient entries at once.
-            due.sort(key=lambda e: (e.terms.token, e.terms.buyer, e.terms.deadline))
-            for i in range(0, len(due), self.config.batch_size):
-                self._refund_batch(address, escrow, due[i : i + self.config.batch_size], chain_time, report)
-            counts = self.store.counts(address)
-            for state, n in counts.items():
-                self.metrics.escrows.labels(state=state).set(n)
+    def _receipt(self, tx_hash: bytes) -> dict[str, Any] | None:
+        receipt = rpc.request(self.w3, "eth_getTransactionReceipt", ["0x" + tx_hash.hex()])
+        return receipt if isinstance(receipt, dict) and receipt.get("blockHash") else None
 
-    def _refund_batch(
-        self, address: str, escrow: Escrow, batch: Sequence[OpenEscrow], chain_time: int, report: CycleReport
-    ) -> None:
-        batch, would_refund = self._simulated(address, escrow, list(batch), report)
-        # refundMany returns how many it refunded: zero means another keeper (or the seller) got
-        # there first and the index has not caught up; sending would only burn gas.
-        if not batch or would_refund == 0:
+    def _confirmed_nonce(self) -> int:
+        return int(str(rpc.request(self.w3, "eth_getTransactionCount", [self.sender.address, "latest"])), 16)
+
+    def _on_receipt(
+        self, attempt: Attempt, receipt: dict[str, Any], head: Head, *, attempts: Sequence[Attempt],
+        statuses: dict[bytes, str], report: CycleReport,
+    ) -> None:  # fmt: skip
+        """Record a mined attempt; the refunds it made are those its Refunded logs say, not its size."""
+        block = (int(receipt["blockNumber"], 16), str(receipt["blockHash"]))
+        gas = int(receipt["gasUsed"], 16)
+        escrow = attempt.escrow.lower()
+        refunded = sum(
+            1
+            for entry in receipt.get("logs") or []
+            if str(entry.get("address", "")).lower() == escrow
+            and len(entry.get("topics") or []) == 3
+            and entry["topics"][0].lower() == _REFUNDED
+            and entry["topics"][2][-40:].lower() == self.me[2:]
+        )
+        ok = int(receipt["status"], 16) == 1
+        self.metrics.gas_used.inc(gas)
+        if not ok or refunded == 0:
+            self.metrics.gas_wasted.inc(gas)
+        status = "mined" if ok else "reverted"
+        self.metrics.transactions.labels(outcome=status).inc()
+        self._set(attempt, status, statuses, block=block, refunded=refunded, gas_used=gas)
+        for sibling in attempts:  # the other transactions with its nonce can no longer be mined
+            same_nonce = sibling.nonce == attempt.nonce and sibling.tx_hash != attempt.tx_hash
+            if same_nonce and statuses[sibling.tx_hash] in PENDING:
+                self._set(sibling, "dropped", statuses)
+        if ok:
+            fields = {"tx": "0x" + attempt.tx_hash.hex(), "block": block[0], "escrows": len(attempt.ids),
+                      "refunded": refunded, "gas": gas}  # fmt: skip
+            log.info("refund batch mined", extra=fields)
+            if head.number - block[0] + 1 > self.config.reorg_depth:
+                self._finalise(attempt, refunded, statuses, report)
+        else:
+            report.reverted += 1
+            self._after_revert(attempt, gas, report)
+
+    def _follow_mined(
+        self, attempt: Attempt, status: str, head: Head, *, hashes: dict[int, str], statuses: dict[bytes, str],
+        report: CycleReport,
+    ) -> bool:  # fmt: skip
+        """Until `reorg_depth` deep: is the attempt's block still on the chain? True if a reorg undid it."""
+        number = attempt.block_number
+        assert number is not None
+        if number not in hashes:
+            block = read_block(self.w3, number)
+            hashes[number] = "" if block is None else str(block["hash"])
+        if hashes[number] == attempt.block_hash:
+            if head.number - number + 1 > self.config.reorg_depth:
+                if status == "mined":
+                    self._finalise(attempt, attempt.refunded or 0, statuses, report)
+                else:
+                    self._set(attempt, "final", statuses)
+            return False
+        receipt = self._receipt(attempt.tx_hash)
+        if receipt is not None:  # mined again, in the block that replaced it
+            self._set(attempt, status, statuses, block=(int(receipt["blockNumber"], 16), str(receipt["blockHash"])))
+            return False
+        # A reorg removed it. The node's nonce for this key went back, so the cached one is wrong. The same
+        # bytes go out again if they still refund something on the new chain (a reverted one is not worth its
+        # gas twice: its set is already split); otherwise the escrows go back to the due list.
+        report.reorged += 1
+        self.metrics.transactions.labels(outcome="reorged").inc()
+        self.sender.resync_nonce()
+        again = status == "mined" and self._still_refunds(attempt)
+        log.warning("refund 0x%s was removed by a reorg; %s", attempt.tx_hash.hex(),
+                    "broadcasting it again" if again else "not sending it again")  # fmt: skip
+        if again:
+            self._set(attempt, "sent", statuses)  # accepted once already: counted as sent then
+            self._rebroadcast(attempt, statuses, None)
+        else:
+            self._set(attempt, "dropped", statuses)
+        return True
+
+    def _still_refunds(self, attempt: Attempt) -> bool:
+        data = bytes(self.store.attempt_tx(attempt.tx_hash).tx["data"])
+        try:
+            return int.from_bytes(self.sender.call(attempt.escrow, data, block="pending")[:32], "big") > 0
+        except ContractRevert:
+            return False
+
+    def _finalise(self, attempt: Attempt, refunded: int, statuses: dict[bytes, str], report: CycleReport) -> None:
+        self._set(attempt, "final", statuses)
+        self.metrics.refunds_confirmed.inc(refunded)
+        report.confirmed += refunded
+
+    def _after_revert(self, attempt: Attempt, gas: int, report: CycleReport) -> None:
+        """A batch reverted when mined though its simulation passed: never send that set again; isolate the culprit.
+
+        First for free: the transaction is replayed as an eth_call with its own gas and fees (a token that
+        checks the gas price fails there too), and bisected the same way; each entry that fails alone is
+        quarantined and the others go out in the next batch. If the revert cannot be reproduced, the batch
+        is split by token, then into parts, each sent on its own, and an entry whose refund reverts when mined
+        alone is quarantined: one lost batch per split level.
+        """
+        ids = list(attempt.ids)
+        self.store.add_reverted_set(fingerprint(ids), attempt.escrow, attempt.tx_hash, len(ids))
+        fees = self.store.attempt_tx(attempt.tx_hash).tx
+        entries = self.store.entries(attempt.escrow, ids)
+        revert = self._priced_call(attempt.escrow, entries, fees) if entries else None
+        reason = "not reproducible in eth_call" if revert is None else _describe(revert)
+        if revert is not None and revert.name in _ESCROW_RULES:
+            # The escrow's own rule, not a token: the chain moved under the transaction (a reorg took its
+            # deposit or rewound the clock). Not the entries' fault; they are simulated again later.
+            for escrow_id in ids:
+                self.store.record_failure(attempt.escrow, escrow_id, f"reverted when mined: {reason}",
+                                          time.time() + FAILURE_RETRY_SECONDS)  # fmt: skip
+            log.warning("refund batch 0x%s reverted when mined on an escrow rule: %s", attempt.tx_hash.hex(), reason)
             return
-        data = escrow.refund_many_data([e.terms for e in batch])
-        signed = self.sender.sign(address, data)
+        if len(ids) == 1:
+            self._quarantine(attempt.escrow, ids[0], f"refund reverted when mined: {reason}", report)
+            return
+        culprits = self._culprits(attempt.escrow, entries, fees) if revert is not None else {}
+        for escrow_id, why in culprits.items():
+            self._quarantine(attempt.escrow, escrow_id, f"refund reverts when it pays for gas: {why}", report)
+        if culprits:
+            log.warning("refund batch 0x%s of %d escrows reverted when mined (%d gas); %d quarantined, the rest "
+                        "go out again", attempt.tx_hash.hex(), len(ids), gas, len(culprits))  # fmt: skip
+            return
+        parts = split(ids, {e.id: e.token for e in entries})
+        self.store.set_suspect_groups(attempt.escrow, [(fingerprint(p), p) for p in parts],
+                                      f"in a batch that reverted when mined: {reason}")  # fmt: skip
+        log.warning(
+            "refund batch 0x%s of %d escrows reverted when mined (%d gas): %s; sending it again in %d parts",
+            attempt.tx_hash.hex(), len(ids), gas, reason, len(parts),
+        )  # fmt: skip
+
+    def _culprits(self, escrow: str, entries: list[OpenEscrow], fees: dict[str, Any]) -> dict[bytes, str]:
+        """Bisect with priced eth_calls: the entries whose refund reverts on its own, and why."""
+        revert = self._priced_call(escrow, entries, fees)
+        if revert is None:
+            return {}
+        if len(entries) == 1:
+            return {entries[0].id: _describe(revert)}
+        middle = len(entries) // 2
+        return self._culprits(escrow, entries[:middle], fees) | self._culprits(escrow, entries[middle:], fees)
+
+    def _priced_call(self, escrow: str, entries: list[OpenEscrow], fees: dict[str, Any]) -> ContractRevert | None:
+        """refundMany(entries) as an eth_call carrying a transaction's gas price, on the pending state: its revert."""
+        call = {"from": self.sender.address, "to": escrow, "data": "0x" + refund_many_data(entries).hex(),
+                "gas": hex(batch_gas(len(entries))), "maxFeePerGas": hex(int(fees["maxFeePerGas"])),
+                "maxPriorityFeePerGas": hex(int(fees["maxPriorityFeePerGas"]))}  # fmt: skip
+        try:
+            rpc.request(self.w3, "eth_call", [call, "pending"])
+        except rpc.NodeError as exc:
+            if exc.revert_data is not None:
+                return decode_revert(exc.revert_data)
+            return ContractRevert("Error", {"message": str(exc)}) if exc.is_revert else None
+        except RpcError:
+            return None
+        return None
+
+    def _quarantine(self, escrow: str, escrow_id: bytes, reason: str, report: CycleReport) -> None:
+        self.store.quarantine(escrow, escrow_id, reason)
+        self.metrics.quarantined.inc()
+        self._set_quarantine_gauge()
+        report.quarantined += 1
+        log.warning("escrow 0x%s quarantined: %s", escrow_id.hex(), reason)
+
+    def _set_quarantine_gauge(self) -> None:
+        self.metrics.quarantined_open.set(sum(len(self.store.troubles(a, QUARANTINED)) for a in self.bindings))
+
+    def _replace(self, attempt: Attempt, statuses: dict[bytes, str], report: CycleReport) -> bool:
+        """Re-sign a stuck transaction with the same nonce and higher fees; False if its broadcast failed."""
+        replacement = self.sender.replace(self.store.attempt_tx(attempt.tx_hash))
+        self.store.record_attempt(attempt.escrow, self.me, attempt.ids, replacement)
+        self._set(attempt, "replaced", statuses)
+        report.replaced += 1
+        log.info("stuck refund 0x%s replaced by 0x%s", attempt.tx_hash.hex(), replacement.tx_hash.hex())
+        return self._broadcast(attempt.escrow, replacement, attempt.ids, first=None) == "sent"
+
+    # -- decide and act ------------------------------------------------------------------------------
+
+    def act(self, report: CycleReport, head: Head | None = None) -> None:
+        head = head or read_head(self.w3)
+        self._act_again = False
+        chain_time = head.timestamp
+        limit = max_entries(self.config.batch_size, self.config.max_batch_gas, head.gas_limit)
+        if self._batch_cap is not None:
+            limit = min(limit, self._batch_cap)
+        standby = math.ceil(self.config.standby_after)
+        wall = time.time()
+        for address in self.bindings:
+            groups: dict[str, list[OpenEscrow]] = {}
+            plain: list[OpenEscrow] = []
+            for entry in self.store.due(address, chain_time - standby, self._in_flight):
+                action = next_action(entry, chain_time, wall_time=wall, buyers=self.buyers, sellers=self.sellers,
+                                     tokens=self.tokens, standby_after=self.config.standby_after)  # fmt: skip
+                if isinstance(action, Refund):
+                    (groups.setdefault(entry.group, []) if entry.group else plain).append(entry)
+            # A suspect group goes out alone, so that if it reverts again, it sinks nothing else.
+            batches = [ordered(g)[i : i + limit] for g in groups.values() for i in range(0, len(g), limit)]
+            plain = ordered(plain)
+            batches += [plain[i : i + limit] for i in range(0, len(plain), limit)]
+            # Keepers racing over the same due escrows cut the same batches. Each takes them in its own random
+            # order, so they mostly start on different ones and then see each other's in the pending state.
+            self._random.shuffle(batches)
+            for batch in batches:
+                if not self._refund_batch(address, batch, chain_time, report):
+                    self._act_again = True  # the node refused or could not be reached: next cycle, afresh
+                    return
+
+    def _refund_batch(self, address: str, batch: list[OpenEscrow], chain_time: int, report: CycleReport) -> bool:
+        """Simulate, sign, record and broadcast one batch; False if broadcasting should stop this cycle."""
+        if self.store.is_reverted_set(fingerprint([e.id for e in batch])):
+            self._never_again(address, batch, report)
+            return True
+        batch, would_refund = self._simulated(address, batch, report)
+        if batch and would_refund < len(batch):
+            # refundMany skips settled entries: against the pending state, some are covered by a transaction
+            # not yet mined (another keeper's, usually). Keep the ones still Held there.
+            held = self._still_held(address, batch, would_refund)
+            report.covered += len(batch) - len(held)
+            self.metrics.covered.inc(len(batch) - len(held))
+            batch = held
+            if batch and self.store.is_reverted_set(fingerprint([e.id for e in batch])):
+                self._never_again(address, batch, report)
+                return True
+        if not batch:
+            return True
+        ids = [e.id for e in batch]
+        signed = self.sender.sign(address, refund_many_data(batch), gas=batch_gas(len(batch)))
         # Durable before it leaves the process: a crash after this line re-broadcasts this exact transaction.
-        self.store.record_attempt(address, [e.id for e in batch], signed)
-        self._broadcast(signed)
-        report.refunds_sent += len(batch)
-        report.batches_sent += 1
-        self.metrics.refunds_sent.inc(len(batch))
+        self.store.record_attempt(address, self.me, ids, signed)
+        self._in_flight.update(ids)
+        if self._broadcast(address, signed, ids, first=report) != "sent":
+            return False
         for entry in batch:
-            self.metrics.refund_delay.observe(max(0, chain_time - entry.terms.deadline))
-        log.info("refund batch sent", extra={"tx": "0x" + signed.tx_hash.hex(), "escrows": len(batch)})
+            self.metrics.refund_delay.observe(max(0, chain_time - entry.deadline))
+        return True
 
-    def _simulated(
-        self, address: str, escrow: Escrow, batch: list[OpenEscrow], report: CycleReport
-    ) -> tuple[list[OpenEscrow], int]:
-        """The entries whose refund goes through in an eth_call, and how many of them it would refund.
+    def _still_held(self, address: str, batch: list[OpenEscrow], would_refund: int) -> list[OpenEscrow]:
+        """The entries of `batch` a pending-state refundMany would refund, given that it refunds `would_refund`.
 
-        The entries whose refund reverts are recorded as failed.
+        Bisected on the simulated count, not asked entry by entry: another keeper's transactions cover
+        whole runs of a batch, so a few calls settle 250 entries.
+        """
+        if would_refund == 0:
+            return []
+        if would_refund == len(batch):
+            return batch
+        if len(batch) == 1:
+            return batch if self.bindings[address].state_of(batch[0].id, "pending") is State.HELD else []
+        middle = len(batch) // 2
+        held = []
+        for part in (batch[:middle], batch[middle:]):
+            try:
+                count = int.from_bytes(self.sender.call(address, refund_many_data(part), block="pending")[:32], "big")
+            except ContractRevert:  # the pending state moved under us: ask entry by entry
+                held += [e for e in part if self.bindings[address].state_of(e.id, "pending") is State.HELD]
+                continue
+            held += self._still_held(address, part, count)
+        return held
+
+    def _never_again(self, address: str, batch: list[OpenEscrow], report: CycleReport) -> None:
+        """A batch equal to a set that reverted when mined: split it instead of paying for the same revert."""
+        ids = [e.id for e in batch]
+        if len(ids) == 1:
+            self._quarantine(address, ids[0], "its refund alone reverted when mined before", report)
+            return
+        parts = split(ids, {e.id: e.token for e in batch})
+        self.store.set_suspect_groups(address, [(fingerprint(p), p) for p in parts], "in a set that reverted before")
+
+    def _simulated(self, address: str, batch: list[OpenEscrow], report: CycleReport) -> tuple[list[OpenEscrow], int]:
+        """The entries whose refund goes through in an eth_call on the pending state, and how many it would refund.
+
+        A batch that reverts is bisected; an entry that reverts alone is set aside for FAILURE_RETRY_SECONDS.
         """
         try:
-            result = self.sender.call(address, escrow.refund_many_data([e.terms for e in batch]))
+            result = self.sender.call(address, refund_many_data(batch), block="pending")
         except ContractRevert as revert:
             if len(batch) == 1:
                 entry = batch[0]
@@ -172,85 +509,121 @@ class Keeper:
                 log.warning("refund of 0x%s fails in simulation: %s", entry.id.hex(), revert)
                 return [], 0
             middle = len(batch) // 2
-            left, left_count = self._simulated(address, escrow, batch[:middle], report)
-            right, right_count = self._simulated(address, escrow, batch[middle:], report)
+            left, left_count = self._simulated(address, batch[:middle], report)
+            right, right_count = self._simulated(address, batch[middle:], report)
             return left + right, left_count + right_count
         return batch, int.from_bytes(result[:32], "big")
 
-    def _broadcast(self, signed: SentTx) -> None:
+    def _broadcast(self, escrow: str, signed: SentTx, ids: Sequence[bytes], *, first: CycleReport | None) -> str:
+        """eth_sendRawTransaction; returns sent, transient (try the same bytes later), nonce, or rejected.
+
+        `first` is the cycle's report when these escrows have not been counted as sent yet: they are
+        counted, and "refund batch sent" logged, once a node has accepted the transaction, and only then.
+        """
         try:
-            self.sender.broadcast(signed)
+            rpc.request(self.w3, "eth_sendRawTransaction", ["0x" + signed.raw.hex()])
+        except rpc.NodeError as exc:
+            message = str(exc.error.get("message", exc.error) if isinstance(exc.error, dict) else exc.error)
+            lowered = message.lower()
+            if not any(k in lowered for k in _ALREADY_KNOWN):
+                return self._refused(escrow, signed, ids, message)
         except RpcError as exc:
+            # Not known whether the node took it: the recorded bytes go out again next cycle.
+            self.sender.resync_nonce()
             self.metrics.rpc_errors.inc()
-            log.warning("broadcast of 0x%s failed: %s", signed.tx_hash.hex(), exc)
-            return
+            log.warning("broadcast of refund 0x%s failed, will retry the same transaction: %s",
+                        signed.tx_hash.hex(), exc)  # fmt: skip
+            return "transient"
         self.store.set_attempt_status(signed.tx_hash, "sent")
+        self.metrics.transactions.labels(outcome="sent").inc()
+        if first is not None:
+            first.refunds_sent += len(ids)
+            first.batches_sent += 1
+            self.metrics.refunds_sent.inc(len(ids))
+            log.info("refund batch sent", extra={"tx": "0x" + signed.tx_hash.hex(), "escrows": len(ids),
+                                                 "nonce": signed.nonce})  # fmt: skip
+        return "sent"
 
-    def _reconcile(self, address: str, report: CycleReport) -> None:
-        """Follow up recorded attempts: mined, re-broadcast after a crash, or replaced when stuck."""
-        confirmed_nonce = int(self.w3.eth.get_transaction_count(self.sender.address, "latest"))
-        for attempt in self.store.open_attempts(address):
-            receipt = self.sender.receipt(attempt.tx_hash)
-            if receipt is not None:
-                ok = receipt["status"] == 1
-                self.store.set_attempt_status(attempt.tx_hash, "mined" if ok else "failed")
-                if ok:
-                    self.metrics.refunds_confirmed.inc(len(attempt.ids))
-                    report.confirmed += len(attempt.ids)
-                continue
-            if attempt.nonce < confirmed_nonce:
-                # Its nonce was used by another transaction (a replacement of it, mined): this one is dead.
-                self.store.set_attempt_status(attempt.tx_hash, "dropped")
-                continue
-            if attempt.status == "signed":
-                self._broadcast(_as_sent(attempt))
-            elif time.time() - attempt.updated_at > self.config.replace_after:
-                self._replace(address, attempt, report)
+    def _refused(self, escrow: str, signed: SentTx, ids: Sequence[bytes], message: str) -> str:
+        """The node answered eth_sendRawTransaction with an error object."""
+        self.sender.resync_nonce()
+        lowered = message.lower()
+        if any(k in lowered for k in _NONCE_TAKEN):
+            # Its nonce is used or held by another transaction: the tracker drops it once that one is mined.
+            log.warning("refund 0x%s not accepted (%s); nonce resynchronised", signed.tx_hash.hex(), message)
+            return "nonce"
+        self.store.set_attempt_status(signed.tx_hash, "rejected")
+        self.metrics.transactions.labels(outcome="rejected").inc()
+        self._in_flight.difference_update(ids)
+        if "insufficient funds" in lowered:
+            log.error("keeper key %s cannot pay for a refund of %d escrows: %s", self.sender.address, len(ids),
+                      message)  # fmt: skip
+            return "rejected"
+        # Refused for what it is (too large, over a gas limit): the same bytes would be refused forever.
+        if len(ids) == 1:
+            self._quarantine(escrow, ids[0], f"refund refused by the node: {message}", CycleReport())
+        else:
+            self._batch_cap = max(1, len(ids) // 2)
+            log.warning("node refused a refund batch of %d escrows (%s); batches now hold at most %d",
+                        len(ids), message, self._batch_cap)  # fmt: skip
+        return "rejected"
 
-    def _replace(self, address: str, attempt: Attempt, report: CycleReport) -> None:
-        replacement = self.sender.replace(_as_sent(attempt))
-        self.store.record_attempt(address, attempt.ids, replacement)
-        self.store.set_attempt_status(attempt.tx_hash, "replaced")
-        self._broadcast(replacement)
-        report.replaced += 1
-        log.info("stuck refund 0x%s replaced by 0x%s", attempt.tx_hash.hex(), replacement.tx_hash.hex())
+    # -- loop ------------------------------------------------------------------------------------------
 
-    # -- loop ----------------------------------------------------------------------------------
-
-    def run_once(self) -> CycleReport:
-        report = CycleReport()
-        report.indexed_to = self.index()
-        self.act(report)
-        self.metrics.last_cycle = time.time()
-        self.metrics.ready = True
-        return report
-
-    def run(self, stop: threading.Event) -> None:
-        """Cycle until `stop` is set; RPC failures are logged and retried next cycle."""
+    def run(self, stop: threading.Event, *, check: bool = True) -> None:
+        """Check the set-up, then cycle until `stop` is set; a failed cycle is logged, counted and backed off."""
+        if check:
+            self.check()
         address = self.config.metrics_address
         if address is not None:
-            self._server = MetricsServer(self.metrics, *address, stale_after=max(30.0, 10 * self.config.poll_interval))
+            stale = max(30.0, 10 * self.config.poll_interval)
+            self._server = MetricsServer(self.metrics, *address, stale_after=stale)
+        log.info(
+            "keeper started",
+            extra={"keeper": self.sender.address, "escrows": list(self.config.escrows),
+                   "database": self.config.database, "metrics_port": self.metrics_port,
+                   "tokens": "any" if self.tokens is None else sorted(self.tokens)},
+        )  # fmt: skip
+        poll = self.config.poll_interval
+        longest = max(poll, min(16 * poll, 60.0))
         try:
             while not stop.is_set():
                 try:
                     report = self.run_once()
-                    if report.batches_sent or report.confirmed or report.failed:
+                    if report.eventful():
                         log.info("cycle", extra={"report": report.__dict__})
-                except (ChainError, OSError, ValueError) as exc:
-                    self.metrics.rpc_errors.inc()
+                except RPC_FAILURES as exc:
+                    self.metrics.cycle_failed("rpc")
                     self.sender.resync_nonce()
-                    log.warning("cycle failed, retrying: %s", exc)
-                stop.wait(self.config.poll_interval)
+                    log.warning("cycle failed (%d in a row): %s: %s", self.metrics.failures_in_a_row,
+                                type(exc).__name__, exc)  # fmt: skip
+                except Exception:  # a bug must not stop refunds for good: log it with its stack and go on
+                    self.metrics.cycle_failed("internal")
+                    self.sender.resync_nonce()
+                    log.exception("cycle failed (%d in a row) on an unexpected error", self.metrics.failures_in_a_row)
+                failures = self.metrics.failures_in_a_row
+                stop.wait(poll if failures == 0 else min(poll * 2 ** (failures - 1), longest))
         finally:
             if self._server is not None:
                 self._server.close()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._server is None else self._server.port
 
     def close(self) -> None:
         self.store.close()
 
 
-def _as_sent(attempt: Attempt) -> SentTx:
-    return SentTx(attempt.tx_hash, attempt.nonce, dict(attempt.tx), attempt.raw)
+def _describe(revert: ContractRevert) -> str:
+    """A revert as text, with a token's own revert data decoded where TransferFailed carries it."""
+    inner = revert.args_by_name.get("reason") if revert.name == "TransferFailed" else None
+    if isinstance(inner, bytes) and len(inner) >= 4:
+        nested = decode_revert(inner)
+        if nested.name != "UnknownRevert":
+            shown = {**revert.args_by_name, "reason": str(nested)}
+            return f"TransferFailed({', '.join(f'{k}={v}' for k, v in shown.items())})"
+    return str(revert)
 
 
 class JsonFormatter(logging.Formatter):
@@ -261,7 +634,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data = {"ts": round(record.created, 3), "level": record.levelname, "msg": record.getMessage()}
         data.update({k: v for k, v in record.__dict__.items() if k not in self._standard})
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)
 
 
-__all__ = ["OPEN_ATTEMPTS", "CycleReport", "JsonFormatter", "Keeper"]
+__all__ = ["CycleReport", "JsonFormatter", "Keeper"]

@@ -1,4 +1,4 @@
-"""The keeper benchmark runs end to end (small) and reports consistent figures."""
+"""The keeper benchmark runs end to end (small) and reports the four keeper figures, consistently."""
 
 from __future__ import annotations
 
@@ -7,17 +7,35 @@ import subprocess
 import sys
 
 
-def test_bench_keeper_refunds_every_escrow_and_reports_the_figures() -> None:
+def _bench(*args: str) -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, "-m", "escrow_py.cli", "bench", "keeper", "--escrows", "8", "--json"],
-        capture_output=True, text=True, check=False, timeout=300,
+        [sys.executable, "-m", "escrow_py.cli", "bench", "keeper", *args, "--json"],
+        capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["escrows"] == 8
-    assert result["blocks_to_all_refunded"] >= 1  # a refund can only land after a block at the deadline exists
-    assert result["seconds_to_all_refunded"] >= 0
-    assert 1 <= result["refund_transactions"] <= 8
-    ratio = result["gas_per_refund"] / result["reference_refund_many_per_item"]
-    assert abs(result["gas_per_refund_vs_reference"] - ratio) < 0.002  # gas_per_refund is rounded down
-    assert result["keeper_peak_rss_mb"] > 10 and result["keeper_cpu_s"] > 0
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def test_bench_keeper_refunds_every_escrow_of_distinct_buyers_and_reports_the_figures() -> None:
+    result = _bench("--escrows", "12")
+    assert result["escrows"] == 12 and result["distinct_buyers"] == 12
+    assert isinstance(result["blocks_to_all_refunded"], int) and result["blocks_to_all_refunded"] >= 0
+    assert isinstance(result["refund_transactions"], int) and 1 <= result["refund_transactions"] <= 12
+    assert result["wasted_gas_fraction"] == 0.0  # one keeper: every transaction refunded something
+    # The four figures of the targets, each a positive measurement.
+    for figure in ("keeper_peak_rss_mb", "keeper_cpu_ms_per_refund", "keeper_idle_cpu_s_per_s"):
+        assert isinstance(result[figure], float) and result[figure] > 0, figure
+    assert result["targets"] == {"blocks_to_all_refunded": 20, "keeper_peak_rss_mb": 150,
+                                 "keeper_cpu_ms_per_refund": 1.0, "keeper_idle_cpu_s_per_s": 0.05}  # fmt: skip
+    cpu = result["keeper_cpu_s_indexing"] + result["keeper_cpu_s_refunding"]  # type: ignore[operator]
+    assert abs(cpu * 1000 / 12 - result["keeper_cpu_ms_per_refund"]) < 2  # type: ignore[operator]
+    # Distinct buyers: no two refunds share a transfer, so a refund costs well above the one-buyer figure.
+    assert isinstance(result["gas_per_refund"], int) and 15_000 < result["gas_per_refund"] < 60_000
+
+
+def test_bench_keeper_with_racing_keepers_reports_the_gas_they_waste() -> None:
+    result = _bench("--escrows", "6", "--keepers", "2")
+    assert result["keepers"] == 2
+    assert isinstance(result["wasted_gas_fraction"], float) and 0.0 <= result["wasted_gas_fraction"] < 1.0
+    assert isinstance(result["keeper_transactions"], int) and result["keeper_transactions"] >= 1

@@ -1,46 +1,32 @@
-"""The keeper under faults: SIGKILL at random moments, an RPC that drops and fails requests."""
+"""The keeper under faults: SIGKILL at random moments, an RPC that drops, fails or refuses requests.
+
+The faults come from a loopback JSON-RPC proxy in front of the real anvil (rpc_proxy.py);
+the keeper is a real process (or a real Keeper in a thread) on a real chain.
+"""
 
 from __future__ import annotations
 
-import os
+import logging
 import random
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import Chain
-from helpers import deposit, dev, make_terms
+from helpers import deposit, make_terms
+from prometheus_client import generate_latest
 
-from escrow_py.chain.anvil import dev_private_key, free_port
-from escrow_py.chain.escrow import Refunded
-from escrow_py.keeper import Keeper, KeeperConfig
+from escrow_py.chain.anvil import free_port
 from escrow_py.terms import State, Terms
 
-KEEPER = 7
+from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, start_keeper, transactions_of, wait_until
+from .rpc_proxy import FaultProxy
+
 TRIALS = 20
-
-
-def _refunds_by_id(chain: Chain) -> dict[bytes, int]:
-    counts: dict[bytes, int] = {}
-    for event in chain.escrow.events(0, int(chain.w3.eth.block_number)):
-        if isinstance(event, Refunded):
-            counts[event.id] = counts.get(event.id, 0) + 1
-    return counts
-
-
-def _start_keeper(chain: Chain, db: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(KEEPER)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "escrow_py.cli", "keeper", "run", "--rpc", chain.node.url, "--escrow",
-         chain.escrow.address, "--database", str(db), "--poll-interval", "0.1", "--batch-size", "2"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
 
 
 def test_sigkill_at_random_moments_loses_no_refund_and_sends_none_twice(chain: Chain, tmp_path: Path) -> None:
@@ -48,6 +34,7 @@ def test_sigkill_at_random_moments_loses_no_refund_and_sends_none_twice(chain: C
     db = tmp_path / "keeper.sqlite"
     expired: list[Terms] = []
     unexpired: list[Terms] = []
+    args = ("--poll-interval", "0.1", "--batch-size", "2")
     for trial in range(TRIALS):
         soon = [make_terms(chain, window=50) for _ in range(3)]
         later = make_terms(chain, window=100_000)
@@ -56,75 +43,28 @@ def test_sigkill_at_random_moments_loses_no_refund_and_sends_none_twice(chain: C
         expired += soon
         unexpired.append(later)
         chain.mine(soon[-1].deadline)
-        keeper = _start_keeper(chain, db)
+        keeper = start_keeper(chain, db, *args)
         time.sleep(rng.uniform(0.0, 1.5))  # anywhere: importing, indexing, signing, recording, broadcasting
         keeper.send_signal(signal.SIGKILL)
         keeper.wait()
         # A restarted keeper finishes the job (every few trials, after a second kill).
         if trial % 4 == 3:
-            keeper = _start_keeper(chain, db)
+            keeper = start_keeper(chain, db, *args)
             time.sleep(rng.uniform(0.0, 1.0))
             keeper.send_signal(signal.SIGKILL)
             keeper.wait()
-    keeper = _start_keeper(chain, db)
+    keeper = start_keeper(chain, db, *args)
     try:
-        deadline = time.monotonic() + 60
-        while any(chain.escrow.state_of(chain.escrow.id_of(t)) is not State.REFUNDED for t in expired):
-            assert time.monotonic() < deadline, "expired escrows left unrefunded after the last restart"
-            time.sleep(0.2)
+        wait_until(lambda: all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in expired),
+                   "expired escrows refunded after the last restart", 90)  # fmt: skip
     finally:
         keeper.send_signal(signal.SIGKILL)
         keeper.wait()
-    refunds = _refunds_by_id(chain)
+    refunds = refunds_by_id(chain)
     assert all(refunds.get(chain.escrow.id_of(t)) == 1 for t in expired)
     assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in unexpired)
     assert not any(chain.escrow.id_of(t) in refunds for t in unexpired)
     assert chain.token.balance_of(chain.escrow.address) == sum(t.amount for t in unexpired)
-
-
-class _FlakyProxy:
-    """Loopback JSON-RPC proxy that drops 10% of requests (connection closed unanswered) and fails 5% with 502."""
-
-    def __init__(self, upstream: str) -> None:
-        self.faults = 0
-        rng = random.Random(7)
-        lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with lock:
-                    roll = rng.random()
-                if roll < 0.15:
-                    proxy.faults += 1
-                if roll < 0.10:
-                    self.close_connection = True
-                    return  # no answer at all
-                if roll < 0.15:
-                    self.send_response(502)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                request = urllib.request.Request(upstream, body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=10) as answer:
-                    data = answer.read()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_keeper_survives_an_rpc_that_drops_and_fails_requests_and_serves_health(chain: Chain, tmp_path: Path) -> None:
@@ -132,34 +72,147 @@ def test_keeper_survives_an_rpc_that_drops_and_fails_requests_and_serves_health(
     for terms in batch:
         deposit(chain, terms)
     chain.mine(batch[0].deadline)
-    proxy = _FlakyProxy(chain.node.url)
+    proxy = FaultProxy(chain.node.url)
     port = free_port()
-    config = KeeperConfig.load({"rpc_url": proxy.url, "escrows": chain.escrow.address, "poll_interval": 0.05,
-                                "database": str(tmp_path / "k.sqlite"), "metrics": f"127.0.0.1:{port}"})  # fmt: skip
-    keeper = Keeper(config, dev(KEEPER))
+    keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, poll_interval=0.05, reorg_depth=0,
+                         metrics=f"127.0.0.1:{port}")  # fmt: skip
+    keeper.check()  # before the faults start: the start-up checks need a node that answers
+    proxy.drop_rate, proxy.http_error_rate = 0.10, 0.05
     stop = threading.Event()
-    thread = threading.Thread(target=keeper.run, args=(stop,))
+    thread = threading.Thread(target=keeper.run, args=(stop,), kwargs={"check": False})
     thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while any(chain.escrow.state_of(chain.escrow.id_of(t)) is not State.REFUNDED for t in batch):
-            assert time.monotonic() < deadline, "keeper did not get through the flaky RPC"
-            time.sleep(0.1)
-        # The gauges are set at the end of a cycle, and a cycle can still fail on the flaky RPC after the
-        # store has recorded the refunds: wait for a cycle that completes.
-        metrics = ""
-        while 'x402_keeper_escrows{state="refunded"} 4.0' not in metrics:
-            assert time.monotonic() < deadline, f"the refunded gauge never reached 4:\n{metrics}"
-            time.sleep(0.1)
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        wait_until(lambda: all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in batch),
+                   "refunds through the flaky RPC")  # fmt: skip
+        # Counted once mined (reorg_depth 0): wait for the cycle that reads the receipts.
+        wait_until(lambda: metric(scrape(port), "x402_keeper_refunds_confirmed_total") == 4, "4 confirmed refunds")
+        proxy.heal()
+        wait_until(lambda: readyz(port) == 200, "ready once the RPC is healthy")
+        metrics = scrape(port)
     finally:
         stop.set()
         thread.join(timeout=30)
         proxy.close()
-    assert (health.status, ready.status) == (200, 200)
-    assert "x402_keeper_refunds_sent_total 4.0" in metrics
-    rpc_errors = float(re.search(r"^x402_keeper_rpc_errors_total (\S+)$", metrics, re.MULTILINE)[1])  # type: ignore[index]
-    assert proxy.faults > 0 and rpc_errors > 0  # the faults happened, and were survived
-    assert all(v == 1 for v in _refunds_by_id(chain).values())
+    assert metric(metrics, "x402_keeper_refunds_sent_total") == 4
+    assert proxy.faults > 0 and metric(metrics, "x402_keeper_rpc_errors_total") > 0  # faults happened, survived
+    assert all(v == 1 for v in refunds_by_id(chain).values())
+
+
+def test_json_rpc_error_objects_fail_cycles_not_the_process_and_readyz_says_so(chain: Chain, tmp_path: Path) -> None:
+    """-32603 on eth_getTransactionCount, then on the head reads: every cycle fails, the process lives on.
+
+    A supervisor restarts the keeper whenever it exits; it must never have to.
+    """
+    proxy = FaultProxy(chain.node.url)
+    port = free_port()
+    db = tmp_path / "k.sqlite"
+    args = ("--poll-interval", "0.1", "--metrics", f"127.0.0.1:{port}", "--log-json")
+    restarts = 0
+    procs: list[subprocess.Popen[str]] = []
+    stop = threading.Event()
+
+    def supervise() -> None:
+        nonlocal restarts
+        while not stop.is_set():
+            if procs[-1].poll() is not None:
+                restarts += 1
+                procs.append(start_keeper(chain, db, *args, rpc_url=proxy.url, stderr=subprocess.PIPE))
+            stop.wait(0.1)
+
+    procs.append(start_keeper(chain, db, *args, rpc_url=proxy.url, stderr=subprocess.PIPE))
+    supervisor = threading.Thread(target=supervise)
+    supervisor.start()
+
+    def alive_and(condition: Callable[[], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            assert restarts == 0, f"the keeper died ({restarts} restarts by the supervisor)"
+            return condition()
+
+        return check
+
+    try:
+        wait_until(alive_and(lambda: _ready(port) == 200), "keeper up", 60)
+        # Phase 1: the key's nonce cannot be read, so no refund can be signed, while escrows are due.
+        proxy.fail("eth_getTransactionCount")
+        batch = [make_terms(chain, window=60) for _ in range(3)]
+        for terms in batch:
+            deposit(chain, terms)
+        chain.mine(batch[0].deadline)
+        wait_until(alive_and(lambda: _ready(port) == 503), "readyz 503 after repeated failures")
+        failures = metric(scrape(port), "x402_keeper_cycle_failures_total")
+        assert failures >= 3 and all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in batch)
+        proxy.heal()
+        wait_until(alive_and(lambda: all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED
+                                         for t in batch)), "refunds once the node answers again")  # fmt: skip
+        wait_until(alive_and(lambda: _ready(port) == 200), "ready again")
+        # Phase 2: the chain head cannot be read at all.
+        proxy.fail("eth_blockNumber", "eth_getBlockByNumber")
+        wait_until(alive_and(lambda: _ready(port) == 503), "readyz 503 while the head cannot be read")
+        proxy.heal()
+        wait_until(alive_and(lambda: _ready(port) == 200), "ready again after the second outage")
+    finally:
+        stop.set()
+        supervisor.join(timeout=30)
+        procs[-1].send_signal(signal.SIGTERM)
+        _, stderr = procs[-1].communicate(timeout=30)
+        proxy.close()
+    assert restarts == 0, f"the keeper died {restarts} times"
+    assert procs[-1].returncode == 0
+    assert "Traceback" not in stderr
+    assert '"msg": "cycle failed (' in stderr and "internal error" in stderr  # logged, with the node's message
+
+
+def _ready(port: int) -> int:
+    try:
+        return readyz(port)
+    except OSError:
+        return 0  # not listening yet
+
+
+def test_a_batch_the_node_refuses_for_its_size_is_split_not_resent_forever(chain: Chain, tmp_path: Path) -> None:
+    """A node that refuses raw transactions over a size (geth: 128 KiB); the keeper halves its batches."""
+    start = int(chain.w3.eth.block_number)
+    batch = [make_terms(chain, window=60) for _ in range(8)]
+    for terms in batch:
+        deposit(chain, terms)
+    chain.mine(batch[0].deadline)
+    proxy = FaultProxy(chain.node.url)
+    proxy.refuse_raw_over(1_500)  # 8 entries are about 2.2 kB, 4 about 1.2 kB
+    try:
+        keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, batch_size=8, reorg_depth=0)
+        reports = [keeper.run_once() for _ in range(4)]
+    finally:
+        proxy.close()
+    assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in batch)
+    assert proxy.calls["eth_sendRawTransaction"] == 3  # one refused, then two halves, and nothing re-sent
+    assert sum(r.refunds_sent for r in reports) == 8  # the refused batch is not counted as sent
+    assert sum(r.confirmed for r in reports) == 8
+    assert keeper.store.attempt_counts() == {"rejected": 1, "final": 2}
+    metrics = generate_latest(keeper.metrics.registry).decode()
+    assert 'x402_keeper_transactions_total{outcome="rejected"} 1.0' in metrics
+    assert len(transactions_of(chain, KEEPER, start)) == 2
+
+
+def test_a_broadcast_that_fails_is_neither_counted_nor_logged_as_sent(
+    chain: Chain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    terms = make_terms(chain, window=60)
+    deposit(chain, terms)
+    chain.mine(terms.deadline)
+    proxy = FaultProxy(chain.node.url)
+    try:
+        keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
+        proxy.fail("eth_sendRawTransaction", code=-32000, message="nonce too low")
+        caplog.set_level(logging.INFO, logger="x402_escrow.keeper")
+        report = keeper.run_once()
+        assert report.refunds_sent == 0 and chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
+        assert "refund batch sent" not in caplog.text
+        assert metric(generate_latest(keeper.metrics.registry).decode(), "x402_keeper_refunds_sent_total") == 0
+        proxy.heal()
+        reports = [keeper.run_once() for _ in range(3)]
+    finally:
+        proxy.close()
+    assert chain.escrow.state_of(chain.escrow.id_of(terms)) is State.REFUNDED
+    assert sum(r.refunds_sent for r in reports) == 1 and sum(r.confirmed for r in reports) == 1
+    assert metric(generate_latest(keeper.metrics.registry).decode(), "x402_keeper_refunds_sent_total") == 1
+    assert caplog.text.count("refund batch sent") == 1

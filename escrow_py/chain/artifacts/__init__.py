@@ -17,7 +17,8 @@ from typing import Any
 ARTIFACTS_DIR = Path(__file__).resolve().parent
 CIRCLE_DIR = ARTIFACTS_DIR / "circle"
 
-# The escrow, the USDC-like test token, the hostile tokens, the look-alike escrow and the helpers the tests use.
+# The escrow, the USDC-like test token, the hostile tokens, the look-alike escrow, the helpers the tests
+# use, and the keeper benchmark's minter.
 CONTRACTS = (
     "X402Escrow",
     "TestUSDC",
@@ -30,6 +31,8 @@ CONTRACTS = (
     "SimulationOnlyToken",
     "SmartWallet",
     "EscrowMulticall",
+    "GasPriceCheckingToken",
+    "BatchMinter",
 )
 
 # Circle's USDC implementation, its proxy, and the library the implementation links to.

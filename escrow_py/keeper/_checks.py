@@ -1,0 +1,69 @@
+"""Start-up checks: a keeper that cannot refund anything says so before its first cycle, not never.
+
+Each failure is a ConfigError naming the setting at fault and the value found:
+the RPC serves another chain than `network`, an `escrows` address holds no
+X402Escrow, the token allowlist is empty, or the keeper's key cannot pay for gas.
+An RPC that cannot be reached is an RpcError naming the URL.
+"""
+
+from __future__ import annotations
+
+from eth_utils.crypto import keccak
+from web3 import Web3
+
+from escrow_py.chain import rpc
+from escrow_py.chain.artifacts import load_artifact
+from escrow_py.errors import ConfigError, RpcError
+from escrow_py.keeper._batch import batch_gas
+from escrow_py.keeper._config import KeeperConfig, registry_entry
+
+
+def _hex_int(value: object, what: str) -> int:
+    try:
+        return int(str(value), 16)
+    except ValueError:
+        raise RpcError(f"{what}: the node answered {value!r}, not a hex number") from None
+
+
+def escrow_code_hash() -> bytes:
+    """keccak256 of the shipped X402Escrow runtime code (the contract has no immutables)."""
+    return keccak(hexstr=load_artifact("X402Escrow")["deployedBytecode"])
+
+
+def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
+    """Raise ConfigError (or RpcError) if this keeper could not refund anything as configured."""
+    try:
+        chain_id = _hex_int(rpc.request(w3, "eth_chainId", []), "eth_chainId")
+    except RpcError as exc:
+        raise RpcError(f"rpc_url = {config.rpc_url!r}: the node does not answer ({exc})") from None
+    if chain_id != config.chain_id:
+        raise ConfigError(
+            f"network = {config.network!r} (chain id {config.chain_id}), but the RPC at {config.rpc_url} serves "
+            f"chain id {chain_id}: set network = 'eip155:{chain_id}' or point rpc_url at the right chain"
+        )
+    expected = escrow_code_hash()
+    registered = str(registry_entry(config.network).get("escrow", "")).lower()
+    for address in config.escrows:
+        code = str(rpc.request(w3, "eth_getCode", [address, "latest"]))
+        if code in ("0x", "", "0x0"):
+            raise ConfigError(f"escrows: {address} holds no contract code on chain {chain_id}")
+        found = keccak(hexstr=code)
+        if found != expected and address.lower() != registered:
+            raise ConfigError(
+                f"escrows: {address} on chain {chain_id} is not an X402Escrow: its runtime code hashes to "
+                f"0x{found.hex()}, the shipped X402Escrow's to 0x{expected.hex()}"
+            )
+    if config.allowed_tokens() == frozenset():
+        raise ConfigError(
+            f"tokens: the deployment registry knows no token on {config.network}, so no escrow would be refunded: "
+            "set tokens (the addresses to refund) or tokens = '*' for every token"
+        )
+    balance = _hex_int(rpc.request(w3, "eth_getBalance", [keeper_address, "latest"]), "eth_getBalance")
+    block = rpc.request(w3, "eth_getBlockByNumber", ["latest", False])
+    base_fee = _hex_int(block.get("baseFeePerGas", "0x0"), "baseFeePerGas") if isinstance(block, dict) else 0
+    need = batch_gas(1) * 2 * base_fee
+    if balance == 0 or balance < need:
+        raise ConfigError(
+            f"keeper key {keeper_address}: balance {balance} wei on chain {chain_id}, and one refund needs up to "
+            f"{need} wei of gas at the current base fee: fund it"
+        )

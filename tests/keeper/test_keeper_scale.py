@@ -1,0 +1,125 @@
+"""What keeps the keeper's cost flat: stored calldata, capped batches, indexed queries, quiet idle cycles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import Chain
+from eth_abi.abi import encode
+from helpers import deposit, dev, make_terms
+
+from escrow_py.errors import ConfigError
+from escrow_py.keeper import KeeperConfig, OpenEscrow
+from escrow_py.keeper._batch import REFUND_MANY, batch_gas, max_entries, ordered, refund_many_data
+from escrow_py.keeper._config import MAX_BATCH_SIZE, MAX_CALLDATA_BYTES
+from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
+from escrow_py.terms import Terms
+
+from .kit import make_keeper
+from .rpc_proxy import FaultProxy
+
+
+def test_the_indexed_bytes_are_the_abi_encoding_and_a_batch_is_the_contracts_calldata(
+    chain: Chain, tmp_path: Path
+) -> None:
+    batch = [make_terms(chain, window=60, amount=1_000 + n) for n in range(5)]
+    for terms in batch:
+        deposit(chain, terms)
+    keeper = make_keeper(chain, tmp_path / "k.sqlite")
+    keeper.index()
+    entries = ordered(keeper.store.open_escrows(chain.escrow.address))
+    by_id = {chain.escrow.id_of(t): t for t in batch}
+    for entry in entries:
+        assert entry.encoded == encode_terms(by_id[entry.id])  # the log's words, stored as they came
+        assert entry.terms == by_id[entry.id]
+    terms_in_order = [by_id[e.id] for e in entries]
+    expected = REFUND_MANY + encode(["(address,address,address,address,uint256,uint64,bytes32,bytes32)[]"],
+                                    [[t.as_tuple() for t in terms_in_order]])  # fmt: skip
+    assert refund_many_data(entries) == expected
+    assert refund_many_data(entries) == chain.escrow.refund_many_data(terms_in_order)
+
+
+def test_batches_are_capped_by_calldata_and_gas() -> None:
+    assert max_entries(10_000, 10**12, 10**12) == MAX_BATCH_SIZE == 468
+    terms = Terms(dev(1).address, dev(2).address, dev(3).address, dev(4).address, 1, 1, b"\0" * 32, b"\0" * 32)
+    full = [OpenEscrow.of("0x", n.to_bytes(32, "big"), terms) for n in range(MAX_BATCH_SIZE)]
+    assert len(refund_many_data(full)) <= MAX_CALLDATA_BYTES < len(refund_many_data([*full, full[0]]))
+    cap = max_entries(400, 5_000_000, 60_000_000)  # the configured gas cap binds
+    assert batch_gas(cap) <= 5_000_000 < batch_gas(cap + 1)
+    cap = max_entries(400, 50_000_000, 30_000_000)  # half the block's gas limit binds
+    assert batch_gas(cap) <= 15_000_000 < batch_gas(cap + 1)
+    assert max_entries(1, 10**9, 10**9) == 1
+    with pytest.raises(ConfigError, match="batch_size = 469: expected an integer from 1 to 468"):
+        KeeperConfig.load({"rpc_url": "http://x", "escrows": dev(1).address, "batch_size": 469}, environ={})
+
+
+def _plan(store: KeeperStore, sql: str, *args: object) -> str:
+    return " | ".join(str(row[-1]) for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+
+
+def test_the_open_escrow_query_and_the_reorg_delete_use_indexes(tmp_path: Path) -> None:
+    store = KeeperStore(str(tmp_path / "k.sqlite"))
+    due = _plan(store, "SELECT d.id FROM deposits d LEFT JOIN troubles t ON t.escrow = d.escrow AND t.id = d.id "
+                "WHERE d.escrow = ? AND d.open = 1 AND d.deadline <= ? ORDER BY d.deadline", "0x", 1)  # fmt: skip
+    assert "USING INDEX deposits_open" in due and "SCAN d" not in due
+    assert "deposits_by_block" in _plan(store, "DELETE FROM deposits WHERE escrow = ? AND block_number > ?", "0x", 1)
+    assert "settlements_by_block" in _plan(
+        store, "SELECT id, kind FROM settlements WHERE escrow = ? AND block_number > ?", "0x", 1
+    )
+    held = _plan(store, "SELECT COUNT(*) FROM deposits WHERE escrow = ? AND open = 1", "0x")
+    assert "deposits_open" in held
+
+
+def _history(store: KeeperStore, escrow: str, n: int, below: int) -> None:
+    """`n` escrows deposited and refunded long ago, as the indexer would have stored them."""
+    events = []
+    for i in range(n):
+        escrow_id = "0x" + os.urandom(32).hex()
+        block = max(1, below - 1 - i % 50)
+        events.append(IndexedEvent("deposited", escrow_id, block, "0x" + "ab" * 32, "0x" + "cd" * 32,
+                                   encoded=bytes(256), deadline=1, buyer="0x" + "11" * 20, seller="0x" + "22" * 20,
+                                   token="0x" + "33" * 20))  # fmt: skip
+        events.append(IndexedEvent("refunded", escrow_id, block, "0x" + "ab" * 32, "0x" + "ef" * 32))
+    store.apply(escrow, rewind_to=below, events=events, checkpoint=store.checkpoint(escrow) or below,
+                block_hashes=[])  # fmt: skip
+
+
+def _cycle_cost(chain: Chain, db: Path, history: int) -> tuple[int, dict[str, int], int]:
+    """(SQLite VM steps, RPC calls by method) of one cycle after a new empty block, and of an idle cycle's RPCs."""
+    proxy = FaultProxy(chain.node.url)
+    try:
+        keeper = make_keeper(chain, db, rpc_url=proxy.url)
+        keeper.run_once()
+        _history(keeper.store, chain.escrow.address, history, int(chain.w3.eth.block_number))
+        chain.mine()
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        keeper.store.conn.set_progress_handler(count, 100)
+        proxy.calls.clear()
+        keeper.run_once()
+        busy = dict(proxy.calls)
+        proxy.calls.clear()
+        keeper.run_once()  # no new block: an idle cycle
+        idle = sum(proxy.calls.values())
+        keeper.close()
+        return steps, busy, idle
+    finally:
+        proxy.close()
+
+
+def test_a_cycle_costs_the_same_with_a_long_history(chain: Chain, tmp_path: Path) -> None:
+    """10,000 settled escrows in the store change neither a cycle's RPC calls nor (much) its SQLite work."""
+    deposit(chain, make_terms(chain, window=10_000))  # one open escrow, not due
+    fresh_steps, fresh_calls, fresh_idle = _cycle_cost(chain, tmp_path / "fresh.sqlite", 0)
+    long_steps, long_calls, long_idle = _cycle_cost(chain, tmp_path / "long.sqlite", 10_000)
+    assert long_calls == fresh_calls
+    assert sum(long_calls.values()) <= 3  # the head, the checkpoint's hash, the logs of the new block
+    assert fresh_idle == long_idle == 1  # an idle cycle reads the head and nothing else
+    assert long_steps <= fresh_steps * 2 + 50, (fresh_steps, long_steps)
