@@ -23,7 +23,13 @@ from escrow_py.keeper._store import OpenEscrow
 # balance slot is empty, 22.1k for that store alone, plus the entry's calldata) stays under 45k. A
 # fixed bound costs the node nothing (eth_estimateGas would run each batch a dozen times) and bounds
 # what a token that burns gas can waste in one batch.
-BATCH_GAS = 60_000
+#
+# BATCH_GAS also holds what X402Escrow checks is left before each payout (its PAYOUT_GAS_NEEDED: the
+# payout's 100k allowance, the 1/64 the EVM keeps back, 10k for the call itself). Without it a batch whose
+# last payout comes after cheap entries reverts with InsufficientGas: a one-entry batch always did.
+PAYOUT_GAS = 100_000
+PAYOUT_GAS_NEEDED = PAYOUT_GAS + PAYOUT_GAS // 63 + 10_000
+BATCH_GAS = 60_000 + PAYOUT_GAS_NEEDED
 ENTRY_GAS = 45_000
 # A batch that reverts when mined is split in this many parts (after splitting by token).
 SPLIT_PARTS = 4

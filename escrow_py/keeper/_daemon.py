@@ -60,10 +60,13 @@ _REFUNDED = "0x" + REFUNDED_TOPIC.hex()
 _NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
                 "nonce has already been used")  # fmt: skip
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
-# Reverts that are the escrow's own rules (an entry not Held, or not yet due): a race with the chain, never a
-# token's doing. Every other revert of a refund that passed its simulation is the token's.
+# Reverts that are the escrow's own rules (e.g. a reorg took a deposit): a race with the chain, never a
+# token's doing. Every other revert of a refund that passed its simulation is the token's: a TransferFailed,
+# or an InsufficientGas because a token burned more gas once mined than it did in the simulation.
 _ESCROW_RULES = frozenset(
-    item["name"] for item in ESCROW_ABI if item.get("type") == "error" and item["name"] != "TransferFailed"
+    item["name"]
+    for item in ESCROW_ABI
+    if item.get("type") == "error" and item["name"] not in ("TransferFailed", "InsufficientGas")
 )
 
 
