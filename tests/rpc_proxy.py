@@ -4,18 +4,27 @@
         proxy.mode = "blackhole"             # accepts connections, reads the request, never answers
         proxy.mode = "forward"               # the node is back (held connections are released unanswered)
         proxy.fail("eth_sendRawTransaction", {"code": -32003, "message": "nonce too low"}, times=1)
+        proxy.fail_if("eth_call", lambda params: "gas" in params[0], INTERNAL_ERROR)  # errors for some params
+        proxy.refuse_raw_over(6_000)         # eth_sendRawTransaction over N bytes: an error object
+        proxy.drop_rate, proxy.http_error_rate = 0.1, 0.05  # connections closed unanswered, HTTP 502
         proxy.answer_errors()                # every method answers a JSON-RPC error object (NODE_ERROR)
+        proxy.heal()                         # a faithful proxy again
+        proxy.calls["eth_call"]              # how often each method was asked for; proxy.faults: faults made
         proxy.stop()                         # the node is gone: every later call fails to connect
 
 A real node hangs, errs or goes away only when it is broken; this is the fault-injecting
-stand-in the charter allows for that. Everything it forwards is anvil's own answer.
+stand-in the charter allows for that. Everything it forwards is anvil's own answer. It is the
+one such proxy for every suite.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -24,15 +33,25 @@ from escrow_py.chain.anvil import free_port
 
 # What a load-balanced public RPC answers when the backend behind it lags: a real error, not a revert.
 NODE_ERROR = {"code": -32000, "message": "header not found"}
+# A node's generic failure (-32603), e.g. on eth_getTransactionCount when its state is not ready.
+INTERNAL_ERROR = {"code": -32603, "message": "internal error"}
 
 _EVERY_METHOD = "*"
 
 
 class RpcProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, seed: int = 7) -> None:
+        self.upstream = upstream
         self.mode = "forward"
         self.requests: list[str] = []  # methods seen, in order
+        self.calls: Counter[str] = Counter()  # methods seen, counted (each item of a JSON-RPC batch)
+        self.faults = 0  # requests answered with an injected fault
+        self.drop_rate = 0.0  # share of requests whose connection is closed unanswered
+        self.http_error_rate = 0.0  # share answered with HTTP 502
         self._errors: dict[str, tuple[dict[str, Any], int | None]] = {}
+        self._errors_if: list[tuple[str, Callable[[list[Any]], bool], dict[str, Any]]] = []
+        self._raw_limit: tuple[int, str] | None = None
+        self._rng = random.Random(seed)
         self._release = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
@@ -52,12 +71,18 @@ class RpcProxy:
                     method = str(request.get("method")) if isinstance(request, dict) else "batch"
                 except ValueError:
                     request, method = None, "?"
-                proxy.requests.append(method)
+                roll = proxy._seen(request, method)
                 if proxy.mode == "blackhole":
                     proxy._release.wait(120)  # hold the connection, answer nothing
                     self.close_connection = True
                     return
-                error = proxy._take_error(method)
+                if roll < proxy.drop_rate:
+                    self.close_connection = True
+                    return  # no answer at all
+                if roll < proxy.drop_rate + proxy.http_error_rate:
+                    self._answer(b"", status=502)
+                    return
+                error = proxy._take_error(method, request)
                 if error is not None and isinstance(request, dict):
                     self._answer(json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode())
                     return
@@ -65,8 +90,8 @@ class RpcProxy:
                 with urllib.request.urlopen(forwarded, timeout=30) as answer:
                     self._answer(answer.read())
 
-            def _answer(self, data: bytes) -> None:
-                self.send_response(200)
+            def _answer(self, data: bytes, status: int = 200) -> None:
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -102,16 +127,52 @@ class RpcProxy:
             else:
                 self._errors[method] = (error, times)
 
+    def fail_if(self, method: str, predicate: Callable[[list[Any]], bool], error: dict[str, Any]) -> None:
+        """Answer `method` with `error` whenever `predicate(params)` holds, until `heal()`."""
+        with self._lock:
+            self._errors_if.append((method, predicate, error))
+
+    def refuse_raw_over(self, size: int, message: str = "oversized data") -> None:
+        """Refuse every eth_sendRawTransaction whose raw transaction is over `size` bytes (geth: 128 KiB)."""
+        with self._lock:
+            self._raw_limit = (size, message)
+
     def answer_errors(self, error: dict[str, Any] | None = NODE_ERROR) -> None:
         """Answer every method with `error` from now on (None: forward again, unless a method has its own)."""
         self.fail(_EVERY_METHOD, error)
 
-    def _take_error(self, method: str) -> dict[str, Any] | None:
+    def heal(self) -> None:
+        """Back to a faithful proxy: no errors, drops or refusals (held connections are released)."""
         with self._lock:
-            key = method if method in self._errors else _EVERY_METHOD
-            entry = self._errors.get(key)
-            if entry is None:
-                return None
+            self._errors.clear()
+            self._errors_if.clear()
+            self._raw_limit = None
+            self.drop_rate = self.http_error_rate = 0.0
+        self.mode = "forward"
+
+    def _seen(self, request: Any, method: str) -> float:
+        """Count the request; the roll that decides whether it is dropped or answered 502."""
+        with self._lock:
+            self.requests.append(method)
+            for item in request if isinstance(request, list) else [request]:
+                self.calls[str(item.get("method", "")) if isinstance(item, dict) else "?"] += 1
+            roll = self._rng.random()
+            if roll < self.drop_rate + self.http_error_rate:
+                self.faults += 1
+            return roll
+
+    def _take_error(self, method: str, request: Any) -> dict[str, Any] | None:
+        params = (request.get("params") or []) if isinstance(request, dict) else []
+        with self._lock:
+            error = self._error_for(method, params)
+            if error is not None:
+                self.faults += 1
+            return error
+
+    def _error_for(self, method: str, params: list[Any]) -> dict[str, Any] | None:
+        key = method if method in self._errors else _EVERY_METHOD
+        entry = self._errors.get(key)
+        if entry is not None:
             error, times = entry
             if times is not None:
                 if times <= 1:
@@ -119,6 +180,14 @@ class RpcProxy:
                 else:
                     self._errors[key] = (error, times - 1)
             return error
+        for name, predicate, conditional in self._errors_if:
+            if name == method and predicate(params):
+                return conditional
+        if method == "eth_sendRawTransaction" and self._raw_limit is not None and params:
+            limit, message = self._raw_limit
+            if (len(str(params[0])) - 2) // 2 > limit:
+                return {"code": -32000, "message": message}
+        return None
 
     def stop(self) -> None:
         """The node goes away: the listening socket closes, kept-alive connections are dropped unanswered."""

@@ -8,14 +8,13 @@ An RPC that cannot be reached is an RpcError naming the URL.
 
 from __future__ import annotations
 
-from eth_utils.crypto import keccak
 from web3 import Web3
 
 from escrow_py.chain import rpc
-from escrow_py.chain.artifacts import load_artifact
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, check_escrow_code
 from escrow_py.errors import ConfigError, RpcError
 from escrow_py.keeper._batch import batch_gas
-from escrow_py.keeper._config import KeeperConfig, registry_entry
+from escrow_py.keeper._config import KeeperConfig
 
 
 def _hex_int(value: object, what: str) -> int:
@@ -23,11 +22,6 @@ def _hex_int(value: object, what: str) -> int:
         return int(str(value), 16)
     except ValueError:
         raise RpcError(f"{what}: the node answered {value!r}, not a hex number") from None
-
-
-def escrow_code_hash() -> bytes:
-    """keccak256 of the shipped X402Escrow runtime code (the contract has no immutables)."""
-    return keccak(hexstr=load_artifact("X402Escrow")["deployedBytecode"])
 
 
 def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
@@ -41,17 +35,16 @@ def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
             f"network = {config.network!r} (chain id {config.chain_id}), but the RPC at {config.rpc_url} serves "
             f"chain id {chain_id}: set network = 'eip155:{chain_id}' or point rpc_url at the right chain"
         )
-    expected = escrow_code_hash()
-    registered = str(registry_entry(config.network).get("escrow", "")).lower()
     for address in config.escrows:
-        code = str(rpc.request(w3, "eth_getCode", [address, "latest"]))
-        if code in ("0x", "", "0x0"):
+        # The one genuine-escrow check every role uses: the shipped runtime code, or a shipped deployment.
+        check = check_escrow_code(w3, address, chain_id=chain_id)
+        if check.verdict is EscrowCode.NO_CODE:
             raise ConfigError(f"escrows: {address} holds no contract code on chain {chain_id}")
-        found = keccak(hexstr=code)
-        if found != expected and address.lower() != registered:
+        if not check.genuine:
+            found = "?" if check.code_hash is None else "0x" + check.code_hash.hex()
             raise ConfigError(
                 f"escrows: {address} on chain {chain_id} is not an X402Escrow: its runtime code hashes to "
-                f"0x{found.hex()}, the shipped X402Escrow's to 0x{expected.hex()}"
+                f"{found}, the shipped X402Escrow's to 0x{ESCROW_CODE_HASH.hex()}"
             )
     if config.allowed_tokens() == frozenset():
         raise ConfigError(

@@ -1,6 +1,6 @@
 """The keeper under faults: SIGKILL at random moments, an RPC that drops, fails or refuses requests.
 
-The faults come from a loopback JSON-RPC proxy in front of the real anvil (rpc_proxy.py);
+The faults come from a loopback JSON-RPC proxy in front of the real anvil (tests/rpc_proxy.py);
 the keeper is a real process (or a real Keeper in a thread) on a real chain.
 """
 
@@ -19,12 +19,12 @@ import pytest
 from conftest import Chain
 from helpers import deposit, make_terms
 from prometheus_client import generate_latest
+from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_py.chain.anvil import free_port
 from escrow_py.terms import State, Terms
 
 from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, start_keeper, transactions_of, wait_until
-from .rpc_proxy import FaultProxy
 
 TRIALS = 20
 
@@ -72,7 +72,7 @@ def test_keeper_survives_an_rpc_that_drops_and_fails_requests_and_serves_health(
     for terms in batch:
         deposit(chain, terms)
     chain.mine(batch[0].deadline)
-    proxy = FaultProxy(chain.node.url)
+    proxy = RpcProxy(chain.node.url)
     port = free_port()
     keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, poll_interval=0.05, reorg_depth=0,
                          metrics=f"127.0.0.1:{port}")  # fmt: skip
@@ -103,7 +103,7 @@ def test_json_rpc_error_objects_fail_cycles_not_the_process_and_readyz_says_so(c
 
     A supervisor restarts the keeper whenever it exits; it must never have to.
     """
-    proxy = FaultProxy(chain.node.url)
+    proxy = RpcProxy(chain.node.url)
     port = free_port()
     db = tmp_path / "k.sqlite"
     args = ("--poll-interval", "0.1", "--metrics", f"127.0.0.1:{port}", "--log-json")
@@ -133,7 +133,7 @@ def test_json_rpc_error_objects_fail_cycles_not_the_process_and_readyz_says_so(c
     try:
         wait_until(alive_and(lambda: _ready(port) == 200), "keeper up", 60)
         # Phase 1: the key's nonce cannot be read, so no refund can be signed, while escrows are due.
-        proxy.fail("eth_getTransactionCount")
+        proxy.fail("eth_getTransactionCount", INTERNAL_ERROR)
         batch = [make_terms(chain, window=60) for _ in range(3)]
         for terms in batch:
             deposit(chain, terms)
@@ -146,7 +146,8 @@ def test_json_rpc_error_objects_fail_cycles_not_the_process_and_readyz_says_so(c
                                          for t in batch)), "refunds once the node answers again")  # fmt: skip
         wait_until(alive_and(lambda: _ready(port) == 200), "ready again")
         # Phase 2: the chain head cannot be read at all.
-        proxy.fail("eth_blockNumber", "eth_getBlockByNumber")
+        proxy.fail("eth_blockNumber", INTERNAL_ERROR)
+        proxy.fail("eth_getBlockByNumber", INTERNAL_ERROR)
         wait_until(alive_and(lambda: _ready(port) == 503), "readyz 503 while the head cannot be read")
         proxy.heal()
         wait_until(alive_and(lambda: _ready(port) == 200), "ready again after the second outage")
@@ -176,7 +177,7 @@ def test_a_batch_the_node_refuses_for_its_size_is_split_not_resent_forever(chain
     for terms in batch:
         deposit(chain, terms)
     chain.mine(batch[0].deadline)
-    proxy = FaultProxy(chain.node.url)
+    proxy = RpcProxy(chain.node.url)
     proxy.refuse_raw_over(1_500)  # 8 entries are about 2.2 kB, 4 about 1.2 kB
     try:
         keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, batch_size=8, reorg_depth=0)
@@ -199,10 +200,10 @@ def test_a_broadcast_that_fails_is_neither_counted_nor_logged_as_sent(
     terms = make_terms(chain, window=60)
     deposit(chain, terms)
     chain.mine(terms.deadline)
-    proxy = FaultProxy(chain.node.url)
+    proxy = RpcProxy(chain.node.url)
     try:
         keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
-        proxy.fail("eth_sendRawTransaction", code=-32000, message="nonce too low")
+        proxy.fail("eth_sendRawTransaction", {"code": -32000, "message": "nonce too low"})
         caplog.set_level(logging.INFO, logger="x402_escrow.keeper")
         report = keeper.run_once()
         assert report.refunds_sent == 0 and chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD

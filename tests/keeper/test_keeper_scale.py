@@ -9,6 +9,7 @@ import pytest
 from conftest import Chain
 from eth_abi.abi import encode
 from helpers import deposit, dev, make_terms
+from rpc_proxy import RpcProxy
 
 from escrow_py.errors import ConfigError
 from escrow_py.keeper import KeeperConfig, OpenEscrow
@@ -18,7 +19,6 @@ from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
 from escrow_py.terms import Terms
 
 from .kit import make_keeper
-from .rpc_proxy import FaultProxy
 
 
 def test_the_indexed_bytes_are_the_abi_encoding_and_a_batch_is_the_contracts_calldata(
@@ -88,7 +88,7 @@ def _history(store: KeeperStore, escrow: str, n: int, below: int) -> None:
 
 def _cycle_cost(chain: Chain, db: Path, history: int) -> tuple[int, dict[str, int], int]:
     """(SQLite VM steps, RPC calls by method) of one cycle after a new empty block, and of an idle cycle's RPCs."""
-    proxy = FaultProxy(chain.node.url)
+    proxy = RpcProxy(chain.node.url)
     try:
         keeper = make_keeper(chain, db, rpc_url=proxy.url)
         keeper.run_once()

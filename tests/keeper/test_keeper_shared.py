@@ -15,6 +15,7 @@ import pytest
 from conftest import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from prometheus_client import generate_latest
+from rpc_proxy import RpcProxy
 
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import CycleReport, Keeper
@@ -22,7 +23,6 @@ from escrow_py.keeper._batch import batch_gas, ordered, refund_many_data
 from escrow_py.terms import State
 
 from .kit import KEEPER, KEEPER2, KEEPER3, make_keeper, metric, refunds_by_id, transactions_of, wait_until
-from .rpc_proxy import FaultProxy
 
 
 def _automine(chain: Chain, on: bool) -> None:
@@ -135,7 +135,7 @@ def test_act_on_a_stale_view_leaves_out_what_a_pending_transaction_covers_in_a_f
         deposit(chain, terms)
     chain.mine(batch[0].deadline)
     first = make_keeper(chain, tmp_path / "a.sqlite", who=KEEPER)
-    proxy = FaultProxy(chain.node.url)
+    proxy = RpcProxy(chain.node.url)
     second = make_keeper(chain, tmp_path / "b.sqlite", who=KEEPER2, rpc_url=proxy.url, batch_size=40)
     second.index()
     first.index()
