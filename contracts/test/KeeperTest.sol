@@ -3,20 +3,21 @@ pragma solidity 0.8.30;
 
 import {TestUSDC} from "./TestUSDC.sol";
 
-/// @title GasPriceCheckingToken
-/// @notice A hostile token whose `transfer` succeeds in a simulation and reverts when mined: it refuses to run
-///         at a non-zero gas price, and an `eth_call` or gas estimate without one runs at zero. Deposits
-///         (`receiveWithAuthorization`) work, so escrows of it can be made; every payout of them reverts on chain.
-///         Used to show that one such escrow cannot sink a keeper's batch of honest refunds.
-contract GasPriceCheckingToken is TestUSDC {
-    /// @notice A transfer in a transaction that pays for gas.
-    /// @param gasPrice The transaction's gas price.
-    error PaidTransferRefused(uint256 gasPrice);
-
+/// @title GasBurningToken
+/// @notice A hostile token whose `transfer` works in a simulation and, once mined, burns all the gas it is
+///         given: an `eth_call` or gas estimate runs at gas price zero, a mined transaction pays for gas.
+///         X402Escrow caps the gas of each batch payout, so one such payout only fails (`PayoutFailed`); but
+///         payouts to several distinct buyers outspend the gas a keeper budgets per entry, and the batch then
+///         reverts when mined (`InsufficientGas`): the case a keeper must split without paying for it forever.
+contract GasBurningToken is TestUSDC {
     constructor() TestUSDC("USDC", "2") {}
 
     function transfer(address to, uint256 value) external override returns (bool) {
-        if (tx.gasprice != 0) revert PaidTransferRefused(tx.gasprice);
+        if (tx.gasprice != 0) {
+            assembly {
+                invalid() // consumes every unit of gas the call was given
+            }
+        }
         _transfer(msg.sender, to, value);
         return true;
     }

@@ -15,8 +15,7 @@ import threading
 import time
 from typing import Any
 
-from web3 import HTTPProvider, Web3
-
+from escrow_py.chain import rpc
 from escrow_py.chain.signer import load_signer
 from escrow_py.errors import RpcError
 from escrow_py.keeper._config import MAX_BATCH_SIZE, KeeperConfig
@@ -41,6 +40,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--standby-after", dest="standby_after",
                      help="seconds past a deadline before this keeper refunds (a standby; default 0)")  # fmt: skip
     run.add_argument("--reorg-depth", dest="reorg_depth", help="blocks after which an event or a refund is final")
+    run.add_argument("--retry-after", dest="retry_after",
+                     help="seconds before a buyer whose refund the token refused is tried again (default 300, "
+                     "doubled per refusal in a row, at most 6 h)")  # fmt: skip
     run.add_argument("--keystore", help="encrypted keystore JSON (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE); "
                      "without it the key comes from X402_ESCROW_PRIVATE_KEY")  # fmt: skip
     run.add_argument("--buyer", dest="buyers", action="append", help="only refund this buyer's escrows (repeatable)")
@@ -96,8 +98,7 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     config = _config(args)
     store = KeeperStore(config.database)
-    w3 = Web3(HTTPProvider(config.rpc_url, request_kwargs={"timeout": config.rpc_timeout},
-                           exception_retry_configuration=None))  # fmt: skip
+    w3 = rpc.connect(config.rpc_url, deadline=config.rpc_timeout)
     try:
         try:
             head = read_head(w3)
@@ -148,3 +149,11 @@ def _print_escrow(
         print(f"  refund failing in simulation, retried every few minutes: {len(failing)}")
         for trouble in failing[:10]:
             print(f"    0x{trouble.id.hex()}  {trouble.reason}")
+    backoffs = store.backoffs(address)
+    held_back = sum(b.open_escrows for b in backoffs)
+    print(f"  refunds the token refused, backing off: {len(backoffs)} buyers ({held_back} escrows)")
+    now = time.time()
+    for backoff in backoffs[:10]:
+        wait = max(0, round(backoff.retry_at - now))
+        print(f"    token {backoff.token} buyer {backoff.buyer}: {backoff.open_escrows} escrows, refused "
+              f"{backoff.failures} times in a row, next try in {wait}s: {backoff.reason}")  # fmt: skip

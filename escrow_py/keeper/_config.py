@@ -19,7 +19,9 @@ Precedence: a flag beats an environment variable beats the TOML file beats the d
     X402_KEEPER_METRICS          metrics address host:port (empty: none)
     X402_KEEPER_REORG_DEPTH      reorg_depth: blocks after which an event or a sent transaction is final
     X402_KEEPER_REPLACE_AFTER    replace_after (seconds before a pending refund is re-sent with higher fees)
-    X402_KEEPER_RPC_TIMEOUT      rpc_timeout (seconds per JSON-RPC request)
+    X402_KEEPER_RETRY_AFTER      retry_after (seconds before a refund the token refused is tried again; doubled
+                                 per refusal in a row, up to LONGEST_RETRY)
+    X402_KEEPER_RPC_TIMEOUT      rpc_timeout (seconds for one JSON-RPC call, whatever the node does)
     X402_KEEPER_LOG_JSON         log_json
 
 Every value is checked for its type here, and an error names the setting and the
@@ -52,6 +54,9 @@ MAX_CALLDATA_BYTES = 120_000
 TERMS_BYTES = 256
 MAX_BATCH_SIZE = (MAX_CALLDATA_BYTES - 4 - 64) // TERMS_BYTES  # selector, array offset and length
 
+# A buyer whose refunds the token keeps refusing (a blacklist) is tried again at least this often.
+LONGEST_RETRY = 6 * 3600.0
+
 DEFAULT_NETWORK = "eip155:84532"
 ANY_TOKEN = "*"  # noqa: S105 - the wildcard of the token allowlist, not a secret
 
@@ -73,6 +78,7 @@ _ENV = {
     "metrics": "X402_KEEPER_METRICS",
     "reorg_depth": "X402_KEEPER_REORG_DEPTH",
     "replace_after": "X402_KEEPER_REPLACE_AFTER",
+    "retry_after": "X402_KEEPER_RETRY_AFTER",
     "rpc_timeout": "X402_KEEPER_RPC_TIMEOUT",
     "log_json": "X402_KEEPER_LOG_JSON",
 }
@@ -171,6 +177,7 @@ class KeeperConfig:
     metrics: str | None = None
     reorg_depth: int = 12  # blocks after which an indexed event or a keeper transaction is final
     replace_after: float = 30.0  # seconds before a pending refund is re-sent with higher fees
+    retry_after: float = 300.0  # first wait after a refused payout or a failed simulation (doubles, to LONGEST_RETRY)
     rpc_timeout: float = 10.0
     log_json: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -198,6 +205,7 @@ class KeeperConfig:
         _seconds("rpc_timeout", self.rpc_timeout, allow_zero=False)
         _seconds("standby_after", self.standby_after, allow_zero=True)
         _seconds("replace_after", self.replace_after, allow_zero=True)
+        _seconds("retry_after", self.retry_after, allow_zero=False)
         if self.metrics is not None:
             host, _, port = self.metrics.rpartition(":")
             if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -282,6 +290,7 @@ class KeeperConfig:
             metrics=_text("metrics", metrics) or None if metrics is not None else None,
             reorg_depth=_int("reorg_depth", values.get("reorg_depth", 12), 0),
             replace_after=_seconds("replace_after", values.get("replace_after", 30.0), allow_zero=True),
+            retry_after=_seconds("retry_after", values.get("retry_after", 300.0), allow_zero=False),
             rpc_timeout=_seconds("rpc_timeout", values.get("rpc_timeout", 10.0), allow_zero=False),
             log_json=_bool("log_json", values.get("log_json", False)),
         )

@@ -10,6 +10,12 @@ One cycle, on each new block:
    simulated against the pending state just before it is signed, so escrows another keeper's
    pending transaction already covers are left out.
 
+A payout the token refuses does not sink a batch: refundMany puts those entries back to Held and
+emits `PayoutFailed(token, buyer, amount)`, and the rest of the batch is refunded. The keeper then
+backs off that (token, buyer): its escrows wait `retry_after` seconds, doubled per refusal in a row
+(at most LONGEST_RETRY), before they are sent again. It does the same, without sending anything, when
+the simulation shows such an escrow still Held yet not refunded (the refusal is visible before mining).
+
 Crash safety: every refund transaction is signed, then recorded with its raw bytes, then
 broadcast. After a crash the recorded transaction is broadcast again as it was (same nonce),
 never a new one; and `refundMany` skips escrows settled meanwhile, so a refund can be neither
@@ -28,21 +34,21 @@ import math
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from web3 import HTTPProvider, Web3
+from eth_abi.abi import encode
 from web3.exceptions import Web3Exception
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import ESCROW_ABI, REFUNDED_TOPIC, Escrow
+from escrow_py.chain.escrow import ESCROW_ABI, Escrow, PayoutFailed, Refunded, decode_log, decode_settlement_log
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import SentTx, TxSender, decode_revert
 from escrow_py.errors import ChainError, ContractRevert, RpcError
-from escrow_py.keeper._batch import batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
+from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
-from escrow_py.keeper._config import KeeperConfig
+from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
 from escrow_py.keeper._decide import Refund, next_action
 from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
@@ -51,11 +57,9 @@ from escrow_py.terms import State
 
 log = logging.getLogger("x402_escrow.keeper")
 
-# A refund that fails in simulation (a token that blacklists the buyer) waits this long before another try.
-FAILURE_RETRY_SECONDS = 300.0
 # Failures a cycle treats as the chain's or the network's, logged without a stack trace.
 RPC_FAILURES = (ChainError, Web3Exception, OSError, ValueError)
-_REFUNDED = "0x" + REFUNDED_TOPIC.hex()
+_TRANSFER = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
 # Node answers to eth_sendRawTransaction that say the nonce is taken, not that the transaction is bad.
 _NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
                 "nonce has already been used")  # fmt: skip
@@ -78,6 +82,7 @@ class CycleReport:
     refunds_sent: int = 0
     batches_sent: int = 0
     failed: int = 0  # escrows whose refund reverted in simulation
+    payouts_refused: int = 0  # payouts the token refused (PayoutFailed, or seen in the simulation): backed off
     confirmed: int = 0  # Refunded logs naming this keeper, in receipts now final
     replaced: int = 0
     covered: int = 0  # due escrows left out: the pending state showed them settled
@@ -86,8 +91,8 @@ class CycleReport:
     reorged: int = 0  # this keeper's mined transactions a reorg removed
 
     def eventful(self) -> bool:
-        return any((self.batches_sent, self.failed, self.confirmed, self.replaced, self.covered, self.reverted,
-                    self.quarantined, self.reorged))  # fmt: skip
+        return any((self.batches_sent, self.failed, self.payouts_refused, self.confirmed, self.replaced, self.covered,
+                    self.reverted, self.quarantined, self.reorged))  # fmt: skip
 
 
 class Keeper:
@@ -95,11 +100,8 @@ class Keeper:
 
     def __init__(self, config: KeeperConfig, signer: Signer, *, store: KeeperStore | None = None) -> None:
         self.config = config
-        # No retries inside web3: a failed request fails the cycle, which backs off and tries again.
-        provider = HTTPProvider(
-            config.rpc_url, request_kwargs={"timeout": config.rpc_timeout}, exception_retry_configuration=None
-        )
-        self.w3 = Web3(provider)
+        # One deadline per call, retries included: a failed or hung request fails the cycle, which backs off.
+        self.w3 = rpc.connect(config.rpc_url, deadline=config.rpc_timeout)
         self.sender = TxSender(self.w3, signer)
         self.me = signer.address.lower()
         self.store = store or KeeperStore(config.database)
@@ -120,6 +122,8 @@ class Keeper:
         # Set when a cycle stopped sending early: the next one acts even without a new block.
         self._act_again = False
         self._random = random.Random()
+        # Wall clock of retries and backoffs (never of expiry: that is chain time); a test may move it on.
+        self.clock: Callable[[], float] = time.time
         self._gauges_set = False  # the escrow and quarantine gauges are read from the store once, then on changes
 
     # -- start-up --------------------------------------------------------------------------------
@@ -159,6 +163,7 @@ class Keeper:
                     self.metrics.escrows.labels(state=state).set(n)
         if not self._gauges_set:
             self._set_quarantine_gauge()
+            self._set_backoff_gauge()
             self._gauges_set = True
         if done:
             self.metrics.last_indexed_block.set(min(done.values()))
@@ -240,15 +245,8 @@ class Keeper:
         """Record a mined attempt; the refunds it made are those its Refunded logs say, not its size."""
         block = (int(receipt["blockNumber"], 16), str(receipt["blockHash"]))
         gas = int(receipt["gasUsed"], 16)
-        escrow = attempt.escrow.lower()
-        refunded = sum(
-            1
-            for entry in receipt.get("logs") or []
-            if str(entry.get("address", "")).lower() == escrow
-            and len(entry.get("topics") or []) == 3
-            and entry["topics"][0].lower() == _REFUNDED
-            and entry["topics"][2][-40:].lower() == self.me[2:]
-        )
+        refunds, refused = _receipt_events(receipt, attempt.escrow)
+        refunded = sum(1 for event in refunds if event.caller.lower() == self.me)
         ok = int(receipt["status"], 16) == 1
         self.metrics.gas_used.inc(gas)
         if not ok or refunded == 0:
@@ -264,6 +262,12 @@ class Keeper:
             fields = {"tx": "0x" + attempt.tx_hash.hex(), "block": block[0], "escrows": len(attempt.ids),
                       "refunded": refunded, "gas": gas}  # fmt: skip
             log.info("refund batch mined", extra=fields)
+            if self.store.clear_backoffs(attempt.escrow, [event.id for event in refunds]):
+                self._set_backoff_gauge()
+            fees = self.store.attempt_tx(attempt.tx_hash).tx if refused else {}
+            for failure in refused:
+                self._payout_refused(attempt.escrow, failure.token, failure.to, failure.amount, stage="mined",
+                                     report=report, fees=fees)  # fmt: skip
             if head.number - block[0] + 1 > self.config.reorg_depth:
                 self._finalise(attempt, refunded, statuses, report)
         else:
@@ -339,7 +343,7 @@ class Keeper:
             # deposit or rewound the clock). Not the entries' fault; they are simulated again later.
             for escrow_id in ids:
                 self.store.record_failure(attempt.escrow, escrow_id, f"reverted when mined: {reason}",
-                                          time.time() + FAILURE_RETRY_SECONDS)  # fmt: skip
+                                          self.clock() + self.config.retry_after)  # fmt: skip
             log.warning("refund batch 0x%s reverted when mined on an escrow rule: %s", attempt.tx_hash.hex(), reason)
             return
         if len(ids) == 1:
@@ -395,6 +399,50 @@ class Keeper:
     def _set_quarantine_gauge(self) -> None:
         self.metrics.quarantined_open.set(sum(len(self.store.troubles(a, QUARANTINED)) for a in self.bindings))
 
+    def _payout_refused(
+        self, escrow: str, token: str, buyer: str, amount: int, *, stage: str, report: CycleReport,
+        fees: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """The token refused a refund payout to `buyer` (`stage`: mined, or seen in the simulation): back off."""
+        reason = self._why_refused(escrow, token, buyer, amount, fees or {})
+        backoff = self.store.record_refused_payout(
+            escrow, token, buyer, reason, now=self.clock(), first_wait=self.config.retry_after,
+            longest_wait=LONGEST_RETRY,
+        )  # fmt: skip
+        self.metrics.payouts_refused.labels(stage=stage).inc()
+        self._set_backoff_gauge()
+        report.payouts_refused += 1
+        log.warning(
+            "token %s refused a refund of %d to %s (%s, %s); its escrows wait %ds (refusal %d in a row)",
+            token, amount, buyer, reason, "when mined" if stage == "mined" else "in the simulation",
+            round(backoff.retry_at - self.clock()), backoff.failures,
+        )  # fmt: skip
+
+    def _why_refused(self, escrow: str, token: str, buyer: str, amount: int, fees: dict[str, Any]) -> str:
+        """The token's own reason: its transfer replayed as an eth_call from the escrow, with the transaction's
+        fees (a token may refuse only when the gas is paid for) and the payout's gas allowance."""
+        data = _TRANSFER + encode(["address", "uint256"], [buyer, amount])
+        call = {"from": escrow, "to": token, "gas": hex(PAYOUT_GAS), "data": "0x" + data.hex()}
+        for field_name in ("maxFeePerGas", "maxPriorityFeePerGas"):
+            if field_name in fees:
+                call[field_name] = hex(int(fees[field_name]))
+        # The escrow holds no ether to pay the fees of a call from it: lend it some, for this call only.
+        lend = {escrow: {"balance": hex(10**24)}}
+        try:
+            result = str(rpc.request(self.w3, "eth_call", [call, "pending", lend]))
+        except rpc.NodeError as exc:
+            if exc.revert_data:
+                return f"PayoutFailed: {decode_revert(exc.revert_data)}"
+            return f"PayoutFailed: {exc}" if exc.is_revert else "PayoutFailed"
+        except RpcError:
+            return "PayoutFailed"
+        if result not in ("0x", "0x" + "00" * 31 + "01"):
+            return f"PayoutFailed: the token answered {result[:66]}"
+        return "PayoutFailed (not reproducible in eth_call)"
+
+    def _set_backoff_gauge(self) -> None:
+        self.metrics.backoffs.set(sum(len(self.store.backoffs(a)) for a in self.bindings))
+
     def _replace(self, attempt: Attempt, statuses: dict[bytes, str], report: CycleReport) -> bool:
         """Re-sign a stuck transaction with the same nonce and higher fees; False if its broadcast failed."""
         replacement = self.sender.replace(self.store.attempt_tx(attempt.tx_hash))
@@ -414,7 +462,7 @@ class Keeper:
         if self._batch_cap is not None:
             limit = min(limit, self._batch_cap)
         standby = math.ceil(self.config.standby_after)
-        wall = time.time()
+        wall = self.clock()
         for address in self.bindings:
             groups: dict[str, list[OpenEscrow]] = {}
             plain: list[OpenEscrow] = []
@@ -444,9 +492,19 @@ class Keeper:
         if batch and would_refund < len(batch):
             # refundMany skips settled entries: against the pending state, some are covered by a transaction
             # not yet mined (another keeper's, usually). Keep the ones still Held there.
-            held = self._still_held(address, batch, would_refund)
-            report.covered += len(batch) - len(held)
-            self.metrics.covered.inc(len(batch) - len(held))
+            refused: list[list[OpenEscrow]] = []
+            held = self._still_held(address, batch, would_refund, refused)
+            by_buyer: dict[tuple[str, str], int] = {}  # a bisection may cut one buyer's run in two: one refusal
+            for run in refused:
+                for entry in run:
+                    by_buyer[entry.token, entry.buyer] = (
+                        by_buyer.get((entry.token, entry.buyer), 0) + entry.terms.amount
+                    )
+            for (token, buyer), amount in by_buyer.items():
+                self._payout_refused(address, token, buyer, amount, stage="simulation", report=report)
+            covered = len(batch) - len(held) - sum(len(run) for run in refused)
+            report.covered += covered
+            self.metrics.covered.inc(covered)
             batch = held
             if batch and self.store.is_reverted_set(fingerprint([e.id for e in batch])):
                 self._never_again(address, batch, report)
@@ -464,18 +522,25 @@ class Keeper:
             self.metrics.refund_delay.observe(max(0, chain_time - entry.deadline))
         return True
 
-    def _still_held(self, address: str, batch: list[OpenEscrow], would_refund: int) -> list[OpenEscrow]:
+    def _still_held(
+        self, address: str, batch: list[OpenEscrow], would_refund: int, refused: list[list[OpenEscrow]]
+    ) -> list[OpenEscrow]:
         """The entries of `batch` a pending-state refundMany would refund, given that it refunds `would_refund`.
 
         Bisected on the simulated count, not asked entry by entry: another keeper's transactions cover
-        whole runs of a batch, so a few calls settle 250 entries.
+        whole runs of a batch, so a few calls settle 250 entries. A part of one (token, buyer) that would
+        refund nothing is either covered or refused by the token: one state read tells which, and a refused
+        one goes to `refused` (the payout to that buyer fails whatever the batch).
         """
-        if would_refund == 0:
-            return []
         if would_refund == len(batch):
             return batch
-        if len(batch) == 1:
-            return batch if self.bindings[address].state_of(batch[0].id, "pending") is State.HELD else []
+        if would_refund == 0:
+            first = batch[0]
+            if any((e.token, e.buyer) != (first.token, first.buyer) for e in batch):
+                return []
+            if self.bindings[address].state_of(first.id, "pending") is State.HELD:
+                refused.append(batch)
+            return []
         middle = len(batch) // 2
         held = []
         for part in (batch[:middle], batch[middle:]):
@@ -484,7 +549,7 @@ class Keeper:
             except ContractRevert:  # the pending state moved under us: ask entry by entry
                 held += [e for e in part if self.bindings[address].state_of(e.id, "pending") is State.HELD]
                 continue
-            held += self._still_held(address, part, count)
+            held += self._still_held(address, part, count, refused)
         return held
 
     def _never_again(self, address: str, batch: list[OpenEscrow], report: CycleReport) -> None:
@@ -499,14 +564,14 @@ class Keeper:
     def _simulated(self, address: str, batch: list[OpenEscrow], report: CycleReport) -> tuple[list[OpenEscrow], int]:
         """The entries whose refund goes through in an eth_call on the pending state, and how many it would refund.
 
-        A batch that reverts is bisected; an entry that reverts alone is set aside for FAILURE_RETRY_SECONDS.
+        A batch that reverts is bisected; an entry that reverts alone is set aside for `retry_after` seconds.
         """
         try:
             result = self.sender.call(address, refund_many_data(batch), block="pending")
         except ContractRevert as revert:
             if len(batch) == 1:
                 entry = batch[0]
-                self.store.record_failure(address, entry.id, str(revert), time.time() + FAILURE_RETRY_SECONDS)
+                self.store.record_failure(address, entry.id, str(revert), self.clock() + self.config.retry_after)
                 self.metrics.refunds_failed.inc()
                 report.failed += 1
                 log.warning("refund of 0x%s fails in simulation: %s", entry.id.hex(), revert)
@@ -616,6 +681,28 @@ class Keeper:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _receipt_events(receipt: dict[str, Any], escrow: str) -> tuple[list[Refunded], list[PayoutFailed]]:
+    """The escrow's Refunded and PayoutFailed events in a raw receipt, read by the binding's own decoders."""
+    refunds: list[Refunded] = []
+    refused: list[PayoutFailed] = []
+    for entry in receipt.get("logs") or []:
+        if str(entry.get("address", "")).lower() != escrow.lower():
+            continue
+        log_entry = {
+            "topics": [bytes.fromhex(str(t)[2:]) for t in entry.get("topics") or []],
+            "data": bytes.fromhex(str(entry.get("data", "0x"))[2:]),
+            "blockNumber": int(entry["blockNumber"], 16),
+            "blockHash": bytes.fromhex(str(entry["blockHash"])[2:]),
+            "transactionHash": bytes.fromhex(str(entry["transactionHash"])[2:]),
+            "logIndex": int(entry["logIndex"], 16),
+        }
+        if isinstance(event := decode_log(log_entry), Refunded):
+            refunds.append(event)
+        elif isinstance(failure := decode_settlement_log(log_entry), PayoutFailed):
+            refused.append(failure)
+    return refunds, refused
 
 
 def _describe(revert: ContractRevert) -> str:

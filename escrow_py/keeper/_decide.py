@@ -36,6 +36,7 @@ class Skip:
 Action = Refund | Wait | Skip
 
 TOKEN_NOT_ALLOWED = "token not in the allowlist"  # noqa: S105 - a reason, not a secret
+PAYOUT_REFUSED = "the token refused this buyer's refund; backing off"
 
 
 def next_action(
@@ -51,7 +52,8 @@ def next_action(
     """Decide for one open (deposited, unsettled) escrow.
 
     `buyers`, `sellers` and `tokens` are lower-case addresses (`tokens` None: every token);
-    `wall_time` only paces retries of refunds that failed in simulation; a standby keeper
+    `wall_time` only paces retries: of refunds that failed in simulation, and of buyers whose
+    payouts the token refused (`backoff_until`, per token and buyer); a standby keeper
     (`standby_after` > 0) leaves each escrow to the active one for that many seconds past its deadline.
     """
     if (reason := _not_ours(escrow, buyers, sellers, tokens)) is not None:
@@ -62,6 +64,8 @@ def next_action(
         return Skip("refund in flight")
     if escrow.retry_at is not None and wall_time < escrow.retry_at:
         return Skip("refund failed in simulation; retrying later")
+    if escrow.backoff_until is not None and wall_time < escrow.backoff_until:
+        return Skip(PAYOUT_REFUSED)
     return Refund()
 
 

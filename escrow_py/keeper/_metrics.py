@@ -42,6 +42,18 @@ class KeeperMetrics:
             registry=r,
         )
         self.quarantined_open = Gauge("x402_keeper_quarantined_open", "Quarantined escrows still Held", registry=r)
+        self.payouts_refused = Counter(
+            "x402_keeper_payouts_refused",
+            "Refund payouts the token refused (stage: mined, a PayoutFailed in a receipt; simulation, seen before "
+            "sending), each backing off its (token, buyer)",
+            ["stage"],
+            registry=r,
+        )
+        self.backoffs = Gauge(
+            "x402_keeper_backoffs",
+            "(token, buyer) pairs backed off after a refused payout, with escrows Held",
+            registry=r,
+        )
         self.covered = Counter(
             "x402_keeper_refunds_covered",
             "Due escrows not sent because the pending state showed them settled (another keeper's transaction)",

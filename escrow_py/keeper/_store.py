@@ -13,6 +13,10 @@ What keeps a long-running keeper's cost flat as history grows:
 
 Refund attempts belong to the signer that made them: a keeper follows up and
 replaces only its own transactions, so several keepers can share one database.
+
+A refund payout the token refuses (a blacklisted buyer: `PayoutFailed` in a receipt, or an
+escrow still Held that a simulated refundMany does not refund) backs off per (token, buyer),
+in `backoffs`: every escrow of that buyer in that token waits until `retry_at`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from escrow_py.errors import ConfigError
 from escrow_py.storage import open_sqlite, transaction
 from escrow_py.terms import Terms
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deposits (
@@ -69,6 +73,11 @@ CREATE TABLE IF NOT EXISTS troubles (
 CREATE INDEX IF NOT EXISTS troubles_by_kind ON troubles (escrow, kind);
 CREATE TABLE IF NOT EXISTS reverted_sets (
     fingerprint TEXT PRIMARY KEY, escrow TEXT NOT NULL, tx_hash TEXT NOT NULL, size INTEGER NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS backoffs (
+    escrow TEXT NOT NULL, token TEXT NOT NULL, buyer TEXT NOT NULL, failures INTEGER NOT NULL,
+    retry_at REAL NOT NULL, reason TEXT NOT NULL, since REAL NOT NULL,
+    PRIMARY KEY (escrow, token, buyer)
 );
 """
 
@@ -122,6 +131,7 @@ class OpenEscrow:
     retry_at: float | None = None  # its refund last failed in simulation; wall time of the next try
     quarantined: str | None = None  # why its refund is never sent again
     group: str | None = None  # suspect group: sent only together with the rest of the group
+    backoff_until: float | None = None  # the token refused its buyer's payout; wall time of the next try
 
     @property
     def terms(self) -> Terms:
@@ -168,6 +178,20 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Backoff:
+    """A (token, buyer) whose refund payouts the token refused `failures` times in a row."""
+
+    escrow: str
+    token: str
+    buyer: str
+    failures: int
+    retry_at: float
+    reason: str
+    since: float
+    open_escrows: int
+
+
+@dataclass(frozen=True, slots=True)
 class Trouble:
     escrow: str
     id: bytes
@@ -199,8 +223,11 @@ class KeeperStore:
 
     def _migrate(self) -> None:
         version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
-        if version == SCHEMA_VERSION:
+        if version in (2, SCHEMA_VERSION):
+            # Schema 2 lacks only the backoffs table, which the script creates.
             self.conn.executescript(_SCHEMA)
+            if version != SCHEMA_VERSION:
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         with transaction(self.conn) as conn:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -309,18 +336,19 @@ class KeeperStore:
     def due(self, escrow: str, deadline_at_most: int, in_flight: set[bytes]) -> list[OpenEscrow]:
         """Open escrows whose deadline is at most `deadline_at_most`, soonest first, with their troubles."""
         rows = self.conn.execute(
-            "SELECT d.id, d.terms, d.deadline, d.buyer, d.seller, d.token, t.kind, t.reason, t.retry_at, t.grp "
-            "FROM deposits d LEFT JOIN troubles t ON t.escrow = d.escrow AND t.id = d.id "
+            "SELECT d.id, d.terms, d.deadline, d.buyer, d.seller, d.token, t.kind, t.reason, t.retry_at, t.grp, "
+            "b.retry_at FROM deposits d LEFT JOIN troubles t ON t.escrow = d.escrow AND t.id = d.id "
+            "LEFT JOIN backoffs b ON b.escrow = d.escrow AND b.token = d.token AND b.buyer = d.buyer "
             "WHERE d.escrow = ? AND d.open = 1 AND d.deadline <= ? ORDER BY d.deadline",
             (escrow, deadline_at_most),
         )
         out = []
-        for id_hex, encoded, deadline, buyer, seller, token, kind, reason, retry_at, grp in rows:
+        for id_hex, encoded, deadline, buyer, seller, token, kind, reason, retry_at, grp, backoff in rows:
             escrow_id = bytes.fromhex(id_hex[2:])
             out.append(
                 OpenEscrow(escrow, escrow_id, encoded, deadline, buyer, seller, token, escrow_id in in_flight,
                            retry_at if kind == SIMULATION else None, reason if kind == QUARANTINED else None,
-                           grp if kind == SUSPECT else None)
+                           grp if kind == SUSPECT else None, backoff)
             )  # fmt: skip
         return out
 
@@ -471,3 +499,48 @@ class KeeperStore:
     def is_reverted_set(self, fingerprint: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM reverted_sets WHERE fingerprint = ?", (fingerprint,)).fetchone()
         return row is not None
+
+    # -- payouts the token refused -------------------------------------------------------
+
+    def record_refused_payout(
+        self, escrow: str, token: str, buyer: str, reason: str, *, now: float, first_wait: float, longest_wait: float
+    ) -> Backoff:
+        """One more refused payout to `buyer` in `token`: wait `first_wait`, doubled per failure in a row, at most
+        `longest_wait`, before its escrows are sent again."""
+        token, buyer = token.lower(), buyer.lower()
+        with transaction(self.conn) as conn:
+            row = conn.execute(
+                "SELECT failures, since FROM backoffs WHERE escrow = ? AND token = ? AND buyer = ?",
+                (escrow, token, buyer),
+            ).fetchone()
+            failures = 1 if row is None else int(row[0]) + 1
+            since = now if row is None else float(row[1])
+            retry_at = now + min(first_wait * 2 ** (failures - 1), longest_wait)
+            conn.execute(
+                "INSERT OR REPLACE INTO backoffs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (escrow, token, buyer, failures, retry_at, reason, since),
+            )
+        return Backoff(escrow, token, buyer, failures, retry_at, reason, since, 0)
+
+    def clear_backoffs(self, escrow: str, ids: Sequence[bytes]) -> int:
+        """The payouts of these escrows went through: their buyers' backoffs end. Returns how many ended."""
+        if not ids:
+            return 0
+        with transaction(self.conn) as conn:
+            return int(
+                conn.execute(
+                    "DELETE FROM backoffs WHERE escrow = ? AND (token, buyer) IN (SELECT token, buyer FROM deposits "  # noqa: S608 - marks only
+                    f"WHERE escrow = ? AND id IN ({', '.join('?' * len(ids))}))",
+                    (escrow, escrow, *(_hex(i) for i in ids)),
+                ).rowcount
+            )
+
+    def backoffs(self, escrow: str) -> list[Backoff]:
+        """The backoffs that still hold some open escrow back, longest-standing first."""
+        rows = self.conn.execute(
+            "SELECT b.token, b.buyer, b.failures, b.retry_at, b.reason, b.since, COUNT(*) FROM backoffs b "
+            "JOIN deposits d ON d.escrow = b.escrow AND d.token = b.token AND d.buyer = b.buyer AND d.open = 1 "
+            "WHERE b.escrow = ? GROUP BY b.token, b.buyer ORDER BY b.since",
+            (escrow,),
+        )
+        return [Backoff(escrow, r[0], r[1], int(r[2]), float(r[3]), r[4], float(r[5]), int(r[6])) for r in rows]

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from hexbytes import HexBytes
@@ -141,22 +142,69 @@ def test_a_reorg_that_removes_a_refund_gets_it_mined_again_and_the_next_refund_i
     assert keeper.store.attempt_counts() == {"final": 2}
 
 
+def _set_blocked(chain: Chain, token: str, who: str) -> None:
+    blocking = chain.w3.eth.contract(address=token, abi=load_artifact("BlockingToken")["abi"])  # type: ignore[arg-type]
+    data = blocking.encode_abi("setBlocked", args=[who])
+    chain.deployer.transact(token, bytes.fromhex(data.removeprefix("0x")))
+
+
 def test_a_refund_that_fails_in_simulation_does_not_block_the_others(chain: Chain, tmp_path: Path) -> None:
+    """A blacklisted buyer: its refund is backed off per (token, buyer), not retried every block, and goes out
+    once the blacklist lifts and the wait is over."""
     token = chain.deploy_token("BlockingToken")
     stuck = make_terms(chain, token=token.address, window=100)
+    also_stuck = make_terms(chain, token=token.address, window=100)
     fine = make_terms(chain, window=100)
-    deposit(chain, stuck)
-    deposit(chain, fine)
-    blocking = chain.w3.eth.contract(address=token.address, abi=load_artifact("BlockingToken")["abi"])
-    block = blocking.encode_abi("setBlocked", args=[dev(BUYER).address])
-    chain.deployer.transact(token.address, bytes.fromhex(block.removeprefix("0x")))
+    for terms in (stuck, also_stuck, fine):
+        deposit(chain, terms)
+    _set_blocked(chain, token.address, dev(BUYER).address)
     chain.mine(fine.deadline)
-    # refundMany puts a refused payout back to Held (PayoutFailed) instead of reverting: the blocked
-    # buyer's escrow does not fail the batch, which refunds the other one regardless.
-    report = make_keeper(chain, tmp_path / "k.sqlite", tokens=f"{chain.token.address},{token.address}").run_once()
-    assert report.refunds_sent == 1
+    db = tmp_path / "k.sqlite"
+    keeper = make_keeper(chain, db, tokens=f"{chain.token.address},{token.address}", reorg_depth=0)
+    # refundMany puts a refused payout back to Held (PayoutFailed) instead of reverting, and the simulation
+    # shows it: the blocked buyer's escrows are left out, the other one goes out.
+    report = keeper.run_once()
+    assert report.refunds_sent == 1 and report.payouts_refused == 1 and report.covered == 0
     assert chain.escrow.state_of(chain.escrow.id_of(fine)) is State.REFUNDED
     assert chain.escrow.state_of(chain.escrow.id_of(stuck)) is State.HELD
+    [backoff] = keeper.store.backoffs(chain.escrow.address)
+    assert (backoff.token, backoff.buyer, backoff.failures, backoff.open_escrows) == (
+        token.address.lower(), dev(BUYER).address.lower(), 1, 2)  # fmt: skip
+    assert "RecipientBlocked" in backoff.reason  # the token's own reason
+    # Backed off: block after block, neither a transaction nor even a simulation of the blocked buyer's escrows.
+    start = int(chain.w3.eth.block_number) + 1
+    reports = []
+    for _ in range(5):
+        chain.mine()
+        reports.append(keeper.run_once())
+    assert sum(r.payouts_refused + r.covered + r.refunds_sent for r in reports) == 0
+    assert transactions_of(chain, KEEPER, start) == []
+    text = generate_latest(keeper.metrics.registry).decode()
+    assert 'x402_keeper_payouts_refused_total{stage="simulation"} 1.0' in text
+    assert "x402_keeper_backoffs 1.0" in text
+    status = cli("keeper", "status", "--rpc", chain.node.url, "--escrow", chain.escrow.address, "--database", str(db))
+    assert status.returncode == 0, status.stderr
+    assert "refunds the token refused, backing off: 1 buyers (2 escrows)" in status.stdout
+    assert "RecipientBlocked" in status.stdout
+    # The wait is over while the buyer is still blocked: tried once more (a simulation, no gas), waiting twice as long.
+    later = time.time() + 301
+    keeper.clock = lambda: later
+    chain.mine()
+    assert keeper.run_once().payouts_refused == 1
+    [backoff] = keeper.store.backoffs(chain.escrow.address)
+    assert backoff.failures == 2 and backoff.retry_at == pytest.approx(later + 600)
+    # The blacklist lifts; after the wait both escrows are refunded in one transaction, and the backoff ends.
+    _set_blocked(chain, token.address, "0x" + "00" * 20)
+    keeper.clock = lambda: later + 599
+    assert keeper.run_once().refunds_sent == 0
+    keeper.clock = lambda: later + 601
+    chain.mine()  # the keeper acts on a new block
+    assert keeper.run_once().refunds_sent == 2
+    assert {chain.escrow.state_of(chain.escrow.id_of(t)) for t in (stuck, also_stuck)} == {State.REFUNDED}
+    assert len(transactions_of(chain, KEEPER, start)) == 1
+    keeper.run_once()
+    assert keeper.store.backoffs(chain.escrow.address) == []
+    assert keeper.store.conn.execute("SELECT COUNT(*) FROM backoffs").fetchone()[0] == 0
 
 
 def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says_so(

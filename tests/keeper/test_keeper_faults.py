@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_py.chain.anvil import free_port
+from escrow_py.errors import RpcTimeout
 from escrow_py.terms import State, Terms
 
 from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, start_keeper, transactions_of, wait_until
@@ -217,3 +218,17 @@ def test_a_broadcast_that_fails_is_neither_counted_nor_logged_as_sent(
     assert sum(r.refunds_sent for r in reports) == 1 and sum(r.confirmed for r in reports) == 1
     assert metric(generate_latest(keeper.metrics.registry).decode(), "x402_keeper_refunds_sent_total") == 1
     assert caplog.text.count("refund batch sent") == 1
+
+
+def test_a_node_that_never_answers_fails_a_cycle_within_rpc_timeout(chain: Chain, tmp_path: Path) -> None:
+    """The keeper's connection is chain.rpc.connect: one deadline per call, retries included, a typed error."""
+    with RpcProxy(chain.node.url) as proxy:
+        keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, rpc_timeout=1)
+        keeper.run_once()
+        proxy.mode = "blackhole"  # accepts the connection, reads the request, never answers
+        started = time.monotonic()
+        with pytest.raises(RpcTimeout, match=r"no answer from http://127\.0\.0\.1:"):
+            keeper.run_once()
+        assert time.monotonic() - started < 5  # one deadline, not one per retry
+        proxy.mode = "forward"
+        keeper.run_once()  # and the next cycle works again

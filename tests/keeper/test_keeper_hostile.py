@@ -1,111 +1,133 @@
-"""One hostile token cannot stall the refunds of honest escrows expiring beside it.
+"""One hostile token cannot stall the refunds of honest escrows expiring beside it, nor drain the keeper.
 
-GasPriceCheckingToken's `transfer` reverts whenever the transaction pays for gas, so a
-refund of its escrows passes every eth_call and gas estimate (they run at gas price 0) and
-reverts when mined. A keeper that trusts its simulation re-sends the same failing batch
-every cycle, paying gas each time, and the honest escrows in that batch are never refunded.
+Two tokens whose transfers pass every eth_call and gas estimate (they run at gas price 0) and
+misbehave once mined (the transaction pays for gas):
+- SimulationOnlyToken reverts. refundMany puts that payout's entries back to Held (PayoutFailed) and
+  refunds the rest of the batch; the keeper backs off that (token, buyer), or it would pay for the
+  same failed payout in every block.
+- GasBurningToken burns all the gas it is given. Each payout is capped, so one only fails; but several,
+  to distinct buyers, outspend the gas the keeper budgets per entry, and the batch reverts when mined
+  (InsufficientGas). The keeper never sends that set again: it splits it, by token first.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
-from conftest import Chain
-from helpers import BUYER, BUYER2, deposit, make_terms
+from conftest import DEPLOYER, STRANGER, Chain
+from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from prometheus_client import generate_latest
+from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
-from escrow_py.keeper import Keeper
-from escrow_py.keeper._batch import fingerprint
+from escrow_py.keeper._batch import PAYOUT_GAS, fingerprint
 from escrow_py.keeper._store import QUARANTINED
-from escrow_py.terms import State, Terms
+from escrow_py.terms import State
 
-from .kit import KEEPER, cli, make_keeper, metric, refund_blocks, transactions_of
-from .rpc_proxy import FaultProxy
+from .kit import KEEPER, cli, make_keeper, refund_blocks, transactions_of
 
-HONEST = 12
-HOSTILE = 3
+SELLER2 = 6
 
 
-def _expired_mix(chain: Chain) -> tuple[str, list[Terms], list[Terms], int]:
-    """12 honest TestUSDC escrows and 3 of the hostile token, all expired in the latest block."""
-    hostile_token = chain.deploy_token("GasPriceCheckingToken")
-    honest = [make_terms(chain, window=100, buyer=BUYER if i % 2 else BUYER2) for i in range(HONEST)]
-    hostile = [make_terms(chain, window=100, token=hostile_token.address, buyer=BUYER if i % 2 else BUYER2)
-               for i in range(HOSTILE)]  # fmt: skip
-    for terms in honest + hostile:
-        deposit(chain, terms)
-    chain.mine(honest[0].deadline)
-    return hostile_token.address, honest, hostile, int(chain.w3.eth.block_number)
-
-
-def _check_outcome(chain: Chain, keeper: Keeper, honest: list[Terms], hostile: list[Terms], *, deadline_block: int,
-                   start: int, max_blocks: int, max_reverted: int, max_reverted_gas: int) -> None:  # fmt: skip
-    honest_ids = {chain.escrow.id_of(t) for t in honest}
-    hostile_ids = {chain.escrow.id_of(t) for t in hostile}
-    refunded = refund_blocks(chain)
-    assert honest_ids <= set(refunded), "an honest escrow was never refunded"
-    assert max(refunded[i] for i in honest_ids) - deadline_block <= max_blocks
-    assert all(chain.escrow.state_of(i) is State.HELD for i in hostile_ids)
-    reverted = [r for r in transactions_of(chain, KEEPER, start) if r["status"] == 0]
-    reverted_gas = sum(int(r["gasUsed"]) for r in reverted)  # type: ignore[call-overload]
-    assert 1 <= len(reverted) <= max_reverted
-    assert reverted_gas <= max_reverted_gas, f"{reverted_gas} gas lost to reverted refunds"
-    # A set that reverted is never sent again: no two keeper transactions carried the same escrows.
-    rows = keeper.store.conn.execute("SELECT ids FROM attempts ORDER BY created_at").fetchall()
-    sets = [fingerprint([bytes.fromhex(i[2:]) for i in json.loads(r[0])]) for r in rows]
-    assert len(sets) == len(set(sets))
-    assert {t.id for t in keeper.store.troubles(chain.escrow.address, QUARANTINED)} == hostile_ids
-    metrics = generate_latest(keeper.metrics.registry).decode()
-    assert metric(metrics, "x402_keeper_quarantined_total") == HOSTILE
-    assert metric(metrics, "x402_keeper_quarantined_open") == HOSTILE
-    # Left alone from now on: no more transactions, however many cycles.
-    sent = len(transactions_of(chain, KEEPER, start))
-    for _ in range(3):
-        chain.mine()
-        keeper.run_once()
-    assert len(transactions_of(chain, KEEPER, start)) == sent
-
-
-def test_a_token_that_reverts_only_when_mined_costs_one_batch_and_honest_refunds_go_out_next_block(
+def test_a_payout_the_token_refuses_only_when_mined_is_backed_off_not_resent_every_block(
     chain: Chain, tmp_path: Path
 ) -> None:
-    start = int(chain.w3.eth.block_number)
-    token, honest, hostile, deadline_block = _expired_mix(chain)
-    # The operator allowed the token (an allowlist is a choice, not a proof of honesty): the keeper must cope.
+    """The first batch refunds the honest escrows beside the hostile ones; the refused payouts (PayoutFailed)
+    back off per (token, buyer), so the keeper pays for one failed payout per buyer and wait, not per block."""
+    hostile = chain.deploy_token("SimulationOnlyToken")
+    refused = [make_terms(chain, token=hostile.address, window=100, buyer=b) for b in (BUYER, BUYER2, BUYER)]
+    honest = [make_terms(chain, window=100, buyer=BUYER if i % 2 else BUYER2) for i in range(12)]
+    for terms in refused + honest:
+        deposit(chain, terms)
+    chain.mine(honest[0].deadline)
+    deadline_block = int(chain.w3.eth.block_number)
     db = tmp_path / "k.sqlite"
-    keeper = make_keeper(chain, db, tokens=f"{chain.token.address},{token}", reorg_depth=2)
-    reports = [keeper.run_once() for _ in range(6)]  # automine: each keeper transaction is its own block
-
-    # One batch of 15 reverts when mined (about 127k gas); replayed with its own gas price it names the
-    # token, the hostile escrows are quarantined without another transaction, the honest 12 go out next block.
-    _check_outcome(chain, keeper, honest, hostile, deadline_block=deadline_block, start=start, max_blocks=2,
-                   max_reverted=1, max_reverted_gas=150_000)  # fmt: skip
-    assert sum(r.quarantined for r in reports) == HOSTILE
+    # The operator allowed the token (an allowlist is a choice, not a proof of honesty): the keeper must cope.
+    keeper = make_keeper(chain, db, tokens=f"{chain.token.address},{hostile.address}", reorg_depth=0)
+    now = time.time()
+    keeper.clock = lambda: now
+    reports = [keeper.run_once(), keeper.run_once()]  # sent; then its receipt is read
+    [receipt] = transactions_of(chain, KEEPER, deadline_block + 1)
+    assert receipt["status"] == 1 and receipt["blockNumber"] == deadline_block + 1
+    refunded = refund_blocks(chain)
+    assert all(refunded[chain.escrow.id_of(t)] == deadline_block + 1 for t in honest)  # in the very next block
+    assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in refused)
+    assert sum(r.payouts_refused for r in reports) == 2  # one PayoutFailed per buyer
+    assert sum(r.confirmed for r in reports) == len(honest)
+    backoffs = keeper.store.backoffs(chain.escrow.address)
+    assert sorted((b.buyer, b.failures, b.open_escrows) for b in backoffs) == sorted(
+        [(dev(BUYER).address.lower(), 1, 2), (dev(BUYER2).address.lower(), 1, 1)])  # fmt: skip
+    assert all("OnlyInSimulation" in b.reason for b in backoffs)  # replayed with the transaction's gas price
+    # Without the backoff every new block would send the same refused refunds again.
+    for _ in range(6):
+        chain.mine()
+        keeper.run_once()
+    assert len(transactions_of(chain, KEEPER, deadline_block + 1)) == 1
     keeper.close()
     status = cli("keeper", "status", "--rpc", chain.node.url, "--escrow", chain.escrow.address, "--database", str(db))
     assert status.returncode == 0, status.stderr
-    assert f"quarantined: {HOSTILE}" in status.stdout
-    assert status.stdout.count("PaidTransferRefused") == HOSTILE  # the token's own reason, decoded
+    assert "refunds the token refused, backing off: 2 buyers (3 escrows)" in status.stdout
+    assert status.stdout.count("OnlyInSimulation") == 2  # the token's own reason, decoded
+    # Each wait over: one more transaction, refused again, and the next wait is twice as long.
+    keeper = make_keeper(chain, db, tokens=f"{chain.token.address},{hostile.address}", reorg_depth=0)
+    keeper.clock = lambda: now
+    for n, wait in enumerate((300, 600, 1200), start=2):
+        now += wait + 1
+        chain.mine()  # the keeper acts on a new block
+        keeper.run_once()  # sends
+        keeper.run_once()  # reads the receipt: PayoutFailed again
+        assert len(transactions_of(chain, KEEPER, deadline_block + 1)) == n
+        assert {b.failures for b in keeper.store.backoffs(chain.escrow.address)} == {n}
+        chain.mine()
+        keeper.run_once()
+        assert len(transactions_of(chain, KEEPER, deadline_block + 1)) == n
+    text = generate_latest(keeper.metrics.registry).decode()
+    assert 'x402_keeper_payouts_refused_total{stage="mined"} 6.0' in text
+    # What the refused payouts cost: within each transaction at most PAYOUT_GAS per buyer, and nothing reverted.
+    later = transactions_of(chain, KEEPER, deadline_block + 2)
+    assert all(r["status"] == 1 and int(r["gasUsed"]) < 2 * PAYOUT_GAS + 100_000 for r in later)  # type: ignore[call-overload]
 
 
-def test_when_the_revert_cannot_be_replayed_the_batch_is_bisected_on_chain_and_the_gas_lost_stays_bounded(
+def test_a_batch_a_gas_burning_token_reverts_is_split_by_mining_and_the_gas_lost_stays_bounded(
     chain: Chain, tmp_path: Path
 ) -> None:
-    """A node that refuses eth_call with fee fields: the keeper falls back to splitting the batch by mining it."""
-    start = int(chain.w3.eth.block_number)
-    token, honest, hostile, deadline_block = _expired_mix(chain)
-    proxy = FaultProxy(chain.node.url)
-    proxy.fail_if("eth_call", lambda params: bool(params) and "maxFeePerGas" in params[0])
+    """A batch reverts when mined, and a node that refuses eth_call with fee fields stops the keeper from
+    replaying it: the keeper never sends that set again, splits it by token (the honest part goes out in the
+    next block), then the hostile part into single entries, whose payouts fail alone and are backed off."""
+    burner = chain.deploy_token("GasBurningToken")
+    buyers = (BUYER, BUYER2, STRANGER, SELLER2, DEPLOYER)
+    for who in buyers:
+        burner.mint(chain.deployer, dev(who).address, 10**9)
+    hostile = [make_terms(chain, token=burner.address, window=100, buyer=b) for b in buyers]
+    honest = [make_terms(chain, window=100, buyer=BUYER if i % 2 else BUYER2) for i in range(4)]
+    for terms in hostile + honest:
+        deposit(chain, terms)
+    chain.mine(honest[0].deadline)
+    deadline_block = int(chain.w3.eth.block_number)
+    proxy = RpcProxy(chain.node.url)
+    proxy.fail_if("eth_call", lambda params: bool(params) and "maxFeePerGas" in params[0], INTERNAL_ERROR)
     try:
         keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url,
-                             tokens=f"{chain.token.address},{token}", reorg_depth=2)  # fmt: skip
+                             tokens=f"{chain.token.address},{burner.address}", reorg_depth=0)  # fmt: skip
         for _ in range(8):
             keeper.run_once()
-        # The batch of 15 reverts, is split by token: the honest part is refunded, the hostile part (3) reverts
-        # and is split in three, and each hostile escrow reverts alone and is quarantined: 5 reverted
-        # transactions, about 290k gas, once.
-        _check_outcome(chain, keeper, honest, hostile, deadline_block=deadline_block, start=start, max_blocks=3,
-                       max_reverted=1 + 1 + HOSTILE, max_reverted_gas=350_000)  # fmt: skip
+        sent = transactions_of(chain, KEEPER, deadline_block + 1)
+        for _ in range(4):  # left alone from now on, however many blocks
+            chain.mine()
+            keeper.run_once()
+        assert len(transactions_of(chain, KEEPER, deadline_block + 1)) == len(sent)
     finally:
         proxy.close()
+    refunded = refund_blocks(chain)
+    assert max(refunded[chain.escrow.id_of(t)] for t in honest) - deadline_block <= 3  # revert, then its parts
+    assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in hostile)
+    # The batch of 9 reverts, and so does the hostile part of 5; each hostile escrow alone fails its payout.
+    reverted = [r for r in sent if r["status"] == 0]
+    assert len(reverted) == 2
+    assert sum(int(r["gasUsed"]) for r in reverted) <= 1_000_000  # type: ignore[call-overload]
+    rows = keeper.store.conn.execute("SELECT ids FROM attempts ORDER BY created_at").fetchall()
+    sets = [fingerprint([bytes.fromhex(i[2:]) for i in json.loads(r[0])]) for r in rows]
+    assert len(sets) == len(set(sets))  # no set of escrows was sent twice
+    assert keeper.store.troubles(chain.escrow.address, QUARANTINED) == []  # alone, no refund reverts
+    assert {b.buyer for b in keeper.store.backoffs(chain.escrow.address)} == {dev(b).address.lower() for b in buyers}

@@ -11,9 +11,18 @@ from eth_abi.abi import encode
 from helpers import deposit, dev, make_terms
 from rpc_proxy import RpcProxy
 
+from escrow_py.chain.build import CONTRACTS_DIR
 from escrow_py.errors import ConfigError
 from escrow_py.keeper import KeeperConfig, OpenEscrow
-from escrow_py.keeper._batch import REFUND_MANY, batch_gas, max_entries, ordered, refund_many_data
+from escrow_py.keeper._batch import (
+    PAYOUT_GAS,
+    PAYOUT_GAS_NEEDED,
+    REFUND_MANY,
+    batch_gas,
+    max_entries,
+    ordered,
+    refund_many_data,
+)
 from escrow_py.keeper._config import MAX_BATCH_SIZE, MAX_CALLDATA_BYTES
 from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
 from escrow_py.terms import Terms
@@ -39,6 +48,17 @@ def test_the_indexed_bytes_are_the_abi_encoding_and_a_batch_is_the_contracts_cal
                                     [[t.as_tuple() for t in terms_in_order]])  # fmt: skip
     assert refund_many_data(entries) == expected
     assert refund_many_data(entries) == chain.escrow.refund_many_data(terms_in_order)
+
+
+def test_a_batchs_gas_holds_the_reserve_the_escrow_checks_before_a_payout() -> None:
+    """X402Escrow reverts a batch (InsufficientGas) unless PAYOUT_GAS + 1/63 of it + CALL_OVERHEAD is left before
+    each payout; the keeper's constants repeat the contract's, so a change there must show here."""
+    source = (CONTRACTS_DIR / "X402Escrow.sol").read_text()
+    assert f"uint256 internal constant PAYOUT_GAS = {PAYOUT_GAS:_};" in source
+    assert "uint256 private constant CALL_OVERHEAD = 10_000;" in source
+    assert "PAYOUT_GAS_NEEDED = PAYOUT_GAS + PAYOUT_GAS / 63 + CALL_OVERHEAD;" in source
+    assert PAYOUT_GAS_NEEDED == PAYOUT_GAS + PAYOUT_GAS // 63 + 10_000
+    assert batch_gas(1) - PAYOUT_GAS_NEEDED >= 60_000  # one entry's refund still has its own gas besides
 
 
 def test_batches_are_capped_by_calldata_and_gas() -> None:

@@ -31,7 +31,7 @@ CONTRACTS = (
     "SimulationOnlyToken",
     "SmartWallet",
     "EscrowMulticall",
-    "GasPriceCheckingToken",
+    "GasBurningToken",
     "BatchMinter",
 )
 
