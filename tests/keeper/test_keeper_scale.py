@@ -24,7 +24,7 @@ from escrow_py.keeper._batch import (
     refund_many_data,
 )
 from escrow_py.keeper._config import MAX_BATCH_SIZE, MAX_CALLDATA_BYTES
-from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
+from escrow_py.keeper._store import SCHEMA_VERSION, IndexedEvent, KeeperStore, encode_terms
 from escrow_py.terms import Terms
 
 from .kit import make_keeper
@@ -143,3 +143,26 @@ def test_a_cycle_costs_the_same_with_a_long_history(chain: Chain, tmp_path: Path
     assert sum(long_calls.values()) <= 3  # the head, the checkpoint's hash, the logs of the new block
     assert fresh_idle == long_idle == 1  # an idle cycle reads the head and nothing else
     assert long_steps <= fresh_steps * 2 + 50, (fresh_steps, long_steps)
+
+
+def test_a_schema_2_database_gains_the_backoff_table_and_keeps_its_index(tmp_path: Path) -> None:
+    db = str(tmp_path / "k.sqlite")
+    store = KeeperStore(db)
+    event = IndexedEvent("deposited", "0x" + "11" * 32, 5, "0xaa", "0xbb", encoded=b"\0" * 256, deadline=9,
+                         buyer="0x" + "22" * 20, seller="0x" + "33" * 20, token="0x" + "44" * 20)  # fmt: skip
+    store.apply("0xescrow", rewind_to=0, events=[event], checkpoint=5, block_hashes=[(5, "0xaa")])
+    store.conn.execute("DROP TABLE backoffs")  # what a keeper of schema 2 left
+    store.conn.execute("PRAGMA user_version = 2")
+    store.close()
+    reopened = KeeperStore(db)
+    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert reopened.checkpoint("0xescrow") == 5 and len(reopened.open_escrows("0xescrow")) == 1  # not re-indexed
+    reopened.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed", now=0.0,
+                                   first_wait=300.0, longest_wait=3600.0)  # fmt: skip
+    [backoff] = reopened.backoffs("0xescrow")
+    assert (backoff.failures, backoff.retry_at, backoff.open_escrows) == (1, 300.0, 1)
+    assert reopened.open_escrows("0xescrow")[0].backoff_until == 300.0
+    for _ in range(10):  # 300, 600, 1200, 2400, then the longest wait
+        backoff = reopened.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed",
+                                                 now=0.0, first_wait=300.0, longest_wait=3600.0)  # fmt: skip
+    assert (backoff.failures, backoff.retry_at) == (11, 3600.0)
