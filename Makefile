@@ -28,16 +28,17 @@ $(NODE_STAMP): package.json package-lock.json
 # Slither runs on contracts/ through the solc-js wrapper; every finding must be triaged, with its
 # reason, in slither.triage.toml (scripts/slither_check.py fails on a new or a stale one).
 lint: bootstrap
-	$(BIN)/ruff check escrow_py tests scripts examples
-	$(BIN)/ruff format --check escrow_py tests scripts examples
+	$(BIN)/ruff check escrow_py escrow_devtools tests scripts examples
+	$(BIN)/ruff format --check escrow_py escrow_devtools tests scripts examples
 	$(BIN)/mypy
 	$(BIN)/python scripts/slither_check.py
 
 format: bootstrap
-	$(BIN)/ruff format escrow_py tests scripts examples
-	$(BIN)/ruff check --fix escrow_py tests scripts examples
+	$(BIN)/ruff format escrow_py escrow_devtools tests scripts examples
+	$(BIN)/ruff check --fix escrow_py escrow_devtools tests scripts examples
 
-# Recompile contracts/ into the artifacts shipped in escrow_py/chain/artifacts/.
+# Recompile contracts/ into the runtime's artifacts (escrow_py/chain/artifacts/) and the tools'
+# (escrow_devtools/artifacts/).
 artifacts: bootstrap
 	$(BIN)/x402-escrow contracts build
 

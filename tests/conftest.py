@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import pytest
 from web3 import Web3
 
-from escrow_py.chain.anvil import Anvil, dev_signer
-from escrow_py.chain.escrow import Escrow, deploy
+from escrow_devtools.anvil import Anvil, dev_signer
+from escrow_devtools.artifacts import deploy
+from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender

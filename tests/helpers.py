@@ -25,7 +25,7 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
 from web3.types import RPCEndpoint, TxReceipt
 
-from escrow_py.chain.anvil import dev_signer
+from escrow_devtools.anvil import dev_signer
 from escrow_py.chain.authorization import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
@@ -262,8 +262,8 @@ FIAT_ADMIN, FIAT_OWNER = 8, 9
 
 def deploy_fiat_token(chain: Chain, *, fund: tuple[int, ...] = (BUYER, BUYER2), amount: int = 10**12) -> Token:
     """Circle's real USDC (FiatTokenV2_2 behind its proxy, initialised through V2_2), buyers funded."""
-    from escrow_py.chain.fiat_token import deploy_fiat_token as deploy_usdc
-    from escrow_py.chain.fiat_token import mint_fiat_token
+    from escrow_devtools.fiat_token import deploy_fiat_token as deploy_usdc
+    from escrow_devtools.fiat_token import mint_fiat_token
 
     owner = chain.sender(FIAT_OWNER)
     token = Token(chain.w3, deploy_usdc(chain.sender(FIAT_ADMIN), owner))

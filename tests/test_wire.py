@@ -15,8 +15,8 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentPayload, SettleResponse
 
+from escrow_devtools.anvil import dev_signer
 from escrow_py import wire
-from escrow_py.chain.anvil import dev_signer
 from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.errors import ProtocolError
 from escrow_py.terms import Terms, request_hash

@@ -21,6 +21,7 @@ from web3 import HTTPProvider, Web3
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.artifacts import deploy
 from escrow_py.buyer import (
     AsyncEscrowClient,
     DeliveryEscrowScheme,
@@ -33,7 +34,6 @@ from escrow_py.buyer import (
 )
 from escrow_py.chain import genuine
 from escrow_py.chain.authorization import authorization_for, sign_authorization
-from escrow_py.chain.escrow import deploy
 from escrow_py.chain.genuine import ESCROW_CODE_HASH
 from escrow_py.terms import Terms, request_hash
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required

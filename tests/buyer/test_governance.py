@@ -19,6 +19,7 @@ from helpers import BUYER, SELLER, address, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     TASK_EXTENSION,
     VALIDATOR_EXTENSION,
@@ -36,7 +37,6 @@ from escrow_py.buyer import (
     arecover,
 )
 from escrow_py.buyer._audit import audit_paths
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.terms import State
 
 from .conftest import BASE_URL, PRICE, Faulty, LostPayment, Shop

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, dev, expect_revert, make_terms
 from helpers import deposit as deposit_terms
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     Action,
     AsyncEscrowClient,
@@ -30,7 +31,6 @@ from escrow_py.buyer import (
     recover,
 )
 from escrow_py.buyer._core import Offer, PaymentCore
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.terms import State, delivery_hash, request_hash
 from escrow_py.wire import EscrowExtra, EscrowPayload, EscrowRequirements, decode_payment_signature, payment_required
 

@@ -22,6 +22,7 @@ from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.anvil import free_port
 from escrow_py.buyer import (
     ChainUnavailable,
     DeliveryEscrowScheme,
@@ -34,7 +35,6 @@ from escrow_py.buyer import (
     PaymentState,
     recover,
 )
-from escrow_py.chain.anvil import free_port
 from escrow_py.chain.rpc import DEFAULT_DEADLINE, NodeError
 from escrow_py.chain.token import Token
 from escrow_py.errors import ChainError, ConfigError, RpcError, RpcTimeout

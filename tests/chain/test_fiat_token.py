@@ -10,8 +10,8 @@ from eth_abi.abi import decode
 from eth_utils.crypto import keccak
 from helpers import FIAT_ADMIN, FIAT_OWNER, address, clock_at, deploy_fiat_token, deposit, expect_revert, make_terms
 
-from escrow_py.chain.artifacts import CIRCLE_CONTRACTS, CIRCLE_DIR, load_artifact
-from escrow_py.chain.fiat_token import blacklist, unblacklist
+from escrow_devtools.artifacts import CIRCLE_CONTRACTS, CIRCLE_DIR, load_artifact
+from escrow_devtools.fiat_token import blacklist, unblacklist
 from escrow_py.terms import State, delivery_hash
 
 COMMIT = "46e61d0050520f4227cc02ae0d55e8aee3d43fb6"

@@ -9,8 +9,9 @@ from conftest import Chain
 from eth_utils.crypto import keccak
 from helpers import BUYER, STRANGER, address
 
+from escrow_devtools.artifacts import deploy
 from escrow_py.chain import genuine
-from escrow_py.chain.escrow import deploy, deploy_escrow
+from escrow_py.chain.escrow import deploy_escrow
 from escrow_py.chain.genuine import (
     ESCROW_CODE_HASH,
     EscrowCode,

@@ -12,7 +12,7 @@ from helpers import address, clock_at, deposit, expect_revert, make_terms
 from web3.contract import Contract
 from web3.types import RPCEndpoint
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import decode_revert
 from escrow_py.terms import State, delivery_hash

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 from web3.types import TxReceipt
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Delivered, Deposited, Refunded, Settled, Settlement, SettlementSkipped
 from escrow_py.chain.token import Token

@@ -24,7 +24,7 @@ from helpers import (
     sign_deposit,
 )
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Settled, Settlement, SettlementSkipped, SkipReason
 from escrow_py.terms import Terms, delivery_hash

@@ -21,9 +21,9 @@ import uvicorn
 from conftest import Chain
 from helpers import OPERATOR, SELLER, address, dev
 
-from escrow_py.chain.anvil import dev_private_key, free_port
+from escrow_devtools.anvil import dev_private_key, free_port
+from escrow_devtools.demo._shop import build_shop, routes
 from escrow_py.chain.escrow import Deposited
-from escrow_py.demo._shop import build_shop, routes
 from escrow_py.seller import SellerConfig
 from escrow_py.terms import State
 

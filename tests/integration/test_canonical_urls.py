@@ -16,8 +16,8 @@ import pytest
 from conftest import Chain
 from helpers import BUYER, dev
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import EscrowClient, PaymentState
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, decode_payment_required
 
 from .conftest import serving

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from helpers import dev
 from hexbytes import HexBytes
 
-from escrow_py.chain.anvil import dev_private_key
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import Keeper, KeeperConfig
 

@@ -15,7 +15,7 @@ from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
 

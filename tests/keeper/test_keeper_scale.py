@@ -11,7 +11,7 @@ from eth_abi.abi import encode
 from helpers import deposit, dev, make_terms
 from rpc_proxy import RpcProxy
 
-from escrow_py.chain.build import CONTRACTS_DIR
+from escrow_devtools.build import CONTRACTS_DIR
 from escrow_py.errors import ConfigError
 from escrow_py.keeper import KeeperConfig, OpenEscrow
 from escrow_py.keeper._batch import (

@@ -20,7 +20,7 @@ from helpers import OPERATOR, SELLER, address, dev
 from starlette.types import ASGIApp
 from web3.types import RPCEndpoint
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.chain.escrow import Deposited
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 

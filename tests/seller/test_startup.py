@@ -17,7 +17,7 @@ import uvicorn
 from conftest import Chain
 from helpers import OPERATOR, STRANGER, address
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.chain.genuine import ESCROW_CODE_HASH
 from escrow_py.errors import ConfigError
 from escrow_py.seller import check_seller

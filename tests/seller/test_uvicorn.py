@@ -11,7 +11,7 @@ import httpx
 import uvicorn
 from conftest import Chain
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.terms import State
 
 from .conftest import make_shop

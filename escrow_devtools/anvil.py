@@ -29,7 +29,7 @@ BASE_SEPOLIA_CHAIN_ID = 84532
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
 DEV_ACCOUNTS = 10
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @cache

@@ -21,14 +21,15 @@ from typing import IO, Any
 import uvicorn
 from web3 import HTTPProvider, Web3
 
+from escrow_devtools.anvil import Anvil, dev_private_key, free_port
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.demo._shop import REPORT_PRICE, STUCK_PRICE, build_shop, routes
 from escrow_py.buyer import EscrowClient, HandlerFailedRefunded, PaymentError, delivered_hash
-from escrow_py.chain.anvil import Anvil, dev_private_key, free_port
-from escrow_py.chain.escrow import Deposited, Escrow, Refunded, deploy
+from escrow_py.chain.escrow import Deposited, Escrow, Refunded
 from escrow_py.chain.registry import USDC
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.demo._shop import REPORT_PRICE, STUCK_PRICE, build_shop, routes
 from escrow_py.errors import ConfigError, EscrowError
 from escrow_py.seller import SellerConfig
 from escrow_py.terms import State, delivery_hash
@@ -45,7 +46,7 @@ ROLE_KEY_ENVS = {
     "keeper": "X402_ESCROW_KEEPER_KEY",
 }
 
-log = logging.getLogger("escrow_py.demo")
+log = logging.getLogger("escrow_devtools.demo")
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,12 +317,12 @@ def _keeper(world: World, display: Display) -> Iterator[subprocess.Popen[bytes]]
 
 
 class Agent:
-    """`python -m escrow_py.demo.agent ...` with the buyer's key in its environment; its JSON lines, parsed."""
+    """`python -m escrow_devtools.demo.agent ...` with the buyer's key in its environment; its JSON lines, parsed."""
 
     def __init__(self, world: World, *args: str) -> None:
         env = {**os.environ, DEFAULT_KEY_ENV: world.keys["buyer"], "PYTHONUNBUFFERED": "1"}
         stderr = (world.workdir / "agents.log").open("ab")
-        command = [sys.executable, "-m", "escrow_py.demo.agent", *args, "--rpc", world.rpc_url]
+        command = [sys.executable, "-m", "escrow_devtools.demo.agent", *args, "--rpc", world.rpc_url]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         stderr.close()
         self.lines: list[dict[str, Any]] = []

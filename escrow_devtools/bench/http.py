@@ -35,9 +35,10 @@ from eth_account import Account
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer, free_port
+from escrow_devtools.artifacts import deploy
 from escrow_py.buyer import AsyncEscrowClient
-from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer, free_port
-from escrow_py.chain.escrow import Deposited, Escrow, deploy
+from escrow_py.chain.escrow import Deposited, Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
