@@ -6,7 +6,7 @@
     with expect_revert("NotHeld", state=State.RELEASED):    # the decoded custom error and its values
         chain.escrow.deliver(chain.sender(SELLER), terms, h)
 
-Everything works on the `chain` fixture of tests/conftest.py; senders are made per
+Everything works on the `chain` fixture of tests/fixtures/chain.py; senders are made per
 call because TxSender caches nonces.
 """
 
@@ -23,6 +23,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
+
+# The role indexes, re-exported: tests take them from here or from fixtures.chain alike.
+from fixtures.chain import BUYER as BUYER
+from fixtures.chain import BUYER2 as BUYER2
+from fixtures.chain import DEPLOYER as DEPLOYER
+from fixtures.chain import OPERATOR as OPERATOR
+from fixtures.chain import SELLER as SELLER
+from fixtures.chain import SELLER2 as SELLER2
+from fixtures.chain import STRANGER as STRANGER
 from web3.types import RPCEndpoint, TxReceipt
 
 from escrow_devtools.anvil import dev_signer
@@ -41,10 +50,8 @@ from escrow_py.errors import ContractRevert
 from escrow_py.terms import Terms, request_hash
 
 if TYPE_CHECKING:
-    from conftest import Chain
+    from fixtures.chain import Chain
 
-# Same indexes as tests/conftest.py (repeated so this module imports without it).
-DEPLOYER, BUYER, SELLER, OPERATOR, STRANGER, BUYER2, SELLER2 = range(7)
 
 DEFAULT_AMOUNT = 10_000  # 0.01 USDC
 DEFAULT_WINDOW = 3600

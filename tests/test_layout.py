@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,13 @@ def test_every_subcommand_is_listed_with_the_help_its_registrar_gives() -> None:
         [action] = [a for a in sub._choices_actions if a.dest == command]
         assert action.help == help_text, command
     assert set(cli.build_parser(["--help"])._subparsers._group_actions[0].choices) == set(cli.COMMANDS)  # type: ignore[union-attr]
+
+
+def test_the_readme_links_only_to_files_in_the_repository() -> None:
+    repo = PACKAGE.parent
+    readme = (repo / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if "://" not in t]
+    assert "docs/design.md" in local
+    assert [t for t in local if not (repo / t).exists()] == []
+    assert "DESIGN.md" not in readme  # the design document is docs/design.md, in the repository

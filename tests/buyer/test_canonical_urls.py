@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import BUYER, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
@@ -35,7 +35,7 @@ from escrow_py.buyer._core import wire_url
 from escrow_py.buyer._recover import replay_request
 from escrow_py.terms import canonical_url, request_hash
 
-from .conftest import PRICE, Faulty, LostPayment
+from .shop import PRICE, Faulty, LostPayment
 
 # (path and query as the caller writes it, the item the handler must see)
 PATHS = [

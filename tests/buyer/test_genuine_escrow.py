@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, dev
 from web3 import HTTPProvider, Web3
 from x402 import x402Client
@@ -38,7 +38,7 @@ from escrow_py.chain.genuine import ESCROW_CODE_HASH
 from escrow_py.terms import Terms, request_hash
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
 
-from .conftest import PRICE, Shop, serving
+from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief
 
 KINDS = ["eoa", "token", "lookalike"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, address, dev, no_automine, rpc
 
 from escrow_py.buyer import (
@@ -42,7 +42,7 @@ from escrow_py.errors import ConfigError
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER, Reason
 
-from .conftest import make_shop, serving
+from .shop import make_shop, serving
 
 FORMS = ["EscrowClient", "AsyncEscrowClient", "EscrowAuth"]
 

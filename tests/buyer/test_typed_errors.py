@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.address import to_checksum_address
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, dev
 from rpc_proxy import RpcProxy
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
@@ -41,7 +41,7 @@ from escrow_py.errors import ChainError, ConfigError, RpcError, RpcTimeout
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
-from .conftest import PRICE, Shop, serving
+from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief
 
 FORMS = ["EscrowClient", "DeliveryEscrowScheme"]

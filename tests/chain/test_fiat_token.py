@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import BUYER, OPERATOR, SELLER, STRANGER, Chain
 from eth_abi.abi import decode
 from eth_utils.crypto import keccak
+from fixtures.chain import BUYER, OPERATOR, SELLER, STRANGER, Chain
 from helpers import FIAT_ADMIN, FIAT_OWNER, address, clock_at, deploy_fiat_token, deposit, expect_revert, make_terms
 
 from escrow_devtools.artifacts import CIRCLE_CONTRACTS, CIRCLE_DIR, load_artifact

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SELLER, STRANGER, Chain
+from fixtures.chain import SELLER, STRANGER, Chain
 from helpers import address, deposit, make_terms
 from web3 import HTTPProvider, Web3
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import OPERATOR, STRANGER, Chain
+from fixtures.chain import OPERATOR, STRANGER, Chain
 from helpers import address, dev
 from rpc_proxy import RpcProxy
 from web3.types import RPCEndpoint

@@ -29,10 +29,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from conftest import BUYER, BUYER2, DEPLOYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from eth_abi.abi import encode
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from fixtures.chain import BUYER, BUYER2, DEPLOYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import address, dev, mine_at
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import make_terms, sign_deposit
 
 from escrow_devtools.artifacts import deploy, load_artifact

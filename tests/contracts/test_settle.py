@@ -7,7 +7,7 @@ or a deposit of it, and what refuses settling an id that was deposited.
 from __future__ import annotations
 
 import pytest
-from conftest import BUYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
+from fixtures.chain import BUYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import (
     address,
     cancel_authorization,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from eth_abi.abi import decode
 from eth_utils.crypto import keccak
+from fixtures.chain import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import (
     address,
     cancel_authorization,

@@ -9,7 +9,7 @@ signature happens to be 65 bytes pays too. Other lengths go straight to the byte
 from __future__ import annotations
 
 import pytest
-from conftest import OPERATOR, SELLER, Chain
+from fixtures.chain import OPERATOR, SELLER, Chain
 from helpers import FIAT_OWNER, deploy_fiat_token, dev, make_terms
 
 from escrow_devtools.artifacts import deploy

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 from x402.http.utils import decode_payment_required_header
 from x402.schemas import PaymentRequired
@@ -39,8 +39,8 @@ from escrow_py.seller import SellerStore
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SCHEME
 
-from .conftest import Books, SellerProcess, serving
 from .independent_client import pay as independent_pay
+from .world import Books, SellerProcess, serving
 
 
 def _until(what: str, done: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -21,7 +21,7 @@ from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import Keeper, KeeperConfig
 
 if TYPE_CHECKING:
-    from conftest import Chain
+    from fixtures.chain import Chain
 
 KEEPER = 7  # anvil dev accounts no other role uses
 KEEPER2 = 8

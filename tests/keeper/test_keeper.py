@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from hexbytes import HexBytes
 from prometheus_client import generate_latest

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import deposit, make_terms
 from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Chain
 from eth_abi.abi import encode
+from fixtures.chain import Chain
 from helpers import deposit, dev, make_terms
 from rpc_proxy import RpcProxy
 

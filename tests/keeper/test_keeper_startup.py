@@ -14,8 +14,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import Chain
 from eth_account import Account
+from fixtures.chain import Chain
 
 from escrow_devtools.anvil import Anvil, dev_signer, free_port
 from escrow_devtools.artifacts import deploy

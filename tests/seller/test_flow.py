@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address
 from starlette.types import Message
 from x402.schemas import PaymentRequired
@@ -29,8 +29,8 @@ from escrow_py.wire import (
     decode_payment_response,
 )
 
-from .conftest import PRICE, Shop, deposits, make_config, make_shop, set_gas_money
 from .payer import buy, quote, sign_payment
+from .shop import PRICE, Shop, deposits, make_config, make_shop, set_gas_money
 
 
 def _settlement(response_headers: dict[str, str] | object) -> tuple[object, SettlementExtra]:

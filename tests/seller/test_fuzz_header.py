@@ -24,14 +24,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from conftest import Chain
+from fixtures.chain import Chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
-from .conftest import Shop, deposits
 from .payer import sign_payment
+from .shop import Shop, deposits
 
 # Thousands by default (about 20 s); X402_FUZZ_EXAMPLES=20000 for a long hunt.
 EXAMPLES = int(os.environ.get("X402_FUZZ_EXAMPLES", "2000"))

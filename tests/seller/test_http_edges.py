@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
 from fastapi import FastAPI
+from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,8 +22,8 @@ from escrow_py.seller import EscrowMiddleware, PricedRoute
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, Reason, decode_payment_required
 
-from .conftest import PRICE, deposits, make_config, make_shop, served
 from .payer import quote, sign_payment
+from .shop import PRICE, deposits, make_config, make_shop, served
 
 
 def _method_app(chain: Chain, store: Path, calls: dict[str, int]) -> FastAPI:

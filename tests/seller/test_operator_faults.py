@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import OPERATOR, STRANGER, address, dev, no_automine, pending_of, rpc, until
 from rpc_proxy import RpcProxy
 
@@ -33,8 +33,8 @@ from escrow_py.wire import (
     decode_payment_response,
 )
 
-from .conftest import Shop, deposits, make_shop, served, set_gas_money
 from .payer import Payment, buy, quote, sign_payment
+from .shop import Shop, deposits, make_shop, served, set_gas_money
 
 
 def _pay(url: str, path: str, payment: Payment) -> httpx.Response:

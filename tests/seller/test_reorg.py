@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import Chain
+from fixtures.chain import Chain
 from web3.types import RPCEndpoint
 
 from escrow_py.seller import EscrowMiddleware
 from escrow_py.terms import State
 
-from .conftest import make_shop, served
 from .payer import buy
+from .shop import make_shop, served
 
 
 def _rpc(chain: Chain, method: str, params: list[Any]) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, address, dev
 
 from escrow_devtools.anvil import dev_private_key, free_port
