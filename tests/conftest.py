@@ -8,8 +8,8 @@ Tiers (markers, set here from where a test lives and what it needs, so no test f
     integration  everything else on anvil: the roles, uvicorn, processes, the CLI, the benchmarks
     slow         the long ones (crash and soak trials), a subset of integration
 
-A test needs anvil when it uses the `chain` fixture, or when its module says so with
-`pytestmark = pytest.mark.integration` (the ones that start their own anvil).
+A test is `integration` when it uses the `chain` fixture, when it lives in one of the files below
+(they start their own anvil, ape or the CLI in subprocesses), or when it says so itself.
 """
 
 from __future__ import annotations
@@ -23,13 +23,35 @@ pytest_plugins = ["fixtures.chain"]
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "contracts", "integration")
 
+# Tests that need no `chain` fixture yet are not unit tests: their own anvil, the compiler, ape, subprocesses.
+BY_PATH = {
+    "contracts": ("contracts", "chain/test_artifacts.py"),
+    "integration": (
+        "bench",
+        "integration",
+        "deploy/test_deploy.py",
+        "deploy/test_no_ape_at_runtime.py",
+        "keeper/test_keeper_startup.py",
+        "test_demo.py",
+    ),
+}
+
+
+def _tier_by_path(path: Path) -> str | None:
+    relative = path.relative_to(TESTS).as_posix()
+    for tier, places in BY_PATH.items():
+        if any(relative == place or relative.startswith(place + "/") for place in places):
+            return tier
+    return None
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
-        if TESTS / "contracts" in item.path.parents:
-            item.add_marker(pytest.mark.contracts)
+        tier = _tier_by_path(item.path)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
         elif "_session_chain" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
         else:

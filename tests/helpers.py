@@ -212,7 +212,9 @@ def no_automine(chain: Chain) -> Iterator[None]:
 def pending_of(chain: Chain, who: str) -> list[dict[str, Any]]:
     """The node's pending transactions from `who`."""
     pool = rpc(chain, "txpool_content", [])["pending"]
-    by_sender = next((txs for sender, txs in pool.items() if sender.lower() == who.lower()), {})
+    by_sender: dict[str, dict[str, Any]] = next(
+        (txs for sender, txs in pool.items() if sender.lower() == who.lower()), {}
+    )
     return list(by_sender.values())
 
 

@@ -113,7 +113,7 @@ def test_the_sdk_plugin_pays_unicode_urls(chain: Chain, served: str, tmp_path: P
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
     sdk = x402Client().register("eip155:84532", scheme)
     allowed = {"network": "eip155:84532", "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:

@@ -66,7 +66,7 @@ def thief_of(chain: Chain) -> Callable[[str], Thief]:
 def _sdk(chain: Chain, scheme: DeliveryEscrowScheme) -> x402Client:
     sdk = x402Client().register(NETWORK, scheme)
     allowed = {"network": NETWORK, "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
     return sdk
 
 

@@ -280,4 +280,4 @@ def test_the_resend_rule_caps_the_wait_counts_the_resends_and_keeps_the_margin()
     assert ResendPolicy(attempts=0).next_wait(1, resent=0, time_left=60) is None
     for bad in ({"attempts": -1}, {"attempts": 1.5}, {"max_wait": -1}, {"margin": "20"}, {"attempts": True}):
         with pytest.raises(ConfigError, match=f"ResendPolicy.{next(iter(bad))}"):
-            ResendPolicy(**bad)  # type: ignore[arg-type]
+            ResendPolicy(**bad)

@@ -103,7 +103,7 @@ def test_a_node_that_never_answers_refuses_before_signing_within_the_deadline(
 
         def attempt() -> None:
             try:
-                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:
+                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:  # type: ignore[arg-type]
                     client.get(f"{served}/report/hung")
             except BaseException as exc:
                 outcome.append(exc)
@@ -194,7 +194,7 @@ def test_a_chain_failure_after_the_payment_left_names_the_escrow_and_the_money(
 def _sdk_get(chain: Chain, scheme: DeliveryEscrowScheme, url: str) -> httpx.Response:
     sdk = x402Client().register(NETWORK, scheme)
     allowed = {"network": NETWORK, "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:

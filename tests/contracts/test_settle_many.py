@@ -23,6 +23,7 @@ from helpers import (
     mine_at,
     sign_deposit,
 )
+from web3.types import TxReceipt
 
 from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
@@ -43,10 +44,10 @@ def _raw(chain: Chain, entries: list[Settlement]) -> bytes:
     return bytes.fromhex(data.removeprefix("0x"))
 
 
-def _payouts(chain: Chain, receipt: dict[str, object]) -> list[tuple[str, str, int]]:
+def _payouts(chain: Chain, receipt: TxReceipt) -> list[tuple[str, str, int]]:
     """(token, to, amount) of every transfer out of the escrow in the receipt."""
-    out = []
-    for log in receipt["logs"]:  # type: ignore[attr-defined]
+    out: list[tuple[str, str, int]] = []
+    for log in receipt["logs"]:
         topics = [bytes(t) for t in log["topics"]]
         if topics and topics[0] == TRANSFER_TOPIC and topics[1][12:] == bytes.fromhex(chain.escrow.address[2:]):
             to = "0x" + topics[2][12:].hex()

@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,8 +59,9 @@ def transactions_of(chain: Chain, who: int, since: int = 0) -> list[dict[str, ob
     out = []
     for number in range(since, int(chain.w3.eth.block_number) + 1):
         for tx in chain.w3.eth.get_block(number, full_transactions=True)["transactions"]:
-            if tx["from"] == sender:  # type: ignore[index]
-                out.append(dict(chain.w3.eth.get_transaction_receipt(HexBytes(tx["hash"]))))  # type: ignore[index]
+            assert isinstance(tx, Mapping)  # full transactions, not hashes
+            if tx["from"] == sender:
+                out.append(dict(chain.w3.eth.get_transaction_receipt(HexBytes(tx["hash"]))))
     return out
 
 
@@ -72,7 +73,8 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0, 
 
 
 def scrape(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return bytes(response.read()).decode()
 
 
 def metric(text: str, name: str) -> float:

@@ -291,7 +291,7 @@ def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_ov
         inside[0] -= 1
         return pending(limit)
 
-    poster.store.pending_deliveries = held_pass  # type: ignore[method-assign]
+    poster.store.pending_deliveries = held_pass  # type: ignore[method-assign,assignment]
     reports: dict[str, Any] = {}
 
     def flush_on_own_loop(name: str) -> None:

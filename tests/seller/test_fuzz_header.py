@@ -138,9 +138,9 @@ def _mutation(draw: st.DrawFn, tree: dict[str, Any]) -> Mutation:
     original = copy.deepcopy(_parent(tree, path)[path[-1]])  # never alias the valid envelope
     kind = draw(st.sampled_from(["set", "delete", "extra", "edit", "wrap", "same-shape", "same-shape"]))
     if kind == "same-shape":  # still well-formed, so it reaches the rules (and the signature check) behind the decoder
-        new = _same_shape(draw, original)
+        new: Any = _same_shape(draw, original)
     elif kind == "edit" and isinstance(original, str):
-        new: Any = _edit_string(draw, original)
+        new = _edit_string(draw, original)
     elif kind == "edit" and isinstance(original, int) and not isinstance(original, bool):
         new = draw(st.sampled_from([original + 1, original - 1, -original, str(original), float(original)]))
     elif kind == "wrap":

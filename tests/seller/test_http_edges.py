@@ -108,7 +108,7 @@ def test_a_bare_asgi_app_prices_head_as_get(chain: Chain, tmp_path: Path) -> Non
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else b"secret"})
 
     config = make_config(chain, tmp_path / "seller.sqlite", routes=[PricedRoute("GET", "/bare", amount=PRICE)])
-    app = EscrowMiddleware(bare, config)
+    app = EscrowMiddleware(bare, config)  # type: ignore[arg-type]
     with served(app) as (url, _):
         head = httpx.head(f"{url}/bare")
     assert head.status_code == 402

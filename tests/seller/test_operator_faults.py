@@ -191,7 +191,7 @@ def test_a_stuck_deposit_is_repriced_and_the_repriced_one_is_mined(chain: Chain,
                     response = await paid
                     assert response.status_code == 200, response.text
                     settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
-                    mined = chain.w3.eth.get_transaction_receipt(settle.transaction)
+                    mined = chain.w3.eth.get_transaction_receipt(settle.transaction)  # type: ignore[arg-type]
                     assert int(mined["status"]) == 1
                     return response
 

@@ -61,7 +61,7 @@ def test_a_delivery_a_reorg_drops_is_sent_again_and_followed_until_deep_enough(c
         assert report.posted == [escrow_id]
         # Mined again (it may be the very same signed transaction: same nonce, same entries, same fees).
         assert report.tx_hash is not None
-        assert chain.w3.eth.get_transaction_receipt(report.tx_hash)["status"] == 1
+        assert chain.w3.eth.get_transaction_receipt(report.tx_hash)["status"] == 1  # type: ignore[arg-type]
         assert dropped is not None
         assert chain.escrow.state_of(escrow_id) == State.RELEASED
         assert shop.middleware.store.delivery(escrow_id).tx_hash == report.tx_hash  # type: ignore[union-attr]
