@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import uvicorn
 from web3 import HTTPProvider, Web3
 
-from escrow_devtools.anvil import Anvil, dev_private_key, free_port
+from escrow_devtools.anvil import Anvil, dev_private_key
 from escrow_devtools.artifacts import deploy
 from escrow_devtools.demo._shop import REPORT_PRICE, STUCK_PRICE, build_shop, routes
+from escrow_devtools.harness import ServerDidNotStart, serving
 from escrow_py.buyer import EscrowClient, HandlerFailedRefunded, PaymentError, delivered_hash
 from escrow_py.chain.escrow import Deposited, Escrow, Refunded
 from escrow_py.chain.registry import USDC
@@ -257,33 +257,15 @@ def _seller(world: World, display: Display) -> Iterator[None]:
         token_name=domain.name,
         token_version=domain.version,
     )
-    port = free_port()
     app = build_shop(config, work_seconds=world.work_seconds)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            lifespan="on",
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-            log_config=None,  # uvicorn's records go to the root logger, hence to seller.log, not the story
-        )
-    )
-    thread = threading.Thread(target=server.run, name="demo-seller", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise EscrowError("the seller's uvicorn did not start (see seller.log)")
-        time.sleep(0.05)
-    world.base_url = f"http://127.0.0.1:{port}"
-    display(f"seller app on {world.base_url} (FastAPI + EscrowMiddleware), paid to {world.address('seller')}")
+    # uvicorn's records go to the root logger (log_config=None), hence to seller.log, not the story.
     try:
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(15)
+        with serving(app, timeout_graceful_shutdown=2, log_config=None) as running:
+            world.base_url = running.url
+            display(f"seller app on {world.base_url} (FastAPI + EscrowMiddleware), paid to {world.address('seller')}")
+            yield
+    except ServerDidNotStart as exc:
+        raise EscrowError(f"the seller's uvicorn did not start (see seller.log): {exc}") from exc
 
 
 @contextlib.contextmanager

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,13 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, address, dev
 from starlette.types import ASGIApp
 
+from escrow_devtools import harness
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 
@@ -87,21 +84,8 @@ def make_shop(chain: Chain, tmp_path: Path, *, max_timeout_seconds: int = 120, *
 @contextmanager
 def serving(app: ASGIApp) -> Iterator[str]:
     """`app` on a real uvicorn server on 127.0.0.1, for the duration of the block; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with harness.serving(app, lifespan="auto", stop_timeout=10) as running:
+        yield running.url
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ from helpers import OPERATOR, SELLER, address, dev
 from starlette.types import ASGIApp
 from web3.types import RPCEndpoint
 
-from escrow_devtools.anvil import free_port
+from escrow_devtools import harness
 from escrow_py.chain.escrow import Deposited
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 
@@ -135,24 +133,9 @@ def served(app: ASGIApp, *, started: bool = True) -> Iterator[tuple[str, uvicorn
 
     With started=False it does not wait for the start (a failed start-up is what is tested).
     """
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while started and not server.started:
-        assert thread.is_alive(), "uvicorn stopped during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with harness.serving(app, wait=started, stop_timeout=30) as running:
+        yield running.url, running.server
+    assert not running.thread.is_alive(), "uvicorn did not stop"
 
 
 def set_gas_money(chain: Chain, who: int, wei: int) -> None:
