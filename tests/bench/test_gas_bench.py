@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from escrow_py.bench.gas import OPERATIONS, TARGETS, TOKENS
+from escrow_devtools.bench.gas import OPERATIONS, TARGETS, TOKENS
 
 
 def test_bench_gas_json_prints_every_figure_and_consistent_ratios_against_both_tokens() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from escrow_py.chain.anvil import Anvil
+from escrow_devtools.anvil import Anvil
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.registry import (
     CREATE2_PROXY,

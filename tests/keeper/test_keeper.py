@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from eth_typing import ChecksumAddress
+from fixtures.chain import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
 
@@ -142,8 +143,8 @@ def test_a_reorg_that_removes_a_refund_gets_it_mined_again_and_the_next_refund_i
     assert keeper.store.attempt_counts() == {"final": 2}
 
 
-def _set_blocked(chain: Chain, token: str, who: str) -> None:
-    blocking = chain.w3.eth.contract(address=token, abi=load_artifact("BlockingToken")["abi"])  # type: ignore[arg-type]
+def _set_blocked(chain: Chain, token: ChecksumAddress, who: str) -> None:
+    blocking = chain.w3.eth.contract(address=token, abi=load_artifact("BlockingToken")["abi"])
     data = blocking.encode_abi("setBlocked", args=[who])
     chain.deployer.transact(token, bytes.fromhex(data.removeprefix("0x")))
 
@@ -228,6 +229,7 @@ def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says
     assert allowed.run_once().refunds_sent == 1
 
 
+@pytest.mark.integration  # runs the CLI in subprocesses
 def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> None:
     env = keeper_env()
     del env["X402_ESCROW_PRIVATE_KEY"]

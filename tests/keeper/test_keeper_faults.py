@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import deposit, make_terms
 from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.errors import RpcTimeout
 from escrow_py.terms import State, Terms
 

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from prometheus_client import generate_latest
 from rpc_proxy import RpcProxy

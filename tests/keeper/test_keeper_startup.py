@@ -14,11 +14,11 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import Chain
 from eth_account import Account
+from fixtures.chain import Chain
 
-from escrow_py.chain.anvil import Anvil, dev_signer, free_port
-from escrow_py.chain.escrow import deploy
+from escrow_devtools.anvil import Anvil, dev_signer, free_port
+from escrow_devtools.artifacts import deploy
 from escrow_py.chain.tx import TxSender
 from escrow_py.errors import ConfigError, RpcError
 from escrow_py.keeper import KeeperConfig
