@@ -250,7 +250,10 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> 
         assert "Traceback" not in output
 
 
-def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain, tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["json", "plain"])
+def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(
+    chain: Chain, tmp_path: Path, log_format: str
+) -> None:
     terms = make_terms(chain, window=100)
     deposit(chain, terms)
     chain.mine(terms.deadline)
@@ -259,7 +262,8 @@ def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain
     args = ["--rpc", chain.node.url, "--escrow", chain.escrow.address, "--token", chain.token.address,
             "--database", db]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "escrow_py.cli", "keeper", "run", *args, "--poll-interval", "0.2",
-                             "--log-json"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             *(["--log-json"] if log_format == "json" else [])],
+                            env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_until(lambda: chain.escrow.state_of(chain.escrow.id_of(terms)) is State.REFUNDED, "keeper refund", 60)
         time.sleep(1.0)  # a few more cycles: the keeper indexes its own refund
@@ -267,7 +271,13 @@ def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0
-    assert '"msg": "refund batch sent"' in stderr
+    if log_format == "json":
+        assert '"msg": "refund batch sent"' in stderr and '"logger": "escrow_py.keeper"' in stderr
+    else:
+        # Plain text keeps the record's fields (the transaction, how many escrows), one line each.
+        sent = [line for line in stderr.splitlines() if "INFO escrow_py.keeper refund batch sent" in line]
+        assert len(sent) == 1, stderr
+        assert " tx=0x" in sent[0] and " escrows=1" in sent[0], sent[0]
     assert env["X402_ESCROW_PRIVATE_KEY"][2:] not in stderr  # the key is never logged
     status = cli("keeper", "status", *args)
     assert status.returncode == 0, status.stderr
