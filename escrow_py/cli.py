@@ -3,6 +3,7 @@
 Each role registers its own subcommands from its own module (`register(subparsers)`),
 so this file only assembles them:
 
+    x402-escrow dev                 a local chain with the escrow and a funded buyer, until Ctrl-C
     x402-escrow contracts build     recompile contracts/ into the shipped artifacts
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
@@ -64,9 +65,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _registrars() -> list[Registrar]:
     from escrow_py.bench.cli import register as bench
     from escrow_py.buyer._cli import register as buyer
+    from escrow_py.dev import register as dev
     from escrow_py.keeper._cli import register as keeper
 
-    return [_register_contracts, _register_demo, keeper, bench, buyer]
+    return [dev, _register_contracts, _register_demo, keeper, bench, buyer]
 
 
 def build_parser() -> argparse.ArgumentParser:
