@@ -19,7 +19,7 @@ from escrow_py.terms import State
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-EXAMPLES = ["seller_app.py", "buyer.py", "keeper.py"]
+EXAMPLES = ["seller_app.py", "buyer.py", "keeper.py", "mcp_server.py", "mcp_client.py"]
 
 
 def _python_blocks(text: str) -> list[str]:
