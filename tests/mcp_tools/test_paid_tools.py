@@ -251,3 +251,17 @@ def test_an_agent_killed_mid_call_whose_tool_never_answers_is_refunded_by_recove
     assert item.journal_state is PaymentState.REFUNDED
     assert chain.escrow.state_of(escrow_id) == State.REFUNDED
     assert chain.token.balance_of(address(BUYER)) == buyer_before
+
+
+@pytest.mark.parametrize("payment", ["garbage", {"x402Version": 2}, [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]], 10**80])
+def test_a_payment_that_does_not_decode_gets_a_reason_and_runs_nothing(shop: ToolShop, payment: object) -> None:
+    async def call() -> types.CallToolResult:
+        async with mcp_session(shop.url) as session:
+            return await session.call_tool("score", {"item": "abc"}, meta={"x402/payment": payment})
+
+    result = asyncio.run(call())
+    assert result.isError
+    required = result.structuredContent
+    assert required is not None and required["accepts"][0]["scheme"] == "delivery-escrow"
+    assert required["error"].startswith("invalid_payload"), required["error"]
+    assert "ran:score" not in shop.calls
