@@ -22,7 +22,14 @@ from helpers import BUYER, SELLER, address, dev, until
 from mcp import types
 from x402.mcp import MCP_PAYMENT_RESPONSE_META_KEY
 
-from escrow_py.buyer import Action, DeliveryMismatch, HandlerFailedRefunded, PaymentState, delivered_hash
+from escrow_py.buyer import (
+    Action,
+    DeliveryMismatch,
+    HandlerFailedRefunded,
+    PaymentState,
+    RecoveryReport,
+    delivered_hash,
+)
 from escrow_py.chain.anvil import dev_private_key
 from escrow_py.mcp import EscrowToolClient, delivered_bytes
 from escrow_py.mcp._wire import payment_meta
@@ -187,6 +194,16 @@ def _agent(shop: ToolShop, chain: Chain, journal: Path) -> subprocess.Popen[str]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _recover(shop: ToolShop, chain: Chain, journal_path: Path) -> RecoveryReport:
+    """recover() in a new session of a new client on the dead agent's journal."""
+
+    async def recover() -> RecoveryReport:
+        async with mcp_session(shop.url) as session, _client(session, chain, journal_path) as tools:
+            return await tools.recover()
+
+    return asyncio.run(recover())
+
+
 def _killed_after_deposit(shop: ToolShop, chain: Chain, journal_path: Path) -> bytes:
     """Start an agent on the slow tool, SIGKILL it once its payment is deposited; the escrow id."""
     from escrow_py.buyer import Journal
@@ -221,12 +238,7 @@ def test_an_agent_killed_mid_call_gets_its_result_from_recover(chain: Chain, sho
     shop.gate.set()  # the tool finishes with nobody listening; the seller stores and delivers it
     until("the stored result", lambda: (p := shop.paid.seller.store.payment(escrow_id)) and p.response)
 
-    async def recover() -> object:
-        async with mcp_session(shop.url) as session, _client(session, chain, journal_path) as tools:
-            return await tools.recover()
-
-    report = asyncio.run(recover())
-    item = report.by_id(escrow_id)  # type: ignore[attr-defined]
+    item = _recover(shop, chain, journal_path).by_id(escrow_id)
     assert item.action is Action.REPLAYED
     assert item.journal_state is PaymentState.DELIVERED
     assert item.body == b"slow result for crash"
@@ -241,12 +253,7 @@ def test_an_agent_killed_mid_call_whose_tool_never_answers_is_refunded_by_recove
     escrow_id = _killed_after_deposit(shop, chain, journal_path)
     chain.mine(chain.now() + SLOW_TIMEOUT + 5)  # the tool still hangs; the deadline passes
 
-    async def recover() -> object:
-        async with mcp_session(shop.url) as session, _client(session, chain, journal_path) as tools:
-            return await tools.recover()
-
-    report = asyncio.run(recover())
-    item = report.by_id(escrow_id)  # type: ignore[attr-defined]
+    item = _recover(shop, chain, journal_path).by_id(escrow_id)
     assert item.action is Action.REFUNDED
     assert item.journal_state is PaymentState.REFUNDED
     assert chain.escrow.state_of(escrow_id) == State.REFUNDED
