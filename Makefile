@@ -16,8 +16,9 @@ PIP_INSTALL := $(BIN)/pip install --progress-bar off --disable-pip-version-check
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
 # What running the package needs (seller, buyer, keeper, MCP tools, a local chain), without the
-# dev tools: the README's quickstart.
-quickstart: $(RUN_STAMP) $(NODE_STAMP)
+# dev tools: the README's quickstart. pip and npm run side by side: both mostly wait on downloads.
+quickstart:
+	$(MAKE) -j2 $(RUN_STAMP) $(NODE_STAMP)
 
 $(BIN)/python:
 	@echo "== creating $(VENV)"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, until
 
@@ -48,6 +49,12 @@ def test_the_quickstart_script_starts_a_chain_and_pays_a_first_request(tmp_path:
     record = json.loads((tmp_path / "state" / "deployments" / "eip155_84532.json").read_text())
     assert (record["escrow"], record["token"]) == (ESCROW_ADDRESS, settings["X402_ESCROW_TOKEN"])
     assert _shipped_records() == shipped  # the local record went to the state folder, not over the shipped one
+    # The script ended `dev` with SIGTERM, as Ctrl-C would: its anvil went with it.
+    assert "stopping anvil" in lines
+    with pytest.raises(httpx.TransportError):
+        httpx.post(
+            settings["X402_ESCROW_RPC_URL"], json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"}, timeout=5
+        )
 
 
 def test_the_mcp_examples_pay_for_a_tool_call_over_streamable_http(chain: Chain, tmp_path: Path) -> None:
