@@ -150,9 +150,7 @@ def payment_header_of(meta: Mapping[str, Any] | None) -> str | None:
     return base64.b64encode(raw.encode("utf-8")).decode("ascii")
 
 
-def _text(
-    value: str,
-) -> list[types.TextContent | types.ImageContent | types.AudioContent | types.ResourceLink | types.EmbeddedResource]:
+def _text(value: str) -> list[types.ContentBlock]:
     return [types.TextContent(type="text", text=value)]
 
 
