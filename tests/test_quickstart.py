@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, until
 
-from escrow_py.chain.anvil import dev_private_key, free_port
+from escrow_devtools.anvil import dev_private_key, free_port
 from escrow_py.chain.registry import DEPLOYMENTS_DIR, ESCROW_ADDRESS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +25,7 @@ def _shipped_records() -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in DEPLOYMENTS_DIR.glob("*.json")}
 
 
+@pytest.mark.integration  # its own anvil, seller and buyer processes
 def test_the_quickstart_script_starts_a_chain_and_pays_a_first_request(tmp_path: Path) -> None:
     shipped = _shipped_records()
     env = {

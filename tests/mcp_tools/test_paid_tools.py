@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev, until
 from mcp import types
 from x402.mcp import MCP_PAYMENT_RESPONSE_META_KEY
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     Action,
     DeliveryMismatch,
@@ -30,11 +31,11 @@ from escrow_py.buyer import (
     RecoveryReport,
     delivered_hash,
 )
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.mcp import EscrowToolClient, delivered_bytes
 from escrow_py.mcp._wire import payment_meta
 from escrow_py.terms import State, delivery_hash
-from mcp_tools.conftest import PRICE, SLOW_TIMEOUT, ToolShop, mcp_session, tool_shop
+
+from .shop import PRICE, SLOW_TIMEOUT, ToolShop, mcp_session, tool_shop
 
 AGENT = Path(__file__).with_name("agent.py")
 
@@ -181,6 +182,7 @@ def test_a_failing_tool_is_refunded_at_once(chain: Chain, shop: ToolShop, tmp_pa
         async with mcp_session(shop.url) as session, _client(session, chain, tmp_path / "buyer.sqlite") as tools:
             with pytest.raises(HandlerFailedRefunded) as caught:
                 await tools.call_tool("fail", {"item": "abc"})
+        assert caught.value.escrow_id is not None
         return caught.value.escrow_id
 
     escrow_id = asyncio.run(run())
@@ -224,7 +226,7 @@ def _killed_after_deposit(shop: ToolShop, chain: Chain, journal_path: Path) -> b
                 return entries[0].escrow_id
             return None
 
-        escrow_id = until("the agent's deposit", deposited)
+        escrow_id: bytes = until("the agent's deposit", deposited)
         until("the tool running", lambda: shop.calls.get("ran:slow") == 1)  # the agent waits for it
     finally:
         agent.send_signal(signal.SIGKILL)

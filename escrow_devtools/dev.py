@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 
-from escrow_py.chain.anvil import BASE_SEPOLIA_CHAIN_ID, Anvil, dev_private_key, dev_signer
+from escrow_devtools.anvil import BASE_SEPOLIA_CHAIN_ID, Anvil, dev_private_key, dev_signer
 from escrow_py.chain.escrow import deploy_local
 from escrow_py.chain.registry import Deployment, record
 from escrow_py.chain.signer import LocalSigner
