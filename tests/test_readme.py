@@ -85,7 +85,7 @@ def test_the_seller_and_buyer_examples_pay_and_deliver_over_http(chain: Chain, t
         assert chain.token.balance_of(address(SELLER)) - seller_before == 10_000
     finally:
         server.terminate()
-        server.wait(15)
+        server.communicate(timeout=15)  # also closes its stderr pipe (an open one is a ResourceWarning, an error)
     assert (tmp_path / "seller.sqlite").exists() and (tmp_path / "buyer.sqlite").exists()
 
 
