@@ -1,0 +1,180 @@
+"""One 402 for every client: the SDK's `exact` beside delivery-escrow, on one route, over real HTTP.
+
+The stock SDK client (exact only) pays exact, settled by the SDK's own facilitator on anvil;
+this project's client pays delivery-escrow on the same route. The seller orders the offers
+and may leave exact out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import BUYER2, Chain
+from helpers import BUYER, SELLER, address, dev
+from x402.http import decode_payment_required_header, decode_payment_response_header
+from x402.http.clients.httpx import x402_httpx_transport
+from x402.schemas import AbortResult
+
+from escrow_py.buyer import AsyncEscrowClient, PaymentRejected
+from escrow_py.seller import ExactOffer, PricedRoute, SellerHooks
+from escrow_py.terms import State
+
+from .conftest import PRICE, deposits, make_shop, served
+from .sdk_parts import exact_facilitator, stock_client
+
+
+def _routes(**report: Any) -> list[PricedRoute]:
+    settings: dict[str, Any] = {"max_timeout_seconds": 120, "amount": PRICE, **report}
+    return [
+        PricedRoute("GET", "/report/{item}", **settings),
+        PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=120),
+    ]
+
+
+async def _stock_get(chain: Chain, url: str, buyer: int = BUYER2) -> httpx.Response:
+    transport = x402_httpx_transport(stock_client(chain, buyer), httpx.AsyncHTTPTransport())
+    async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+        return await http.get(url)
+
+
+async def _escrow_get(chain: Chain, url: str, journal: Path) -> httpx.Response:
+    async with AsyncEscrowClient(dev(BUYER), chain.node.url, journal, timeout=60) as client:
+        return await client.get(url)
+
+
+def test_one_route_sells_exact_to_the_stock_client_and_escrow_to_ours(chain: Chain, tmp_path: Path) -> None:
+    with exact_facilitator(chain) as facilitator:
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
+        with served(shop.app) as (base, _):
+            unpaid = httpx.get(f"{base}/report/a")
+            assert unpaid.status_code == 402
+            offered = decode_payment_required_header(unpaid.headers["payment-required"]).accepts
+            assert [a.scheme for a in offered] == ["delivery-escrow", "exact"]  # the seller's default order
+            exact = offered[1]
+            assert (exact.asset, exact.amount, exact.pay_to) == (chain.token.address, str(PRICE), address(SELLER))
+            assert exact.extra == {"name": "USDC", "version": "2"}
+
+            start = int(chain.w3.eth.block_number) + 1
+            seller_before = chain.token.balance_of(address(SELLER))
+            stock_before = chain.token.balance_of(address(BUYER2))
+            paid = asyncio.run(_stock_get(chain, f"{base}/report/stock"))
+            assert paid.status_code == 200 and paid.json()["item"] == "stock"
+            settled = decode_payment_response_header(paid.headers["payment-response"])
+            assert settled.success and settled.transaction and settled.payer == address(BUYER2)
+            receipt = chain.w3.eth.get_transaction_receipt(settled.transaction)
+            assert receipt["status"] == 1
+            # Paid straight to the seller by transferWithAuthorization: no escrow involved.
+            assert chain.token.balance_of(address(BUYER2)) == stock_before - PRICE
+            assert chain.token.balance_of(address(SELLER)) == seller_before + PRICE
+            assert deposits(chain, start) == []
+
+            ours = asyncio.run(_escrow_get(chain, f"{base}/report/ours", tmp_path / "buyer.sqlite"))
+            assert ours.status_code == 200 and ours.json()["item"] == "ours"
+            (deposit,) = deposits(chain, start)
+            assert deposit.terms.buyer == address(BUYER) and chain.escrow.state_of(deposit.id) is State.HELD
+            assert shop.calls["report"] == 2
+
+
+def test_the_seller_orders_the_offers_and_can_leave_exact_out(chain: Chain, tmp_path: Path) -> None:
+    with exact_facilitator(chain) as facilitator:
+        routes = [
+            PricedRoute("GET", "/report/{item}", amount=PRICE),
+            PricedRoute("GET", "/fail", amount=PRICE, schemes=("delivery-escrow",)),
+        ]
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=routes, exact=ExactOffer(facilitator, first=True))
+        with served(shop.app) as (base, _):
+            first = decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"])
+            assert [a.scheme for a in first.accepts] == ["exact", "delivery-escrow"]
+            only = decode_payment_required_header(httpx.get(f"{base}/fail").headers["payment-required"])
+            assert [a.scheme for a in only.accepts] == ["delivery-escrow"]
+            before = chain.token.balance_of(address(BUYER2))
+            with pytest.raises(Exception, match="No payment requirements match"):
+                asyncio.run(_stock_get(chain, f"{base}/fail"))
+            assert chain.token.balance_of(address(BUYER2)) == before
+            assert shop.calls.get("fail", 0) == 0
+
+
+def test_exact_is_not_settled_when_the_handler_fails_nor_twice_on_replay(chain: Chain, tmp_path: Path) -> None:
+    with exact_facilitator(chain) as facilitator:
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
+        with served(shop.app) as (base, _):
+            before = chain.token.balance_of(address(BUYER2))
+            failed = asyncio.run(_stock_get(chain, f"{base}/fail"))
+            assert failed.status_code == 503 and "payment-response" not in failed.headers
+            assert chain.token.balance_of(address(BUYER2)) == before  # the SDK's rule: no settle on >= 400
+
+            captured: list[str] = []
+
+            class Recording(httpx.AsyncHTTPTransport):
+                """The wire under the SDK's transport: it sees the retried request with its PAYMENT-SIGNATURE."""
+
+                async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                    if "payment-signature" in request.headers:
+                        captured.append(request.headers["payment-signature"])
+                    return await super().handle_async_request(request)
+
+            async def pay_then_replay() -> tuple[httpx.Response, httpx.Response]:
+                transport = x402_httpx_transport(stock_client(chain, BUYER2), Recording())
+                async with httpx.AsyncClient(transport=transport) as http:
+                    first = await http.get(f"{base}/report/once")
+                async with httpx.AsyncClient() as plain:
+                    again = await plain.get(f"{base}/report/once", headers={"PAYMENT-SIGNATURE": captured[-1]})
+                return first, again
+
+            first, again = asyncio.run(pay_then_replay())
+            assert first.status_code == 200
+            assert again.status_code == 402  # the authorization is spent: the facilitator refuses it
+            assert chain.token.balance_of(address(BUYER2)) == before - PRICE
+
+
+def test_hooks_run_around_both_schemes_and_a_before_hook_aborts(chain: Chain, tmp_path: Path) -> None:
+    seen: list[tuple[str, str, str]] = []
+    refused = {address(BUYER2)}
+
+    def deny(ctx: Any) -> AbortResult | None:
+        payer = ctx.payment_payload.payload.get("authorization", {}).get("from")
+        seen.append(("before_verify", ctx.requirements.scheme, str(payer)))
+        if payer is not None and payer.lower() in {a.lower() for a in refused}:
+            return AbortResult(reason="payer_blocked", message="this payer is blocked here")
+        return None
+
+    async def book(ctx: Any) -> None:  # async hooks are awaited, like the SDK's
+        seen.append(("after_settle", ctx.requirements.scheme, str(ctx.result.payer)))
+
+    def no_escrow_deposits(ctx: Any) -> AbortResult | None:
+        seen.append(("before_settle", ctx.requirements.scheme, ctx.phase))
+        return None
+
+    hooks = SellerHooks().on_before_verify(deny).on_before_settle(no_escrow_deposits).on_after_settle(book)
+    with exact_facilitator(chain) as facilitator:
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator), hooks=hooks)
+        with served(shop.app) as (base, _):
+            before = chain.token.balance_of(address(BUYER2))
+            blocked = asyncio.run(_stock_get(chain, f"{base}/report/blocked"))
+            assert blocked.status_code == 402
+            assert "payer_blocked" in decode_payment_required_header(blocked.headers["payment-required"]).error
+            assert chain.token.balance_of(address(BUYER2)) == before and "report" not in shop.calls
+
+            start = int(chain.w3.eth.block_number) + 1
+            ours = asyncio.run(_escrow_get(chain, f"{base}/report/ours", tmp_path / "b.sqlite"))
+            assert ours.status_code == 200 and len(deposits(chain, start)) == 1
+
+            refused.add(address(BUYER))  # now the escrow payer too: refused before any deposit
+            start = int(chain.w3.eth.block_number) + 1
+            with pytest.raises(PaymentRejected, match="payer_blocked"):
+                asyncio.run(_escrow_get(chain, f"{base}/report/again", tmp_path / "c.sqlite"))
+            assert deposits(chain, start) == []
+            assert shop.calls["report"] == 1
+
+            refused.clear()
+            paid = asyncio.run(_stock_get(chain, f"{base}/report/exact"))
+            assert paid.status_code == 200
+    assert ("after_settle", "delivery-escrow", address(BUYER)) in seen
+    assert ("after_settle", "exact", address(BUYER2)) in seen
+    assert ("before_settle", "delivery-escrow", "before-handler") in seen
+    assert ("before_settle", "exact", "after-handler") in seen
+    assert ("before_verify", "exact", address(BUYER2)) in seen
