@@ -6,13 +6,15 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import Chain
 from eth_utils.crypto import keccak
 from helpers import BUYER, address, dev
 from x402 import x402Client
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.http.clients.httpx import x402_httpx_transport
 
-from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, EscrowClient, Journal, PaymentState, recover
+from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, DeliveryMismatch, EscrowClient, Journal, PaymentState, recover
 from escrow_py.terms import State
 
 from .conftest import BASE_URL, PRICE, Shop
@@ -79,3 +81,40 @@ def test_the_clients_pool_keeps_alive_every_connection_it_may_open(chain: Chain,
 
     most, kept = asyncio.run(async_limits())
     assert kept >= most
+
+
+def _tampering(app: ASGIApp) -> ASGIApp:
+    """A seller (or a proxy) that alters the paid body after committing to its hash."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def altered(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": message["body"].replace(b"sdk", b"SDK")}
+            await send(message)
+
+        await app(scope, receive, altered)
+
+    return wrapped
+
+
+def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(
+    chain: Chain, shop: Shop, tmp_path: Path
+) -> None:
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    sdk = x402Client().register("eip155:84532", scheme)
+    sdk.set_spend_controls({"allowed_assets": [{"network": "eip155:84532", "asset": chain.token.address}]})
+
+    async def get(app: ASGIApp, path: str) -> httpx.Response:
+        transport = x402_httpx_transport(sdk, httpx.ASGITransport(app=app))
+        hooks = {"response": [scheme.check_response]}
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, event_hooks=hooks) as http:
+            return await http.get(path)
+
+    fine = asyncio.run(get(shop.app, "/report/fine"))
+    assert fine.status_code == 200
+    entry = next(e for e in scheme.core.journal.entries() if e.state is PaymentState.DELIVERED)
+    assert entry.response_hash == keccak(fine.content)  # judged by the hook, with no call by the caller
+
+    with pytest.raises(DeliveryMismatch):
+        asyncio.run(get(_tampering(shop.app), "/report/sdk"))
+    assert any(e.state is PaymentState.MISMATCH for e in scheme.core.journal.entries())

@@ -1,0 +1,127 @@
+"""delivery-escrow registered on the SDK's own resource server beside `exact` (DeliveryEscrowServerScheme)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import BUYER2, Chain
+from fastapi import FastAPI
+from helpers import BUYER, OPERATOR, SELLER, address, dev
+from x402 import x402Client, x402Facilitator, x402ResourceServer
+from x402.http import PaymentOption, RouteConfig, decode_payment_required_header
+from x402.http.clients.httpx import x402_httpx_transport
+from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+from x402.mechanisms.evm import FacilitatorWeb3Signer
+from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
+from x402.schemas import AssetAmount, SupportedKind, SupportedResponse
+
+from escrow_py.buyer import DeliveryEscrowScheme
+from escrow_py.chain.anvil import dev_private_key
+from escrow_py.chain.registry import Deployment, record
+from escrow_py.errors import ConfigError
+from escrow_py.seller import DeliveryEscrowServerScheme
+from escrow_py.seller._price import default_token
+from escrow_py.terms import canonical_url, request_hash
+
+from .sdk_parts import FACILITATOR, NETWORK, stock_client
+
+
+class EscrowKindListing:
+    """Lists delivery-escrow in /supported with its operator and escrow, as issue 17's facilitator does.
+
+    Only the listing: the SDK refuses to build an offer for a (scheme, network) no facilitator
+    lists. Verifying and depositing delivery-escrow payments is that facilitator's job, not tested here.
+    """
+
+    def __init__(self, chain: Chain) -> None:
+        self.extra = {"operator": address(OPERATOR), "escrow": chain.escrow.address}
+
+    def get_supported(self) -> SupportedResponse:
+        kind = SupportedKind(x402_version=2, scheme="delivery-escrow", network=NETWORK, extra=self.extra)
+        return SupportedResponse(kinds=[kind], extensions=[], signers={})
+
+    async def verify(self, payload: Any, requirements: Any) -> Any:
+        raise NotImplementedError("delivery-escrow verification belongs to the escrow facilitator")
+
+    async def settle(self, payload: Any, requirements: Any) -> Any:
+        raise NotImplementedError("delivery-escrow settlement belongs to the escrow facilitator")
+
+
+def _sdk_seller(chain: Chain) -> FastAPI:
+    exact = x402Facilitator()
+    register_exact_evm_facilitator(exact, FacilitatorWeb3Signer(dev_private_key(FACILITATOR), chain.node.url), NETWORK)
+    server = x402ResourceServer([EscrowKindListing(chain), exact])
+    server.register(NETWORK, DeliveryEscrowServerScheme(token=chain.token.address))
+    server.register(NETWORK, ExactEvmServerScheme())
+    domain = {"name": "USDC", "version": "2"}
+    app = FastAPI()
+
+    @app.get("/report/{item}")
+    async def report(item: str) -> dict[str, str]:
+        return {"item": item}
+
+    accepts = [
+        PaymentOption(scheme="delivery-escrow", pay_to=address(SELLER), price="$0.01", network=NETWORK),
+        PaymentOption(
+            scheme="exact",
+            pay_to=address(SELLER),
+            price=AssetAmount(amount="10000", asset=chain.token.address, extra=domain),
+            network=NETWORK,
+        ),
+    ]
+    app.add_middleware(PaymentMiddlewareASGI, server=server, routes={"GET /report/:item": RouteConfig(accepts=accepts)})
+    return app
+
+
+def test_the_sdk_resource_server_offers_delivery_escrow_beside_exact(chain: Chain, tmp_path: Path) -> None:
+    app = _sdk_seller(chain)
+
+    async def run() -> tuple[Any, Any, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            required = decode_payment_required_header((await http.get("/report/x")).headers["payment-required"])
+        ours = x402Client().register(NETWORK, DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "b.sqlite"))
+        ours.set_spend_controls({"allowed_assets": [{"network": NETWORK, "asset": chain.token.address}]})
+        signed = await ours.create_payment_payload(required)
+        transport = x402_httpx_transport(stock_client(chain, BUYER2), httpx.ASGITransport(app=app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as stock:
+            return required, signed, await stock.get("/report/stock")
+
+    before = chain.token.balance_of(address(SELLER))
+    required, signed, paid = asyncio.run(run())
+    escrow, exact = required.accepts
+    assert (escrow.scheme, exact.scheme) == ("delivery-escrow", "exact")
+    assert (escrow.amount, escrow.asset, escrow.pay_to) == ("10000", chain.token.address, address(SELLER))
+    assert escrow.extra["escrow"] == chain.escrow.address and escrow.extra["operator"] == address(OPERATOR)
+    assert (escrow.extra["name"], escrow.extra["version"]) == ("USDC", "2")
+    # The requestHash is the one this project's middleware and client derive for GET http://t/report/x.
+    assert escrow.extra["requestHash"] == "0x" + request_hash("GET", canonical_url("http://t/report/x")).hex()
+    # This project's SDK plugin signs the offer (genuine escrow, terms bound to that requestHash).
+    assert signed.accepted.scheme == "delivery-escrow"
+    assert signed.payload["terms"]["requestHash"] == escrow.extra["requestHash"]
+    # And the stock client pays exact on the same route, settled on chain by the SDK's facilitator.
+    assert paid.status_code == 200 and chain.token.balance_of(address(SELLER)) == before + 10_000
+
+
+def test_the_scheme_refuses_prices_the_token_cannot_carry() -> None:
+    scheme = DeliveryEscrowServerScheme()
+    amount = scheme.parse_price("$0.01", "eip155:8453")
+    assert (amount.amount, amount.extra) == ("10000", {"name": "USD Coin", "version": "2"})
+    assert amount.asset == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+    with pytest.raises(ConfigError, match="not a positive whole number"):
+        scheme.parse_price("$0.0000001", "eip155:84532")  # ExactEvmServerScheme says "0"
+
+
+def test_a_local_chain_prices_in_its_deployments_test_usdc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X402_ESCROW_DEPLOYMENTS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="no default token for eip155:31337"):
+        default_token("eip155:31337")
+    token = "0x" + "ab" * 20
+    record(Deployment("eip155:31337", 31337, "0x" + "cd" * 20, token=token), local=True)
+    local = default_token("eip155:31337")
+    assert (local.address.lower(), local.name, local.version, local.decimals) == (token, "USDC", "2", 6)
+    amount = DeliveryEscrowServerScheme().parse_price("$0.01", "eip155:31337")
+    assert (amount.amount, amount.asset.lower()) == ("10000", token)
