@@ -44,8 +44,8 @@ from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
-from escrow_py.seller._sdk import DeliveryEscrowServerScheme
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._sdk import DeliveryEscrowServerScheme
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain

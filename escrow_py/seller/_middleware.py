@@ -338,7 +338,7 @@ class EscrowMiddleware:
         if payload is not None:
             await _abort_on(hooks.before_verify, verify_context(payload, requirements, context))
         verified = self._verify(header, request, now)
-        assert payload is not None  # noqa: S101 - _verify decoded it
+        assert payload is not None
         await _abort_on(hooks.after_verify, verify_result_context(payload, requirements, context, verified.buyer))
         await _abort_on(hooks.before_settle, settle_context(payload, requirements, context))
         deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
@@ -347,7 +347,9 @@ class EscrowMiddleware:
         await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
         return verified, deposit_tx
 
-    async def _pay_exact(self, scope: Scope, receive: Receive, send: Send, request: _Request, payload: PaymentPayload) -> None:
+    async def _pay_exact(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, payload: PaymentPayload
+    ) -> None:
         """A payment in the SDK's `exact` scheme: verified and settled through the SDK (_offers.Offers.pay_exact)."""
         outcome = await self.offers.pay_exact(
             payload, request.accepts, request.context, lambda: self._run_handler(scope, receive, request.body)

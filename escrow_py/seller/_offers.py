@@ -22,7 +22,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import anyio.to_thread
@@ -63,6 +63,7 @@ EXACT = "exact"
 SCHEMES = frozenset({SCHEME, EXACT})
 
 Hook = Callable[[Any], Any]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +191,9 @@ def resolve_route_prices(config: SellerConfig, routes: tuple[PricedRoute, ...]) 
                 amount = atomic_amount(route.price, token, config.network)
             except ConfigError as exc:
                 raise ConfigError(f"route {route.method} {route.path}: {exc}") from None
-            route = replace(route, amount=amount, price=None)
-        resolved.append(route)
+            resolved.append(replace(route, amount=amount, price=None))
+        else:
+            resolved.append(route)
     return tuple(resolved)
 
 
@@ -303,7 +305,7 @@ class Offers:
                 continue
             try:
                 accepts.append(await self._exact_requirements(route, amount, pay_to))
-            except Exception as exc:  # the facilitator's /supported failed: escrow still sells
+            except Exception as exc:  # noqa: BLE001 - whatever the facilitator's /supported did, escrow still sells
                 log.warning("exact left out of the 402: the facilitator failed (%s)", type(exc).__name__)
         return accepts
 
@@ -323,9 +325,9 @@ class Offers:
         async with self._server_lock:
             if self._server is None:
                 exact = self.config.exact
-                assert exact is not None  # noqa: S101 - only routes offering exact get here
+                assert exact is not None
                 server = x402ResourceServer(exact.facilitator)
-                server.register(self.config.network, ExactEvmServerScheme())
+                server.register(self.config.network, ExactEvmServerScheme())  # type: ignore[no-untyped-call, arg-type]
                 if self.config.hooks is not None:
                     self.config.hooks.install(server)
                 # initialize() asks the facilitator's /supported synchronously (an HTTP call).
@@ -357,35 +359,37 @@ class Offers:
         """Verify, serve and settle an `exact` payment through the SDK, as its own middleware does:
         the handler runs after the facilitator's verify, and is settled only if it succeeded."""
         offered = [a for a in accepts if a.scheme == EXACT]
-        if not offered:
-            return ExactOutcome(error=str(Reason.UNSUPPORTED_SCHEME))
-        server = await self._resource_server()
-        requirements = server.find_matching_requirements(offered, payload)
-        if requirements is None:
-            return ExactOutcome(error=str(Reason.REQUIREMENTS_MISMATCH))
+        server = await self._resource_server() if offered else None
+        requirements = server.find_matching_requirements(offered, payload) if server is not None else None
+        if server is None or requirements is None:
+            reason = Reason.REQUIREMENTS_MISMATCH if offered else Reason.UNSUPPORTED_SCHEME
+            return ExactOutcome(error=str(reason))
         transport = HTTPTransportContext(request=context)
-        try:
-            verified = await server.verify_payment(payload, requirements, transport_context=transport)
-        except PaymentAbortedError as exc:
-            return ExactOutcome(error=str(exc.reason) if hasattr(exc, "reason") else str(exc))
-        except Exception as exc:  # the facilitator is down or answered garbage: not the buyer's fault
-            log.warning("exact verify failed at the facilitator: %s", exc)
-            return ExactOutcome(unavailable=True)
+        verified = await _facilitator_step(server.verify_payment(payload, requirements, transport_context=transport))
+        if isinstance(verified, ExactOutcome):
+            return verified
         if not verified.is_valid:
             return ExactOutcome(error=verified.invalid_reason or "invalid_payment")
         response = await run_handler()
         if response.status >= 400:  # not charged, as the SDK's middleware does
             return ExactOutcome(response=response)
-        try:
-            settled = await server.settle_payment(payload, requirements, transport_context=transport)
-        except PaymentAbortedError as exc:
-            return ExactOutcome(error=str(exc.reason) if hasattr(exc, "reason") else str(exc))
-        except Exception as exc:
-            log.warning("exact settle failed at the facilitator: %s", exc)
-            return ExactOutcome(unavailable=True)
-        if not settled.success:
-            return ExactOutcome(error=settled.error_reason or "settlement_failed")
+        settled = await _facilitator_step(server.settle_payment(payload, requirements, transport_context=transport))
+        if isinstance(settled, ExactOutcome) or not settled.success:
+            error = None if isinstance(settled, ExactOutcome) else settled.error_reason or "settlement_failed"
+            return settled if isinstance(settled, ExactOutcome) else ExactOutcome(error=error)
         return ExactOutcome(response=response, settle=settled)
+
+
+async def _facilitator_step(step: Awaitable[_T]) -> _T | ExactOutcome:
+    """One verify or settle through the SDK: a hook's abort is the buyer's 402, any other failure the
+    facilitator's (503: nothing was charged; the same payment may be sent again)."""
+    try:
+        return await step
+    except PaymentAbortedError as exc:
+        return ExactOutcome(error=str(exc.reason))
+    except Exception as exc:  # noqa: BLE001 - down, timed out, answered garbage: not the buyer's fault
+        log.warning("the exact facilitator failed: %s", exc)
+        return ExactOutcome(unavailable=True)
 
 
 def verify_context(payload: PaymentPayload, requirements: PaymentRequirements, context: HTTPRequestContext) -> Any:
@@ -405,7 +409,10 @@ def verify_result_context(
 
 def settle_context(payload: PaymentPayload, requirements: PaymentRequirements, context: HTTPRequestContext) -> Any:
     return SettleContext(
-        payment_payload=payload, requirements=requirements, transport_context=_transport(context), phase="before-handler"
+        payment_payload=payload,
+        requirements=requirements,
+        transport_context=_transport(context),
+        phase="before-handler",
     )
 
 

@@ -20,7 +20,7 @@ network's registered escrow).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from eth_utils.address import is_address, to_checksum_address
 from x402.http.types import HTTPTransportContext
@@ -49,7 +49,7 @@ class DeliveryEscrowServerScheme:
     # The buyer signs one ReceiveWithAuthorization; the facilitator deposits it. No `paymentFlow`
     # goes on the wire for the default flow, so an SDK client with both plugins takes the offers
     # in the seller's order (with `escrow` it would prefer exact).
-    payment_flows: dict[str, Any] = {
+    payment_flows: ClassVar[dict[str, Any]] = {
         _DEFAULT_TRANSFER: {"supported": ("authorization", "escrow"), "default": "authorization"}
     }
 
@@ -60,7 +60,7 @@ class DeliveryEscrowServerScheme:
         operator: str | None = None,
         token: str | None = None,
         token_name: str = "USDC",  # noqa: S107 - an EIP-712 domain name, not a secret
-        token_version: str = "2",
+        token_version: str = "2",  # noqa: S107 - an EIP-712 domain version
     ) -> None:
         for name, value in (("escrow", escrow), ("operator", operator), ("token", token)):
             if value is not None and not is_address(value):
@@ -87,7 +87,9 @@ class DeliveryEscrowServerScheme:
                     raise ConfigError(f"price in token {asset} needs extra.name and extra.version (its EIP-712 domain)")
                 token = token_for(network, asset, name, version)
         amount = atomic_amount(price, token, network)
-        return AssetAmount(amount=str(amount), asset=token.address, extra={"name": token.name, "version": token.version})
+        return AssetAmount(
+            amount=str(amount), asset=token.address, extra={"name": token.name, "version": token.version}
+        )
 
     def enhance_payment_requirements(
         self, requirements: PaymentRequirements, supported_kind: SupportedKind, extensions: list[str]

@@ -10,11 +10,19 @@ import pytest
 from conftest import Chain
 from eth_utils.crypto import keccak
 from helpers import BUYER, address, dev
-from x402 import x402Client
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
-from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, DeliveryMismatch, EscrowClient, Journal, PaymentState, recover
+from escrow_py.buyer import (
+    AsyncEscrowClient,
+    DeliveryEscrowScheme,
+    DeliveryMismatch,
+    EscrowClient,
+    Journal,
+    PaymentState,
+    recover,
+)
 from escrow_py.terms import State
 
 from .conftest import BASE_URL, PRICE, Shop
@@ -97,9 +105,7 @@ def _tampering(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
-def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(
-    chain: Chain, shop: Shop, tmp_path: Path
-) -> None:
+def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(chain: Chain, shop: Shop, tmp_path: Path) -> None:
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
     sdk = x402Client().register("eip155:84532", scheme)
     sdk.set_spend_controls({"allowed_assets": [{"network": "eip155:84532", "asset": chain.token.address}]})

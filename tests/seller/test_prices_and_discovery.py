@@ -128,7 +128,9 @@ def test_dynamic_price_and_pay_to_are_resolved_per_request_and_paid(chain: Chain
 
 
 def test_a_dynamic_price_that_cannot_be_paid_is_a_seller_error_not_an_offer(chain: Chain, tmp_path: Path) -> None:
-    shop = make_shop(chain, tmp_path / "s.sqlite", routes=[PricedRoute("GET", "/report/{item}", price=lambda _: "$1e-9")])
+    shop = make_shop(
+        chain, tmp_path / "s.sqlite", routes=[PricedRoute("GET", "/report/{item}", price=lambda _: "$1e-9")]
+    )
 
     async def run() -> httpx.Response:
         async with shop.client() as http:
