@@ -219,7 +219,7 @@ class EscrowMiddleware:
         except ConfigError as exc:
             log.error("seller start-up check failed: %s", exc)
             return str(exc)
-        return None
+        return await self.offers.startup_failure()
 
     # -- a paid request --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import asyncio
 import copy
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,6 +65,8 @@ SCHEMES = frozenset({SCHEME, EXACT})
 
 Hook = Callable[[Any], Any]
 _T = TypeVar("_T")
+# Seconds before a facilitator whose /supported failed is asked again.
+EXACT_RETRY = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,7 @@ class Offers:
         self.token: KnownToken = token_for(config.network, config.token, config.token_name, config.token_version)
         self._server: x402ResourceServer | None = None
         self._server_lock = asyncio.Lock()
+        self._retry_at = 0.0
 
     # -- price and payTo -------------------------------------------------------------------
 
@@ -322,18 +326,44 @@ class Offers:
     # -- exact -----------------------------------------------------------------------------
 
     async def _resource_server(self) -> x402ResourceServer:
+        """The SDK's resource server for exact, initialized from the facilitator's /supported once it answers.
+
+        After a failure it is not asked again for EXACT_RETRY seconds: a facilitator that hangs
+        must not hold up every 402 (they offer delivery-escrow alone meanwhile).
+        """
         async with self._server_lock:
             if self._server is None:
+                if time.monotonic() < self._retry_at:
+                    raise ConnectionError("the exact facilitator failed recently; not asked again yet")
                 exact = self.config.exact
                 assert exact is not None
                 server = x402ResourceServer(exact.facilitator)
                 server.register(self.config.network, ExactEvmServerScheme())  # type: ignore[no-untyped-call, arg-type]
                 if self.config.hooks is not None:
                     self.config.hooks.install(server)
-                # initialize() asks the facilitator's /supported synchronously (an HTTP call).
-                await anyio.to_thread.run_sync(server.initialize)
+                try:  # initialize() asks the facilitator's /supported synchronously (an HTTP call)
+                    await anyio.to_thread.run_sync(server.initialize)
+                except Exception:
+                    self._retry_at = time.monotonic() + EXACT_RETRY
+                    raise
                 self._server = server
             return self._server
+
+    async def startup_failure(self) -> str | None:
+        """At start: a facilitator that answers but does not settle exact on the seller's network is a
+        configuration error (the SDK's middleware exits on it); one that does not answer is only logged."""
+        if self.config.exact is None:
+            return None
+        try:
+            server = await self._resource_server()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach it: escrow sells, exact waits
+            log.warning("the exact facilitator did not answer at start (%s); exact is offered once it does", exc)
+            return None
+        if server.get_supported_kind(2, self.config.network, EXACT) is None:
+            failure = f"SellerConfig.exact: the facilitator does not list exact on {self.config.network} in /supported"
+            log.error("seller start-up check failed: %s", failure)
+            return failure
+        return None
 
     async def _exact_requirements(self, route: PricedRoute, amount: int, pay_to: str) -> PaymentRequirements:
         server = await self._resource_server()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from helpers import BUYER, address, dev
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
+from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 
 from escrow_py.buyer import (
     AsyncEscrowClient,
@@ -20,6 +22,7 @@ from escrow_py.buyer import (
     DeliveryMismatch,
     EscrowClient,
     Journal,
+    PaymentError,
     PaymentState,
     recover,
 )
@@ -124,3 +127,26 @@ def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(chain: Cha
     with pytest.raises(DeliveryMismatch):
         asyncio.run(get(_tampering(shop.app), "/report/sdk"))
     assert any(e.state is PaymentState.MISMATCH for e in scheme.core.journal.entries())
+
+
+def test_the_sdks_spend_controls_see_delivery_escrow_offers_of_its_own_usdc(chain: Chain, tmp_path: Path) -> None:
+    # Without find_default_asset on the plugin, the SDK's default spend controls drop every
+    # delivery-escrow offer, even one in Base Sepolia USDC, and the client silently pays exact.
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    reached: list[str] = []
+
+    def policy(version: int, offers: list[Any]) -> list[Any]:
+        reached.extend(o.asset for o in offers)
+        return offers
+
+    sdk = x402Client().register("eip155:84532", scheme).register_policy(policy)
+    usdc = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+    extra = {"name": "USDC", "version": "2", "escrow": chain.escrow.address, "operator": address(BUYER)}
+    offer = PaymentRequirements(
+        scheme="delivery-escrow", network="eip155:84532", asset=usdc, amount="10000",
+        pay_to=address(BUYER), max_timeout_seconds=120, extra={**extra, "requestHash": "0x" + "00" * 32},
+    )  # fmt: skip
+    required = PaymentRequired(x402_version=2, resource=ResourceInfo(url="http://shop.test/x"), accepts=[offer])
+    with pytest.raises(PaymentError):  # refused later by the plugin itself: no USDC on this chain
+        asyncio.run(sdk.create_payment_payload(required))
+    assert reached == [usdc]

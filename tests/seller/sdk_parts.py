@@ -55,11 +55,11 @@ def facilitator_app(facilitator: x402Facilitator) -> FastAPI:
 
 
 @contextmanager
-def exact_facilitator(chain: Chain) -> Iterator[HTTPFacilitatorClient]:
-    """The SDK's exact facilitator on uvicorn, and the SDK's HTTP client for it."""
+def exact_facilitator(chain: Chain, network: str = NETWORK) -> Iterator[HTTPFacilitatorClient]:
+    """The SDK's exact facilitator on uvicorn (settling on `network`), and the SDK's HTTP client for it."""
     facilitator = x402Facilitator()
     signer = FacilitatorWeb3Signer(dev_private_key(FACILITATOR), chain.node.url)
-    register_exact_evm_facilitator(facilitator, signer, NETWORK)
+    register_exact_evm_facilitator(facilitator, signer, network)
     with served(facilitator_app(facilitator)) as (url, _):
         yield HTTPFacilitatorClient(FacilitatorConfig(url=url, timeout=30))
 

@@ -8,6 +8,7 @@ and may leave exact out.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,24 @@ import httpx
 import pytest
 from conftest import BUYER2, Chain
 from helpers import BUYER, SELLER, address, dev
-from x402.http import decode_payment_required_header, decode_payment_response_header
+from x402.http import (
+    FacilitatorConfig,
+    HTTPFacilitatorClient,
+    decode_payment_required_header,
+    decode_payment_response_header,
+    encode_payment_signature_header,
+)
 from x402.http.clients.httpx import x402_httpx_transport
 from x402.schemas import AbortResult
 
 from escrow_py.buyer import AsyncEscrowClient, PaymentRejected
+from escrow_py.chain.anvil import free_port
 from escrow_py.seller import ExactOffer, PricedRoute, SellerHooks
 from escrow_py.terms import State
 
 from .conftest import PRICE, deposits, make_shop, served
 from .sdk_parts import exact_facilitator, stock_client
+from .test_startup import _failed_start
 
 
 def _routes(**report: Any) -> list[PricedRoute]:
@@ -178,3 +187,93 @@ def test_hooks_run_around_both_schemes_and_a_before_hook_aborts(chain: Chain, tm
     assert ("before_settle", "delivery-escrow", "before-handler") in seen
     assert ("before_settle", "exact", "after-handler") in seen
     assert ("before_verify", "exact", address(BUYER2)) in seen
+
+
+def test_a_tampered_exact_payment_matches_no_offer_and_moves_nothing(chain: Chain, tmp_path: Path) -> None:
+    with exact_facilitator(chain) as facilitator:
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
+        with served(shop.app) as (base, _):
+
+            async def cheaper() -> httpx.Response:
+                # The buyer signs an exact payment of 1 unit and claims the offer said so.
+                required = decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"])
+                exact = next(a for a in required.accepts if a.scheme == "exact").model_copy(update={"amount": "1"})
+                client = stock_client(chain, BUYER2)
+                payload = await client.create_payment_payload(required.model_copy(update={"accepts": [exact]}))
+                header = encode_payment_signature_header(payload)
+                async with httpx.AsyncClient() as http:
+                    return await http.get(f"{base}/report/a", headers={"PAYMENT-SIGNATURE": header})
+
+            before = chain.token.balance_of(address(BUYER2))
+            refused = asyncio.run(cheaper())
+            assert refused.status_code == 402
+            assert decode_payment_required_header(refused.headers["payment-required"]).error == "requirements_mismatch"
+            assert chain.token.balance_of(address(BUYER2)) == before and "report" not in shop.calls
+
+
+def test_a_facilitator_that_fails_costs_exact_buyers_nothing_and_escrow_still_sells(
+    chain: Chain, tmp_path: Path
+) -> None:
+    with exact_facilitator(chain) as facilitator:
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
+        with served(shop.app) as (base, _):
+            assert (
+                len(decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"]).accepts)
+                == 2
+            )
+    # The facilitator is gone now; the seller still offers exact (it listed it) but cannot verify it.
+    with served(shop.app) as (base, _):
+        before = chain.token.balance_of(address(BUYER2))
+        down = asyncio.run(_stock_get(chain, f"{base}/report/down"))
+        assert down.status_code == 503 and down.json()["error"] == "chain_unavailable"
+        assert down.headers["retry-after"] and chain.token.balance_of(address(BUYER2)) == before
+        assert "report" not in shop.calls
+        ours = asyncio.run(_escrow_get(chain, f"{base}/report/ours", tmp_path / "b.sqlite"))
+        assert ours.status_code == 200
+
+
+def test_a_facilitator_that_never_answered_leaves_exact_out_of_the_402(chain: Chain, tmp_path: Path) -> None:
+    gone = HTTPFacilitatorClient(FacilitatorConfig(url=f"http://127.0.0.1:{free_port()}", timeout=5))
+    shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(gone))
+    with served(shop.app) as (base, _):  # it starts: escrow sells without the facilitator
+        required = decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"])
+        assert [a.scheme for a in required.accepts] == ["delivery-escrow"]
+        assert asyncio.run(_escrow_get(chain, f"{base}/report/ours", tmp_path / "b.sqlite")).status_code == 200
+
+
+def test_a_facilitator_without_exact_on_the_sellers_network_stops_the_start(
+    chain: Chain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with exact_facilitator(chain, network="eip155:8453") as facilitator:
+        shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
+        stopped, _ = _failed_start(shop.app)
+    assert stopped
+    assert "the facilitator does not list exact on eip155:84532" in caplog.text
+
+
+def test_escrow_hooks_can_refuse_after_verify_and_before_the_deposit(chain: Chain, tmp_path: Path) -> None:
+    verdicts: dict[str, AbortResult | None] = {"after_verify": None, "before_settle": None}
+    order: list[str] = []
+
+    def after_verify(ctx: Any) -> AbortResult | None:
+        order.append(f"after_verify {ctx.result.is_valid} {ctx.result.payer}")
+        return verdicts["after_verify"]
+
+    def before_settle(ctx: Any) -> AbortResult | None:
+        order.append(f"before_settle {ctx.phase}")
+        return verdicts["before_settle"]
+
+    hooks = SellerHooks().on_after_verify(after_verify).on_before_settle(before_settle)
+    shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), hooks=hooks)
+    start = int(chain.w3.eth.block_number) + 1
+    for hook, reason in (("after_verify", "risk_score_too_high"), ("before_settle", "out_of_stock")):
+        verdicts = {"after_verify": None, "before_settle": None, hook: AbortResult(reason=reason)}
+        with served(shop.app) as (base, _), pytest.raises(PaymentRejected, match=reason):
+            asyncio.run(_escrow_get(chain, f"{base}/report/x", tmp_path / f"{hook}.sqlite"))
+    assert deposits(chain, start) == [] and "report" not in shop.calls
+    assert order == [
+        f"after_verify True {address(BUYER)}",
+        f"after_verify True {address(BUYER)}",
+        "before_settle before-handler",
+    ]
