@@ -344,7 +344,10 @@ class EscrowMiddleware:
         deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
         extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state="held")
         result = self._settlement(verified.buyer, deposit_tx, extra)
-        await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
+        try:
+            await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
+        except Exception:  # bookkeeping must not cost the buyer the sale it has paid for
+            log.exception("an after-settle hook raised for escrow 0x%s; serving it anyway", verified.escrow_id.hex())
         return verified, deposit_tx
 
     async def _pay_exact(

@@ -77,7 +77,9 @@ class ExactOffer:
     `x402.http.HTTPFacilitatorClient(FacilitatorConfig(url=...))`, or an in-process
     `x402.x402Facilitator`. `first` lists exact before delivery-escrow in the 402 (an SDK
     client with both plugins takes the first it can pay; a stock client pays exact wherever
-    it stands). A route's `schemes` overrides the order, or leaves exact out.
+    it stands). A route's `schemes` overrides the order, or leaves exact out. Give each app its
+    own facilitator client: the SDK's HTTPFacilitatorClient binds to the event loop that first
+    uses it.
     """
 
     facilitator: Any
@@ -104,7 +106,9 @@ class SellerHooks:
     `requirements`, `transport_context` (an HTTPTransportContext whose `request` is the
     request's HTTPRequestContext) and, after, `result`. A before-hook (or after-verify) may
     return `AbortResult(reason, message)`: the buyer gets a 402 whose `error` is the reason.
-    After-settle hooks are for bookkeeping; what they return is ignored.
+    After-settle hooks are for bookkeeping: what they return is ignored, and on delivery-escrow
+    one that raises is logged and the sale goes on (the deposit has landed). Register hooks
+    before the app starts: exact's resource server takes them when it is built.
 
     On `exact` the SDK runs them as it always does. On delivery-escrow, "verify" is the
     off-chain check of the signed payment and "settle" the on-chain checks and the deposit
@@ -152,7 +156,7 @@ class SellerHooks:
             result = await _maybe_await(hook(context))
             if isinstance(result, AbortResult):
                 return result
-            if result is not None and not isinstance(result, AbortResult) and hooks is not None:
+            if result is not None:
                 log.warning("a seller hook returned %r, which delivery-escrow ignores", type(result).__name__)
         return None
 

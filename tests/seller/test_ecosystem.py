@@ -277,3 +277,13 @@ def test_escrow_hooks_can_refuse_after_verify_and_before_the_deposit(chain: Chai
         f"after_verify True {address(BUYER)}",
         "before_settle before-handler",
     ]
+
+
+def test_an_after_settle_hook_that_raises_does_not_cost_the_buyer_the_sale(chain: Chain, tmp_path: Path) -> None:
+    def broken_books(ctx: Any) -> None:
+        raise RuntimeError("the accounting database is down")
+
+    shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), hooks=SellerHooks().on_after_settle(broken_books))
+    with served(shop.app) as (base, _):
+        paid = asyncio.run(_escrow_get(chain, f"{base}/report/x", tmp_path / "b.sqlite"))
+    assert paid.status_code == 200 and paid.json()["item"] == "x"
