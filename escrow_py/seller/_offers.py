@@ -140,14 +140,15 @@ class SellerHooks:
 
     def install(self, server: x402ResourceServer) -> None:
         """Register every hook on the SDK's resource server that settles `exact`."""
-        for hook in self.before_verify:
-            server.on_before_verify(hook)
-        for hook in self.after_verify:
-            server.on_after_verify(hook)
-        for hook in self.before_settle:
-            server.on_before_settle(hook)
-        for hook in self.after_settle:
-            server.on_after_settle(hook)
+        registrations: list[tuple[Callable[[Any], Any], list[Hook]]] = [
+            (server.on_before_verify, self.before_verify),
+            (server.on_after_verify, self.after_verify),
+            (server.on_before_settle, self.before_settle),
+            (server.on_after_settle, self.after_settle),
+        ]
+        for register, hooks in registrations:
+            for hook in hooks:
+                register(hook)
 
     @staticmethod
     async def run(hooks: list[Hook], context: Any) -> AbortResult | None:
