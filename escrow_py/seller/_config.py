@@ -14,7 +14,7 @@ from eth_utils.address import is_address, to_checksum_address
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ConfigError, ProtocolError
 from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices, resolve_route_prices
-from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price
+from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
 from escrow_py.terms import MAX_DEADLINE_WINDOW
 from escrow_py.wire import chain_id_of
 
@@ -110,7 +110,9 @@ class SellerConfig:
 
     rpc_url: str
     escrow: str
-    token: str
+    # "": the network's default (the SDK's table: USDC on Base and Base Sepolia; the local
+    # deployment's TestUSDC on a local chain). Keyword-only, so it may have that default.
+    token: str = field(default="", kw_only=True)
     network: str
     pay_to: str
     operator: Signer
@@ -118,8 +120,9 @@ class SellerConfig:
     store: str | Path = "seller.sqlite"
     confirmations: int = 1
     min_time_left: int = 10
-    token_name: str = "USDC"  # noqa: S105 - the token's EIP-712 name, not a secret
-    token_version: str = "2"  # noqa: S105 - EIP-712 version
+    # The token's EIP-712 domain; "": the SDK table's for a token it knows, else USDC/2 (TestUSDC's).
+    token_name: str = ""
+    token_version: str = ""
     public_base_url: str | None = None
     poster_interval: float = 0.5
     deadline_slack: int = 30
@@ -136,12 +139,17 @@ class SellerConfig:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
             raise ConfigError(f"SellerConfig.rpc_url must be an http(s) URL, got {self.rpc_url!r}")
         object.__setattr__(self, "escrow", _checked_address(self.escrow, "escrow"))
-        object.__setattr__(self, "token", _checked_address(self.token, "token"))
         object.__setattr__(self, "pay_to", _checked_address(self.pay_to, "pay_to"))
         try:
             chain_id_of(self.network)
         except ProtocolError:
             raise ConfigError(f"SellerConfig.network must be a CAIP-2 eip155 id, got {self.network!r}") from None
+        if self.token:
+            object.__setattr__(self, "token", _checked_address(self.token, "token"))
+        token = token_for(self.network, self.token, self.token_name, self.token_version)
+        object.__setattr__(self, "token", token.address)
+        object.__setattr__(self, "token_name", token.name)
+        object.__setattr__(self, "token_version", token.version)
         if not isinstance(self.operator, Signer):
             raise ConfigError("SellerConfig.operator must be a Signer (escrow_py.chain.signer)")
         routes = tuple(self.routes)

@@ -72,17 +72,30 @@ def default_token(network: str) -> KnownToken:
     )
 
 
-def token_for(network: str, address: str, name: str, version: str) -> KnownToken:
-    """`address` on `network` with its EIP-712 domain and decimals: the SDK's table where it knows the
-    token (its name and version must then be the ones given), else the local TestUSDC's 6 decimals."""
-    entry = _sdk_entry(network, address)
-    if entry is None:
-        return KnownToken(to_checksum_address(address), name, version, LOCAL_TOKEN_DECIMALS)
-    known = _known(entry)
-    if (known.name, known.version) != (name, version):
+def token_for(network: str, address: str = "", name: str = "", version: str = "") -> KnownToken:
+    """The token a seller is paid in on `network`, with its EIP-712 domain and decimals.
+
+    No `address`: the network's default (`default_token`). A token the SDK's table knows takes
+    its domain from there, and a `name`/`version` given must be that domain; any other token
+    is taken as a TestUSDC-like one (6 decimals, domain `name`/`version`, by default USDC/2).
+    """
+    if not address:
+        known = default_token(network)
+    else:
+        entry = _sdk_entry(network, address)
+        if entry is None:
+            return KnownToken(
+                to_checksum_address(address),
+                name or LOCAL_TOKEN_NAME,
+                version or LOCAL_TOKEN_VERSION,
+                LOCAL_TOKEN_DECIMALS,
+            )
+        known = _known(entry)
+    if (name or known.name, version or known.version) != (known.name, known.version):
         raise ConfigError(
             f"token {known.address} on {network} signs in the EIP-712 domain {known.name!r}/{known.version!r} "
-            f"(the x402 SDK's table), not {name!r}/{version!r}: every payment would fail at the token"
+            f"(the x402 SDK's table), not {name or known.name!r}/{version or known.version!r}: every payment "
+            "would fail at the token"
         )
     return known
 

@@ -26,9 +26,9 @@ from eth_utils.address import is_address, to_checksum_address
 from x402.http.types import HTTPTransportContext
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
-from escrow_py.chain.registry import resolve_escrow
+from escrow_py.chain.registry import KnownToken, resolve_escrow
 from escrow_py.errors import ConfigError
-from escrow_py.seller._price import atomic_amount, default_token, token_for
+from escrow_py.seller._price import atomic_amount, token_for
 from escrow_py.terms import canonical_url, delivery_hash, request_hash
 from escrow_py.wire import SCHEME
 
@@ -41,7 +41,8 @@ class DeliveryEscrowServerScheme:
 
     `escrow` and `operator` default to what the facilitator's /supported says for the network
     (`extra.escrow`, `extra.operator`), then to the network's registered escrow. `token`
-    overrides the SDK's default asset for money prices (a local chain's TestUSDC, say).
+    overrides the SDK's default asset for money prices (another token; its domain is
+    `token_name`/`token_version`, or the SDK table's where it knows the token).
     """
 
     scheme = SCHEME
@@ -59,8 +60,8 @@ class DeliveryEscrowServerScheme:
         escrow: str | None = None,
         operator: str | None = None,
         token: str | None = None,
-        token_name: str = "USDC",  # noqa: S107 - an EIP-712 domain name, not a secret
-        token_version: str = "2",  # noqa: S107 - an EIP-712 domain version
+        token_name: str = "",
+        token_version: str = "",
     ) -> None:
         for name, value in (("escrow", escrow), ("operator", operator), ("token", token)):
             if value is not None and not is_address(value):
@@ -70,10 +71,8 @@ class DeliveryEscrowServerScheme:
         self.token = to_checksum_address(token) if token else None
         self.token_domain = (token_name, token_version)
 
-    def _token(self, network: str) -> Any:
-        if self.token is not None:
-            return token_for(network, self.token, *self.token_domain)
-        return default_token(network)
+    def _token(self, network: str) -> KnownToken:
+        return token_for(network, self.token or "", *self.token_domain)
 
     def parse_price(self, price: Any, network: str) -> AssetAmount:
         """Money or an asset amount, in exact atomic units of the network's token (ConfigError if it can't be)."""

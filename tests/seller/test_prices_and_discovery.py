@@ -21,6 +21,7 @@ from x402.http import HTTPRequestContext, decode_payment_required_header
 from x402.schemas import AssetAmount
 
 from escrow_py.buyer import AsyncEscrowClient
+from escrow_py.chain.registry import Deployment, record
 from escrow_py.errors import ConfigError
 from escrow_py.seller import PricedRoute
 
@@ -87,11 +88,11 @@ def test_amount_and_price_are_exclusive(chain: Chain) -> None:
 def test_the_sdk_table_gives_the_domain_of_a_known_token(chain: Chain, tmp_path: Path) -> None:
     route = PricedRoute("GET", "/x", price="$0.01")
     base = {"network": "eip155:8453", "token": USDC_BASE, "startup_checks": False}
-    # Base's USDC signs as "USD Coin": the old default domain "USDC" would make every payment fail.
+    # Base's USDC signs as "USD Coin": a seller that says "USDC" would have every payment fail.
     with pytest.raises(ConfigError, match="'USD Coin'"):
-        _config(chain, tmp_path, route, **base)
-    config = _config(chain, tmp_path, route, token_name="USD Coin", **base)
-    assert config.routes[0].amount == 10_000
+        _config(chain, tmp_path, route, token_name="USDC", **base)
+    config = _config(chain, tmp_path, route, **base)
+    assert (config.token_name, config.token_version, config.routes[0].amount) == ("USD Coin", "2", 10_000)
 
 
 def test_dynamic_price_and_pay_to_are_resolved_per_request_and_paid(chain: Chain, tmp_path: Path) -> None:
@@ -172,3 +173,21 @@ def test_bazaar_metadata_decodes_with_the_sdks_helpers(chain: Chain, tmp_path: P
     assert plain.extensions is None  # only routes that declare it
     with pytest.raises(ConfigError, match="declare_discovery_extension"):
         PricedRoute("GET", "/x", amount=1, discovery={"info": {}})
+
+
+def test_without_a_token_the_seller_is_paid_in_the_networks_usdc(
+    chain: Chain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    route = PricedRoute("GET", "/x", price="$0.01")
+    sepolia = _config(chain, tmp_path, route, token="", startup_checks=False)
+    assert (sepolia.token, sepolia.token_name, sepolia.token_version) == (
+        "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC", "2"
+    )  # fmt: skip
+    base = _config(chain, tmp_path, route, token="", network="eip155:8453", startup_checks=False)
+    assert (base.token, base.token_name, base.token_version) == (USDC_BASE, "USD Coin", "2")
+    # A local chain: the TestUSDC recorded beside the local escrow deployment.
+    monkeypatch.setenv("X402_ESCROW_DEPLOYMENTS_DIR", str(tmp_path))
+    record(Deployment("eip155:31337", 31337, chain.escrow.address, token=chain.token.address), local=True)
+    local = _config(chain, tmp_path, route, token="", network="eip155:31337", startup_checks=False)
+    assert (local.token, local.token_name, local.token_version) == (chain.token.address, "USDC", "2")
+    assert local.routes[0].amount == 10_000
