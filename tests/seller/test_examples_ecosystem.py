@@ -120,3 +120,29 @@ def test_sdk_buyer(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         main = runpy.run_path(str(EXAMPLES / "sdk_buyer.py"), run_name="example")["main"]
         body = asyncio.run(main(f"{base}/report/sdk"))
     assert body == b'{"item":"sdk"}'
+
+
+def test_sdk_seller(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from x402.http.clients.httpx import x402_httpx_transport
+
+    from .sdk_parts import facilitator_app
+    from .test_sdk_server_scheme import EscrowKindListing
+
+    async def stock_get(url: str) -> httpx.Response:
+        transport = x402_httpx_transport(stock_client(chain, BUYER2), httpx.AsyncHTTPTransport())
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            return await http.get(url)
+
+    with (
+        exact_facilitator(chain) as exact,
+        served(facilitator_app(EscrowKindListing(chain))) as (escrow_url, _),  # type: ignore[arg-type]
+    ):
+        env = {"X402_FACILITATOR_URL": exact.url, "ESCROW_FACILITATOR_URL": escrow_url}
+        with example_app("sdk_seller", chain, monkeypatch, tmp_path, **env) as base:
+            required = _required(f"{base}/report/a")
+            assert [a.scheme for a in required.accepts] == ["delivery-escrow", "exact"]
+            assert {a.amount for a in required.accepts} == {"10000"}
+            assert required.accepts[0].extra["operator"] == address(OPERATOR)
+            before = chain.token.balance_of(address(SELLER))
+            assert asyncio.run(stock_get(f"{base}/report/stock")).status_code == 200
+            assert chain.token.balance_of(address(SELLER)) == before + 10_000
