@@ -26,7 +26,7 @@ from x402.http import (
 from x402.http.clients.httpx import x402_httpx_transport
 from x402.schemas import AbortResult
 
-from escrow_py.buyer import AsyncEscrowClient, PaymentRejected
+from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, PaymentRejected
 from escrow_py.chain.anvil import free_port
 from escrow_py.seller import ExactOffer, PricedRoute, SellerHooks
 from escrow_py.terms import State
@@ -287,3 +287,25 @@ def test_an_after_settle_hook_that_raises_does_not_cost_the_buyer_the_sale(chain
     with served(shop.app) as (base, _):
         paid = asyncio.run(_escrow_get(chain, f"{base}/report/x", tmp_path / "b.sqlite"))
     assert paid.status_code == 200 and paid.json()["item"] == "x"
+
+
+def test_an_sdk_client_with_both_plugins_takes_the_sellers_first_offer(chain: Chain, tmp_path: Path) -> None:
+    async def both_get(url: str, journal: Path) -> httpx.Response:
+        client = stock_client(chain, BUYER)  # exact, and this project's plugin beside it
+        client.register("eip155:84532", DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal))
+        transport = x402_httpx_transport(client, httpx.AsyncHTTPTransport())
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            return await http.get(url)
+
+    with exact_facilitator(chain) as facilitator:
+        for first, paid_with in ((False, "delivery-escrow"), (True, "exact")):
+            offer = ExactOffer(HTTPFacilitatorClient(FacilitatorConfig(url=facilitator.url)), first=first)
+            shop = make_shop(chain, tmp_path / f"{first}.sqlite", routes=_routes(), exact=offer)
+            start = int(chain.w3.eth.block_number) + 1
+            with served(shop.app) as (base, _):
+                response = asyncio.run(both_get(f"{base}/report/x", tmp_path / f"b{first}.sqlite"))
+            assert response.status_code == 200
+            settled = decode_payment_response_header(response.headers["payment-response"])
+            scheme = "delivery-escrow" if settled.extra and "escrowId" in settled.extra else "exact"
+            assert scheme == paid_with
+            assert len(deposits(chain, start)) == (1 if paid_with == "delivery-escrow" else 0)
