@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -282,7 +283,9 @@ class EscrowMiddleware:
     ) -> None:
         payment = await _blocking(self.store.payment, escrow_id)
         if payment is not None:
-            # Verified again as it was when accepted: same request, same terms, same signature.
+            # Verified again as it was when accepted: same request, same terms, same signature (and the
+            # price and payTo of then: a dynamic price may have moved since).
+            request = _as_accepted(request, payment.terms)
             verified = self._verify(header, request, payment.accepted_at)
             if payment.response is not None:
                 await self._replay(send, payment, payment.response)
@@ -736,6 +739,14 @@ async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
     ]
     await send({"type": "http.response.start", "status": UNAVAILABLE_STATUS, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _as_accepted(request: _Request, terms: Terms) -> _Request:
+    """The request judged by the amount and payTo its stored payment was accepted at."""
+    offer = request.offer
+    if (offer.amount, offer.pay_to) == (terms.amount, terms.seller):
+        return request
+    return dataclasses.replace(request, offer=dataclasses.replace(offer, amount=terms.amount, pay_to=terms.seller))
 
 
 def _other_scheme(header: str) -> PaymentPayload | None:

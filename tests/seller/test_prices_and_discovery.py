@@ -20,7 +20,7 @@ from x402.extensions.bazaar import (
 from x402.http import HTTPRequestContext, decode_payment_required_header
 from x402.schemas import AssetAmount
 
-from escrow_py.buyer import AsyncEscrowClient
+from escrow_py.buyer import AsyncEscrowClient, Journal
 from escrow_py.chain.registry import Deployment, record
 from escrow_py.errors import ConfigError
 from escrow_py.seller import PricedRoute
@@ -191,3 +191,28 @@ def test_without_a_token_the_seller_is_paid_in_the_networks_usdc(
     local = _config(chain, tmp_path, route, token="", network="eip155:31337", startup_checks=False)
     assert (local.token, local.token_name, local.token_version) == (chain.token.address, "USDC", "2")
     assert local.routes[0].amount == 10_000
+
+
+def test_a_paid_request_replays_at_the_price_it_was_paid_after_the_price_moved(chain: Chain, tmp_path: Path) -> None:
+    prices = ["$0.01"]
+    shop = make_shop(
+        chain, tmp_path / "s.sqlite", routes=[PricedRoute("GET", "/report/{item}", price=lambda _: prices[0])]
+    )
+    journal = tmp_path / "b.sqlite"
+
+    async def pay() -> httpx.Response:
+        async with AsyncEscrowClient(
+            dev(BUYER), chain.node.url, journal, transport=httpx.ASGITransport(app=shop.app)
+        ) as client:
+            return await client.get("http://testserver/report/a")
+
+    paid = asyncio.run(pay())
+    (entry,) = Journal(journal).entries()
+    prices[0] = "$0.02"  # the seller's price moves after the sale
+
+    async def replay() -> httpx.Response:
+        async with shop.client() as http:
+            return await http.get("/report/a", headers={"PAYMENT-SIGNATURE": entry.payment_header})
+
+    again = asyncio.run(replay())
+    assert again.status_code == 200 and again.content == paid.content and shop.calls["report"] == 1
