@@ -12,12 +12,13 @@ from conftest import BUYER2, Chain
 from fastapi import FastAPI
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 from x402 import x402Client, x402Facilitator, x402ResourceServer
-from x402.http import PaymentOption, RouteConfig, decode_payment_required_header
+from x402.http import HTTPRequestContext, PaymentOption, RouteConfig, decode_payment_required_header
 from x402.http.clients.httpx import x402_httpx_transport
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+from x402.http.types import HTTPTransportContext
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
-from x402.schemas import AssetAmount, SupportedKind, SupportedResponse
+from x402.schemas import AssetAmount, PaymentPayload, SettleContext, SupportedKind, SupportedResponse
 
 from escrow_py.buyer import DeliveryEscrowScheme
 from escrow_py.chain.anvil import dev_private_key
@@ -25,7 +26,7 @@ from escrow_py.chain.registry import Deployment, record
 from escrow_py.errors import ConfigError
 from escrow_py.seller import DeliveryEscrowServerScheme
 from escrow_py.seller._price import default_token
-from escrow_py.terms import canonical_url, request_hash
+from escrow_py.terms import canonical_url, delivery_hash, request_hash
 
 from .sdk_parts import FACILITATOR, NETWORK, stock_client
 
@@ -125,3 +126,29 @@ def test_a_local_chain_prices_in_its_deployments_test_usdc(tmp_path: Path, monke
     assert (local.address.lower(), local.name, local.version, local.decimals) == (token, "USDC", "2", 6)
     amount = DeliveryEscrowServerScheme().parse_price("$0.01", "eip155:31337")
     assert (amount.amount, amount.asset.lower()) == ("10000", token)
+
+
+def test_the_scheme_commits_to_the_served_body_where_the_transport_gives_it() -> None:
+    scheme = DeliveryEscrowServerScheme()
+    request = HTTPRequestContext(adapter=None, path="/report/x", method="GET")  # type: ignore[arg-type]
+    payload = PaymentPayload(x402_version=2, payload={}, accepted=_any_requirements())
+    body = b'{"item":"x"}'
+
+    def enrich(phase: str, transport: Any) -> Any:
+        ctx = SettleContext(payment_payload=payload, requirements=payload.accepted, transport_context=transport)
+        ctx.phase = phase  # type: ignore[assignment]
+        return scheme.enrich_settlement_payload(ctx)
+
+    served = HTTPTransportContext(request=request, response_body=body)
+    assert enrich("after-handler", served) == {"deliveryHash": "0x" + delivery_hash(body).hex()}
+    assert enrich("before-handler", served) is None  # the deposit: nothing served yet
+    assert enrich("after-handler", HTTPTransportContext(request=request)) is None  # the SDK's middleware: no body
+
+
+def _any_requirements() -> Any:
+    from x402.schemas import PaymentRequirements
+
+    return PaymentRequirements(
+        scheme="delivery-escrow", network=NETWORK, asset="0x" + "11" * 20, amount="1", pay_to="0x" + "22" * 20,
+        max_timeout_seconds=60, extra={},
+    )  # fmt: skip
