@@ -365,9 +365,7 @@ class EscrowMiddleware:
             await _send_unavailable(send, down)
         elif outcome.response is None:
             await self._send_required(send, request, 402, outcome.error)
-        elif outcome.settle is None:
-            await self._send_response(send, outcome.response, None)
-        else:
+        else:  # no settlement when the handler failed: not charged
             await self._send_response(send, outcome.response, outcome.settle)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
