@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import BUYER, address, dev
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402Client
@@ -28,7 +28,7 @@ from escrow_py.buyer import (
 )
 from escrow_py.terms import State
 
-from .conftest import BASE_URL, PRICE, Shop
+from .shop import BASE_URL, PRICE, Shop
 
 
 def test_sdk_client_pays_with_the_registered_scheme(chain: Chain, shop: Shop, tmp_path: Path) -> None:

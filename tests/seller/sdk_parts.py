@@ -2,7 +2,8 @@
 
 The SDK ships the facilitator logic (x402Facilitator + the exact EVM scheme settling by
 transferWithAuthorization) but no HTTP server for it; `exact_facilitator` puts it behind the
-three endpoints its HTTPFacilitatorClient speaks, on uvicorn, against the test's anvil.
+three endpoints its HTTPFacilitatorClient speaks (the bench's `facilitator_app`), on uvicorn,
+against the test's anvil.
 """
 
 from __future__ import annotations
@@ -11,47 +12,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from conftest import Chain
 from eth_account import Account
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fixtures.chain import Chain
 from x402 import x402Client, x402Facilitator
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.mechanisms.evm import EthAccountSigner, FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import register_exact_evm_client, register_exact_evm_facilitator
-from x402.schemas import PaymentPayload, PaymentRequirements
 
-from escrow_py.chain.anvil import dev_private_key
+from escrow_devtools.anvil import dev_private_key
+from escrow_devtools.bench.http import _facilitator_app as facilitator_app
 
-from .conftest import served
+from .shop import served
 
 NETWORK = "eip155:84532"
 FACILITATOR = 7  # the anvil dev account that sends the exact settlements
-
-
-def facilitator_app(facilitator: x402Facilitator) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/supported")
-    async def supported() -> JSONResponse:
-        return JSONResponse(facilitator.get_supported().model_dump(by_alias=True, exclude_none=True))
-
-    async def parts(request: Request) -> tuple[PaymentPayload, PaymentRequirements]:
-        data = await request.json()
-        payload = PaymentPayload.model_validate(data["paymentPayload"])
-        return payload, PaymentRequirements.model_validate(data["paymentRequirements"])
-
-    @app.post("/verify")
-    async def verify(request: Request) -> JSONResponse:
-        result = await facilitator.verify(*await parts(request))
-        return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
-
-    @app.post("/settle")
-    async def settle(request: Request) -> JSONResponse:
-        result = await facilitator.settle(*await parts(request))
-        return JSONResponse(result.model_dump(by_alias=True, exclude_none=True))
-
-    return app
 
 
 @contextmanager

@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BUYER2, Chain
+from eth_typing import HexStr
+from fixtures.chain import BUYER2, Chain
 from helpers import BUYER, SELLER, address, dev
 from x402.http import (
     FacilitatorConfig,
@@ -24,15 +25,15 @@ from x402.http import (
     encode_payment_signature_header,
 )
 from x402.http.clients.httpx import x402_httpx_transport
-from x402.schemas import AbortResult
+from x402.schemas import AbortResult, PaymentRequirements
 
+from escrow_devtools.anvil import free_port
 from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, PaymentRejected
-from escrow_py.chain.anvil import free_port
 from escrow_py.seller import ExactOffer, PricedRoute, SellerHooks
 from escrow_py.terms import State
 
-from .conftest import PRICE, deposits, make_shop, served
 from .sdk_parts import exact_facilitator, stock_client
+from .shop import PRICE, deposits, make_shop, served
 from .test_startup import _failed_start
 
 
@@ -64,6 +65,7 @@ def test_one_route_sells_exact_to_the_stock_client_and_escrow_to_ours(chain: Cha
             offered = decode_payment_required_header(unpaid.headers["payment-required"]).accepts
             assert [a.scheme for a in offered] == ["delivery-escrow", "exact"]  # the seller's default order
             exact = offered[1]
+            assert isinstance(exact, PaymentRequirements)
             assert (exact.asset, exact.amount, exact.pay_to) == (chain.token.address, str(PRICE), address(SELLER))
             assert exact.extra == {"name": "USDC", "version": "2"}
 
@@ -74,7 +76,7 @@ def test_one_route_sells_exact_to_the_stock_client_and_escrow_to_ours(chain: Cha
             assert paid.status_code == 200 and paid.json()["item"] == "stock"
             settled = decode_payment_response_header(paid.headers["payment-response"])
             assert settled.success and settled.transaction and settled.payer == address(BUYER2)
-            receipt = chain.w3.eth.get_transaction_receipt(settled.transaction)
+            receipt = chain.w3.eth.get_transaction_receipt(HexStr(settled.transaction))
             assert receipt["status"] == 1
             # Paid straight to the seller by transferWithAuthorization: no escrow involved.
             assert chain.token.balance_of(address(BUYER2)) == stock_before - PRICE
@@ -165,7 +167,7 @@ def test_hooks_run_around_both_schemes_and_a_before_hook_aborts(chain: Chain, tm
             before = chain.token.balance_of(address(BUYER2))
             blocked = asyncio.run(_stock_get(chain, f"{base}/report/blocked"))
             assert blocked.status_code == 402
-            assert "payer_blocked" in decode_payment_required_header(blocked.headers["payment-required"]).error
+            assert "payer_blocked" in str(decode_payment_required_header(blocked.headers["payment-required"]).error)
             assert chain.token.balance_of(address(BUYER2)) == before and "report" not in shop.calls
 
             start = int(chain.w3.eth.block_number) + 1

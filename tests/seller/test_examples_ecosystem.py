@@ -11,16 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BUYER2, Chain
+from fixtures.chain import BUYER2, Chain
 from helpers import BUYER, OPERATOR, SELLER, SELLER2, address, dev
-from x402.extensions.bazaar import BAZAAR, validate_and_extract
+from x402.extensions.bazaar import BAZAAR, QueryDiscoveryInfo, QueryInput, validate_and_extract
 from x402.http import decode_payment_required_header
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import AsyncEscrowClient, PaymentRejected
-from escrow_py.chain.anvil import dev_private_key
 
-from .conftest import deposits, served
 from .sdk_parts import exact_facilitator, stock_client
+from .shop import deposits, served
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "ecosystem"
 
@@ -96,9 +96,11 @@ def test_seller_dynamic_price(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp
 def test_seller_discovery(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with example_app("seller_discovery", chain, monkeypatch, tmp_path) as base:
         required = _required(f"{base}/weather/Paris?units=imperial")
-        extracted = validate_and_extract(required.extensions[BAZAAR.key])
+        bazaar = required.extensions[BAZAAR.key]
+        extracted = validate_and_extract(bazaar)
         assert extracted.valid, extracted.errors
-        assert extracted.info.input.path_params == {"city": "Paris"} and extracted.info.settlement == "hold"
+        assert isinstance(extracted.info, QueryDiscoveryInfo) and isinstance(extracted.info.input, QueryInput)
+        assert extracted.info.input.path_params == {"city": "Paris"} and bazaar["info"]["settlement"] == "hold"
         assert required.accepts[0].amount == "2000"
         assert _escrow_get(chain, f"{base}/weather/Paris", tmp_path / "b.sqlite").json()["temperature"] == 21.5
 
@@ -125,7 +127,8 @@ def test_sdk_buyer(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_sdk_seller(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from x402.http.clients.httpx import x402_httpx_transport
 
-    from .sdk_parts import facilitator_app
+    from escrow_devtools.bench.http import _facilitator_app as facilitator_app
+
     from .test_sdk_server_scheme import EscrowKindListing
 
     async def stock_get(url: str) -> httpx.Response:
@@ -135,7 +138,7 @@ def test_sdk_seller(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
     with (
         exact_facilitator(chain) as exact,
-        served(facilitator_app(EscrowKindListing(chain))) as (escrow_url, _),  # type: ignore[arg-type]
+        served(facilitator_app(EscrowKindListing(chain))) as (escrow_url, _),
     ):
         env = {"X402_FACILITATOR_URL": exact.url, "ESCROW_FACILITATOR_URL": escrow_url}
         with example_app("sdk_seller", chain, monkeypatch, tmp_path, **env) as base:

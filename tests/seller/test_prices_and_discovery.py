@@ -8,11 +8,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, SELLER2, address, dev
 from x402.extensions.bazaar import (
     BAZAAR,
     OutputConfig,
+    QueryDiscoveryInfo,
+    QueryInput,
     declare_discovery_extension,
     validate_and_extract,
     validate_discovery_extension_spec,
@@ -25,7 +27,7 @@ from escrow_py.chain.registry import Deployment, record
 from escrow_py.errors import ConfigError
 from escrow_py.seller import PricedRoute
 
-from .conftest import deposits, make_config, make_shop
+from .shop import deposits, make_config, make_shop
 
 USDC_BASE = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
 
@@ -164,11 +166,13 @@ def test_bazaar_metadata_decodes_with_the_sdks_helpers(chain: Chain, tmp_path: P
     assert validate_discovery_extension_spec(bazaar).valid
     extracted = validate_and_extract(bazaar)
     assert extracted.valid, extracted.errors
-    assert extracted.info.input.method == "GET"
-    assert extracted.info.input.path_params == {"item": "abc"}
+    info = extracted.info
+    assert isinstance(info, QueryDiscoveryInfo) and isinstance(info.input, QueryInput)
+    assert info.input.method == "GET"
+    assert info.input.path_params == {"item": "abc"}
     assert bazaar["routeTemplate"] == "/report/:item"
     assert bazaar["info"]["settlement"] == "hold"
-    assert extracted.info.output.example == {"item": "x", "call": 1}
+    assert info.output is not None and info.output.example == {"item": "x", "call": 1}
     assert priced.resource.description == "Score an item" and priced.resource.mime_type == "application/json"
     assert plain.extensions is None  # only routes that declare it
     with pytest.raises(ConfigError, match="declare_discovery_extension"):

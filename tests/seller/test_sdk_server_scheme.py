@@ -8,8 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BUYER2, Chain
+from eth_utils.address import to_checksum_address
 from fastapi import FastAPI
+from fixtures.chain import BUYER2, Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 from x402 import x402Client, x402Facilitator, x402ResourceServer
 from x402.http import HTTPRequestContext, PaymentOption, RouteConfig, decode_payment_required_header
@@ -20,8 +21,8 @@ from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
 from x402.schemas import AssetAmount, PaymentPayload, SettleContext, SupportedKind, SupportedResponse
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import DeliveryEscrowScheme
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.chain.registry import Deployment, record
 from escrow_py.errors import ConfigError
 from escrow_py.seller import DeliveryEscrowServerScheme
@@ -57,7 +58,7 @@ def _sdk_seller(chain: Chain) -> FastAPI:
     register_exact_evm_facilitator(exact, FacilitatorWeb3Signer(dev_private_key(FACILITATOR), chain.node.url), NETWORK)
     server = x402ResourceServer([EscrowKindListing(chain), exact])
     server.register(NETWORK, DeliveryEscrowServerScheme(token=chain.token.address))
-    server.register(NETWORK, ExactEvmServerScheme())
+    server.register(NETWORK, ExactEvmServerScheme())  # type: ignore[no-untyped-call, arg-type]
     domain = {"name": "USDC", "version": "2"}
     app = FastAPI()
 
@@ -121,7 +122,7 @@ def test_a_local_chain_prices_in_its_deployments_test_usdc(tmp_path: Path, monke
     with pytest.raises(ConfigError, match="no default token for eip155:31337"):
         default_token("eip155:31337")
     token = "0x" + "ab" * 20
-    record(Deployment("eip155:31337", 31337, "0x" + "cd" * 20, token=token), local=True)
+    record(Deployment("eip155:31337", 31337, to_checksum_address("0x" + "cd" * 20), token=token), local=True)
     local = default_token("eip155:31337")
     assert (local.address.lower(), local.name, local.version, local.decimals) == (token, "USDC", "2", 6)
     amount = DeliveryEscrowServerScheme().parse_price("$0.01", "eip155:31337")
