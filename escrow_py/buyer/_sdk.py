@@ -29,7 +29,8 @@ local chain's TestUSDC or any other token, allow it with a cap:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import anyio.to_thread
 import httpx
@@ -106,6 +107,16 @@ class DeliveryEscrowScheme:
             payment_header=header,
         )
         return payload
+
+    def close(self) -> None:
+        """Close the journal (and its audit log)."""
+        self.core.journal.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
     async def check_response(self, response: httpx.Response) -> None:
         """httpx async response hook: judge a response that answers one of this plugin's payments."""

@@ -17,18 +17,18 @@ from escrow_py.chain.signer import LocalSigner
 
 
 async def main(url: str) -> bytes:
-    scheme = DeliveryEscrowScheme(LocalSigner.from_env(), os.environ["X402_ESCROW_RPC_URL"], "buyer.sqlite")
-    client = x402Client().register("eip155:84532", scheme)
-    # The SDK pays only the assets of its own table (USDC on Base and Base Sepolia) unless told: a test
-    # token (a local chain's TestUSDC) must be allowed, with a cap per payment in atomic units.
-    token = os.environ.get("X402_ESCROW_TOKEN")
-    if token:
-        allowed = [{"network": "eip155:84532", "asset": token, "max_amount_per_payment": "100000"}]
-        client.set_spend_controls({"allowed_assets": allowed})
-    transport = x402_httpx_transport(client)
-    hooks = {"response": [scheme.check_response]}
-    async with httpx.AsyncClient(transport=transport, event_hooks=hooks, timeout=60) as http:
-        response = await http.get(url)
+    with DeliveryEscrowScheme(LocalSigner.from_env(), os.environ["X402_ESCROW_RPC_URL"], "buyer.sqlite") as scheme:
+        client = x402Client().register("eip155:84532", scheme)
+        # The SDK pays only the assets of its own table (USDC on Base and Base Sepolia) unless told: a
+        # test token (a local chain's TestUSDC) must be allowed, with a cap per payment in atomic units.
+        token = os.environ.get("X402_ESCROW_TOKEN")
+        if token:
+            allowed = [{"network": "eip155:84532", "asset": token, "max_amount_per_payment": "100000"}]
+            client.set_spend_controls({"allowed_assets": allowed})
+        transport = x402_httpx_transport(client)
+        hooks = {"response": [scheme.check_response]}
+        async with httpx.AsyncClient(transport=transport, event_hooks=hooks, timeout=60) as http:
+            response = await http.get(url)
     response.raise_for_status()
     return response.content
 

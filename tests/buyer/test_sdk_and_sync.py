@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ from escrow_py.terms import State
 from .shop import BASE_URL, PRICE, Shop
 
 
-def test_sdk_client_pays_with_the_registered_scheme(chain: Chain, shop: Shop, tmp_path: Path) -> None:
+def test_sdk_client_pays_with_the_registered_scheme(
+    chain: Chain, shop: Shop, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
     sdk = x402Client().register("eip155:84532", scheme)
     # The SDK allows only assets it knows by default; the local TestUSDC is declared with a cap.
     sdk.set_spend_controls(
@@ -66,7 +70,8 @@ def test_sync_client_over_real_http_then_recover_is_idle(chain: Chain, served: s
         free = client.get(f"{served}/nothing-here")
         assert free.status_code == 404  # not a 402: passed through untouched
         assert client.recover().items == []
-    (entry,) = Journal(journal).entries()
+    with closing(Journal(journal)) as journaled:
+        (entry,) = journaled.entries()
     assert entry.state is PaymentState.DELIVERED
     assert recover(journal, dev(BUYER), chain.node.url).items == []
 
@@ -108,8 +113,11 @@ def _tampering(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
-def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(chain: Chain, shop: Shop, tmp_path: Path) -> None:
+def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(
+    chain: Chain, shop: Shop, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
     sdk = x402Client().register("eip155:84532", scheme)
     sdk.set_spend_controls({"allowed_assets": [{"network": "eip155:84532", "asset": chain.token.address}]})
 
@@ -129,10 +137,13 @@ def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(chain: Cha
     assert any(e.state is PaymentState.MISMATCH for e in scheme.core.journal.entries())
 
 
-def test_the_sdks_spend_controls_see_delivery_escrow_offers_of_its_own_usdc(chain: Chain, tmp_path: Path) -> None:
+def test_the_sdks_spend_controls_see_delivery_escrow_offers_of_its_own_usdc(
+    chain: Chain, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     # Without find_default_asset on the plugin, the SDK's default spend controls drop every
     # delivery-escrow offer, even one in Base Sepolia USDC, and the client silently pays exact.
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
     reached: list[str] = []
 
     def policy(version: int, offers: list[Any]) -> list[Any]:

@@ -294,10 +294,11 @@ def test_an_after_settle_hook_that_raises_does_not_cost_the_buyer_the_sale(chain
 def test_an_sdk_client_with_both_plugins_takes_the_sellers_first_offer(chain: Chain, tmp_path: Path) -> None:
     async def both_get(url: str, journal: Path) -> httpx.Response:
         client = stock_client(chain, BUYER)  # exact, and this project's plugin beside it
-        client.register("eip155:84532", DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal))
-        transport = x402_httpx_transport(client, httpx.AsyncHTTPTransport())
-        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-            return await http.get(url)
+        with DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal) as scheme:
+            client.register("eip155:84532", scheme)
+            transport = x402_httpx_transport(client, httpx.AsyncHTTPTransport())
+            async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+                return await http.get(url)
 
     with exact_facilitator(chain) as facilitator:
         for first, paid_with in ((False, "delivery-escrow"), (True, "exact")):

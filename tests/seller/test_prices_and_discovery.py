@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,8 @@ def test_a_paid_request_replays_at_the_price_it_was_paid_after_the_price_moved(c
             return await client.get("http://testserver/report/a")
 
     paid = asyncio.run(pay())
-    (entry,) = Journal(journal).entries()
+    with closing(Journal(journal)) as journaled:
+        (entry,) = journaled.entries()
     prices[0] = "$0.02"  # the seller's price moves after the sale
 
     async def replay() -> httpx.Response:

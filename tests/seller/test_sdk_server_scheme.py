@@ -85,9 +85,10 @@ def test_the_sdk_resource_server_offers_delivery_escrow_beside_exact(chain: Chai
     async def run() -> tuple[Any, Any, httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             required = decode_payment_required_header((await http.get("/report/x")).headers["payment-required"])
-        ours = x402Client().register(NETWORK, DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "b.sqlite"))
-        ours.set_spend_controls({"allowed_assets": [{"network": NETWORK, "asset": chain.token.address}]})
-        signed = await ours.create_payment_payload(required)
+        with DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "b.sqlite") as plugin:
+            ours = x402Client().register(NETWORK, plugin)
+            ours.set_spend_controls({"allowed_assets": [{"network": NETWORK, "asset": chain.token.address}]})
+            signed = await ours.create_payment_payload(required)
         transport = x402_httpx_transport(stock_client(chain, BUYER2), httpx.ASGITransport(app=app))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as stock:
             return required, signed, await stock.get("/report/stock")
