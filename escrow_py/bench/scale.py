@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from escrow_py.chain.anvil import free_port
 from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
-from escrow_py.chain.escrow import Deposited, Delivered, Escrow
+from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
 from escrow_py.terms import Terms, delivery_hash
 from escrow_py.wire import (
@@ -295,7 +295,9 @@ class RoundRobinProxy:
             except httpx.TransportError:
                 answer = Response(b"backend died mid-request", status_code=502)
                 break
-            kept = [(k, v) for k, v in upstream.headers.raw if k.lower() not in (b"content-length", b"transfer-encoding")]
+            kept = [
+                (k, v) for k, v in upstream.headers.raw if k.lower() not in (b"content-length", b"transfer-encoding")
+            ]
             answer = Response(upstream.content, status_code=upstream.status_code)
             answer.raw_headers = [*kept, (b"content-length", str(len(upstream.content)).encode())]
             break
@@ -331,9 +333,7 @@ class LoadResult:
     elapsed: float = 0.0
 
 
-def sign(
-    signer: Signer, required_header: str, now: int
-) -> tuple[str, bytes]:
+def sign(signer: Signer, required_header: str, now: int) -> tuple[str, bytes]:
     """A PAYMENT-SIGNATURE for the 402's first offer, signed by `signer`; and its escrow id."""
     required = decode_payment_required(required_header)
     accepted = required.accepts[0]

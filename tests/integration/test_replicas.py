@@ -34,7 +34,9 @@ from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
 
 
 def setup_of(chain: Chain) -> ChainSetup:
-    return ChainSetup(chain.node.url, chain.escrow.address, chain.token.address, address(SELLER), dev_private_key(OPERATOR))
+    return ChainSetup(
+        chain.node.url, chain.escrow.address, chain.token.address, address(SELLER), dev_private_key(OPERATOR)
+    )
 
 
 def funded_buyers(chain: Chain, count: int, tag: str) -> list[LocalSigner]:
@@ -85,9 +87,7 @@ def test_two_processes_on_one_sqlite_file_handle_a_payment_once(chain: Chain, tm
         runs, _ = handler_runs(replicas.runs_dir)
         assert runs[run_key(header)] == 1, "the handler ran more than once for one payment"
         assert {delivery_hash(a.content) for a in answers} == {committed}
-        replay = httpx.get(
-            replicas.urls[1] + "/report/once", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30
-        )
+        replay = httpx.get(replicas.urls[1] + "/report/once", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
         assert replay.status_code == 200 and delivery_hash(replay.content) == committed
     finally:
         replicas.stop()
