@@ -519,7 +519,7 @@ class TxSender:
         """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds.
 
         With a book, a transaction of the same intent already sent (by any process on the book) and
-        still pending or mined is waited for instead: one intent is never sent twice.
+        still pending is waited for instead: one intent is never in flight twice.
         """
         earlier = self._earlier(intent_of(to, data))
         if earlier is not None:
@@ -530,16 +530,13 @@ class TxSender:
         )
 
     def _earlier(self, intent: str) -> bytes | None:
-        """A transaction of `intent` in the book that is pending or mined without reverting, if any."""
+        """A transaction of `intent` in the book still pending in the node (not mined yet), if any."""
         if self.book is None:
             return None
         for tx_hash in self.book.txs_for(self.address, intent):
-            receipt = self.receipt(tx_hash)
-            if receipt is not None:
-                if receipt["status"] == 1:
-                    return tx_hash
-                continue  # it reverted: the state has changed since, a new one may go through
-            if self.known_to_node(tx_hash):
+            # Mined already: its effect is on chain, and a caller asking again has seen the state
+            # since (a refused payout, a reorg) and wants a new attempt.
+            if self.receipt(tx_hash) is None and self.known_to_node(tx_hash):
                 return tx_hash
         return None
 

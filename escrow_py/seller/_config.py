@@ -11,6 +11,7 @@ from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ConfigError, ProtocolError
+from escrow_py.storage import describe, is_postgres_url
 from escrow_py.terms import MAX_DEADLINE_WINDOW
 from escrow_py.wire import chain_id_of
 
@@ -101,7 +102,7 @@ class SellerConfig:
     pay_to: str
     operator: Signer
     routes: list[PricedRoute] | tuple[PricedRoute, ...]
-    store: str | Path = "seller.sqlite"
+    store: str | Path = "seller.sqlite"  # or postgresql://user@host/db: replicas share one store
     confirmations: int = 1
     min_time_left: int = 10
     token_name: str = "USDC"  # noqa: S105 - the token's EIP-712 name, not a secret
@@ -167,9 +168,13 @@ class SellerConfig:
                 raise ConfigError(f"SellerConfig.public_base_url must be an http(s) URL, got {self.public_base_url!r}")
             object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
         if not isinstance(self.store, (str, Path)) or not str(self.store):
-            raise ConfigError("SellerConfig.store must be a SQLite path or sqlite:/// URL")
-        if isinstance(self.store, str) and "://" in self.store and not self.store.startswith("sqlite:///"):
-            raise ConfigError(f"SellerConfig.store must be a SQLite path or sqlite:/// URL, got {self.store!r}")
+            raise ConfigError("SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL")
+        if isinstance(self.store, str) and "://" in self.store and not is_postgres_url(self.store):
+            if not self.store.startswith("sqlite:///"):
+                raise ConfigError(
+                    "SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL, "
+                    f"got {describe(self.store)!r}"
+                )
 
     @property
     def chain_id(self) -> int:

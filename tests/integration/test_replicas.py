@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
+from pg_server import PostgresServer
 
 from escrow_py.bench.scale import (
     ChainSetup,
+    LoadResult,
     Replicas,
+    RoundRobinProxy,
     audit,
     handler_runs,
     nonce_errors_in,
@@ -29,6 +33,7 @@ from escrow_py.bench.scale import (
 )
 from escrow_py.chain.anvil import dev_private_key
 from escrow_py.chain.signer import LocalSigner
+from escrow_py.seller import SellerStore
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
 
@@ -115,3 +120,111 @@ def test_uvicorn_two_workers_on_sqlite_serve_20_buyers_10_requests_each(chain: C
     assert set(checked.deposits.values()) == {1} and len(checked.deposits) == 200
     assert checked.duplicate_runs == 0
     assert checked.mismatched == 0
+
+
+# -- three replicas on PostgreSQL behind a round-robin balancer ---------------------------------------
+
+FAST_TAKEOVER = {"claim_seconds": 3.0, "claim_wait": 2.0, "poster_lease": 2.0}
+
+
+@pytest.mark.slow
+def test_three_replicas_on_postgres_500_payments_with_duplicates_replays_and_a_crash(
+    chain: Chain, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """50 buyers x 10 payments through a round-robin balancer; copies and replays go to other replicas;
+    one replica is SIGKILLed mid-traffic. Each payment: one deposit, one handler run (bar a run the dead
+    replica started and never answered), every 200 the bytes the chain committed, no nonce collision."""
+    chain.mine()
+    start = int(chain.w3.eth.block_number) + 1
+    buyers = funded_buyers(chain, 50, "pg3")
+    replicas = Replicas(
+        setup_of(chain), postgres_server.fresh(), count=3, work_dir=tmp_path, work_seconds=0.2, seller=FAST_TAKEOVER
+    )
+    killed: list[int] = []
+
+    def kill_midway(progress: LoadResult) -> None:
+        if not killed and progress.ok >= 150:
+            killed.append(replicas.processes[2].pid)
+            replicas.kill(2)
+
+    try:
+        with RoundRobinProxy(replicas.urls) as proxy:
+            load = asyncio.run(
+                run_load(
+                    proxy.url,
+                    replicas.urls[:2],  # copies and replays go straight to the replicas that stay up
+                    buyers,
+                    requests_per_buyer=10,
+                    chain_now=chain.now(),
+                    duplicate_every=7,
+                    replay_every=3,
+                    fail_every=25,
+                    on_progress=kill_midway,
+                )
+            )
+        assert killed, "the replica was not killed"
+        assert load.failed == []
+        assert len(load.latencies) == 500
+        served = [load.ids[k] for k in load.bodies]
+        wait_released(chain, served, timeout=90)
+        checked = audit(chain.escrow, start, load, replicas.runs_dir)
+        log_errors = nonce_errors_in(replicas.log_text())
+    finally:
+        replicas.stop()
+    assert load.nonce_errors == 0 and log_errors == 0
+    assert len(checked.deposits) == 500 and set(checked.deposits.values()) == {1}
+    assert checked.mismatched == 0
+    # Handler runs: once per payment, except one the dead replica started and never answered (then once more).
+    _, by_pid = handler_runs(replicas.runs_dir)
+    dead = by_pid.get(str(killed[0]), Counter())
+    for key in load.ids:
+        survivors = sum(runs[key] for pid, runs in by_pid.items() if pid != str(killed[0]))
+        assert survivors + dead[key] >= 1, "a payment was never handled"
+        assert survivors <= 1, "a payment was handled twice by live replicas"
+        if dead[key]:
+            assert dead[key] == 1
+    # The failing route's payments were refunded, once each.
+    failing = [load.ids[k] for k in load.ids if k not in load.bodies]
+    assert len(failing) == 20
+    deadline = time.monotonic() + 60
+    while any(chain.escrow.state_of(i) != State.REFUNDED for i in failing):
+        assert time.monotonic() < deadline, "failed handlers' payments not refunded"
+        time.sleep(0.2)
+
+
+def test_the_poster_lease_moves_to_another_replica_within_seconds_of_its_holder_dying(
+    chain: Chain, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    chain.mine()
+    url = postgres_server.fresh()
+    replicas = Replicas(setup_of(chain), url, count=2, work_dir=tmp_path, seller=FAST_TAKEOVER)
+    store = SellerStore(url)
+    lease = f"poster:{address(OPERATOR)}"
+    try:
+        deadline = time.monotonic() + 20
+        while (held := store.lease_holder(lease)) is None:
+            assert time.monotonic() < deadline, "no poster took the lease"
+            time.sleep(0.05)
+        pids = [p.pid for p in replicas.processes]
+        holder = pids.index(int(held[0].split(":")[1]))
+        replicas.kill(holder)
+        died = time.monotonic()
+        while True:
+            held = store.lease_holder(lease)
+            if held is not None and int(held[0].split(":")[1]) == pids[1 - holder]:
+                break
+            assert time.monotonic() - died < 10, f"the lease is still {held} after 10 s"
+            time.sleep(0.05)
+        took = time.monotonic() - died
+        assert took < FAST_TAKEOVER["poster_lease"] + 2.0, f"took {took:.1f}s"
+        # The survivor posts: a payment it serves is released with no other poster alive.
+        quote = httpx.get(replicas.urls[1 - holder] + "/report/after", timeout=10)
+        header, escrow_id = sign(dev(BUYER), quote.headers[PAYMENT_REQUIRED_HEADER], chain.now())
+        paid = httpx.get(
+            replicas.urls[1 - holder] + "/report/after", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=60
+        )
+        assert paid.status_code == 200, paid.text
+        wait_released(chain, [escrow_id], timeout=20)
+    finally:
+        store.close()
+        replicas.stop()
