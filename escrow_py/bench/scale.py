@@ -272,7 +272,9 @@ class RoundRobinProxy:
         self._client: httpx.AsyncClient | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self._app, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning")
+        config = uvicorn.Config(
+            self._app, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning", interface="asgi3"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
@@ -381,63 +383,82 @@ async def run_load(
     replica died) or 503 (the seller asks for the same payment again) is answered by sending the
     same payment again, until `give_up_after` seconds. `chain_now` is the chain's clock at the start.
     """
-    result = LoadResult()
-    offset = chain_now - time.time()
     limits = httpx.Limits(max_connections=len(buyers) * 4 + 8)
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        load = _Load(client, entry, replicas, chain_now - time.time(), give_up_after)
+        load.duplicate_every, load.replay_every, load.fail_every = duplicate_every, replay_every, fail_every
+        load.on_progress = on_progress
+        await asyncio.gather(*(load.buyer(n, signer, requests_per_buyer) for n, signer in enumerate(buyers)))
+    load.result.elapsed = time.monotonic() - started
+    return load.result
 
-        async def pay(url: str, path: str, header: str) -> httpx.Response:
-            until = time.monotonic() + give_up_after
-            while True:
-                try:
-                    response = await client.get(url + path, headers={PAYMENT_SIGNATURE_HEADER: header})
-                except httpx.TransportError:
-                    response = httpx.Response(502, content=b"transport error")
-                text = response.text.lower()
-                if any(t in text for t in NONCE_ERROR_TEXTS):
-                    result.nonce_errors += 1
-                if response.status_code not in (502, 503) or time.monotonic() > until:
-                    return response
-                await asyncio.sleep(0.2)
 
-        def keep(key: str, response: httpx.Response) -> None:
-            if response.status_code == 200:
-                result.bodies.setdefault(key, []).append(response.content)
+class _Load:
+    """One run of run_load: its HTTP client and what the buyers got."""
 
-        async def buyer(n: int, signer: Signer) -> None:
-            for i in range(requests_per_buyer):
-                serial = n * requests_per_buyer + i
-                route = "fail" if fail_every and serial % fail_every == fail_every - 1 else "report"
-                path = f"/{route}/b{n}-{i}"
-                quote = await client.get(entry + path)
-                if quote.status_code != 402:
-                    result.failed.append(f"{path}: quote {quote.status_code} {quote.text[:200]}")
-                    continue
-                header, escrow_id = sign(signer, quote.headers[PAYMENT_REQUIRED_HEADER], int(time.time() + offset))
-                key = run_key(header)
-                result.ids[key] = escrow_id
-                t0 = time.monotonic()
-                sends = [pay(entry, path, header)]
-                if duplicate_every and serial % duplicate_every == 0:
-                    sends += [pay(replicas[(n + k) % len(replicas)], path, header) for k in (1, 2)]
-                answers = await asyncio.gather(*sends)
-                result.latencies.append(time.monotonic() - t0)
-                for answer in answers:
-                    keep(key, answer)
-                expected = 502 if route == "fail" else 200
-                if answers[0].status_code != expected:
-                    result.failed.append(f"{path}: {answers[0].status_code} {answers[0].text[:300]}")
-                    continue
-                result.ok += 1
-                if replay_every and serial % replay_every == 0:
-                    keep(key, await pay(replicas[(n + i) % len(replicas)], path, header))
-                if on_progress is not None:
-                    on_progress(result)
+    def __init__(
+        self, client: httpx.AsyncClient, entry: str, replicas: Sequence[str], offset: float, give_up_after: float
+    ) -> None:
+        self.client = client
+        self.entry = entry
+        self.replicas = replicas
+        self.offset = offset  # chain clock minus wall clock
+        self.give_up_after = give_up_after
+        self.result = LoadResult()
+        self.duplicate_every = self.replay_every = self.fail_every = 0
+        self.on_progress: Any = None
 
-        await asyncio.gather(*(buyer(n, s) for n, s in enumerate(buyers)))
-    result.elapsed = time.monotonic() - started
-    return result
+    async def send(self, url: str, path: str, header: str) -> httpx.Response:
+        """GET `path` (with the payment `header`, if any), again after a 502 or 503 until give_up_after."""
+        until = time.monotonic() + self.give_up_after
+        while True:
+            try:
+                headers = {PAYMENT_SIGNATURE_HEADER: header} if header else {}
+                response = await self.client.get(url + path, headers=headers)
+            except httpx.TransportError:
+                response = httpx.Response(502, content=b"transport error")
+            if any(t in response.text.lower() for t in NONCE_ERROR_TEXTS):
+                self.result.nonce_errors += 1
+            if response.status_code not in (502, 503) or time.monotonic() > until:
+                return response
+            await asyncio.sleep(0.2)
+
+    def keep(self, key: str, response: httpx.Response) -> None:
+        if response.status_code == 200:
+            self.result.bodies.setdefault(key, []).append(response.content)
+
+    async def buyer(self, n: int, signer: Signer, count: int) -> None:
+        result, replicas = self.result, self.replicas
+        duplicate_every, replay_every, fail_every = self.duplicate_every, self.replay_every, self.fail_every
+        for i in range(count):
+            serial = n * count + i
+            route = "fail" if fail_every and serial % fail_every == fail_every - 1 else "report"
+            path = f"/{route}/b{n}-{i}"
+            quote = await self.send(self.entry, path, "")
+            if quote.status_code != 402:
+                result.failed.append(f"{path}: quote {quote.status_code} {quote.text[:200]}")
+                continue
+            header, escrow_id = sign(signer, quote.headers[PAYMENT_REQUIRED_HEADER], int(time.time() + self.offset))
+            key = run_key(header)
+            result.ids[key] = escrow_id
+            t0 = time.monotonic()
+            sends = [self.send(self.entry, path, header)]
+            if duplicate_every and serial % duplicate_every == 0:
+                sends += [self.send(replicas[(n + k) % len(replicas)], path, header) for k in (1, 2)]
+            answers = await asyncio.gather(*sends)
+            result.latencies.append(time.monotonic() - t0)
+            for answer in answers:
+                self.keep(key, answer)
+            expected = 502 if route == "fail" else 200
+            if answers[0].status_code != expected:
+                result.failed.append(f"{path}: {answers[0].status_code} {answers[0].text[:300]}")
+                continue
+            result.ok += 1
+            if replay_every and serial % replay_every == 0:
+                self.keep(key, await self.send(replicas[(n + i) % len(replicas)], path, header))
+            if self.on_progress is not None:
+                self.on_progress(result)
 
 
 # -- what the chain says ---------------------------------------------------------------------------
@@ -501,3 +522,112 @@ def nonce_errors_in(text: str) -> int:
 def work_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="x402-scale-") as tmp:
         yield Path(tmp)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+# (engine, replicas) in the order they run: the same anvil, token and escrow for all.
+VARIANTS = (("postgresql", 1), ("postgresql", 2), ("postgresql", 3), ("sqlite", 1))
+TARGET_P50_RATIO = 1.15  # PostgreSQL single replica against SQLite
+
+
+def funded_buyers(token: Any, deployer: Any, count: int, tag: str) -> list[LocalSigner]:
+    """`count` fresh buyer keys, each minted test USDC (buyers only sign: they need no ETH)."""
+    buyers = [LocalSigner.from_key("0x" + hashlib.sha256(f"{tag}-{n}".encode()).hexdigest()) for n in range(count)]
+    for buyer in buyers:
+        token.mint(deployer, buyer.address, 10**9)
+    return buyers
+
+
+def measure_scale(
+    *,
+    buyers: int = 20,
+    requests_per_buyer: int = 10,
+    postgres_url: str | None = None,
+    progress: Any = lambda _: None,
+) -> dict[str, Any]:
+    """Each variant of VARIANTS under the same paid load through a round-robin balancer; the JSON-ready result.
+
+    `postgres_url`: a server whose user may create databases (one per variant); by default a
+    throwaway server is started with the local PostgreSQL binaries (escrow_py.bench.postgres).
+    """
+    from contextlib import ExitStack
+
+    import psycopg
+
+    from escrow_py.bench.postgres import PostgresServer
+    from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer
+    from escrow_py.chain.escrow import deploy
+    from escrow_py.chain.token import Token
+    from escrow_py.chain.tx import TxSender
+
+    result: dict[str, Any] = {}
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="x402-bench-scale-") as tmp:
+        progress("anvil (automine), deploying")
+        node = stack.enter_context(Anvil())
+        w3 = node.web3()
+        deployer = TxSender(w3, dev_signer(0))
+        token = Token(w3, deploy(deployer, "TestUSDC", "USDC", "2"))
+        escrow = Escrow(w3, deploy(deployer, "X402Escrow"))
+        setup = ChainSetup(node.url, escrow.address, token.address, dev_signer(2).address, dev_private_key(3))
+        if postgres_url is None:
+            progress("throwaway PostgreSQL server")
+            server = PostgresServer()
+            stack.callback(server.stop)
+            postgres_url = server.url
+        for engine, count in VARIANTS:
+            name = f"{engine}_{count}"
+            if engine == "postgresql":
+                database = f"x402_scale_{os.getpid()}_{count}"
+                with psycopg.connect(postgres_url, autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{database}"')
+                store = postgres_url.rsplit("/", 1)[0] + "/" + database
+            else:
+                store = f"sqlite:///{tmp}/{name}.sqlite"
+            people = funded_buyers(token, deployer, buyers, name)
+            progress(f"{name}: {count} replica(s), {buyers} buyers x {requests_per_buyer} paid requests")
+            work = Path(tmp) / name
+            work.mkdir()
+            start = int(w3.eth.block_number) + 1
+            replicas = Replicas(setup, store, count=count, work_dir=work)
+            try:
+                with RoundRobinProxy(replicas.urls) as proxy:
+                    load = asyncio.run(
+                        run_load(
+                            proxy.url,
+                            replicas.urls,
+                            people,
+                            requests_per_buyer=requests_per_buyer,
+                            chain_now=int(w3.eth.get_block("latest")["timestamp"]),
+                            duplicate_every=7,
+                            replay_every=3,
+                        )
+                    )
+                _wait_delivered(escrow, [load.ids[k] for k in load.bodies])
+                checked = audit(escrow, start, load, replicas.runs_dir)
+                logs = replicas.log_text()
+            finally:
+                replicas.stop()
+            result[name] = summary(load, checked, nonce_errors_in(logs))
+        p50_pg, p50_sqlite = result["postgresql_1"]["p50_ms"], result["sqlite_1"]["p50_ms"]
+        result["ratio_p50_postgresql_1_vs_sqlite_1"] = round(p50_pg / p50_sqlite, 3)
+        result["target_ratio_p50"] = TARGET_P50_RATIO
+        result["settings"] = {
+            "buyers": buyers,
+            "requests_per_buyer": requests_per_buyer,
+            "duplicate_every": 7,
+            "replay_every": 3,
+            "anvil": "automine",
+            "cores": os.cpu_count(),
+        }
+    return result
+
+
+def _wait_delivered(escrow: Escrow, ids: list[bytes], timeout: float = 120.0) -> None:
+    from escrow_py.terms import State
+
+    deadline = time.monotonic() + timeout
+    pending = list(ids)
+    while pending and time.monotonic() < deadline:
+        pending = [i for i in pending if escrow.state_of(i) != State.RELEASED]
+        time.sleep(0.2)

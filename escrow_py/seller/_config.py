@@ -169,12 +169,12 @@ class SellerConfig:
             object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
         if not isinstance(self.store, (str, Path)) or not str(self.store):
             raise ConfigError("SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL")
-        if isinstance(self.store, str) and "://" in self.store and not is_postgres_url(self.store):
-            if not self.store.startswith("sqlite:///"):
-                raise ConfigError(
-                    "SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL, "
-                    f"got {describe(self.store)!r}"
-                )
+        store = self.store
+        if isinstance(store, str) and "://" in store and not (is_postgres_url(store) or store.startswith("sqlite:///")):
+            raise ConfigError(
+                "SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL, "
+                f"got {describe(self.store)!r}"
+            )
 
     @property
     def chain_id(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
 import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -272,7 +273,8 @@ class EscrowMiddleware:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
-            with contextlib.suppress(EscrowError, OSError):
+            # Shielded: a request cancelled by its client still hands the payment on at once.
+            with anyio.CancelScope(shield=True), contextlib.suppress(EscrowError, OSError):
                 await _blocking(store.release_lease, name, owner)
 
     async def _renew(self, name: str, owner: str) -> None:

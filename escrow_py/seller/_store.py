@@ -69,6 +69,20 @@ CREATE TABLE IF NOT EXISTS operator_txs (
 CREATE INDEX IF NOT EXISTS operator_txs_intent ON operator_txs (intent, created_at)
 """
 
+# The database's own clock in Unix seconds: the one clock every replica's lease is judged by. The one
+# expression the two engines spell differently (SQLite 3.40 has no sub-second unixepoch()).
+_DB_NOW = {
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION",
+}
+
+_TAKE_LEASE_SQL = (
+    "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, NOW + ?) ON CONFLICT (name) DO UPDATE "
+    "SET owner = excluded.owner, expires_at = excluded.expires_at "
+    "WHERE leases.owner = excluded.owner OR leases.expires_at < NOW RETURNING owner"
+)
+_TAKE_LEASE = {engine: _TAKE_LEASE_SQL.replace("NOW", now) for engine, now in _DB_NOW.items()}
+
 MIGRATIONS = (
     Migration(1, "payments and deliveries", _SCHEMA_1, _older_columns),
     Migration(2, "leases, operator nonces and transactions", _SCHEMA_2),
@@ -265,9 +279,7 @@ class SellerStore:
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
         with self._db.read() as tx:
-            rows = tx.execute(
-                "SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,)
-            ).fetchall()
+            rows = tx.execute("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,)).fetchall()
         return [(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t))) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
@@ -365,16 +377,11 @@ class SellerStore:
 
         One statement, so two processes (or hosts) asking at once cannot both get it: the row's
         unique key and the database's row lock decide. A holder that dies stops renewing, and
-        the lease is anyone's once it expires.
+        the lease is anyone's once it expires. Expiry is judged by the database's clock, so a
+        replica whose clock runs fast cannot take a live lease early.
         """
-        now = time.time()
         with self._db.transaction() as tx:
-            row = tx.execute(
-                "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
-                "SET owner = excluded.owner, expires_at = excluded.expires_at "
-                "WHERE leases.owner = excluded.owner OR leases.expires_at < ? RETURNING owner",
-                (name, owner, now + seconds, now),
-            ).fetchone()
+            row = tx.execute(_TAKE_LEASE[tx.engine], (name, owner, seconds)).fetchone()
         return row is not None
 
     def release_lease(self, name: str, owner: str) -> None:
@@ -383,7 +390,7 @@ class SellerStore:
             tx.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
     def lease_holder(self, name: str) -> tuple[str, float] | None:
-        """(owner, expires_at wall-clock seconds) of lease `name`, if anyone took it and it is not released."""
+        """(owner, expires_at in the database's clock, Unix seconds) of lease `name`, unless released."""
         with self._db.read() as tx:
             row = tx.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
         return None if row is None else (str(row[0]), float(row[1]))
