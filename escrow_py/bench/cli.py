@@ -1,4 +1,4 @@
-"""`x402-escrow bench gas|keeper|http`: benchmarks that print numbers (JSON with --json)."""
+"""`x402-escrow bench gas|keeper|http|scale`: benchmarks that print numbers (JSON with --json)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     http.add_argument("--block-time", type=float, help="anvil block time in seconds (default: automine)")
     http.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     http.set_defaults(func=_http)
+    scale = kinds.add_parser(
+        "scale",
+        help="seller replicas on one store behind a balancer: 1, 2, 3 on PostgreSQL and 1 on SQLite, with "
+        "duplicates and replays; latency, throughput, nonce errors, duplicate handler runs, mismatched replays",
+    )
+    scale.add_argument("--buyers", type=int, default=20, help="buyers paying at once (default 20)")
+    scale.add_argument("--requests", type=int, default=10, help="paid requests per buyer (default 10)")
+    scale.add_argument(
+        "--postgres-url", help="a PostgreSQL server whose user may create databases (default: a throwaway one)"
+    )
+    scale.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    scale.set_defaults(func=_scale)
 
 
 def _progress(message: str) -> None:
@@ -102,6 +114,30 @@ def _http(args: argparse.Namespace) -> int:
         "ratio_rps_escrow_vs_sdk_exact",
     ):
         print(f"{key:<44}{result[key]:>8}")
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from escrow_py.bench.scale import VARIANTS, measure_scale
+
+    for name in ("buyers", "requests"):
+        if getattr(args, name) < 1:
+            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    result = measure_scale(
+        buyers=args.buyers, requests_per_buyer=args.requests, postgres_url=args.postgres_url, progress=_progress
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    columns = ("p50_ms", "p95_ms", "req_per_s", "ok", "failed", "nonce_errors", "duplicate_handler_runs",
+               "mismatched_replays", "double_deposits")  # fmt: skip
+    print(f"{'variant':<14}" + "".join(f"{c:>{max(9, len(c) + 2)}}" for c in columns))
+    for engine, count in VARIANTS:
+        row = result[f"{engine}_{count}"]
+        print(f"{engine + ' x' + str(count):<14}" + "".join(f"{row[c]!s:>{max(9, len(c) + 2)}}" for c in columns))
+    print(f"p50 PostgreSQL x1 / SQLite x1: {result['ratio_p50_postgresql_1_vs_sqlite_1']} "
+          f"(target <= {result['target_ratio_p50']})")  # fmt: skip
     return 0
 
 
