@@ -171,12 +171,11 @@ class SellerStore:
         self._db.close()
 
     def payment(self, escrow_id: bytes) -> Payment | None:
-        with self._db.read() as tx:
-            row = tx.execute(
-                "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
-                "response_body FROM payments WHERE escrow_id = ?",
-                (_hex(escrow_id),),
-            ).fetchone()
+        row = self._db.one(
+            "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
+            "response_body FROM payments WHERE escrow_id = ?",
+            (_hex(escrow_id),),
+        )
         if row is None:
             return None
         terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body = row
@@ -196,10 +195,9 @@ class SellerStore:
 
     def answered(self, escrow_id: bytes) -> bool:
         """Whether a response is stored for the payment (then it is only ever replayed)."""
-        with self._db.read() as tx:
-            row = tx.execute(
-                "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (_hex(escrow_id),)
-            ).fetchone()
+        row = self._db.one(
+            "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (_hex(escrow_id),)
+        )
         return row is not None
 
     def begin_deposit(self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None) -> bool:
@@ -278,19 +276,17 @@ class SellerStore:
             )
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
-        with self._db.read() as tx:
-            rows = tx.execute("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,)).fetchall()
+        rows = self._db.all("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,))
         return [(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t))) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """Pending deliveries due now (not held back by `defer`), earliest deadline first."""
-        with self._db.read() as tx:
-            rows = tx.execute(
-                "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx, d.attempts FROM deliveries d "
-                "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? AND d.retry_at <= ? "
-                "ORDER BY d.deadline LIMIT ?",
-                (PENDING, time.time(), limit),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx, d.attempts FROM deliveries d "
+            "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? AND d.retry_at <= ? "
+            "ORDER BY d.deadline LIMIT ?",
+            (PENDING, time.time(), limit),
+        )
         return [
             PendingDelivery(
                 bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]), r, _unhex(d), int(n)
@@ -322,12 +318,11 @@ class SellerStore:
 
     def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
         """Posted deliveries not yet `final` (deep enough): a reorg may still take their transaction away."""
-        with self._db.read() as tx:
-            rows = tx.execute(
-                "SELECT escrow_id, terms, tx_hash FROM deliveries "
-                "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
-                (POSTED, limit),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT escrow_id, terms, tx_hash FROM deliveries "
+            "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
+            (POSTED, limit),
+        )
         return [
             PostedDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]))
             for i, t, h in rows
@@ -350,10 +345,9 @@ class SellerStore:
             )
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
-        with self._db.read() as tx:
-            row = tx.execute(
-                "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
-            ).fetchone()
+        row = self._db.one(
+            "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
+        )
         if row is None:
             return None
         return DeliveryRecord(row[0], bytes.fromhex(row[1][2:]), _unhex(row[2]))
@@ -391,8 +385,7 @@ class SellerStore:
 
     def lease_holder(self, name: str) -> tuple[str, float] | None:
         """(owner, expires_at in the database's clock, Unix seconds) of lease `name`, unless released."""
-        with self._db.read() as tx:
-            row = tx.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+        row = self._db.one("SELECT owner, expires_at FROM leases WHERE name = ?", (name,))
         return None if row is None else (str(row[0]), float(row[1]))
 
     # -- the operator key's nonces and transactions (chain.tx.NonceBook) -------------------------------
@@ -433,11 +426,10 @@ class SellerStore:
             )
 
     def txs_for(self, address: str, intent: str) -> list[bytes]:
-        with self._db.read() as tx:
-            rows = tx.execute(
-                "SELECT tx_hash FROM operator_txs WHERE intent = ? AND address = ? ORDER BY created_at DESC LIMIT 5",
-                (intent, address),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT tx_hash FROM operator_txs WHERE intent = ? AND address = ? ORDER BY created_at DESC LIMIT 5",
+            (intent, address),
+        )
         return [bytes.fromhex(h[2:]) for (h,) in rows]
 
     def note_attempt(self, ids: list[bytes], error: str) -> None:

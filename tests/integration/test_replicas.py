@@ -128,6 +128,7 @@ FAST_TAKEOVER = {"claim_seconds": 3.0, "claim_wait": 2.0, "poster_lease": 2.0}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # about a minute and a half alone on 2 cores; minutes when the machine is shared
 def test_three_replicas_on_postgres_500_payments_with_duplicates_replays_and_a_crash(
     chain: Chain, tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
