@@ -90,10 +90,8 @@ def _keeper(args: argparse.Namespace) -> int:
 def _http(args: argparse.Namespace) -> int:
     from escrow_py.bench.http import measure_http
 
-    for name in ("requests", "concurrency"):
-        if getattr(args, name) < 1:
-            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
-            return 2
+    if not _at_least_one(args, "requests", "concurrency"):
+        return 2
     result = measure_http(
         requests=args.requests,
         concurrency=args.concurrency,
@@ -120,10 +118,8 @@ def _http(args: argparse.Namespace) -> int:
 def _scale(args: argparse.Namespace) -> int:
     from escrow_py.bench.scale import VARIANTS, measure_scale
 
-    for name in ("buyers", "requests"):
-        if getattr(args, name) < 1:
-            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
-            return 2
+    if not _at_least_one(args, "buyers", "requests"):
+        return 2
     result = measure_scale(
         buyers=args.buyers, requests_per_buyer=args.requests, postgres_url=args.postgres_url, progress=_progress
     )
@@ -139,6 +135,15 @@ def _scale(args: argparse.Namespace) -> int:
     print(f"p50 PostgreSQL x1 / SQLite x1: {result['ratio_p50_postgresql_1_vs_sqlite_1']} "
           f"(target <= {result['target_ratio_p50']})")  # fmt: skip
     return 0
+
+
+def _at_least_one(args: argparse.Namespace, *names: str) -> bool:
+    """Whether each named count is at least 1 (else the rule broken is printed)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
+            return False
+    return True
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:

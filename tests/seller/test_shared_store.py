@@ -11,10 +11,13 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from helpers import make_terms
+from conftest import Chain
+from helpers import OPERATOR, STRANGER, address, dev, make_terms
+from web3.types import RPCEndpoint
 
-from escrow_py.chain.tx import SentTx
+from escrow_py.chain.tx import SentTx, TxSender
 from escrow_py.seller import SellerStore, StoredResponse
 from escrow_py.seller._store import SERVED
 
@@ -60,10 +63,10 @@ def test_racing_replicas_get_one_claim(db_url: str) -> None:
             store.close()
 
 
-def test_a_stored_response_is_never_overwritten(chain: object, db_url: str) -> None:
+def test_a_stored_response_is_never_overwritten(chain: Chain, db_url: str) -> None:
     a, b = SellerStore(db_url), SellerStore(db_url)
     try:
-        terms = make_terms(chain)  # type: ignore[arg-type]
+        terms = make_terms(chain)
         escrow_id = os.urandom(32)
         assert a.begin_deposit(escrow_id, terms, 1)
         assert not b.begin_deposit(escrow_id, terms, 1)  # the id is recorded once
@@ -124,4 +127,30 @@ def test_transactions_are_found_by_intent(db_url: str) -> None:
         assert store.txs_for(KEY, "0xabc") == [b"\x0b" * 32, b"\x0a" * 32]
         assert store.txs_for("0x0000000000000000000000000000000000000001", "0xabc") == []
     finally:
+        store.close()
+
+
+def test_senders_on_one_book_never_send_one_intent_twice_nor_reuse_a_nonce(chain: Chain, tmp_path: Path) -> None:
+    """Two processes' TxSenders on one book (automine off, so the first stays pending): the second one
+    asked for the same call waits for the first instead of sending it again; another call gets the next nonce."""
+    store = SellerStore(tmp_path / "seller.sqlite")
+    first, second = TxSender(chain.w3, dev(OPERATOR), book=store), TxSender(chain.w3, dev(OPERATOR), book=store)
+    operator = address(OPERATOR)
+    before = chain.w3.eth.get_transaction_count(operator)
+    chain.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+    try:
+        sent = first.send(address(STRANGER), b"\x01")
+        with ThreadPoolExecutor(2) as pool:
+            again = pool.submit(second.transact, address(STRANGER), b"\x01", timeout=30)
+            other = second.send(address(STRANGER), b"\x02")  # a different intent: a nonce of its own
+            time.sleep(0.5)
+            assert not again.done()  # waiting for the first one, not sending its own
+            chain.w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+            receipt = again.result(30)
+        assert bytes(receipt["transactionHash"]) == sent.tx_hash
+        assert other.nonce == sent.nonce + 1 == before + 1
+        assert chain.w3.eth.get_transaction_count(operator) == before + 2  # two transactions, not three
+        assert store.txs_for(operator, sent.intent) == [sent.tx_hash]
+    finally:
+        chain.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
         store.close()
