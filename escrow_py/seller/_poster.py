@@ -44,6 +44,7 @@ import anyio.to_thread
 from web3.exceptions import Web3Exception
 from web3.types import TxReceipt
 
+from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Delivered, PayoutFailed
 from escrow_py.errors import EscrowError
 from escrow_py.seller._chain import SellerChain
@@ -134,6 +135,7 @@ class DeliveryPoster:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.lease_name = f"poster:{chain.sender.address}"
         self._lost = threading.Event()  # set when a renewal during a pass found the lease taken
+        self._followed_at: tuple[str, str] | None = None  # (number, hash) of the head the last follow saw
         self._task: asyncio.Task[None] | None = None
         # A thread lock, not an asyncio one: passes are run from worker threads, and a
         # caller may flush from another thread's event loop (an asyncio.Lock bound to
@@ -288,18 +290,27 @@ class DeliveryPoster:
     def _follow_posted(self, report: PostReport) -> None:
         """Posted deliveries until they are deep enough: one a reorg took away is queued again."""
         depth = self.chain.config.confirmation_depth
+        # Nothing can have moved while the chain's head is the block it was at the last pass.
+        latest = rpc.request(self.chain.w3, "eth_getBlockByNumber", ["latest", False])
+        tip = (str(latest["number"]), str(latest["hash"]))
+        if tip == self._followed_at:
+            return
         posted = self.store.posted_unsettled()
         if not posted:
+            self._followed_at = tip
             return
-        head = int(self.chain.w3.eth.block_number)
+        head = int(tip[0], 16)
         final, again, refunded = [], [], []
         receipts: dict[bytes, TxReceipt | None] = {}
+        delivered: dict[bytes, set[bytes]] = {}  # per transaction: the ids its Delivered events name
         for entry in posted:
             if entry.tx_hash not in receipts:
-                receipts[entry.tx_hash] = self.chain.sender.receipt(entry.tx_hash)
+                receipt = receipts[entry.tx_hash] = self.chain.sender.receipt(entry.tx_hash)
+                events = self.chain.escrow.events_in(receipt) if receipt is not None else []
+                delivered[entry.tx_hash] = {e.id for e in events if isinstance(e, Delivered)}
             receipt = receipts[entry.tx_hash]
             # Mined again after a reorg, the same transaction may now have skipped this entry.
-            if receipt is not None and receipt["status"] == 1 and self._delivered_in(receipt, entry.escrow_id):
+            if receipt is not None and receipt["status"] == 1 and entry.escrow_id in delivered[entry.tx_hash]:
                 if head - int(receipt["blockNumber"]) + 1 >= depth:
                     final.append(entry.escrow_id)
                 continue
@@ -326,12 +337,10 @@ class DeliveryPoster:
         self.store.mark_final(final)
         self.store.mark_deliveries(refunded, REFUNDED_ON_CHAIN, was=POSTED)
         self.store.repost(again, "its transaction vanished in a reorg")
+        self._followed_at = tip
         report.final.extend(final)
         report.reposted.extend(again)
         report.refunded_elsewhere.extend(refunded)
-
-    def _delivered_in(self, receipt: TxReceipt, escrow_id: bytes) -> bool:
-        return any(isinstance(e, Delivered) and e.id == escrow_id for e in self.chain.escrow.events_in(receipt))
 
     def _retry_refunds(self, report: PostReport) -> None:
         for escrow_id, terms in self.store.refunds_pending():
