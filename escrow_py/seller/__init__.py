@@ -15,6 +15,11 @@ again replays the stored response byte for byte. The delivery poster runs with
 the app's lifespan; `await EscrowMiddleware.of(app).poster.flush()` or
 `post_pending(config)` runs one pass.
 
+Several processes (`uvicorn --workers N`) or replicas on several hosts share one store
+(`store="seller.sqlite"`, or `store="postgresql://..."` across hosts): a payment is claimed in
+the store while one request handles it, a stored response is never overwritten, and the
+operator key's nonces and the poster's lease live in the store too (see SellerStore).
+
 A request of any method that reaches a priced handler is priced (HEAD through a GET
 route, the other methods of a multi-method route). When the app starts, `check_seller`
 checks the chain id, the escrow's code, the token's ERC-3009 domain and the operator's

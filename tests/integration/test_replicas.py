@@ -15,11 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 from pg_server import PostgresServer
 
-from escrow_py.bench.scale import (
+from escrow_devtools.anvil import dev_private_key
+from escrow_devtools.bench.scale import (
     ChainSetup,
     LoadResult,
     Replicas,
@@ -31,7 +32,7 @@ from escrow_py.bench.scale import (
     run_load,
     sign,
 )
-from escrow_py.chain.anvil import dev_private_key
+from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.seller import SellerStore
 from escrow_py.terms import State, delivery_hash
@@ -87,8 +88,8 @@ def test_two_processes_on_one_sqlite_file_handle_a_payment_once(chain: Chain, tm
         assert [a.status_code for a in answers] == [200] * 20, [a.text for a in answers if a.status_code != 200]
         wait_released(chain, [escrow_id])
         events = chain.escrow.events(start, int(chain.w3.eth.block_number))
-        assert sum(1 for e in events if type(e).__name__ == "Deposited") == 1
-        committed = next(e.delivery_hash for e in events if type(e).__name__ == "Delivered")
+        assert sum(1 for e in events if isinstance(e, Deposited)) == 1
+        committed = next(e.delivery_hash for e in events if isinstance(e, Delivered))
         runs, _ = handler_runs(replicas.runs_dir)
         assert runs[run_key(header)] == 1, "the handler ran more than once for one payment"
         assert {delivery_hash(a.content) for a in answers} == {committed}

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import OPERATOR, STRANGER, address, dev, make_terms
 from web3.types import RPCEndpoint
 

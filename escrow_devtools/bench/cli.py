@@ -51,7 +51,7 @@ def _progress(message: str) -> None:
 
 
 def _gas(args: argparse.Namespace) -> int:
-    from escrow_py.bench.gas import measure_gas
+    from escrow_devtools.bench.gas import measure_gas
 
     result = measure_gas(progress=_progress)
     if args.json:
@@ -74,7 +74,7 @@ def _gas(args: argparse.Namespace) -> int:
 
 
 def _keeper(args: argparse.Namespace) -> int:
-    from escrow_py.bench.keeper import measure_keeper
+    from escrow_devtools.bench.keeper import measure_keeper
 
     if args.escrows < 1:
         print("x402-escrow: --escrows must be at least 1", file=sys.stderr)
@@ -88,7 +88,7 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _http(args: argparse.Namespace) -> int:
-    from escrow_py.bench.http import measure_http
+    from escrow_devtools.bench.http import measure_http
 
     if not _at_least_one(args, "requests", "concurrency"):
         return 2
@@ -116,7 +116,7 @@ def _http(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from escrow_py.bench.scale import VARIANTS, measure_scale
+    from escrow_devtools.bench.scale import VARIANTS, measure_scale
 
     if not _at_least_one(args, "buyers", "requests"):
         return 2

@@ -2,7 +2,7 @@
 
 The parts, each usable alone (the tests in tests/integration/test_replicas.py use them):
 
-- `replica_app()`: the seller app a replica runs (`uvicorn --factory escrow_py.bench.scale:replica_app`),
+- `replica_app()`: the seller app a replica runs (`uvicorn --factory escrow_devtools.bench.scale:replica_app`),
   configured from the environment (`X402_SCALE_CONFIG` JSON, the operator key in
   `X402_ESCROW_PRIVATE_KEY`). Its handler records every run in `runs_dir` (one line per run,
   written with O_APPEND, so a SIGKILLed replica's runs are counted too) and answers bytes
@@ -27,22 +27,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
+from escrow_devtools.harness import serving
 from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
@@ -188,7 +187,7 @@ class Replicas:
             port = free_port()
             log = work_dir / f"replica-{n}.log"
             command = [
-                sys.executable, "-m", "uvicorn", "--factory", "escrow_py.bench.scale:replica_app",
+                sys.executable, "-m", "uvicorn", "--factory", "escrow_devtools.bench.scale:replica_app",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                 "--lifespan", "on", "--log-level", "warning", "--timeout-graceful-shutdown", "2",
             ]  # fmt: skip
@@ -270,13 +269,8 @@ class RoundRobinProxy:
         self.backends = list(backends)
         self._next = 0
         self._client: httpx.AsyncClient | None = None
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self._app, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning", interface="asgi3"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._stack = ExitStack()
+        self.url = ""
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http"
@@ -306,17 +300,11 @@ class RoundRobinProxy:
         await answer(scope, receive, send)
 
     def __enter__(self) -> RoundRobinProxy:
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the proxy did not start")
-            time.sleep(0.02)
+        self.url = self._stack.enter_context(serving(self._app, lifespan="off", interface="asgi3")).url
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(15)
+        self._stack.close()
 
 
 # -- the buyers ------------------------------------------------------------------------------------
@@ -549,15 +537,13 @@ def measure_scale(
     """Each variant of VARIANTS under the same paid load through a round-robin balancer; the JSON-ready result.
 
     `postgres_url`: a server whose user may create databases (one per variant); by default a
-    throwaway server is started with the local PostgreSQL binaries (escrow_py.bench.postgres).
+    throwaway server is started with the local PostgreSQL binaries (escrow_devtools.bench.postgres).
     """
-    from contextlib import ExitStack
-
     import psycopg
 
-    from escrow_py.bench.postgres import PostgresServer
-    from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer
-    from escrow_py.chain.escrow import deploy
+    from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer
+    from escrow_devtools.artifacts import deploy
+    from escrow_devtools.bench.postgres import PostgresServer
     from escrow_py.chain.token import Token
     from escrow_py.chain.tx import TxSender
 
