@@ -356,13 +356,14 @@ class TxSender:
             if self.book is None:
                 self.resync_nonce()
             raise  # with a book: the nonce is used (the key was used elsewhere); the next allocation skips it
-        except Exception:
-            if self.book is not None:
-                # Refused, so it never left: give the nonce back if nobody took a later one (else a gap,
-                # which confirm() fills). Never move the shared counter back past other processes' nonces.
-                self.book.give_back_nonce(self.address, signed.nonce)
-            else:
+        except Exception as exc:
+            if self.book is None:
                 self.resync_nonce()  # the nonce may or may not have been consumed: ask the node next time
+            elif isinstance(exc, RpcError) and not isinstance(exc, TimeoutError):
+                # The node refused it, so it never left: give the nonce back if nobody took a later one
+                # (else a gap, which confirm() fills). Never move the shared counter back past other
+                # processes' nonces. A lost answer (a timeout) may hide an accepted transaction: kept.
+                self.book.give_back_nonce(self.address, signed.nonce)
             raise
         self._follow(signed)
 

@@ -13,11 +13,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from fixtures.chain import Chain
 from helpers import OPERATOR, STRANGER, address, dev, make_terms
 from web3.types import RPCEndpoint
 
 from escrow_py.chain.tx import SentTx, TxSender
+from escrow_py.errors import InsufficientFunds
 from escrow_py.seller import SellerStore, StoredResponse
 from escrow_py.seller._store import SERVED
 
@@ -153,4 +155,20 @@ def test_senders_on_one_book_never_send_one_intent_twice_nor_reuse_a_nonce(chain
         assert store.txs_for(operator, sent.intent) == [sent.tx_hash]
     finally:
         chain.w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
+        store.close()
+
+
+def test_a_refused_broadcast_gives_its_nonce_back_to_the_book(chain: Chain, tmp_path: Path) -> None:
+    """The node refuses the transaction (the key cannot pay for gas): the nonce never left, so the
+    next transaction of any process on the book takes it, and no gap holds the key's queue back."""
+    store = SellerStore(tmp_path / "seller.sqlite")
+    sender = TxSender(chain.w3, dev(STRANGER), book=store)
+    stranger = address(STRANGER)
+    first = chain.w3.eth.get_transaction_count(stranger)
+    chain.w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [stranger, "0x0"])
+    try:
+        with pytest.raises(InsufficientFunds):
+            sender.send(address(OPERATOR), b"", gas=21_000)
+        assert store.allocate_nonce(stranger, 0) == first  # given back: the next one takes it
+    finally:
         store.close()
