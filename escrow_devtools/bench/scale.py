@@ -273,9 +273,11 @@ class RoundRobinProxy:
         self.url = ""
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert scope["type"] == "http"
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=400))
+            raise RuntimeError("the proxy's lifespan did not start")
         request = Request(scope, receive)
         body = await request.body()
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")]
@@ -299,8 +301,21 @@ class RoundRobinProxy:
             break
         await answer(scope, receive, send)
 
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """The client to the backends lives in the server's event loop, and is closed there."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=400))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._client is not None:
+                    await self._client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
     def __enter__(self) -> RoundRobinProxy:
-        self.url = self._stack.enter_context(serving(self._app, lifespan="off", interface="asgi3")).url
+        self.url = self._stack.enter_context(serving(self._app, interface="asgi3")).url
         return self
 
     def __exit__(self, *exc: object) -> None:
