@@ -64,7 +64,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--token", dest="tokens", action="append",
         help="refund this token's escrows besides the registry's (repeatable; '*': any token)",
     )  # fmt: skip
-    parser.add_argument("--database", help="SQLite path or sqlite:/// URL (default keeper.sqlite)")
+    parser.add_argument("--database", help="SQLite path, sqlite:/// URL or postgresql:// URL (default keeper.sqlite)")
 
 
 def _config(args: argparse.Namespace) -> KeeperConfig:

@@ -12,7 +12,7 @@ Precedence: a flag beats an environment variable beats the TOML file beats the d
     X402_KEEPER_MAX_BATCH_GAS    max_batch_gas
     X402_KEEPER_POLL_INTERVAL    poll_interval (seconds)
     X402_KEEPER_STANDBY_AFTER    standby_after (seconds past a deadline before this keeper steps in)
-    X402_KEEPER_DATABASE         database (SQLite path or sqlite:/// URL)
+    X402_KEEPER_DATABASE         database (SQLite path, sqlite:/// URL or postgresql:// URL)
     X402_KEEPER_KEYSTORE         keystore (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE)
     X402_ESCROW_PRIVATE_KEY      the key, when no keystore is given
     X402_KEEPER_BUYERS / _SELLERS  only refund escrows of these buyers / sellers
@@ -44,6 +44,7 @@ from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.registry import USDC, registry_path
 from escrow_py.errors import ConfigError, ProtocolError
+from escrow_py.storage import describe, is_postgres_url
 from escrow_py.wire import chain_id_of
 
 MAX_LOG_CHUNK = 2_000
@@ -199,8 +200,10 @@ class KeeperConfig:
             ("reorg_depth", self.reorg_depth, 0, None),
         ):
             _int(name, value, low, high)
-        if "://" in self.database and not self.database.startswith("sqlite:///"):
-            raise ConfigError(f"database {self.database!r}: only SQLite is supported so far (a path or sqlite:///path)")
+        if "://" in self.database and not self.database.startswith("sqlite:///") and not is_postgres_url(self.database):
+            raise ConfigError(
+                f"database {describe(self.database)!r}: expected a SQLite path, sqlite:///path or postgresql://..."
+            )
         _seconds("poll_interval", self.poll_interval, allow_zero=False)
         _seconds("rpc_timeout", self.rpc_timeout, allow_zero=False)
         _seconds("standby_after", self.standby_after, allow_zero=True)

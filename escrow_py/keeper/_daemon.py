@@ -216,7 +216,14 @@ class Keeper:
             elif status in ("mined", "reverted") and new_block:
                 changed |= self._follow_mined(attempt, status, head, hashes=hashes, statuses=statuses, report=report)
         self._in_flight = {i for a in attempts if statuses[a.tx_hash] in IN_FLIGHT for i in a.ids}
+        self._renew_claims(attempts, statuses)
         return changed
+
+    def _renew_claims(self, attempts: list[Attempt], statuses: dict[bytes, str]) -> None:
+        """Other keepers on this database stay off the escrows of this keeper's refunds while they may land."""
+        for address in self.bindings:
+            ids = [i for a in attempts if a.escrow == address and statuses[a.tx_hash] in IN_FLIGHT for i in a.ids]
+            self.store.renew_claims(address, self.me, ids, self.clock())
 
     def _rebroadcast(self, attempt: Attempt, statuses: dict[bytes, str], first: CycleReport | None) -> str:
         """Broadcast a recorded transaction again, as it was (same bytes, same nonce)."""
@@ -466,7 +473,7 @@ class Keeper:
         for address in self.bindings:
             groups: dict[str, list[OpenEscrow]] = {}
             plain: list[OpenEscrow] = []
-            for entry in self.store.due(address, chain_time - standby, self._in_flight):
+            for entry in self.store.due(address, chain_time - standby, self._in_flight, claimable_by=self.me, now=wall):
                 action = next_action(entry, chain_time, wall_time=wall, buyers=self.buyers, sellers=self.sellers,
                                      tokens=self.tokens, standby_after=self.config.standby_after)  # fmt: skip
                 if isinstance(action, Refund):
@@ -484,7 +491,12 @@ class Keeper:
                     return
 
     def _refund_batch(self, address: str, batch: list[OpenEscrow], chain_time: int, report: CycleReport) -> bool:
-        """Simulate, sign, record and broadcast one batch; False if broadcasting should stop this cycle."""
+        """Claim, simulate, sign, record and broadcast one batch; False if broadcasting should stop this cycle."""
+        # Keepers sharing the database split the due escrows: what another keeper claimed first is its to refund.
+        claimed = self.store.claim(address, self.me, [e.id for e in batch], self.clock())
+        batch = [e for e in batch if e.id in claimed]
+        if not batch:
+            return True
         if self.store.is_reverted_set(fingerprint([e.id for e in batch])):
             self._never_again(address, batch, report)
             return True

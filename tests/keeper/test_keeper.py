@@ -204,7 +204,7 @@ def test_a_refund_that_fails_in_simulation_does_not_block_the_others(chain: Chai
     assert len(transactions_of(chain, KEEPER, start)) == 1
     keeper.run_once()
     assert keeper.store.backoffs(chain.escrow.address) == []
-    assert keeper.store.conn.execute("SELECT COUNT(*) FROM backoffs").fetchone()[0] == 0
+    assert keeper.store.db.one("SELECT COUNT(*) FROM backoffs") == (0,)
 
 
 def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says_so(
@@ -238,8 +238,12 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> 
     out = cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20, env=env)
     assert out.returncode == 2 and "X402_ESCROW_PRIVATE_KEY is not set" in out.stderr
     out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
-              "--database", "postgresql://db/keeper", env=env)  # fmt: skip
-    assert out.returncode == 2 and "only SQLite is supported" in out.stderr
+              "--database", "mysql://db/keeper", env=env)  # fmt: skip
+    assert out.returncode == 2 and "expected a SQLite path, sqlite:///path or postgresql://" in out.stderr
+    out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
+              "--database", "postgresql://keeper:hunter2@127.0.0.1:1/keeper", env=env)  # fmt: skip
+    assert out.returncode == 2 and "postgresql://keeper:***@127.0.0.1:1/keeper: cannot open" in out.stderr
+    assert "hunter2" not in out.stderr
     toml = tmp_path / "keeper.toml"
     toml.write_text('[keeper]\nrpc_url = "http://127.0.0.1:1"\nbatchsize = 3\n')
     out = cli("keeper", "run", "--config", str(toml), env=env)
