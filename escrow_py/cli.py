@@ -7,6 +7,8 @@ so this file only assembles them:
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
+    x402-escrow migrate --db URL    bring a store's schema to this version (SQLite or PostgreSQL)
+    x402-escrow prune --db URL      delete settled rows past their deadline plus a grace period
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def _registrars() -> list[Registrar]:
     from escrow_py.bench.cli import register as bench
     from escrow_py.buyer._cli import register as buyer
     from escrow_py.keeper._cli import register as keeper
+    from escrow_py.storage._cli import register as storage
 
-    return [_register_contracts, _register_demo, keeper, bench, buyer]
+    return [_register_contracts, _register_demo, keeper, bench, buyer, storage]
 
 
 def build_parser() -> argparse.ArgumentParser:

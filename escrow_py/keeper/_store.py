@@ -55,6 +55,7 @@ CREATE TABLE deposits (
 );
 CREATE INDEX deposits_by_block ON deposits (escrow, block_number);
 CREATE INDEX deposits_open ON deposits (escrow, deadline) WHERE open = 1;
+CREATE INDEX deposits_closed ON deposits (deadline) WHERE open = 0;
 CREATE TABLE settlements (
     escrow TEXT NOT NULL, id BLOB NOT NULL, kind TEXT NOT NULL, tx_hash BLOB NOT NULL,
     block_number INTEGER NOT NULL, block_hash TEXT NOT NULL,
@@ -71,7 +72,7 @@ CREATE TABLE attempts (
     block_number INTEGER, block_hash TEXT, refunded INTEGER, gas_used INTEGER
 );
 CREATE INDEX attempts_by_signer ON attempts (signer, status);
-CREATE INDEX attempts_by_status ON attempts (status, created_at);
+CREATE INDEX attempts_by_status ON attempts (status, updated_at);
 CREATE TABLE troubles (
     escrow TEXT NOT NULL, id BLOB NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL,
     retry_at REAL, grp TEXT, since REAL NOT NULL,
@@ -645,3 +646,37 @@ class KeeperStore:
 def _chunks(items: list[bytes], size: int) -> Iterable[list[bytes]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+FINISHED_ATTEMPTS = ("final", "dropped", "rejected")
+
+
+def prune(db: Database, *, before: float) -> dict[str, int]:
+    """Forget what no decision needs any more: settled escrows whose deadline is before `before` (chain seconds)
+    with their settlements and troubles, and finished refund attempts, reverted sets and lapsed backoffs last
+    touched before it (wall seconds). Open escrows, tracked attempts and the running totals stay.
+
+    `before` should lie well behind the reorg depth and any audit window: a pruned settlement is not undone by
+    a reorg, and a status or audit that wants it must read it from the chain.
+    """
+    closed = "SELECT id FROM deposits WHERE escrow = settlements.escrow AND open = 0 AND deadline < ?"
+    with db.transaction() as tx:
+        counts = {
+            "settlements": tx.execute(f"DELETE FROM settlements WHERE id IN ({closed})", (before,)).rowcount,  # noqa: S608
+            "troubles": tx.execute(
+                "DELETE FROM troubles WHERE id IN (SELECT id FROM deposits WHERE escrow = troubles.escrow "
+                "AND open = 0 AND deadline < ?)",
+                (before,),
+            ).rowcount,
+            "deposits": tx.execute("DELETE FROM deposits WHERE open = 0 AND deadline < ?", (before,)).rowcount,
+            "attempts": tx.execute(
+                "DELETE FROM attempts WHERE status IN (?, ?, ?) AND updated_at < ?", (*FINISHED_ATTEMPTS, before)
+            ).rowcount,
+            "reverted_sets": tx.execute("DELETE FROM reverted_sets WHERE at < ?", (before,)).rowcount,
+            "backoffs": tx.execute(
+                "DELETE FROM backoffs WHERE retry_at < ? AND NOT EXISTS (SELECT 1 FROM deposits d WHERE "
+                "d.escrow = backoffs.escrow AND d.token = backoffs.token AND d.buyer = backoffs.buyer AND d.open = 1)",
+                (before,),
+            ).rowcount,
+        }
+    return counts

@@ -36,6 +36,8 @@ from escrow_py.buyer import (
     arecover,
 )
 from escrow_py.buyer._audit import audit_paths
+from escrow_py.buyer._ledger import insert_reservation
+from escrow_py.buyer._policy import PaymentContext
 from escrow_py.chain.anvil import dev_private_key
 from escrow_py.terms import State
 
@@ -178,12 +180,10 @@ def test_reconcile_follows_the_chain_when_a_delivered_payment_is_refunded_after_
 def test_a_reservation_that_never_got_its_journal_row_is_released_by_recover(chain: Chain, tmp_path: Path) -> None:
     journal_path = tmp_path / "buyer.sqlite"
     journal = Journal(journal_path, audit=False)
-    with journal._transaction() as conn:  # a crash between reserve() and record(): nothing was ever sent
-        conn.execute(
-            "INSERT INTO ledger (escrow_id, task, seller, token, amount, status, reserved_at)"
-            " VALUES (?, 'default', ?, ?, 5, 'reserved', 0)",
-            (os.urandom(32), address(SELLER), chain.token.address),
-        )
+    with journal.db.transaction() as tx:  # a crash between reserve() and record(): nothing was ever sent
+        ctx = PaymentContext("eip155:84532", chain.token.address, chain.escrow.address, address(SELLER), None, 5,
+                             60, "default")  # fmt: skip
+        insert_reservation(tx, os.urandom(32), ctx, 0.0)
     journal.close()
     asyncio.run(arecover(journal_path, dev(BUYER), chain.node.url))
     ((status, _, _),) = ledger(journal_path).values()

@@ -1,0 +1,95 @@
+"""`x402-escrow migrate` and `x402-escrow prune`: a store's schema and its retention, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from escrow_py.errors import ConfigError
+from escrow_py.storage import current_version, describe, is_postgres_url, migrate, open_database
+from escrow_py.storage._roles import ROLES, migrations_of, pruner_of
+
+DEFAULT_GRACE = 7 * 86_400
+ROLE_HELP = "the role whose store this is (repeatable; default: every role, PostgreSQL only)"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mig = sub.add_parser(
+        "migrate",
+        help="bring a store's schema to this version (each role also does it when it starts)",
+        description="On PostgreSQL every role keeps its tables in its own schema (keeper, buyer, seller), so one "
+        "URL serves all of them; on SQLite each role has its own file, so name the role.",
+    )
+    mig.add_argument("--db", required=True, help="postgresql://... URL, sqlite:///path or a path")
+    mig.add_argument("--role", action="append", choices=sorted(ROLES), help=ROLE_HELP)
+    mig.set_defaults(func=_migrate)
+    prune = sub.add_parser(
+        "prune",
+        help="delete settled rows past their deadline plus a grace period (keeps what recover() and audits need)",
+    )
+    prune.add_argument("--db", required=True, help="postgresql://... URL, sqlite:///path or a path")
+    prune.add_argument("--role", action="append", choices=sorted(ROLES), help=ROLE_HELP)
+    prune.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        help=f"seconds past an escrow's deadline a settled row is kept (default {DEFAULT_GRACE}, 7 days; keep it "
+        "longer than any buyer budget window and the keeper's reorg depth)",
+    )
+    prune.set_defaults(func=_prune)
+
+
+def _roles(args: argparse.Namespace) -> list[str]:
+    if args.role:
+        return list(dict.fromkeys(args.role))
+    if not is_postgres_url(args.db):
+        raise ConfigError(f"--db {args.db}: a SQLite file holds one role's store; say which with --role")
+    return sorted(ROLES)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    for role in _roles(args):
+        for store in ROLES[role]:
+            try:
+                migrations = migrations_of(store, role)
+            except ConfigError as exc:
+                if args.role:
+                    raise
+                print(json.dumps({"role": role, "store": store.component, "skipped": str(exc)}))
+                continue
+            db = open_database(args.db, store.namespace)
+            try:
+                applied = migrate(db, store.component, migrations)
+                version = current_version(db, store.component)
+                line = {"role": role, "store": store.component, "db": describe(args.db),
+                        "applied": [m.version for m in applied], "version": version}  # fmt: skip
+            finally:
+                db.close()
+            print(json.dumps(line))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.grace < 0:
+        raise ConfigError(f"--grace {args.grace}: must be zero or more seconds")
+    before = time.time() - args.grace
+    for role in _roles(args):
+        for store in ROLES[role]:
+            try:
+                pruner = pruner_of(store, role)
+            except ConfigError as exc:
+                if args.role:
+                    raise
+                print(json.dumps({"role": role, "store": store.component, "skipped": str(exc)}))
+                continue
+            if pruner is None:
+                continue
+            db = open_database(args.db, store.namespace)
+            try:
+                migrate(db, store.component, migrations_of(store, role))
+                counts = pruner(db, before=before)
+            finally:
+                db.close()
+            print(json.dumps({"role": role, "store": store.component, "before": round(before), "deleted": counts}))
+    return 0
