@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pg_server import PostgresServer
 from web3 import Web3
 
+from escrow_py.bench.postgres import PostgresServer
 from escrow_py.chain.anvil import Anvil, dev_signer
 from escrow_py.chain.escrow import Escrow, deploy
 from escrow_py.chain.signer import LocalSigner

@@ -99,27 +99,26 @@ def lock_budget(tx: Tx, token: str) -> None:
 
 
 def usage(tx: Tx, ctx: PaymentContext, windows: tuple[int, ...], now: float) -> Usage:
-    """What is committed (reserved + spent) in ctx's token: overall, for its task, its seller, each window."""
+    """What is committed (reserved + spent) in ctx's token: overall, for its task, its seller, each window.
 
-    def total(extra: str = "", *args: object) -> int:
-        query = f"SELECT COALESCE(SUM(committed), 0) FROM ledger_totals WHERE token = ?{extra}"  # noqa: S608
-        row = tx.one(query, (ctx.token, *args))
-        return int(row[0]) if row else 0
-
-    def window(seconds: int) -> int:
-        row = tx.one(
-            "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE token = ? AND reserved_at >= ? "
-            "AND status IN ('reserved', 'spent')",
-            (ctx.token, now - seconds),
-        )
-        return int(row[0]) if row else 0
-
-    return Usage(
-        total=total(),
-        task=total(" AND task = ?", ctx.task),
-        seller=total(" AND seller = ?", ctx.seller),
-        windows={seconds: window(seconds) for seconds in windows},
+    Two reads: the token's running totals (one row per task and seller), and the rows of the longest window.
+    """
+    row = tx.one(
+        "SELECT COALESCE(SUM(committed), 0), COALESCE(SUM(CASE WHEN task = ? THEN committed ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN seller = ? THEN committed ELSE 0 END), 0) FROM ledger_totals WHERE token = ?",
+        (ctx.task, ctx.seller, ctx.token),
     )
+    total, task, seller = (int(v) for v in row) if row else (0, 0, 0)
+    spent: dict[int, int] = {}
+    if windows:
+        sums = ", ".join("COALESCE(SUM(CASE WHEN reserved_at >= ? THEN amount ELSE 0 END), 0)" for _ in windows)
+        found = tx.one(
+            f"SELECT {sums} FROM ledger WHERE token = ? AND reserved_at >= ? "  # noqa: S608 - one term per window
+            "AND status IN ('reserved', 'spent')",
+            (*(now - s for s in windows), ctx.token, now - max(windows)),
+        )
+        spent = {seconds: int(found[i]) if found else 0 for i, seconds in enumerate(windows)}
+    return Usage(total=total, task=task, seller=seller, windows=spent)
 
 
 def _add(tx: Tx, token: str, task: str, seller: str, amount: int) -> None:

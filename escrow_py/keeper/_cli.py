@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--retry-after", dest="retry_after",
                      help="seconds before a buyer whose refund the token refused is tried again (default 300, "
                      "doubled per refusal in a row, at most 6 h)")  # fmt: skip
+    run.add_argument("--retention", help="seconds past its deadline a settled escrow's rows are kept, pruned hourly "
+                     "(default 0: kept forever; else at least 3600)")  # fmt: skip
     run.add_argument("--keystore", help="encrypted keystore JSON (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE); "
                      "without it the key comes from X402_ESCROW_PRIVATE_KEY")  # fmt: skip
     run.add_argument("--buyer", dest="buyers", action="append", help="only refund this buyer's escrows (repeatable)")

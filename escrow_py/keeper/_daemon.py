@@ -52,13 +52,15 @@ from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
 from escrow_py.keeper._decide import Refund, next_action
 from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
-from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow
+from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow, prune
+from escrow_py.storage import describe
 from escrow_py.terms import State
 
 log = logging.getLogger("x402_escrow.keeper")
 
 # Failures a cycle treats as the chain's or the network's, logged without a stack trace.
 RPC_FAILURES = (ChainError, Web3Exception, OSError, ValueError)
+PRUNE_EVERY = 3600.0  # seconds between two retention prunes
 _TRANSFER = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
 # Node answers to eth_sendRawTransaction that say the nonce is taken, not that the transaction is bad.
 _NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
@@ -125,6 +127,7 @@ class Keeper:
         # Wall clock of retries and backoffs (never of expiry: that is chain time); a test may move it on.
         self.clock: Callable[[], float] = time.time
         self._gauges_set = False  # the escrow and quarantine gauges are read from the store once, then on changes
+        self._pruned_at = -PRUNE_EVERY  # wall time of the last retention prune
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -145,8 +148,19 @@ class Keeper:
         if new_block or changed or self._act_again:
             self.act(report, head)
         self._seen_head = head.hash
+        self._prune()
         self.metrics.cycle_ok()
         return report
+
+    def _prune(self) -> None:
+        """With a retention set, forget settled escrows past their deadline plus it, once every PRUNE_EVERY."""
+        now = self.clock()
+        if self.config.retention <= 0 or now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        deleted = prune(self.store.db, before=now - self.config.retention)
+        if any(deleted.values()):
+            log.info("pruned settled history", extra={"deleted": deleted})
 
     def index(self, head: Head | None = None, hashes: dict[int, str] | None = None,
               report: CycleReport | None = None) -> dict[str, int]:  # fmt: skip
@@ -661,7 +675,7 @@ class Keeper:
         log.info(
             "keeper started",
             extra={"keeper": self.sender.address, "escrows": list(self.config.escrows),
-                   "database": self.config.database, "metrics_port": self.metrics_port,
+                   "database": describe(self.config.database), "metrics_port": self.metrics_port,
                    "tokens": "any" if self.tokens is None else sorted(self.tokens)},
         )  # fmt: skip
         poll = self.config.poll_interval

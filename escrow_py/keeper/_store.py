@@ -433,15 +433,15 @@ class KeeperStore:
         with self.db.transaction() as tx:
             for chunk in _chunks(list(ids), 500):
                 marks = ", ".join("?" * len(chunk))
+                # One statement: the rows are claimed as they are read, and those another keeper is claiming
+                # this instant are skipped, not waited for.
                 rows = tx.all(
-                    f"SELECT id FROM deposits WHERE escrow = ? AND id IN ({marks}) AND open = 1 "  # noqa: S608 - marks
-                    f"AND (claimed_by IS NULL OR claimed_by = ? OR claimed_until < ?){tx.for_update()}",
-                    (escrow, *chunk, signer, now),
+                    "UPDATE deposits SET claimed_by = ?, claimed_until = ? WHERE escrow = ? AND id IN ("  # noqa: S608
+                    f"SELECT id FROM deposits WHERE escrow = ? AND id IN ({marks}) AND open = 1 "
+                    f"AND (claimed_by IS NULL OR claimed_by = ? OR claimed_until < ?){tx.for_update()}) RETURNING id",
+                    (signer, now + lease, escrow, escrow, *chunk, signer, now),
                 )
-                mine = [bytes(r[0]) for r in rows]
-                tx.executemany("UPDATE deposits SET claimed_by = ?, claimed_until = ? WHERE escrow = ? AND id = ?",
-                               [(signer, now + lease, escrow, i) for i in mine])  # fmt: skip
-                got.update(mine)
+                got.update(bytes(r[0]) for r in rows)
         return got
 
     def renew_claims(

@@ -16,6 +16,7 @@ from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
 from escrow_py.chain.artifacts import load_artifact
+from escrow_py.errors import ConfigError
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
 
@@ -73,6 +74,27 @@ def test_refunds_after_the_deadline_and_nothing_before(chain: Chain, tmp_path: P
     assert report.refunds_sent == 0 and report.confirmed == 2
     assert keeper.store.counts(chain.escrow.address) == {"held": 1, "released": 0, "refunded": 2}
     assert _refund_events(chain, early) == 1
+
+
+def test_a_retention_prunes_settled_escrows_past_their_deadline_hourly(chain: Chain, db_url: str) -> None:
+    keeper = make_keeper(chain, db_url, retention=3600, reorg_depth=0)
+    settled, still_open = make_terms(chain, window=60), make_terms(chain, window=100_000, buyer=BUYER2)
+    deposit(chain, settled)
+    deposit(chain, still_open)
+    chain.mine(settled.deadline)
+    assert keeper.run_once().refunds_sent == 1
+    keeper.run_once()  # confirms
+    ids = [chain.escrow.id_of(t) for t in (settled, still_open)]
+    assert len(keeper.store.entries(chain.escrow.address, ids)) == 2  # within the retention: kept
+    keeper.clock = lambda: settled.deadline + 3 * 3600.0  # the wall clock moves on; the next prune is due
+    chain.mine()
+    keeper.run_once()
+    [kept] = keeper.store.entries(chain.escrow.address, ids)
+    assert kept.id == chain.escrow.id_of(still_open)  # open: kept however long it waits
+    assert keeper.store.counts(chain.escrow.address) == {"held": 1, "released": 0, "refunded": 1}
+    assert keeper.store.attempt_counts() == {}  # its final refund transaction went with it
+    with pytest.raises(ConfigError, match=r"retention = 60: expected 0 \(keep everything\) or at least 3600 seconds"):
+        make_keeper(chain, db_url, retention=60)
 
 
 def test_restart_resumes_from_the_checkpoint(chain: Chain, tmp_path: Path) -> None:
