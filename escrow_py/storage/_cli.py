@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator, Sequence
 
 from escrow_py.errors import ConfigError
-from escrow_py.storage import current_version, describe, is_postgres_url, migrate, open_database
-from escrow_py.storage._roles import ROLES, migrations_of, pruner_of
+from escrow_py.storage import Migration, current_version, describe, is_postgres_url, migrate, open_database
+from escrow_py.storage._roles import ROLES, Store, migrations_of, pruner_of
 
 DEFAULT_GRACE = 7 * 86_400
 ROLE_HELP = "the role whose store this is (repeatable; default: every role, PostgreSQL only)"
@@ -48,7 +49,9 @@ def _roles(args: argparse.Namespace) -> list[str]:
     return sorted(ROLES)
 
 
-def _migrate(args: argparse.Namespace) -> int:
+def _stores(args: argparse.Namespace) -> Iterator[tuple[str, Store, Sequence[Migration]]]:
+    """Each store of the roles asked for, with its migrations; a store not on the port yet is skipped (said so)
+    when every role was meant, and an error when it was named."""
     for role in _roles(args):
         for store in ROLES[role]:
             try:
@@ -58,15 +61,19 @@ def _migrate(args: argparse.Namespace) -> int:
                     raise
                 print(json.dumps({"role": role, "store": store.component, "skipped": str(exc)}))
                 continue
-            db = open_database(args.db, store.namespace)
-            try:
-                applied = migrate(db, store.component, migrations)
-                version = current_version(db, store.component)
-                line = {"role": role, "store": store.component, "db": describe(args.db),
-                        "applied": [m.version for m in applied], "version": version}  # fmt: skip
-            finally:
-                db.close()
-            print(json.dumps(line))
+            yield role, store, migrations
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    for role, store, migrations in _stores(args):
+        db = open_database(args.db, store.namespace)
+        try:
+            applied = migrate(db, store.component, migrations)
+            version = current_version(db, store.component)
+        finally:
+            db.close()
+        print(json.dumps({"role": role, "store": store.component, "db": describe(args.db),
+                          "applied": [m.version for m in applied], "version": version}))  # fmt: skip
     return 0
 
 
@@ -74,22 +81,15 @@ def _prune(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise ConfigError(f"--grace {args.grace}: must be zero or more seconds")
     before = time.time() - args.grace
-    for role in _roles(args):
-        for store in ROLES[role]:
-            try:
-                pruner = pruner_of(store, role)
-            except ConfigError as exc:
-                if args.role:
-                    raise
-                print(json.dumps({"role": role, "store": store.component, "skipped": str(exc)}))
-                continue
-            if pruner is None:
-                continue
-            db = open_database(args.db, store.namespace)
-            try:
-                migrate(db, store.component, migrations_of(store, role))
-                counts = pruner(db, before=before)
-            finally:
-                db.close()
-            print(json.dumps({"role": role, "store": store.component, "before": round(before), "deleted": counts}))
+    for role, store, migrations in _stores(args):
+        pruner = pruner_of(store, role)
+        if pruner is None:
+            continue
+        db = open_database(args.db, store.namespace)
+        try:
+            migrate(db, store.component, migrations)
+            counts = pruner(db, before=before)
+        finally:
+            db.close()
+        print(json.dumps({"role": role, "store": store.component, "before": round(before), "deleted": counts}))
     return 0
