@@ -15,20 +15,24 @@ DEFAULT_GRACE = 7 * 86_400
 ROLE_HELP = "the role whose store this is (repeatable; default: every role, PostgreSQL only)"
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from escrow_py.cli import COMMANDS
+
     mig = sub.add_parser(
         "migrate",
-        help="bring a store's schema to this version (each role also does it when it starts)",
+        help=COMMANDS["migrate"][0],
         description="On PostgreSQL every role keeps its tables in its own schema (keeper, buyer, seller), so one "
         "URL serves all of them; on SQLite each role has its own file, so name the role.",
     )
     mig.add_argument("--db", required=True, help="postgresql://... URL, sqlite:///path or a path")
     mig.add_argument("--role", action="append", choices=sorted(ROLES), help=ROLE_HELP)
     mig.set_defaults(func=_migrate)
-    prune = sub.add_parser(
-        "prune",
-        help="delete settled rows past their deadline plus a grace period (keeps what recover() and audits need)",
-    )
+
+
+def register_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from escrow_py.cli import COMMANDS
+
+    prune = sub.add_parser("prune", help=COMMANDS["prune"][0])
     prune.add_argument("--db", required=True, help="postgresql://... URL, sqlite:///path or a path")
     prune.add_argument("--role", action="append", choices=sorted(ROLES), help=ROLE_HELP)
     prune.add_argument(

@@ -15,8 +15,8 @@ from collections import Counter
 
 import httpx
 
+from escrow_devtools.anvil import dev_signer
 from escrow_py.buyer import EscrowClient, Policy, PolicyDenied
-from escrow_py.chain.anvil import dev_signer
 
 BUYER = 1  # the anvil dev account the tests' buyer uses
 

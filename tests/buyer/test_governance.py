@@ -14,11 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     TASK_EXTENSION,
     VALIDATOR_EXTENSION,
@@ -38,10 +39,9 @@ from escrow_py.buyer import (
 from escrow_py.buyer._audit import audit_paths
 from escrow_py.buyer._ledger import insert_reservation
 from escrow_py.buyer._policy import PaymentContext
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.terms import State
 
-from .conftest import BASE_URL, PRICE, Faulty, LostPayment, Shop
+from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 
 
 def client(chain: Chain, journal: Path, transport: httpx.AsyncBaseTransport, **kw: Any) -> AsyncEscrowClient:
@@ -58,6 +58,7 @@ def ledger(journal: Path) -> dict[bytes, tuple[LedgerStatus, str, int]]:
 
 def audit_records(journal: Path) -> list[dict[str, Any]]:
     jsonl, _ = audit_paths(journal)
+    assert jsonl is not None  # a journal file's audit has its JSONL beside it
     return [json.loads(line) for line in jsonl.read_text().splitlines()]
 
 
@@ -263,7 +264,8 @@ def test_the_audit_trail_has_a_record_per_decision_and_state_and_leaks_nothing(
     assert all(r["termsHash"].startswith("0x") and r["amount"] == PRICE for r in records)
     assert any("txHash" in r for r in records if r.get("state") == "refunded")
     # Search everything written for what must never be there.
-    written = jsonl.read_text() + sqlite_file.read_bytes().decode("latin-1")
+    assert jsonl is not None
+    written = jsonl.read_text() + Path(sqlite_file).read_bytes().decode("latin-1")
     key = dev_private_key(BUYER).removeprefix("0x")
     forbidden = [key, "hunter2", "alice", "s3cr3t", "private-query", secret_body.decode(), "/echo", "/report"]
     for entry in entries:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from escrow_py.bench.keeper import BLOCK_GAS_LIMIT, KEEPER_ACCOUNTS, _deposit_all, _setup
-from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer
+from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer
+from escrow_devtools.bench.keeper import BLOCK_GAS_LIMIT, KEEPER_ACCOUNTS, _deposit_all, _setup
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper._store import KeeperStore
 
@@ -75,8 +75,9 @@ def test_three_keepers_on_one_database_refund_each_of_1000_escrows_exactly_once(
         receipts = []
         for number in range(chain.start_block, int(w3.eth.block_number) + 1):
             for tx in w3.eth.get_block(number, full_transactions=True)["transactions"]:
-                if tx["from"] in keepers:  # type: ignore[index]
-                    receipts.append(w3.eth.get_transaction_receipt(tx["hash"]))  # type: ignore[index]
+                assert not isinstance(tx, bytes)  # full transactions, not hashes
+                if tx["from"] in keepers:
+                    receipts.append(w3.eth.get_transaction_receipt(tx["hash"]))
         assert all(r["status"] == 1 and len(r["logs"]) > 0 for r in receipts)
         by_keeper = Counter(str(signer) for signer, _, ids, _ in rows for _ in _split(bytes(ids)))
         print(f"refunds per keeper: {dict(by_keeper)}; {len(receipts)} transactions")

@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+from eth_utils.address import to_checksum_address
 
 from escrow_py.buyer import Journal, PaymentState
 from escrow_py.buyer._ledger import LedgerStatus
@@ -17,7 +18,7 @@ from escrow_py.errors import ConfigError
 from escrow_py.keeper._store import IndexedEvent, KeeperStore
 from escrow_py.terms import Terms
 
-TOKEN, SELLER, BUYER = "0x" + "44" * 20, "0x" + "33" * 20, "0x" + "22" * 20
+TOKEN, SELLER, BUYER = (to_checksum_address("0x" + c * 20) for c in ("44", "33", "22"))
 NOW = 2_000_000_000
 OLD, RECENT = NOW - 30 * 86_400, NOW - 3_600
 

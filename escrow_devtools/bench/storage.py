@@ -12,7 +12,7 @@ A synthetic fill (written straight into the tables, as years of traffic would ha
   moves onto the port separately); skipped with a note otherwise.
 
 Target: every query's p50 under 5 ms on both engines. PostgreSQL is a throwaway local server
-(escrow_py.bench.postgres) unless `pg_url` names one.
+(escrow_devtools.bench.postgres) unless `pg_url` names one.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def measure_storage(
     pg_url: str | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    from escrow_py.bench.postgres import PostgresServer
+    from escrow_devtools.bench.postgres import PostgresServer
 
     result: dict[str, Any] = {"rows": rows, "repeat": repeat, "target_p50_ms": TARGET_MS, "engines": {}}
     with tempfile.TemporaryDirectory(prefix="x402-bench-storage-") as tmp:
