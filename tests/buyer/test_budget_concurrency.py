@@ -57,18 +57,22 @@ def _assert_ledger_matches_the_chain(
         if isinstance(e, Deposited) and e.terms.buyer == address(BUYER)
     ]
     assert len(deposits) == AFFORDABLE
-    entries = Journal(journal, audit=False).entries()
-    assert len(entries) == AFFORDABLE  # the denied ones signed nothing, journaled nothing
-    assert all(e.state is PaymentState.DELIVERED for e in entries)
-    rows = Journal(journal, audit=False).ledger_rows()
-    assert Counter(r.status for r in rows) == Counter({LedgerStatus.SPENT: AFFORDABLE})
-    assert {r.escrow_id for r in rows} == {d.id for d in deposits}
-    # The seller's poster posts (the uvicorn lifespan's may already have); recover() reconciles the ledger.
-    asyncio.run(shop.middleware.poster.flush())
-    assert all(chain.escrow.state_of(d.id) is State.RELEASED for d in deposits)
-    recover(journal, dev(BUYER), chain.node.url)
-    assert Journal(journal, audit=False).unconfirmed() == []
-    spent = sum(r.amount for r in Journal(journal, audit=False).ledger_rows() if r.status is LedgerStatus.SPENT)
+    stored = Journal(journal, audit=False)
+    try:
+        entries = stored.entries()
+        assert len(entries) == AFFORDABLE  # the denied ones signed nothing, journaled nothing
+        assert all(e.state is PaymentState.DELIVERED for e in entries)
+        rows = stored.ledger_rows()
+        assert Counter(r.status for r in rows) == Counter({LedgerStatus.SPENT: AFFORDABLE})
+        assert {r.escrow_id for r in rows} == {d.id for d in deposits}
+        # The seller's poster posts (the uvicorn lifespan's may already have); recover() reconciles the ledger.
+        asyncio.run(shop.middleware.poster.flush())
+        assert all(chain.escrow.state_of(d.id) is State.RELEASED for d in deposits)
+        recover(journal, dev(BUYER), chain.node.url)
+        assert stored.unconfirmed() == []
+        spent = sum(r.amount for r in stored.ledger_rows() if r.status is LedgerStatus.SPENT)
+    finally:
+        stored.close()
     assert chain.token.balance_of(address(SELLER)) - seller_before == spent == AFFORDABLE * PRICE
 
 

@@ -6,6 +6,8 @@ whose delivery hash is the hash of those bytes; the chain holds the hash of what
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
 from fixtures.chain import Chain
@@ -38,9 +40,20 @@ def _paid(chain: Chain, core: PaymentCore) -> tuple[Terms, bytes, bytes]:
     return terms, escrow_id, bytes(receipt["transactionHash"])
 
 
+@pytest.fixture
+def core(chain: Chain, db_url: str) -> Iterator[PaymentCore]:
+    """The buyer's core on a journal of each engine."""
+    paying = PaymentCore(dev(BUYER), chain.node.url, db_url)
+    try:
+        yield paying
+    finally:
+        paying.journal.close()
+
+
 @pytest.mark.parametrize("pointer", ["delivery transaction", "replay, no pointer"])
-def test_a_replay_with_other_bytes_is_a_mismatch_against_the_chain(chain: Chain, db_url: str, pointer: str) -> None:
-    core = PaymentCore(dev(BUYER), chain.node.url, db_url)
+def test_a_replay_with_other_bytes_is_a_mismatch_against_the_chain(
+    chain: Chain, core: PaymentCore, pointer: str
+) -> None:
     terms, escrow_id, tx = _paid(chain, core)
     extra = SettlementExtra(escrow_id, terms.deadline, delivery_hash=delivery_hash(OTHER),
                             delivery_transaction=tx if pointer == "delivery transaction" else None)  # fmt: skip
@@ -53,8 +66,7 @@ def test_a_replay_with_other_bytes_is_a_mismatch_against_the_chain(chain: Chain,
     assert entry.committed_hash == delivery_hash(FIRST) and entry.response_hash == delivery_hash(OTHER)
 
 
-def test_a_replay_with_the_posted_bytes_is_delivered(chain: Chain, db_url: str) -> None:
-    core = PaymentCore(dev(BUYER), chain.node.url, db_url)
+def test_a_replay_with_the_posted_bytes_is_delivered(chain: Chain, core: PaymentCore) -> None:
     terms, escrow_id, tx = _paid(chain, core)
     extra = SettlementExtra(escrow_id, terms.deadline, delivery_hash=delivery_hash(FIRST), delivery_transaction=tx)
     judge_response(core, escrow_id=escrow_id, terms=terms, escrow=chain.escrow.address, valid_before=terms.deadline,
