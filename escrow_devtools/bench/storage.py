@@ -53,7 +53,7 @@ def _timed(run: Callable[[], object], repeat: int) -> dict[str, float]:
     }
 
 
-def _fill_keeper(db: Database, rows: int, now: int) -> None:
+def _fill_keeper(db: Database, url: str, rows: int, now: int) -> None:
     """`rows` deposits over 90 days: 1% still open (a tenth of those due), the rest settled; 1 attempt per 100."""
     terms = bytes(256)
     deposits, settlements, attempts = [], [], []
@@ -102,10 +102,10 @@ def _fill_keeper(db: Database, rows: int, now: int) -> None:
         tx.executemany(
             "INSERT INTO blocks VALUES (?, ?)", [(b, "0xaa") for b in range(rows // 10 - 999, rows // 10 + 2)]
         )
-    _analyze(db)
+    _analyze(db, url)
 
 
-def _fill_buyer(db: Database, rows: int, now: int) -> None:
+def _fill_buyer(db: Database, url: str, rows: int, now: int) -> None:
     """`rows` payments over 30 days, delivered and confirmed, of 20 tasks and 50 sellers; the last 10 unfinished."""
     payments, ledger = [], []
     terms = json.dumps(
@@ -159,11 +159,18 @@ def _fill_buyer(db: Database, rows: int, now: int) -> None:
         )
         tx.executemany("INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?)", ledger)
         _ledger.fill_totals(tx)
-    _analyze(db)
+    _analyze(db, url)
 
 
-def _analyze(db: Database) -> None:
-    """Fresh statistics, as autovacuum or `ANALYZE` would have them after real traffic."""
+def _analyze(db: Database, url: str) -> None:
+    """Fresh statistics, and on PostgreSQL a vacuumed visibility map (index-only scans), as autovacuum would leave
+    them after real traffic; VACUUM runs outside a transaction, so on a connection of its own (the whole database)."""
+    if db.engine == "postgresql":
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+        return
     with db.transaction() as tx:
         tx.execute("ANALYZE")
 
@@ -172,7 +179,7 @@ def _keeper_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
     store = KeeperStore(url)
     try:
         now = int(time.time())
-        _fill_keeper(store.db, rows, now)
+        _fill_keeper(store.db, url, rows, now)
         due = store.due(ESCROW, now, set(), claimable_by=KEEPER, now=now)
         batch = [e.id for e in due][:100]
         results = {
@@ -192,7 +199,7 @@ def _buyer_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
     journal = Journal(url, audit=False)
     try:
         now = int(time.time())
-        _fill_buyer(journal.db, rows, now)
+        _fill_buyer(journal.db, url, rows, now)
         ctx = PaymentContext("eip155:84532", TOKEN, ESCROW, "0x" + f"{7:040x}", "api.example", 1_000, 300, "task7")
         some = journal.db.one("SELECT escrow_id FROM payments WHERE state = 'delivered' LIMIT 1")
         escrow_id = bytes(some[0]) if some else b""
