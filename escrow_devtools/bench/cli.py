@@ -1,4 +1,4 @@
-"""`x402-escrow bench gas|keeper|http|scale`: benchmarks that print numbers (JSON with --json)."""
+"""`x402-escrow bench gas|keeper|http|scale|storage`: benchmarks that print numbers (JSON with --json)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     scale.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     scale.set_defaults(func=_scale)
+    storage = kinds.add_parser(
+        "storage", help="each per-request and per-cycle store query at 100,000 payments, on SQLite and PostgreSQL"
+    )
+    storage.add_argument("--rows", type=int, default=100_000, help="payments per store (default 100000)")
+    storage.add_argument("--repeat", type=int, default=200, help="timed runs per query (default 200)")
+    storage.add_argument(
+        "--engine", action="append", choices=["sqlite", "postgresql"], help="only this engine (repeatable)"
+    )
+    storage.add_argument("--pg-url", dest="pg_url", help="an existing PostgreSQL database (default: a throwaway one)")
+    storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    storage.set_defaults(func=_storage)
 
 
 def _progress(message: str) -> None:
@@ -154,3 +165,25 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     for key, value in result.items():  # the keeper benchmark: one figure per line
         if key != "targets":
             print(f"{key:<32}{value!s:>12}{targets.get(key, '')!s:>8}")
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from escrow_devtools.bench.storage import measure_storage
+
+    engines = tuple(dict.fromkeys(args.engine or ["sqlite", "postgresql"]))
+    result = measure_storage(
+        rows=args.rows, repeat=args.repeat, engines=engines, pg_url=args.pg_url, progress=_progress
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'engine':<11}{'store':<8}{'query':<42}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
+    for engine, roles in result["engines"].items():
+        for role, figures in roles.items():
+            if "skipped" in figures:
+                print(f"{engine:<11}{role:<8}skipped: {figures['skipped']}")
+            for name, q in figures.get("queries", {}).items():
+                print(f"{engine:<11}{role:<8}{name:<42}{q['p50_ms']:>9}{q['p95_ms']:>9}{q['max_ms']:>9}")
+    verdict = "yes" if result["met"] else "no: " + "; ".join(result["over_target"])
+    print(f"every p50 under {result['target_p50_ms']} ms: {verdict}")
+    return 0

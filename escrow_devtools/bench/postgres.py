@@ -1,8 +1,9 @@
-"""A throwaway PostgreSQL 15 server (tests and `bench scale`): initdb and pg_ctl in a temporary directory.
+"""A throwaway PostgreSQL 15 server (tests, `bench storage` and `bench scale`): initdb and pg_ctl in a temporary directory.
 
 It listens on a free port and on a unix socket in its own directory, trusts local connections, and
 runs with fsync off (the server dies with the session). As root (CI containers) it runs as the
 `postgres` user, since initdb refuses root. Every test gets a database of its own (`fresh`).
+Nothing is downloaded: the Debian package's binaries (X402_ESCROW_PG_BIN to point elsewhere).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def _free_port() -> int:
 
 class PostgresServer:
     def __init__(self) -> None:
+        self._as: list[str] = []
         if not (PG_BIN / "initdb").exists():
             raise RuntimeError(f"PostgreSQL binaries not found in {PG_BIN} (set X402_ESCROW_PG_BIN)")
         self.dir = Path(tempfile.mkdtemp(prefix="x402-pg-"))
         self.data = self.dir / "data"
         self.port = _free_port()
-        self._as: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
             os.chown(self.dir, user.pw_uid, user.pw_gid)
@@ -45,6 +46,12 @@ class PostgresServer:
         )
         self._run(PG_BIN / "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
         self.url = self.url_of("postgres")
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def _run(self, *argv: object) -> None:
         result = subprocess.run([*self._as, *map(str, argv)], capture_output=True, text=True, check=False)

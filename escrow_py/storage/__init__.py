@@ -68,11 +68,17 @@ def describe(url: str | Path) -> str:
     return redact(str(url)) if is_postgres_url(url) else str(url)
 
 
-def open_store(url: str | Path, namespace: str, migrations: Sequence[Migration], *, pool_size: int = 10) -> Database:
-    """`open_database`, then the store's migrations applied (each once, whoever starts first)."""
+def open_store(
+    url: str | Path, namespace: str, migrations: Sequence[Migration], *, component: str | None = None,
+    pool_size: int = 10,
+) -> Database:  # fmt: skip
+    """`open_database`, then the store's migrations applied (each once, whoever starts first).
+
+    `component` names the migrations' sequence when one namespace holds several (default: the namespace).
+    """
     db = open_database(url, namespace, pool_size=pool_size)
     try:
-        migrate(db, namespace, migrations)
+        migrate(db, component or namespace, migrations)
     except BaseException:
         db.close()
         raise

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
-from pg_server import PostgresServer
 
 from escrow_devtools.anvil import dev_private_key
+from escrow_devtools.bench.postgres import PostgresServer
 from escrow_devtools.bench.scale import (
     ChainSetup,
     LoadResult,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from escrow_devtools.bench.postgres import PostgresServer
 from escrow_py.errors import ConfigError
 from escrow_py.storage import Database, Migration, current_version, ddl, migrate, open_database
 from escrow_py.storage._postgres import to_pyformat
@@ -18,10 +20,29 @@ SCHEMA = [
 
 
 @pytest.fixture
-def db(db_url: str) -> Database:
+def db(db_url: str) -> Iterator[Database]:
     database = open_database(db_url, "porttest")
     migrate(database, "porttest", SCHEMA)
-    return database
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., Database]]:
+    """open_database, each database closed after the test (a PostgreSQL pool has threads)."""
+    databases: list[Database] = []
+
+    def opener(url: str, namespace: str = "porttest", **kw: int) -> Database:
+        databases.append(open_database(url, namespace, **kw))
+        return databases[-1]
+
+    try:
+        yield opener
+    finally:
+        for database in databases:
+            database.close()
 
 
 def test_one_sql_text_runs_on_both_engines(db: Database) -> None:
@@ -51,12 +72,12 @@ def test_a_failed_transaction_leaves_nothing(db: Database) -> None:
     assert db.all("SELECT * FROM items") == []
 
 
-def test_lock_serialises_read_then_write_across_pools(db_url: str) -> None:
+def test_lock_serialises_read_then_write_across_pools(db_url: str, opened: Callable[..., Database]) -> None:
     """Four pools (as four processes would have) increment one counter by read-then-write: none is lost."""
-    first = open_database(db_url, "porttest")
+    first = opened(db_url, "porttest")
     migrate(first, "porttest", SCHEMA)
     first.execute("INSERT INTO items (id, n, at) VALUES (?, 0, 0)", (b"c" * 32,))
-    pools = [open_database(db_url, "porttest", pool_size=2) for _ in range(4)]
+    pools = [opened(db_url, "porttest", pool_size=2) for _ in range(4)]
 
     def bump(db: Database) -> None:
         for _ in range(25):
@@ -73,9 +94,9 @@ def test_lock_serialises_read_then_write_across_pools(db_url: str) -> None:
     assert first.one("SELECT n FROM items WHERE id = ?", (b"c" * 32,)) == (100,)
 
 
-def test_claims_split_rows_between_workers(db_url: str) -> None:
+def test_claims_split_rows_between_workers(db_url: str, opened: Callable[..., Database]) -> None:
     """Workers claiming `LIMIT 7 ... FOR UPDATE SKIP LOCKED` batches each take disjoint rows, and all of them."""
-    first = open_database(db_url, "porttest")
+    first = opened(db_url, "porttest")
     migrate(first, "porttest", SCHEMA)
     with first.transaction() as tx:
         tx.executemany(
@@ -93,7 +114,7 @@ def test_claims_split_rows_between_workers(db_url: str) -> None:
                 return
             mine.extend(r[0] for r in rows)
 
-    threads = [threading.Thread(target=work, args=(f"w{i}", open_database(db_url, "porttest"))) for i in range(3)]
+    threads = [threading.Thread(target=work, args=(f"w{i}", opened(db_url, "porttest"))) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -104,9 +125,9 @@ def test_claims_split_rows_between_workers(db_url: str) -> None:
         assert first.all("SELECT COUNT(*) FROM items WHERE claimed_by = ?", (name,)) == [(len(ns),)]
 
 
-def test_try_lock_is_exclusive_on_postgres(postgres_server: object) -> None:
-    url = postgres_server.fresh()  # type: ignore[attr-defined]
-    a, b = open_database(url, "porttest"), open_database(url, "porttest")
+def test_try_lock_is_exclusive_on_postgres(postgres_server: PostgresServer, opened: Callable[..., Database]) -> None:
+    url = postgres_server.fresh()
+    a, b = opened(url, "porttest"), opened(url, "porttest")
     with a.transaction() as held:
         assert held.try_lock("poster")
         with b.transaction() as other:
@@ -116,8 +137,8 @@ def test_try_lock_is_exclusive_on_postgres(postgres_server: object) -> None:
         assert other.try_lock("poster")
 
 
-def test_migrations_apply_once_and_refuse_a_newer_schema(db_url: str) -> None:
-    db = open_database(db_url, "porttest")
+def test_migrations_apply_once_and_refuse_a_newer_schema(db_url: str, opened: Callable[..., Database]) -> None:
+    db = opened(db_url, "porttest")
     assert [m.version for m in migrate(db, "porttest", SCHEMA[:1])] == [1]
     assert current_version(db, "porttest") == 1
     assert [m.version for m in migrate(db, "porttest", SCHEMA)] == [2]
@@ -127,10 +148,10 @@ def test_migrations_apply_once_and_refuse_a_newer_schema(db_url: str) -> None:
         migrate(db, "porttest", SCHEMA[:1])
 
 
-def test_concurrent_starts_migrate_once(db_url: str) -> None:
+def test_concurrent_starts_migrate_once(db_url: str, opened: Callable[..., Database]) -> None:
     ran: list[int] = []
     counted = [*SCHEMA[:1], Migration(2, "counted", "CREATE TABLE t2 (x INTEGER)", run=lambda tx: ran.append(1))]
-    dbs = [open_database(db_url, "porttest") for _ in range(4)]
+    dbs = [opened(db_url, "porttest") for _ in range(4)]
     threads = [threading.Thread(target=migrate, args=(d, "porttest", counted)) for d in dbs]
     for t in threads:
         t.start()
@@ -140,9 +161,11 @@ def test_concurrent_starts_migrate_once(db_url: str) -> None:
     assert "t2" in dbs[0].tables()
 
 
-def test_roles_on_one_postgres_url_keep_their_tables_apart(postgres_server: object) -> None:
-    url = postgres_server.fresh()  # type: ignore[attr-defined]
-    a, b = open_database(url, "role_a"), open_database(url, "role_b")
+def test_roles_on_one_postgres_url_keep_their_tables_apart(
+    postgres_server: PostgresServer, opened: Callable[..., Database]
+) -> None:
+    url = postgres_server.fresh()
+    a, b = opened(url, "role_a"), opened(url, "role_b")
     migrate(a, "x", SCHEMA[:1])
     migrate(b, "x", SCHEMA[:1])
     a.execute("INSERT INTO items (id, n, at) VALUES (?, 1, 0)", (b"a",))
