@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL 15 server (tests, `bench storage` and `bench scale`): initdb and pg_ctl in a temporary directory.
+"""A throwaway PostgreSQL 15 server (tests, `bench storage`, `bench scale`): initdb and pg_ctl in a temp directory.
 
 It listens on a free port and on a unix socket in its own directory, trusts local connections, and
 runs with fsync off (the server dies with the session). As root (CI containers) it runs as the
