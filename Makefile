@@ -32,7 +32,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 
 $(PY_STAMP): pyproject.toml | $(BIN)/python
 	@echo "== installing x402-escrow with the dev tools into $(VENV) (a few minutes)"
-	$(PIP_INSTALL) -e '.[dev,seller,mcp]'
+	$(PIP_INSTALL) -e '.[dev,seller,postgres,mcp]'
 	touch $@
 
 # solc-js (the compiler) and anvil (the local chain) both come from npm, pinned exactly in
@@ -86,7 +86,7 @@ ape: $(APE_STAMP)
 
 $(APE_STAMP): $(PY_STAMP) $(NODE_STAMP)
 	@echo "== installing the Ape deployment tooling into $(VENV) (several minutes)"
-	$(PIP_INSTALL) -e '.[dev,seller,mcp,ape]'
+	$(PIP_INSTALL) -e '.[dev,seller,postgres,mcp,ape]'
 	mkdir -p $(HOME)/.solcx
 	if [ -L $(HOME)/.solcx/solc-v0.8.30 ] || [ ! -e $(HOME)/.solcx/solc-v0.8.30 ]; then \
 		ln -sfn $(CURDIR)/scripts/solc-js.cjs $(HOME)/.solcx/solc-v0.8.30; fi

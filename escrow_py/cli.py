@@ -8,6 +8,8 @@ so this file only assembles them:
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
+    x402-escrow migrate --db URL    bring a store's schema to this version (SQLite or PostgreSQL)
+    x402-escrow prune --db URL      delete settled rows past their deadline plus a grace period
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "escrow_devtools.bench.cli:register",
     ),
     "buyer": ("the buyer's journal and recovery", "escrow_py.buyer._cli:register"),
+    "migrate": (
+        "bring a store's schema to this version (each role also does it when it starts)",
+        "escrow_py.storage._cli:register_migrate",
+    ),
+    "prune": (
+        "delete settled rows past their deadline plus a grace period (keeps what recover() and audits need)",
+        "escrow_py.storage._cli:register_prune",
+    ),
 }
 
 

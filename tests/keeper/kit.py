@@ -28,7 +28,9 @@ KEEPER2 = 8
 KEEPER3 = 9
 
 
-def make_keeper(chain: Chain, db: Path, *, who: int = KEEPER, rpc_url: str | None = None, **settings: object) -> Keeper:
+def make_keeper(
+    chain: Chain, db: Path | str, *, who: int = KEEPER, rpc_url: str | None = None, **settings: object
+) -> Keeper:
     """A keeper on the session chain refunding its TestUSDC (and whatever `tokens` adds)."""
     flags: dict[str, object] = {"rpc_url": rpc_url or chain.node.url, "escrows": chain.escrow.address,
                                 "database": str(db), "tokens": chain.token.address}  # fmt: skip
