@@ -7,6 +7,7 @@ so this file only assembles them:
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
+    x402-escrow facilitator serve|keys   verify and settle for keyless sellers; their API keys
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _registrars() -> list[Registrar]:
     from escrow_py.bench.cli import register as bench
     from escrow_py.buyer._cli import register as buyer
+    from escrow_py.facilitator._cli import register as facilitator
     from escrow_py.keeper._cli import register as keeper
 
-    return [_register_contracts, _register_demo, keeper, bench, buyer]
+    return [_register_contracts, _register_demo, keeper, bench, buyer, facilitator]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
@@ -65,6 +66,8 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
 __all__ = [
     "DeliveryPoster",
     "EscrowMiddleware",
+    "FacilitatorMiddleware",
+    "FacilitatorSellerConfig",
     "PaymentRejected",
     "PostReport",
     "PricedRoute",
