@@ -14,11 +14,16 @@ body claiming the same escrow id is refused 422).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import json
+import logging
 import math
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,6 +43,8 @@ from escrow_py.facilitator._service import Facilitator, FacilitatorError
 from escrow_py.seller._store import PENDING, REFUND_PENDING
 from escrow_py.seller._verify import PaymentRejected
 from escrow_py.wire import EscrowPayload
+
+log = logging.getLogger("escrow_py.facilitator")
 
 MAX_IDEMPOTENCY_KEY = 200
 _HEX32 = r"^0x[0-9a-fA-F]{64}$"
@@ -88,7 +95,10 @@ class RateLimiter:
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes, by Content-Length or as it streams, before anything reads it."""
+    """413 for a body over `limit` bytes (by Content-Length, or as it streams), before the app sees any of it.
+
+    The body is read here in full (it is small by definition) and handed to the app in one message.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -101,24 +111,30 @@ class BodyLimit:
             if name.lower() == b"content-length" and (not value.isdigit() or int(value) > self.limit):
                 await _plain(send, 413, "request body too large")
                 return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > self.limit:
+                await _plain(send, 413, "request body too large")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        delivered = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _plain(send, 413, "request body too large")
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _plain(send: Send, status: int, text: str) -> None:
@@ -132,6 +148,127 @@ def _model_json(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(by_alias=True, exclude_none=True)
 
 
+Act = Callable[[ApiKey, Any], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class _Api:
+    """The endpoints' shared steps: authenticate, rate-limit, parse, claim the idempotency key, act, record."""
+
+    def __init__(self, facilitator: Facilitator, keys: KeyStore, metrics: FacilitatorMetrics) -> None:
+        self.facilitator = facilitator
+        self.keys = keys
+        self.metrics = metrics
+        config = facilitator.config
+        self.limiter = RateLimiter(config.rate, config.burst)
+
+    def authenticate(self, request: Request) -> ApiKey:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise _Refused(401, "unauthorized", "an API key is required: Authorization: Bearer <key>",
+                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        key = self.keys.authenticate(presented.strip())
+        if key is None:
+            raise _Refused(401, "unauthorized", "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+        wait = self.limiter.take(key.key_id)
+        if wait > 0:
+            raise _Refused(429, "rate_limited", "too many requests for this API key",
+                           {"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
+        return key
+
+    @staticmethod
+    def parse(model: type[BaseModel] | None, raw: bytes) -> Any:
+        if model is None:
+            return None
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise _Refused(422, "invalid_request", f"{where}: {first.get('msg')}") from None
+
+    async def handle(
+        self,
+        request: Request,
+        endpoint: str,
+        model: type[BaseModel] | None,
+        act: Act,
+        *,
+        idempotent: bool = False,
+        implied_key: Callable[[Any], str | None] | None = None,
+    ) -> Response:
+        """One request through every check; each answer is counted by endpoint and status.
+
+        `idempotent`: the request changes state and needs an Idempotency-Key, or the one
+        `implied_key` derives from its body (then only a success is recorded under it, so a
+        refused payment may be sent again corrected).
+        """
+        started = time.perf_counter()
+        status = 500
+        try:
+            key = self.authenticate(request)
+            raw = await request.body()
+            parsed = self.parse(model, raw)
+            explicit = request.headers.get("idempotency-key")
+            claim = explicit or (implied_key(parsed) if implied_key is not None else None)
+            if idempotent and claim is None:
+                raise _Refused(400, "idempotency_key_required", "this request needs an Idempotency-Key header")
+            if claim is None:
+                status, body = await act(key, parsed)
+                return JSONResponse(body, status_code=status)
+            status, body = await self._once(
+                key, claim, act, parsed, endpoint=endpoint, raw=raw, record_refusals=explicit is not None
+            )
+            return JSONResponse(body, status_code=status)
+        except _Replayed as replayed:
+            status = replayed.status
+            return JSONResponse(replayed.body, status_code=status, headers={"Idempotent-Replayed": "true"})
+        except (_Refused, FacilitatorError) as refusal:
+            status = refusal.status
+            headers = dict(refusal.headers) if isinstance(refusal, _Refused) else {}
+            if isinstance(refusal, FacilitatorError) and refusal.retry_after is not None:
+                headers["Retry-After"] = str(refusal.retry_after)
+            return JSONResponse(_body_of(refusal), status_code=status, headers=headers)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _once(
+        self, key: ApiKey, claim: str, act: Act, parsed: Any, *, endpoint: str, raw: bytes, record_refusals: bool
+    ) -> tuple[int, dict[str, Any]]:
+        """Act once under the idempotency key `claim`; a replay gets the recorded answer (_Replayed)."""
+        if len(claim) > MAX_IDEMPOTENCY_KEY:
+            raise _Refused(400, "invalid_idempotency_key", f"Idempotency-Key is over {MAX_IDEMPOTENCY_KEY} chars")
+        keys = self.keys
+        try:
+            recorded = await anyio.to_thread.run_sync(keys.begin, key.key_id, claim, endpoint, body_digest(raw))
+        except IdempotencyConflict as conflict:
+            raise _Refused(conflict.status, "idempotency_conflict", str(conflict)) from None
+        if recorded is not None:
+            raise _Replayed(recorded.status, recorded.body)
+        try:
+            status, body = await act(key, parsed)
+        except (_Refused, FacilitatorError) as refusal:
+            if record_refusals and refusal.status < 500:
+                await anyio.to_thread.run_sync(keys.finish, key.key_id, claim, refusal.status, _body_of(refusal))
+            else:
+                await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
+            raise
+        except BaseException:
+            await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
+            raise
+        if record_refusals or body.get("success", True) is True:
+            await anyio.to_thread.run_sync(keys.finish, key.key_id, claim, status, body)
+        else:
+            await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
+        return status, body
+
+
+class _Replayed(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
 def create_app(
     facilitator: Facilitator,
     keys: KeyStore,
@@ -140,17 +277,26 @@ def create_app(
     run_poster: bool = True,
     metrics: FacilitatorMetrics | None = None,
 ) -> ASGIApp:
-    """The facilitator's ASGI app. `run_poster`: post queued deliveries in the background (every replica may;
-    passes are serialised per process and the chain skips what another replica delivered)."""
-    config = facilitator.config
+    """The facilitator's ASGI app. `run_poster`: post queued deliveries in the background (passes are
+    serialised per process, and the chain skips an entry another replica delivered first)."""
     metrics = metrics or FacilitatorMetrics()
-    limiter = RateLimiter(config.rate, config.burst)
-    explorer = EXPLORERS.get(config.chain_id)
+    app = FastAPI(
+        title="x402-escrow facilitator",
+        lifespan=_poster_lifespan(facilitator, metrics) if run_poster else None,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.facilitator = facilitator
+    app.state.metrics = metrics
+    _payment_routes(app, _Api(facilitator, keys, metrics))
+    _operator_routes(app, facilitator, metrics, console_token)
+    return BodyLimit(app, facilitator.config.max_body_bytes)
 
+
+def _poster_lifespan(facilitator: Facilitator, metrics: FacilitatorMetrics) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> Any:
-        import asyncio
-
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
 
         async def poster() -> None:
@@ -161,181 +307,99 @@ def create_app(
                         metrics.transactions.labels("deliver", "mined").inc()
                     if report.errors:
                         metrics.transactions.labels("deliver", "failed").inc()
-                except Exception:  # noqa: BLE001 - an RPC outage must not end the loop
+                except Exception:  # an RPC outage must not end the loop
+                    log.exception("poster pass failed")
                     metrics.transactions.labels("deliver", "failed").inc()
-                try:
-                    await asyncio.wait_for(stop.wait(), config.poster_interval)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), facilitator.config.poster_interval)
 
-        task = asyncio.get_running_loop().create_task(poster()) if run_poster else None
+        task = asyncio.get_running_loop().create_task(poster())
         try:
             yield
         finally:
             stop.set()
-            if task is not None:
-                await task
+            await task
 
-    app = FastAPI(title="x402-escrow facilitator", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.facilitator = facilitator
-    app.state.metrics = metrics
+    return lifespan
 
-    def authenticate(request: Request) -> ApiKey:
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            raise _Refused(401, "unauthorized", "an API key is required: Authorization: Bearer <key>",
-                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        key = keys.authenticate(presented.strip())
-        if key is None:
-            raise _Refused(401, "unauthorized", "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-        wait = limiter.take(key.key_id)
-        if wait > 0:
-            raise _Refused(429, "rate_limited", "too many requests for this API key",
-                           {"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
-        return key
 
-    def parse(model: type[BaseModel], raw: bytes) -> Any:
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise _Refused(422, "invalid_request", f"{where}: {first.get('msg')}") from None
+def _payment_routes(app: FastAPI, api: _Api) -> None:
+    facilitator, metrics = api.facilitator, api.metrics
+    config = facilitator.config
 
-    async def guarded(
-        request: Request,
-        endpoint: str,
-        act: Callable[[ApiKey, bytes], Awaitable[tuple[int, dict[str, Any]]]],
-        *,
-        idempotency: Callable[[bytes], str | None] | None = None,
-    ) -> Response:
-        """Authenticate, claim the idempotency key, act, record the answer; every refusal is counted."""
-        started = time.perf_counter()
-        status = 500
-        try:
-            key = authenticate(request)
-            raw = await request.body()
-            claim: str | None = None
-            if idempotency is not None:
-                claim = request.headers.get("idempotency-key") or idempotency(raw)
-                if claim is None:
-                    raise _Refused(400, "idempotency_key_required", "this request needs an Idempotency-Key header")
-                if len(claim) > MAX_IDEMPOTENCY_KEY:
-                    raise _Refused(
-                        400, "invalid_idempotency_key", f"Idempotency-Key is over {MAX_IDEMPOTENCY_KEY} chars"
-                    )
-                try:
-                    recorded = await anyio.to_thread.run_sync(keys.begin, key.key_id, claim, endpoint, body_digest(raw))
-                except IdempotencyConflict as conflict:
-                    raise _Refused(conflict.status, "idempotency_conflict", str(conflict)) from None
-                if recorded is not None:
-                    status = recorded.status
-                    return JSONResponse(recorded.body, status_code=status, headers={"Idempotent-Replayed": "true"})
-            try:
-                status, body = await act(key, raw)
-            except (_Refused, FacilitatorError) as refusal:
-                if claim is not None and _status_of(refusal) < 500:
-                    await anyio.to_thread.run_sync(
-                        keys.finish, key.key_id, claim, _status_of(refusal), _body_of(refusal)
-                    )
-                elif claim is not None:
-                    await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
-                raise
-            except BaseException:
-                if claim is not None:
-                    await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
-                raise
-            if claim is not None:
-                await anyio.to_thread.run_sync(keys.finish, key.key_id, claim, status, body)
-            return JSONResponse(body, status_code=status)
-        except (_Refused, FacilitatorError) as refusal:
-            status = _status_of(refusal)
-            headers = dict(refusal.headers) if isinstance(refusal, _Refused) else {}
-            if isinstance(refusal, FacilitatorError) and refusal.retry_after is not None:
-                headers["Retry-After"] = str(refusal.retry_after)
-            return JSONResponse(_body_of(refusal), status_code=status, headers=headers)
-        finally:
-            metrics.requests.labels(endpoint, str(status)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-    def escrow_key(raw: bytes) -> str | None:
+    def escrow_key(body: SettleRequest) -> str | None:
         """The implied idempotency key of a /settle: its payment's escrow id."""
         try:
-            data = json.loads(raw)
-            terms = EscrowPayload.from_json(data["paymentPayload"]["payload"]).terms
-            return f"settle:0x{terms.escrow_id(config.chain_id, config.escrow).hex()}"
-        except (ValueError, KeyError, TypeError, ProtocolError):
+            terms = EscrowPayload.from_json(body.payment_payload.payload).terms
+        except ProtocolError:
             return None
+        return f"settle:0x{terms.escrow_id(config.chain_id, config.escrow).hex()}"
 
     @app.get("/supported")
     async def supported() -> JSONResponse:
         metrics.requests.labels("supported", "200").inc()
         return JSONResponse(_model_json(facilitator.supported()))
 
+    async def verify_act(key: ApiKey, body: VerifyRequest) -> tuple[int, dict[str, Any]]:
+        try:
+            result = await anyio.to_thread.run_sync(
+                facilitator.verify, body.payment_payload, body.payment_requirements, key
+            )
+        except PaymentRejected as rejected:
+            return 200, {"isValid": False, "invalidReason": rejected.error, "invalidMessage": str(rejected)}
+        return 200, _model_json(result)
+
+    async def settle_act(key: ApiKey, body: SettleRequest) -> tuple[int, dict[str, Any]]:
+        result = await anyio.to_thread.run_sync(
+            facilitator.settle, body.payment_payload, body.payment_requirements, key
+        )
+        outcome = "rejected" if not result.success else "mined" if result.transaction else "known"
+        metrics.transactions.labels("deposit", outcome).inc()
+        return 200, _model_json(result)
+
+    async def deliver_act(key: ApiKey, body: DeliverRequest) -> tuple[int, dict[str, Any]]:
+        entries = [(bytes.fromhex(e.escrow_id[2:]), bytes.fromhex(e.delivery_hash[2:])) for e in body.deliveries]
+        if len({i for i, _ in entries}) != len(entries):
+            raise _Refused(422, "invalid_request", "an escrow id appears twice in one batch")
+        return 202, {"deliveries": await anyio.to_thread.run_sync(facilitator.deliver, entries, key)}
+
+    async def refund_act(key: ApiKey, body: RefundRequest) -> tuple[int, dict[str, Any]]:
+        answer = await anyio.to_thread.run_sync(facilitator.refund, bytes.fromhex(body.escrow_id[2:]), key)
+        metrics.transactions.labels("refund", "mined" if answer["transaction"] else "pending").inc()
+        return 200, dict(answer)
+
     @app.post("/verify")
     async def verify(request: Request) -> Response:
-        async def act(key: ApiKey, raw: bytes) -> tuple[int, dict[str, Any]]:
-            body = parse(VerifyRequest, raw)
-            try:
-                result = await anyio.to_thread.run_sync(
-                    facilitator.verify, body.payment_payload, body.payment_requirements, key
-                )
-            except PaymentRejected as rejected:
-                return 200, {"isValid": False, "invalidReason": rejected.error, "invalidMessage": str(rejected)}
-            return 200, _model_json(result)
-
-        return await guarded(request, "verify", act)
+        return await api.handle(request, "verify", VerifyRequest, verify_act)
 
     @app.post("/settle")
     async def settle(request: Request) -> Response:
-        async def act(key: ApiKey, raw: bytes) -> tuple[int, dict[str, Any]]:
-            body = parse(SettleRequest, raw)
-            result = await anyio.to_thread.run_sync(
-                facilitator.settle, body.payment_payload, body.payment_requirements, key
-            )
-            outcome = (
-                "mined" if result.success and result.transaction else "rejected" if not result.success else "known"
-            )
-            metrics.transactions.labels("deposit", outcome).inc()
-            return 200, _model_json(result)
-
-        return await guarded(request, "settle", act, idempotency=escrow_key)
+        return await api.handle(request, "settle", SettleRequest, settle_act, implied_key=escrow_key)
 
     @app.post("/deliver")
     async def deliver(request: Request) -> Response:
-        async def act(key: ApiKey, raw: bytes) -> tuple[int, dict[str, Any]]:
-            body = parse(DeliverRequest, raw)
-            entries = [(bytes.fromhex(e.escrow_id[2:]), bytes.fromhex(e.delivery_hash[2:])) for e in body.deliveries]
-            if len({i for i, _ in entries}) != len(entries):
-                raise _Refused(422, "invalid_request", "an escrow id appears twice in one batch")
-            answers = await anyio.to_thread.run_sync(facilitator.deliver, entries, key)
-            return 202, {"deliveries": answers}
-
-        return await guarded(request, "deliver", act, idempotency=lambda _: None)
+        return await api.handle(request, "deliver", DeliverRequest, deliver_act, idempotent=True)
 
     @app.post("/refund")
     async def refund(request: Request) -> Response:
-        async def act(key: ApiKey, raw: bytes) -> tuple[int, dict[str, Any]]:
-            body = parse(RefundRequest, raw)
-            answer = await anyio.to_thread.run_sync(facilitator.refund, bytes.fromhex(body.escrow_id[2:]), key)
-            metrics.transactions.labels("refund", "mined" if answer["transaction"] else "pending").inc()
-            return 200, dict(answer)
-
-        return await guarded(request, "refund", act, idempotency=lambda _: None)
+        return await api.handle(request, "refund", RefundRequest, refund_act, idempotent=True)
 
     @app.get("/escrows/{escrow_id}")
     async def escrow(escrow_id: str, request: Request) -> Response:
-        async def act(key: ApiKey, _: bytes) -> tuple[int, dict[str, Any]]:
-            if len(escrow_id) != 66 or not escrow_id.startswith("0x"):
+        async def act(key: ApiKey, _: None) -> tuple[int, dict[str, Any]]:
+            if re.fullmatch(_HEX32, escrow_id) is None:
                 raise _Refused(422, "invalid_request", "escrow id must be 0x and 64 hex digits")
-            try:
-                raw_id = bytes.fromhex(escrow_id[2:])
-            except ValueError:
-                raise _Refused(422, "invalid_request", "escrow id must be 0x and 64 hex digits") from None
-            return 200, await anyio.to_thread.run_sync(facilitator.escrow, raw_id, key)
+            return 200, await anyio.to_thread.run_sync(facilitator.escrow, bytes.fromhex(escrow_id[2:]), key)
 
-        return await guarded(request, "escrows", act)
+        return await api.handle(request, "escrows", None, act)
+
+
+def _operator_routes(
+    app: FastAPI, facilitator: Facilitator, metrics: FacilitatorMetrics, console_token: str | None
+) -> None:
+    """/healthz, /metrics and the operator console (only with a console token: it shows every seller's money)."""
+    explorer = EXPLORERS.get(facilitator.config.chain_id)
+    ledger = facilitator.ledger
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -343,68 +407,54 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        figures = await anyio.to_thread.run_sync(facilitator.ledger.figures)
+        figures = await anyio.to_thread.run_sync(ledger.figures)
         metrics.held.clear()
         for token, value in figures.held_by_token.items():
             metrics.held.labels(token).set(value)
         metrics.escrows.clear()
         for state, count in figures.by_state.items():
             metrics.escrows.labels(state).set(count)
-        depth = await anyio.to_thread.run_sync(facilitator.ledger.queue_depths)
+        depth = await anyio.to_thread.run_sync(ledger.queue_depths)
         metrics.queue.labels("deliveries").set(depth.get(PENDING, 0))
         metrics.queue.labels("refunds").set(depth.get(REFUND_PENDING, 0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # -- the operator console -----------------------------------------------------------------
+    def allowed(request: Request) -> bool:
+        return console_token is not None and hmac.compare_digest(request.query_params.get("token", ""), console_token)
 
-    def console_allowed(request: Request) -> bool:
-        if console_token is None:
-            return False
-        import hmac
-
-        return hmac.compare_digest(request.query_params.get("token", ""), console_token)
-
-    def console_headers() -> dict[str, str]:
-        return {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+    headers = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+    hidden = JSONResponse({"error": "not_found"}, status_code=404)
 
     @app.get("/console")
     async def console(request: Request) -> Response:
-        if not console_allowed(request):
-            return JSONResponse({"error": "not_found"}, status_code=404)
-        figures = await anyio.to_thread.run_sync(facilitator.ledger.figures)
-        page = render_page(
-            figures, title="x402-escrow facilitator", base="/console", explorer=explorer,
-            query=f"token={console_token}",
-        )  # fmt: skip
-        return HTMLResponse(page, headers=console_headers())
+        if not allowed(request):
+            return hidden
+        figures = await anyio.to_thread.run_sync(ledger.figures)
+        page = render_page(figures, title="x402-escrow facilitator", base="/console", explorer=explorer,
+                           query=str(request.query_params))  # fmt: skip
+        return HTMLResponse(page, headers=headers)
 
     @app.get("/console/fragment")
     async def console_fragment(request: Request) -> Response:
-        if not console_allowed(request):
-            return JSONResponse({"error": "not_found"}, status_code=404)
-        figures = await anyio.to_thread.run_sync(facilitator.ledger.figures)
-        return HTMLResponse(render_fragment(figures, explorer=explorer), headers=console_headers())
+        if not allowed(request):
+            return hidden
+        figures = await anyio.to_thread.run_sync(ledger.figures)
+        return HTMLResponse(render_fragment(figures, explorer=explorer), headers=headers)
 
     @app.get("/console/data.json")
     async def console_data(request: Request) -> Response:
-        if not console_allowed(request):
-            return JSONResponse({"error": "not_found"}, status_code=404)
-        figures = await anyio.to_thread.run_sync(facilitator.ledger.figures)
+        if not allowed(request):
+            return hidden
+        figures = await anyio.to_thread.run_sync(ledger.figures)
         return JSONResponse(figures.to_json(), headers={"Cache-Control": "no-store"})
 
     @app.get("/console/static/{name}")
     async def console_static(name: str) -> Response:
         found = static_file(name)
         if found is None:
-            return JSONResponse({"error": "not_found"}, status_code=404)
+            return hidden
         content, media_type = found
         return Response(content, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
-
-    return BodyLimit(app, config.max_body_bytes)
-
-
-def _status_of(refusal: _Refused | FacilitatorError) -> int:
-    return refusal.status
 
 
 def _body_of(refusal: _Refused | FacilitatorError) -> dict[str, Any]:

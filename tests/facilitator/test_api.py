@@ -66,7 +66,9 @@ def test_deliveries_of_several_payments_go_in_one_batch(chain: Chain, fac: Fac) 
             assert http.post("/settle", json=body).json()["success"] is True
             ids.append(payment.escrow_id)
         entries = [{"escrowId": "0x" + i.hex(), "deliveryHash": "0x" + delivery_hash(i).hex()} for i in ids]
-        assert http.post("/deliver", json={"deliveries": entries}, headers={"Idempotency-Key": idem()}).status_code == 202
+        assert (
+            http.post("/deliver", json={"deliveries": entries}, headers={"Idempotency-Key": idem()}).status_code == 202
+        )
     wait_for(lambda: all(chain.escrow.state_of(i) == State.RELEASED for i in ids))
     txs = {fac.facilitator.store.delivery(i).tx_hash for i in ids}  # type: ignore[union-attr]
     assert len(txs) == 1  # one deliverMany for the three
