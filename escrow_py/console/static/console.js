@@ -13,6 +13,7 @@
         width: Math.min(900, window.innerWidth - 40),
         height: 260,
         series: [{}, { label: "held", stroke: "#1f77b4" }, { label: "settled", stroke: "#2ca02c" }],
+        axes: [{}, { size: 80 }],
       };
       chart = new uPlot(opts, data, document.getElementById("chart"));
     } else {
