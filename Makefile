@@ -6,7 +6,7 @@ PY_STAMP   := $(VENV)/.installed-dev
 APE_STAMP  := $(VENV)/.installed-ape
 NODE_STAMP := node_modules/.installed
 
-.PHONY: bootstrap test lint format artifacts demo bench ape clean
+.PHONY: bootstrap test test-console lint format artifacts demo bench ape clean
 
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
@@ -45,6 +45,12 @@ artifacts: bootstrap
 # the deploy test drives `ape run deploy` in a subprocess).
 test: bootstrap lint ape
 	$(BIN)/pytest -q
+
+# The operator console's browser test drives Debian's chromium through Playwright (no browser
+# download); chromium is installed from the distribution if missing (needs root).
+test-console: bootstrap
+	command -v chromium >/dev/null || apt-get install -y chromium
+	$(BIN)/pytest -q tests/facilitator/test_console.py
 
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), in one step. It also
 # lets ape-solidity find the compiler: the solc-js wrapper, where py-solc-x keeps solc versions

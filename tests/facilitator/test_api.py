@@ -124,3 +124,19 @@ def test_the_sdk_http_facilitator_client_verifies_and_settles(chain: Chain, fac:
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
     assert server is not None
     assert address(SELLER) == payment.terms.seller
+
+
+def test_prometheus_metrics_count_requests_transactions_queues_and_held_value(chain: Chain, fac: Fac) -> None:
+    payment, body = signed(chain, requirements(chain))
+    with fac.client(fac.key) as http:
+        assert http.post("/settle", json=body).json()["success"]
+        assert http.post("/settle", content=b"{", headers={"content-type": "application/json"}).status_code == 422
+        text = http.get("/metrics").text
+    token = chain.token.address
+    assert 'x402_facilitator_requests_total{endpoint="settle",status="200"} 1.0' in text
+    assert 'x402_facilitator_requests_total{endpoint="settle",status="422"} 1.0' in text
+    assert 'x402_facilitator_transactions_total{kind="deposit",outcome="mined"} 1.0' in text
+    assert f'x402_facilitator_held_value{{token="{token}"}} 10000.0' in text
+    assert 'x402_facilitator_queue_depth{queue="deliveries"} 0.0' in text
+    assert 'x402_facilitator_escrows{state="held"} 1.0' in text
+    assert chain.escrow.state_of(payment.escrow_id) == State.HELD
