@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(PY_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,seller]'
+	$(BIN)/pip install --quiet -e '.[dev,seller,postgres]'
 	touch $@
 
 # solc-js (the compiler) and anvil (the local chain) both come from npm, pinned exactly in
@@ -58,7 +58,7 @@ test-console: bootstrap
 ape: $(APE_STAMP)
 
 $(APE_STAMP): $(PY_STAMP) $(NODE_STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,seller,ape]'
+	$(BIN)/pip install --quiet -e '.[dev,seller,postgres,ape]'
 	mkdir -p $(HOME)/.solcx
 	if [ -L $(HOME)/.solcx/solc-v0.8.30 ] || [ ! -e $(HOME)/.solcx/solc-v0.8.30 ]; then \
 		ln -sfn $(CURDIR)/scripts/solc-js.cjs $(HOME)/.solcx/solc-v0.8.30; fi

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from pg_server import PostgresServer
 from web3 import Web3
 
 from escrow_py.chain.anvil import Anvil, dev_signer
@@ -83,3 +85,22 @@ def chain(_session_chain: Chain) -> Iterator[Chain]:
         w3.provider.make_request("evm_revert", [snapshot])  # type: ignore[arg-type]
         # Senders cache nonces; the revert rewinds them on chain.
         _session_chain.deployer = TxSender(w3, dev_signer(DEPLOYER))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL 15 server for the session (tests/pg_server.py), stopped at the end."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL on each engine in turn: a new SQLite file, or a new database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.fresh()

@@ -12,8 +12,13 @@ Errors a caller must see are `FacilitatorError`s with an HTTP status and a wire 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from web3.exceptions import Web3Exception
@@ -60,6 +65,8 @@ log = logging.getLogger("escrow_py.facilitator")
 # The facilitator stores no response body (the seller keeps it); its rows carry this placeholder.
 _NO_BODY = StoredResponse(200, [], b"")
 RETRY_AFTER = 2
+# How long a copy of a payment waits for the request holding it before answering 503 payment_in_progress.
+CLAIM_WAIT = 10.0
 
 
 class FacilitatorError(EscrowError):
@@ -86,12 +93,15 @@ class Facilitator:
     def __init__(self, config: FacilitatorConfig, chain: SellerChain | None = None) -> None:
         self.config = config
         settings = config.chain_settings()
-        self.chain = chain or SellerChain(settings)
         self.store = SellerStore(config.store)
+        # The store is the operator key's nonce book: replicas on one database never collide on a nonce.
+        self.chain = chain or SellerChain(settings, book=self.store)
         self.ledger = Ledger(config.store)
-        self.poster = DeliveryPoster(self.chain, self.store, interval=config.poster_interval)
-        self._escrow_locks: dict[bytes, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # One poster at a time per operator key, whichever replica: a lease in the database.
+        self.poster = DeliveryPoster(
+            self.chain, self.store, interval=config.poster_interval, lease=settings.poster_lease, owner=self.replica
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -202,19 +212,33 @@ class Facilitator:
             extra=extra,
         )
 
-    def _lock(self, escrow_id: bytes) -> threading.Lock:
-        with self._locks_guard:
-            lock = self._escrow_locks.get(escrow_id)
-            if lock is None:
-                if len(self._escrow_locks) > 10_000:
-                    self._escrow_locks = {k: v for k, v in self._escrow_locks.items() if v.locked()}
-                lock = self._escrow_locks[escrow_id] = threading.Lock()
-            return lock
+    @contextlib.contextmanager
+    def _claim(self, escrow_id: bytes) -> Iterator[None]:
+        """One request on a payment at a time across replicas: a lease row in the database.
+
+        The lease outlasts the longest a deposit may take (tx_timeout and a margin), so it needs
+        no renewal; a replica that dies holding it leaves it to lapse, and the next request
+        finds the payment's row where the dead one left it.
+        """
+        name, owner = f"payment:0x{escrow_id.hex()}", f"{self.replica}:{secrets.token_hex(4)}"
+        seconds = self.config.tx_timeout + 2 * self.config.rpc_timeout + 5
+        give_up, pause = time.monotonic() + CLAIM_WAIT, 0.02
+        while not self.store.take_lease(name, owner, seconds):
+            if time.monotonic() > give_up:
+                raise FacilitatorError(503, Reason.PAYMENT_IN_PROGRESS, "this payment is being settled; send it again",
+                                       retry_after=1)  # fmt: skip
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(EscrowError, OSError):
+                self.store.release_lease(name, owner)
 
     def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> Settled:
         offer = self._offer(requirements, key)  # before anything: a key acts only on its own payTo
         escrow_id = self._claimed_id(payload, offer)
-        with self._lock(escrow_id):
+        with self._claim(escrow_id):
             payment = self.store.payment(escrow_id)
             if payment is not None and payment.status != DEPOSITING:
                 verified = self._verified(payload, requirements, key, payment.accepted_at)
@@ -357,7 +381,7 @@ class Facilitator:
 
     def refund(self, escrow_id: bytes, key: ApiKey) -> dict[str, str | None]:
         """Refund now (the seller's handler failed); a refund that cannot be sent now is retried by the poster."""
-        with self._lock(escrow_id):
+        with self._claim(escrow_id):
             payment = self._owned(escrow_id, key)
             if payment.status == REFUNDED:
                 return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(payment.refund_tx)}

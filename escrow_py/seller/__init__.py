@@ -53,12 +53,16 @@ from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """One poster pass from the store named in `config` (blocking): for a cron job, a restart, or a test.
 
-    It sends from the operator key with its own nonce tracking, so don't run it while a
-    middleware with the same operator is sending.
+    It takes the operator key's nonces from the store, and the key's poster lease (an empty
+    report while a running middleware's poster holds it), so it is safe beside running replicas.
     """
     store = SellerStore(config.store)
     try:
-        return DeliveryPoster(SellerChain(config, w3), store).post_pending()
+        poster = DeliveryPoster(SellerChain(config, w3, book=store), store, lease=config.poster_lease)
+        try:
+            return poster.post_pending()
+        finally:
+            store.release_lease(poster.lease_name, poster.owner)
     finally:
         store.close()
 

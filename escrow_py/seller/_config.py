@@ -86,6 +86,12 @@ class SellerConfig:
     followed until `confirmation_depth` blocks deep, and a delivery a reorg drops
     before that is sent again. `startup_checks` checks the chain, escrow, token and
     operator when the app starts (see `check_seller`).
+
+    Several processes or replicas on one store: a payment is claimed in the store for
+    `claim_seconds` (renewed while it is handled; a dead holder's claim lapses after it),
+    and a copy of it arriving meanwhile waits up to `claim_wait` seconds for the answer
+    before 503 payment_in_progress. One poster per operator key holds a lease of
+    `poster_lease` seconds; another replica's poster takes over once it lapses.
     """
 
     rpc_url: str
@@ -109,6 +115,9 @@ class SellerConfig:
     reprice_after: float = 10.0
     confirmation_depth: int = 5
     startup_checks: bool = True
+    claim_seconds: float = 10.0
+    claim_wait: float = 10.0
+    poster_lease: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
@@ -140,7 +149,8 @@ class SellerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"SellerConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("poster_interval", "rpc_timeout", "tx_timeout", "reprice_after"):
+        for name in ("poster_interval", "rpc_timeout", "tx_timeout", "reprice_after", "claim_seconds", "claim_wait",
+                     "poster_lease"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"SellerConfig.{name} must be a number of seconds > 0, got {value!r}")

@@ -18,6 +18,12 @@ back to the queue and is sent again while its deadline allows. Each pass also
 lets the operator's TxSender look at every transaction it sent, so a reorged-out
 one resynchronises the cached nonce before the next transaction is signed.
 
+Replicas on one store share one queue and one operator key, so one poster at a
+time posts for them all: a pass runs only while its poster holds the store's lease
+`poster:<operator address>`, renewed every third of `lease` seconds during the
+pass and taken at the start of the next. A holder that dies stops renewing, and
+another replica's poster takes the lease over at its first pass after it lapses.
+
 Each completed sale is one INFO line on `escrow_py.seller.sales`, with its
 fields as key=value: `sale delivered escrow_id=0x.. amount=10000 route="GET
 /report/{item}" buyer=0x.. deposit_tx=0x.. delivery_tx=0x..`.
@@ -28,6 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -109,10 +118,22 @@ def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes
 class DeliveryPoster:
     """Runs `post_pending` every `interval` seconds in the background, or on demand with `flush()`."""
 
-    def __init__(self, chain: SellerChain, store: SellerStore, *, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        chain: SellerChain,
+        store: SellerStore,
+        *,
+        interval: float = 0.5,
+        lease: float = 5.0,
+        owner: str | None = None,
+    ) -> None:
         self.chain = chain
         self.store = store
         self.interval = interval
+        self.lease = lease
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease_name = f"poster:{chain.sender.address}"
+        self._lost = threading.Event()  # set when a renewal during a pass found the lease taken
         self._task: asyncio.Task[None] | None = None
         # A thread lock, not an asyncio one: passes are run from worker threads, and a
         # caller may flush from another thread's event loop (an asyncio.Lock bound to
@@ -125,13 +146,44 @@ class DeliveryPoster:
         Passes never overlap, whichever thread or event loop asks for them.
         """
         with self._pass:
-            return self._post_pending()
+            # The process's own transactions (its deposits too) are followed whether or not it posts.
+            watched = self.chain.sender.watch(self.chain.config.confirmation_depth)
+            for dropped in watched.dropped:
+                log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
+            if not self.store.take_lease(self.lease_name, self.owner, self.lease):
+                return PostReport()  # another replica's poster holds the key's lease
+            self._lost.clear()
+            stop = threading.Event()
+            renewer = threading.Thread(target=self._renew, args=(stop,), daemon=True, name="escrow-poster-lease")
+            renewer.start()
+            try:
+                return self._post_pending()
+            finally:
+                stop.set()
+                renewer.join()
+
+    @property
+    def holds_lease(self) -> bool:
+        held = self.store.lease_holder(self.lease_name)
+        return held is not None and held[0] == self.owner
+
+    def _renew(self, stop: threading.Event) -> None:
+        while not stop.wait(self.lease / 3):
+            try:
+                if not self.store.take_lease(self.lease_name, self.owner, self.lease):
+                    self._lost.set()
+                    log.error(
+                        "poster lease %s lost mid-pass (this pass stalled past %.0fs)", self.lease_name, self.lease
+                    )
+                    return
+            except Exception:  # a store hiccup: the next renewal tries again
+                log.exception("poster lease %s not renewed", self.lease_name)
 
     def _post_pending(self) -> PostReport:
         report = PostReport()
         self._follow_posted(report)
         self._retry_refunds(report)
-        while True:
+        while not self._lost.is_set():
             now = self.chain.now()
             # Past (or too close to) its deadline, a delivery would be skipped: the escrow is the buyer's now.
             report.expired.extend(self.store.expire_pending(now + DEADLINE_MARGIN))
@@ -157,6 +209,7 @@ class DeliveryPoster:
                 report.errors.append(str(exc))
                 return report
             self._judge_receipt(report, batch, receipt)
+        return report
 
     def _judge_receipt(self, report: PostReport, batch: list[PendingDelivery], receipt: TxReceipt) -> None:
         """Mark posted what our transaction delivered (its Delivered event is in the receipt); find out why not
@@ -235,9 +288,6 @@ class DeliveryPoster:
     def _follow_posted(self, report: PostReport) -> None:
         """Posted deliveries until they are deep enough: one a reorg took away is queued again."""
         depth = self.chain.config.confirmation_depth
-        watched = self.chain.sender.watch(depth)
-        for dropped in watched.dropped:
-            log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
         posted = self.store.posted_unsettled()
         if not posted:
             return
@@ -324,6 +374,9 @@ class DeliveryPoster:
                 await task
         with contextlib.suppress(Exception):
             await self.flush()
+        # Hand the key's posting to another replica now rather than when the lease lapses.
+        with contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(self.store.release_lease, self.lease_name, self.owner)
 
     @property
     def running(self) -> bool:

@@ -25,6 +25,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,14 +248,12 @@ class FacilitatorMiddleware(EscrowMiddleware):
     def __init__(self, app: ASGIApp, config: FacilitatorSellerConfig) -> None:
         if not isinstance(config, FacilitatorSellerConfig):
             raise EscrowError("FacilitatorMiddleware needs config=FacilitatorSellerConfig(...)")
-        import weakref
-
         self.app = app
         self.remote = config
         self.config = config.seller_config()
         self.store = SellerStore(config.store)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.facilitator = FacilitatorClient(config)
-        self._locks = weakref.WeakValueDictionary()
         self._kick = asyncio.Event()
         self._outbox: asyncio.Task[None] | None = None
 
@@ -373,7 +374,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
         response = await self._run_handler(scope, receive, request.body)
         if response.status < 400:
             hashed = delivery_hash(response.body)
-            await _blocking(self.store.save_served, escrow_id, terms, response, hashed)
+            if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
+                await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
+                return
             self._kick.set()
             extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
@@ -385,7 +388,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
             refunded = True
         except FacilitatorDown as down:
             log.warning("refund of 0x%s queued, facilitator unavailable: %s", escrow_id.hex(), down)
-        await _blocking(self.store.save_failed, escrow_id, response, refund_tx)
+        if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
+            await self._replay_stored(send, escrow_id)
+            return
         if refunded and refund_tx is None:
             await _blocking(self.store.set_refunded, escrow_id, None)
         extra = SettlementExtra(

@@ -9,12 +9,12 @@ queued. The escrow id is the primary key: the same payment can be recorded once.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from escrow_py.chain.tx import SentTx
 from escrow_py.storage import open_sqlite, transaction
 from escrow_py.terms import Terms
 
@@ -33,6 +33,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     final INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline);
+CREATE INDEX IF NOT EXISTS payments_status ON payments (status);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operator_nonces (
+    address TEXT PRIMARY KEY, next_nonce INTEGER NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operator_txs (
+    tx_hash TEXT PRIMARY KEY, address TEXT NOT NULL, nonce INTEGER NOT NULL, intent TEXT NOT NULL,
+    raw TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operator_txs_intent ON operator_txs (intent, created_at);
 """
 
 # Columns added since the first schema: a store file written by an older version gets them on open.
@@ -151,29 +163,25 @@ class SellerStore:
             response,
         )
 
+    def answered(self, escrow_id: bytes) -> bool:
+        """Whether a response is stored for the payment (then it is only ever replayed)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (_hex(escrow_id),)
+            ).fetchone()
+        return row is not None
+
     def begin_deposit(self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None) -> bool:
         """Record a payment about to be deposited; False if the id is already known (unique key)."""
         now = time.time()
-        with self._lock:
-            try:
-                with transaction(self._conn):
-                    self._conn.execute(
-                        "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, "
-                        "updated_at, route) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            _hex(escrow_id),
-                            json.dumps(terms.to_json()),
-                            terms.deadline,
-                            DEPOSITING,
-                            accepted_at,
-                            now,
-                            now,
-                            route,
-                        ),
-                    )
-            except sqlite3.IntegrityError:
-                return False
-        return True
+        with self._lock, transaction(self._conn):
+            inserted = self._conn.execute(
+                "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, "
+                "updated_at, route) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
+                (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, DEPOSITING, accepted_at, now, now,
+                 route),
+            ).rowcount  # fmt: skip
+        return inserted == 1
 
     def set_deposit_sent(self, escrow_id: bytes, tx_hash: bytes) -> None:
         """The deposit transaction about to leave (or its repriced replacement): found again on a retry."""
@@ -196,30 +204,39 @@ class SellerStore:
                 (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id)),
             )
 
-    def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> None:
-        """Store the response and queue its delivery hash in one transaction."""
+    def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> bool:
+        """Store the response and queue its delivery hash in one transaction, unless a response is stored.
+
+        A stored response is never overwritten: False means another run's response was there first
+        (a replica whose claim lapsed), and that one, whose hash is queued, is the one to answer.
+        """
         now = time.time()
         with self._lock, transaction(self._conn):
-            self._conn.execute(
+            stored = self._conn.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
-                "updated_at = ? WHERE escrow_id = ?",
+                "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
                 (SERVED, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
-            )
+            ).rowcount
+            if stored != 1:
+                return False
             self._conn.execute(
-                "INSERT OR IGNORE INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
                 (_hex(escrow_id), json.dumps(terms.to_json()), _hex(delivery_hash), terms.deadline, PENDING, now),
             )
+        return True
 
-    def save_failed(self, escrow_id: bytes, response: StoredResponse, refund_tx: bytes | None) -> None:
+    def save_failed(self, escrow_id: bytes, response: StoredResponse, refund_tx: bytes | None) -> bool:
+        """Store a failed handler's response and its refund; False (nothing written) if a response is stored."""
         status = REFUNDED if refund_tx is not None else REFUND_PENDING
         with self._lock, transaction(self._conn):
-            self._conn.execute(
+            stored = self._conn.execute(
                 "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
-                "response_body = ?, updated_at = ? WHERE escrow_id = ?",
+                "response_body = ?, updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
                 (status, _hex(refund_tx), response.status, _headers_json(response), response.body, time.time(),
                  _hex(escrow_id)),
-            )  # fmt: skip
+            ).rowcount  # fmt: skip
+        return stored == 1
 
     def set_refunded(self, escrow_id: bytes, refund_tx: bytes | None) -> None:
         with self._lock, transaction(self._conn):
@@ -323,6 +340,81 @@ class SellerStore:
                 "WHERE escrow_id = ? AND status = ?",
                 [(status, _hex(tx_hash), now, _hex(i), was) for i in ids],
             )
+
+    # -- leases: one replica at a time on a payment, one poster per operator key -------------------------
+
+    def take_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Take or renew lease `name` for `owner` until `seconds` from now; False while another owner's holds.
+
+        One statement, so two processes (or hosts) asking at once cannot both get it: the row's
+        unique key and the database's row lock decide. A holder that dies stops renewing, and
+        the lease is anyone's once it expires.
+        """
+        now = time.time()
+        with self._lock, transaction(self._conn):
+            row = self._conn.execute(
+                "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                "SET owner = excluded.owner, expires_at = excluded.expires_at "
+                "WHERE leases.owner = excluded.owner OR leases.expires_at < ? RETURNING owner",
+                (name, owner, now + seconds, now),
+            ).fetchone()
+        return row is not None
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up at once (only if `owner` still holds it)."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    def lease_holder(self, name: str) -> tuple[str, float] | None:
+        """(owner, expires_at wall-clock seconds) of lease `name`, if anyone took it and it is not released."""
+        with self._lock:
+            row = self._conn.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    # -- the operator key's nonces and transactions (chain.tx.NonceBook) -------------------------------
+
+    def allocate_nonce(self, address: str, at_least: int) -> int:
+        """The key's next nonce (at least `at_least`), counted as taken in the same statement."""
+        with self._lock, transaction(self._conn):
+            row = self._conn.execute(
+                "INSERT INTO operator_nonces (address, next_nonce, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (address) DO UPDATE SET next_nonce = CASE "
+                "WHEN operator_nonces.next_nonce >= excluded.next_nonce THEN operator_nonces.next_nonce + 1 "
+                "ELSE excluded.next_nonce END, updated_at = excluded.updated_at RETURNING next_nonce",
+                (address, at_least + 1, time.time()),
+            ).fetchone()
+        return int(row[0]) - 1
+
+    def give_back_nonce(self, address: str, nonce: int) -> bool:
+        with self._lock, transaction(self._conn):
+            changed = self._conn.execute(
+                "UPDATE operator_nonces SET next_nonce = ?, updated_at = ? WHERE address = ? AND next_nonce = ?",
+                (nonce, time.time(), address, nonce + 1),
+            ).rowcount
+        return changed == 1
+
+    def lower_nonce(self, address: str, to: int) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE operator_nonces SET next_nonce = ?, updated_at = ? WHERE address = ? AND next_nonce > ?",
+                (to, time.time(), address, to),
+            )
+
+    def record_tx(self, address: str, signed: SentTx) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO operator_txs (tx_hash, address, nonce, intent, raw, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tx_hash) DO NOTHING",
+                (_hex(signed.tx_hash), address, signed.nonce, signed.intent, _hex(signed.raw), time.time()),
+            )
+
+    def txs_for(self, address: str, intent: str) -> list[bytes]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT tx_hash FROM operator_txs WHERE intent = ? AND address = ? ORDER BY created_at DESC",
+                (intent, address),
+            ).fetchall()
+        return [bytes.fromhex(h[2:]) for (h,) in rows]
 
     def note_attempt(self, ids: list[bytes], error: str) -> None:
         now = time.time()

@@ -47,6 +47,8 @@ def fac_config(chain: Chain, db: Path, **overrides: Any) -> FacilitatorConfig:
         "operator": dev(OPERATOR),
         "store": db,
         "poster_interval": 0.2,
+        "rate": 20.0,  # per key: low enough that the hostile test reaches the limit quickly
+        "burst": 40,
     }
     settings.update(overrides)
     return FacilitatorConfig(**settings)

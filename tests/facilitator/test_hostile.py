@@ -126,7 +126,7 @@ def _reuse_key(path1: str, body1: Any, path2: str, body2: Any) -> Case:
 def _rate_limited(s: Scene, http: httpx.Client) -> httpx.Response:
     auth = {"Authorization": f"Bearer {s.limited}"}
     last = http.get(f"/escrows/{_hex(s.c)}", headers=auth)
-    for _ in range(150):
+    for _ in range(400):
         last = http.get(f"/escrows/{_hex(s.c)}", headers=auth)
         if last.status_code == 429:
             break
