@@ -242,6 +242,10 @@ class _Api:
         try:
             recorded = await anyio.to_thread.run_sync(keys.begin, key.key_id, claim, endpoint, body_digest(raw))
         except IdempotencyConflict as conflict:
+            if conflict.status == 409 and not record_refusals:
+                # A settle's implied key held by a request in flight (or by a replica that died in it): the
+                # payment's own claim in the store serialises the two, so this one waits there instead.
+                return await act(key, parsed)
             raise _Refused(conflict.status, "idempotency_conflict", str(conflict)) from None
         if recorded is not None:
             raise _Replayed(recorded.status, recorded.body)

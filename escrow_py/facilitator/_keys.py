@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 KEY_PREFIX = "x4f"
 # An idempotency row with no answer after this long belongs to a request that died with its replica.
-STALE_AFTER = 60.0
+STALE_AFTER = 15.0
 MAX_IDEMPOTENCY_KEY = 200
 
 
