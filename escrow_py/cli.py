@@ -52,13 +52,20 @@ def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     demo.add_argument("--escrow", help="X402Escrow address on that chain")
     demo.add_argument("--token", help="ERC-3009 token (default: the chain's known USDC)")
     demo.add_argument("--workdir", type=Path, help="where journals, stores and logs go (default: a new temp dir)")
+    demo.add_argument(
+        "--facilitator",
+        action="store_true",
+        help="the seller holds no key and no RPC: a facilitator on loopback holds the seller's key and settles",
+    )
     demo.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from escrow_py.demo import DemoOptions, run_demo
 
-    options = DemoOptions(rpc_url=args.rpc_url, escrow=args.escrow, token=args.token, workdir=args.workdir)
+    options = DemoOptions(
+        rpc_url=args.rpc_url, escrow=args.escrow, token=args.token, workdir=args.workdir, facilitator=args.facilitator
+    )
     return 0 if run_demo(options) else 1
 
 
