@@ -36,7 +36,9 @@ class Figures:
     gas_wei_by_kind: dict[str, int] = field(default_factory=dict)
     serve_first_losses: int | None = None  # None: serve-first is not offered here
     keeper_lag: int | None = None  # blocks between the chain head and the keeper's checkpoint; None: no keeper
-    series: dict[str, list[float]] = field(default_factory=dict)  # t (unix s), held, settled
+    series: dict[str, list[float]] = field(default_factory=dict)  # t (unix s, or block numbers), held, settled
+    series_x_is_time: bool = True
+    gas_unit: str = "wei"  # the facilitator knows each transaction's price; a keeper counts gas units
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -49,6 +51,8 @@ class Figures:
             "serveFirstLosses": None if self.serve_first_losses is None else str(self.serve_first_losses),
             "keeperLag": self.keeper_lag,
             "series": self.series,
+            "seriesXIsTime": self.series_x_is_time,
+            "gasUnit": self.gas_unit,
         }
 
 
@@ -107,7 +111,7 @@ def render_fragment(figures: Figures, *, explorer: str | None) -> str:
         "deadlines",
     )
     recent = _table(
-        ["when (UTC)", "kind", "transaction", "escrows", "amount", "gas (wei)"],
+        ["when (UTC)", "kind", "transaction", "escrows", "amount", f"gas ({_e(figures.gas_unit)})"],
         [
             [_time(r["at"]), _e(r["kind"]), _tx_link(str(r["tx"]), explorer), _e(r["escrows"]), _e(r["amount"]),
              _e(r["gasWei"])]
@@ -121,7 +125,8 @@ def render_fragment(figures: Figures, *, explorer: str | None) -> str:
     lag = "no keeper here" if figures.keeper_lag is None else f"{_e(figures.keeper_lag)} blocks"
     return (
         '<section class="cards">'
-        f'<div class="card"><h2>Gas spent</h2><p id="gas-total" data-wei="{gas_total}">{gas_total} wei</p>'
+        f'<div class="card"><h2>Gas spent</h2><p id="gas-total" data-wei="{gas_total}">'
+        f"{gas_total} {_e(figures.gas_unit)}</p>"
         f"<small>{gas}</small></div>"
         f'<div class="card"><h2>Serve-first losses</h2><p id="losses">{losses}</p></div>'
         f'<div class="card"><h2>Keeper lag</h2><p id="keeper-lag">{lag}</p></div>'

@@ -20,7 +20,7 @@ from escrow_py.seller import offer_for
 from escrow_py.wire import EscrowRequirements, payment_required
 
 PRICE = 10_000
-CONSOLE_TOKEN = "console-test-token"  # noqa: S105 - a test value
+CONSOLE_TOKEN = "console-test-token"
 URL = "http://shop.test/report/1"
 
 

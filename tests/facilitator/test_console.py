@@ -30,7 +30,7 @@ def _chromium() -> str:
     if not Path(CHROMIUM).exists():
         if os.geteuid() != 0:
             pytest.fail(f"{CHROMIUM} is missing: run `apt-get install -y chromium` as root (or `make test-console`)")
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900)  # noqa: S607
+        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, timeout=900)
     assert shutil.which(CHROMIUM), f"{CHROMIUM} is not executable"
     return CHROMIUM
 
@@ -59,8 +59,12 @@ def _scripted_run(chain: Chain, fac: Fac) -> dict[str, bytes]:
             assert http.post("/settle", json=body).json()["success"]
             ids[name] = payment.escrow_id
         entry = {"escrowId": "0x" + ids["delivered"].hex(), "deliveryHash": "0x" + delivery_hash(b"r").hex()}
-        assert http.post("/deliver", json={"deliveries": [entry]}, headers={"Idempotency-Key": idem()}).status_code == 202
-        refund = http.post("/refund", json={"escrowId": "0x" + ids["refunded"].hex()}, headers={"Idempotency-Key": idem()})
+        assert (
+            http.post("/deliver", json={"deliveries": [entry]}, headers={"Idempotency-Key": idem()}).status_code == 202
+        )
+        refund = http.post(
+            "/refund", json={"escrowId": "0x" + ids["refunded"].hex()}, headers={"Idempotency-Key": idem()}
+        )
         assert refund.status_code == 200
     wait_for(lambda: chain.escrow.state_of(ids["delivered"]) == State.RELEASED)
     wait_for(lambda: fac.facilitator.ledger.figures().by_state.get("released") == 1)
@@ -75,7 +79,9 @@ def _gas_of(chain: Chain, txs: list[str]) -> int:
     return total
 
 
-def test_console_shows_what_the_chain_and_database_hold_and_updates(chain: Chain, fac: Fac, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_console_shows_what_the_chain_and_database_hold_and_updates(
+    chain: Chain, fac: Fac, browser, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     ids = _scripted_run(chain, fac)
     page = browser.new_page()
     errors: list[str] = []
@@ -84,9 +90,7 @@ def test_console_shows_what_the_chain_and_database_hold_and_updates(chain: Chain
     page.goto(f"{fac.url}/console?token={CONSOLE_TOKEN}")
     page.wait_for_selector("#chart canvas")  # uPlot drew, from the locally served library
     token = chain.token.address
-    held_on_chain = sum(
-        chain.escrow.state_of(i) == State.HELD for i in ids.values()
-    ) * 10_000
+    held_on_chain = sum(chain.escrow.state_of(i) == State.HELD for i in ids.values()) * 10_000
     assert page.inner_text(f'[data-held="{token}"]') == str(held_on_chain) == "10000"
     assert page.inner_text('[data-state="released"]') == "1"
     assert page.inner_text('[data-state="refunded"]') == "1"
@@ -96,7 +100,7 @@ def test_console_shows_what_the_chain_and_database_hold_and_updates(chain: Chain
     assert sorted(shown) == sorted(db_txs) and len(shown) == 5  # 3 deposits, 1 deliverMany, 1 refund
     assert int(page.get_attribute("#gas-total", "data-wei") or "0") == _gas_of(chain, shown)
     # A new payment: the page shows it without a reload.
-    payment, body = signed(chain, requirements(chain))
+    _, body = signed(chain, requirements(chain))
     with fac.client(fac.key) as http:
         assert http.post("/settle", json=body).json()["success"]
     wait_for(lambda: page.inner_text(f'[data-held="{token}"]') == "20000")
@@ -122,3 +126,43 @@ def test_the_shipped_chart_library_is_the_pinned_npm_package() -> None:
     for name in ("uPlot.iife.min.js", "uPlot.min.css"):
         shipped = root / "escrow_py" / "console" / "static" / name
         assert shipped.read_bytes() == (root / "node_modules" / "uplot" / "dist" / name).read_bytes(), name
+
+
+def test_the_keepers_console_shows_its_index_and_lag(chain: Chain, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same page on the keeper's HTTP server: held escrows, a refund with its gas, and the lag."""
+    import threading
+
+    from helpers import deposit, make_terms
+    from keeper.kit import make_keeper, wait_until
+
+    from escrow_py.chain.anvil import free_port
+
+    due, held = make_terms(chain, window=60), make_terms(chain, window=3600)
+    deposit(chain, due)
+    deposit(chain, held)
+    chain.mine(due.deadline)
+    port = free_port()
+    keeper = make_keeper(chain, tmp_path / "k.sqlite", poll_interval=0.1, reorg_depth=0, metrics=f"127.0.0.1:{port}")
+    stop = threading.Event()
+    thread = threading.Thread(target=keeper.run, args=(stop,), kwargs={"check": False})
+    thread.start()
+    try:
+        wait_until(lambda: chain.escrow.state_of(chain.escrow.id_of(due)) is State.REFUNDED, "the keeper's refund")
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{port}/console")
+        page.wait_for_selector("#chart canvas")
+        wait_for(lambda: page.inner_text('[data-state="refunded"]') == "1")
+        assert page.inner_text('[data-state="held"]') == "1"
+        assert page.inner_text(f'[data-held="{chain.token.address.lower()}"]') == str(held.amount)
+        refund_tx = page.eval_on_selector_all("#recent [data-tx]", "els => els.map(e => e.dataset.tx)")
+        assert len(refund_tx) == 1
+        receipt = chain.w3.eth.get_transaction_receipt(refund_tx[0])  # type: ignore[arg-type]
+        wait_for(lambda: page.get_attribute("#gas-total", "data-wei") == str(receipt["gasUsed"]))
+        assert page.inner_text("#keeper-lag").endswith("blocks")
+        assert errors == []
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -33,6 +33,7 @@ from .process import FacilitatorProcess
 from .test_api import wait_for
 from .test_seller_mode import shop
 
+
 class Proxy(RoundRobinProxy):
     """The scale harness's balancer, served as ASGI 3 explicitly (uvicorn's guess takes the bound method for ASGI 2)."""
 

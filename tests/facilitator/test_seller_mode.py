@@ -111,7 +111,9 @@ async def _a_keyless_seller_sells_and_the_delivery_is_released(remote: Remote) -
         assert again.content == response.content
     assert remote.calls["report"] == 1
     wait_for(lambda: chain.escrow.state_of(payment.escrow_id) == State.RELEASED)
-    released = [e for e in chain.escrow.events(0, int(chain.w3.eth.block_number)) if getattr(e, "id", None) == payment.escrow_id]
+    released = [
+        e for e in chain.escrow.events(0, int(chain.w3.eth.block_number)) if getattr(e, "id", None) == payment.escrow_id
+    ]
     assert any(getattr(e, "delivery_hash", None) == delivery_hash(response.content) for e in released)
 
 

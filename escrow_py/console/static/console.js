@@ -5,10 +5,11 @@
   var query = document.body.dataset.query || "";
   var chart = null;
 
-  function draw(series) {
+  function draw(series, xIsTime) {
     var data = [series.t || [], series.held || [], series.settled || []];
     if (chart === null) {
       var opts = {
+        scales: { x: { time: xIsTime } },
         title: "Held value and settlements (atomic units)",
         width: Math.min(900, window.innerWidth - 40),
         height: 260,
@@ -28,7 +29,7 @@
       .then(function () { return fetch(base + "/data.json" + query); })
       .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
       .then(function (data) {
-        draw(data.series);
+        draw(data.series, data.seriesXIsTime !== false);
         document.getElementById("updated").textContent = new Date().toISOString();
       })
       .catch(function (status) { document.getElementById("updated").textContent = "refresh failed: " + status; });
