@@ -10,6 +10,7 @@ nothing from outside its server). Tests hold the shipped files equal to node_mod
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -54,6 +55,33 @@ class Figures:
             "seriesXIsTime": self.series_x_is_time,
             "gasUnit": self.gas_unit,
         }
+
+
+# The chart keeps at most this many points (evenly spaced, the last always in).
+CHART_POINTS = 120
+
+
+def running_totals(events: Iterable[tuple[float, str, int]]) -> dict[str, list[float]]:
+    """The chart's series from money movements in order: (x, kind, amount), kind `deposit` (held grows),
+    `released` (held shrinks, settled grows) or anything else (held shrinks: a refund). Events at one x
+    make one point."""
+    held = settled = 0
+    points: dict[float, tuple[int, int]] = {}
+    for x, kind, amount in events:
+        if kind == "deposit":
+            held += amount
+        else:
+            held -= amount
+            settled += amount if kind == "released" else 0
+        points[x] = (held, settled)
+    xs = list(points)
+    step = max(1, len(xs) // CHART_POINTS)
+    keep = sorted({*range(0, len(xs), step), len(xs) - 1}) if xs else []
+    return {
+        "t": [xs[i] for i in keep],
+        "held": [points[xs[i]][0] for i in keep],
+        "settled": [points[xs[i]][1] for i in keep],
+    }
 
 
 def static_file(name: str) -> tuple[bytes, str] | None:
@@ -166,4 +194,4 @@ def render_page(figures: Figures, *, title: str, base: str, explorer: str | None
     )
 
 
-__all__ = ["CSP", "EXPLORERS", "Figures", "render_fragment", "render_page", "static_file"]
+__all__ = ["CSP", "EXPLORERS", "Figures", "render_fragment", "render_page", "running_totals", "static_file"]

@@ -7,9 +7,10 @@ ownership of the payTo or escrow (403). Bodies are the SDK's pydantic models whe
 defines them; an invalid payment is a 200 with `isValid: false` / `success: false`, as
 x402's facilitators answer.
 
-Idempotency: /deliver and /refund need an `Idempotency-Key` header. /settle may carry one;
-without it the payment's escrow id is the key (the same payment settles once, and another
-body claiming the same escrow id is refused 422).
+Idempotency: /deliver and /refund need an `Idempotency-Key` header; any request may carry
+one. /settle is idempotent by the payment itself: its escrow id names one deposit (claimed
+by a lease row while it is made), so the same payment sent again answers the same deposit,
+and another body for the same escrow id is judged against what the buyer signed.
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import SettleRequest, VerifyRequest
 
 from escrow_py.console import CSP, EXPLORERS, render_fragment, render_page, static_file
-from escrow_py.errors import ProtocolError
 from escrow_py.facilitator._keys import ApiKey, IdempotencyConflict, KeyStore, body_digest
 from escrow_py.facilitator._metrics import FacilitatorMetrics
 from escrow_py.facilitator._service import Facilitator, FacilitatorError
 from escrow_py.seller._store import PENDING, REFUND_PENDING
 from escrow_py.seller._verify import PaymentRejected
-from escrow_py.wire import EscrowPayload
 
 log = logging.getLogger("escrow_py.facilitator")
 
@@ -194,13 +193,11 @@ class _Api:
         act: Act,
         *,
         idempotent: bool = False,
-        implied_key: Callable[[Any], str | None] | None = None,
     ) -> Response:
         """One request through every check; each answer is counted by endpoint and status.
 
-        `idempotent`: the request changes state and needs an Idempotency-Key, or the one
-        `implied_key` derives from its body (then only a success is recorded under it, so a
-        refused payment may be sent again corrected).
+        `idempotent`: the request changes state and needs an Idempotency-Key. Any request that
+        carries one is answered once under it.
         """
         started = time.perf_counter()
         status = 500
@@ -208,16 +205,13 @@ class _Api:
             key = self.authenticate(request)
             raw = await request.body()
             parsed = self.parse(model, raw)
-            explicit = request.headers.get("idempotency-key")
-            claim = explicit or (implied_key(parsed) if implied_key is not None else None)
+            claim = request.headers.get("idempotency-key")
             if idempotent and claim is None:
                 raise _Refused(400, "idempotency_key_required", "this request needs an Idempotency-Key header")
             if claim is None:
                 status, body = await act(key, parsed)
                 return JSONResponse(body, status_code=status)
-            status, body = await self._once(
-                key, claim, act, parsed, endpoint=endpoint, raw=raw, record_refusals=explicit is not None
-            )
+            status, body = await self._once(key, claim, act, parsed, endpoint=endpoint, raw=raw)
             return JSONResponse(body, status_code=status)
         except _Replayed as replayed:
             status = replayed.status
@@ -233,7 +227,7 @@ class _Api:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     async def _once(
-        self, key: ApiKey, claim: str, act: Act, parsed: Any, *, endpoint: str, raw: bytes, record_refusals: bool
+        self, key: ApiKey, claim: str, act: Act, parsed: Any, *, endpoint: str, raw: bytes
     ) -> tuple[int, dict[str, Any]]:
         """Act once under the idempotency key `claim`; a replay gets the recorded answer (_Replayed)."""
         if len(claim) > MAX_IDEMPOTENCY_KEY:
@@ -242,17 +236,13 @@ class _Api:
         try:
             recorded = await anyio.to_thread.run_sync(keys.begin, key.key_id, claim, endpoint, body_digest(raw))
         except IdempotencyConflict as conflict:
-            if conflict.status == 409 and not record_refusals:
-                # A settle's implied key held by a request in flight (or by a replica that died in it): the
-                # payment's own claim in the store serialises the two, so this one waits there instead.
-                return await act(key, parsed)
             raise _Refused(conflict.status, "idempotency_conflict", str(conflict)) from None
         if recorded is not None:
             raise _Replayed(recorded.status, recorded.body)
         try:
             status, body = await act(key, parsed)
         except (_Refused, FacilitatorError) as refusal:
-            if record_refusals and refusal.status < 500:
+            if refusal.status < 500:
                 await anyio.to_thread.run_sync(keys.finish, key.key_id, claim, refusal.status, _body_of(refusal))
             else:
                 await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
@@ -260,10 +250,7 @@ class _Api:
         except BaseException:
             await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
             raise
-        if record_refusals or body.get("success", True) is True:
-            await anyio.to_thread.run_sync(keys.finish, key.key_id, claim, status, body)
-        else:
-            await anyio.to_thread.run_sync(keys.abandon, key.key_id, claim)
+        await anyio.to_thread.run_sync(keys.finish, key.key_id, claim, status, body)
         return status, body
 
 
@@ -329,15 +316,6 @@ def _poster_lifespan(facilitator: Facilitator, metrics: FacilitatorMetrics) -> C
 
 def _payment_routes(app: FastAPI, api: _Api) -> None:
     facilitator, metrics = api.facilitator, api.metrics
-    config = facilitator.config
-
-    def escrow_key(body: SettleRequest) -> str | None:
-        """The implied idempotency key of a /settle: its payment's escrow id."""
-        try:
-            terms = EscrowPayload.from_json(body.payment_payload.payload).terms
-        except ProtocolError:
-            return None
-        return f"settle:0x{terms.escrow_id(config.chain_id, config.escrow).hex()}"
 
     @app.get("/supported")
     async def supported() -> JSONResponse:
@@ -378,7 +356,8 @@ def _payment_routes(app: FastAPI, api: _Api) -> None:
 
     @app.post("/settle")
     async def settle(request: Request) -> Response:
-        return await api.handle(request, "settle", SettleRequest, settle_act, implied_key=escrow_key)
+        # Idempotent by the payment itself: its escrow id names one deposit, whoever asks and however often.
+        return await api.handle(request, "settle", SettleRequest, settle_act)
 
     @app.post("/deliver")
     async def deliver(request: Request) -> Response:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from web3.types import TxReceipt
 
-from escrow_py.console import Figures
+from escrow_py.console import Figures, running_totals
 from escrow_py.seller._store import (
     DEPOSITING,
     EXPIRED,
@@ -54,7 +54,6 @@ END
 _HELD_STATES = ("held", "refund pending", "delivery queued", "expired (refundable)")
 RECENT = 20
 NEXT_DEADLINES = 10
-CHART_POINTS = 60
 
 
 class Ledger:
@@ -132,29 +131,10 @@ class Ledger:
         figures.next_deadlines = [
             {"escrowId": i, "deadline": d, "state": s, "amount": str(a)} for d, i, s, a in sorted(held)[:NEXT_DEADLINES]
         ]
-        held_value = settled_value = 0
-        times: list[float] = []
-        held_series: list[float] = []
-        settled_series: list[float] = []
-        for _tx, kind, _escrows, amount, gas, _block, at in txs:
+        for _tx, kind, _escrows, _amount, gas, _block, _at in txs:
             figures.gas_wei_by_kind[kind] = figures.gas_wei_by_kind.get(kind, 0) + int(gas)
-            value = int(amount)
-            if kind == "deposit":
-                held_value += value
-            else:
-                held_value -= value
-                if kind == "deliver":
-                    settled_value += value
-            times.append(float(at))
-            held_series.append(held_value)
-            settled_series.append(settled_value)
-        step = max(1, len(times) // CHART_POINTS)
-        keep = sorted({*range(0, len(times), step), len(times) - 1}) if times else []
-        figures.series = {
-            "t": [times[i] for i in keep],
-            "held": [held_series[i] for i in keep],
-            "settled": [settled_series[i] for i in keep],
-        }
+        moves = {"deposit": "deposit", "deliver": "released", "refund": "refunded"}
+        figures.series = running_totals((float(at), moves[kind], int(amount)) for _, kind, _, amount, _, _, at in txs)
         figures.recent = [
             {
                 "tx": tx_hash,

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class Facilitator:
         self.poster = DeliveryPoster(
             self.chain, self.store, interval=config.poster_interval, lease=settings.poster_lease, owner=self.replica
         )
+        # A /deliver batch is queued whole before this process's poster looks at the queue again, so
+        # deliveries sent together leave in one deliverMany (the store queues one row per commit).
+        self._queueing = threading.Lock()
 
     def close(self) -> None:
         self.store.close()
@@ -372,9 +376,11 @@ class Facilitator:
                 )
             payments.append((payment, hashed))
         answers = []
-        for payment, hashed in payments:
-            if payment.status == HELD:
-                self.store.save_served(payment.escrow_id, payment.terms, _NO_BODY, hashed)
+        with self._queueing:
+            for payment, hashed in payments:
+                if payment.status == HELD:
+                    self.store.save_served(payment.escrow_id, payment.terms, _NO_BODY, hashed)
+        for payment, _hashed in payments:
             record = self.store.delivery(payment.escrow_id)
             answers.append({"escrowId": "0x" + payment.escrow_id.hex(), "status": record.status if record else SERVED})
         return answers
@@ -426,7 +432,8 @@ class Facilitator:
 
     def post_pending(self) -> PostReport:
         """One poster pass; its deliverMany's gas goes in the ledger."""
-        report = self.poster.post_pending()
+        with self._queueing:
+            report = self.poster.post_pending()
         if report.tx_hash is not None and report.posted:
             receipt = self.chain.sender.receipt(report.tx_hash)
             if receipt is not None:

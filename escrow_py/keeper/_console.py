@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from escrow_py.console import Figures
+from escrow_py.console import Figures, running_totals
 from escrow_py.keeper._store import decode_terms
 from escrow_py.storage import open_sqlite
 
@@ -49,29 +49,12 @@ def keeper_figures(database: str, head: Callable[[], int]) -> Figures:
         figures.gas_wei_by_kind = {"refund": int(gas)}
         (checkpoint,) = conn.execute("SELECT MIN(block_number) FROM checkpoints").fetchone()
         figures.keeper_lag = None if checkpoint is None else max(0, head() - int(checkpoint))
-        figures.series = _series(conn.execute(
+        movements = conn.execute(
             "SELECT block_number, 'deposit', terms FROM deposits UNION ALL "
             "SELECT s.block_number, s.kind, d.terms FROM settlements s JOIN deposits d ON d.escrow = s.escrow "
             "AND d.id = s.id ORDER BY 1"
-        ).fetchall())  # fmt: skip
+        ).fetchall()
+        figures.series = running_totals((float(b), k, decode_terms(bytes(t)).amount) for b, k, t in movements)
         return figures
     finally:
         conn.close()
-
-
-def _series(rows: list[tuple[int, str, bytes]]) -> dict[str, list[float]]:
-    """Held value and released value after each block with an event (x is the block number)."""
-    held = settled = 0
-    points: dict[int, tuple[int, int]] = {}
-    for block, kind, terms in rows:
-        amount = decode_terms(bytes(terms)).amount
-        if kind == "deposit":
-            held += amount
-        else:
-            held -= amount
-            if kind == "released":
-                settled += amount
-        points[int(block)] = (held, settled)
-    blocks = sorted(points)
-    return {"t": [float(b) for b in blocks], "held": [points[b][0] for b in blocks],
-            "settled": [points[b][1] for b in blocks]}  # fmt: skip

@@ -401,20 +401,17 @@ class FacilitatorMiddleware(EscrowMiddleware):
         await self._send_response(send, response, settle)
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
-        terms = payment.terms
+        """A refunded payment replays as EscrowMiddleware's does; a served one says `held`: its delivery is the
+        facilitator's to post, and this seller has no chain to ask."""
         if payment.status in (REFUNDED, REFUND_PENDING):
-            extra = SettlementExtra(
-                escrow_id=payment.escrow_id, deadline=terms.deadline, refund_transaction=payment.refund_tx,
-                state="refunded" if payment.status == REFUNDED else "held",
-            )  # fmt: skip
-            settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
-        else:
-            extra = SettlementExtra(
-                escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-                state="held",
-            )  # fmt: skip
-            settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
-        await self._send_response(send, response, settle)
+            await super()._replay(send, payment, response)
+            return
+        terms = payment.terms
+        extra = SettlementExtra(
+            escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
+            state="held",
+        )  # fmt: skip
+        await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
 
 
 __all__ = ["FacilitatorClient", "FacilitatorMiddleware", "FacilitatorSellerConfig", "RemoteOperator"]

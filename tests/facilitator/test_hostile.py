@@ -174,7 +174,10 @@ CASES: dict[str, tuple[Case, int]] = {
         _reuse_key("/deliver", _deliver("c"), "/refund", _refund("c")), 422),
     "a settled payment replayed with other requirements": (
         lambda s, h: _post("/settle", dict(s.b_body, x402Version=2, paymentRequirements={
-            **s.b_body["paymentRequirements"], "maxTimeoutSeconds": 119}))(s, h), 422),
+            **s.b_body["paymentRequirements"], "maxTimeoutSeconds": 119}))(s, h), 200),
+    "idempotency key replayed with another body (settle)": (
+        _reuse_key("/settle", _fresh(_set(["paymentRequirements", "extra", "operator"], address(BUYER))),
+                   "/settle", _fresh()), 422),
     "malformed JSON": (_post("/settle", b"{not json"), 422),
     "settle body missing paymentRequirements": (
         _post("/settle", lambda s: {"x402Version": 2, "paymentPayload": s.fresh_body["paymentPayload"]}), 422),
