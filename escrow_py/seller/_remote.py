@@ -93,7 +93,7 @@ class FacilitatorSellerConfig:
     min_time_left: int = 10
     deadline_slack: int = 30
     max_body_bytes: int = 1024 * 1024
-    timeout: float = 10.0
+    timeout: float = 35.0  # above the facilitator's own tx_timeout (30 s): a slow deposit is waited for, not abandoned
     retry_after: int = 2
     outbox_interval: float = 0.5
 

@@ -36,7 +36,7 @@ class FacilitatorProcess:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             assert self.process.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, "the facilitator did not start"
