@@ -59,7 +59,7 @@ from escrow_py.seller._store import (
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
 from escrow_py.terms import State
-from escrow_py.wire import SCHEME, EscrowRequirements, Reason, encode_payment_signature
+from escrow_py.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
 
 log = logging.getLogger("escrow_py.facilitator")
 
@@ -268,8 +268,6 @@ class Facilitator:
             return Settled(verified, self._deposit(verified, now, fresh=payment is None, route=_route(key)), now)
 
     def _claimed_id(self, payload: PaymentPayload, offer: EscrowRequirements) -> bytes:
-        from escrow_py.wire import EscrowPayload
-
         try:
             terms = EscrowPayload.from_json(payload.payload).terms
         except ProtocolError as exc:
