@@ -22,7 +22,9 @@ CONSOLE_TOKEN_ENV = "X402_ESCROW_CONSOLE_TOKEN"  # noqa: S105 - the variable's n
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser("facilitator", help="a delivery-escrow facilitator: sellers with no key and no RPC")
+    parser = sub.add_parser(
+        "facilitator", help="a delivery-escrow facilitator for sellers with no key and no RPC; its API keys"
+    )
     actions = parser.add_subparsers(dest="action", required=True)
     serve = actions.add_parser("serve", help="serve /supported /verify /settle /deliver /refund /escrows")
     serve.add_argument("--rpc", dest="rpc_url", default=os.environ.get("X402_ESCROW_RPC_URL"), help="JSON-RPC URL")

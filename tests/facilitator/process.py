@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import OPERATOR
 
-from escrow_py.chain.anvil import dev_private_key
+from escrow_devtools.anvil import dev_private_key
 
 CLI = str(Path(sys.executable).parent / "x402-escrow")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address
 from x402 import x402ResourceServer
 from x402.http import AuthHeaders, FacilitatorConfig, HTTPFacilitatorClient
@@ -13,7 +13,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements
 
 from escrow_py.terms import State, delivery_hash
 
-from .conftest import Fac, idem, requirements, signed
+from .kit import Fac, idem, requirements, signed
 
 
 def wait_for(condition, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]

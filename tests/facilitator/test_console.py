@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from eth_typing import HexStr
+from fixtures.chain import Chain
 from helpers import address
+from playwright.sync_api import Browser, sync_playwright
 
 from escrow_py.terms import State, delivery_hash
 
-from .conftest import CONSOLE_TOKEN, Fac, idem, requirements, signed
+from .kit import CONSOLE_TOKEN, Fac, idem, requirements, signed
 from .test_api import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -36,8 +38,7 @@ def _chromium() -> str:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
+def browser() -> Iterator[Browser]:
 
     executable = _chromium()
     with sync_playwright() as pw:
@@ -74,14 +75,14 @@ def _scripted_run(chain: Chain, fac: Fac) -> dict[str, bytes]:
 def _gas_of(chain: Chain, txs: list[str]) -> int:
     total = 0
     for tx in txs:
-        receipt = chain.w3.eth.get_transaction_receipt(tx)  # type: ignore[arg-type]
+        receipt = chain.w3.eth.get_transaction_receipt(HexStr(tx))
         total += int(receipt["gasUsed"]) * int(receipt["effectiveGasPrice"])
     return total
 
 
 def test_console_shows_what_the_chain_and_database_hold_and_updates(
-    chain: Chain, fac: Fac, browser, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    chain: Chain, fac: Fac, browser: Browser, tmp_path: Path
+) -> None:
     ids = _scripted_run(chain, fac)
     page = browser.new_page()
     errors: list[str] = []
@@ -95,8 +96,8 @@ def test_console_shows_what_the_chain_and_database_hold_and_updates(
     assert page.inner_text('[data-state="released"]') == "1"
     assert page.inner_text('[data-state="refunded"]') == "1"
     assert page.inner_text('[data-state="held"]') == "1"
-    shown = page.eval_on_selector_all("#recent [data-tx]", "els => els.map(e => e.dataset.tx)")
-    db_txs = [r["tx"] for r in fac.facilitator.ledger.figures().recent]
+    shown: list[str] = page.eval_on_selector_all("#recent [data-tx]", "els => els.map(e => e.dataset.tx)")
+    db_txs = [str(r["tx"]) for r in fac.facilitator.ledger.figures().recent]
     assert sorted(shown) == sorted(db_txs) and len(shown) == 5  # 3 deposits, 1 deliverMany, 1 refund
     assert int(page.get_attribute("#gas-total", "data-wei") or "0") == _gas_of(chain, shown)
     # A new payment: the page shows it without a reload.
@@ -128,14 +129,14 @@ def test_the_shipped_chart_library_is_the_pinned_npm_package() -> None:
         assert shipped.read_bytes() == (root / "node_modules" / "uplot" / "dist" / name).read_bytes(), name
 
 
-def test_the_keepers_console_shows_its_index_and_lag(chain: Chain, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_keepers_console_shows_its_index_and_lag(chain: Chain, browser: Browser, tmp_path: Path) -> None:
     """The same page on the keeper's HTTP server: held escrows, a refund with its gas, and the lag."""
     import threading
 
     from helpers import deposit, make_terms
     from keeper.kit import make_keeper, wait_until
 
-    from escrow_py.chain.anvil import free_port
+    from escrow_devtools.anvil import free_port
 
     due, held = make_terms(chain, window=60), make_terms(chain, window=3600)
     deposit(chain, due)
@@ -159,7 +160,7 @@ def test_the_keepers_console_shows_its_index_and_lag(chain: Chain, browser, tmp_
         assert page.inner_text(f'[data-held="{chain.token.address.lower()}"]') == str(held.amount)
         refund_tx = page.eval_on_selector_all("#recent [data-tx]", "els => els.map(e => e.dataset.tx)")
         assert len(refund_tx) == 1
-        receipt = chain.w3.eth.get_transaction_receipt(refund_tx[0])  # type: ignore[arg-type]
+        receipt = chain.w3.eth.get_transaction_receipt(HexStr(refund_tx[0]))
         wait_for(lambda: page.get_attribute("#gas-total", "data-wei") == str(receipt["gasUsed"]))
         assert page.inner_text("#keeper-lag").endswith("blocks")
         assert errors == []

@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER2, address
 
 from escrow_py.terms import State, delivery_hash
 
-from .conftest import Fac, idem, requirements, signed
+from .kit import Fac, idem, requirements, signed
 from .test_api import wait_for
 
 
@@ -103,7 +103,7 @@ def _refund(escrow: str) -> Callable[[Scene], dict[str, Any]]:
 
 def _fresh(change: Callable[[dict[str, Any]], None] | None = None) -> Callable[[Scene], dict[str, Any]]:
     def body(s: Scene) -> dict[str, Any]:
-        copy = json.loads(json.dumps(s.fresh_body))
+        copy: dict[str, Any] = json.loads(json.dumps(s.fresh_body))
         if change is not None:
             change(copy)
         return copy

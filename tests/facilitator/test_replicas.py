@@ -17,13 +17,13 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import SELLER, address
-from seller.conftest import served
 from seller.payer import quote, sign_payment
+from seller.shop import served
 
-from escrow_py.bench.scale import RoundRobinProxy
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
+from escrow_devtools.bench.scale import RoundRobinProxy
 from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.facilitator import KeyStore
 from escrow_py.terms import State, delivery_hash

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address
-from seller.conftest import served
 from seller.payer import buy, quote, sign_payment
+from seller.shop import served
 
-from escrow_py.chain.anvil import dev_private_key, free_port
+from escrow_devtools.anvil import dev_private_key, free_port
 from escrow_py.facilitator import KeyStore
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
 from escrow_py.terms import State, delivery_hash

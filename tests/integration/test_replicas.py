@@ -14,10 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 
-from escrow_py.bench.scale import (
+from escrow_devtools.anvil import dev_private_key
+from escrow_devtools.bench.scale import (
     ChainSetup,
     Replicas,
     audit,
@@ -27,7 +28,7 @@ from escrow_py.bench.scale import (
     run_load,
     sign,
 )
-from escrow_py.chain.anvil import dev_private_key
+from escrow_py.chain.escrow import Delivered
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
@@ -83,7 +84,7 @@ def test_two_processes_on_one_sqlite_file_handle_a_payment_once(chain: Chain, tm
         wait_released(chain, [escrow_id])
         events = chain.escrow.events(start, int(chain.w3.eth.block_number))
         assert sum(1 for e in events if type(e).__name__ == "Deposited") == 1
-        committed = next(e.delivery_hash for e in events if type(e).__name__ == "Delivered")
+        committed = next(e.delivery_hash for e in events if isinstance(e, Delivered))
         runs, _ = handler_runs(replicas.runs_dir)
         assert runs[run_key(header)] == 1, "the handler ran more than once for one payment"
         assert {delivery_hash(a.content) for a in answers} == {committed}

@@ -2,7 +2,7 @@
 
 The parts, each usable alone (the tests in tests/integration/test_replicas.py use them):
 
-- `replica_app()`: the seller app a replica runs (`uvicorn --factory escrow_py.bench.scale:replica_app`),
+- `replica_app()`: the seller app a replica runs (`uvicorn --factory escrow_devtools.bench.scale:replica_app`),
   configured from the environment (`X402_SCALE_CONFIG` JSON, the operator key in
   `X402_ESCROW_PRIVATE_KEY`). Its handler records every run in `runs_dir` (one line per run,
   written with O_APPEND, so a SIGKILLed replica's runs are counted too) and answers bytes
@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
@@ -188,7 +188,7 @@ class Replicas:
             port = free_port()
             log = work_dir / f"replica-{n}.log"
             command = [
-                sys.executable, "-m", "uvicorn", "--factory", "escrow_py.bench.scale:replica_app",
+                sys.executable, "-m", "uvicorn", "--factory", "escrow_devtools.bench.scale:replica_app",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                 "--lifespan", "on", "--log-level", "warning", "--timeout-graceful-shutdown", "2",
             ]  # fmt: skip

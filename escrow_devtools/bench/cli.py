@@ -39,7 +39,7 @@ def _progress(message: str) -> None:
 
 
 def _gas(args: argparse.Namespace) -> int:
-    from escrow_py.bench.gas import measure_gas
+    from escrow_devtools.bench.gas import measure_gas
 
     result = measure_gas(progress=_progress)
     if args.json:
@@ -62,7 +62,7 @@ def _gas(args: argparse.Namespace) -> int:
 
 
 def _keeper(args: argparse.Namespace) -> int:
-    from escrow_py.bench.keeper import measure_keeper
+    from escrow_devtools.bench.keeper import measure_keeper
 
     if args.escrows < 1:
         print("x402-escrow: --escrows must be at least 1", file=sys.stderr)
@@ -76,7 +76,7 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _http(args: argparse.Namespace) -> int:
-    from escrow_py.bench.http import measure_http
+    from escrow_devtools.bench.http import measure_http
 
     for name in ("requests", "concurrency"):
         if getattr(args, name) < 1:

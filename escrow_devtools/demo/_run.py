@@ -19,17 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import uvicorn
 from web3 import HTTPProvider, Web3
 
+from escrow_devtools.anvil import Anvil, dev_private_key
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.demo._shop import REPORT_PRICE, STUCK_PRICE, build_shop, routes
+from escrow_devtools.harness import ServerDidNotStart, serving
 from escrow_py.buyer import EscrowClient, HandlerFailedRefunded, PaymentError, delivered_hash
-from escrow_py.chain.anvil import Anvil, dev_private_key, free_port
-from escrow_py.chain.escrow import Deposited, Escrow, Refunded, deploy
+from escrow_py.chain.escrow import Deposited, Escrow, Refunded
 from escrow_py.chain.registry import USDC
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.demo._shop import REPORT_PRICE, STUCK_PRICE, build_shop, routes
 from escrow_py.errors import ConfigError, EscrowError
 from escrow_py.seller import FacilitatorSellerConfig, SellerConfig
 from escrow_py.terms import State, delivery_hash
@@ -46,7 +47,7 @@ ROLE_KEY_ENVS = {
     "keeper": "X402_ESCROW_KEEPER_KEY",
 }
 
-log = logging.getLogger("escrow_py.demo")
+log = logging.getLogger("escrow_devtools.demo")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,42 +262,18 @@ def _facilitator(world: World, display: Display) -> Iterator[None]:
     _, world.facilitator_key = keys.create("demo shop", [world.address("seller")])
     console = secrets.token_urlsafe(12)
     facilitator = Facilitator(config)
-    with _uvicorn(create_app(facilitator, keys, console_token=console), "demo-facilitator") as url:
-        world.facilitator_url = url
-        display(f"facilitator on {url} holds the operator key; console {url}/console?token={console}")
-        try:
-            yield
-        finally:
-            facilitator.close()
-            keys.close()
-
-
-@contextlib.contextmanager
-def _uvicorn(app: Any, name: str) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            lifespan="on",
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-            log_config=None,  # uvicorn's records go to the root logger, hence to seller.log, not the story
-        )
-    )
-    thread = threading.Thread(target=server.run, name=name, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise EscrowError(f"{name}: uvicorn did not start (see seller.log)")
-        time.sleep(0.05)
+    app = create_app(facilitator, keys, console_token=console)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with serving(app, timeout_graceful_shutdown=2, log_config=None) as running:
+            world.facilitator_url = running.url
+            url = running.url
+            display(f"facilitator on {url} holds the operator key; console {url}/console?token={console}")
+            yield
+    except ServerDidNotStart as exc:
+        raise EscrowError(f"the facilitator's uvicorn did not start (see seller.log): {exc}") from exc
     finally:
-        server.should_exit = True
-        thread.join(15)
+        facilitator.close()
+        keys.close()
 
 
 @contextlib.contextmanager
@@ -325,10 +302,14 @@ def _seller(world: World, display: Display) -> Iterator[None]:
         )
         how = "EscrowMiddleware"
     app = build_shop(config, work_seconds=world.work_seconds)
-    with _uvicorn(app, "demo-seller") as url:
-        world.base_url = url
-        display(f"seller app on {world.base_url} (FastAPI + {how}), paid to {world.address('seller')}")
-        yield
+    # uvicorn's records go to the root logger (log_config=None), hence to seller.log, not the story.
+    try:
+        with serving(app, timeout_graceful_shutdown=2, log_config=None) as running:
+            world.base_url = running.url
+            display(f"seller app on {world.base_url} (FastAPI + {how}), paid to {world.address('seller')}")
+            yield
+    except ServerDidNotStart as exc:
+        raise EscrowError(f"the seller's uvicorn did not start (see seller.log): {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -362,12 +343,12 @@ def _keeper(world: World, display: Display) -> Iterator[subprocess.Popen[bytes]]
 
 
 class Agent:
-    """`python -m escrow_py.demo.agent ...` with the buyer's key in its environment; its JSON lines, parsed."""
+    """`python -m escrow_devtools.demo.agent ...` with the buyer's key in its environment; its JSON lines, parsed."""
 
     def __init__(self, world: World, *args: str) -> None:
         env = {**os.environ, DEFAULT_KEY_ENV: world.keys["buyer"], "PYTHONUNBUFFERED": "1"}
         stderr = (world.workdir / "agents.log").open("ab")
-        command = [sys.executable, "-m", "escrow_py.demo.agent", *args, "--rpc", world.rpc_url]
+        command = [sys.executable, "-m", "escrow_devtools.demo.agent", *args, "--rpc", world.rpc_url]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         stderr.close()
         self.lines: list[dict[str, Any]] = []
