@@ -24,7 +24,8 @@ def wait_for(condition, timeout: float = 120.0) -> None:  # type: ignore[no-unty
 
 
 def test_supported_names_the_escrow_operator_and_token(chain: Chain, fac: Fac) -> None:
-    answer = fac.client().get("/supported").json()
+    with fac.client() as http:
+        answer = http.get("/supported").json()
     (kind,) = answer["kinds"]
     assert (kind["scheme"], kind["network"]) == ("delivery-escrow", "eip155:84532")
     assert kind["extra"]["escrow"] == chain.escrow.address
@@ -119,6 +120,7 @@ def test_the_sdk_http_facilitator_client_verifies_and_settles(chain: Chain, fac:
         settled = await client.settle(payload, reqs)
         assert settled.success and settled.extra is not None
         assert settled.extra["escrowId"] == "0x" + payment.escrow_id.hex()
+        await client.aclose()
 
     asyncio.run(run())
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
