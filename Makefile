@@ -11,7 +11,7 @@ NODE_STAMP := node_modules/.installed
 # long install shows where it is.
 PIP_INSTALL := $(BIN)/pip install --progress-bar off --disable-pip-version-check
 
-.PHONY: bootstrap quickstart test test-unit test-contracts test-integration lint format artifacts demo bench ape clean
+.PHONY: bootstrap quickstart test test-unit test-contracts test-integration test-console lint format artifacts demo bench ape clean
 
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
@@ -78,6 +78,12 @@ test-contracts: bootstrap
 
 test-integration: bootstrap ape
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m integration
+
+# The operator console's browser test drives Debian's chromium through Playwright (no browser
+# download); chromium is installed from the distribution if missing (needs root).
+test-console: bootstrap
+	command -v chromium >/dev/null || apt-get install -y chromium
+	$(BIN)/pytest -q tests/facilitator/test_console.py
 
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), in one step. It also
 # lets ape-solidity find the compiler: the solc-js wrapper, where py-solc-x keeps solc versions

@@ -124,3 +124,13 @@ def test_a_token_that_leaves_the_books_fails_the_demo(monkeypatch: pytest.Monkey
     assert run_demo(DemoOptions(workdir=tmp_path), out) is False
     assert "sum of balances CHANGED" in out.getvalue()
     assert out.getvalue().rstrip().endswith("ACCOUNTING FAILED")
+
+
+def test_demo_with_a_facilitator_plays_every_story_with_a_keyless_seller(tmp_path: Path) -> None:
+    out = _demo("--facilitator", "--workdir", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    _assert_every_story_told(out.stdout)
+    assert "(FastAPI + FacilitatorMiddleware: no key, no RPC)" in out.stdout
+    assert re.search(r"facilitator on http://127\.0\.0\.1:\d+ holds the operator key", out.stdout)
+    assert re.search(r"seller\s+0x\w{40}\s+0\.000000\s+0\.020000\s+\+0\.020000", out.stdout), out.stdout
+    assert (tmp_path / "facilitator.sqlite").exists()

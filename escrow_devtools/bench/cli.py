@@ -114,13 +114,14 @@ def _http(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{'variant':<22}{'p50 ms':>10}{'p95 ms':>10}{'rps':>10}")
-    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess"):
+    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
         row = result[name]
         print(f"{name:<22}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['rps']:>10}")
     for key in (
         "ratio_p50_escrow_vs_sdk_exact",
         "ratio_p50_escrow_vs_sdk_exact_inprocess",
         "ratio_rps_escrow_vs_sdk_exact",
+        "ratio_p50_facilitator_vs_escrow",
     ):
         print(f"{key:<44}{result[key]:>8}")
     return 0

@@ -48,6 +48,7 @@ from escrow_py.errors import ChainError, ContractRevert, RpcError
 from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
+from escrow_py.keeper._console import keeper_figures
 from escrow_py.keeper._decide import Refund, next_action
 from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
@@ -670,7 +671,11 @@ class Keeper:
         address = self.config.metrics_address
         if address is not None:
             stale = max(30.0, 10 * self.config.poll_interval)
-            self._server = MetricsServer(self.metrics, *address, stale_after=stale)
+            database = self.config.database
+            self._server = MetricsServer(
+                self.metrics, *address, stale_after=stale,
+                figures=lambda: keeper_figures(database, lambda: int(self.w3.eth.block_number)),
+            )  # fmt: skip
         log.info(
             "keeper started",
             extra={"keeper": self.sender.address, "escrows": list(self.config.escrows),

@@ -50,6 +50,7 @@ from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
 from escrow_py.seller._sdk import DeliveryEscrowServerScheme
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
@@ -78,6 +79,8 @@ __all__ = [
     "DeliveryPoster",
     "EscrowMiddleware",
     "ExactOffer",
+    "FacilitatorMiddleware",
+    "FacilitatorSellerConfig",
     "PaymentRejected",
     "PostReport",
     "PricedRoute",

@@ -19,7 +19,7 @@ def test_bench_http_prints_every_variant_and_the_ratio() -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess"):
+    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
         row = result[name]
         # warm-up + latency + throughput phases, each request paid exactly once (checked on chain by the bench)
         assert row["requests"] == 1 + 4 + 4
@@ -28,6 +28,8 @@ def test_bench_http_prints_every_variant_and_the_ratio() -> None:
         assert row["p95_ms"] >= row["p50_ms"]
     expected = round(result["escrow"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
     assert result["ratio_p50_escrow_vs_sdk_exact"] == expected
+    keyless = round(result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3)
+    assert result["ratio_p50_facilitator_vs_escrow"] == keyless
     assert result["settings"] == {"requests": 4, "concurrency": 2, "warmup": 1, "anvil": "automine"}
     assert "checking every payment on chain" in out.stderr
 
