@@ -10,13 +10,11 @@ with the hash of the bytes its buyer got.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import uvicorn
 from fixtures.chain import Chain
 from helpers import SELLER, address
 from seller.payer import quote, sign_payment
@@ -32,18 +30,6 @@ from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 from .process import FacilitatorProcess
 from .test_api import wait_for
 from .test_seller_mode import shop
-
-
-class Proxy(RoundRobinProxy):
-    """The scale harness's balancer, served as ASGI 3 explicitly (uvicorn's guess takes the bound method for ASGI 2)."""
-
-    def __init__(self, backends: list[str]) -> None:
-        super().__init__(backends)
-        config = uvicorn.Config(self._app, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning",
-                                interface="asgi3")  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
 
 PAYMENTS = 24
 AT_ONCE = 4
@@ -73,7 +59,7 @@ def test_two_replicas_one_killed_mid_traffic_lose_nothing(chain: Chain, tmp_path
     replicas = [FacilitatorProcess(chain, db, free_port()) for _ in range(2)]
     calls: dict[str, int] = {}
     try:
-        with Proxy([r.url for r in replicas]) as proxy:
+        with RoundRobinProxy([r.url for r in replicas]) as proxy:
             app = shop(proxy.url, key, chain, tmp_path / "seller.sqlite", calls, replicas)
             with served(app) as (url, _server):
                 got: list[tuple[bytes, bytes]] = []
