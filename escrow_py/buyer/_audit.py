@@ -70,7 +70,6 @@ class AuditLog:
         self.include_path = include_path
         self._db = open_store(store, "buyer", MIGRATIONS, component="audit", pool_size=2)
         self._lock = threading.Lock()
-        self._file = None if self.jsonl_path is None else open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
     @classmethod
     def beside(cls, journal: str | Path, *, include_path: bool = False) -> AuditLog:
@@ -79,8 +78,6 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
             self._db.close()
 
     def write(self, event: str, escrow_id: bytes | None, fields: dict[str, Any]) -> dict[str, Any]:
@@ -92,10 +89,12 @@ class AuditLog:
                 "INSERT INTO audit (at, event, escrow_id, record) VALUES (?,?,?,?)",
                 (record["at"], event, record["escrowId"], line),
             )
-            if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
-                os.fsync(self._file.fileno())
+            if self.jsonl_path is not None:
+                # Opened per record: a journal nobody closes leaves no file handle behind.
+                with self.jsonl_path.open("a", encoding="utf-8") as jsonl:
+                    jsonl.write(line + "\n")
+                    jsonl.flush()
+                    os.fsync(jsonl.fileno())
         return record
 
     def records(self) -> list[dict[str, Any]]:
