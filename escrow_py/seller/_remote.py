@@ -41,6 +41,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 from escrow_py.errors import ConfigError, EscrowError
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
+from escrow_py.seller._offers import Offers
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
 from escrow_py.terms import delivery_hash
@@ -253,6 +254,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         self.store = SellerStore(config.store)
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.facilitator = FacilitatorClient(config)
+        self.offers = Offers(self.config)  # delivery-escrow alone: the exact scheme needs a facilitator of its own
         self._kick = asyncio.Event()
         self._outbox: asyncio.Task[None] | None = None
 
