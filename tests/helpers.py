@@ -43,6 +43,7 @@ from escrow_py.chain.authorization import (
     sign_authorization,
     typed_data,
 )
+from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.signer import LocalSigner, Signer
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender, decode_revert
@@ -82,7 +83,9 @@ def make_terms(
 ) -> Terms:
     """Terms between dev accounts, on the chain's TestUSDC unless `token` is given.
 
-    The deadline defaults to `window` seconds after the chain's clock; the salt is random.
+    The deadline defaults to `window` seconds after the time the next block will carry (on an idle chain
+    the latest block's time is stale, and a short window counted from it may be over when mined); the salt
+    is random.
     """
     return Terms(
         buyer=address(buyer),
@@ -90,7 +93,7 @@ def make_terms(
         operator=address(operator),
         token=to_checksum_address(token or chain.token.address),
         amount=amount,
-        deadline=chain.now() + window if deadline is None else deadline,
+        deadline=next_block_time(chain.w3) + window if deadline is None else deadline,
         request_hash=request_hash("GET", "https://api.example/data"),
         salt=salt if salt is not None else os.urandom(32),
     )
