@@ -56,6 +56,7 @@ from escrow_py.wire import (
     EscrowRequirements,
     Reason,
     SettlementExtra,
+    SettlementStatus,
     Unavailable,
     decode_payment_required,
     decode_payment_response,
@@ -265,6 +266,11 @@ class BuyerChain:
         with typed_chain_errors(f"reading the balance of {holder} in token {token}"):
             return Token(self.w3, token).balance_of(holder)
 
+    def authorization_used(self, token: str, buyer: str, escrow_id: bytes) -> bool:
+        """The token's ERC-3009 state of the buyer's authorization (nonce = escrow id): used or cancelled."""
+        with typed_chain_errors(f"reading the authorization state of escrow 0x{escrow_id.hex()}"):
+            return Token(self.w3, token).authorization_state(buyer, escrow_id)
+
     def state_of(self, escrow: str, escrow_id: bytes) -> State:
         with typed_chain_errors(f"reading the state of escrow 0x{escrow_id.hex()}"):
             return Escrow(self.w3, escrow).state_of(escrow_id)
@@ -327,6 +333,7 @@ class PaymentCore:
             amount=terms.amount,
             deadline_seconds=req.max_timeout_seconds,
             task=task,
+            settlement=req.extra.settlement.value,
         )
         if self.rules is not None and not (offer := self.rules.check_offer(ctx)).allowed:
             self.journal.audit_decision(escrow_id, terms, ctx, offer)
@@ -553,6 +560,11 @@ def judge_response(
         raise PaymentNotDelivered(
             escrow_id, terms.deadline, f"PAYMENT-RESPONSE names escrow 0x{extra.escrow_id.hex()} instead", escrow=escrow
         )
+    if settle.error_reason == Reason.HANDLER_FAILED_NOT_CHARGED and response.status_code >= 400:
+        # Served first and the handler failed: the seller sent nothing to the chain. The authorization
+        # stays valid until validBefore; recover() voids it then, unless the chain shows it used.
+        journal.update(escrow_id, PaymentState.REJECTED, detail=f"{response.status_code} {settle.error_reason}")
+        raise PaymentRejected(escrow_id, settle.error_reason, response.status_code, valid_before)
     if response.status_code >= 400 or settle.error_reason == Reason.HANDLER_FAILED_REFUNDED:
         state = chain_state(f"the handler failed with {response.status_code}")
         if state is State.REFUNDED:
@@ -571,6 +583,17 @@ def judge_response(
     if extra.delivery_hash != received:
         journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=extra.delivery_hash)
         raise DeliveryMismatch(escrow_id, extra.delivery_hash, received)
+    if extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED):
+        # Served first: the bytes are here and match the seller's hash, the money has not moved (or the
+        # seller says it has). Only the chain closes it (recover(): Settled event, or validBefore passed).
+        journal.update(
+            escrow_id,
+            PaymentState.UNSETTLED,
+            detail=f"served first; settlement {extra.settlement.value}",
+            response_hash=received,
+            committed_hash=extra.delivery_hash,
+        )
+        return
     journal.update(escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=extra.delivery_hash)
 
 

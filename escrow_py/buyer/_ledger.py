@@ -8,6 +8,8 @@ available budget is always the budget minus what is reserved minus what is spent
 
     reserved ──delivered, mismatch, released on chain──► spent
         │  └──refunded, void, never sent───────────────► released
+    (a serve-first payment stays reserved while `unsettled`: delivered once the chain shows its
+    settlement, void once its authorization expired unused)
     spent ──refunded on chain after all (the seller never posted)──► released
 """
 

@@ -12,7 +12,7 @@ from eth_utils.address import is_address, to_checksum_address
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ConfigError, ProtocolError
 from escrow_py.terms import MAX_DEADLINE_WINDOW
-from escrow_py.wire import chain_id_of
+from escrow_py.wire import SettlementMode, chain_id_of
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -32,7 +32,14 @@ def _compile_path(pattern: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True, slots=True)
 class PricedRoute:
-    """One paid endpoint: requests with this method whose path matches `path` cost `amount` atomic units."""
+    """One paid endpoint: requests with this method whose path matches `path` cost `amount` atomic units.
+
+    `settlement` is "hold" (deposit before the handler runs) or "serve-first" (serve after the
+    off-chain checks and an eth_call of the pull, settle later in a batch; DESIGN.md section 8).
+    A serve-first request past an exposure limit (SellerConfig.serve_first_*), or from a buyer
+    who left a settlement unpaid, is served in hold mode when `fallback_to_hold` (the default),
+    else refused with a 402 whose reason says why (`serve_first_limit`, `serve_first_refused`).
+    """
 
     method: str
     path: str
@@ -40,6 +47,8 @@ class PricedRoute:
     max_timeout_seconds: int = 120
     description: str = ""
     mime_type: str | None = None
+    settlement: SettlementMode | str = SettlementMode.HOLD
+    fallback_to_hold: bool = True
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,7 +63,18 @@ class PricedRoute:
         timeout = self.max_timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_DEADLINE_WINDOW:
             raise ConfigError(f"PricedRoute.max_timeout_seconds must be in [1, {MAX_DEADLINE_WINDOW}], got {timeout!r}")
+        try:
+            object.__setattr__(self, "settlement", SettlementMode(self.settlement))
+        except ValueError:
+            modes = [m.value for m in SettlementMode]
+            raise ConfigError(f"PricedRoute.settlement must be one of {modes}, got {self.settlement!r}") from None
+        if not isinstance(self.fallback_to_hold, bool):
+            raise ConfigError(f"PricedRoute.fallback_to_hold must be True or False, got {self.fallback_to_hold!r}")
         object.__setattr__(self, "_regex", _compile_path(self.path))
+
+    @property
+    def serve_first(self) -> bool:
+        return self.settlement is SettlementMode.SERVE_FIRST
 
     def matches(self, method: str, path: str) -> bool:
         return method.upper() == self.method and self.matches_path(path)
@@ -86,6 +106,12 @@ class SellerConfig:
     followed until `confirmation_depth` blocks deep, and a delivery a reorg drops
     before that is sent again. `startup_checks` checks the chain, escrow, token and
     operator when the app starts (see `check_seller`).
+
+    Serve-first exposure (required as soon as one route is serve-first, in atomic units): a
+    serve-first route may cost at most `serve_first_max_price`; one buyer may owe at most
+    `serve_first_max_per_buyer` in settlements not yet paid, all buyers together at most
+    `serve_first_max_total`. Past a limit a request falls back to hold (or gets 402, see
+    PricedRoute). Unpaid means served or being served and not yet settled on chain.
     """
 
     rpc_url: str
@@ -109,6 +135,9 @@ class SellerConfig:
     reprice_after: float = 10.0
     confirmation_depth: int = 5
     startup_checks: bool = True
+    serve_first_max_price: int | None = None
+    serve_first_max_per_buyer: int | None = None
+    serve_first_max_total: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
@@ -127,6 +156,38 @@ class SellerConfig:
             raise ConfigError("SellerConfig.routes must be a non-empty list of PricedRoute")
         object.__setattr__(self, "routes", routes)
         self._check_numbers(routes)
+        self._check_exposure(routes)
+
+    def _check_exposure(self, routes: tuple[PricedRoute, ...]) -> None:
+        """Serve-first needs its three limits, coherent with each other and with every serve-first price."""
+        names = ("serve_first_max_price", "serve_first_max_per_buyer", "serve_first_max_total")
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"SellerConfig.{name} must be a positive integer (atomic units), got {value!r}")
+        serve_first = [r for r in routes if r.serve_first]
+        if not serve_first:
+            return
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            shown = ", ".join(f"{r.method} {r.path}" for r in serve_first)
+            raise ConfigError(f"serve-first routes ({shown}) need the exposure limits {', '.join(missing)}")
+        price, per_buyer, total = (int(getattr(self, n)) for n in names)
+        if per_buyer > total:
+            raise ConfigError(
+                f"SellerConfig.serve_first_max_per_buyer {per_buyer} exceeds serve_first_max_total {total}"
+            )
+        if price > per_buyer:
+            raise ConfigError(
+                f"SellerConfig.serve_first_max_price {price} exceeds serve_first_max_per_buyer {per_buyer}: "
+                "no serve-first request at that price could ever be served"
+            )
+        for route in serve_first:
+            if route.amount > price:
+                raise ConfigError(
+                    f"route {route.method} {route.path} is serve-first at {route.amount}, more than "
+                    f"serve_first_max_price {price}"
+                )
 
     def _check_numbers(self, routes: tuple[PricedRoute, ...]) -> None:
         integers = (

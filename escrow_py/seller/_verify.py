@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain.authorization import TokenDomain, recover_signer
-from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import GAS_MARGIN, TxSender
 from escrow_py.errors import ContractRevert, ProtocolError
@@ -25,8 +25,13 @@ from escrow_py.wire import (
     EscrowPayload,
     EscrowRequirements,
     Reason,
+    SettlementMode,
     decode_payment_signature,
 )
+
+# What a serve-first settlement is simulated with before the handler has run: any non-zero hash
+# (the pull, which is what can fail, does not depend on it).
+PROBE_HASH = b"\x01" * 32
 
 # A header that does not decode is a client bug (400); a payment that decodes but breaks a
 # rule is refused with a fresh offer (402), as x402 does.
@@ -72,6 +77,7 @@ def offer_for(
     method: str,
     resource_url: str,
     body: bytes,
+    settlement: SettlementMode = SettlementMode.HOLD,
 ) -> EscrowRequirements:
     """The delivery-escrow requirements for one request: its requestHash binds method, URL and body."""
     extra = EscrowExtra(
@@ -80,6 +86,7 @@ def offer_for(
         escrow=escrow,  # type: ignore[arg-type]
         operator=operator,  # type: ignore[arg-type]
         request_hash=request_hash(method, resource_url, body),
+        settlement=settlement,
     )
     return EscrowRequirements(network, amount, asset, pay_to, max_timeout_seconds, extra)  # type: ignore[arg-type]
 
@@ -211,8 +218,11 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender) -> int:
-    """Balance, authorization state, and a simulation of the deposit as `sender` would send it.
+def verify_onchain(
+    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
+) -> int:
+    """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
+    that pulls the same authorization) as `sender` would send it.
 
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
@@ -229,10 +239,14 @@ def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, se
         "the authorization was already used or cancelled",
     )
     payload = payment.payload
+    if serve_first:
+        what = "settlement"
+        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
+    else:
+        what = "deposit"
+        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
     try:
-        gas = sender.estimate_gas(
-            escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-        )
+        gas = sender.estimate_gas(escrow.address, data)
     except ContractRevert as revert:
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"deposit would revert: {revert}", detail=str(revert)) from None
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {revert}", detail=str(revert)) from None
     return int(gas * GAS_MARGIN)
