@@ -16,12 +16,28 @@ STUCK_PRICE = 20_000
 STUCK_TIMEOUT = 20
 
 
-def routes() -> list[PricedRoute]:
+# What a serve-first demo shop risks before its settlements land (SellerConfig.serve_first_*).
+SERVE_FIRST_LIMITS = {
+    "serve_first_max_price": REPORT_PRICE,
+    "serve_first_max_per_buyer": 50 * REPORT_PRICE,
+    "serve_first_max_total": 500 * REPORT_PRICE,
+}
+
+
+def routes(settlement: str = "hold") -> list[PricedRoute]:
+    """The demo's routes; with settlement="serve-first" the cheap ones (report, fail) serve first
+    (the config then needs SERVE_FIRST_LIMITS)."""
     return [
-        PricedRoute("GET", "/report/{item}", amount=REPORT_PRICE, max_timeout_seconds=120, description="a report"),
-        PricedRoute("GET", "/fail", amount=REPORT_PRICE, max_timeout_seconds=120, description="a broken upstream"),
+        PricedRoute(
+            "GET", "/report/{item}", amount=REPORT_PRICE, max_timeout_seconds=120, description="a report",
+            settlement=settlement,
+        ),
+        PricedRoute(
+            "GET", "/fail", amount=REPORT_PRICE, max_timeout_seconds=120, description="a broken upstream",
+            settlement=settlement,
+        ),
         PricedRoute("GET", "/stuck", amount=STUCK_PRICE, max_timeout_seconds=STUCK_TIMEOUT, description="never ends"),
-    ]
+    ]  # fmt: skip
 
 
 def build_shop(config: SellerConfig, *, work_seconds: float) -> FastAPI:
