@@ -47,7 +47,12 @@ def _flush(shop: Shop) -> PostReport:
 def _client(chain: Chain, shop: Shop, journal: Path, **options: object) -> AsyncEscrowClient:
     transport = options.pop("transport", shop.transport())
     return AsyncEscrowClient(
-        dev(BUYER), chain.node.url, journal, transport=transport, base_url=BASE_URL, **options  # type: ignore[arg-type]
+        dev(BUYER),
+        chain.node.url,
+        journal,
+        transport=transport,
+        base_url=BASE_URL,
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -170,7 +175,7 @@ def test_the_policy_forbids_or_requires_a_settlement_mode(
     # The mode offered is paid when the policy asks for it.
     assert asyncio.run(pay(Policy(settlement=offered))).status_code == 200
     assert Policy.from_mapping({"settlement": required}).settlement == required
-    with pytest.raises(ConfigError, match="policy.settlement must be one of"):
+    with pytest.raises(ConfigError, match=r"policy\.settlement must be one of"):
         Policy.from_mapping({"settlement": "later"})
 
 

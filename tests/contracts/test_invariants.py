@@ -391,6 +391,7 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
         # -- serve-first ----------------------------------------------------------------------
 
         @rule(
+            target=escrows,
             buyer=st.sampled_from([BUYER, BUYER2]),
             seller=st.sampled_from([SELLER, SELLER2]),
             token=st.sampled_from(TOKENS),
@@ -398,10 +399,12 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
             offset=st.sampled_from(DEADLINE_OFFSETS),
             who=st.sampled_from([SELLER, SELLER2, OPERATOR, OPERATOR, STRANGER]),
         )
-        def settle(self, buyer: int, seller: int, token: str, amount: int, offset: int, who: int) -> None:
-            """A fresh serve-first payment settled at once."""
+        def settle(self, buyer: int, seller: int, token: str, amount: int, offset: int, who: int) -> Terms:
+            """A fresh serve-first payment settled at once; its terms join the pool, so later rules try to
+            deposit, deliver, refund and settle a settled id again (each must be refused)."""
             terms = _terms(buyer, seller, tokens.by_name[token].address, amount, self.t + 1 + offset, self._salt())
             self._settle_serve_first(terms, who)
+            return terms
 
         @rule(terms=escrows, who=st.sampled_from([SELLER, OPERATOR]))
         def settle_known_terms(self, terms: Terms, who: int) -> None:

@@ -109,7 +109,7 @@ def test_serve_first_answers_before_any_transaction_and_one_settle_many_pays_the
     receipt = chain.w3.eth.get_transaction_receipt(tx)  # type: ignore[arg-type]
     settled = {e.id: e.delivery_hash for e in chain.escrow.settlements_in(receipt) if isinstance(e, Settled)}
     assert settled == {p.escrow_id: delivery_hash(r.content) for r, p in answers}
-    for response, payment in answers:
+    for _, payment in answers:
         assert chain.escrow.state_of(payment.escrow_id) is State.NONE  # a settled id takes no slot
         assert chain.token.authorization_state(payment.terms.buyer, payment.escrow_id)
     for who in buyers:
@@ -206,6 +206,7 @@ def test_a_buyer_who_moves_its_funds_is_skipped_recorded_as_a_loss_and_refused_s
 
     refused = asyncio.run(echo())
     assert refused.status_code == 402 and refused.json()["error"] == Reason.SERVE_FIRST_REFUSED
+
     # The replay of the unpaid payment still answers the stored bytes, and says it failed.
     async def replay() -> httpx.Response:
         async with shop.client() as client:
@@ -214,6 +215,7 @@ def test_a_buyer_who_moves_its_funds_is_skipped_recorded_as_a_loss_and_refused_s
     replayed = asyncio.run(replay())
     assert replayed.content == cheat.content
     settle, extra = _extra(replayed)
+    assert extra.settlement is None and extra.delivery_hash == delivery_hash(cheat.content)
     assert not settle.success and settle.error_reason == Reason.SETTLEMENT_FAILED
     assert honest.status_code == 200
 
@@ -236,6 +238,7 @@ def test_a_failed_handler_costs_nobody_anything(chain: Chain, tmp_path: Path, pa
 
 def test_serve_first_refuses_what_hold_refuses_before_the_handler_runs(chain: Chain, tmp_path: Path) -> None:
     shop = _shop(chain, tmp_path)
+
     # Signed, then the wallet emptied before the paid request: refused before the handler, like hold.
     async def run() -> httpx.Response:
         async with shop.client() as client:
@@ -261,7 +264,7 @@ def test_serve_first_settings_are_checked_when_built(chain: Chain, tmp_path: Pat
         make_config(chain, store, routes=[route], **{**LIMITS, "serve_first_max_total": 2 * PRICE})
     with pytest.raises(ConfigError, match="serve_first_max_total must be a positive integer"):
         make_config(chain, store, routes=[route], **{**LIMITS, "serve_first_max_total": 0})
-    with pytest.raises(ConfigError, match="PricedRoute.settlement must be one of"):
+    with pytest.raises(ConfigError, match=r"PricedRoute\.settlement must be one of"):
         PricedRoute("GET", "/r", amount=PRICE, settlement="later")
     # Hold routes need none of it, and a serve-first route within its limits is fine.
     assert make_config(chain, store).routes[0].settlement is SettlementMode.HOLD
