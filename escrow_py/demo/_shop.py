@@ -1,4 +1,4 @@
-"""The demo's seller: a FastAPI app with three priced routes behind the escrow middleware."""
+"""The demo's seller: a FastAPI app with priced routes behind the escrow middleware (hold, and serve-first quotes)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 
 REPORT_PRICE = 10_000  # 0.01 USDC
 STUCK_PRICE = 20_000
+QUOTE_PRICE = 2_000  # a cheap, instant answer: served first, settled in batches
 # Short enough that story 3 waits seconds, not minutes; above SellerConfig.min_time_left.
 STUCK_TIMEOUT = 20
 
@@ -40,8 +41,17 @@ def routes(settlement: str = "hold") -> list[PricedRoute]:
     ]  # fmt: skip
 
 
+def quote_route() -> PricedRoute:
+    """`/quote/{item}`: cheap and instant, so served first (the config needs SERVE_FIRST_LIMITS)."""
+    return PricedRoute(
+        "GET", "/quote/{item}", amount=QUOTE_PRICE, max_timeout_seconds=120, description="a quote",
+        settlement="serve-first",
+    )  # fmt: skip
+
+
 def build_shop(config: SellerConfig, *, work_seconds: float) -> FastAPI:
-    """The app: `/report/{item}` works for `work_seconds` then answers; `/fail` raises; `/stuck` never answers."""
+    """The app: `/report/{item}` works for `work_seconds` then answers; `/quote/{item}` answers at once;
+    `/fail` raises; `/stuck` never answers."""
     app = FastAPI(title="x402-escrow demo shop")
 
     @app.get("/report/{item}")
@@ -49,6 +59,10 @@ def build_shop(config: SellerConfig, *, work_seconds: float) -> FastAPI:
         await asyncio.sleep(work_seconds)  # the paid work: the window in which a buyer can die
         # generated_at shows that a replay returns the stored bytes, not a fresh rendering.
         return {"item": item, "summary": f"everything about {item}", "generated_at": time.time()}
+
+    @app.get("/quote/{item}")
+    async def quote(item: str) -> dict[str, Any]:
+        return {"item": item, "price": f"{len(item) * 1.25:.2f}", "quoted_at": time.time()}
 
     @app.get("/fail")
     async def fail() -> dict[str, Any]:

@@ -57,7 +57,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """
     store = SellerStore(config.store)
     try:
-        return DeliveryPoster(SellerChain(config, w3), store).post_pending()
+        return DeliveryPoster(SellerChain(config, w3), store).post_pending(force_settle=True)
     finally:
         store.close()
 

@@ -131,20 +131,21 @@ class DeliveryPoster:
         # one loop never wakes a waiter on another, which hangs that caller).
         self._pass = threading.Lock()
 
-    def post_pending(self) -> PostReport:
-        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch.
+    def post_pending(self, *, force_settle: bool = False) -> PostReport:
+        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch, and
+        send the queued serve-first settlements (`force_settle`: even within `settle_batch_wait`).
 
         Passes never overlap, whichever thread or event loop asks for them.
         """
         with self._pass:
-            return self._post_pending()
+            return self._post_pending(force_settle)
 
-    def _post_pending(self) -> PostReport:
+    def _post_pending(self, force_settle: bool) -> PostReport:
         report = PostReport()
         self._follow_posted(report)
         self._follow_settled(report)
         self._retry_refunds(report)
-        self._settle_queued(report)
+        self._settle_queued(report, force=force_settle)
         while True:
             now = self.chain.now()
             # Past (or too close to) its deadline, a delivery would be skipped: the escrow is the buyer's now.
@@ -326,7 +327,7 @@ class DeliveryPoster:
 
     # -- serve-first settlements -----------------------------------------------------------
 
-    def _settle_queued(self, report: PostReport) -> None:
+    def _settle_queued(self, report: PostReport, *, force: bool = False) -> None:
         """Send every queued serve-first settlement still in time, in one settleMany per batch.
 
         The contract pays the seller once per batch; an entry whose pull fails (the buyer moved its
@@ -344,6 +345,10 @@ class DeliveryPoster:
             queued = self.store.settlements_due(BATCH_SIZE)
             if not queued:
                 return
+            wait = self.chain.config.settle_batch_wait
+            age = self.store.oldest_queued_age() or 0.0
+            if len(queued) < BATCH_SIZE and age < wait and not force:
+                return  # let more join this batch (settle_batch_wait is below any payment's time left)
             entries = {q.escrow_id: _settlement(q) for q in queued}
             ids = list(entries)
             try:
@@ -423,9 +428,9 @@ class DeliveryPoster:
             report.refunded.append(escrow_id)
             log_sale("refunded", escrow_id, terms, refund_tx=refund_tx)
 
-    async def flush(self) -> PostReport:
+    async def flush(self, *, force_settle: bool = False) -> PostReport:
         """One pass now, off the event loop; passes never overlap."""
-        return await anyio.to_thread.run_sync(self.post_pending)
+        return await anyio.to_thread.run_sync(lambda: self.post_pending(force_settle=force_settle))
 
     async def _run(self) -> None:
         while True:
@@ -447,7 +452,7 @@ class DeliveryPoster:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(Exception):
-            await self.flush()
+            await self.flush(force_settle=True)
 
     @property
     def running(self) -> bool:

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS settlements (
     escrow_id TEXT PRIMARY KEY REFERENCES payments (escrow_id), buyer TEXT NOT NULL, amount INTEGER NOT NULL,
     payload TEXT NOT NULL, delivery_hash TEXT, due INTEGER NOT NULL, status TEXT NOT NULL,
     tx_hash TEXT, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
-    final INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL
+    final INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL, queued_at REAL
 );
 CREATE INDEX IF NOT EXISTS settlements_status ON settlements (status, due);
 CREATE INDEX IF NOT EXISTS settlements_buyer ON settlements (buyer, status);
@@ -455,9 +455,9 @@ class SellerStore:
                 (SERVED_FIRST, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
             )
             self._conn.execute(
-                "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ? "
+                "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ?, queued_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                (SETTLE_QUEUED, _hex(delivery_hash), now, _hex(escrow_id), SETTLE_SERVING),
+                (SETTLE_QUEUED, _hex(delivery_hash), now, now, _hex(escrow_id), SETTLE_SERVING),
             )
 
     def forget_serve_first(self, escrow_id: bytes) -> None:
@@ -489,6 +489,14 @@ class SellerStore:
                 (SETTLE_QUEUED, limit),
             ).fetchall()
         return [QueuedSettlement(bytes.fromhex(i[2:]), p, bytes.fromhex(h[2:]), int(n)) for i, p, h, n in rows]
+
+    def oldest_queued_age(self) -> float | None:
+        """Seconds (wall clock) since the longest-waiting queued settlement was queued; None if none is."""
+        with self._lock:
+            (oldest,) = self._conn.execute(
+                "SELECT MIN(queued_at) FROM settlements WHERE status = ?", (SETTLE_QUEUED,)
+            ).fetchone()
+        return None if oldest is None else time.time() - float(oldest)
 
     def expire_settlements(self, chain_time: int) -> tuple[list[bytes], list[bytes]]:
         """Settlements that can no longer land (due at or before `chain_time`): (queued ones, now lost;

@@ -269,3 +269,13 @@ def test_serve_first_settings_are_checked_when_built(chain: Chain, tmp_path: Pat
     # Hold routes need none of it, and a serve-first route within its limits is fine.
     assert make_config(chain, store).routes[0].settlement is SettlementMode.HOLD
     assert make_config(chain, store, routes=[route], **LIMITS).routes[0].serve_first
+
+
+def test_settle_batch_wait_holds_settlements_back_to_batch_them(chain: Chain, tmp_path: Path) -> None:
+    shop = _shop(chain, tmp_path, settle_batch_wait=5.0)
+    ids = [asyncio.run(_buy(shop, chain, f"/report/{i}", who))[1].escrow_id for i, who in enumerate((BUYER, BUYER2))]
+    assert _flush(shop).settle_txs == []  # the oldest has not waited 5 s: more may join
+    report = asyncio.run(shop.middleware.poster.flush(force_settle=True))  # what a shutdown does
+    assert len(report.settle_txs) == 1 and sorted(report.settled_first) == sorted(ids)
+    with pytest.raises(ConfigError, match="settle_batch_wait must be seconds >= 0 and below min_time_left 10"):
+        make_config(chain, tmp_path / "s.sqlite", routes=_routes(), settle_batch_wait=10, **LIMITS)
