@@ -1,0 +1,68 @@
+"""A reorg that takes the deposit away with its delivery: the poster deposits again from the stored signature,
+then delivers; serve-first settlements a reorg drops are queued again (real anvil, anvil_reorg)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import Chain
+from helpers import BUYER, SELLER, address
+from web3.types import RPCEndpoint
+
+from escrow_py.seller import PricedRoute
+from escrow_py.terms import State
+
+from .conftest import PRICE, make_shop, served
+from .payer import buy
+
+
+def _rpc(chain: Chain, method: str, params: list[Any]) -> Any:
+    answer = chain.w3.provider.make_request(RPCEndpoint(method), params)
+    assert "error" not in answer, answer
+    return answer.get("result")
+
+
+def _sell(chain: Chain, url: str, path: str) -> bytes:
+    async def run() -> bytes:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            response, payment = await buy(client, chain, "GET", path)
+        assert response.status_code == 200, response.text
+        return payment.escrow_id
+
+    return asyncio.run(run())
+
+
+def test_a_deposit_a_reorg_drops_after_serving_is_sent_again_then_delivered(chain: Chain, tmp_path: Path) -> None:
+    chain.mine()
+    shop = make_shop(chain, tmp_path / "seller.sqlite", poster_interval=3600, confirmation_depth=3)
+    seller_before = chain.token.balance_of(address(SELLER))
+    with served(shop.app) as (url, _):
+        escrow_id = _sell(chain, url, "/report/reorg-deposit")  # the deposit's block
+        assert shop.middleware.poster.post_pending().posted == [escrow_id]  # the delivery's block
+        _rpc(chain, "anvil_reorg", [2, []])  # both blocks replaced by empty ones
+        assert chain.escrow.state_of(escrow_id) is State.NONE  # served, and now unpaid
+        report = shop.middleware.poster.post_pending()
+        assert report.reposted == [escrow_id]
+        assert report.posted == [escrow_id]
+    assert chain.escrow.state_of(escrow_id) is State.RELEASED
+    assert chain.token.balance_of(address(SELLER)) == seller_before + PRICE
+
+
+def test_a_settlement_a_reorg_drops_is_queued_again_and_sent(chain: Chain, tmp_path: Path) -> None:
+    chain.mine()
+    route = PricedRoute("GET", "/report/{item}", amount=PRICE, settlement="serve-first")
+    limits = {"serve_first_max_price": PRICE, "serve_first_max_per_buyer": PRICE, "serve_first_max_total": PRICE}
+    shop = make_shop(chain, tmp_path / "seller.sqlite", routes=[route], poster_interval=3600, **limits)
+    with served(shop.app) as (url, _):
+        escrow_id = _sell(chain, url, "/report/reorg-settle")
+        assert shop.middleware.poster.post_pending().settled_first == [escrow_id]
+        _rpc(chain, "anvil_reorg", [1, []])
+        assert not chain.token.authorization_state(address(BUYER), escrow_id)
+        report = shop.middleware.poster.post_pending()
+        assert report.resettled == [escrow_id]
+        assert report.settled_first == [escrow_id]
+    assert chain.token.authorization_state(address(BUYER), escrow_id)
+    assert shop.middleware.store.settlement(escrow_id).status == "settled"  # type: ignore[union-attr]
