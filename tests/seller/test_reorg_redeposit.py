@@ -3,36 +3,16 @@ then delivers; serve-first settlements a reorg drops are queued again (real anvi
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Any
 
-import httpx
 from conftest import Chain
 from helpers import BUYER, SELLER, address
-from web3.types import RPCEndpoint
 
 from escrow_py.seller import PricedRoute
 from escrow_py.terms import State
 
 from .conftest import PRICE, make_shop, served
-from .payer import buy
-
-
-def _rpc(chain: Chain, method: str, params: list[Any]) -> Any:
-    answer = chain.w3.provider.make_request(RPCEndpoint(method), params)
-    assert "error" not in answer, answer
-    return answer.get("result")
-
-
-def _sell(chain: Chain, url: str, path: str) -> bytes:
-    async def run() -> bytes:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            response, payment = await buy(client, chain, "GET", path)
-        assert response.status_code == 200, response.text
-        return payment.escrow_id
-
-    return asyncio.run(run())
+from .test_reorg import _rpc, _sell
 
 
 def test_a_deposit_a_reorg_drops_after_serving_is_sent_again_then_delivered(chain: Chain, tmp_path: Path) -> None:
