@@ -334,7 +334,7 @@ class DeliveryPoster:
         funds, cancelled the authorization) is skipped, and recorded here as a loss: logged, counted
         (`SellerStore.losses`), and its buyer is refused serve-first from then on.
         """
-        while True:
+        while self.store.exposure() > 0:  # anything served first and unpaid (a hold-only seller: no RPC here)
             now = self.chain.now()
             lost, dropped = self.store.expire_settlements(now + DEADLINE_MARGIN)
             for escrow_id in lost:
