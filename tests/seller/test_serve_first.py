@@ -279,3 +279,47 @@ def test_settle_batch_wait_holds_settlements_back_to_batch_them(chain: Chain, tm
     assert len(report.settle_txs) == 1 and sorted(report.settled_first) == sorted(ids)
     with pytest.raises(ConfigError, match="settle_batch_wait must be seconds >= 0 and below min_time_left 10"):
         make_config(chain, tmp_path / "s.sqlite", routes=_routes(), settle_batch_wait=10, **LIMITS)
+
+
+def test_concurrent_requests_cannot_overshoot_the_per_buyer_limit(chain: Chain, tmp_path: Path) -> None:
+    shop = _shop(chain, tmp_path)  # BUYER may owe at most 3 * PRICE unsettled
+
+    async def burst() -> list[httpx.Response]:
+        async with shop.client() as client:
+            requireds = [await quote(client, "GET", f"/report/c{i}") for i in range(8)]
+            payments = [sign_payment(chain, r) for r in requireds]
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.get(f"/report/c{i}", headers={PAYMENT_SIGNATURE_HEADER: p.header})
+                        for i, p in enumerate(payments)
+                    )
+                )
+            )
+
+    answers = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in answers)
+    modes = sorted(_extra(r)[1].settlement for r in answers if _extra(r)[1].settlement is not None)
+    assert modes.count(SettlementStatus.PENDING) == 3
+    assert modes.count(SettlementStatus.HELD) == 5
+    assert shop.middleware.store.exposure(address(BUYER)) == 3 * PRICE
+
+
+def test_a_payment_that_rewrites_the_settlement_mode_is_refused(chain: Chain, tmp_path: Path) -> None:
+    shop = _shop(chain, tmp_path)
+
+    def to_hold(envelope: dict[str, Any]) -> None:
+        envelope["accepted"]["extra"]["settlement"] = "hold"
+
+    def to_nonsense(envelope: dict[str, Any]) -> None:
+        envelope["accepted"]["extra"]["settlement"] = "never"
+
+    async def pay(tamper: Any) -> httpx.Response:
+        async with shop.client() as client:
+            return (await buy(client, chain, "GET", "/report/t", tamper=tamper))[0]
+
+    start = _block(chain)
+    assert asyncio.run(pay(to_hold)).json()["error"] == Reason.REQUIREMENTS_MISMATCH
+    nonsense = asyncio.run(pay(to_nonsense))
+    assert nonsense.status_code == 400 and nonsense.json()["error"] == Reason.INVALID_PAYLOAD
+    assert _block(chain) == start and "report" not in shop.calls
