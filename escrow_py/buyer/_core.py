@@ -583,13 +583,14 @@ def judge_response(
     if extra.delivery_hash != received:
         journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=extra.delivery_hash)
         raise DeliveryMismatch(escrow_id, extra.delivery_hash, received)
-    if extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED):
+    served_first = extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED)
+    if served_first or settle.error_reason == Reason.SETTLEMENT_FAILED:
         # Served first: the bytes are here and match the seller's hash, the money has not moved (or the
         # seller says it has). Only the chain closes it (recover(): Settled event, or validBefore passed).
         journal.update(
             escrow_id,
             PaymentState.UNSETTLED,
-            detail=f"served first; settlement {extra.settlement.value}",
+            detail=f"served first; settlement {extra.settlement or settle.error_reason}",
             response_hash=received,
             committed_hash=extra.delivery_hash,
         )

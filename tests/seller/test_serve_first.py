@@ -29,7 +29,7 @@ from escrow_py.wire import (
     decode_payment_response,
 )
 
-from .conftest import PRICE, Shop, make_config, make_shop
+from .conftest import PRICE, ProcessDied, Shop, make_config, make_shop
 from .payer import Payment, buy, quote, sign_payment
 
 SF = SettlementMode.SERVE_FIRST
@@ -42,7 +42,7 @@ def _routes(*, fallback: bool = True) -> list[PricedRoute]:
         PricedRoute("POST", "/echo", amount=PRICE, settlement=SF, fallback_to_hold=False),
         PricedRoute("GET", "/fail", amount=PRICE, settlement=SF),
         PricedRoute("GET", "/boom", amount=PRICE, settlement=SF),
-        PricedRoute("GET", "/crashy", amount=PRICE),  # hold, beside them
+        PricedRoute("GET", "/crashy", amount=PRICE, settlement=SF),
     ]
 
 
@@ -323,3 +323,30 @@ def test_a_payment_that_rewrites_the_settlement_mode_is_refused(chain: Chain, tm
     nonsense = asyncio.run(pay(to_nonsense))
     assert nonsense.status_code == 400 and nonsense.json()["error"] == Reason.INVALID_PAYLOAD
     assert _block(chain) == start and "report" not in shop.calls
+
+
+def test_a_seller_that_died_mid_handler_serves_the_replay_first(chain: Chain, tmp_path: Path) -> None:
+    shop = _shop(chain, tmp_path)
+    shop.crash_next = True
+
+    async def pay() -> Payment:
+        async with shop.client() as client:
+            required = await quote(client, "GET", "/crashy")
+            payment = sign_payment(chain, required)
+            with pytest.raises(ProcessDied):
+                await client.get("/crashy", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+            return payment
+
+    payment = asyncio.run(pay())
+    assert shop.middleware.store.exposure() == PRICE  # recorded, exposure reserved, nothing answered
+    shop.crash_next = False
+
+    async def replay() -> httpx.Response:
+        async with shop.client() as client:
+            return await client.get("/crashy", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+
+    response = asyncio.run(replay())
+    assert response.status_code == 200 and response.json() == {"served": "after the crash"}
+    assert _extra(response)[1].settlement is SettlementStatus.PENDING
+    assert _flush(shop).settled_first == [payment.escrow_id]
+    assert shop.calls["crashy"] == 2
