@@ -152,7 +152,9 @@ def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> 
     eid, journal, received = entry.escrow_id, core.journal, entry.response_hash
     tx = settled.at.tx_hash
     if received is None:
-        outcome = "settled on chain; the bytes never arrived and no request is journaled to replay"
+        # The money is gone to the seller whatever the bytes: the ledger says so; the journal waits for them.
+        journal.confirm_on_chain(eid, spent=True)
+        outcome = "settled on chain (spent); the bytes never arrived and no request is journaled to replay"
         return RecoveryItem(eid, State.NONE, Action.WAITING, outcome, entry.state, tx)
     if received == settled.delivery_hash:
         journal.update(eid, PaymentState.DELIVERED, committed_hash=settled.delivery_hash, tx_hash=tx)

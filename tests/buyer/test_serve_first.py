@@ -179,20 +179,24 @@ def test_the_policy_forbids_or_requires_a_settlement_mode(
         Policy.from_mapping({"settlement": "later"})
 
 
-def test_the_sdk_plugin_pays_serve_first_and_recover_closes_it(chain: Chain, tmp_path: Path) -> None:
-    shop, journal = _shop(chain, tmp_path), tmp_path / "buyer.sqlite"
-    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal)
+def _sdk_get(chain: Chain, shop: Shop, scheme: DeliveryEscrowScheme, path: str) -> httpx.Response:
+    """`path` bought through the official SDK's httpx transport with the plugin, over a real uvicorn."""
     sdk = x402Client().register("eip155:84532", scheme)
     allowed = {"network": "eip155:84532", "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
     sdk.set_spend_controls({"allowed_assets": [allowed]})
-
     with serving(shop.app) as url:
 
         async def run() -> httpx.Response:
             async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:
-                return await http.get(f"{url}/report/sdk")
+                return await http.get(f"{url}{path}")
 
-        response = asyncio.run(run())
+        return asyncio.run(run())
+
+
+def test_the_sdk_plugin_pays_serve_first_and_recover_closes_it(chain: Chain, tmp_path: Path) -> None:
+    shop, journal = _shop(chain, tmp_path), tmp_path / "buyer.sqlite"
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal)
+    response = _sdk_get(chain, shop, scheme, "/report/sdk")
     assert response.status_code == 200
     assert scheme.verify_delivery(response) == response.content
     (entry,) = scheme.core.journal.entries()
@@ -200,3 +204,15 @@ def test_the_sdk_plugin_pays_serve_first_and_recover_closes_it(chain: Chain, tmp
     _flush(shop)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
     assert (item.action, item.journal_state) == (Action.MARKED_SETTLED, PaymentState.DELIVERED)
+
+
+def test_a_settled_payment_the_sdk_plugin_never_verified_is_spent_in_the_ledger(chain: Chain, tmp_path: Path) -> None:
+    shop, journal = _shop(chain, tmp_path), tmp_path / "buyer.sqlite"
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal)
+    # Paid, and the caller never calls verify_delivery.
+    assert _sdk_get(chain, shop, scheme, "/report/unverified").status_code == 200
+    _flush(shop)
+    (item,) = recover(journal, dev(BUYER), chain.node.url).items
+    assert (item.action, item.journal_state) == (Action.WAITING, PaymentState.SIGNED)
+    assert "settled on chain (spent)" in item.outcome
+    assert _ledger(journal) == (LedgerStatus.SPENT,)
