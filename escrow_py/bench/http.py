@@ -314,6 +314,9 @@ def _serve_first_config(rpc_url: str, escrow: str, token: str, store: Path) -> S
         serve_first_max_price=PRICE,
         serve_first_max_per_buyer=PRICE * 100_000,
         serve_first_max_total=PRICE * 100_000,
+        # Settlements wait up to 5 s for each other: bigger settleMany batches, fewer transactions.
+        settle_batch_wait=5.0,
+        min_time_left=10,
     )
 
 

@@ -397,7 +397,10 @@ class PaymentCore:
                 f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
                 f"({req.extra.name!r}, {req.extra.version!r})",
             )
-        balance = self.chain.balance_of(req.asset, self.signer.address)
+        # The balance and the next block's time at once: one round trip on the paying path.
+        balance, next_time = rpc.both(
+            lambda: self.chain.balance_of(req.asset, self.signer.address), self.chain.next_block_time
+        )
         if balance < req.amount:
             raise PaymentRefused(
                 Reason.INSUFFICIENT_BALANCE, f"{self.signer.address} holds {balance} of {req.asset}, needs {req.amount}"
@@ -405,7 +408,7 @@ class PaymentCore:
         # The contract (deadline) and the token (validBefore) judge the deposit by the time of the block
         # that includes it. That is the next block's time, not the latest block's: on a chain that mines
         # only on demand the latest block can be older than the whole window.
-        deadline = self.chain.next_block_time() + req.max_timeout_seconds
+        deadline = next_time + req.max_timeout_seconds
         terms = Terms(
             buyer=self.signer.address,
             seller=req.pay_to,

@@ -18,6 +18,7 @@ from web3 import Web3
 from web3.exceptions import Web3Exception
 from x402.schemas import SettleResponse
 
+from escrow_py.chain import rpc
 from escrow_py.chain.tx import SentTx
 from escrow_py.errors import (
     ConfigError,
@@ -322,7 +323,7 @@ class EscrowMiddleware:
         return verified, deposit_tx
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
-        return self.chain.state_of(escrow_id), self.chain.now()
+        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)
 
     def _latest_valid_time(self, request: _Request, header: str) -> int:
         """The last chain time at which this payment's deadline and authorization both had time left."""

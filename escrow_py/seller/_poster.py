@@ -408,8 +408,10 @@ class DeliveryPoster:
                 log.warning("settlement of 0x%s vanished in a reorg; sending it again", escrow_id.hex())
             else:
                 final.append(escrow_id)  # settled by another transaction: nothing left to follow
-        self.store.settle_final(final)
-        self.store.resettle(again, "its settlement vanished in a reorg")
+        if final:
+            self.store.settle_final(final)
+        if again:
+            self.store.resettle(again, "its settlement vanished in a reorg")
         report.resettled.extend(again)
 
     def _retry_refunds(self, report: PostReport) -> None:

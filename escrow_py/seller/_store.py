@@ -501,6 +501,11 @@ class SellerStore:
     def expire_settlements(self, chain_time: int) -> tuple[list[bytes], list[bytes]]:
         """Settlements that can no longer land (due at or before `chain_time`): (queued ones, now lost;
         serving ones, dropped: their handler never finished, so nothing was served)."""
+        unpaid = ",".join("?" * len(UNPAID))
+        due = f"SELECT 1 FROM settlements WHERE status IN ({unpaid}) AND due <= ? LIMIT 1"  # noqa: S608
+        with self._lock:
+            if self._conn.execute(due, (*UNPAID, chain_time)).fetchone() is None:
+                return [], []  # the usual pass: nothing due, no write transaction
         with self._lock, transaction(self._conn):
             lost = self._conn.execute(
                 "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_QUEUED, chain_time)

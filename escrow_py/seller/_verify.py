@@ -11,9 +11,11 @@ machine-readable reason and the values involved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from eth_typing import ChecksumAddress
 
+from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain, recover_signer
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
@@ -28,6 +30,8 @@ from escrow_py.wire import (
     SettlementMode,
     decode_payment_signature,
 )
+
+_T = TypeVar("_T")
 
 # What a serve-first settlement is simulated with before the handler has run: any non-zero hash
 # (the pull, which is what can fail, does not depend on it).
@@ -227,17 +231,6 @@ def verify_onchain(
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
     """
-    balance = token.balance_of(payment.buyer)
-    _require(
-        balance >= payment.terms.amount,
-        Reason.INSUFFICIENT_BALANCE,
-        f"buyer balance {balance} < amount {payment.terms.amount}",
-    )
-    _require(
-        not token.authorization_state(payment.buyer, payment.escrow_id),
-        Reason.AUTHORIZATION_USED,
-        "the authorization was already used or cancelled",
-    )
     payload = payment.payload
     if serve_first:
         what = "settlement"
@@ -245,8 +238,27 @@ def verify_onchain(
     else:
         what = "deposit"
         data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-    try:
-        gas = sender.estimate_gas(escrow.address, data)
-    except ContractRevert as revert:
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {revert}", detail=str(revert)) from None
+    # Three independent reads at once (one round trip); judged in this order, the simulation last.
+    balance, used, gas = rpc.gather(
+        lambda: token.balance_of(payment.buyer),
+        lambda: token.authorization_state(payment.buyer, payment.escrow_id),
+        lambda: sender.estimate_gas(escrow.address, data),
+    )
+    balance, used = _value(balance), _value(used)
+    _require(
+        balance >= payment.terms.amount,
+        Reason.INSUFFICIENT_BALANCE,
+        f"buyer balance {balance} < amount {payment.terms.amount}",
+    )
+    _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
+    if isinstance(gas, ContractRevert):
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+    gas = _value(gas)
     return int(gas * GAS_MARGIN)
+
+
+def _value(result: _T | BaseException) -> _T:
+    """A gathered read's value; its exception (the node failed) raised as it was."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
