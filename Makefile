@@ -6,7 +6,7 @@ PY_STAMP   := $(VENV)/.installed-dev
 APE_STAMP  := $(VENV)/.installed-ape
 NODE_STAMP := node_modules/.installed
 
-.PHONY: bootstrap test lint format artifacts demo bench ape clean
+.PHONY: bootstrap test test-unit test-contracts test-integration lint format artifacts demo bench ape clean
 
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
@@ -28,23 +28,38 @@ $(NODE_STAMP): package.json package-lock.json
 # Slither runs on contracts/ through the solc-js wrapper; every finding must be triaged, with its
 # reason, in slither.triage.toml (scripts/slither_check.py fails on a new or a stale one).
 lint: bootstrap
-	$(BIN)/ruff check escrow_py tests scripts examples
-	$(BIN)/ruff format --check escrow_py tests scripts examples
+	$(BIN)/ruff check escrow_py escrow_devtools tests scripts examples
+	$(BIN)/ruff format --check escrow_py escrow_devtools tests scripts examples
 	$(BIN)/mypy
+	MYPYPATH=tests $(BIN)/mypy --explicit-package-bases tests
 	$(BIN)/python scripts/slither_check.py
 
 format: bootstrap
-	$(BIN)/ruff format escrow_py tests scripts examples
-	$(BIN)/ruff check --fix escrow_py tests scripts examples
+	$(BIN)/ruff format escrow_py escrow_devtools tests scripts examples
+	$(BIN)/ruff check --fix escrow_py escrow_devtools tests scripts examples
 
-# Recompile contracts/ into the artifacts shipped in escrow_py/chain/artifacts/.
+# Recompile contracts/ into the runtime's artifacts (escrow_py/chain/artifacts/) and the tools'
+# (escrow_devtools/artifacts/).
 artifacts: bootstrap
 	$(BIN)/x402-escrow contracts build
 
 # Everything, the Ape deployment test included (ape's own pytest plugin stays disabled:
 # the deploy test drives `ape run deploy` in a subprocess).
+# Two xdist workers (the machine has two cores), each with its own anvil chains on free ports.
+PYTEST_WORKERS ?= 2
+
 test: bootstrap lint ape
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+
+# One tier at a time (markers set in tests/conftest.py): unit needs no anvil and takes seconds.
+test-unit: bootstrap
+	$(BIN)/pytest -q -m unit
+
+test-contracts: bootstrap
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m contracts
+
+test-integration: bootstrap ape
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m integration
 
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), in one step. It also
 # lets ape-solidity find the compiler: the solc-js wrapper, where py-solc-x keeps solc versions

@@ -3,7 +3,7 @@
 Each role registers its own subcommands from its own module (`register(subparsers)`),
 so this file only assembles them:
 
-    x402-escrow contracts build     recompile contracts/ into the shipped artifacts
+    x402-escrow contracts build     recompile contracts/ into the shipped artifacts (development tool)
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
@@ -12,24 +12,46 @@ so this file only assembles them:
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from escrow_py.errors import EscrowError
-
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
+# Every subcommand: its one-line help and where its registrar lives. Only the registrar of the
+# subcommand being run is imported: `--help` and `buyer report` do not pay for the keeper's, the
+# seller's or the tools' imports (web3, the x402 SDK, pydantic models take seconds to import).
+# The development tools (`contracts`, `demo`, `bench`) live in `escrow_devtools`, outside the runtime.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "contracts": ("compile the Solidity sources into the shipped artifacts", "escrow_py.cli:register_contracts"),
+    "demo": (
+        "play the escrow's four stories over HTTP on a fresh local anvil (or an existing chain)",
+        "escrow_py.cli:register_demo",
+    ),
+    "keeper": (
+        "refund every expired, undelivered escrow (no live buyer needed)",
+        "escrow_py.keeper._cli:register",
+    ),
+    "bench": (
+        "run a benchmark on a fresh local anvil and print its figures",
+        "escrow_devtools.bench.cli:register",
+    ),
+    "buyer": ("the buyer's journal and recovery", "escrow_py.buyer._cli:register"),
+}
 
-def _register_contracts(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    contracts = sub.add_parser("contracts", help="compile the Solidity sources into the shipped artifacts")
+
+def register_contracts(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    contracts = sub.add_parser("contracts", help=COMMANDS["contracts"][0])
     actions = contracts.add_subparsers(dest="action", required=True)
-    build = actions.add_parser("build", help="recompile contracts/ and rewrite escrow_py/chain/artifacts/")
+    build = actions.add_parser(
+        "build", help="recompile contracts/ into escrow_py/chain/artifacts/ and escrow_devtools/artifacts/"
+    )
     build.set_defaults(func=_contracts_build)
 
 
 def _contracts_build(args: argparse.Namespace) -> int:
-    from escrow_py.chain import build
+    from escrow_devtools import build
 
     solc = build.find_solc()
     print(f"compiling with {solc}", file=sys.stderr)
@@ -38,10 +60,10 @@ def _contracts_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
-        help="play the escrow's four stories over HTTP on a fresh local anvil (or an existing chain)",
+        help=COMMANDS["demo"][0],
         description="Without --rpc: a fresh anvil, deployed contracts and dev keys. With --rpc and --escrow: an "
         "existing chain, the buyer, seller and keeper keys from X402_ESCROW_BUYER_KEY, X402_ESCROW_SELLER_KEY and "
         "X402_ESCROW_KEEPER_KEY (each defaults to X402_ESCROW_PRIVATE_KEY); the buyer needs 0.05 USDC, the seller "
@@ -55,31 +77,47 @@ def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from escrow_py.demo import DemoOptions, run_demo
+    from escrow_devtools.demo import DemoOptions, run_demo
 
     options = DemoOptions(rpc_url=args.rpc_url, escrow=args.escrow, token=args.token, workdir=args.workdir)
     return 0 if run_demo(options) else 1
 
 
-def _registrars() -> list[Registrar]:
-    from escrow_py.bench.cli import register as bench
-    from escrow_py.buyer._cli import register as buyer
-    from escrow_py.keeper._cli import register as keeper
+def registrar(command: str) -> Registrar:
+    """The full registrar of one subcommand (imports its module)."""
+    module, _, name = COMMANDS[command][1].partition(":")
+    found: Registrar = getattr(importlib.import_module(module), name)
+    return found
 
-    return [_register_contracts, _register_demo, keeper, bench, buyer]
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names: its first positional argument (the top level takes only -h)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMANDS else None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: the named subcommand in full, every other one as its name and help only.
+
+    Without `argv` every subcommand is registered in full (slow: it imports every role and the tools).
+    """
     parser = argparse.ArgumentParser(prog="x402-escrow", description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in _registrars():
-        register(sub)
+    wanted = _command_in(argv) if argv is not None else None
+    for command, (help_text, _) in COMMANDS.items():
+        if argv is None or command == wanted:
+            registrar(command)(sub)
+        else:
+            sub.add_parser(command, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from escrow_py.errors import EscrowError
+
     try:
         code: int = args.func(args)
     except EscrowError as exc:

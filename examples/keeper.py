@@ -13,7 +13,7 @@ config = KeeperConfig.load(
     },
 )
 keeper = Keeper(config, LocalSigner.from_env())  # any funded key: refunds need no role
-keeper.check()  # the RPC serves the network, the escrow is an X402Escrow, the key has gas
+keeper.check()  # the RPC serves the network, the escrow is an X402Escrow, each token is ERC-3009, the key has gas
 report = keeper.run_once()  # index events, refund every Held escrow past its deadline
 print(f"refunds sent: {report.refunds_sent}")
 keeper.close()

@@ -1,85 +1,58 @@
-"""Shared fixtures: one real anvil chain per test session (chain id 84532), reset between tests.
+"""Test tiers and the fixture plugins.
 
-Every test gets the chain as it was after the shared deployments, through
-evm_snapshot / evm_revert, so tests are independent and fast.
+Tiers (markers, set here from where a test lives and what it needs, so no test file has to say it):
+
+    unit         no anvil, no network, no subprocess chain: pure functions, SQLite in tmp_path,
+                 httpx.MockTransport, the ASGI stack in-process
+    contracts    the contract itself on anvil (tests/contracts/)
+    integration  everything else on anvil: the roles, uvicorn, processes, the CLI, the benchmarks
+    slow         the long ones (crash and soak trials), a subset of integration
+
+A test is `integration` when it uses the `chain` fixture, when it lives in one of the files below
+(they start their own anvil, ape or the CLI in subprocesses), or when it says so itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from web3 import Web3
 
-from escrow_py.chain.anvil import Anvil, dev_signer
-from escrow_py.chain.escrow import Escrow, deploy
-from escrow_py.chain.signer import LocalSigner
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import TxSender
+pytest_plugins = ["fixtures.chain"]
 
-# anvil dev accounts by role (their keys are anvil's public development keys).
-DEPLOYER, BUYER, SELLER, OPERATOR, STRANGER, BUYER2, SELLER2 = range(7)
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "contracts", "integration")
 
-INITIAL_BALANCE = 1_000_000 * 10**6  # one million test USDC per buyer
-
-
-@dataclass
-class Chain:
-    """The session's chain with the escrow and a USDC-like token deployed and buyers funded."""
-
-    node: Anvil
-    w3: Web3
-    escrow: Escrow
-    token: Token
-    deployer: TxSender
-
-    def signer(self, index: int) -> LocalSigner:
-        return dev_signer(index)
-
-    def sender(self, index: int) -> TxSender:
-        return TxSender(self.w3, dev_signer(index))
-
-    def now(self) -> int:
-        """The latest block's timestamp: the chain's clock."""
-        return int(self.w3.eth.get_block("latest")["timestamp"])
-
-    def set_next_timestamp(self, timestamp: int) -> None:
-        self.w3.provider.make_request("evm_setNextBlockTimestamp", [timestamp])  # type: ignore[arg-type]
-
-    def mine(self, timestamp: int | None = None) -> None:
-        if timestamp is not None:
-            self.set_next_timestamp(timestamp)
-        self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-
-    def deploy_token(self, contract: str = "TestUSDC", *args: object) -> Token:
-        if contract == "TestUSDC" and not args:
-            args = ("USDC", "2")
-        token = Token(self.w3, deploy(self.deployer, contract, *args))
-        for who in (BUYER, BUYER2):
-            token.mint(self.deployer, dev_signer(who).address, INITIAL_BALANCE)
-        return token
+# Tests that need no `chain` fixture yet are not unit tests: their own anvil, the compiler, ape, subprocesses.
+BY_PATH = {
+    "contracts": ("contracts", "chain/test_artifacts.py"),
+    "integration": (
+        "bench",
+        "integration",
+        "deploy/test_deploy.py",
+        "deploy/test_no_ape_at_runtime.py",
+        "keeper/test_keeper_startup.py",
+        "test_demo.py",
+    ),
+}
 
 
-@pytest.fixture(scope="session")
-def _session_chain() -> Iterator[Chain]:
-    with Anvil() as node:
-        w3 = node.web3()
-        deployer = TxSender(w3, dev_signer(DEPLOYER))
-        escrow = Escrow(w3, deploy(deployer, "X402Escrow"))
-        chain = Chain(node=node, w3=w3, escrow=escrow, token=None, deployer=deployer)  # type: ignore[arg-type]
-        chain.token = chain.deploy_token()
-        yield chain
+def _tier_by_path(path: Path) -> str | None:
+    relative = path.relative_to(TESTS).as_posix()
+    for tier, places in BY_PATH.items():
+        if any(relative == place or relative.startswith(place + "/") for place in places):
+            return tier
+    return None
 
 
-@pytest.fixture
-def chain(_session_chain: Chain) -> Iterator[Chain]:
-    """The shared chain, rolled back to its post-deployment state after the test."""
-    w3 = _session_chain.w3
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]  # type: ignore[arg-type]
-    try:
-        yield _session_chain
-    finally:
-        w3.provider.make_request("evm_revert", [snapshot])  # type: ignore[arg-type]
-        # Senders cache nonces; the revert rewinds them on chain.
-        _session_chain.deployer = TxSender(w3, dev_signer(DEPLOYER))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        tier = _tier_by_path(item.path)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+        elif "_session_chain" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

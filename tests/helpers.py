@@ -6,7 +6,7 @@
     with expect_revert("NotHeld", state=State.RELEASED):    # the decoded custom error and its values
         chain.escrow.deliver(chain.sender(SELLER), terms, h)
 
-Everything works on the `chain` fixture of tests/conftest.py; senders are made per
+Everything works on the `chain` fixture of tests/fixtures/chain.py; senders are made per
 call because TxSender caches nonces.
 """
 
@@ -23,9 +23,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
+
+# The role indexes, re-exported: tests take them from here or from fixtures.chain alike.
+from fixtures.chain import BUYER as BUYER
+from fixtures.chain import BUYER2 as BUYER2
+from fixtures.chain import DEPLOYER as DEPLOYER
+from fixtures.chain import OPERATOR as OPERATOR
+from fixtures.chain import SELLER as SELLER
+from fixtures.chain import SELLER2 as SELLER2
+from fixtures.chain import STRANGER as STRANGER
 from web3.types import RPCEndpoint, TxReceipt
 
-from escrow_py.chain.anvil import dev_signer
+from escrow_devtools.anvil import dev_signer
 from escrow_py.chain.authorization import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
@@ -41,10 +50,8 @@ from escrow_py.errors import ContractRevert
 from escrow_py.terms import Terms, request_hash
 
 if TYPE_CHECKING:
-    from conftest import Chain
+    from fixtures.chain import Chain
 
-# Same indexes as tests/conftest.py (repeated so this module imports without it).
-DEPLOYER, BUYER, SELLER, OPERATOR, STRANGER, BUYER2, SELLER2 = range(7)
 
 DEFAULT_AMOUNT = 10_000  # 0.01 USDC
 DEFAULT_WINDOW = 3600
@@ -205,7 +212,9 @@ def no_automine(chain: Chain) -> Iterator[None]:
 def pending_of(chain: Chain, who: str) -> list[dict[str, Any]]:
     """The node's pending transactions from `who`."""
     pool = rpc(chain, "txpool_content", [])["pending"]
-    by_sender = next((txs for sender, txs in pool.items() if sender.lower() == who.lower()), {})
+    by_sender: dict[str, dict[str, Any]] = next(
+        (txs for sender, txs in pool.items() if sender.lower() == who.lower()), {}
+    )
     return list(by_sender.values())
 
 
@@ -262,8 +271,8 @@ FIAT_ADMIN, FIAT_OWNER = 8, 9
 
 def deploy_fiat_token(chain: Chain, *, fund: tuple[int, ...] = (BUYER, BUYER2), amount: int = 10**12) -> Token:
     """Circle's real USDC (FiatTokenV2_2 behind its proxy, initialised through V2_2), buyers funded."""
-    from escrow_py.chain.fiat_token import deploy_fiat_token as deploy_usdc
-    from escrow_py.chain.fiat_token import mint_fiat_token
+    from escrow_devtools.fiat_token import deploy_fiat_token as deploy_usdc
+    from escrow_devtools.fiat_token import mint_fiat_token
 
     owner = chain.sender(FIAT_OWNER)
     token = Token(chain.w3, deploy_usdc(chain.sender(FIAT_ADMIN), owner))

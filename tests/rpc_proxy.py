@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 
 # What a load-balanced public RPC answers when the backend behind it lags: a real error, not a revert.
 NODE_ERROR = {"code": -32000, "message": "header not found"}

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer
-from escrow_py.chain.escrow import Escrow, deploy
+from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.demo import DemoOptions, run_demo
+from escrow_devtools.demo import _run as demo_run
+from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.demo import DemoOptions, run_demo
-from escrow_py.demo import _run as demo_run
 from escrow_py.errors import ConfigError
 
 STORY_LINES = [

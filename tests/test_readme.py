@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, deposit, make_terms
 
-from escrow_py.chain.anvil import dev_private_key, free_port
+from escrow_devtools.anvil import dev_private_key, free_port
 from escrow_py.terms import State
 
 REPO = Path(__file__).resolve().parents[1]

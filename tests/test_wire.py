@@ -8,28 +8,29 @@ import os
 
 import httpx
 import pytest
+from eth_utils.address import to_checksum_address
 from x402.http.utils import (
     decode_payment_required_header,
     decode_payment_response_header,
     decode_payment_signature_header,
 )
-from x402.schemas import PaymentPayload, SettleResponse
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
 
+from escrow_devtools.anvil import dev_signer
 from escrow_py import wire
-from escrow_py.chain.anvil import dev_signer
 from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.errors import ProtocolError
 from escrow_py.terms import Terms, request_hash
 
 ESCROW = "0x" + "ee" * 20
-TOKEN = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+TOKEN = to_checksum_address("0x036CbD53842c5426634e7929541eC2318f3dCF7e")
 BUYER, SELLER = dev_signer(1), dev_signer(2)
 RESOURCE = "http://127.0.0.1:8000/report/7"
 
 
 def _requirements() -> wire.EscrowRequirements:
     extra = wire.EscrowExtra("USDC", "2", ESCROW, SELLER.address, request_hash("GET", RESOURCE))  # type: ignore[arg-type]
-    return wire.EscrowRequirements("eip155:84532", 10_000, TOKEN, SELLER.address, 120, extra)  # type: ignore[arg-type]
+    return wire.EscrowRequirements("eip155:84532", 10_000, TOKEN, SELLER.address, 120, extra)
 
 
 def _payload() -> wire.EscrowPayload:
@@ -37,7 +38,7 @@ def _payload() -> wire.EscrowPayload:
     terms = Terms(BUYER.address, SELLER.address, SELLER.address, TOKEN, 10_000, 1_800_000_000,
                   req.extra.request_hash, os.urandom(32))  # fmt: skip
     auth = authorization_for(terms, ESCROW, 84532, 0, terms.deadline)
-    signature = sign_authorization(BUYER, TokenDomain("USDC", "2", 84532, TOKEN), auth)  # type: ignore[arg-type]
+    signature = sign_authorization(BUYER, TokenDomain("USDC", "2", 84532, TOKEN), auth)
     return wire.EscrowPayload(auth, signature, terms)
 
 
@@ -45,8 +46,10 @@ def test_payment_required_decodes_with_the_sdk_decoder() -> None:
     header = wire.encode_payment_required(wire.payment_required(RESOURCE, [_requirements().to_model()]))
     decoded = decode_payment_required_header(header)
     assert decoded.x402_version == 2
+    assert isinstance(decoded, PaymentRequired)
     assert decoded.resource is not None and decoded.resource.url == RESOURCE
     entry = decoded.accepts[0]
+    assert isinstance(entry, PaymentRequirements) and entry.extra is not None
     assert (entry.scheme, entry.network, entry.amount, entry.pay_to) == (
         "delivery-escrow",
         "eip155:84532",
@@ -154,17 +157,19 @@ def test_a_nesting_at_the_limit_still_decodes_and_a_settlement_deadline_is_a_uin
         wire.SettlementExtra.from_json(extra)
 
 
-def _unavailable(status: int = 503, body: object = None, **headers: str) -> wire.Unavailable | None:
+def _unavailable(
+    status: int = 503, body: object = None, headers: dict[str, str] | None = None
+) -> wire.Unavailable | None:
     content = json.dumps({"error": "operator_unfunded", "message": "no gas"} if body is None else body).encode()
     # As bytes off the wire: a header value is any latin-1 text, not only ASCII.
-    raw = httpx.Headers([(k.encode(), v.encode("latin-1")) for k, v in headers.items()])
+    raw = httpx.Headers([(k.encode(), v.encode("latin-1")) for k, v in (headers or {}).items()])
     return wire.Unavailable.decode(status, raw, content)
 
 
 def test_the_sellers_503_round_trips_and_only_its_own_reasons_count() -> None:
     sent = wire.Unavailable(wire.Reason.DEPOSIT_PENDING, "not confirmed yet", 10)
     assert wire.Unavailable.decode(503, httpx.Headers({"Retry-After": "10"}), sent.body()) == sent
-    assert _unavailable(**{"Retry-After": "30"}) == wire.Unavailable(wire.Reason.OPERATOR_UNFUNDED, "no gas", 30)
+    assert _unavailable(headers={"Retry-After": "30"}) == wire.Unavailable(wire.Reason.OPERATOR_UNFUNDED, "no gas", 30)
     # Not the seller's own failure: another status, another reason, a proxy's HTML, a 402's reason.
     assert _unavailable(status=502) is None
     assert _unavailable(body={"error": "upstream down"}) is None
@@ -173,8 +178,8 @@ def test_the_sellers_503_round_trips_and_only_its_own_reasons_count() -> None:
     assert wire.Unavailable.decode(503, httpx.Headers(), b"<html>Service Unavailable</html>") is None
     assert _unavailable(body={"error": "operator_unfunded", "message": "x" * 5000}) is None  # too large to be ours
     # A handler's own 503 carries the payment's outcome (PAYMENT-RESPONSE): final, never resent.
-    assert _unavailable(**{wire.PAYMENT_RESPONSE_HEADER: "e30="}) is None
-    assert _unavailable(**{wire.PAYMENT_REQUIRED_HEADER: "e30="}) is None
+    assert _unavailable(headers={wire.PAYMENT_RESPONSE_HEADER: "e30="}) is None
+    assert _unavailable(headers={wire.PAYMENT_REQUIRED_HEADER: "e30="}) is None
 
 
 @pytest.mark.parametrize(
@@ -184,5 +189,5 @@ def test_the_sellers_503_round_trips_and_only_its_own_reasons_count() -> None:
 )  # fmt: skip
 def test_a_retry_after_that_is_not_plain_seconds_counts_as_one(retry_after: str | None, seconds: int) -> None:
     headers = {} if retry_after is None else {"Retry-After": retry_after}
-    decoded = _unavailable(**headers)
+    decoded = _unavailable(headers=headers)
     assert decoded is not None and decoded.retry_after == seconds

@@ -426,21 +426,23 @@ class Escrow:
         return next((e for e in self.events_in(receipt) if isinstance(e, Delivered) and e.id == escrow_id), None)
 
 
-def deploy(sender: TxSender, contract: str, *constructor_args: Any, confirmations: int = 1) -> ChecksumAddress:
-    """Deploy a shipped artifact from `sender`; returns its address.
+def deploy(
+    sender: TxSender, contract: str | dict[str, Any], *constructor_args: Any, confirmations: int = 1
+) -> ChecksumAddress:
+    """Deploy a shipped artifact (by name) or any artifact (the dict itself) from `sender`; returns its address.
 
     X402Escrow goes through `deploy_escrow`, to its one address (`registry.ESCROW_ADDRESS`);
     every other contract is created plainly.
     """
     if contract == "X402Escrow" and not constructor_args:
         return deploy_escrow(sender, confirmations=confirmations)
-    artifact = load_artifact(contract)
+    artifact = load_artifact(contract) if isinstance(contract, str) else contract
     factory = sender.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
     data = bytes(HexBytes(factory.constructor(*constructor_args).data_in_transaction))
     receipt = sender.transact(None, data, confirmations=confirmations)
     address = receipt["contractAddress"]
     if address is None:
-        raise RuntimeError(f"deployment of {contract} produced no contract address")
+        raise RuntimeError(f"deployment of {artifact.get('contractName', contract)} produced no contract address")
     return to_checksum_address(address)
 
 

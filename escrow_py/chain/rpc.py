@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import requests
 from eth_utils.address import to_checksum_address
 from web3 import HTTPProvider, Web3
 from web3.types import RPCEndpoint
@@ -67,6 +68,9 @@ class DeadlineHTTPProvider(HTTPProvider):
             return future.result(timeout=self.deadline)
         except concurrent.futures.TimeoutError:
             future.cancel()
+            raise RpcTimeout(f"{method}: no answer from {self._shown} within {self.deadline:g}s") from None
+        except requests.exceptions.Timeout:
+            # requests' own timeout (the same deadline) can fire first on a loaded machine: the same fault.
             raise RpcTimeout(f"{method}: no answer from {self._shown} within {self.deadline:g}s") from None
         except OSError as exc:  # refused, reset, HTTP error status: requests' exceptions are OSErrors
             raise RpcError(f"{method}: {self._shown} unreachable: {type(exc).__name__}") from None

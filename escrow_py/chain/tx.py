@@ -41,18 +41,38 @@ REPLACEMENT_BUMP = 1.125
 GAS_MARGIN = 1.2
 
 
-@cache
-def _error_abis() -> dict[bytes, tuple[str, list[str], list[str]]]:
-    """Every custom error of the shipped contracts by selector: (name, arg names, arg types)."""
-    table: dict[bytes, tuple[str, list[str], list[str]]] = {}
-    for contract in CONTRACTS:
-        for item in load_artifact(contract)["abi"]:
-            if item["type"] != "error":
-                continue
-            types = [_abi_type(i) for i in item["inputs"]]
-            selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
-            table[selector] = (item["name"], [i["name"] or f"arg{n}" for n, i in enumerate(item["inputs"])], types)
+ErrorTable = dict[bytes, tuple[str, list[str], list[str]]]
+
+# Custom errors of contracts the runtime does not ship (the development tools' test tokens register theirs),
+# so that a revert from them is reported by name, as the shipped contracts' are.
+_registered_errors: ErrorTable = {}
+
+
+def _errors_of(abi: list[dict[str, Any]]) -> ErrorTable:
+    """The custom errors of one ABI by selector: (name, arg names, arg types)."""
+    table: ErrorTable = {}
+    for item in abi:
+        if item["type"] != "error":
+            continue
+        types = [_abi_type(i) for i in item["inputs"]]
+        selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
+        table[selector] = (item["name"], [i["name"] or f"arg{n}" for n, i in enumerate(item["inputs"])], types)
     return table
+
+
+@cache
+def _error_abis() -> ErrorTable:
+    """Every custom error of the shipped contracts by selector."""
+    table: ErrorTable = {}
+    for contract in CONTRACTS:
+        table.update(_errors_of(load_artifact(contract)["abi"]))
+    return table
+
+
+def register_errors(abi: list[dict[str, Any]]) -> None:
+    """Let `decode_revert` name the custom errors of another contract's ABI (the shipped ones win a clash)."""
+    for selector, error in _errors_of(abi).items():
+        _registered_errors.setdefault(selector, error)
 
 
 def _abi_type(item: dict[str, Any]) -> str:
@@ -70,7 +90,7 @@ def decode_revert(data: bytes) -> ContractRevert:
             return ContractRevert("Error", {"message": decode(["string"], body)[0]}, data)
         if selector == keccak(text="Panic(uint256)")[:4]:
             return ContractRevert("Panic", {"code": decode(["uint256"], body)[0]}, data)
-        known = _error_abis().get(selector)
+        known = _error_abis().get(selector) or _registered_errors.get(selector)
         if known:
             name, names, types = known
             values = _try_decode(types, body)

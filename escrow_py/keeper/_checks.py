@@ -8,6 +8,8 @@ An RPC that cannot be reached is an RpcError naming the URL.
 
 from __future__ import annotations
 
+from eth_abi.abi import encode
+from eth_utils.crypto import keccak
 from web3 import Web3
 
 from escrow_py.chain import rpc
@@ -22,6 +24,28 @@ def _hex_int(value: object, what: str) -> int:
         return int(str(value), 16)
     except ValueError:
         raise RpcError(f"{what}: the node answered {value!r}, not a hex number") from None
+
+
+# ERC-3009's view: a token that lacks it cannot have taken a deposit, so its escrows are not ours.
+_AUTHORIZATION_STATE = keccak(text="authorizationState(address,bytes32)")[:4]
+
+
+def _check_token(w3: Web3, token: str, chain_id: int) -> None:
+    """A configured token must be an ERC-3009 contract on this chain: a typo refunds nothing, silently."""
+    code = rpc.request(w3, "eth_getCode", [token, "latest"])
+    if code in (None, "0x", "0x0", ""):
+        raise ConfigError(f"tokens: {token} holds no contract code on chain {chain_id}")
+    probe = "0x" + (_AUTHORIZATION_STATE + encode(["address", "bytes32"], [token, b"\0" * 32])).hex()
+    try:
+        answer = rpc.request(w3, "eth_call", [{"to": token, "data": probe}, "latest"])
+    except rpc.NodeError as exc:  # a revert; a node that is down stays an RpcError
+        raise ConfigError(
+            f"tokens: {token} on chain {chain_id} is not an ERC-3009 token: authorizationState() reverts ({exc})"
+        ) from None
+    if not isinstance(answer, str) or len(answer) != 66:
+        raise ConfigError(
+            f"tokens: {token} on chain {chain_id} is not an ERC-3009 token: authorizationState() answered {answer!r}"
+        )
 
 
 def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
@@ -51,6 +75,8 @@ def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
             f"tokens: the deployment registry knows no token on {config.network}, so no escrow would be refunded: "
             "set tokens (the addresses to refund) or tokens = '*' for every token"
         )
+    for token in config.tokens:
+        _check_token(w3, token, chain_id)
     balance = _hex_int(rpc.request(w3, "eth_getBalance", [keeper_address, "latest"]), "eth_getBalance")
     block = rpc.request(w3, "eth_getBlockByNumber", ["latest", False])
     base_fee = _hex_int(block.get("baseFeePerGas", "0x0"), "baseFeePerGas") if isinstance(block, dict) else 0

@@ -19,10 +19,11 @@ from escrow_py.chain import rpc
 from escrow_py.chain.signer import load_signer
 from escrow_py.errors import RpcError
 from escrow_py.keeper._config import MAX_BATCH_SIZE, KeeperConfig
-from escrow_py.keeper._daemon import JsonFormatter, Keeper
+from escrow_py.keeper._daemon import Keeper
 from escrow_py.keeper._decide import TOKEN_NOT_ALLOWED, Skip, next_action
 from escrow_py.keeper._index import read_head
 from escrow_py.keeper._store import QUARANTINED, SIMULATION, SUSPECT, KeeperStore
+from escrow_py.logfmt import JsonFormatter, PlainFormatter
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -79,9 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     signer = load_signer(keystore=config.keystore)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if config.log_json else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if config.log_json else PlainFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     stop = threading.Event()
     # Graceful: finish the cycle under way (a refund already recorded is followed up on restart).

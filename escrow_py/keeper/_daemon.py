@@ -28,7 +28,6 @@ even a bug) is logged, counted in `x402_keeper_cycle_failures`, and retried afte
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -55,7 +54,7 @@ from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
 from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow
 from escrow_py.terms import State
 
-log = logging.getLogger("x402_escrow.keeper")
+log = logging.getLogger("escrow_py.keeper")
 
 # Failures a cycle treats as the chain's or the network's, logged without a stack trace.
 RPC_FAILURES = (ChainError, Web3Exception, OSError, ValueError)
@@ -716,17 +715,4 @@ def _describe(revert: ContractRevert) -> str:
     return str(revert)
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with any `extra` fields."""
-
-    _standard = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        data = {"ts": round(record.created, 3), "level": record.levelname, "msg": record.getMessage()}
-        data.update({k: v for k, v in record.__dict__.items() if k not in self._standard})
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
-
-
-__all__ = ["CycleReport", "JsonFormatter", "Keeper"]
+__all__ = ["CycleReport", "Keeper"]

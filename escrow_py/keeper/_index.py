@@ -29,7 +29,7 @@ from escrow_py.errors import RpcError
 from escrow_py.keeper._config import MAX_LOG_CHUNK
 from escrow_py.keeper._store import IndexedEvent, KeeperStore
 
-log = logging.getLogger("x402_escrow.keeper")
+log = logging.getLogger("escrow_py.keeper")
 
 _DEPOSITED = "0x" + DEPOSITED_TOPIC.hex()
 _DELIVERED = "0x" + DELIVERED_TOPIC.hex()

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 
 from escrow_py.buyer import (
@@ -31,7 +31,7 @@ from escrow_py.buyer import (
 from escrow_py.chain.escrow import Deposited
 from escrow_py.terms import State
 
-from .conftest import BASE_URL, PRICE, Shop
+from .shop import BASE_URL, PRICE, Shop
 
 REQUESTS = 200
 AFFORDABLE = 10

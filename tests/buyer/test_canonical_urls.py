@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import BUYER, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
@@ -35,7 +35,7 @@ from escrow_py.buyer._core import wire_url
 from escrow_py.buyer._recover import replay_request
 from escrow_py.terms import canonical_url, request_hash
 
-from .conftest import PRICE, Faulty, LostPayment
+from .shop import PRICE, Faulty, LostPayment
 
 # (path and query as the caller writes it, the item the handler must see)
 PATHS = [
@@ -113,7 +113,7 @@ def test_the_sdk_plugin_pays_unicode_urls(chain: Chain, served: str, tmp_path: P
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
     sdk = x402Client().register("eip155:84532", scheme)
     allowed = {"network": "eip155:84532", "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:

@@ -15,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, dev
 from web3 import HTTPProvider, Web3
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.artifacts import deploy
 from escrow_py.buyer import (
     AsyncEscrowClient,
     DeliveryEscrowScheme,
@@ -33,12 +34,11 @@ from escrow_py.buyer import (
 )
 from escrow_py.chain import genuine
 from escrow_py.chain.authorization import authorization_for, sign_authorization
-from escrow_py.chain.escrow import deploy
 from escrow_py.chain.genuine import ESCROW_CODE_HASH
 from escrow_py.terms import Terms, request_hash
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
 
-from .conftest import PRICE, Shop, serving
+from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief
 
 KINDS = ["eoa", "token", "lookalike"]
@@ -66,7 +66,7 @@ def thief_of(chain: Chain) -> Callable[[str], Thief]:
 def _sdk(chain: Chain, scheme: DeliveryEscrowScheme) -> x402Client:
     sdk = x402Client().register(NETWORK, scheme)
     allowed = {"network": NETWORK, "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
     return sdk
 
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     TASK_EXTENSION,
     VALIDATOR_EXTENSION,
@@ -36,10 +37,9 @@ from escrow_py.buyer import (
     arecover,
 )
 from escrow_py.buyer._audit import audit_paths
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.terms import State
 
-from .conftest import BASE_URL, PRICE, Faulty, LostPayment, Shop
+from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 
 
 def client(chain: Chain, journal: Path, transport: httpx.AsyncBaseTransport, **kw: Any) -> AsyncEscrowClient:

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, dev
 
 from escrow_py.buyer import DeliveryEscrowScheme, EscrowClient, Journal, PaymentState
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
 
-from .conftest import Shop, make_shop, serving
+from .shop import Shop, make_shop, serving
 
 IDLE = 120  # the two minutes
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, dev
 
 from escrow_py.buyer import (
@@ -37,7 +37,7 @@ from escrow_py.wire import (
     encode_payment_required,
 )
 
-from .conftest import BASE_URL, PRICE, Faulty, LostPayment, Shop
+from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 
 
 def client(chain: Chain, journal: Path, transport: httpx.AsyncBaseTransport, **kw: object) -> AsyncEscrowClient:

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
 from fastapi import FastAPI
 from fastapi.responses import Response
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, dev, expect_revert, make_terms
 from helpers import deposit as deposit_terms
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     Action,
     AsyncEscrowClient,
@@ -30,11 +31,10 @@ from escrow_py.buyer import (
     recover,
 )
 from escrow_py.buyer._core import Offer, PaymentCore
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.terms import State, delivery_hash, request_hash
 from escrow_py.wire import EscrowExtra, EscrowPayload, EscrowRequirements, decode_payment_signature, payment_required
 
-from .conftest import BASE_URL, PRICE, Faulty, LostPayment, Shop
+from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 
 URL = "http://other.test/thing"
 

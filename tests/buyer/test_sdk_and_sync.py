@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import httpx
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import BUYER, address, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
@@ -15,7 +15,7 @@ from x402.http.clients.httpx import x402_httpx_transport
 from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, EscrowClient, Journal, PaymentState, recover
 from escrow_py.terms import State
 
-from .conftest import BASE_URL, PRICE, Shop
+from .shop import BASE_URL, PRICE, Shop
 
 
 def test_sdk_client_pays_with_the_registered_scheme(chain: Chain, shop: Shop, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, address, dev, no_automine, rpc
 
 from escrow_py.buyer import (
@@ -42,7 +42,7 @@ from escrow_py.errors import ConfigError
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER, Reason
 
-from .conftest import make_shop, serving
+from .shop import make_shop, serving
 
 FORMS = ["EscrowClient", "AsyncEscrowClient", "EscrowAuth"]
 
@@ -280,4 +280,4 @@ def test_the_resend_rule_caps_the_wait_counts_the_resends_and_keeps_the_margin()
     assert ResendPolicy(attempts=0).next_wait(1, resent=0, time_left=60) is None
     for bad in ({"attempts": -1}, {"attempts": 1.5}, {"max_wait": -1}, {"margin": "20"}, {"attempts": True}):
         with pytest.raises(ConfigError, match=f"ResendPolicy.{next(iter(bad))}"):
-            ResendPolicy(**bad)  # type: ignore[arg-type]
+            ResendPolicy(**bad)

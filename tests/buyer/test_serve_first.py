@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, dev
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
@@ -19,6 +19,7 @@ from escrow_py.buyer import (
     AsyncEscrowClient,
     DeliveryEscrowScheme,
     Journal,
+    JournalEntry,
     PaymentNotDelivered,
     PaymentRejected,
     PaymentState,
@@ -33,7 +34,7 @@ from escrow_py.seller._poster import PostReport
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import Reason
 
-from .conftest import BASE_URL, PRICE, Faulty, Shop, make_shop, serving
+from .shop import BASE_URL, PRICE, Faulty, Shop, make_shop, serving
 
 
 def _shop(chain: Chain, tmp_path: Path, settlement: str = "serve-first") -> Shop:
@@ -57,7 +58,19 @@ def _client(chain: Chain, shop: Shop, journal: Path, **options: object) -> Async
 
 
 def _ledger(journal: Path) -> tuple[LedgerStatus, ...]:
-    return tuple(row.status for row in Journal(journal).ledger_rows())
+    opened = Journal(journal)
+    try:
+        return tuple(row.status for row in opened.ledger_rows())
+    finally:
+        opened.close()
+
+
+def _entries(journal: Path) -> list[JournalEntry]:
+    opened = Journal(journal)
+    try:
+        return opened.entries()
+    finally:
+        opened.close()
 
 
 def _recover(chain: Chain, shop: Shop, journal: Path) -> RecoveryReport:
@@ -77,7 +90,7 @@ def test_a_serve_first_payment_is_unsettled_until_recover_sees_its_settlement(ch
 
     response = asyncio.run(pay())
     assert response.status_code == 200 and response.json()["item"] == "a"
-    (entry,) = Journal(journal).entries()
+    (entry,) = _entries(journal)
     assert entry.state is PaymentState.UNSETTLED
     assert entry.response_hash == entry.committed_hash == delivery_hash(response.content)
     assert _ledger(journal) == (LedgerStatus.RESERVED,)  # counted against the budget, not spent yet
@@ -105,7 +118,7 @@ def test_an_unsettled_payment_is_void_once_its_authorization_expired_unused(chai
             assert (await client.get("/report/never-settled")).status_code == 200
 
     asyncio.run(pay())
-    (entry,) = Journal(journal).entries()
+    (entry,) = _entries(journal)
     chain.mine(entry.valid_before)
     (item,) = _recover(chain, shop, journal).items
     assert (item.action, item.journal_state) == (Action.MARKED_VOID, PaymentState.VOID)
@@ -126,12 +139,12 @@ def test_recover_replays_a_settled_payment_whose_answer_was_lost(chain: Chain, t
 
     with pytest.raises(PaymentNotDelivered):
         asyncio.run(pay())
-    (entry,) = Journal(journal).entries()
+    (entry,) = _entries(journal)
     assert entry.state is PaymentState.SIGNED
     _flush(shop)  # the seller settles what it served
     (item,) = _recover(chain, shop, journal).items
     assert (item.action, item.journal_state) == (Action.REPLAYED, PaymentState.DELIVERED), item.outcome
-    assert item.body is not None and delivery_hash(item.body) == Journal(journal).entries()[0].committed_hash
+    assert item.body is not None and delivery_hash(item.body) == _entries(journal)[0].committed_hash
     assert _ledger(journal) == (LedgerStatus.SPENT,)
 
 
@@ -145,7 +158,7 @@ def test_a_failed_serve_first_handler_is_a_rejection_with_no_money_moved(chain: 
     with pytest.raises(PaymentRejected) as rejected:
         asyncio.run(pay())
     assert rejected.value.reason == Reason.HANDLER_FAILED_NOT_CHARGED
-    (entry,) = Journal(journal).entries()
+    (entry,) = _entries(journal)
     assert entry.state is PaymentState.REJECTED
     chain.mine(entry.valid_before)
     (item,) = _recover(chain, shop, journal).items
@@ -170,7 +183,7 @@ def test_the_policy_forbids_or_requires_a_settlement_mode(
         asyncio.run(pay(Policy(settlement=required)))
     assert denied.value.code == "settlement_not_allowed"
     assert offered in denied.value.reason and required in denied.value.reason
-    assert Journal(journal).entries() == []  # nothing signed
+    assert _entries(journal) == []  # nothing signed
     assert shop.calls == {}
     # The mode offered is paid when the policy asks for it.
     assert asyncio.run(pay(Policy(settlement=offered))).status_code == 200
@@ -183,7 +196,7 @@ def _sdk_get(chain: Chain, shop: Shop, scheme: DeliveryEscrowScheme, path: str) 
     """`path` bought through the official SDK's httpx transport with the plugin, over a real uvicorn."""
     sdk = x402Client().register("eip155:84532", scheme)
     allowed = {"network": "eip155:84532", "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
     with serving(shop.app) as url:
 
         async def run() -> httpx.Response:
@@ -201,6 +214,7 @@ def test_the_sdk_plugin_pays_serve_first_and_recover_closes_it(chain: Chain, tmp
     assert scheme.verify_delivery(response) == response.content
     (entry,) = scheme.core.journal.entries()
     assert entry.state is PaymentState.UNSETTLED
+    scheme.core.journal.close()
     _flush(shop)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
     assert (item.action, item.journal_state) == (Action.MARKED_SETTLED, PaymentState.DELIVERED)
@@ -211,6 +225,7 @@ def test_a_settled_payment_the_sdk_plugin_never_verified_is_spent_in_the_ledger(
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal)
     # Paid, and the caller never calls verify_delivery.
     assert _sdk_get(chain, shop, scheme, "/report/unverified").status_code == 200
+    scheme.core.journal.close()
     _flush(shop)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
     assert (item.action, item.journal_state) == (Action.WAITING, PaymentState.SIGNED)

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.address import to_checksum_address
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, dev
 from rpc_proxy import RpcProxy
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
+from escrow_devtools.anvil import free_port
 from escrow_py.buyer import (
     ChainUnavailable,
     DeliveryEscrowScheme,
@@ -34,14 +35,13 @@ from escrow_py.buyer import (
     PaymentState,
     recover,
 )
-from escrow_py.chain.anvil import free_port
 from escrow_py.chain.rpc import DEFAULT_DEADLINE, NodeError
 from escrow_py.chain.token import Token
 from escrow_py.errors import ChainError, ConfigError, RpcError, RpcTimeout
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
-from .conftest import PRICE, Shop, serving
+from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief
 
 FORMS = ["EscrowClient", "DeliveryEscrowScheme"]
@@ -103,7 +103,7 @@ def test_a_node_that_never_answers_refuses_before_signing_within_the_deadline(
 
         def attempt() -> None:
             try:
-                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:
+                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:  # type: ignore[arg-type]
                     client.get(f"{served}/report/hung")
             except BaseException as exc:
                 outcome.append(exc)
@@ -194,7 +194,7 @@ def test_a_chain_failure_after_the_payment_left_names_the_escrow_and_the_money(
 def _sdk_get(chain: Chain, scheme: DeliveryEscrowScheme, url: str) -> httpx.Response:
     sdk = x402Client().register(NETWORK, scheme)
     allowed = {"network": NETWORK, "asset": chain.token.address, "max_amount_per_payment": str(PRICE)}
-    sdk.set_spend_controls({"allowed_assets": [allowed]})
+    sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
 
     async def run() -> httpx.Response:
         async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:

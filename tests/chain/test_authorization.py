@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import pytest
-from conftest import BUYER, STRANGER, Chain
+from fixtures.chain import BUYER, STRANGER, Chain
 from helpers import dev, make_terms
 
 from escrow_py.chain.authorization import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import SELLER, Chain
+from fixtures.chain import SELLER, Chain
 from helpers import deposit, make_terms
 
 from escrow_py.chain.blocks import chunks, first_block_at

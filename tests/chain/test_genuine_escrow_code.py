@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address
 
+from escrow_devtools.artifacts import deploy
 from escrow_py.chain import genuine
-from escrow_py.chain.escrow import deploy, deploy_escrow
+from escrow_py.chain.escrow import deploy_escrow
 from escrow_py.chain.genuine import (
     ESCROW_CODE_HASH,
     EscrowCode,
@@ -37,12 +39,13 @@ def test_the_shipped_code_hash_is_what_a_deployment_leaves_on_chain(chain: Chain
 
 @pytest.mark.parametrize("what", ["eoa", "empty", "token", "lookalike"])
 def test_anything_else_is_not_genuine(chain: Chain, what: str) -> None:
-    target = {
+    targets: dict[str, Callable[[], str]] = {
         "eoa": lambda: address(BUYER),
         "empty": lambda: "0x" + "ab" * 20,
         "token": lambda: chain.token.address,
         "lookalike": lambda: deploy(chain.sender(STRANGER), "LookAlikeEscrow"),
-    }[what]()
+    }
+    target = targets[what]()
     check = check_escrow_code(chain.w3, target, chain_id=84532)
     assert not check.genuine and not is_genuine_escrow(chain.w3, target)
     if what in ("eoa", "empty"):

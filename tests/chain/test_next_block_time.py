@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address
 from web3 import HTTPProvider, Web3
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SELLER, STRANGER, Chain
+from fixtures.chain import SELLER, STRANGER, Chain
 from helpers import address, deposit, make_terms
 from web3 import HTTPProvider, Web3
 
+from escrow_devtools.anvil import free_port
 from escrow_py.chain import rpc
-from escrow_py.chain.anvil import free_port
 from escrow_py.errors import ContractRevert, RpcError
 from escrow_py.terms import State
 

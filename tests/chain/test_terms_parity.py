@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import Chain
+from fixtures.chain import Chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

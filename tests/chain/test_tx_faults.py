@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import OPERATOR, STRANGER, Chain
+from fixtures.chain import OPERATOR, STRANGER, Chain
 from helpers import address, dev
 from rpc_proxy import RpcProxy
 from web3.types import RPCEndpoint
@@ -53,7 +54,7 @@ def test_confirm_re_signs_a_transaction_stuck_behind_a_nonce_gap(chain: Chain) -
     assert time.monotonic() - began < 20
     assert chain.w3.eth.get_transaction(receipt["transactionHash"])["nonce"] == first.nonce + 1
     # The gap was filled by an empty transfer to the key itself: the call itself ran once.
-    mined = [
+    mined: list[Any] = [
         tx
         for n in range(after + 1, int(chain.w3.eth.block_number) + 1)
         for tx in chain.w3.eth.get_block(n, full_transactions=True)["transactions"]
@@ -94,7 +95,8 @@ def test_every_call_has_one_total_deadline_retries_included(chain: Chain) -> Non
         w3 = rpc.connect(proxy.url + "/v2/SECRET", deadline=1.0)
         assert int(w3.eth.block_number) >= 0
         proxy.mode = "blackhole"
-        for call in (lambda: w3.eth.block_number, lambda: rpc.latest_timestamp(w3)):
+        calls: tuple[Callable[[], int], ...] = (lambda: w3.eth.block_number, lambda: rpc.latest_timestamp(w3))
+        for call in calls:
             began = time.monotonic()
             with pytest.raises(RpcError) as info:
                 call()

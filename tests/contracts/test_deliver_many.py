@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
+from fixtures.chain import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import address, deposit, expect_revert, make_terms, mine_at
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.escrow import Delivered
 from escrow_py.terms import State, Terms, delivery_hash
 

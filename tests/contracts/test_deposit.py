@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BUYER, BUYER2, SELLER, STRANGER, Chain
+from fixtures.chain import BUYER, BUYER2, SELLER, STRANGER, Chain
 from helpers import (
     address,
     cancel_authorization,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import BUYER, OPERATOR, SELLER, STRANGER, Chain
 from eth_abi.abi import encode
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from fixtures.chain import BUYER, OPERATOR, SELLER, STRANGER, Chain
 from helpers import address, clock_at, deposit, expect_revert, make_terms
 from web3.contract import Contract
 from web3.types import RPCEndpoint
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import decode_revert
 from escrow_py.terms import State, delivery_hash

@@ -29,17 +29,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from conftest import BUYER, BUYER2, DEPLOYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from eth_abi.abi import encode
+from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from fixtures.chain import BUYER, BUYER2, DEPLOYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import address, dev, mine_at
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 from web3.types import TxReceipt
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Delivered, Deposited, Refunded, Settled, Settlement, SettlementSkipped
 from escrow_py.chain.token import Token
@@ -157,18 +158,18 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
                     if event.caller not in (terms.seller, terms.operator):
                         assert block_time >= terms.deadline, "third-party refund before the deadline"
                     committed[(terms.token, terms.buyer)] += terms.amount
-            for event in served:
+            for settled in served:
                 OUTCOMES["Settled"] += 1
-                self.settlements[event.id] += 1
-                assert self.settlements[event.id] == 1, f"0x{event.id.hex()} settled twice"
-                assert event.id not in self.records, f"0x{event.id.hex()} settled serve-first after a deposit"
-                terms = self.pending_serve[event.id]
-                assert event.delivery_hash != bytes(32), "a settlement without a committed hash"
+                self.settlements[settled.id] += 1
+                assert self.settlements[settled.id] == 1, f"0x{settled.id.hex()} settled twice"
+                assert settled.id not in self.records, f"0x{settled.id.hex()} settled serve-first after a deposit"
+                terms = self.pending_serve[settled.id]
+                assert settled.delivery_hash != bytes(32), "a settlement without a committed hash"
                 assert block_time < terms.deadline, "settlement at or after the deadline"
                 committed[(terms.token, terms.seller)] += terms.amount
-            for event in escrow.settlements_in(receipt):
-                if isinstance(event, SettlementSkipped):
-                    OUTCOMES[f"SettlementSkipped.{event.reason.name}"] += 1
+            for outcome in escrow.settlements_in(receipt):
+                if isinstance(outcome, SettlementSkipped):
+                    OUTCOMES[f"SettlementSkipped.{outcome.reason.name}"] += 1
             # Invariant 4: nothing leaves the escrow but what the emitted events account for.
             assert _transfers_out(receipt, escrow.address) == {k: v for k, v in committed.items() if v}, (
                 "tokens left the escrow without a matching Delivered, Settled or Refunded event"
@@ -631,7 +632,7 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
     return EscrowMachine
 
 
-def _terms(buyer: int, seller: int, token: str, amount: int, deadline: int, salt: bytes) -> Terms:
+def _terms(buyer: int, seller: int, token: ChecksumAddress, amount: int, deadline: int, salt: bytes) -> Terms:
     return Terms(
         buyer=address(buyer),
         seller=address(seller),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import make_terms, sign_deposit
 
-from escrow_py.chain.artifacts import load_artifact
-from escrow_py.chain.escrow import Delivered, Deposited, deploy
+from escrow_devtools.artifacts import deploy, load_artifact
+from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.terms import State, delivery_hash
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BUYER, OPERATOR, SELLER, STRANGER, Chain
+from fixtures.chain import BUYER, OPERATOR, SELLER, STRANGER, Chain
 from helpers import address, clock_at, deposit, expect_revert, make_terms, send_at
 
 from escrow_py.chain.escrow import Refunded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
+from fixtures.chain import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import address, clock_at, deposit, make_terms
 
 from escrow_py.chain.escrow import Refunded

@@ -7,7 +7,7 @@ or a deposit of it, and what refuses settling an id that was deposited.
 from __future__ import annotations
 
 import pytest
-from conftest import BUYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
+from fixtures.chain import BUYER, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import (
     address,
     cancel_authorization,
@@ -20,7 +20,7 @@ from helpers import (
     sign_deposit,
 )
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Settled, Settlement
 from escrow_py.terms import State, Terms, delivery_hash

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from conftest import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from eth_abi.abi import decode
 from eth_utils.crypto import keccak
+from fixtures.chain import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, Chain
 from helpers import (
     address,
     cancel_authorization,
@@ -23,8 +23,9 @@ from helpers import (
     mine_at,
     sign_deposit,
 )
+from web3.types import TxReceipt
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Settled, Settlement, SettlementSkipped, SkipReason
 from escrow_py.terms import Terms, delivery_hash
@@ -43,10 +44,10 @@ def _raw(chain: Chain, entries: list[Settlement]) -> bytes:
     return bytes.fromhex(data.removeprefix("0x"))
 
 
-def _payouts(chain: Chain, receipt: dict[str, object]) -> list[tuple[str, str, int]]:
+def _payouts(chain: Chain, receipt: TxReceipt) -> list[tuple[str, str, int]]:
     """(token, to, amount) of every transfer out of the escrow in the receipt."""
-    out = []
-    for log in receipt["logs"]:  # type: ignore[attr-defined]
+    out: list[tuple[str, str, int]] = []
+    for log in receipt["logs"]:
         topics = [bytes(t) for t in log["topics"]]
         if topics and topics[0] == TRANSFER_TOPIC and topics[1][12:] == bytes.fromhex(chain.escrow.address[2:]):
             to = "0x" + topics[2][12:].hex()

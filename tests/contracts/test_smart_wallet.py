@@ -9,12 +9,13 @@ signature happens to be 65 bytes pays too. Other lengths go straight to the byte
 from __future__ import annotations
 
 import pytest
-from conftest import OPERATOR, SELLER, Chain
+from fixtures.chain import OPERATOR, SELLER, Chain
 from helpers import FIAT_OWNER, deploy_fiat_token, dev, make_terms
 
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.fiat_token import mint_fiat_token
 from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, Authorization, authorization_for, typed_data
-from escrow_py.chain.escrow import Settlement, deploy
-from escrow_py.chain.fiat_token import mint_fiat_token
+from escrow_py.chain.escrow import Settlement
 from escrow_py.chain.token import Token
 from escrow_py.errors import ContractRevert
 from escrow_py.terms import State, Terms, delivery_hash

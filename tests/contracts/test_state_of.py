@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import SELLER, STRANGER, Chain
+from fixtures.chain import SELLER, STRANGER, Chain
 from helpers import clock_at, deposit, make_terms
 
 from escrow_py.terms import State, delivery_hash

@@ -6,8 +6,8 @@ The Python mirror is checked against these over random terms in tests/chain/test
 from __future__ import annotations
 
 import pytest
-from conftest import BUYER, STRANGER, Chain
 from eth_abi.abi import encode
+from fixtures.chain import BUYER, STRANGER, Chain
 from helpers import address, deposit, make_terms
 
 from escrow_py.chain.escrow import Escrow, deploy_escrow

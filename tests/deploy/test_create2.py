@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from web3.types import RPCEndpoint
 
 from escrow_py.chain.escrow import deploy_escrow
@@ -23,7 +23,7 @@ def test_anvil_has_the_create2_proxy_from_the_first_block(chain: Chain) -> None:
 
 
 def test_the_python_deploy_path_lands_at_the_one_address_and_is_idempotent(chain: Chain) -> None:
-    assert chain.escrow.address == ESCROW_ADDRESS  # tests/conftest.py deployed it with `deploy(..., "X402Escrow")`
+    assert chain.escrow.address == ESCROW_ADDRESS  # fixtures/chain.py deployed it with `deploy(..., "X402Escrow")`
     nonce = chain.w3.eth.get_transaction_count(chain.deployer.address)
     assert deploy_escrow(chain.deployer) == ESCROW_ADDRESS
     assert chain.w3.eth.get_transaction_count(chain.deployer.address) == nonce  # already there: nothing sent

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from escrow_py.chain.anvil import Anvil
+from escrow_devtools.anvil import Anvil
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.registry import (
     CREATE2_PROXY,
@@ -50,6 +50,7 @@ def _shipped_records() -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in DEPLOYMENTS_DIR.glob("*.json")}
 
 
+@pytest.mark.timeout(900)
 def test_ape_deploy_script_deploys_at_the_one_address_verifies_and_records(tmp_path: Path) -> None:
     assert APE.is_file(), "the Ape tooling is missing: run `make ape`"
     shipped = _shipped_records()

@@ -115,9 +115,17 @@ class Paid:
 
 
 def chain_time(rpc_url: str) -> int:
-    """The latest block's timestamp: deadlines are judged by the chain's clock, not ours (DESIGN.md section 1)."""
-    request = {"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockByNumber", "params": ["latest", False]}
-    return int(httpx.post(rpc_url, json=request, timeout=30).json()["result"]["timestamp"], 16)
+    """The timestamp the next block will carry: deadlines are judged by the chain's clock, not ours.
+
+    The latest block's alone is stale on an idle chain (automine makes no blocks while nothing is
+    sent); the node stamps its `pending` block with what the next block will get.
+    """
+    for tag in ("pending", "latest"):
+        request = {"jsonrpc": "2.0", "id": 1, "method": "eth_getBlockByNumber", "params": [tag, False]}
+        block = httpx.post(rpc_url, json=request, timeout=30).json().get("result")
+        if isinstance(block, dict) and block.get("timestamp"):
+            return int(block["timestamp"], 16)
+    raise RuntimeError(f"{rpc_url} answered no block")
 
 
 def pay(url: str, private_key: str, chain_id: int, rpc_url: str, *, method: str = "GET", body: bytes = b"") -> Paid:

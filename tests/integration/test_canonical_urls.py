@@ -13,15 +13,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, dev
 
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import EscrowClient, PaymentState
-from escrow_py.chain.anvil import dev_private_key
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, decode_payment_required
 
-from .conftest import serving
 from .independent_client import canonical_url, pay
+from .world import serving
 
 TARGETS = [
     "/report/été-✓?q=a%20b",  # Unicode path, an encoded space in the query

@@ -18,11 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 from x402.http.utils import decode_payment_required_header
 from x402.schemas import PaymentRequired
 
+from escrow_devtools.anvil import dev_private_key, free_port
+from escrow_devtools.demo._shop import REPORT_PRICE
 from escrow_py.buyer import (
     EscrowClient,
     HandlerFailedRefunded,
@@ -32,15 +34,13 @@ from escrow_py.buyer import (
     delivered_hash,
     recover,
 )
-from escrow_py.chain.anvil import dev_private_key, free_port
 from escrow_py.chain.escrow import Deposited
-from escrow_py.demo._shop import REPORT_PRICE
 from escrow_py.seller import SellerStore
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SCHEME
 
-from .conftest import Books, SellerProcess, serving
 from .independent_client import pay as independent_pay
+from .world import Books, SellerProcess, serving
 
 
 def _until(what: str, done: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -56,11 +56,11 @@ def _deposits_by(chain: Chain, buyer: str) -> list[Deposited]:
 
 
 class AgentProcess:
-    """`python -m escrow_py.demo.agent`: a buyer agent in its own process, the buyer's key in its environment."""
+    """`python -m escrow_devtools.demo.agent`: a buyer agent in its own process, the buyer's key in its environment."""
 
     def __init__(self, chain: Chain, *args: str) -> None:
         env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(BUYER)}
-        command = [sys.executable, "-m", "escrow_py.demo.agent", *args, "--rpc", chain.node.url]
+        command = [sys.executable, "-m", "escrow_devtools.demo.agent", *args, "--rpc", chain.node.url]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def lines(self, timeout: float = 60) -> list[dict[str, Any]]:

@@ -9,16 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 
+from escrow_devtools.anvil import free_port
+from escrow_devtools.demo._shop import REPORT_PRICE
 from escrow_py.buyer import Action, EscrowClient, PaymentNotDelivered, PaymentState, recover
-from escrow_py.chain.anvil import free_port
-from escrow_py.demo._shop import REPORT_PRICE
 from escrow_py.seller import SellerStore
 from escrow_py.terms import State, delivery_hash
 
-from .conftest import Books, SellerProcess
+from .world import Books, SellerProcess
 
 
 def _until(what: str, done: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -9,19 +9,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers import dev
 from hexbytes import HexBytes
 
-from escrow_py.chain.anvil import dev_private_key
+from escrow_devtools.anvil import dev_private_key
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import Keeper, KeeperConfig
 
 if TYPE_CHECKING:
-    from conftest import Chain
+    from fixtures.chain import Chain
 
 KEEPER = 7  # anvil dev accounts no other role uses
 KEEPER2 = 8
@@ -59,8 +59,9 @@ def transactions_of(chain: Chain, who: int, since: int = 0) -> list[dict[str, ob
     out = []
     for number in range(since, int(chain.w3.eth.block_number) + 1):
         for tx in chain.w3.eth.get_block(number, full_transactions=True)["transactions"]:
-            if tx["from"] == sender:  # type: ignore[index]
-                out.append(dict(chain.w3.eth.get_transaction_receipt(HexBytes(tx["hash"]))))  # type: ignore[index]
+            assert isinstance(tx, Mapping)  # full transactions, not hashes
+            if tx["from"] == sender:
+                out.append(dict(chain.w3.eth.get_transaction_receipt(HexBytes(tx["hash"]))))
     return out
 
 
@@ -72,7 +73,8 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0, 
 
 
 def scrape(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return bytes(response.read()).decode()
 
 
 def metric(text: str, name: str) -> float:

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from eth_typing import ChecksumAddress
+from fixtures.chain import Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
-from escrow_py.chain.artifacts import load_artifact
+from escrow_devtools.artifacts import load_artifact
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
 
@@ -142,8 +143,8 @@ def test_a_reorg_that_removes_a_refund_gets_it_mined_again_and_the_next_refund_i
     assert keeper.store.attempt_counts() == {"final": 2}
 
 
-def _set_blocked(chain: Chain, token: str, who: str) -> None:
-    blocking = chain.w3.eth.contract(address=token, abi=load_artifact("BlockingToken")["abi"])  # type: ignore[arg-type]
+def _set_blocked(chain: Chain, token: ChecksumAddress, who: str) -> None:
+    blocking = chain.w3.eth.contract(address=token, abi=load_artifact("BlockingToken")["abi"])
     data = blocking.encode_abi("setBlocked", args=[who])
     chain.deployer.transact(token, bytes.fromhex(data.removeprefix("0x")))
 
@@ -228,6 +229,7 @@ def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says
     assert allowed.run_once().refunds_sent == 1
 
 
+@pytest.mark.integration  # runs the CLI in subprocesses
 def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> None:
     env = keeper_env()
     del env["X402_ESCROW_PRIVATE_KEY"]
@@ -248,7 +250,10 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> 
         assert "Traceback" not in output
 
 
-def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain, tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["json", "plain"])
+def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(
+    chain: Chain, tmp_path: Path, log_format: str
+) -> None:
     terms = make_terms(chain, window=100)
     deposit(chain, terms)
     chain.mine(terms.deadline)
@@ -257,7 +262,8 @@ def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain
     args = ["--rpc", chain.node.url, "--escrow", chain.escrow.address, "--token", chain.token.address,
             "--database", db]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "escrow_py.cli", "keeper", "run", *args, "--poll-interval", "0.2",
-                             "--log-json"], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             *(["--log-json"] if log_format == "json" else [])],
+                            env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         wait_until(lambda: chain.escrow.state_of(chain.escrow.id_of(terms)) is State.REFUNDED, "keeper refund", 60)
         time.sleep(1.0)  # a few more cycles: the keeper indexes its own refund
@@ -265,7 +271,13 @@ def test_keeper_process_refunds_reports_status_and_stops_on_sigterm(chain: Chain
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0
-    assert '"msg": "refund batch sent"' in stderr
+    if log_format == "json":
+        assert '"msg": "refund batch sent"' in stderr and '"logger": "escrow_py.keeper"' in stderr
+    else:
+        # Plain text keeps the record's fields (the transaction, how many escrows), one line each.
+        sent = [line for line in stderr.splitlines() if "INFO escrow_py.keeper refund batch sent" in line]
+        assert len(sent) == 1, stderr
+        assert " tx=0x" in sent[0] and " escrows=1" in sent[0], sent[0]
     assert env["X402_ESCROW_PRIVATE_KEY"][2:] not in stderr  # the key is never logged
     status = cli("keeper", "status", *args)
     assert status.returncode == 0, status.stderr

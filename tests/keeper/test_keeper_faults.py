@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import deposit, make_terms
 from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.errors import RpcTimeout
 from escrow_py.terms import State, Terms
 
@@ -205,7 +205,7 @@ def test_a_broadcast_that_fails_is_neither_counted_nor_logged_as_sent(
     try:
         keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
         proxy.fail("eth_sendRawTransaction", {"code": -32000, "message": "nonce too low"})
-        caplog.set_level(logging.INFO, logger="x402_escrow.keeper")
+        caplog.set_level(logging.INFO, logger="escrow_py.keeper")
         report = keeper.run_once()
         assert report.refunds_sent == 0 and chain.escrow.state_of(chain.escrow.id_of(terms)) is State.HELD
         assert "refund batch sent" not in caplog.text

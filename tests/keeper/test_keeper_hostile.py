@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from conftest import DEPLOYER, STRANGER, Chain
+from fixtures.chain import DEPLOYER, STRANGER, Chain
 from helpers import BUYER, BUYER2, deposit, dev, make_terms
 from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Chain
 from eth_abi.abi import encode
+from fixtures.chain import Chain
 from helpers import deposit, dev, make_terms
 from rpc_proxy import RpcProxy
 
-from escrow_py.chain.build import CONTRACTS_DIR
+from escrow_devtools.build import CONTRACTS_DIR
 from escrow_py.errors import ConfigError
 from escrow_py.keeper import KeeperConfig, OpenEscrow
 from escrow_py.keeper._batch import (

@@ -14,11 +14,11 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import Chain
 from eth_account import Account
+from fixtures.chain import Chain
 
-from escrow_py.chain.anvil import Anvil, dev_signer, free_port
-from escrow_py.chain.escrow import deploy
+from escrow_devtools.anvil import Anvil, dev_signer, free_port
+from escrow_devtools.artifacts import deploy
 from escrow_py.chain.tx import TxSender
 from escrow_py.errors import ConfigError, RpcError
 from escrow_py.keeper import KeeperConfig
@@ -50,6 +50,21 @@ def test_an_escrow_address_without_x402escrow_code_is_refused(chain: Chain, tmp_
         token.check()
     code, message = cli_escrow = _run(chain, "--escrow", eoa, "--database", str(tmp_path / "k.sqlite"))
     assert code == 2 and "holds no contract code" in message, cli_escrow
+
+
+def test_a_configured_token_that_is_not_erc3009_is_refused(chain: Chain, tmp_path: Path) -> None:
+    """A typo in `tokens` would refund nothing, silently: an address with no code or without ERC-3009 fails."""
+    eoa = dev_signer(5).address
+    nothing = make_keeper(chain, tmp_path / "k.sqlite", tokens=eoa)
+    with pytest.raises(ConfigError, match=f"tokens: {eoa} holds no contract code on chain 84532"):
+        nothing.check()
+    # The escrow itself has code but no authorizationState(): not a token anyone could have deposited.
+    not_a_token = make_keeper(chain, tmp_path / "k.sqlite", tokens=chain.escrow.address)
+    with pytest.raises(ConfigError, match=f"tokens: {chain.escrow.address} on chain 84532 is not an ERC-3009 token"):
+        not_a_token.check()
+    make_keeper(chain, tmp_path / "k.sqlite", tokens=chain.token.address).check()  # the real token passes
+    code, message = _run(chain, "--token", eoa, "--database", str(tmp_path / "k.sqlite"))
+    assert code == 2 and f"tokens: {eoa} holds no contract code" in message, message
 
 
 def test_a_key_with_no_gas_is_refused_naming_its_balance(chain: Chain, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from escrow_py.wire import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Chain
+    from fixtures.chain import Chain
     from x402.schemas import PaymentRequired
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, cancel_authorization, dev
 
 from escrow_py.terms import Terms
@@ -23,8 +23,8 @@ from escrow_py.wire import (
     decode_payment_required,
 )
 
-from .conftest import Shop, deposits
 from .payer import buy, quote, sign_payment
+from .shop import Shop, deposits
 
 OTHER = "0x" + "ab" * 20
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address
 from starlette.types import Message
 from x402.schemas import PaymentRequired
@@ -29,8 +29,8 @@ from escrow_py.wire import (
     decode_payment_response,
 )
 
-from .conftest import PRICE, Shop, deposits, make_config, make_shop, set_gas_money
 from .payer import buy, quote, sign_payment
+from .shop import PRICE, Shop, deposits, make_config, make_shop, set_gas_money
 
 
 def _settlement(response_headers: dict[str, str] | object) -> tuple[object, SettlementExtra]:
@@ -291,7 +291,7 @@ def test_a_flush_from_another_event_loop_waits_for_the_running_pass_and_never_ov
         inside[0] -= 1
         return pending(limit)
 
-    poster.store.pending_deliveries = held_pass  # type: ignore[method-assign]
+    poster.store.pending_deliveries = held_pass  # type: ignore[method-assign,assignment]
     reports: dict[str, Any] = {}
 
     def flush_on_own_loop(name: str) -> None:

@@ -24,14 +24,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from conftest import Chain
+from fixtures.chain import Chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
-from .conftest import Shop, deposits
 from .payer import sign_payment
+from .shop import Shop, deposits
 
 # Thousands by default (about 20 s); X402_FUZZ_EXAMPLES=20000 for a long hunt.
 EXAMPLES = int(os.environ.get("X402_FUZZ_EXAMPLES", "2000"))
@@ -138,9 +138,9 @@ def _mutation(draw: st.DrawFn, tree: dict[str, Any]) -> Mutation:
     original = copy.deepcopy(_parent(tree, path)[path[-1]])  # never alias the valid envelope
     kind = draw(st.sampled_from(["set", "delete", "extra", "edit", "wrap", "same-shape", "same-shape"]))
     if kind == "same-shape":  # still well-formed, so it reaches the rules (and the signature check) behind the decoder
-        new = _same_shape(draw, original)
+        new: Any = _same_shape(draw, original)
     elif kind == "edit" and isinstance(original, str):
-        new: Any = _edit_string(draw, original)
+        new = _edit_string(draw, original)
     elif kind == "edit" and isinstance(original, int) and not isinstance(original, bool):
         new = draw(st.sampled_from([original + 1, original - 1, -original, str(original), float(original)]))
     elif kind == "wrap":

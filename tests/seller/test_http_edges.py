@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
 from fastapi import FastAPI
+from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,8 +22,8 @@ from escrow_py.seller import EscrowMiddleware, PricedRoute
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, Reason, decode_payment_required
 
-from .conftest import PRICE, deposits, make_config, make_shop, served
 from .payer import quote, sign_payment
+from .shop import PRICE, deposits, make_config, make_shop, served
 
 
 def _method_app(chain: Chain, store: Path, calls: dict[str, int]) -> FastAPI:
@@ -108,7 +108,7 @@ def test_a_bare_asgi_app_prices_head_as_get(chain: Chain, tmp_path: Path) -> Non
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else b"secret"})
 
     config = make_config(chain, tmp_path / "seller.sqlite", routes=[PricedRoute("GET", "/bare", amount=PRICE)])
-    app = EscrowMiddleware(bare, config)
+    app = EscrowMiddleware(bare, config)  # type: ignore[arg-type]
     with served(app) as (url, _):
         head = httpx.head(f"{url}/bare")
     assert head.status_code == 402

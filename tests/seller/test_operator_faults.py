@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import OPERATOR, STRANGER, address, dev, no_automine, pending_of, rpc, until
 from rpc_proxy import RpcProxy
 
@@ -33,8 +33,8 @@ from escrow_py.wire import (
     decode_payment_response,
 )
 
-from .conftest import Shop, deposits, make_shop, served, set_gas_money
 from .payer import Payment, buy, quote, sign_payment
+from .shop import Shop, deposits, make_shop, served, set_gas_money
 
 
 def _pay(url: str, path: str, payment: Payment) -> httpx.Response:
@@ -191,7 +191,7 @@ def test_a_stuck_deposit_is_repriced_and_the_repriced_one_is_mined(chain: Chain,
                     response = await paid
                     assert response.status_code == 200, response.text
                     settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
-                    mined = chain.w3.eth.get_transaction_receipt(settle.transaction)
+                    mined = chain.w3.eth.get_transaction_receipt(settle.transaction)  # type: ignore[arg-type]
                     assert int(mined["status"]) == 1
                     return response
 

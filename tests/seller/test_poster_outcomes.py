@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Chain
 from eth_utils.crypto import keccak
+from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, STRANGER, dev, no_automine, pending_of, until
 
 from escrow_py.seller import PostReport
@@ -29,8 +29,8 @@ from escrow_py.seller._store import EXPIRED, PENDING, POSTED, REFUNDED_ON_CHAIN,
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SettlementExtra, decode_payment_response
 
-from .conftest import Shop, make_shop, served
 from .payer import Payment, buy
+from .shop import Shop, make_shop, served
 
 
 def _buy(url: str, chain: Chain, path: str, **options: Any) -> Payment:

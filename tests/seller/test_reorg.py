@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import Chain
+from fixtures.chain import Chain
 from web3.types import RPCEndpoint
 
 from escrow_py.seller import EscrowMiddleware
 from escrow_py.terms import State
 
-from .conftest import make_shop, served
 from .payer import buy
+from .shop import make_shop, served
 
 
 def _rpc(chain: Chain, method: str, params: list[Any]) -> Any:
@@ -61,7 +61,7 @@ def test_a_delivery_a_reorg_drops_is_sent_again_and_followed_until_deep_enough(c
         assert report.posted == [escrow_id]
         # Mined again (it may be the very same signed transaction: same nonce, same entries, same fees).
         assert report.tx_hash is not None
-        assert chain.w3.eth.get_transaction_receipt(report.tx_hash)["status"] == 1
+        assert chain.w3.eth.get_transaction_receipt(report.tx_hash)["status"] == 1  # type: ignore[arg-type]
         assert dropped is not None
         assert chain.escrow.state_of(escrow_id) == State.RELEASED
         assert shop.middleware.store.delivery(escrow_id).tx_hash == report.tx_hash  # type: ignore[union-attr]

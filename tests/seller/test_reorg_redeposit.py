@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address
 
 from escrow_py.seller import PricedRoute
 from escrow_py.terms import State
 
-from .conftest import PRICE, make_shop, served
+from .shop import PRICE, make_shop, served
 from .test_reorg import _rpc, _sell
 
 

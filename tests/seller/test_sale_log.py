@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, address
 
 import escrow_py
@@ -17,8 +17,8 @@ from escrow_py.chain.escrow import Delivered
 from escrow_py.terms import State
 from escrow_py.wire import PAYMENT_RESPONSE_HEADER, decode_payment_response
 
-from .conftest import PRICE, make_shop, served
 from .payer import buy
+from .shop import PRICE, make_shop, served
 
 PACKAGE = Path(escrow_py.__file__).resolve().parent
 

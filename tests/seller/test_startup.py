@@ -14,15 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import OPERATOR, STRANGER, address
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.chain.genuine import ESCROW_CODE_HASH
 from escrow_py.errors import ConfigError
 from escrow_py.seller import check_seller
 
-from .conftest import make_config, make_shop, served, set_gas_money
+from .shop import make_config, make_shop, served, set_gas_money
 
 Overrides = Callable[[Chain], dict[str, object]]
 

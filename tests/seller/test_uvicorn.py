@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from conftest import Chain
+from fixtures.chain import Chain
 
-from escrow_py.chain.anvil import free_port
+from escrow_devtools.anvil import free_port
 from escrow_py.terms import State
 
-from .conftest import make_shop
 from .payer import buy
+from .shop import make_shop
 
 
 def test_over_real_http_the_lifespan_poster_releases_the_payment(chain: Chain, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, cancel_authorization, dev
 from x402.schemas import PaymentPayload
 

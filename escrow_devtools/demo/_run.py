@@ -19,9 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import uvicorn
 from web3 import HTTPProvider, Web3
 
+from escrow_devtools.anvil import Anvil, dev_private_key
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.demo._shop import (
+    QUOTE_PRICE,
+    REPORT_PRICE,
+    SERVE_FIRST_LIMITS,
+    STUCK_PRICE,
+    build_shop,
+    quote_route,
+    routes,
+)
+from escrow_devtools.harness import ServerDidNotStart, serving
 from escrow_py.buyer import (
     Action,
     AsyncEscrowClient,
@@ -32,21 +43,11 @@ from escrow_py.buyer import (
     delivered_hash,
     recover,
 )
-from escrow_py.chain.anvil import Anvil, dev_private_key, free_port
-from escrow_py.chain.escrow import Deposited, Escrow, Refunded, Settled, deploy
+from escrow_py.chain.escrow import Deposited, Escrow, Refunded, Settled
 from escrow_py.chain.registry import USDC
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.demo._shop import (
-    QUOTE_PRICE,
-    REPORT_PRICE,
-    SERVE_FIRST_LIMITS,
-    STUCK_PRICE,
-    build_shop,
-    quote_route,
-    routes,
-)
 from escrow_py.errors import ConfigError, EscrowError
 from escrow_py.seller import SellerConfig
 from escrow_py.terms import State, delivery_hash
@@ -72,7 +73,7 @@ ROLE_KEY_ENVS = {
     "keeper": "X402_ESCROW_KEEPER_KEY",
 }
 
-log = logging.getLogger("escrow_py.demo")
+log = logging.getLogger("escrow_devtools.demo")
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,33 +286,15 @@ def _seller(world: World, display: Display) -> Iterator[None]:
         settle_batch_wait=SETTLE_BATCH_WAIT,
         **SERVE_FIRST_LIMITS,  # type: ignore[arg-type]
     )
-    port = free_port()
     app = build_shop(config, work_seconds=world.work_seconds)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            lifespan="on",
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-            log_config=None,  # uvicorn's records go to the root logger, hence to seller.log, not the story
-        )
-    )
-    thread = threading.Thread(target=server.run, name="demo-seller", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise EscrowError("the seller's uvicorn did not start (see seller.log)")
-        time.sleep(0.05)
-    world.base_url = f"http://127.0.0.1:{port}"
-    display(f"seller app on {world.base_url} (FastAPI + EscrowMiddleware), paid to {world.address('seller')}")
+    # uvicorn's records go to the root logger (log_config=None), hence to seller.log, not the story.
     try:
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(15)
+        with serving(app, timeout_graceful_shutdown=2, log_config=None) as running:
+            world.base_url = running.url
+            display(f"seller app on {world.base_url} (FastAPI + EscrowMiddleware), paid to {world.address('seller')}")
+            yield
+    except ServerDidNotStart as exc:
+        raise EscrowError(f"the seller's uvicorn did not start (see seller.log): {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -345,12 +328,12 @@ def _keeper(world: World, display: Display) -> Iterator[subprocess.Popen[bytes]]
 
 
 class Agent:
-    """`python -m escrow_py.demo.agent ...` with the buyer's key in its environment; its JSON lines, parsed."""
+    """`python -m escrow_devtools.demo.agent ...` with the buyer's key in its environment; its JSON lines, parsed."""
 
     def __init__(self, world: World, *args: str) -> None:
         env = {**os.environ, DEFAULT_KEY_ENV: world.keys["buyer"], "PYTHONUNBUFFERED": "1"}
         stderr = (world.workdir / "agents.log").open("ab")
-        command = [sys.executable, "-m", "escrow_py.demo.agent", *args, "--rpc", world.rpc_url]
+        command = [sys.executable, "-m", "escrow_devtools.demo.agent", *args, "--rpc", world.rpc_url]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         stderr.close()
         self.lines: list[dict[str, Any]] = []

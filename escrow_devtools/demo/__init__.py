@@ -21,6 +21,6 @@ stories on an existing chain, with keys from the environment.
 
 from __future__ import annotations
 
-from escrow_py.demo._run import DemoOptions, run_demo
+from escrow_devtools.demo._run import DemoOptions, run_demo
 
 __all__ = ["DemoOptions", "run_demo"]

@@ -29,7 +29,8 @@ BASE_SEPOLIA_CHAIN_ID = 84532
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
 DEV_ACCOUNTS = 10
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_PORT_ATTEMPTS = 5
 
 
 @cache
@@ -85,22 +86,30 @@ class Anvil:
         startup_timeout: float = 30.0,
     ) -> None:
         self.chain_id = chain_id
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [
-            find_anvil(),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--chain-id", str(chain_id),
-            "--mnemonic", DEV_MNEMONIC,
-            "--accounts", str(DEV_ACCOUNTS),
-            "--silent",
-        ]  # fmt: skip
-        if block_time is not None:
-            args += ["--block-time", str(block_time)]
-        args += extra_args or []
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready(startup_timeout)
+        # A free port can be taken between free_port() and anvil's bind (parallel test workers start
+        # chains at once): with no port asked for, such a start is tried again on another port.
+        for attempt in range(1 if port else _PORT_ATTEMPTS):
+            self.port = port or free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            args = [
+                find_anvil(),
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+                "--chain-id", str(chain_id),
+                "--mnemonic", DEV_MNEMONIC,
+                "--accounts", str(DEV_ACCOUNTS),
+                "--silent",
+            ]  # fmt: skip
+            if block_time is not None:
+                args += ["--block-time", str(block_time)]
+            args += extra_args or []
+            self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                self._wait_ready(startup_timeout)
+                return
+            except RpcError as exc:
+                if port or attempt == _PORT_ATTEMPTS - 1 or "in use" not in str(exc).lower():
+                    raise
 
     def _wait_ready(self, timeout: float) -> None:
         w3 = self.web3()

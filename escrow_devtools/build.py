@@ -1,4 +1,4 @@
-"""Compile `contracts/` into the artifacts that ship inside the package.
+"""Compile `contracts/` into the runtime's artifacts and the tools' (escrow_devtools/artifacts).
 
 A development tool, run from a checkout (`make artifacts` or
 `x402-escrow contracts build`): the runtime never compiles. It drives
@@ -16,7 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from escrow_py.chain.artifacts import ARTIFACTS_DIR, CONTRACTS
+from escrow_devtools import artifacts as tooling
+from escrow_py.chain import artifacts as runtime
 
 SOLC_VERSION = "0.8.30"
 
@@ -32,7 +33,14 @@ SOLC_SETTINGS: dict[str, Any] = {
     "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Where each compiled contract is written: the runtime ships only what it uses.
+DESTINATIONS: dict[str, Path] = {
+    **{name: runtime.ARTIFACTS_DIR for name in runtime.CONTRACTS},
+    **{name: tooling.ARTIFACTS_DIR for name in tooling.CONTRACTS},
+}
+CONTRACTS = tuple(DESTINATIONS)
 CONTRACTS_DIR = REPO_ROOT / "contracts"
 SOLCJS_WRAPPER = REPO_ROOT / "scripts" / "solc-js.cjs"
 
@@ -120,11 +128,12 @@ def render(artifact: dict[str, Any]) -> str:
     return json.dumps(artifact, indent=2, sort_keys=True) + "\n"
 
 
-def write_artifacts(artifacts: dict[str, dict[str, Any]], directory: Path = ARTIFACTS_DIR) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+def write_artifacts(artifacts: dict[str, dict[str, Any]], directory: Path | None = None) -> list[Path]:
+    """Write each artifact to its destination (`DESTINATIONS`), or all of them into `directory`."""
     written = []
     for name, artifact in sorted(artifacts.items()):
-        path = directory / f"{name}.json"
+        path = (directory or DESTINATIONS[name]) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(artifact))
         written.append(path)
     return written

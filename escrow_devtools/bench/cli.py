@@ -46,7 +46,7 @@ def _progress(message: str) -> None:
 
 
 def _gas(args: argparse.Namespace) -> int:
-    from escrow_py.bench.gas import measure_gas
+    from escrow_devtools.bench.gas import measure_gas
 
     result = measure_gas(progress=_progress)
     if args.json:
@@ -69,7 +69,7 @@ def _gas(args: argparse.Namespace) -> int:
 
 
 def _keeper(args: argparse.Namespace) -> int:
-    from escrow_py.bench.keeper import measure_keeper
+    from escrow_devtools.bench.keeper import measure_keeper
 
     if args.escrows < 1:
         print("x402-escrow: --escrows must be at least 1", file=sys.stderr)
@@ -83,7 +83,7 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _http(args: argparse.Namespace) -> int:
-    from escrow_py.bench.http import VARIANTS, measure_http_chains
+    from escrow_devtools.bench.http import VARIANTS, measure_http_chains
 
     for name in ("requests", "concurrency"):
         if getattr(args, name) < 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
-from conftest import Chain
+from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, address, dev
 
-from escrow_py.chain.anvil import dev_private_key, free_port
+from escrow_devtools import harness
+from escrow_devtools.anvil import dev_private_key
+from escrow_devtools.demo._shop import build_shop, routes
 from escrow_py.chain.escrow import Deposited
-from escrow_py.demo._shop import build_shop, routes
 from escrow_py.seller import SellerConfig
 from escrow_py.terms import State
 
@@ -81,22 +80,8 @@ def seller_config(chain: Chain, store: Path, **overrides: Any) -> SellerConfig:
 def serving(chain: Chain, store: Path, *, work_seconds: float = 0.0, **overrides: Any) -> Iterator[str]:
     """The demo shop (report, fail, stuck) behind the middleware, on uvicorn on 127.0.0.1; yields its base URL."""
     app = build_shop(seller_config(chain, store, **overrides), work_seconds=work_seconds)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    with harness.serving(app, startup_timeout=15) as running:
+        yield running.url
 
 
 class SellerProcess:

@@ -1,8 +1,8 @@
 """A buyer agent as its own process, the way an agent uses the buyer client: pay for a URL, or,
 after a crash, recover what the journal says it paid for.
 
-    X402_ESCROW_PRIVATE_KEY=0x... python -m escrow_py.demo.agent pay URL --journal J --rpc RPC
-    X402_ESCROW_PRIVATE_KEY=0x... python -m escrow_py.demo.agent recover --journal J --rpc RPC
+    X402_ESCROW_PRIVATE_KEY=0x... python -m escrow_devtools.demo.agent pay URL --journal J --rpc RPC
+    X402_ESCROW_PRIVATE_KEY=0x... python -m escrow_devtools.demo.agent recover --journal J --rpc RPC
 
 Every step is one JSON line on stdout, so a parent process (the demo, the integration
 tests) can follow it and kill it at the worst moment. Bodies travel base64-encoded.
@@ -63,7 +63,7 @@ def _recover(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m escrow_py.demo.agent", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m escrow_devtools.demo.agent", description=__doc__.split("\n\n")[0])
     actions = parser.add_subparsers(dest="action", required=True)
     pay = actions.add_parser("pay", help="GET a priced URL, paying its delivery-escrow 402")
     pay.add_argument("url")

@@ -27,15 +27,16 @@ from eth_account import Account
 from eth_typing import ChecksumAddress
 from web3 import Web3
 
-from escrow_py.chain.anvil import DEV_MNEMONIC, Anvil, dev_signer
+from escrow_devtools.anvil import DEV_MNEMONIC, Anvil, dev_signer
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.fiat_token import deploy_fiat_token, mint_fiat_token
 from escrow_py.chain.authorization import (
     TRANSFER_WITH_AUTHORIZATION,
     Authorization,
     authorization_for,
     sign_authorization,
 )
-from escrow_py.chain.escrow import Escrow, Settlement, deploy
-from escrow_py.chain.fiat_token import deploy_fiat_token, mint_fiat_token
+from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender

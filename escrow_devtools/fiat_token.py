@@ -4,7 +4,7 @@
     mint_fiat_token(owner, usdc, buyer, 10**12)      # `owner` is also the master minter and a minter
 
 The artifacts are Circle's own code, built from its public sources (see
-`escrow_py/chain/artifacts/circle/NOTICE.md`): the second gas baseline of `bench gas`
+`escrow_devtools/artifacts/circle/NOTICE.md`): the second gas baseline of `bench gas`
 and a real USDC to test the escrow against (blacklist, EIP-1271 wallets, the proxy's cost).
 """
 
@@ -18,8 +18,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.types import TxReceipt
 
-from escrow_py.chain.artifacts import load_artifact
-from escrow_py.chain.escrow import deploy
+from escrow_devtools.artifacts import deploy, load_artifact
 from escrow_py.chain.tx import TxSender
 
 UINT256_MAX = 2**256 - 1

@@ -38,10 +38,11 @@ from eth_utils.crypto import keccak
 from web3 import HTTPProvider, Web3
 from web3.types import RPCEndpoint
 
+from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer, free_port
+from escrow_devtools.artifacts import deploy
 from escrow_py.chain import rpc
-from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer, free_port
 from escrow_py.chain.authorization import authorization_for, sign_authorization
-from escrow_py.chain.escrow import REFUNDED_TOPIC, Escrow, deploy
+from escrow_py.chain.escrow import REFUNDED_TOPIC, Escrow
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
@@ -33,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from eth_account import Account
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer
+from escrow_devtools.artifacts import deploy
+from escrow_devtools.harness import serving
 from escrow_py.buyer import AsyncEscrowClient
-from escrow_py.chain.anvil import Anvil, dev_private_key, dev_signer, free_port
-from escrow_py.chain.escrow import Deposited, Escrow, deploy
+from escrow_py.chain.escrow import Deposited, Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
@@ -67,33 +67,6 @@ def _report_app() -> FastAPI:
         return {"item": item, "summary": f"everything about {item}"}
 
     return app
-
-
-class _Server:
-    """A uvicorn server in a thread on 127.0.0.1."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("a benchmark server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-def _stop_all(servers: list[_Server]) -> None:
-    for server in servers:
-        server.stop()
 
 
 def _facilitator_app(facilitator: Any) -> FastAPI:
@@ -229,12 +202,8 @@ def measure_http(
         token.mint(deployer, dev_signer(BUYER).address, 10**12)
         start_block = int(w3.eth.block_number)
 
-        servers: list[_Server] = []
-        stack.callback(lambda: _stop_all(servers))
-
         def serve(app: Any) -> str:
-            servers.append(_Server(app))
-            return servers[-1].url
+            return stack.enter_context(serving(app, timeout_graceful_shutdown=None)).url
 
         unpaid_url = serve(_report_app())
         escrow_app = _report_app()
