@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 
 from escrow_devtools.anvil import free_port
 from escrow_devtools.demo._shop import REPORT_PRICE
-from escrow_py.buyer import Action, EscrowClient, PaymentNotDelivered, PaymentState, recover
+from escrow_py.buyer import Action, PaymentState, recover
 from escrow_py.seller import SellerStore
 from escrow_py.terms import State, delivery_hash
 
-from .world import Books, SellerProcess
+from .world import Books, SellerProcess, buy_from_a_seller_that_dies
 
 
 def _until(what: str, done: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -31,15 +29,7 @@ def _until(what: str, done: Callable[[], bool], timeout: float = 60.0) -> None:
 def test_a_seller_killed_after_serving_first_settles_after_restart(chain: Chain, tmp_path: Path) -> None:
     books = Books(chain)
     store, journal, port = tmp_path / "seller.sqlite", tmp_path / "buyer.sqlite", free_port()
-    seller = SellerProcess(chain, store, port, "--serve-first", "--die-after-handler")
-    try:
-        with EscrowClient(dev(BUYER), chain.node.url, journal) as client, pytest.raises(PaymentNotDelivered) as lost:
-            client.get(f"{seller.url}/report/crash")
-        assert seller.process.wait(10) == -signal.SIGKILL
-    finally:
-        seller.stop()
-    escrow_id = lost.value.escrow_id
-    assert escrow_id is not None
+    escrow_id = buy_from_a_seller_that_dies(chain, store, journal, port, "--serve-first")
     # Served and stored, the settlement queued, nothing sent: the buyer's authorization is unused.
     queued = SellerStore(store).settlements_due()
     assert [q.escrow_id for q in queued] == [escrow_id]
