@@ -3,26 +3,44 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PY_STAMP   := $(VENV)/.installed-dev
+RUN_STAMP  := $(VENV)/.installed-run
 APE_STAMP  := $(VENV)/.installed-ape
 NODE_STAMP := node_modules/.installed
 
-.PHONY: bootstrap test test-unit test-contracts test-integration lint format artifacts demo bench ape clean
+# pip prints one line per package it collects and installs (no bars: they garble logs), so a
+# long install shows where it is.
+PIP_INSTALL := $(BIN)/pip install --progress-bar off --disable-pip-version-check
+
+.PHONY: bootstrap quickstart test test-unit test-contracts test-integration lint format artifacts demo bench ape clean
 
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
+# What running the package needs (seller, buyer, keeper, MCP tools, a local chain), without the
+# dev tools: the README's quickstart. pip and npm run side by side: both mostly wait on downloads.
+quickstart:
+	$(MAKE) -j2 $(RUN_STAMP) $(NODE_STAMP)
+
 $(BIN)/python:
+	@echo "== creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(PIP_INSTALL) --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	@echo "== installing x402-escrow with the seller and MCP extras into $(VENV)"
+	$(PIP_INSTALL) -e '.[seller,mcp]'
+	touch $@
 
 $(PY_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,seller]'
+	@echo "== installing x402-escrow with the dev tools into $(VENV) (a few minutes)"
+	$(PIP_INSTALL) -e '.[dev,seller,mcp]'
 	touch $@
 
 # solc-js (the compiler) and anvil (the local chain) both come from npm, pinned exactly in
 # package.json and package-lock.json. Not `npm ci`: npm 11 leaves the other platforms'
 # optional anvil binaries out of the lockfile, and `npm ci` then refuses it as out of sync.
 $(NODE_STAMP): package.json package-lock.json
-	npm install --no-audit --no-fund
+	@echo "== installing solc-js and anvil from npm into node_modules"
+	npm install --no-audit --no-fund --loglevel=http
 	touch $@
 
 # Slither runs on contracts/ through the solc-js wrapper; every finding must be triaged, with its
@@ -67,7 +85,8 @@ test-integration: bootstrap ape
 ape: $(APE_STAMP)
 
 $(APE_STAMP): $(PY_STAMP) $(NODE_STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,seller,ape]'
+	@echo "== installing the Ape deployment tooling into $(VENV) (several minutes)"
+	$(PIP_INSTALL) -e '.[dev,seller,mcp,ape]'
 	mkdir -p $(HOME)/.solcx
 	if [ -L $(HOME)/.solcx/solc-v0.8.30 ] || [ ! -e $(HOME)/.solcx/solc-v0.8.30 ]; then \
 		ln -sfn $(CURDIR)/scripts/solc-js.cjs $(HOME)/.solcx/solc-v0.8.30; fi

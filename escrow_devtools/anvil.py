@@ -129,6 +129,9 @@ class Anvil:
     def web3(self, timeout: float = 30.0) -> Web3:
         return Web3(HTTPProvider(self.url, request_kwargs={"timeout": timeout}))
 
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
     @property
     def pid(self) -> int:
         return self._process.pid

@@ -3,6 +3,7 @@
 Each role registers its own subcommands from its own module (`register(subparsers)`),
 so this file only assembles them:
 
+    x402-escrow dev                 a local chain with the escrow and a funded buyer, until Ctrl-C (development tool)
     x402-escrow contracts build     recompile contracts/ into the shipped artifacts (development tool)
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
@@ -22,8 +23,12 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 # Every subcommand: its one-line help and where its registrar lives. Only the registrar of the
 # subcommand being run is imported: `--help` and `buyer report` do not pay for the keeper's, the
 # seller's or the tools' imports (web3, the x402 SDK, pydantic models take seconds to import).
-# The development tools (`contracts`, `demo`, `bench`) live in `escrow_devtools`, outside the runtime.
+# The development tools (`dev`, `contracts`, `demo`, `bench`) live in `escrow_devtools`, outside the runtime.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "dev": (
+        "start a local chain with the escrow and a funded buyer, print the settings, run until Ctrl-C",
+        "escrow_devtools.dev:register",
+    ),
     "contracts": ("compile the Solidity sources into the shipped artifacts", "escrow_py.cli:register_contracts"),
     "demo": (
         "play the escrow's four stories over HTTP on a fresh local anvil (or an existing chain)",

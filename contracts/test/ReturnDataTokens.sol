@@ -46,3 +46,20 @@ contract SimulationOnlyToken is TestUSDC {
         return true;
     }
 }
+
+/// @title ReturnBombToken
+/// @notice `transfer` reverts with 100,000 bytes of revert data. An escrow that copied a failed payout's return
+///         data into its own memory would pay for that copy and its memory expansion on every such entry; the
+///         escrow binds none of it, so the bomb costs the token's own frame (capped gas) and nothing more.
+contract ReturnBombToken is TestUSDC {
+    /// @notice Bytes of revert data each transfer returns.
+    uint256 public constant BOMB_BYTES = 100_000;
+
+    constructor() TestUSDC("USDC", "2") {}
+
+    function transfer(address, uint256) external pure override returns (bool) {
+        assembly {
+            revert(0, 100000)
+        }
+    }
+}

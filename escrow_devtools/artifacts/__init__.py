@@ -40,6 +40,7 @@ CONTRACTS = (
     "EscrowMulticall",
     "GasBurningToken",
     "BatchMinter",
+    "ReturnBombToken",
 )
 
 # Circle's USDC implementation, its proxy, and the library the implementation links to.

@@ -22,7 +22,6 @@ from typing import IO, Any
 from web3 import HTTPProvider, Web3
 
 from escrow_devtools.anvil import Anvil, dev_private_key
-from escrow_devtools.artifacts import deploy
 from escrow_devtools.demo._shop import (
     QUOTE_PRICE,
     REPORT_PRICE,
@@ -43,7 +42,7 @@ from escrow_py.buyer import (
     delivered_hash,
     recover,
 )
-from escrow_py.chain.escrow import Deposited, Escrow, Refunded, Settled
+from escrow_py.chain.escrow import Deposited, Escrow, Refunded, Settled, deploy_local
 from escrow_py.chain.registry import USDC
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
@@ -227,8 +226,8 @@ def _local_world(workdir: Path, display: Display) -> Iterator[World]:
     with Anvil(block_time=1) as node:
         w3 = node.web3()
         deployer = TxSender(w3, LocalSigner.from_key(dev_private_key(DEPLOYER)))
-        token = Token(w3, deploy(deployer, "TestUSDC", "USDC", "2"))
-        escrow = Escrow(w3, deploy(deployer, "X402Escrow"))
+        escrow_address, token_address = deploy_local(deployer)  # ape run deploy's order: the same addresses
+        token, escrow = Token(w3, token_address), Escrow(w3, escrow_address)
         keys = {"buyer": dev_private_key(BUYER), "seller": dev_private_key(SELLER), "keeper": dev_private_key(KEEPER)}
         world = World(w3, node.url, node.chain_id, token, escrow, keys, int(w3.eth.block_number), workdir)
         token.mint(deployer, world.address("buyer"), FUNDING)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -284,16 +284,30 @@ def recover_with(core: PaymentCore, http: httpx.Client, *, refund_expired: bool 
 
 
 async def arecover_with(core: PaymentCore, http: httpx.AsyncClient, *, refund_expired: bool = True) -> RecoveryReport:
+    return await arecover_flows(core, http.send, refund_expired=refund_expired)
+
+
+async def arecover_flows(
+    core: PaymentCore,
+    send: Callable[[httpx.Request], Awaitable[httpx.Response]],
+    *,
+    refund_expired: bool = True,
+    include: Callable[[JournalEntry], bool] | None = None,
+) -> RecoveryReport:
+    """Recover the unfinished payments `include` selects (all by default), each replay sent by `send`:
+    an HTTP client's, or another transport's that carries the same request (escrow_py.mcp's tool calls)."""
     report = RecoveryReport()
     # The chain reads, refunds and journal writes between replays block: they run in a worker thread.
     for entry in await asyncio.to_thread(core.journal.entries, unfinished_only=True):
+        if include is not None and not include(entry):
+            continue
         flow = _flow(core, entry, refund_expired)
         step = await asyncio.to_thread(_advance, flow, None)
         while isinstance(step, httpx.Request):
             answer: httpx.Response | Exception
             try:
-                answer = await http.send(step)
-            except httpx.HTTPError as exc:
+                answer = await send(step)
+            except Exception as exc:  # noqa: BLE001 - a failed replay is reported, never fatal to recovery
                 answer = exc
             step = await asyncio.to_thread(_advance, flow, answer)
         report.items.append(step)

@@ -466,3 +466,14 @@ def deploy_escrow(sender: TxSender, *, salt: bytes = ESCROW_SALT, confirmations:
     if existing != runtime:
         raise ConfigError(f"the code at {address} is not the shipped X402Escrow runtime ({len(existing)} bytes)")
     return address
+
+
+def deploy_local(sender: TxSender, *, confirmations: int = 1) -> tuple[ChecksumAddress, ChecksumAddress]:
+    """X402Escrow, then TestUSDC ("USDC", version "2"), from `sender`: (escrow, token).
+
+    The order of `ape run deploy` on a local network (the CREATE2 proxy call first, the token
+    second), so a fresh chain and the same deployer give the same addresses either way.
+    """
+    escrow = deploy_escrow(sender, confirmations=confirmations)
+    token = deploy(sender, "TestUSDC", "USDC", "2", confirmations=confirmations)
+    return escrow, token

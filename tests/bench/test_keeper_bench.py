@@ -29,6 +29,8 @@ def test_bench_keeper_refunds_every_escrow_of_distinct_buyers_and_reports_the_fi
         assert isinstance(result[figure], float) and result[figure] > 0, figure
     assert result["targets"] == {"blocks_to_all_refunded": 20, "keeper_peak_rss_mb": 150,
                                  "keeper_cpu_ms_per_refund": 1.0, "keeper_idle_cpu_s_per_s": 0.05}  # fmt: skip
+    # Blocks are deterministic on anvil: the latency target is a gate (CPU and memory are machine noise).
+    assert result["blocks_to_all_refunded"] <= result["targets"]["blocks_to_all_refunded"]
     cpu = result["keeper_cpu_s_indexing"] + result["keeper_cpu_s_refunding"]
     assert abs(cpu * 1000 / 12 - result["keeper_cpu_ms_per_refund"]) < 2
     # Distinct buyers: no two refunds share a transfer, so a refund costs well above the one-buyer figure.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from escrow_devtools import artifacts as tooling
 from escrow_devtools import build
 from escrow_py.chain import artifacts as runtime
 
 
+@pytest.mark.timeout(900)  # solc-js through viaIR: minutes on a loaded two-core machine
 def test_shipped_artifacts_equal_a_fresh_compile() -> None:
     fresh = build.compile_contracts()
     assert set(fresh) == set(runtime.CONTRACTS) | set(tooling.CONTRACTS)

@@ -162,3 +162,34 @@ def test_a_payout_that_passes_simulation_but_fails_mined_does_not_sink_the_batch
 
 def test_empty_batch_refunds_nothing(chain: Chain) -> None:
     assert _refunded_count(chain, STRANGER, _raw(chain, [])) == 0
+
+
+def test_a_payout_reverting_with_a_return_data_bomb_costs_its_capped_call_and_nothing_more(chain: Chain) -> None:
+    """100,000 bytes of revert data from a token: the escrow copies none of it into its own memory.
+
+    The same batch is measured twice, once with an honest third entry and once with the bomb in its
+    place: the bomb may cost up to the payout's gas allowance, never the copy of its data on top.
+    """
+    bomb = chain.deploy_token("ReturnBombToken")
+
+    def batch_gas(fourth_token: str | None) -> tuple[int, list[Terms]]:
+        honest = [make_terms(chain, buyer=b, amount=1_000, window=50) for b in (BUYER, BUYER2)]
+        # Not next to BUYER's honest entry, so neither run shares a transfer with it.
+        fourth = make_terms(chain, buyer=BUYER, amount=2_000, window=50, token=fourth_token)
+        for terms in (*honest, fourth):
+            deposit(chain, terms)
+        clock_at(chain, fourth.deadline)
+        receipt = chain.sender(OPERATOR).transact(chain.escrow.address, _raw(chain, [*honest, fourth]))
+        assert {e.id for e in chain.escrow.events_in(receipt)} >= {chain.escrow.id_of(t) for t in honest}
+        return int(receipt["gasUsed"]), [*honest, fourth]
+
+    plain_gas, _ = batch_gas(None)
+    bomb_gas, batch = batch_gas(bomb.address)
+    bombed = batch[-1]
+    assert chain.escrow.state_of(chain.escrow.id_of(bombed)) is State.HELD  # restored, named by PayoutFailed
+    assert bomb.balance_of(chain.escrow.address) == bombed.amount
+    assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in batch[:-1])
+    # The token's own frame pays ~28.4k for expanding its memory to 100,000 bytes (measured: the bomb costs
+    # ~26k more than an honest transfer). Copying the data back would add ~28.4k of the escrow's memory
+    # expansion and ~9.4k of copying on top (~64k): the bound sits between the two.
+    assert bomb_gas - plain_gas < 45_000, (bomb_gas, plain_gas)

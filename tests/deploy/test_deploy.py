@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from escrow_devtools.anvil import Anvil
+from escrow_devtools.anvil import Anvil, dev_signer
 from escrow_py.chain.artifacts import load_artifact
+from escrow_py.chain.escrow import deploy_local
 from escrow_py.chain.registry import (
     CREATE2_PROXY,
     DEPLOYMENTS_DIR,
@@ -21,6 +22,7 @@ from escrow_py.chain.registry import (
     canonical_escrow_address,
     resolve_escrow,
 )
+from escrow_py.chain.tx import TxSender
 
 REPO = Path(__file__).resolve().parents[2]
 APE = Path(sys.executable).parent / "ape"
@@ -71,6 +73,9 @@ def test_ape_deploy_script_deploys_at_the_one_address_verifies_and_records(tmp_p
         assert receipt["to"] == CREATE2_PROXY and receipt["blockNumber"] == entry["block"]
         token_code = "0x" + bytes(w3.eth.get_code(entry["token"])).hex()
         assert token_code == load_artifact("TestUSDC")["deployedBytecode"]
+        with Anvil() as fresh:  # `x402-escrow dev` and the demo deploy in the same order: the same addresses
+            local = deploy_local(TxSender(fresh.web3(), dev_signer(0)))
+        assert local == (deployment.escrow, entry["token"])
 
         # Deployed already (by anyone): verified and recorded, nothing sent for the escrow.
         again = _ape_deploy(node, tmp_path, "--skip-compile-check")

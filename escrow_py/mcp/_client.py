@@ -1,0 +1,160 @@
+"""The buyer's side of paid MCP tools: pay a tool's delivery-escrow offer over an MCP ClientSession,
+accept its result only if it hashes to what the seller committed to, and recover after a crash.
+
+Every step is the HTTP buyer's own (escrow_py.buyer's PaymentCore): the requestHash check, the
+genuine-escrow check, the policy and ledger, the journal written before the payment leaves, the
+resend of the same payment after the seller's own failure, and the judgement of the answer. A
+tool call is journaled as `POST mcp://tool/<name>` with its canonical arguments, so `recover()`
+finds it like any other payment and replays it over an MCP session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+from mcp import ClientSession, types
+from web3 import Web3
+
+from escrow_py.buyer._core import PaymentCore, PaymentPolicy, ResendPolicy, find_offer
+from escrow_py.buyer._errors import PaymentNotDelivered
+from escrow_py.buyer._journal import Journal
+from escrow_py.buyer._policy import Policy
+from escrow_py.buyer._recover import RecoveryReport, arecover_flows
+from escrow_py.buyer._validate import Validator
+from escrow_py.chain.rpc import DEFAULT_DEADLINE
+from escrow_py.chain.signer import Signer
+from escrow_py.errors import ProtocolError
+from escrow_py.mcp._wire import (
+    TOOL_METHOD,
+    canonical_arguments,
+    payment_meta,
+    to_http_response,
+    tool_name_of,
+    tool_url,
+)
+from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+
+
+def tool_request(name: str, arguments: Mapping[str, Any] | None) -> httpx.Request:
+    """The request a tool call stands for: what its requestHash binds and its journal row holds."""
+    return httpx.Request(TOOL_METHOD, tool_url(name), content=canonical_arguments(arguments))
+
+
+class EscrowToolClient:
+    """Calls MCP tools over `session`, paying delivery-escrow offers; keywords as EscrowClient's.
+
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = EscrowToolClient(session, signer, rpc_url, "buyer.sqlite")
+            result = await tools.call_tool("score", {"item": "abc"})   # paid, hash-verified
+            await tools.recover()                                       # after a crash, in a new session
+
+    A result with no offer (a free tool, or an offer of another scheme) comes back as it is. A
+    paid call returns the result only when keccak256 of its one text item's UTF-8 bytes equals
+    the committed deliveryHash; otherwise it raises the buyer's PaymentError subclasses
+    (DeliveryMismatch, HandlerFailedRefunded, PaymentNotDelivered, ...), which say where the
+    money is. A session that fails after the payment left raises PaymentNotDelivered: the
+    journal has the payment, and `recover()` replays it or refunds it.
+    """
+
+    def __init__(
+        self,
+        session: ClientSession,
+        signer: Signer,
+        rpc_url: str,
+        journal: str | Path | Journal,
+        *,
+        policy: Policy | PaymentPolicy | None = None,
+        task: str = "default",
+        validator: Validator | None = None,
+        w3: Web3 | None = None,
+        rpc_timeout: float = DEFAULT_DEADLINE,
+        resend: ResendPolicy | None = None,
+        read_timeout: timedelta | None = None,
+    ) -> None:
+        self.session = session
+        self.read_timeout = read_timeout
+        self.core = PaymentCore(
+            signer,
+            rpc_url,
+            journal,
+            policy=policy,
+            task=task,
+            validator=validator,
+            w3=w3,
+            rpc_timeout=rpc_timeout,
+            resend=resend,
+        )
+
+    @property
+    def journal(self) -> Journal:
+        return self.core.journal
+
+    async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None) -> types.CallToolResult:
+        args = dict(arguments or {})
+        request = tool_request(name, args)  # refuses arguments JSON cannot carry, before anything is sent
+        first = await self.session.call_tool(name, args, read_timeout_seconds=self.read_timeout)
+        try:
+            offer = find_offer(to_http_response(first))
+        except ProtocolError:
+            return first  # not an x402 answer this client can read: the caller sees it as it is
+        if offer is None:
+            return first
+        # Chain reads, signing and the journal's fsync block: keep them off the event loop.
+        prepared = await asyncio.to_thread(self.core.prepare, request, offer)
+        meta = payment_meta(prepared.header)
+        resent = 0
+        while True:
+            try:
+                result = await self.session.call_tool(name, args, read_timeout_seconds=self.read_timeout, meta=meta)
+                response = to_http_response(result)
+            except Exception as exc:  # whatever broke the session, the payment has left
+                raise PaymentNotDelivered(
+                    prepared.escrow_id,
+                    prepared.terms.deadline,
+                    f"the MCP call failed after the signed payment was sent ({type(exc).__name__}: {exc}); "
+                    "the journal has it: recover() replays it or refunds it",
+                    escrow=prepared.escrow,
+                ) from exc
+            wait = await asyncio.to_thread(self.core.resend_after, prepared, response, resent)
+            if wait is None:
+                break
+            await asyncio.sleep(wait)  # the seller's own failure: the same payment again, never a new one
+            resent += 1
+        await asyncio.to_thread(self.core.settle, prepared, response)
+        request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
+        await asyncio.to_thread(self.core.validate, prepared.escrow_id, request, response)
+        return result
+
+    async def recover(self, *, refund_expired: bool = True) -> RecoveryReport:
+        """Finish every unfinished journaled tool call (escrow_py.buyer.recover's rules), replaying over
+        this session; HTTP payments in the same journal are left to the HTTP clients' recover()."""
+
+        async def replay(request: httpx.Request) -> httpx.Response:
+            name = tool_name_of(str(request.url))
+            if name is None:
+                raise ValueError(f"not a tool call: {request.url}")
+            arguments = httpx.Response(200, content=request.content).json()
+            header = request.headers[PAYMENT_SIGNATURE_HEADER]
+            result = await self.session.call_tool(
+                name, arguments, read_timeout_seconds=self.read_timeout, meta=payment_meta(header)
+            )
+            return to_http_response(result)
+
+        return await arecover_flows(
+            self.core, replay, refund_expired=refund_expired, include=lambda entry: tool_name_of(entry.url) is not None
+        )
+
+    def close(self) -> None:
+        self.journal.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

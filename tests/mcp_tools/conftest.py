@@ -1,0 +1,5 @@
+"""The MCP tool tests' fixtures (defined with the server they pay in shop.py)."""
+
+from .shop import shop
+
+__all__ = ["shop"]
