@@ -7,18 +7,35 @@ The SDK hands a scheme only the requirements, never the request, so the plugin
 signs extra.requestHash as given (the seller recomputes it on the paid request
 and refuses a payment for another request). Each payment is journaled before it
 is returned to the SDK, without a request to replay: recover() can refund or
-void it, not fetch its bytes again. The SDK returns the paid response as it came;
-`verify_delivery(response)` judges it (body against PAYMENT-RESPONSE's deliveryHash,
-the escrow's state when the seller failed) and journals the outcome.
+void it, not fetch its bytes again.
+
+The SDK never shows a scheme the paid response, so the plugin checks it as an httpx
+response hook: every response that answers one of its payments is judged before the
+caller sees it (body against PAYMENT-RESPONSE's deliveryHash), and a body that is not
+the one paid for raises DeliveryMismatch out of the caller's request:
+
+    http = httpx.AsyncClient(transport=x402_httpx_transport(client),
+                             event_hooks={"response": [scheme.check_response]})
+
+(`check_response_sync` for httpx.Client.) `verify_delivery(response)` does the same by hand.
+
+The SDK pays only assets it knows (its default-asset table) unless told otherwise; for a
+local chain's TestUSDC or any other token, allow it with a cap:
+
+    client.set_spend_controls({"allowed_assets": [
+        {"network": "eip155:84532", "asset": token, "max_amount_per_payment": "10000"}]})
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
+import anyio.to_thread
 import httpx
 from web3 import Web3
+from x402.mechanisms.evm import find_default_asset
 from x402.schemas import PaymentPayload, PaymentRequirements
 
 from escrow_py.buyer._core import PaymentCore, PaymentPolicy, judge_response
@@ -46,6 +63,9 @@ class DeliveryEscrowScheme:
     """A `SchemeNetworkClient` (x402.interfaces) for the delivery-escrow scheme."""
 
     scheme = SCHEME
+    # How the SDK's spend controls recognise the assets of its table (Base Sepolia and Base USDC) on
+    # this scheme's offers; without it every delivery-escrow offer needs an allowed_assets entry.
+    find_default_asset = staticmethod(find_default_asset)
 
     def __init__(
         self,
@@ -87,6 +107,39 @@ class DeliveryEscrowScheme:
             payment_header=header,
         )
         return payload
+
+    def close(self) -> None:
+        """Close the journal (and its audit log)."""
+        self.core.journal.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    async def check_response(self, response: httpx.Response) -> None:
+        """httpx async response hook: judge a response that answers one of this plugin's payments."""
+        if self._answers_ours(response):
+            await response.aread()
+            await anyio.to_thread.run_sync(self.verify_delivery, response)
+
+    def check_response_sync(self, response: httpx.Response) -> None:
+        """httpx sync response hook: as check_response."""
+        if self._answers_ours(response):
+            response.read()
+            self.verify_delivery(response)
+
+    def _answers_ours(self, response: httpx.Response) -> bool:
+        """The response carries a delivery-escrow PAYMENT-RESPONSE for an escrow this journal signed."""
+        value = response.headers.get(PAYMENT_RESPONSE_HEADER)
+        if value is None:
+            return False
+        try:
+            escrow_id = SettlementExtra.from_json(decode_payment_response(value).extra).escrow_id
+        except ProtocolError:
+            return False  # another scheme's answer (exact's carries no escrowId)
+        return self.core.journal.get(escrow_id) is not None
 
     def verify_delivery(self, response: httpx.Response) -> bytes:
         """Judge a paid response as EscrowClient does and return its body if it is the one paid for.

@@ -43,7 +43,9 @@ from web3 import Web3
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
+from escrow_py.seller._offers import ExactOffer, SellerHooks
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._sdk import DeliveryEscrowServerScheme
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
@@ -63,13 +65,16 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
 
 
 __all__ = [
+    "DeliveryEscrowServerScheme",
     "DeliveryPoster",
     "EscrowMiddleware",
+    "ExactOffer",
     "PaymentRejected",
     "PostReport",
     "PricedRoute",
     "SellerChain",
     "SellerConfig",
+    "SellerHooks",
     "SellerStore",
     "StoredResponse",
     "VerifiedPayment",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ConfigError, ProtocolError
+from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices, resolve_route_prices
+from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
 from escrow_py.terms import MAX_DEADLINE_WINDOW
 from escrow_py.wire import SettlementMode, chain_id_of
 
@@ -39,16 +43,27 @@ class PricedRoute:
     A serve-first request past an exposure limit (SellerConfig.serve_first_*), or from a buyer
     who left a settlement unpaid, is served in hold mode when `fallback_to_hold` (the default),
     else refused with a 402 whose reason says why (`serve_first_limit`, `serve_first_refused`).
+    In the x402 SDK's terms instead of `amount`: `price` is money (`"$0.01"`), an asset amount
+    (`{"amount", "asset", "extra"}`), or a callable of the request's `HTTPRequestContext`
+    returning one (resolved per request); `pay_to` a seller address or such a callable (default:
+    SellerConfig.pay_to). `schemes` orders the offers of the 402 (`("exact", "delivery-escrow")`
+    puts the SDK's exact first; `("delivery-escrow",)` makes exact unavailable here; default:
+    SellerConfig.exact's order). `discovery` is the SDK's bazaar declaration
+    (`declare_discovery_extension(...)`) for this route.
     """
 
     method: str
     path: str
-    amount: int
+    amount: int = 0
     max_timeout_seconds: int = 120
     description: str = ""
     mime_type: str | None = None
     settlement: SettlementMode | str = SettlementMode.HOLD
     fallback_to_hold: bool = True
+    price: Price | DynamicPrice | None = None
+    pay_to: str | DynamicPayTo | None = None
+    schemes: tuple[str, ...] | None = None
+    discovery: Mapping[str, Any] | None = None
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,8 +73,7 @@ class PricedRoute:
         object.__setattr__(self, "method", method)
         if not isinstance(self.path, str) or not self.path.startswith("/"):
             raise ConfigError(f"PricedRoute.path must start with '/', got {self.path!r}")
-        if isinstance(self.amount, bool) or not isinstance(self.amount, int) or self.amount <= 0:
-            raise ConfigError(f"PricedRoute.amount must be a positive integer (atomic units), got {self.amount!r}")
+        check_route_prices(self)
         timeout = self.max_timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_DEADLINE_WINDOW:
             raise ConfigError(f"PricedRoute.max_timeout_seconds must be in [1, {MAX_DEADLINE_WINDOW}], got {timeout!r}")
@@ -115,11 +129,16 @@ class SellerConfig:
     `settle_batch_wait` (seconds, below `min_time_left`) lets the poster hold queued settlements
     back until the oldest has waited that long (or a batch is full), so one settleMany pays more
     of them (cheaper per item); 0 sends whatever is queued at every pass.
+    In the x402 ecosystem: `exact=ExactOffer(facilitator)` also offers the SDK's `exact` scheme
+    in the same 402, settled through that facilitator as the SDK does; `hooks=SellerHooks()`
+    runs the seller's own checks and bookkeeping around verify and settle (both in _offers.py).
     """
 
     rpc_url: str
     escrow: str
-    token: str
+    # "": the network's default (the SDK's table: USDC on Base and Base Sepolia; the local
+    # deployment's TestUSDC on a local chain). Keyword-only, so it may have that default.
+    token: str = field(default="", kw_only=True)
     network: str
     pay_to: str
     operator: Signer
@@ -127,8 +146,9 @@ class SellerConfig:
     store: str | Path = "seller.sqlite"
     confirmations: int = 1
     min_time_left: int = 10
-    token_name: str = "USDC"  # noqa: S105 - the token's EIP-712 name, not a secret
-    token_version: str = "2"  # noqa: S105 - EIP-712 version
+    # The token's EIP-712 domain; "": the SDK table's for a token it knows, else USDC/2 (TestUSDC's).
+    token_name: str = ""
+    token_version: str = ""
     public_base_url: str | None = None
     poster_interval: float = 0.5
     deadline_slack: int = 30
@@ -142,23 +162,30 @@ class SellerConfig:
     serve_first_max_per_buyer: int | None = None
     serve_first_max_total: int | None = None
     settle_batch_wait: float = 0.0
+    exact: ExactOffer | None = None
+    hooks: SellerHooks | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
             raise ConfigError(f"SellerConfig.rpc_url must be an http(s) URL, got {self.rpc_url!r}")
         object.__setattr__(self, "escrow", _checked_address(self.escrow, "escrow"))
-        object.__setattr__(self, "token", _checked_address(self.token, "token"))
         object.__setattr__(self, "pay_to", _checked_address(self.pay_to, "pay_to"))
         try:
             chain_id_of(self.network)
         except ProtocolError:
             raise ConfigError(f"SellerConfig.network must be a CAIP-2 eip155 id, got {self.network!r}") from None
+        if self.token:
+            object.__setattr__(self, "token", _checked_address(self.token, "token"))
+        token = token_for(self.network, self.token, self.token_name, self.token_version)
+        object.__setattr__(self, "token", token.address)
+        object.__setattr__(self, "token_name", token.name)
+        object.__setattr__(self, "token_version", token.version)
         if not isinstance(self.operator, Signer):
             raise ConfigError("SellerConfig.operator must be a Signer (escrow_py.chain.signer)")
         routes = tuple(self.routes)
         if not routes or not all(isinstance(r, PricedRoute) for r in routes):
             raise ConfigError("SellerConfig.routes must be a non-empty list of PricedRoute")
-        object.__setattr__(self, "routes", routes)
+        object.__setattr__(self, "routes", resolve_route_prices(self, routes))
         self._check_numbers(routes)
         self._check_exposure(routes)
 
@@ -193,6 +220,11 @@ class SellerConfig:
                 "no serve-first request at that price could ever be served"
             )
         for route in serve_first:
+            if route.price is not None:
+                raise ConfigError(
+                    f"route {route.method} {route.path} is serve-first: it needs a fixed amount in atomic units "
+                    "(not a price), so its exposure is checked when the config is built"
+                )
             if route.amount > price:
                 raise ConfigError(
                     f"route {route.method} {route.path} is serve-first at {route.amount}, more than "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -16,7 +17,8 @@ from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
 from web3.exceptions import Web3Exception
-from x402.schemas import SettleResponse
+from x402.http import HTTPRequestContext
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.chain import rpc
 from escrow_py.chain.tx import SentTx
@@ -31,6 +33,16 @@ from escrow_py.errors import (
 )
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._offers import (
+    EXACT,
+    Offers,
+    SellerHooks,
+    request_context,
+    settle_context,
+    settle_result_context,
+    verify_context,
+    verify_result_context,
+)
 from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
 from escrow_py.seller._store import (
@@ -108,6 +120,10 @@ class _Request:
     body: bytes
     route: PricedRoute
     offer: EscrowRequirements
+    # The SDK's view of the request, and the 402's offers in the seller's order (_offers.py).
+    context: HTTPRequestContext
+    accepts: list[PaymentRequirements]
+    extensions: dict[str, Any] | None
 
 
 class EscrowMiddleware:
@@ -128,6 +144,7 @@ class EscrowMiddleware:
         self.chain = SellerChain(config, w3)
         self.store = SellerStore(config.store)
         self.poster = DeliveryPoster(self.chain, self.store, interval=config.poster_interval)
+        self.offers = Offers(config)
         self._locks: weakref.WeakValueDictionary[bytes, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @staticmethod
@@ -207,7 +224,7 @@ class EscrowMiddleware:
         except ConfigError as exc:
             log.error("seller start-up check failed: %s", exc)
             return str(exc)
-        return None
+        return await self.offers.startup_failure()
 
     # -- a paid request --------------------------------------------------------------------
 
@@ -216,10 +233,19 @@ class EscrowMiddleware:
         if body is None:
             await _send_plain(send, 413, b"request body too large")
             return
-        request = self._request(scope, body, route)
         header = _header(scope, _SIGNATURE_HEADER)
+        try:
+            request = await self._request(scope, body, route, header)
+        except ConfigError as exc:  # a dynamic price or payTo gave something unusable: the seller's bug
+            log.error("route %s: %s", _route_name(route), exc)
+            await _send_plain(send, 500, b"the seller's price for this route is misconfigured")
+            return
         if header is None:
             await self._send_required(send, request, 402, None)
+            return
+        other = _other_scheme(header)
+        if other is not None:
+            await self._pay_exact(scope, receive, send, request, other)
             return
         try:
             escrow_id = self._escrow_id_of(header)
@@ -261,7 +287,9 @@ class EscrowMiddleware:
     ) -> None:
         payment = await _blocking(self.store.payment, escrow_id)
         if payment is not None:
-            # Verified again as it was when accepted: same request, same terms, same signature.
+            # Verified again as it was when accepted: same request, same terms, same signature (and the
+            # price and payTo of then: a dynamic price may have moved since).
+            request = _as_accepted(request, payment.terms)
             verified = self._verify(header, request, payment.accepted_at)
             if payment.response is not None:
                 await self._replay(send, payment, payment.response)
@@ -297,16 +325,18 @@ class EscrowMiddleware:
     async def _first_time(
         self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
     ) -> tuple[VerifiedPayment, bytes | None] | None:
-        """A payment this store has never seen: deposited (hold), or served first and answered (None)."""
+        """A payment this store has never seen: deposited (hold), or served first and answered (None).
+
+        The seller's hooks run around verify and the deposit (hold); a serve-first sale runs none.
+        """
         state, now = await _blocking(self._state_and_time, escrow_id)
         if state == State.NONE:
-            verified = self._verify(header, request, now)
-            if request.route.serve_first and await self._serve_first(
-                scope, receive, send, request, verified=verified, now=now
-            ):
-                return None
-            deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
-        elif state == State.HELD:
+            if request.route.serve_first:
+                verified = self._verify(header, request, now)
+                if await self._serve_first(scope, receive, send, request, verified=verified, now=now):
+                    return None
+            return await self._accept_new(header, request, now)
+        if state == State.HELD:
             # Deposited by someone else (the buyer, another replica) and never answered here. The
             # token checked the signature on deposit; judge the rest at a time the deadline was valid.
             reference = min(now, self._latest_valid_time(request, header))
@@ -316,11 +346,50 @@ class EscrowMiddleware:
                 self.store.begin_deposit, escrow_id, verified.terms, reference, _route_name(request.route), payload
             )
             await _blocking(self.store.set_held, escrow_id, None)
-            deposit_tx = None
             await self._require_time_left(verified.terms)
-        else:
-            raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+            return verified, None
+        raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+
+    async def _accept_new(self, header: str, request: _Request, now: int) -> tuple[VerifiedPayment, bytes | None]:
+        """A payment seen for the first time: verified and deposited, between the seller's hooks."""
+        hooks = self.config.hooks
+        if hooks is None:
+            verified = self._verify(header, request, now)
+            return verified, await self._deposit(verified, accepted_at=now, route=request.route)
+        try:
+            payload = decode_payment_signature(header)
+        except ProtocolError:
+            payload = None  # _verify names what is wrong with it
+        requirements, context = request.offer.to_model(), request.context
+        if payload is not None:
+            await _abort_on(hooks.before_verify, verify_context(payload, requirements, context))
+        verified = self._verify(header, request, now)
+        assert payload is not None
+        await _abort_on(hooks.after_verify, verify_result_context(payload, requirements, context, verified.buyer))
+        await _abort_on(hooks.before_settle, settle_context(payload, requirements, context))
+        deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
+        extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state="held")
+        result = self._settlement(verified.buyer, deposit_tx, extra)
+        try:
+            await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
+        except Exception:  # bookkeeping must not cost the buyer the sale it has paid for
+            log.exception("an after-settle hook raised for escrow 0x%s; serving it anyway", verified.escrow_id.hex())
         return verified, deposit_tx
+
+    async def _pay_exact(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, payload: PaymentPayload
+    ) -> None:
+        """A payment in the SDK's `exact` scheme: verified and settled through the SDK (_offers.Offers.pay_exact)."""
+        outcome = await self.offers.pay_exact(
+            payload, request.accepts, request.context, lambda: self._run_handler(scope, receive, request.body)
+        )
+        if outcome.unavailable:
+            down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the payment facilitator failed", CHAIN_RETRY_AFTER)
+            await _send_unavailable(send, down)
+        elif outcome.response is None:
+            await self._send_required(send, request, 402, outcome.error)
+        else:  # no settlement when the handler failed: not charged
+            await self._send_response(send, outcome.response, outcome.settle)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
         return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)
@@ -656,15 +725,17 @@ class EscrowMiddleware:
 
     # -- building responses ----------------------------------------------------------------
 
-    def _request(self, scope: Scope, body: bytes, route: PricedRoute) -> _Request:
+    async def _request(self, scope: Scope, body: bytes, route: PricedRoute, header: str | None) -> _Request:
         method = str(scope["method"]).upper()
         url = self._resource_url(scope)
         config = self.config
+        context = request_context(scope, url, route, header)
+        amount, pay_to = await self.offers.terms_of(route, context)
         offer = offer_for(
             network=config.network,
-            amount=route.amount,
+            amount=amount,
             asset=config.token,
-            pay_to=config.pay_to,
+            pay_to=pay_to,
             escrow=config.escrow,
             operator=config.operator.address,
             token_name=config.token_name,
@@ -675,7 +746,8 @@ class EscrowMiddleware:
             body=body,
             settlement=route.settlement,  # type: ignore[arg-type]  # PricedRoute made it a SettlementMode
         )
-        return _Request(method, url, body, route, offer)
+        accepts = await self.offers.accepts(route, offer.to_model(), amount, pay_to)
+        return _Request(method, url, body, route, offer, context, accepts, self.offers.extensions(route, context))
 
     def _resource_url(self, scope: Scope) -> str:
         """The canonical URL of this request as it went over the wire (terms.canonical_url)."""
@@ -727,11 +799,12 @@ class EscrowMiddleware:
     async def _send_required(self, send: Send, request: _Request, status: int, reason: str | None) -> None:
         model = payment_required(
             request.url,
-            [request.offer.to_model()],
+            request.accepts,
             description=request.route.description or None,
             mime_type=request.route.mime_type,
             error=reason,
         )
+        model.extensions = request.extensions
         body = json.dumps(model.model_dump(by_alias=True, exclude_none=True), separators=(",", ":")).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -742,10 +815,11 @@ class EscrowMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _send_response(self, send: Send, response: StoredResponse, settle: SettleResponse) -> None:
+    async def _send_response(self, send: Send, response: StoredResponse, settle: SettleResponse | None) -> None:
         headers = [(k, v) for k, v in response.headers if k.lower() not in _OWN_HEADERS]
         headers.append((b"cache-control", b"no-store"))
-        headers.append((PAYMENT_RESPONSE_HEADER.encode(), encode_payment_response(settle).encode()))
+        if settle is not None:  # None: an exact payment whose handler failed, not charged
+            headers.append((PAYMENT_RESPONSE_HEADER.encode(), encode_payment_response(settle).encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
@@ -801,6 +875,30 @@ async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
     ]
     await send({"type": "http.response.start", "status": UNAVAILABLE_STATUS, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _as_accepted(request: _Request, terms: Terms) -> _Request:
+    """The request judged by the amount and payTo its stored payment was accepted at."""
+    offer = request.offer
+    if (offer.amount, offer.pay_to) == (terms.amount, terms.seller):
+        return request
+    return dataclasses.replace(request, offer=dataclasses.replace(offer, amount=terms.amount, pay_to=terms.seller))
+
+
+def _other_scheme(header: str) -> PaymentPayload | None:
+    """The payment if it is in the SDK's `exact` scheme (any other header goes the delivery-escrow way)."""
+    try:
+        payload = decode_payment_signature(header)
+    except ProtocolError:
+        return None
+    return payload if payload.accepted.scheme == EXACT else None
+
+
+async def _abort_on(hooks: list[Any], context: Any) -> None:
+    """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
+    aborted = await SellerHooks.run(hooks, context)
+    if aborted is not None:
+        raise PaymentRejected(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 
 
 def _route_name(route: PricedRoute) -> str:

@@ -25,6 +25,7 @@ from escrow_py.buyer import (
     PolicyDenied,
     RequestHashMismatch,
 )
+from escrow_py.chain.clock import next_block_time
 from escrow_py.errors import EscrowError
 from escrow_py.terms import State, request_hash
 from escrow_py.wire import (
@@ -100,7 +101,8 @@ def test_signed_terms_are_the_offer_and_deposit_on_chain(chain: Chain, shop: Sho
     assert terms == entry.terms
     assert (terms.buyer, terms.seller, terms.operator) == (address(BUYER), address(SELLER), address(OPERATOR))
     assert (terms.token, terms.amount) == (chain.token.address, PRICE)
-    assert now + 120 <= terms.deadline <= chain.now() + 120
+    # The window counts from when the next block is stamped (the pending block's time), not the latest block's.
+    assert now + 120 <= terms.deadline <= next_block_time(chain.w3) + 120
     assert terms.request_hash == request_hash("POST", f"{BASE_URL}/echo", b"payload bytes")
     assert auth.valid_before == terms.deadline == entry.valid_before
     assert auth.nonce == entry.escrow_id == chain.escrow.id_of(terms)

@@ -3,23 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from eth_utils.crypto import keccak
 from fixtures.chain import Chain
 from helpers import BUYER, address, dev
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
+from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 
-from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, EscrowClient, Journal, PaymentState, recover
+from escrow_py.buyer import (
+    AsyncEscrowClient,
+    DeliveryEscrowScheme,
+    DeliveryMismatch,
+    EscrowClient,
+    Journal,
+    PaymentError,
+    PaymentState,
+    recover,
+)
 from escrow_py.terms import State
 
 from .shop import BASE_URL, PRICE, Shop
 
 
-def test_sdk_client_pays_with_the_registered_scheme(chain: Chain, shop: Shop, tmp_path: Path) -> None:
+def test_sdk_client_pays_with_the_registered_scheme(
+    chain: Chain, shop: Shop, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
     sdk = x402Client().register("eip155:84532", scheme)
     # The SDK allows only assets it knows by default; the local TestUSDC is declared with a cap.
     sdk.set_spend_controls(
@@ -53,7 +70,8 @@ def test_sync_client_over_real_http_then_recover_is_idle(chain: Chain, served: s
         free = client.get(f"{served}/nothing-here")
         assert free.status_code == 404  # not a 402: passed through untouched
         assert client.recover().items == []
-    (entry,) = Journal(journal).entries()
+    with closing(Journal(journal)) as journaled:
+        (entry,) = journaled.entries()
     assert entry.state is PaymentState.DELIVERED
     assert recover(journal, dev(BUYER), chain.node.url).items == []
 
@@ -79,3 +97,67 @@ def test_the_clients_pool_keeps_alive_every_connection_it_may_open(chain: Chain,
 
     most, kept = asyncio.run(async_limits())
     assert kept >= most
+
+
+def _tampering(app: ASGIApp) -> ASGIApp:
+    """A seller (or a proxy) that alters the paid body after committing to its hash."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def altered(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": message["body"].replace(b"sdk", b"SDK")}
+            await send(message)
+
+        await app(scope, receive, altered)
+
+    return wrapped
+
+
+def test_the_sdk_plugin_checks_the_delivery_itself_as_a_response_hook(
+    chain: Chain, shop: Shop, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
+    sdk = x402Client().register("eip155:84532", scheme)
+    sdk.set_spend_controls({"allowed_assets": [{"network": "eip155:84532", "asset": chain.token.address}]})
+
+    async def get(app: ASGIApp, path: str) -> httpx.Response:
+        transport = x402_httpx_transport(sdk, httpx.ASGITransport(app=app))
+        hooks = {"response": [scheme.check_response]}
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, event_hooks=hooks) as http:
+            return await http.get(path)
+
+    fine = asyncio.run(get(shop.app, "/report/fine"))
+    assert fine.status_code == 200
+    entry = next(e for e in scheme.core.journal.entries() if e.state is PaymentState.DELIVERED)
+    assert entry.response_hash == keccak(fine.content)  # judged by the hook, with no call by the caller
+
+    with pytest.raises(DeliveryMismatch):
+        asyncio.run(get(_tampering(shop.app), "/report/sdk"))
+    assert any(e.state is PaymentState.MISMATCH for e in scheme.core.journal.entries())
+
+
+def test_the_sdks_spend_controls_see_delivery_escrow_offers_of_its_own_usdc(
+    chain: Chain, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Without find_default_asset on the plugin, the SDK's default spend controls drop every
+    # delivery-escrow offer, even one in Base Sepolia USDC, and the client silently pays exact.
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
+    reached: list[str] = []
+
+    def policy(version: int, offers: list[Any]) -> list[Any]:
+        reached.extend(o.asset for o in offers)
+        return offers
+
+    sdk = x402Client().register("eip155:84532", scheme).register_policy(policy)
+    usdc = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+    extra = {"name": "USDC", "version": "2", "escrow": chain.escrow.address, "operator": address(BUYER)}
+    offer = PaymentRequirements(
+        scheme="delivery-escrow", network="eip155:84532", asset=usdc, amount="10000",
+        pay_to=address(BUYER), max_timeout_seconds=120, extra={**extra, "requestHash": "0x" + "00" * 32},
+    )  # fmt: skip
+    required = PaymentRequired(x402_version=2, resource=ResourceInfo(url="http://shop.test/x"), accepts=[offer])
+    with pytest.raises(PaymentError):  # refused later by the plugin itself: no USDC on this chain
+        asyncio.run(sdk.create_payment_payload(required))
+    assert reached == [usdc]

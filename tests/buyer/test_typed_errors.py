@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,8 +25,10 @@ from x402.http.clients.httpx import x402_httpx_transport
 
 from escrow_devtools.anvil import free_port
 from escrow_py.buyer import (
+    AsyncEscrowClient,
     ChainUnavailable,
     DeliveryEscrowScheme,
+    EscrowAuth,
     EscrowClient,
     HandlerFailedRefunded,
     Journal,
@@ -44,14 +47,43 @@ from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, de
 from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief
 
-FORMS = ["EscrowClient", "DeliveryEscrowScheme"]
+FORMS = ["EscrowClient", "AsyncEscrowClient", "EscrowAuth", "DeliveryEscrowScheme"]
+HTTP_FORMS = FORMS[:3]  # the clients that send the paid request themselves
+
+
+def _get(form: str, rpc_url: str, journal: Path, url: str, **settings: Any) -> None:
+    """GET `url` with one of the buyer's own HTTP forms; `event_hooks` go to the underlying httpx client."""
+    hooks = settings.pop("event_hooks", None)
+    if form == "EscrowClient":
+        with EscrowClient(dev(BUYER), rpc_url, journal, event_hooks=hooks, **settings) as client:
+            client.get(url)
+    elif form == "EscrowAuth":
+        auth = EscrowAuth(dev(BUYER), rpc_url, journal, **settings)
+        try:
+            with httpx.Client(auth=auth, event_hooks=hooks, timeout=60) as http:
+                http.get(url)
+        finally:
+            auth.journal.close()
+    else:
+        sync_hooks = hooks or {}
+
+        async def run() -> None:
+            async def call_each(response: httpx.Response) -> None:
+                for hook in sync_hooks.get("response", []):
+                    hook(response)
+
+            async with AsyncEscrowClient(
+                dev(BUYER), rpc_url, journal, event_hooks={"response": [call_each]}, **settings
+            ) as client:
+                await client.get(url)
+
+        asyncio.run(run())
 
 
 def _attempt(form: str, rpc_url: str, journal: Path, url: str) -> None:
-    """Buy `url` with EscrowClient, or hand its 402's requirements to the SDK plugin as the SDK would."""
-    if form == "EscrowClient":
-        with EscrowClient(dev(BUYER), rpc_url, journal) as client:
-            client.get(url)
+    """Buy `url` with one of the buyer's clients, or hand its 402's requirements to the SDK plugin as the SDK would."""
+    if form in HTTP_FORMS:
+        _get(form, rpc_url, journal, url)
         return
     requirements = decode_payment_required(httpx.get(url).headers[PAYMENT_REQUIRED_HEADER]).accepts[0]
     scheme = DeliveryEscrowScheme(dev(BUYER), rpc_url, journal)
@@ -148,9 +180,10 @@ def test_an_asset_that_does_not_answer_as_a_token_is_refused(
     _nothing_happened(chain, journal, before)
 
 
+@pytest.mark.parametrize("form", HTTP_FORMS)
 @pytest.mark.parametrize("fault", ["node_gone", "node_errors", "node_hangs"])
 def test_a_chain_failure_after_the_payment_left_names_the_escrow_and_the_money(
-    chain: Chain, served: str, tmp_path: Path, fault: str
+    chain: Chain, served: str, tmp_path: Path, fault: str, form: str
 ) -> None:
     # The seller deposits, its handler fails, it refunds; the buyer must then read the escrow's state
     # and the node is gone (answers errors, or never answers). main: RpcError / NodeError, with no
@@ -170,11 +203,8 @@ def test_a_chain_failure_after_the_payment_left_names_the_escrow_and_the_money(
                     proxy.mode = "blackhole"
 
         hooks = {"response": [after_each_response]}
-        with (
-            EscrowClient(dev(BUYER), proxy.url, journal, rpc_timeout=1.0, event_hooks=hooks) as client,
-            pytest.raises(PaymentNotDelivered) as lost,
-        ):
-            client.get(f"{served}/fail")
+        with pytest.raises(PaymentNotDelivered) as lost:
+            _get(form, proxy.url, journal, f"{served}/fail", rpc_timeout=1.0, event_hooks=hooks)
         took = time.monotonic() - failed_at[0]
     (entry,) = Journal(journal).entries()
     error = lost.value
