@@ -11,7 +11,7 @@ NODE_STAMP := node_modules/.installed
 # long install shows where it is.
 PIP_INSTALL := $(BIN)/pip install --progress-bar off --disable-pip-version-check
 
-.PHONY: bootstrap quickstart test test-unit test-contracts test-integration lint format artifacts demo bench ape clean
+.PHONY: bootstrap quickstart test test-unit test-contracts test-integration test-console lint format artifacts demo bench ape clean
 
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
@@ -32,7 +32,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 
 $(PY_STAMP): pyproject.toml | $(BIN)/python
 	@echo "== installing x402-escrow with the dev tools into $(VENV) (a few minutes)"
-	$(PIP_INSTALL) -e '.[dev,seller,mcp]'
+	$(PIP_INSTALL) -e '.[dev,seller,postgres,mcp]'
 	touch $@
 
 # solc-js (the compiler) and anvil (the local chain) both come from npm, pinned exactly in
@@ -79,6 +79,12 @@ test-contracts: bootstrap
 test-integration: bootstrap ape
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m integration
 
+# The operator console's browser test drives Debian's chromium through Playwright (no browser
+# download); chromium is installed from the distribution if missing (needs root).
+test-console: bootstrap
+	command -v chromium >/dev/null || apt-get install -y chromium
+	$(BIN)/pytest -q tests/facilitator/test_console.py
+
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), in one step. It also
 # lets ape-solidity find the compiler: the solc-js wrapper, where py-solc-x keeps solc versions
 # (unless a native solc 0.8.30 is already there).
@@ -86,7 +92,7 @@ ape: $(APE_STAMP)
 
 $(APE_STAMP): $(PY_STAMP) $(NODE_STAMP)
 	@echo "== installing the Ape deployment tooling into $(VENV) (several minutes)"
-	$(PIP_INSTALL) -e '.[dev,seller,mcp,ape]'
+	$(PIP_INSTALL) -e '.[dev,seller,postgres,mcp,ape]'
 	mkdir -p $(HOME)/.solcx
 	if [ -L $(HOME)/.solcx/solc-v0.8.30 ] || [ ! -e $(HOME)/.solcx/solc-v0.8.30 ]; then \
 		ln -sfn $(CURDIR)/scripts/solc-js.cjs $(HOME)/.solcx/solc-v0.8.30; fi

@@ -4,7 +4,7 @@
     build        the compiler driver: contracts/ -> the shipped and the test artifacts
     artifacts    the test and hostile tokens, test helpers and Circle's FiatToken baseline
     fiat_token   Circle's USDC deployed on a local chain as Circle deploys it
-    bench        `x402-escrow bench gas|http|keeper`
+    bench        `x402-escrow bench gas|http|keeper|scale|storage` (and a throwaway PostgreSQL: bench.postgres)
     demo         `x402-escrow demo`
 
 `escrow_py` never imports this package (a test checks it), except the CLI, lazily, when the

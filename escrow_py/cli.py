@@ -8,6 +8,9 @@ so this file only assembles them:
     x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
+    x402-escrow migrate --db URL    bring a store's schema to this version (SQLite or PostgreSQL)
+    x402-escrow prune --db URL      delete settled rows past their deadline plus a grace period
+    x402-escrow facilitator serve|keys   verify and settle for keyless sellers; their API keys
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "escrow_devtools.bench.cli:register",
     ),
     "buyer": ("the buyer's journal and recovery", "escrow_py.buyer._cli:register"),
+    "migrate": (
+        "bring a store's schema to this version (each role also does it when it starts)",
+        "escrow_py.storage._cli:register_migrate",
+    ),
+    "prune": (
+        "delete settled rows past their deadline plus a grace period (keeps what recover() and audits need)",
+        "escrow_py.storage._cli:register_prune",
+    ),
+    "facilitator": (
+        "a delivery-escrow facilitator for sellers with no key and no RPC; its API keys",
+        "escrow_py.facilitator._cli:register",
+    ),
 }
 
 
@@ -78,13 +93,20 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo.add_argument("--escrow", help="X402Escrow address on that chain")
     demo.add_argument("--token", help="ERC-3009 token (default: the chain's known USDC)")
     demo.add_argument("--workdir", type=Path, help="where journals, stores and logs go (default: a new temp dir)")
+    demo.add_argument(
+        "--facilitator",
+        action="store_true",
+        help="the seller holds no key and no RPC: a facilitator on loopback holds the seller's key and settles",
+    )
     demo.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from escrow_devtools.demo import DemoOptions, run_demo
 
-    options = DemoOptions(rpc_url=args.rpc_url, escrow=args.escrow, token=args.token, workdir=args.workdir)
+    options = DemoOptions(
+        rpc_url=args.rpc_url, escrow=args.escrow, token=args.token, workdir=args.workdir, facilitator=args.facilitator
+    )
     return 0 if run_demo(options) else 1
 
 

@@ -134,6 +134,7 @@ class Reason(StrEnum):
     NONCE_CONFLICT = "operator_nonce_conflict"  # the operator key's nonce was taken elsewhere, even after a resync
     DEPOSIT_PENDING = "deposit_pending"  # the deposit was sent and is not confirmed yet (it may still land)
     PAYMENT_IN_PROGRESS = "payment_in_progress"  # another request or replica is handling this payment now
+    FACILITATOR_UNAVAILABLE = "facilitator_unavailable"  # the seller's facilitator is down, slow or refused it
 
 
 def network_of(chain_id: int) -> str:
@@ -381,11 +382,14 @@ SELLER_SIDE_REASONS = frozenset(
         Reason.NONCE_CONFLICT,
         Reason.DEPOSIT_PENDING,
         Reason.PAYMENT_IN_PROGRESS,
+        Reason.FACILITATOR_UNAVAILABLE,
     }
 )
 # After these a deposit of the payment may already be on its way (sent, or being sent by another
 # request or replica); after the others the node refused the seller's transaction, nothing was sent.
-DEPOSIT_MAY_BE_PENDING = frozenset({Reason.CHAIN_UNAVAILABLE, Reason.DEPOSIT_PENDING, Reason.PAYMENT_IN_PROGRESS})
+DEPOSIT_MAY_BE_PENDING = frozenset(
+    {Reason.CHAIN_UNAVAILABLE, Reason.DEPOSIT_PENDING, Reason.PAYMENT_IN_PROGRESS, Reason.FACILITATOR_UNAVAILABLE}
+)
 # A body larger than this is not the seller's 503; a Retry-After of more digits is not a delay.
 _MAX_UNAVAILABLE_BODY = 4096
 _MAX_RETRY_AFTER_DIGITS = 9

@@ -5,7 +5,8 @@ Tiers (markers, set here from where a test lives and what it needs, so no test f
     unit         no anvil, no network, no subprocess chain: pure functions, SQLite in tmp_path,
                  httpx.MockTransport, the ASGI stack in-process
     contracts    the contract itself on anvil (tests/contracts/)
-    integration  everything else on anvil: the roles, uvicorn, processes, the CLI, the benchmarks
+    integration  everything else on anvil: the roles, uvicorn, processes, the CLI, the benchmarks, and
+                 every test on the throwaway PostgreSQL server (the `db_url` fixture's postgresql half)
     slow         the long ones (crash and soak trials), a subset of integration
 
 A test is `integration` when it uses the `chain` fixture, when it lives in one of the files below
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.chain"]
+pytest_plugins = ["fixtures.chain", "fixtures.postgres"]
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "contracts", "integration")
@@ -45,6 +46,13 @@ def _tier_by_path(path: Path) -> str | None:
     return None
 
 
+def _on_postgres(item: pytest.Item) -> bool:
+    """The test starts (or shares) the session's throwaway PostgreSQL server."""
+    callspec = getattr(item, "callspec", None)
+    on_db_url = callspec is not None and callspec.params.get("db_url") == "postgresql"
+    return on_db_url or "postgres_server" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
@@ -52,7 +60,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = _tier_by_path(item.path)
         if tier is not None:
             item.add_marker(getattr(pytest.mark, tier))
-        elif "_session_chain" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow"):
+        elif (
+            "_session_chain" in getattr(item, "fixturenames", ())
+            or _on_postgres(item)
+            or item.get_closest_marker("slow")
+        ):
             item.add_marker(pytest.mark.integration)
         else:
             item.add_marker(pytest.mark.unit)

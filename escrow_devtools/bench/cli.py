@@ -1,4 +1,4 @@
-"""`x402-escrow bench gas|keeper|http`: benchmarks that print numbers (JSON with --json)."""
+"""`x402-escrow bench gas|keeper|http|scale|storage`: benchmarks that print numbers (JSON with --json)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     http.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     http.set_defaults(func=_http)
+    scale = kinds.add_parser(
+        "scale",
+        help="seller replicas on one store behind a balancer: 1, 2, 3 on PostgreSQL and 1 on SQLite, with "
+        "duplicates and replays; latency, throughput, nonce errors, duplicate handler runs, mismatched replays",
+    )
+    scale.add_argument("--buyers", type=int, default=20, help="buyers paying at once (default 20)")
+    scale.add_argument("--requests", type=int, default=10, help="paid requests per buyer (default 10)")
+    scale.add_argument(
+        "--postgres-url", help="a PostgreSQL server whose user may create databases (default: a throwaway one)"
+    )
+    scale.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    scale.set_defaults(func=_scale)
+    storage = kinds.add_parser(
+        "storage", help="each per-request and per-cycle store query at 100,000 payments, on SQLite and PostgreSQL"
+    )
+    storage.add_argument("--rows", type=int, default=100_000, help="payments per store (default 100000)")
+    storage.add_argument("--repeat", type=int, default=200, help="timed runs per query (default 200)")
+    storage.add_argument(
+        "--engine", action="append", choices=["sqlite", "postgresql"], help="only this engine (repeatable)"
+    )
+    storage.add_argument("--pg-url", dest="pg_url", help="an existing PostgreSQL database (default: a throwaway one)")
+    storage.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    storage.set_defaults(func=_storage)
 
 
 def _progress(message: str) -> None:
@@ -85,10 +108,8 @@ def _keeper(args: argparse.Namespace) -> int:
 def _http(args: argparse.Namespace) -> int:
     from escrow_devtools.bench.http import VARIANTS, measure_http_chains
 
-    for name in ("requests", "concurrency"):
-        if getattr(args, name) < 1:
-            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
-            return 2
+    if not _at_least_one(args, "requests", "concurrency"):
+        return 2
     if args.block_time and any(t < 0 for t in args.block_time):
         print("x402-escrow: --block-time must be >= 0 (0: automine)", file=sys.stderr)
         return 2
@@ -120,6 +141,37 @@ def _http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    from escrow_devtools.bench.scale import VARIANTS, measure_scale
+
+    if not _at_least_one(args, "buyers", "requests"):
+        return 2
+    result = measure_scale(
+        buyers=args.buyers, requests_per_buyer=args.requests, postgres_url=args.postgres_url, progress=_progress
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    columns = ("p50_ms", "p95_ms", "req_per_s", "ok", "failed", "nonce_errors", "duplicate_handler_runs",
+               "mismatched_replays", "double_deposits")  # fmt: skip
+    print(f"{'variant':<14}" + "".join(f"{c:>{max(9, len(c) + 2)}}" for c in columns))
+    for engine, count in VARIANTS:
+        row = result[f"{engine}_{count}"]
+        print(f"{engine + ' x' + str(count):<14}" + "".join(f"{row[c]!s:>{max(9, len(c) + 2)}}" for c in columns))
+    print(f"p50 PostgreSQL x1 / SQLite x1: {result['ratio_p50_postgresql_1_vs_sqlite_1']} "
+          f"(target <= {result['target_ratio_p50']})")  # fmt: skip
+    return 0
+
+
+def _at_least_one(args: argparse.Namespace, *names: str) -> bool:
+    """Whether each named count is at least 1 (else the rule broken is printed)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            print(f"x402-escrow: --{name} must be at least 1", file=sys.stderr)
+            return False
+    return True
+
+
 def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
@@ -128,3 +180,25 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     for key, value in result.items():  # the keeper benchmark: one figure per line
         if key != "targets":
             print(f"{key:<32}{value!s:>12}{targets.get(key, '')!s:>8}")
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from escrow_devtools.bench.storage import measure_storage
+
+    engines = tuple(dict.fromkeys(args.engine or ["sqlite", "postgresql"]))
+    result = measure_storage(
+        rows=args.rows, repeat=args.repeat, engines=engines, pg_url=args.pg_url, progress=_progress
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'engine':<11}{'store':<8}{'query':<42}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
+    for engine, roles in result["engines"].items():
+        for role, figures in roles.items():
+            if "skipped" in figures:
+                print(f"{engine:<11}{role:<8}skipped: {figures['skipped']}")
+            for name, q in figures.get("queries", {}).items():
+                print(f"{engine:<11}{role:<8}{name:<42}{q['p50_ms']:>9}{q['p95_ms']:>9}{q['max_ms']:>9}")
+    verdict = "yes" if result["met"] else "no: " + "; ".join(result["over_target"])
+    print(f"every p50 under {result['target_p50_ms']} ms: {verdict}")
+    return 0

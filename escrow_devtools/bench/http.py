@@ -12,7 +12,10 @@ transaction's wait is real), one token, one handler served these ways on loopbac
   the SDK's httpx client, settled by the SDK's facilitator running as a local HTTP server
   against the same anvil and token (how a seller talks to a facilitator);
 - `sdk_exact_inprocess`: the same, with the facilitator in the seller's process (no HTTP
-  hop): the cheapest the SDK can be, reported so the comparison can be read both ways.
+  hop): the cheapest the SDK can be, reported so the comparison can be read both ways;
+- `facilitator`: the escrow route behind FacilitatorMiddleware (no key, no RPC), whose
+  deposits and deliveries go through this project's facilitator on its own loopback server
+  (its own operator key); target p50 <= 1.25x `escrow`'s.
 
 Latency: requests one at a time, round-robin over the variants so that machine noise hits
 all of them alike. Throughput: `concurrency` workers per variant, variants in turn.
@@ -48,13 +51,14 @@ from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 PRICE = 10_000
 NETWORK = "eip155:84532"
 # Anvil dev accounts: who plays which part (each seller its own operator key: one sender per key).
-DEPLOYER, BUYER, ESCROW_SELLER, OPERATOR, FACILITATOR, EXACT_SELLER, FIRST_SELLER, FIRST_OPERATOR = range(8)
+DEPLOYER, BUYER, ESCROW_SELLER, OPERATOR, FACILITATOR, EXACT_SELLER, ESCROW_FACILITATOR, KEYLESS_SELLER = range(8)
+FIRST_SELLER, FIRST_OPERATOR = range(8, 10)
 # Targets (issue 14): p50 as a multiple of the SDK exact p50, per chain.
 TARGETS = {
     "automine": {"ratio_p50_serve_first_vs_sdk_exact": 0.5},
     "2s blocks": {"ratio_p50_serve_first_vs_sdk_exact": 0.05, "ratio_p50_escrow_vs_sdk_exact": 1.10},
 }
-VARIANTS = ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess")
+VARIANTS = ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess", "facilitator")
 
 Progress = Callable[[str], None]
 
@@ -128,6 +132,29 @@ def _sdk_client(token: str) -> Any:
         {"allowed_assets": [{"network": NETWORK, "asset": token, "max_amount_per_payment": str(PRICE)}]}
     )
     return client
+
+
+def _keyless_app(rpc_url: str, escrow: str, token: str, tmp: Path, serve: Callable[[Any], str]) -> FastAPI:
+    """The report route sold by a seller with no key and no RPC, through a facilitator served on loopback."""
+    from escrow_py.facilitator import Facilitator, FacilitatorConfig, KeyStore, create_app
+    from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig
+
+    database = tmp / "facilitator.sqlite"
+    config = FacilitatorConfig(
+        rpc_url=rpc_url, escrow=escrow, token=token, network=NETWORK, operator=dev_signer(ESCROW_FACILITATOR),
+        store=database, rate=10_000.0, burst=10_000,
+    )  # fmt: skip
+    keys = KeyStore(database)
+    _, api_key = keys.create("bench", [dev_signer(KEYLESS_SELLER).address])
+    url = serve(create_app(Facilitator(config), keys))
+    app = _report_app()
+    seller = FacilitatorSellerConfig(
+        facilitator_url=url, api_key=api_key, network=NETWORK, token=token, pay_to=dev_signer(KEYLESS_SELLER).address,
+        routes=[PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300)],
+        store=tmp / "keyless-seller.sqlite",
+    )  # fmt: skip
+    app.add_middleware(FacilitatorMiddleware, config=seller)
+    return app
 
 
 @dataclass
@@ -230,7 +257,10 @@ def measure_http(
         facilitator_url = serve(_facilitator_app(facilitator))
         exact_url = serve(_exact_app(token.address, HTTPFacilitatorClient({"url": facilitator_url})))
         exact_inprocess_url = serve(_exact_app(token.address, facilitator))
-        progress("servers up: unpaid, escrow, serve_first, sdk_exact (+ local facilitator), sdk_exact_inprocess")
+        keyless_url = serve(_keyless_app(node.url, escrow.address, token.address, Path(tmp), serve))
+        progress(
+            "servers up: unpaid, escrow, serve_first, sdk_exact (+ local facilitator), sdk_exact_inprocess, facilitator"
+        )
 
         async def run() -> list[Variant]:
             async with (
@@ -247,6 +277,7 @@ def measure_http(
                     Variant("serve_first", first_url, first.get),
                     Variant("sdk_exact", exact_url, sdk.get),
                     Variant("sdk_exact_inprocess", exact_inprocess_url, sdk.get),
+                    Variant("facilitator", keyless_url, buyer.get),
                 ]
                 await _measure(variants, requests, concurrency, warmup, progress)
                 return variants
@@ -260,6 +291,10 @@ def measure_http(
             for exact in ("sdk_exact", "sdk_exact_inprocess"):
                 result[f"ratio_p50_{name}_vs_{exact}"] = round(result[name]["p50_ms"] / result[exact]["p50_ms"], 3)
             result[f"ratio_rps_{name}_vs_sdk_exact"] = round(result[name]["rps"] / result["sdk_exact"]["rps"], 3)
+        result["ratio_p50_facilitator_vs_escrow"] = round(
+            result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3
+        )
+        result["target_ratio_p50_facilitator_vs_escrow"] = 1.25
         chain = "automine" if block_time is None else f"{block_time:g}s blocks"
         targets = TARGETS.get(chain, {})
         result["targets"] = targets
@@ -315,8 +350,9 @@ def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, var
         for e in escrow.events(start_block, int(w3.eth.block_number))
         if isinstance(e, Deposited) and e.terms.buyer == buyer
     ]
-    if len(deposits) != variants["escrow"].paid or len({d.id for d in deposits}) != len(deposits):
-        raise RuntimeError(f"{variants['escrow'].paid} escrow requests but {len(deposits)} deposits")
+    escrow_paid = variants["escrow"].paid + variants["facilitator"].paid
+    if len(deposits) != escrow_paid or len({d.id for d in deposits}) != len(deposits):
+        raise RuntimeError(f"{escrow_paid} escrow requests but {len(deposits)} deposits")
     settled = token.balance_of(dev_signer(FIRST_SELLER).address)
     if settled != variants["serve_first"].paid * PRICE:
         raise RuntimeError(f"{variants['serve_first'].paid} serve-first requests but the seller received {settled}")

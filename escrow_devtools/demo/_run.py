@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
 from escrow_py.errors import ConfigError, EscrowError
-from escrow_py.seller import SellerConfig
+from escrow_py.seller import FacilitatorSellerConfig, SellerConfig
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -84,6 +85,7 @@ class DemoOptions:
     token: str | None = None
     workdir: Path | None = None
     work_seconds: float = 3.0  # how long /report works: the window in which story 4 kills the buyer
+    facilitator: bool = False  # the seller holds no key and no RPC: a facilitator (seller's key) settles for it
 
     def __post_init__(self) -> None:
         if (self.rpc_url is None) != (self.escrow is None):
@@ -115,6 +117,8 @@ class World:
     workdir: Path
     work_seconds: float = 3.0
     base_url: str = ""
+    facilitator_url: str | None = None
+    facilitator_key: str | None = None
     signers: dict[str, LocalSigner] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -269,28 +273,69 @@ def _existing_world(options: DemoOptions, workdir: Path, display: Display) -> Wo
 
 
 @contextlib.contextmanager
+def _facilitator(world: World, display: Display) -> Iterator[None]:
+    """`--facilitator`: the seller's key moves into a facilitator on loopback; the shop gets an API key for it."""
+    from escrow_py.facilitator import Facilitator, FacilitatorConfig, KeyStore, create_app
+
+    domain = world.token.domain(world.chain_id)
+    database = world.workdir / "facilitator.sqlite"
+    config = FacilitatorConfig(
+        rpc_url=world.rpc_url, escrow=world.escrow.address, token=world.token.address,
+        network=network_of(world.chain_id), operator=world.signers["seller"], store=database,
+        token_name=domain.name, token_version=domain.version,
+    )  # fmt: skip
+    keys = KeyStore(database)
+    _, world.facilitator_key = keys.create("demo shop", [world.address("seller")])
+    console = secrets.token_urlsafe(12)
+    facilitator = Facilitator(config)
+    app = create_app(facilitator, keys, console_token=console)
+    try:
+        with serving(app, timeout_graceful_shutdown=2, log_config=None) as running:
+            world.facilitator_url = running.url
+            url = running.url
+            display(f"facilitator on {url} holds the operator key; console {url}/console?token={console}")
+            yield
+    except ServerDidNotStart as exc:
+        raise EscrowError(f"the facilitator's uvicorn did not start (see seller.log): {exc}") from exc
+    finally:
+        facilitator.close()
+        keys.close()
+
+
+@contextlib.contextmanager
 def _seller(world: World, display: Display) -> Iterator[None]:
     domain = world.token.domain(world.chain_id)
-    config = SellerConfig(
-        rpc_url=world.rpc_url,
-        escrow=world.escrow.address,
-        token=world.token.address,
-        network=network_of(world.chain_id),
-        pay_to=world.address("seller"),
-        operator=world.signers["seller"],
-        routes=[*routes(), quote_route()],
-        store=world.workdir / "seller.sqlite",
-        token_name=domain.name,
-        token_version=domain.version,
-        settle_batch_wait=SETTLE_BATCH_WAIT,
-        **SERVE_FIRST_LIMITS,  # type: ignore[arg-type]
-    )
+    config: SellerConfig | FacilitatorSellerConfig
+    if world.facilitator_url is not None and world.facilitator_key is not None:
+        # A facilitator deposits and delivers; it settles nothing served first, so /quote is not sold here.
+        config = FacilitatorSellerConfig(
+            facilitator_url=world.facilitator_url, api_key=world.facilitator_key, network=network_of(world.chain_id),
+            token=world.token.address, pay_to=world.address("seller"), routes=routes(),
+            store=world.workdir / "seller.sqlite",
+        )  # fmt: skip
+        how = "FacilitatorMiddleware: no key, no RPC"
+    else:
+        config = SellerConfig(
+            rpc_url=world.rpc_url,
+            escrow=world.escrow.address,
+            token=world.token.address,
+            network=network_of(world.chain_id),
+            pay_to=world.address("seller"),
+            operator=world.signers["seller"],
+            routes=[*routes(), quote_route()],
+            store=world.workdir / "seller.sqlite",
+            token_name=domain.name,
+            token_version=domain.version,
+            settle_batch_wait=SETTLE_BATCH_WAIT,
+            **SERVE_FIRST_LIMITS,  # type: ignore[arg-type]
+        )
+        how = "EscrowMiddleware"
     app = build_shop(config, work_seconds=world.work_seconds)
     # uvicorn's records go to the root logger (log_config=None), hence to seller.log, not the story.
     try:
         with serving(app, timeout_graceful_shutdown=2, log_config=None) as running:
             world.base_url = running.url
-            display(f"seller app on {world.base_url} (FastAPI + EscrowMiddleware), paid to {world.address('seller')}")
+            display(f"seller app on {world.base_url} (FastAPI + {how}), paid to {world.address('seller')}")
             yield
     except ServerDidNotStart as exc:
         raise EscrowError(f"the seller's uvicorn did not start (see seller.log): {exc}") from exc
@@ -571,7 +616,8 @@ STORIES: list[tuple[str, Callable[[World, Display], StoryResult]]] = [
 
 
 def run_demo(options: DemoOptions | None = None, out: IO[str] | None = None) -> bool:
-    """Play the five stories; True when every story ended as promised and every token is accounted for."""
+    """Play the stories (five; four through a facilitator); True when every story ended as promised and
+    every token is accounted for."""
     options = options or DemoOptions()
     display = Display(out or sys.stdout)
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="x402-escrow-demo-"))
@@ -591,6 +637,8 @@ def run_demo(options: DemoOptions | None = None, out: IO[str] | None = None) -> 
             else:
                 world = _existing_world(options, workdir, display)
             world.work_seconds = options.work_seconds
+            if options.facilitator:
+                stack.enter_context(_facilitator(world, display))
             stack.enter_context(_seller(world, display))
             stack.enter_context(_keeper(world, display))
             return _play(world, display)
@@ -604,7 +652,9 @@ def _play(world: World, display: Display) -> bool:
     books = Books(world)
     results: list[StoryResult] = []
     books_ok = True
-    for number, (title, story) in enumerate(STORIES, start=1):
+    # Through a facilitator the seller holds no key, so it settles nothing itself: no serve-first story.
+    stories = STORIES if world.facilitator_url is None else [s for s in STORIES if s[1] is not _story_serve_first]
+    for number, (title, story) in enumerate(stories, start=1):
         display()
         display(f"story {number}: {title}")
         result = StoryResult(number, title)

@@ -8,7 +8,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
+from escrow_py.seller import (
+    EscrowMiddleware,
+    FacilitatorMiddleware,
+    FacilitatorSellerConfig,
+    PricedRoute,
+    SellerConfig,
+)
 
 REPORT_PRICE = 10_000  # 0.01 USDC
 STUCK_PRICE = 20_000
@@ -49,9 +55,12 @@ def quote_route() -> PricedRoute:
     )  # fmt: skip
 
 
-def build_shop(config: SellerConfig, *, work_seconds: float) -> FastAPI:
+def build_shop(config: SellerConfig | FacilitatorSellerConfig, *, work_seconds: float) -> FastAPI:
     """The app: `/report/{item}` works for `work_seconds` then answers; `/quote/{item}` answers at once;
-    `/fail` raises; `/stuck` never answers."""
+    `/fail` raises; `/stuck` never answers.
+
+    A SellerConfig sells with the operator key in this process; a FacilitatorSellerConfig through a facilitator.
+    """
     app = FastAPI(title="x402-escrow demo shop")
 
     @app.get("/report/{item}")
@@ -73,5 +82,8 @@ def build_shop(config: SellerConfig, *, work_seconds: float) -> FastAPI:
         await asyncio.Event().wait()  # an upstream that never answers: nothing is ever delivered
         raise AssertionError("unreachable")
 
-    app.add_middleware(EscrowMiddleware, config=config)
+    if isinstance(config, FacilitatorSellerConfig):
+        app.add_middleware(FacilitatorMiddleware, config=config)
+    else:
+        app.add_middleware(EscrowMiddleware, config=config)
     return app

@@ -80,7 +80,7 @@ from __future__ import annotations
 
 from escrow_py.buyer._audit import AuditLog
 from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient, lost_in_flight
-from escrow_py.buyer._core import AllowAll, PaymentPolicy, ResendPolicy
+from escrow_py.buyer._core import AllowAll, PaymentPolicy, ResendPolicy, delivered_hash
 from escrow_py.buyer._errors import (
     ChainUnavailable,
     DeliveryMismatch,
@@ -102,7 +102,6 @@ from escrow_py.buyer._recover import (
     RecoveryItem,
     RecoveryReport,
     arecover,
-    delivered_hash,
     reconcile_ledger,
     recover,
 )

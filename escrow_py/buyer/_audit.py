@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from escrow_py.storage import open_sqlite, sqlite_path, transaction
+from escrow_py.storage import Migration, is_postgres_url, open_store, sqlite_path
 from escrow_py.terms import Terms
 
 _SCHEMA = """
@@ -35,10 +35,14 @@ CREATE TABLE IF NOT EXISTS audit (
     record    TEXT NOT NULL
 )
 """
+MIGRATIONS = (Migration(1, "audit", _SCHEMA),)
 
 
-def audit_paths(journal: str | Path) -> tuple[Path, Path]:
-    """Where the audit of a journal file goes by default: beside it, `<name>.audit.jsonl` and `.audit.sqlite`."""
+def audit_paths(journal: str | Path) -> tuple[Path | None, str | Path]:
+    """Where the audit of a journal goes by default: beside a journal file, `<name>.audit.jsonl` and
+    `.audit.sqlite`; for a PostgreSQL journal, its `audit` table (no JSONL: the fleet shares one trail)."""
+    if is_postgres_url(journal):
+        return None, str(journal)
     path = sqlite_path(journal)
     return path.with_name(path.stem + ".audit.jsonl"), path.with_name(path.stem + ".audit.sqlite")
 
@@ -59,43 +63,41 @@ def terms_fields(terms: Terms) -> dict[str, Any]:
 
 
 class AuditLog:
-    """Appends records to `jsonl` and `sqlite`; safe to share between threads."""
+    """Appends records to `jsonl` (if given) and the `audit` table of `store`; safe to share between threads."""
 
-    def __init__(self, jsonl: str | Path, sqlite: str | Path, *, include_path: bool = False) -> None:
-        self.jsonl_path = Path(jsonl)
+    def __init__(self, jsonl: str | Path | None, store: str | Path, *, include_path: bool = False) -> None:
+        self.jsonl_path = None if jsonl is None else Path(jsonl)
         self.include_path = include_path
-        self._conn = open_sqlite(sqlite)
-        with transaction(self._conn) as conn:
-            conn.execute(_SCHEMA)
+        self._db = open_store(store, "buyer", MIGRATIONS, component="audit", pool_size=2)
         self._lock = threading.Lock()
-        self._file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - held open for appends
 
     @classmethod
     def beside(cls, journal: str | Path, *, include_path: bool = False) -> AuditLog:
-        jsonl, sqlite = audit_paths(journal)
-        return cls(jsonl, sqlite, include_path=include_path)
+        jsonl, store = audit_paths(journal)
+        return cls(jsonl, store, include_path=include_path)
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
-            self._conn.close()
+            self._db.close()
 
     def write(self, event: str, escrow_id: bytes | None, fields: dict[str, Any]) -> dict[str, Any]:
         """Append one record; durable in both forms when this returns."""
         record = {"at": round(time.time(), 3), "event": event, "escrowId": _hex(escrow_id), **fields}
         line = json.dumps(record, sort_keys=True)
         with self._lock:
-            with transaction(self._conn) as conn:
-                conn.execute(
-                    "INSERT INTO audit (at, event, escrow_id, record) VALUES (?,?,?,?)",
-                    (record["at"], event, record["escrowId"], line),
-                )
-            self._file.write(line + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._db.execute(
+                "INSERT INTO audit (at, event, escrow_id, record) VALUES (?,?,?,?)",
+                (record["at"], event, record["escrowId"], line),
+            )
+            if self.jsonl_path is not None:
+                # Opened per record: a journal nobody closes leaves no file handle behind.
+                with self.jsonl_path.open("a", encoding="utf-8") as jsonl:
+                    jsonl.write(line + "\n")
+                    jsonl.flush()
+                    os.fsync(jsonl.fileno())
         return record
 
     def records(self) -> list[dict[str, Any]]:
-        """Every record, oldest first, from the SQLite table."""
-        rows = self._conn.execute("SELECT record FROM audit ORDER BY seq").fetchall()
+        """Every record, oldest first, from the database's table."""
+        rows = self._db.all("SELECT record FROM audit ORDER BY seq")
         return [json.loads(str(row[0])) for row in rows]

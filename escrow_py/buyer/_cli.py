@@ -15,14 +15,16 @@ from escrow_py.buyer._recover import recover
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import load_signer
 from escrow_py.errors import ConfigError
-from escrow_py.storage import sqlite_path
+from escrow_py.storage import is_postgres_url, sqlite_path
+
+JOURNAL_HELP = "the buyer's journal (SQLite path, sqlite:/// or postgresql:// URL)"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     buyer = sub.add_parser("buyer", help="the buyer's journal and recovery")
     actions = buyer.add_subparsers(dest="action", required=True)
     rec = actions.add_parser("recover", help="replay, refund or void every unfinished journaled payment")
-    rec.add_argument("--journal", required=True, help="the buyer's journal (SQLite path or sqlite:/// URL)")
+    rec.add_argument("--journal", required=True, help=JOURNAL_HELP)
     rec.add_argument("--rpc", dest="rpc_url", help="JSON-RPC URL (or X402_ESCROW_RPC_URL)")
     rec.add_argument("--keystore", help="encrypted keystore JSON (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE); "
                      "without it the key comes from X402_ESCROW_PRIVATE_KEY")  # fmt: skip
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help=f"seconds one chain call may take, retries included ({DEFAULT_DEADLINE:g})")  # fmt: skip
     rec.set_defaults(func=_recover)
     rep = actions.add_parser("report", help="spend by task and by seller, reservations, and open payments")
-    rep.add_argument("--journal", required=True, help="the buyer's journal (SQLite path or sqlite:/// URL)")
+    rep.add_argument("--journal", required=True, help=JOURNAL_HELP)
     rep.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     rep.set_defaults(func=_report)
 
@@ -56,7 +58,7 @@ def _recover(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    if not sqlite_path(args.journal).exists():
+    if not is_postgres_url(args.journal) and not sqlite_path(args.journal).exists():
         raise ConfigError(f"no journal at {args.journal}")
     journal = Journal(args.journal, audit=False)  # reading: nothing to audit
     try:

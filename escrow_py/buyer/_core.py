@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -18,7 +19,7 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
-from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
 
 from escrow_py.buyer._errors import (
     ChainUnavailable,
@@ -502,10 +503,40 @@ class PaymentCore:
         )
 
 
+# Wall clock (journal) against chain clock (blocks): how far apart they may be when bounding a log search.
+CLOCK_SKEW = 3600
+
+
+def delivered_hash(
+    w3: Web3, escrow: str, escrow_id: bytes, *, since: int = 0, tx_hash: bytes | None = None
+) -> bytes | None:
+    """The delivery hash the seller posted on chain for `escrow_id` (its Delivered event), if any.
+
+    `tx_hash`, the seller's pointer to its deliverMany, is checked first (one receipt);
+    otherwise the logs are searched from chain time `since` on, in chunks a public RPC accepts.
+    """
+    contract = Escrow(w3, escrow)
+    if tx_hash is not None and (event := contract.delivery_in(tx_hash, escrow_id)) is not None:
+        return event.delivery_hash
+    event = contract.delivery_of(escrow_id, since=since)
+    return None if event is None else event.delivery_hash
+
+
 def judge_response(
-    core: PaymentCore, *, escrow_id: bytes, terms: Terms, escrow: str, valid_before: int, response: httpx.Response
+    core: PaymentCore,
+    *,
+    escrow_id: bytes,
+    terms: Terms,
+    escrow: str,
+    valid_before: int,
+    response: httpx.Response,
+    replay: bool = False,
 ) -> None:
-    """Journal what the answer to a paid (or replayed) request says, and raise unless it is a verified delivery."""
+    """Journal what the answer to a paid (or replayed) request says, and raise unless it is a verified delivery.
+
+    Once a delivery is posted, the chain is the judge, not the answer's header: a replay (`replay`), or an
+    answer whose seller says the delivery is posted, is checked against the Delivered event's hash.
+    """
     journal = core.journal
 
     def chain_state(answer: str) -> State:
@@ -583,11 +614,37 @@ def judge_response(
             escrow=escrow,
         )
     received = delivery_hash(response.content)
-    if extra.delivery_hash != received:
-        journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=extra.delivery_hash)
-        raise DeliveryMismatch(escrow_id, extra.delivery_hash, received)
+    _judge_delivered(
+        core, escrow_id=escrow_id, escrow=escrow, extra=extra, settle=settle, received=received, replay=replay,
+        chain_state=chain_state,
+    )  # fmt: skip
+
+
+def _judge_delivered(
+    core: PaymentCore,
+    *,
+    escrow_id: bytes,
+    escrow: str,
+    extra: SettlementExtra,
+    settle: SettleResponse,
+    received: bytes,
+    replay: bool,
+    chain_state: Callable[[str], State],
+) -> None:
+    """An answer with the bytes: delivered if they match the committed hash (the chain's, once posted),
+    unsettled if they were served first, a mismatch otherwise."""
+    journal = core.journal
+    committed = extra.delivery_hash
     served_first = extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED)
-    if served_first or settle.error_reason == Reason.SETTLEMENT_FAILED:
+    served_first = served_first or settle.error_reason == Reason.SETTLEMENT_FAILED
+    posted = replay or extra.delivery_transaction is not None or extra.state == "released"
+    if committed == received and posted and not served_first:
+        # A served-first payment never had an escrow, so no Delivered event holds its hash.
+        committed = _posted_hash(core, escrow_id, escrow, extra, chain_state) or committed
+    if committed != received:
+        journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
+        raise DeliveryMismatch(escrow_id, committed, received)
+    if served_first:
         # Served first: the bytes are here and match the seller's hash, the money has not moved (or the
         # seller says it has). Only the chain closes it (recover(): Settled event, or validBefore passed).
         journal.update(
@@ -595,10 +652,26 @@ def judge_response(
             PaymentState.UNSETTLED,
             detail=f"served first; settlement {extra.settlement or settle.error_reason}",
             response_hash=received,
-            committed_hash=extra.delivery_hash,
+            committed_hash=committed,
         )
         return
-    journal.update(escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=extra.delivery_hash)
+    journal.update(escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
+
+
+def _posted_hash(
+    core: PaymentCore, escrow_id: bytes, escrow: str, extra: SettlementExtra, chain_state: Callable[[str], State]
+) -> bytes | None:
+    """The hash the chain holds for a delivery already posted (None while the escrow is still Held)."""
+    if extra.delivery_transaction is None and chain_state("a replayed delivery") is not State.RELEASED:
+        return None
+    entry = core.journal.get(escrow_id)
+    since = 0 if entry is None else int(entry.created_at) - CLOCK_SKEW
+    try:
+        return delivered_hash(core.chain.w3, escrow, escrow_id, since=since, tx_hash=extra.delivery_transaction)
+    except ChainError as exc:
+        raise PaymentNotDelivered(
+            escrow_id, extra.deadline, f"the delivery's on-chain hash could not be read ({exc})", escrow=escrow
+        ) from exc
 
 
 def _denied(decision: Decision) -> PolicyDenied:

@@ -1,6 +1,8 @@
 """The buyer's journal: every signed payment, committed before the payment leaves the process.
 
-One SQLite file (escrow_py.storage discipline: WAL, synchronous=FULL). A row is
+One SQLite file (escrow_py.storage discipline: WAL, synchronous=FULL), or one
+PostgreSQL database (schema `buyer`) that a fleet of agents shares, and with it one
+budget. A row is
 enough for a new process to find the escrow on chain and replay the request:
 the request itself (the buyer's own data), the terms, the PAYMENT-SIGNATURE
 value, and what became of it.
@@ -17,11 +19,7 @@ authorization expires unused), and the final ones `delivered` (body hash verifie
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 from escrow_py.buyer import _ledger as ledger
 from escrow_py.buyer._audit import AuditLog, terms_fields
 from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy
-from escrow_py.storage import open_sqlite, transaction
+from escrow_py.storage import Database, Migration, Tx, open_store
 from escrow_py.terms import Terms
 
 
@@ -50,6 +48,8 @@ class PaymentState(StrEnum):
 
 
 UNFINISHED = tuple(s.value for s in PaymentState if not s.final)
+# The unfinished states as SQL constants: a partial index's condition, and the query's, spelled the same.
+_UNFINISHED_SQL = f"state IN ({', '.join(repr(s) for s in UNFINISHED)})"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
@@ -71,8 +71,35 @@ CREATE TABLE IF NOT EXISTS payments (
     created_at     REAL NOT NULL,
     updated_at     REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS payments_state ON payments(state);
+CREATE INDEX IF NOT EXISTS payments_state ON payments(state)
 """
+
+# Schema 2: the escrow's deadline as a column (retention prunes by it) and an index per query a loop runs.
+_SCHEMA_2 = f"""
+ALTER TABLE payments ADD COLUMN deadline INTEGER;
+DROP INDEX payments_state;
+CREATE INDEX payments_state ON payments (state, created_at);
+CREATE INDEX payments_deadline ON payments (deadline, state);
+CREATE INDEX payments_unfinished ON payments (created_at) WHERE {_UNFINISHED_SQL}
+"""
+
+
+def _fill_deadlines(tx: Tx) -> None:
+    rows = tx.all("SELECT escrow_id, terms FROM payments")
+    tx.executemany("UPDATE payments SET deadline = ? WHERE escrow_id = ?",
+                   [(int(json.loads(str(t))["deadline"]), bytes(i)) for i, t in rows])  # fmt: skip
+
+
+def _schema_2(tx: Tx) -> None:
+    _fill_deadlines(tx)
+    ledger.fill_totals(tx)
+
+
+MIGRATIONS = (
+    Migration(1, "payments and ledger", _SCHEMA + ";" + ledger.SCHEMA),
+    Migration(2, "deadlines, running totals, indexes", _SCHEMA_2 + ";" + ledger.TOTALS, run=_schema_2),
+)
+FINAL = tuple(s.value for s in PaymentState if s.final)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,34 +125,21 @@ class JournalEntry:
 
 
 class Journal:
-    """The journal file at `path` (a path or sqlite:/// URL); safe to share between threads.
+    """The journal at `path` (a path, sqlite:/// URL or postgresql:// URL); safe to share between threads.
 
     It also holds the budget ledger (escrow_py.buyer._ledger), moved in the same
     transactions as the payments, and writes the audit trail: `audit` defaults to
-    `<journal>.audit.jsonl` and `<journal>.audit.sqlite` beside the file; False turns it off.
+    `<journal>.audit.jsonl` and `<journal>.audit.sqlite` beside a journal file (the journal's
+    own database for PostgreSQL); False turns it off.
     """
 
     def __init__(self, path: str | Path, *, audit: AuditLog | bool = True) -> None:
         self.path = path
-        self._conn = open_sqlite(path)
-        # One connection shared by threads: one transaction at a time on it (BEGIN IMMEDIATE orders processes).
-        self._lock = threading.RLock()
-        with self._transaction() as conn:
-            for statement in filter(str.strip, (_SCHEMA + ";" + ledger.SCHEMA).split(";")):
-                conn.execute(statement)
+        self.db = open_store(path, "buyer", MIGRATIONS)
         self.audit: AuditLog | None = AuditLog.beside(path) if audit is True else audit or None
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, transaction(self._conn) as conn:
-            yield conn
-
-    def _read(self, query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._conn.execute(query, args).fetchall())
-
     def close(self) -> None:
-        self._conn.close()
+        self.db.close()
         if self.audit is not None:
             self.audit.close()
 
@@ -136,12 +150,13 @@ class Journal:
         decision = ALLOW if policy is None else policy.check_offer(ctx)
         if decision.allowed:
             now = time.time()
-            with self._transaction() as conn:
+            with self.db.transaction() as tx:
+                ledger.lock_budget(tx, ctx.token)
                 if policy is not None:
                     windows = tuple(w.seconds for w in policy.windows)
-                    decision = policy.check_budgets(ctx, ledger.usage(conn, ctx, windows, now))
+                    decision = policy.check_budgets(ctx, ledger.usage(tx, ctx, windows, now))
                 if decision.allowed:
-                    ledger.insert_reservation(conn, escrow_id, ctx, now)
+                    ledger.insert_reservation(tx, escrow_id, ctx, now)
         self.audit_decision(escrow_id, terms, ctx, decision)
         return decision
 
@@ -163,33 +178,33 @@ class Journal:
 
     def cancel_reservation(self, escrow_id: bytes) -> None:
         """Release a reservation whose payment was never sent (signing failed)."""
-        with self._transaction() as conn:
-            ledger.set_status(conn, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
+        with self.db.transaction() as tx:
+            ledger.set_status(tx, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
 
     def ledger_rows(self) -> list[ledger.LedgerRow]:
-        with self._lock:
-            return ledger.rows(self._conn)
+        with self.db.read() as tx:
+            return ledger.rows(tx)
 
     def release_orphans(self, grace: float = 60.0) -> list[bytes]:
         """Release reservations older than `grace` seconds that never got a journal row (nothing was sent)."""
-        with self._transaction() as conn:
-            found = ledger.orphans(conn, time.time() - grace)
+        with self.db.transaction() as tx:
+            found = ledger.orphans(tx, time.time() - grace)
             for escrow_id in found:
-                ledger.set_status(conn, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
+                ledger.set_status(tx, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
         for escrow_id in found:
             if self.audit is not None:
                 self.audit.write("ledger", escrow_id, {"ledger": "released", "reason": "never_sent"})
         return found
 
     def unconfirmed(self) -> list[bytes]:
-        with self._lock:
-            return ledger.unconfirmed(self._conn)
+        with self.db.read() as tx:
+            return ledger.unconfirmed(tx)
 
     def confirm_on_chain(self, escrow_id: bytes, spent: bool) -> None:
         """The chain's final word on a payment: its money went to the seller (spent) or back (released)."""
         status = ledger.LedgerStatus.SPENT if spent else ledger.LedgerStatus.RELEASED
-        with self._transaction() as conn:
-            ledger.mark_chain_final(conn, escrow_id, status, time.time())
+        with self.db.transaction() as tx:
+            ledger.mark_chain_final(tx, escrow_id, status, time.time())
         if self.audit is not None:
             self.audit.write("ledger", escrow_id, {"ledger": status.value, "reason": "chain_final"})
 
@@ -215,10 +230,10 @@ class Journal:
     ) -> None:
         """Commit a new `signed` payment; durable when this returns."""
         now = time.time()
-        with self._transaction() as conn:
-            conn.execute(
+        with self.db.transaction() as tx:
+            tx.execute(
                 "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
-                " payment_header, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " payment_header, state, created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     escrow_id,
                     chain_id,
@@ -233,6 +248,7 @@ class Journal:
                     PaymentState.SIGNED.value,
                     now,
                     now,
+                    terms.deadline,
                 ),
             )
         if self.audit is not None:
@@ -249,8 +265,8 @@ class Journal:
         tx_hash: bytes | None = None,
     ) -> None:
         """Move a payment to `state`; the hashes and tx given are kept, the others left as they were."""
-        with self._transaction() as conn:
-            cursor = conn.execute(
+        with self.db.transaction() as tx:
+            cursor = tx.execute(
                 "UPDATE payments SET state = ?, detail = COALESCE(?, detail),"
                 " response_hash = COALESCE(?, response_hash), committed_hash = COALESCE(?, committed_hash),"
                 " tx_hash = COALESCE(?, tx_hash), updated_at = ? WHERE escrow_id = ?",
@@ -258,8 +274,8 @@ class Journal:
             )
             if cursor.rowcount != 1:
                 raise KeyError(f"escrow 0x{escrow_id.hex()} is not in the journal {self.path}")
-            ledger.follow(conn, escrow_id, state.value, time.time())
-            terms = conn.execute("SELECT terms FROM payments WHERE escrow_id = ?", (escrow_id,)).fetchone()[0]
+            ledger.follow(tx, escrow_id, state.value, time.time())
+            (terms,) = tx.one("SELECT terms FROM payments WHERE escrow_id = ?", (escrow_id,)) or ("",)
         if self.audit is not None:
             fields = {**terms_fields(Terms.from_json(json.loads(str(terms)))), "state": state.value}
             if tx_hash is not None:
@@ -270,8 +286,8 @@ class Journal:
         """The same signed payment is about to be sent again after a 503 of the seller's (`reason`): noted in
         the payment's detail (its state stays what it was) and as a `resend` record of the audit trail."""
         detail = f"resend {attempt} after 503 {reason} (Retry-After {retry_after}s, waiting {wait:g}s)"
-        with self._transaction() as conn:
-            cursor = conn.execute(
+        with self.db.transaction() as tx:
+            cursor = tx.execute(
                 "UPDATE payments SET detail = ?, updated_at = ? WHERE escrow_id = ?", (detail, time.time(), escrow_id)
             )
             if cursor.rowcount != 1:
@@ -282,16 +298,16 @@ class Journal:
 
     def get(self, escrow_id: bytes) -> JournalEntry | None:
         query = f"SELECT {_COLUMNS} FROM payments WHERE escrow_id = ?"  # noqa: S608 - constant column list
-        rows = self._read(query, (escrow_id,))
+        rows = self.db.all(query, (escrow_id,))
         return _entry(rows[0]) if rows else None
 
     def entries(self, *, unfinished_only: bool = False) -> list[JournalEntry]:
         if unfinished_only:
-            marks = ",".join("?" * len(UNFINISHED))
-            query = f"SELECT {_COLUMNS} FROM payments WHERE state IN ({marks}) ORDER BY created_at"  # noqa: S608
-            rows = self._read(query, UNFINISHED)
+            # Spelled as the partial index's condition (constants, not parameters), so both engines use it.
+            query = f"SELECT {_COLUMNS} FROM payments WHERE {_UNFINISHED_SQL} ORDER BY created_at"  # noqa: S608
+            rows = self.db.all(query)
         else:
-            rows = self._read(f"SELECT {_COLUMNS} FROM payments ORDER BY created_at")  # noqa: S608
+            rows = self.db.all(f"SELECT {_COLUMNS} FROM payments ORDER BY created_at")  # noqa: S608
         return [_entry(row) for row in rows]
 
 
@@ -323,3 +339,29 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         tx_hash=None if tx is None else bytes(tx),
         created_at=float(at),
     )
+
+
+def prune(db: Database, *, before: float) -> dict[str, int]:
+    """Forget finished payments whose escrow deadline is before `before` (seconds): journal rows in a final state
+    whose ledger row the chain has confirmed (chain_final), with that ledger row, and released reservations that
+    never got a journal row, made before it. Unfinished payments (what recover() works on) and unconfirmed ledger
+    rows stay; the budget totals stay (they are running sums, not recounted from rows).
+
+    A windowed budget counts the rows of its window: `before` must lie behind the longest budget window.
+    """
+    final = ", ".join("?" * len(FINAL))
+    with db.transaction() as tx:
+        gone = tx.all(
+            f"SELECT p.escrow_id FROM payments p JOIN ledger l ON l.escrow_id = p.escrow_id WHERE p.deadline < ? "  # noqa: S608
+            f"AND p.state IN ({final}) AND l.chain_final = 1",
+            (before, *FINAL),
+        )
+        ids = [(bytes(r[0]),) for r in gone]
+        tx.executemany("DELETE FROM payments WHERE escrow_id = ?", ids)
+        tx.executemany("DELETE FROM ledger WHERE escrow_id = ?", ids)
+        orphans = tx.execute(
+            "DELETE FROM ledger WHERE status = 'released' AND reserved_at < ? AND NOT EXISTS "
+            "(SELECT 1 FROM payments p WHERE p.escrow_id = ledger.escrow_id)",
+            (before,),
+        ).rowcount
+    return {"payments": len(ids), "ledger": len(ids) + orphans}

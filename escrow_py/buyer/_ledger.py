@@ -1,10 +1,16 @@
 """The budget ledger: amounts reserved before signing, spent on delivery, released on refund or void.
 
-It lives in the journal's SQLite file and every change happens inside the journal's
-transactions (BEGIN IMMEDIATE takes the database's write lock), so a reservation
-checks the budgets and inserts itself atomically across threads and processes, and
-a payment's ledger row moves in the same transaction as its journal state. The
-available budget is always the budget minus what is reserved minus what is spent.
+It lives in the journal's database and every change happens inside the journal's
+transactions; a reservation checks the budgets and inserts itself under the token's
+budget lock (`tx.lock`: SQLite's write lock, a PostgreSQL advisory lock), so it is
+atomic across threads, processes and hosts sharing the journal, and a payment's
+ledger row moves in the same transaction as its journal state. The available budget
+is always the budget minus what is reserved minus what is spent.
+
+What is committed (reserved + spent) is kept as running totals per (token, task,
+seller) in `ledger_totals`, moved with every change of status, so a budget check
+reads a handful of rows however long the history is (and pruned rows stay counted);
+the time windows sum the rows of the window only, through a covering index.
 
     reserved ──delivered, mismatch, released on chain──► spent
         │  └──refunded, void, never sent───────────────► released
@@ -15,11 +21,11 @@ available budget is always the budget minus what is reserved minus what is spent
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 
 from escrow_py.buyer._policy import PaymentContext, Usage
+from escrow_py.storage import Tx
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -36,11 +42,36 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_token_status ON ledger(token, status)
 """
 
+# Schema 2: running totals, and an index for each query a payment or a recovery runs.
+TOTALS = """
+CREATE TABLE ledger_totals (
+    token TEXT NOT NULL, task TEXT NOT NULL, seller TEXT NOT NULL, committed INTEGER NOT NULL,
+    PRIMARY KEY (token, task, seller)
+);
+CREATE INDEX ledger_totals_seller ON ledger_totals (token, seller);
+DROP INDEX ledger_token_status;
+CREATE INDEX ledger_window ON ledger (token, reserved_at, status, amount);
+CREATE INDEX ledger_unconfirmed ON ledger (reserved_at) WHERE chain_final = 0;
+CREATE INDEX ledger_reserved ON ledger (reserved_at) WHERE status = 'reserved'
+"""
+
+
+def fill_totals(tx: Tx) -> None:
+    """Schema 2's totals, from the rows a journal of schema 1 holds."""
+    tx.execute(
+        "INSERT INTO ledger_totals (token, task, seller, committed) SELECT token, task, seller, SUM(amount) "
+        "FROM ledger WHERE status IN ('reserved', 'spent') GROUP BY token, task, seller"
+    )
+
 
 class LedgerStatus(StrEnum):
     RESERVED = "reserved"
     SPENT = "spent"
     RELEASED = "released"
+
+    @property
+    def committed(self) -> bool:
+        return self is not LedgerStatus.RELEASED
 
 
 # What a journal state (PaymentState's value) means for the money: gone to the seller, back with the
@@ -64,73 +95,107 @@ class LedgerRow:
     reserved_at: float
 
 
-def usage(conn: sqlite3.Connection, ctx: PaymentContext, windows: tuple[int, ...], now: float) -> Usage:
-    """What is committed (reserved + spent) in ctx's token: overall, for its task, its seller, each window."""
-    committed = "token = ? AND status IN ('reserved', 'spent')"
+def lock_budget(tx: Tx, token: str) -> None:
+    """Reservations in one token check and insert one at a time, whichever process or host makes them."""
+    tx.lock(f"budget:{token.lower()}")
 
-    def total(extra: str = "", *args: object) -> int:
-        query = f"SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE {committed}{extra}"  # noqa: S608 - constants
-        return int(conn.execute(query, (ctx.token, *args)).fetchone()[0])
 
-    return Usage(
-        total=total(),
-        task=total(" AND task = ?", ctx.task),
-        seller=total(" AND seller = ?", ctx.seller),
-        windows={seconds: total(" AND reserved_at >= ?", now - seconds) for seconds in windows},
+def usage(tx: Tx, ctx: PaymentContext, windows: tuple[int, ...], now: float) -> Usage:
+    """What is committed (reserved + spent) in ctx's token: overall, for its task, its seller, each window.
+
+    Two reads: the token's running totals (one row per task and seller), and the rows of the longest window.
+    """
+    row = tx.one(
+        "SELECT COALESCE(SUM(committed), 0), COALESCE(SUM(CASE WHEN task = ? THEN committed ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN seller = ? THEN committed ELSE 0 END), 0) FROM ledger_totals WHERE token = ?",
+        (ctx.task, ctx.seller, ctx.token),
+    )
+    total, task, seller = (int(v) for v in row) if row else (0, 0, 0)
+    spent: dict[int, int] = {}
+    if windows:
+        sums = ", ".join("COALESCE(SUM(CASE WHEN reserved_at >= ? THEN amount ELSE 0 END), 0)" for _ in windows)
+        found = tx.one(
+            f"SELECT {sums} FROM ledger WHERE token = ? AND reserved_at >= ? "  # noqa: S608 - one term per window
+            "AND status IN ('reserved', 'spent')",
+            (*(now - s for s in windows), ctx.token, now - max(windows)),
+        )
+        spent = {seconds: int(found[i]) if found else 0 for i, seconds in enumerate(windows)}
+    return Usage(total=total, task=task, seller=seller, windows=spent)
+
+
+def _add(tx: Tx, token: str, task: str, seller: str, amount: int) -> None:
+    tx.execute(
+        "INSERT INTO ledger_totals (token, task, seller, committed) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (token, task, seller) DO UPDATE SET committed = ledger_totals.committed + excluded.committed",
+        (token, task, seller, amount),
     )
 
 
-def insert_reservation(conn: sqlite3.Connection, escrow_id: bytes, ctx: PaymentContext, now: float) -> None:
-    conn.execute(
+def insert_reservation(tx: Tx, escrow_id: bytes, ctx: PaymentContext, now: float) -> None:
+    tx.execute(
         "INSERT INTO ledger (escrow_id, task, seller, token, amount, status, reserved_at) VALUES (?,?,?,?,?,?,?)",
         (escrow_id, ctx.task, ctx.seller, ctx.token, ctx.amount, LedgerStatus.RESERVED.value, now),
     )
+    _add(tx, ctx.token, ctx.task, ctx.seller, ctx.amount)
 
 
-def set_status(conn: sqlite3.Connection, escrow_id: bytes, status: LedgerStatus, now: float) -> None:
-    conn.execute(
-        "UPDATE ledger SET status = ?, settled_at = ? WHERE escrow_id = ? AND status != ?",
-        (status.value, now, escrow_id, status.value),
-    )
+def _move(tx: Tx, escrow_id: bytes, status: LedgerStatus, now: float, *, chain_final: bool) -> None:
+    """Set a row's status; the totals follow. The row is locked first, so two moves of it add up."""
+    lock = tx.for_update(skip_locked=False)
+    query = f"SELECT status, token, task, seller, amount FROM ledger WHERE escrow_id = ?{lock}"  # noqa: S608
+    row = tx.one(query, (escrow_id,))
+    if row is None:
+        return
+    before = LedgerStatus(str(row[0]))
+    if chain_final:
+        tx.execute(
+            "UPDATE ledger SET status = ?, settled_at = COALESCE(settled_at, ?), chain_final = 1 WHERE escrow_id = ?",
+            (status.value, now, escrow_id),
+        )
+    elif before is not status:
+        tx.execute("UPDATE ledger SET status = ?, settled_at = ? WHERE escrow_id = ?", (status.value, now, escrow_id))
+    if before.committed != status.committed:
+        _add(tx, str(row[1]), str(row[2]), str(row[3]), int(row[4]) if status.committed else -int(row[4]))
 
 
-def follow(conn: sqlite3.Connection, escrow_id: bytes, state: str, now: float) -> None:
+def set_status(tx: Tx, escrow_id: bytes, status: LedgerStatus, now: float) -> None:
+    _move(tx, escrow_id, status, now, chain_final=False)
+
+
+def follow(tx: Tx, escrow_id: bytes, state: str, now: float) -> None:
     """Move the ledger row the way a journal state says the money went (no-op for unfinished states)."""
     if (status := _FOLLOWS.get(state)) is not None:
-        set_status(conn, escrow_id, status, now)
+        set_status(tx, escrow_id, status, now)
 
 
-def mark_chain_final(conn: sqlite3.Connection, escrow_id: bytes, status: LedgerStatus, now: float) -> None:
+def mark_chain_final(tx: Tx, escrow_id: bytes, status: LedgerStatus, now: float) -> None:
     """The chain has the last word (Released: spent; Refunded or never deposited: released); never revisited."""
-    conn.execute(
-        "UPDATE ledger SET status = ?, settled_at = COALESCE(settled_at, ?), chain_final = 1 WHERE escrow_id = ?",
-        (status.value, now, escrow_id),
-    )
+    _move(tx, escrow_id, status, now, chain_final=True)
 
 
-def unconfirmed(conn: sqlite3.Connection) -> list[bytes]:
+def unconfirmed(tx: Tx) -> list[bytes]:
     """Rows whose journal state is final but whose chain outcome has not been confirmed yet."""
-    found = conn.execute(
+    found = tx.all(
         "SELECT l.escrow_id FROM ledger l JOIN payments p ON p.escrow_id = l.escrow_id"
         " WHERE l.chain_final = 0 AND p.state IN ('delivered', 'mismatch', 'refunded', 'void')"
-    ).fetchall()
+    )
     return [bytes(row[0]) for row in found]
 
 
-def orphans(conn: sqlite3.Connection, older_than: float) -> list[bytes]:
+def orphans(tx: Tx, older_than: float) -> list[bytes]:
     """Reservations with no journal row, made before `older_than`: signed (or not) but never sent."""
-    rows = conn.execute(
+    rows = tx.all(
         "SELECT l.escrow_id FROM ledger l LEFT JOIN payments p ON p.escrow_id = l.escrow_id"
         " WHERE l.status = 'reserved' AND p.escrow_id IS NULL AND l.reserved_at < ?",
         (older_than,),
-    ).fetchall()
+    )
     return [bytes(row[0]) for row in rows]
 
 
-def rows(conn: sqlite3.Connection) -> list[LedgerRow]:
-    found = conn.execute(
+def rows(tx: Tx) -> list[LedgerRow]:
+    found = tx.all(
         "SELECT escrow_id, task, seller, token, amount, status, reserved_at FROM ledger ORDER BY reserved_at"
-    ).fetchall()
+    )
     return [
         LedgerRow(bytes(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), LedgerStatus(str(r[5])), float(r[6]))
         for r in found

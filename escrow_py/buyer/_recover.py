@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 from web3 import Web3
 
-from escrow_py.buyer._core import PaymentCore, judge_response
+from escrow_py.buyer._core import CLOCK_SKEW, PaymentCore, delivered_hash, judge_response
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
-from escrow_py.chain.escrow import Escrow, Settled
+from escrow_py.chain.escrow import Settled
 from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
@@ -63,26 +63,8 @@ class RecoveryReport:
         raise KeyError(f"escrow 0x{escrow_id.hex()} is not in this report")
 
 
-# Wall clock (journal) against chain clock (blocks): how far apart they may be when bounding a log search.
-CLOCK_SKEW = 3600
-
 # A recovery step either finishes, or asks its driver to send one replay and hand back the answer.
 _Flow = Generator[httpx.Request, "httpx.Response | Exception", RecoveryItem]
-
-
-def delivered_hash(
-    w3: Web3, escrow: str, escrow_id: bytes, *, since: int = 0, tx_hash: bytes | None = None
-) -> bytes | None:
-    """The delivery hash the seller posted on chain for `escrow_id` (its Delivered event), if any.
-
-    `tx_hash`, the seller's pointer to its deliverMany, is checked first (one receipt);
-    otherwise the logs are searched from chain time `since` on, in chunks a public RPC accepts.
-    """
-    contract = Escrow(w3, escrow)
-    if tx_hash is not None and (event := contract.delivery_in(tx_hash, escrow_id)) is not None:
-        return event.delivery_hash
-    event = contract.delivery_of(escrow_id, since=since)
-    return None if event is None else event.delivery_hash
 
 
 def replay_request(entry: JournalEntry) -> httpx.Request:
@@ -190,6 +172,7 @@ def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
             escrow=entry.escrow,
             valid_before=entry.valid_before,
             response=answer,
+            replay=True,
         )
     except PaymentError as exc:
         after = core.journal.get(eid)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from eth_abi.abi import decode
 from eth_typing import ChecksumAddress
@@ -147,6 +147,7 @@ class SentTx:
     tx: dict[str, Any]
     raw: bytes = b""
     sent_at: float = field(default_factory=time.monotonic)
+    intent: str = ""  # what it is for (intent_of): a replacement keeps it, a different call never shares it
 
 
 @dataclass
@@ -160,6 +161,36 @@ class WatchReport:
 
 
 OnSigned = Callable[[SentTx], None]
+
+
+def intent_of(to: str | None, data: bytes) -> str:
+    """The intent a transaction carries out: its target and calldata. Two transactions with one intent are
+    one deposit, one refund or one batch sent twice; a replacement (fee bump) keeps its original's."""
+    return "0x" + keccak((to or "").lower().encode() + b":" + data).hex()
+
+
+class NonceBook(Protocol):
+    """Durable nonce allocation and transaction records for a key shared by several processes (or hosts).
+
+    `allocate_nonce` returns the next nonce of `address`, at least `at_least` (the node's pending
+    count, which is ahead when the key was used elsewhere), and counts it as taken, atomically for
+    every process on the book. `record_tx` keeps a signed transaction before it is broadcast.
+    `give_back_nonce` returns a nonce whose transaction never left, if it is still the latest one
+    taken (True); otherwise it stays a gap that `TxSender.confirm` fills. `lower_nonce` moves the
+    next nonce back to `to` after a reorg dropped transactions. `txs_for` lists the recorded
+    transactions of an intent, newest first.
+    """
+
+    def allocate_nonce(self, address: str, at_least: int) -> int: ...
+
+    def give_back_nonce(self, address: str, nonce: int) -> bool: ...
+
+    def lower_nonce(self, address: str, to: int) -> None: ...
+
+    def record_tx(self, address: str, signed: SentTx) -> None: ...
+
+    def txs_for(self, address: str, intent: str) -> list[bytes]: ...
+
 
 # What nodes answer when a nonce is already used, or taken by a pending transaction of the same fee.
 _NONCE_USED = ("nonce too low", "replacement transaction underpriced", "nonce has already been used", "already used")
@@ -178,12 +209,25 @@ class TxSender:
     With `watch=True` every broadcast transaction is followed until `watch(depth)`
     finds it `depth` blocks deep; one that disappears (a reorg) resynchronises the
     nonce and is reported, so its owner can send it again.
+
+    With a `book` (NonceBook), nonces come from the book instead of this process's count, and
+    every signed transaction, replacements included, is recorded in it before broadcast: several
+    processes sending from one key then never take one nonce twice.
     """
 
-    def __init__(self, w3: Web3, signer: Signer, *, poll_interval: float = 0.05, watch: bool = False) -> None:
+    def __init__(
+        self,
+        w3: Web3,
+        signer: Signer,
+        *,
+        poll_interval: float = 0.05,
+        watch: bool = False,
+        book: NonceBook | None = None,
+    ) -> None:
         self.w3 = w3
         self.signer = signer
         self.poll_interval = poll_interval
+        self.book = book
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
         self._chain_id: int | None = None
@@ -245,6 +289,7 @@ class TxSender:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
         for attempt in (1, 2):
             signed = self.sign(to, data, gas=gas)
+            self._record(signed)
             if on_signed is not None:
                 on_signed(signed)
             try:
@@ -277,9 +322,19 @@ class TxSender:
         }
         if to is not None:
             tx["to"] = to_checksum_address(to)
-        return self._sign_next(tx)
+        signed = self._sign_next(tx)
+        signed.intent = intent_of(to, data)
+        return signed
 
     def _sign_next(self, tx: dict[str, Any]) -> SentTx:
+        if self.book is not None:
+            # The book's row for this key is the one counter every process shares; the node's pending
+            # count only matters when the key was used outside the book (then it is ahead).
+            pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
+            nonce = self.book.allocate_nonce(self.address, pending)
+            tx = {**tx, "nonce": nonce}
+            raw = self.signer.sign_transaction(tx)
+            return SentTx(bytes(keccak(raw)), nonce, tx, raw)
         with self._lock:
             # The node's count is ahead of ours when the key was used elsewhere (another process, a
             # wallet): follow it rather than fail with `nonce too low`. Ours is ahead while our last
@@ -297,13 +352,28 @@ class TxSender:
         """Send a signed transaction; sending one the node already knows is not an error."""
         try:
             self.broadcast_raw(signed.raw)
-        except Exception:
-            # The nonce may or may not have been consumed: ask the node next time.
-            self.resync_nonce()
+        except NonceConflict:
+            if self.book is None:
+                self.resync_nonce()
+            raise  # with a book: the nonce is used (the key was used elsewhere); the next allocation skips it
+        except Exception as exc:
+            if self.book is None:
+                self.resync_nonce()  # the nonce may or may not have been consumed: ask the node next time
+            elif isinstance(exc, RpcError) and not isinstance(exc, TimeoutError):
+                # The node refused it, so it never left: give the nonce back if nobody took a later one
+                # (else a gap, which confirm() fills). Never move the shared counter back past other
+                # processes' nonces. A lost answer (a timeout) may hide an accepted transaction: kept.
+                self.book.give_back_nonce(self.address, signed.nonce)
             raise
         self._follow(signed)
 
+    def _record(self, signed: SentTx) -> None:
+        """Keep the signed transaction in the book before it can leave (no book: nothing to do)."""
+        if self.book is not None:
+            self.book.record_tx(self.address, signed)
+
     def resync_nonce(self) -> None:
+        """Forget the cached nonce: the next one is the node's pending count (no-op with a book: it is shared)."""
         with self._lock:
             self._next_nonce = None
 
@@ -314,7 +384,7 @@ class TxSender:
         tx["maxPriorityFeePerGas"] = max(int(sent.tx["maxPriorityFeePerGas"] * bump) + 1, tip)
         tx["maxFeePerGas"] = max(int(sent.tx["maxFeePerGas"] * bump) + 1, max_fee, tx["maxPriorityFeePerGas"])
         raw = self.signer.sign_transaction(tx)
-        return SentTx(bytes(keccak(raw)), sent.nonce, tx, raw)
+        return SentTx(bytes(keccak(raw)), sent.nonce, tx, raw, intent=sent.intent)
 
     def broadcast_raw(self, raw: bytes) -> bytes:
         """eth_sendRawTransaction; NonceConflict, InsufficientFunds or RpcError when the node refuses."""
@@ -425,6 +495,7 @@ class TxSender:
                 self._fill_gap(nonce, stuck)
             return stuck
         replacement = self.replace(stuck)
+        self._record(replacement)
         if on_signed is not None:
             on_signed(replacement)
         try:
@@ -449,9 +520,11 @@ class TxSender:
             "maxFeePerGas": max(max_fee, int(like.tx["maxFeePerGas"])),
             "maxPriorityFeePerGas": max(tip, int(like.tx["maxPriorityFeePerGas"])),
         }
+        raw = self.signer.sign_transaction(tx)
+        self._record(SentTx(bytes(keccak(raw)), nonce, tx, raw, intent=f"gap:{nonce}"))
         # NonceConflict: filled meanwhile (by our own next transaction, or the key's other user).
         with contextlib.suppress(NonceConflict):
-            self.broadcast_raw(self.signer.sign_transaction(tx))
+            self.broadcast_raw(raw)
 
     def transact(
         self,
@@ -464,11 +537,29 @@ class TxSender:
         reprice_after: float | None = None,
         on_signed: OnSigned | None = None,
     ) -> TxReceipt:
-        """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds."""
+        """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds.
+
+        With a book, a transaction of the same intent already sent (by any process on the book) and
+        still pending is waited for instead: one intent is never in flight twice.
+        """
+        earlier = self._earlier(intent_of(to, data))
+        if earlier is not None:
+            return self.wait(earlier, confirmations=confirmations, timeout=timeout)
         sent = self.send(to, data, gas=gas, on_signed=on_signed)
         return self.confirm(
             sent, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after, on_signed=on_signed
         )
+
+    def _earlier(self, intent: str) -> bytes | None:
+        """A transaction of `intent` in the book still pending in the node (not mined yet), if any."""
+        if self.book is None:
+            return None
+        for tx_hash in self.book.txs_for(self.address, intent):
+            # Mined already: its effect is on chain, and a caller asking again has seen the state
+            # since (a refused payout, a reorg) and wants a new attempt.
+            if self.receipt(tx_hash) is None and self.known_to_node(tx_hash):
+                return tx_hash
+        return None
 
     # -- following sent transactions through reorgs -------------------------------------------
 
@@ -523,6 +614,8 @@ class TxSender:
             self._unfollow(sent.tx_hash)
         if report.dropped:
             self.resync_nonce()
+            if self.book is not None:  # the dropped nonces are free again on chain: reuse them first
+                self.book.lower_nonce(self.address, int(self.w3.eth.get_transaction_count(self.address, "pending")))
         with self._lock:
             report.following = len(self._followed)
         return report

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--retry-after", dest="retry_after",
                      help="seconds before a buyer whose refund the token refused is tried again (default 300, "
                      "doubled per refusal in a row, at most 6 h)")  # fmt: skip
+    run.add_argument("--retention", help="seconds past its deadline a settled escrow's rows are kept, pruned hourly "
+                     "(default 0: kept forever; else at least 3600)")  # fmt: skip
     run.add_argument("--keystore", help="encrypted keystore JSON (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE); "
                      "without it the key comes from X402_ESCROW_PRIVATE_KEY")  # fmt: skip
     run.add_argument("--buyer", dest="buyers", action="append", help="only refund this buyer's escrows (repeatable)")
@@ -65,7 +67,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--token", dest="tokens", action="append",
         help="refund this token's escrows besides the registry's (repeatable; '*': any token)",
     )  # fmt: skip
-    parser.add_argument("--database", help="SQLite path or sqlite:/// URL (default keeper.sqlite)")
+    parser.add_argument("--database", help="SQLite path, sqlite:/// URL or postgresql:// URL (default keeper.sqlite)")
 
 
 def _config(args: argparse.Namespace) -> KeeperConfig:

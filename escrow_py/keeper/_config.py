@@ -12,7 +12,7 @@ Precedence: a flag beats an environment variable beats the TOML file beats the d
     X402_KEEPER_MAX_BATCH_GAS    max_batch_gas
     X402_KEEPER_POLL_INTERVAL    poll_interval (seconds)
     X402_KEEPER_STANDBY_AFTER    standby_after (seconds past a deadline before this keeper steps in)
-    X402_KEEPER_DATABASE         database (SQLite path or sqlite:/// URL)
+    X402_KEEPER_DATABASE         database (SQLite path, sqlite:/// URL or postgresql:// URL)
     X402_KEEPER_KEYSTORE         keystore (passphrase in X402_ESCROW_KEYSTORE_PASSPHRASE)
     X402_ESCROW_PRIVATE_KEY      the key, when no keystore is given
     X402_KEEPER_BUYERS / _SELLERS  only refund escrows of these buyers / sellers
@@ -22,6 +22,7 @@ Precedence: a flag beats an environment variable beats the TOML file beats the d
     X402_KEEPER_RETRY_AFTER      retry_after (seconds before a refund the token refused is tried again; doubled
                                  per refusal in a row, up to LONGEST_RETRY)
     X402_KEEPER_RPC_TIMEOUT      rpc_timeout (seconds for one JSON-RPC call, whatever the node does)
+    X402_KEEPER_RETENTION        retention (seconds past a deadline settled rows are kept; hourly prune; 0: forever)
     X402_KEEPER_LOG_JSON         log_json
 
 Every value is checked for its type here, and an error names the setting and the
@@ -44,6 +45,7 @@ from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.registry import USDC, registry_path
 from escrow_py.errors import ConfigError, ProtocolError
+from escrow_py.storage import describe, is_postgres_url
 from escrow_py.wire import chain_id_of
 
 MAX_LOG_CHUNK = 2_000
@@ -56,6 +58,7 @@ MAX_BATCH_SIZE = (MAX_CALLDATA_BYTES - 4 - 64) // TERMS_BYTES  # selector, array
 
 # A buyer whose refunds the token keeps refusing (a blacklist) is tried again at least this often.
 LONGEST_RETRY = 6 * 3600.0
+MIN_RETENTION = 3600  # a pruned settlement cannot be undone by a reorg: keep rows well past any reorg's reach
 
 DEFAULT_NETWORK = "eip155:84532"
 ANY_TOKEN = "*"  # noqa: S105 - the wildcard of the token allowlist, not a secret
@@ -79,6 +82,7 @@ _ENV = {
     "reorg_depth": "X402_KEEPER_REORG_DEPTH",
     "replace_after": "X402_KEEPER_REPLACE_AFTER",
     "retry_after": "X402_KEEPER_RETRY_AFTER",
+    "retention": "X402_KEEPER_RETENTION",
     "rpc_timeout": "X402_KEEPER_RPC_TIMEOUT",
     "log_json": "X402_KEEPER_LOG_JSON",
 }
@@ -179,6 +183,7 @@ class KeeperConfig:
     replace_after: float = 30.0  # seconds before a pending refund is re-sent with higher fees
     retry_after: float = 300.0  # first wait after a refused payout or a failed simulation (doubles, to LONGEST_RETRY)
     rpc_timeout: float = 10.0
+    retention: float = 0.0  # seconds past its deadline a settled escrow's rows are kept (0: kept forever)
     log_json: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -199,13 +204,20 @@ class KeeperConfig:
             ("reorg_depth", self.reorg_depth, 0, None),
         ):
             _int(name, value, low, high)
-        if "://" in self.database and not self.database.startswith("sqlite:///"):
-            raise ConfigError(f"database {self.database!r}: only SQLite is supported so far (a path or sqlite:///path)")
+        if "://" in self.database and not self.database.startswith("sqlite:///") and not is_postgres_url(self.database):
+            raise ConfigError(
+                f"database {describe(self.database)!r}: expected a SQLite path, sqlite:///path or postgresql://..."
+            )
         _seconds("poll_interval", self.poll_interval, allow_zero=False)
         _seconds("rpc_timeout", self.rpc_timeout, allow_zero=False)
         _seconds("standby_after", self.standby_after, allow_zero=True)
         _seconds("replace_after", self.replace_after, allow_zero=True)
         _seconds("retry_after", self.retry_after, allow_zero=False)
+        if _seconds("retention", self.retention, allow_zero=True) and self.retention < MIN_RETENTION:
+            raise ConfigError(
+                f"retention = {self.retention:g}: expected 0 (keep everything) or at least {MIN_RETENTION} seconds, "
+                "well past the reorg depth"
+            )
         if self.metrics is not None:
             host, _, port = self.metrics.rpartition(":")
             if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -292,6 +304,7 @@ class KeeperConfig:
             replace_after=_seconds("replace_after", values.get("replace_after", 30.0), allow_zero=True),
             retry_after=_seconds("retry_after", values.get("retry_after", 300.0), allow_zero=False),
             rpc_timeout=_seconds("rpc_timeout", values.get("rpc_timeout", 10.0), allow_zero=False),
+            retention=_seconds("retention", values.get("retention", 0.0), allow_zero=True),
             log_json=_bool("log_json", values.get("log_json", False)),
         )
 

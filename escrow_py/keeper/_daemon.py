@@ -48,16 +48,19 @@ from escrow_py.errors import ChainError, ContractRevert, RpcError
 from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
+from escrow_py.keeper._console import keeper_figures
 from escrow_py.keeper._decide import Refund, next_action
 from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
-from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow
+from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow, prune
+from escrow_py.storage import describe
 from escrow_py.terms import State
 
 log = logging.getLogger("escrow_py.keeper")
 
 # Failures a cycle treats as the chain's or the network's, logged without a stack trace.
 RPC_FAILURES = (ChainError, Web3Exception, OSError, ValueError)
+PRUNE_EVERY = 3600.0  # seconds between two retention prunes
 _TRANSFER = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
 # Node answers to eth_sendRawTransaction that say the nonce is taken, not that the transaction is bad.
 _NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
@@ -124,6 +127,7 @@ class Keeper:
         # Wall clock of retries and backoffs (never of expiry: that is chain time); a test may move it on.
         self.clock: Callable[[], float] = time.time
         self._gauges_set = False  # the escrow and quarantine gauges are read from the store once, then on changes
+        self._pruned_at = -PRUNE_EVERY  # wall time of the last retention prune
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -144,8 +148,19 @@ class Keeper:
         if new_block or changed or self._act_again:
             self.act(report, head)
         self._seen_head = head.hash
+        self._prune()
         self.metrics.cycle_ok()
         return report
+
+    def _prune(self) -> None:
+        """With a retention set, forget settled escrows past their deadline plus it, once every PRUNE_EVERY."""
+        now = self.clock()
+        if self.config.retention <= 0 or now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        deleted = prune(self.store.db, before=now - self.config.retention)
+        if any(deleted.values()):
+            log.info("pruned settled history", extra={"deleted": deleted})
 
     def index(self, head: Head | None = None, hashes: dict[int, str] | None = None,
               report: CycleReport | None = None) -> dict[str, int]:  # fmt: skip
@@ -215,7 +230,14 @@ class Keeper:
             elif status in ("mined", "reverted") and new_block:
                 changed |= self._follow_mined(attempt, status, head, hashes=hashes, statuses=statuses, report=report)
         self._in_flight = {i for a in attempts if statuses[a.tx_hash] in IN_FLIGHT for i in a.ids}
+        self._renew_claims(attempts, statuses)
         return changed
+
+    def _renew_claims(self, attempts: list[Attempt], statuses: dict[bytes, str]) -> None:
+        """Other keepers on this database stay off the escrows of this keeper's refunds while they may land."""
+        for address in self.bindings:
+            ids = [i for a in attempts if a.escrow == address and statuses[a.tx_hash] in IN_FLIGHT for i in a.ids]
+            self.store.renew_claims(address, self.me, ids, self.clock())
 
     def _rebroadcast(self, attempt: Attempt, statuses: dict[bytes, str], first: CycleReport | None) -> str:
         """Broadcast a recorded transaction again, as it was (same bytes, same nonce)."""
@@ -465,7 +487,7 @@ class Keeper:
         for address in self.bindings:
             groups: dict[str, list[OpenEscrow]] = {}
             plain: list[OpenEscrow] = []
-            for entry in self.store.due(address, chain_time - standby, self._in_flight):
+            for entry in self.store.due(address, chain_time - standby, self._in_flight, claimable_by=self.me, now=wall):
                 action = next_action(entry, chain_time, wall_time=wall, buyers=self.buyers, sellers=self.sellers,
                                      tokens=self.tokens, standby_after=self.config.standby_after)  # fmt: skip
                 if isinstance(action, Refund):
@@ -483,7 +505,12 @@ class Keeper:
                     return
 
     def _refund_batch(self, address: str, batch: list[OpenEscrow], chain_time: int, report: CycleReport) -> bool:
-        """Simulate, sign, record and broadcast one batch; False if broadcasting should stop this cycle."""
+        """Claim, simulate, sign, record and broadcast one batch; False if broadcasting should stop this cycle."""
+        # Keepers sharing the database split the due escrows: what another keeper claimed first is its to refund.
+        claimed = self.store.claim(address, self.me, [e.id for e in batch], self.clock())
+        batch = [e for e in batch if e.id in claimed]
+        if not batch:
+            return True
         if self.store.is_reverted_set(fingerprint([e.id for e in batch])):
             self._never_again(address, batch, report)
             return True
@@ -644,11 +671,15 @@ class Keeper:
         address = self.config.metrics_address
         if address is not None:
             stale = max(30.0, 10 * self.config.poll_interval)
-            self._server = MetricsServer(self.metrics, *address, stale_after=stale)
+            database = self.config.database
+            self._server = MetricsServer(
+                self.metrics, *address, stale_after=stale,
+                figures=lambda: keeper_figures(database, lambda: int(self.w3.eth.block_number)),
+            )  # fmt: skip
         log.info(
             "keeper started",
             extra={"keeper": self.sender.address, "escrows": list(self.config.escrows),
-                   "database": self.config.database, "metrics_port": self.metrics_port,
+                   "database": describe(self.config.database), "metrics_port": self.metrics_port,
                    "tokens": "any" if self.tokens is None else sorted(self.tokens)},
         )  # fmt: skip
         poll = self.config.poll_interval

@@ -7,13 +7,18 @@ logs naming this keeper in its receipts once they are `reorg_depth` blocks deep.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from web3.exceptions import Web3Exception
 
-from escrow_py.errors import ConfigError
+from escrow_py.console import CSP, Figures, render_fragment, render_page, static_file
+from escrow_py.errors import ConfigError, EscrowError
 
 # /readyz answers 503 once this many cycles in a row have failed.
 FAILURES_BEFORE_UNREADY = 3
@@ -107,12 +112,23 @@ class KeeperMetrics:
 
 
 class MetricsServer:
-    """/metrics (Prometheus text), /healthz (the process answers), /readyz (cycles are succeeding)."""
+    """/metrics (Prometheus text), /healthz (the process answers), /readyz (cycles are succeeding), and the
+    operator console (/console) when `figures` is given: the same page as the facilitator's, from the keeper's
+    index (the console shows public chain data only, so it needs no token here)."""
 
-    def __init__(self, metrics: KeeperMetrics, host: str, port: int, stale_after: float) -> None:
+    def __init__(
+        self,
+        metrics: KeeperMetrics,
+        host: str,
+        port: int,
+        stale_after: float,
+        figures: Callable[[], Figures] | None = None,
+    ) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/metrics":
+                if figures is not None and self.path.split("?")[0].startswith("/console"):
+                    self._console(self.path.split("?")[0], figures)
+                elif self.path == "/metrics":
                     self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
                     self._answer(200, b"ok\n")
@@ -123,9 +139,41 @@ class MetricsServer:
                 else:
                     self._answer(404, b"not found\n")
 
+            def _console(self, path: str, figures: Callable[[], Figures]) -> None:
+                if path.startswith("/console/static/"):
+                    found = static_file(path.removeprefix("/console/static/"))
+                    if found is None:
+                        self._answer(404, b"not found\n")
+                    else:
+                        self._answer(200, found[0], found[1])
+                    return
+                pages = {"/console", "/console/fragment", "/console/data.json"}
+                if path not in pages:
+                    self._answer(404, b"not found\n")
+                    return
+                try:
+                    shown = figures()
+                except (
+                    sqlite3.Error,
+                    OSError,
+                    ValueError,
+                    EscrowError,
+                    Web3Exception,
+                ) as exc:  # not fatal
+                    self._answer(503, f"console unavailable: {type(exc).__name__}\n".encode())
+                    return
+                if path == "/console/data.json":
+                    self._answer(200, json.dumps(shown.to_json()).encode(), "application/json")
+                elif path == "/console/fragment":
+                    self._answer(200, render_fragment(shown, explorer=None).encode(), "text/html; charset=utf-8")
+                else:
+                    page = render_page(shown, title="x402-escrow keeper", base="/console", explorer=None)
+                    self._answer(200, page.encode(), "text/html; charset=utf-8")
+
             def _answer(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
+                self.send_header("Content-Security-Policy", CSP)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -15,6 +15,11 @@ again replays the stored response byte for byte. The delivery poster runs with
 the app's lifespan; `await EscrowMiddleware.of(app).poster.flush()` or
 `post_pending(config)` runs one pass.
 
+Several processes (`uvicorn --workers N`) or replicas on several hosts share one store
+(`store="seller.sqlite"`, or `store="postgresql://..."` across hosts): a payment is claimed in
+the store while one request handles it, a stored response is never overwritten, and the
+operator key's nonces and the poster's lease live in the store too (see SellerStore).
+
 A request of any method that reaches a priced handler is priced (HEAD through a GET
 route, the other methods of a multi-method route). When the app starts, `check_seller`
 checks the chain id, the escrow's code, the token's ERC-3009 domain and the operator's
@@ -45,6 +50,7 @@ from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
 from escrow_py.seller._sdk import DeliveryEscrowServerScheme
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
@@ -54,12 +60,16 @@ from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """One poster pass from the store named in `config` (blocking): for a cron job, a restart, or a test.
 
-    It sends from the operator key with its own nonce tracking, so don't run it while a
-    middleware with the same operator is sending.
+    It takes the operator key's nonces from the store, and the key's poster lease (an empty
+    report while a running middleware's poster holds it), so it is safe beside running replicas.
     """
     store = SellerStore(config.store)
     try:
-        return DeliveryPoster(SellerChain(config, w3), store).post_pending(force_settle=True)
+        poster = DeliveryPoster(SellerChain(config, w3, book=store), store, lease=config.poster_lease)
+        try:
+            return poster.post_pending(force_settle=True)
+        finally:
+            store.release_lease(poster.lease_name, poster.owner)
     finally:
         store.close()
 
@@ -69,6 +79,8 @@ __all__ = [
     "DeliveryPoster",
     "EscrowMiddleware",
     "ExactOffer",
+    "FacilitatorMiddleware",
+    "FacilitatorSellerConfig",
     "PaymentRejected",
     "PostReport",
     "PricedRoute",

@@ -1,7 +1,8 @@
 """The seller's view of the chain: one operator TxSender shared by deposits, refunds and deliveries.
 
-Sharing one sender keeps the operator's nonces in one place (TxSender takes them
-under a lock), whichever task or thread sends. Every method blocks on RPC: the
+Sharing one sender keeps the operator's nonces in one place, whichever task or
+thread sends; with the seller store as its NonceBook, that place is the database,
+shared by every process and replica on the store. Every method blocks on RPC: the
 middleware calls them from worker threads. Each RPC call ends within
 `config.rpc_timeout` seconds (rpc.connect), and each transaction is confirmed, repriced
 or given up within `config.tx_timeout` (TxSender.confirm).
@@ -19,19 +20,20 @@ from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
-from escrow_py.chain.tx import OnSigned, TxSender
+from escrow_py.chain.tx import NonceBook, OnSigned, TxSender
 from escrow_py.seller._config import SellerConfig
 from escrow_py.terms import State, Terms
 from escrow_py.wire import EscrowPayload
 
 
 class SellerChain:
-    def __init__(self, config: SellerConfig, w3: Web3 | None = None) -> None:
+    def __init__(self, config: SellerConfig, w3: Web3 | None = None, *, book: NonceBook | None = None) -> None:
         self.config = config
         self.w3 = w3 or rpc.connect(config.rpc_url, deadline=config.rpc_timeout)
         self.escrow = Escrow(self.w3, config.escrow)
         self.token = Token(self.w3, config.token)
-        self.sender = TxSender(self.w3, config.operator, watch=True)
+        # With the store as book, every process and replica on one store shares the key's nonces.
+        self.sender = TxSender(self.w3, config.operator, watch=True, book=book)
         self.domain = TokenDomain(config.token_name, config.token_version, config.chain_id, self.token.address)
 
     def now(self) -> int:

@@ -15,6 +15,7 @@ from escrow_py.chain.signer import Signer
 from escrow_py.errors import ConfigError, ProtocolError
 from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices, resolve_route_prices
 from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
+from escrow_py.storage import describe, is_postgres_url
 from escrow_py.terms import MAX_DEADLINE_WINDOW
 from escrow_py.wire import SettlementMode, chain_id_of
 
@@ -129,6 +130,13 @@ class SellerConfig:
     `settle_batch_wait` (seconds, below `min_time_left`) lets the poster hold queued settlements
     back until the oldest has waited that long (or a batch is full), so one settleMany pays more
     of them (cheaper per item); 0 sends whatever is queued at every pass.
+
+    Several processes or replicas on one store: a payment is claimed in the store for
+    `claim_seconds` (renewed while it is handled; a dead holder's claim lapses after it),
+    and a copy of it arriving meanwhile waits up to `claim_wait` seconds for the answer
+    before 503 payment_in_progress. One poster per operator key holds a lease of
+    `poster_lease` seconds; another replica's poster takes over once it lapses.
+
     In the x402 ecosystem: `exact=ExactOffer(facilitator)` also offers the SDK's `exact` scheme
     in the same 402, settled through that facilitator as the SDK does; `hooks=SellerHooks()`
     runs the seller's own checks and bookkeeping around verify and settle (both in _offers.py).
@@ -143,7 +151,7 @@ class SellerConfig:
     pay_to: str
     operator: Signer
     routes: list[PricedRoute] | tuple[PricedRoute, ...]
-    store: str | Path = "seller.sqlite"
+    store: str | Path = "seller.sqlite"  # or postgresql://user@host/db: replicas share one store
     confirmations: int = 1
     min_time_left: int = 10
     # The token's EIP-712 domain; "": the SDK table's for a token it knows, else USDC/2 (TestUSDC's).
@@ -162,6 +170,9 @@ class SellerConfig:
     serve_first_max_per_buyer: int | None = None
     serve_first_max_total: int | None = None
     settle_batch_wait: float = 0.0
+    claim_seconds: float = 10.0
+    claim_wait: float = 10.0
+    poster_lease: float = 5.0
     exact: ExactOffer | None = None
     hooks: SellerHooks | None = None
 
@@ -243,7 +254,8 @@ class SellerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"SellerConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        for name in ("poster_interval", "rpc_timeout", "tx_timeout", "reprice_after"):
+        for name in ("poster_interval", "rpc_timeout", "tx_timeout", "reprice_after", "claim_seconds", "claim_wait",
+                     "poster_lease"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"SellerConfig.{name} must be a number of seconds > 0, got {value!r}")
@@ -260,9 +272,13 @@ class SellerConfig:
                 raise ConfigError(f"SellerConfig.public_base_url must be an http(s) URL, got {self.public_base_url!r}")
             object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
         if not isinstance(self.store, (str, Path)) or not str(self.store):
-            raise ConfigError("SellerConfig.store must be a SQLite path or sqlite:/// URL")
-        if isinstance(self.store, str) and "://" in self.store and not self.store.startswith("sqlite:///"):
-            raise ConfigError(f"SellerConfig.store must be a SQLite path or sqlite:/// URL, got {self.store!r}")
+            raise ConfigError("SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL")
+        store = self.store
+        if isinstance(store, str) and "://" in store and not (is_postgres_url(store) or store.startswith("sqlite:///")):
+            raise ConfigError(
+                "SellerConfig.store must be a SQLite path, a sqlite:/// URL or a postgresql:// URL, "
+                f"got {describe(self.store)!r}"
+            )
 
     @property
     def chain_id(self) -> int:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-import weakref
-from collections.abc import Callable
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import anyio
 import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -141,11 +146,14 @@ class EscrowMiddleware:
             raise EscrowError("EscrowMiddleware needs config=SellerConfig(...)")
         self.app = app
         self.config = config
-        self.chain = SellerChain(config, w3)
         self.store = SellerStore(config.store)
-        self.poster = DeliveryPoster(self.chain, self.store, interval=config.poster_interval)
+        self.chain = SellerChain(config, w3, book=self.store)
+        # Names this process in the store's leases: a claim's owner says who holds it.
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.poster = DeliveryPoster(
+            self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
+        )
         self.offers = Offers(config)
-        self._locks: weakref.WeakValueDictionary[bytes, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @staticmethod
     def of(app: Any) -> EscrowMiddleware:
@@ -249,11 +257,7 @@ class EscrowMiddleware:
             return
         try:
             escrow_id = self._escrow_id_of(header)
-            lock = self._locks.get(escrow_id)
-            if lock is None:
-                lock = self._locks[escrow_id] = asyncio.Lock()
-            # One payment is handled once at a time; the store's unique key guards other processes.
-            async with lock:
+            async with self._claim(escrow_id):
                 await self._settle(scope, receive, send, request, header=header, escrow_id=escrow_id)
         except PaymentRejected as rejected:
             await self._send_required(send, request, rejected.status, rejected.error)
@@ -264,6 +268,60 @@ class EscrowMiddleware:
             log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
             await _send_unavailable(send, down)
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, escrow_id: bytes) -> AsyncIterator[None]:
+        """Hold the payment's claim in the store while it is handled: one request, in one replica, at a time.
+
+        The claim is a lease row in the database, so it holds across processes and hosts. A
+        copy of a payment another request holds waits for that one's stored answer (and replays
+        it) for up to `claim_wait` seconds, then gets 503 payment_in_progress. The holder renews
+        the claim while it works; if it dies, the claim expires after `claim_seconds` and the next
+        copy takes the payment over where the store says it stopped. An answered payment needs
+        no claim: its replay only reads.
+        """
+        store, config = self.store, self.config
+        if await _blocking(store.answered, escrow_id):
+            yield
+            return
+        name = f"payment:0x{escrow_id.hex()}"
+        owner = f"{self.replica}:{secrets.token_hex(4)}"
+        give_up = time.monotonic() + config.claim_wait
+        pause = 0.02
+        while not await _blocking(store.take_lease, name, owner, config.claim_seconds):
+            if await _blocking(store.answered, escrow_id):
+                yield  # the holder answered meanwhile: _settle replays its stored response
+                return
+            if time.monotonic() > give_up:
+                raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        renewal = asyncio.get_running_loop().create_task(self._renew(name, owner))
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            # Shielded: a request cancelled by its client still hands the payment on at once.
+            with anyio.CancelScope(shield=True), contextlib.suppress(EscrowError, OSError):
+                await _blocking(store.release_lease, name, owner)
+
+    async def _renew(self, name: str, owner: str) -> None:
+        """Keep the claim while the request runs (a deposit or handler may outlast one lease)."""
+        seconds = self.config.claim_seconds
+        while True:
+            await asyncio.sleep(seconds / 3)
+            try:
+                held = await _blocking(self.store.take_lease, name, owner, seconds)
+            except (EscrowError, OSError) as exc:
+                log.warning("claim %s not renewed: %s", name, exc)
+                continue
+            if not held:
+                # Someone took it over (this replica stalled past the lease). The store still keeps one
+                # answer: whichever response is stored first is the one every replica serves.
+                log.error("claim %s lost to another replica while handling it", name)
+                return
 
     def _escrow_id_of(self, header: str) -> bytes:
         """The id the payment claims (it is verified before anything is done with it)."""
@@ -578,7 +636,9 @@ class EscrowMiddleware:
             await self._send_response(send, response, settle)
             return
         hashed = delivery_hash(response.body)
-        await _blocking(self.store.save_served_first, escrow_id, response, hashed)
+        if not await _blocking(self.store.save_served_first, escrow_id, response, hashed):
+            await self._replay_stored(send, escrow_id)
+            return
         extra = SettlementExtra(
             escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, settlement=SettlementStatus.PENDING
         )
@@ -614,7 +674,9 @@ class EscrowMiddleware:
         extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline)
         if response.status < 400:
             hashed = delivery_hash(response.body)
-            await _blocking(self.store.save_served, escrow_id, terms, response, hashed)
+            if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
+                await self._replay_stored(send, escrow_id)
+                return
             extra = SettlementExtra(
                 escrow_id=escrow_id,
                 deadline=terms.deadline,
@@ -640,7 +702,9 @@ class EscrowMiddleware:
         except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
-        await _blocking(self.store.save_failed, escrow_id, response, refund_tx)
+        if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
+            await self._replay_stored(send, escrow_id)
+            return
         extra = SettlementExtra(
             escrow_id=escrow_id,
             deadline=terms.deadline,
@@ -649,6 +713,14 @@ class EscrowMiddleware:
         )
         settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         await self._send_response(send, response, settle)
+
+    async def _replay_stored(self, send: Send, escrow_id: bytes) -> None:
+        """Another run's response was stored first (this one's claim had lapsed): that one is the answer."""
+        log.error("payment 0x%s was answered by another replica meanwhile; serving its response", escrow_id.hex())
+        payment = await _blocking(self.store.payment, escrow_id)
+        if payment is None or payment.response is None:  # save_* found one stored: it cannot have vanished
+            raise EscrowError(f"payment 0x{escrow_id.hex()}: no stored response after a refused save")
+        await self._replay(send, payment, payment.response)
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         terms = payment.terms

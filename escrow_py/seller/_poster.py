@@ -18,6 +18,12 @@ back to the queue and is sent again while its deadline allows. Each pass also
 lets the operator's TxSender look at every transaction it sent, so a reorged-out
 one resynchronises the cached nonce before the next transaction is signed.
 
+Replicas on one store share one queue and one operator key, so one poster at a
+time posts for them all: a pass runs only while its poster holds the store's lease
+`poster:<operator address>`, renewed every third of `lease` seconds during the
+pass and taken at the start of the next. A holder that dies stops renewing, and
+another replica's poster takes the lease over at its first pass after it lapses.
+
 Each completed sale is one INFO line on `escrow_py.seller.sales`, with its
 fields as key=value: `sale delivered escrow_id=0x.. amount=10000 route="GET
 /report/{item}" buyer=0x.. deposit_tx=0x.. delivery_tx=0x..`.
@@ -29,6 +35,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -36,6 +45,7 @@ import anyio.to_thread
 from web3.exceptions import Web3Exception
 from web3.types import TxReceipt
 
+from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Delivered, PayoutFailed, Settled, Settlement, SettlementSkipped
 from escrow_py.errors import EscrowError
 from escrow_py.seller._chain import SellerChain
@@ -121,10 +131,23 @@ def _settlement(queued: QueuedSettlement) -> Settlement:
 class DeliveryPoster:
     """Runs `post_pending` every `interval` seconds in the background, or on demand with `flush()`."""
 
-    def __init__(self, chain: SellerChain, store: SellerStore, *, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        chain: SellerChain,
+        store: SellerStore,
+        *,
+        interval: float = 0.5,
+        lease: float = 5.0,
+        owner: str | None = None,
+    ) -> None:
         self.chain = chain
         self.store = store
         self.interval = interval
+        self.lease = lease
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease_name = f"poster:{chain.sender.address}"
+        self._lost = threading.Event()  # set when a renewal during a pass found the lease taken
+        self._followed_at: tuple[str, str] | None = None  # (number, hash) of the head the last follow saw
         self._task: asyncio.Task[None] | None = None
         # A thread lock, not an asyncio one: passes are run from worker threads, and a
         # caller may flush from another thread's event loop (an asyncio.Lock bound to
@@ -138,7 +161,38 @@ class DeliveryPoster:
         Passes never overlap, whichever thread or event loop asks for them.
         """
         with self._pass:
-            return self._post_pending(force_settle)
+            # The process's own transactions (its deposits too) are followed whether or not it posts.
+            watched = self.chain.sender.watch(self.chain.config.confirmation_depth)
+            for dropped in watched.dropped:
+                log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
+            if not self.store.take_lease(self.lease_name, self.owner, self.lease):
+                return PostReport()  # another replica's poster holds the key's lease
+            self._lost.clear()
+            stop = threading.Event()
+            renewer = threading.Thread(target=self._renew, args=(stop,), daemon=True, name="escrow-poster-lease")
+            renewer.start()
+            try:
+                return self._post_pending(force_settle)
+            finally:
+                stop.set()
+                renewer.join()
+
+    @property
+    def holds_lease(self) -> bool:
+        held = self.store.lease_holder(self.lease_name)
+        return held is not None and held[0] == self.owner
+
+    def _renew(self, stop: threading.Event) -> None:
+        while not stop.wait(self.lease / 3):
+            try:
+                if not self.store.take_lease(self.lease_name, self.owner, self.lease):
+                    self._lost.set()
+                    log.error(
+                        "poster lease %s lost mid-pass (this pass stalled past %.0fs)", self.lease_name, self.lease
+                    )
+                    return
+            except Exception:  # a store hiccup: the next renewal tries again
+                log.exception("poster lease %s not renewed", self.lease_name)
 
     def _post_pending(self, force_settle: bool) -> PostReport:
         report = PostReport()
@@ -146,7 +200,7 @@ class DeliveryPoster:
         self._follow_settled(report)
         self._retry_refunds(report)
         self._settle_queued(report, force=force_settle)
-        while True:
+        while not self._lost.is_set():
             now = self.chain.now()
             # Past (or too close to) its deadline, a delivery would be skipped: the escrow is the buyer's now.
             report.expired.extend(self.store.expire_pending(now + DEADLINE_MARGIN))
@@ -172,6 +226,7 @@ class DeliveryPoster:
                 report.errors.append(str(exc))
                 return report
             self._judge_receipt(report, batch, receipt)
+        return report
 
     def _judge_receipt(self, report: PostReport, batch: list[PendingDelivery], receipt: TxReceipt) -> None:
         """Mark posted what our transaction delivered (its Delivered event is in the receipt); find out why not
@@ -250,21 +305,27 @@ class DeliveryPoster:
     def _follow_posted(self, report: PostReport) -> None:
         """Posted deliveries until they are deep enough: one a reorg took away is queued again."""
         depth = self.chain.config.confirmation_depth
-        watched = self.chain.sender.watch(depth)
-        for dropped in watched.dropped:
-            log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
+        # Nothing can have moved while the chain's head is the block it was at the last pass.
+        latest = rpc.request(self.chain.w3, "eth_getBlockByNumber", ["latest", False])
+        tip = (str(latest["number"]), str(latest["hash"]))
+        if tip == self._followed_at:
+            return
         posted = self.store.posted_unsettled()
         if not posted:
+            self._followed_at = tip
             return
-        head = int(self.chain.w3.eth.block_number)
+        head = int(tip[0], 16)
         final, again, refunded = [], [], []
         receipts: dict[bytes, TxReceipt | None] = {}
+        delivered: dict[bytes, set[bytes]] = {}  # per transaction: the ids its Delivered events name
         for entry in posted:
             if entry.tx_hash not in receipts:
-                receipts[entry.tx_hash] = self.chain.sender.receipt(entry.tx_hash)
+                receipt = receipts[entry.tx_hash] = self.chain.sender.receipt(entry.tx_hash)
+                events = self.chain.escrow.events_in(receipt) if receipt is not None else []
+                delivered[entry.tx_hash] = {e.id for e in events if isinstance(e, Delivered)}
             receipt = receipts[entry.tx_hash]
             # Mined again after a reorg, the same transaction may now have skipped this entry.
-            if receipt is not None and receipt["status"] == 1 and self._delivered_in(receipt, entry.escrow_id):
+            if receipt is not None and receipt["status"] == 1 and entry.escrow_id in delivered[entry.tx_hash]:
                 if head - int(receipt["blockNumber"]) + 1 >= depth:
                     final.append(entry.escrow_id)
                 continue
@@ -296,6 +357,7 @@ class DeliveryPoster:
         self.store.mark_final(final)
         self.store.mark_deliveries(refunded, REFUNDED_ON_CHAIN, was=POSTED)
         self.store.repost(again, "its transaction vanished in a reorg")
+        self._followed_at = tip
         report.final.extend(final)
         report.reposted.extend(again)
         report.refunded_elsewhere.extend(refunded)
@@ -321,9 +383,6 @@ class DeliveryPoster:
         self.store.set_held_again(escrow_id, bytes(receipt["transactionHash"]))
         log.warning("escrow 0x%s: its deposit vanished in a reorg; sent again", escrow_id.hex())
         return "deposited"
-
-    def _delivered_in(self, receipt: TxReceipt, escrow_id: bytes) -> bool:
-        return any(isinstance(e, Delivered) and e.id == escrow_id for e in self.chain.escrow.events_in(receipt))
 
     # -- serve-first settlements -----------------------------------------------------------
 
@@ -455,6 +514,9 @@ class DeliveryPoster:
                 await task
         with contextlib.suppress(Exception):
             await self.flush(force_settle=True)
+        # Hand the key's posting to another replica now rather than when the lease lapses.
+        with contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(self.store.release_lease, self.lease_name, self.owner)
 
     @property
     def running(self) -> bool:

@@ -1,4 +1,5 @@
-"""The seller's durable state: one row per escrow id, and the queue of delivery hashes to post.
+"""The seller's durable state: one row per escrow id, the queue of delivery hashes to post, and what
+several replicas on one store share (claims and leases, the operator key's nonces and transactions).
 
 A payment row is written before its deposit is sent (status `depositing`), so a
 crash anywhere leaves a trace; the handler's response and its pending delivery
@@ -9,16 +10,17 @@ queued. The escrow id is the primary key: the same payment can be recorded once.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from escrow_py.storage import open_sqlite, transaction
+from escrow_py.chain.tx import SentTx
+from escrow_py.storage import Database, Migration, Tx, open_store
 from escrow_py.terms import Terms
 
-_SCHEMA = """
+NAMESPACE = "seller"  # its PostgreSQL schema
+
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS payments (
     escrow_id TEXT PRIMARY KEY, terms TEXT NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
     accepted_at INTEGER NOT NULL,
@@ -32,12 +34,59 @@ CREATE TABLE IF NOT EXISTS deliveries (
     tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at REAL NOT NULL,
     final INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline);
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, deadline)
 """
 
+# Columns added before migrations existed: a store file written by an older version gets them.
+_ADDED_COLUMNS = {
+    "payments": {"route": "TEXT"},
+    "deliveries": {"final": "INTEGER NOT NULL DEFAULT 0", "retry_at": "REAL NOT NULL DEFAULT 0"},
+}
+
+
+def _older_columns(tx: Tx) -> None:
+    if tx.engine != "sqlite":
+        return  # no PostgreSQL store predates migrations
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in tx.all(f"PRAGMA table_info({table})")}
+        for name, declaration in columns.items():
+            if name not in present:
+                tx.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
+
+# Several processes and replicas on one store: leases (a payment's claim, the poster of a key), the
+# operator key's shared nonce counter, and every transaction it signs, recorded before broadcast.
+_SCHEMA_2 = """
+CREATE INDEX IF NOT EXISTS payments_status ON payments (status);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS operator_nonces (
+    address TEXT PRIMARY KEY, next_nonce INTEGER NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operator_txs (
+    tx_hash TEXT PRIMARY KEY, address TEXT NOT NULL, nonce INTEGER NOT NULL, intent TEXT NOT NULL,
+    raw TEXT NOT NULL, created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operator_txs_intent ON operator_txs (intent, created_at)
+"""
+
+# The database's own clock in Unix seconds: the one clock every replica's lease is judged by. The one
+# expression the two engines spell differently (SQLite 3.40 has no sub-second unixepoch()).
+_DB_NOW = {
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION",
+}
+
+_TAKE_LEASE_SQL = (
+    "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, NOW + ?) ON CONFLICT (name) DO UPDATE "
+    "SET owner = excluded.owner, expires_at = excluded.expires_at "
+    "WHERE leases.owner = excluded.owner OR leases.expires_at < NOW RETURNING owner"
+)
+_TAKE_LEASE = {engine: _TAKE_LEASE_SQL.replace("NOW", now) for engine, now in _DB_NOW.items()}
+
 # Serve-first (DESIGN.md section 8): the buyer's signed authorization is kept with its payment until
-# the settlement lands, since the settlement itself is what pulls the money.
-_SERVE_FIRST_SCHEMA = """
+# the settlement lands, since the settlement itself is what pulls the money. IF NOT EXISTS: a SQLite
+# store the serve-first branch wrote before migrations has these already.
+_SCHEMA_3 = """
 CREATE TABLE IF NOT EXISTS settlements (
     escrow_id TEXT PRIMARY KEY REFERENCES payments (escrow_id), buyer TEXT NOT NULL, amount INTEGER NOT NULL,
     payload TEXT NOT NULL, delivery_hash TEXT, due INTEGER NOT NULL, status TEXT NOT NULL,
@@ -48,15 +97,23 @@ CREATE INDEX IF NOT EXISTS settlements_status ON settlements (status, due);
 CREATE INDEX IF NOT EXISTS settlements_buyer ON settlements (buyer, status);
 CREATE TABLE IF NOT EXISTS refused_buyers (
     buyer TEXT PRIMARY KEY, escrow_id TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
-);
+)
 """
 
-# Columns added since the first schema: a store file written by an older version gets them on open.
-_ADDED_COLUMNS = {
-    # payload: the signed EscrowPayload (JSON), kept so a deposit a reorg removed can be sent again.
-    "payments": {"route": "TEXT", "payload": "TEXT"},
-    "deliveries": {"final": "INTEGER NOT NULL DEFAULT 0", "retry_at": "REAL NOT NULL DEFAULT 0"},
-}
+
+def _payload_column(tx: Tx) -> None:
+    """payments.payload: the signed EscrowPayload (JSON), kept so a deposit a reorg removed can be sent again."""
+    if tx.engine != "sqlite":
+        tx.execute("ALTER TABLE payments ADD COLUMN IF NOT EXISTS payload TEXT")
+    elif "payload" not in {row[1] for row in tx.all("PRAGMA table_info(payments)")}:
+        tx.execute("ALTER TABLE payments ADD COLUMN payload TEXT")
+
+
+MIGRATIONS = (
+    Migration(1, "payments and deliveries", _SCHEMA_1, _older_columns),
+    Migration(2, "leases, operator nonces and transactions", _SCHEMA_2),
+    Migration(3, "serve-first settlements, refused buyers, payments.payload", _SCHEMA_3, _payload_column),
+)
 
 # Payment statuses.
 DEPOSITING = "depositing"  # recorded, deposit sent or about to be
@@ -170,30 +227,25 @@ class Losses:
 
 
 class SellerStore:
-    """SQLite store (one file); every method is thread-safe and durable when it returns."""
+    """The store on SQLite (a path or sqlite:/// URL) or PostgreSQL (a postgresql:// URL, schema `seller`).
 
-    def __init__(self, path: str | Path) -> None:
-        self._conn = open_sqlite(path)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.executescript(_SCHEMA + _SERVE_FIRST_SCHEMA)
-            for table, columns in _ADDED_COLUMNS.items():
-                present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
-                for name, declaration in columns.items():
-                    if name not in present:
-                        self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+    Every method is thread-safe and durable when it returns. Several processes and hosts may
+    share one store: every write that two of them could race is one statement or one transaction
+    (a unique key, a conditional update, an upsert), never a read in the process then a write.
+    """
+
+    def __init__(self, url: str | Path, *, pool_size: int = 20) -> None:
+        self._db: Database = open_store(url, NAMESPACE, MIGRATIONS, pool_size=pool_size)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def payment(self, escrow_id: bytes) -> Payment | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
-                "response_body, payload FROM payments WHERE escrow_id = ?",
-                (_hex(escrow_id),),
-            ).fetchone()
+        row = self._db.one(
+            "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
+            "response_body, payload FROM payments WHERE escrow_id = ?",
+            (_hex(escrow_id),),
+        )
         if row is None:
             return None
         terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body, payload = row
@@ -212,6 +264,13 @@ class SellerStore:
             payload,
         )
 
+    def answered(self, escrow_id: bytes) -> bool:
+        """Whether a response is stored for the payment (then it is only ever replayed)."""
+        row = self._db.one(
+            "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (_hex(escrow_id),)
+        )
+        return row is not None
+
     def begin_deposit(
         self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None, payload: str | None = None
     ) -> bool:
@@ -220,97 +279,85 @@ class SellerStore:
         `payload` (the signed EscrowPayload as JSON) lets the poster send the deposit again if a
         reorg removes it after its response was served.
         """
-        with self._lock:
-            try:
-                with transaction(self._conn):
-                    self._insert_payment(
-                        escrow_id, terms, DEPOSITING, accepted_at=accepted_at, route=route, payload=payload
-                    )
-            except sqlite3.IntegrityError:
-                return False
-        return True
-
-    def _insert_payment(
-        self, escrow_id: bytes, terms: Terms, status: str, *, accepted_at: int, route: str | None, payload: str | None
-    ) -> None:
-        now = time.time()
-        self._conn.execute(
-            "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, updated_at, route, "
-            "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
-             payload),
-        )  # fmt: skip
+        with self._db.transaction() as tx:
+            return _insert_payment(tx, escrow_id, terms, DEPOSITING, accepted_at=accepted_at, route=route,
+                                   payload=payload)  # fmt: skip
 
     def set_deposit_sent(self, escrow_id: bytes, tx_hash: bytes) -> None:
         """The deposit transaction about to leave (or its repriced replacement): found again on a retry."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
                 (_hex(tx_hash), time.time(), _hex(escrow_id), DEPOSITING),
             )
 
     def forget(self, escrow_id: bytes) -> None:
         """Drop a payment whose deposit never happened, so the buyer may try again."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), DEPOSITING))
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), DEPOSITING))
 
     def set_held(self, escrow_id: bytes, deposit_tx: bytes | None) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
                 (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id)),
             )
 
-    def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> None:
-        """Store the response and queue its delivery hash in one transaction."""
+    def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> bool:
+        """Store the response and queue its delivery hash in one transaction, unless a response is stored.
+
+        A stored response is never overwritten: False means another run's response was there first
+        (a replica whose claim lapsed), and that one, whose hash is queued, is the one to answer.
+        """
         now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
-                "updated_at = ? WHERE escrow_id = ?",
+                "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
                 (SERVED, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
-            )
-            self._conn.execute(
-                "INSERT OR IGNORE INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+            ).rowcount
+            if stored != 1:
+                return False
+            tx.execute(
+                "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
                 (_hex(escrow_id), json.dumps(terms.to_json()), _hex(delivery_hash), terms.deadline, PENDING, now),
             )
+        return True
 
-    def save_failed(self, escrow_id: bytes, response: StoredResponse, refund_tx: bytes | None) -> None:
+    def save_failed(self, escrow_id: bytes, response: StoredResponse, refund_tx: bytes | None) -> bool:
+        """Store a failed handler's response and its refund; False (nothing written) if a response is stored."""
         status = REFUNDED if refund_tx is not None else REFUND_PENDING
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            stored = tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
-                "response_body = ?, updated_at = ? WHERE escrow_id = ?",
+                "response_body = ?, updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
                 (status, _hex(refund_tx), response.status, _headers_json(response), response.body, time.time(),
                  _hex(escrow_id)),
-            )  # fmt: skip
+            ).rowcount  # fmt: skip
+        return stored == 1
 
     def set_refunded(self, escrow_id: bytes, refund_tx: bytes | None) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = COALESCE(?, refund_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
                 (REFUNDED, _hex(refund_tx), time.time(), _hex(escrow_id)),
             )
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,)
-            ).fetchall()
+        rows = self._db.all("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,))
         return [(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t))) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """Pending deliveries due now (not held back by `defer`), earliest deadline first."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx, d.attempts FROM deliveries d "
-                "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? AND d.retry_at <= ? "
-                "ORDER BY d.deadline LIMIT ?",
-                (PENDING, time.time(), limit),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx, d.attempts FROM deliveries d "
+            "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? AND d.retry_at <= ? "
+            "ORDER BY d.deadline LIMIT ?",
+            (PENDING, time.time(), limit),
+        )
         return [
             PendingDelivery(
                 bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]), r, _unhex(d), int(n)
@@ -320,11 +367,11 @@ class SellerStore:
 
     def expire_pending(self, chain_time: int) -> list[bytes]:
         """Mark expired every pending delivery whose deadline is at or before `chain_time`, held back or not."""
-        with self._lock, transaction(self._conn):
-            rows = self._conn.execute(
+        with self._db.transaction() as tx:
+            rows = tx.execute(
                 "SELECT escrow_id FROM deliveries WHERE status = ? AND deadline <= ?", (PENDING, chain_time)
             ).fetchall()
-            self._conn.executemany(
+            tx.executemany(
                 "UPDATE deliveries SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
                 [(EXPIRED, time.time(), i, PENDING) for (i,) in rows],
             )
@@ -333,8 +380,8 @@ class SellerStore:
     def defer(self, delays: list[tuple[bytes, float]], error: str) -> None:
         """Keep these deliveries pending, each held back for its delay in seconds; counted as an attempt."""
         now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, retry_at = ?, updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
                 [(error[:500], now + delay, now, _hex(i), PENDING) for i, delay in delays],
@@ -342,38 +389,36 @@ class SellerStore:
 
     def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
         """Posted deliveries not yet `final` (deep enough): a reorg may still take their transaction away."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT escrow_id, terms, tx_hash FROM deliveries "
-                "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
-                (POSTED, limit),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT escrow_id, terms, tx_hash FROM deliveries "
+            "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
+            (POSTED, limit),
+        )
         return [
             PostedDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]))
             for i, t, h in rows
         ]
 
     def mark_final(self, ids: list[bytes]) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE deliveries SET final = 1, updated_at = ? WHERE escrow_id = ?",
                 [(time.time(), _hex(i)) for i in ids],
             )
 
     def repost(self, ids: list[bytes], why: str) -> None:
         """Back to pending: the transaction that posted them is gone (a reorg); the poster sends them again."""
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE deliveries SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
                 [(PENDING, why[:500], time.time(), _hex(i), POSTED) for i in ids],
             )
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
-            ).fetchone()
+        row = self._db.one(
+            "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
+        )
         if row is None:
             return None
         return DeliveryRecord(row[0], bytes.fromhex(row[1][2:]), _unhex(row[2]))
@@ -383,17 +428,85 @@ class SellerStore:
     ) -> None:
         """Move deliveries that are in status `was` to `status` (a row in any other status is left alone)."""
         now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE deliveries SET status = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
                 [(status, _hex(tx_hash), now, _hex(i), was) for i in ids],
             )
 
+    # -- leases: one replica at a time on a payment, one poster per operator key -------------------------
+
+    def take_lease(self, name: str, owner: str, seconds: float) -> bool:
+        """Take or renew lease `name` for `owner` until `seconds` from now; False while another owner's holds.
+
+        One statement, so two processes (or hosts) asking at once cannot both get it: the row's
+        unique key and the database's row lock decide. A holder that dies stops renewing, and
+        the lease is anyone's once it expires. Expiry is judged by the database's clock, so a
+        replica whose clock runs fast cannot take a live lease early.
+        """
+        with self._db.transaction() as tx:
+            row = tx.execute(_TAKE_LEASE[tx.engine], (name, owner, seconds)).fetchone()
+        return row is not None
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up at once (only if `owner` still holds it)."""
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    def lease_holder(self, name: str) -> tuple[str, float] | None:
+        """(owner, expires_at in the database's clock, Unix seconds) of lease `name`, unless released."""
+        row = self._db.one("SELECT owner, expires_at FROM leases WHERE name = ?", (name,))
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    # -- the operator key's nonces and transactions (chain.tx.NonceBook) -------------------------------
+
+    def allocate_nonce(self, address: str, at_least: int) -> int:
+        """The key's next nonce (at least `at_least`), counted as taken in the same statement."""
+        with self._db.transaction() as tx:
+            row = tx.execute(
+                "INSERT INTO operator_nonces (address, next_nonce, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (address) DO UPDATE SET next_nonce = CASE "
+                "WHEN operator_nonces.next_nonce >= excluded.next_nonce THEN operator_nonces.next_nonce + 1 "
+                "ELSE excluded.next_nonce END, updated_at = excluded.updated_at RETURNING next_nonce",
+                (address, at_least + 1, time.time()),
+            ).fetchone()
+        return int(row[0]) - 1
+
+    def give_back_nonce(self, address: str, nonce: int) -> bool:
+        with self._db.transaction() as tx:
+            changed = tx.execute(
+                "UPDATE operator_nonces SET next_nonce = ?, updated_at = ? WHERE address = ? AND next_nonce = ?",
+                (nonce, time.time(), address, nonce + 1),
+            ).rowcount
+        return changed == 1
+
+    def lower_nonce(self, address: str, to: int) -> None:
+        with self._db.transaction() as tx:
+            tx.execute(
+                "UPDATE operator_nonces SET next_nonce = ?, updated_at = ? WHERE address = ? AND next_nonce > ?",
+                (to, time.time(), address, to),
+            )
+
+    def record_tx(self, address: str, signed: SentTx) -> None:
+        with self._db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO operator_txs (tx_hash, address, nonce, intent, raw, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tx_hash) DO NOTHING",
+                (_hex(signed.tx_hash), address, signed.nonce, signed.intent, _hex(signed.raw), time.time()),
+            )
+
+    def txs_for(self, address: str, intent: str) -> list[bytes]:
+        rows = self._db.all(
+            "SELECT tx_hash FROM operator_txs WHERE intent = ? AND address = ? ORDER BY created_at DESC LIMIT 5",
+            (intent, address),
+        )
+        return [bytes.fromhex(h[2:]) for (h,) in rows]
+
     def note_attempt(self, ids: list[bytes], error: str) -> None:
         now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
                 [(error[:500], now, _hex(i)) for i in ids],
             )
@@ -418,84 +531,86 @@ class SellerStore:
         settlement unpaid), `serve_first_limit` (the buyer's or everyone's unpaid total would pass
         its limit), or `known` (the id is recorded already, by another request or replica).
         `due` is the chain time by which the settlement must have landed (min(validBefore, deadline)).
+        Replicas on one PostgreSQL store take one advisory lock for the check and the insert, so two
+        of them cannot both fit under a limit only one fits under (SQLite: BEGIN IMMEDIATE does it).
         """
         buyer, amount = terms.buyer, terms.amount
         unpaid = ",".join("?" * len(UNPAID))
-        with self._lock:
-            try:
-                with transaction(self._conn):
-                    if self._conn.execute("SELECT 1 FROM refused_buyers WHERE buyer = ?", (buyer,)).fetchone():
-                        return "serve_first_refused"
-                    owed_by_buyer, owed = self._conn.execute(
-                        f"SELECT COALESCE(SUM(CASE WHEN buyer = ? THEN amount END), 0), COALESCE(SUM(amount), 0) "  # noqa: S608
-                        f"FROM settlements WHERE status IN ({unpaid})",
-                        (buyer, *UNPAID),
-                    ).fetchone()
-                    if int(owed_by_buyer) + amount > max_per_buyer or int(owed) + amount > max_total:
-                        return "serve_first_limit"
-                    self._insert_payment(
-                        escrow_id, terms, SERVING_FIRST, accepted_at=accepted_at, route=route, payload=payload
-                    )
-                    self._conn.execute(
-                        "INSERT INTO settlements (escrow_id, buyer, amount, payload, due, status, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (_hex(escrow_id), buyer, amount, payload, due, SETTLE_SERVING, time.time()),
-                    )
-            except sqlite3.IntegrityError:
+        with self._db.transaction() as tx:
+            tx.lock("seller.serve_first_exposure")
+            if tx.one("SELECT 1 FROM refused_buyers WHERE buyer = ?", (buyer,)) is not None:
+                return "serve_first_refused"
+            row = tx.one(
+                f"SELECT COALESCE(SUM(CASE WHEN buyer = ? THEN amount END), 0), COALESCE(SUM(amount), 0) "  # noqa: S608
+                f"FROM settlements WHERE status IN ({unpaid})",
+                (buyer, *UNPAID),
+            )
+            owed_by_buyer, owed = (0, 0) if row is None else row
+            if int(owed_by_buyer) + amount > max_per_buyer or int(owed) + amount > max_total:
+                return "serve_first_limit"
+            if not _insert_payment(
+                tx, escrow_id, terms, SERVING_FIRST, accepted_at=accepted_at, route=route, payload=payload
+            ):
                 return "known"
+            tx.execute(
+                "INSERT INTO settlements (escrow_id, buyer, amount, payload, due, status, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (_hex(escrow_id), buyer, amount, payload, due, SETTLE_SERVING, time.time()),
+            )
         return None
 
-    def save_served_first(self, escrow_id: bytes, response: StoredResponse, delivery_hash: bytes) -> None:
-        """Store the response and queue its settlement in one transaction (before the answer leaves)."""
+    def save_served_first(self, escrow_id: bytes, response: StoredResponse, delivery_hash: bytes) -> bool:
+        """Store the response and queue its settlement in one transaction (before the answer leaves).
+
+        Write-once like save_served: False means another run's response was stored first (a replica
+        whose claim lapsed), and that one, whose hash is queued, is the one to answer.
+        """
         now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
-                "updated_at = ? WHERE escrow_id = ?",
+                "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
                 (SERVED_FIRST, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
-            )
-            self._conn.execute(
+            ).rowcount
+            if stored != 1:
+                return False
+            tx.execute(
                 "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ?, queued_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
                 (SETTLE_QUEUED, _hex(delivery_hash), now, now, _hex(escrow_id), SETTLE_SERVING),
             )
+        return True
 
     def forget_serve_first(self, escrow_id: bytes) -> None:
         """The handler failed: nothing was served and nothing will be settled; the exposure is freed."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), SETTLE_SERVING)
-            )
-            self._conn.execute(
-                "DELETE FROM payments WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), SERVING_FIRST)
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), SETTLE_SERVING))
+            tx.execute(
+                "DELETE FROM payments WHERE escrow_id = ? AND status = ? AND response_status IS NULL",
+                (_hex(escrow_id), SERVING_FIRST),
             )
 
     def settlement(self, escrow_id: bytes) -> SettlementRecord | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
-                (_hex(escrow_id),),
-            ).fetchone()
+        row = self._db.one(
+            "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
+            (_hex(escrow_id),),
+        )
         if row is None:
             return None
         return SettlementRecord(row[0], int(row[1]), row[2], _unhex(row[3]), _unhex(row[4]), row[5])
 
     def settlements_due(self, limit: int = 100) -> list[QueuedSettlement]:
         """Queued settlements, the one due soonest first."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT escrow_id, payload, delivery_hash, attempts FROM settlements WHERE status = ? "
-                "ORDER BY due LIMIT ?",
-                (SETTLE_QUEUED, limit),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT escrow_id, payload, delivery_hash, attempts FROM settlements WHERE status = ? ORDER BY due LIMIT ?",
+            (SETTLE_QUEUED, limit),
+        )
         return [QueuedSettlement(bytes.fromhex(i[2:]), p, bytes.fromhex(h[2:]), int(n)) for i, p, h, n in rows]
 
     def oldest_queued_age(self) -> float | None:
         """Seconds (wall clock) since the longest-waiting queued settlement was queued; None if none is."""
-        with self._lock:
-            (oldest,) = self._conn.execute(
-                "SELECT MIN(queued_at) FROM settlements WHERE status = ?", (SETTLE_QUEUED,)
-            ).fetchone()
+        row = self._db.one("SELECT MIN(queued_at) FROM settlements WHERE status = ?", (SETTLE_QUEUED,))
+        oldest = None if row is None else row[0]
         return None if oldest is None else time.time() - float(oldest)
 
     def expire_settlements(self, chain_time: int) -> tuple[list[bytes], list[bytes]]:
@@ -503,29 +618,28 @@ class SellerStore:
         serving ones, dropped: their handler never finished, so nothing was served)."""
         unpaid = ",".join("?" * len(UNPAID))
         due = f"SELECT 1 FROM settlements WHERE status IN ({unpaid}) AND due <= ? LIMIT 1"  # noqa: S608
-        with self._lock:
-            if self._conn.execute(due, (*UNPAID, chain_time)).fetchone() is None:
-                return [], []  # the usual pass: nothing due, no write transaction
-        with self._lock, transaction(self._conn):
-            lost = self._conn.execute(
+        if self._db.one(due, (*UNPAID, chain_time)) is None:
+            return [], []  # the usual pass: nothing due, no write transaction
+        with self._db.transaction() as tx:
+            lost = tx.all(
                 "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_QUEUED, chain_time)
-            ).fetchall()
-            dropped = self._conn.execute(
+            )
+            dropped = tx.all(
                 "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_SERVING, chain_time)
-            ).fetchall()
+            )
             now = time.time()
-            self._conn.executemany(
-                "UPDATE settlements SET status = ?, reason = ?, updated_at = ? WHERE escrow_id = ?",
-                [(SETTLE_LOST, "expired", now, i) for (i,) in lost],
+            tx.executemany(
+                "UPDATE settlements SET status = ?, reason = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
+                [(SETTLE_LOST, "expired", now, i, SETTLE_QUEUED) for (i,) in lost],
             )
             for (i,) in dropped:
-                self._conn.execute("DELETE FROM settlements WHERE escrow_id = ?", (i,))
-                self._conn.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (i, SERVING_FIRST))
+                tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (i, SETTLE_SERVING))
+                tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (i, SERVING_FIRST))
         return [bytes.fromhex(i[2:]) for (i,) in lost], [bytes.fromhex(i[2:]) for (i,) in dropped]
 
     def mark_settled(self, ids: list[bytes], tx_hash: bytes) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE settlements SET status = ?, tx_hash = ?, final = 0, updated_at = ? WHERE escrow_id = ?",
                 [(SETTLE_DONE, _hex(tx_hash), time.time(), _hex(i)) for i in ids],
             )
@@ -533,46 +647,45 @@ class SellerStore:
     def mark_lost(self, escrow_id: bytes, reason: str, *, refuse_buyer: bool, tx_hash: bytes | None = None) -> None:
         """A settlement that will never pay: recorded as a loss; `refuse_buyer` bars the buyer from serve-first."""
         now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "UPDATE settlements SET status = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ?",
                 (SETTLE_LOST, reason[:200], _hex(tx_hash), now, _hex(escrow_id)),
             )
             if refuse_buyer:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO refused_buyers (buyer, escrow_id, reason, at) "
-                    "SELECT buyer, escrow_id, ?, ? FROM settlements WHERE escrow_id = ?",
+                tx.execute(
+                    "INSERT INTO refused_buyers (buyer, escrow_id, reason, at) "
+                    "SELECT buyer, escrow_id, ?, ? FROM settlements WHERE escrow_id = ? "
+                    "ON CONFLICT (buyer) DO NOTHING",
                     (reason[:200], now, _hex(escrow_id)),
                 )
 
     def note_settle_attempt(self, ids: list[bytes], error: str) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE settlements SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
                 [(error[:500], time.time(), _hex(i)) for i in ids],
             )
 
     def settled_unfinal(self, limit: int = 500) -> list[tuple[bytes, bytes]]:
         """(escrow id, settle tx) of settlements not yet deep enough to survive a reorg."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT escrow_id, tx_hash FROM settlements WHERE status = ? AND final = 0 LIMIT ?",
-                (SETTLE_DONE, limit),
-            ).fetchall()
+        rows = self._db.all(
+            "SELECT escrow_id, tx_hash FROM settlements WHERE status = ? AND final = 0 LIMIT ?", (SETTLE_DONE, limit)
+        )
         return [(bytes.fromhex(i[2:]), bytes.fromhex(t[2:])) for i, t in rows]
 
     def settle_final(self, ids: list[bytes]) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE settlements SET final = 1, updated_at = ? WHERE escrow_id = ?",
                 [(time.time(), _hex(i)) for i in ids],
             )
 
     def resettle(self, ids: list[bytes], why: str) -> None:
         """Back to queued: the settlement's transaction vanished in a reorg and the authorization is unused."""
-        with self._lock, transaction(self._conn):
-            self._conn.executemany(
+        with self._db.transaction() as tx:
+            tx.executemany(
                 "UPDATE settlements SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
                 [(SETTLE_QUEUED, why[:500], time.time(), _hex(i), SETTLE_DONE) for i in ids],
@@ -586,30 +699,42 @@ class SellerStore:
         if buyer is not None:
             query += " AND buyer = ?"
             args = (*UNPAID, buyer)
-        with self._lock:
-            return int(self._conn.execute(query, args).fetchone()[0])
+        row = self._db.one(query, args)
+        return 0 if row is None else int(row[0])
 
     def losses(self) -> Losses:
-        with self._lock:
-            count, amount = self._conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SETTLE_LOST,)
-            ).fetchone()
-            refused = self._conn.execute("SELECT buyer FROM refused_buyers").fetchall()
+        with self._db.read() as tx:
+            row = tx.one("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SETTLE_LOST,))
+            refused = tx.all("SELECT buyer FROM refused_buyers")
+        count, amount = (0, 0) if row is None else row
         return Losses(int(count), int(amount), frozenset(r[0] for r in refused))
 
     def set_held_again(self, escrow_id: bytes, deposit_tx: bytes) -> None:
         """The deposit sent again after a reorg removed it: the payment keeps its response and status."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ?",
                 (_hex(deposit_tx), time.time(), _hex(escrow_id)),
             )
 
     def deposit_payload(self, escrow_id: bytes) -> str | None:
         """The signed payload a hold payment was accepted with (None for rows written before it was kept)."""
-        with self._lock:
-            row = self._conn.execute("SELECT payload FROM payments WHERE escrow_id = ?", (_hex(escrow_id),)).fetchone()
+        row = self._db.one("SELECT payload FROM payments WHERE escrow_id = ?", (_hex(escrow_id),))
         return None if row is None else row[0]
+
+
+def _insert_payment(
+    tx: Tx, escrow_id: bytes, terms: Terms, status: str, *, accepted_at: int, route: str | None, payload: str | None
+) -> bool:
+    """Insert a payment row; False (nothing written) if its id is recorded already."""
+    now = time.time()
+    inserted = tx.execute(
+        "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, updated_at, route, "
+        "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
+        (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
+         payload),
+    ).rowcount  # fmt: skip
+    return inserted == 1
 
 
 def _headers_json(response: StoredResponse) -> str:

@@ -19,7 +19,7 @@ def test_bench_http_prints_every_variant_and_the_ratio() -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     (result,) = json.loads(out.stdout).values()
-    for name in ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess"):
+    for name in ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
         row = result[name]
         # warm-up + latency + throughput phases, each request paid exactly once (checked on chain by the bench)
         assert row["requests"] == 1 + 4 + 4
@@ -32,6 +32,8 @@ def test_bench_http_prints_every_variant_and_the_ratio() -> None:
     assert result["ratio_p50_serve_first_vs_sdk_exact"] == expected
     assert result["targets"] == {"ratio_p50_serve_first_vs_sdk_exact": 0.5}
     assert set(result["met"]) == set(result["targets"])
+    keyless = round(result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3)
+    assert result["ratio_p50_facilitator_vs_escrow"] == keyless
     assert result["settings"] == {"requests": 4, "concurrency": 2, "warmup": 1, "anvil": "automine"}
     assert "checking every payment on chain" in out.stderr
     assert "waiting for the serve-first settlements" in out.stderr

@@ -1,7 +1,8 @@
 """200 concurrent paid requests against a budget that allows exactly 10: exactly 10 are paid, never more.
 
-Both forms: 200 threads sharing one sync client over real HTTP, and 200 asyncio tasks
-sharing one async client. Afterwards the ledger matches the chain: ten deposits by
+Three forms: 200 threads sharing one sync client over real HTTP, 200 asyncio tasks
+sharing one async client, and a fleet of 4 agent processes sharing one journal (one
+SQLite file, or one PostgreSQL database) and so one budget. Afterwards the ledger matches the chain: ten deposits by
 the buyer, ten spent rows, nothing reserved, and once the seller's poster has posted
 the deliveries the seller holds exactly what the ledger says was spent.
 """
@@ -9,7 +10,11 @@ the deliveries the seller holds exactly what the ledger says was spent.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,7 +48,7 @@ def _outcome(call: object) -> str:
 
 
 def _assert_ledger_matches_the_chain(
-    chain: Chain, shop: Shop, journal: Path, outcomes: Counter[str], seller_before: int
+    chain: Chain, shop: Shop, journal: Path | str, outcomes: Counter[str], seller_before: int
 ) -> None:
     assert outcomes == Counter({"paid": AFFORDABLE, ReasonCode.OVER_TOTAL_BUDGET.value: REQUESTS - AFFORDABLE})
     deposits = [
@@ -52,18 +57,22 @@ def _assert_ledger_matches_the_chain(
         if isinstance(e, Deposited) and e.terms.buyer == address(BUYER)
     ]
     assert len(deposits) == AFFORDABLE
-    entries = Journal(journal, audit=False).entries()
-    assert len(entries) == AFFORDABLE  # the denied ones signed nothing, journaled nothing
-    assert all(e.state is PaymentState.DELIVERED for e in entries)
-    rows = Journal(journal, audit=False).ledger_rows()
-    assert Counter(r.status for r in rows) == Counter({LedgerStatus.SPENT: AFFORDABLE})
-    assert {r.escrow_id for r in rows} == {d.id for d in deposits}
-    # The seller's poster posts (the uvicorn lifespan's may already have); recover() reconciles the ledger.
-    asyncio.run(shop.middleware.poster.flush())
-    assert all(chain.escrow.state_of(d.id) is State.RELEASED for d in deposits)
-    recover(journal, dev(BUYER), chain.node.url)
-    assert Journal(journal, audit=False).unconfirmed() == []
-    spent = sum(r.amount for r in Journal(journal, audit=False).ledger_rows() if r.status is LedgerStatus.SPENT)
+    stored = Journal(journal, audit=False)
+    try:
+        entries = stored.entries()
+        assert len(entries) == AFFORDABLE  # the denied ones signed nothing, journaled nothing
+        assert all(e.state is PaymentState.DELIVERED for e in entries)
+        rows = stored.ledger_rows()
+        assert Counter(r.status for r in rows) == Counter({LedgerStatus.SPENT: AFFORDABLE})
+        assert {r.escrow_id for r in rows} == {d.id for d in deposits}
+        # The seller's poster posts (the uvicorn lifespan's may already have); recover() reconciles the ledger.
+        asyncio.run(shop.middleware.poster.flush())
+        assert all(chain.escrow.state_of(d.id) is State.RELEASED for d in deposits)
+        recover(journal, dev(BUYER), chain.node.url)
+        assert stored.unconfirmed() == []
+        spent = sum(r.amount for r in stored.ledger_rows() if r.status is LedgerStatus.SPENT)
+    finally:
+        stored.close()
     assert chain.token.balance_of(address(SELLER)) - seller_before == spent == AFFORDABLE * PRICE
 
 
@@ -114,3 +123,41 @@ def test_200_asyncio_tasks_against_a_budget_for_10(chain: Chain, shop: Shop, tmp
             return Counter(await asyncio.gather(*(buy(i) for i in range(REQUESTS))))
 
     _assert_ledger_matches_the_chain(chain, shop, journal, asyncio.run(run()), seller_before)
+
+
+AGENTS = 4
+
+
+def test_a_fleet_of_agent_processes_on_one_journal_against_a_budget_for_10(
+    chain: Chain, shop: Shop, served: str, db_url: str
+) -> None:
+    """4 processes of 50 threads, one journal URL: the budget holds across processes (and hosts, for PostgreSQL)."""
+    seller_before = chain.token.balance_of(address(SELLER))
+    Journal(db_url, audit=False).close()  # migrated once up front: the agents start on one schema
+    agent = Path(__file__).with_name("fleet_agent.py")
+    start = time.time() + 8  # every agent imported and connected: then all 200 go at once
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(agent),
+                chain.node.url,
+                db_url,
+                served,
+                f"p{n}-",
+                str(REQUESTS // AGENTS),
+                str(AFFORDABLE * PRICE),
+                str(start),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(AGENTS)
+    ]
+    outcomes: Counter[str] = Counter()
+    for proc in procs:
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+        outcomes.update(json.loads(out.strip().splitlines()[-1]))
+    _assert_ledger_matches_the_chain(chain, shop, db_url, outcomes, seller_before)

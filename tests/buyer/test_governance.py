@@ -37,6 +37,8 @@ from escrow_py.buyer import (
     arecover,
 )
 from escrow_py.buyer._audit import audit_paths
+from escrow_py.buyer._ledger import insert_reservation
+from escrow_py.buyer._policy import PaymentContext
 from escrow_py.terms import State
 
 from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
@@ -56,6 +58,7 @@ def ledger(journal: Path) -> dict[bytes, tuple[LedgerStatus, str, int]]:
 
 def audit_records(journal: Path) -> list[dict[str, Any]]:
     jsonl, _ = audit_paths(journal)
+    assert jsonl is not None  # a journal file's audit has its JSONL beside it
     return [json.loads(line) for line in jsonl.read_text().splitlines()]
 
 
@@ -178,12 +181,10 @@ def test_reconcile_follows_the_chain_when_a_delivered_payment_is_refunded_after_
 def test_a_reservation_that_never_got_its_journal_row_is_released_by_recover(chain: Chain, tmp_path: Path) -> None:
     journal_path = tmp_path / "buyer.sqlite"
     journal = Journal(journal_path, audit=False)
-    with journal._transaction() as conn:  # a crash between reserve() and record(): nothing was ever sent
-        conn.execute(
-            "INSERT INTO ledger (escrow_id, task, seller, token, amount, status, reserved_at)"
-            " VALUES (?, 'default', ?, ?, 5, 'reserved', 0)",
-            (os.urandom(32), address(SELLER), chain.token.address),
-        )
+    with journal.db.transaction() as tx:  # a crash between reserve() and record(): nothing was ever sent
+        ctx = PaymentContext("eip155:84532", chain.token.address, chain.escrow.address, address(SELLER), None, 5,
+                             60, "default")  # fmt: skip
+        insert_reservation(tx, os.urandom(32), ctx, 0.0)
     journal.close()
     asyncio.run(arecover(journal_path, dev(BUYER), chain.node.url))
     ((status, _, _),) = ledger(journal_path).values()
@@ -263,7 +264,8 @@ def test_the_audit_trail_has_a_record_per_decision_and_state_and_leaks_nothing(
     assert all(r["termsHash"].startswith("0x") and r["amount"] == PRICE for r in records)
     assert any("txHash" in r for r in records if r.get("state") == "refunded")
     # Search everything written for what must never be there.
-    written = jsonl.read_text() + sqlite_file.read_bytes().decode("latin-1")
+    assert jsonl is not None
+    written = jsonl.read_text() + Path(sqlite_file).read_bytes().decode("latin-1")
     key = dev_private_key(BUYER).removeprefix("0x")
     forbidden = [key, "hunter2", "alice", "s3cr3t", "private-query", secret_body.decode(), "/echo", "/report"]
     for entry in entries:

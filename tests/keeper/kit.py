@@ -28,7 +28,9 @@ KEEPER2 = 8
 KEEPER3 = 9
 
 
-def make_keeper(chain: Chain, db: Path, *, who: int = KEEPER, rpc_url: str | None = None, **settings: object) -> Keeper:
+def make_keeper(
+    chain: Chain, db: Path | str, *, who: int = KEEPER, rpc_url: str | None = None, **settings: object
+) -> Keeper:
     """A keeper on the session chain refunding its TestUSDC (and whatever `tokens` adds)."""
     flags: dict[str, object] = {"rpc_url": rpc_url or chain.node.url, "escrows": chain.escrow.address,
                                 "database": str(db), "tokens": chain.token.address}  # fmt: skip
@@ -63,6 +65,16 @@ def transactions_of(chain: Chain, who: int, since: int = 0) -> list[dict[str, ob
             if tx["from"] == sender:
                 out.append(dict(chain.w3.eth.get_transaction_receipt(HexBytes(tx["hash"]))))
     return out
+
+
+def mined(chain: Chain, who: int, since: int, count: int, timeout: float = 30.0) -> None:
+    """Wait until `who` has `count` transactions mined since block `since`.
+
+    Anvil's automine mines a transaction just after eth_sendRawTransaction answers, not before: on a loaded
+    machine a receipt read at once may not be there yet, and a test must not take that for the keeper's doing.
+    """
+    wait_until(lambda: len(transactions_of(chain, who, since)) >= count, f"{count} transactions mined", timeout)
+    assert len(transactions_of(chain, who, since)) == count
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0, poll: float = 0.1) -> None:

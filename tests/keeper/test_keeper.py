@@ -17,6 +17,7 @@ from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
 from escrow_devtools.artifacts import load_artifact
+from escrow_py.errors import ConfigError
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.terms import State, Terms
 
@@ -74,6 +75,27 @@ def test_refunds_after_the_deadline_and_nothing_before(chain: Chain, tmp_path: P
     assert report.refunds_sent == 0 and report.confirmed == 2
     assert keeper.store.counts(chain.escrow.address) == {"held": 1, "released": 0, "refunded": 2}
     assert _refund_events(chain, early) == 1
+
+
+def test_a_retention_prunes_settled_escrows_past_their_deadline_hourly(chain: Chain, db_url: str) -> None:
+    keeper = make_keeper(chain, db_url, retention=3600, reorg_depth=0)
+    settled, still_open = make_terms(chain, window=60), make_terms(chain, window=100_000, buyer=BUYER2)
+    deposit(chain, settled)
+    deposit(chain, still_open)
+    chain.mine(settled.deadline)
+    assert keeper.run_once().refunds_sent == 1
+    keeper.run_once()  # confirms
+    ids = [chain.escrow.id_of(t) for t in (settled, still_open)]
+    assert len(keeper.store.entries(chain.escrow.address, ids)) == 2  # within the retention: kept
+    keeper.clock = lambda: settled.deadline + 3 * 3600.0  # the wall clock moves on; the next prune is due
+    chain.mine()
+    keeper.run_once()
+    [kept] = keeper.store.entries(chain.escrow.address, ids)
+    assert kept.id == chain.escrow.id_of(still_open)  # open: kept however long it waits
+    assert keeper.store.counts(chain.escrow.address) == {"held": 1, "released": 0, "refunded": 1}
+    assert keeper.store.attempt_counts() == {}  # its final refund transaction went with it
+    with pytest.raises(ConfigError, match=r"retention = 60: expected 0 \(keep everything\) or at least 3600 seconds"):
+        make_keeper(chain, db_url, retention=60)
 
 
 def test_restart_resumes_from_the_checkpoint(chain: Chain, tmp_path: Path) -> None:
@@ -205,7 +227,7 @@ def test_a_refund_that_fails_in_simulation_does_not_block_the_others(chain: Chai
     assert len(transactions_of(chain, KEEPER, start)) == 1
     keeper.run_once()
     assert keeper.store.backoffs(chain.escrow.address) == []
-    assert keeper.store.conn.execute("SELECT COUNT(*) FROM backoffs").fetchone()[0] == 0
+    assert keeper.store.db.one("SELECT COUNT(*) FROM backoffs") == (0,)
 
 
 def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says_so(
@@ -240,8 +262,12 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> 
     out = cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20, env=env)
     assert out.returncode == 2 and "X402_ESCROW_PRIVATE_KEY is not set" in out.stderr
     out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
-              "--database", "postgresql://db/keeper", env=env)  # fmt: skip
-    assert out.returncode == 2 and "only SQLite is supported" in out.stderr
+              "--database", "mysql://db/keeper", env=env)  # fmt: skip
+    assert out.returncode == 2 and "expected a SQLite path, sqlite:///path or postgresql://" in out.stderr
+    out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
+              "--database", "postgresql://keeper:hunter2@127.0.0.1:1/keeper", env=env)  # fmt: skip
+    assert out.returncode == 2 and "postgresql://keeper:***@127.0.0.1:1/keeper: cannot open" in out.stderr
+    assert "hunter2" not in out.stderr
     toml = tmp_path / "keeper.toml"
     toml.write_text('[keeper]\nrpc_url = "http://127.0.0.1:1"\nbatchsize = 3\n')
     out = cli("keeper", "run", "--config", str(toml), env=env)

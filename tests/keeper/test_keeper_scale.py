@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from escrow_py.keeper._batch import (
     refund_many_data,
 )
 from escrow_py.keeper._config import MAX_BATCH_SIZE, MAX_CALLDATA_BYTES
-from escrow_py.keeper._store import SCHEMA_VERSION, IndexedEvent, KeeperStore, encode_terms
+from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
+from escrow_py.storage import SqliteDatabase
 from escrow_py.terms import Terms
 
 from .kit import make_keeper
@@ -75,8 +77,13 @@ def test_batches_are_capped_by_calldata_and_gas() -> None:
         KeeperConfig.load({"rpc_url": "http://x", "escrows": dev(1).address, "batch_size": 469}, environ={})
 
 
+def _sqlite(store: KeeperStore) -> sqlite3.Connection:
+    assert isinstance(store.db, SqliteDatabase)
+    return store.db.conn
+
+
 def _plan(store: KeeperStore, sql: str, *args: object) -> str:
-    return " | ".join(str(row[-1]) for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+    return " | ".join(str(row[-1]) for row in _sqlite(store).execute("EXPLAIN QUERY PLAN " + sql, args))
 
 
 def test_the_open_escrow_query_and_the_reorg_delete_use_indexes(tmp_path: Path) -> None:
@@ -121,7 +128,7 @@ def _cycle_cost(chain: Chain, db: Path, history: int) -> tuple[int, dict[str, in
             steps += 1
             return 0
 
-        keeper.store.conn.set_progress_handler(count, 100)
+        _sqlite(keeper.store).set_progress_handler(count, 100)
         proxy.calls.clear()
         keeper.run_once()
         busy = dict(proxy.calls)
@@ -145,24 +152,67 @@ def test_a_cycle_costs_the_same_with_a_long_history(chain: Chain, tmp_path: Path
     assert long_steps <= fresh_steps * 2 + 50, (fresh_steps, long_steps)
 
 
-def test_a_schema_2_database_gains_the_backoff_table_and_keeps_its_index(tmp_path: Path) -> None:
-    db = str(tmp_path / "k.sqlite")
-    store = KeeperStore(db)
+# What a keeper before the storage port left (schema 2: PRAGMA user_version, 0x-hex ids, no backoffs table).
+_SCHEMA_2 = """
+CREATE TABLE deposits (escrow TEXT NOT NULL, id TEXT NOT NULL, terms BLOB NOT NULL, deadline INTEGER NOT NULL,
+    buyer TEXT NOT NULL, seller TEXT NOT NULL, token TEXT NOT NULL, block_number INTEGER NOT NULL,
+    block_hash TEXT NOT NULL, open INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (escrow, id));
+CREATE INDEX deposits_open ON deposits (escrow, deadline) WHERE open = 1;
+CREATE TABLE settlements (escrow TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, tx_hash TEXT NOT NULL,
+    block_number INTEGER NOT NULL, block_hash TEXT NOT NULL, PRIMARY KEY (escrow, id));
+CREATE TABLE totals (escrow TEXT NOT NULL, kind TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (escrow, kind));
+CREATE TABLE checkpoints (escrow TEXT PRIMARY KEY, block_number INTEGER NOT NULL);
+CREATE TABLE blocks (number INTEGER PRIMARY KEY, hash TEXT NOT NULL);
+CREATE TABLE attempts (tx_hash TEXT PRIMARY KEY, signer TEXT NOT NULL, escrow TEXT NOT NULL, ids TEXT NOT NULL,
+    nonce INTEGER NOT NULL, raw TEXT NOT NULL, tx TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, block_number INTEGER, block_hash TEXT, refunded INTEGER, gas_used INTEGER);
+CREATE TABLE troubles (escrow TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL,
+    retry_at REAL, grp TEXT, since REAL NOT NULL, PRIMARY KEY (escrow, id));
+CREATE TABLE reverted_sets (fingerprint TEXT PRIMARY KEY, escrow TEXT NOT NULL, tx_hash TEXT NOT NULL,
+    size INTEGER NOT NULL, at REAL NOT NULL);
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_schema_2_database_is_carried_over_to_byte_ids_without_reindexing(tmp_path: Path) -> None:
+    db = tmp_path / "k.sqlite"
+    old = sqlite3.connect(db)
+    old.executescript(_SCHEMA_2)
+    escrow_id, tx_hash = "0x" + "11" * 32, "0x" + "99" * 32
+    old.execute("INSERT INTO deposits VALUES ('0xescrow', ?, ?, 9, ?, ?, ?, 5, '0xaa', 1)",
+                (escrow_id, b"\0" * 256, "0x" + "22" * 20, "0x" + "33" * 20, "0x" + "44" * 20))  # fmt: skip
+    old.execute("INSERT INTO checkpoints VALUES ('0xescrow', 5)")
+    old.execute("INSERT INTO blocks VALUES (5, '0xaa')")
+    old.execute("INSERT INTO troubles VALUES ('0xescrow', ?, 'quarantined', 'reverts alone', NULL, NULL, 1.0)",
+                (escrow_id,))  # fmt: skip
+    old.execute("INSERT INTO attempts VALUES (?, '0xkeeper', '0xescrow', ?, 3, '0x02f8', '{}', 'sent', 1.0, 2.0, "
+                "NULL, NULL, NULL, NULL)", (tx_hash, f'["{escrow_id}"]'))  # fmt: skip
+    old.commit()
+    old.close()
+    reopened = KeeperStore(str(db))
+    assert reopened.checkpoint("0xescrow") == 5 and reopened.block_hash(5) == "0xaa"  # not re-indexed
+    [entry] = reopened.open_escrows("0xescrow")
+    assert entry.id == b"\x11" * 32 and entry.quarantined == "reverts alone" and entry.in_flight
+    [attempt] = reopened.tracked_attempts("0xkeeper")
+    assert (attempt.tx_hash, attempt.ids, attempt.nonce) == (b"\x99" * 32, (b"\x11" * 32,), 3)
+    assert reopened.attempt_tx(b"\x99" * 32).raw == b"\x02\xf8"
+    reopened.close()
+    assert KeeperStore(str(db)).checkpoint("0xescrow") == 5  # a second start migrates nothing
+
+
+def test_refused_payouts_back_off_doubling_up_to_the_longest_wait(db_url: str) -> None:
+    store = KeeperStore(db_url)
     event = IndexedEvent("deposited", "0x" + "11" * 32, 5, "0xaa", "0xbb", encoded=b"\0" * 256, deadline=9,
                          buyer="0x" + "22" * 20, seller="0x" + "33" * 20, token="0x" + "44" * 20)  # fmt: skip
     store.apply("0xescrow", rewind_to=0, events=[event], checkpoint=5, block_hashes=[(5, "0xaa")])
-    store.conn.execute("DROP TABLE backoffs")  # what a keeper of schema 2 left
-    store.conn.execute("PRAGMA user_version = 2")
-    store.close()
-    reopened = KeeperStore(db)
-    assert reopened.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-    assert reopened.checkpoint("0xescrow") == 5 and len(reopened.open_escrows("0xescrow")) == 1  # not re-indexed
-    reopened.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed", now=0.0,
-                                   first_wait=300.0, longest_wait=3600.0)  # fmt: skip
-    [backoff] = reopened.backoffs("0xescrow")
+    store.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed", now=0.0,
+                                first_wait=300.0, longest_wait=3600.0)  # fmt: skip
+    [backoff] = store.backoffs("0xescrow")
     assert (backoff.failures, backoff.retry_at, backoff.open_escrows) == (1, 300.0, 1)
-    assert reopened.open_escrows("0xescrow")[0].backoff_until == 300.0
+    assert store.open_escrows("0xescrow")[0].backoff_until == 300.0
     for _ in range(10):  # 300, 600, 1200, 2400, then the longest wait
-        backoff = reopened.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed",
-                                                 now=0.0, first_wait=300.0, longest_wait=3600.0)  # fmt: skip
+        backoff = store.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed",
+                                              now=0.0, first_wait=300.0, longest_wait=3600.0)  # fmt: skip
     assert (backoff.failures, backoff.retry_at) == (11, 3600.0)
+    assert store.clear_backoffs("0xescrow", [b"\x11" * 32]) == 1
+    assert store.backoffs("0xescrow") == []

@@ -36,9 +36,12 @@ RPC_CALLS = {
     "eth_getTransactionReceipt": 2,  # polled until the deposit is mined
     "eth_blockNumber": 1,  # its confirmation depth
 }
-# The payment claimed, the deposit transaction recorded before it is sent, the deposit recorded as held, the
-# response stored with its delivery queued (one read outside a transaction before them).
-SQLITE_TRANSACTIONS = 4
+# The payment recorded, the deposit transaction recorded before it is sent, the deposit recorded as held, the
+# response stored with its delivery queued (reads outside a transaction before them); and, so that several
+# processes and replicas can share the store and the operator key: the payment's claim taken and released
+# (a lease row, one replica at a time), the key's nonce allocated (its row in the store, not a process's
+# counter), the signed deposit kept in the key's transaction log before broadcast.
+SQLITE_TRANSACTIONS = 4 + 2 + 1 + 1
 
 
 class SqliteTrace:

@@ -453,7 +453,7 @@ def test_an_unreachable_node_answers_503_and_deposits_nothing(chain: Chain, tmp_
         ({"reprice_after": "soon"}, "reprice_after"),
         ({"confirmation_depth": 0}, "confirmation_depth"),
         ({"startup_checks": "yes"}, "startup_checks"),
-        ({"store": "postgres://db"}, "store"),
+        ({"store": "mysql://db/shop"}, "store"),
         ({"min_time_left": 500}, "min_time_left"),
     ],
 )

@@ -1,0 +1,274 @@
+"""`x402-escrow bench storage`: every per-request and per-cycle query of the stores at 100,000 payments.
+
+A synthetic fill (written straight into the tables, as years of traffic would have left them) of
+`rows` payments per store, then each query a loop runs is timed `repeat` times on each engine:
+
+- keeper, per cycle: the due query (with claims), the held count, its tracked attempts, the
+  checkpoint and a stored block hash; per batch: claiming 100 due escrows;
+- buyer, per paid request: the budget check (the reservation's transaction: lock, usage over the
+  totals and a 1-hour and a 1-day window) and reading a payment; per recovery: unfinished payments
+  and unconfirmed ledger rows;
+- seller: the store's own `bench_fill` / `bench_queries` hooks when it has them (the seller store
+  moves onto the port separately); skipped with a note otherwise.
+
+Target: every query's p50 under 5 ms on both engines. PostgreSQL is a throwaway local server
+(escrow_devtools.bench.postgres) unless `pg_url` names one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from escrow_py.buyer import _ledger
+from escrow_py.buyer._journal import Journal
+from escrow_py.buyer._policy import PaymentContext
+from escrow_py.keeper._store import KeeperStore
+from escrow_py.storage import Database
+
+TARGET_MS = 5.0
+ESCROW = "0x" + "e5" * 20
+TOKEN, SELLER, KEEPER = "0x" + "44" * 20, "0x" + "33" * 20, "0x" + "77" * 20
+DAY = 86_400
+
+
+def _timed(run: Callable[[], object], repeat: int) -> dict[str, float]:
+    run()  # warm: plans cached, pages in memory
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    return {
+        "p50_ms": round(statistics.median(samples), 3),
+        "p95_ms": round(samples[int(len(samples) * 0.95) - 1], 3),
+        "max_ms": round(samples[-1], 3),
+    }
+
+
+def _fill_keeper(db: Database, url: str, rows: int, now: int) -> None:
+    """`rows` deposits over 90 days: 1% still open (a tenth of those due), the rest settled; 1 attempt per 100."""
+    terms = bytes(256)
+    deposits, settlements, attempts = [], [], []
+    for n in range(rows):
+        escrow_id = n.to_bytes(32, "big")
+        open_ = n % 100 == 0
+        deadline = now - 60 if open_ and n % 1000 == 0 else now + 3600 if open_ else now - (n * 90 * DAY) // rows
+        buyer = "0x" + f"{n % 5000:040x}"
+        deposits.append((ESCROW, escrow_id, terms, deadline, buyer, SELLER, TOKEN, n // 10, "0xaa", int(open_)))
+        if not open_:
+            settlements.append(
+                (ESCROW, escrow_id, "released" if n % 3 else "refunded", os.urandom(32), n // 10 + 1, "0xbb")
+            )
+        if n % 100 == 1:
+            ids = b"".join(i.to_bytes(32, "big") for i in range(n, min(n + 100, rows)))
+            attempts.append(
+                (
+                    os.urandom(32),
+                    KEEPER,
+                    ESCROW,
+                    ids,
+                    n // 100,
+                    b"\x02",
+                    "{}",
+                    "final",
+                    now - 1.0 * n,
+                    now - 1.0 * n,
+                    n // 10,
+                    "0xcc",
+                    100,
+                    2_000_000,
+                )
+            )
+    with db.transaction() as tx:
+        tx.executemany(
+            "INSERT INTO deposits (escrow, id, terms, deadline, buyer, seller, token, block_number, "
+            "block_hash, open) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            deposits,
+        )
+        tx.executemany("INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?)", settlements)
+        tx.executemany("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
+        for kind in ("released", "refunded"):
+            n = sum(1 for s in settlements if s[2] == kind)
+            tx.execute("INSERT INTO totals VALUES (?, ?, ?)", (ESCROW, kind, n))
+        tx.execute("INSERT INTO checkpoints VALUES (?, ?)", (ESCROW, rows // 10 + 1))
+        tx.executemany(
+            "INSERT INTO blocks VALUES (?, ?)", [(b, "0xaa") for b in range(rows // 10 - 999, rows // 10 + 2)]
+        )
+    _analyze(db, url)
+
+
+def _fill_buyer(db: Database, url: str, rows: int, now: int) -> None:
+    """`rows` payments over 30 days, delivered and confirmed, of 20 tasks and 50 sellers; the last 10 unfinished."""
+    payments, ledger = [], []
+    terms = json.dumps(
+        {
+            "buyer": "0x" + "22" * 20,
+            "seller": SELLER,
+            "operator": SELLER,
+            "token": TOKEN,
+            "amount": "1000",
+            "deadline": now,
+            "requestHash": "0x" + "01" * 32,
+            "salt": "0x" + "02" * 32,
+        }
+    )
+    for n in range(rows):
+        escrow_id = os.urandom(32)
+        at = now - (rows - n) * 30 * DAY / rows
+        done = n < rows - 10
+        seller = "0x" + f"{n % 50:040x}"
+        payments.append(
+            (
+                escrow_id,
+                84532,
+                ESCROW,
+                "GET",
+                f"https://api.example/report/{n}",
+                "{}",
+                b"",
+                terms,
+                int(at) + 300,
+                "x" * 600,
+                "delivered" if done else "held",
+                None,
+                os.urandom(32),
+                os.urandom(32),
+                None,
+                at,
+                at,
+                int(at) + 300,
+            )
+        )
+        ledger.append(
+            (escrow_id, f"task{n % 20}", seller, TOKEN, 1_000, "spent" if done else "reserved", at, at, int(done))
+        )
+    with db.transaction() as tx:
+        tx.executemany(
+            "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, "
+            "valid_before, payment_header, state, detail, response_hash, committed_hash, tx_hash, "
+            "created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            payments,
+        )
+        tx.executemany("INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?)", ledger)
+        _ledger.fill_totals(tx)
+    _analyze(db, url)
+
+
+def _analyze(db: Database, url: str) -> None:
+    """Fresh statistics, and on PostgreSQL a vacuumed visibility map (index-only scans), as autovacuum would leave
+    them after real traffic; VACUUM runs outside a transaction, so on a connection of its own (the whole database)."""
+    if db.engine == "postgresql":
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+        return
+    with db.transaction() as tx:
+        tx.execute("ANALYZE")
+
+
+def _keeper_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
+    store = KeeperStore(url)
+    try:
+        now = int(time.time())
+        _fill_keeper(store.db, url, rows, now)
+        due = store.due(ESCROW, now, set(), claimable_by=KEEPER, now=now)
+        batch = [e.id for e in due][:100]
+        results = {
+            "due (per cycle)": _timed(lambda: store.due(ESCROW, now, set(), claimable_by=KEEPER, now=now), repeat),
+            "held count (per cycle with changes)": _timed(lambda: store.counts(ESCROW), repeat),
+            "tracked attempts (per cycle)": _timed(lambda: store.tracked_attempts(KEEPER), repeat),
+            "checkpoint (per cycle)": _timed(lambda: store.checkpoint(ESCROW), repeat),
+            "block hash (per cycle)": _timed(lambda: store.block_hash(rows // 10), repeat),
+            "claim 100 (per batch)": _timed(lambda: store.claim(ESCROW, KEEPER, batch, now), repeat),
+        }
+        return {"due_rows": len(due), "queries": results}
+    finally:
+        store.close()
+
+
+def _buyer_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
+    journal = Journal(url, audit=False)
+    try:
+        now = int(time.time())
+        _fill_buyer(journal.db, url, rows, now)
+        ctx = PaymentContext("eip155:84532", TOKEN, ESCROW, "0x" + f"{7:040x}", "api.example", 1_000, 300, "task7")
+        some = journal.db.one("SELECT escrow_id FROM payments WHERE state = 'delivered' LIMIT 1")
+        escrow_id = bytes(some[0]) if some else b""
+
+        def budget_check() -> None:
+            with journal.db.transaction() as tx:
+                _ledger.lock_budget(tx, ctx.token)
+                _ledger.usage(tx, ctx, (3600, DAY), now)
+
+        results = {
+            "budget check (per paid request)": _timed(budget_check, repeat),
+            "payment by id (per paid request)": _timed(lambda: journal.get(escrow_id), repeat),
+            "unfinished payments (per recovery)": _timed(lambda: journal.entries(unfinished_only=True), repeat),
+            "unconfirmed ledger rows (per recovery)": _timed(journal.unconfirmed, repeat),
+        }
+        return {"queries": results}
+    finally:
+        journal.close()
+
+
+def _seller_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
+    from escrow_py.seller import _store as seller
+
+    fill, queries = getattr(seller, "bench_fill", None), getattr(seller, "bench_queries", None)
+    if fill is None or queries is None:
+        return {
+            "skipped": "the seller store has no bench_fill/bench_queries hooks yet (it moves onto the port separately)"
+        }
+    store = fill(url, rows)
+    try:
+        return {"queries": {name: _timed(run, repeat) for name, run in queries(store).items()}}
+    finally:
+        store.close()
+
+
+def measure_storage(
+    *,
+    rows: int = 100_000,
+    repeat: int = 200,
+    engines: tuple[str, ...] = ("sqlite", "postgresql"),
+    pg_url: str | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    from escrow_devtools.bench.postgres import PostgresServer
+
+    result: dict[str, Any] = {"rows": rows, "repeat": repeat, "target_p50_ms": TARGET_MS, "engines": {}}
+    with tempfile.TemporaryDirectory(prefix="x402-bench-storage-") as tmp:
+        server = PostgresServer() if "postgresql" in engines and pg_url is None else None
+        try:
+            for engine in engines:
+                figures: dict[str, Any] = {}
+                for role, run in (("keeper", _keeper_queries), ("buyer", _buyer_queries), ("seller", _seller_queries)):
+                    if engine == "sqlite":
+                        url = f"sqlite:///{Path(tmp) / f'{role}.sqlite'}"
+                    else:
+                        url = server.fresh(f"bench_{role}") if server is not None else str(pg_url)
+                    progress(f"{engine}: filling the {role} store with {rows:,} payments and timing its queries")
+                    figures[role] = run(url, rows, repeat)
+                result["engines"][engine] = figures
+        finally:
+            if server is not None:
+                server.stop()
+    slow = [
+        f"{engine} {role}: {name} p50 {q['p50_ms']} ms"
+        for engine, roles in result["engines"].items()
+        for role, figures in roles.items()
+        for name, q in figures.get("queries", {}).items()
+        if q["p50_ms"] >= TARGET_MS
+    ]
+    result["met"] = not slow
+    result["over_target"] = slow
+    return result

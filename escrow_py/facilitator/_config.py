@@ -1,0 +1,93 @@
+"""Facilitator settings, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from eth_utils.address import is_address, to_checksum_address
+
+from escrow_py.chain.signer import Signer
+from escrow_py.errors import ConfigError
+from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.wire import chain_id_of
+
+# The most a request body may hold: a settle request is a few KB, a delivery batch 100 entries.
+MAX_BODY_BYTES = 64 * 1024
+MAX_DELIVERY_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitatorConfig:
+    """One chain, one escrow, one token, one operator key; the database holds everything else.
+
+    `rate` and `burst` bound each API key: `burst` requests at once, refilled at `rate` per
+    second (per replica). The chain settings mean what they mean for the seller
+    (SellerConfig): the facilitator sends the same transactions the seller would.
+    """
+
+    rpc_url: str
+    escrow: str
+    token: str
+    network: str
+    operator: Signer
+    store: str | Path = "facilitator.sqlite"
+    token_name: str = "USDC"  # noqa: S105 - the token's EIP-712 name, not a secret
+    token_version: str = "2"  # noqa: S105 - EIP-712 version
+    min_time_left: int = 10
+    deadline_slack: int = 30
+    confirmations: int = 1
+    rpc_timeout: float = 5.0
+    tx_timeout: float = 30.0
+    reprice_after: float = 10.0
+    confirmation_depth: int = 5
+    poster_interval: float = 0.5
+    rate: float = 50.0
+    burst: int = 100
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("escrow", "token"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not is_address(value):
+                raise ConfigError(f"FacilitatorConfig.{name} must be a 0x address, got {value!r}")
+            object.__setattr__(self, name, to_checksum_address(value))
+        if not (isinstance(self.rate, (int, float)) and self.rate > 0):
+            raise ConfigError(f"FacilitatorConfig.rate must be > 0 requests per second, got {self.rate!r}")
+        if not (isinstance(self.burst, int) and self.burst >= 1):
+            raise ConfigError(f"FacilitatorConfig.burst must be an integer >= 1, got {self.burst!r}")
+        if not (isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024):
+            raise ConfigError(f"FacilitatorConfig.max_body_bytes must be >= 1024, got {self.max_body_bytes!r}")
+        self.chain_settings()  # the shared checks of the chain settings
+
+    def chain_settings(self) -> SellerConfig:
+        """The settings of the seller's chain layer (SellerChain, DeliveryPoster), which the facilitator reuses.
+
+        Only the chain fields are read by that layer; `pay_to` and the route are placeholders
+        it requires (the facilitator serves every seller, and prices nothing).
+        """
+        return SellerConfig(
+            rpc_url=self.rpc_url,
+            escrow=self.escrow,
+            token=self.token,
+            network=self.network,
+            pay_to=self.operator.address,
+            operator=self.operator,
+            routes=[PricedRoute("POST", "/settle", amount=1, max_timeout_seconds=max(self.min_time_left + 1, 120))],
+            store=self.store,
+            confirmations=self.confirmations,
+            min_time_left=self.min_time_left,
+            token_name=self.token_name,
+            token_version=self.token_version,
+            poster_interval=self.poster_interval,
+            deadline_slack=self.deadline_slack,
+            rpc_timeout=self.rpc_timeout,
+            tx_timeout=self.tx_timeout,
+            reprice_after=self.reprice_after,
+            confirmation_depth=self.confirmation_depth,
+            startup_checks=False,
+        )
+
+    @property
+    def chain_id(self) -> int:
+        return chain_id_of(self.network)

@@ -1,0 +1,208 @@
+"""Sellers' API keys and the idempotency record, in the facilitator's database.
+
+A key is shown once, when created: `x4f_<key id>_<secret>`. Only the SHA-256 of the
+secret is kept (the secret is 32 random bytes, so a plain hash cannot be reversed by
+guessing); a lookup compares digests in constant time. Each key owns a set of
+`payTo` addresses: the escrows it may act on are those whose seller is one of them.
+
+Every request that changes state carries an idempotency key. The first request under a
+key records the SHA-256 of its body and, once answered, the answer; the same key with the
+same body gets that answer again without acting, the same key with another body is
+refused (422). A request still in flight under the key answers 409; a row left behind by
+a replica that died mid-request is taken over after `STALE_AFTER` seconds (the actions
+behind it are themselves idempotent by escrow id, so running one again is safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from eth_utils.address import is_address, to_checksum_address
+
+from escrow_py.errors import ConfigError
+from escrow_py.storage import open_sqlite, transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, name TEXT NOT NULL,
+    created_at REAL NOT NULL, revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS api_key_pay_to (
+    key_id TEXT NOT NULL REFERENCES api_keys (key_id), pay_to TEXT NOT NULL, PRIMARY KEY (key_id, pay_to)
+);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, endpoint TEXT NOT NULL, body_sha256 TEXT NOT NULL,
+    status INTEGER, response TEXT, started_at REAL NOT NULL,
+    PRIMARY KEY (key_id, idempotency_key)
+);
+"""
+
+KEY_PREFIX = "x4f"
+# An idempotency row with no answer after this long belongs to a request that died with its replica.
+STALE_AFTER = 15.0
+MAX_IDEMPOTENCY_KEY = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key_id: str
+    name: str
+    pay_to: frozenset[str]
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """The answer given earlier under an idempotency key."""
+
+    status: int
+    body: dict[str, object]
+
+
+class IdempotencyConflict(Exception):
+    """The key was used with another body (422), or its first request is still running (409)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class KeyStore:
+    """API keys and idempotency rows; thread-safe, durable when a method returns."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = open_sqlite(path)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def create(self, name: str, pay_to: list[str]) -> tuple[str, str]:
+        """A new key for a seller owning `pay_to`; returns (key id, the full key, shown once)."""
+        if not pay_to:
+            raise ConfigError("an API key needs at least one payTo address")
+        owned = set()
+        for address in pay_to:
+            if not is_address(address):
+                raise ConfigError(f"payTo must be a 0x address, got {address!r}")
+            owned.add(to_checksum_address(address))
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO api_keys (key_id, secret_sha256, name, created_at) VALUES (?, ?, ?, ?)",
+                (key_id, _digest(secret), name, time.time()),
+            )
+            self._conn.executemany(
+                "INSERT INTO api_key_pay_to (key_id, pay_to) VALUES (?, ?)", [(key_id, a) for a in sorted(owned)]
+            )
+        return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+    def revoke(self, key_id: str) -> bool:
+        with self._lock, transaction(self._conn):
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+            )
+        return cursor.rowcount == 1
+
+    def list(self) -> list[ApiKey]:
+        with self._lock:
+            rows = self._conn.execute("SELECT key_id, name, revoked_at FROM api_keys ORDER BY created_at").fetchall()
+            owned = self._conn.execute("SELECT key_id, pay_to FROM api_key_pay_to").fetchall()
+        by_key: dict[str, set[str]] = {}
+        for key_id, address in owned:
+            by_key.setdefault(key_id, set()).add(address)
+        return [ApiKey(k, n, frozenset(by_key.get(k, ())), r is not None) for k, n, r in rows]
+
+    def authenticate(self, presented: str) -> ApiKey | None:
+        """The live key `presented` names, or None (unknown, wrong secret, revoked, malformed)."""
+        parts = presented.split("_", 2)
+        if len(parts) != 3 or parts[0] != KEY_PREFIX:
+            return None
+        key_id, secret = parts[1], parts[2]
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT secret_sha256, name, revoked_at FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            owned = self._conn.execute("SELECT pay_to FROM api_key_pay_to WHERE key_id = ?", (key_id,)).fetchall()
+        if row is None or not hmac.compare_digest(row[0], _digest(secret)) or row[2] is not None:
+            return None
+        return ApiKey(key_id, row[1], frozenset(a for (a,) in owned), False)
+
+    # -- idempotency -----------------------------------------------------------------------
+
+    def begin(self, key_id: str, idempotency_key: str, endpoint: str, body_sha256: str) -> Recorded | None:
+        """Claim the key for this request; the earlier answer if it was answered already.
+
+        Raises IdempotencyConflict: 422 for another body or endpoint under the key, 409 while
+        its first request is still running.
+        """
+        now = time.time()
+        with self._lock, transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT endpoint, body_sha256, status, response, started_at FROM idempotency "
+                "WHERE key_id = ? AND idempotency_key = ?",
+                (key_id, idempotency_key),
+            ).fetchone()
+            if row is None:
+                self._conn.execute(
+                    "INSERT INTO idempotency (key_id, idempotency_key, endpoint, body_sha256, started_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (key_id, idempotency_key, endpoint, body_sha256, now),
+                )
+                return None
+            was_endpoint, was_body, status, response, started_at = row
+            if was_endpoint != endpoint or was_body != body_sha256:
+                raise IdempotencyConflict(
+                    422,
+                    f"idempotency key {idempotency_key!r} was used for another request "
+                    f"({was_endpoint}, body sha256 {was_body[:16]}...)",
+                )
+            if status is not None:
+                return Recorded(int(status), json.loads(response))
+            if now - float(started_at) < STALE_AFTER:
+                raise IdempotencyConflict(409, f"a request with idempotency key {idempotency_key!r} is in progress")
+            self._conn.execute(
+                "UPDATE idempotency SET started_at = ? WHERE key_id = ? AND idempotency_key = ?",
+                (now, key_id, idempotency_key),
+            )
+            return None
+
+    def finish(self, key_id: str, idempotency_key: str, status: int, body: dict[str, object]) -> None:
+        """Record the final answer (2xx or 4xx); replays of the key get it back."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "UPDATE idempotency SET status = ?, response = ? WHERE key_id = ? AND idempotency_key = ?",
+                (status, json.dumps(body), key_id, idempotency_key),
+            )
+
+    def abandon(self, key_id: str, idempotency_key: str) -> None:
+        """Forget a claim whose request failed on our side (5xx): the same request may be sent again."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "DELETE FROM idempotency WHERE key_id = ? AND idempotency_key = ? AND status IS NULL",
+                (key_id, idempotency_key),
+            )
+
+
+__all__ = ["ApiKey", "IdempotencyConflict", "KeyStore", "Recorded", "body_digest"]

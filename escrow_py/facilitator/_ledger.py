@@ -1,0 +1,150 @@
+"""The facilitator's transaction ledger and the figures the operator console shows.
+
+Each transaction the facilitator sends is recorded once its receipt is in: its kind
+(deposit, deliver, refund), the escrows it moved, their value, and the gas it cost. The
+console's figures are read from this ledger and from the escrow store (seller._store's
+tables), both in the one database, so every replica shows the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from web3.types import TxReceipt
+
+from escrow_py.console import Figures, running_totals
+from escrow_py.seller._store import (
+    DEPOSITING,
+    EXPIRED,
+    HELD,
+    PENDING,
+    POSTED,
+    REFUND_PENDING,
+    REFUNDED,
+    REFUNDED_ON_CHAIN,
+    SETTLED_ELSEWHERE,
+)
+from escrow_py.storage import open_sqlite, transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS facilitator_txs (
+    tx_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, escrows TEXT NOT NULL, amount TEXT NOT NULL,
+    gas_cost_wei TEXT NOT NULL, block INTEGER NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS facilitator_txs_at ON facilitator_txs (at);
+"""
+
+# Where an escrow is, read from the store: the payment row and its delivery row.
+_STATE_OF_ROW = f"""
+CASE
+  WHEN p.status = '{DEPOSITING}' THEN 'depositing'
+  WHEN p.status = '{REFUNDED}' THEN 'refunded'
+  WHEN p.status = '{REFUND_PENDING}' THEN 'refund pending'
+  WHEN p.status = '{HELD}' THEN 'held'
+  WHEN d.status = '{PENDING}' THEN 'delivery queued'
+  WHEN d.status IN ('{POSTED}', '{SETTLED_ELSEWHERE}') THEN 'released'
+  WHEN d.status = '{REFUNDED_ON_CHAIN}' THEN 'refunded'
+  WHEN d.status = '{EXPIRED}' THEN 'expired (refundable)'
+  ELSE p.status
+END
+"""
+_HELD_STATES = ("held", "refund pending", "delivery queued", "expired (refundable)")
+RECENT = 20
+NEXT_DEADLINES = 10
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self._conn = open_sqlite(path)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def record_tx(self, kind: str, tx_hash: bytes, receipt: TxReceipt, escrows: list[bytes], amount: int) -> None:
+        gas = int(receipt["gasUsed"]) * int(receipt.get("effectiveGasPrice", 0))
+        with self._lock, transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO facilitator_txs (tx_hash, kind, escrows, amount, gas_cost_wei, block, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    "0x" + tx_hash.hex(),
+                    kind,
+                    json.dumps(["0x" + e.hex() for e in escrows]),
+                    str(amount),
+                    str(gas),
+                    int(receipt["blockNumber"]),
+                    time.time(),
+                ),
+            )
+
+    def amount_of(self, escrows: list[bytes]) -> int:
+        """The summed value of these escrows, from their recorded terms."""
+        total = 0
+        with self._lock:
+            for escrow_id in escrows:
+                row = self._conn.execute(
+                    "SELECT terms FROM payments WHERE escrow_id = ?", ("0x" + escrow_id.hex(),)
+                ).fetchone()
+                if row is not None:
+                    total += int(json.loads(row[0])["amount"])
+        return total
+
+    def queue_depths(self) -> dict[str, int]:
+        """Deliveries by status and refunds pending: what the poster still has to send."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT status, COUNT(*) FROM deliveries WHERE status = ? GROUP BY status", (PENDING,)
+            ).fetchall()
+            refunds = self._conn.execute(
+                "SELECT COUNT(*) FROM payments WHERE status = ?", (REFUND_PENDING,)
+            ).fetchone()[0]
+        depths = {str(s): int(n) for s, n in rows}
+        depths[REFUND_PENDING] = int(refunds)
+        return depths
+
+    def figures(self) -> Figures:
+        figures = Figures()
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT p.escrow_id, p.terms, p.deadline, {_STATE_OF_ROW} FROM payments p "  # noqa: S608 - constants
+                "LEFT JOIN deliveries d ON d.escrow_id = p.escrow_id"
+            ).fetchall()
+            txs = self._conn.execute(
+                "SELECT tx_hash, kind, escrows, amount, gas_cost_wei, block, at FROM facilitator_txs ORDER BY at"
+            ).fetchall()
+        held: list[tuple[int, str, str, int]] = []
+        for escrow_id, terms_json, deadline, state in rows:
+            figures.by_state[state] = figures.by_state.get(state, 0) + 1
+            if state in _HELD_STATES:
+                terms = json.loads(terms_json)
+                amount = int(terms["amount"])
+                token = str(terms["token"])
+                figures.held_by_token[token] = figures.held_by_token.get(token, 0) + amount
+                held.append((int(deadline), escrow_id, state, amount))
+        figures.next_deadlines = [
+            {"escrowId": i, "deadline": d, "state": s, "amount": str(a)} for d, i, s, a in sorted(held)[:NEXT_DEADLINES]
+        ]
+        for _tx, kind, _escrows, _amount, gas, _block, _at in txs:
+            figures.gas_wei_by_kind[kind] = figures.gas_wei_by_kind.get(kind, 0) + int(gas)
+        moves = {"deposit": "deposit", "deliver": "released", "refund": "refunded"}
+        figures.series = running_totals((float(at), moves[kind], int(amount)) for _, kind, _, amount, _, _, at in txs)
+        figures.recent = [
+            {
+                "tx": tx_hash,
+                "kind": kind,
+                "escrows": len(json.loads(escrows)),
+                "amount": amount,
+                "gasWei": gas,
+                "block": block,
+                "at": at,
+            }
+            for tx_hash, kind, escrows, amount, gas, block, at in reversed(txs[-RECENT:])
+        ]
+        return figures

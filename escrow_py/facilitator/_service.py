@@ -1,0 +1,452 @@
+"""What the facilitator does for a seller, apart from HTTP: verify, deposit, queue deliveries, refund.
+
+It is the seller's chain side moved behind an API: the same off-chain and on-chain checks
+(seller._verify), the same operator sender (seller._chain.SellerChain) and the same
+durable queue and poster (seller._store, seller._poster), on the facilitator's own
+database. Each escrow is recorded before its deposit leaves, so a replica that dies
+mid-request leaves a row the next request for that payment finds.
+
+Every method blocks (RPC and SQLite): the HTTP layer runs them in worker threads.
+Errors a caller must see are `FacilitatorError`s with an HTTP status and a wire reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from web3.exceptions import Web3Exception
+from web3.types import TxReceipt
+from x402.schemas import (
+    PaymentPayload,
+    PaymentRequirements,
+    SettleResponse,
+    SupportedKind,
+    SupportedResponse,
+    VerifyResponse,
+)
+
+from escrow_py.chain.tx import SentTx
+from escrow_py.errors import (
+    EscrowError,
+    InsufficientFunds,
+    NonceConflict,
+    ProtocolError,
+    TransactionFailed,
+    TransactionTimeout,
+)
+from escrow_py.facilitator._config import FacilitatorConfig
+from escrow_py.facilitator._keys import ApiKey
+from escrow_py.facilitator._ledger import Ledger
+from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._store import (
+    DEPOSITING,
+    HELD,
+    REFUND_PENDING,
+    REFUNDED,
+    SERVED,
+    Payment,
+    SellerStore,
+    StoredResponse,
+)
+from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
+from escrow_py.terms import State
+from escrow_py.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
+
+log = logging.getLogger("escrow_py.facilitator")
+
+# The facilitator stores no response body (the seller keeps it); its rows carry this placeholder.
+_NO_BODY = StoredResponse(200, [], b"")
+RETRY_AFTER = 2
+# How long a copy of a payment waits for the request holding it before answering 503 payment_in_progress.
+CLAIM_WAIT = 10.0
+
+
+class FacilitatorError(EscrowError):
+    """A refusal with an HTTP status: 403 not the caller's escrow, 404 unknown, 409 conflict, 503 try again."""
+
+    def __init__(self, status: int, reason: str, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The deposit of one payment: its tx (None if someone else deposited it) and the chain time it was judged at."""
+
+    verified: VerifiedPayment
+    deposit_tx: bytes | None
+    accepted_at: int
+
+
+class Facilitator:
+    def __init__(self, config: FacilitatorConfig, chain: SellerChain | None = None) -> None:
+        self.config = config
+        settings = config.chain_settings()
+        self.store = SellerStore(config.store)
+        # The store is the operator key's nonce book: replicas on one database never collide on a nonce.
+        self.chain = chain or SellerChain(settings, book=self.store)
+        self.ledger = Ledger(config.store)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # One poster at a time per operator key, whichever replica: a lease in the database.
+        self.poster = DeliveryPoster(
+            self.chain, self.store, interval=config.poster_interval, lease=settings.poster_lease, owner=self.replica
+        )
+        # A /deliver batch is queued whole before this process's poster looks at the queue again, so
+        # deliveries sent together leave in one deliverMany (the store queues one row per commit).
+        self._queueing = threading.Lock()
+
+    def close(self) -> None:
+        self.store.close()
+        self.ledger.close()
+
+    # -- /supported --------------------------------------------------------------------------
+
+    def supported(self) -> SupportedResponse:
+        config = self.config
+        extra = {
+            "escrow": config.escrow,
+            "operator": config.operator.address,
+            "asset": config.token,
+            "name": config.token_name,
+            "version": config.token_version,
+            "settlement": ["hold"],
+        }
+        kind = SupportedKind(x402_version=2, scheme=SCHEME, network=config.network, extra=extra)
+        return SupportedResponse(kinds=[kind], extensions=[], signers={"eip155:*": [config.operator.address]})
+
+    # -- /verify and /settle -----------------------------------------------------------------
+
+    def _offer(self, requirements: PaymentRequirements, key: ApiKey) -> EscrowRequirements:
+        """The seller's requirements, checked against this facilitator and against what the key owns."""
+        try:
+            offer = EscrowRequirements.from_model(requirements)
+        except ProtocolError as exc:
+            raise PaymentRejected(exc.reason, str(exc)) from None
+        config = self.config
+        if offer.pay_to not in key.pay_to:
+            raise FacilitatorError(403, "not_your_pay_to", f"payTo {offer.pay_to} is not one of this API key's")
+        checks = (
+            (offer.network == config.network, Reason.NETWORK_MISMATCH, f"network {offer.network}"),
+            (offer.asset == config.token, Reason.ASSET_MISMATCH, f"asset {offer.asset}, served: {config.token}"),
+            (offer.extra.escrow == config.escrow, Reason.ESCROW_MISMATCH, f"escrow {offer.extra.escrow}"),
+            (
+                offer.extra.operator == config.operator.address,
+                Reason.OPERATOR_MISMATCH,
+                f"operator {offer.extra.operator}, this facilitator's is {config.operator.address}",
+            ),
+            (
+                (offer.extra.name, offer.extra.version) == (config.token_name, config.token_version),
+                Reason.REQUIREMENTS_MISMATCH,
+                f"EIP-712 domain {offer.extra.name}/{offer.extra.version}",
+            ),
+        )
+        for ok, reason, message in checks:
+            if not ok:
+                raise PaymentRejected(reason, message)
+        return offer
+
+    def _verified(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey, chain_time: int
+    ) -> VerifiedPayment:
+        offer = self._offer(requirements, key)
+        return verify_offchain(
+            encode_payment_signature(payload),
+            offer,
+            chain_time=chain_time,
+            min_time_left=self.config.min_time_left,
+            deadline_slack=self.config.deadline_slack,
+        )
+
+    def verify(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> VerifyResponse:
+        try:
+            verified = self._verified(payload, requirements, key, self._now())
+            chain = self.chain
+            verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+        except PaymentRejected as rejected:
+            return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
+        return VerifyResponse(is_valid=True, payer=verified.buyer)
+
+    def settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
+        """Deposit the payment in hold (idempotent by escrow id: the same payment again answers the same deposit)."""
+        network = self.config.network
+        settlement = (requirements.extra or {}).get("settlement", "hold")
+        if settlement != "hold":
+            return SettleResponse(
+                success=False,
+                error_reason="unsupported_settlement",
+                error_message=f"settlement {settlement!r}: this facilitator settles 'hold' only",
+                transaction="",
+                network=network,
+            )
+        try:
+            settled = self._settle(payload, requirements, key)
+        except PaymentRejected as rejected:
+            return SettleResponse(
+                success=False,
+                error_reason=rejected.error,
+                error_message=str(rejected),
+                transaction="",
+                network=network,
+            )
+        verified = settled.verified
+        extra = {
+            "escrowId": "0x" + verified.escrow_id.hex(),
+            "deadline": verified.terms.deadline,
+            "settlement": "held",
+            "acceptedAt": settled.accepted_at,
+        }
+        return SettleResponse(
+            success=True,
+            payer=verified.buyer,
+            transaction="0x" + settled.deposit_tx.hex() if settled.deposit_tx else "",
+            network=network,
+            amount=str(verified.terms.amount),
+            extra=extra,
+        )
+
+    @contextlib.contextmanager
+    def _claim(self, escrow_id: bytes) -> Iterator[None]:
+        """One request on a payment at a time across replicas: a lease row in the database.
+
+        The lease outlasts the longest a deposit may take (tx_timeout and a margin), so it needs
+        no renewal; a replica that dies holding it leaves it to lapse, and the next request
+        finds the payment's row where the dead one left it.
+        """
+        name, owner = f"payment:0x{escrow_id.hex()}", f"{self.replica}:{secrets.token_hex(4)}"
+        seconds = self.config.tx_timeout + 2 * self.config.rpc_timeout + 5
+        give_up, pause = time.monotonic() + CLAIM_WAIT, 0.02
+        while not self.store.take_lease(name, owner, seconds):
+            if time.monotonic() > give_up:
+                raise FacilitatorError(503, Reason.PAYMENT_IN_PROGRESS, "this payment is being settled; send it again",
+                                       retry_after=1)  # fmt: skip
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(EscrowError, OSError):
+                self.store.release_lease(name, owner)
+
+    def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> Settled:
+        offer = self._offer(requirements, key)  # before anything: a key acts only on its own payTo
+        escrow_id = self._claimed_id(payload, offer)
+        with self._claim(escrow_id):
+            payment = self.store.payment(escrow_id)
+            if payment is not None and payment.status != DEPOSITING:
+                verified = self._verified(payload, requirements, key, payment.accepted_at)
+                return Settled(verified, payment.deposit_tx, payment.accepted_at)
+            state, now = self._state_and_time(escrow_id)
+            if payment is not None and state == State.NONE and payment.deposit_tx is not None:
+                receipt = self._resume(payment)
+                if receipt is not None:
+                    verified = self._verified(payload, requirements, key, payment.accepted_at)
+                    return Settled(verified, bytes(receipt["transactionHash"]), payment.accepted_at)
+                state = self.chain.state_of(escrow_id)
+            if state == State.HELD:
+                # Deposited by another request or by the buyer: the token checked the signature then.
+                reference = payment.accepted_at if payment is not None else now
+                verified = self._verified(payload, requirements, key, reference)
+                if payment is None:
+                    self.store.begin_deposit(escrow_id, verified.terms, reference, _route(key))
+                self.store.set_held(escrow_id, None)
+                return Settled(verified, None, reference)
+            if state != State.NONE:
+                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+            verified = self._verified(payload, requirements, key, now)
+            return Settled(verified, self._deposit(verified, now, fresh=payment is None, route=_route(key)), now)
+
+    def _claimed_id(self, payload: PaymentPayload, offer: EscrowRequirements) -> bytes:
+        try:
+            terms = EscrowPayload.from_json(payload.payload).terms
+        except ProtocolError as exc:
+            raise PaymentRejected(exc.reason, str(exc)) from None
+        return terms.escrow_id(offer.chain_id, offer.extra.escrow)
+
+    def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
+        try:
+            return self.chain.state_of(escrow_id), self.chain.now()
+        except (EscrowError, OSError, Web3Exception) as exc:
+            raise self._chain_down(exc) from None
+
+    def _now(self) -> int:
+        try:
+            return self.chain.now()
+        except (EscrowError, OSError, Web3Exception) as exc:
+            raise self._chain_down(exc) from None
+
+    @staticmethod
+    def _chain_down(exc: Exception) -> FacilitatorError:
+        log.warning("chain call failed: %s", exc)
+        return FacilitatorError(503, Reason.CHAIN_UNAVAILABLE, "the chain node failed", retry_after=RETRY_AFTER)
+
+    def _resume(self, payment: Payment) -> TxReceipt | None:
+        assert payment.deposit_tx is not None
+        try:
+            return self.chain.resume(payment.deposit_tx)
+        except TransactionTimeout:
+            raise FacilitatorError(
+                503, Reason.DEPOSIT_PENDING, "the deposit is not confirmed yet", retry_after=RETRY_AFTER
+            ) from None
+        except TransactionFailed:
+            return None
+
+    def _deposit(self, verified: VerifiedPayment, now: int, *, fresh: bool, route: str) -> bytes | None:
+        escrow_id, chain = verified.escrow_id, self.chain
+        try:
+            gas = verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+        except (EscrowError, OSError, Web3Exception) as exc:
+            if isinstance(exc, PaymentRejected):
+                raise
+            raise self._chain_down(exc) from None
+        if fresh:
+            self.store.begin_deposit(escrow_id, verified.terms, now, route)
+
+        def record(signed: SentTx) -> None:
+            self.store.set_deposit_sent(escrow_id, signed.tx_hash)
+
+        try:
+            receipt = chain.deposit(verified.payload, gas=gas, on_signed=record)
+        except TransactionTimeout:
+            raise FacilitatorError(
+                503, Reason.DEPOSIT_PENDING, "the deposit was sent and is not confirmed yet", retry_after=RETRY_AFTER
+            ) from None
+        except TransactionFailed as exc:
+            if chain.state_of(escrow_id) == State.HELD:
+                self.store.set_held(escrow_id, None)
+                return None
+            self.store.forget(escrow_id)
+            raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
+        except (InsufficientFunds, NonceConflict) as exc:
+            self.store.forget(escrow_id)
+            reason = Reason.OPERATOR_UNFUNDED if isinstance(exc, InsufficientFunds) else Reason.NONCE_CONFLICT
+            log.error("deposit of 0x%s not sent: %s", escrow_id.hex(), exc)
+            raise FacilitatorError(503, reason, "the operator cannot send now", retry_after=30) from None
+        except (EscrowError, OSError, Web3Exception) as exc:
+            if chain.state_of(escrow_id) == State.HELD:
+                self.store.set_held(escrow_id, None)
+                return None
+            self.store.forget(escrow_id)
+            raise self._chain_down(exc) from None
+        tx_hash = bytes(receipt["transactionHash"])
+        self.store.set_held(escrow_id, tx_hash)
+        self.ledger.record_tx("deposit", tx_hash, receipt, [escrow_id], verified.terms.amount)
+        return tx_hash
+
+    # -- /deliver, /refund, /escrows ---------------------------------------------------------
+
+    def _owned(self, escrow_id: bytes, key: ApiKey) -> Payment:
+        payment = self.store.payment(escrow_id)
+        if payment is None:
+            raise FacilitatorError(404, "unknown_escrow", f"escrow 0x{escrow_id.hex()} was not settled here")
+        if payment.terms.seller not in key.pay_to:
+            # Same answer as unknown would leak less, but a seller needs to see it acted on a foreign id.
+            raise FacilitatorError(403, "not_your_escrow", f"escrow 0x{escrow_id.hex()} is not this API key's")
+        return payment
+
+    def deliver(self, entries: list[tuple[bytes, bytes]], key: ApiKey) -> list[dict[str, str]]:
+        """Queue delivery hashes (posted by the poster in deliverMany batches). All or nothing: every
+        entry is checked before any is queued."""
+        payments: list[tuple[Payment, bytes]] = []
+        for escrow_id, hashed in entries:
+            payment = self._owned(escrow_id, key)
+            if payment.status in (REFUNDED, REFUND_PENDING):
+                raise FacilitatorError(409, Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is being refunded")
+            if payment.status == DEPOSITING:
+                raise FacilitatorError(409, "not_deposited", f"escrow 0x{escrow_id.hex()} is not deposited yet")
+            record = self.store.delivery(escrow_id)
+            if record is not None and record.delivery_hash != hashed:
+                raise FacilitatorError(
+                    409,
+                    "delivery_conflict",
+                    f"escrow 0x{escrow_id.hex()} already has delivery hash 0x{record.delivery_hash.hex()}",
+                )
+            payments.append((payment, hashed))
+        answers = []
+        with self._queueing:
+            for payment, hashed in payments:
+                if payment.status == HELD:
+                    self.store.save_served(payment.escrow_id, payment.terms, _NO_BODY, hashed)
+        for payment, _hashed in payments:
+            record = self.store.delivery(payment.escrow_id)
+            answers.append({"escrowId": "0x" + payment.escrow_id.hex(), "status": record.status if record else SERVED})
+        return answers
+
+    def refund(self, escrow_id: bytes, key: ApiKey) -> dict[str, str | None]:
+        """Refund now (the seller's handler failed); a refund that cannot be sent now is retried by the poster."""
+        with self._claim(escrow_id):
+            payment = self._owned(escrow_id, key)
+            if payment.status == REFUNDED:
+                return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(payment.refund_tx)}
+            if payment.status == SERVED:
+                raise FacilitatorError(409, "already_delivered", f"escrow 0x{escrow_id.hex()} has a delivery queued")
+            if payment.status == DEPOSITING:
+                raise FacilitatorError(409, "not_deposited", f"escrow 0x{escrow_id.hex()} is not deposited yet")
+            refund_tx: bytes | None = None
+            try:
+                if self.chain.state_of(escrow_id) == State.HELD:
+                    receipt = self.chain.refund(payment.terms)
+                    refund_tx = bytes(receipt["transactionHash"])
+                    self.ledger.record_tx("refund", refund_tx, receipt, [escrow_id], payment.terms.amount)
+            except (EscrowError, OSError, Web3Exception) as exc:
+                log.warning("refund of 0x%s failed, the poster retries it: %s", escrow_id.hex(), exc)
+                self.store.save_failed(escrow_id, _NO_BODY, None)
+                return {"escrowId": "0x" + escrow_id.hex(), "state": "refund_pending", "transaction": None}
+            self.store.save_failed(escrow_id, _NO_BODY, refund_tx)
+            if refund_tx is None:
+                self.store.set_refunded(escrow_id, None)
+            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(refund_tx)}
+
+    def escrow(self, escrow_id: bytes, key: ApiKey) -> dict[str, object]:
+        payment = self._owned(escrow_id, key)
+        record = self.store.delivery(escrow_id)
+        return {
+            "escrowId": "0x" + escrow_id.hex(),
+            "status": payment.status,
+            "terms": payment.terms.to_json(),
+            "depositTransaction": _hex(payment.deposit_tx),
+            "refundTransaction": _hex(payment.refund_tx),
+            "delivery": None
+            if record is None
+            else {
+                "status": record.status,
+                "deliveryHash": "0x" + record.delivery_hash.hex(),
+                "transaction": _hex(record.tx_hash),
+            },
+        }
+
+    # -- the poster --------------------------------------------------------------------------
+
+    def post_pending(self) -> PostReport:
+        """One poster pass; its deliverMany's gas goes in the ledger."""
+        with self._queueing:
+            report = self.poster.post_pending()
+        if report.tx_hash is not None and report.posted:
+            receipt = self.chain.sender.receipt(report.tx_hash)
+            if receipt is not None:
+                amount = self.ledger.amount_of(report.posted)
+                self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)
+        return report
+
+
+def _hex(value: bytes | None) -> str | None:
+    return None if value is None else "0x" + value.hex()
+
+
+def _route(key: ApiKey) -> str:
+    """The `route` column of the shared store: which seller key the payment came through."""
+    return f"key:{key.key_id}"
+
+
+__all__ = ["Facilitator", "FacilitatorError", "Settled"]

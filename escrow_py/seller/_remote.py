@@ -1,0 +1,419 @@
+"""The seller in facilitator mode: no operator key, no RPC; a facilitator deposits, delivers and refunds.
+
+    app.add_middleware(FacilitatorMiddleware, config=FacilitatorSellerConfig(
+        facilitator_url="https://facilitator.example", api_key=os.environ["X402_ESCROW_FACILITATOR_KEY"],
+        network="eip155:84532", token=USDC, pay_to=SELLER, routes=[PricedRoute(...)], store="seller.sqlite"))
+
+It is EscrowMiddleware with another backend for the chain side: the 402, the request's
+canonical URL and requestHash, the handler run, the stored response and the replay are
+the same code. Where EscrowMiddleware deposits, this asks the facilitator's /settle (the
+payment's escrow id is its idempotency key, so asking again is safe); the delivery hash
+goes into the local store's queue in the same transaction as the response, and an outbox
+loop hands queued hashes to the facilitator's /deliver in batches (a delivery row in
+status `posted` here means "accepted by the facilitator"; it posts them on chain). A
+failed handler is refunded through /refund, or queued for it.
+
+A facilitator that is down, slow, or refuses the seller's own key answers 503
+`facilitator_unavailable` with Retry-After, before the handler runs: a buyer is never
+charged for a request that is not served. Deliveries and refunds queued while it is
+down leave when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from eth_typing import ChecksumAddress
+from eth_utils.address import is_address, to_checksum_address
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+
+from escrow_py.errors import ConfigError, EscrowError
+from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
+from escrow_py.seller._offers import Offers
+from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
+from escrow_py.terms import delivery_hash
+from escrow_py.wire import SCHEME, Reason, SettlementExtra, decode_payment_signature
+
+log = logging.getLogger("escrow_py.seller.remote")
+
+BATCH = 100
+
+
+class RemoteOperator:
+    """The facilitator's operator as a Signer with no key: the address goes in offers, nothing is signed here."""
+
+    def __init__(self, address: str) -> None:
+        self._address = to_checksum_address(address)
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self._address
+
+    def sign_typed_data(self, typed_data: dict[str, Any]) -> bytes:
+        raise ConfigError("a seller in facilitator mode holds no key; its facilitator signs")
+
+    def sign_transaction(self, tx: dict[str, Any]) -> bytes:
+        raise ConfigError("a seller in facilitator mode holds no key; its facilitator signs")
+
+    def __repr__(self) -> str:
+        return f"RemoteOperator({self._address})"
+
+
+@dataclass(frozen=True, slots=True)
+class FacilitatorSellerConfig:
+    """A seller's settings in facilitator mode. `escrow` and `operator` default to what the facilitator's
+    /supported says (asked once, when the middleware is built); set them to pin them, and a facilitator
+    that names others is refused at that point. `timeout` bounds each call to the facilitator."""
+
+    facilitator_url: str
+    api_key: str
+    network: str
+    token: str
+    pay_to: str
+    routes: list[PricedRoute] | tuple[PricedRoute, ...]
+    store: str | Path = "seller.sqlite"
+    escrow: str | None = None
+    operator: str | None = None
+    token_name: str | None = None
+    token_version: str | None = None
+    public_base_url: str | None = None
+    min_time_left: int = 10
+    deadline_slack: int = 30
+    max_body_bytes: int = 1024 * 1024
+    timeout: float = 35.0  # above the facilitator's own tx_timeout (30 s): a slow deposit is waited for, not abandoned
+    retry_after: int = 2
+    outbox_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.facilitator_url.startswith(("http://", "https://")):
+            raise ConfigError(f"facilitator_url must be an http(s) URL, got {self.facilitator_url!r}")
+        object.__setattr__(self, "facilitator_url", self.facilitator_url.rstrip("/"))
+        if not isinstance(self.api_key, str) or not self.api_key:
+            raise ConfigError("FacilitatorSellerConfig.api_key is required (x402-escrow facilitator keys create)")
+        for name in ("escrow", "operator"):
+            value = getattr(self, name)
+            if value is not None and not is_address(value):
+                raise ConfigError(f"FacilitatorSellerConfig.{name} must be a 0x address, got {value!r}")
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ConfigError(f"FacilitatorSellerConfig.timeout must be > 0 seconds, got {self.timeout!r}")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def seller_config(self) -> SellerConfig:
+        """The settings the shared middleware code reads, completed from the facilitator's /supported."""
+        kind = self._supported_kind() if None in (self.escrow, self.operator, self.token_name) else {}
+        escrow = self.escrow or kind.get("escrow")
+        operator = self.operator or kind.get("operator")
+        for name, mine, theirs in (("escrow", self.escrow, kind.get("escrow")),
+                                   ("operator", self.operator, kind.get("operator"))):  # fmt: skip
+            if mine and theirs and to_checksum_address(mine) != to_checksum_address(str(theirs)):
+                raise ConfigError(f"the facilitator's {name} is {theirs}, this seller pins {mine}")
+        if not escrow or not operator:
+            raise ConfigError("the facilitator's /supported names no escrow or operator for this network")
+        return SellerConfig(
+            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware makes no SellerChain
+            escrow=str(escrow),
+            token=self.token,
+            network=self.network,
+            pay_to=self.pay_to,
+            operator=RemoteOperator(str(operator)),
+            routes=self.routes,
+            store=self.store,
+            min_time_left=self.min_time_left,
+            token_name=self.token_name or str(kind.get("name", "USDC")),
+            token_version=self.token_version or str(kind.get("version", "2")),
+            public_base_url=self.public_base_url,
+            deadline_slack=self.deadline_slack,
+            max_body_bytes=self.max_body_bytes,
+            startup_checks=False,
+        )
+
+    def _supported_kind(self) -> dict[str, Any]:
+        try:
+            response = httpx.get(f"{self.facilitator_url}/supported", headers=self.headers(), timeout=self.timeout)
+            response.raise_for_status()
+            kinds = response.json()["kinds"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise ConfigError(f"the facilitator at {self.facilitator_url} did not answer /supported: {exc}") from None
+        for kind in kinds:
+            if kind.get("scheme") == SCHEME and kind.get("network") == self.network:
+                extra = kind.get("extra") or {}
+                if str(extra.get("asset", self.token)).lower() != self.token.lower():
+                    raise ConfigError(f"the facilitator settles token {extra.get('asset')}, not {self.token}")
+                return dict(extra)
+        raise ConfigError(f"the facilitator does not support {SCHEME} on {self.network}")
+
+
+class FacilitatorDown(EscrowError):
+    """The facilitator did not answer in time, or answered with its own failure; `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int, reason: Reason = Reason.FACILITATOR_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+class FacilitatorClient:
+    """The facilitator's API as the seller uses it; one keep-alive connection pool per event loop."""
+
+    def __init__(self, config: FacilitatorSellerConfig) -> None:
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = httpx.AsyncClient(
+                base_url=self.config.facilitator_url, headers=self.config.headers(), timeout=self.config.timeout
+            )
+            self._loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> httpx.Response:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        retry = self.config.retry_after
+        try:
+            response = await self._http().post(path, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise FacilitatorDown(f"{path}: {type(exc).__name__}", retry) from None
+        if response.status_code >= 500 or response.status_code in (401, 403, 409, 429):
+            # Ours to fix or to wait for (our key, a replica mid-request, our rate): never the buyer's fault.
+            try:
+                error = str(response.json().get("error", ""))
+            except ValueError:
+                error = ""
+            wait = response.headers.get("retry-after", "")
+            seconds = int(wait) if wait.isdigit() and len(wait) < 6 else retry
+            reason = Reason.FACILITATOR_UNAVAILABLE
+            if response.status_code == 503 and error in {r.value for r in Reason}:
+                reason = Reason(error)  # the facilitator's own 503 reason (deposit_pending, chain_unavailable, ...)
+            if response.status_code in (401, 403):
+                log.error("the facilitator refused this seller's API key on %s: %s", path, response.text[:200])
+            raise FacilitatorDown(f"{path}: HTTP {response.status_code} {error}", seconds, reason)
+        return response
+
+    async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        body = {
+            "x402Version": 2,
+            "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+            "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
+        }
+        response = await self._post("/settle", body, None)
+        if response.status_code != 200:
+            raise FacilitatorDown(
+                f"/settle: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
+            )
+        return SettleResponse.model_validate(response.json())
+
+    async def deliver(self, entries: list[tuple[bytes, bytes]]) -> httpx.Response:
+        digest = hashlib.sha256(b"".join(i + h for i, h in entries)).hexdigest()
+        body = {"deliveries": [{"escrowId": "0x" + i.hex(), "deliveryHash": "0x" + h.hex()} for i, h in entries]}
+        return await self._post("/deliver", body, f"deliver:{digest}")
+
+    async def refund(self, escrow_id: bytes) -> bytes | None:
+        """The refund's transaction (None: refunded without one of ours, or queued at the facilitator)."""
+        response = await self._post("/refund", {"escrowId": "0x" + escrow_id.hex()}, f"refund:0x{escrow_id.hex()}")
+        if response.status_code != 200:
+            raise FacilitatorDown(
+                f"/refund: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
+            )
+        tx = response.json().get("transaction")
+        return bytes.fromhex(tx[2:]) if isinstance(tx, str) and tx.startswith("0x") else None
+
+
+class FacilitatorMiddleware(EscrowMiddleware):
+    """EscrowMiddleware whose chain side is a facilitator (see the module's docstring)."""
+
+    def __init__(self, app: ASGIApp, config: FacilitatorSellerConfig) -> None:
+        if not isinstance(config, FacilitatorSellerConfig):
+            raise EscrowError("FacilitatorMiddleware needs config=FacilitatorSellerConfig(...)")
+        self.app = app
+        self.remote = config
+        self.config = config.seller_config()
+        self.store = SellerStore(config.store)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.facilitator = FacilitatorClient(config)
+        self.offers = Offers(self.config)  # delivery-escrow alone: the exact scheme needs a facilitator of its own
+        self._kick = asyncio.Event()
+        self._outbox: asyncio.Task[None] | None = None
+
+    # -- lifespan: the outbox loop ---------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def on_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.stop_outbox()
+            return message
+
+        async def on_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.start_outbox()
+            await send(message)
+
+        await self.app(scope, on_receive, on_send)
+
+    def start_outbox(self) -> None:
+        if self._outbox is None or self._outbox.done():
+            self._kick = asyncio.Event()
+            self._outbox = asyncio.get_running_loop().create_task(self._outbox_loop(), name="escrow-outbox")
+
+    async def stop_outbox(self) -> None:
+        task, self._outbox = self._outbox, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self.flush()
+        await self.facilitator.aclose()
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            try:
+                await self.flush()
+            except Exception:  # a facilitator outage must not end the loop: it retries
+                log.exception("outbox pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.remote.outbox_interval)
+            self._kick.clear()
+
+    async def flush(self) -> int:
+        """Hand queued deliveries and refunds to the facilitator now; the number it accepted."""
+        # Nothing is expired here: this seller has no chain clock, and its own clock may be behind or ahead
+        # of the chain's. The facilitator's poster judges each deadline by the chain's time.
+        accepted = 0
+        while True:
+            pending = await _blocking(self.store.pending_deliveries, BATCH)
+            if not pending:
+                break
+            entries = [(p.escrow_id, p.delivery_hash) for p in pending]
+            try:
+                response = await self.facilitator.deliver(entries)
+            except FacilitatorDown as down:
+                log.warning("deliveries wait for the facilitator: %s", down)
+                return accepted
+            ids = [p.escrow_id for p in pending]
+            if response.status_code == 202:
+                await _blocking(self.store.mark_deliveries, ids, POSTED)
+                accepted += len(ids)
+                continue
+            # A refused batch (an entry the facilitator does not know, a conflict): hold it back and log.
+            log.error("the facilitator refused deliveries %s: %s", [f"0x{i.hex()}" for i in ids], response.text[:300])
+            await _blocking(self.store.defer, [(i, 60.0) for i in ids], response.text[:300])
+            break
+        for escrow_id, _terms in await _blocking(self.store.refunds_pending):
+            try:
+                tx = await self.facilitator.refund(escrow_id)
+            except FacilitatorDown as down:
+                log.warning("refund of 0x%s waits for the facilitator: %s", escrow_id.hex(), down)
+                break
+            await _blocking(self.store.set_refunded, escrow_id, tx)
+        return accepted
+
+    # -- a paid request ------------------------------------------------------------------------
+
+    async def _settle(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+    ) -> None:
+        payment = await _blocking(self.store.payment, escrow_id)
+        if payment is not None and payment.response is not None:
+            self._verify(header, request, payment.accepted_at)  # the same request, terms and signature
+            await self._replay(send, payment, payment.response)
+            return
+        try:
+            result = await self.facilitator.settle(decode_payment_signature(header), request.offer.to_model())
+        except FacilitatorDown as down:
+            log.warning("paid request %s %s: facilitator unavailable: %s", request.method, request.url, down)
+            raise SellerUnavailable(down.reason, "the payment service is unavailable; send the same payment again",
+                                    down.retry_after) from None  # fmt: skip
+        if not result.success:
+            reason, _, detail = (result.error_reason or Reason.DEPOSIT_FAILED).partition(": ")
+            raise PaymentRejected(reason, result.error_message or reason, detail=detail or None)
+        extra = result.extra or {}
+        accepted_at = int(extra.get("acceptedAt", 0))
+        verified = self._verify(header, request, accepted_at)  # a facilitator's yes for another payment is no yes
+        deposit_tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
+        if payment is None:
+            await _blocking(
+                self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(request.route)
+            )
+        await _blocking(self.store.set_held, escrow_id, deposit_tx)
+        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: _Request,
+        *,
+        verified: VerifiedPayment,
+        deposit_tx: bytes | None,
+    ) -> None:
+        escrow_id, terms = verified.escrow_id, verified.terms
+        response = await self._run_handler(scope, receive, request.body)
+        if response.status < 400:
+            hashed = delivery_hash(response.body)
+            if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
+                await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
+                return
+            self._kick.set()
+            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
+            await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
+            return
+        refund_tx: bytes | None = None
+        refunded = False
+        try:
+            refund_tx = await self.facilitator.refund(escrow_id)
+            refunded = True
+        except FacilitatorDown as down:
+            log.warning("refund of 0x%s queued, facilitator unavailable: %s", escrow_id.hex(), down)
+        if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
+            await self._replay_stored(send, escrow_id)
+            return
+        if refunded and refund_tx is None:
+            await _blocking(self.store.set_refunded, escrow_id, None)
+        extra = SettlementExtra(
+            escrow_id=escrow_id, deadline=terms.deadline, refund_transaction=refund_tx,
+            state="refunded" if refunded else "held",
+        )  # fmt: skip
+        settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
+        await self._send_response(send, response, settle)
+
+    async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
+        """A refunded payment replays as EscrowMiddleware's does; a served one says `held`: its delivery is the
+        facilitator's to post, and this seller has no chain to ask."""
+        if payment.status in (REFUNDED, REFUND_PENDING):
+            await super()._replay(send, payment, response)
+            return
+        terms = payment.terms
+        extra = SettlementExtra(
+            escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
+            state="held",
+        )  # fmt: skip
+        await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
+
+
+__all__ = ["FacilitatorClient", "FacilitatorMiddleware", "FacilitatorSellerConfig", "RemoteOperator"]

@@ -1,0 +1,37 @@
+"""The storage benchmark runs end to end on both engines (its own throwaway PostgreSQL) and prints every query."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+EXPECTED = {
+    "keeper": {"due (per cycle)", "held count (per cycle with changes)", "tracked attempts (per cycle)",
+               "checkpoint (per cycle)", "block hash (per cycle)", "claim 100 (per batch)"},
+    "buyer": {"budget check (per paid request)", "payment by id (per paid request)",
+              "unfinished payments (per recovery)", "unconfirmed ledger rows (per recovery)"},
+}  # fmt: skip
+
+
+def test_bench_storage_json_prints_each_query_on_both_engines() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "escrow_py.cli", "bench", "storage", "--rows", "3000", "--repeat", "5", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    result = json.loads(out.stdout)
+    assert result["rows"] == 3000 and set(result["engines"]) == {"sqlite", "postgresql"}
+    slow = []
+    for engine, roles in result["engines"].items():
+        assert roles["keeper"]["due_rows"] == 3  # the fill's open escrows past their deadline, found
+        for role, names in EXPECTED.items():
+            queries = roles[role]["queries"]
+            assert set(queries) == names, (engine, role)
+            for name, q in queries.items():
+                assert 0 < q["p50_ms"] <= q["p95_ms"] <= q["max_ms"], (engine, name, q)
+                if q["p50_ms"] >= result["target_p50_ms"]:
+                    slow.append(f"{engine} {role}: {name} p50 {q['p50_ms']} ms")
+    assert result["over_target"] == slow and result["met"] == (not slow)

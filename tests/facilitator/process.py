@@ -1,0 +1,62 @@
+"""`x402-escrow facilitator serve` as a real process: started, SIGKILLed and started again on one database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from fixtures.chain import Chain
+from helpers import OPERATOR
+
+from escrow_devtools.anvil import dev_private_key
+
+CLI = str(Path(sys.executable).parent / "x402-escrow")
+
+
+class FacilitatorProcess:
+    def __init__(self, chain: Chain, db: Path, port: int, *flags: str, console_token: str | None = None) -> None:
+        self.command = [
+            CLI, "facilitator", "serve", "--rpc", chain.node.url, "--escrow", chain.escrow.address,
+            "--token", chain.token.address, "--database", str(db), "--port", str(port),
+            "--poster-interval", "0.2", *flags,
+        ]  # fmt: skip
+        self.env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(OPERATOR)}
+        if console_token:
+            self.env["X402_ESCROW_CONSOLE_TOKEN"] = console_token
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = db.with_suffix(f".{port}.log")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "the facilitator did not start"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last poster pass."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
