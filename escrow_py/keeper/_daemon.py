@@ -48,12 +48,12 @@ from escrow_py.errors import ChainError, ContractRevert, RpcError
 from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
-from escrow_py.keeper._console import keeper_figures
+from escrow_py.keeper._console import keeper_figures, open_console_db
 from escrow_py.keeper._decide import Refund, next_action
 from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
 from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow, prune
-from escrow_py.storage import describe
+from escrow_py.storage import Database, describe
 from escrow_py.terms import State
 
 log = logging.getLogger("escrow_py.keeper")
@@ -117,6 +117,7 @@ class Keeper:
         self.buyers = frozenset(b.lower() for b in config.buyers)
         self.sellers = frozenset(s.lower() for s in config.sellers)
         self._server: MetricsServer | None = None
+        self._console_db: Database | None = None  # the console's own read handle, while the server runs
         self._seen_head: str | None = None
         self._in_flight: set[bytes] = set()
         # Lowered after a node refuses a batch for good (too large for it): batches stay under it.
@@ -671,10 +672,10 @@ class Keeper:
         address = self.config.metrics_address
         if address is not None:
             stale = max(30.0, 10 * self.config.poll_interval)
-            database = self.config.database
+            self._console_db = console_db = open_console_db(self.config.database)
             self._server = MetricsServer(
                 self.metrics, *address, stale_after=stale,
-                figures=lambda: keeper_figures(database, lambda: int(self.w3.eth.block_number)),
+                figures=lambda: keeper_figures(console_db, lambda: int(self.w3.eth.block_number)),
             )  # fmt: skip
         log.info(
             "keeper started",
@@ -704,6 +705,9 @@ class Keeper:
         finally:
             if self._server is not None:
                 self._server.close()
+            if self._console_db is not None:
+                self._console_db.close()
+                self._console_db = None
 
     @property
     def metrics_port(self) -> int | None:
