@@ -4,9 +4,10 @@ Shared by the seller, the buyer and the keeper. The envelope types are the
 official `x402` SDK's pydantic models (PaymentRequired, PaymentPayload,
 SettleResponse); this module adds the scheme's own parts:
 
-    requirements.extra  {name, version, escrow, operator, requestHash}
+    requirements.extra  {name, version, escrow, operator, requestHash, [settlement]}
     payload             {authorization: {...}, signature: "0x...", terms: {...}}
-    settlement.extra    {escrowId, deadline, deliveryHash, [deliveryTransaction], [refundTransaction], [state]}
+    settlement.extra    {escrowId, deadline, deliveryHash, [deliveryTransaction], [refundTransaction], [state],
+                         [settlement]}
     503 (seller side)   {error: reason, message} + Retry-After (`Unavailable`): resend the same payment
 
 Every decoder raises ProtocolError with a machine-readable `reason` (`Reason`).
@@ -51,6 +52,8 @@ __all__ = [
     "EscrowRequirements",
     "Reason",
     "SettlementExtra",
+    "SettlementMode",
+    "SettlementStatus",
     "Unavailable",
     "chain_id_of",
     "decode_payment_required",
@@ -72,6 +75,21 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_JSON_DEPTH = 16
 # The widest integer the scheme carries is a uint256: 78 decimal digits.
 _MAX_INT_DIGITS = 78
+
+
+class SettlementMode(StrEnum):
+    """How a route settles (DESIGN.md section 8), advertised as requirements `extra.settlement`."""
+
+    HOLD = "hold"  # deposit before the handler runs, deliver after
+    SERVE_FIRST = "serve-first"  # serve after off-chain checks and an eth_call of the pull; settle later
+
+
+class SettlementStatus(StrEnum):
+    """PAYMENT-RESPONSE `extra.settlement`: where the money of a served payment is."""
+
+    HELD = "held"  # deposited (hold mode), delivery pending or posted
+    PENDING = "pending"  # serve-first, the settlement queued: nothing has moved yet
+    SETTLED = "settled"  # serve-first, pulled and paid to the seller with the delivery hash
 
 
 class Reason(StrEnum):
@@ -103,6 +121,13 @@ class Reason(StrEnum):
     ESCROW_REFUNDABLE = "escrow_refundable"
     ESCROW_SETTLED = "escrow_settled"
     HANDLER_FAILED_REFUNDED = "handler_failed_refunded"
+    # Serve-first: the handler failed before anything moved; the authorization was never used.
+    HANDLER_FAILED_NOT_CHARGED = "handler_failed_not_charged"
+    # Serve-first refused on a route that does not fall back to hold: an exposure limit is reached,
+    # or this buyer left a serve-first settlement unpaid before.
+    SERVE_FIRST_LIMIT = "serve_first_limit"
+    SERVE_FIRST_REFUSED = "serve_first_refused"
+    SETTLEMENT_FAILED = "settlement_failed"  # served first, and the settlement was skipped or expired: unpaid
     # The seller's own side failed, not the payment: answered 503 with Retry-After; send the same payment again.
     CHAIN_UNAVAILABLE = "chain_unavailable"  # the seller's node is down, hung or refused
     OPERATOR_UNFUNDED = "operator_unfunded"  # the seller's operator key cannot pay for gas
@@ -155,11 +180,13 @@ class EscrowExtra:
     escrow: ChecksumAddress
     operator: ChecksumAddress
     request_hash: bytes
+    settlement: SettlementMode = SettlementMode.HOLD
 
     def __post_init__(self) -> None:
         # Equal requirements must compare equal whatever case the addresses came in.
         object.__setattr__(self, "escrow", _address(self.escrow, "escrow"))
         object.__setattr__(self, "operator", _address(self.operator, "operator"))
+        object.__setattr__(self, "settlement", _settlement_mode(self.settlement))
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -168,6 +195,7 @@ class EscrowExtra:
             "escrow": self.escrow,
             "operator": self.operator,
             "requestHash": "0x" + self.request_hash.hex(),
+            "settlement": self.settlement.value,
         }
 
     @classmethod
@@ -183,7 +211,17 @@ class EscrowExtra:
             escrow=_address(data.get("escrow"), "requirements.extra.escrow"),
             operator=_address(data.get("operator"), "requirements.extra.operator"),
             request_hash=_hex_bytes(data.get("requestHash"), "requirements.extra.requestHash", 32),
+            settlement=_settlement_mode(data.get("settlement", SettlementMode.HOLD.value)),
         )
+
+
+def _settlement_mode(value: Any) -> SettlementMode:
+    """requirements.extra.settlement (absent means hold); anything else is refused, not guessed at."""
+    try:
+        return SettlementMode(value)
+    except ValueError:
+        modes = [m.value for m in SettlementMode]
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"extra.settlement {value!r} is not one of {modes}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +323,7 @@ class SettlementExtra:
     delivery_transaction: bytes | None = None
     refund_transaction: bytes | None = None
     state: str | None = None  # "held", "released", "refunded" as far as the seller knows
+    settlement: SettlementStatus | None = None  # held, pending (serve-first, queued) or settled
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"escrowId": "0x" + self.escrow_id.hex(), "deadline": self.deadline}
@@ -297,6 +336,8 @@ class SettlementExtra:
                 data[key] = "0x" + value.hex()
         if self.state is not None:
             data["state"] = self.state
+        if self.settlement is not None:
+            data["settlement"] = self.settlement.value
         return data
 
     @classmethod
@@ -311,6 +352,12 @@ class SettlementExtra:
             return None if data.get(key) is None else _hex_bytes(data[key], f"extra.{key}", length)
 
         state = data.get("state")
+        try:
+            settlement = None if data.get("settlement") is None else SettlementStatus(data["settlement"])
+        except ValueError:
+            raise ProtocolError(
+                Reason.INVALID_PAYLOAD, f"settlement extra.settlement {data['settlement']!r} is unknown"
+            ) from None
         return cls(
             escrow_id=_hex_bytes(data.get("escrowId"), "extra.escrowId", 32),
             deadline=deadline,
@@ -318,6 +365,7 @@ class SettlementExtra:
             delivery_transaction=optional("deliveryTransaction", 32),
             refund_transaction=optional("refundTransaction", 32),
             state=state if isinstance(state, str) else None,
+            settlement=settlement,
         )
 
 

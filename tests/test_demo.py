@@ -1,4 +1,4 @@
-"""The README's main command: four stories over real HTTP, real processes and a real chain, and the books."""
+"""The README's main command: five stories over real HTTP, real processes and a real chain, and the books."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ STORY_LINES = [
     r"2\. the handler fails: instant refund\s+0x[0-9a-f]{12}…\s+ok",
     r"3\. buyer killed, seller never delivers: the keeper refunds\s+0x[0-9a-f]{12}…\s+ok",
     r"4\. buyer killed after paying, seller delivered: recover\(\)\s+0x[0-9a-f]{12}…\s+ok",
+    r"5\. a burst served first, then one settleMany pays them all\s+0x[0-9a-f]{12}…\s+ok",
 ]
 
 
@@ -39,12 +40,17 @@ def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
-def _assert_every_story_told(stdout: str) -> None:
-    for pattern in STORY_LINES:
+def _assert_every_story_told(stdout: str, *, serve_first: bool = True) -> None:
+    for pattern in STORY_LINES if serve_first else STORY_LINES[:4]:
         assert re.search(pattern, stdout), f"missing {pattern!r} in:\n{stdout}"
     assert "SIGKILL the buyer agent" in stdout and "exit -9" in stdout  # real processes, really killed
     assert "the keeper: True" in stdout
     assert "recover(): replayed, delivered: body matches the on-chain hash" in stdout
+    if serve_first:
+        assert "5 Settled events in 1 transaction(s); every hash matches its body: True" in stdout
+        assert "recover(): 5 unsettled payments closed as delivered and spent: True" in stdout
+    else:  # a keyless seller settles nothing itself: the serve-first story is not played
+        assert "served first" not in stdout
     assert "sum of balances unchanged; the escrow holds 0.000000 more than before, Held is 0.000000" in stdout
     assert stdout.rstrip().endswith("every token accounted for")
 
@@ -53,9 +59,9 @@ def test_demo_plays_every_story_on_a_fresh_anvil_and_accounts_for_every_token(tm
     out = _demo("--workdir", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     _assert_every_story_told(out.stdout)
-    # The buyer paid for stories 1 and 4 only; the seller got exactly that.
-    assert re.search(r"buyer\s+0x\w{40}\s+1\.000000\s+0\.980000\s+-0\.020000", out.stdout), out.stdout
-    assert re.search(r"seller\s+0x\w{40}\s+0\.000000\s+0\.020000\s+\+0\.020000", out.stdout), out.stdout
+    # The buyer paid for stories 1, 4 and 5 (five quotes) only; the seller got exactly that.
+    assert re.search(r"buyer\s+0x\w{40}\s+1\.000000\s+0\.970000\s+-0\.030000", out.stdout), out.stdout
+    assert re.search(r"seller\s+0x\w{40}\s+0\.000000\s+0\.030000\s+\+0\.030000", out.stdout), out.stdout
     # Logs went to the work directory, not into the story; no key was written anywhere.
     assert {"seller.log", "keeper.log", "buyer.sqlite", "agent-3.sqlite", "agent-4.sqlite"} <= {
         p.name for p in tmp_path.iterdir()
@@ -75,7 +81,7 @@ def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_env
         deployer = TxSender(w3, dev_signer(0))
         token = Token(w3, deploy(deployer, "TestUSDC", "USDC", "2"))
         escrow = Escrow(w3, deploy(deployer, "X402Escrow"))
-        token.mint(deployer, dev_signer(buyer).address, 50_000)  # exactly what the stories need
+        token.mint(deployer, dev_signer(buyer).address, 60_000)  # exactly what the stories need
         env = {
             **os.environ,
             "X402_ESCROW_BUYER_KEY": dev_private_key(buyer),
@@ -88,7 +94,7 @@ def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_env
         _assert_every_story_told(out.stdout)
         assert "keeper process" in out.stdout and dev_signer(keeper).address in out.stdout
         assert token.balance_of(dev_signer(buyer).address) == 30_000
-        assert token.balance_of(dev_signer(seller).address) == 20_000
+        assert token.balance_of(dev_signer(seller).address) == 30_000
         assert token.balance_of(escrow.address) == 0
 
 
@@ -102,7 +108,7 @@ def test_an_existing_chain_needs_a_funded_buyer(tmp_path: Path) -> None:
         out = _demo("--rpc", node.url, "--escrow", escrow.address, "--token", token.address, env=env)
     assert out.returncode == 2
     assert f"the buyer {dev_signer(5).address} holds 0.000000" in out.stderr
-    assert "the stories need 0.050000" in out.stderr
+    assert "the stories need 0.060000" in out.stderr
 
 
 def test_rpc_without_escrow_is_refused() -> None:
@@ -129,7 +135,7 @@ def test_a_token_that_leaves_the_books_fails_the_demo(monkeypatch: pytest.Monkey
 def test_demo_with_a_facilitator_plays_every_story_with_a_keyless_seller(tmp_path: Path) -> None:
     out = _demo("--facilitator", "--workdir", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
-    _assert_every_story_told(out.stdout)
+    _assert_every_story_told(out.stdout, serve_first=False)
     assert "(FastAPI + FacilitatorMiddleware: no key, no RPC)" in out.stdout
     assert re.search(r"facilitator on http://127\.0\.0\.1:\d+ holds the operator key", out.stdout)
     assert re.search(r"seller\s+0x\w{40}\s+0\.000000\s+0\.020000\s+\+0\.020000", out.stdout), out.stdout

@@ -24,12 +24,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keeper.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     keeper.set_defaults(func=_keeper)
     http = kinds.add_parser(
-        "http", help="latency and throughput of a paid route: escrow vs the SDK's exact vs unpaid, on loopback"
+        "http",
+        help="latency and throughput of a paid route: escrow (hold and serve-first) vs the SDK's exact vs unpaid, "
+        "on loopback, on an automining anvil and on 2-second blocks",
     )
     http.add_argument("--requests", type=int, default=100, help="requests per variant and phase (default 100)")
     http.add_argument("--concurrency", type=int, default=8, help="workers in the throughput phase (default 8)")
     http.add_argument("--warmup", type=int, default=5, help="unmeasured requests per variant first (default 5)")
-    http.add_argument("--block-time", type=float, help="anvil block time in seconds (default: automine)")
+    http.add_argument(
+        "--block-time",
+        type=float,
+        action="append",
+        help="anvil block time in seconds, repeatable (0: automine; default: automine, then 2)",
+    )
     http.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     http.set_defaults(func=_http)
     scale = kinds.add_parser(
@@ -99,31 +106,38 @@ def _keeper(args: argparse.Namespace) -> int:
 
 
 def _http(args: argparse.Namespace) -> int:
-    from escrow_devtools.bench.http import measure_http
+    from escrow_devtools.bench.http import VARIANTS, measure_http_chains
 
     if not _at_least_one(args, "requests", "concurrency"):
         return 2
-    result = measure_http(
+    if args.block_time and any(t < 0 for t in args.block_time):
+        print("x402-escrow: --block-time must be >= 0 (0: automine)", file=sys.stderr)
+        return 2
+    block_times = tuple(t or None for t in args.block_time) if args.block_time else (None, 2.0)
+    results = measure_http_chains(
+        block_times=block_times,
         requests=args.requests,
         concurrency=args.concurrency,
         warmup=max(0, args.warmup),
-        block_time=args.block_time,
         progress=_progress,
     )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results, indent=2))
         return 0
-    print(f"{'variant':<22}{'p50 ms':>10}{'p95 ms':>10}{'rps':>10}")
-    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
-        row = result[name]
-        print(f"{name:<22}{row['p50_ms']:>10}{row['p95_ms']:>10}{row['rps']:>10}")
-    for key in (
-        "ratio_p50_escrow_vs_sdk_exact",
-        "ratio_p50_escrow_vs_sdk_exact_inprocess",
-        "ratio_rps_escrow_vs_sdk_exact",
-        "ratio_p50_facilitator_vs_escrow",
-    ):
-        print(f"{key:<44}{result[key]:>8}")
+    chains = list(results)
+    print(f"{'variant':<22}" + "".join(f"{c + ' p50 ms':>20}{'p95 ms':>10}{'rps':>8}" for c in chains))
+    for name in VARIANTS:
+        row = "".join(f"{r[name]['p50_ms']:>20}{r[name]['p95_ms']:>10}{r[name]['rps']:>8}" for r in results.values())
+        print(f"{name:<22}{row}")
+    print(f"{'ratio':<44}" + "".join(f"{c:>14}{'target':>8}" for c in chains) + "    (! a target missed)")
+    keys = [k for k in results[chains[0]] if k.startswith("ratio_")]
+    for key in keys:
+        row = ""
+        for result in results.values():
+            target = result["targets"].get(key)
+            shown = "" if target is None else f"{target}{'' if result['met'][key] else '!'}"
+            row += f"{result[key]:>14}{shown:>8}"
+        print(f"{key:<44}{row}")
     return 0
 
 

@@ -1,10 +1,13 @@
 """`x402-escrow bench http`: latency and throughput of a paid route, escrow against the x402 SDK's `exact`.
 
-One run, one anvil, one token, one handler served three ways on loopback uvicorn:
+One run per chain (an automining anvil, and one with `--block-time 2`, Base's cadence, where a
+transaction's wait is real), one token, one handler served these ways on loopback uvicorn:
 
 - `unpaid`: the route with no payment at all (the floor);
-- `escrow`: behind EscrowMiddleware, paid by AsyncEscrowClient (402, sign, deposit, serve,
-  hash check; the poster posts deliveries in the background, as in production);
+- `escrow`: behind EscrowMiddleware in hold mode, paid by AsyncEscrowClient (402, sign, deposit,
+  serve, hash check; the poster posts deliveries in the background, as in production);
+- `serve_first`: the same route in serve-first mode (402, sign, off-chain checks and an eth_call
+  of the pull, serve, hash check; the poster settles in settleMany batches in the background);
 - `sdk_exact`: behind the official SDK's FastAPI middleware with the `exact` scheme, paid by
   the SDK's httpx client, settled by the SDK's facilitator running as a local HTTP server
   against the same anvil and token (how a seller talks to a facilitator);
@@ -47,8 +50,15 @@ from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 
 PRICE = 10_000
 NETWORK = "eip155:84532"
-# Anvil dev accounts: who plays which part.
+# Anvil dev accounts: who plays which part (each seller its own operator key: one sender per key).
 DEPLOYER, BUYER, ESCROW_SELLER, OPERATOR, FACILITATOR, EXACT_SELLER, ESCROW_FACILITATOR, KEYLESS_SELLER = range(8)
+FIRST_SELLER, FIRST_OPERATOR = range(8, 10)
+# Targets (issue 14): p50 as a multiple of the SDK exact p50, per chain.
+TARGETS = {
+    "automine": {"ratio_p50_serve_first_vs_sdk_exact": 0.5},
+    "2s blocks": {"ratio_p50_serve_first_vs_sdk_exact": 0.05, "ratio_p50_escrow_vs_sdk_exact": 1.10},
+}
+VARIANTS = ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess", "facilitator")
 
 Progress = Callable[[str], None]
 
@@ -236,6 +246,10 @@ def measure_http(
         )
         escrow_app.add_middleware(EscrowMiddleware, config=config)
         escrow_url = serve(escrow_app)
+        first_app = _report_app()
+        first_config = _serve_first_config(node.url, escrow.address, token.address, Path(tmp) / "seller-first.sqlite")
+        first_app.add_middleware(EscrowMiddleware, config=first_config)
+        first_url = serve(first_app)
         facilitator = x402Facilitator()
         register_exact_evm_facilitator(
             facilitator, FacilitatorWeb3Signer(dev_private_key(FACILITATOR), node.url), NETWORK
@@ -244,12 +258,15 @@ def measure_http(
         exact_url = serve(_exact_app(token.address, HTTPFacilitatorClient({"url": facilitator_url})))
         exact_inprocess_url = serve(_exact_app(token.address, facilitator))
         keyless_url = serve(_keyless_app(node.url, escrow.address, token.address, Path(tmp), serve))
-        progress("servers up: unpaid, escrow, sdk_exact (+ local facilitator), sdk_exact_inprocess, facilitator")
+        progress(
+            "servers up: unpaid, escrow, serve_first, sdk_exact (+ local facilitator), sdk_exact_inprocess, facilitator"
+        )
 
         async def run() -> list[Variant]:
             async with (
                 httpx.AsyncClient(timeout=60) as plain,
                 AsyncEscrowClient(dev_signer(BUYER), node.url, Path(tmp) / "buyer.sqlite", timeout=60) as buyer,
+                AsyncEscrowClient(dev_signer(BUYER), node.url, Path(tmp) / "buyer-sf.sqlite", timeout=60) as first,
                 httpx.AsyncClient(
                     transport=x402_httpx_transport(_sdk_client(token.address), httpx.AsyncHTTPTransport()), timeout=60
                 ) as sdk,
@@ -257,6 +274,7 @@ def measure_http(
                 variants = [
                     Variant("unpaid", unpaid_url, plain.get),
                     Variant("escrow", escrow_url, buyer.get),
+                    Variant("serve_first", first_url, first.get),
                     Variant("sdk_exact", exact_url, sdk.get),
                     Variant("sdk_exact_inprocess", exact_inprocess_url, sdk.get),
                     Variant("facilitator", keyless_url, buyer.get),
@@ -265,26 +283,63 @@ def measure_http(
                 return variants
 
         variants = {v.name: v for v in asyncio.run(run())}
-        progress("checking every payment on chain")
+        progress("waiting for the serve-first settlements, then checking every payment on chain")
+        _wait_settled(token, variants["serve_first"].paid, deadline=time.monotonic() + 120)
         _check_payments(w3, escrow, token, start_block, variants)
         result: dict[str, Any] = {name: v.summary() for name, v in variants.items()}
-        result["ratio_p50_escrow_vs_sdk_exact"] = round(result["escrow"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
-        result["ratio_p50_escrow_vs_sdk_exact_inprocess"] = round(
-            result["escrow"]["p50_ms"] / result["sdk_exact_inprocess"]["p50_ms"], 3
-        )
+        for name in ("escrow", "serve_first"):
+            for exact in ("sdk_exact", "sdk_exact_inprocess"):
+                result[f"ratio_p50_{name}_vs_{exact}"] = round(result[name]["p50_ms"] / result[exact]["p50_ms"], 3)
+            result[f"ratio_rps_{name}_vs_sdk_exact"] = round(result[name]["rps"] / result["sdk_exact"]["rps"], 3)
         result["ratio_p50_facilitator_vs_escrow"] = round(
             result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3
         )
         result["target_ratio_p50_facilitator_vs_escrow"] = 1.25
-        result["ratio_rps_escrow_vs_sdk_exact"] = round(result["escrow"]["rps"] / result["sdk_exact"]["rps"], 3)
-        result["target_ratio_p50"] = 1.25
-        result["settings"] = {
-            "requests": requests,
-            "concurrency": concurrency,
-            "warmup": warmup,
-            "anvil": "automine" if block_time is None else f"{block_time}s blocks",
-        }
+        chain = "automine" if block_time is None else f"{block_time:g}s blocks"
+        targets = TARGETS.get(chain, {})
+        result["targets"] = targets
+        result["met"] = {key: result[key] <= limit for key, limit in targets.items()}
+        result["settings"] = {"requests": requests, "concurrency": concurrency, "warmup": warmup, "anvil": chain}
         return result
+
+
+def _serve_first_config(rpc_url: str, escrow: str, token: str, store: Path) -> SellerConfig:
+    """The serve-first seller: its own payee and operator key, limits that one buyer's whole run fits in."""
+    route = PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300, settlement="serve-first")
+    return SellerConfig(
+        rpc_url=rpc_url,
+        escrow=escrow,
+        token=token,
+        network=NETWORK,
+        pay_to=dev_signer(FIRST_SELLER).address,
+        operator=dev_signer(FIRST_OPERATOR),
+        routes=[route],
+        store=store,
+        serve_first_max_price=PRICE,
+        serve_first_max_per_buyer=PRICE * 100_000,
+        serve_first_max_total=PRICE * 100_000,
+        # Settlements wait up to 5 s for each other: bigger settleMany batches, fewer transactions.
+        settle_batch_wait=5.0,
+        min_time_left=10,
+    )
+
+
+def measure_http_chains(
+    *, block_times: tuple[float | None, ...] = (None, 2.0), progress: Progress = lambda _: None, **options: Any
+) -> dict[str, Any]:
+    """measure_http on each chain in turn (default: automine, then 2-second blocks), keyed by chain."""
+    results = {}
+    for block_time in block_times:
+        result = measure_http(block_time=block_time, progress=progress, **options)
+        results[result["settings"]["anvil"]] = result
+    return results
+
+
+def _wait_settled(token: Token, paid: int, *, deadline: float) -> None:
+    """The serve-first poster settles in the background: wait until the seller has been paid for all."""
+    seller = dev_signer(FIRST_SELLER).address
+    while token.balance_of(seller) < paid * PRICE and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, variants: dict[str, Variant]) -> None:
@@ -298,6 +353,9 @@ def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, var
     escrow_paid = variants["escrow"].paid + variants["facilitator"].paid
     if len(deposits) != escrow_paid or len({d.id for d in deposits}) != len(deposits):
         raise RuntimeError(f"{escrow_paid} escrow requests but {len(deposits)} deposits")
+    settled = token.balance_of(dev_signer(FIRST_SELLER).address)
+    if settled != variants["serve_first"].paid * PRICE:
+        raise RuntimeError(f"{variants['serve_first'].paid} serve-first requests but the seller received {settled}")
     exact_paid = variants["sdk_exact"].paid + variants["sdk_exact_inprocess"].paid
     income = token.balance_of(dev_signer(EXACT_SELLER).address)
     if income != exact_paid * PRICE:

@@ -1,7 +1,8 @@
-"""The demo's world (a chain, a token, an escrow, a seller app, a keeper process) and its four stories."""
+"""The demo's world (a chain, a token, an escrow, a seller app, a keeper process) and its five stories."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -22,10 +23,27 @@ from typing import IO, Any
 from web3 import HTTPProvider, Web3
 
 from escrow_devtools.anvil import Anvil, dev_private_key
-from escrow_devtools.demo._shop import REPORT_PRICE, STUCK_PRICE, build_shop, routes
+from escrow_devtools.demo._shop import (
+    QUOTE_PRICE,
+    REPORT_PRICE,
+    SERVE_FIRST_LIMITS,
+    STUCK_PRICE,
+    build_shop,
+    quote_route,
+    routes,
+)
 from escrow_devtools.harness import ServerDidNotStart, serving
-from escrow_py.buyer import EscrowClient, HandlerFailedRefunded, PaymentError, delivered_hash
-from escrow_py.chain.escrow import Deposited, Escrow, Refunded, deploy_local
+from escrow_py.buyer import (
+    Action,
+    AsyncEscrowClient,
+    EscrowClient,
+    HandlerFailedRefunded,
+    PaymentError,
+    PaymentState,
+    delivered_hash,
+    recover,
+)
+from escrow_py.chain.escrow import Deposited, Escrow, Refunded, Settled, deploy_local
 from escrow_py.chain.registry import USDC
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
@@ -33,10 +51,19 @@ from escrow_py.chain.tx import TxSender
 from escrow_py.errors import ConfigError, EscrowError
 from escrow_py.seller import FacilitatorSellerConfig, SellerConfig
 from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, decode_payment_response, network_of
+from escrow_py.wire import (
+    PAYMENT_RESPONSE_HEADER,
+    SettlementExtra,
+    SettlementStatus,
+    decode_payment_response,
+    network_of,
+)
 
 FUNDING = 1_000_000  # 1 USDC for the local buyer
-NEEDED = 3 * REPORT_PRICE + STUCK_PRICE  # what the four stories ask of the buyer
+BURST = 5  # story 5: serve-first quotes bought at once
+# Story 5's settlements wait this long for each other, so one settleMany pays the whole burst.
+SETTLE_BATCH_WAIT = 5.0
+NEEDED = 3 * REPORT_PRICE + STUCK_PRICE + BURST * QUOTE_PRICE  # what the five stories ask of the buyer
 # Anvil's dev accounts (public keys of a public mnemonic): who plays which part on the local chain.
 DEPLOYER, BUYER, SELLER, KEEPER = 0, 1, 2, 3
 # Environment variables naming the keys on an existing chain; each falls back to X402_ESCROW_PRIVATE_KEY.
@@ -280,6 +307,7 @@ def _seller(world: World, display: Display) -> Iterator[None]:
     domain = world.token.domain(world.chain_id)
     config: SellerConfig | FacilitatorSellerConfig
     if world.facilitator_url is not None and world.facilitator_key is not None:
+        # A facilitator deposits and delivers; it settles nothing served first, so /quote is not sold here.
         config = FacilitatorSellerConfig(
             facilitator_url=world.facilitator_url, api_key=world.facilitator_key, network=network_of(world.chain_id),
             token=world.token.address, pay_to=world.address("seller"), routes=routes(),
@@ -294,10 +322,12 @@ def _seller(world: World, display: Display) -> Iterator[None]:
             network=network_of(world.chain_id),
             pay_to=world.address("seller"),
             operator=world.signers["seller"],
-            routes=routes(),
+            routes=[*routes(), quote_route()],
             store=world.workdir / "seller.sqlite",
             token_name=domain.name,
             token_version=domain.version,
+            settle_batch_wait=SETTLE_BATCH_WAIT,
+            **SERVE_FIRST_LIMITS,  # type: ignore[arg-type]
         )
         how = "EscrowMiddleware"
     app = build_shop(config, work_seconds=world.work_seconds)
@@ -520,16 +550,74 @@ def _story_recover(world: World, display: Display) -> StoryResult:
     return result
 
 
+def _story_serve_first(world: World, display: Display) -> StoryResult:
+    result = StoryResult(5, STORIES[4][0])
+    buyer, seller = world.address("buyer"), world.address("seller")
+    before = {buyer: world.token.balance_of(buyer), seller: world.token.balance_of(seller)}
+    journal = world.workdir / "buyer-5.sqlite"
+
+    async def burst() -> list[tuple[float, Any]]:
+        async with AsyncEscrowClient(world.signers["buyer"], world.rpc_url, journal, timeout=60) as client:
+
+            async def one(i: int) -> tuple[float, Any]:
+                start = time.monotonic()
+                response = await client.get(f"{world.base_url}/quote/item-{i}")
+                return time.monotonic() - start, response
+
+            return await asyncio.gather(*(one(i) for i in range(BURST)))
+
+    display(f"  {BURST} x GET /quote/...: a serve-first route; the client signs, the seller checks and answers")
+    answers = asyncio.run(burst())
+    extras = [SettlementExtra.from_json(decode_payment_response(r.headers[PAYMENT_RESPONSE_HEADER]).extra)
+              for _, r in answers]  # fmt: skip
+    ids = [e.escrow_id for e in extras]
+    result.escrow_id = ids[0]
+    slowest = max(t for t, _ in answers)
+    pending = all(e.settlement is SettlementStatus.PENDING for e in extras)
+    unused = not any(world.token.authorization_state(buyer, i) for i in ids)
+    display(f"  {BURST} answers, the slowest in {slowest * 1000:.0f} ms, each 'pending'; no money moved yet: {unused}")
+    if not (pending and unused):
+        result.outcome = "the burst was not served first"
+        return result
+    if not display.wait(
+        "the seller's settleMany", lambda: all(world.token.authorization_state(buyer, i) for i in ids), timeout=60
+    ):
+        result.outcome = "the seller never settled"
+        return result
+    events = [world.escrow.settlement_of(i, since=world.now() - 600) for i in ids]
+    settled = [e for e in events if isinstance(e, Settled)]
+    txs = {e.at.tx_hash for e in settled}
+    hashes_match = [e.delivery_hash for e in settled] == [delivery_hash(r.content) for _, r in answers]
+    display(
+        f"  {len(settled)} Settled events in {len(txs)} transaction(s); every hash matches its body: {hashes_match}"
+    )
+    paid = world.token.balance_of(seller) - before[seller]
+    spent = before[buyer] - world.token.balance_of(buyer)
+    display(f"  the seller received {_usdc(paid)} USDC, the buyer spent {_usdc(spent)} USDC")
+    report = recover(journal, world.signers["buyer"], world.rpc_url)
+    closed = all((i.action, i.journal_state) == (Action.MARKED_SETTLED, PaymentState.DELIVERED) for i in report.items)
+    display(f"  recover(): {len(report.items)} unsettled payments closed as delivered and spent: {closed}")
+    result.ok = (
+        len(settled) == BURST and len(txs) == 1 and hashes_match and paid == spent == BURST * QUOTE_PRICE and closed
+    )
+    result.outcome = (
+        f"{BURST} answered at once, paid by one settleMany" if result.ok else "the settlement did not match the burst"
+    )
+    return result
+
+
 STORIES: list[tuple[str, Callable[[World, Display], StoryResult]]] = [
     ("paid and delivered, hash verified", _story_paid),
     ("the handler fails: instant refund", _story_handler_fails),
     ("buyer killed, seller never delivers: the keeper refunds", _story_keeper_refunds),
     ("buyer killed after paying, seller delivered: recover()", _story_recover),
+    ("a burst served first, then one settleMany pays them all", _story_serve_first),
 ]
 
 
 def run_demo(options: DemoOptions | None = None, out: IO[str] | None = None) -> bool:
-    """Play the four stories; True when every story ended as promised and every token is accounted for."""
+    """Play the stories (five; four through a facilitator); True when every story ended as promised and
+    every token is accounted for."""
     options = options or DemoOptions()
     display = Display(out or sys.stdout)
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="x402-escrow-demo-"))
@@ -564,7 +652,9 @@ def _play(world: World, display: Display) -> bool:
     books = Books(world)
     results: list[StoryResult] = []
     books_ok = True
-    for number, (title, story) in enumerate(STORIES, start=1):
+    # Through a facilitator the seller holds no key, so it settles nothing itself: no serve-first story.
+    stories = STORIES if world.facilitator_url is None else [s for s in STORIES if s[1] is not _story_serve_first]
+    for number, (title, story) in enumerate(stories, start=1):
         display()
         display(f"story {number}: {title}")
         result = StoryResult(number, title)

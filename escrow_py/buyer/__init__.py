@@ -65,6 +65,12 @@ of these (httpx's own errors pass through only for a request that carried no pay
         └── ResponseInvalid        delivered and settled (money spent) but the validator rejected the
                                    body; `.problem`, `.body`
 
+Both settlement modes are paid (DESIGN.md section 8; `Policy(settlement=...)` may forbid one):
+a `serve-first` delivery is returned like any other but journaled `unsettled`, its budget
+reserved, until recover() sees its settlement on chain (delivered, spent) or its
+authorization expire unused (void, released). A serve-first handler failure raises
+PaymentRejected with reason `handler_failed_not_charged`: nothing was sent to the chain.
+
 recover() raises a ChainError (RpcError) when it cannot read the chain; what it settled
 before stays journaled. EscrowAuth cannot see a connection that fails after the paid
 request left (httpx does not tell an Auth): `lost_in_flight(exc)` types it.

@@ -19,7 +19,7 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
-from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
 
 from escrow_py.buyer._errors import (
     ChainUnavailable,
@@ -57,6 +57,7 @@ from escrow_py.wire import (
     EscrowRequirements,
     Reason,
     SettlementExtra,
+    SettlementStatus,
     Unavailable,
     decode_payment_required,
     decode_payment_response,
@@ -266,6 +267,11 @@ class BuyerChain:
         with typed_chain_errors(f"reading the balance of {holder} in token {token}"):
             return Token(self.w3, token).balance_of(holder)
 
+    def authorization_used(self, token: str, buyer: str, escrow_id: bytes) -> bool:
+        """The token's ERC-3009 state of the buyer's authorization (nonce = escrow id): used or cancelled."""
+        with typed_chain_errors(f"reading the authorization state of escrow 0x{escrow_id.hex()}"):
+            return Token(self.w3, token).authorization_state(buyer, escrow_id)
+
     def state_of(self, escrow: str, escrow_id: bytes) -> State:
         with typed_chain_errors(f"reading the state of escrow 0x{escrow_id.hex()}"):
             return Escrow(self.w3, escrow).state_of(escrow_id)
@@ -328,6 +334,7 @@ class PaymentCore:
             amount=terms.amount,
             deadline_seconds=req.max_timeout_seconds,
             task=task,
+            settlement=req.extra.settlement.value,
         )
         if self.rules is not None and not (offer := self.rules.check_offer(ctx)).allowed:
             self.journal.audit_decision(escrow_id, terms, ctx, offer)
@@ -391,7 +398,10 @@ class PaymentCore:
                 f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
                 f"({req.extra.name!r}, {req.extra.version!r})",
             )
-        balance = self.chain.balance_of(req.asset, self.signer.address)
+        # The balance and the next block's time at once: one round trip on the paying path.
+        balance, next_time = rpc.both(
+            lambda: self.chain.balance_of(req.asset, self.signer.address), self.chain.next_block_time
+        )
         if balance < req.amount:
             raise PaymentRefused(
                 Reason.INSUFFICIENT_BALANCE, f"{self.signer.address} holds {balance} of {req.asset}, needs {req.amount}"
@@ -399,7 +409,7 @@ class PaymentCore:
         # The contract (deadline) and the token (validBefore) judge the deposit by the time of the block
         # that includes it. That is the next block's time, not the latest block's: on a chain that mines
         # only on demand the latest block can be older than the whole window.
-        deadline = self.chain.next_block_time() + req.max_timeout_seconds
+        deadline = next_time + req.max_timeout_seconds
         terms = Terms(
             buyer=self.signer.address,
             seller=req.pay_to,
@@ -584,6 +594,11 @@ def judge_response(
         raise PaymentNotDelivered(
             escrow_id, terms.deadline, f"PAYMENT-RESPONSE names escrow 0x{extra.escrow_id.hex()} instead", escrow=escrow
         )
+    if settle.error_reason == Reason.HANDLER_FAILED_NOT_CHARGED and response.status_code >= 400:
+        # Served first and the handler failed: the seller sent nothing to the chain. The authorization
+        # stays valid until validBefore; recover() voids it then, unless the chain shows it used.
+        journal.update(escrow_id, PaymentState.REJECTED, detail=f"{response.status_code} {settle.error_reason}")
+        raise PaymentRejected(escrow_id, settle.error_reason, response.status_code, valid_before)
     if response.status_code >= 400 or settle.error_reason == Reason.HANDLER_FAILED_REFUNDED:
         state = chain_state(f"the handler failed with {response.status_code}")
         if state is State.REFUNDED:
@@ -599,12 +614,47 @@ def judge_response(
             escrow=escrow,
         )
     received = delivery_hash(response.content)
+    _judge_delivered(
+        core, escrow_id=escrow_id, escrow=escrow, extra=extra, settle=settle, received=received, replay=replay,
+        chain_state=chain_state,
+    )  # fmt: skip
+
+
+def _judge_delivered(
+    core: PaymentCore,
+    *,
+    escrow_id: bytes,
+    escrow: str,
+    extra: SettlementExtra,
+    settle: SettleResponse,
+    received: bytes,
+    replay: bool,
+    chain_state: Callable[[str], State],
+) -> None:
+    """An answer with the bytes: delivered if they match the committed hash (the chain's, once posted),
+    unsettled if they were served first, a mismatch otherwise."""
+    journal = core.journal
     committed = extra.delivery_hash
-    if committed == received and (replay or extra.delivery_transaction is not None or extra.state == "released"):
+    served_first = extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED)
+    served_first = served_first or settle.error_reason == Reason.SETTLEMENT_FAILED
+    posted = replay or extra.delivery_transaction is not None or extra.state == "released"
+    if committed == received and posted and not served_first:
+        # A served-first payment never had an escrow, so no Delivered event holds its hash.
         committed = _posted_hash(core, escrow_id, escrow, extra, chain_state) or committed
     if committed != received:
         journal.update(escrow_id, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
         raise DeliveryMismatch(escrow_id, committed, received)
+    if served_first:
+        # Served first: the bytes are here and match the seller's hash, the money has not moved (or the
+        # seller says it has). Only the chain closes it (recover(): Settled event, or validBefore passed).
+        journal.update(
+            escrow_id,
+            PaymentState.UNSETTLED,
+            detail=f"served first; settlement {extra.settlement or settle.error_reason}",
+            response_hash=received,
+            committed_hash=committed,
+        )
+        return
     journal.update(escrow_id, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
 
 

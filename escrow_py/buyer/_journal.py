@@ -9,7 +9,9 @@ value, and what became of it.
 
 States: `signed` (committed; whether it reached the seller is unknown),
 `rejected` (the seller refused it; not deposited when checked), `held`
-(deposited, not delivered), and the final ones `delivered` (body hash verified),
+(deposited, not delivered), `unsettled` (served first: the body matches the seller's hash, and
+no money has moved yet; closed by recover() once the chain shows the settlement or the
+authorization expires unused), and the final ones `delivered` (body hash verified),
 `mismatch` (the body differs from the committed hash), `refunded`, `void`
 (never deposited and the authorization expired).
 """
@@ -34,6 +36,7 @@ class PaymentState(StrEnum):
     SIGNED = "signed"
     REJECTED = "rejected"
     HELD = "held"
+    UNSETTLED = "unsettled"  # delivered first (serve-first), settlement not yet seen on chain
     DELIVERED = "delivered"
     MISMATCH = "mismatch"
     REFUNDED = "refunded"

@@ -14,6 +14,8 @@ the time windows sum the rows of the window only, through a covering index.
 
     reserved ──delivered, mismatch, released on chain──► spent
         │  └──refunded, void, never sent───────────────► released
+    (a serve-first payment stays reserved while `unsettled`: delivered once the chain shows its
+    settlement, void once its authorization expired unused)
     spent ──refunded on chain after all (the seller never posted)──► released
 """
 

@@ -19,6 +19,7 @@ The TOML form, every key optional (an absent list allows everything):
     escrows = ["0x..."]
     sellers = ["0x..."]
     hosts = ["api.example.com"]
+    settlement = "hold"              # or "serve-first": the only mode paid (absent: either)
 
     [budget]
     total = 1000000                  # everything this journal ever pays
@@ -39,7 +40,7 @@ from typing import Any
 from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.errors import ConfigError, ProtocolError
-from escrow_py.wire import chain_id_of
+from escrow_py.wire import SettlementMode, chain_id_of
 
 
 class ReasonCode(StrEnum):
@@ -58,6 +59,7 @@ class ReasonCode(StrEnum):
     OVER_TASK_BUDGET = "over_task_budget"
     OVER_SELLER_BUDGET = "over_seller_budget"
     OVER_WINDOW_BUDGET = "over_window_budget"
+    SETTLEMENT_NOT_ALLOWED = "settlement_not_allowed"  # the offer's settlement mode is not the one required
     CUSTOM = "custom"  # a PaymentPolicy hook of the caller's said no
 
 
@@ -73,6 +75,7 @@ class PaymentContext:
     amount: int
     deadline_seconds: int  # deadline minus chain time
     task: str
+    settlement: str = "hold"  # the offer's extra.settlement (wire.SettlementMode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,9 @@ class Policy:
     escrows: frozenset[str] | None = None
     sellers: frozenset[str] | None = None
     hosts: frozenset[str] | None = None
+    # "hold": serve-first offers are refused (the buyer wants the refund guarantee); "serve-first":
+    # only serve-first offers are paid (the bytes before the money); None: either.
+    settlement: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_per_request", "max_deadline_seconds", "total_budget", "task_budget", "seller_budget"):
@@ -172,13 +178,22 @@ class Policy:
             if isinstance(self.hosts, str):
                 raise ConfigError("policy.hosts must be a list of host names, got a string")
             object.__setattr__(self, "hosts", frozenset(h.lower() for h in self.hosts))
+        if self.settlement is not None:
+            try:
+                object.__setattr__(self, "settlement", SettlementMode(self.settlement).value)
+            except ValueError:
+                modes = [m.value for m in SettlementMode]
+                raise ConfigError(f"policy.settlement must be one of {modes}, got {self.settlement!r}") from None
 
     # -- building ------------------------------------------------------------------------------
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Policy:
         """From the TOML layout (see the module docstring); unknown keys are errors, not ignored."""
-        top = {"max_per_request", "max_deadline_seconds", "networks", "tokens", "escrows", "sellers", "hosts", "budget"}
+        top = {
+            "max_per_request", "max_deadline_seconds", "networks", "tokens", "escrows", "sellers", "hosts", "budget",
+            "settlement",
+        }  # fmt: skip
         if unknown := set(data) - top:
             raise ConfigError(f"policy: unknown keys {sorted(unknown)} (known: {sorted(top)})")
         budget = data.get("budget", {})
@@ -210,6 +225,7 @@ class Policy:
             escrows=listed("escrows"),
             sellers=listed("sellers"),
             hosts=listed("hosts"),
+            settlement=data.get("settlement"),
         )
 
     @classmethod
@@ -246,6 +262,7 @@ class Policy:
             (self.tokens, ctx.token, ReasonCode.TOKEN_NOT_ALLOWED, "token"),
             (self.escrows, ctx.escrow, ReasonCode.ESCROW_NOT_ALLOWED, "escrow"),
             (self.sellers, ctx.seller, ReasonCode.SELLER_NOT_ALLOWED, "seller"),
+            (_one(self.settlement), ctx.settlement, ReasonCode.SETTLEMENT_NOT_ALLOWED, "settlement"),
         )
         for allowed, value, reason, name in checks:
             if allowed is not None and value not in allowed:
@@ -273,6 +290,10 @@ class Policy:
                 name = f"the {window.seconds}s window budget"
                 return _over(ReasonCode.OVER_WINDOW_BUDGET, name, window.amount, used, ctx.amount)
         return ALLOW
+
+
+def _one(value: str | None) -> frozenset[str] | None:
+    return None if value is None else frozenset({value})
 
 
 def _over(reason: ReasonCode, name: str, limit: int, used: int, wanted: int) -> Decision:

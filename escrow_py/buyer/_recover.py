@@ -14,6 +14,7 @@ from web3 import Web3
 from escrow_py.buyer._core import CLOCK_SKEW, PaymentCore, delivered_hash, judge_response
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
+from escrow_py.chain.escrow import Settled
 from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
@@ -34,6 +35,7 @@ class Action(StrEnum):
     LEFT_TO_KEEPER = "left_to_keeper"  # expired and held; refund_expired=False
     MARKED_REFUNDED = "marked_refunded"  # someone else already refunded it
     MARKED_VOID = "marked_void"  # never deposited and the authorization expired
+    MARKED_SETTLED = "marked_settled"  # served first, and the chain shows its settlement
     WAITING = "waiting"  # not deposited yet, the authorization still valid: nothing to do now
 
 
@@ -76,6 +78,11 @@ def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow
     state = core.chain.state_of(entry.escrow, entry.escrow_id)
     now = core.chain.now()
     replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
+    if state is State.NONE and (settled := _settlement(core, entry)) is not None:
+        # Served first and settled: the money went to the seller with this hash.
+        if entry.response_hash is None and replayable:
+            return (yield from _replay_released(core, entry, committed=settled.delivery_hash, chain_state=state))
+        return _close_settled(core, entry, settled)
     if state is State.RELEASED and replayable:
         return (yield from _replay_released(core, entry))
     if state is State.HELD and now < entry.terms.deadline and replayable:
@@ -83,27 +90,63 @@ def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow
     return _settle_without_replay(core, entry, state, now, refund_expired)
 
 
-def _replay_released(core: PaymentCore, entry: JournalEntry) -> _Flow:
+def _replay_released(
+    core: PaymentCore, entry: JournalEntry, *, committed: bytes | None = None, chain_state: State = State.RELEASED
+) -> _Flow:
+    """Replay a paid-out payment and judge the bytes by the hash on chain (`committed`: already found,
+    a serve-first settlement's; else the Delivered event is searched)."""
     eid, journal = entry.escrow_id, core.journal
     answer = yield replay_request(entry)
     if isinstance(answer, Exception) or answer.status_code >= 400:
         shown = repr(answer) if isinstance(answer, Exception) else f"status {answer.status_code}"
-        return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, f"replay failed ({shown}); released", entry.state)
-    # The chain, not the answer, is the judge; the answer only says where to look first.
-    since = int(entry.created_at) - CLOCK_SKEW
-    with typed_chain_errors(f"searching the Delivered event of escrow 0x{eid.hex()}"):
-        committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
+        return RecoveryItem(eid, chain_state, Action.REPLAYED, f"replay failed ({shown}); paid out", entry.state)
+    if committed is None:
+        # The chain, not the answer, is the judge; the answer only says where to look first.
+        since = int(entry.created_at) - CLOCK_SKEW
+        with typed_chain_errors(f"searching the Delivered event of escrow 0x{eid.hex()}"):
+            committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
         outcome = "delivered: body matches the on-chain hash"
         return RecoveryItem(
-            eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
+            eid, chain_state, Action.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
         )
     journal.update(eid, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
     shown = "none" if committed is None else "0x" + committed.hex()
     outcome = f"mismatch: body hashes to 0x{received.hex()}, chain has {shown}"
-    return RecoveryItem(eid, State.RELEASED, Action.REPLAYED, outcome, PaymentState.MISMATCH)
+    return RecoveryItem(eid, chain_state, Action.REPLAYED, outcome, PaymentState.MISMATCH)
+
+
+def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
+    """The Settled event of a payment never deposited, if the token shows its authorization used."""
+    terms, eid = entry.terms, entry.escrow_id
+    if not core.chain.authorization_used(terms.token, terms.buyer, eid):
+        return None
+    since = int(entry.created_at) - CLOCK_SKEW
+    with typed_chain_errors(f"searching the Settled event of escrow 0x{eid.hex()}"):
+        return core.chain.escrow(entry.escrow).settlement_of(eid, since=since)
+
+
+def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> RecoveryItem:
+    """A served-first payment the chain shows settled: delivered if the bytes received hash to the settled
+    hash, mismatch if not; spent either way."""
+    eid, journal, received = entry.escrow_id, core.journal, entry.response_hash
+    tx = settled.at.tx_hash
+    if received is None:
+        # The money is gone to the seller whatever the bytes: the ledger says so; the journal waits for them.
+        journal.confirm_on_chain(eid, spent=True)
+        outcome = "settled on chain (spent); the bytes never arrived and no request is journaled to replay"
+        return RecoveryItem(eid, State.NONE, Action.WAITING, outcome, entry.state, tx)
+    if received == settled.delivery_hash:
+        journal.update(eid, PaymentState.DELIVERED, committed_hash=settled.delivery_hash, tx_hash=tx)
+        journal.confirm_on_chain(eid, spent=True)
+        outcome = f"settled in tx 0x{tx.hex()}: body matches the settled hash"
+        return RecoveryItem(eid, State.NONE, Action.MARKED_SETTLED, outcome, PaymentState.DELIVERED, tx)
+    journal.update(eid, PaymentState.MISMATCH, committed_hash=settled.delivery_hash, tx_hash=tx)
+    journal.confirm_on_chain(eid, spent=True)
+    outcome = f"settled in tx 0x{tx.hex()} with hash 0x{settled.delivery_hash.hex()}, body hashes to 0x{received.hex()}"
+    return RecoveryItem(eid, State.NONE, Action.MARKED_SETTLED, outcome, PaymentState.MISMATCH, tx)
 
 
 def _delivery_tx(answer: httpx.Response) -> bytes | None:
@@ -155,11 +198,13 @@ def _settle_without_replay(
         journal.update(eid, PaymentState.REFUNDED, detail="refunded on chain")
         return item(Action.MARKED_REFUNDED, "refunded on chain", PaymentState.REFUNDED)
     if state is State.NONE and entry.valid_before <= now:
-        outcome = f"never deposited; authorization expired at {entry.valid_before}"
+        # Never deposited, never settled (_flow looked): the token refuses the authorization from now on.
+        outcome = f"never deposited or settled; authorization expired at {entry.valid_before}"
         journal.update(eid, PaymentState.VOID, detail=outcome)
         return item(Action.MARKED_VOID, outcome, PaymentState.VOID)
     if state is State.NONE:
-        return item(Action.WAITING, f"not deposited; authorization valid until {entry.valid_before}", entry.state)
+        what = "served first; not settled yet" if entry.state is PaymentState.UNSETTLED else "not deposited"
+        return item(Action.WAITING, f"{what}; authorization valid until {entry.valid_before}", entry.state)
     return item(Action.WAITING, f"{state.name.lower()}; no request journaled to replay", entry.state)
 
 
@@ -194,7 +239,11 @@ def reconcile_ledger(core: PaymentCore) -> None:
             journal.confirm_on_chain(escrow_id, spent=False)
             continue
         state = core.chain.state_of(entry.escrow, escrow_id)
-        if state is State.RELEASED:
+        if state is State.NONE and entry.state in (PaymentState.DELIVERED, PaymentState.MISMATCH):
+            # Served first: the token's spent authorization is the settlement's trace.
+            if core.chain.authorization_used(entry.terms.token, entry.terms.buyer, escrow_id):
+                journal.confirm_on_chain(escrow_id, spent=True)
+        elif state is State.RELEASED:
             journal.confirm_on_chain(escrow_id, spent=True)
         elif state is State.REFUNDED:
             journal.confirm_on_chain(escrow_id, spent=False)
@@ -271,10 +320,13 @@ def recover(
     """Finish every unfinished payment in the journal file, in a fresh process if need be.
 
     Per payment, by its escrow's on-chain state: Released, replay the request with the
-    same PAYMENT-SIGNATURE and check the bytes against the Delivered hash; Held and in
+    same PAYMENT-SIGNATURE and check the bytes against the Delivered hash; never deposited
+    but settled (serve-first: the token shows the authorization used, a Settled event the
+    hash), check the bytes received (or replayed) against the settled hash, spent; Held and in
     time, replay; Held past the deadline, refund from the buyer's key (or, with
     refund_expired=False, leave it to the keeper); Refunded, record it; never
-    deposited and the authorization expired, mark it void. A chain that cannot be read
+    deposited (nor settled) and the authorization expired, mark it void, its budget
+    released (a serve-first payment whose seller never settled ends so). A chain that cannot be read
     (each call bounded by `rpc_timeout` seconds) raises a ChainError (RpcError) naming what was
     being read; what was settled before stays journaled.
     """

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -29,6 +30,11 @@ from web3.types import RPCEndpoint
 from escrow_py.errors import RpcError, RpcTimeout
 
 DEFAULT_DEADLINE = 5.0
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
+# Independent reads of one request, sent at once (`gather`): one round trip instead of several.
+_GATHER = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="escrow-gather")
 
 
 class DeadlineHTTPProvider(HTTPProvider):
@@ -68,6 +74,28 @@ class DeadlineHTTPProvider(HTTPProvider):
             raise RpcTimeout(f"{method}: no answer from {self._shown} within {self.deadline:g}s") from None
         except OSError as exc:  # refused, reset, HTTP error status: requests' exceptions are OSErrors
             raise RpcError(f"{method}: {self._shown} unreachable: {type(exc).__name__}") from None
+
+
+def gather(*calls: Callable[[], _T]) -> list[_T | BaseException]:
+    """Run independent blocking calls (chain reads) at once; each one's result, or the exception it raised,
+    in order. The caller decides in its own order which failure counts first."""
+    futures = [_GATHER.submit(call) for call in calls]
+    results: list[_T | BaseException] = []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - handed back; the caller raises it in its own order
+            results.append(exc)
+    return results
+
+
+def both(first: Callable[[], _T], second: Callable[[], _U]) -> tuple[_T, _U]:
+    """Two independent blocking reads at once; raises the first one's exception, else the second's."""
+    a, b = gather(first, second)
+    for result in (a, b):
+        if isinstance(result, BaseException):
+            raise result
+    return a, b  # type: ignore[return-value]
 
 
 def redact_url(url: str) -> str:

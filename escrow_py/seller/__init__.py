@@ -67,7 +67,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     try:
         poster = DeliveryPoster(SellerChain(config, w3, book=store), store, lease=config.poster_lease)
         try:
-            return poster.post_pending()
+            return poster.post_pending(force_settle=True)
         finally:
             store.release_lease(poster.lease_name, poster.owner)
     finally:

@@ -18,7 +18,7 @@ from web3.types import TxReceipt
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.clock import next_block_time
-from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import NonceBook, OnSigned, TxSender
 from escrow_py.seller._config import SellerConfig
@@ -87,3 +87,11 @@ class SellerChain:
 
     def deliver_many(self, entries: Sequence[tuple[Terms, bytes]]) -> TxReceipt:
         return self._transact(self.escrow.deliver_many_data(entries))
+
+    def settle_many(self, entries: Sequence[Settlement]) -> TxReceipt:
+        """One settleMany of serve-first payments (the contract pays each seller once for the batch)."""
+        return self._transact(self.escrow.settle_many_data(entries))
+
+    def authorization_used(self, buyer: str, escrow_id: bytes) -> bool:
+        """The token's ERC-3009 state of the buyer's authorization (nonce = escrow id): spent or cancelled."""
+        return self.token.authorization_state(buyer, escrow_id)

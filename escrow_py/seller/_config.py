@@ -17,7 +17,7 @@ from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices
 from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
 from escrow_py.storage import describe, is_postgres_url
 from escrow_py.terms import MAX_DEADLINE_WINDOW
-from escrow_py.wire import chain_id_of
+from escrow_py.wire import SettlementMode, chain_id_of
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -39,6 +39,11 @@ def _compile_path(pattern: str) -> re.Pattern[str]:
 class PricedRoute:
     """One paid endpoint: requests with this method whose path matches `path` cost `amount` atomic units.
 
+    `settlement` is "hold" (deposit before the handler runs) or "serve-first" (serve after the
+    off-chain checks and an eth_call of the pull, settle later in a batch; DESIGN.md section 8).
+    A serve-first request past an exposure limit (SellerConfig.serve_first_*), or from a buyer
+    who left a settlement unpaid, is served in hold mode when `fallback_to_hold` (the default),
+    else refused with a 402 whose reason says why (`serve_first_limit`, `serve_first_refused`).
     In the x402 SDK's terms instead of `amount`: `price` is money (`"$0.01"`), an asset amount
     (`{"amount", "asset", "extra"}`), or a callable of the request's `HTTPRequestContext`
     returning one (resolved per request); `pay_to` a seller address or such a callable (default:
@@ -54,6 +59,8 @@ class PricedRoute:
     max_timeout_seconds: int = 120
     description: str = ""
     mime_type: str | None = None
+    settlement: SettlementMode | str = SettlementMode.HOLD
+    fallback_to_hold: bool = True
     price: Price | DynamicPrice | None = None
     pay_to: str | DynamicPayTo | None = None
     schemes: tuple[str, ...] | None = None
@@ -71,7 +78,18 @@ class PricedRoute:
         timeout = self.max_timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_DEADLINE_WINDOW:
             raise ConfigError(f"PricedRoute.max_timeout_seconds must be in [1, {MAX_DEADLINE_WINDOW}], got {timeout!r}")
+        try:
+            object.__setattr__(self, "settlement", SettlementMode(self.settlement))
+        except ValueError:
+            modes = [m.value for m in SettlementMode]
+            raise ConfigError(f"PricedRoute.settlement must be one of {modes}, got {self.settlement!r}") from None
+        if not isinstance(self.fallback_to_hold, bool):
+            raise ConfigError(f"PricedRoute.fallback_to_hold must be True or False, got {self.fallback_to_hold!r}")
         object.__setattr__(self, "_regex", _compile_path(self.path))
+
+    @property
+    def serve_first(self) -> bool:
+        return self.settlement is SettlementMode.SERVE_FIRST
 
     def matches(self, method: str, path: str) -> bool:
         return method.upper() == self.method and self.matches_path(path)
@@ -103,6 +121,15 @@ class SellerConfig:
     followed until `confirmation_depth` blocks deep, and a delivery a reorg drops
     before that is sent again. `startup_checks` checks the chain, escrow, token and
     operator when the app starts (see `check_seller`).
+
+    Serve-first exposure (required as soon as one route is serve-first, in atomic units): a
+    serve-first route may cost at most `serve_first_max_price`; one buyer may owe at most
+    `serve_first_max_per_buyer` in settlements not yet paid, all buyers together at most
+    `serve_first_max_total`. Past a limit a request falls back to hold (or gets 402, see
+    PricedRoute). Unpaid means served or being served and not yet settled on chain.
+    `settle_batch_wait` (seconds, below `min_time_left`) lets the poster hold queued settlements
+    back until the oldest has waited that long (or a batch is full), so one settleMany pays more
+    of them (cheaper per item); 0 sends whatever is queued at every pass.
 
     Several processes or replicas on one store: a payment is claimed in the store for
     `claim_seconds` (renewed while it is handled; a dead holder's claim lapses after it),
@@ -139,6 +166,10 @@ class SellerConfig:
     reprice_after: float = 10.0
     confirmation_depth: int = 5
     startup_checks: bool = True
+    serve_first_max_price: int | None = None
+    serve_first_max_per_buyer: int | None = None
+    serve_first_max_total: int | None = None
+    settle_batch_wait: float = 0.0
     claim_seconds: float = 10.0
     claim_wait: float = 10.0
     poster_lease: float = 5.0
@@ -167,6 +198,49 @@ class SellerConfig:
             raise ConfigError("SellerConfig.routes must be a non-empty list of PricedRoute")
         object.__setattr__(self, "routes", resolve_route_prices(self, routes))
         self._check_numbers(routes)
+        self._check_exposure(routes)
+
+    def _check_exposure(self, routes: tuple[PricedRoute, ...]) -> None:
+        """Serve-first needs its three limits, coherent with each other and with every serve-first price."""
+        wait = self.settle_batch_wait
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < self.min_time_left:
+            raise ConfigError(
+                f"SellerConfig.settle_batch_wait must be seconds >= 0 and below min_time_left {self.min_time_left} "
+                f"(a serve-first payment may have that little time left), got {wait!r}"
+            )
+        names = ("serve_first_max_price", "serve_first_max_per_buyer", "serve_first_max_total")
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"SellerConfig.{name} must be a positive integer (atomic units), got {value!r}")
+        serve_first = [r for r in routes if r.serve_first]
+        if not serve_first:
+            return
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            shown = ", ".join(f"{r.method} {r.path}" for r in serve_first)
+            raise ConfigError(f"serve-first routes ({shown}) need the exposure limits {', '.join(missing)}")
+        price, per_buyer, total = (int(getattr(self, n)) for n in names)
+        if per_buyer > total:
+            raise ConfigError(
+                f"SellerConfig.serve_first_max_per_buyer {per_buyer} exceeds serve_first_max_total {total}"
+            )
+        if price > per_buyer:
+            raise ConfigError(
+                f"SellerConfig.serve_first_max_price {price} exceeds serve_first_max_per_buyer {per_buyer}: "
+                "no serve-first request at that price could ever be served"
+            )
+        for route in serve_first:
+            if route.price is not None:
+                raise ConfigError(
+                    f"route {route.method} {route.path} is serve-first: it needs a fixed amount in atomic units "
+                    "(not a price), so its exposure is checked when the config is built"
+                )
+            if route.amount > price:
+                raise ConfigError(
+                    f"route {route.method} {route.path} is serve-first at {route.amount}, more than "
+                    f"serve_first_max_price {price}"
+                )
 
     def _check_numbers(self, routes: tuple[PricedRoute, ...]) -> None:
         integers = (

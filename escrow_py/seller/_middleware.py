@@ -25,6 +25,7 @@ from web3.exceptions import Web3Exception
 from x402.http import HTTPRequestContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
+from escrow_py.chain import rpc
 from escrow_py.chain.tx import SentTx
 from escrow_py.errors import (
     ConfigError,
@@ -56,6 +57,8 @@ from escrow_py.seller._store import (
     REFUND_PENDING,
     REFUNDED,
     REFUNDED_ON_CHAIN,
+    SETTLE_DONE,
+    SETTLE_LOST,
     SETTLED_ELSEWHERE,
     Payment,
     SellerStore,
@@ -72,6 +75,7 @@ from escrow_py.wire import (
     EscrowRequirements,
     Reason,
     SettlementExtra,
+    SettlementStatus,
     Unavailable,
     decode_payment_signature,
     encode_payment_required,
@@ -348,6 +352,9 @@ class EscrowMiddleware:
             if payment.response is not None:
                 await self._replay(send, payment, payment.response)
                 return
+            if payment.serve_first:
+                await self._serve_first_again(scope, receive, send, request, verified)
+                return
             deposit_tx = payment.deposit_tx
             state = await _blocking(self.chain.state_of, escrow_id)
             if state == State.NONE and payment.status == DEPOSITING and payment.deposit_tx is not None:
@@ -367,23 +374,39 @@ class EscrowMiddleware:
             else:
                 raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
         else:
-            state, now = await _blocking(self._state_and_time, escrow_id)
-            if state == State.NONE:
-                verified, deposit_tx = await self._accept_new(header, request, now)
-            elif state == State.HELD:
-                # Deposited by someone else (the buyer, another replica) and never answered here. The
-                # token checked the signature on deposit; judge the rest at a time the deadline was valid.
-                reference = min(now, self._latest_valid_time(request, header))
-                verified = self._verify(header, request, reference)
-                await _blocking(
-                    self.store.begin_deposit, escrow_id, verified.terms, reference, _route_name(request.route)
-                )
-                await _blocking(self.store.set_held, escrow_id, None)
-                deposit_tx = None
-                await self._require_time_left(verified.terms)
-            else:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+            first = await self._first_time(scope, receive, send, request, header=header, escrow_id=escrow_id)
+            if first is None:
+                return
+            verified, deposit_tx = first
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
+
+    async def _first_time(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+    ) -> tuple[VerifiedPayment, bytes | None] | None:
+        """A payment this store has never seen: deposited (hold), or served first and answered (None).
+
+        The seller's hooks run around verify and the deposit (hold); a serve-first sale runs none.
+        """
+        state, now = await _blocking(self._state_and_time, escrow_id)
+        if state == State.NONE:
+            if request.route.serve_first:
+                verified = self._verify(header, request, now)
+                if await self._serve_first(scope, receive, send, request, verified=verified, now=now):
+                    return None
+            return await self._accept_new(header, request, now)
+        if state == State.HELD:
+            # Deposited by someone else (the buyer, another replica) and never answered here. The
+            # token checked the signature on deposit; judge the rest at a time the deadline was valid.
+            reference = min(now, self._latest_valid_time(request, header))
+            verified = self._verify(header, request, reference)
+            payload = json.dumps(verified.payload.to_json())
+            await _blocking(
+                self.store.begin_deposit, escrow_id, verified.terms, reference, _route_name(request.route), payload
+            )
+            await _blocking(self.store.set_held, escrow_id, None)
+            await self._require_time_left(verified.terms)
+            return verified, None
+        raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
 
     async def _accept_new(self, header: str, request: _Request, now: int) -> tuple[VerifiedPayment, bytes | None]:
         """A payment seen for the first time: verified and deposited, between the seller's hooks."""
@@ -427,7 +450,7 @@ class EscrowMiddleware:
             await self._send_response(send, outcome.response, outcome.settle)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
-        return self.chain.state_of(escrow_id), self.chain.now()
+        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)
 
     def _latest_valid_time(self, request: _Request, header: str) -> int:
         """The last chain time at which this payment's deadline and authorization both had time left."""
@@ -458,8 +481,9 @@ class EscrowMiddleware:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
+        payload = json.dumps(verified.payload.to_json())
         if accepted_at is not None and not await _blocking(
-            self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(route)
+            self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(route), payload
         ):
             raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
 
@@ -531,6 +555,110 @@ class EscrowMiddleware:
         log.warning("deposit of 0x%s reverted on chain: %s (buyer %s)", escrow_id.hex(), exc, verified.buyer)
         raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
 
+    # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
+
+    async def _serve_first(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, verified: VerifiedPayment, now: int
+    ) -> bool:
+        """Serve a payment before any money moves, if the exposure limits allow; False: serve it in hold mode.
+
+        Checked first as hold checks before its deposit (balance, authorization unused, an eth_call of
+        the pull: here the settlement's own); then the exposure is reserved and the payment recorded
+        in one store transaction, so concurrent requests and replicas cannot overshoot a limit.
+        """
+        escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
+        try:
+            await _blocking(
+                verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
+            )
+        except PaymentRejected as rejected:
+            log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
+            raise
+        due = min(verified.payload.authorization.valid_before, terms.deadline)
+        refused = await _blocking(
+            self.store.begin_serve_first,
+            escrow_id,
+            terms,
+            accepted_at=now,
+            route=_route_name(request.route),
+            payload=json.dumps(verified.payload.to_json()),
+            due=due,
+            # Both set whenever a route is serve-first (SellerConfig checks it).
+            max_per_buyer=config.serve_first_max_per_buyer or 0,
+            max_total=config.serve_first_max_total or 0,
+        )
+        if refused == "known":
+            raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
+        if refused is not None:
+            reason = Reason(refused)
+            why = (
+                f"buyer {terms.buyer} left a serve-first settlement unpaid"
+                if reason == Reason.SERVE_FIRST_REFUSED
+                else f"serving {terms.amount} first would pass an exposure limit (per buyer "
+                f"{config.serve_first_max_per_buyer}, total {config.serve_first_max_total})"
+            )
+            if request.route.fallback_to_hold:
+                log.info("payment 0x%s served in hold mode: %s (%s)", escrow_id.hex(), why, reason)
+                return False
+            raise PaymentRejected(reason, why)
+        await self._serve_first_handler(scope, receive, send, request, verified)
+        return True
+
+    async def _serve_first_again(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, verified: VerifiedPayment
+    ) -> None:
+        """A serve-first payment recorded and never answered (the seller died mid-handler): serve it now,
+        if its authorization is still unused and leaves the poster time to settle it."""
+        terms, escrow_id = verified.terms, verified.escrow_id
+        if await _blocking(self.chain.authorization_used, terms.buyer, escrow_id):
+            raise PaymentRejected(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
+        now = await _blocking(self.chain.now)
+        due = min(verified.payload.authorization.valid_before, terms.deadline)
+        if now + self.config.min_time_left > due:
+            raise PaymentRejected(
+                Reason.AUTHORIZATION_EXPIRED, f"validBefore/deadline {due} leaves no time to settle (chain time {now})"
+            )
+        await self._serve_first_handler(scope, receive, send, request, verified)
+
+    async def _serve_first_handler(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, verified: VerifiedPayment
+    ) -> None:
+        """Run the handler; store the response and queue its settlement durably, then answer `pending`.
+
+        A failed handler costs nobody anything: the record is dropped, no transaction is sent.
+        """
+        escrow_id, terms = verified.escrow_id, verified.terms
+        response = await self._run_handler(scope, receive, request.body)
+        if response.status >= 400:
+            await _blocking(self.store.forget_serve_first, escrow_id)
+            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline)
+            settle = self._settlement(terms.buyer, None, extra, error=Reason.HANDLER_FAILED_NOT_CHARGED)
+            await self._send_response(send, response, settle)
+            return
+        hashed = delivery_hash(response.body)
+        if not await _blocking(self.store.save_served_first, escrow_id, response, hashed):
+            await self._replay_stored(send, escrow_id)
+            return
+        extra = SettlementExtra(
+            escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, settlement=SettlementStatus.PENDING
+        )
+        await self._send_response(send, response, self._settlement(terms.buyer, None, extra))
+
+    async def _replay_served_first(self, send: Send, payment: Payment, response: StoredResponse) -> None:
+        """The stored bytes again, with where their settlement stands."""
+        record = await _blocking(self.store.settlement, payment.escrow_id)
+        settled = record is not None and record.status == SETTLE_DONE
+        lost = record is not None and record.status == SETTLE_LOST
+        extra = SettlementExtra(
+            escrow_id=payment.escrow_id,
+            deadline=payment.terms.deadline,
+            delivery_hash=delivery_hash(response.body),
+            settlement=None if lost else SettlementStatus.SETTLED if settled else SettlementStatus.PENDING,
+        )
+        tx = record.tx_hash if record is not None and settled else None
+        error = Reason.SETTLEMENT_FAILED if lost else None
+        await self._send_response(send, response, self._settlement(payment.terms.buyer, tx, extra, error=error))
+
     async def _serve(
         self,
         scope: Scope,
@@ -549,7 +677,13 @@ class EscrowMiddleware:
             if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
                 await self._replay_stored(send, escrow_id)
                 return
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
+            extra = SettlementExtra(
+                escrow_id=escrow_id,
+                deadline=terms.deadline,
+                delivery_hash=hashed,
+                state="held",
+                settlement=SettlementStatus.HELD,
+            )
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
             return
         refund_tx: bytes | None = None
@@ -590,6 +724,9 @@ class EscrowMiddleware:
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         terms = payment.terms
+        if payment.serve_first:
+            await self._replay_served_first(send, payment, response)
+            return
         if payment.status in (REFUNDED, REFUND_PENDING):
             extra = SettlementExtra(
                 escrow_id=payment.escrow_id,
@@ -609,6 +746,7 @@ class EscrowMiddleware:
                 delivery_hash=delivery_hash(response.body),
                 delivery_transaction=record.tx_hash if record else None,
                 state=state,
+                settlement=SettlementStatus.HELD,
             )
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
         await self._send_response(send, response, settle)
@@ -678,6 +816,7 @@ class EscrowMiddleware:
             method=method,
             resource_url=url,
             body=body,
+            settlement=route.settlement,  # type: ignore[arg-type]  # PricedRoute made it a SettlementMode
         )
         accepts = await self.offers.accepts(route, offer.to_model(), amount, pay_to)
         return _Request(method, url, body, route, offer, context, accepts, self.offers.extensions(route, context))
@@ -720,7 +859,8 @@ class EscrowMiddleware:
         self, payer: str, deposit_tx: bytes | None, extra: SettlementExtra, *, error: str | None = None
     ) -> SettleResponse:
         return SettleResponse(
-            success=True,
+            # A serve-first handler failure: nothing was charged, and nothing will be.
+            success=error not in {Reason.HANDLER_FAILED_NOT_CHARGED, Reason.SETTLEMENT_FAILED},
             transaction="0x" + deposit_tx.hex() if deposit_tx else "",
             network=self.config.network,
             payer=payer,

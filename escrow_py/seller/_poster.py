@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -45,7 +46,7 @@ from web3.exceptions import Web3Exception
 from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import Delivered, PayoutFailed
+from escrow_py.chain.escrow import Delivered, PayoutFailed, Settled, Settlement, SettlementSkipped
 from escrow_py.errors import EscrowError
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._store import (
@@ -55,9 +56,11 @@ from escrow_py.seller._store import (
     REFUNDED_ON_CHAIN,
     SETTLED_ELSEWHERE,
     PendingDelivery,
+    QueuedSettlement,
     SellerStore,
 )
 from escrow_py.terms import State, Terms
+from escrow_py.wire import EscrowPayload
 
 log = logging.getLogger("escrow_py.seller.poster")
 sales = logging.getLogger("escrow_py.seller.sales")
@@ -84,6 +87,10 @@ class PostReport:
     payout_refused: list[bytes] = field(default_factory=list)  # the token refused the payout: retried later
     deferred: list[bytes] = field(default_factory=list)  # Held, not delivered, no reason seen: retried later
     refunded: list[bytes] = field(default_factory=list)  # failed handlers' refunds this pass sent
+    settled_first: list[bytes] = field(default_factory=list)  # serve-first payments our settleMany paid
+    settle_txs: list[bytes] = field(default_factory=list)  # the settleMany transactions this pass sent
+    lost: list[bytes] = field(default_factory=list)  # serve-first payments that will never pay (skipped, expired)
+    resettled: list[bytes] = field(default_factory=list)  # their settlement vanished in a reorg: queued again
     errors: list[str] = field(default_factory=list)
 
 
@@ -116,6 +123,11 @@ def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes
     sales.info("sale %s %s", outcome, text, extra={"sale": outcome, **shown})
 
 
+def _settlement(queued: QueuedSettlement) -> Settlement:
+    payload = EscrowPayload.from_json(json.loads(queued.payload))
+    return Settlement(payload.terms, payload.authorization, payload.signature, queued.delivery_hash)
+
+
 class DeliveryPoster:
     """Runs `post_pending` every `interval` seconds in the background, or on demand with `flush()`."""
 
@@ -142,8 +154,9 @@ class DeliveryPoster:
         # one loop never wakes a waiter on another, which hangs that caller).
         self._pass = threading.Lock()
 
-    def post_pending(self) -> PostReport:
-        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch.
+    def post_pending(self, *, force_settle: bool = False) -> PostReport:
+        """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch, and
+        send the queued serve-first settlements (`force_settle`: even within `settle_batch_wait`).
 
         Passes never overlap, whichever thread or event loop asks for them.
         """
@@ -159,7 +172,7 @@ class DeliveryPoster:
             renewer = threading.Thread(target=self._renew, args=(stop,), daemon=True, name="escrow-poster-lease")
             renewer.start()
             try:
-                return self._post_pending()
+                return self._post_pending(force_settle)
             finally:
                 stop.set()
                 renewer.join()
@@ -181,10 +194,12 @@ class DeliveryPoster:
             except Exception:  # a store hiccup: the next renewal tries again
                 log.exception("poster lease %s not renewed", self.lease_name)
 
-    def _post_pending(self) -> PostReport:
+    def _post_pending(self, force_settle: bool) -> PostReport:
         report = PostReport()
         self._follow_posted(report)
+        self._follow_settled(report)
         self._retry_refunds(report)
+        self._settle_queued(report, force=force_settle)
         while not self._lost.is_set():
             now = self.chain.now()
             # Past (or too close to) its deadline, a delivery would be skipped: the escrow is the buyer's now.
@@ -323,12 +338,17 @@ class DeliveryPoster:
                     entry.tx_hash.hex(),
                 )
             elif state == State.NONE:
-                # The deposit went with the reorg too: nothing to deliver, and nothing was paid.
-                final.append(entry.escrow_id)
-                log.error(
-                    "escrow 0x%s: its deposit and delivery vanished in a reorg; the response was served unpaid",
-                    entry.escrow_id.hex(),
-                )
+                # The deposit went with the reorg too: send it again from the stored signature, then the delivery.
+                outcome = self._deposit_again(entry.escrow_id)
+                if outcome == "deposited":
+                    again.append(entry.escrow_id)
+                elif outcome == "lost":
+                    final.append(entry.escrow_id)
+                    log.error(
+                        "escrow 0x%s: its deposit and delivery vanished in a reorg and the deposit cannot be sent "
+                        "again; the response was served unpaid",
+                        entry.escrow_id.hex(),
+                    )
             elif state == State.REFUNDED:
                 refunded.append(entry.escrow_id)
                 log.warning("escrow 0x%s: its delivery vanished in a reorg and it was refunded", entry.escrow_id.hex())
@@ -341,6 +361,117 @@ class DeliveryPoster:
         report.final.extend(final)
         report.reposted.extend(again)
         report.refunded_elsewhere.extend(refunded)
+
+    def _deposit_again(self, escrow_id: bytes) -> str:
+        """Re-send a deposit a reorg removed: "deposited", "lost" (no stored signature, or the authorization
+        is spent, cancelled or expired), or "retry" (the send failed; the next pass tries again)."""
+        stored = self.store.deposit_payload(escrow_id)
+        if stored is None:
+            return "lost"
+        payload = EscrowPayload.from_json(json.loads(stored))
+        if self.chain.authorization_used(payload.terms.buyer, escrow_id):
+            return "lost"
+        try:
+            receipt = self.chain.deposit(payload)
+        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            if self.chain.state_of(escrow_id) == State.HELD:
+                return "deposited"
+            if min(payload.authorization.valid_before, payload.terms.deadline) <= self.chain.now():
+                return "lost"
+            log.warning("deposit of 0x%s again after a reorg failed: %s; retried next pass", escrow_id.hex(), exc)
+            return "retry"
+        self.store.set_held_again(escrow_id, bytes(receipt["transactionHash"]))
+        log.warning("escrow 0x%s: its deposit vanished in a reorg; sent again", escrow_id.hex())
+        return "deposited"
+
+    # -- serve-first settlements -----------------------------------------------------------
+
+    def _settle_queued(self, report: PostReport, *, force: bool = False) -> None:
+        """Send every queued serve-first settlement still in time, in one settleMany per batch.
+
+        The contract pays the seller once per batch; an entry whose pull fails (the buyer moved its
+        funds, cancelled the authorization) is skipped, and recorded here as a loss: logged, counted
+        (`SellerStore.losses`), and its buyer is refused serve-first from then on.
+        """
+        while self.store.exposure() > 0:  # anything served first and unpaid (a hold-only seller: no RPC here)
+            now = self.chain.now()
+            lost, dropped = self.store.expire_settlements(now + DEADLINE_MARGIN)
+            for escrow_id in lost:
+                report.lost.append(escrow_id)
+                log.error("settlement of 0x%s: its authorization expired before it was sent; a loss", escrow_id.hex())
+            for escrow_id in dropped:
+                log.warning("serve-first 0x%s: its handler never finished before validBefore; dropped", escrow_id.hex())
+            queued = self.store.settlements_due(BATCH_SIZE)
+            if not queued:
+                return
+            wait = self.chain.config.settle_batch_wait
+            age = self.store.oldest_queued_age() or 0.0
+            if len(queued) < BATCH_SIZE and age < wait and not force:
+                return  # let more join this batch (settle_batch_wait is below any payment's time left)
+            entries = {q.escrow_id: _settlement(q) for q in queued}
+            ids = list(entries)
+            try:
+                receipt = self.chain.settle_many(list(entries.values()))
+            except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+                log.warning("settleMany of %d entries failed: %s", len(ids), exc)
+                self.store.note_settle_attempt(ids, str(exc))
+                report.errors.append(str(exc))
+                return
+            tx_hash = bytes(receipt["transactionHash"])
+            report.settle_txs.append(tx_hash)
+            outcomes = self.chain.escrow.settlements_in(receipt)
+            paid = [e.id for e in outcomes if isinstance(e, Settled) and e.id in entries]
+            self.store.mark_settled(paid, tx_hash)
+            report.settled_first.extend(paid)
+            for escrow_id in paid:
+                log_sale("settled", escrow_id, entries[escrow_id].terms, settle_tx=tx_hash)
+            for skipped in (e for e in outcomes if isinstance(e, SettlementSkipped) and e.id in entries):
+                terms = entries[skipped.id].terms
+                self.store.mark_lost(skipped.id, skipped.reason.name.lower(), refuse_buyer=True, tx_hash=tx_hash)
+                report.lost.append(skipped.id)
+                log.error(
+                    "settlement of 0x%s skipped (%s) in settleMany 0x%s: %d lost, buyer %s refused serve-first",
+                    skipped.id.hex(), skipped.reason.name, tx_hash.hex(), terms.amount, terms.buyer,
+                )  # fmt: skip
+                log_sale("lost", skipped.id, terms, settle_tx=tx_hash, reason=skipped.reason.name.lower())
+            unanswered = [i for i in ids if i not in paid and i not in report.lost]
+            if unanswered:  # no event for it: not expected of the contract; tried again next pass
+                self.store.note_settle_attempt(unanswered, f"settleMany 0x{tx_hash.hex()} said nothing of it")
+                return
+
+    def _follow_settled(self, report: PostReport) -> None:
+        """Settlements until they are deep enough: one a reorg took away is queued again (its authorization
+        unused again, the stored signature settles it anew)."""
+        depth = self.chain.config.confirmation_depth
+        settled = self.store.settled_unfinal()
+        if not settled:
+            return
+        head = int(self.chain.w3.eth.block_number)
+        final, again = [], []
+        receipts: dict[bytes, TxReceipt | None] = {}
+        for escrow_id, tx_hash in settled:
+            if tx_hash not in receipts:
+                receipts[tx_hash] = self.chain.sender.receipt(tx_hash)
+            receipt = receipts[tx_hash]
+            if (
+                receipt is not None
+                and receipt["status"] == 1
+                and any(isinstance(e, Settled) and e.id == escrow_id for e in self.chain.escrow.settlements_in(receipt))
+            ):
+                if head - int(receipt["blockNumber"]) + 1 >= depth:
+                    final.append(escrow_id)
+                continue
+            payment = self.store.payment(escrow_id)
+            if payment is not None and not self.chain.authorization_used(payment.terms.buyer, escrow_id):
+                again.append(escrow_id)
+                log.warning("settlement of 0x%s vanished in a reorg; sending it again", escrow_id.hex())
+            else:
+                final.append(escrow_id)  # settled by another transaction: nothing left to follow
+        if final:
+            self.store.settle_final(final)
+        if again:
+            self.store.resettle(again, "its settlement vanished in a reorg")
+        report.resettled.extend(again)
 
     def _retry_refunds(self, report: PostReport) -> None:
         for escrow_id, terms in self.store.refunds_pending():
@@ -358,9 +489,9 @@ class DeliveryPoster:
             report.refunded.append(escrow_id)
             log_sale("refunded", escrow_id, terms, refund_tx=refund_tx)
 
-    async def flush(self) -> PostReport:
+    async def flush(self, *, force_settle: bool = False) -> PostReport:
         """One pass now, off the event loop; passes never overlap."""
-        return await anyio.to_thread.run_sync(self.post_pending)
+        return await anyio.to_thread.run_sync(lambda: self.post_pending(force_settle=force_settle))
 
     async def _run(self) -> None:
         while True:
@@ -382,7 +513,7 @@ class DeliveryPoster:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(Exception):
-            await self.flush()
+            await self.flush(force_settle=True)
         # Hand the key's posting to another replica now rather than when the lease lapses.
         with contextlib.suppress(Exception):
             await anyio.to_thread.run_sync(self.store.release_lease, self.lease_name, self.owner)

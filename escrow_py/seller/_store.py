@@ -83,9 +83,36 @@ _TAKE_LEASE_SQL = (
 )
 _TAKE_LEASE = {engine: _TAKE_LEASE_SQL.replace("NOW", now) for engine, now in _DB_NOW.items()}
 
+# Serve-first (DESIGN.md section 8): the buyer's signed authorization is kept with its payment until
+# the settlement lands, since the settlement itself is what pulls the money. IF NOT EXISTS: a SQLite
+# store the serve-first branch wrote before migrations has these already.
+_SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS settlements (
+    escrow_id TEXT PRIMARY KEY REFERENCES payments (escrow_id), buyer TEXT NOT NULL, amount INTEGER NOT NULL,
+    payload TEXT NOT NULL, delivery_hash TEXT, due INTEGER NOT NULL, status TEXT NOT NULL,
+    tx_hash TEXT, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    final INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL, queued_at REAL
+);
+CREATE INDEX IF NOT EXISTS settlements_status ON settlements (status, due);
+CREATE INDEX IF NOT EXISTS settlements_buyer ON settlements (buyer, status);
+CREATE TABLE IF NOT EXISTS refused_buyers (
+    buyer TEXT PRIMARY KEY, escrow_id TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
+)
+"""
+
+
+def _payload_column(tx: Tx) -> None:
+    """payments.payload: the signed EscrowPayload (JSON), kept so a deposit a reorg removed can be sent again."""
+    if tx.engine != "sqlite":
+        tx.execute("ALTER TABLE payments ADD COLUMN IF NOT EXISTS payload TEXT")
+    elif "payload" not in {row[1] for row in tx.all("PRAGMA table_info(payments)")}:
+        tx.execute("ALTER TABLE payments ADD COLUMN payload TEXT")
+
+
 MIGRATIONS = (
     Migration(1, "payments and deliveries", _SCHEMA_1, _older_columns),
     Migration(2, "leases, operator nonces and transactions", _SCHEMA_2),
+    Migration(3, "serve-first settlements, refused buyers, payments.payload", _SCHEMA_3, _payload_column),
 )
 
 # Payment statuses.
@@ -94,6 +121,15 @@ HELD = "held"  # deposit confirmed, handler not finished
 SERVED = "served"  # response stored, delivery queued
 REFUNDED = "refunded"  # handler failed, refund confirmed
 REFUND_PENDING = "refund_pending"  # handler failed, refund not (yet) confirmed
+SERVING_FIRST = "serving_first"  # serve-first: verified, exposure reserved, handler not finished
+SERVED_FIRST = "served_first"  # serve-first: response stored, settlement queued (see `settlements`)
+
+# Settlement statuses (serve-first). Unpaid (counted against the exposure limits): serving, queued.
+SETTLE_SERVING = "serving"  # the handler runs; no hash yet
+SETTLE_QUEUED = "queued"  # response stored, to be settled by the poster
+SETTLE_DONE = "settled"  # our settleMany's Settled event names it
+SETTLE_LOST = "lost"  # skipped by settleMany, or its authorization expired unsettled: the seller's loss
+UNPAID = (SETTLE_SERVING, SETTLE_QUEUED)
 
 # Delivery statuses. Only `posted` means our own transaction delivered it (its Delivered event
 # is in our receipt); the others say why it never will be.
@@ -128,6 +164,11 @@ class Payment:
     deposit_tx: bytes | None
     refund_tx: bytes | None
     response: StoredResponse | None
+    payload: str | None = None  # the signed EscrowPayload as JSON text
+
+    @property
+    def serve_first(self) -> bool:
+        return self.status in (SERVING_FIRST, SERVED_FIRST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +197,35 @@ class DeliveryRecord:
     tx_hash: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedSettlement:
+    """A served serve-first payment to settle: its signed payload (EscrowPayload JSON) and delivery hash."""
+
+    escrow_id: bytes
+    payload: str
+    delivery_hash: bytes
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRecord:
+    status: str
+    amount: int
+    buyer: str
+    delivery_hash: bytes | None
+    tx_hash: bytes | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Losses:
+    """Serve-first settlements that never paid: how many, how much, and the buyers now refused serve-first."""
+
+    count: int
+    amount: int
+    refused_buyers: frozenset[str]
+
+
 class SellerStore:
     """The store on SQLite (a path or sqlite:/// URL) or PostgreSQL (a postgresql:// URL, schema `seller`).
 
@@ -173,12 +243,12 @@ class SellerStore:
     def payment(self, escrow_id: bytes) -> Payment | None:
         row = self._db.one(
             "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
-            "response_body FROM payments WHERE escrow_id = ?",
+            "response_body, payload FROM payments WHERE escrow_id = ?",
             (_hex(escrow_id),),
         )
         if row is None:
             return None
-        terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body = row
+        terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body, payload = row
         response = None
         if response_status is not None:
             pairs = [(bytes.fromhex(k), bytes.fromhex(v)) for k, v in json.loads(headers)]
@@ -191,6 +261,7 @@ class SellerStore:
             _unhex(deposit_tx),
             _unhex(refund_tx),
             response,
+            payload,
         )
 
     def answered(self, escrow_id: bytes) -> bool:
@@ -200,17 +271,17 @@ class SellerStore:
         )
         return row is not None
 
-    def begin_deposit(self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None) -> bool:
-        """Record a payment about to be deposited; False if the id is already known (unique key)."""
-        now = time.time()
+    def begin_deposit(
+        self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None, payload: str | None = None
+    ) -> bool:
+        """Record a payment about to be deposited; False if the id is already known (unique key).
+
+        `payload` (the signed EscrowPayload as JSON) lets the poster send the deposit again if a
+        reorg removes it after its response was served.
+        """
         with self._db.transaction() as tx:
-            inserted = tx.execute(
-                "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, "
-                "updated_at, route) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
-                (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, DEPOSITING, accepted_at, now, now,
-                 route),
-            ).rowcount  # fmt: skip
-        return inserted == 1
+            return _insert_payment(tx, escrow_id, terms, DEPOSITING, accepted_at=accepted_at, route=route,
+                                   payload=payload)  # fmt: skip
 
     def set_deposit_sent(self, escrow_id: bytes, tx_hash: bytes) -> None:
         """The deposit transaction about to leave (or its repriced replacement): found again on a retry."""
@@ -439,6 +510,231 @@ class SellerStore:
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
                 [(error[:500], now, _hex(i)) for i in ids],
             )
+
+    # -- serve-first ---------------------------------------------------------------------------
+
+    def begin_serve_first(
+        self,
+        escrow_id: bytes,
+        terms: Terms,
+        *,
+        accepted_at: int,
+        route: str | None,
+        payload: str,
+        due: int,
+        max_per_buyer: int,
+        max_total: int,
+    ) -> str | None:
+        """Reserve exposure for a serve-first payment and record it, atomically; None when done.
+
+        Otherwise the reason it may not be served first: `serve_first_refused` (this buyer left a
+        settlement unpaid), `serve_first_limit` (the buyer's or everyone's unpaid total would pass
+        its limit), or `known` (the id is recorded already, by another request or replica).
+        `due` is the chain time by which the settlement must have landed (min(validBefore, deadline)).
+        Replicas on one PostgreSQL store take one advisory lock for the check and the insert, so two
+        of them cannot both fit under a limit only one fits under (SQLite: BEGIN IMMEDIATE does it).
+        """
+        buyer, amount = terms.buyer, terms.amount
+        unpaid = ",".join("?" * len(UNPAID))
+        with self._db.transaction() as tx:
+            tx.lock("seller.serve_first_exposure")
+            if tx.one("SELECT 1 FROM refused_buyers WHERE buyer = ?", (buyer,)) is not None:
+                return "serve_first_refused"
+            row = tx.one(
+                f"SELECT COALESCE(SUM(CASE WHEN buyer = ? THEN amount END), 0), COALESCE(SUM(amount), 0) "  # noqa: S608
+                f"FROM settlements WHERE status IN ({unpaid})",
+                (buyer, *UNPAID),
+            )
+            owed_by_buyer, owed = (0, 0) if row is None else row
+            if int(owed_by_buyer) + amount > max_per_buyer or int(owed) + amount > max_total:
+                return "serve_first_limit"
+            if not _insert_payment(
+                tx, escrow_id, terms, SERVING_FIRST, accepted_at=accepted_at, route=route, payload=payload
+            ):
+                return "known"
+            tx.execute(
+                "INSERT INTO settlements (escrow_id, buyer, amount, payload, due, status, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (_hex(escrow_id), buyer, amount, payload, due, SETTLE_SERVING, time.time()),
+            )
+        return None
+
+    def save_served_first(self, escrow_id: bytes, response: StoredResponse, delivery_hash: bytes) -> bool:
+        """Store the response and queue its settlement in one transaction (before the answer leaves).
+
+        Write-once like save_served: False means another run's response was stored first (a replica
+        whose claim lapsed), and that one, whose hash is queued, is the one to answer.
+        """
+        now = time.time()
+        with self._db.transaction() as tx:
+            stored = tx.execute(
+                "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
+                "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
+                (SERVED_FIRST, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
+            ).rowcount
+            if stored != 1:
+                return False
+            tx.execute(
+                "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ?, queued_at = ? "
+                "WHERE escrow_id = ? AND status = ?",
+                (SETTLE_QUEUED, _hex(delivery_hash), now, now, _hex(escrow_id), SETTLE_SERVING),
+            )
+        return True
+
+    def forget_serve_first(self, escrow_id: bytes) -> None:
+        """The handler failed: nothing was served and nothing will be settled; the exposure is freed."""
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), SETTLE_SERVING))
+            tx.execute(
+                "DELETE FROM payments WHERE escrow_id = ? AND status = ? AND response_status IS NULL",
+                (_hex(escrow_id), SERVING_FIRST),
+            )
+
+    def settlement(self, escrow_id: bytes) -> SettlementRecord | None:
+        row = self._db.one(
+            "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
+            (_hex(escrow_id),),
+        )
+        if row is None:
+            return None
+        return SettlementRecord(row[0], int(row[1]), row[2], _unhex(row[3]), _unhex(row[4]), row[5])
+
+    def settlements_due(self, limit: int = 100) -> list[QueuedSettlement]:
+        """Queued settlements, the one due soonest first."""
+        rows = self._db.all(
+            "SELECT escrow_id, payload, delivery_hash, attempts FROM settlements WHERE status = ? ORDER BY due LIMIT ?",
+            (SETTLE_QUEUED, limit),
+        )
+        return [QueuedSettlement(bytes.fromhex(i[2:]), p, bytes.fromhex(h[2:]), int(n)) for i, p, h, n in rows]
+
+    def oldest_queued_age(self) -> float | None:
+        """Seconds (wall clock) since the longest-waiting queued settlement was queued; None if none is."""
+        row = self._db.one("SELECT MIN(queued_at) FROM settlements WHERE status = ?", (SETTLE_QUEUED,))
+        oldest = None if row is None else row[0]
+        return None if oldest is None else time.time() - float(oldest)
+
+    def expire_settlements(self, chain_time: int) -> tuple[list[bytes], list[bytes]]:
+        """Settlements that can no longer land (due at or before `chain_time`): (queued ones, now lost;
+        serving ones, dropped: their handler never finished, so nothing was served)."""
+        unpaid = ",".join("?" * len(UNPAID))
+        due = f"SELECT 1 FROM settlements WHERE status IN ({unpaid}) AND due <= ? LIMIT 1"  # noqa: S608
+        if self._db.one(due, (*UNPAID, chain_time)) is None:
+            return [], []  # the usual pass: nothing due, no write transaction
+        with self._db.transaction() as tx:
+            lost = tx.all(
+                "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_QUEUED, chain_time)
+            )
+            dropped = tx.all(
+                "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_SERVING, chain_time)
+            )
+            now = time.time()
+            tx.executemany(
+                "UPDATE settlements SET status = ?, reason = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
+                [(SETTLE_LOST, "expired", now, i, SETTLE_QUEUED) for (i,) in lost],
+            )
+            for (i,) in dropped:
+                tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (i, SETTLE_SERVING))
+                tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (i, SERVING_FIRST))
+        return [bytes.fromhex(i[2:]) for (i,) in lost], [bytes.fromhex(i[2:]) for (i,) in dropped]
+
+    def mark_settled(self, ids: list[bytes], tx_hash: bytes) -> None:
+        with self._db.transaction() as tx:
+            tx.executemany(
+                "UPDATE settlements SET status = ?, tx_hash = ?, final = 0, updated_at = ? WHERE escrow_id = ?",
+                [(SETTLE_DONE, _hex(tx_hash), time.time(), _hex(i)) for i in ids],
+            )
+
+    def mark_lost(self, escrow_id: bytes, reason: str, *, refuse_buyer: bool, tx_hash: bytes | None = None) -> None:
+        """A settlement that will never pay: recorded as a loss; `refuse_buyer` bars the buyer from serve-first."""
+        now = time.time()
+        with self._db.transaction() as tx:
+            tx.execute(
+                "UPDATE settlements SET status = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
+                "WHERE escrow_id = ?",
+                (SETTLE_LOST, reason[:200], _hex(tx_hash), now, _hex(escrow_id)),
+            )
+            if refuse_buyer:
+                tx.execute(
+                    "INSERT INTO refused_buyers (buyer, escrow_id, reason, at) "
+                    "SELECT buyer, escrow_id, ?, ? FROM settlements WHERE escrow_id = ? "
+                    "ON CONFLICT (buyer) DO NOTHING",
+                    (reason[:200], now, _hex(escrow_id)),
+                )
+
+    def note_settle_attempt(self, ids: list[bytes], error: str) -> None:
+        with self._db.transaction() as tx:
+            tx.executemany(
+                "UPDATE settlements SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
+                [(error[:500], time.time(), _hex(i)) for i in ids],
+            )
+
+    def settled_unfinal(self, limit: int = 500) -> list[tuple[bytes, bytes]]:
+        """(escrow id, settle tx) of settlements not yet deep enough to survive a reorg."""
+        rows = self._db.all(
+            "SELECT escrow_id, tx_hash FROM settlements WHERE status = ? AND final = 0 LIMIT ?", (SETTLE_DONE, limit)
+        )
+        return [(bytes.fromhex(i[2:]), bytes.fromhex(t[2:])) for i, t in rows]
+
+    def settle_final(self, ids: list[bytes]) -> None:
+        with self._db.transaction() as tx:
+            tx.executemany(
+                "UPDATE settlements SET final = 1, updated_at = ? WHERE escrow_id = ?",
+                [(time.time(), _hex(i)) for i in ids],
+            )
+
+    def resettle(self, ids: list[bytes], why: str) -> None:
+        """Back to queued: the settlement's transaction vanished in a reorg and the authorization is unused."""
+        with self._db.transaction() as tx:
+            tx.executemany(
+                "UPDATE settlements SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "
+                "WHERE escrow_id = ? AND status = ?",
+                [(SETTLE_QUEUED, why[:500], time.time(), _hex(i), SETTLE_DONE) for i in ids],
+            )
+
+    def exposure(self, buyer: str | None = None) -> int:
+        """What buyers (or one buyer) owe in serve-first settlements not yet paid."""
+        unpaid = ",".join("?" * len(UNPAID))
+        query = f"SELECT COALESCE(SUM(amount), 0) FROM settlements WHERE status IN ({unpaid})"  # noqa: S608
+        args: tuple[str, ...] = UNPAID
+        if buyer is not None:
+            query += " AND buyer = ?"
+            args = (*UNPAID, buyer)
+        row = self._db.one(query, args)
+        return 0 if row is None else int(row[0])
+
+    def losses(self) -> Losses:
+        with self._db.read() as tx:
+            row = tx.one("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SETTLE_LOST,))
+            refused = tx.all("SELECT buyer FROM refused_buyers")
+        count, amount = (0, 0) if row is None else row
+        return Losses(int(count), int(amount), frozenset(r[0] for r in refused))
+
+    def set_held_again(self, escrow_id: bytes, deposit_tx: bytes) -> None:
+        """The deposit sent again after a reorg removed it: the payment keeps its response and status."""
+        with self._db.transaction() as tx:
+            tx.execute(
+                "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ?",
+                (_hex(deposit_tx), time.time(), _hex(escrow_id)),
+            )
+
+    def deposit_payload(self, escrow_id: bytes) -> str | None:
+        """The signed payload a hold payment was accepted with (None for rows written before it was kept)."""
+        row = self._db.one("SELECT payload FROM payments WHERE escrow_id = ?", (_hex(escrow_id),))
+        return None if row is None else row[0]
+
+
+def _insert_payment(
+    tx: Tx, escrow_id: bytes, terms: Terms, status: str, *, accepted_at: int, route: str | None, payload: str | None
+) -> bool:
+    """Insert a payment row; False (nothing written) if its id is recorded already."""
+    now = time.time()
+    inserted = tx.execute(
+        "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, updated_at, route, "
+        "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
+        (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
+         payload),
+    ).rowcount  # fmt: skip
+    return inserted == 1
 
 
 def _headers_json(response: StoredResponse) -> str:

@@ -11,11 +11,13 @@ machine-readable reason and the values involved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from eth_typing import ChecksumAddress
 
+from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain, recover_signer
-from escrow_py.chain.escrow import Escrow
+from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import GAS_MARGIN, TxSender
 from escrow_py.errors import ContractRevert, ProtocolError
@@ -25,8 +27,15 @@ from escrow_py.wire import (
     EscrowPayload,
     EscrowRequirements,
     Reason,
+    SettlementMode,
     decode_payment_signature,
 )
+
+_T = TypeVar("_T")
+
+# What a serve-first settlement is simulated with before the handler has run: any non-zero hash
+# (the pull, which is what can fail, does not depend on it).
+PROBE_HASH = b"\x01" * 32
 
 # A header that does not decode is a client bug (400); a payment that decodes but breaks a
 # rule is refused with a fresh offer (402), as x402 does.
@@ -72,6 +81,7 @@ def offer_for(
     method: str,
     resource_url: str,
     body: bytes,
+    settlement: SettlementMode = SettlementMode.HOLD,
 ) -> EscrowRequirements:
     """The delivery-escrow requirements for one request: its requestHash binds method, URL and body."""
     extra = EscrowExtra(
@@ -80,6 +90,7 @@ def offer_for(
         escrow=escrow,  # type: ignore[arg-type]
         operator=operator,  # type: ignore[arg-type]
         request_hash=request_hash(method, resource_url, body),
+        settlement=settlement,
     )
     return EscrowRequirements(network, amount, asset, pay_to, max_timeout_seconds, extra)  # type: ignore[arg-type]
 
@@ -211,28 +222,43 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender) -> int:
-    """Balance, authorization state, and a simulation of the deposit as `sender` would send it.
+def verify_onchain(
+    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
+) -> int:
+    """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
+    that pulls the same authorization) as `sender` would send it.
 
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
     """
-    balance = token.balance_of(payment.buyer)
+    payload = payment.payload
+    if serve_first:
+        what = "settlement"
+        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
+    else:
+        what = "deposit"
+        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+    # Three independent reads at once (one round trip); judged in this order, the simulation last.
+    balance, used, gas = rpc.gather(
+        lambda: token.balance_of(payment.buyer),
+        lambda: token.authorization_state(payment.buyer, payment.escrow_id),
+        lambda: sender.estimate_gas(escrow.address, data),
+    )
+    balance, used = _value(balance), _value(used)
     _require(
         balance >= payment.terms.amount,
         Reason.INSUFFICIENT_BALANCE,
         f"buyer balance {balance} < amount {payment.terms.amount}",
     )
-    _require(
-        not token.authorization_state(payment.buyer, payment.escrow_id),
-        Reason.AUTHORIZATION_USED,
-        "the authorization was already used or cancelled",
-    )
-    payload = payment.payload
-    try:
-        gas = sender.estimate_gas(
-            escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-        )
-    except ContractRevert as revert:
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"deposit would revert: {revert}", detail=str(revert)) from None
+    _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
+    if isinstance(gas, ContractRevert):
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+    gas = _value(gas)
     return int(gas * GAS_MARGIN)
+
+
+def _value(result: _T | BaseException) -> _T:
+    """A gathered read's value; its exception (the node failed) raised as it was."""
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -14,12 +14,12 @@ import sys
 def test_bench_http_prints_every_variant_and_the_ratio() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "escrow_py.cli", "bench", "http", "--requests", "4", "--concurrency", "2",
-         "--warmup", "1", "--json"],
+         "--warmup", "1", "--block-time", "0", "--json"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    for name in ("unpaid", "escrow", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
+    (result,) = json.loads(out.stdout).values()
+    for name in ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
         row = result[name]
         # warm-up + latency + throughput phases, each request paid exactly once (checked on chain by the bench)
         assert row["requests"] == 1 + 4 + 4
@@ -28,10 +28,15 @@ def test_bench_http_prints_every_variant_and_the_ratio() -> None:
         assert row["p95_ms"] >= row["p50_ms"]
     expected = round(result["escrow"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
     assert result["ratio_p50_escrow_vs_sdk_exact"] == expected
+    expected = round(result["serve_first"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
+    assert result["ratio_p50_serve_first_vs_sdk_exact"] == expected
+    assert result["targets"] == {"ratio_p50_serve_first_vs_sdk_exact": 0.5}
+    assert set(result["met"]) == set(result["targets"])
     keyless = round(result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3)
     assert result["ratio_p50_facilitator_vs_escrow"] == keyless
     assert result["settings"] == {"requests": 4, "concurrency": 2, "warmup": 1, "anvil": "automine"}
     assert "checking every payment on chain" in out.stderr
+    assert "waiting for the serve-first settlements" in out.stderr
 
 
 def test_bench_http_refuses_nonsense_settings() -> None:

@@ -42,11 +42,17 @@ def shop(chain: Chain, tmp_path: Path) -> Shop:
     return make_shop(chain, tmp_path)
 
 
-def make_shop(chain: Chain, tmp_path: Path, *, max_timeout_seconds: int = 120, **settings: Any) -> Shop:
-    """The shop app; `settings` override SellerConfig's defaults (e.g. deadline_slack)."""
+def make_shop(
+    chain: Chain, tmp_path: Path, *, max_timeout_seconds: int = 120, settlement: str = "hold", **settings: Any
+) -> Shop:
+    """The shop app; `settings` override SellerConfig's defaults (e.g. deadline_slack). With
+    settlement="serve-first" every route serves first, within generous exposure limits."""
     chain.mine()  # a reverted snapshot leaves the chain's clock behind the wall clock
     app = FastAPI()
     calls: dict[str, int] = {}
+    if settlement == "serve-first":
+        limits = {"serve_first_max_price": PRICE, "serve_first_max_per_buyer": 100 * PRICE}
+        settings = {**limits, "serve_first_max_total": 100 * PRICE, **settings}
     config = SellerConfig(
         rpc_url=chain.node.url,
         escrow=chain.escrow.address,
@@ -55,10 +61,10 @@ def make_shop(chain: Chain, tmp_path: Path, *, max_timeout_seconds: int = 120, *
         pay_to=address(SELLER),
         operator=dev(OPERATOR),
         routes=[
-            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
-            PricedRoute("POST", "/echo", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
-            PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=max_timeout_seconds),
-        ],
+            PricedRoute("GET", path, amount=PRICE, max_timeout_seconds=max_timeout_seconds, settlement=settlement)
+            for path in ("/report/{item}", "/fail")
+        ]
+        + [PricedRoute("POST", "/echo", amount=PRICE, max_timeout_seconds=max_timeout_seconds, settlement=settlement)],
         store=tmp_path / "seller.sqlite",
         confirmations=1,
         **settings,

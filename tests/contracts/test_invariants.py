@@ -96,6 +96,7 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
 
     class EscrowMachine(RuleBasedStateMachine):
         escrows = Bundle("escrows")
+        served_bundle = Bundle("served")
 
         def __init__(self) -> None:
             super().__init__()
@@ -392,6 +393,7 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
         # -- serve-first ----------------------------------------------------------------------
 
         @rule(
+            target=served_bundle,
             buyer=st.sampled_from([BUYER, BUYER2]),
             seller=st.sampled_from([SELLER, SELLER2]),
             token=st.sampled_from(TOKENS),
@@ -399,10 +401,27 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
             offset=st.sampled_from(DEADLINE_OFFSETS),
             who=st.sampled_from([SELLER, SELLER2, OPERATOR, OPERATOR, STRANGER]),
         )
-        def settle(self, buyer: int, seller: int, token: str, amount: int, offset: int, who: int) -> None:
-            """A fresh serve-first payment settled at once."""
+        def settle(self, buyer: int, seller: int, token: str, amount: int, offset: int, who: int) -> Terms:
+            """A fresh serve-first payment settled at once; its terms go to `served_bundle`, where
+            `reuse_settled` tries to deposit, deliver, refund and settle it again."""
             terms = _terms(buyer, seller, tokens.by_name[token].address, amount, self.t + 1 + offset, self._salt())
             self._settle_serve_first(terms, who)
+            return terms
+
+        @rule(
+            terms=served_bundle,
+            action=st.sampled_from(["deposit", "deliver", "refund", "settle"]),
+            who=st.sampled_from([SELLER, OPERATOR, STRANGER]),
+        )
+        def reuse_settled(self, terms: Terms, action: str, who: int) -> None:
+            """A serve-first id (settled, or refused) used again: a settled one is never deposited,
+            released, refunded or settled a second time; the model says which revert each must meet."""
+            if action == "deposit":
+                self.deposit_again(terms, who if who != OPERATOR else SELLER)
+            elif action == "settle":
+                self._settle_serve_first(terms, who)
+            else:
+                self._settle_one(terms, who, release=action == "deliver")
 
         @rule(terms=escrows, who=st.sampled_from([SELLER, OPERATOR]))
         def settle_known_terms(self, terms: Terms, who: int) -> None:

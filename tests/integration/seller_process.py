@@ -1,8 +1,8 @@
 """The integration tests' seller as its own process: the demo shop behind the middleware, on uvicorn.
 
 With --die-after-handler the process SIGKILLs itself at the worst moment for a seller:
-the handler has run, the response is stored and its delivery queued, and not one byte
-of the answer has left. The poster interval is then an hour, so nothing is posted
+the handler has run, the response is stored and its delivery (or, --serve-first, its
+settlement) queued, and not one byte of the answer has left. The poster interval is then an hour, so nothing is posted
 before the kill; the restarted process has to post it.
 """
 
@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from escrow_devtools.demo._shop import build_shop, routes
+from escrow_devtools.demo._shop import SERVE_FIRST_LIMITS, build_shop, routes
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.seller import SellerConfig
 from escrow_py.wire import PAYMENT_RESPONSE_HEADER
@@ -46,7 +46,10 @@ def main() -> None:
         parser.add_argument(flag, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--die-after-handler", action="store_true")
+    parser.add_argument("--serve-first", action="store_true")
     args = parser.parse_args()
+    settlement = "serve-first" if args.serve_first else "hold"
+    limits = SERVE_FIRST_LIMITS if args.serve_first else {}
     config = SellerConfig(
         rpc_url=args.rpc,
         escrow=args.escrow,
@@ -54,9 +57,10 @@ def main() -> None:
         network="eip155:84532",
         pay_to=args.pay_to,
         operator=LocalSigner.from_env("X402_ESCROW_PRIVATE_KEY"),
-        routes=routes(),
+        routes=routes(settlement),
         store=args.store,
         poster_interval=3600.0 if args.die_after_handler else 0.1,
+        **limits,  # type: ignore[arg-type]
     )
     app: ASGIApp = build_shop(config, work_seconds=0.0)
     if args.die_after_handler:

@@ -29,7 +29,6 @@ from escrow_py.buyer import (
     EscrowClient,
     HandlerFailedRefunded,
     Journal,
-    PaymentNotDelivered,
     PaymentState,
     delivered_hash,
     recover,
@@ -40,7 +39,7 @@ from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SCHEME
 
 from .independent_client import pay as independent_pay
-from .world import Books, SellerProcess, serving
+from .world import Books, SellerProcess, buy_from_a_seller_that_dies, serving
 
 
 def _until(what: str, done: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -174,15 +173,7 @@ def test_buyer_sigkilled_after_its_deposit_recovers_the_exact_bytes_in_a_new_pro
 def test_seller_killed_after_the_handler_restarts_and_posts_the_delivery(chain: Chain, tmp_path: Path) -> None:
     books = Books(chain)
     store, journal, port = tmp_path / "seller.sqlite", tmp_path / "buyer.sqlite", free_port()
-    seller = SellerProcess(chain, store, port, "--die-after-handler")
-    try:
-        with EscrowClient(dev(BUYER), chain.node.url, journal) as client, pytest.raises(PaymentNotDelivered) as lost:
-            client.get(f"{seller.url}/report/crash")
-        assert seller.process.wait(10) == -signal.SIGKILL
-    finally:
-        seller.stop()
-    escrow_id = lost.value.escrow_id
-    assert escrow_id is not None
+    escrow_id = buy_from_a_seller_that_dies(chain, store, journal, port)
     # Deposited, served and stored, never posted: held, and the store has the delivery queued.
     assert chain.escrow.state_of(escrow_id) is State.HELD
     queued = SellerStore(store).pending_deliveries()

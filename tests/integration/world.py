@@ -7,6 +7,7 @@ and the escrow holds exactly the sum of the Held amounts.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fixtures.chain import Chain
-from helpers import OPERATOR, SELLER, address, dev
+from helpers import BUYER, OPERATOR, SELLER, address, dev
 
 from escrow_devtools import harness
 from escrow_devtools.anvil import dev_private_key
 from escrow_devtools.demo._shop import build_shop, routes
+from escrow_py.buyer import EscrowClient, PaymentNotDelivered
 from escrow_py.chain.escrow import Deposited
 from escrow_py.seller import SellerConfig
 from escrow_py.terms import State
@@ -120,3 +123,20 @@ class SellerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()  # its pipe, left open, is a ResourceWarning (an error in this suite)
+
+
+def buy_from_a_seller_that_dies(chain: Chain, store: Path, journal: Path, port: int, *flags: str) -> bytes:
+    """Start seller_process.py with --die-after-handler (and `flags`), buy /report/crash from it as BUYER,
+    and see the seller SIGKILL itself after storing its answer: the escrow id the buyer lost the answer to."""
+    seller = SellerProcess(chain, store, port, *flags, "--die-after-handler")
+    try:
+        with EscrowClient(dev(BUYER), chain.node.url, journal) as client, pytest.raises(PaymentNotDelivered) as lost:
+            client.get(f"{seller.url}/report/crash")
+        assert seller.process.wait(10) == -signal.SIGKILL
+    finally:
+        seller.stop()
+    escrow_id = lost.value.escrow_id
+    assert escrow_id is not None
+    return escrow_id

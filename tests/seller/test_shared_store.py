@@ -172,3 +172,52 @@ def test_a_refused_broadcast_gives_its_nonce_back_to_the_book(chain: Chain, tmp_
         assert store.allocate_nonce(stranger, 0) == first  # given back: the next one takes it
     finally:
         store.close()
+
+
+def test_replicas_serving_first_at_once_never_pass_the_buyers_limit(chain: Chain, db_url: str) -> None:
+    """The exposure check and the insert are one step for every replica on the store (both engines)."""
+    stores = [SellerStore(db_url) for _ in range(4)]
+    try:
+        terms = make_terms(chain)
+        start = threading.Barrier(16)
+
+        def race(n: int) -> str | None:
+            start.wait()
+            return stores[n % 4].begin_serve_first(
+                os.urandom(32), terms, accepted_at=1, route="GET /q", payload="{}", due=terms.deadline,
+                max_per_buyer=3 * terms.amount, max_total=100 * terms.amount,
+            )  # fmt: skip
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(race, range(16)))
+        assert outcomes.count(None) == 3 and outcomes.count("serve_first_limit") == 13
+        assert stores[1].exposure(terms.buyer) == 3 * terms.amount
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_served_first_answer_is_stored_once_and_a_loss_refuses_the_buyer(chain: Chain, db_url: str) -> None:
+    a, b = SellerStore(db_url), SellerStore(db_url)
+    try:
+        terms = make_terms(chain)
+        escrow_id = os.urandom(32)
+        limits = {"due": terms.deadline, "max_per_buyer": 10 * terms.amount, "max_total": 10 * terms.amount}
+        assert a.begin_serve_first(escrow_id, terms, accepted_at=1, route=None, payload="{}", **limits) is None
+        assert b.begin_serve_first(escrow_id, terms, accepted_at=1, route=None, payload="{}", **limits) == "known"
+        first = StoredResponse(200, [], b"first run")
+        assert a.save_served_first(escrow_id, first, b"\x01" * 32)
+        assert not b.save_served_first(escrow_id, StoredResponse(200, [], b"second run"), b"\x02" * 32)
+        payment = b.payment(escrow_id)
+        assert payment is not None and payment.serve_first and payment.response == first
+        (queued,) = b.settlements_due()
+        assert (queued.escrow_id, queued.delivery_hash) == (escrow_id, b"\x01" * 32)
+        b.mark_lost(escrow_id, "authorization_used", refuse_buyer=True)
+        b.mark_lost(escrow_id, "authorization_used", refuse_buyer=True)  # the refusal is recorded once
+        losses = a.losses()
+        assert (losses.count, losses.amount, losses.refused_buyers) == (1, terms.amount, frozenset({terms.buyer}))
+        again = a.begin_serve_first(os.urandom(32), terms, accepted_at=1, route=None, payload="{}", **limits)
+        assert again == "serve_first_refused"
+    finally:
+        a.close()
+        b.close()
