@@ -13,10 +13,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from escrow_py.chain.tx import SentTx
 from escrow_py.storage import Database, Migration, Tx, open_store
 from escrow_py.terms import Terms
+
+# The two outgoing queues of the store: delivery hashes and serve-first settlements.
+_Queue = Literal["deliveries", "settlements"]
 
 NAMESPACE = "seller"  # its PostgreSQL schema
 
@@ -399,21 +403,30 @@ class SellerStore:
             for i, t, h in rows
         ]
 
-    def mark_final(self, ids: list[bytes]) -> None:
+    # `table` is one of two literal names, never input: the f-string below builds no query from data.
+    def _final(self, table: _Queue, ids: list[bytes]) -> None:
+        """The rows' transaction is deep enough to survive a reorg (`deliveries` or `settlements`)."""
         with self._db.transaction() as tx:
             tx.executemany(
-                "UPDATE deliveries SET final = 1, updated_at = ? WHERE escrow_id = ?",
+                f"UPDATE {table} SET final = 1, updated_at = ? WHERE escrow_id = ?",  # noqa: S608
                 [(time.time(), _hex(i)) for i in ids],
             )
 
-    def repost(self, ids: list[bytes], why: str) -> None:
-        """Back to pending: the transaction that posted them is gone (a reorg); the poster sends them again."""
+    def _requeue(self, table: _Queue, ids: list[bytes], why: str, *, sent: str, queued: str) -> None:
+        """Rows whose transaction a reorg removed go back from `sent` to `queued`, to be sent again."""
         with self._db.transaction() as tx:
             tx.executemany(
-                "UPDATE deliveries SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "
+                f"UPDATE {table} SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "  # noqa: S608
                 "WHERE escrow_id = ? AND status = ?",
-                [(PENDING, why[:500], time.time(), _hex(i), POSTED) for i in ids],
+                [(queued, why[:500], time.time(), _hex(i), sent) for i in ids],
             )
+
+    def mark_final(self, ids: list[bytes]) -> None:
+        self._final("deliveries", ids)
+
+    def repost(self, ids: list[bytes], why: str) -> None:
+        """Back to pending: the transaction that posted them is gone (a reorg); the poster sends them again."""
+        self._requeue("deliveries", ids, why, sent=POSTED, queued=PENDING)
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
         row = self._db.one(
@@ -676,20 +689,11 @@ class SellerStore:
         return [(bytes.fromhex(i[2:]), bytes.fromhex(t[2:])) for i, t in rows]
 
     def settle_final(self, ids: list[bytes]) -> None:
-        with self._db.transaction() as tx:
-            tx.executemany(
-                "UPDATE settlements SET final = 1, updated_at = ? WHERE escrow_id = ?",
-                [(time.time(), _hex(i)) for i in ids],
-            )
+        self._final("settlements", ids)
 
     def resettle(self, ids: list[bytes], why: str) -> None:
         """Back to queued: the settlement's transaction vanished in a reorg and the authorization is unused."""
-        with self._db.transaction() as tx:
-            tx.executemany(
-                "UPDATE settlements SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "
-                "WHERE escrow_id = ? AND status = ?",
-                [(SETTLE_QUEUED, why[:500], time.time(), _hex(i), SETTLE_DONE) for i in ids],
-            )
+        self._requeue("settlements", ids, why, sent=SETTLE_DONE, queued=SETTLE_QUEUED)
 
     def exposure(self, buyer: str | None = None) -> int:
         """What buyers (or one buyer) owe in serve-first settlements not yet paid."""
