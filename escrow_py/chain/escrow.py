@@ -234,7 +234,15 @@ class Escrow:
     # -- reads ---------------------------------------------------------------------------
 
     def state_of(self, escrow_id: bytes, block: str | int = "latest") -> State:
-        return State(int.from_bytes(rpc.call(self.w3, self.address, _STATE_OF + escrow_id, block=block), "big"))
+        return self.state_from(rpc.send(self.w3, self.state_request(escrow_id, block)))
+
+    def state_request(self, escrow_id: bytes, block: str | int = "latest") -> rpc.Request:
+        """state_of as a request to batch with others; `state_from` reads its result."""
+        return rpc.call_request(self.address, _STATE_OF + escrow_id, block=block)
+
+    @staticmethod
+    def state_from(result: object) -> State:
+        return State(int.from_bytes(rpc.call_output(result), "big"))
 
     def onchain_terms_hash(self, terms: Terms) -> bytes:
         return bytes(self.contract.functions.termsHash(terms.as_tuple()).call())

@@ -270,12 +270,26 @@ class TxSender:
     def estimate_gas(self, to: str | None, data: bytes) -> int:
         """Gas for a call to `to` (None: a contract creation); raises ContractRevert if it would revert."""
         try:
-            return rpc.estimate_gas(self.w3, to, data, sender=self.address)
+            result = rpc.send(self.w3, self.estimate_gas_request(to, data))
         except rpc.NodeError as exc:
-            failure = _revert_or(exc)
+            result = exc
+        return self.gas_from(result)
+
+    def estimate_gas_request(self, to: str | None, data: bytes) -> rpc.Request:
+        """estimate_gas as a request to batch with others; `gas_from` reads its result."""
+        return rpc.estimate_gas_request(to, data, sender=self.address)
+
+    def gas_from(self, result: object) -> int:
+        """The gas of an estimate's answer; its failure raised as estimate_gas raises it (ContractRevert for
+        a revert, InsufficientFunds when the key cannot pay, the node's error otherwise)."""
+        if isinstance(result, rpc.NodeError):
+            failure = _revert_or(result)
             if isinstance(failure, rpc.NodeError) and "insufficient funds" in str(failure).lower():
                 raise InsufficientFunds(self.address, str(failure)) from None
             raise failure from None
+        if isinstance(result, BaseException):
+            raise result
+        return int(str(result), 16)
 
     def send(self, to: str | None, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> SentTx:
         """Sign and broadcast (`to` None: create a contract); `on_signed` sees each signed transaction first.

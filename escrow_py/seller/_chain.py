@@ -11,13 +11,14 @@ or given up within `config.tx_timeout` (TxSender.confirm).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from web3 import Web3
 from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
-from escrow_py.chain.clock import next_block_time
+from escrow_py.chain.clock import NEXT_BLOCK_TIME, next_block_time, next_block_time_from
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import NonceBook, OnSigned, TxSender
@@ -42,6 +43,15 @@ class SellerChain:
 
     def state_of(self, escrow_id: bytes, *, block: str | int = "latest") -> State:
         return self.escrow.state_of(escrow_id, block=block)
+
+    def first_look(self, escrow_id: bytes, also: Sequence[rpc.Request] = ()) -> tuple[State, int, list[Any]]:
+        """The escrow's state and the chain's clock (`now`), and the answers to `also` (values or the errors
+        they met, as rpc.batch gives them), in one round trip: a new payment's reads all at once."""
+        answers = rpc.batch(self.w3, [self.escrow.state_request(escrow_id), NEXT_BLOCK_TIME, *also])
+        state, pending = answers[0], answers[1]
+        if isinstance(state, BaseException):
+            raise state
+        return Escrow.state_from(state), next_block_time_from(self.w3, pending), answers[2:]
 
     def block_time(self, number: int) -> int:
         """The timestamp of block `number`: the clock a transaction mined in it was judged by."""

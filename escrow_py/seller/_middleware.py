@@ -64,7 +64,14 @@ from escrow_py.seller._store import (
     SellerStore,
     StoredResponse,
 )
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller._verify import (
+    PaymentRejected,
+    VerifiedPayment,
+    offer_for,
+    onchain_requests,
+    verify_offchain,
+    verify_onchain,
+)
 from escrow_py.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -387,11 +394,13 @@ class EscrowMiddleware:
 
         The seller's hooks run around verify and the deposit (hold); a serve-first sale runs none.
         """
-        state, now = await _blocking(self._state_and_time, escrow_id)
+        # A serve-first payment's on-chain checks go in the same round trip as the state and the clock.
+        also = self._serve_first_requests(header, escrow_id) if request.route.serve_first else []
+        state, now, answers = await _blocking(self.chain.first_look, escrow_id, also)
         if state == State.NONE:
             if request.route.serve_first:
                 verified = self._verify(header, request, now)
-                if await self._serve_first(scope, receive, send, request, verified=verified, now=now):
+                if await self._serve_first(scope, receive, send, request, verified=verified, now=now, answers=answers):
                     return None
             return await self._accept_new(header, request, now)
         if state == State.HELD:
@@ -449,8 +458,13 @@ class EscrowMiddleware:
         else:  # no settlement when the handler failed: not charged
             await self._send_response(send, outcome.response, outcome.settle)
 
-    def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
-        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)
+    def _serve_first_requests(self, header: str, escrow_id: bytes) -> list[rpc.Request]:
+        """verify_onchain's reads of a serve-first payment, judged only once the off-chain checks pass."""
+        chain = self.chain
+        payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
+        return onchain_requests(
+            payload, escrow_id, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
+        )
 
     def _latest_valid_time(self, request: _Request, header: str) -> int:
         """The last chain time at which this payment's deadline and authorization both had time left."""
@@ -558,7 +572,15 @@ class EscrowMiddleware:
     # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
 
     async def _serve_first(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, verified: VerifiedPayment, now: int
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: _Request,
+        *,
+        verified: VerifiedPayment,
+        now: int,
+        answers: list[Any],
     ) -> bool:
         """Serve a payment before any money moves, if the exposure limits allow; False: serve it in hold mode.
 
@@ -568,8 +590,8 @@ class EscrowMiddleware:
         """
         escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
         try:
-            await _blocking(
-                verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
+            verify_onchain(
+                verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True, answers=answers
             )
         except PaymentRejected as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)

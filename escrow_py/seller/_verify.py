@@ -11,7 +11,7 @@ machine-readable reason and the values involved.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from eth_typing import ChecksumAddress
 
@@ -222,43 +222,68 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
+def onchain_requests(
+    payload: EscrowPayload, escrow_id: bytes, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool
+) -> list[rpc.Request]:
+    """What verify_onchain asks the chain, as requests to send in one batch (perhaps with others): the
+    buyer's balance, the authorization's state, and the simulation of the deposit (or, `serve_first`,
+    of the settlement that pulls the same authorization) as `sender` would send it.
+
+    Built from the payload alone (no chain time needed), so they can go out before the off-chain
+    checks have a clock to judge by; their answers are judged only after those checks pass.
+    """
+    if serve_first:
+        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
+    else:
+        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+    return [
+        token.balance_request(payload.terms.buyer),
+        token.authorization_state_request(payload.terms.buyer, escrow_id),
+        sender.estimate_gas_request(escrow.address, data),
+    ]
+
+
 def verify_onchain(
-    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
+    payment: VerifiedPayment,
+    *,
+    escrow: Escrow,
+    token: Token,
+    sender: TxSender,
+    serve_first: bool = False,
+    answers: list[Any] | None = None,
 ) -> int:
     """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as `sender` would send it.
+    that pulls the same authorization) as `sender` would send it: onchain_requests, sent in one batch,
+    or their `answers` if the caller sent them already (with other reads of its own).
 
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
     """
-    payload = payment.payload
-    if serve_first:
-        what = "settlement"
-        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
-    else:
-        what = "deposit"
-        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-    # Three independent reads at once (one round trip); judged in this order, the simulation last.
-    balance, used, gas = rpc.gather(
-        lambda: token.balance_of(payment.buyer),
-        lambda: token.authorization_state(payment.buyer, payment.escrow_id),
-        lambda: sender.estimate_gas(escrow.address, data),
-    )
-    balance, used = _value(balance), _value(used)
+    if answers is None:
+        requests = onchain_requests(
+            payment.payload, payment.escrow_id, escrow=escrow, token=token, sender=sender, serve_first=serve_first
+        )
+        answers = rpc.batch(escrow.w3, requests)
+    # Judged in this order, the simulation last.
+    balance_answer, used_answer, gas_answer = answers
+    balance = Token.balance_from(_value(balance_answer))
+    used = Token.authorization_state_from(_value(used_answer))
     _require(
         balance >= payment.terms.amount,
         Reason.INSUFFICIENT_BALANCE,
         f"buyer balance {balance} < amount {payment.terms.amount}",
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-    if isinstance(gas, ContractRevert):
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    gas = _value(gas)
+    try:
+        gas = sender.gas_from(gas_answer)
+    except ContractRevert as revert:
+        what = "settlement" if serve_first else "deposit"
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {revert}", detail=str(revert)) from None
     return int(gas * GAS_MARGIN)
 
 
 def _value(result: _T | BaseException) -> _T:
-    """A gathered read's value; its exception (the node failed) raised as it was."""
+    """A batched read's answer; its exception (the node failed) raised as it was."""
     if isinstance(result, BaseException):
         raise result
     return result
