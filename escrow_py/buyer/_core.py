@@ -38,7 +38,7 @@ from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
-from escrow_py.chain.clock import next_block_time
+from escrow_py.chain.clock import NEXT_BLOCK_TIME, next_block_time, next_block_time_from
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
@@ -267,6 +267,14 @@ class BuyerChain:
         with typed_chain_errors(f"reading the balance of {holder} in token {token}"):
             return Token(self.w3, token).balance_of(holder)
 
+    def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:
+        """balance_of and next_block_time in one round trip (one JSON-RPC batch): what the paying path reads."""
+        with typed_chain_errors(f"reading the balance of {holder} in token {token} and the pending block"):
+            balance, pending = rpc.batch(self.w3, [Token(self.w3, token).balance_request(holder), NEXT_BLOCK_TIME])
+            if isinstance(balance, BaseException):
+                raise balance
+            return Token.balance_from(balance), next_block_time_from(self.w3, pending)
+
     def authorization_used(self, token: str, buyer: str, escrow_id: bytes) -> bool:
         """The token's ERC-3009 state of the buyer's authorization (nonce = escrow id): used or cancelled."""
         with typed_chain_errors(f"reading the authorization state of escrow 0x{escrow_id.hex()}"):
@@ -398,10 +406,7 @@ class PaymentCore:
                 f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
                 f"({req.extra.name!r}, {req.extra.version!r})",
             )
-        # The balance and the next block's time at once: one round trip on the paying path.
-        balance, next_time = rpc.both(
-            lambda: self.chain.balance_of(req.asset, self.signer.address), self.chain.next_block_time
-        )
+        balance, next_time = self.chain.balance_and_next_block_time(req.asset, self.signer.address)
         if balance < req.amount:
             raise PaymentRefused(
                 Reason.INSUFFICIENT_BALANCE, f"{self.signer.address} holds {balance} of {req.asset}, needs {req.amount}"

@@ -134,6 +134,24 @@ def _revert_or(exc: rpc.NodeError) -> ContractRevert | rpc.NodeError:
     return exc
 
 
+# What fees() reads: the latest block (its base fee) and the node's suggested tip.
+_FEES = [rpc.Request("eth_getBlockByNumber", ["latest", False]), rpc.Request("eth_maxPriorityFeePerGas", [])]
+
+
+def _fees_from(answers: list[Any]) -> tuple[int, int]:
+    """(maxFeePerGas, maxPriorityFeePerGas) from the answers to _FEES."""
+    block, tip_answer = answers
+    try:
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        base = int(str(block["baseFeePerGas"]), 16)
+        tip = int(str(tip_answer), 16)
+    except (RpcError, KeyError, TypeError, ValueError) as exc:
+        raise RpcError(f"cannot read fees: {exc}") from exc
+    return 2 * base + tip, tip
+
+
 @dataclass
 class SentTx:
     """A signed transaction; `tx` is what was signed, so it can be replaced with the same nonce.
@@ -247,12 +265,15 @@ class TxSender:
 
     def fees(self) -> tuple[int, int]:
         """(maxFeePerGas, maxPriorityFeePerGas): twice the latest base fee plus the suggested tip."""
-        try:
-            base = int(str(rpc.request(self.w3, "eth_getBlockByNumber", ["latest", False])["baseFeePerGas"]), 16)
-            tip = int(str(rpc.request(self.w3, "eth_maxPriorityFeePerGas", [])), 16)
-        except (RpcError, KeyError, TypeError, ValueError) as exc:
-            raise RpcError(f"cannot read fees: {exc}") from exc
-        return 2 * base + tip, tip
+        return _fees_from(rpc.batch(self.w3, _FEES))
+
+    def _fees_and_pending_nonce(self) -> tuple[int, int, int]:
+        """fees() and the key's pending transaction count, in one round trip: what signing a transaction reads."""
+        *fees, pending = rpc.batch(self.w3, [*_FEES, rpc.Request("eth_getTransactionCount", [self.address, "pending"])])
+        max_fee, tip = _fees_from(fees)
+        if isinstance(pending, BaseException):
+            raise pending
+        return max_fee, tip, int(str(pending), 16)
 
     def balance(self) -> int:
         """The key's ETH balance in wei (what it can pay gas with)."""
@@ -323,7 +344,7 @@ class TxSender:
         """
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
-        max_fee, tip = self.fees()
+        max_fee, tip, pending = self._fees_and_pending_nonce()
         tx: dict[str, Any] = {
             "type": 2,
             "chainId": self.chain_id,
@@ -336,15 +357,15 @@ class TxSender:
         }
         if to is not None:
             tx["to"] = to_checksum_address(to)
-        signed = self._sign_next(tx)
+        signed = self._sign_next(tx, pending)
         signed.intent = intent_of(to, data)
         return signed
 
-    def _sign_next(self, tx: dict[str, Any]) -> SentTx:
+    def _sign_next(self, tx: dict[str, Any], pending: int) -> SentTx:
+        """Sign `tx` with the key's next nonce; `pending` is the node's pending transaction count, read just before."""
         if self.book is not None:
             # The book's row for this key is the one counter every process shares; the node's pending
             # count only matters when the key was used outside the book (then it is ahead).
-            pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
             nonce = self.book.allocate_nonce(self.address, pending)
             tx = {**tx, "nonce": nonce}
             raw = self.signer.sign_transaction(tx)
@@ -355,7 +376,6 @@ class TxSender:
             # transactions are on their way to the node. Ours too far ahead (a reorg dropped one, a
             # broadcast was lost) is corrected by resync_nonce(), which watch, confirm and a failed
             # broadcast call.
-            pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
             nonce = pending if self._next_nonce is None else max(pending, self._next_nonce)
             tx = {**tx, "nonce": nonce}
             raw = self.signer.sign_transaction(tx)
@@ -439,13 +459,18 @@ class TxSender:
                 raise TransactionTimeout([tx_hash], -1, timeout)
             time.sleep(self.poll_interval)
 
-    def _confirmed_receipt(self, tx_hash: bytes, confirmations: int) -> TxReceipt | None:
-        receipt = self.receipt(tx_hash)
+    def _confirmed_receipt(
+        self, tx_hash: bytes, confirmations: int, receipt: TxReceipt | None = None
+    ) -> TxReceipt | None:
+        """The receipt (read now unless given) once `confirmations` deep; raises TransactionFailed on status 0."""
+        if receipt is None:
+            receipt = self.receipt(tx_hash)
         if receipt is None:
             return None
         if receipt["status"] != 1:
             raise TransactionFailed(tx_hash, self._failure_reason(receipt))
-        if int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 < confirmations:
+        # A receipt is its block's: one confirmation needs no second look at the head.
+        if confirmations > 1 and int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 < confirmations:
             return None
         return receipt
 
@@ -474,8 +499,8 @@ class TxSender:
         next_check = start + reprice_after if reprice_after else float("inf")
         while True:
             for attempt in attempts:
-                if self.receipt(attempt.tx_hash) is not None:
-                    final = self._confirmed_receipt(attempt.tx_hash, confirmations)
+                if (receipt := self.receipt(attempt.tx_hash)) is not None:
+                    final = self._confirmed_receipt(attempt.tx_hash, confirmations, receipt)
                     if final is not None:
                         return final
                     break

@@ -27,7 +27,7 @@ from .payer import quote, sign_payment
 from .shop import PRICE, make_shop
 
 # What one paid GET /report/{item} costs today (hold mode, deposit confirmed before the handler runs):
-# 12 calls, in this order. Lower these numbers when a change removes a call; never raise them without a reason.
+# 10 calls. Lower these numbers when a change removes a call; never raise them without a reason.
 RPC_CALLS = {
     "eth_call": 3,  # stateOf(id), the buyer's balance, the deposit's simulation
     "eth_getBlockByNumber": 2,  # the chain's clock (the pending block), then the base fee for the deposit
@@ -35,8 +35,7 @@ RPC_CALLS = {
     "eth_maxPriorityFeePerGas": 1,
     "eth_getTransactionCount": 1,  # the operator's nonce, read again for every deposit
     "eth_sendRawTransaction": 1,  # the deposit
-    "eth_getTransactionReceipt": 2,  # polled until the deposit is mined
-    "eth_blockNumber": 1,  # its confirmation depth
+    "eth_getTransactionReceipt": 1,  # polled until the deposit is mined (one confirmation: no look at the head)
 }
 # The payment recorded, the deposit transaction recorded before it is sent, the deposit recorded as held, the
 # response stored with its delivery queued (reads outside a transaction before them); and, so that several
@@ -44,9 +43,10 @@ RPC_CALLS = {
 # (a lease row, one replica at a time), the key's nonce allocated (its row in the store, not a process's
 # counter), the signed deposit kept in the key's transaction log before broadcast.
 SQLITE_TRANSACTIONS = 4 + 2 + 1 + 1
-# Before the deposit is sent: the escrow's state with the clock (one batch), then the balance, the authorization
-# state and the deposit's simulation (one batch, after the off-chain checks had the clock), then the fees (two).
-RPC_ROUND_TRIPS = 2 + 2 + 1 + 1 + 2 + 1
+# In one batch each: the escrow's state with the clock; after the off-chain checks had that clock, the balance,
+# the authorization's state and the deposit's simulation; the fees with the operator's nonce. Then the deposit
+# itself and its receipt.
+RPC_ROUND_TRIPS = 1 + 1 + 1 + 1 + 1
 
 # Serve-first: every read of the payment in one batch before the handler runs (the escrow's state, the clock, the
 # buyer's balance, the authorization's state, the settlement's simulation), no transaction on the request's path.
