@@ -328,8 +328,11 @@ class PaymentCore:
         """The custom hook (AllowAll when there is none)."""
         return self.hook if self.hook is not None else AllowAll()
 
-    def _decide(self, request: httpx.Request | None, req: EscrowRequirements, terms: Terms, escrow_id: bytes) -> None:
-        """The policy's verdict, audited; on allow the amount is reserved in the ledger. Raises PolicyDenied."""
+    def _decide(
+        self, request: httpx.Request | None, req: EscrowRequirements, terms: Terms, escrow_id: bytes
+    ) -> PaymentContext:
+        """The offer rules' and the custom hook's verdict (a denial audited; raises PolicyDenied); the context the
+        budgets are then judged in (sign_and_record, in the transaction that reserves the amount)."""
         task = self.task
         if request is not None and isinstance(request.extensions.get(TASK_EXTENSION), str):
             task = request.extensions[TASK_EXTENSION]
@@ -353,9 +356,7 @@ class PaymentCore:
             except PolicyDenied as denied:
                 self.journal.audit_decision(escrow_id, terms, ctx, Decision(False, ReasonCode.CUSTOM, denied.reason))
                 raise
-        decision = self.journal.reserve(escrow_id, terms, ctx, self.rules)
-        if not decision.allowed:
-            raise _denied(decision)
+        return ctx
 
     def validate(self, escrow_id: bytes, request: httpx.Request | None, response: httpx.Response) -> None:
         """Run the request's (or the client's) validator on a verified delivery; raises ResponseInvalid."""
@@ -368,23 +369,36 @@ class PaymentCore:
             self.journal.record_invalid(escrow_id, problem)
             raise ResponseInvalid(escrow_id, problem, response.content)
 
-    def sign(
-        self, req: EscrowRequirements, rhash: bytes, request: httpx.Request | None
+    def sign_and_record(
+        self,
+        req: EscrowRequirements,
+        rhash: bytes,
+        request: httpx.Request | None,
+        row: Callable[[Terms, Authorization, bytes], dict[str, Any]],
     ) -> tuple[Terms, Authorization, bytes]:
-        """Check the requirements against the chain, build fresh terms, ask the policy, sign; raises PaymentRefused.
+        """Check the requirements against the chain, build fresh terms, ask the policy, then reserve the amount,
+        sign, and journal the payment (`row(terms, authorization, signature)` gives its journal row: Journal.record's
+        keyword arguments) in one journal transaction; durable when this returns. Raises PaymentRefused.
 
-        Nothing is reserved, journaled or signed unless every check passed, the genuine-escrow one first.
+        Nothing is reserved, journaled or signed unless every check passed, the genuine-escrow one first
+        and the budgets last; the header can leave the process only once its row is committed.
         """
         try:
             domain, terms, authorization = self._terms_for(req, rhash)
         except ChainError as exc:
             raise ChainUnavailable(exc) from exc
-        self._decide(request, req, terms, authorization.nonce)
-        try:
-            return terms, authorization, sign_authorization(self.signer, domain, authorization)
-        except BaseException:
-            self.journal.cancel_reservation(authorization.nonce)  # nothing was signed, nothing can be sent
-            raise
+        ctx = self._decide(request, req, terms, authorization.nonce)
+        signature = b""
+
+        def sign() -> dict[str, Any]:
+            nonlocal signature
+            signature = sign_authorization(self.signer, domain, authorization)
+            return row(terms, authorization, signature)
+
+        decision = self.journal.reserve_and_record(authorization.nonce, terms, ctx, self.rules, sign)
+        if not decision.allowed:
+            raise _denied(decision)
+        return terms, authorization, signature
 
     def _terms_for(self, req: EscrowRequirements, rhash: bytes) -> tuple[TokenDomain, Terms, Authorization]:
         """The offer's checks against the chain, then fresh terms and their authorization (unsigned)."""
@@ -446,38 +460,35 @@ class PaymentCore:
         if expected != req.extra.request_hash:
             raise RequestHashMismatch(expected, req.extra.request_hash, request.method, hashed)
         signing = time.monotonic()  # no later than the chain time the window is counted from
-        terms, authorization, signature = self.sign(req, expected, request)
-        window = authorization.valid_before - (terms.deadline - req.max_timeout_seconds)
-        payload = PaymentPayload(
-            x402_version=X402_VERSION,
-            resource=offer.required.resource,
-            accepted=offer.model,
-            payload=EscrowPayload(authorization, signature, terms).to_json(),
-        )
-        header = encode_payment_signature(payload)
+        header = ""
+
+        def row(terms: Terms, authorization: Authorization, signature: bytes) -> dict[str, Any]:
+            nonlocal header
+            payload = PaymentPayload(
+                x402_version=X402_VERSION,
+                resource=offer.required.resource,
+                accepted=offer.model,
+                payload=EscrowPayload(authorization, signature, terms).to_json(),
+            )
+            header = encode_payment_signature(payload)
+            return {
+                "escrow_id": authorization.nonce,
+                "chain_id": self.chain.chain_id,
+                "escrow": req.extra.escrow,
+                "method": request.method,
+                "url": url,
+                "headers": journal_headers(request),
+                "body": body,
+                "terms": terms,
+                "valid_before": authorization.valid_before,
+                "payment_header": header,
+            }
+
         # Durable before the header can leave the process: a crash from here on is recoverable.
-        self.record_payment(
-            escrow_id=authorization.nonce,
-            chain_id=self.chain.chain_id,
-            escrow=req.extra.escrow,
-            method=request.method,
-            url=url,
-            headers=journal_headers(request),
-            body=body,
-            terms=terms,
-            valid_before=authorization.valid_before,
-            payment_header=header,
-        )
+        terms, authorization, _ = self.sign_and_record(req, expected, request, row)
+        window = authorization.valid_before - (terms.deadline - req.max_timeout_seconds)
         resend_until = signing + window - self.resend.margin
         return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, header, resend_until)
-
-    def record_payment(self, **fields: Any) -> None:
-        """journal.record, releasing the reservation if the row could not be written (the header is never sent)."""
-        try:
-            self.journal.record(**fields)
-        except BaseException:
-            self.journal.cancel_reservation(fields["escrow_id"])
-            raise
 
     def resend_after(self, prepared: Prepared, response: httpx.Response, resent: int) -> float | None:
         """After this answer to the paid request, the seconds to wait before sending the same request (same

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -160,9 +161,51 @@ class Journal:
         self.audit_decision(escrow_id, terms, ctx, decision)
         return decision
 
+    def reserve_and_record(
+        self,
+        escrow_id: bytes,
+        terms: Terms,
+        ctx: PaymentContext,
+        policy: Policy | None,
+        sign: Callable[[], dict[str, Any]],
+    ) -> Decision:
+        """`reserve` and `record` in one transaction: decide by the policy and, if allowed, reserve ctx.amount,
+        then call `sign()` (the budget still locked, so nothing is signed unless it allowed the payment), which
+        signs and returns the new payment's row (record's keyword arguments), and commit both; durable when this
+        returns. One commit and one audit write (the decision, then the `signed` state) instead of two each.
+
+        Denied: nothing is signed or written but the decision's audit record. If `sign()` or the row fails,
+        nothing was reserved or recorded (the transaction is rolled back) and the error is raised.
+        """
+        decision = ALLOW if policy is None else policy.check_offer(ctx)
+        row: dict[str, Any] | None = None
+        if decision.allowed:
+            now = time.time()
+            with self.db.transaction() as tx:
+                ledger.lock_budget(tx, ctx.token)
+                if policy is not None:
+                    windows = tuple(w.seconds for w in policy.windows)
+                    decision = policy.check_budgets(ctx, ledger.usage(tx, ctx, windows, now))
+                if decision.allowed:
+                    ledger.insert_reservation(tx, escrow_id, ctx, now)
+                    row = sign()
+                    _insert_payment(tx, now, **row)
+        if self.audit is not None:
+            records: list[tuple[str, bytes | None, dict[str, Any]]] = [
+                ("decision", escrow_id, self._decision_fields(terms, ctx, decision))
+            ]
+            if row is not None:
+                records.append(("state", escrow_id, {**terms_fields(terms), "state": PaymentState.SIGNED.value}))
+            self.audit.write_many(records)
+        return decision
+
     def audit_decision(self, escrow_id: bytes, terms: Terms, ctx: PaymentContext, decision: Decision) -> None:
         if self.audit is None:
             return
+        self.audit.write("decision", escrow_id, self._decision_fields(terms, ctx, decision))
+
+    @staticmethod
+    def _decision_fields(terms: Terms, ctx: PaymentContext, decision: Decision) -> dict[str, Any]:
         fields = {
             **terms_fields(terms),
             "decision": "allow" if decision.allowed else "deny",
@@ -174,12 +217,7 @@ class Journal:
         }
         if not decision.allowed:
             fields.update(detail=decision.detail, limit=decision.limit, available=decision.available)
-        self.audit.write("decision", escrow_id, fields)
-
-    def cancel_reservation(self, escrow_id: bytes) -> None:
-        """Release a reservation whose payment was never sent (signing failed)."""
-        with self.db.transaction() as tx:
-            ledger.set_status(tx, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
+        return fields
 
     def ledger_rows(self) -> list[ledger.LedgerRow]:
         with self.db.read() as tx:
@@ -231,26 +269,10 @@ class Journal:
         """Commit a new `signed` payment; durable when this returns."""
         now = time.time()
         with self.db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
-                " payment_header, state, created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    escrow_id,
-                    chain_id,
-                    escrow,
-                    method,
-                    url,
-                    json.dumps(headers),
-                    body,
-                    json.dumps(terms.to_json()),
-                    valid_before,
-                    payment_header,
-                    PaymentState.SIGNED.value,
-                    now,
-                    now,
-                    terms.deadline,
-                ),
-            )
+            _insert_payment(
+                tx, now, escrow_id=escrow_id, chain_id=chain_id, escrow=escrow, method=method, url=url,
+                headers=headers, body=body, terms=terms, valid_before=valid_before, payment_header=payment_header,
+            )  # fmt: skip
         if self.audit is not None:
             self.audit.write("state", escrow_id, {**terms_fields(terms), "state": PaymentState.SIGNED.value})
 
@@ -309,6 +331,32 @@ class Journal:
         else:
             rows = self.db.all(f"SELECT {_COLUMNS} FROM payments ORDER BY created_at")  # noqa: S608
         return [_entry(row) for row in rows]
+
+
+def _insert_payment(
+    tx: Tx,
+    now: float,
+    *,
+    escrow_id: bytes,
+    chain_id: int,
+    escrow: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    terms: Terms,
+    valid_before: int,
+    payment_header: str,
+) -> None:
+    """A new `signed` payment's row."""
+    tx.execute(
+        "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
+        " payment_header, state, created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            escrow_id, chain_id, escrow, method, url, json.dumps(headers), body, json.dumps(terms.to_json()),
+            valid_before, payment_header, PaymentState.SIGNED.value, now, now, terms.deadline,
+        ),
+    )  # fmt: skip
 
 
 _COLUMNS = (

@@ -42,9 +42,11 @@ from escrow_py.buyer._core import PaymentCore, PaymentPolicy, judge_response
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import Policy
+from escrow_py.chain.authorization import Authorization
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.errors import ProtocolError
+from escrow_py.terms import Terms
 from escrow_py.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -88,24 +90,28 @@ class DeliveryEscrowScheme:
             req = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
             raise PaymentRefused("invalid_requirements", str(exc)) from None
-        terms, authorization, signature = self.core.sign(req, req.extra.request_hash, None)
-        payload = EscrowPayload(authorization, signature, terms).to_json()
-        # The SDK builds the header itself; journal the same envelope so the row is complete.
-        header = encode_payment_signature(
-            PaymentPayload(x402_version=X402_VERSION, accepted=requirements, payload=payload)
-        )
-        self.core.record_payment(
-            escrow_id=authorization.nonce,
-            chain_id=self.core.chain.chain_id,
-            escrow=req.extra.escrow,
-            method="",
-            url="",
-            headers={},
-            body=b"",
-            terms=terms,
-            valid_before=authorization.valid_before,
-            payment_header=header,
-        )
+        payload: dict[str, Any] = {}
+
+        def row(terms: Terms, authorization: Authorization, signature: bytes) -> dict[str, Any]:
+            payload.update(EscrowPayload(authorization, signature, terms).to_json())
+            # The SDK builds the header itself; journal the same envelope so the row is complete.
+            header = encode_payment_signature(
+                PaymentPayload(x402_version=X402_VERSION, accepted=requirements, payload=payload)
+            )
+            return {
+                "escrow_id": authorization.nonce,
+                "chain_id": self.core.chain.chain_id,
+                "escrow": req.extra.escrow,
+                "method": "",
+                "url": "",
+                "headers": {},
+                "body": b"",
+                "terms": terms,
+                "valid_before": authorization.valid_before,
+                "payment_header": header,
+            }
+
+        self.core.sign_and_record(req, req.extra.request_hash, None, row)
         return payload
 
     def close(self) -> None:

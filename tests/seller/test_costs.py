@@ -10,15 +10,14 @@ trip or a database transaction to the hot path fails here and must say why.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
+from sqlite_trace import SqliteTrace, install
 
 from escrow_py.seller import PricedRoute
 from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
@@ -57,39 +56,9 @@ SERVE_FIRST_RPC_ROUND_TRIPS = 1
 SERVE_FIRST_SQLITE_TRANSACTIONS = 2 + 1 + 1
 
 
-class SqliteTrace:
-    """Counts the transactions of every SQLite connection opened while it is installed."""
-
-    def __init__(self) -> None:
-        self.statements: list[str] = []
-
-    def connect(self, real: Any) -> Any:
-        def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-            conn: sqlite3.Connection = real(*args, **kwargs)
-            conn.set_trace_callback(self.statements.append)
-            return conn
-
-        return traced
-
-    def transactions(self) -> int:
-        """Explicit BEGIN ... COMMIT blocks plus the writes run on their own in autocommit mode."""
-        count, inside = 0, False
-        for statement in self.statements:
-            word = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
-            if word == "BEGIN":
-                count, inside = count + 1, True
-            elif word in ("COMMIT", "ROLLBACK", "END"):
-                inside = False
-            elif not inside and word in ("INSERT", "UPDATE", "DELETE", "REPLACE"):
-                count += 1
-        return count
-
-
 @pytest.fixture
-def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[SqliteTrace]:
-    tracer = SqliteTrace()
-    monkeypatch.setattr(sqlite3, "connect", tracer.connect(sqlite3.connect))
-    yield tracer
+def trace(monkeypatch: pytest.MonkeyPatch) -> SqliteTrace:
+    return install(monkeypatch)
 
 
 def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) -> tuple[Counter[str], int, int, Any]:
@@ -109,6 +78,7 @@ def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) ->
                 calls.subtract(calls_before)
                 tail = SqliteTrace()
                 tail.statements = trace.statements[statements_before:]
+                tail.files = trace.files[statements_before:]
                 return +calls, len(proxy.requests) - trips_before, tail.transactions()
 
         asyncio.run(pay("warm-up"))  # the first request also reads what the app caches (chain id, domain, ...)
