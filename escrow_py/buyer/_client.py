@@ -20,7 +20,7 @@ from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
 from escrow_py.buyer._validate import Validator
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.wire import PAYMENT_SIGNATURE_HEADER, UNAVAILABLE_STATUS
 
 # The paid request carries its payment here, so a transport failure can say which payment it left in flight.
 PAYMENT_EXTENSION = "x402_escrow_payment"
@@ -115,8 +115,7 @@ class EscrowAuth(httpx.Auth):
             resent += 1
             response = yield request
             response.read()
-        self.core.settle(prepared, response)
-        self.core.validate(prepared.escrow_id, request, response)
+        self._judge(prepared, request, response)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         if PAYMENT_SIGNATURE_HEADER in request.headers:
@@ -134,13 +133,21 @@ class EscrowAuth(httpx.Auth):
         response = yield request
         await response.aread()
         resent = 0
-        while (wait := await asyncio.to_thread(self.core.resend_after, prepared, response, resent)) is not None:
+        # Only a 503 can be resent (and is journaled first: off the loop); any other answer is final at once.
+        while (
+            response.status_code == UNAVAILABLE_STATUS
+            and (wait := await asyncio.to_thread(self.core.resend_after, prepared, response, resent)) is not None
+        ):
             await asyncio.sleep(wait)
             resent += 1
             response = yield request
             await response.aread()
-        await asyncio.to_thread(self.core.settle, prepared, response)
-        await asyncio.to_thread(self.core.validate, prepared.escrow_id, request, response)
+        await asyncio.to_thread(self._judge, prepared, request, response)
+
+    def _judge(self, prepared: Prepared, request: httpx.Request, response: httpx.Response) -> None:
+        """settle, then validate: the verdict on the final answer, journaled (one worker thread for both)."""
+        self.core.settle(prepared, response)
+        self.core.validate(prepared.escrow_id, request, response)
 
 
 class EscrowClient:
