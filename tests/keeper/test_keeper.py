@@ -17,9 +17,9 @@ from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
 from escrow_devtools.artifacts import load_artifact
-from escrow_py.errors import ConfigError
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
-from escrow_py.terms import State, Terms
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import State, Terms
 
 from .kit import KEEPER, KEEPER2, cli, keeper_env, make_keeper, refunds_by_id, transactions_of, wait_until
 

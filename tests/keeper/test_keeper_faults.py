@@ -22,8 +22,8 @@ from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_devtools.anvil import free_port
-from escrow_py.errors import RpcTimeout
-from escrow_py.terms import State, Terms
+from escrow_py.protocol.errors import RpcTimeout
+from escrow_py.protocol.terms import State, Terms
 
 from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, start_keeper, transactions_of, wait_until
 

@@ -22,7 +22,7 @@ from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_py.keeper._batch import PAYOUT_GAS, fingerprint
 from escrow_py.keeper._store import QUARANTINED
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .kit import KEEPER, cli, make_keeper, mined, refund_blocks, transactions_of
 

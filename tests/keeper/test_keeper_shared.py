@@ -20,7 +20,7 @@ from rpc_proxy import RpcProxy
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import CycleReport, Keeper
 from escrow_py.keeper._batch import batch_gas, ordered, refund_many_data
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .kit import KEEPER, KEEPER2, KEEPER3, make_keeper, metric, refunds_by_id, transactions_of, wait_until
 
