@@ -19,8 +19,8 @@ from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 from sqlite_trace import SqliteTrace, install
 
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import PricedRoute
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 
 from .payer import quote, sign_payment
 from .shop import PRICE, make_shop
