@@ -30,11 +30,17 @@ class SqliteTrace:
 
         return traced
 
+    def since(self, mark: int) -> SqliteTrace:
+        """The statements from the `mark`-th on (a mark is `len(trace.statements)` taken earlier)."""
+        tail = SqliteTrace()
+        tail.statements, tail.files = self.statements[mark:], self.files[mark:]
+        return tail
+
     def transactions(self, file_suffix: str = "") -> int:
         """Explicit BEGIN ... COMMIT blocks plus the writes run on their own in autocommit mode (only in the
         database files whose name ends with `file_suffix`, if given)."""
         count, inside = 0, False
-        for statement, path in zip(self.statements, self.files or [""] * len(self.statements), strict=True):
+        for statement, path in zip(self.statements, self.files, strict=True):
             if file_suffix and not path.endswith(file_suffix):
                 continue
             word = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""

@@ -300,16 +300,7 @@ def _servers(
         urls["unpaid"] = serve(_report_app())
     if "escrow" in chosen:
         app = _report_app()
-        config = SellerConfig(
-            rpc_url=rpc_url,
-            escrow=escrow,
-            token=token,
-            network=NETWORK,
-            pay_to=dev_signer(ESCROW_SELLER).address,
-            operator=dev_signer(OPERATOR),
-            routes=[PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300)],
-            store=tmp / "seller.sqlite",
-        )
+        config = _seller_config(rpc_url, escrow, token, tmp / "seller.sqlite", payee=ESCROW_SELLER, operator=OPERATOR)
         app.add_middleware(EscrowMiddleware, config=config)
         urls["escrow"] = serve(app)
     if "serve_first" in chosen:
@@ -361,25 +352,38 @@ def _ratios(result: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
-def _serve_first_config(rpc_url: str, escrow: str, token: str, store: Path) -> SellerConfig:
-    """The serve-first seller: its own payee and operator key, limits that one buyer's whole run fits in."""
-    route = PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300, settlement="serve-first")
+def _seller_config(
+    rpc_url: str, escrow: str, token: str, store: Path, *, payee: int, operator: int, **settings: Any
+) -> SellerConfig:
+    """A seller of the report route (hold mode unless `settings` say otherwise), paid to dev account `payee`,
+    its own `operator` key (one sender per key)."""
+    settlement = settings.pop("settlement", "hold")
+    route = PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300, settlement=settlement)
     return SellerConfig(
         rpc_url=rpc_url,
         escrow=escrow,
         token=token,
         network=NETWORK,
-        pay_to=dev_signer(FIRST_SELLER).address,
-        operator=dev_signer(FIRST_OPERATOR),
+        pay_to=dev_signer(payee).address,
+        operator=dev_signer(operator),
         routes=[route],
         store=store,
+        **settings,
+    )
+
+
+def _serve_first_config(rpc_url: str, escrow: str, token: str, store: Path) -> SellerConfig:
+    """The serve-first seller: its own payee and operator key, limits that one buyer's whole run fits in."""
+    return _seller_config(
+        rpc_url, escrow, token, store, payee=FIRST_SELLER, operator=FIRST_OPERATOR,
+        settlement="serve-first",
         serve_first_max_price=PRICE,
         serve_first_max_per_buyer=PRICE * 100_000,
         serve_first_max_total=PRICE * 100_000,
         # Settlements wait up to 5 s for each other: bigger settleMany batches, fewer transactions.
         settle_batch_wait=5.0,
         min_time_left=10,
-    )
+    )  # fmt: skip
 
 
 def measure_http_chains(

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import httpx
 from eth_typing import ChecksumAddress
@@ -33,7 +33,7 @@ from escrow_py.buyer._errors import (
     RequestHashMismatch,
     ResponseInvalid,
 )
-from escrow_py.buyer._journal import Journal, PaymentState
+from escrow_py.buyer._journal import Journal, PaymentRow, PaymentState
 from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
@@ -374,7 +374,7 @@ class PaymentCore:
         req: EscrowRequirements,
         rhash: bytes,
         request: httpx.Request | None,
-        row: Callable[[Terms, Authorization, bytes], dict[str, Any]],
+        row: Callable[[Terms, Authorization, bytes], PaymentRow],
     ) -> tuple[Terms, Authorization, bytes]:
         """Check the requirements against the chain, build fresh terms, ask the policy, then reserve the amount,
         sign, and journal the payment (`row(terms, authorization, signature)` gives its journal row: Journal.record's
@@ -390,7 +390,7 @@ class PaymentCore:
         ctx = self._decide(request, req, terms, authorization.nonce)
         signature = b""
 
-        def sign() -> dict[str, Any]:
+        def sign() -> PaymentRow:
             nonlocal signature
             signature = sign_authorization(self.signer, domain, authorization)
             return row(terms, authorization, signature)
@@ -462,7 +462,7 @@ class PaymentCore:
         signing = time.monotonic()  # no later than the chain time the window is counted from
         header = ""
 
-        def row(terms: Terms, authorization: Authorization, signature: bytes) -> dict[str, Any]:
+        def row(terms: Terms, authorization: Authorization, signature: bytes) -> PaymentRow:
             nonlocal header
             payload = PaymentPayload(
                 x402_version=X402_VERSION,

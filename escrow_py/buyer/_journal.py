@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from escrow_py.buyer import _ledger as ledger
 from escrow_py.buyer._audit import AuditLog, terms_fields
@@ -103,6 +103,21 @@ MIGRATIONS = (
 FINAL = tuple(s.value for s in PaymentState if s.final)
 
 
+class PaymentRow(TypedDict):
+    """What a new payment's journal row holds (Journal.record's keyword arguments): enough to replay it."""
+
+    escrow_id: bytes
+    chain_id: int
+    escrow: str
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    terms: Terms
+    valid_before: int
+    payment_header: str
+
+
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
     """One journaled payment."""
@@ -167,7 +182,7 @@ class Journal:
         terms: Terms,
         ctx: PaymentContext,
         policy: Policy | None,
-        sign: Callable[[], dict[str, Any]],
+        sign: Callable[[], PaymentRow],
     ) -> Decision:
         """`reserve` and `record` in one transaction: decide by the policy and, if allowed, reserve ctx.amount,
         then call `sign()` (the budget still locked, so nothing is signed unless it allowed the payment), which
@@ -178,7 +193,7 @@ class Journal:
         nothing was reserved or recorded (the transaction is rolled back) and the error is raised.
         """
         decision = ALLOW if policy is None else policy.check_offer(ctx)
-        row: dict[str, Any] | None = None
+        row: PaymentRow | None = None
         if decision.allowed:
             now = time.time()
             with self.db.transaction() as tx:
@@ -252,29 +267,13 @@ class Journal:
         if self.audit is not None:
             self.audit.write("validation_failed", escrow_id, {"problem": problem})
 
-    def record(
-        self,
-        *,
-        escrow_id: bytes,
-        chain_id: int,
-        escrow: str,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: bytes,
-        terms: Terms,
-        valid_before: int,
-        payment_header: str,
-    ) -> None:
+    def record(self, **row: Unpack[PaymentRow]) -> None:
         """Commit a new `signed` payment; durable when this returns."""
-        now = time.time()
         with self.db.transaction() as tx:
-            _insert_payment(
-                tx, now, escrow_id=escrow_id, chain_id=chain_id, escrow=escrow, method=method, url=url,
-                headers=headers, body=body, terms=terms, valid_before=valid_before, payment_header=payment_header,
-            )  # fmt: skip
+            _insert_payment(tx, time.time(), **row)
         if self.audit is not None:
-            self.audit.write("state", escrow_id, {**terms_fields(terms), "state": PaymentState.SIGNED.value})
+            fields = {**terms_fields(row["terms"]), "state": PaymentState.SIGNED.value}
+            self.audit.write("state", row["escrow_id"], fields)
 
     def update(
         self,
@@ -333,28 +332,16 @@ class Journal:
         return [_entry(row) for row in rows]
 
 
-def _insert_payment(
-    tx: Tx,
-    now: float,
-    *,
-    escrow_id: bytes,
-    chain_id: int,
-    escrow: str,
-    method: str,
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    terms: Terms,
-    valid_before: int,
-    payment_header: str,
-) -> None:
+def _insert_payment(tx: Tx, now: float, **row: Unpack[PaymentRow]) -> None:
     """A new `signed` payment's row."""
+    terms = row["terms"]
     tx.execute(
         "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
         " payment_header, state, created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
-            escrow_id, chain_id, escrow, method, url, json.dumps(headers), body, json.dumps(terms.to_json()),
-            valid_before, payment_header, PaymentState.SIGNED.value, now, now, terms.deadline,
+            row["escrow_id"], row["chain_id"], row["escrow"], row["method"], row["url"], json.dumps(row["headers"]),
+            row["body"], json.dumps(terms.to_json()), row["valid_before"], row["payment_header"],
+            PaymentState.SIGNED.value, now, now, terms.deadline,
         ),
     )  # fmt: skip
 

@@ -40,7 +40,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements
 
 from escrow_py.buyer._core import PaymentCore, PaymentPolicy, judge_response
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
-from escrow_py.buyer._journal import Journal
+from escrow_py.buyer._journal import Journal, PaymentRow
 from escrow_py.buyer._policy import Policy
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
@@ -92,7 +92,7 @@ class DeliveryEscrowScheme:
             raise PaymentRefused("invalid_requirements", str(exc)) from None
         payload: dict[str, Any] = {}
 
-        def row(terms: Terms, authorization: Authorization, signature: bytes) -> dict[str, Any]:
+        def row(terms: Terms, authorization: Authorization, signature: bytes) -> PaymentRow:
             payload.update(EscrowPayload(authorization, signature, terms).to_json())
             # The SDK builds the header itself; journal the same envelope so the row is complete.
             header = encode_payment_signature(

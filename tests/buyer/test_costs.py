@@ -66,9 +66,7 @@ def test_one_serve_first_payment_costs_the_buyer_one_round_trip_and_two_commits(
                 assert response.status_code == 200, response.text
                 calls = Counter(proxy.calls)
                 calls.subtract(calls_before)
-                tail = SqliteTrace()
-                tail.statements = trace.statements[statements_before:]
-                tail.files = trace.files[statements_before:]
+                tail = trace.since(statements_before)
                 return (
                     +calls,
                     len(proxy.requests) - trips_before,

@@ -76,9 +76,7 @@ def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) ->
                 assert response.status_code == 200, response.text
                 calls = Counter(proxy.calls)
                 calls.subtract(calls_before)
-                tail = SqliteTrace()
-                tail.statements = trace.statements[statements_before:]
-                tail.files = trace.files[statements_before:]
+                tail = trace.since(statements_before)
                 return +calls, len(proxy.requests) - trips_before, tail.transactions()
 
         asyncio.run(pay("warm-up"))  # the first request also reads what the app caches (chain id, domain, ...)
