@@ -93,7 +93,7 @@ class DeliveryEscrowScheme:
         payload: dict[str, Any] = {}
 
         def row(terms: Terms, authorization: Authorization, signature: bytes) -> PaymentRow:
-            payload.update(EscrowPayload(authorization, signature, terms).to_json())
+            payload.update(EscrowPayload(authorization=authorization, signature=signature, terms=terms).to_json())
             # The SDK builds the header itself; journal the same envelope so the row is complete.
             header = encode_payment_signature(
                 PaymentPayload(x402_version=X402_VERSION, accepted=requirements, payload=payload)
