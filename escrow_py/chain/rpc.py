@@ -171,8 +171,8 @@ def batch(w3: Web3, requests: Sequence[Request]) -> list[Any]:
     other than DeadlineHTTPProvider, gets the requests one by one, at once (`gather`).
     """
     provider = w3.provider
-    if not isinstance(provider, DeadlineHTTPProvider) or len(requests) < 2:
-        return gather(*(lambda one=one: send(w3, one) for one in requests))
+    if len(requests) == 1 or not isinstance(provider, DeadlineHTTPProvider):
+        return _one_by_one(w3, requests)
     body = [{"jsonrpc": "2.0", "id": i, "method": r.method, "params": r.params} for i, r in enumerate(requests)]
     try:
         raw = provider._make_request(RPCEndpoint("batch"), json.dumps(body).encode())
@@ -182,7 +182,22 @@ def batch(w3: Web3, requests: Sequence[Request]) -> list[Any]:
     except ValueError as exc:  # not JSON: the same for every request
         return [RpcError(f"batch of {len(requests)}: unreadable answer ({exc})")] * len(requests)
     if not isinstance(answers, list):  # refused as a batch: ask one by one
+        return _one_by_one(w3, requests)
+    return _matched(requests, answers)
+
+
+def _one_by_one(w3: Web3, requests: Sequence[Request]) -> list[Any]:
+    """Each request on its own, as `batch` answers: one in this thread, several at once (`gather`)."""
+    if len(requests) != 1:
         return gather(*(lambda one=one: send(w3, one) for one in requests))
+    try:
+        return [send(w3, requests[0])]
+    except Exception as exc:  # noqa: BLE001 - handed back, as a batch's failures are
+        return [exc]
+
+
+def _matched(requests: Sequence[Request], answers: list[Any]) -> list[Any]:
+    """A batch's answers in the order of its requests (a node may answer in any order), errors as NodeError."""
     by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
     results: list[Any] = []
     for i, one in enumerate(requests):
