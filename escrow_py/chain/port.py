@@ -29,7 +29,7 @@ from eth_typing import ChecksumAddress
 from web3.types import TxReceipt
 
 from escrow_py.chain.authorization import TokenDomain
-from escrow_py.chain.escrow import EscrowEvent, PayoutFailed, Settled, SettlementEvent, Settlement, SettleManyResult
+from escrow_py.chain.escrow import EscrowEvent, PayoutFailed, Settled, SettleManyResult, Settlement, SettlementEvent
 from escrow_py.chain.genuine import EscrowCodeCheck
 from escrow_py.chain.tx import OnSigned, SentTx, WatchReport
 from escrow_py.terms import State, Terms
@@ -133,7 +133,9 @@ class EscrowChain(Protocol):
 
     # -- sends (each waits for its receipt; a revert found by the gas estimate raises before sending) --
 
-    def deposit(self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None) -> TxReceipt:
+    def deposit(
+        self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None
+    ) -> TxReceipt:
         """Deposit a buyer's signed payment; `on_signed` records each signed version before it leaves."""
         ...
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from eth_abi.abi import decode
 from eth_typing import ChecksumAddress
@@ -29,11 +29,11 @@ from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
-from web3.types import TxReceipt
+from web3.types import BlockIdentifier, TxReceipt
 
 from escrow_py.chain import clock, rpc
 from escrow_py.chain.authorization import TokenDomain
-from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, SettlementEvent, Settlement
+from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, Settlement, SettlementEvent
 from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
 from escrow_py.chain.port import Block, BlockHead
@@ -284,11 +284,13 @@ class Web3EscrowChain:
 
     @_typed("simulating a call")
     def call(self, to: str, data: bytes, *, block: Block = "latest") -> bytes:
-        return self.sender.call(to, data, block=block)
+        return self.sender.call(to, data, block=block if isinstance(block, int) else cast(BlockIdentifier, block))
 
     # -- sends ------------------------------------------------------------------------------------
 
-    def _transact(self, to: str, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> TxReceipt:
+    def _transact(
+        self, to: str, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None
+    ) -> TxReceipt:
         return self.sender.transact(
             to,
             data,
@@ -300,7 +302,9 @@ class Web3EscrowChain:
         )
 
     @_typed("depositing")
-    def deposit(self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None) -> TxReceipt:
+    def deposit(
+        self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None
+    ) -> TxReceipt:
         data = self.binding().deposit_data(payload.terms, payload.authorization, payload.signature)
         return self._transact(self.escrow, data, gas=gas, on_signed=on_signed)
 
