@@ -39,7 +39,7 @@ from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeChec
 from escrow_py.chain.port import Block, BlockHead
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
-from escrow_py.chain.tx import GAS_MARGIN, NonceBook, OnSigned, SentTx, TxSender, WatchReport
+from escrow_py.chain.tx import GAS_MARGIN, NonceBook, OnSigned, SentTx, TxSender, WatchReport, revert_or_node_error
 from escrow_py.errors import ConfigError, ContractRevert, RpcError
 from escrow_py.terms import State, Terms
 from escrow_py.wire import EscrowPayload
@@ -235,9 +235,10 @@ class Web3EscrowChain:
         try:
             raw = rpc.call(self.w3, token, selector)
         except rpc.NodeError as exc:
-            if not exc.is_revert:
-                raise
-            raise ContractRevert("Error", {"message": f"{token} reverted: {exc}"}) from None
+            failure = revert_or_node_error(exc)
+            if isinstance(failure, ContractRevert):
+                raise failure from None
+            raise
         try:
             (text,) = decode(["string"], raw)
         except Exception:  # noqa: BLE001 - eth_abi raises several kinds for data that is not a string
