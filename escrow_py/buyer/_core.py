@@ -213,6 +213,7 @@ class PaymentCore:
         w3: Web3 | None = None,
         rpc_timeout: float = rpc.DEFAULT_DEADLINE,
         resend: ResendPolicy | None = None,
+        chain: EscrowChain | None = None,
     ) -> None:
         if resend is not None and not isinstance(resend, ResendPolicy):
             raise ConfigError(f"resend must be a ResendPolicy, got {resend!r}")
@@ -222,7 +223,8 @@ class PaymentCore:
             raise ConfigError(f"rpc_timeout must be a number of seconds > 0, got {rpc_timeout!r}")
         # The buyer pays whichever genuine escrow an offer names: a chain bound to none, sending (its own
         # refunds, recover()) from the buyer's key.
-        self.chain: EscrowChain = connect_chain(rpc_url, deadline=rpc_timeout, signer=signer, w3=w3)
+        # `chain`: another EscrowChain than the node at rpc_url (the unit tests' in-memory one).
+        self.chain: EscrowChain = chain or connect_chain(rpc_url, deadline=rpc_timeout, signer=signer, w3=w3)
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.rules: Policy | None = policy if isinstance(policy, Policy) else None
         self.hook: PaymentPolicy | None = None if policy is None or isinstance(policy, Policy) else policy
