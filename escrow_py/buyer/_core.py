@@ -34,13 +34,13 @@ from escrow_py.buyer._journal import Journal, PaymentState
 from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.web3chain import Web3EscrowChain, connect_chain
-from escrow_py.errors import ChainError, ConfigError, ContractRevert, ProtocolError
-from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol.errors import ChainError, ConfigError, ContractRevert, ProtocolError
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
+from escrow_py.protocol.wire import (
     DEPOSIT_MAY_BE_PENDING,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,

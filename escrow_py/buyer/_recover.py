@@ -17,9 +17,9 @@ from escrow_py.buyer._journal import JournalEntry, PaymentState
 from escrow_py.chain.escrow import Settled
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ChainError, ProtocolError
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ChainError, ProtocolError
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SettlementExtra,

@@ -5,7 +5,7 @@ against web3: the one implementation on a node is `chain.web3chain.Web3EscrowCha
 (built by `connect_chain`), and the unit tests run the roles on an in-memory one
 (tests/fakes/chain.py) that models the escrow's and the token's rules.
 
-Every method raises only the package's ChainError family (escrow_py.errors): RpcError
+Every method raises only the package's ChainError family (escrow_py.protocol.errors): RpcError
 (RpcTimeout, InsufficientFunds, NonceConflict) when the node fails, ContractRevert when
 a call or simulation reverts, TransactionFailed / TransactionTimeout for a sent
 transaction. Nothing of web3, requests or the socket layer crosses this line.
@@ -28,12 +28,12 @@ from typing import Any, Protocol
 from eth_typing import ChecksumAddress
 from web3.types import TxReceipt
 
-from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.escrow import EscrowEvent, PayoutFailed, Settled, SettleManyResult, Settlement, SettlementEvent
 from escrow_py.chain.genuine import EscrowCodeCheck
 from escrow_py.chain.tx import OnSigned, SentTx, WatchReport
-from escrow_py.terms import State, Terms
-from escrow_py.wire import EscrowPayload
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowPayload
 
 Block = int | str  # a block number, or a tag: "latest", "pending"
 

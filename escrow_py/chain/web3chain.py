@@ -32,7 +32,6 @@ from web3.exceptions import TransactionNotFound
 from web3.types import BlockIdentifier, TxReceipt
 
 from escrow_py.chain import clock, rpc
-from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, Settlement, SettlementEvent
 from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
@@ -40,9 +39,10 @@ from escrow_py.chain.port import Block, BlockHead
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import GAS_MARGIN, NonceBook, OnSigned, SentTx, TxSender, WatchReport, revert_or_node_error
-from escrow_py.errors import ConfigError, ContractRevert, RpcError
-from escrow_py.terms import State, Terms
-from escrow_py.wire import EscrowPayload
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.errors import ConfigError, ContractRevert, RpcError
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowPayload
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -23,9 +23,9 @@ from typing import Any
 
 from escrow_py.chain.escrow import DELIVERED_TOPIC, DEPOSITED_TOPIC, REFUNDED_TOPIC
 from escrow_py.chain.port import EscrowChain
-from escrow_py.errors import RpcError
 from escrow_py.keeper._config import MAX_LOG_CHUNK
 from escrow_py.keeper._store import IndexedEvent, KeeperStore
+from escrow_py.protocol.errors import RpcError
 
 log = logging.getLogger("escrow_py.keeper")
 

@@ -46,7 +46,9 @@ from web3.types import TxReceipt
 
 from escrow_py.chain.escrow import Delivered, PayoutFailed, Settled, Settlement, SettlementSkipped
 from escrow_py.chain.port import EscrowChain
-from escrow_py.errors import EscrowError
+from escrow_py.protocol.errors import EscrowError
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowPayload
 from escrow_py.seller._store import (
     EXPIRED,
     PENDING,
@@ -57,8 +59,6 @@ from escrow_py.seller._store import (
     QueuedSettlement,
     SellerStore,
 )
-from escrow_py.terms import State, Terms
-from escrow_py.wire import EscrowPayload
 
 log = logging.getLogger("escrow_py.seller.poster")
 sales = logging.getLogger("escrow_py.seller.sales")

@@ -12,10 +12,10 @@ from eth_utils.crypto import keccak
 from web3 import Web3
 
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode
 from escrow_py.chain.port import EscrowChain
-from escrow_py.errors import ChainError, ConfigError, ContractRevert
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.errors import ChainError, ConfigError, ContractRevert
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import SellerConfig
 

@@ -16,12 +16,12 @@ from fakes.chain import FakeEscrowChain
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 
-from escrow_py.chain.authorization import authorization_for, sign_authorization
 from escrow_py.chain.escrow import Deposited, Refunded
 from escrow_py.chain.port import EscrowChain
-from escrow_py.errors import ContractRevert
-from escrow_py.terms import Terms
-from escrow_py.wire import EscrowPayload
+from escrow_py.protocol.eip3009 import authorization_for, sign_authorization
+from escrow_py.protocol.errors import ContractRevert
+from escrow_py.protocol.terms import Terms
+from escrow_py.protocol.wire import EscrowPayload
 
 AMOUNT = 1_000
 

@@ -32,7 +32,6 @@ from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3.types import TxReceipt
 
-from escrow_py.chain.authorization import Authorization, TokenDomain, recover_signer
 from escrow_py.chain.escrow import (
     Delivered,
     Deposited,
@@ -49,9 +48,10 @@ from escrow_py.chain.escrow import (
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck
 from escrow_py.chain.port import Block, BlockHead, EscrowChain
 from escrow_py.chain.tx import OnSigned, SentTx, WatchReport
-from escrow_py.errors import ContractRevert, RpcError
-from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms
-from escrow_py.wire import EscrowPayload
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain, recover_signer
+from escrow_py.protocol.errors import ContractRevert, RpcError
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms
+from escrow_py.protocol.wire import EscrowPayload
 
 CHAIN_ID = 84532
 GAS = 120_000  # what every simulation answers: the fake does not meter gas

@@ -31,9 +31,8 @@ from starlette.routing import Route
 from escrow_py.buyer import EscrowAuth, PaymentState
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._recover import arecover_with
-from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     Reason,
@@ -42,6 +41,7 @@ from escrow_py.wire import (
     decode_payment_response,
     encode_header,
 )
+from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
 
 PRICE = 10_000
 _P = ParamSpec("_P")
