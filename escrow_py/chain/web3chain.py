@@ -33,14 +33,14 @@ from web3.types import BlockIdentifier, TxReceipt
 
 from escrow_py.chain import clock, rpc
 from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, Settlement, SettlementEvent
-from escrow_py.chain.failures import typed_chain_errors
+from escrow_py.chain.failures import CHAIN_FAILURES, as_chain_error, typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
 from escrow_py.chain.port import Block, BlockHead
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import GAS_MARGIN, NonceBook, OnSigned, SentTx, TxSender, WatchReport, revert_or_node_error
 from escrow_py.protocol.eip3009 import TokenDomain
-from escrow_py.protocol.errors import ConfigError, ContractRevert, RpcError
+from escrow_py.protocol.errors import ConfigError, ContractRevert, EscrowError, RpcError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowPayload
 
@@ -350,7 +350,14 @@ class Web3EscrowChain:
         self.sender.resync_nonce()
 
     def request(self, method: str, params: list[Any]) -> Any:
-        return rpc.request(self.w3, method, params)  # typed already: RpcError / rpc.NodeError
+        # Not typed_chain_errors: the node's own error object stays an rpc.NodeError (the keeper reads its
+        # revert data); only what the transport raises besides is mapped.
+        try:
+            return rpc.request(self.w3, method, params)
+        except EscrowError:
+            raise
+        except CHAIN_FAILURES as exc:
+            raise as_chain_error(exc, f"JSON-RPC {method}") from exc
 
     # -- receipts and events ----------------------------------------------------------------------
 
