@@ -100,15 +100,7 @@ class Facilitator:
         self.ledger = Ledger(config.store)
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # One poster at a time per operator key, whichever replica: a lease in the database.
-        self.poster = DeliveryPoster(
-            self.chain,
-            self.store,
-            interval=config.poster_interval,
-            lease=settings.poster_lease,
-            owner=self.replica,
-            confirmation_depth=settings.confirmation_depth,
-            settle_batch_wait=settings.settle_batch_wait,
-        )
+        self.poster = DeliveryPoster.of(settings, self.chain, self.store, owner=self.replica)
         # A /deliver batch is queued whole before this process's poster looks at the queue again, so
         # deliveries sent together leave in one deliverMany (the store queues one row per commit).
         self._queueing = threading.Lock()

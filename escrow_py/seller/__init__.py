@@ -65,13 +65,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """
     store = SellerStore(config.store)
     try:
-        poster = DeliveryPoster(
-            seller_chain(config, w3, book=store),
-            store,
-            lease=config.poster_lease,
-            confirmation_depth=config.confirmation_depth,
-            settle_batch_wait=config.settle_batch_wait,
-        )
+        poster = DeliveryPoster.of(config, seller_chain(config, w3, book=store), store)
         try:
             return poster.post_pending(force_settle=True)
         finally:

@@ -153,15 +153,7 @@ class EscrowMiddleware:
         self.chain: EscrowChain = chain if chain is not None else seller_chain(config, w3, book=self.store)
         # Names this process in the store's leases: a claim's owner says who holds it.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.poster = DeliveryPoster(
-            self.chain,
-            self.store,
-            interval=config.poster_interval,
-            lease=config.poster_lease,
-            owner=self.replica,
-            confirmation_depth=config.confirmation_depth,
-            settle_batch_wait=config.settle_batch_wait,
-        )
+        self.poster = DeliveryPoster.of(config, self.chain, self.store, owner=self.replica)
         self.offers = Offers(config)
 
     @staticmethod

@@ -49,6 +49,7 @@ from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.errors import EscrowError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowPayload
+from escrow_py.seller._config import SellerConfig
 from escrow_py.seller._store import (
     EXPIRED,
     PENDING,
@@ -156,6 +157,21 @@ class DeliveryPoster:
         # caller may flush from another thread's event loop (an asyncio.Lock bound to
         # one loop never wakes a waiter on another, which hangs that caller).
         self._pass = threading.Lock()
+
+    @classmethod
+    def of(
+        cls, config: SellerConfig, chain: EscrowChain, store: SellerStore, *, owner: str | None = None
+    ) -> DeliveryPoster:
+        """The poster a seller (or a facilitator, with its seller settings) runs with `config`'s settings."""
+        return cls(
+            chain,
+            store,
+            interval=config.poster_interval,
+            lease=config.poster_lease,
+            owner=owner,
+            confirmation_depth=config.confirmation_depth,
+            settle_batch_wait=config.settle_batch_wait,
+        )
 
     def post_pending(self, *, force_settle: bool = False) -> PostReport:
         """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch, and
