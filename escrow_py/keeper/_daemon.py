@@ -50,7 +50,7 @@ from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
 from escrow_py.keeper._console import keeper_figures, open_console_db
 from escrow_py.keeper._decide import Refund, next_action
-from escrow_py.keeper._index import Head, Indexer, read_block, read_head
+from escrow_py.keeper._index import Head, Indexer, block_hash, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
 from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow, prune
 from escrow_py.protocol.errors import ChainError, ContractRevert, RpcError
@@ -314,8 +314,7 @@ class Keeper:
         number = attempt.block_number
         assert number is not None
         if number not in hashes:
-            block = read_block(self.chain, number)
-            hashes[number] = "" if block is None else str(block["hash"])
+            hashes[number] = block_hash(self.chain, number) or ""
         if hashes[number] == attempt.block_hash:
             if head.number - number + 1 > self.config.reorg_depth:
                 if status == "mined":

@@ -46,21 +46,15 @@ class Head:
     gas_limit: int
 
 
-def read_block(chain: EscrowChain, block: int | str) -> dict[str, Any] | None:
-    tag = hex(block) if isinstance(block, int) else block
-    result = chain.request("eth_getBlockByNumber", [tag, False])
-    return result if isinstance(result, dict) else None
+def block_hash(chain: EscrowChain, number: int) -> str | None:
+    """The 0x-hex hash of block `number` on the current chain (the form the store keeps); None past the head."""
+    found = chain.block_hash(number)
+    return None if found is None else "0x" + found.hex()
 
 
 def read_head(chain: EscrowChain) -> Head:
-    block = read_block(chain, "latest")
-    if block is None:
-        raise RpcError("eth_getBlockByNumber(latest) returned no block")
-    try:
-        return Head(int(block["number"], 16), str(block["hash"]), int(block["timestamp"], 16),
-                    int(block["gasLimit"], 16))  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RpcError(f"eth_getBlockByNumber(latest) returned a malformed block: {exc}") from None
+    head = chain.head()
+    return Head(head.number, "0x" + head.hash.hex(), head.timestamp, head.gas_limit)
 
 
 def parse_log(entry: dict[str, Any]) -> IndexedEvent | None:
@@ -131,10 +125,10 @@ class Indexer:
 
     def _canonical(self, number: int, hashes: dict[int, str]) -> str | None:
         if number not in hashes:
-            block = read_block(self.chain, number)
-            if block is None:
+            found = block_hash(self.chain, number)
+            if found is None:
                 return None
-            hashes[number] = str(block["hash"])
+            hashes[number] = found
         return hashes[number]
 
     def _fork_point(self, checkpoint: int, hashes: dict[int, str]) -> int:
