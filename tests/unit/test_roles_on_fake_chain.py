@@ -61,6 +61,9 @@ def _seller(chain: FakeEscrowChain, store: Path) -> Starlette:
     async def report(request: Request) -> Response:
         return JSONResponse({"item": request.path_params["item"], "rows": [1, 2, 3]})
 
+    async def fail(request: Request) -> Response:
+        return JSONResponse({"error": "the report generator is down"}, status_code=500)
+
     config = SellerConfig(
         rpc_url="http://127.0.0.1:9",  # never dialled: the middleware is given the fake chain
         escrow=chain.escrow,
@@ -68,12 +71,15 @@ def _seller(chain: FakeEscrowChain, store: Path) -> Starlette:
         network="eip155:84532",
         pay_to=address(SELLER),
         operator=dev(OPERATOR),
-        routes=[PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=120)],
+        routes=[
+            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=120),
+            PricedRoute("GET", "/fail", amount=PRICE, max_timeout_seconds=120),
+        ],
         store=store,
         min_time_left=10,
         startup_checks=False,
     )
-    app = Starlette(routes=[Route("/report/{item}", report)])
+    app = Starlette(routes=[Route("/report/{item}", report), Route("/fail", fail)])
     app.add_middleware(EscrowMiddleware, config=config, chain=chain)
     return app
 
@@ -127,6 +133,24 @@ async def test_a_buyer_without_the_funds_is_refused_by_the_tokens_rule_and_nothi
     assert refused.status_code == 402
     assert decode_payment_required(refused.headers["PAYMENT-REQUIRED"]).error == Reason.INSUFFICIENT_BALANCE
     assert fake_chain.state_of(payment.escrow_id) is State.NONE and "deposit" not in fake_chain.calls
+
+
+@_sync
+async def test_a_handler_that_fails_is_refunded_by_the_operator_at_once(
+    fake_chain: FakeEscrowChain, tmp_path: Path
+) -> None:
+    app = _seller(fake_chain, tmp_path / "seller.sqlite")
+    async with _client(app) as client:
+        required = await quote(client, "GET", "/fail")
+        payment = sign_payment(None, required, deadline=fake_chain.next_block_time() + 100)
+        failed = await client.get("/fail", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+    assert failed.status_code == 500
+    settle = decode_payment_response(failed.headers[PAYMENT_RESPONSE_HEADER])
+    assert settle.error_reason == Reason.HANDLER_FAILED_REFUNDED
+    # Deposited, then refunded before the deadline by the operator (the contract lets only the seller's side).
+    assert fake_chain.state_of(payment.escrow_id) is State.REFUNDED
+    assert fake_chain.balance_of(fake_chain.token, address(BUYER)) == FAKE_BALANCE
+    assert (fake_chain.calls["deposit"], fake_chain.calls["refund"]) == (1, 1)
 
 
 @_sync
