@@ -9,10 +9,11 @@ builds a Web3, an Escrow binding or a TxSender itself. The per-payment reads go
 straight to the node as raw JSON-RPC (chain/rpc.py: about a quarter of web3's cost per
 call), everything else through web3.
 
-This is where web3.py's, requests' and the socket layer's exceptions stop: every public
-method runs inside `typed_chain_errors`, so a caller sees RpcError (the node), ContractRevert
-(a revert), TransactionFailed or TransactionTimeout, each naming what it was doing, and
-nothing else of the chain's (chain/failures.py).
+This is where web3.py's, requests' and the socket layer's exceptions stop: every method that
+talks to the node runs inside `typed_chain_errors`, so a caller sees RpcError (the node),
+ContractRevert (a revert), TransactionFailed or TransactionTimeout, each naming what it was
+doing, and nothing else of the chain's (chain/failures.py; tests/chain/test_web3chain_boundary.py).
+The raw `request` door keeps the node's error object as rpc.NodeError (an RpcError).
 """
 
 from __future__ import annotations
@@ -162,8 +163,6 @@ class Web3EscrowChain:
             found = self._bindings.get(address)
             if found is None:
                 found = self._bindings[address] = Escrow(self.w3, address)
-                if self._chain_id is not None:
-                    found._chain_id = self._chain_id
             return found
 
     def _token(self, token: str) -> Token:
