@@ -224,7 +224,7 @@ class Web3EscrowChain:
             if address in self._domains:
                 return self._domains[address]
         name, version = rpc.both(lambda: self._text(address, _NAME), lambda: self._text(address, _VERSION))
-        domain = TokenDomain(name, version, self.chain_id, address)
+        domain = TokenDomain(name=name, version=version, chain_id=self.chain_id, verifying_contract=address)
         with self._lock:
             self._domains[address] = domain
         return domain

@@ -92,7 +92,12 @@ def _check_token(config: SellerConfig, chain: EscrowChain) -> None:
             f"SellerConfig.token {token} is not an ERC-3009 token with an EIP-712 domain "
             f"(authorizationState or DOMAIN_SEPARATOR failed: {exc})"
         ) from None
-    domain = TokenDomain(config.token_name, config.token_version, config.chain_id, to_checksum_address(token))
+    domain = TokenDomain(
+        name=config.token_name,
+        version=config.token_version,
+        chain_id=config.chain_id,
+        verifying_contract=to_checksum_address(token),
+    )
     if separator != domain.separator():
         name, version = _text(chain, token, _NAME), _text(chain, token, _VERSION)
         raise ConfigError(

@@ -38,8 +38,10 @@ def _calls(chain: Web3EscrowChain, real: Chain) -> dict[str, Callable[[], Any]]:
         salt=os.urandom(32),
     )
     auth = authorization_for(terms, real.escrow.address, 84532, 0, terms.deadline)
-    signature = sign_authorization(dev(BUYER), TokenDomain("USDC", "2", 84532, token), auth)
-    payload = EscrowPayload(auth, signature, terms)
+    signature = sign_authorization(
+        dev(BUYER), TokenDomain(name="USDC", version="2", chain_id=84532, verifying_contract=token), auth
+    )
+    payload = EscrowPayload(authorization=auth, signature=signature, terms=terms)
     settlement = Settlement(terms, auth, signature, b"\x01" * 32)
     tx = os.urandom(32)
     return {

@@ -31,14 +31,16 @@ def _payment(chain: EscrowChain, token: str, *, deadline: int, amount: int = AMO
         buyer=address(BUYER),
         seller=address(SELLER),
         operator=address(OPERATOR),
-        token=token,  # type: ignore[arg-type]
+        token=token,
         amount=amount,
         deadline=deadline,
         request_hash=os.urandom(32),
         salt=os.urandom(32),
     )
     auth = authorization_for(terms, chain.escrow, chain.chain_id, 0, deadline)
-    return EscrowPayload(auth, sign_authorization(dev(BUYER), chain.token_domain(token), auth), terms)
+    return EscrowPayload(
+        authorization=auth, signature=sign_authorization(dev(BUYER), chain.token_domain(token), auth), terms=terms
+    )
 
 
 def _refused(call: Any) -> str:
@@ -62,7 +64,11 @@ def _story(chain: EscrowChain, token: str) -> list[Any]:
     seen += [chain.state_of(escrow_id).name, chain.authorization_used(token, buyer, escrow_id)]
     seen.append(chain.simulate_deposit(paid) > 0)
     # Terms altered after signing: the token refuses the signature over them.
-    altered = EscrowPayload(paid.authorization, paid.signature, paid.terms.with_(amount=AMOUNT + 1))
+    altered = EscrowPayload(
+        authorization=paid.authorization,
+        signature=paid.signature,
+        terms=paid.terms.model_copy(update={"amount": AMOUNT + 1}),
+    )
     seen.append(_refused(lambda: chain.simulate_deposit(altered)))
 
     receipt = chain.deposit(paid)

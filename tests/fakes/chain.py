@@ -177,7 +177,12 @@ class FakeEscrowChain:
     def token_domain(self, token: str) -> TokenDomain:
         self._enter("token_domain")
         found = self._token(token)
-        return TokenDomain(found.name, found.version, self._chain_id, to_checksum_address(token))
+        return TokenDomain(
+            name=found.name,
+            version=found.version,
+            chain_id=self._chain_id,
+            verifying_contract=to_checksum_address(token),
+        )
 
     def check_escrow(self, address: str) -> EscrowCodeCheck:
         self._enter("check_escrow")
@@ -215,8 +220,17 @@ class FakeEscrowChain:
             raise ContractRevert("AuthorizationExpired", {"validBefore": valid_before, "now_": now})
         if (terms.buyer, escrow_id) in token.used:
             raise ContractRevert("AuthorizationUsedOrCanceled", {"authorizer": terms.buyer, "nonce": escrow_id})
-        signed = Authorization(terms.buyer, self._escrow, terms.amount, valid_after, valid_before, escrow_id)
-        domain = TokenDomain(token.name, token.version, self._chain_id, terms.token)
+        signed = Authorization(
+            from_=terms.buyer,
+            to=self._escrow,
+            value=terms.amount,
+            valid_after=valid_after,
+            valid_before=valid_before,
+            nonce=escrow_id,
+        )
+        domain = TokenDomain(
+            name=token.name, version=token.version, chain_id=self._chain_id, verifying_contract=terms.token
+        )
         try:
             signer = recover_signer(domain, signed, signature)
         except ValueError:

@@ -31,11 +31,11 @@ from starlette.routing import Route
 from escrow_py.buyer import EscrowAuth, PaymentState
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._recover import arecover_with
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
-    Reason,
     SettlementExtra,
     decode_payment_required,
     decode_payment_response,
