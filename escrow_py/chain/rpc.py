@@ -241,8 +241,3 @@ def estimate_gas_request(to: str | None, data: bytes, *, sender: str) -> Request
 
 def estimate_gas(w3: Web3, to: str | None, data: bytes, *, sender: str) -> int:
     return int(str(send(w3, estimate_gas_request(to, data, sender=sender))), 16)
-
-
-def latest_timestamp(w3: Web3) -> int:
-    """The latest block's timestamp: the clock the contract judges deadlines by."""
-    return int(str(request(w3, "eth_getBlockByNumber", ["latest", False])["timestamp"]), 16)

@@ -21,11 +21,10 @@ import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
-from web3.exceptions import Web3Exception
 from x402.http import HTTPRequestContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
-from escrow_py.chain import rpc
+from escrow_py.chain.port import EscrowChain, PaymentLook
 from escrow_py.chain.tx import SentTx
 from escrow_py.protocol.errors import (
     ConfigError,
@@ -53,7 +52,7 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
     payment_required,
 )
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._offers import (
     EXACT,
@@ -85,7 +84,7 @@ from escrow_py.seller._verify import (
     PaymentRejected,
     VerifiedPayment,
     offer_for,
-    onchain_requests,
+    serve_first_probe,
     verify_offchain,
     verify_onchain,
 )
@@ -148,18 +147,19 @@ class EscrowMiddleware:
     `EscrowMiddleware.of(app)` finds the instance inside a Starlette/FastAPI app.
     """
 
-    def __init__(self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None, chain: EscrowChain | None = None
+    ) -> None:
         if not isinstance(config, SellerConfig):
             raise EscrowError("EscrowMiddleware needs config=SellerConfig(...)")
         self.app = app
         self.config = config
         self.store = SellerStore(config.store)
-        self.chain = SellerChain(config, w3, book=self.store)
+        # `chain`: another EscrowChain than the node at config.rpc_url (the unit tests' in-memory one).
+        self.chain: EscrowChain = chain if chain is not None else seller_chain(config, w3, book=self.store)
         # Names this process in the store's leases: a claim's owner says who holds it.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.poster = DeliveryPoster(
-            self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
-        )
+        self.poster = DeliveryPoster.of(config, self.chain, self.store, owner=self.replica)
         self.offers = Offers(config)
 
     @staticmethod
@@ -235,7 +235,7 @@ class EscrowMiddleware:
         if not self.config.startup_checks:
             return None
         try:
-            await _blocking(check_chain, self.chain)
+            await _blocking(check_chain, self.config, self.chain)
         except ConfigError as exc:
             log.error("seller start-up check failed: %s", exc)
             return str(exc)
@@ -270,7 +270,7 @@ class EscrowMiddleware:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
             await _send_unavailable(send, unavailable)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
             log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
@@ -373,7 +373,7 @@ class EscrowMiddleware:
                     state = await _blocking(self.chain.state_of, escrow_id)
             if state == State.NONE:
                 # Recorded, but the deposit never landed: try it again under today's rules.
-                now = await _blocking(self.chain.now)
+                now = await _blocking(self.chain.next_block_time)
                 verified = self._verify(header, request, now)
                 deposit_tx = await self._deposit(verified, accepted_at=None, route=request.route)
             elif state == State.HELD:
@@ -394,15 +394,19 @@ class EscrowMiddleware:
 
         The seller's hooks run around verify and the deposit (hold); a serve-first sale runs none.
         """
-        # A serve-first payment's on-chain checks go in the same round trip as the state and the clock.
-        also = self._serve_first_requests(header, escrow_id) if request.route.serve_first else []
-        state, now, answers = await _blocking(self.chain.first_look, escrow_id, also)
+        # The payment's on-chain checks are read with the state and the clock, in one round trip, and judged
+        # after the off-chain ones: a serve-first settlement's, or a deposit's when no hook runs in between.
+        sent = self._payload_of(header)
+        serve_first = request.route.serve_first
+        check = serve_first_probe(sent) if serve_first else sent if self.config.hooks is None else None
+        look = await _blocking(self.chain.look, escrow_id, check)
+        state, now = look.state, look.now
         if state == State.NONE:
-            if request.route.serve_first:
+            if serve_first:
                 verified = self._verify(header, request, now)
-                if await self._serve_first(scope, receive, send, request, verified=verified, now=now, answers=answers):
+                if await self._serve_first(scope, receive, send, request, verified=verified, now=now, look=look):
                     return None
-            return await self._accept_new(header, request, now)
+            return await self._accept_new(header, request, now, look=None if serve_first else look)
         if state == State.HELD:
             # Deposited by someone else (the buyer, another replica) and never answered here. The
             # token checked the signature on deposit; judge the rest at a time the deadline was valid.
@@ -417,12 +421,15 @@ class EscrowMiddleware:
             return verified, None
         raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
 
-    async def _accept_new(self, header: str, request: _Request, now: int) -> tuple[VerifiedPayment, bytes | None]:
-        """A payment seen for the first time: verified and deposited, between the seller's hooks."""
+    async def _accept_new(
+        self, header: str, request: _Request, now: int, *, look: PaymentLook | None = None
+    ) -> tuple[VerifiedPayment, bytes | None]:
+        """A payment seen for the first time: verified and deposited, between the seller's hooks (without
+        hooks, `look` may hold the deposit's on-chain reads already)."""
         hooks = self.config.hooks
         if hooks is None:
             verified = self._verify(header, request, now)
-            return verified, await self._deposit(verified, accepted_at=now, route=request.route)
+            return verified, await self._deposit(verified, accepted_at=now, route=request.route, look=look)
         try:
             payload = decode_payment_signature(header)
         except ProtocolError:
@@ -458,13 +465,9 @@ class EscrowMiddleware:
         else:  # no settlement when the handler failed: not charged
             await self._send_response(send, outcome.response, outcome.settle)
 
-    def _serve_first_requests(self, header: str, escrow_id: bytes) -> list[rpc.Request]:
-        """verify_onchain's reads of a serve-first payment, judged only once the off-chain checks pass."""
-        chain = self.chain
-        payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
-        return onchain_requests(
-            payload, escrow_id, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
-        )
+    def _payload_of(self, header: str) -> EscrowPayload:
+        """The payment the header carries (`_escrow_id_of` decoded it already: it decodes)."""
+        return EscrowPayload.from_json(decode_payment_signature(header).payload)
 
     def _latest_valid_time(self, request: _Request, header: str) -> int:
         """The last chain time at which this payment's deadline and authorization both had time left."""
@@ -472,7 +475,7 @@ class EscrowMiddleware:
         return min(payload.terms.deadline, payload.authorization.valid_before) - self.config.min_time_left - 1
 
     async def _require_time_left(self, terms: Terms) -> None:
-        now = await _blocking(self.chain.now)
+        now = await _blocking(self.chain.next_block_time)
         if now + self.config.min_time_left > terms.deadline:
             raise PaymentRejected(
                 Reason.ESCROW_REFUNDABLE,
@@ -480,8 +483,11 @@ class EscrowMiddleware:
                 "too late to deliver, the escrow is refundable",
             )
 
-    async def _deposit(self, verified: VerifiedPayment, *, accepted_at: int | None, route: PricedRoute) -> bytes | None:
-        """Check on chain, record, deposit, wait for the receipt. `accepted_at` None: already recorded.
+    async def _deposit(
+        self, verified: VerifiedPayment, *, accepted_at: int | None, route: PricedRoute, look: PaymentLook | None = None
+    ) -> bytes | None:
+        """Check on chain (with `look`'s reads if it has them), record, deposit, wait for the receipt.
+        `accepted_at` None: already recorded.
 
         The buyer's faults are 402s (a simulation or a mined deposit that reverts, with the
         revert in `error`); the seller's own are 503s with a reason (SellerUnavailable): the
@@ -490,7 +496,7 @@ class EscrowMiddleware:
         escrow_id = verified.escrow_id
         chain = self.chain
         try:
-            gas = await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+            gas = await _blocking(verify_onchain, verified, chain=chain, look=look)
         except PaymentRejected as rejected:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
@@ -514,7 +520,7 @@ class EscrowMiddleware:
         except (InsufficientFunds, NonceConflict) as exc:
             await _blocking(self.store.forget, escrow_id)  # the node refused it: nothing is on its way
             raise self._operator_failure(escrow_id, exc) from None
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             if await _blocking(chain.state_of, escrow_id) == State.HELD:
                 # It landed although we saw an error (a lost receipt): go on as deposited.
                 await _blocking(self.store.set_held, escrow_id, None)
@@ -580,7 +586,7 @@ class EscrowMiddleware:
         *,
         verified: VerifiedPayment,
         now: int,
-        answers: list[Any],
+        look: PaymentLook,
     ) -> bool:
         """Serve a payment before any money moves, if the exposure limits allow; False: serve it in hold mode.
 
@@ -590,9 +596,7 @@ class EscrowMiddleware:
         """
         escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
         try:
-            verify_onchain(
-                verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True, answers=answers
-            )
+            verify_onchain(verified, chain=chain, serve_first=True, look=look)
         except PaymentRejected as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
@@ -632,9 +636,9 @@ class EscrowMiddleware:
         """A serve-first payment recorded and never answered (the seller died mid-handler): serve it now,
         if its authorization is still unused and leaves the poster time to settle it."""
         terms, escrow_id = verified.terms, verified.escrow_id
-        if await _blocking(self.chain.authorization_used, terms.buyer, escrow_id):
+        if await _blocking(self.chain.authorization_used, terms.token, terms.buyer, escrow_id):
             raise PaymentRejected(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-        now = await _blocking(self.chain.now)
+        now = await _blocking(self.chain.next_block_time)
         due = min(verified.payload.authorization.valid_before, terms.deadline)
         if now + self.config.min_time_left > due:
             raise PaymentRejected(
@@ -721,7 +725,7 @@ class EscrowMiddleware:
                 refund_tx=refund_tx,
                 status=str(response.status),
             )
-        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+        except (EscrowError, OSError, TimeoutError) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
         if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
@@ -778,7 +782,7 @@ class EscrowMiddleware:
         refund (a keeper, recover()), so the chain is asked; if it cannot answer, the stored reply still goes."""
         try:
             onchain = await _blocking(self.chain.state_of, escrow_id)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
             return "held"
         return {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held")

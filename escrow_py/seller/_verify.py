@@ -10,15 +10,15 @@ machine-readable reason and the values involved.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import Escrow, Settlement
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import GAS_MARGIN, TxSender
+from escrow_py.chain.escrow import Settlement
+from escrow_py.chain.port import EscrowChain, PaymentLook
 from escrow_py.protocol.eip3009 import recover_signer
 from escrow_py.protocol.errors import ContractRevert, ProtocolError
 from escrow_py.protocol.reasons import Reason
@@ -224,68 +224,59 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def onchain_requests(
-    payload: EscrowPayload, escrow_id: bytes, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool
-) -> list[rpc.Request]:
-    """What verify_onchain asks the chain, as requests to send in one batch (perhaps with others): the
-    buyer's balance, the authorization's state, and the simulation of the deposit (or, `serve_first`,
-    of the settlement that pulls the same authorization) as `sender` would send it.
-
-    Built from the payload alone (no chain time needed), so they can go out before the off-chain
-    checks have a clock to judge by; their answers are judged only after those checks pass.
-    """
-    if serve_first:
-        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
-    else:
-        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-    return [
-        token.balance_request(payload.terms.buyer),
-        token.authorization_state_request(payload.terms.buyer, escrow_id),
-        sender.estimate_gas_request(escrow.address, data),
-    ]
+def serve_first_probe(payload: EscrowPayload) -> Settlement:
+    """The settlement a serve-first payment is simulated as before its handler has run (PROBE_HASH)."""
+    return Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH)
 
 
 def verify_onchain(
-    payment: VerifiedPayment,
-    *,
-    escrow: Escrow,
-    token: Token,
-    sender: TxSender,
-    serve_first: bool = False,
-    answers: list[Any] | None = None,
+    payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False, look: PaymentLook | None = None
 ) -> int:
     """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as `sender` would send it: onchain_requests, sent in one batch,
-    or their `answers` if the caller sent them already (with other reads of its own).
+    that pulls the same authorization) as the chain's sender would send it: read now in one round trip,
+    or taken from `look` (EscrowChain.look with the same check, read with the escrow's state and the clock
+    before the off-chain checks had a clock; judged only now that they passed).
 
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
     """
-    if answers is None:
-        requests = onchain_requests(
-            payment.payload, payment.escrow_id, escrow=escrow, token=token, sender=sender, serve_first=serve_first
+    payload = payment.payload
+    terms = payload.terms
+    what = "settlement" if serve_first else "deposit"
+    balance: object
+    used: object
+    gas: object
+    if look is not None and look.balance is not None and look.used is not None and look.gas is not None:
+        balance, used, gas = look.balance, look.used, look.gas
+    else:
+        probe = serve_first_probe(payload)
+        simulate: Callable[[], int] = (
+            (lambda: chain.simulate_settle(probe)) if serve_first else (lambda: chain.simulate_deposit(payload))
         )
-        answers = rpc.batch(escrow.w3, requests)
+        # Three independent reads at once (one round trip).
+        balance, used, gas = rpc.gather(
+            lambda: chain.balance_of(terms.token, payment.buyer),
+            lambda: chain.authorization_used(terms.token, payment.buyer, payment.escrow_id),
+            simulate,
+        )
     # Judged in this order, the simulation last.
-    balance_answer, used_answer, gas_answer = answers
-    balance = Token.balance_from(_value(balance_answer))
-    used = Token.authorization_state_from(_value(used_answer))
+    if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (balance, used)):
+        # The asset's own reads revert too: not a token this payment can be pulled from.
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+    balance, used = int(_value(balance)), bool(_value(used))
     _require(
         balance >= payment.terms.amount,
         Reason.INSUFFICIENT_BALANCE,
         f"buyer balance {balance} < amount {payment.terms.amount}",
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-    try:
-        gas = sender.gas_from(gas_answer)
-    except ContractRevert as revert:
-        what = "settlement" if serve_first else "deposit"
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {revert}", detail=str(revert)) from None
-    return int(gas * GAS_MARGIN)
+    if isinstance(gas, ContractRevert):
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+    return int(_value(gas))
 
 
 def _value(result: _T | BaseException) -> _T:
-    """A batched read's answer; its exception (the node failed) raised as it was."""
+    """A gathered read's value; its exception (the node failed) raised as it was."""
     if isinstance(result, BaseException):
         raise result
     return result

@@ -42,10 +42,10 @@ RPC_CALLS = {
 # (a lease row, one replica at a time), the key's nonce allocated (its row in the store, not a process's
 # counter), the signed deposit kept in the key's transaction log before broadcast.
 SQLITE_TRANSACTIONS = 4 + 2 + 1 + 1
-# In one batch each: the escrow's state with the clock; after the off-chain checks had that clock, the balance,
-# the authorization's state and the deposit's simulation; the fees with the operator's nonce. Then the deposit
-# itself and its receipt.
-RPC_ROUND_TRIPS = 1 + 1 + 1 + 1 + 1
+# One batch before the deposit (the escrow's state, the clock, the balance, the authorization's state and the
+# deposit's simulation; judged after the off-chain checks had that clock), one for the fees with the operator's
+# nonce, then the deposit itself and its receipt.
+RPC_ROUND_TRIPS = 1 + 1 + 1 + 1
 
 # Serve-first: every read of the payment in one batch before the handler runs (the escrow's state, the clock, the
 # buyer's balance, the authorization's state, the settlement's simulation), no transaction on the request's path.
