@@ -237,7 +237,3 @@ def estimate_gas_request(to: str | None, data: bytes, *, sender: str) -> Request
     if to is not None:
         tx["to"] = to_checksum_address(to)
     return Request("eth_estimateGas", [tx])
-
-
-def estimate_gas(w3: Web3, to: str | None, data: bytes, *, sender: str) -> int:
-    return int(str(send(w3, estimate_gas_request(to, data, sender=sender))), 16)
