@@ -8,8 +8,10 @@ A synthetic fill (written straight into the tables, as years of traffic would ha
 - buyer, per paid request: the budget check (the reservation's transaction: lock, usage over the
   totals and a 1-hour and a 1-day window) and reading a payment; per recovery: unfinished payments
   and unconfirmed ledger rows;
-- seller: the store's own `bench_fill` / `bench_queries` hooks when it has them (the seller store
-  moves onto the port separately); skipped with a note otherwise.
+- seller, per paid request: reading a payment, its claim taken and released, a nonce allocated and the
+  transactions of an intent looked up (each transaction), a buyer's serve-first exposure; per poster pass:
+  its lease, refunds pending, expiring and reading pending deliveries, posted and settled ones not yet
+  final, the unpaid serve-first total and the settlements due.
 
 Target: every query's p50 under 5 ms on both engines. PostgreSQL is a throwaway local server
 (escrow_devtools.bench.postgres) unless `pg_url` names one.
@@ -30,6 +32,7 @@ from escrow_py.buyer import _ledger
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import PaymentContext
 from escrow_py.keeper._store import KeeperStore
+from escrow_py.seller._store import SellerStore
 from escrow_py.storage import Database
 
 TARGET_MS = 5.0
@@ -220,17 +223,92 @@ def _buyer_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
         journal.close()
 
 
-def _seller_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
-    from escrow_py.seller import _store as seller
+def _fill_seller(db: Database, url: str, rows: int, now: int) -> None:
+    """`rows` payments over 90 days: delivered and final, 2% served first and settled; the last 100 in flight (a
+    poster batch of deliveries pending, as many posted and not yet final, a settlement queued); 1 refund pending per
+    10,000; one deposit transaction each."""
+    terms = json.dumps(
+        {"buyer": "0x" + "22" * 20, "seller": SELLER, "operator": SELLER, "token": TOKEN, "amount": "1000",
+         "deadline": now, "requestHash": "0x" + "01" * 32, "salt": "0x" + "02" * 32}
+    )  # fmt: skip
+    payments, deliveries, settlements, txs = [], [], [], []
+    recent = rows - 100
+    for n in range(rows):
+        escrow_id, at = n.to_bytes(32, "big"), now - (rows - n) * 90 * DAY / rows
+        deadline = int(at) + (3600 if n >= recent else 300)
+        first = n % 50 == 2
+        refund = n % 10_000 == 7
+        status = "served_first" if first else "refund_pending" if refund else "served"
+        payments.append((escrow_id, terms, deadline, status, int(at), os.urandom(32), None, 200, "[]", b"x" * 300,
+                         at, at, "GET /report/{item}", None))  # fmt: skip
+        if first:
+            queued = n >= recent
+            settlements.append((escrow_id, "0x" + f"{n % 5000:040x}", 1000, "{}", os.urandom(32), deadline,
+                                "queued" if queued else "settled", None if queued else os.urandom(32),
+                                int(not queued), at, at))  # fmt: skip
+        elif not refund:
+            state = ("pending", "posted")[n % 2] if n >= recent else "posted"
+            deliveries.append((escrow_id, terms, os.urandom(32), deadline, state,
+                               None if state == "pending" else os.urandom(32), int(n < recent), at))  # fmt: skip
+        txs.append((os.urandom(32), SELLER, n, "0x" + os.urandom(32).hex(), os.urandom(180), at))
+    with db.transaction() as tx:
+        tx.executemany(
+            "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, deposit_tx, refund_tx, "
+            "response_status, response_headers, response_body, created_at, updated_at, route, payload) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            payments,
+        )
+        tx.executemany(
+            "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, tx_hash, final, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            deliveries,
+        )
+        tx.executemany(
+            "INSERT INTO settlements (escrow_id, buyer, amount, payload, delivery_hash, due, status, tx_hash, final, "
+            "updated_at, queued_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            settlements,
+        )
+        tx.executemany(
+            "INSERT INTO operator_txs (tx_hash, address, nonce, intent, raw, created_at) VALUES (?,?,?,?,?,?)", txs
+        )
+        tx.execute("INSERT INTO operator_nonces (address, next_nonce, updated_at) VALUES (?, ?, ?)",
+                   (SELLER, rows, now))  # fmt: skip
+    _analyze(db, url)
 
-    fill, queries = getattr(seller, "bench_fill", None), getattr(seller, "bench_queries", None)
-    if fill is None or queries is None:
-        return {
-            "skipped": "the seller store has no bench_fill/bench_queries hooks yet (it moves onto the port separately)"
-        }
-    store = fill(url, rows)
+
+def _seller_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
+    store = SellerStore(url)
     try:
-        return {"queries": {name: _timed(run, repeat) for name, run in queries(store).items()}}
+        now = int(time.time())
+        _fill_seller(store._db, url, rows, now)  # noqa: SLF001 - the fill writes the tables as traffic would
+        some = (rows // 2).to_bytes(32, "big")
+        intent = store._db.one("SELECT intent FROM operator_txs LIMIT 1")  # noqa: SLF001
+        claim = f"claim:0x{some.hex()}"
+
+        def claimed_and_released() -> None:
+            store.take_lease(claim, "bench", 30.0)
+            store.release_lease(claim, "bench")
+
+        results = {
+            "payment by id (per paid request)": _timed(lambda: store.payment(some), repeat),
+            "claim taken and released (per paid request)": _timed(claimed_and_released, repeat),
+            "nonce allocated (per transaction)": _timed(lambda: store.allocate_nonce(SELLER, 0), repeat),
+            "transactions of an intent (per transaction)": _timed(
+                lambda: store.txs_for(SELLER, str(intent[0] if intent else "")), repeat
+            ),
+            "buyer's serve-first exposure (per serve-first request)": _timed(
+                lambda: store.exposure("0x" + f"{7:040x}"), repeat
+            ),
+            "poster lease (per pass)": _timed(lambda: store.take_lease("poster:bench", "bench", 5.0), repeat),
+            "refunds pending (per pass)": _timed(store.refunds_pending, repeat),
+            "expire pending (per pass)": _timed(lambda: store.expire_pending(now - 7 * DAY), repeat),
+            "pending deliveries (per pass)": _timed(store.pending_deliveries, repeat),
+            "posted, not final (per pass)": _timed(store.posted_unsettled, repeat),
+            "unpaid serve-first total (per pass)": _timed(store.exposure, repeat),
+            "settlements due (per pass)": _timed(store.settlements_due, repeat),
+            "settled, not final (per pass)": _timed(store.settled_unfinal, repeat),
+        }
+        return {"queries": results}
     finally:
         store.close()
 

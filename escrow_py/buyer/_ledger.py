@@ -103,24 +103,28 @@ def lock_budget(tx: Tx, token: str) -> None:
 def usage(tx: Tx, ctx: PaymentContext, windows: tuple[int, ...], now: float) -> Usage:
     """What is committed (reserved + spent) in ctx's token: overall, for its task, its seller, each window.
 
-    Two reads: the token's running totals (one row per task and seller), and the rows of the longest window.
+    One statement (one round trip): the token's running totals (one row per task and seller), and a sum per
+    window over the rows of the longest one, through the covering index `ledger_window`.
     """
-    row = tx.one(
-        "SELECT COALESCE(SUM(committed), 0), COALESCE(SUM(CASE WHEN task = ? THEN committed ELSE 0 END), 0), "
-        "COALESCE(SUM(CASE WHEN seller = ? THEN committed ELSE 0 END), 0) FROM ledger_totals WHERE token = ?",
-        (ctx.task, ctx.seller, ctx.token),
+    totals = (
+        "SELECT COALESCE(SUM(committed), 0) AS total, COALESCE(SUM(CASE WHEN task = ? THEN committed ELSE 0 END), 0) "
+        "AS task, COALESCE(SUM(CASE WHEN seller = ? THEN committed ELSE 0 END), 0) AS seller "
+        "FROM ledger_totals WHERE token = ?"
     )
-    total, task, seller = (int(v) for v in row) if row else (0, 0, 0)
-    spent: dict[int, int] = {}
+    args: list[object] = [ctx.task, ctx.seller, ctx.token]
+    sums = ", ".join(f"COALESCE(SUM(CASE WHEN reserved_at >= ? THEN amount ELSE 0 END), 0) AS w{i}"
+                     for i in range(len(windows)))  # fmt: skip
     if windows:
-        sums = ", ".join("COALESCE(SUM(CASE WHEN reserved_at >= ? THEN amount ELSE 0 END), 0)" for _ in windows)
-        found = tx.one(
-            f"SELECT {sums} FROM ledger WHERE token = ? AND reserved_at >= ? "  # noqa: S608 - one term per window
-            "AND status IN ('reserved', 'spent')",
-            (*(now - s for s in windows), ctx.token, now - max(windows)),
+        totals = (
+            f"SELECT t.total, t.task, t.seller, {', '.join(f'w.w{i}' for i in range(len(windows)))} "  # noqa: S608
+            f"FROM ({totals}) t, (SELECT {sums} FROM ledger WHERE token = ? AND reserved_at >= ? "
+            "AND status IN ('reserved', 'spent')) w"
         )
-        spent = {seconds: int(found[i]) if found else 0 for i, seconds in enumerate(windows)}
-    return Usage(total=total, task=task, seller=seller, windows=spent)
+        args += [*(now - s for s in windows), ctx.token, now - max(windows)]
+    row = tx.one(totals, args)
+    values = [int(v) for v in row] if row else [0] * (3 + len(windows))
+    return Usage(total=values[0], task=values[1], seller=values[2],
+                 windows={seconds: values[3 + i] for i, seconds in enumerate(windows)})  # fmt: skip
 
 
 def _add(tx: Tx, token: str, task: str, seller: str, amount: int) -> None:

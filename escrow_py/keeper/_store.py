@@ -430,18 +430,22 @@ class KeeperStore:
             return set()
         signer = signer.lower()
         got: set[bytes] = set()
-        with self.db.transaction() as tx:
-            for chunk in _chunks(list(ids), 500):
-                marks = ", ".join("?" * len(chunk))
-                # One statement: the rows are claimed as they are read, and those another keeper is claiming
-                # this instant are skipped, not waited for.
-                rows = tx.all(
-                    "UPDATE deposits SET claimed_by = ?, claimed_until = ? WHERE escrow = ? AND id IN ("  # noqa: S608
-                    f"SELECT id FROM deposits WHERE escrow = ? AND id IN ({marks}) AND open = 1 "
-                    f"AND (claimed_by IS NULL OR claimed_by = ? OR claimed_until < ?){tx.for_update()}) RETURNING id",
-                    (signer, now + lease, escrow, escrow, *chunk, signer, now),
-                )
-                got.update(bytes(r[0]) for r in rows)
+        for chunk in _chunks(list(ids), 500):
+            # One statement, its own transaction (a chunk's claims stand alone, so no BEGIN and COMMIT round trips
+            # around it): the rows are claimed as they are read, and those another keeper is claiming this instant
+            # are skipped, not waited for. PostgreSQL takes the ids as one array (one parameter to bind, not 500).
+            args: list[object]
+            if self.db.engine == "postgresql":
+                among, args, skip = "id = ANY(?)", [chunk], " FOR UPDATE SKIP LOCKED"
+            else:
+                among, args, skip = f"id IN ({', '.join('?' * len(chunk))})", list(chunk), ""
+            rows = self.db.all(
+                "UPDATE deposits SET claimed_by = ?, claimed_until = ? WHERE escrow = ? AND id IN ("  # noqa: S608
+                f"SELECT id FROM deposits WHERE escrow = ? AND {among} AND open = 1 "
+                f"AND (claimed_by IS NULL OR claimed_by = ? OR claimed_until < ?){skip}) RETURNING id",
+                (signer, now + lease, escrow, escrow, *args, signer, now),
+            )
+            got.update(bytes(r[0]) for r in rows)
         return got
 
     def renew_claims(

@@ -11,6 +11,12 @@ EXPECTED = {
                "checkpoint (per cycle)", "block hash (per cycle)", "claim 100 (per batch)"},
     "buyer": {"budget check (per paid request)", "payment by id (per paid request)",
               "unfinished payments (per recovery)", "unconfirmed ledger rows (per recovery)"},
+    "seller": {"payment by id (per paid request)", "claim taken and released (per paid request)",
+               "nonce allocated (per transaction)", "transactions of an intent (per transaction)",
+               "buyer's serve-first exposure (per serve-first request)", "poster lease (per pass)",
+               "refunds pending (per pass)", "expire pending (per pass)", "pending deliveries (per pass)",
+               "posted, not final (per pass)", "unpaid serve-first total (per pass)", "settlements due (per pass)",
+               "settled, not final (per pass)"},
 }  # fmt: skip
 
 
