@@ -72,14 +72,34 @@ class SellerChain:
         None when the node no longer knows it and it was never mined: it can be sent anew.
         TransactionTimeout if it is still pending after `tx_timeout`.
         """
-        if self.sender.receipt(tx_hash) is None and not self.sender.known_to_node(tx_hash):
+        config = self.config
+        sender = self.sender
+        if sender.receipt(tx_hash) is None and sender.book is not None:
+            unmined = sender.book.unmined(sender.address, sender.confirmed_nonce())
+            mine = next((s for s in unmined if s.tx_hash == tx_hash), None)
+            if mine is not None:
+                # Its nonce is still unused, whoever signed it (maybe a replica that died): finish that one, sent
+                # again if the node lost it and repriced at its nonce while stuck, rather than sign another.
+                versions = [s for s in unmined if (s.nonce, s.intent) == (mine.nonce, mine.intent)]
+                return sender.finish(
+                    versions, confirmations=config.confirmations, timeout=config.tx_timeout,
+                    reprice_after=config.reprice_after,
+                )  # fmt: skip
+        if sender.receipt(tx_hash) is None and not sender.known_to_node(tx_hash):
             return None
         sent = self.sender.followed(tx_hash)
-        config = self.config
         if sent is None:  # sent by an earlier process: no signed copy to reprice, wait for it as it is
             return self.sender.wait(tx_hash, confirmations=config.confirmations, timeout=config.tx_timeout)
         return self.sender.confirm(
             sent, confirmations=config.confirmations, timeout=config.tx_timeout, reprice_after=config.reprice_after
+        )
+
+    def finish_unmined(self) -> list[TxReceipt]:
+        """The receipts of the key's transactions recorded at a nonce still unused (left by a process that died),
+        each finished: sent again if the node lost it, repriced at its nonce while stuck (TxSender.finish)."""
+        config = self.config
+        return self.sender.finish_unmined(
+            confirmations=config.confirmations, timeout=config.tx_timeout, reprice_after=config.reprice_after
         )
 
     def refund(self, terms: Terms) -> TxReceipt:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from escrow_py.chain.tx import SentTx
+from escrow_py.chain.tx import SentTx, signed_from_raw
 from escrow_py.storage import Database, Migration, Tx, open_store, run_script
 from escrow_py.terms import Terms
 
@@ -152,7 +153,8 @@ CREATE INDEX deliveries_unfinal ON deliveries (status, final, deadline);
 CREATE INDEX settlements_status ON settlements (status, due);
 CREATE INDEX settlements_unfinal ON settlements (status, final);
 CREATE INDEX settlements_buyer ON settlements (buyer, status);
-CREATE INDEX operator_txs_intent ON operator_txs (intent, created_at)
+CREATE INDEX operator_txs_intent ON operator_txs (intent, created_at);
+CREATE INDEX operator_txs_nonce ON operator_txs (address, nonce)
 """
 # Each rebuilt table (parents before children) and its columns that held 0x-hex.
 _HEX_COLUMNS = {
@@ -235,6 +237,13 @@ def _unhex(value: str | None) -> bytes | None:
 
 def _opt(value: bytes | memoryview | None) -> bytes | None:
     return None if value is None else bytes(value)
+
+
+@lru_cache(maxsize=4096)
+def _terms(text: str) -> Terms:
+    """Stored terms, parsed once: the poster reads the same in-flight rows every pass until they are final, and
+    parsing checksums four addresses (a keccak each), which cost more than the query itself. Terms is immutable."""
+    return Terms.from_json(json.loads(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +353,7 @@ class SellerStore:
             response = StoredResponse(int(response_status), pairs, bytes(body))
         return Payment(
             escrow_id,
-            Terms.from_json(json.loads(terms)),
+            _terms(terms),
             status,
             int(accepted_at),
             _opt(deposit_tx),
@@ -435,7 +444,7 @@ class SellerStore:
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
         rows = self._db.all("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,))
-        return [(bytes(i), Terms.from_json(json.loads(t))) for i, t in rows]
+        return [(bytes(i), _terms(t)) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """Pending deliveries due now (not held back by `defer`), earliest deadline first."""
@@ -445,10 +454,7 @@ class SellerStore:
             "ORDER BY d.deadline LIMIT ?",
             (PENDING, time.time(), limit),
         )
-        return [
-            PendingDelivery(bytes(i), Terms.from_json(json.loads(t)), bytes(h), r, _opt(d), int(n))
-            for i, t, h, r, d, n in rows
-        ]
+        return [PendingDelivery(bytes(i), _terms(t), bytes(h), r, _opt(d), int(n)) for i, t, h, r, d, n in rows]
 
     def expire_pending(self, chain_time: int) -> list[bytes]:
         """Mark expired every pending delivery whose deadline is at or before `chain_time`, held back or not."""
@@ -479,7 +485,7 @@ class SellerStore:
             "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
             (POSTED, limit),
         )
-        return [PostedDelivery(bytes(i), Terms.from_json(json.loads(t)), bytes(h)) for i, t, h in rows]
+        return [PostedDelivery(bytes(i), _terms(t), bytes(h)) for i, t, h in rows]
 
     # `table` is one of two literal names, never input: the f-string below builds no query from data.
     def _final(self, table: _Queue, ids: list[bytes]) -> None:
@@ -591,6 +597,15 @@ class SellerStore:
             (intent, address),
         )
         return [bytes(h) for (h,) in rows]
+
+    def unmined(self, address: str, from_nonce: int, *, intent: str | None = None) -> list[SentTx]:
+        """The key's recorded transactions at nonce `from_nonce` or above (of `intent`: its last 5), newest first."""
+        sql = "SELECT raw, intent FROM operator_txs WHERE address = ? AND nonce >= ?"
+        args: list[object] = [address, from_nonce]
+        if intent is not None:
+            sql, args = sql + " AND intent = ?", [*args, intent]
+        rows = self._db.all(sql + " ORDER BY created_at DESC" + (" LIMIT 5" if intent is not None else ""), args)
+        return [signed_from_raw(bytes(raw), str(intent_)) for raw, intent_ in rows]
 
     def note_attempt(self, ids: list[bytes], error: str) -> None:
         now = time.time()
