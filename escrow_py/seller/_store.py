@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from escrow_py.chain.tx import SentTx, signed_from_raw
+from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store, run_script
-from escrow_py.terms import Terms
 
 # The two outgoing queues of the store: delivery hashes and serve-first settlements.
 _Queue = Literal["deliveries", "settlements"]

@@ -14,10 +14,10 @@ import pytest
 
 from escrow_py.chain.tx import SentTx
 from escrow_py.cli import main
+from escrow_py.protocol.terms import Terms
 from escrow_py.seller import SellerStore, StoredResponse
 from escrow_py.seller._store import MIGRATIONS, NAMESPACE, POSTED, SERVED, SERVED_FIRST, SETTLE_QUEUED, prune
 from escrow_py.storage import migrate, open_database
-from escrow_py.terms import Terms
 
 KEY = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 BUYER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
