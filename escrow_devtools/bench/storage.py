@@ -280,9 +280,9 @@ def _seller_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
     store = SellerStore(url)
     try:
         now = int(time.time())
-        _fill_seller(store._db, url, rows, now)  # noqa: SLF001 - the fill writes the tables as traffic would
+        _fill_seller(store._db, url, rows, now)
         some = (rows // 2).to_bytes(32, "big")
-        intent = store._db.one("SELECT intent FROM operator_txs LIMIT 1")  # noqa: SLF001
+        intent = store._db.one("SELECT intent FROM operator_txs LIMIT 1")
         claim = f"claim:0x{some.hex()}"
 
         def claimed_and_released() -> None:
