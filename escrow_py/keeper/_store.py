@@ -152,7 +152,21 @@ def _legacy_attempt(row: dict[str, Any], version: int) -> tuple[Any, ...]:
     return tuple(ids if c == "ids" else row[c] for c in _ATTEMPT_COLUMNS)
 
 
-MIGRATIONS = (Migration(1, "keeper store", run=_from_legacy),)
+def _claims_in_place(tx: Tx) -> None:
+    """Schema 2: on PostgreSQL, deposits pages keep a fifth free, so that claiming a row (and renewing the claim
+    every cycle while its refund is in flight) is a heap-only update: the new row version goes on the same page
+    and no index gets a new entry (claimed_by and claimed_until are in no index). With full pages every claim
+    added an entry to each of the table's indexes, and a batch's claim read more dead entries each time (at
+    100,000 deposits, 200 claims of one batch: 1,100 buffers a claim growing past 1,600). Pages written from now
+    on; SQLite updates rows in place and has nothing to change."""
+    if tx.engine == "postgresql":
+        tx.execute("ALTER TABLE deposits SET (fillfactor = 80)")
+
+
+MIGRATIONS = (
+    Migration(1, "keeper store", run=_from_legacy),
+    Migration(2, "claims updated in place (PostgreSQL fillfactor)", run=_claims_in_place),
+)
 
 # How long a claim on an escrow keeps other keepers off it. Renewed every cycle while the claimant's refund is in
 # flight; lapses when the claimant dies, so another keeper refunds what it left.
