@@ -200,7 +200,7 @@ class NonceBook(Protocol):
     next nonce back to `to` after a reorg dropped transactions. `txs_for` lists the recorded
     transactions of an intent, newest first. `unmined` lists the recorded transactions (of `intent`: its last
     few) whose nonce is `from_nonce` or above, newest first: with the key's confirmed count as `from_nonce`, what
-    is in flight, or was signed and never left.
+    is in flight, or was signed and never left. `drop_tx` forgets a recorded transaction the node refused.
     """
 
     def allocate_nonce(self, address: str, at_least: int) -> int: ...
@@ -214,6 +214,8 @@ class NonceBook(Protocol):
     def txs_for(self, address: str, intent: str) -> list[bytes]: ...
 
     def unmined(self, address: str, from_nonce: int, *, intent: str | None = None) -> list[SentTx]: ...
+
+    def drop_tx(self, address: str, tx_hash: bytes) -> None: ...
 
 
 # What nodes answer when a nonce is already used, or taken by a pending transaction of the same fee.
@@ -379,7 +381,9 @@ class TxSender:
         except NonceConflict:
             if self.book is None:
                 self.resync_nonce()
-            raise  # with a book: the nonce is used (the key was used elsewhere); the next allocation skips it
+            else:  # the nonce is used (the key was used elsewhere): the next allocation skips it; this one never left
+                self.book.drop_tx(self.address, signed.tx_hash)
+            raise
         except Exception as exc:
             if self.book is None:
                 self.resync_nonce()  # the nonce may or may not have been consumed: ask the node next time
@@ -388,6 +392,9 @@ class TxSender:
                 # (else a gap, which confirm() fills). Never move the shared counter back past other
                 # processes' nonces. A lost answer (a timeout) may hide an accepted transaction: kept.
                 self.book.give_back_nonce(self.address, signed.nonce)
+                # Nor is its record left for another process to finish later: a deposit refused now (and its payment
+                # forgotten) must not land when some poster sends what the book holds.
+                self.book.drop_tx(self.address, signed.tx_hash)
             raise
         self._follow(signed)
 

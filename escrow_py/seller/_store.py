@@ -607,6 +607,11 @@ class SellerStore:
         rows = self._db.all(sql + " ORDER BY created_at DESC" + (" LIMIT 5" if intent is not None else ""), args)
         return [signed_from_raw(bytes(raw), str(intent_)) for raw, intent_ in rows]
 
+    def drop_tx(self, address: str, tx_hash: bytes) -> None:
+        """Forget a transaction the node refused: it never left, and nobody is to send it later."""
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM operator_txs WHERE tx_hash = ? AND address = ?", (tx_hash, address))
+
     def note_attempt(self, ids: list[bytes], error: str) -> None:
         now = time.time()
         with self._db.transaction() as tx:
