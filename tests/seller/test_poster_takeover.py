@@ -129,16 +129,22 @@ def test_a_transaction_stuck_in_the_pool_is_repriced_at_its_nonce(scene: Scene, 
         result: list[PostReport] = []
         survivor = threading.Thread(target=lambda: result.append(_takes_over(scene)), daemon=True)
         survivor.start()
-        versions = until("a fee-bumped version in the book", lambda: len(v := store.txs_for(scene.operator,
-                         signed.intent)) >= 2 and v)  # fmt: skip
-        bumped = versions[0]
-        pool = pending_of(chain, scene.operator)
-        assert [(int(t["nonce"], 16), t["hash"]) for t in pool] == [(signed.nonce, "0x" + bumped.hex())]
+        original = "0x" + signed.tx_hash.hex()
+
+        def bumped_in_pool() -> bool:
+            pool = pending_of(chain, scene.operator)
+            return [int(t["nonce"], 16) for t in pool] == [signed.nonce] and pool[0]["hash"] != original
+
+        until("a fee-bumped version of it in the pool, at its nonce", bumped_in_pool)
         rpc(chain, "evm_mine", [])
         survivor.join(60)
     assert result, "the survivor's pass did not finish"
     assert sorted(result[0].posted) == sorted(scene.ids)
-    for escrow_id in scene.ids:
-        record = store.delivery(escrow_id)
-        assert record is not None and (record.status, record.tx_hash) == (POSTED, bumped)
+    records = [store.delivery(escrow_id) for escrow_id in scene.ids]
+    assert all(r is not None and r.status == POSTED for r in records)
+    mined = {r.tx_hash for r in records if r is not None}
+    assert len(mined) == 1 and signed.tx_hash not in mined
+    bumped = mined.pop()
+    assert bumped is not None and bumped in store.txs_for(scene.operator, signed.intent)  # recorded before it left
+    assert int(chain.w3.eth.get_transaction(bumped)["nonce"]) == signed.nonce
     assert chain.w3.eth.get_transaction_count(scene.operator) == before + 1
