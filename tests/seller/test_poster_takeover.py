@@ -135,9 +135,11 @@ def test_a_transaction_stuck_in_the_pool_is_repriced_at_its_nonce(scene: Scene, 
             pool = pending_of(chain, scene.operator)
             return [int(t["nonce"], 16) for t in pool] == [signed.nonce] and pool[0]["hash"] != original
 
-        until("a fee-bumped version of it in the pool, at its nonce", bumped_in_pool)
-        rpc(chain, "evm_mine", [])
-        survivor.join(60)
+        try:
+            until("a fee-bumped version of it in the pool, at its nonce", bumped_in_pool)
+        finally:  # a block either way, so the survivor's pass ends before its store is closed
+            rpc(chain, "evm_mine", [])
+            survivor.join(60)
     assert result, "the survivor's pass did not finish"
     assert sorted(result[0].posted) == sorted(scene.ids)
     records = [store.delivery(escrow_id) for escrow_id in scene.ids]
