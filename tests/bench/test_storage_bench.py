@@ -38,6 +38,7 @@ def test_bench_storage_json_prints_each_query_on_both_engines() -> None:
             assert set(queries) == names, (engine, role)
             for name, q in queries.items():
                 assert 0 < q["p50_ms"] <= q["p95_ms"] <= q["max_ms"], (engine, name, q)
+                assert q["cpu_ms"] >= 0, (engine, name, q)  # this process's and the server's CPU per run
                 if q["p50_ms"] >= result["target_p50_ms"]:
                     slow.append(f"{engine} {role}: {name} p50 {q['p50_ms']} ms")
     assert result["over_target"] == slow and result["met"] == (not slow)
