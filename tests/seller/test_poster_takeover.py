@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from eth_typing import ChecksumAddress
 from fixtures.chain import Chain
 from helpers import SELLER, deposit, make_terms, no_automine, pending_of, rpc, until
+from hexbytes import HexBytes
 
 from escrow_py.chain.tx import SentTx
 from escrow_py.protocol.terms import State
@@ -35,7 +37,7 @@ class Scene:
     store: SellerStore  # the survivor's
     poster: DeliveryPoster  # the survivor
     ids: list[bytes]
-    operator: str
+    operator: ChecksumAddress
 
 
 def _serve(chain: Chain, store: SellerStore) -> bytes:
@@ -84,7 +86,10 @@ def _dies_holding_the_lease(scene: Scene, db_url: str, *, broadcast: bool) -> Se
 
 def _takes_over(scene: Scene) -> PostReport:
     """Passes of the survivor until one holds the lease (the dead poster's lapses after LEASE seconds)."""
-    return until("the survivor's pass with the lease", lambda: (r := scene.poster.post_pending()).posted and r)
+    report: PostReport = until(
+        "the survivor's pass with the lease", lambda: (r := scene.poster.post_pending()).posted and r
+    )
+    return report
 
 
 def test_a_transaction_signed_and_never_broadcast_is_sent_as_it_was(scene: Scene, db_url: str) -> None:
@@ -108,7 +113,7 @@ def test_a_transaction_signed_and_never_broadcast_is_sent_as_it_was(scene: Scene
     third = store.delivery(later)
     assert third is not None and third.status == POSTED and third.tx_hash != signed.tx_hash
     assert third.tx_hash is not None
-    mined = chain.w3.eth.get_transaction(third.tx_hash)
+    mined = chain.w3.eth.get_transaction(HexBytes(third.tx_hash))
     assert int(mined["nonce"]) == signed.nonce + 1
     payment = store.payment(later)
     assert payment is not None
@@ -148,5 +153,5 @@ def test_a_transaction_stuck_in_the_pool_is_repriced_at_its_nonce(scene: Scene, 
     assert len(mined) == 1 and signed.tx_hash not in mined
     bumped = mined.pop()
     assert bumped is not None and bumped in store.txs_for(scene.operator, signed.intent)  # recorded before it left
-    assert int(chain.w3.eth.get_transaction(bumped)["nonce"]) == signed.nonce
+    assert int(chain.w3.eth.get_transaction(HexBytes(bumped))["nonce"]) == signed.nonce
     assert chain.w3.eth.get_transaction_count(scene.operator) == before + 1
