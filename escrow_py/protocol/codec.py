@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import lru_cache
 from typing import Annotated, Any, ClassVar, Self
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_checksum_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -75,11 +76,19 @@ def _hex(value: object, length: int | None = None) -> bytes:
 def _address(value: object) -> ChecksumAddress:
     if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
         raise ValueError(f"is not an address: {str(value)[:80]!r}")
+    return _checksummed(value)
+
+
+# A paid request names the same few addresses (seller, operator, token, escrow) again and again, and
+# each EIP-55 checksum is a keccak: remember the last ones.
+@lru_cache(maxsize=4096)
+def _checksummed(value: str) -> ChecksumAddress:
+    checksummed = to_checksum_address(value)
     digits = value[2:]
     # EIP-55: mixed case is a checksum, and a wrong one is a typo (or a lie), not another spelling.
-    if not (digits.islower() or digits.isupper() or digits.isdigit()) and not is_checksum_address(value):
+    if value != checksummed and not (digits.islower() or digits.isupper()):
         raise ValueError(f"is not an address: {value!r} has a wrong EIP-55 checksum")
-    return to_checksum_address(value)
+    return checksummed
 
 
 def parse_uint(value: object, field: str, maximum: int = UINT256_MAX) -> int:
