@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eth_utils.address import is_address, to_checksum_address
-
+from escrow_py.protocol.codec import parse_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.wire import SettlementMode, chain_id_of
@@ -102,9 +101,10 @@ def _addresses(values: Iterable[str] | None, name: str) -> frozenset[str] | None
         raise ConfigError(f"policy.{name} must be a list of addresses, got a string")
     checked = set()
     for value in values:
-        if not isinstance(value, str) or not is_address(value):
-            raise ConfigError(f"policy.{name}: {value!r} is not a 0x address")
-        checked.add(to_checksum_address(value))
+        try:
+            checked.add(parse_address(value, f"policy.{name}"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return frozenset(checked)
 
 

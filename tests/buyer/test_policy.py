@@ -139,7 +139,9 @@ def test_the_readme_policy_example_loads(tmp_path: Path) -> None:
         ("max_per_request = ", "not valid TOML"),
         ("max_per_request = -1", "max_per_request must be a non-negative integer"),
         ("max_per_request = 1.5", "max_per_request must be a non-negative integer"),
-        ("sellers = ['0x1234']", "is not a 0x address"),
+        ("sellers = ['0x1234']", "policy.sellers is not an address: '0x1234'"),
+        # EIP-55: mixed case is a checksum; USDC's address with one letter's case flipped is a typo.
+        ("tokens = ['0x036cbD53842c5426634e7929541eC2318f3dCF7e']", "has a wrong EIP-55 checksum"),
         ("sellers = '0x036CbD53842c5426634e7929541eC2318f3dCF7e'", "policy.sellers must be a list"),
         ("networks = ['base-sepolia']", "is not a CAIP-2 eip155 id"),
         ("max_per_requests = 5", "unknown keys ['max_per_requests']"),
