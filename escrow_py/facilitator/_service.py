@@ -37,6 +37,7 @@ from escrow_py.chain.tx import SentTx
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
 from escrow_py.facilitator._ledger import Ledger
+from escrow_py.protocol.codec import to_hex
 from escrow_py.protocol.errors import (
     EscrowError,
     InsufficientFunds,
@@ -389,7 +390,11 @@ class Facilitator:
         with self._claim(escrow_id):
             payment = self._owned(escrow_id, key)
             if payment.status == REFUNDED:
-                return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(payment.refund_tx)}
+                return {
+                    "escrowId": "0x" + escrow_id.hex(),
+                    "state": "refunded",
+                    "transaction": to_hex(payment.refund_tx),
+                }
             if payment.status == SERVED:
                 raise FacilitatorError(
                     409, Reason.ALREADY_DELIVERED, f"escrow 0x{escrow_id.hex()} has a delivery queued"
@@ -409,7 +414,7 @@ class Facilitator:
             self.store.save_failed(escrow_id, _NO_BODY, refund_tx)
             if refund_tx is None:
                 self.store.set_refunded(escrow_id, None)
-            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(refund_tx)}
+            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": to_hex(refund_tx)}
 
     def escrow(self, escrow_id: bytes, key: ApiKey) -> dict[str, object]:
         payment = self._owned(escrow_id, key)
@@ -418,14 +423,14 @@ class Facilitator:
             "escrowId": "0x" + escrow_id.hex(),
             "status": payment.status,
             "terms": payment.terms.to_json(),
-            "depositTransaction": _hex(payment.deposit_tx),
-            "refundTransaction": _hex(payment.refund_tx),
+            "depositTransaction": to_hex(payment.deposit_tx),
+            "refundTransaction": to_hex(payment.refund_tx),
             "delivery": None
             if record is None
             else {
                 "status": record.status,
                 "deliveryHash": "0x" + record.delivery_hash.hex(),
-                "transaction": _hex(record.tx_hash),
+                "transaction": to_hex(record.tx_hash),
             },
         }
 
@@ -441,10 +446,6 @@ class Facilitator:
                 amount = self.ledger.amount_of(report.posted)
                 self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)
         return report
-
-
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
 
 
 def _route(key: ApiKey) -> str:
