@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from escrow_py.protocol.codec import to_hex
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Migration, is_postgres_url, open_store, sqlite_path
 
@@ -47,14 +48,10 @@ def audit_paths(journal: str | Path) -> tuple[Path | None, str | Path]:
     return path.with_name(path.stem + ".audit.jsonl"), path.with_name(path.stem + ".audit.sqlite")
 
 
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
-
-
 def terms_fields(terms: Terms) -> dict[str, Any]:
     """What a record says about a payment's terms: never the request hash's preimage, which it cannot know."""
     return {
-        "termsHash": _hex(terms.hash()),
+        "termsHash": to_hex(terms.hash()),
         "amount": terms.amount,
         "token": terms.token,
         "seller": terms.seller,
@@ -89,7 +86,7 @@ class AuditLog:
         records of one step cost one commit and one fsync of each form. Durable in both forms when this returns."""
         at = round(time.time(), 3)
         built = [
-            {"at": at, "event": event, "escrowId": _hex(escrow_id), **fields} for event, escrow_id, fields in records
+            {"at": at, "event": event, "escrowId": to_hex(escrow_id), **fields} for event, escrow_id, fields in records
         ]
         lines = [json.dumps(record, sort_keys=True) for record in built]
         with self._lock:

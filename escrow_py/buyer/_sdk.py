@@ -46,6 +46,7 @@ from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.eip3009 import Authorization
 from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -89,7 +90,7 @@ class DeliveryEscrowScheme:
         try:
             req = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
-            raise PaymentRefused("invalid_requirements", str(exc)) from None
+            raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
         payload: dict[str, Any] = {}
 
         def row(terms: Terms, authorization: Authorization, signature: bytes) -> PaymentRow:
