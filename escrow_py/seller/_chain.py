@@ -60,10 +60,19 @@ class SellerChain:
         )
 
     def deposit(
-        self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None
+        self,
+        payload: EscrowPayload,
+        *,
+        gas: int | None = None,
+        on_signed: OnSigned | None = None,
+        data: bytes | None = None,
     ) -> TxReceipt:
-        """Send the deposit and wait for it; `on_signed` records each signed version before it leaves."""
-        data = self.escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+        """Send the deposit and wait for it; `on_signed` records each signed version before it leaves.
+
+        `data` is the deposit's calldata when the caller encoded it already (to simulate it): sent as is.
+        """
+        if data is None:
+            data = self.escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
         return self._transact(data, gas=gas, on_signed=on_signed)
 
     def resume(self, tx_hash: bytes) -> TxReceipt | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from eth_typing import ChecksumAddress
+from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain, recover_signer
@@ -121,11 +122,25 @@ def _require(condition: bool, reason: Reason, message: str) -> None:
 
 
 def verify_offchain(
-    header: str, offer: EscrowRequirements, *, chain_time: int, min_time_left: int, deadline_slack: int = 30
+    header: str | PaymentPayload,
+    offer: EscrowRequirements,
+    *,
+    chain_time: int,
+    min_time_left: int,
+    deadline_slack: int = 30,
+    payload: EscrowPayload | None = None,
 ) -> VerifiedPayment:
-    """Decode PAYMENT-SIGNATURE and check it against `offer`, judging time by `chain_time`."""
+    """Check PAYMENT-SIGNATURE against `offer`, judging time by `chain_time`.
+
+    `header` is the header's text, or the envelope it decodes to when the caller decoded it
+    already (the middleware decodes it once per request); `payload` likewise its decoded
+    delivery-escrow payload.
+    """
     try:
-        return _verify_offchain(header, offer, chain_time, min_time_left, deadline_slack)
+        model = decode_payment_signature(header) if isinstance(header, str) else header
+        return _verify_offchain(
+            model, payload, offer, chain_time=chain_time, min_time_left=min_time_left, deadline_slack=deadline_slack
+        )
     except PaymentRejected:
         raise
     except ProtocolError as exc:  # a decoding error of the shared wire layer
@@ -133,9 +148,14 @@ def verify_offchain(
 
 
 def _verify_offchain(
-    header: str, offer: EscrowRequirements, chain_time: int, min_time_left: int, deadline_slack: int
+    model: PaymentPayload,
+    payload: EscrowPayload | None,
+    offer: EscrowRequirements,
+    *,
+    chain_time: int,
+    min_time_left: int,
+    deadline_slack: int,
 ) -> VerifiedPayment:
-    model = decode_payment_signature(header)
     accepted = model.accepted
     # The specific fields first, so the reason names what differs.
     _require(accepted.scheme == offer.to_model().scheme, Reason.UNSUPPORTED_SCHEME, f"scheme {accepted.scheme!r}")
@@ -170,7 +190,8 @@ def _verify_offchain(
     )
     _require(requirements == offer, Reason.REQUIREMENTS_MISMATCH, "accepted differs from the requirements offered")
 
-    payload = EscrowPayload.from_json(model.payload)
+    if payload is None:
+        payload = EscrowPayload.from_json(model.payload)
     terms, auth = payload.terms, payload.authorization
     _require(terms.seller == offer.pay_to, Reason.RECEIVER_MISMATCH, f"terms.seller {terms.seller}")
     _require(terms.operator == offer.extra.operator, Reason.OPERATOR_MISMATCH, f"terms.operator {terms.operator}")
@@ -222,39 +243,68 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(
-    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
-) -> int:
-    """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as `sender` would send it.
+@dataclass(frozen=True, slots=True)
+class OnchainFacts:
+    """What only the chain knows about a payment, read at once: each value, or the exception its read raised.
 
-    The simulation is the gas estimate itself; it returns the gas limit to send the deposit
-    with, so the transaction is not simulated a second time.
+    `data` is the calldata simulated (the deposit's, or a serve-first settlement's with a probe
+    hash): the deposit sends exactly these bytes, so they are encoded once. `gas` is the
+    simulation's estimate, or the ContractRevert it met.
     """
+
+    data: bytes
+    balance: int | BaseException
+    used: bool | BaseException
+    gas: int | BaseException
+    serve_first: bool = False
+
+
+def read_onchain(
+    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
+) -> OnchainFacts:
+    """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
+    that pulls the same authorization) as `sender` would send it: three reads in one round trip."""
     payload = payment.payload
     if serve_first:
-        what = "settlement"
         data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
     else:
-        what = "deposit"
         data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-    # Three independent reads at once (one round trip); judged in this order, the simulation last.
     balance, used, gas = rpc.gather(
         lambda: token.balance_of(payment.buyer),
         lambda: token.authorization_state(payment.buyer, payment.escrow_id),
         lambda: sender.estimate_gas(escrow.address, data),
     )
-    balance, used = _value(balance), _value(used)
+    return OnchainFacts(data, balance, used, gas, serve_first)  # type: ignore[arg-type]
+
+
+def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
+    """The on-chain rules, judged in this order, the simulation last; the gas limit to send the deposit with.
+
+    Pure: a read that failed (the node) raises its exception as it was; a rule broken raises
+    PaymentRejected. The simulation is the gas estimate itself, so the transaction is not
+    simulated a second time.
+    """
+    what = "settlement" if facts.serve_first else "deposit"
+    balance, used = _value(facts.balance), _value(facts.used)
     _require(
         balance >= payment.terms.amount,
         Reason.INSUFFICIENT_BALANCE,
         f"buyer balance {balance} < amount {payment.terms.amount}",
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-    if isinstance(gas, ContractRevert):
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    gas = _value(gas)
-    return int(gas * GAS_MARGIN)
+    if isinstance(facts.gas, ContractRevert):
+        raise PaymentRejected(
+            Reason.SIMULATION_FAILED, f"{what} would revert: {facts.gas}", detail=str(facts.gas)
+        ) from None
+    return int(_value(facts.gas) * GAS_MARGIN)
+
+
+def verify_onchain(
+    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
+) -> int:
+    """read_onchain then judge_onchain: the gas limit to send the deposit with, or PaymentRejected."""
+    facts = read_onchain(payment, escrow=escrow, token=token, sender=sender, serve_first=serve_first)
+    return judge_onchain(payment, facts)
 
 
 def _value(result: _T | BaseException) -> _T:
