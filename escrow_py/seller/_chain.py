@@ -17,7 +17,7 @@ from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.authorization import TokenDomain
-from escrow_py.chain.clock import next_block_time
+from escrow_py.chain.clock import next_block, next_block_time
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import NonceBook, OnSigned, TxSender
@@ -40,6 +40,10 @@ class SellerChain:
         """The chain's clock as the deposit will meet it: the next block's timestamp."""
         return next_block_time(self.w3)
 
+    def clock(self) -> tuple[int, int | None]:
+        """(now, the base fee a transaction sent now pays, None if the node does not say): one read."""
+        return next_block(self.w3)
+
     def state_of(self, escrow_id: bytes, *, block: str | int = "latest") -> State:
         return self.escrow.state_of(escrow_id, block=block)
 
@@ -47,7 +51,9 @@ class SellerChain:
         """The timestamp of block `number`: the clock a transaction mined in it was judged by."""
         return int(str(rpc.request(self.w3, "eth_getBlockByNumber", [hex(number), False])["timestamp"]), 16)
 
-    def _transact(self, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> TxReceipt:
+    def _transact(
+        self, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None, base_fee: int | None = None
+    ) -> TxReceipt:
         config = self.config
         return self.sender.transact(
             self.escrow.address,
@@ -57,6 +63,7 @@ class SellerChain:
             timeout=config.tx_timeout,
             reprice_after=config.reprice_after,
             on_signed=on_signed,
+            base_fee=base_fee,
         )
 
     def deposit(
@@ -66,14 +73,16 @@ class SellerChain:
         gas: int | None = None,
         on_signed: OnSigned | None = None,
         data: bytes | None = None,
+        base_fee: int | None = None,
     ) -> TxReceipt:
         """Send the deposit and wait for it; `on_signed` records each signed version before it leaves.
 
         `data` is the deposit's calldata when the caller encoded it already (to simulate it): sent as is.
+        `base_fee` one read with the clock (`clock`), so that fees need not read a block again.
         """
         if data is None:
             data = self.escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
-        return self._transact(data, gas=gas, on_signed=on_signed)
+        return self._transact(data, gas=gas, on_signed=on_signed, base_fee=base_fee)
 
     def resume(self, tx_hash: bytes) -> TxReceipt | None:
         """Wait again for a transaction sent earlier (a deposit that was not confirmed in time).

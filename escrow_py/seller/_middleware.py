@@ -391,8 +391,8 @@ class EscrowMiddleware:
         if need == Facts.AUTHORIZATION:
             used, now = await _blocking(rpc.both, lambda: chain.authorization_used(buyer, escrow_id), chain.now)
             return ChainFacts(now=now, authorization_used=used)
-        state, now = await _blocking(rpc.both, lambda: chain.state_of(escrow_id), chain.now)
-        return ChainFacts(now=now, state=state)
+        state, (now, base_fee) = await _blocking(rpc.both, lambda: chain.state_of(escrow_id), chain.clock)
+        return ChainFacts(now=now, state=state, base_fee=base_fee)
 
     async def _settle(
         self,
@@ -450,7 +450,7 @@ class EscrowMiddleware:
             else:
                 if hooks is not None and step.envelope is not None and not before_verified:
                     await self._before_verify(parsed, request)
-                step = await self._deposit(step, request)
+                step = await self._deposit(step, request, base_fee=facts.base_fee)
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
 
@@ -484,13 +484,13 @@ class EscrowMiddleware:
         else:  # no settlement when the handler failed: not charged
             await self._send_response(send, outcome.response, outcome.settle)
 
-    async def _deposit(self, step: Deposit, request: _Request) -> Step:
+    async def _deposit(self, step: Deposit, request: _Request, *, base_fee: int | None = None) -> Step:
         """Check on chain, record (a new payment), deposit, wait for the receipt; the next step.
 
         The seller's hooks run around a new payment's deposit. The buyer's faults are 402s (a
         simulation or a mined deposit that reverts, with the revert in `error`); the seller's own
         are 503s with a reason: the operator cannot pay gas, its nonce is taken, the deposit is not
-        confirmed in time.
+        confirmed in time. `base_fee` is the one read with the chain's clock for this decision.
         """
         verified, chain, hooks = step.verified, self.chain, self.config.hooks
         escrow_id = verified.escrow_id
@@ -518,7 +518,9 @@ class EscrowMiddleware:
             self.store.set_deposit_sent(escrow_id, signed.tx_hash)
 
         try:
-            receipt = await _blocking(chain.deposit, verified.payload, gas=gas, on_signed=record, data=facts.data)
+            receipt = await _blocking(
+                chain.deposit, verified.payload, gas=gas, on_signed=record, data=facts.data, base_fee=base_fee
+            )
         except (EscrowError, OSError, Web3Exception) as exc:
             return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
         deposit_tx = bytes(receipt["transactionHash"])

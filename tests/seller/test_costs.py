@@ -1,4 +1,4 @@
-"""What one paid hold-mode request costs the seller: JSON-RPC calls and SQLite transactions, pinned.
+"""What one paid request costs the seller, hold and serve-first: JSON-RPC calls and SQLite transactions, pinned.
 
 The counts are measured through the real stack (the ASGI app, the middleware, anvil behind the
 fault-injecting proxy used here only to count, SQLite traced on its connection), on the second paid
@@ -15,33 +15,54 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.seller import PricedRoute
+from escrow_py.wire import (
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    SettlementExtra,
+    SettlementMode,
+    SettlementStatus,
+    decode_payment_response,
+)
 
 from .payer import quote, sign_payment
-from .shop import make_shop
+from .shop import PRICE, make_shop
 
-# What one paid GET /report/{item} costs today (hold mode, deposit confirmed before the handler runs):
-# 12 calls, in this order. Lower these numbers when a change removes a call; never raise them without a reason.
+# What one paid GET /report/{item} costs (hold mode, deposit confirmed before the handler runs): 9 calls
+# (12 before the payment state machine: the fees no longer read a block of their own, the receipt is read once,
+# and a receipt is its own first confirmation). Lower these numbers when a change removes a call; never raise
+# them without a reason.
 RPC_CALLS = {
-    "eth_call": 3,  # stateOf(id), the buyer's balance, the deposit's simulation
-    "eth_getBlockByNumber": 2,  # the chain's clock (the pending block), then the base fee for the deposit
-    "eth_estimateGas": 1,
+    "eth_call": 3,  # stateOf(id), the buyer's balance, its authorization's state
+    "eth_getBlockByNumber": 1,  # the pending block: the chain's clock and the base fee the deposit pays
+    "eth_estimateGas": 1,  # the deposit's simulation, which is also its gas limit
     "eth_maxPriorityFeePerGas": 1,
-    "eth_getTransactionCount": 1,  # the operator's nonce, read again for every deposit
+    "eth_getTransactionCount": 1,  # the operator's pending nonce, under the store's nonce book
     "eth_sendRawTransaction": 1,  # the deposit
-    "eth_getTransactionReceipt": 2,  # polled until the deposit is mined
-    "eth_blockNumber": 1,  # its confirmation depth
+    "eth_getTransactionReceipt": 1,  # the deposit mined (automine): one confirmation
 }
-# The payment recorded, the deposit transaction recorded before it is sent, the deposit recorded as held, the
-# response stored with its delivery queued (reads outside a transaction before them); and, so that several
-# processes and replicas can share the store and the operator key: the payment's claim taken and released
-# (a lease row, one replica at a time), the key's nonce allocated (its row in the store, not a process's
-# counter), the signed deposit kept in the key's transaction log before broadcast.
-SQLITE_TRANSACTIONS = 4 + 2 + 1 + 1
+# The payment's claim taken (a lease row: one replica at a time), the payment recorded, the key's nonce allocated
+# (its row in the store, shared by every process), the signed deposit kept in the key's transaction log and on the
+# payment before broadcast (two: the book's log, then the payment's row), and the response stored with its
+# delivery queued, the deposit's hash and the claim's release in that same transaction. 8 before the state
+# machine: the deposit's confirmation and the claim's release each took a transaction of their own; no change
+# is acknowledged to anyone before the response is stored, so nothing is less durable.
+SQLITE_TRANSACTIONS = 6
+
+# One paid serve-first request: the chain read as a hold payment's is before its deposit, and no transaction.
+SERVE_FIRST_RPC_CALLS = {
+    "eth_call": 3,  # stateOf(id), the buyer's balance, its authorization's state
+    "eth_getBlockByNumber": 1,  # the chain's clock
+    "eth_estimateGas": 1,  # the settlement's simulation (the pull the poster's settleMany will make)
+}
+# The claim taken; the exposure reserved and the payment recorded (one transaction); the response stored with
+# its settlement queued and the claim released (one transaction). 4 before: the claim's release was its own.
+SERVE_FIRST_SQLITE_TRANSACTIONS = 3
 
 
 class SqliteTrace:
@@ -79,14 +100,13 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[SqliteTrace]:
     yield tracer
 
 
-def test_one_paid_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
-    chain: Chain, tmp_path: Path, trace: SqliteTrace
-) -> None:
+def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) -> tuple[dict[str, int], int, Any]:
+    """The JSON-RPC calls and SQLite transactions of the second paid GET /report/{item} of a fresh shop."""
     chain.mine()
     with RpcProxy(chain.node.url) as proxy:
-        shop = make_shop(chain, tmp_path / "seller.sqlite", rpc_url=proxy.url)
+        shop = make_shop(chain, tmp_path / "seller.sqlite", rpc_url=proxy.url, **settings)
 
-        async def pay(item: str) -> tuple[Counter[str], int]:
+        async def pay(item: str) -> tuple[Counter[str], int, httpx.Response]:
             async with shop.client() as client:
                 payment = sign_payment(chain, await quote(client, "GET", f"/report/{item}"))
                 calls_before, statements_before = Counter(proxy.calls), len(trace.statements)
@@ -96,11 +116,33 @@ def test_one_paid_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
                 calls.subtract(calls_before)
                 tail = SqliteTrace()
                 tail.statements = trace.statements[statements_before:]
-                return +calls, tail.transactions()
+                return +calls, tail.transactions(), response
 
         asyncio.run(pay("warm-up"))  # the first request also reads what the app caches (chain id, domain, ...)
-        calls, transactions = asyncio.run(pay("counted"))
-    print(f"one paid request: {sum(calls.values())} JSON-RPC calls {dict(calls)}, {transactions} SQLite transactions")
-    assert dict(calls) == RPC_CALLS
-    assert transactions == SQLITE_TRANSACTIONS
+        calls, transactions, response = asyncio.run(pay("counted"))
     assert shop.calls == {"report": 2}
+    return dict(calls), transactions, response
+
+
+def test_one_paid_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
+    chain: Chain, tmp_path: Path, trace: SqliteTrace
+) -> None:
+    calls, transactions, _ = _costs(chain, tmp_path, trace)
+    print(f"one paid request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
+    assert calls == RPC_CALLS
+    assert transactions == SQLITE_TRANSACTIONS
+
+
+def test_one_serve_first_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
+    chain: Chain, tmp_path: Path, trace: SqliteTrace
+) -> None:
+    routes = [PricedRoute("GET", "/report/{item}", amount=PRICE, settlement=SettlementMode.SERVE_FIRST)]
+    limits = {"serve_first_max_price": PRICE, "serve_first_max_per_buyer": 10 * PRICE}
+    calls, transactions, response = _costs(
+        chain, tmp_path, trace, routes=routes, **limits, serve_first_max_total=10 * PRICE, poster_interval=3600.0
+    )
+    print(f"one serve-first request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
+    settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
+    assert SettlementExtra.from_json(settle.extra).settlement is SettlementStatus.PENDING  # answered unsettled
+    assert calls == SERVE_FIRST_RPC_CALLS
+    assert transactions == SERVE_FIRST_SQLITE_TRANSACTIONS
