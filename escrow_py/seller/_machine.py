@@ -28,11 +28,13 @@ they are; this module only says which of them comes next.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
-from x402.schemas import PaymentPayload
+from x402.schemas import PaymentPayload, SettleResponse
 
 from escrow_py.errors import ProtocolError
 from escrow_py.seller._store import (
@@ -50,7 +52,7 @@ from escrow_py.seller._store import (
     SettlementRecord,
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain
-from escrow_py.terms import State, Terms
+from escrow_py.terms import State, Terms, delivery_hash
 from escrow_py.wire import (
     EscrowPayload,
     EscrowRequirements,
@@ -58,6 +60,7 @@ from escrow_py.wire import (
     SettlementExtra,
     SettlementStatus,
     decode_payment_signature,
+    encode_payment_response,
 )
 
 EXACT = "exact"  # the x402 SDK's own scheme: settled by the SDK's facilitator, not by this machine
@@ -84,11 +87,7 @@ class ParsedPayment:
     payload: EscrowPayload | None
     escrow_id: bytes | None
     rejected: PaymentRejected | None
-
-    @property
-    def exact(self) -> bool:
-        """A payment in the SDK's `exact` scheme (it goes to _offers.Offers.pay_exact)."""
-        return self.envelope is not None and self.envelope.accepted.scheme == EXACT
+    exact: bool = False  # a payment in the SDK's `exact` scheme (it goes to _offers.Offers.pay_exact)
 
 
 def parse_payment(header: str, *, chain_id: int, escrow: str) -> ParsedPayment:
@@ -98,7 +97,7 @@ def parse_payment(header: str, *, chain_id: int, escrow: str) -> ParsedPayment:
     except ProtocolError as exc:
         return ParsedPayment(None, None, None, PaymentRejected(exc.reason, str(exc)))
     if envelope.accepted.scheme == EXACT:
-        return ParsedPayment(envelope, None, None, None)
+        return ParsedPayment(envelope, None, None, None, exact=True)
     try:
         payload = EscrowPayload.from_json(envelope.payload)
     except ProtocolError as exc:
@@ -114,9 +113,20 @@ class Rules:
     deadline_slack: int
 
 
+class RouteMode(Protocol):
+    """What the machine needs of the priced route (a PricedRoute is one): its settlement mode, and whether
+    serve-first may fall back to hold past an exposure limit."""
+
+    @property
+    def serve_first(self) -> bool: ...
+
+    @property
+    def fallback_to_hold(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """What the machine needs of the priced route: its settlement mode and whether serve-first may fall back."""
+    """A RouteMode as a plain value."""
 
     serve_first: bool = False
     fallback_to_hold: bool = False
@@ -175,6 +185,8 @@ class Deposit:
     accepted_at: int | None  # the chain time it was accepted at; None: the row exists, only deposit it
     # The x402 envelope, for the seller's hooks (they run around a new payment's verify and deposit).
     envelope: PaymentPayload | None = None
+    # The signed payload as the store keeps it (JSON text): what a reorg's re-deposit sends again.
+    record: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +200,12 @@ class Adopt:
     verified: VerifiedPayment
     accepted_at: int  # a chain time at which its deadline and authorization were both valid
 
+    def row(self, status: str) -> tuple[str, Payment]:
+        """(the payload as the store keeps it, the row recorded in `status`) of the adopted payment."""
+        verified, record = self.verified, _payload_json(self.verified)
+        terms = verified.payload.terms
+        return record, Payment(verified.escrow_id, terms, status, self.accepted_at, None, None, None, record)
+
 
 @dataclass(frozen=True, slots=True)
 class ServeFirst:
@@ -195,6 +213,7 @@ class ServeFirst:
     now: int
     due: int  # the chain time by which its settlement must land: min(validBefore, deadline)
     envelope: PaymentPayload | None = None  # for the seller's hooks, should it fall back to hold
+    record: str = ""  # the signed payload as the store keeps it (JSON text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +235,7 @@ def decide(
     parsed: ParsedPayment,
     offer: EscrowRequirements,
     *,
-    route: Route,
+    route: RouteMode,
     row: Payment | None,
     chain: ChainFacts,
     rules: Rules,
@@ -277,13 +296,13 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
 
 
 def _first_time(
-    parsed: ParsedPayment, offer: EscrowRequirements, route: Route, chain: ChainFacts, rules: Rules
+    parsed: ParsedPayment, offer: EscrowRequirements, route: RouteMode, chain: ChainFacts, rules: Rules
 ) -> Step:
     if chain.state == State.NONE:
         verified = _verify(parsed, offer, chain.now, rules)
         if route.serve_first:
-            return ServeFirst(verified, chain.now, settle_due(verified), parsed.envelope)
-        return Deposit(verified, accepted_at=chain.now, envelope=parsed.envelope)
+            return ServeFirst(verified, chain.now, settle_due(verified), parsed.envelope, _payload_json(verified))
+        return Deposit(verified, accepted_at=chain.now, envelope=parsed.envelope, record=_payload_json(verified))
     if chain.state == State.HELD:
         # Deposited by someone else (the buyer, another replica) and never answered here. The token
         # checked the signature on deposit; judge the rest at a time the deadline was valid.
@@ -312,6 +331,10 @@ def _as_accepted(offer: EscrowRequirements, terms: Terms) -> EscrowRequirements:
     return dataclasses.replace(offer, amount=terms.amount, pay_to=terms.seller)
 
 
+def _payload_json(verified: VerifiedPayment) -> str:
+    return json.dumps(verified.payload.to_json())
+
+
 def settle_due(verified: VerifiedPayment) -> int:
     """The chain time by which a serve-first settlement must have landed."""
     return min(verified.payload.authorization.valid_before, verified.terms.deadline)
@@ -329,7 +352,7 @@ class Reserve(StrEnum):
     REFUSED = "serve_first_refused"  # this buyer left a settlement unpaid
 
 
-def after_reserve(step: ServeFirst, outcome: Reserve, route: Route, *, per_buyer: int, total: int) -> Step:
+def after_reserve(step: ServeFirst, outcome: Reserve, route: RouteMode, *, per_buyer: int, total: int) -> Step:
     """Serve first if the exposure was reserved; past a limit, fall back to hold (if the route may) or refuse."""
     if outcome == Reserve.DONE:
         return Serve(step.verified, serve_first=True)
@@ -343,7 +366,7 @@ def after_reserve(step: ServeFirst, outcome: Reserve, route: Route, *, per_buyer
         else f"serving {terms.amount} first would pass an exposure limit (per buyer {per_buyer}, total {total})"
     )
     if route.fallback_to_hold:
-        return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope)
+        return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope, record=step.record)
     return Reject(PaymentRejected(reason, why))
 
 
@@ -416,6 +439,35 @@ class Answer:
     tx: bytes | None = None
     error: Reason | None = None
 
+    def settle_response(self, payer: str, network: str) -> SettleResponse:
+        return SettleResponse(
+            # A serve-first handler failure: nothing was charged, and nothing will be.
+            success=self.error not in {Reason.HANDLER_FAILED_NOT_CHARGED, Reason.SETTLEMENT_FAILED},
+            transaction="0x" + self.tx.hex() if self.tx else "",
+            network=network,
+            payer=payer,
+            error_reason=self.error,
+            extra=self.extra.to_json(),
+        )
+
+    def header(self, payer: str, network: str) -> str:
+        """The PAYMENT-RESPONSE header's value."""
+        return encode_payment_response(self.settle_response(payer, network))
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A handler's response to keep: its delivery hash (to store and commit) and the answer that goes with it."""
+
+    delivery_hash: bytes
+    answer: Answer
+
+
+def kept(verified: VerifiedPayment, body: bytes, deposit_tx: bytes | None, *, serve_first: bool) -> Kept:
+    """A successful handler's response: hashed, and answered held (hold) or pending (serve-first)."""
+    hashed = delivery_hash(body)
+    return Kept(hashed, served(verified.escrow_id, verified.payload.terms, hashed, deposit_tx, serve_first=serve_first))
+
 
 def served(escrow_id: bytes, terms: Terms, hashed: bytes, deposit_tx: bytes | None, *, serve_first: bool) -> Answer:
     if serve_first:
@@ -465,7 +517,6 @@ def needs_chain_state_for_replay(row: Payment, delivery: DeliveryRecord | None) 
 
 def replayed(
     row: Payment,
-    hashed: bytes,
     *,
     delivery: DeliveryRecord | None = None,
     settlement: SettlementRecord | None = None,
@@ -473,6 +524,7 @@ def replayed(
 ) -> Answer:
     """The PAYMENT-RESPONSE of a stored response sent again: where its delivery or settlement stands."""
     terms, escrow_id = row.terms, row.escrow_id
+    hashed = delivery_hash(row.response.body) if row.response is not None else None
     if row.serve_first:
         settled = settlement is not None and settlement.status == SETTLE_DONE
         lost = settlement is not None and settlement.status == SETTLE_LOST

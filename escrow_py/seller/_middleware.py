@@ -21,8 +21,7 @@ from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
 from web3.exceptions import Web3Exception
-from x402.http import HTTPRequestContext
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
 from escrow_py.chain.tx import SentTx
@@ -51,7 +50,7 @@ from escrow_py.seller._machine import (
     Replay,
     Reserve,
     ResumeDeposit,
-    Route,
+    RouteMode,
     Rules,
     Serve,
     ServeFirst,
@@ -62,16 +61,16 @@ from escrow_py.seller._machine import (
     decide,
     facts_needed,
     handler_failed,
+    kept,
     needs_chain_state_for_replay,
     parse_payment,
     replayed,
-    served,
     state_needed,
 )
 from escrow_py.seller._offers import (
     Offers,
+    PaidRequest,
     SellerHooks,
-    request_context,
     settle_context,
     settle_result_context,
     verify_context,
@@ -91,17 +90,14 @@ from escrow_py.seller._verify import (
     PaymentRejected,
     VerifiedPayment,
     judge_onchain,
-    offer_for,
     read_onchain,
     verify_offchain,
 )
-from escrow_py.terms import State, canonical_url, delivery_hash
+from escrow_py.terms import State
 from escrow_py.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
-    PAYMENT_SIGNATURE_HEADER,
     UNAVAILABLE_STATUS,
-    EscrowRequirements,
     Reason,
     SettlementExtra,
     encode_payment_required,
@@ -117,7 +113,6 @@ log = logging.getLogger("escrow_py.seller")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-_SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
 
 
@@ -155,19 +150,6 @@ class Claim:
         return self.name, self.owner
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
-    method: str
-    url: str
-    body: bytes
-    route: PricedRoute
-    offer: EscrowRequirements
-    # The SDK's view of the request, and the 402's offers in the seller's order (_offers.py).
-    context: HTTPRequestContext
-    accepts: list[PaymentRequirements]
-    extensions: dict[str, Any] | None
-
-
 class EscrowMiddleware:
     """Prices routes of an ASGI app with delivery-escrow payments (DESIGN.md sections 3 and 4).
 
@@ -191,6 +173,8 @@ class EscrowMiddleware:
             self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
         )
         self.offers = Offers(config)
+        self._chain_id = config.chain_id
+        self._rules = Rules(config.min_time_left, config.deadline_slack)
 
     @staticmethod
     def of(app: Any) -> EscrowMiddleware:
@@ -278,18 +262,18 @@ class EscrowMiddleware:
         if body is None:
             await _send_plain(send, 413, b"request body too large")
             return
-        header = _header(scope, _SIGNATURE_HEADER)
         try:
-            request = await self._request(scope, body, route, header)
+            request = await self.offers.paid_request(scope, route, body)
         except ConfigError as exc:  # a dynamic price or payTo gave something unusable: the seller's bug
             log.error("route %s: %s", _route_name(route), exc)
             await _send_plain(send, 500, b"the seller's price for this route is misconfigured")
             return
+        header = request.header
         if header is None:
             await self._send_required(send, request, 402, None)
             return
         # The one decoding of the header: every step below gets this value.
-        parsed = parse_payment(header, chain_id=self.config.chain_id, escrow=self.config.escrow)
+        parsed = parse_payment(header, chain_id=self._chain_id, escrow=self.config.escrow)
         if parsed.exact:
             assert parsed.envelope is not None
             await self._pay_exact(scope, receive, send, request, parsed.envelope)
@@ -367,7 +351,7 @@ class EscrowMiddleware:
                 log.error("claim %s lost to another replica while handling it", claim.name)
                 return
 
-    def _verify(self, parsed: ParsedPayment, request: _Request, chain_time: int) -> VerifiedPayment:
+    def _verify(self, parsed: ParsedPayment, request: PaidRequest, chain_time: int) -> VerifiedPayment:
         """The off-chain rules at `chain_time` (FacilitatorMiddleware checks its facilitator's answers with it)."""
         assert parsed.envelope is not None
         return verify_offchain(
@@ -378,10 +362,6 @@ class EscrowMiddleware:
             deadline_slack=self.config.deadline_slack,
             payload=parsed.payload,
         )
-
-    @property
-    def _rules(self) -> Rules:
-        return Rules(self.config.min_time_left, self.config.deadline_slack)
 
     async def _chain_facts(self, need: Facts, escrow_id: bytes, buyer: str) -> ChainFacts:
         """The chain facts a decision needs, read at once (one round trip)."""
@@ -399,7 +379,7 @@ class EscrowMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         parsed: ParsedPayment,
         *,
         claim: Claim | None,
@@ -410,7 +390,7 @@ class EscrowMiddleware:
         row = await _blocking(self.store.payment, escrow_id)
         need = facts_needed(row)
         facts = await self._chain_facts(need, escrow_id, buyer)
-        mode = Route(request.route.serve_first, request.route.fallback_to_hold)
+        mode = request.route
         hooks = self.config.hooks
         before_verified = False
         if hooks is not None and row is None and facts.state == State.NONE and not mode.serve_first:
@@ -454,23 +434,22 @@ class EscrowMiddleware:
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
 
-    async def _adopt(self, step: Adopt, request: _Request) -> Payment:
+    async def _adopt(self, step: Adopt, request: PaidRequest) -> Payment:
         """Record an escrow deposited by someone else (the buyer, another replica), held, in one transaction."""
-        verified = step.verified
-        payload = json.dumps(verified.payload.to_json())
+        record, row = step.row(HELD)
         await _blocking(
-            self.store.begin_deposit, verified.escrow_id, verified.terms, step.accepted_at,
-            _route_name(request.route), payload, held=True,
+            self.store.begin_deposit, row.escrow_id, row.terms, row.accepted_at, _route_name(request.route), record,
+            held=True,
         )  # fmt: skip
-        return Payment(verified.escrow_id, verified.terms, HELD, step.accepted_at, None, None, None, payload)
+        return row
 
-    async def _before_verify(self, parsed: ParsedPayment, request: _Request) -> None:
+    async def _before_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
         assert self.config.hooks is not None and parsed.envelope is not None
         context = verify_context(parsed.envelope, request.offer.to_model(), request.context)
         await _abort_on(self.config.hooks.before_verify, context)
 
     async def _pay_exact(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, payload: PaymentPayload
+        self, scope: Scope, receive: Receive, send: Send, request: PaidRequest, payload: PaymentPayload
     ) -> None:
         """A payment in the SDK's `exact` scheme: verified and settled through the SDK (_offers.Offers.pay_exact)."""
         outcome = await self.offers.pay_exact(
@@ -482,9 +461,10 @@ class EscrowMiddleware:
         elif outcome.response is None:
             await self._send_required(send, request, 402, outcome.error)
         else:  # no settlement when the handler failed: not charged
-            await self._send_response(send, outcome.response, outcome.settle)
+            settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
+            await self._send_response(send, outcome.response, settle)
 
-    async def _deposit(self, step: Deposit, request: _Request, *, base_fee: int | None = None) -> Step:
+    async def _deposit(self, step: Deposit, request: PaidRequest, *, base_fee: int | None = None) -> Step:
         """Check on chain, record (a new payment), deposit, wait for the receipt; the next step.
 
         The seller's hooks run around a new payment's deposit. The buyer's faults are 402s (a
@@ -495,8 +475,9 @@ class EscrowMiddleware:
         verified, chain, hooks = step.verified, self.chain, self.config.hooks
         escrow_id = verified.escrow_id
         context = request.context
-        requirements = request.offer.to_model()
+        requirements = request.offer.to_model() if hooks is not None else None
         if hooks is not None and step.envelope is not None:
+            assert requirements is not None
             result = verify_result_context(step.envelope, requirements, context, verified.buyer)
             await _abort_on(hooks.after_verify, result)
             await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
@@ -508,8 +489,8 @@ class EscrowMiddleware:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
         if step.accepted_at is not None and not await _blocking(
-            self.store.begin_deposit, escrow_id, verified.terms, step.accepted_at, _route_name(request.route),
-            json.dumps(verified.payload.to_json()),
+            self.store.begin_deposit, escrow_id, verified.payload.terms, step.accepted_at, _route_name(request.route),
+            step.record,
         ):  # fmt: skip
             return IN_PROGRESS
 
@@ -524,10 +505,10 @@ class EscrowMiddleware:
         except (EscrowError, OSError, Web3Exception) as exc:
             return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
         deposit_tx = bytes(receipt["transactionHash"])
-        if hooks is not None and step.envelope is not None:
+        if hooks is not None and step.envelope is not None and requirements is not None:
             answer = Answer(SettlementExtra(escrow_id=escrow_id, deadline=verified.terms.deadline, state="held"),
                             deposit_tx)  # fmt: skip
-            settle = self._settlement(verified.buyer, answer)
+            settle = answer.settle_response(verified.buyer, self.config.network)
             result = settle_result_context(step.envelope, requirements, context, settle)
             try:
                 await SellerHooks.run(hooks.after_settle, result)
@@ -563,7 +544,7 @@ class EscrowMiddleware:
 
     # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
 
-    async def _serve_first(self, step: ServeFirst, request: _Request, mode: Route) -> Step:
+    async def _serve_first(self, step: ServeFirst, request: PaidRequest, mode: RouteMode) -> Step:
         """Check on chain as hold checks before its deposit (balance, authorization unused, an eth_call of the
         pull: here the settlement's own); then reserve the exposure and record the payment in one store
         transaction, so concurrent requests and replicas cannot overshoot a limit."""
@@ -583,7 +564,7 @@ class EscrowMiddleware:
             terms,
             accepted_at=step.now,
             route=_route_name(request.route),
-            payload=json.dumps(verified.payload.to_json()),
+            payload=step.record,
             due=step.due,
             # Both set whenever a route is serve-first (SellerConfig checks it).
             max_per_buyer=config.serve_first_max_per_buyer or 0,
@@ -603,7 +584,7 @@ class EscrowMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         *,
         verified: VerifiedPayment,
         deposit_tx: bytes | None,
@@ -613,24 +594,26 @@ class EscrowMiddleware:
         """Run the handler; store its response with the delivery (hold) or settlement (serve-first) queued,
         in one transaction that also gives up the claim, then answer. A failed handler is refunded (hold)
         or costs nobody anything (serve-first: the record is dropped, no transaction is sent)."""
-        escrow_id, terms, store = verified.escrow_id, verified.terms, self.store
+        escrow_id, terms, store = verified.escrow_id, verified.payload.terms, self.store
         response = await self._run_handler(scope, receive, request.body)
         release = claim.hand_over() if claim is not None else None
         if response.status < 400:
-            hashed = delivery_hash(response.body)
+            keep = kept(verified, response.body, deposit_tx, serve_first=serve_first)
             if serve_first:
-                saved = await _blocking(store.save_served_first, escrow_id, response, hashed, release=release)
+                saved = await _blocking(
+                    store.save_served_first, escrow_id, response, keep.delivery_hash, release=release
+                )
             else:
                 saved = await _blocking(
-                    store.save_served, escrow_id, terms, response, hashed, deposit_tx=deposit_tx, release=release
-                )
+                    store.save_served, escrow_id, terms, response, keep.delivery_hash, deposit_tx=deposit_tx,
+                    release=release,
+                )  # fmt: skip
             if claim is not None:
                 claim.released = True
             if not saved:
                 await self._replay_stored(send, escrow_id)
                 return
-            answer = served(escrow_id, terms, hashed, deposit_tx, serve_first=serve_first)
-            await self._send_response(send, response, self._settlement(terms.buyer, answer))
+            await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
             return
         if serve_first:
             await _blocking(store.forget_serve_first, escrow_id)
@@ -683,9 +666,7 @@ class EscrowMiddleware:
             delivery = await _blocking(store.delivery, escrow_id)
             if needs_chain_state_for_replay(payment, delivery):
                 onchain = await self._expired_state(escrow_id)
-        answer = replayed(
-            payment, delivery_hash(response.body), delivery=delivery, settlement=settlement, onchain=onchain
-        )
+        answer = replayed(payment, delivery=delivery, settlement=settlement, onchain=onchain)
         await self._send_response(send, response, self._settlement(payment.terms.buyer, answer))
 
     async def _expired_state(self, escrow_id: bytes) -> State | None:
@@ -733,48 +714,6 @@ class EscrowMiddleware:
 
     # -- building responses ----------------------------------------------------------------
 
-    async def _request(self, scope: Scope, body: bytes, route: PricedRoute, header: str | None) -> _Request:
-        method = str(scope["method"]).upper()
-        url = self._resource_url(scope)
-        config = self.config
-        context = request_context(scope, url, route, header)
-        amount, pay_to = await self.offers.terms_of(route, context)
-        offer = offer_for(
-            network=config.network,
-            amount=amount,
-            asset=config.token,
-            pay_to=pay_to,
-            escrow=config.escrow,
-            operator=config.operator.address,
-            token_name=config.token_name,
-            token_version=config.token_version,
-            max_timeout_seconds=route.max_timeout_seconds,
-            method=method,
-            resource_url=url,
-            body=body,
-            settlement=route.settlement,  # type: ignore[arg-type]  # PricedRoute made it a SettlementMode
-        )
-        accepts = await self.offers.accepts(route, offer.to_model(), amount, pay_to)
-        return _Request(method, url, body, route, offer, context, accepts, self.offers.extensions(route, context))
-
-    def _resource_url(self, scope: Scope) -> str:
-        """The canonical URL of this request as it went over the wire (terms.canonical_url)."""
-        root = str(scope.get("root_path", "")).encode("utf-8")
-        # raw_path is the request target exactly as sent; `path` is already percent-decoded.
-        target = scope.get("raw_path") or str(scope["path"]).encode("utf-8")
-        if root and not target.startswith(root):
-            target = root + target
-        if self.config.public_base_url is not None:
-            base = self.config.public_base_url.encode("utf-8")
-        else:
-            host = _header(scope, b"host")
-            if host is None:
-                server = scope.get("server") or ("localhost", None)
-                host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
-            base = f"{scope.get('scheme', 'http')}://{host}".encode("latin-1")
-        query = bytes(scope.get("query_string", b""))
-        return canonical_url(base + target + (b"?" + query if query else b""))
-
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
@@ -791,18 +730,11 @@ class EscrowMiddleware:
                 break
         return b"".join(chunks)
 
-    def _settlement(self, payer: str, answer: Answer) -> SettleResponse:
-        return SettleResponse(
-            # A serve-first handler failure: nothing was charged, and nothing will be.
-            success=answer.error not in {Reason.HANDLER_FAILED_NOT_CHARGED, Reason.SETTLEMENT_FAILED},
-            transaction="0x" + answer.tx.hex() if answer.tx else "",
-            network=self.config.network,
-            payer=payer,
-            error_reason=answer.error,
-            extra=answer.extra.to_json(),
-        )
+    def _settlement(self, payer: str, answer: Answer) -> str:
+        """The PAYMENT-RESPONSE header of `answer`."""
+        return answer.header(payer, self.config.network)
 
-    async def _send_required(self, send: Send, request: _Request, status: int, reason: str | None) -> None:
+    async def _send_required(self, send: Send, request: PaidRequest, status: int, reason: str | None) -> None:
         model = payment_required(
             request.url,
             request.accepts,
@@ -821,11 +753,12 @@ class EscrowMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _send_response(self, send: Send, response: StoredResponse, settle: SettleResponse | None) -> None:
+    async def _send_response(self, send: Send, response: StoredResponse, settle: str | None) -> None:
+        """The response with its PAYMENT-RESPONSE header (`settle`, the header's value; None: not charged)."""
         headers = [(k, v) for k, v in response.headers if k.lower() not in _OWN_HEADERS]
         headers.append((b"cache-control", b"no-store"))
         if settle is not None:  # None: an exact payment whose handler failed, not charged
-            headers.append((PAYMENT_RESPONSE_HEADER.encode(), encode_payment_response(settle).encode()))
+            headers.append((PAYMENT_RESPONSE_HEADER.encode(), settle.encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
@@ -854,13 +787,6 @@ def _endpoint(routes: list[BaseRoute], scope: Scope) -> Any:
             if isinstance(route, (Mount, Host)) and inner:
                 return _endpoint(list(inner), {**scope, **child})
             return child.get("endpoint", route)
-    return None
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if bytes(key).lower() == name:
-            return bytes(value).decode("latin-1")
     return None
 
 

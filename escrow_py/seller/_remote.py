@@ -46,10 +46,9 @@ from escrow_py.seller._middleware import (
     EscrowMiddleware,
     SellerUnavailable,
     _blocking,
-    _Request,
     _route_name,
 )
-from escrow_py.seller._offers import Offers
+from escrow_py.seller._offers import Offers, PaidRequest
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
 from escrow_py.terms import delivery_hash
@@ -347,7 +346,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         parsed: ParsedPayment,
         *,
         claim: Claim | None,
@@ -384,7 +383,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         *,
         verified: VerifiedPayment,
         deposit_tx: bytes | None,

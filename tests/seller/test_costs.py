@@ -9,7 +9,10 @@ trip or a database transaction to the hot path fails here and must say why.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 
+import escrow_py
 from escrow_py.seller import PricedRoute
 from escrow_py.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -65,6 +69,15 @@ SERVE_FIRST_RPC_CALLS = {
 SERVE_FIRST_SQLITE_TRANSACTIONS = 3
 
 
+# Calls from the ASGI adapter (seller/_middleware.py) into other escrow_py modules during one paid hold request:
+# 33 into 9 modules before the payment state machine (the header decoded in three places, the offer built from six
+# calls, the answer's hash and header built in place), 17 into 7 now: route_for, paid_request (_offers), parse_payment,
+# facts_needed, decide, kept, header (_machine), rpc.both, read_onchain, judge_onchain, chain.deposit, and the store's
+# six (answered, take_lease, payment, begin_deposit, set_deposit_sent, save_served).
+ADAPTER_TRIPS = 17
+_ADAPTER = "seller/_middleware.py"
+
+
 class SqliteTrace:
     """Counts the transactions of every SQLite connection opened while it is installed."""
 
@@ -100,7 +113,25 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[SqliteTrace]:
     yield tracer
 
 
-def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) -> tuple[dict[str, int], int, Any]:
+def _trips(trips: Counter[str]) -> Any:
+    """A profiler counting calls whose caller is the adapter and whose callee is another escrow_py module."""
+    root = str(Path(escrow_py.__file__).parent) + os.sep
+
+    def profile(frame: Any, event: str, _arg: Any) -> None:
+        if event != "call" or frame.f_back is None:
+            return
+        callee, caller = frame.f_code.co_filename, frame.f_back.f_code.co_filename
+        if caller.startswith(root) and callee.startswith(root):
+            source, target = caller[len(root) :], callee[len(root) :]
+            if source == _ADAPTER and target != _ADAPTER:
+                trips[f"{target}:{frame.f_code.co_name}"] += 1
+
+    return profile
+
+
+def _costs(
+    chain: Chain, tmp_path: Path, trace: SqliteTrace, trips: Counter[str] | None = None, **settings: Any
+) -> tuple[dict[str, int], int, Any]:
     """The JSON-RPC calls and SQLite transactions of the second paid GET /report/{item} of a fresh shop."""
     chain.mine()
     with RpcProxy(chain.node.url) as proxy:
@@ -110,7 +141,14 @@ def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) ->
             async with shop.client() as client:
                 payment = sign_payment(chain, await quote(client, "GET", f"/report/{item}"))
                 calls_before, statements_before = Counter(proxy.calls), len(trace.statements)
-                response = await client.get(f"/report/{item}", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+                profile = _trips(trips) if trips is not None and item == "counted" else None
+                sys.setprofile(profile)
+                threading.setprofile(profile)  # type: ignore[arg-type]
+                try:
+                    response = await client.get(f"/report/{item}", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+                finally:
+                    sys.setprofile(None)
+                    threading.setprofile(None)  # type: ignore[arg-type]
                 assert response.status_code == 200, response.text
                 calls = Counter(proxy.calls)
                 calls.subtract(calls_before)
@@ -127,10 +165,14 @@ def _costs(chain: Chain, tmp_path: Path, trace: SqliteTrace, **settings: Any) ->
 def test_one_paid_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
     chain: Chain, tmp_path: Path, trace: SqliteTrace
 ) -> None:
-    calls, transactions, _ = _costs(chain, tmp_path, trace)
+    trips: Counter[str] = Counter()
+    calls, transactions, _ = _costs(chain, tmp_path, trace, trips)
     print(f"one paid request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
+    print(f"{sum(trips.values())} trips from the adapter: {dict(trips)}")
     assert calls == RPC_CALLS
     assert transactions == SQLITE_TRANSACTIONS
+    assert sum(trips.values()) <= ADAPTER_TRIPS, dict(trips)
+    assert trips["seller/_machine.py:decide"] == 1 and trips["seller/_machine.py:parse_payment"] == 1
 
 
 def test_one_serve_first_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(

@@ -37,6 +37,7 @@ from escrow_py.seller._machine import (
     decide,
     facts_needed,
     handler_failed,
+    kept,
     needs_chain_state_for_replay,
     parse_payment,
     replayed,
@@ -59,8 +60,8 @@ from escrow_py.seller._store import (
     SettlementRecord,
     StoredResponse,
 )
-from escrow_py.terms import State
-from escrow_py.wire import EscrowRequirements, Reason, SettlementStatus
+from escrow_py.terms import State, delivery_hash
+from escrow_py.wire import EscrowRequirements, Reason, SettlementStatus, decode_payment_response
 
 from .test_verify import CHAIN_ID, ESCROW, NOW, _header, _offer, _pay, _set
 
@@ -406,6 +407,16 @@ def test_a_failed_handler_is_refunded_in_hold_and_costs_nothing_in_serve_first()
     assert free.error == Reason.HANDLER_FAILED_NOT_CHARGED and free.tx is None and free.extra.state is None
 
 
+def test_a_kept_response_is_hashed_once_for_the_store_and_the_answer() -> None:
+    case = Case()
+    step = _decide(case)
+    assert isinstance(step, Deposit)
+    keep = kept(step.verified, RESPONSE.body, TX, serve_first=False)
+    assert keep.delivery_hash == delivery_hash(RESPONSE.body) == keep.answer.extra.delivery_hash
+    settle = decode_payment_response(keep.answer.header(case.payload.terms.buyer, "eip155:84532"))
+    assert settle.success and settle.transaction == "0x" + TX.hex() and settle.payer == case.payload.terms.buyer
+
+
 def test_a_served_answer_names_the_hash_and_its_settlement_mode() -> None:
     case = Case()
     hold = served(case.escrow_id, case.payload.terms, b"\x11" * 32, TX, serve_first=False)
@@ -430,15 +441,16 @@ def test_a_hold_replay_says_where_its_delivery_stands(
     case = Case()
     row = case.row(SERVED, response=RESPONSE, deposit_tx=TX)
     assert needs_chain_state_for_replay(row, delivery) == (delivery is not None and delivery.status == EXPIRED)
-    answer = replayed(row, b"\x11" * 32, delivery=delivery, onchain=onchain)
+    answer = replayed(row, delivery=delivery, onchain=onchain)
     assert answer.extra.state == state and answer.tx == TX and answer.error is None
+    assert answer.extra.delivery_hash == delivery_hash(RESPONSE.body)  # the stored bytes' hash, recomputed
 
 
 @pytest.mark.parametrize(("status", "state"), [(REFUNDED, "refunded"), (REFUND_PENDING, "held")])
 def test_a_refunded_replay_says_so(status: str, state: str) -> None:
     case = Case()
     row = case.row(status, response=StoredResponse(500, [], b"no"), deposit_tx=TX, refund_tx=b"\x0e" * 32)
-    answer = replayed(row, b"\x00" * 32)
+    answer = replayed(row)
     assert answer.error == Reason.HANDLER_FAILED_REFUNDED and answer.extra.state == state
 
 
@@ -456,7 +468,7 @@ def test_a_serve_first_replay_says_where_its_settlement_stands(
 ) -> None:
     case = Case()
     row = case.row(SERVED_FIRST, response=RESPONSE)
-    answer = replayed(row, b"\x11" * 32, settlement=record)
+    answer = replayed(row, settlement=record)
     assert (answer.extra.settlement, answer.error) == (settlement, error)
     assert answer.tx == (TX if settlement == SettlementStatus.SETTLED else None)
 
