@@ -143,12 +143,12 @@ def _costs(
                 calls_before, statements_before = Counter(proxy.calls), len(trace.statements)
                 profile = _trips(trips) if trips is not None and item == "counted" else None
                 sys.setprofile(profile)
-                threading.setprofile(profile)  # type: ignore[arg-type]
+                threading.setprofile(profile)
                 try:
                     response = await client.get(f"/report/{item}", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
                 finally:
                     sys.setprofile(None)
-                    threading.setprofile(None)  # type: ignore[arg-type]
+                    threading.setprofile(None)
                 assert response.status_code == 200, response.text
                 calls = Counter(proxy.calls)
                 calls.subtract(calls_before)
@@ -179,9 +179,15 @@ def test_one_serve_first_request_makes_the_pinned_rpc_calls_and_sqlite_transacti
     chain: Chain, tmp_path: Path, trace: SqliteTrace
 ) -> None:
     routes = [PricedRoute("GET", "/report/{item}", amount=PRICE, settlement=SettlementMode.SERVE_FIRST)]
-    limits = {"serve_first_max_price": PRICE, "serve_first_max_per_buyer": 10 * PRICE}
     calls, transactions, response = _costs(
-        chain, tmp_path, trace, routes=routes, **limits, serve_first_max_total=10 * PRICE, poster_interval=3600.0
+        chain,
+        tmp_path,
+        trace,
+        routes=routes,
+        serve_first_max_price=PRICE,
+        serve_first_max_per_buyer=10 * PRICE,
+        serve_first_max_total=10 * PRICE,
+        poster_interval=3600.0,
     )
     print(f"one serve-first request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
     settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
