@@ -36,7 +36,17 @@ from typing import Protocol
 
 from x402.schemas import PaymentPayload, SettleResponse
 
-from escrow_py.errors import ProtocolError
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.terms import State, Terms, delivery_hash
+from escrow_py.protocol.wire import (
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    SettlementExtra,
+    SettlementStatus,
+    decode_payment_signature,
+    encode_payment_response,
+)
 from escrow_py.seller._store import (
     DEPOSITING,
     EXPIRED,
@@ -52,16 +62,6 @@ from escrow_py.seller._store import (
     SettlementRecord,
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain
-from escrow_py.terms import State, Terms, delivery_hash
-from escrow_py.wire import (
-    EscrowPayload,
-    EscrowRequirements,
-    Reason,
-    SettlementExtra,
-    SettlementStatus,
-    decode_payment_signature,
-    encode_payment_response,
-)
 
 EXACT = "exact"  # the x402 SDK's own scheme: settled by the SDK's facilitator, not by this machine
 

@@ -25,13 +25,27 @@ from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
 from escrow_py.chain.tx import SentTx
-from escrow_py.errors import (
+from escrow_py.protocol.errors import (
     ConfigError,
     EscrowError,
     InsufficientFunds,
     NonceConflict,
     TransactionFailed,
     TransactionTimeout,
+)
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import (
+    PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
+    UNAVAILABLE_STATUS,
+    Reason,
+    SettlementExtra,
+    encode_payment_required,
+    encode_payment_response,
+    payment_required,
+)
+from escrow_py.protocol.wire import (
+    Unavailable as UnavailableBody,
 )
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
@@ -92,20 +106,6 @@ from escrow_py.seller._verify import (
     judge_onchain,
     read_onchain,
     verify_offchain,
-)
-from escrow_py.terms import State
-from escrow_py.wire import (
-    PAYMENT_REQUIRED_HEADER,
-    PAYMENT_RESPONSE_HEADER,
-    UNAVAILABLE_STATUS,
-    Reason,
-    SettlementExtra,
-    encode_payment_required,
-    encode_payment_response,
-    payment_required,
-)
-from escrow_py.wire import (
-    Unavailable as UnavailableBody,
 )
 
 log = logging.getLogger("escrow_py.seller")

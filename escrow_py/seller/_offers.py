@@ -52,11 +52,11 @@ from x402.schemas import (
 )
 
 from escrow_py.chain.registry import KnownToken
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import canonical_url
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements, Reason
 from escrow_py.seller._price import atomic_amount, token_for
 from escrow_py.seller._verify import offer_for
-from escrow_py.terms import canonical_url
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements, Reason
 
 if TYPE_CHECKING:
     from escrow_py.seller._config import PricedRoute, SellerConfig

@@ -24,8 +24,7 @@ from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 
 import escrow_py
-from escrow_py.seller import PricedRoute
-from escrow_py.wire import (
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SettlementExtra,
@@ -33,6 +32,7 @@ from escrow_py.wire import (
     SettlementStatus,
     decode_payment_response,
 )
+from escrow_py.seller import PricedRoute
 
 from .payer import quote, sign_payment
 from .shop import PRICE, make_shop

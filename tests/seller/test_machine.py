@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from helpers import BUYER, STRANGER
 
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import EscrowRequirements, Reason, SettlementStatus, decode_payment_response
 from escrow_py.seller._machine import (
     Adopt,
     ChainFacts,
@@ -60,8 +62,6 @@ from escrow_py.seller._store import (
     SettlementRecord,
     StoredResponse,
 )
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import EscrowRequirements, Reason, SettlementStatus, decode_payment_response
 
 from .test_verify import CHAIN_ID, ESCROW, NOW, _header, _offer, _pay, _set
 
