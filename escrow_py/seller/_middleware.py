@@ -24,7 +24,7 @@ from web3.exceptions import Web3Exception
 from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
-from escrow_py.chain.tx import SentTx
+from escrow_py.chain.tx import intent_of
 from escrow_py.protocol.errors import (
     ConfigError,
     EscrowError,
@@ -38,6 +38,7 @@ from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     UNAVAILABLE_STATUS,
+    EscrowPayload,
     Reason,
     SettlementExtra,
     encode_payment_required,
@@ -93,6 +94,7 @@ from escrow_py.seller._offers import (
 from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
 from escrow_py.seller._store import (
+    DEPOSITING,
     HELD,
     REFUND_PENDING,
     REFUNDED,
@@ -387,7 +389,7 @@ class EscrowMiddleware:
         """Fetch the row and the chain facts, ask the machine (_machine.decide), run its steps until one answers."""
         assert parsed.escrow_id is not None and parsed.payload is not None
         escrow_id, buyer = parsed.escrow_id, parsed.payload.terms.buyer
-        row = await _blocking(self.store.payment, escrow_id)
+        row = await self._with_sent_deposit(await _blocking(self.store.payment, escrow_id))
         need = facts_needed(row)
         facts = await self._chain_facts(need, escrow_id, buyer)
         mode = request.route
@@ -433,6 +435,21 @@ class EscrowMiddleware:
                 step = await self._deposit(step, request, base_fee=facts.base_fee)
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
+
+    async def _with_sent_deposit(self, row: Payment | None) -> Payment | None:
+        """A `depositing` row with the deposit transaction an earlier request sent for it, if any.
+
+        The signed deposit is kept before broadcast in the operator key's transaction log (the store is
+        its NonceBook), under the deposit's intent (its target and calldata), so the row itself is not
+        written again for it: the transaction is found there when a request finds the row unanswered.
+        """
+        if row is None or row.status != DEPOSITING or row.deposit_tx is not None or row.payload is None:
+            return row
+        payload = EscrowPayload.from_json(json.loads(row.payload))
+        escrow = self.chain.escrow
+        intent = intent_of(escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature))
+        sent = await _blocking(self.store.txs_for, self.chain.sender.address, intent)
+        return dataclasses.replace(row, deposit_tx=sent[0]) if sent else row
 
     async def _adopt(self, step: Adopt, request: PaidRequest) -> Payment:
         """Record an escrow deposited by someone else (the buyer, another replica), held, in one transaction."""
@@ -493,15 +510,10 @@ class EscrowMiddleware:
             step.record,
         ):  # fmt: skip
             return IN_PROGRESS
-
-        def record(signed: SentTx) -> None:
-            # Before the transaction leaves: a retry finds it, and never sends a second deposit beside it.
-            self.store.set_deposit_sent(escrow_id, signed.tx_hash)
-
         try:
-            receipt = await _blocking(
-                chain.deposit, verified.payload, gas=gas, on_signed=record, data=facts.data, base_fee=base_fee
-            )
+            # Each signed version is kept in the key's transaction log before it leaves (the store is the
+            # sender's NonceBook): a retry finds it there (_with_sent_deposit) and sends no second deposit.
+            receipt = await _blocking(chain.deposit, verified.payload, gas=gas, data=facts.data, base_fee=base_fee)
         except (EscrowError, OSError, Web3Exception) as exc:
             return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
         deposit_tx = bytes(receipt["transactionHash"])

@@ -51,12 +51,13 @@ RPC_CALLS = {
     "eth_getTransactionReceipt": 1,  # the deposit mined (automine): one confirmation
 }
 # The payment's claim taken (a lease row: one replica at a time), the payment recorded, the key's nonce allocated
-# (its row in the store, shared by every process), the signed deposit kept in the key's transaction log and on the
-# payment before broadcast (two: the book's log, then the payment's row), and the response stored with its
-# delivery queued, the deposit's hash and the claim's release in that same transaction. 8 before the state
-# machine: the deposit's confirmation and the claim's release each took a transaction of their own; no change
-# is acknowledged to anyone before the response is stored, so nothing is less durable.
-SQLITE_TRANSACTIONS = 6
+# (its row in the store, shared by every process), the signed deposit kept in the key's transaction log before
+# broadcast (under the deposit's intent, which is how a retry finds it: the payment's row is not written for it),
+# and the response stored with its delivery queued, the deposit's hash and the claim's release in that same
+# transaction. 8 before the state machine: the sent deposit was also written on the payment's row, and its
+# confirmation and the claim's release each took a transaction of their own. No change is acknowledged to anyone
+# before the response is stored, and the signed deposit is durable before it leaves, as before.
+SQLITE_TRANSACTIONS = 5
 
 # One paid serve-first request: the chain read as a hold payment's is before its deposit, and no transaction.
 SERVE_FIRST_RPC_CALLS = {
@@ -71,10 +72,10 @@ SERVE_FIRST_SQLITE_TRANSACTIONS = 3
 
 # Calls from the ASGI adapter (seller/_middleware.py) into other escrow_py modules during one paid hold request:
 # 33 into 9 modules before the payment state machine (the header decoded in three places, the offer built from six
-# calls, the answer's hash and header built in place), 17 into 7 now: route_for, paid_request (_offers), parse_payment,
+# calls, the answer's hash and header built in place), 16 into 7 now: route_for, paid_request (_offers), parse_payment,
 # facts_needed, decide, kept, header (_machine), rpc.both, read_onchain, judge_onchain, chain.deposit, and the store's
-# six (answered, take_lease, payment, begin_deposit, set_deposit_sent, save_served).
-ADAPTER_TRIPS = 17
+# five (answered, take_lease, payment, begin_deposit, save_served).
+ADAPTER_TRIPS = 16
 _ADAPTER = "seller/_middleware.py"
 
 
