@@ -1,4 +1,10 @@
-"""The seller's pure ASGI middleware: 402, verify, deposit, serve, store, queue the delivery, refund on failure."""
+"""The seller's ASGI middleware: the adapter between ASGI and the payment state machine (_machine.py).
+
+It does the plumbing: routing a request to its priced route, reading the body, the 402, the claim
+on a payment, reading the store's row and the chain facts a decision needs, and carrying out the
+machine's steps (the deposit, the handler, the store writes, the answer). What happens next is
+never decided here: `_machine.decide` and the `after_*` functions say it.
+"""
 
 from __future__ import annotations
 

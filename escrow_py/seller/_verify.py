@@ -4,7 +4,9 @@ Two stages. `verify_offchain` is pure (no RPC): it decodes the header and checks
 payment against the offer the seller computed for *this* request, with the chain
 time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
 balance, whether the authorization was used or cancelled, and an `eth_call`
-simulation of the deposit itself. Each rule broken raises `PaymentRejected` with the
+simulation of the deposit itself; it is `read_onchain` (the reads, one round trip,
+and the calldata they simulated, which the deposit then sends as is) followed by
+`judge_onchain` (pure). Each rule broken raises `PaymentRejected` with the
 machine-readable reason and the values involved.
 """
 
