@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -181,8 +182,15 @@ class EscrowMiddleware:
             self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
         )
         self.offers = Offers(config)
-        self._chain_id = config.chain_id
-        self._rules = Rules(config.min_time_left, config.deadline_slack)
+
+    # Read once per middleware (FacilitatorMiddleware, built without EscrowMiddleware.__init__, gets them too).
+    @functools.cached_property
+    def _chain_id(self) -> int:
+        return self.config.chain_id
+
+    @functools.cached_property
+    def _rules(self) -> Rules:
+        return Rules(self.config.min_time_left, self.config.deadline_slack)
 
     @staticmethod
     def of(app: Any) -> EscrowMiddleware:
