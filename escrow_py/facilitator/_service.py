@@ -45,8 +45,9 @@ from escrow_py.protocol.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
-from escrow_py.protocol.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
+from escrow_py.protocol.wire import SCHEME, EscrowPayload, EscrowRequirements, encode_payment_signature
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._store import (

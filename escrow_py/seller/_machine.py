@@ -27,7 +27,6 @@ they are; this module only says which of them comes next.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ from typing import Protocol
 from x402.schemas import PaymentPayload, SettleResponse
 
 from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, Terms, delivery_hash
 from escrow_py.protocol.wire import (
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementStatus,
     decode_payment_signature,
@@ -328,7 +327,7 @@ def _as_accepted(offer: EscrowRequirements, terms: Terms) -> EscrowRequirements:
     """The offer judged by the amount and payTo its stored payment was accepted at."""
     if (offer.amount, offer.pay_to) == (terms.amount, terms.seller):
         return offer
-    return dataclasses.replace(offer, amount=terms.amount, pay_to=terms.seller)
+    return offer.with_(amount=terms.amount, pay_to=terms.seller)
 
 
 def _payload_json(verified: VerifiedPayment) -> str:

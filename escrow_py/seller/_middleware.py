@@ -40,13 +40,13 @@ from escrow_py.protocol.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     UNAVAILABLE_STATUS,
     EscrowPayload,
-    Reason,
     SettlementExtra,
     encode_payment_required,
     encode_payment_response,

@@ -53,8 +53,9 @@ from x402.schemas import (
 
 from escrow_py.chain.registry import KnownToken
 from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import canonical_url
-from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements, Reason
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements
 from escrow_py.seller._price import atomic_amount, token_for
 from escrow_py.seller._verify import offer_for
 

@@ -39,8 +39,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
-from escrow_py.protocol.wire import SCHEME, Reason, SettlementExtra
+from escrow_py.protocol.wire import SCHEME, SettlementExtra
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._machine import Answer, ParsedPayment, handler_failed
 from escrow_py.seller._middleware import (

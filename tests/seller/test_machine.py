@@ -7,15 +7,15 @@ well-known dev keys, so each case states exactly what the seller must do next.
 from __future__ import annotations
 
 import base64
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from helpers import BUYER, STRANGER
 
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import EscrowRequirements, Reason, SettlementStatus, decode_payment_response
+from escrow_py.protocol.wire import EscrowRequirements, SettlementStatus, decode_payment_response
 from escrow_py.seller._machine import (
     Adopt,
     ChainFacts,
@@ -259,7 +259,7 @@ def test_a_replay_is_verified_against_the_request_it_was_paid_for() -> None:
 def test_a_replay_is_judged_at_the_price_it_was_accepted_at_after_a_dynamic_price_moved() -> None:
     case = Case()
     row = case.row(SERVED, response=RESPONSE)
-    dearer = dataclasses.replace(case.offer, amount=case.offer.amount * 2)
+    dearer = case.offer.with_(amount=case.offer.amount * 2)
     assert isinstance(_decide(case, row=row, offer=dearer), Replay)
 
 
