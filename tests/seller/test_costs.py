@@ -33,7 +33,7 @@ from escrow_py.protocol.wire import (
     SettlementStatus,
     decode_payment_response,
 )
-from escrow_py.seller import PricedRoute
+from escrow_py.seller import PricedRoute, _machine, _verify
 
 from .payer import quote, sign_payment
 from .shop import PRICE, make_shop
@@ -86,6 +86,7 @@ class SqliteTrace:
     def __init__(self) -> None:
         self.statements: list[str] = []
         self.early_receipt_polls = 0
+        self.header_decodes = 0
 
     def connect(self, real: Any) -> Any:
         def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
@@ -124,6 +125,15 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[SqliteTrace]:
         return found
 
     monkeypatch.setattr(TxSender, "receipt", receipt)
+    # Every place of the seller that could decode PAYMENT-SIGNATURE, counted (each imported the decoder's name).
+    for module in (_machine, _verify):
+        decode = module.decode_payment_signature
+
+        def counted(value: str, decode: Any = decode) -> Any:
+            tracer.header_decodes += 1
+            return decode(value)
+
+        monkeypatch.setattr(module, "decode_payment_signature", counted)
     yield tracer
 
 
@@ -183,6 +193,8 @@ def test_one_paid_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
 ) -> None:
     trips: Counter[str] = Counter()
     calls, transactions, _ = _costs(chain, tmp_path, trace, trips)
+    # The header decoded once per request (three times before): the quotes' 402s decode nothing.
+    assert trace.header_decodes == 2  # the warm-up request and the counted one
     print(f"one paid request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
     print(f"{sum(trips.values())} trips from the adapter: {dict(trips)}")
     assert calls == RPC_CALLS
