@@ -11,14 +11,12 @@ from pathlib import Path
 import httpx
 from web3 import Web3
 
-from escrow_py.buyer._core import CLOCK_SKEW, PaymentCore, delivered_hash, judge_response
+from escrow_py.buyer._core import CLOCK_SKEW, PaymentCore, judge_response
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
 from escrow_py.chain.escrow import Settled
-from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.chain.tx import TxSender
 from escrow_py.protocol.errors import ChainError, ProtocolError
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
@@ -75,8 +73,8 @@ def replay_request(entry: JournalEntry) -> httpx.Request:
 
 
 def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow:
-    state = core.chain.state_of(entry.escrow, entry.escrow_id)
-    now = core.chain.now()
+    state = core.chain.state_of(entry.escrow_id, escrow=entry.escrow)
+    now = core.chain.next_block_time()
     replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
     if state is State.NONE and (settled := _settlement(core, entry)) is not None:
         # Served first and settled: the money went to the seller with this hash.
@@ -103,8 +101,7 @@ def _replay_released(
     if committed is None:
         # The chain, not the answer, is the judge; the answer only says where to look first.
         since = int(entry.created_at) - CLOCK_SKEW
-        with typed_chain_errors(f"searching the Delivered event of escrow 0x{eid.hex()}"):
-            committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
+        committed = core.chain.delivered_hash(eid, escrow=entry.escrow, since=since, tx_hash=_delivery_tx(answer))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
@@ -124,8 +121,7 @@ def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
     if not core.chain.authorization_used(terms.token, terms.buyer, eid):
         return None
     since = int(entry.created_at) - CLOCK_SKEW
-    with typed_chain_errors(f"searching the Settled event of escrow 0x{eid.hex()}"):
-        return core.chain.escrow(entry.escrow).settlement_of(eid, since=since)
+    return core.chain.settlement_of(eid, escrow=entry.escrow, since=since)
 
 
 def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> RecoveryItem:
@@ -210,12 +206,10 @@ def _settle_without_replay(
 
 def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
     eid, journal = entry.escrow_id, core.journal
-    escrow = core.chain.escrow(entry.escrow)
     try:
-        with typed_chain_errors(f"refunding escrow 0x{eid.hex()}"):
-            receipt = escrow.refund(TxSender(core.chain.w3, core.signer), entry.terms)
+        receipt = core.chain.refund(entry.terms, escrow=entry.escrow)
     except ChainError as exc:
-        if core.chain.state_of(entry.escrow, eid) is State.REFUNDED:  # a keeper got there first
+        if core.chain.state_of(eid, escrow=entry.escrow) is State.REFUNDED:  # a keeper got there first
             journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
             return RecoveryItem(
                 eid, State.HELD, Action.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
@@ -238,7 +232,7 @@ def reconcile_ledger(core: PaymentCore) -> None:
         if entry.state is PaymentState.VOID:
             journal.confirm_on_chain(escrow_id, spent=False)
             continue
-        state = core.chain.state_of(entry.escrow, escrow_id)
+        state = core.chain.state_of(escrow_id, escrow=entry.escrow)
         if state is State.NONE and entry.state in (PaymentState.DELIVERED, PaymentState.MISMATCH):
             # Served first: the token's spent authorization is the settlement's trace.
             if core.chain.authorization_used(entry.terms.token, entry.terms.buyer, escrow_id):

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from web3 import Web3
 
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
@@ -65,7 +65,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """
     store = SellerStore(config.store)
     try:
-        poster = DeliveryPoster(SellerChain(config, w3, book=store), store, lease=config.poster_lease)
+        poster = DeliveryPoster.of(config, seller_chain(config, w3, book=store), store)
         try:
             return poster.post_pending(force_settle=True)
         finally:
@@ -84,7 +84,6 @@ __all__ = [
     "PaymentRejected",
     "PostReport",
     "PricedRoute",
-    "SellerChain",
     "SellerConfig",
     "SellerHooks",
     "SellerStore",
@@ -93,6 +92,7 @@ __all__ = [
     "check_seller",
     "offer_for",
     "post_pending",
+    "seller_chain",
     "verify_offchain",
     "verify_onchain",
 ]

@@ -146,8 +146,6 @@ class ChainFacts:
     now: int = 0  # the next block's timestamp: the clock a transaction sent now meets
     state: State = State.NONE
     authorization_used: bool = False
-    # The pending block's base fee when the node told it with the clock: the deposit is priced from it.
-    base_fee: int | None = None
 
 
 def facts_needed(row: Payment | None) -> Facts:

@@ -27,11 +27,10 @@ import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
-from web3.exceptions import Web3Exception
 from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
-from escrow_py.chain.tx import intent_of
+from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.errors import (
     ConfigError,
     EscrowError,
@@ -41,7 +40,7 @@ from escrow_py.protocol.errors import (
     TransactionTimeout,
 )
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import State
+from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
@@ -55,7 +54,7 @@ from escrow_py.protocol.wire import (
 from escrow_py.protocol.wire import (
     Unavailable as UnavailableBody,
 )
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._machine import (
     CHAIN_RETRY_AFTER,
@@ -169,18 +168,19 @@ class EscrowMiddleware:
     `EscrowMiddleware.of(app)` finds the instance inside a Starlette/FastAPI app.
     """
 
-    def __init__(self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None, chain: EscrowChain | None = None
+    ) -> None:
         if not isinstance(config, SellerConfig):
             raise EscrowError("EscrowMiddleware needs config=SellerConfig(...)")
         self.app = app
         self.config = config
         self.store = SellerStore(config.store)
-        self.chain = SellerChain(config, w3, book=self.store)
+        # `chain`: another EscrowChain than the node at config.rpc_url (the unit tests' in-memory one).
+        self.chain: EscrowChain = chain if chain is not None else seller_chain(config, w3, book=self.store)
         # Names this process in the store's leases: a claim's owner says who holds it.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.poster = DeliveryPoster(
-            self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
-        )
+        self.poster = DeliveryPoster.of(config, self.chain, self.store, owner=self.replica)
         self.offers = Offers(config)
 
     # Read once per middleware (FacilitatorMiddleware, built without EscrowMiddleware.__init__, gets them too).
@@ -265,7 +265,7 @@ class EscrowMiddleware:
         if not self.config.startup_checks:
             return None
         try:
-            await _blocking(check_chain, self.chain)
+            await _blocking(check_chain, self.config, self.chain)
         except ConfigError as exc:
             log.error("seller start-up check failed: %s", exc)
             return str(exc)
@@ -304,7 +304,7 @@ class EscrowMiddleware:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
             await _send_unavailable(send, unavailable)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
             log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
@@ -379,16 +379,18 @@ class EscrowMiddleware:
             payload=parsed.payload,
         )
 
-    async def _chain_facts(self, need: Facts, escrow_id: bytes, buyer: str) -> ChainFacts:
+    async def _chain_facts(self, need: Facts, escrow_id: bytes, terms: Terms) -> ChainFacts:
         """The chain facts a decision needs, read at once (one round trip)."""
         chain = self.chain
         if need == Facts.NONE:
             return ChainFacts()
         if need == Facts.AUTHORIZATION:
-            used, now = await _blocking(rpc.both, lambda: chain.authorization_used(buyer, escrow_id), chain.now)
+            used, now = await _blocking(
+                rpc.both, lambda: chain.authorization_used(terms.token, terms.buyer, escrow_id), chain.next_block_time
+            )
             return ChainFacts(now=now, authorization_used=used)
-        state, (now, base_fee) = await _blocking(rpc.both, lambda: chain.state_of(escrow_id), chain.clock)
-        return ChainFacts(now=now, state=state, base_fee=base_fee)
+        state, now = await _blocking(rpc.both, lambda: chain.state_of(escrow_id), chain.next_block_time)
+        return ChainFacts(now=now, state=state)
 
     async def _settle(
         self,
@@ -402,10 +404,10 @@ class EscrowMiddleware:
     ) -> None:
         """Fetch the row and the chain facts, ask the machine (_machine.decide), run its steps until one answers."""
         assert parsed.escrow_id is not None and parsed.payload is not None
-        escrow_id, buyer = parsed.escrow_id, parsed.payload.terms.buyer
+        escrow_id, terms = parsed.escrow_id, parsed.payload.terms
         row = await self._with_sent_deposit(await _blocking(self.store.payment, escrow_id))
         need = facts_needed(row)
-        facts = await self._chain_facts(need, escrow_id, buyer)
+        facts = await self._chain_facts(need, escrow_id, terms)
         mode = request.route
         hooks = self.config.hooks
         before_verified = False
@@ -439,14 +441,14 @@ class EscrowMiddleware:
                     continue
                 # Gone from the node, or reverted (another deposit of it may have landed): ask the chain again.
                 row = dataclasses.replace(row, deposit_tx=None)
-                facts = await self._chain_facts(Facts.STATE, escrow_id, buyer)
+                facts = await self._chain_facts(Facts.STATE, escrow_id, terms)
             elif isinstance(step, ServeFirst):
                 step = await self._serve_first(step, request, mode)
                 continue
             else:
                 if hooks is not None and step.envelope is not None and not before_verified:
                     await self._before_verify(parsed, request)
-                step = await self._deposit(step, request, base_fee=facts.base_fee)
+                step = await self._deposit(step, request)
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
 
@@ -459,10 +461,8 @@ class EscrowMiddleware:
         """
         if row is None or row.status != DEPOSITING or row.deposit_tx is not None or row.payload is None:
             return row
-        payload = EscrowPayload.from_json(json.loads(row.payload))
-        escrow = self.chain.escrow
-        intent = intent_of(escrow.address, escrow.deposit_data(payload.terms, payload.authorization, payload.signature))
-        sent = await _blocking(self.store.txs_for, self.chain.sender.address, intent)
+        intent = self.chain.deposit_intent(EscrowPayload.from_json(json.loads(row.payload)))
+        sent = await _blocking(self.store.txs_for, self.chain.sender_address, intent)
         return dataclasses.replace(row, deposit_tx=sent[0]) if sent else row
 
     async def _adopt(self, step: Adopt, request: PaidRequest) -> Payment:
@@ -495,13 +495,13 @@ class EscrowMiddleware:
             settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
             await self._send_response(send, outcome.response, settle)
 
-    async def _deposit(self, step: Deposit, request: PaidRequest, *, base_fee: int | None = None) -> Step:
+    async def _deposit(self, step: Deposit, request: PaidRequest) -> Step:
         """Check on chain, record (a new payment), deposit, wait for the receipt; the next step.
 
         The seller's hooks run around a new payment's deposit. The buyer's faults are 402s (a
         simulation or a mined deposit that reverts, with the revert in `error`); the seller's own
         are 503s with a reason: the operator cannot pay gas, its nonce is taken, the deposit is not
-        confirmed in time. `base_fee` is the one read with the chain's clock for this decision.
+        confirmed in time.
         """
         verified, chain, hooks = step.verified, self.chain, self.config.hooks
         escrow_id = verified.escrow_id
@@ -512,7 +512,7 @@ class EscrowMiddleware:
             result = verify_result_context(step.envelope, requirements, context, verified.buyer)
             await _abort_on(hooks.after_verify, result)
             await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
-        facts = await _blocking(read_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+        facts = await _blocking(read_onchain, verified, chain=chain)
         try:
             gas = judge_onchain(verified, facts)
         except PaymentRejected as rejected:
@@ -527,8 +527,9 @@ class EscrowMiddleware:
         try:
             # Each signed version is kept in the key's transaction log before it leaves (the store is the
             # sender's NonceBook): a retry finds it there (_with_sent_deposit) and sends no second deposit.
-            receipt = await _blocking(chain.deposit, verified.payload, gas=gas, data=facts.data, base_fee=base_fee)
-        except (EscrowError, OSError, Web3Exception) as exc:
+            # The chain encodes the deposit's calldata once, for its simulation and this send (Web3EscrowChain).
+            receipt = await _blocking(chain.deposit, verified.payload, gas=gas)
+        except (EscrowError, OSError) as exc:
             return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
         deposit_tx = bytes(receipt["transactionHash"])
         if hooks is not None and step.envelope is not None and requirements is not None:
@@ -576,9 +577,7 @@ class EscrowMiddleware:
         transaction, so concurrent requests and replicas cannot overshoot a limit."""
         verified, chain, config = step.verified, self.chain, self.config
         escrow_id, terms = verified.escrow_id, verified.terms
-        facts = await _blocking(
-            read_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
-        )
+        facts = await _blocking(read_onchain, verified, chain=chain, serve_first=True)
         try:
             judge_onchain(verified, facts)
         except PaymentRejected as rejected:
@@ -659,7 +658,7 @@ class EscrowMiddleware:
                 refund_tx=refund_tx,
                 status=str(response.status),
             )
-        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+        except (EscrowError, OSError, TimeoutError) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
         saved = await _blocking(
@@ -700,7 +699,7 @@ class EscrowMiddleware:
         None if the chain cannot answer: the stored reply still goes, saying held."""
         try:
             return await _blocking(self.chain.state_of, escrow_id)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
             return None
 

@@ -133,7 +133,7 @@ class FacilitatorSellerConfig:
         if not escrow or not operator:
             raise ConfigError("the facilitator's /supported names no escrow or operator for this network")
         return SellerConfig(
-            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware makes no SellerChain
+            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware builds no chain
             escrow=str(escrow),
             token=self.token,
             network=self.network,

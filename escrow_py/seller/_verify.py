@@ -4,14 +4,14 @@ Two stages. `verify_offchain` is pure (no RPC): it decodes the header and checks
 payment against the offer the seller computed for *this* request, with the chain
 time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
 balance, whether the authorization was used or cancelled, and an `eth_call`
-simulation of the deposit itself; it is `read_onchain` (the reads, one round trip,
-and the calldata they simulated, which the deposit then sends as is) followed by
-`judge_onchain` (pure). Each rule broken raises `PaymentRejected` with the
+simulation of the deposit itself; it is `read_onchain` (the reads, one round trip)
+followed by `judge_onchain` (pure). Each rule broken raises `PaymentRejected` with the
 machine-readable reason and the values involved.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -19,9 +19,8 @@ from eth_typing import ChecksumAddress
 from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import Escrow, Settlement
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import GAS_MARGIN, TxSender
+from escrow_py.chain.escrow import Settlement
+from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.eip3009 import recover_signer
 from escrow_py.protocol.errors import ContractRevert, ProtocolError
 from escrow_py.protocol.reasons import Reason
@@ -251,34 +250,31 @@ def _verify_offchain(
 class OnchainFacts:
     """What only the chain knows about a payment, read at once: each value, or the exception its read raised.
 
-    `data` is the calldata simulated (the deposit's, or a serve-first settlement's with a probe
-    hash): the deposit sends exactly these bytes, so they are encoded once. `gas` is the
-    simulation's estimate, or the ContractRevert it met.
+    `gas` is the simulation's gas limit (margin included), or the ContractRevert it met.
     """
 
-    data: bytes
     balance: int | BaseException
     used: bool | BaseException
     gas: int | BaseException
     serve_first: bool = False
 
 
-def read_onchain(
-    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
-) -> OnchainFacts:
+def read_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> OnchainFacts:
     """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as `sender` would send it: three reads in one round trip."""
+    that pulls the same authorization) as the chain's sender would send it: three reads in one round trip."""
     payload = payment.payload
+    terms = payload.terms
     if serve_first:
-        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
+        settlement = Settlement(terms, payload.authorization, payload.signature, PROBE_HASH)
+        simulate: Callable[[], int] = lambda: chain.simulate_settle(settlement)  # noqa: E731
     else:
-        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+        simulate = lambda: chain.simulate_deposit(payload)  # noqa: E731
     balance, used, gas = rpc.gather(
-        lambda: token.balance_of(payment.buyer),
-        lambda: token.authorization_state(payment.buyer, payment.escrow_id),
-        lambda: sender.estimate_gas(escrow.address, data),
+        lambda: chain.balance_of(terms.token, payment.buyer),
+        lambda: chain.authorization_used(terms.token, payment.buyer, payment.escrow_id),
+        simulate,
     )
-    return OnchainFacts(data, balance, used, gas, serve_first)  # type: ignore[arg-type]
+    return OnchainFacts(balance, used, gas, serve_first)  # type: ignore[arg-type]
 
 
 def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
@@ -289,6 +285,10 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
     simulated a second time.
     """
     what = "settlement" if facts.serve_first else "deposit"
+    gas = facts.gas
+    if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (facts.balance, facts.used)):
+        # The asset's own reads revert too: not a token this payment can be pulled from.
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     balance, used = _value(facts.balance), _value(facts.used)
     _require(
         balance >= payment.terms.amount,
@@ -296,19 +296,14 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
         f"buyer balance {balance} < amount {payment.terms.amount}",
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-    if isinstance(facts.gas, ContractRevert):
-        raise PaymentRejected(
-            Reason.SIMULATION_FAILED, f"{what} would revert: {facts.gas}", detail=str(facts.gas)
-        ) from None
-    return int(_value(facts.gas) * GAS_MARGIN)
+    if isinstance(gas, ContractRevert):
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+    return _value(gas)
 
 
-def verify_onchain(
-    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
-) -> int:
+def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
     """read_onchain then judge_onchain: the gas limit to send the deposit with, or PaymentRejected."""
-    facts = read_onchain(payment, escrow=escrow, token=token, sender=sender, serve_first=serve_first)
-    return judge_onchain(payment, facts)
+    return judge_onchain(payment, read_onchain(payment, chain=chain, serve_first=serve_first))
 
 
 def _value(result: _T | BaseException) -> _T:

@@ -195,7 +195,7 @@ def test_onchain_checks_pass_for_a_funded_unused_authorization_and_deposit_nothi
     offer = _chain_offer(chain)
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     before = chain.token.balance_of(chain.escrow.address)
-    verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+    verify_onchain(payment, chain=chain.port(OPERATOR))
     assert chain.token.balance_of(chain.escrow.address) == before  # a simulation, not a deposit
 
 
@@ -206,7 +206,7 @@ def test_insufficient_balance_is_refused(chain: Chain) -> None:
                       resource_url=URL, body=b"")  # fmt: skip
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     with pytest.raises(PaymentRejected) as info:
-        verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+        verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.INSUFFICIENT_BALANCE
 
 
@@ -215,7 +215,7 @@ def test_a_cancelled_authorization_is_refused(chain: Chain) -> None:
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     cancel_authorization(chain, payment.terms)
     with pytest.raises(PaymentRejected) as info:
-        verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+        verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.AUTHORIZATION_USED
 
 
@@ -224,5 +224,5 @@ def test_a_deposit_that_would_revert_is_refused_by_simulation(chain: Chain) -> N
     payload, accepted = _pay(offer, now=chain.now())
     payment = verify_offchain(_header(payload, accepted), offer, chain_time=chain.now(), min_time_left=10)
     with pytest.raises(PaymentRejected) as info:
-        verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+        verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.SIMULATION_FAILED
