@@ -31,7 +31,7 @@ from escrow_py.buyer._errors import (
     ResponseInvalid,
 )
 from escrow_py.buyer._journal import Journal, PaymentState
-from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
+from escrow_py.buyer._policy import Decision, PaymentContext, Policy
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
 from escrow_py.chain.port import EscrowChain
@@ -180,13 +180,13 @@ def find_offer(response: httpx.Response) -> Offer | None:
     try:
         required = decode_payment_required(value)
     except ProtocolError as exc:
-        raise PaymentRefused("invalid_payment_required", str(exc)) from None
+        raise PaymentRefused(Reason.INVALID_PAYMENT_REQUIRED, str(exc)) from None
     for model in required.accepts:
         if model.scheme == SCHEME:
             try:
                 return Offer(required, model, EscrowRequirements.from_model(model))
             except ProtocolError as exc:
-                raise PaymentRefused("invalid_requirements", str(exc)) from None
+                raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
     return None
 
 
@@ -259,7 +259,7 @@ class PaymentCore:
             try:
                 self.hook.check(request, req, terms)
             except PolicyDenied as denied:
-                self.journal.audit_decision(escrow_id, terms, ctx, Decision(False, ReasonCode.CUSTOM, denied.reason))
+                self.journal.audit_decision(escrow_id, terms, ctx, Decision(False, Reason.CUSTOM, denied.reason))
                 raise
         decision = self.journal.reserve(escrow_id, terms, ctx, self.rules)
         if not decision.allowed:
@@ -298,24 +298,26 @@ class PaymentCore:
         """The offer's checks against the chain, then fresh terms and their authorization (unsigned)."""
         chain_id = self.chain.chain_id
         if req.chain_id != chain_id:
-            raise PaymentRefused("network_mismatch", f"the offer is for {req.network} but the RPC is chain {chain_id}")
+            raise PaymentRefused(
+                Reason.NETWORK_MISMATCH, f"the offer is for {req.network} but the RPC is chain {chain_id}"
+            )
         # The token lets only `to` redeem the authorization: `to` must be the genuine escrow, or anyone
         # naming their own wallet (or a look-alike contract) as the escrow takes the money.
         if not (check := self.chain.check_escrow(req.extra.escrow)).genuine:
             raise EscrowNotGenuine(check)
         if req.max_timeout_seconds > MAX_DEADLINE_WINDOW:
             raise PaymentRefused(
-                "deadline_too_far", f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
+                Reason.DEADLINE_TOO_FAR, f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
             )
         try:
             domain = self.chain.token_domain(req.asset)
         except ContractRevert as exc:  # no code there, or it reverts
             raise PaymentRefused(
-                "asset_not_erc3009", f"the offer's asset {req.asset} does not answer name() and version() ({exc})"
+                Reason.ASSET_NOT_ERC3009, f"the offer's asset {req.asset} does not answer name() and version() ({exc})"
             ) from exc
         if (domain.name, domain.version) != (req.extra.name, req.extra.version):
             raise PaymentRefused(
-                "token_domain_mismatch",
+                Reason.TOKEN_DOMAIN_MISMATCH,
                 f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
                 f"({req.extra.name!r}, {req.extra.version!r})",
             )
@@ -354,7 +356,7 @@ class PaymentCore:
         except ValueError:
             # Not quoted: the URL's userinfo is a credential.
             raise PaymentRefused(
-                "invalid_url",
+                Reason.INVALID_URL,
                 f"the {request.method} URL to host {request.url.host!r} has no canonical form (credentials in the "
                 "URL, or a host that is not plain ASCII), so no requestHash can bind it",
             ) from None
@@ -555,7 +557,7 @@ def _judge_delivered(
     committed = extra.delivery_hash
     served_first = extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED)
     served_first = served_first or settle.error_reason == Reason.SETTLEMENT_FAILED
-    posted = replay or extra.delivery_transaction is not None or extra.state == "released"
+    posted = replay or extra.delivery_transaction is not None or extra.state is State.RELEASED
     if committed == received and posted and not served_first:
         # A served-first payment never had an escrow, so no Delivered event holds its hash.
         committed = _posted_hash(core, escrow_id, escrow, extra, chain_state) or committed
@@ -595,7 +597,7 @@ def _posted_hash(
 def _denied(decision: Decision) -> PolicyDenied:
     return PolicyDenied(
         decision.detail,
-        code=decision.reason.value,
+        code=decision.reason,
         limit=decision.limit,
         wanted=decision.wanted,
         available=decision.available,

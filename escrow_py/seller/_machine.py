@@ -60,13 +60,13 @@ from escrow_py.seller._store import (
     Payment,
     SettlementRecord,
 )
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
 EXACT = "exact"  # the x402 SDK's own scheme: settled by the SDK's facilitator, not by this machine
 
 # PAYMENT-RESPONSE `state` of a served payment by its delivery's status: what the chain says as far as
 # the seller knows (pending and expired deliveries leave the escrow Held).
-_DELIVERY_STATE = {POSTED: "released", SETTLED_ELSEWHERE: "released", REFUNDED_ON_CHAIN: "refunded"}
+_DELIVERY_STATE = {POSTED: State.RELEASED, SETTLED_ELSEWHERE: State.RELEASED, REFUNDED_ON_CHAIN: State.REFUNDED}
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ class ParsedPayment:
     envelope: PaymentPayload | None
     payload: EscrowPayload | None
     escrow_id: bytes | None
-    rejected: PaymentRejected | None
+    rejected: Refusal | None
     exact: bool = False  # a payment in the SDK's `exact` scheme (it goes to _offers.Offers.pay_exact)
 
 
@@ -94,13 +94,13 @@ def parse_payment(header: str, *, chain_id: int, escrow: str) -> ParsedPayment:
     try:
         envelope = decode_payment_signature(header)
     except ProtocolError as exc:
-        return ParsedPayment(None, None, None, PaymentRejected(exc.reason, str(exc)))
+        return ParsedPayment(None, None, None, Refusal(exc.reason, str(exc)))
     if envelope.accepted.scheme == EXACT:
         return ParsedPayment(envelope, None, None, None, exact=True)
     try:
         payload = EscrowPayload.from_json(envelope.payload)
     except ProtocolError as exc:
-        return ParsedPayment(envelope, None, None, PaymentRejected(exc.reason, str(exc)))
+        return ParsedPayment(envelope, None, None, Refusal(exc.reason, str(exc)))
     return ParsedPayment(envelope, payload, payload.terms.escrow_id(chain_id, escrow), None)
 
 
@@ -161,7 +161,7 @@ def facts_needed(row: Payment | None) -> Facts:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    rejected: PaymentRejected
+    rejected: Refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +248,7 @@ def decide(
         if row is not None:
             return _recorded(parsed, _as_accepted(offer, row.terms), row, chain, rules)
         return _first_time(parsed, offer, route, chain, rules)
-    except PaymentRejected as rejected:
+    except Refusal as rejected:
         return Reject(rejected)
 
 
@@ -272,10 +272,10 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
         # Recorded and never answered (the seller died mid-handler): served now if its authorization
         # is still unused and leaves the poster time to settle it.
         if chain.authorization_used:
-            raise PaymentRejected(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
+            raise Refusal(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
         due = settle_due(verified)
         if chain.now + rules.min_time_left > due:
-            raise PaymentRejected(
+            raise Refusal(
                 Reason.AUTHORIZATION_EXPIRED,
                 f"validBefore/deadline {due} leaves no time to settle (chain time {chain.now})",
             )
@@ -289,7 +289,7 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
     if chain.state == State.HELD:
         _require_time_left(verified.terms, chain.now, rules)  # a crash mid-handler: serve it now
         return Serve(verified, row.deposit_tx)
-    raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{verified.escrow_id.hex()} is {chain.state.name}")
+    raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{verified.escrow_id.hex()} is {chain.state.name}")
 
 
 def _first_time(
@@ -308,13 +308,13 @@ def _first_time(
         latest_valid = min(terms.deadline, auth.valid_before) - rules.min_time_left - 1
         reference = min(chain.now, latest_valid)
         return Adopt(_verify(parsed, offer, reference, rules), reference)
-    raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{parsed.escrow_id.hex() if parsed.escrow_id else ''} "
+    raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{parsed.escrow_id.hex() if parsed.escrow_id else ''} "
                           f"is {chain.state.name}")  # fmt: skip
 
 
 def _require_time_left(terms: Terms, now: int, rules: Rules) -> None:
     if now + rules.min_time_left > terms.deadline:
-        raise PaymentRejected(
+        raise Refusal(
             Reason.ESCROW_REFUNDABLE,
             f"deadline {terms.deadline} is less than {rules.min_time_left}s after chain time {now}: "
             "too late to deliver, the escrow is refundable",
@@ -364,7 +364,7 @@ def after_reserve(step: ServeFirst, outcome: Reserve, route: RouteMode, *, per_b
     )
     if route.fallback_to_hold:
         return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope, record=step.record)
-    return Reject(PaymentRejected(reason, why))
+    return Reject(Refusal(reason, why))
 
 
 class DepositFault(StrEnum):
@@ -417,7 +417,7 @@ def after_deposit_fault(
         # It landed although we saw an error (a lost receipt), or another deposit of it did meanwhile.
         return Serve(verified, None)
     if fault == DepositFault.REVERTED:
-        return Forget(Reject(PaymentRejected(Reason.DEPOSIT_FAILED, message, detail=detail)))
+        return Forget(Reject(Refusal(Reason.DEPOSIT_FAILED, message, detail=detail)))
     return Forget(Unavailable(Reason.CHAIN_UNAVAILABLE, "the deposit could not be sent", CHAIN_RETRY_AFTER))
 
 
@@ -476,7 +476,7 @@ def served(escrow_id: bytes, terms: Terms, hashed: bytes, deposit_tx: bytes | No
         escrow_id=escrow_id,
         deadline=terms.deadline,
         delivery_hash=hashed,
-        state="held",
+        state=State.HELD,
         settlement=SettlementStatus.HELD,
     )
     return Answer(extra, deposit_tx)
@@ -502,7 +502,7 @@ def handler_failed(
         escrow_id=escrow_id,
         deadline=terms.deadline,
         refund_transaction=refund_tx,
-        state="refunded" if (refund_tx is not None if refunded is None else refunded) else "held",
+        state=State.REFUNDED if (refund_tx is not None if refunded is None else refunded) else State.HELD,
     )
     return Answer(extra, deposit_tx, Reason.HANDLER_FAILED_REFUNDED)
 
@@ -538,12 +538,13 @@ def replayed(
             escrow_id=escrow_id,
             deadline=terms.deadline,
             refund_transaction=row.refund_tx,
-            state="refunded" if row.status == REFUNDED else "held",
+            state=State.REFUNDED if row.status == REFUNDED else State.HELD,
         )
         return Answer(extra, row.deposit_tx, Reason.HANDLER_FAILED_REFUNDED)
-    state = _DELIVERY_STATE.get(delivery.status, "held") if delivery is not None else "held"
+    state = _DELIVERY_STATE.get(delivery.status, State.HELD) if delivery is not None else State.HELD
     if delivery is not None and delivery.status == EXPIRED:
-        state = {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held") if onchain else "held"
+        # Expired: Held until the buyer's refund, unless the chain (asked) says otherwise.
+        state = onchain if onchain in (State.RELEASED, State.REFUNDED) else State.HELD
     extra = SettlementExtra(
         escrow_id=escrow_id,
         deadline=terms.deadline,

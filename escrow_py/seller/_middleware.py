@@ -109,7 +109,7 @@ from escrow_py.seller._store import (
     StoredResponse,
 )
 from escrow_py.seller._verify import (
-    PaymentRejected,
+    Refusal,
     VerifiedPayment,
     judge_onchain,
     read_onchain,
@@ -300,7 +300,7 @@ class EscrowMiddleware:
             assert parsed.escrow_id is not None
             async with self._claim(parsed.escrow_id) as claim:
                 await self._settle(scope, receive, send, request, parsed, claim=claim)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
             await _send_unavailable(send, unavailable)
@@ -515,7 +515,7 @@ class EscrowMiddleware:
         facts = await _blocking(read_onchain, verified, chain=chain)
         try:
             gas = judge_onchain(verified, facts)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
@@ -533,7 +533,7 @@ class EscrowMiddleware:
             return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
         deposit_tx = bytes(receipt["transactionHash"])
         if hooks is not None and step.envelope is not None and requirements is not None:
-            answer = Answer(SettlementExtra(escrow_id=escrow_id, deadline=verified.terms.deadline, state="held"),
+            answer = Answer(SettlementExtra(escrow_id=escrow_id, deadline=verified.terms.deadline, state=State.HELD),
                             deposit_tx)  # fmt: skip
             settle = answer.settle_response(verified.buyer, self.config.network)
             result = settle_result_context(step.envelope, requirements, context, settle)
@@ -580,7 +580,7 @@ class EscrowMiddleware:
         facts = await _blocking(read_onchain, verified, chain=chain, serve_first=True)
         try:
             judge_onchain(verified, facts)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
         refused = await _blocking(
@@ -838,7 +838,7 @@ async def _abort_on(hooks: list[Any], context: Any) -> None:
     """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
     aborted = await SellerHooks.run(hooks, context)
     if aborted is not None:
-        raise PaymentRejected(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
+        raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 
 
 def _fault_of(exc: Exception, verified: VerifiedPayment) -> DepositFault:

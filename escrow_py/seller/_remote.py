@@ -40,7 +40,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import SCHEME, SettlementExtra
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._machine import Answer, ParsedPayment, handler_failed
@@ -53,7 +53,7 @@ from escrow_py.seller._middleware import (
 )
 from escrow_py.seller._offers import Offers, PaidRequest
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
+from escrow_py.seller._verify import Refusal, VerifiedPayment
 
 log = logging.getLogger("escrow_py.seller.remote")
 
@@ -367,7 +367,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                                     down.retry_after) from None  # fmt: skip
         if not result.success:
             reason, _, detail = (result.error_reason or Reason.DEPOSIT_FAILED).partition(": ")
-            raise PaymentRejected(reason, result.error_message or reason, detail=detail or None)
+            raise Refusal(reason, result.error_message or reason, detail=detail or None)
         extra = result.extra or {}
         accepted_at = int(extra.get("acceptedAt", 0))
         verified = self._verify(parsed, request, accepted_at)  # a facilitator's yes for another payment is no yes
@@ -399,7 +399,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
                 return
             self._kick.set()
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
+            extra = SettlementExtra(
+                escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state=State.HELD
+            )
             await self._send_response(send, response, self._settlement(terms.buyer, Answer(extra, deposit_tx)))
             return
         refund_tx: bytes | None = None
@@ -427,7 +429,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         terms = payment.terms
         extra = SettlementExtra(
             escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-            state="held",
+            state=State.HELD,
         )  # fmt: skip
         await self._send_response(send, response, self._settlement(terms.buyer, Answer(extra, payment.deposit_tx)))
 

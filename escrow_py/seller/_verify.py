@@ -5,7 +5,7 @@ payment against the offer the seller computed for *this* request, with the chain
 time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
 balance, whether the authorization was used or cancelled, and an `eth_call`
 simulation of the deposit itself; it is `read_onchain` (the reads, one round trip)
-followed by `judge_onchain` (pure). Each rule broken raises `PaymentRejected` with the
+followed by `judge_onchain` (pure). Each rule broken raises `Refusal` with the
 machine-readable reason and the values involved.
 """
 
@@ -48,7 +48,7 @@ _UNDECODABLE = {Reason.INVALID_PAYLOAD, Reason.HEADER_TOO_LARGE, Reason.UNSUPPOR
 MAX_DETAIL = 160
 
 
-class PaymentRejected(ProtocolError):
+class Refusal(ProtocolError):
     """The payment breaks a rule; `status` is the HTTP status to answer with (400 or 402).
 
     `detail` is a short public explanation (a decoded revert, never a secret) that the
@@ -56,7 +56,7 @@ class PaymentRejected(ProtocolError):
     `"<reason>: <detail>"`.
     """
 
-    def __init__(self, reason: str, message: str, *, detail: str | None = None) -> None:
+    def __init__(self, reason: Reason | str, message: str, *, detail: str | None = None) -> None:
         super().__init__(reason, message)
         self.detail = detail[:MAX_DETAIL] if detail else None
 
@@ -115,8 +115,8 @@ class VerifiedPayment:
         return self.payload.terms.buyer
 
 
-def _reject(reason: Reason, message: str) -> PaymentRejected:
-    return PaymentRejected(reason, message)
+def _reject(reason: Reason, message: str) -> Refusal:
+    return Refusal(reason, message)
 
 
 def _require(condition: bool, reason: Reason, message: str) -> None:
@@ -144,10 +144,10 @@ def verify_offchain(
         return _verify_offchain(
             model, payload, offer, chain_time=chain_time, min_time_left=min_time_left, deadline_slack=deadline_slack
         )
-    except PaymentRejected:
+    except Refusal:
         raise
     except ProtocolError as exc:  # a decoding error of the shared wire layer
-        raise PaymentRejected(exc.reason, str(exc)) from None
+        raise Refusal(exc.reason, str(exc)) from None
 
 
 def _verify_offchain(
@@ -281,14 +281,14 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
     """The on-chain rules, judged in this order, the simulation last; the gas limit to send the deposit with.
 
     Pure: a read that failed (the node) raises its exception as it was; a rule broken raises
-    PaymentRejected. The simulation is the gas estimate itself, so the transaction is not
+    Refusal. The simulation is the gas estimate itself, so the transaction is not
     simulated a second time.
     """
     what = "settlement" if facts.serve_first else "deposit"
     gas = facts.gas
     if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (facts.balance, facts.used)):
         # The asset's own reads revert too: not a token this payment can be pulled from.
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+        raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     balance, used = _value(facts.balance), _value(facts.used)
     _require(
         balance >= payment.terms.amount,
@@ -297,12 +297,12 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
     if isinstance(gas, ContractRevert):
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+        raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     return _value(gas)
 
 
 def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
-    """read_onchain then judge_onchain: the gas limit to send the deposit with, or PaymentRejected."""
+    """read_onchain then judge_onchain: the gas limit to send the deposit with, or Refusal."""
     return judge_onchain(payment, read_onchain(payment, chain=chain, serve_first=serve_first))
 
 

@@ -400,9 +400,9 @@ def test_a_failed_handler_is_refunded_in_hold_and_costs_nothing_in_serve_first()
     terms, escrow_id = case.payload.terms, case.escrow_id
     refunded = handler_failed(escrow_id, terms, TX, b"\x0e" * 32, serve_first=False)
     assert refunded.error == Reason.HANDLER_FAILED_REFUNDED and refunded.tx == TX
-    assert refunded.extra.state == "refunded" and refunded.extra.refund_transaction == b"\x0e" * 32
+    assert refunded.extra.state == State.REFUNDED and refunded.extra.refund_transaction == b"\x0e" * 32
     pending = handler_failed(escrow_id, terms, TX, None, serve_first=False)
-    assert pending.extra.state == "held"  # the poster or the keeper refunds it later
+    assert pending.extra.state == State.HELD  # the poster or the keeper refunds it later
     free = handler_failed(escrow_id, terms, None, None, serve_first=True)
     assert free.error == Reason.HANDLER_FAILED_NOT_CHARGED and free.tx is None and free.extra.state is None
 
@@ -420,7 +420,7 @@ def test_a_kept_response_is_hashed_once_for_the_store_and_the_answer() -> None:
 def test_a_served_answer_names_the_hash_and_its_settlement_mode() -> None:
     case = Case()
     hold = served(case.escrow_id, case.payload.terms, b"\x11" * 32, TX, serve_first=False)
-    assert (hold.extra.settlement, hold.extra.state, hold.tx) == (SettlementStatus.HELD, "held", TX)
+    assert (hold.extra.settlement, hold.extra.state, hold.tx) == (SettlementStatus.HELD, State.HELD, TX)
     first = served(case.escrow_id, case.payload.terms, b"\x11" * 32, None, serve_first=True)
     assert (first.extra.settlement, first.tx, first.error) == (SettlementStatus.PENDING, None, None)
     assert first.extra.delivery_hash == b"\x11" * 32
@@ -429,14 +429,14 @@ def test_a_served_answer_names_the_hash_and_its_settlement_mode() -> None:
 @pytest.mark.parametrize(
     ("delivery", "onchain", "state"),
     [
-        (None, None, "held"),
-        (DeliveryRecord(POSTED, b"\x11" * 32, TX), None, "released"),
-        (DeliveryRecord(EXPIRED, b"\x11" * 32, None), State.REFUNDED, "refunded"),
-        (DeliveryRecord(EXPIRED, b"\x11" * 32, None), None, "held"),  # the chain did not answer
+        (None, None, State.HELD),
+        (DeliveryRecord(POSTED, b"\x11" * 32, TX), None, State.RELEASED),
+        (DeliveryRecord(EXPIRED, b"\x11" * 32, None), State.REFUNDED, State.REFUNDED),
+        (DeliveryRecord(EXPIRED, b"\x11" * 32, None), None, State.HELD),  # the chain did not answer
     ],
 )
 def test_a_hold_replay_says_where_its_delivery_stands(
-    delivery: DeliveryRecord | None, onchain: State | None, state: str
+    delivery: DeliveryRecord | None, onchain: State | None, state: State
 ) -> None:
     case = Case()
     row = case.row(SERVED, response=RESPONSE, deposit_tx=TX)
@@ -446,8 +446,8 @@ def test_a_hold_replay_says_where_its_delivery_stands(
     assert answer.extra.delivery_hash == delivery_hash(RESPONSE.body)  # the stored bytes' hash, recomputed
 
 
-@pytest.mark.parametrize(("status", "state"), [(REFUNDED, "refunded"), (REFUND_PENDING, "held")])
-def test_a_refunded_replay_says_so(status: str, state: str) -> None:
+@pytest.mark.parametrize(("status", "state"), [(REFUNDED, State.REFUNDED), (REFUND_PENDING, State.HELD)])
+def test_a_refunded_replay_says_so(status: str, state: State) -> None:
     case = Case()
     row = case.row(status, response=StoredResponse(500, [], b"no"), deposit_tx=TX, refund_tx=b"\x0e" * 32)
     answer = replayed(row)
