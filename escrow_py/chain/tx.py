@@ -135,22 +135,28 @@ def revert_or_node_error(exc: rpc.NodeError) -> ContractRevert | rpc.NodeError:
     return exc
 
 
-# What fees() reads: the latest block (its base fee) and the node's suggested tip.
-_FEES = [rpc.Request("eth_getBlockByNumber", ["latest", False]), rpc.Request("eth_maxPriorityFeePerGas", [])]
+# What fees() reads: the latest block (its base fee, unless the caller has one) and the node's suggested tip.
+_LATEST_BLOCK = rpc.Request("eth_getBlockByNumber", ["latest", False])
+_TIP = rpc.Request("eth_maxPriorityFeePerGas", [])
 
 
-def _fees_from(answers: list[Any]) -> tuple[int, int]:
-    """(maxFeePerGas, maxPriorityFeePerGas) from the answers to _FEES."""
-    block, tip_answer = answers
+def _fee_requests(base_fee: int | None) -> list[rpc.Request]:
+    """The requests fees(base_fee) needs: the tip, and the latest block when no base fee is given."""
+    return [_TIP] if base_fee is not None else [_LATEST_BLOCK, _TIP]
+
+
+def _fees_from(answers: list[Any], base_fee: int | None) -> tuple[int, int]:
+    """(maxFeePerGas, maxPriorityFeePerGas) from the answers to _fee_requests(base_fee)."""
     try:
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
-        base = int(str(block["baseFeePerGas"]), 16)
-        tip = int(str(tip_answer), 16)
+        if base_fee is None:
+            base_fee = int(str(answers[0]["baseFeePerGas"]), 16)
+        tip = int(str(answers[-1]), 16)
     except (RpcError, KeyError, TypeError, ValueError) as exc:
         raise RpcError(f"cannot read fees: {exc}") from exc
-    return 2 * base + tip, tip
+    return 2 * base_fee + tip, tip
 
 
 @dataclass
@@ -289,14 +295,19 @@ class TxSender:
             self._chain_id = int(self.w3.eth.chain_id)
         return self._chain_id
 
-    def fees(self) -> tuple[int, int]:
-        """(maxFeePerGas, maxPriorityFeePerGas): twice the latest base fee plus the suggested tip."""
-        return _fees_from(rpc.batch(self.w3, _FEES))
+    def fees(self, base_fee: int | None = None) -> tuple[int, int]:
+        """(maxFeePerGas, maxPriorityFeePerGas): twice the base fee plus the suggested tip.
 
-    def _fees_and_pending_nonce(self) -> tuple[int, int, int]:
-        """fees() and the key's pending transaction count, in one round trip: what signing a transaction reads."""
-        *fees, pending = rpc.batch(self.w3, [*_FEES, rpc.Request("eth_getTransactionCount", [self.address, "pending"])])
-        max_fee, tip = _fees_from(fees)
+        `base_fee` is one the caller read already (the pending block's, with the chain's clock);
+        else the latest block's is read, in the same round trip as the tip.
+        """
+        return _fees_from(rpc.batch(self.w3, _fee_requests(base_fee)), base_fee)
+
+    def _fees_and_pending_nonce(self, base_fee: int | None = None) -> tuple[int, int, int]:
+        """fees(base_fee) and the key's pending transaction count, in one round trip: what signing reads."""
+        nonce = rpc.Request("eth_getTransactionCount", [self.address, "pending"])
+        *fees, pending = rpc.batch(self.w3, [*_fee_requests(base_fee), nonce])
+        max_fee, tip = _fees_from(fees, base_fee)
         if isinstance(pending, BaseException):
             raise pending
         return max_fee, tip, int(str(pending), 16)
@@ -338,7 +349,15 @@ class TxSender:
             raise result
         return int(str(result), 16)
 
-    def send(self, to: str | None, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> SentTx:
+    def send(
+        self,
+        to: str | None,
+        data: bytes,
+        *,
+        gas: int | None = None,
+        on_signed: OnSigned | None = None,
+        base_fee: int | None = None,
+    ) -> SentTx:
         """Sign and broadcast (`to` None: create a contract); `on_signed` sees each signed transaction first.
 
         A revert found by the gas estimate raises ContractRevert before anything is sent. If
@@ -349,7 +368,7 @@ class TxSender:
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
         for attempt in (1, 2):
-            signed = self.sign(to, data, gas=gas)
+            signed = self.sign(to, data, gas=gas, base_fee=base_fee)
             self._record(signed)
             if on_signed is not None:
                 on_signed(signed)
@@ -362,7 +381,7 @@ class TxSender:
             return signed
         raise AssertionError("unreachable")
 
-    def sign(self, to: str | None, data: bytes, *, gas: int | None = None) -> SentTx:
+    def sign(self, to: str | None, data: bytes, *, gas: int | None = None, base_fee: int | None = None) -> SentTx:
         """Build and sign with the next nonce, without broadcasting: record it, then `broadcast` it.
 
         The nonce is taken; if the transaction is never broadcast, `resync_nonce()` lets the
@@ -370,7 +389,7 @@ class TxSender:
         """
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
-        max_fee, tip, pending = self._fees_and_pending_nonce()
+        max_fee, tip, pending = self._fees_and_pending_nonce(base_fee)
         tx: dict[str, Any] = {
             "type": 2,
             "chainId": self.chain_id,
@@ -493,14 +512,14 @@ class TxSender:
     def _confirmed_receipt(
         self, tx_hash: bytes, confirmations: int, receipt: TxReceipt | None = None
     ) -> TxReceipt | None:
-        """The receipt (read now unless given) once `confirmations` deep; raises TransactionFailed on status 0."""
+        """The receipt (read now unless given) once `confirmations` deep, else None; TransactionFailed on status 0."""
         if receipt is None:
             receipt = self.receipt(tx_hash)
         if receipt is None:
             return None
         if receipt["status"] != 1:
             raise TransactionFailed(tx_hash, self._failure_reason(receipt))
-        # A receipt is its block's: one confirmation needs no second look at the head.
+        # A receipt is one confirmation by itself: the head is only asked for when more are wanted.
         if confirmations > 1 and int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 < confirmations:
             return None
         return receipt
@@ -610,6 +629,7 @@ class TxSender:
         timeout: float = 120.0,
         reprice_after: float | None = None,
         on_signed: OnSigned | None = None,
+        base_fee: int | None = None,
     ) -> TxReceipt:
         """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds.
 
@@ -625,7 +645,7 @@ class TxSender:
                                        reprice_after=reprice_after, on_signed=on_signed)  # fmt: skip
                 if finished is not None:
                     return finished
-        sent = self.send(to, data, gas=gas, on_signed=on_signed)
+        sent = self.send(to, data, gas=gas, on_signed=on_signed, base_fee=base_fee)
         return self.confirm(
             sent, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after, on_signed=on_signed
         )
