@@ -13,8 +13,10 @@ Errors a caller must see are `FacilitatorError`s with an HTTP status and a wire 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -33,6 +35,7 @@ from x402.schemas import (
     VerifyResponse,
 )
 
+from escrow_py.chain.escrow import Settled as SettledEvent
 from escrow_py.chain.tx import SentTx
 from escrow_py.errors import (
     EscrowError,
@@ -45,6 +48,7 @@ from escrow_py.errors import (
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
 from escrow_py.facilitator._ledger import Ledger
+from escrow_py.facilitator._tables import NAMESPACE
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._store import (
@@ -53,13 +57,24 @@ from escrow_py.seller._store import (
     REFUND_PENDING,
     REFUNDED,
     SERVED,
+    SETTLE_DONE,
+    SETTLE_LOST,
     Payment,
     SellerStore,
+    SettlementRecord,
     StoredResponse,
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
 from escrow_py.terms import State
-from escrow_py.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
+from escrow_py.wire import (
+    SCHEME,
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    SettlementMode,
+    SettlementStatus,
+    encode_payment_signature,
+)
 
 log = logging.getLogger("escrow_py.facilitator")
 
@@ -68,6 +83,8 @@ _NO_BODY = StoredResponse(200, [], b"")
 RETRY_AFTER = 2
 # How long a copy of a payment waits for the request holding it before answering 503 payment_in_progress.
 CLAIM_WAIT = 10.0
+# The facilitator puts no exposure limit of its own on serve-first: the seller, who carries the risk, sets its own.
+_NO_LIMIT = 2**255
 
 
 class FacilitatorError(EscrowError):
@@ -94,7 +111,7 @@ class Facilitator:
     def __init__(self, config: FacilitatorConfig, chain: SellerChain | None = None) -> None:
         self.config = config
         settings = config.chain_settings()
-        self.store = SellerStore(config.store)
+        self.store = SellerStore(config.store, namespace=NAMESPACE)
         # The store is the operator key's nonce book: replicas on one database never collide on a nonce.
         self.chain = chain or SellerChain(settings, book=self.store)
         self.ledger = Ledger(config.store)
@@ -121,7 +138,7 @@ class Facilitator:
             "asset": config.token,
             "name": config.token_name,
             "version": config.token_version,
-            "settlement": ["hold"],
+            "settlement": [SettlementMode.HOLD, SettlementMode.SERVE_FIRST],
         }
         kind = SupportedKind(x402_version=2, scheme=SCHEME, network=config.network, extra=extra)
         return SupportedResponse(kinds=[kind], extensions=[], signers={"eip155:*": [config.operator.address]})
@@ -170,26 +187,30 @@ class Facilitator:
         )
 
     def verify(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> VerifyResponse:
+        """Everything a deposit (hold) or a settlement (serve-first) checks before it is sent, including its
+        simulation; nothing is recorded."""
         try:
             verified = self._verified(payload, requirements, key, self._now())
             chain = self.chain
-            verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+            verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender,
+                           serve_first=_settlement_mode(requirements) == SettlementMode.SERVE_FIRST)  # fmt: skip
         except PaymentRejected as rejected:
             return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
+        except (EscrowError, OSError, Web3Exception) as exc:
+            raise self._chain_down(exc) from None
         return VerifyResponse(is_valid=True, payer=verified.buyer)
 
     def settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
-        """Deposit the payment in hold (idempotent by escrow id: the same payment again answers the same deposit)."""
+        """Hold: deposit the payment. Serve-first: queue its settlement (settleMany) with the delivery hash the
+        payload carries. Idempotent by escrow id: the same payment again answers the same deposit or settlement."""
         network = self.config.network
-        settlement = (requirements.extra or {}).get("settlement", "hold")
-        if settlement != "hold":
-            return SettleResponse(
-                success=False,
-                error_reason="unsupported_settlement",
-                error_message=f"settlement {settlement!r}: this facilitator settles 'hold' only",
-                transaction="",
-                network=network,
-            )
+        try:
+            mode = _settlement_mode(requirements)
+        except ProtocolError as exc:
+            return SettleResponse(success=False, error_reason=exc.reason, error_message=str(exc), transaction="",
+                                  network=network)  # fmt: skip
+        if mode == SettlementMode.SERVE_FIRST:
+            return self._settle_first(payload, requirements, key)
         try:
             settled = self._settle(payload, requirements, key)
         except PaymentRejected as rejected:
@@ -215,6 +236,87 @@ class Facilitator:
             amount=str(verified.terms.amount),
             extra=extra,
         )
+
+    def _settle_first(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
+        network = self.config.network
+        try:
+            escrow_id, hashed, record = self._queue_settlement(payload, requirements, key)
+        except PaymentRejected as rejected:
+            return SettleResponse(success=False, error_reason=rejected.error, error_message=str(rejected),
+                                  transaction="", network=network)  # fmt: skip
+        payment = self.store.payment(escrow_id)
+        assert payment is not None  # recorded with its settlement, and never removed once queued
+        extra: dict[str, object] = {
+            "escrowId": "0x" + escrow_id.hex(),
+            "deadline": payment.terms.deadline,
+            "deliveryHash": "0x" + hashed.hex(),
+            "acceptedAt": payment.accepted_at,
+        }
+        if record.status == SETTLE_LOST:
+            return SettleResponse(success=False, error_reason=Reason.SETTLEMENT_FAILED,
+                                  error_message=f"the settlement was not paid: {record.reason}",
+                                  transaction=_hex(record.tx_hash) or "", network=network, extra=extra)  # fmt: skip
+        settled = record.status == SETTLE_DONE
+        extra["settlement"] = SettlementStatus.SETTLED if settled else SettlementStatus.PENDING
+        return SettleResponse(
+            success=True,
+            payer=payment.terms.buyer,
+            transaction=_hex(record.tx_hash) or "" if settled else "",
+            network=network,
+            amount=str(payment.terms.amount),
+            extra=extra,
+        )
+
+    def _queue_settlement(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey
+    ) -> tuple[bytes, bytes, SettlementRecord]:
+        """Record a served serve-first payment and queue its settlement; the record already there, if any.
+
+        The poster sends it in a settleMany batch. The payment was checked as /verify checks it (the
+        simulation of the pull included); whoever asks again for the same escrow id gets the same
+        settlement, and a different delivery hash for it is refused (409), never queued.
+        """
+        offer = self._offer(requirements, key)
+        escrow_id = self._claimed_id(payload, offer)
+        hashed = _delivery_hash_of(payload)
+        with self._claim(escrow_id):
+            record = self.store.settlement(escrow_id)
+            payment = self.store.payment(escrow_id)
+            if payment is not None and record is None:
+                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted in hold")
+            if payment is not None and record is not None:
+                self._verified(payload, requirements, key, payment.accepted_at)  # the same signed payment
+                if record.delivery_hash is not None and record.delivery_hash != hashed:
+                    raise FacilitatorError(409, "delivery_conflict", f"escrow 0x{escrow_id.hex()} is settling "
+                                           f"with delivery hash 0x{record.delivery_hash.hex()}")  # fmt: skip
+                if record.delivery_hash is None:  # recorded by a replica that died before queueing it
+                    self.store.save_served_first(escrow_id, _NO_BODY, hashed)
+                    record = self.store.settlement(escrow_id)
+                    assert record is not None
+                return escrow_id, hashed, record
+            now = self._now()
+            verified = self._verified(payload, requirements, key, now)
+            chain = self.chain
+            try:
+                verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True)
+            except PaymentRejected:
+                raise
+            except (EscrowError, OSError, Web3Exception) as exc:
+                raise self._chain_down(exc) from None
+            terms = verified.terms
+            # The seller carries the risk of serving first and bounds it itself; the facilitator still
+            # refuses a buyer who left a settlement unpaid (its `refused_buyers`).
+            refused = self.store.begin_serve_first(
+                escrow_id, terms, accepted_at=now, route=_route(key), payload=json.dumps(verified.payload.to_json()),
+                due=min(verified.payload.authorization.valid_before, terms.deadline),
+                max_per_buyer=_NO_LIMIT, max_total=_NO_LIMIT,
+            )  # fmt: skip
+            if refused is not None:
+                raise PaymentRejected(Reason(refused), f"buyer {terms.buyer} left a serve-first settlement unpaid")
+            self.store.save_served_first(escrow_id, _NO_BODY, hashed)
+            record = self.store.settlement(escrow_id)
+            assert record is not None
+            return escrow_id, hashed, record
 
     @contextlib.contextmanager
     def _claim(self, escrow_id: bytes) -> Iterator[None]:
@@ -244,6 +346,8 @@ class Facilitator:
         escrow_id = self._claimed_id(payload, offer)
         with self._claim(escrow_id):
             payment = self.store.payment(escrow_id)
+            if payment is not None and payment.serve_first:
+                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted serve-first")
             if payment is not None and payment.status != DEPOSITING:
                 verified = self._verified(payload, requirements, key, payment.accepted_at)
                 return Settled(verified, payment.deposit_tx, payment.accepted_at)
@@ -361,6 +465,9 @@ class Facilitator:
         payments: list[tuple[Payment, bytes]] = []
         for escrow_id, hashed in entries:
             payment = self._owned(escrow_id, key)
+            if payment.serve_first:
+                raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} settles serve-first: its "
+                                       "delivery hash goes with its /settle")  # fmt: skip
             if payment.status in (REFUNDED, REFUND_PENDING):
                 raise FacilitatorError(409, Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is being refunded")
             if payment.status == DEPOSITING:
@@ -387,6 +494,8 @@ class Facilitator:
         """Refund now (the seller's handler failed); a refund that cannot be sent now is retried by the poster."""
         with self._claim(escrow_id):
             payment = self._owned(escrow_id, key)
+            if payment.serve_first:  # nothing was deposited: a failed handler is simply never settled
+                raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} holds no deposit to refund")
             if payment.status == REFUNDED:
                 return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(payment.refund_tx)}
             if payment.status == SERVED:
@@ -411,7 +520,16 @@ class Facilitator:
     def escrow(self, escrow_id: bytes, key: ApiKey) -> dict[str, object]:
         payment = self._owned(escrow_id, key)
         record = self.store.delivery(escrow_id)
+        settlement = self.store.settlement(escrow_id)
         return {
+            "settlement": None
+            if settlement is None
+            else {
+                "status": settlement.status,
+                "deliveryHash": _hex(settlement.delivery_hash),
+                "transaction": _hex(settlement.tx_hash),
+                "reason": settlement.reason,
+            },
             "escrowId": "0x" + escrow_id.hex(),
             "status": payment.status,
             "terms": payment.terms.to_json(),
@@ -437,11 +555,43 @@ class Facilitator:
             if receipt is not None:
                 amount = self.ledger.amount_of(report.posted)
                 self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)
+        for tx_hash in report.settle_txs:  # serve-first settleMany batches: what they paid, what they cost
+            receipt = self.chain.sender.receipt(tx_hash)
+            if receipt is not None:
+                paid = [s.id for s in self.chain.escrow.settlements_in(receipt) if isinstance(s, SettledEvent)]
+                self.ledger.record_tx("settle", tx_hash, receipt, paid, self.ledger.amount_of(paid))
         return report
 
 
 def _hex(value: bytes | None) -> str | None:
     return None if value is None else "0x" + value.hex()
+
+
+def _settlement_mode(requirements: PaymentRequirements) -> SettlementMode:
+    value = (requirements.extra or {}).get("settlement", SettlementMode.HOLD)
+    try:
+        return SettlementMode(value)
+    except ValueError:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"extra.settlement {value!r} is not hold or serve-first") from None
+
+
+def _delivery_hash_of(payload: PaymentPayload) -> bytes:
+    """The hash of the bytes the seller served, which a serve-first settlement commits on chain.
+
+    It rides in the payload itself (`payload.deliveryHash`), where the SDK's resource server lets a
+    scheme add it to its after-handler settle (`enrich_settlement_payload`).
+    """
+    value = payload.payload.get("deliveryHash")
+    if not isinstance(value, str) or re.fullmatch(r"0x[0-9a-fA-F]{64}", value) is None:
+        raise PaymentRejected(
+            Reason.INVALID_PAYLOAD,
+            f"a serve-first settlement needs payload.deliveryHash (0x and 64 hex digits, the hash of the bytes "
+            f"served), got {value!r}",
+        )
+    hashed = bytes.fromhex(value[2:])
+    if hashed == bytes(32):
+        raise PaymentRejected(Reason.INVALID_PAYLOAD, "payload.deliveryHash is zero: the contract refuses it")
+    return hashed
 
 
 def _route(key: ApiKey) -> str:

@@ -238,8 +238,10 @@ class SellerStore:
     (a unique key, a conditional update, an upsert), never a read in the process then a write.
     """
 
-    def __init__(self, url: str | Path, *, pool_size: int = 20) -> None:
-        self._db: Database = open_store(url, NAMESPACE, MIGRATIONS, pool_size=pool_size)
+    def __init__(self, url: str | Path, *, pool_size: int = 20, namespace: str = NAMESPACE) -> None:
+        # `namespace`: the PostgreSQL schema; a facilitator keeps its escrow store in its own (`facilitator`),
+        # so a seller and a facilitator given one URL never share these tables.
+        self._db: Database = open_store(url, namespace, MIGRATIONS, component="seller", pool_size=pool_size)
 
     def close(self) -> None:
         self._db.close()
