@@ -15,6 +15,7 @@ from pathlib import Path
 from web3.types import TxReceipt
 
 from escrow_py.console import Figures, running_totals
+from escrow_py.facilitator._tables import open_tables
 from escrow_py.seller._store import (
     DEPOSITING,
     EXPIRED,
@@ -27,7 +28,6 @@ from escrow_py.seller._store import (
     SETTLE_LOST,
     SETTLED_ELSEWHERE,
 )
-from escrow_py.facilitator._tables import open_tables
 from escrow_py.storage import Database
 
 # Where an escrow is, read from the store: the payment row and its delivery row.

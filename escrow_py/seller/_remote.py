@@ -36,16 +36,23 @@ import httpx
 from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 from escrow_py.errors import ConfigError, EscrowError
 from escrow_py.seller._config import PricedRoute, SellerConfig
-from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
+from escrow_py.seller._middleware import (
+    EscrowMiddleware,
+    SellerUnavailable,
+    _as_accepted,
+    _blocking,
+    _Request,
+    _route_name,
+)
 from escrow_py.seller._offers import Offers
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
 from escrow_py.terms import delivery_hash
-from escrow_py.wire import SCHEME, Reason, SettlementExtra, decode_payment_signature
+from escrow_py.wire import SCHEME, Reason, SettlementExtra, SettlementStatus, decode_payment_signature
 
 log = logging.getLogger("escrow_py.seller.remote")
 
@@ -96,6 +103,10 @@ class FacilitatorSellerConfig:
     timeout: float = 35.0  # above the facilitator's own tx_timeout (30 s): a slow deposit is waited for, not abandoned
     retry_after: int = 2
     outbox_interval: float = 0.5
+    # Serve-first routes (PricedRoute(settlement="serve-first")): the exposure this seller accepts, as SellerConfig.
+    serve_first_max_price: int | None = None
+    serve_first_max_per_buyer: int | None = None
+    serve_first_max_total: int | None = None
 
     def __post_init__(self) -> None:
         if not self.facilitator_url.startswith(("http://", "https://")):
@@ -139,6 +150,9 @@ class FacilitatorSellerConfig:
             public_base_url=self.public_base_url,
             deadline_slack=self.deadline_slack,
             max_body_bytes=self.max_body_bytes,
+            serve_first_max_price=self.serve_first_max_price,
+            serve_first_max_per_buyer=self.serve_first_max_per_buyer,
+            serve_first_max_total=self.serve_first_max_total,
             startup_checks=False,
         )
 
@@ -214,17 +228,20 @@ class FacilitatorClient:
         return response
 
     async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
-        body = {
-            "x402Version": 2,
-            "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
-            "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
-        }
-        response = await self._post("/settle", body, None)
+        response = await self._post("/settle", _request_body(payload, requirements), None)
         if response.status_code != 200:
             raise FacilitatorDown(
                 f"/settle: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
             )
         return SettleResponse.model_validate(response.json())
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        response = await self._post("/verify", _request_body(payload, requirements), None)
+        if response.status_code != 200:
+            raise FacilitatorDown(
+                f"/verify: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
+            )
+        return VerifyResponse.model_validate(response.json())
 
     async def deliver(self, entries: list[tuple[bytes, bytes]]) -> httpx.Response:
         digest = hashlib.sha256(b"".join(i + h for i, h in entries)).hexdigest()
@@ -240,6 +257,15 @@ class FacilitatorClient:
             )
         tx = response.json().get("transaction")
         return bytes.fromhex(tx[2:]) if isinstance(tx, str) and tx.startswith("0x") else None
+
+
+def _request_body(payload: PaymentPayload, requirements: PaymentRequirements) -> dict[str, Any]:
+    """The x402 facilitator request (VerifyRequest / SettleRequest) as JSON."""
+    return {
+        "x402Version": 2,
+        "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+        "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
+    }
 
 
 class FacilitatorMiddleware(EscrowMiddleware):
@@ -330,6 +356,38 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 log.warning("refund of 0x%s waits for the facilitator: %s", escrow_id.hex(), down)
                 break
             await _blocking(self.store.set_refunded, escrow_id, tx)
+        return accepted + await self._flush_settlements()
+
+    async def _flush_settlements(self) -> int:
+        """Hand each queued serve-first settlement to the facilitator's /settle with its delivery hash, and
+        follow it there until it is paid or lost (the same /settle answers where it stands: it is
+        idempotent by escrow id). The number the facilitator accepted or settled."""
+        accepted = 0
+        for queued in await _blocking(self.store.settlements_due, BATCH):
+            # In facilitator mode the stored payload is the buyer's whole x402 PaymentPayload (with the
+            # requirements it accepted, which the facilitator checks it against); no local poster reads it.
+            payload = PaymentPayload.model_validate_json(queued.payload)
+            with_hash = payload.model_copy(
+                update={"payload": {**payload.payload, "deliveryHash": "0x" + queued.delivery_hash.hex()}}
+            )
+            try:
+                result = await self.facilitator.settle(with_hash, payload.accepted)
+            except FacilitatorDown as down:
+                log.warning("settlements wait for the facilitator: %s", down)
+                break
+            extra = result.extra or {}
+            if result.success:
+                accepted += 1
+                if extra.get("settlement") == SettlementStatus.SETTLED and result.transaction.startswith("0x"):
+                    await _blocking(self.store.mark_settled, [queued.escrow_id], bytes.fromhex(result.transaction[2:]))
+                    await _blocking(self.store.settle_final, [queued.escrow_id])  # the facilitator follows reorgs
+                continue
+            # Refused or lost at the facilitator (unpaid authorization, expired before it landed): a loss.
+            reason = result.error_reason or Reason.SETTLEMENT_FAILED
+            tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
+            log.error("serve-first settlement of 0x%s not paid: %s %s", queued.escrow_id.hex(), reason,
+                      result.error_message)  # fmt: skip
+            await _blocking(self.store.mark_lost, queued.escrow_id, reason, refuse_buyer=True, tx_hash=tx)
         return accepted
 
     # -- a paid request ------------------------------------------------------------------------
@@ -341,6 +399,21 @@ class FacilitatorMiddleware(EscrowMiddleware):
         if payment is not None and payment.response is not None:
             self._verify(header, request, payment.accepted_at)  # the same request, terms and signature
             await self._replay(send, payment, payment.response)
+            return
+        if payment is not None and payment.serve_first:
+            # Recorded and never answered (this seller died mid-handler): served now if the facilitator
+            # finds the authorization still unused with time left to settle it.
+            request = _as_accepted(request, payment.terms)
+            verified = self._verify(header, request, payment.accepted_at)
+            await self._remote_verify(header, request)
+            await self._serve_first_handler(scope, receive, send, request, verified)
+            self._kick.set()
+            return
+        if (
+            payment is None
+            and request.route.serve_first
+            and await self._serve_first_remote(scope, receive, send, request, header=header, escrow_id=escrow_id)
+        ):
             return
         try:
             result = await self.facilitator.settle(decode_payment_signature(header), request.offer.to_model())
@@ -361,6 +434,54 @@ class FacilitatorMiddleware(EscrowMiddleware):
             )
         await _blocking(self.store.set_held, escrow_id, deposit_tx)
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
+
+    async def _remote_verify(self, header: str, request: _Request) -> None:
+        """The facilitator's /verify: time by the chain's clock, balance, authorization unused, and a
+        simulation of the settlement's pull. Its refusal is the buyer's 402; its absence a 503."""
+        try:
+            result = await self.facilitator.verify(decode_payment_signature(header), request.offer.to_model())
+        except FacilitatorDown as down:
+            raise SellerUnavailable(down.reason, "the payment service is unavailable; send the same payment again",
+                                    down.retry_after) from None  # fmt: skip
+        if not result.is_valid:
+            reason = result.invalid_reason or Reason.SIMULATION_FAILED
+            raise PaymentRejected(reason, result.invalid_message or reason)
+
+    async def _serve_first_remote(
+        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+    ) -> bool:
+        """Serve a serve-first payment now, settled later through the facilitator; False: serve it in hold.
+
+        The facilitator checks it as a settlement would be (/verify, by the chain's time); this seller
+        checks the request binding and reserves its own exposure, then runs the handler and queues the
+        settlement with the response's hash in one store transaction. The outbox hands it to /settle.
+        """
+        await self._remote_verify(header, request)
+        # Judged by the chain's time at the facilitator; here, at the last time it is valid (no chain clock).
+        reference = self._latest_valid_time(request, header)
+        verified = self._verify(header, request, reference)
+        terms, config = verified.terms, self.config
+        refused = await _blocking(
+            self.store.begin_serve_first,
+            escrow_id,
+            terms,
+            accepted_at=reference,
+            route=_route_name(request.route),
+            payload=decode_payment_signature(header).model_dump_json(by_alias=True, exclude_none=True),
+            due=min(verified.payload.authorization.valid_before, terms.deadline),
+            max_per_buyer=config.serve_first_max_per_buyer or 0,
+            max_total=config.serve_first_max_total or 0,
+        )
+        if refused == "known":
+            raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
+        if refused is not None:
+            if request.route.fallback_to_hold:
+                log.info("payment 0x%s served in hold mode: %s", escrow_id.hex(), refused)
+                return False
+            raise PaymentRejected(Reason(refused), f"serve-first refused for buyer {terms.buyer}: {refused}")
+        await self._serve_first_handler(scope, receive, send, request, verified)
+        self._kick.set()
+        return True
 
     async def _serve(
         self,
@@ -405,7 +526,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         """A refunded payment replays as EscrowMiddleware's does; a served one says `held`: its delivery is the
         facilitator's to post, and this seller has no chain to ask."""
-        if payment.status in (REFUNDED, REFUND_PENDING):
+        if payment.serve_first or payment.status in (REFUNDED, REFUND_PENDING):
             await super()._replay(send, payment, response)
             return
         terms = payment.terms

@@ -10,12 +10,12 @@ import pytest
 from helpers import SELLER, SELLER2, address
 from web3.types import TxReceipt
 
+from escrow_devtools.bench.postgres import PostgresServer
 from escrow_py.facilitator import KeyStore
 from escrow_py.facilitator._keys import STALE_AFTER, IdempotencyConflict
 from escrow_py.facilitator._ledger import Ledger
 from escrow_py.facilitator._tables import NAMESPACE
 from escrow_py.seller._store import SellerStore
-from escrow_devtools.bench.postgres import PostgresServer
 from escrow_py.storage import open_database
 
 
@@ -137,9 +137,7 @@ def test_a_facilitator_and_a_seller_on_one_postgresql_url_keep_separate_tables(p
         try:
             assert {"payments", "api_keys", "idempotency", "facilitator_txs"} <= facilitator_db.tables()
             assert "payments" in seller_db.tables() and "api_keys" not in seller_db.tables()
-            facilitator_db.execute(
-                "INSERT INTO leases (name, owner, expires_at) VALUES ('x', 'facilitator', 0)", ()
-            )
+            facilitator_db.execute("INSERT INTO leases (name, owner, expires_at) VALUES ('x', 'facilitator', 0)", ())
             assert seller_db.all("SELECT * FROM leases") == []
         finally:
             facilitator_db.close()
