@@ -501,7 +501,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
                 return
             self._kick.set()
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
+            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held",
+                                    settlement=SettlementStatus.HELD)  # fmt: skip
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
             return
         refund_tx: bytes | None = None
@@ -532,7 +533,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         terms = payment.terms
         extra = SettlementExtra(
             escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-            state="held",
+            state="held", settlement=SettlementStatus.HELD,
         )  # fmt: skip
         await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
 

@@ -17,7 +17,7 @@ from seller.shop import served
 
 from escrow_py.facilitator import Facilitator, FacilitatorConfig, KeyStore, create_app
 from escrow_py.seller import offer_for
-from escrow_py.wire import EscrowRequirements, payment_required
+from escrow_py.wire import EscrowRequirements, SettlementMode, payment_required
 
 PRICE = 10_000
 CONSOLE_TOKEN = "console-test-token"
@@ -68,7 +68,10 @@ def fac(chain: Chain, tmp_path: Path) -> Iterator[Fac]:
     keys.close()
 
 
-def requirements(chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url: str = URL) -> EscrowRequirements:
+def requirements(
+    chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url: str = URL,
+    settlement: SettlementMode = SettlementMode.HOLD,
+) -> EscrowRequirements:  # fmt: skip
     return offer_for(
         network="eip155:84532",
         amount=amount,
@@ -82,6 +85,7 @@ def requirements(chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url
         method="GET",
         resource_url=url,
         body=b"",
+        settlement=settlement,
     )
 
 
