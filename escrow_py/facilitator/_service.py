@@ -35,6 +35,7 @@ from x402.schemas import (
     VerifyResponse,
 )
 
+from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Settled as SettledEvent
 from escrow_py.chain.tx import SentTx
 from escrow_py.errors import (
@@ -380,7 +381,7 @@ class Facilitator:
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
         try:
-            return self.chain.state_of(escrow_id), self.chain.now()
+            return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)  # one round trip, not two
         except (EscrowError, OSError, Web3Exception) as exc:
             raise self._chain_down(exc) from None
 

@@ -50,7 +50,7 @@ from escrow_py.seller._middleware import (
 )
 from escrow_py.seller._offers import Offers
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
+from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain
 from escrow_py.terms import delivery_hash
 from escrow_py.wire import SCHEME, Reason, SettlementExtra, SettlementStatus, decode_payment_signature
 
@@ -426,13 +426,17 @@ class FacilitatorMiddleware(EscrowMiddleware):
             raise PaymentRejected(reason, result.error_message or reason, detail=detail or None)
         extra = result.extra or {}
         accepted_at = int(extra.get("acceptedAt", 0))
-        verified = self._verify(header, request, accepted_at)  # a facilitator's yes for another payment is no yes
+        # A facilitator's yes for another payment is no yes: this one is checked against this request's offer.
+        # Its signature the facilitator recovered before answering (and the token again on deposit).
+        verified = verify_offchain(header, request.offer, chain_time=accepted_at, signature_checked=True,
+                                   min_time_left=self.config.min_time_left,
+                                   deadline_slack=self.config.deadline_slack)  # fmt: skip
+        if "0x" + verified.escrow_id.hex() != extra.get("escrowId"):
+            raise FacilitatorDown(f"/settle answered escrow {extra.get('escrowId')} for 0x{verified.escrow_id.hex()}",
+                                  self.remote.retry_after)  # fmt: skip
         deposit_tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
-        if payment is None:
-            await _blocking(
-                self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(request.route)
-            )
-        await _blocking(self.store.set_held, escrow_id, deposit_tx)
+        await _blocking(self.store.record_held, escrow_id, verified.terms, accepted_at, _route_name(request.route),
+                        deposit_tx)  # fmt: skip
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
 
     async def _remote_verify(self, header: str, request: _Request) -> None:

@@ -310,6 +310,23 @@ class SellerStore:
                 (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id)),
             )
 
+    def record_held(
+        self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None, deposit_tx: bytes | None
+    ) -> None:
+        """A payment deposited by someone else (a facilitator): recorded as held in one write, or an existing
+        row (a retry of the same payment) moved to held."""
+        with self._db.transaction() as tx:
+            if not _insert_payment(tx, escrow_id, terms, HELD, accepted_at=accepted_at, route=route, payload=None):
+                tx.execute(
+                    "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
+                    "WHERE escrow_id = ? AND status = ?",
+                    (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id), DEPOSITING),
+                )
+            elif deposit_tx is not None:
+                tx.execute(
+                    "UPDATE payments SET deposit_tx = ? WHERE escrow_id = ?", (_hex(deposit_tx), _hex(escrow_id))
+                )
+
     def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> bool:
         """Store the response and queue its delivery hash in one transaction, unless a response is stored.
 

@@ -121,11 +121,20 @@ def _require(condition: bool, reason: Reason, message: str) -> None:
 
 
 def verify_offchain(
-    header: str, offer: EscrowRequirements, *, chain_time: int, min_time_left: int, deadline_slack: int = 30
-) -> VerifiedPayment:
-    """Decode PAYMENT-SIGNATURE and check it against `offer`, judging time by `chain_time`."""
+    header: str, offer: EscrowRequirements, *, chain_time: int, min_time_left: int, deadline_slack: int = 30,
+    signature_checked: bool = False,
+) -> VerifiedPayment:  # fmt: skip
+    """Decode PAYMENT-SIGNATURE and check it against `offer`, judging time by `chain_time`.
+
+    `signature_checked`: the signature was checked by whoever just deposited this very payment (a
+    facilitator's /settle, which recovers it before it answers): everything else is still checked,
+    the signer is not recovered a second time. Never for a replay, where the signature is what proves
+    the requester is the buyer.
+    """
     try:
-        return _verify_offchain(header, offer, chain_time, min_time_left, deadline_slack)
+        return _verify_offchain(
+            header, offer, chain_time, min_time_left, deadline_slack, signature_checked=signature_checked
+        )
     except PaymentRejected:
         raise
     except ProtocolError as exc:  # a decoding error of the shared wire layer
@@ -133,8 +142,9 @@ def verify_offchain(
 
 
 def _verify_offchain(
-    header: str, offer: EscrowRequirements, chain_time: int, min_time_left: int, deadline_slack: int
-) -> VerifiedPayment:
+    header: str, offer: EscrowRequirements, chain_time: int, min_time_left: int, deadline_slack: int, *,
+    signature_checked: bool,
+) -> VerifiedPayment:  # fmt: skip
     model = decode_payment_signature(header)
     accepted = model.accepted
     # The specific fields first, so the reason names what differs.
@@ -213,6 +223,8 @@ def _verify_offchain(
         f"validBefore {auth.valid_before} leaves no time to deposit (chain time {chain_time})",
     )
 
+    if signature_checked:
+        return VerifiedPayment(payload, escrow_id)
     domain = TokenDomain(offer.extra.name, offer.extra.version, offer.chain_id, offer.asset)
     try:
         signer = recover_signer(domain, auth, payload.signature)

@@ -1,0 +1,101 @@
+"""A seller on the official SDK's own resource server and FastAPI middleware sells delivery-escrow through this
+project's facilitator, called with the SDK's HTTPFacilitatorClient, to this project's buyer client.
+
+The SDK's default flow (verify before the handler, settle after it) is serve-first: the facilitator's
+/verify checks the payment and simulates its pull, the handler runs, and the after-handler settle carries
+the delivery hash (DeliveryEscrowServerScheme reads it from DeliveryHashHeader, because the SDK's
+middleware hands a scheme no response body); the facilitator queues it and settles it in a settleMany.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import FastAPI
+from fixtures.chain import Chain
+from helpers import BUYER, SELLER, address, dev
+from hexbytes import HexBytes
+from seller.shop import served
+from x402 import x402ResourceServer
+from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaymentOption, RouteConfig
+from x402.http.facilitator_client_base import AuthHeaders
+from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+
+from escrow_py.buyer import AsyncEscrowClient
+from escrow_py.chain.escrow import SETTLED_TOPIC, Settled, decode_settlement_log
+from escrow_py.seller import DeliveryEscrowServerScheme, DeliveryHashHeader
+from escrow_py.terms import delivery_hash
+from escrow_py.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, SettlementStatus, decode_payment_response
+
+from .kit import Fac
+from .test_api import wait_for
+
+NETWORK = "eip155:84532"
+
+
+class ApiKey:
+    """The seller's facilitator API key, as the SDK's HTTPFacilitatorClient takes credentials (an AuthProvider)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def get_auth_headers(self) -> AuthHeaders:
+        header = {"Authorization": f"Bearer {self.key}"}
+        return AuthHeaders(verify=header, settle=header, supported=header)
+
+
+def _sdk_seller(chain: Chain, fac: Fac, calls: list[str]) -> FastAPI:
+    client = HTTPFacilitatorClient(FacilitatorConfig(url=fac.url, auth_provider=ApiKey(fac.key), timeout=60))
+    server = x402ResourceServer(client)
+    server.register(NETWORK, DeliveryEscrowServerScheme(token=chain.token.address, token_name="USDC",
+                                                        token_version="2"))  # fmt: skip
+    app = FastAPI()
+
+    @app.get("/report/{item}")
+    async def report(item: str) -> dict[str, str]:
+        calls.append(item)
+        return {"item": item, "body": "the bytes the buyer gets"}
+
+    option = PaymentOption(scheme="delivery-escrow", pay_to=address(SELLER), price="$0.01", network=NETWORK,
+                           extra={"settlement": "serve-first"})  # fmt: skip
+    app.add_middleware(DeliveryHashHeader)  # inside the SDK's middleware: it hashes what the SDK sends
+    app.add_middleware(
+        PaymentMiddlewareASGI, server=server, routes={"GET /report/:item": RouteConfig(accepts=[option])}
+    )
+    return app
+
+
+def test_an_sdk_seller_sells_delivery_escrow_through_the_facilitator(chain: Chain, fac: Fac, tmp_path: Path) -> None:
+    chain.mine()
+    start = int(chain.w3.eth.block_number) + 1
+    seller_before = chain.token.balance_of(address(SELLER))
+    calls: list[str] = []
+    with served(_sdk_seller(chain, fac, calls)) as (url, _server):
+
+        async def buy() -> tuple[bytes, str]:
+            async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", timeout=60) as buyer:
+                response = await buyer.get(f"{url}/report/sdk")
+                assert response.status_code == 200, response.text
+                return response.content, response.headers[PAYMENT_RESPONSE_HEADER]
+
+        body, header = asyncio.run(buy())
+    assert calls == ["sdk"]
+    settle = decode_payment_response(header)
+    extra = SettlementExtra.from_json(settle.extra)
+    assert settle.success and extra.settlement == SettlementStatus.PENDING  # served first, settlement queued
+    assert extra.delivery_hash == delivery_hash(body)  # the hash of the bytes this buyer got
+    record = fac.facilitator.store.settlement(extra.escrow_id)
+    assert record is not None and record.delivery_hash == delivery_hash(body)
+
+    def settled() -> dict[bytes, bytes]:
+        last = int(chain.w3.eth.block_number)
+        if last < start:
+            return {}
+        logs = chain.w3.eth.get_logs({"address": chain.escrow.address, "fromBlock": start, "toBlock": last,
+                                      "topics": [HexBytes(SETTLED_TOPIC)]})  # fmt: skip
+        return {e.id: e.delivery_hash for log in logs if isinstance(e := decode_settlement_log(log), Settled)}
+
+    wait_for(lambda: extra.escrow_id in settled(), timeout=60)
+    assert settled()[extra.escrow_id] == delivery_hash(body)  # committed on chain by the facilitator's settleMany
+    assert chain.token.balance_of(address(SELLER)) == seller_before + 10_000
