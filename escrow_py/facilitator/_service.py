@@ -21,7 +21,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from web3.exceptions import Web3Exception
@@ -52,6 +53,7 @@ from escrow_py.facilitator._ledger import Ledger
 from escrow_py.facilitator._tables import NAMESPACE
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._sdk import CANCEL_KEY
 from escrow_py.seller._store import (
     DEPOSITING,
     HELD,
@@ -72,6 +74,7 @@ from escrow_py.wire import (
     EscrowPayload,
     EscrowRequirements,
     Reason,
+    SettlementExtra,
     SettlementMode,
     SettlementStatus,
     encode_payment_signature,
@@ -124,10 +127,24 @@ class Facilitator:
         # A /deliver batch is queued whole before this process's poster looks at the queue again, so
         # deliveries sent together leave in one deliverMany (the store queues one row per commit).
         self._queueing = threading.Lock()
+        # Writes that need not delay the answer (one SQLite commit is ~7 ms here): a payment claim given back
+        # (a dead replica's claim lapses by itself anyway) and the ledger row of a deposit (bookkeeping for
+        # the console: the deposit itself is recorded in the store before the answer leaves).
+        self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facilitator-after")
 
     def close(self) -> None:
+        self._after.shutdown(wait=True)
         self.store.close()
         self.ledger.close()
+
+    def _later(self, what: str, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except (EscrowError, OSError) as exc:
+                log.warning("%s failed: %s", what, exc)
+
+        self._after.submit(run)
 
     # -- /supported --------------------------------------------------------------------------
 
@@ -212,7 +229,10 @@ class Facilitator:
                                   network=network)  # fmt: skip
         if mode == SettlementMode.SERVE_FIRST:
             return self._settle_first(payload, requirements, key)
+        if payload.payload.get(CANCEL_KEY) is not None:
+            return self._cancel(payload, requirements, key)
         try:
+            hashed = _delivery_hash_of(payload, required=False)
             settled = self._settle(payload, requirements, key)
         except PaymentRejected as rejected:
             return SettleResponse(
@@ -223,12 +243,16 @@ class Facilitator:
                 network=network,
             )
         verified = settled.verified
-        extra = {
+        extra: dict[str, object] = {
             "escrowId": "0x" + verified.escrow_id.hex(),
             "deadline": verified.terms.deadline,
             "settlement": "held",
             "acceptedAt": settled.accepted_at,
         }
+        if hashed is not None:
+            # The SDK's `escrow` flow settles again after the handler with the delivery hash: queue the delivery.
+            self.deliver([(verified.escrow_id, hashed)], key)
+            extra["deliveryHash"] = "0x" + hashed.hex()
         return SettleResponse(
             success=True,
             payer=verified.buyer,
@@ -237,6 +261,27 @@ class Facilitator:
             amount=str(verified.terms.amount),
             extra=extra,
         )
+
+    def _cancel(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
+        """The SDK's cancel-phase settle (the handler failed after the deposit): refund it, as /refund does.
+        Only for a payment deposited here, presented again with the signature it was deposited with."""
+        network = self.config.network
+        try:
+            offer = self._offer(requirements, key)
+            escrow_id = self._claimed_id(payload, offer)
+            payment = self._owned(escrow_id, key)
+            self._verified(payload, requirements, key, payment.accepted_at)  # the same signed payment
+        except PaymentRejected as rejected:
+            return SettleResponse(success=False, error_reason=rejected.error, error_message=str(rejected),
+                                  transaction="", network=network)  # fmt: skip
+        answer = self.refund(escrow_id, key)
+        refund_tx = answer["transaction"]
+        extra = SettlementExtra(
+            escrow_id=escrow_id, deadline=payment.terms.deadline, state="refunded" if answer["state"] == "refunded"
+            else "held", refund_transaction=bytes.fromhex(refund_tx[2:]) if refund_tx else None,
+        )  # fmt: skip
+        return SettleResponse(success=True, payer=payment.terms.buyer, transaction=refund_tx or "", network=network,
+                              amount="0", extra=extra.to_json())  # fmt: skip
 
     def _settle_first(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
         network = self.config.network
@@ -279,7 +324,8 @@ class Facilitator:
         """
         offer = self._offer(requirements, key)
         escrow_id = self._claimed_id(payload, offer)
-        hashed = _delivery_hash_of(payload)
+        hashed = _delivery_hash_of(payload, required=True)
+        assert hashed is not None
         with self._claim(escrow_id):
             record = self.store.settlement(escrow_id)
             payment = self.store.payment(escrow_id)
@@ -339,8 +385,7 @@ class Facilitator:
         try:
             yield
         finally:
-            with contextlib.suppress(EscrowError, OSError):
-                self.store.release_lease(name, owner)
+            self._later(f"release of claim {name}", lambda: self.store.release_lease(name, owner))
 
     def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> Settled:
         offer = self._offer(requirements, key)  # before anything: a key acts only on its own payTo
@@ -446,7 +491,8 @@ class Facilitator:
             raise self._chain_down(exc) from None
         tx_hash = bytes(receipt["transactionHash"])
         self.store.set_held(escrow_id, tx_hash)
-        self.ledger.record_tx("deposit", tx_hash, receipt, [escrow_id], verified.terms.amount)
+        amount = verified.terms.amount
+        self._later("ledger row", lambda: self.ledger.record_tx("deposit", tx_hash, receipt, [escrow_id], amount))
         return tx_hash
 
     # -- /deliver, /refund, /escrows ---------------------------------------------------------
@@ -576,13 +622,16 @@ def _settlement_mode(requirements: PaymentRequirements) -> SettlementMode:
         raise ProtocolError(Reason.INVALID_PAYLOAD, f"extra.settlement {value!r} is not hold or serve-first") from None
 
 
-def _delivery_hash_of(payload: PaymentPayload) -> bytes:
-    """The hash of the bytes the seller served, which a serve-first settlement commits on chain.
+def _delivery_hash_of(payload: PaymentPayload, *, required: bool) -> bytes | None:
+    """The hash of the bytes the seller served, which a serve-first settlement (or, in hold, the delivery
+    queued by an after-handler settle) commits on chain; None if absent and not `required`.
 
     It rides in the payload itself (`payload.deliveryHash`), where the SDK's resource server lets a
     scheme add it to its after-handler settle (`enrich_settlement_payload`).
     """
     value = payload.payload.get("deliveryHash")
+    if value is None and not required:
+        return None
     if not isinstance(value, str) or re.fullmatch(r"0x[0-9a-fA-F]{64}", value) is None:
         raise PaymentRejected(
             Reason.INVALID_PAYLOAD,

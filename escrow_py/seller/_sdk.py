@@ -20,8 +20,10 @@ network's registered escrow).
 Settling through this project's facilitator with the SDK's HTTPFacilitatorClient (x402-escrow
 facilitator serve): a route whose offer says `extra={"settlement": "serve-first"}` runs the
 SDK's default flow as serve-first (verify before the handler, settle after it with the delivery
-hash, which the facilitator queues for settleMany). Add DeliveryHashHeader inside the SDK's
-middleware so that after-handler settle carries the hash of the bytes served.
+hash, which the facilitator queues for settleMany); a route with `extra={"paymentFlow": "escrow"}`
+is hold (the before-handler settle deposits, the after-handler one queues the delivery, and a
+failed handler's cancel settle refunds). Add DeliveryHashHeader inside the SDK's middleware so
+the after-handler settle carries the hash of the bytes served.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from escrow_py.wire import SCHEME
 _DEFAULT_TRANSFER = "default"
 # The response header DeliveryHashHeader sets and the scheme reads (lower case: ASGI header names).
 DELIVERY_HASH_HEADER = "x-delivery-hash"
+# The key a cancel-phase settle payload carries (the SDK's phase "cancel"): the facilitator refunds the deposit.
+CANCEL_KEY = "refund"
 
 
 class DeliveryEscrowServerScheme:
@@ -139,6 +143,8 @@ class DeliveryEscrowServerScheme:
         it, else from the `X-Delivery-Hash` header DeliveryHashHeader put on the response (the SDK's
         own FastAPI middleware hands a scheme the response's headers, never its body)."""
         transport = ctx.transport_context
+        if ctx.phase == "cancel":
+            return {CANCEL_KEY: "handler_failed"}  # settle_on_cancel: the facilitator refunds the deposit
         if ctx.phase != "after-handler":
             return None
         body = getattr(transport, "response_body", None)
@@ -150,6 +156,11 @@ class DeliveryEscrowServerScheme:
         if hashed is None or re.fullmatch(r"0x[0-9a-fA-F]{64}", hashed) is None:
             return None
         return {"deliveryHash": hashed.lower()}
+
+    def settle_on_cancel(self, ctx: Any) -> PaymentRequirements | None:
+        """The handler failed after the `escrow` flow's deposit: settle once more, marked as a refund
+        (enrich_settlement_payload adds the mark), so the facilitator returns the buyer's money now."""
+        return ctx.requirements if "before-handler" in tuple(ctx.settled_phases or ()) else None
 
 
 class DeliveryHashHeader:
@@ -197,4 +208,4 @@ class DeliveryHashHeader:
         await self.app(scope, receive, hashing)
 
 
-__all__ = ["DELIVERY_HASH_HEADER", "DeliveryEscrowServerScheme", "DeliveryHashHeader"]
+__all__ = ["CANCEL_KEY", "DELIVERY_HASH_HEADER", "DeliveryEscrowServerScheme", "DeliveryHashHeader"]

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
 from hexbytes import HexBytes
+from seller.payer import quote, sign_payment
 from seller.shop import served
 from x402 import x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaymentOption, RouteConfig
@@ -23,10 +26,16 @@ from x402.http.facilitator_client_base import AuthHeaders
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 
 from escrow_py.buyer import AsyncEscrowClient
-from escrow_py.chain.escrow import SETTLED_TOPIC, Settled, decode_settlement_log
+from escrow_py.chain.escrow import SETTLED_TOPIC, Deposited, Settled, decode_settlement_log
 from escrow_py.seller import DeliveryEscrowServerScheme, DeliveryHashHeader
-from escrow_py.terms import delivery_hash
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, SettlementStatus, decode_payment_response
+from escrow_py.terms import State, delivery_hash
+from escrow_py.wire import (
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    SettlementExtra,
+    SettlementStatus,
+    decode_payment_response,
+)
 
 from .kit import Fac
 from .test_api import wait_for
@@ -45,7 +54,7 @@ class ApiKey:
         return AuthHeaders(verify=header, settle=header, supported=header)
 
 
-def _sdk_seller(chain: Chain, fac: Fac, calls: list[str]) -> FastAPI:
+def _sdk_seller(chain: Chain, fac: Fac, calls: list[str], extra: dict[str, str]) -> FastAPI:
     client = HTTPFacilitatorClient(FacilitatorConfig(url=fac.url, auth_provider=ApiKey(fac.key), timeout=60))
     server = x402ResourceServer(client)
     server.register(NETWORK, DeliveryEscrowServerScheme(token=chain.token.address, token_name="USDC",
@@ -58,11 +67,16 @@ def _sdk_seller(chain: Chain, fac: Fac, calls: list[str]) -> FastAPI:
         return {"item": item, "body": "the bytes the buyer gets"}
 
     option = PaymentOption(scheme="delivery-escrow", pay_to=address(SELLER), price="$0.01", network=NETWORK,
-                           extra={"settlement": "serve-first"})  # fmt: skip
+                           extra=extra)  # fmt: skip
     app.add_middleware(DeliveryHashHeader)  # inside the SDK's middleware: it hashes what the SDK sends
-    app.add_middleware(
-        PaymentMiddlewareASGI, server=server, routes={"GET /report/:item": RouteConfig(accepts=[option])}
-    )
+
+    @app.get("/fail/{item}")
+    async def fail(item: str) -> JSONResponse:
+        calls.append(f"fail {item}")
+        return JSONResponse({"error": "upstream down"}, status_code=502)
+
+    routes = {"GET /report/:item": RouteConfig(accepts=[option]), "GET /fail/:item": RouteConfig(accepts=[option])}
+    app.add_middleware(PaymentMiddlewareASGI, server=server, routes=routes)
     return app
 
 
@@ -71,9 +85,9 @@ def test_an_sdk_seller_sells_delivery_escrow_through_the_facilitator(chain: Chai
     start = int(chain.w3.eth.block_number) + 1
     seller_before = chain.token.balance_of(address(SELLER))
     calls: list[str] = []
-    with served(_sdk_seller(chain, fac, calls)) as (url, _server):
+    with served(_sdk_seller(chain, fac, calls, {"settlement": "serve-first"})) as (url, _server):
 
-        async def buy() -> tuple[bytes, str]:
+        async def buy() -> tuple[bytes, str]:  # this project's buyer client
             async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", timeout=60) as buyer:
                 response = await buyer.get(f"{url}/report/sdk")
                 assert response.status_code == 200, response.text
@@ -99,3 +113,55 @@ def test_an_sdk_seller_sells_delivery_escrow_through_the_facilitator(chain: Chai
     wait_for(lambda: extra.escrow_id in settled(), timeout=60)
     assert settled()[extra.escrow_id] == delivery_hash(body)  # committed on chain by the facilitator's settleMany
     assert chain.token.balance_of(address(SELLER)) == seller_before + 10_000
+
+
+def test_an_sdk_seller_in_the_escrow_flow_deposits_before_and_delivers_after(
+    chain: Chain, fac: Fac, tmp_path: Path
+) -> None:
+    """The SDK's `escrow` payment flow is hold: its before-handler settle is the facilitator's deposit, its
+    after-handler settle (the same payload plus the delivery hash) queues the delivery for deliverMany."""
+    chain.mine()
+    calls: list[str] = []
+    with served(_sdk_seller(chain, fac, calls, {"paymentFlow": "escrow"})) as (url, _server):
+
+        async def buy() -> tuple[bytes, str]:
+            async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", timeout=60) as buyer:
+                response = await buyer.get(f"{url}/report/held")
+                assert response.status_code == 200, response.text
+                return response.content, response.headers[PAYMENT_RESPONSE_HEADER]
+
+        body, header = asyncio.run(buy())
+    assert calls == ["held"]
+    settle = decode_payment_response(header)
+    extra = SettlementExtra.from_json(settle.extra)
+    assert settle.success and extra.delivery_hash == delivery_hash(body)
+    assert settle.transaction.startswith("0x")  # the deposit, sent before the handler ran
+    deposits = [e for e in chain.escrow.events(0, int(chain.w3.eth.block_number)) if e.id == extra.escrow_id]
+    assert any(isinstance(e, Deposited) for e in deposits)
+    wait_for(lambda: chain.escrow.state_of(extra.escrow_id) == State.RELEASED, timeout=60)
+    delivered = chain.escrow.delivery_of(extra.escrow_id, since=0)
+    assert delivered is not None and delivered.delivery_hash == delivery_hash(body)
+
+
+def test_a_failed_handler_in_the_escrow_flow_is_refunded_by_the_cancel_settle(
+    chain: Chain, fac: Fac, tmp_path: Path
+) -> None:
+    chain.mine()
+    calls: list[str] = []
+    buyer_before = chain.token.balance_of(address(BUYER))
+    with served(_sdk_seller(chain, fac, calls, {"paymentFlow": "escrow"})) as (url, _server):
+
+        async def buy() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                required = await quote(http, "GET", "/fail/1")
+                payment = sign_payment(chain, required)
+                return await http.get("/fail/1", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+
+        response = asyncio.run(buy())
+    assert response.status_code == 502 and calls == ["fail 1"]
+    settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
+    extra = SettlementExtra.from_json(settle.extra)
+    assert settle.success and extra.state == "refunded" and extra.refund_transaction is not None
+    assert chain.escrow.state_of(extra.escrow_id) == State.REFUNDED  # deposited before, refunded after
+    chain.mine()
+    assert chain.token.balance_of(address(BUYER)) == buyer_before
