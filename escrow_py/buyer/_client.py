@@ -20,7 +20,7 @@ from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
 from escrow_py.buyer._validate import Validator
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 # The paid request carries its payment here, so a transport failure can say which payment it left in flight.
 PAYMENT_EXTENSION = "x402_escrow_payment"

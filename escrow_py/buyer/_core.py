@@ -37,16 +37,16 @@ from escrow_py.buyer._journal import Journal, PaymentState
 from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
-from escrow_py.errors import ChainError, ConfigError, ProtocolError
-from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol.errors import ChainError, ConfigError, ProtocolError
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
+from escrow_py.protocol.wire import (
     DEPOSIT_MAY_BE_PENDING,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,

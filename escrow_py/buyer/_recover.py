@@ -19,9 +19,9 @@ from escrow_py.chain.failures import typed_chain_errors
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ChainError, ProtocolError
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ChainError, ProtocolError
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SettlementExtra,

@@ -44,8 +44,8 @@ from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import Policy
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ProtocolError
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SCHEME,

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
 
-from escrow_py.errors import ConfigError
 from escrow_py.facilitator._tables import open_tables
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage import Database
 
 KEY_PREFIX = "x4f"

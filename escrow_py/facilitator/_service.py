@@ -39,7 +39,11 @@ from x402.schemas import (
 from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Settled as SettledEvent
 from escrow_py.chain.tx import SentTx
-from escrow_py.errors import (
+from escrow_py.facilitator._config import FacilitatorConfig
+from escrow_py.facilitator._keys import ApiKey
+from escrow_py.facilitator._ledger import Ledger
+from escrow_py.facilitator._tables import NAMESPACE
+from escrow_py.protocol.errors import (
     EscrowError,
     InsufficientFunds,
     NonceConflict,
@@ -47,10 +51,17 @@ from escrow_py.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
-from escrow_py.facilitator._config import FacilitatorConfig
-from escrow_py.facilitator._keys import ApiKey
-from escrow_py.facilitator._ledger import Ledger
-from escrow_py.facilitator._tables import NAMESPACE
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import (
+    SCHEME,
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    SettlementExtra,
+    SettlementMode,
+    SettlementStatus,
+    encode_payment_signature,
+)
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._sdk import CANCEL_KEY
@@ -68,17 +79,6 @@ from escrow_py.seller._store import (
     StoredResponse,
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
-from escrow_py.terms import State
-from escrow_py.wire import (
-    SCHEME,
-    EscrowPayload,
-    EscrowRequirements,
-    Reason,
-    SettlementExtra,
-    SettlementMode,
-    SettlementStatus,
-    encode_payment_signature,
-)
 
 log = logging.getLogger("escrow_py.facilitator")
 

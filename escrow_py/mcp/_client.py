@@ -28,7 +28,6 @@ from escrow_py.buyer._recover import RecoveryReport, arecover_flows
 from escrow_py.buyer._validate import Validator
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ProtocolError
 from escrow_py.mcp._wire import (
     TOOL_METHOD,
     canonical_arguments,
@@ -37,7 +36,8 @@ from escrow_py.mcp._wire import (
     tool_name_of,
     tool_url,
 )
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 
 def tool_request(name: str, arguments: Mapping[str, Any] | None) -> httpx.Request:

@@ -27,15 +27,15 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 
 from escrow_py.buyer import AsyncEscrowClient
 from escrow_py.chain.escrow import SETTLED_TOPIC, Deposited, Settled, decode_settlement_log
-from escrow_py.seller import DeliveryEscrowServerScheme, DeliveryHashHeader
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SettlementExtra,
     SettlementStatus,
     decode_payment_response,
 )
+from escrow_py.seller import DeliveryEscrowServerScheme, DeliveryHashHeader
 
 from .kit import Fac
 from .test_api import wait_for

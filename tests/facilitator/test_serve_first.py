@@ -23,10 +23,8 @@ from seller.payer import quote, sign_payment
 from seller.shop import served
 
 from escrow_py.chain.escrow import SETTLED_TOPIC, Deposited, Settled, decode_settlement_log
-from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
-from escrow_py.seller._store import SETTLE_DONE, SellerStore
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     Reason,
@@ -35,6 +33,8 @@ from escrow_py.wire import (
     SettlementStatus,
     decode_payment_response,
 )
+from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
+from escrow_py.seller._store import SETTLE_DONE, SellerStore
 
 from .kit import Fac, idem, requirements, signed
 from .test_api import wait_for
