@@ -12,9 +12,11 @@ import httpx
 import pytest
 from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, SELLER2, address, dev
+from hexbytes import HexBytes
 from seller.payer import Payment, sign_payment
 from seller.shop import served
 
+from escrow_py.chain.escrow import SETTLED_TOPIC, Settled, decode_settlement_log
 from escrow_py.facilitator import Facilitator, FacilitatorConfig, KeyStore, create_app
 from escrow_py.protocol.wire import EscrowRequirements, SettlementMode, payment_required
 from escrow_py.seller import offer_for
@@ -105,3 +107,13 @@ def signed(chain: Chain, offer: EscrowRequirements, **options: Any) -> tuple[Pay
 
 def idem() -> str:
     return os.urandom(8).hex()
+
+
+def settled_on_chain(chain: Chain, start: int) -> dict[bytes, bytes]:
+    """escrow id -> delivery hash of every serve-first `Settled` event from block `start` on."""
+    last = int(chain.w3.eth.block_number)
+    if last < start:
+        return {}
+    logs = chain.w3.eth.get_logs({"address": chain.escrow.address, "fromBlock": start, "toBlock": last,
+                                  "topics": [HexBytes(SETTLED_TOPIC)]})  # fmt: skip
+    return {e.id: e.delivery_hash for log in logs if isinstance(e := decode_settlement_log(log), Settled)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -58,12 +59,13 @@ async def _pay(
 
 def _operator_txs_mined(chain: Chain, first: int, last: int) -> list[bytes]:
     operator = address(OPERATOR)
-    return [
-        bytes(tx["hash"])
-        for n in range(first, last + 1)
-        for tx in chain.w3.eth.get_block(n, full_transactions=True)["transactions"]
-        if tx["from"] == operator  # type: ignore[index]
-    ]
+    mined: list[bytes] = []
+    for n in range(first, last + 1):
+        for tx in chain.w3.eth.get_block(n, full_transactions=True)["transactions"]:
+            assert isinstance(tx, Mapping)  # full_transactions: each one's fields, not its hash
+            if tx["from"] == operator:
+                mined.append(bytes(tx["hash"]))
+    return mined
 
 
 def test_two_replicas_on_postgresql_one_killed_mid_traffic_lose_nothing(

@@ -17,7 +17,6 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
-from hexbytes import HexBytes
 from seller.payer import quote, sign_payment
 from seller.shop import served
 from x402 import x402ResourceServer
@@ -26,7 +25,7 @@ from x402.http.facilitator_client_base import AuthHeaders
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 
 from escrow_py.buyer import AsyncEscrowClient
-from escrow_py.chain.escrow import SETTLED_TOPIC, Deposited, Settled, decode_settlement_log
+from escrow_py.chain.escrow import Deposited
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -37,7 +36,7 @@ from escrow_py.protocol.wire import (
 )
 from escrow_py.seller import DeliveryEscrowServerScheme, DeliveryHashHeader
 
-from .kit import Fac
+from .kit import Fac, settled_on_chain
 from .test_api import wait_for
 
 NETWORK = "eip155:84532"
@@ -80,20 +79,25 @@ def _sdk_seller(chain: Chain, fac: Fac, calls: list[str], extra: dict[str, str])
     return app
 
 
+def _buy(chain: Chain, url: str, tmp_path: Path) -> tuple[bytes, str]:
+    """One paid GET with this project's buyer client: the body and its PAYMENT-RESPONSE header."""
+
+    async def buy() -> tuple[bytes, str]:
+        async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", timeout=60) as buyer:
+            response = await buyer.get(url)
+            assert response.status_code == 200, response.text
+            return response.content, response.headers[PAYMENT_RESPONSE_HEADER]
+
+    return asyncio.run(buy())
+
+
 def test_an_sdk_seller_sells_delivery_escrow_through_the_facilitator(chain: Chain, fac: Fac, tmp_path: Path) -> None:
     chain.mine()
     start = int(chain.w3.eth.block_number) + 1
     seller_before = chain.token.balance_of(address(SELLER))
     calls: list[str] = []
     with served(_sdk_seller(chain, fac, calls, {"settlement": "serve-first"})) as (url, _server):
-
-        async def buy() -> tuple[bytes, str]:  # this project's buyer client
-            async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", timeout=60) as buyer:
-                response = await buyer.get(f"{url}/report/sdk")
-                assert response.status_code == 200, response.text
-                return response.content, response.headers[PAYMENT_RESPONSE_HEADER]
-
-        body, header = asyncio.run(buy())
+        body, header = _buy(chain, f"{url}/report/sdk", tmp_path)
     assert calls == ["sdk"]
     settle = decode_payment_response(header)
     extra = SettlementExtra.from_json(settle.extra)
@@ -102,16 +106,10 @@ def test_an_sdk_seller_sells_delivery_escrow_through_the_facilitator(chain: Chai
     record = fac.facilitator.store.settlement(extra.escrow_id)
     assert record is not None and record.delivery_hash == delivery_hash(body)
 
-    def settled() -> dict[bytes, bytes]:
-        last = int(chain.w3.eth.block_number)
-        if last < start:
-            return {}
-        logs = chain.w3.eth.get_logs({"address": chain.escrow.address, "fromBlock": start, "toBlock": last,
-                                      "topics": [HexBytes(SETTLED_TOPIC)]})  # fmt: skip
-        return {e.id: e.delivery_hash for log in logs if isinstance(e := decode_settlement_log(log), Settled)}
-
-    wait_for(lambda: extra.escrow_id in settled(), timeout=60)
-    assert settled()[extra.escrow_id] == delivery_hash(body)  # committed on chain by the facilitator's settleMany
+    wait_for(lambda: extra.escrow_id in settled_on_chain(chain, start), timeout=60)
+    assert settled_on_chain(chain, start)[extra.escrow_id] == delivery_hash(
+        body
+    )  # committed on chain by the facilitator's settleMany
     assert chain.token.balance_of(address(SELLER)) == seller_before + 10_000
 
 
@@ -123,14 +121,7 @@ def test_an_sdk_seller_in_the_escrow_flow_deposits_before_and_delivers_after(
     chain.mine()
     calls: list[str] = []
     with served(_sdk_seller(chain, fac, calls, {"paymentFlow": "escrow"})) as (url, _server):
-
-        async def buy() -> tuple[bytes, str]:
-            async with AsyncEscrowClient(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", timeout=60) as buyer:
-                response = await buyer.get(f"{url}/report/held")
-                assert response.status_code == 200, response.text
-                return response.content, response.headers[PAYMENT_RESPONSE_HEADER]
-
-        body, header = asyncio.run(buy())
+        body, header = _buy(chain, f"{url}/report/held", tmp_path)
     assert calls == ["held"]
     settle = decode_payment_response(header)
     extra = SettlementExtra.from_json(settle.extra)

@@ -18,11 +18,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address
-from hexbytes import HexBytes
 from seller.payer import quote, sign_payment
 from seller.shop import served
 
-from escrow_py.chain.escrow import SETTLED_TOPIC, Deposited, Settled, decode_settlement_log
+from escrow_py.chain.escrow import Deposited
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -36,7 +35,7 @@ from escrow_py.protocol.wire import (
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
 from escrow_py.seller._store import SETTLE_DONE, SellerStore
 
-from .kit import Fac, idem, requirements, signed
+from .kit import Fac, idem, requirements, settled_on_chain, signed
 from .test_api import wait_for
 
 PRICE = 10_000
@@ -85,16 +84,6 @@ def seller(chain: Chain, fac: Fac, tmp_path: Path) -> Iterator[Seller]:
         yield Seller(url, store, calls)
 
 
-def _settled(chain: Chain, start: int) -> dict[bytes, bytes]:
-    """escrow id -> delivery hash of every Settled event from block `start` on."""
-    last = int(chain.w3.eth.block_number)
-    if last < start:
-        return {}
-    logs = chain.w3.eth.get_logs({"address": chain.escrow.address, "fromBlock": start, "toBlock": last,
-                                  "topics": [HexBytes(SETTLED_TOPIC)]})  # fmt: skip
-    return {e.id: e.delivery_hash for log in logs if isinstance(e := decode_settlement_log(log), Settled)}
-
-
 def _extra(response: httpx.Response) -> tuple[object, SettlementExtra]:
     settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
     return settle, SettlementExtra.from_json(settle.extra)
@@ -125,8 +114,8 @@ def test_a_keyless_seller_serves_first_and_the_facilitator_settles_in_a_batch(ch
         assert extra.delivery_hash == delivery_hash(response.content)
     assert seller.calls["fast"] == 3
 
-    wait_for(lambda: _settled(chain, start).keys() >= {i for i, _, _ in paid}, timeout=60)
-    hashes = _settled(chain, start)
+    wait_for(lambda: settled_on_chain(chain, start).keys() >= {i for i, _, _ in paid}, timeout=60)
+    hashes = settled_on_chain(chain, start)
     assert all(hashes[i] == delivery_hash(r.content) for i, r, _ in paid)  # the bytes each buyer got
     deposits = chain.escrow.events(start, int(chain.w3.eth.block_number))
     assert not any(isinstance(e, Deposited) for e in deposits)  # nothing was ever held
@@ -181,7 +170,7 @@ def _serve_first_body(chain: Chain, delivery: str | None) -> tuple[bytes, dict[s
     offer = requirements(chain, url="http://shop.test/fast/1", settlement=SF)
     payment, body = signed(chain, offer)
     if delivery is not None:
-        body["paymentPayload"]["payload"]["deliveryHash"] = delivery  # type: ignore[index]
+        body["paymentPayload"]["payload"]["deliveryHash"] = delivery
     return payment.escrow_id, body
 
 
