@@ -214,6 +214,8 @@ class Facilitator:
                            serve_first=_settlement_mode(requirements) == SettlementMode.SERVE_FIRST)  # fmt: skip
         except PaymentRejected as rejected:
             return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
+        except FacilitatorError:
+            raise  # not this key's payTo (403), the chain's clock unreadable (503): already the right answer
         except (EscrowError, OSError, Web3Exception) as exc:
             raise self._chain_down(exc) from None
         return VerifyResponse(is_valid=True, payer=verified.buyer)

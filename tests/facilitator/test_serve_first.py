@@ -201,3 +201,18 @@ def test_settle_serve_first_needs_the_delivery_hash_and_never_takes_a_second_one
              timeout=60)  # fmt: skip
     # Its gas goes in the ledger once the poster's pass that sent it ends.
     wait_for(lambda: any(r["kind"] == "settle" for r in fac.facilitator.ledger.figures().recent), timeout=30)
+
+
+def test_verify_refuses_another_sellers_pay_to_and_simulates_the_pull_for_serve_first(chain: Chain, fac: Fac) -> None:
+    """/verify answers 403 for a payTo the key does not own (not a 503), and judges a serve-first payment by a
+    simulation of the settlement's pull: a buyer without the funds is invalid before anything is served."""
+    _, body = _serve_first_body(chain, None)
+    with fac.client(fac.other_key) as stranger:
+        refused = stranger.post("/verify", json=body)
+    assert refused.status_code == 403 and refused.json()["error"] == "not_your_pay_to"
+    with fac.client(fac.key) as client:
+        assert client.post("/verify", json=body).json()["isValid"] is True
+        offer = requirements(chain, url="http://shop.test/fast/2", settlement=SF, amount=10**30)
+        _, broke = signed(chain, offer)
+        verdict = client.post("/verify", json=broke).json()
+    assert verdict["isValid"] is False and verdict["invalidReason"] == Reason.INSUFFICIENT_BALANCE
