@@ -8,6 +8,7 @@ FacilitatorMiddleware on uvicorn with one hold route and serve-first routes; the
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ from helpers import BUYER, SELLER, address
 from seller.payer import quote, sign_payment
 from seller.shop import served
 
+from escrow_devtools.anvil import free_port
 from escrow_py.chain.escrow import Deposited
+from escrow_py.facilitator import KeyStore
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -36,6 +39,7 @@ from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, Pri
 from escrow_py.seller._store import SETTLE_DONE, SellerStore
 
 from .kit import Fac, idem, requirements, settled_on_chain, signed
+from .process import FacilitatorProcess
 from .test_api import wait_for
 
 PRICE = 10_000
@@ -216,3 +220,52 @@ def test_verify_refuses_another_sellers_pay_to_and_simulates_the_pull_for_serve_
         _, broke = signed(chain, offer)
         verdict = client.post("/verify", json=broke).json()
     assert verdict["isValid"] is False and verdict["invalidReason"] == Reason.INSUFFICIENT_BALANCE
+
+
+def test_a_serve_first_settlement_queued_while_the_facilitator_is_down_leaves_when_it_returns(
+    chain: Chain, tmp_path: Path
+) -> None:
+    """The facilitator (a real process) dies after /verify, while the handler runs: the buyer still gets its
+    bytes (answered `pending`), the settlement waits in the seller's store, and is settled once it is back."""
+    chain.mine()
+    start = int(chain.w3.eth.block_number) + 1
+    db = tmp_path / "facilitator.sqlite"
+    keys = KeyStore(db)
+    _, key = keys.create("shop", [address(SELLER)])
+    keys.close()
+    process = FacilitatorProcess(chain, db, free_port())
+    app = FastAPI()
+
+    @app.get("/kills-facilitator")
+    async def kills() -> dict[str, str]:
+        await asyncio.to_thread(process.kill)  # after /verify, before the settlement is handed over
+        return {"served": "while the facilitator was down"}
+
+    route = PricedRoute("GET", "/kills-facilitator", amount=PRICE, settlement=SF, fallback_to_hold=False)
+    config = FacilitatorSellerConfig(
+        facilitator_url=process.url, api_key=key, network="eip155:84532", token=chain.token.address,
+        pay_to=address(SELLER), routes=[route], store=tmp_path / "seller.sqlite", outbox_interval=0.2,
+        serve_first_max_price=PRICE, serve_first_max_per_buyer=PRICE, serve_first_max_total=PRICE,
+    )  # fmt: skip
+    app.add_middleware(FacilitatorMiddleware, config=config)
+    try:
+        with served(app) as (url, _server):
+
+            async def buy() -> tuple[bytes, httpx.Response]:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    payment = sign_payment(chain, await quote(client, "GET", "/kills-facilitator"))
+                    response = await client.get(
+                        "/kills-facilitator", headers={PAYMENT_SIGNATURE_HEADER: payment.header}
+                    )
+                    return payment.escrow_id, response
+
+            escrow_id, response = asyncio.run(buy())
+            assert response.status_code == 200, response.text
+            assert _extra(response)[1].settlement == SettlementStatus.PENDING
+            time.sleep(1.5)  # several outbox passes fail meanwhile
+            assert escrow_id not in settled_on_chain(chain, start)
+            process.start()
+            wait_for(lambda: settled_on_chain(chain, start).get(escrow_id) == delivery_hash(response.content),
+                     timeout=60)  # fmt: skip
+    finally:
+        process.stop()
