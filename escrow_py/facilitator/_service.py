@@ -328,6 +328,9 @@ class Facilitator:
         escrow_id = self._claimed_id(payload, offer)
         hashed = _delivery_hash_of(payload, required=True)
         assert hashed is not None
+        known = self._known_settlement(payload, requirements, key, escrow_id, hashed)
+        if known is not None:  # the seller following its settlement: answered from the store, nothing written
+            return escrow_id, hashed, known
         with self._claim(escrow_id):
             record = self.store.settlement(escrow_id)
             payment = self.store.payment(escrow_id)
@@ -366,6 +369,21 @@ class Facilitator:
             record = self.store.settlement(escrow_id)
             assert record is not None
             return escrow_id, hashed, record
+
+    def _known_settlement(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey, escrow_id: bytes, hashed: bytes
+    ) -> SettlementRecord | None:
+        """The settlement queued for this payment with this delivery hash, if it is (the signature checked again:
+        only the signed payment learns where its settlement stands); 409 for another hash."""
+        record = self.store.settlement(escrow_id)
+        payment = self.store.payment(escrow_id) if record is not None else None
+        if record is None or record.delivery_hash is None or payment is None:
+            return None
+        self._verified(payload, requirements, key, payment.accepted_at)
+        if record.delivery_hash != hashed:
+            raise FacilitatorError(409, "delivery_conflict", f"escrow 0x{escrow_id.hex()} is settling with "
+                                   f"delivery hash 0x{record.delivery_hash.hex()}")  # fmt: skip
+        return record
 
     @contextlib.contextmanager
     def _claim(self, escrow_id: bytes) -> Iterator[None]:

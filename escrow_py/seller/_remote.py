@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_of
 log = logging.getLogger("escrow_py.seller.remote")
 
 BATCH = 100
+# How often a settlement handed to the facilitator and still pending there is asked about again.
+SETTLE_POLL = 2.0
 
 
 class RemoteOperator:
@@ -283,6 +286,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
         self.offers = Offers(self.config)  # delivery-escrow alone: the exact scheme needs a facilitator of its own
         self._kick = asyncio.Event()
         self._outbox: asyncio.Task[None] | None = None
+        # Serve-first settlements the facilitator holds as pending: when to ask it again (monotonic seconds).
+        self._settle_polled: dict[bytes, float] = {}
 
     # -- lifespan: the outbox loop ---------------------------------------------------------------
 
@@ -363,7 +368,10 @@ class FacilitatorMiddleware(EscrowMiddleware):
         follow it there until it is paid or lost (the same /settle answers where it stands: it is
         idempotent by escrow id). The number the facilitator accepted or settled."""
         accepted = 0
+        now = time.monotonic()
         for queued in await _blocking(self.store.settlements_due, BATCH):
+            if self._settle_polled.get(queued.escrow_id, 0.0) > now:
+                continue  # handed over and pending there: asked again only every SETTLE_POLL seconds
             # In facilitator mode the stored payload is the buyer's whole x402 PaymentPayload (with the
             # requirements it accepted, which the facilitator checks it against); no local poster reads it.
             payload = PaymentPayload.model_validate_json(queued.payload)
@@ -381,6 +389,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 if extra.get("settlement") == SettlementStatus.SETTLED and result.transaction.startswith("0x"):
                     await _blocking(self.store.mark_settled, [queued.escrow_id], bytes.fromhex(result.transaction[2:]))
                     await _blocking(self.store.settle_final, [queued.escrow_id])  # the facilitator follows reorgs
+                    self._settle_polled.pop(queued.escrow_id, None)
+                else:
+                    self._settle_polled[queued.escrow_id] = now + SETTLE_POLL
                 continue
             # Refused or lost at the facilitator (unpaid authorization, expired before it landed): a loss.
             reason = result.error_reason or Reason.SETTLEMENT_FAILED
@@ -388,6 +399,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             log.error("serve-first settlement of 0x%s not paid: %s %s", queued.escrow_id.hex(), reason,
                       result.error_message)  # fmt: skip
             await _blocking(self.store.mark_lost, queued.escrow_id, reason, refuse_buyer=True, tx_hash=tx)
+            self._settle_polled.pop(queued.escrow_id, None)
         return accepted
 
     # -- a paid request ------------------------------------------------------------------------
