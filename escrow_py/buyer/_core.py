@@ -45,6 +45,7 @@ from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.protocol.errors import ChainError, ConfigError, ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
 from escrow_py.protocol.wire import (
     DEPOSIT_MAY_BE_PENDING,
@@ -55,7 +56,6 @@ from escrow_py.protocol.wire import (
     X402_VERSION,
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementStatus,
     Unavailable,
@@ -447,7 +447,7 @@ class PaymentCore:
             x402_version=X402_VERSION,
             resource=offer.required.resource,
             accepted=offer.model,
-            payload=EscrowPayload(authorization, signature, terms).to_json(),
+            payload=EscrowPayload(authorization=authorization, signature=signature, terms=terms).to_json(),
         )
         header = encode_payment_signature(payload)
         # Durable before the header can leave the process: a crash from here on is recoverable.

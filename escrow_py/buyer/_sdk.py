@@ -89,7 +89,7 @@ class DeliveryEscrowScheme:
         except ProtocolError as exc:
             raise PaymentRefused("invalid_requirements", str(exc)) from None
         terms, authorization, signature = self.core.sign(req, req.extra.request_hash, None)
-        payload = EscrowPayload(authorization, signature, terms).to_json()
+        payload = EscrowPayload(authorization=authorization, signature=signature, terms=terms).to_json()
         # The SDK builds the header itself; journal the same envelope so the row is complete.
         header = encode_payment_signature(
             PaymentPayload(x402_version=X402_VERSION, accepted=requirements, payload=payload)

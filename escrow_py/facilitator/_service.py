@@ -51,12 +51,12 @@ from escrow_py.protocol.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
 from escrow_py.protocol.wire import (
     SCHEME,
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementMode,
     SettlementStatus,

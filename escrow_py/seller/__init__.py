@@ -27,7 +27,7 @@ gas, and a failure stops the start naming the setting.
 
 Errors: ConfigError for bad settings (raised when SellerConfig or PricedRoute is
 built, or at start-up). A bad payment never raises to the server: it answers 400 or
-402 with a wire.Reason in PAYMENT-REQUIRED's `error` (a refused deposit adds the
+402 with a Reason in PAYMENT-REQUIRED's `error` (a refused deposit adds the
 decoded revert: "simulation_failed: ..."). A failure on the seller's side answers
 503 with Retry-After and {"error": reason, "message": ...}: chain_unavailable,
 operator_unfunded, operator_nonce_conflict, deposit_pending, payment_in_progress.
@@ -38,7 +38,7 @@ or the keeper); a delivery a reorg drops is posted again.
     ├── ConfigError
     │   └── (SellerConfig / PricedRoute settings)
     └── ProtocolError
-        └── PaymentRejected     a rule broken: `.reason` (wire.Reason) and `.status` (400 or 402)
+        └── PaymentRejected     a rule broken: `.reason` (Reason) and `.status` (400 or 402)
 """
 
 from __future__ import annotations

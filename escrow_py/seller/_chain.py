@@ -34,7 +34,12 @@ class SellerChain:
         self.token = Token(self.w3, config.token)
         # With the store as book, every process and replica on one store shares the key's nonces.
         self.sender = TxSender(self.w3, config.operator, watch=True, book=book)
-        self.domain = TokenDomain(config.token_name, config.token_version, config.chain_id, self.token.address)
+        self.domain = TokenDomain(
+            name=config.token_name,
+            version=config.token_version,
+            chain_id=config.chain_id,
+            verifying_contract=self.token.address,
+        )
 
     def now(self) -> int:
         """The chain's clock as the deposit will meet it: the next block's timestamp."""

@@ -36,6 +36,7 @@ from escrow_py.protocol.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -44,7 +45,6 @@ from escrow_py.protocol.wire import (
     UNAVAILABLE_STATUS,
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementStatus,
     Unavailable,
@@ -107,7 +107,7 @@ async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -
 class SellerUnavailable(EscrowError):
     """The seller's own side cannot take the payment now (503 with Retry-After); the buyer is not at fault.
 
-    `reason` is a wire.Reason, `public` the message the client sees (never an exception's
+    `reason` is a Reason, `public` the message the client sees (never an exception's
     text: those can carry the RPC URL and its API key).
     """
 
@@ -954,7 +954,7 @@ def _as_accepted(request: _Request, terms: Terms) -> _Request:
     offer = request.offer
     if (offer.amount, offer.pay_to) == (terms.amount, terms.seller):
         return request
-    return dataclasses.replace(request, offer=dataclasses.replace(offer, amount=terms.amount, pay_to=terms.seller))
+    return dataclasses.replace(request, offer=offer.with_(amount=terms.amount, pay_to=terms.seller))
 
 
 def _other_scheme(header: str) -> PaymentPayload | None:

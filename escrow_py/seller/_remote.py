@@ -40,8 +40,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
-from escrow_py.protocol.wire import SCHEME, Reason, SettlementExtra, SettlementStatus, decode_payment_signature
+from escrow_py.protocol.wire import SCHEME, SettlementExtra, SettlementStatus, decode_payment_signature
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import (
     EscrowMiddleware,

@@ -19,14 +19,14 @@ from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import GAS_MARGIN, TxSender
-from escrow_py.protocol.eip3009 import TokenDomain, recover_signer
+from escrow_py.protocol.eip3009 import recover_signer
 from escrow_py.protocol.errors import ContractRevert, ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms, request_hash
 from escrow_py.protocol.wire import (
     EscrowExtra,
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementMode,
     decode_payment_signature,
 )
@@ -87,12 +87,14 @@ def offer_for(
     extra = EscrowExtra(
         name=token_name,
         version=token_version,
-        escrow=escrow,  # type: ignore[arg-type]
-        operator=operator,  # type: ignore[arg-type]
+        escrow=escrow,
+        operator=operator,
         request_hash=request_hash(method, resource_url, body),
         settlement=settlement,
     )
-    return EscrowRequirements(network, amount, asset, pay_to, max_timeout_seconds, extra)  # type: ignore[arg-type]
+    return EscrowRequirements(
+        network=network, amount=amount, asset=asset, pay_to=pay_to, max_timeout_seconds=max_timeout_seconds, extra=extra
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +227,7 @@ def _verify_offchain(
 
     if signature_checked:
         return VerifiedPayment(payload, escrow_id)
-    domain = TokenDomain(offer.extra.name, offer.extra.version, offer.chain_id, offer.asset)
+    domain = offer.token_domain()
     try:
         signer = recover_signer(domain, auth, payload.signature)
     except ValueError as exc:

@@ -25,11 +25,11 @@ from seller.shop import served
 from escrow_devtools.anvil import free_port
 from escrow_py.chain.escrow import Deposited
 from escrow_py.facilitator import KeyStore
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
-    Reason,
     SettlementExtra,
     SettlementMode,
     SettlementStatus,

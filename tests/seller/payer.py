@@ -7,7 +7,6 @@ something wrong on purpose, or tamper with the JSON after signing.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from escrow_py.chain.signer import Signer
 from escrow_py.protocol.eip3009 import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
-    TokenDomain,
     authorization_for,
     typed_data,
 )
@@ -80,13 +78,13 @@ def sign_payment(
         terms, req.extra.escrow, req.chain_id, valid_after, terms.deadline if valid_before is None else valid_before
     )
     if auth_changes:
-        auth = dataclasses.replace(auth, **auth_changes)
-    domain = TokenDomain(req.extra.name, req.extra.version, req.chain_id, req.asset)
+        auth = auth.with_(**auth_changes)
+    domain = req.token_domain()
     signature = (signer or dev(buyer)).sign_typed_data(typed_data(RECEIVE_WITH_AUTHORIZATION, domain, auth))
     envelope: dict[str, Any] = {
         "x402Version": 2,
         "accepted": accepted.model_dump(by_alias=True, exclude_none=True),
-        "payload": EscrowPayload(auth, signature, terms).to_json(),
+        "payload": EscrowPayload(authorization=auth, signature=signature, terms=terms).to_json(),
     }
     if required.resource is not None:
         envelope["resource"] = required.resource.model_dump(by_alias=True, exclude_none=True)
