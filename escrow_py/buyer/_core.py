@@ -7,7 +7,6 @@ flow runs those in a worker thread.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from eth_typing import ChecksumAddress
-from eth_utils.address import to_checksum_address
 from web3 import Web3
-from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
 
 from escrow_py.buyer._errors import (
@@ -34,17 +31,14 @@ from escrow_py.buyer._errors import (
     ResponseInvalid,
 )
 from escrow_py.buyer._journal import Journal, PaymentState
-from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode
+from escrow_py.buyer._policy import Decision, PaymentContext, Policy
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator, problem_with
 from escrow_py.chain import rpc
-from escrow_py.chain.clock import next_block_time
-from escrow_py.chain.escrow import Escrow
-from escrow_py.chain.failures import typed_chain_errors
-from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.signer import Signer
-from escrow_py.chain.token import Token
+from escrow_py.chain.web3chain import Web3EscrowChain, connect_chain
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for, sign_authorization
-from escrow_py.protocol.errors import ChainError, ConfigError, ProtocolError
+from escrow_py.protocol.errors import ChainError, ConfigError, ContractRevert, ProtocolError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms, canonical_url, delivery_hash, request_hash
 from escrow_py.protocol.wire import (
@@ -186,98 +180,14 @@ def find_offer(response: httpx.Response) -> Offer | None:
     try:
         required = decode_payment_required(value)
     except ProtocolError as exc:
-        raise PaymentRefused("invalid_payment_required", str(exc)) from None
+        raise PaymentRefused(Reason.INVALID_PAYMENT_REQUIRED, str(exc)) from None
     for model in required.accepts:
         if model.scheme == SCHEME:
             try:
                 return Offer(required, model, EscrowRequirements.from_model(model))
             except ProtocolError as exc:
-                raise PaymentRefused("invalid_requirements", str(exc)) from None
+                raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
     return None
-
-
-class BuyerChain:
-    """The buyer's view of the chain behind `rpc_url`: every read raises a typed ChainError, never web3's own.
-
-    Every call ends within `rpc_timeout` seconds, retries included (escrow_py.chain.rpc.connect),
-    so a node that hangs costs a payment that long, not web3's five retries of a per-attempt timeout.
-    Genuine escrows are remembered per chain and address (X402Escrow's code cannot change); a
-    refusal is not, so an address that gets the genuine code later is judged again.
-    """
-
-    def __init__(self, rpc_url: str, *, w3: Web3 | None = None, rpc_timeout: float = rpc.DEFAULT_DEADLINE) -> None:
-        if isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, (int, float)) or not rpc_timeout > 0:
-            raise ConfigError(f"rpc_timeout must be a number of seconds > 0, got {rpc_timeout!r}")
-        self.w3 = w3 or rpc.connect(rpc_url, deadline=rpc_timeout)
-        self._chain_id: int | None = None
-        self._domains: dict[str, TokenDomain] = {}
-        self._genuine: set[tuple[int, str]] = set()
-        self._lock = threading.Lock()
-
-    @property
-    def chain_id(self) -> int:
-        if self._chain_id is None:
-            with typed_chain_errors("reading the chain id"):
-                self._chain_id = int(self.w3.eth.chain_id)
-        return self._chain_id
-
-    def now(self) -> int:
-        """The latest block's timestamp: the clock the contract judged the chain's past by."""
-        with typed_chain_errors("reading the latest block"):
-            return rpc.latest_timestamp(self.w3)
-
-    def next_block_time(self) -> int:
-        """The timestamp the next block will carry: the clock a payment signed now is judged by."""
-        with typed_chain_errors("reading the pending block"):
-            return next_block_time(self.w3)
-
-    def check_escrow(self, address: str) -> EscrowCodeCheck:
-        """Whether `address` holds the genuine X402Escrow (escrow_py.chain.genuine), remembered once it does."""
-        chain_id = self.chain_id
-        key = (chain_id, address.lower())
-        with self._lock:
-            if key in self._genuine:
-                return EscrowCodeCheck(to_checksum_address(address), chain_id, EscrowCode.GENUINE, ESCROW_CODE_HASH)
-        with typed_chain_errors(f"reading the code at escrow {address}"):
-            check = check_escrow_code(self.w3, address, chain_id=chain_id)
-        if check.genuine:
-            with self._lock:
-                self._genuine.add(key)
-        return check
-
-    def domain(self, token: str) -> TokenDomain:
-        """The token's EIP-712 domain; PaymentRefused (asset_not_erc3009) if `token` cannot answer it."""
-        with self._lock:
-            if token in self._domains:
-                return self._domains[token]
-        chain_id = self.chain_id
-        with typed_chain_errors(f"reading the EIP-712 name and version of token {token}"):
-            try:
-                domain = Token(self.w3, token).domain(chain_id)
-            except (BadFunctionCallOutput, ContractLogicError) as exc:  # no code there, or it reverts
-                raise PaymentRefused(
-                    "asset_not_erc3009",
-                    f"the offer's asset {token} does not answer name() and version() ({type(exc).__name__}: {exc})",
-                ) from exc
-        with self._lock:
-            self._domains[token] = domain
-        return domain
-
-    def balance_of(self, token: str, holder: str) -> int:
-        with typed_chain_errors(f"reading the balance of {holder} in token {token}"):
-            return Token(self.w3, token).balance_of(holder)
-
-    def authorization_used(self, token: str, buyer: str, escrow_id: bytes) -> bool:
-        """The token's ERC-3009 state of the buyer's authorization (nonce = escrow id): used or cancelled."""
-        with typed_chain_errors(f"reading the authorization state of escrow 0x{escrow_id.hex()}"):
-            return Token(self.w3, token).authorization_state(buyer, escrow_id)
-
-    def state_of(self, escrow: str, escrow_id: bytes) -> State:
-        with typed_chain_errors(f"reading the state of escrow 0x{escrow_id.hex()}"):
-            return Escrow(self.w3, escrow).state_of(escrow_id)
-
-    def escrow(self, address: str) -> Escrow:
-        return Escrow(self.w3, address)
 
 
 class PaymentCore:
@@ -287,7 +197,7 @@ class PaymentCore:
     PaymentPolicy hook, or None (pay every offer; the ledger still records every payment).
     `task` names the budget a payment counts against (a request can override it with the
     `x402_task` extension); `validator` checks delivered bodies (override: `x402_validator`).
-    `rpc_timeout` bounds every chain call (BuyerChain); `resend` says how a 503 of the seller's own
+    `rpc_timeout` bounds every chain call (chain.web3chain); `resend` says how a 503 of the seller's own
     side is answered (ResendPolicy).
     """
 
@@ -303,12 +213,18 @@ class PaymentCore:
         w3: Web3 | None = None,
         rpc_timeout: float = rpc.DEFAULT_DEADLINE,
         resend: ResendPolicy | None = None,
+        chain: EscrowChain | None = None,
     ) -> None:
         if resend is not None and not isinstance(resend, ResendPolicy):
             raise ConfigError(f"resend must be a ResendPolicy, got {resend!r}")
         self.signer = signer
         self.resend = resend if resend is not None else ResendPolicy()
-        self.chain = BuyerChain(rpc_url, w3=w3, rpc_timeout=rpc_timeout)
+        if isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, (int, float)) or not rpc_timeout > 0:
+            raise ConfigError(f"rpc_timeout must be a number of seconds > 0, got {rpc_timeout!r}")
+        # The buyer pays whichever genuine escrow an offer names: a chain bound to none, sending (its own
+        # refunds, recover()) from the buyer's key.
+        # `chain`: another EscrowChain than the node at rpc_url (the unit tests' in-memory one).
+        self.chain: EscrowChain = chain or connect_chain(rpc_url, deadline=rpc_timeout, signer=signer, w3=w3)
         self.journal = journal if isinstance(journal, Journal) else Journal(journal)
         self.rules: Policy | None = policy if isinstance(policy, Policy) else None
         self.hook: PaymentPolicy | None = None if policy is None or isinstance(policy, Policy) else policy
@@ -343,7 +259,7 @@ class PaymentCore:
             try:
                 self.hook.check(request, req, terms)
             except PolicyDenied as denied:
-                self.journal.audit_decision(escrow_id, terms, ctx, Decision(False, ReasonCode.CUSTOM, denied.reason))
+                self.journal.audit_decision(escrow_id, terms, ctx, Decision(False, Reason.CUSTOM, denied.reason))
                 raise
         decision = self.journal.reserve(escrow_id, terms, ctx, self.rules)
         if not decision.allowed:
@@ -382,19 +298,26 @@ class PaymentCore:
         """The offer's checks against the chain, then fresh terms and their authorization (unsigned)."""
         chain_id = self.chain.chain_id
         if req.chain_id != chain_id:
-            raise PaymentRefused("network_mismatch", f"the offer is for {req.network} but the RPC is chain {chain_id}")
+            raise PaymentRefused(
+                Reason.NETWORK_MISMATCH, f"the offer is for {req.network} but the RPC is chain {chain_id}"
+            )
         # The token lets only `to` redeem the authorization: `to` must be the genuine escrow, or anyone
         # naming their own wallet (or a look-alike contract) as the escrow takes the money.
         if not (check := self.chain.check_escrow(req.extra.escrow)).genuine:
             raise EscrowNotGenuine(check)
         if req.max_timeout_seconds > MAX_DEADLINE_WINDOW:
             raise PaymentRefused(
-                "deadline_too_far", f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
+                Reason.DEADLINE_TOO_FAR, f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
             )
-        domain = self.chain.domain(req.asset)
+        try:
+            domain = self.chain.token_domain(req.asset)
+        except ContractRevert as exc:  # no code there, or it reverts
+            raise PaymentRefused(
+                Reason.ASSET_NOT_ERC3009, f"the offer's asset {req.asset} does not answer name() and version() ({exc})"
+            ) from exc
         if (domain.name, domain.version) != (req.extra.name, req.extra.version):
             raise PaymentRefused(
-                "token_domain_mismatch",
+                Reason.TOKEN_DOMAIN_MISMATCH,
                 f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
                 f"({req.extra.name!r}, {req.extra.version!r})",
             )
@@ -433,7 +356,7 @@ class PaymentCore:
         except ValueError:
             # Not quoted: the URL's userinfo is a credential.
             raise PaymentRefused(
-                "invalid_url",
+                Reason.INVALID_URL,
                 f"the {request.method} URL to host {request.url.host!r} has no canonical form (credentials in the "
                 "URL, or a host that is not plain ASCII), so no requestHash can bind it",
             ) from None
@@ -514,12 +437,9 @@ def delivered_hash(
 
     `tx_hash`, the seller's pointer to its deliverMany, is checked first (one receipt);
     otherwise the logs are searched from chain time `since` on, in chunks a public RPC accepts.
+    (EscrowChain.delivered_hash on a chain behind an existing web3 connection.)
     """
-    contract = Escrow(w3, escrow)
-    if tx_hash is not None and (event := contract.delivery_in(tx_hash, escrow_id)) is not None:
-        return event.delivery_hash
-    event = contract.delivery_of(escrow_id, since=since)
-    return None if event is None else event.delivery_hash
+    return Web3EscrowChain(w3).delivered_hash(escrow_id, escrow=escrow, since=since, tx_hash=tx_hash)
 
 
 def judge_response(
@@ -542,7 +462,7 @@ def judge_response(
     def chain_state(answer: str) -> State:
         # The signed payment has left the process: a chain failure now must still say where the money is.
         try:
-            return core.chain.state_of(escrow, escrow_id)
+            return core.chain.state_of(escrow_id, escrow=escrow)
         except ChainError as exc:
             raise PaymentNotDelivered(
                 escrow_id,
@@ -637,7 +557,7 @@ def _judge_delivered(
     committed = extra.delivery_hash
     served_first = extra.settlement in (SettlementStatus.PENDING, SettlementStatus.SETTLED)
     served_first = served_first or settle.error_reason == Reason.SETTLEMENT_FAILED
-    posted = replay or extra.delivery_transaction is not None or extra.state == "released"
+    posted = replay or extra.delivery_transaction is not None or extra.state is State.RELEASED
     if committed == received and posted and not served_first:
         # A served-first payment never had an escrow, so no Delivered event holds its hash.
         committed = _posted_hash(core, escrow_id, escrow, extra, chain_state) or committed
@@ -667,7 +587,7 @@ def _posted_hash(
     entry = core.journal.get(escrow_id)
     since = 0 if entry is None else int(entry.created_at) - CLOCK_SKEW
     try:
-        return delivered_hash(core.chain.w3, escrow, escrow_id, since=since, tx_hash=extra.delivery_transaction)
+        return core.chain.delivered_hash(escrow_id, escrow=escrow, since=since, tx_hash=extra.delivery_transaction)
     except ChainError as exc:
         raise PaymentNotDelivered(
             escrow_id, extra.deadline, f"the delivery's on-chain hash could not be read ({exc})", escrow=escrow
@@ -677,7 +597,7 @@ def _posted_hash(
 def _denied(decision: Decision) -> PolicyDenied:
     return PolicyDenied(
         decision.detail,
-        code=decision.reason.value,
+        code=decision.reason,
         limit=decision.limit,
         wanted=decision.wanted,
         available=decision.available,

@@ -45,6 +45,7 @@ from escrow_py.buyer._policy import Policy
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -87,7 +88,7 @@ class DeliveryEscrowScheme:
         try:
             req = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
-            raise PaymentRefused("invalid_requirements", str(exc)) from None
+            raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
         terms, authorization, signature = self.core.sign(req, req.extra.request_hash, None)
         payload = EscrowPayload(authorization=authorization, signature=signature, terms=terms).to_json()
         # The SDK builds the header itself; journal the same envelope so the row is complete.

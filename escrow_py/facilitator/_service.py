@@ -1,7 +1,7 @@
 """What the facilitator does for a seller, apart from HTTP: verify, deposit, queue deliveries, refund.
 
 It is the seller's chain side moved behind an API: the same off-chain and on-chain checks
-(seller._verify), the same operator sender (seller._chain.SellerChain) and the same
+(seller._verify), the same operator sender (seller._chain.seller_chain) and the same
 durable queue and poster (seller._store, seller._poster), on the facilitator's own
 database. Each escrow is recorded before its deposit leaves, so a replica that dies
 mid-request leaves a row the next request for that payment finds.
@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from web3.exceptions import Web3Exception
 from web3.types import TxReceipt
 from x402.schemas import (
     PaymentPayload,
@@ -38,11 +37,13 @@ from x402.schemas import (
 
 from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Settled as SettledEvent
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.tx import SentTx
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
 from escrow_py.facilitator._ledger import Ledger
 from escrow_py.facilitator._tables import NAMESPACE
+from escrow_py.protocol.codec import to_hex
 from escrow_py.protocol.errors import (
     EscrowError,
     InsufficientFunds,
@@ -62,7 +63,7 @@ from escrow_py.protocol.wire import (
     SettlementStatus,
     encode_payment_signature,
 )
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._sdk import CANCEL_KEY
 from escrow_py.seller._store import (
@@ -78,7 +79,7 @@ from escrow_py.seller._store import (
     SettlementRecord,
     StoredResponse,
 )
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain, verify_onchain
 
 log = logging.getLogger("escrow_py.facilitator")
 
@@ -112,18 +113,16 @@ class Settled:
 
 
 class Facilitator:
-    def __init__(self, config: FacilitatorConfig, chain: SellerChain | None = None) -> None:
+    def __init__(self, config: FacilitatorConfig, chain: EscrowChain | None = None) -> None:
         self.config = config
         settings = config.chain_settings()
         self.store = SellerStore(config.store, namespace=NAMESPACE)
         # The store is the operator key's nonce book: replicas on one database never collide on a nonce.
-        self.chain = chain or SellerChain(settings, book=self.store)
+        self.chain: EscrowChain = chain or seller_chain(settings, book=self.store)
         self.ledger = Ledger(config.store)
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # One poster at a time per operator key, whichever replica: a lease in the database.
-        self.poster = DeliveryPoster(
-            self.chain, self.store, interval=config.poster_interval, lease=settings.poster_lease, owner=self.replica
-        )
+        self.poster = DeliveryPoster.of(settings, self.chain, self.store, owner=self.replica)
         # A /deliver batch is queued whole before this process's poster looks at the queue again, so
         # deliveries sent together leave in one deliverMany (the store queues one row per commit).
         self._queueing = threading.Lock()
@@ -168,10 +167,10 @@ class Facilitator:
         try:
             offer = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
-            raise PaymentRejected(exc.reason, str(exc)) from None
+            raise Refusal(exc.reason, str(exc)) from None
         config = self.config
         if offer.pay_to not in key.pay_to:
-            raise FacilitatorError(403, "not_your_pay_to", f"payTo {offer.pay_to} is not one of this API key's")
+            raise FacilitatorError(403, Reason.NOT_YOUR_PAY_TO, f"payTo {offer.pay_to} is not one of this API key's")
         checks = (
             (offer.network == config.network, Reason.NETWORK_MISMATCH, f"network {offer.network}"),
             (offer.asset == config.token, Reason.ASSET_MISMATCH, f"asset {offer.asset}, served: {config.token}"),
@@ -189,7 +188,7 @@ class Facilitator:
         )
         for ok, reason, message in checks:
             if not ok:
-                raise PaymentRejected(reason, message)
+                raise Refusal(reason, message)
         return offer
 
     def _verified(
@@ -210,13 +209,13 @@ class Facilitator:
         try:
             verified = self._verified(payload, requirements, key, self._now())
             chain = self.chain
-            verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender,
+            verify_onchain(verified, chain=chain,
                            serve_first=_settlement_mode(requirements) == SettlementMode.SERVE_FIRST)  # fmt: skip
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
         except FacilitatorError:
             raise  # not this key's payTo (403), the chain's clock unreadable (503): already the right answer
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             raise self._chain_down(exc) from None
         return VerifyResponse(is_valid=True, payer=verified.buyer)
 
@@ -236,7 +235,7 @@ class Facilitator:
         try:
             hashed = _delivery_hash_of(payload, required=False)
             settled = self._settle(payload, requirements, key)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return SettleResponse(
                 success=False,
                 error_reason=rejected.error,
@@ -273,14 +272,15 @@ class Facilitator:
             escrow_id = self._claimed_id(payload, offer)
             payment = self._owned(escrow_id, key)
             self._verified(payload, requirements, key, payment.accepted_at)  # the same signed payment
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return SettleResponse(success=False, error_reason=rejected.error, error_message=str(rejected),
                                   transaction="", network=network)  # fmt: skip
         answer = self.refund(escrow_id, key)
         refund_tx = answer["transaction"]
         extra = SettlementExtra(
-            escrow_id=escrow_id, deadline=payment.terms.deadline, state="refunded" if answer["state"] == "refunded"
-            else "held", refund_transaction=bytes.fromhex(refund_tx[2:]) if refund_tx else None,
+            escrow_id=escrow_id, deadline=payment.terms.deadline,
+            state=State.REFUNDED if answer["state"] == "refunded" else State.HELD,
+            refund_transaction=bytes.fromhex(refund_tx[2:]) if refund_tx else None,
         )  # fmt: skip
         return SettleResponse(success=True, payer=payment.terms.buyer, transaction=refund_tx or "", network=network,
                               amount="0", extra=extra.to_json())  # fmt: skip
@@ -289,7 +289,7 @@ class Facilitator:
         network = self.config.network
         try:
             escrow_id, hashed, record = self._queue_settlement(payload, requirements, key)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return SettleResponse(success=False, error_reason=rejected.error, error_message=str(rejected),
                                   transaction="", network=network)  # fmt: skip
         payment = self.store.payment(escrow_id)
@@ -303,13 +303,13 @@ class Facilitator:
         if record.status == SETTLE_LOST:
             return SettleResponse(success=False, error_reason=Reason.SETTLEMENT_FAILED,
                                   error_message=f"the settlement was not paid: {record.reason}",
-                                  transaction=_hex(record.tx_hash) or "", network=network, extra=extra)  # fmt: skip
+                                  transaction=to_hex(record.tx_hash) or "", network=network, extra=extra)  # fmt: skip
         settled = record.status == SETTLE_DONE
         extra["settlement"] = SettlementStatus.SETTLED if settled else SettlementStatus.PENDING
         return SettleResponse(
             success=True,
             payer=payment.terms.buyer,
-            transaction=_hex(record.tx_hash) or "" if settled else "",
+            transaction=to_hex(record.tx_hash) or "" if settled else "",
             network=network,
             amount=str(payment.terms.amount),
             extra=extra,
@@ -335,7 +335,7 @@ class Facilitator:
             record = self.store.settlement(escrow_id)
             payment = self.store.payment(escrow_id)
             if payment is not None and record is None:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted in hold")
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted in hold")
             if payment is not None and record is not None:
                 self._verified(payload, requirements, key, payment.accepted_at)  # the same signed payment
                 if record.delivery_hash is not None and record.delivery_hash != hashed:
@@ -350,10 +350,10 @@ class Facilitator:
             verified = self._verified(payload, requirements, key, now)
             chain = self.chain
             try:
-                verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True)
-            except PaymentRejected:
+                verify_onchain(verified, chain=chain, serve_first=True)
+            except Refusal:
                 raise
-            except (EscrowError, OSError, Web3Exception) as exc:
+            except (EscrowError, OSError) as exc:
                 raise self._chain_down(exc) from None
             terms = verified.terms
             # The seller carries the risk of serving first and bounds it itself; the facilitator still
@@ -364,7 +364,7 @@ class Facilitator:
                 max_per_buyer=_NO_LIMIT, max_total=_NO_LIMIT,
             )  # fmt: skip
             if refused is not None:
-                raise PaymentRejected(Reason(refused), f"buyer {terms.buyer} left a serve-first settlement unpaid")
+                raise Refusal(Reason(refused), f"buyer {terms.buyer} left a serve-first settlement unpaid")
             self.store.save_served_first(escrow_id, _NO_BODY, hashed)
             record = self.store.settlement(escrow_id)
             assert record is not None
@@ -413,7 +413,7 @@ class Facilitator:
         with self._claim(escrow_id):
             payment = self.store.payment(escrow_id)
             if payment is not None and payment.serve_first:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted serve-first")
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted serve-first")
             if payment is not None and payment.status != DEPOSITING:
                 verified = self._verified(payload, requirements, key, payment.accepted_at)
                 return Settled(verified, payment.deposit_tx, payment.accepted_at)
@@ -433,7 +433,7 @@ class Facilitator:
                 self.store.set_held(escrow_id, None)
                 return Settled(verified, None, reference)
             if state != State.NONE:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
             verified = self._verified(payload, requirements, key, now)
             return Settled(verified, self._deposit(verified, now, fresh=payment is None, route=_route(key)), now)
 
@@ -441,19 +441,19 @@ class Facilitator:
         try:
             terms = EscrowPayload.from_json(payload.payload).terms
         except ProtocolError as exc:
-            raise PaymentRejected(exc.reason, str(exc)) from None
+            raise Refusal(exc.reason, str(exc)) from None
         return terms.escrow_id(offer.chain_id, offer.extra.escrow)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
         try:
-            return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)  # one round trip, not two
-        except (EscrowError, OSError, Web3Exception) as exc:
+            return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.next_block_time)  # one round trip
+        except (EscrowError, OSError) as exc:
             raise self._chain_down(exc) from None
 
     def _now(self) -> int:
         try:
-            return self.chain.now()
-        except (EscrowError, OSError, Web3Exception) as exc:
+            return self.chain.next_block_time()
+        except (EscrowError, OSError) as exc:
             raise self._chain_down(exc) from None
 
     @staticmethod
@@ -475,9 +475,9 @@ class Facilitator:
     def _deposit(self, verified: VerifiedPayment, now: int, *, fresh: bool, route: str) -> bytes | None:
         escrow_id, chain = verified.escrow_id, self.chain
         try:
-            gas = verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
-        except (EscrowError, OSError, Web3Exception) as exc:
-            if isinstance(exc, PaymentRejected):
+            gas = verify_onchain(verified, chain=chain)
+        except (EscrowError, OSError) as exc:
+            if isinstance(exc, Refusal):
                 raise
             raise self._chain_down(exc) from None
         if fresh:
@@ -497,13 +497,13 @@ class Facilitator:
                 self.store.set_held(escrow_id, None)
                 return None
             self.store.forget(escrow_id)
-            raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
+            raise Refusal(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
         except (InsufficientFunds, NonceConflict) as exc:
             self.store.forget(escrow_id)
             reason = Reason.OPERATOR_UNFUNDED if isinstance(exc, InsufficientFunds) else Reason.NONCE_CONFLICT
             log.error("deposit of 0x%s not sent: %s", escrow_id.hex(), exc)
             raise FacilitatorError(503, reason, "the operator cannot send now", retry_after=30) from None
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             if chain.state_of(escrow_id) == State.HELD:
                 self.store.set_held(escrow_id, None)
                 return None
@@ -520,10 +520,10 @@ class Facilitator:
     def _owned(self, escrow_id: bytes, key: ApiKey) -> Payment:
         payment = self.store.payment(escrow_id)
         if payment is None:
-            raise FacilitatorError(404, "unknown_escrow", f"escrow 0x{escrow_id.hex()} was not settled here")
+            raise FacilitatorError(404, Reason.UNKNOWN_ESCROW, f"escrow 0x{escrow_id.hex()} was not settled here")
         if payment.terms.seller not in key.pay_to:
             # Same answer as unknown would leak less, but a seller needs to see it acted on a foreign id.
-            raise FacilitatorError(403, "not_your_escrow", f"escrow 0x{escrow_id.hex()} is not this API key's")
+            raise FacilitatorError(403, Reason.NOT_YOUR_ESCROW, f"escrow 0x{escrow_id.hex()} is not this API key's")
         return payment
 
     def deliver(self, entries: list[tuple[bytes, bytes]], key: ApiKey) -> list[dict[str, str]]:
@@ -538,12 +538,12 @@ class Facilitator:
             if payment.status in (REFUNDED, REFUND_PENDING):
                 raise FacilitatorError(409, Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is being refunded")
             if payment.status == DEPOSITING:
-                raise FacilitatorError(409, "not_deposited", f"escrow 0x{escrow_id.hex()} is not deposited yet")
+                raise FacilitatorError(409, Reason.NOT_DEPOSITED, f"escrow 0x{escrow_id.hex()} is not deposited yet")
             record = self.store.delivery(escrow_id)
             if record is not None and record.delivery_hash != hashed:
                 raise FacilitatorError(
                     409,
-                    "delivery_conflict",
+                    Reason.DELIVERY_CONFLICT,
                     f"escrow 0x{escrow_id.hex()} already has delivery hash 0x{record.delivery_hash.hex()}",
                 )
             payments.append((payment, hashed))
@@ -564,25 +564,31 @@ class Facilitator:
             if payment.serve_first:  # nothing was deposited: a failed handler is simply never settled
                 raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} holds no deposit to refund")
             if payment.status == REFUNDED:
-                return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(payment.refund_tx)}
+                return {
+                    "escrowId": "0x" + escrow_id.hex(),
+                    "state": "refunded",
+                    "transaction": to_hex(payment.refund_tx),
+                }
             if payment.status == SERVED:
-                raise FacilitatorError(409, "already_delivered", f"escrow 0x{escrow_id.hex()} has a delivery queued")
+                raise FacilitatorError(
+                    409, Reason.ALREADY_DELIVERED, f"escrow 0x{escrow_id.hex()} has a delivery queued"
+                )
             if payment.status == DEPOSITING:
-                raise FacilitatorError(409, "not_deposited", f"escrow 0x{escrow_id.hex()} is not deposited yet")
+                raise FacilitatorError(409, Reason.NOT_DEPOSITED, f"escrow 0x{escrow_id.hex()} is not deposited yet")
             refund_tx: bytes | None = None
             try:
                 if self.chain.state_of(escrow_id) == State.HELD:
                     receipt = self.chain.refund(payment.terms)
                     refund_tx = bytes(receipt["transactionHash"])
                     self.ledger.record_tx("refund", refund_tx, receipt, [escrow_id], payment.terms.amount)
-            except (EscrowError, OSError, Web3Exception) as exc:
+            except (EscrowError, OSError) as exc:
                 log.warning("refund of 0x%s failed, the poster retries it: %s", escrow_id.hex(), exc)
                 self.store.save_failed(escrow_id, _NO_BODY, None)
                 return {"escrowId": "0x" + escrow_id.hex(), "state": "refund_pending", "transaction": None}
             self.store.save_failed(escrow_id, _NO_BODY, refund_tx)
             if refund_tx is None:
                 self.store.set_refunded(escrow_id, None)
-            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(refund_tx)}
+            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": to_hex(refund_tx)}
 
     def escrow(self, escrow_id: bytes, key: ApiKey) -> dict[str, object]:
         payment = self._owned(escrow_id, key)
@@ -593,21 +599,21 @@ class Facilitator:
             if settlement is None
             else {
                 "status": settlement.status,
-                "deliveryHash": _hex(settlement.delivery_hash),
-                "transaction": _hex(settlement.tx_hash),
+                "deliveryHash": to_hex(settlement.delivery_hash),
+                "transaction": to_hex(settlement.tx_hash),
                 "reason": settlement.reason,
             },
             "escrowId": "0x" + escrow_id.hex(),
             "status": payment.status,
             "terms": payment.terms.to_json(),
-            "depositTransaction": _hex(payment.deposit_tx),
-            "refundTransaction": _hex(payment.refund_tx),
+            "depositTransaction": to_hex(payment.deposit_tx),
+            "refundTransaction": to_hex(payment.refund_tx),
             "delivery": None
             if record is None
             else {
                 "status": record.status,
                 "deliveryHash": "0x" + record.delivery_hash.hex(),
-                "transaction": _hex(record.tx_hash),
+                "transaction": to_hex(record.tx_hash),
             },
         }
 
@@ -618,20 +624,16 @@ class Facilitator:
         with self._queueing:
             report = self.poster.post_pending()
         if report.tx_hash is not None and report.posted:
-            receipt = self.chain.sender.receipt(report.tx_hash)
+            receipt = self.chain.receipt(report.tx_hash)
             if receipt is not None:
                 amount = self.ledger.amount_of(report.posted)
                 self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)
         for tx_hash in report.settle_txs:  # serve-first settleMany batches: what they paid, what they cost
-            receipt = self.chain.sender.receipt(tx_hash)
+            receipt = self.chain.receipt(tx_hash)
             if receipt is not None:
-                paid = [s.id for s in self.chain.escrow.settlements_in(receipt) if isinstance(s, SettledEvent)]
+                paid = [s.id for s in self.chain.settlements_in(receipt) if isinstance(s, SettledEvent)]
                 self.ledger.record_tx("settle", tx_hash, receipt, paid, self.ledger.amount_of(paid))
         return report
-
-
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
 
 
 def _settlement_mode(requirements: PaymentRequirements) -> SettlementMode:
@@ -653,14 +655,14 @@ def _delivery_hash_of(payload: PaymentPayload, *, required: bool) -> bytes | Non
     if value is None and not required:
         return None
     if not isinstance(value, str) or re.fullmatch(r"0x[0-9a-fA-F]{64}", value) is None:
-        raise PaymentRejected(
+        raise Refusal(
             Reason.INVALID_PAYLOAD,
             f"a serve-first settlement needs payload.deliveryHash (0x and 64 hex digits, the hash of the bytes "
             f"served), got {value!r}",
         )
     hashed = bytes.fromhex(value[2:])
     if hashed == bytes(32):
-        raise PaymentRejected(Reason.INVALID_PAYLOAD, "payload.deliveryHash is zero: the contract refuses it")
+        raise Refusal(Reason.INVALID_PAYLOAD, "payload.deliveryHash is zero: the contract refuses it")
     return hashed
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from eth_abi.abi import decode, encode
 
 from escrow_py.chain.tx import SentTx
+from escrow_py.protocol.codec import parse_hex, to_hex
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, describe, open_store, run_script
@@ -279,12 +280,8 @@ class Trouble:
     since: float
 
 
-def _hex(value: bytes) -> str:
-    return "0x" + value.hex()
-
-
 def _bytes(value: str) -> bytes:
-    return bytes.fromhex(value.removeprefix("0x"))
+    return parse_hex(value, "a stored id")
 
 
 class KeeperStore:
@@ -484,7 +481,7 @@ class KeeperStore:
         """Durable before the transaction is broadcast: status `signed`, with its raw bytes."""
         now = time.time()
         tx_json = json.dumps(
-            {k: (_hex(bytes(v)) if isinstance(v, bytes | bytearray) else v) for k, v in signed.tx.items()}
+            {k: (to_hex(bytes(v)) if isinstance(v, bytes | bytearray) else v) for k, v in signed.tx.items()}
         )
         self.db.execute(
             "INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, 'signed', ?, ?, NULL, NULL, NULL, NULL) "
@@ -536,7 +533,7 @@ class KeeperStore:
         """The signed transaction of an attempt, to broadcast it again or replace it."""
         row = self.db.one("SELECT nonce, tx, raw FROM attempts WHERE tx_hash = ?", (bytes(tx_hash),))
         if row is None:
-            raise KeyError(f"no refund attempt {_hex(tx_hash)} in {self.db.url}")
+            raise KeyError(f"no refund attempt {to_hex(tx_hash)} in {self.db.url}")
         tx = json.loads(row[1])
         if isinstance(tx.get("data"), str):
             tx["data"] = _bytes(tx["data"])

@@ -34,7 +34,7 @@ from escrow_py.mcp._wire import (
     to_tool_result,
     tool_path,
 )
-from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
@@ -49,7 +49,7 @@ ToolHandler = Callable[[dict[str, Any]], Awaitable[object]]
 _CALL = "x402_escrow.tool_call"
 
 
-class ToolError(Exception):
+class ToolError(EscrowError):
     """A paid tool's own failure: the buyer is refunded at once and sees this message."""
 
 
@@ -163,7 +163,7 @@ class PaidTools:
     async def start(self) -> None:
         """What an HTTP seller does when its app starts: the start-up checks, then the delivery poster."""
         if self.seller.config.startup_checks:
-            await anyio.to_thread.run_sync(check_chain, self.seller.chain)
+            await anyio.to_thread.run_sync(check_chain, self.seller.config, self.seller.chain)
         self.seller.poster.start()
 
     async def stop(self) -> None:

@@ -38,14 +38,14 @@ or the keeper); a delivery a reorg drops is posted again.
     ├── ConfigError
     │   └── (SellerConfig / PricedRoute settings)
     └── ProtocolError
-        └── PaymentRejected     a rule broken: `.reason` (Reason) and `.status` (400 or 402)
+        └── Refusal     a rule broken: `.reason` (Reason) and `.status` (400 or 402)
 """
 
 from __future__ import annotations
 
 from web3 import Web3
 
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
@@ -54,7 +54,7 @@ from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerCon
 from escrow_py.seller._sdk import DeliveryEscrowServerScheme, DeliveryHashHeader
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
 
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
@@ -65,7 +65,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """
     store = SellerStore(config.store)
     try:
-        poster = DeliveryPoster(SellerChain(config, w3, book=store), store, lease=config.poster_lease)
+        poster = DeliveryPoster.of(config, seller_chain(config, w3, book=store), store)
         try:
             return poster.post_pending(force_settle=True)
         finally:
@@ -82,10 +82,9 @@ __all__ = [
     "ExactOffer",
     "FacilitatorMiddleware",
     "FacilitatorSellerConfig",
-    "PaymentRejected",
     "PostReport",
     "PricedRoute",
-    "SellerChain",
+    "Refusal",
     "SellerConfig",
     "SellerHooks",
     "SellerStore",
@@ -94,6 +93,7 @@ __all__ = [
     "check_seller",
     "offer_for",
     "post_pending",
+    "seller_chain",
     "verify_offchain",
     "verify_onchain",
 ]

@@ -21,11 +21,11 @@ import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
-from web3.exceptions import Web3Exception
 from x402.http import HTTPRequestContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.chain import rpc
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.tx import SentTx
 from escrow_py.protocol.errors import (
     ConfigError,
@@ -53,7 +53,7 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
     payment_required,
 )
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._offers import (
     EXACT,
@@ -81,7 +81,7 @@ from escrow_py.seller._store import (
     SellerStore,
     StoredResponse,
 )
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
 log = logging.getLogger("escrow_py.seller")
 
@@ -141,18 +141,19 @@ class EscrowMiddleware:
     `EscrowMiddleware.of(app)` finds the instance inside a Starlette/FastAPI app.
     """
 
-    def __init__(self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None, chain: EscrowChain | None = None
+    ) -> None:
         if not isinstance(config, SellerConfig):
             raise EscrowError("EscrowMiddleware needs config=SellerConfig(...)")
         self.app = app
         self.config = config
         self.store = SellerStore(config.store)
-        self.chain = SellerChain(config, w3, book=self.store)
+        # `chain`: another EscrowChain than the node at config.rpc_url (the unit tests' in-memory one).
+        self.chain: EscrowChain = chain if chain is not None else seller_chain(config, w3, book=self.store)
         # Names this process in the store's leases: a claim's owner says who holds it.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.poster = DeliveryPoster(
-            self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
-        )
+        self.poster = DeliveryPoster.of(config, self.chain, self.store, owner=self.replica)
         self.offers = Offers(config)
 
     @staticmethod
@@ -228,7 +229,7 @@ class EscrowMiddleware:
         if not self.config.startup_checks:
             return None
         try:
-            await _blocking(check_chain, self.chain)
+            await _blocking(check_chain, self.config, self.chain)
         except ConfigError as exc:
             log.error("seller start-up check failed: %s", exc)
             return str(exc)
@@ -259,11 +260,11 @@ class EscrowMiddleware:
             escrow_id = self._escrow_id_of(header)
             async with self._claim(escrow_id):
                 await self._settle(scope, receive, send, request, header=header, escrow_id=escrow_id)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
             await _send_unavailable(send, unavailable)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
             log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
@@ -328,7 +329,7 @@ class EscrowMiddleware:
         try:
             payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
         except ProtocolError as exc:
-            raise PaymentRejected(exc.reason, str(exc)) from None
+            raise Refusal(exc.reason, str(exc)) from None
         return payload.terms.escrow_id(self.config.chain_id, self.config.escrow)
 
     def _verify(self, header: str, request: _Request, chain_time: int) -> VerifiedPayment:
@@ -366,13 +367,13 @@ class EscrowMiddleware:
                     state = await _blocking(self.chain.state_of, escrow_id)
             if state == State.NONE:
                 # Recorded, but the deposit never landed: try it again under today's rules.
-                now = await _blocking(self.chain.now)
+                now = await _blocking(self.chain.next_block_time)
                 verified = self._verify(header, request, now)
                 deposit_tx = await self._deposit(verified, accepted_at=None, route=request.route)
             elif state == State.HELD:
                 await self._require_time_left(verified.terms)  # a crash mid-handler: serve it now
             else:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
         else:
             first = await self._first_time(scope, receive, send, request, header=header, escrow_id=escrow_id)
             if first is None:
@@ -406,7 +407,7 @@ class EscrowMiddleware:
             await _blocking(self.store.set_held, escrow_id, None)
             await self._require_time_left(verified.terms)
             return verified, None
-        raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+        raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
 
     async def _accept_new(self, header: str, request: _Request, now: int) -> tuple[VerifiedPayment, bytes | None]:
         """A payment seen for the first time: verified and deposited, between the seller's hooks."""
@@ -426,7 +427,7 @@ class EscrowMiddleware:
         await _abort_on(hooks.after_verify, verify_result_context(payload, requirements, context, verified.buyer))
         await _abort_on(hooks.before_settle, settle_context(payload, requirements, context))
         deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
-        extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state="held")
+        extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state=State.HELD)
         result = self._settlement(verified.buyer, deposit_tx, extra)
         try:
             await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
@@ -450,7 +451,7 @@ class EscrowMiddleware:
             await self._send_response(send, outcome.response, outcome.settle)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
-        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)
+        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.next_block_time)
 
     def _latest_valid_time(self, request: _Request, header: str) -> int:
         """The last chain time at which this payment's deadline and authorization both had time left."""
@@ -458,9 +459,9 @@ class EscrowMiddleware:
         return min(payload.terms.deadline, payload.authorization.valid_before) - self.config.min_time_left - 1
 
     async def _require_time_left(self, terms: Terms) -> None:
-        now = await _blocking(self.chain.now)
+        now = await _blocking(self.chain.next_block_time)
         if now + self.config.min_time_left > terms.deadline:
-            raise PaymentRejected(
+            raise Refusal(
                 Reason.ESCROW_REFUNDABLE,
                 f"deadline {terms.deadline} is less than {self.config.min_time_left}s after chain time {now}: "
                 "too late to deliver, the escrow is refundable",
@@ -476,8 +477,8 @@ class EscrowMiddleware:
         escrow_id = verified.escrow_id
         chain = self.chain
         try:
-            gas = await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
-        except PaymentRejected as rejected:
+            gas = await _blocking(verify_onchain, verified, chain=chain)
+        except Refusal as rejected:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
@@ -500,7 +501,7 @@ class EscrowMiddleware:
         except (InsufficientFunds, NonceConflict) as exc:
             await _blocking(self.store.forget, escrow_id)  # the node refused it: nothing is on its way
             raise self._operator_failure(escrow_id, exc) from None
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             if await _blocking(chain.state_of, escrow_id) == State.HELD:
                 # It landed although we saw an error (a lost receipt): go on as deposited.
                 await _blocking(self.store.set_held, escrow_id, None)
@@ -553,7 +554,7 @@ class EscrowMiddleware:
             return None
         await _blocking(self.store.forget, escrow_id)
         log.warning("deposit of 0x%s reverted on chain: %s (buyer %s)", escrow_id.hex(), exc, verified.buyer)
-        raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
+        raise Refusal(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
 
     # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
 
@@ -568,10 +569,8 @@ class EscrowMiddleware:
         """
         escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
         try:
-            await _blocking(
-                verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
-            )
-        except PaymentRejected as rejected:
+            await _blocking(verify_onchain, verified, chain=chain, serve_first=True)
+        except Refusal as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
         due = min(verified.payload.authorization.valid_before, terms.deadline)
@@ -600,7 +599,7 @@ class EscrowMiddleware:
             if request.route.fallback_to_hold:
                 log.info("payment 0x%s served in hold mode: %s (%s)", escrow_id.hex(), why, reason)
                 return False
-            raise PaymentRejected(reason, why)
+            raise Refusal(reason, why)
         await self._serve_first_handler(scope, receive, send, request, verified)
         return True
 
@@ -610,12 +609,12 @@ class EscrowMiddleware:
         """A serve-first payment recorded and never answered (the seller died mid-handler): serve it now,
         if its authorization is still unused and leaves the poster time to settle it."""
         terms, escrow_id = verified.terms, verified.escrow_id
-        if await _blocking(self.chain.authorization_used, terms.buyer, escrow_id):
-            raise PaymentRejected(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-        now = await _blocking(self.chain.now)
+        if await _blocking(self.chain.authorization_used, terms.token, terms.buyer, escrow_id):
+            raise Refusal(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
+        now = await _blocking(self.chain.next_block_time)
         due = min(verified.payload.authorization.valid_before, terms.deadline)
         if now + self.config.min_time_left > due:
-            raise PaymentRejected(
+            raise Refusal(
                 Reason.AUTHORIZATION_EXPIRED, f"validBefore/deadline {due} leaves no time to settle (chain time {now})"
             )
         await self._serve_first_handler(scope, receive, send, request, verified)
@@ -681,7 +680,7 @@ class EscrowMiddleware:
                 escrow_id=escrow_id,
                 deadline=terms.deadline,
                 delivery_hash=hashed,
-                state="held",
+                state=State.HELD,
                 settlement=SettlementStatus.HELD,
             )
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
@@ -699,7 +698,7 @@ class EscrowMiddleware:
                 refund_tx=refund_tx,
                 status=str(response.status),
             )
-        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+        except (EscrowError, OSError, TimeoutError) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
         if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
@@ -709,7 +708,7 @@ class EscrowMiddleware:
             escrow_id=escrow_id,
             deadline=terms.deadline,
             refund_transaction=refund_tx,
-            state="refunded" if refund_tx else "held",
+            state=State.REFUNDED if refund_tx else State.HELD,
         )
         settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         await self._send_response(send, response, settle)
@@ -732,7 +731,7 @@ class EscrowMiddleware:
                 escrow_id=payment.escrow_id,
                 deadline=terms.deadline,
                 refund_transaction=payment.refund_tx,
-                state="refunded" if payment.status == REFUNDED else "held",
+                state=State.REFUNDED if payment.status == REFUNDED else State.HELD,
             )
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         else:
@@ -756,7 +755,7 @@ class EscrowMiddleware:
         refund (a keeper, recover()), so the chain is asked; if it cannot answer, the stored reply still goes."""
         try:
             onchain = await _blocking(self.chain.state_of, escrow_id)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
             return "held"
         return {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held")
@@ -970,7 +969,7 @@ async def _abort_on(hooks: list[Any], context: Any) -> None:
     """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
     aborted = await SellerHooks.run(hooks, context)
     if aborted is not None:
-        raise PaymentRejected(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
+        raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 
 
 def _route_name(route: PricedRoute) -> str:

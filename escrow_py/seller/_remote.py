@@ -41,7 +41,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Ve
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import SCHEME, SettlementExtra, SettlementStatus, decode_payment_signature
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import (
@@ -54,7 +54,7 @@ from escrow_py.seller._middleware import (
 )
 from escrow_py.seller._offers import Offers
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
 log = logging.getLogger("escrow_py.seller.remote")
 
@@ -140,7 +140,7 @@ class FacilitatorSellerConfig:
         if not escrow or not operator:
             raise ConfigError("the facilitator's /supported names no escrow or operator for this network")
         return SellerConfig(
-            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware makes no SellerChain
+            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware builds no chain
             escrow=str(escrow),
             token=self.token,
             network=self.network,
@@ -436,7 +436,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                                     down.retry_after) from None  # fmt: skip
         if not result.success:
             reason, _, detail = (result.error_reason or Reason.DEPOSIT_FAILED).partition(": ")
-            raise PaymentRejected(reason, result.error_message or reason, detail=detail or None)
+            raise Refusal(reason, result.error_message or reason, detail=detail or None)
         extra = result.extra or {}
         accepted_at = int(extra.get("acceptedAt", 0))
         # A facilitator's yes for another payment is no yes: this one is checked against this request's offer.
@@ -462,7 +462,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                                     down.retry_after) from None  # fmt: skip
         if not result.is_valid:
             reason = result.invalid_reason or Reason.SIMULATION_FAILED
-            raise PaymentRejected(reason, result.invalid_message or reason)
+            raise Refusal(reason, result.invalid_message or reason)
 
     async def _serve_first_remote(
         self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
@@ -495,7 +495,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             if request.route.fallback_to_hold:
                 log.info("payment 0x%s served in hold mode: %s", escrow_id.hex(), refused)
                 return False
-            raise PaymentRejected(Reason(refused), f"serve-first refused for buyer {terms.buyer}: {refused}")
+            raise Refusal(Reason(refused), f"serve-first refused for buyer {terms.buyer}: {refused}")
         await self._serve_first_handler(scope, receive, send, request, verified)
         self._kick.set()
         return True
@@ -518,8 +518,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
                 return
             self._kick.set()
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held",
-                                    settlement=SettlementStatus.HELD)  # fmt: skip
+            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed,
+                                    state=State.HELD, settlement=SettlementStatus.HELD)  # fmt: skip
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
             return
         refund_tx: bytes | None = None
@@ -536,7 +536,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             await _blocking(self.store.set_refunded, escrow_id, None)
         extra = SettlementExtra(
             escrow_id=escrow_id, deadline=terms.deadline, refund_transaction=refund_tx,
-            state="refunded" if refunded else "held",
+            state=State.REFUNDED if refunded else State.HELD,
         )  # fmt: skip
         settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         await self._send_response(send, response, settle)
@@ -550,7 +550,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         terms = payment.terms
         extra = SettlementExtra(
             escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-            state="held", settlement=SettlementStatus.HELD,
+            state=State.HELD, settlement=SettlementStatus.HELD,
         )  # fmt: skip
         await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from escrow_py.chain.tx import SentTx
+from escrow_py.protocol.codec import parse_hex, to_hex
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store
 
@@ -144,12 +145,8 @@ SETTLED_ELSEWHERE = "settled"  # found Released by another transaction (another 
 REFUNDED_ON_CHAIN = "refunded"  # found Refunded (an early refund by the seller's side, or a keeper)
 
 
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
-
-
 def _unhex(value: str | None) -> bytes | None:
-    return None if value is None else bytes.fromhex(value[2:])
+    return None if value is None else parse_hex(value, "a stored hash")
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +247,7 @@ class SellerStore:
         row = self._db.one(
             "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
             "response_body, payload FROM payments WHERE escrow_id = ?",
-            (_hex(escrow_id),),
+            (to_hex(escrow_id),),
         )
         if row is None:
             return None
@@ -273,7 +270,7 @@ class SellerStore:
     def answered(self, escrow_id: bytes) -> bool:
         """Whether a response is stored for the payment (then it is only ever replayed)."""
         row = self._db.one(
-            "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (_hex(escrow_id),)
+            "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (to_hex(escrow_id),)
         )
         return row is not None
 
@@ -294,20 +291,20 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
-                (_hex(tx_hash), time.time(), _hex(escrow_id), DEPOSITING),
+                (to_hex(tx_hash), time.time(), to_hex(escrow_id), DEPOSITING),
             )
 
     def forget(self, escrow_id: bytes) -> None:
         """Drop a payment whose deposit never happened, so the buyer may try again."""
         with self._db.transaction() as tx:
-            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), DEPOSITING))
+            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (to_hex(escrow_id), DEPOSITING))
 
     def set_held(self, escrow_id: bytes, deposit_tx: bytes | None) -> None:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id)),
+                (HELD, to_hex(deposit_tx), time.time(), to_hex(escrow_id)),
             )
 
     def record_held(
@@ -320,11 +317,11 @@ class SellerStore:
                 tx.execute(
                     "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
                     "WHERE escrow_id = ? AND status = ?",
-                    (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id), DEPOSITING),
+                    (HELD, to_hex(deposit_tx), time.time(), to_hex(escrow_id), DEPOSITING),
                 )
             elif deposit_tx is not None:
                 tx.execute(
-                    "UPDATE payments SET deposit_tx = ? WHERE escrow_id = ?", (_hex(deposit_tx), _hex(escrow_id))
+                    "UPDATE payments SET deposit_tx = ? WHERE escrow_id = ?", (to_hex(deposit_tx), to_hex(escrow_id))
                 )
 
     def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> bool:
@@ -338,14 +335,14 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
+                (SERVED, response.status, _headers_json(response), response.body, now, to_hex(escrow_id)),
             ).rowcount
             if stored != 1:
                 return False
             tx.execute(
                 "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
-                (_hex(escrow_id), json.dumps(terms.to_json()), _hex(delivery_hash), terms.deadline, PENDING, now),
+                (to_hex(escrow_id), json.dumps(terms.to_json()), to_hex(delivery_hash), terms.deadline, PENDING, now),
             )
         return True
 
@@ -356,8 +353,8 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
                 "response_body = ?, updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (status, _hex(refund_tx), response.status, _headers_json(response), response.body, time.time(),
-                 _hex(escrow_id)),
+                (status, to_hex(refund_tx), response.status, _headers_json(response), response.body, time.time(),
+                 to_hex(escrow_id)),
             ).rowcount  # fmt: skip
         return stored == 1
 
@@ -366,7 +363,7 @@ class SellerStore:
             tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = COALESCE(?, refund_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (REFUNDED, _hex(refund_tx), time.time(), _hex(escrow_id)),
+                (REFUNDED, to_hex(refund_tx), time.time(), to_hex(escrow_id)),
             )
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
@@ -407,7 +404,7 @@ class SellerStore:
             tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, retry_at = ?, updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                [(error[:500], now + delay, now, _hex(i), PENDING) for i, delay in delays],
+                [(error[:500], now + delay, now, to_hex(i), PENDING) for i, delay in delays],
             )
 
     def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
@@ -428,7 +425,7 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.executemany(
                 f"UPDATE {table} SET final = 1, updated_at = ? WHERE escrow_id = ?",  # noqa: S608
-                [(time.time(), _hex(i)) for i in ids],
+                [(time.time(), to_hex(i)) for i in ids],
             )
 
     def _requeue(self, table: _Queue, ids: list[bytes], why: str, *, sent: str, queued: str) -> None:
@@ -437,7 +434,7 @@ class SellerStore:
             tx.executemany(
                 f"UPDATE {table} SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "  # noqa: S608
                 "WHERE escrow_id = ? AND status = ?",
-                [(queued, why[:500], time.time(), _hex(i), sent) for i in ids],
+                [(queued, why[:500], time.time(), to_hex(i), sent) for i in ids],
             )
 
     def mark_final(self, ids: list[bytes]) -> None:
@@ -449,7 +446,7 @@ class SellerStore:
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
         row = self._db.one(
-            "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
+            "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (to_hex(escrow_id),)
         )
         if row is None:
             return None
@@ -464,7 +461,7 @@ class SellerStore:
             tx.executemany(
                 "UPDATE deliveries SET status = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                [(status, _hex(tx_hash), now, _hex(i), was) for i in ids],
+                [(status, to_hex(tx_hash), now, to_hex(i), was) for i in ids],
             )
 
     # -- leases: one replica at a time on a payment, one poster per operator key -------------------------
@@ -525,7 +522,7 @@ class SellerStore:
             tx.execute(
                 "INSERT INTO operator_txs (tx_hash, address, nonce, intent, raw, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tx_hash) DO NOTHING",
-                (_hex(signed.tx_hash), address, signed.nonce, signed.intent, _hex(signed.raw), time.time()),
+                (to_hex(signed.tx_hash), address, signed.nonce, signed.intent, to_hex(signed.raw), time.time()),
             )
 
     def txs_for(self, address: str, intent: str) -> list[bytes]:
@@ -540,7 +537,7 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
-                [(error[:500], now, _hex(i)) for i in ids],
+                [(error[:500], now, to_hex(i)) for i in ids],
             )
 
     # -- serve-first ---------------------------------------------------------------------------
@@ -587,7 +584,7 @@ class SellerStore:
             tx.execute(
                 "INSERT INTO settlements (escrow_id, buyer, amount, payload, due, status, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (_hex(escrow_id), buyer, amount, payload, due, SETTLE_SERVING, time.time()),
+                (to_hex(escrow_id), buyer, amount, payload, due, SETTLE_SERVING, time.time()),
             )
         return None
 
@@ -602,30 +599,32 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED_FIRST, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
+                (SERVED_FIRST, response.status, _headers_json(response), response.body, now, to_hex(escrow_id)),
             ).rowcount
             if stored != 1:
                 return False
             tx.execute(
                 "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ?, queued_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                (SETTLE_QUEUED, _hex(delivery_hash), now, now, _hex(escrow_id), SETTLE_SERVING),
+                (SETTLE_QUEUED, to_hex(delivery_hash), now, now, to_hex(escrow_id), SETTLE_SERVING),
             )
         return True
 
     def forget_serve_first(self, escrow_id: bytes) -> None:
         """The handler failed: nothing was served and nothing will be settled; the exposure is freed."""
         with self._db.transaction() as tx:
-            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), SETTLE_SERVING))
+            tx.execute(
+                "DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (to_hex(escrow_id), SETTLE_SERVING)
+            )
             tx.execute(
                 "DELETE FROM payments WHERE escrow_id = ? AND status = ? AND response_status IS NULL",
-                (_hex(escrow_id), SERVING_FIRST),
+                (to_hex(escrow_id), SERVING_FIRST),
             )
 
     def settlement(self, escrow_id: bytes) -> SettlementRecord | None:
         row = self._db.one(
             "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
-            (_hex(escrow_id),),
+            (to_hex(escrow_id),),
         )
         if row is None:
             return None
@@ -673,7 +672,7 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE settlements SET status = ?, tx_hash = ?, final = 0, updated_at = ? WHERE escrow_id = ?",
-                [(SETTLE_DONE, _hex(tx_hash), time.time(), _hex(i)) for i in ids],
+                [(SETTLE_DONE, to_hex(tx_hash), time.time(), to_hex(i)) for i in ids],
             )
 
     def mark_lost(self, escrow_id: bytes, reason: str, *, refuse_buyer: bool, tx_hash: bytes | None = None) -> None:
@@ -683,21 +682,21 @@ class SellerStore:
             tx.execute(
                 "UPDATE settlements SET status = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (SETTLE_LOST, reason[:200], _hex(tx_hash), now, _hex(escrow_id)),
+                (SETTLE_LOST, reason[:200], to_hex(tx_hash), now, to_hex(escrow_id)),
             )
             if refuse_buyer:
                 tx.execute(
                     "INSERT INTO refused_buyers (buyer, escrow_id, reason, at) "
                     "SELECT buyer, escrow_id, ?, ? FROM settlements WHERE escrow_id = ? "
                     "ON CONFLICT (buyer) DO NOTHING",
-                    (reason[:200], now, _hex(escrow_id)),
+                    (reason[:200], now, to_hex(escrow_id)),
                 )
 
     def note_settle_attempt(self, ids: list[bytes], error: str) -> None:
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE settlements SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
-                [(error[:500], time.time(), _hex(i)) for i in ids],
+                [(error[:500], time.time(), to_hex(i)) for i in ids],
             )
 
     def settled_unfinal(self, limit: int = 500) -> list[tuple[bytes, bytes]]:
@@ -737,12 +736,12 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ?",
-                (_hex(deposit_tx), time.time(), _hex(escrow_id)),
+                (to_hex(deposit_tx), time.time(), to_hex(escrow_id)),
             )
 
     def deposit_payload(self, escrow_id: bytes) -> str | None:
         """The signed payload a hold payment was accepted with (None for rows written before it was kept)."""
-        row = self._db.one("SELECT payload FROM payments WHERE escrow_id = ?", (_hex(escrow_id),))
+        row = self._db.one("SELECT payload FROM payments WHERE escrow_id = ?", (to_hex(escrow_id),))
         return None if row is None else row[0]
 
 
@@ -754,7 +753,7 @@ def _insert_payment(
     inserted = tx.execute(
         "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, updated_at, route, "
         "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
-        (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
+        (to_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
          payload),
     ).rowcount  # fmt: skip
     return inserted == 1

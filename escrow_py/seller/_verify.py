@@ -4,21 +4,21 @@ Two stages. `verify_offchain` is pure (no RPC): it decodes the header and checks
 payment against the offer the seller computed for *this* request, with the chain
 time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
 balance, whether the authorization was used or cancelled, and an `eth_call`
-simulation of the deposit itself. Each rule broken raises `PaymentRejected` with the
+simulation of the deposit itself. Each rule broken raises `Refusal` with the
 machine-readable reason and the values involved.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import Escrow, Settlement
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import GAS_MARGIN, TxSender
+from escrow_py.chain.escrow import Settlement
+from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.eip3009 import recover_signer
 from escrow_py.protocol.errors import ContractRevert, ProtocolError
 from escrow_py.protocol.reasons import Reason
@@ -46,7 +46,7 @@ _UNDECODABLE = {Reason.INVALID_PAYLOAD, Reason.HEADER_TOO_LARGE, Reason.UNSUPPOR
 MAX_DETAIL = 160
 
 
-class PaymentRejected(ProtocolError):
+class Refusal(ProtocolError):
     """The payment breaks a rule; `status` is the HTTP status to answer with (400 or 402).
 
     `detail` is a short public explanation (a decoded revert, never a secret) that the
@@ -54,7 +54,7 @@ class PaymentRejected(ProtocolError):
     `"<reason>: <detail>"`.
     """
 
-    def __init__(self, reason: str, message: str, *, detail: str | None = None) -> None:
+    def __init__(self, reason: Reason | str, message: str, *, detail: str | None = None) -> None:
         super().__init__(reason, message)
         self.detail = detail[:MAX_DETAIL] if detail else None
 
@@ -113,8 +113,8 @@ class VerifiedPayment:
         return self.payload.terms.buyer
 
 
-def _reject(reason: Reason, message: str) -> PaymentRejected:
-    return PaymentRejected(reason, message)
+def _reject(reason: Reason, message: str) -> Refusal:
+    return Refusal(reason, message)
 
 
 def _require(condition: bool, reason: Reason, message: str) -> None:
@@ -137,10 +137,10 @@ def verify_offchain(
         return _verify_offchain(
             header, offer, chain_time, min_time_left, deadline_slack, signature_checked=signature_checked
         )
-    except PaymentRejected:
+    except Refusal:
         raise
     except ProtocolError as exc:  # a decoding error of the shared wire layer
-        raise PaymentRejected(exc.reason, str(exc)) from None
+        raise Refusal(exc.reason, str(exc)) from None
 
 
 def _verify_offchain(
@@ -236,28 +236,31 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(
-    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
-) -> int:
+def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
     """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as `sender` would send it.
+    that pulls the same authorization) as the chain's sender would send it.
 
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
     """
     payload = payment.payload
+    terms = payload.terms
     if serve_first:
         what = "settlement"
-        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
+        settlement = Settlement(terms, payload.authorization, payload.signature, PROBE_HASH)
+        simulate: Callable[[], int] = lambda: chain.simulate_settle(settlement)  # noqa: E731
     else:
         what = "deposit"
-        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+        simulate = lambda: chain.simulate_deposit(payload)  # noqa: E731
     # Three independent reads at once (one round trip); judged in this order, the simulation last.
     balance, used, gas = rpc.gather(
-        lambda: token.balance_of(payment.buyer),
-        lambda: token.authorization_state(payment.buyer, payment.escrow_id),
-        lambda: sender.estimate_gas(escrow.address, data),
+        lambda: chain.balance_of(terms.token, payment.buyer),
+        lambda: chain.authorization_used(terms.token, payment.buyer, payment.escrow_id),
+        simulate,
     )
+    if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (balance, used)):
+        # The asset's own reads revert too: not a token this payment can be pulled from.
+        raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     balance, used = _value(balance), _value(used)
     _require(
         balance >= payment.terms.amount,
@@ -266,9 +269,8 @@ def verify_onchain(
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
     if isinstance(gas, ContractRevert):
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    gas = _value(gas)
-    return int(gas * GAS_MARGIN)
+        raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+    return _value(gas)
 
 
 def _value(result: _T | BaseException) -> _T:

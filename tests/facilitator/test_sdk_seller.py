@@ -152,7 +152,7 @@ def test_a_failed_handler_in_the_escrow_flow_is_refunded_by_the_cancel_settle(
     assert response.status_code == 502 and calls == ["fail 1"]
     settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
     extra = SettlementExtra.from_json(settle.extra)
-    assert settle.success and extra.state == "refunded" and extra.refund_transaction is not None
+    assert settle.success and extra.state == State.REFUNDED and extra.refund_transaction is not None
     assert chain.escrow.state_of(extra.escrow_id) == State.REFUNDED  # deposited before, refunded after
     chain.mine()
     assert chain.token.balance_of(address(BUYER)) == buyer_before

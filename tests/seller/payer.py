@@ -47,7 +47,7 @@ class Payment:
 
 
 def sign_payment(
-    chain: Chain,
+    chain: Chain | None,
     required: PaymentRequired,
     *,
     buyer: int = BUYER,
@@ -59,7 +59,9 @@ def sign_payment(
     auth_changes: dict[str, Any] | None = None,
     tamper: Callable[[dict[str, Any]], None] | None = None,
 ) -> Payment:
-    """Sign the first `accepts` entry of `required` as dev account `buyer` (or with `signer`'s key)."""
+    """Sign the first `accepts` entry of `required` as dev account `buyer` (or with `signer`'s key).
+
+    `chain` None (a chain without a `now()`, the unit tier's fake): `deadline` must be given."""
     accepted = required.accepts[0]
     req = EscrowRequirements.from_model(accepted)
     terms = Terms(
@@ -68,7 +70,7 @@ def sign_payment(
         operator=req.extra.operator,
         token=req.asset,
         amount=req.amount,
-        deadline=deadline if deadline is not None else chain.now() + req.max_timeout_seconds - 10,
+        deadline=deadline if deadline is not None else _now(chain) + req.max_timeout_seconds - 10,
         request_hash=req.extra.request_hash,
         salt=os.urandom(32),
     )
@@ -91,6 +93,12 @@ def sign_payment(
     if tamper is not None:
         tamper(envelope)
     return Payment(encode_header(envelope), terms, auth, signature, auth.nonce)
+
+
+def _now(chain: Chain | None) -> int:
+    if chain is None:
+        raise ValueError("sign_payment without a chain needs its deadline")
+    return chain.now()
 
 
 async def quote(client: httpx.AsyncClient, method: str, path: str, body: bytes = b"") -> PaymentRequired:
