@@ -99,6 +99,7 @@ def _schema_2(tx: Tx) -> None:
 MIGRATIONS = (
     Migration(1, "payments and ledger", _SCHEMA + ";" + ledger.SCHEMA),
     Migration(2, "deadlines, running totals, indexes", _SCHEMA_2 + ";" + ledger.TOTALS, run=_schema_2),
+    Migration(3, "a covering index of the committed rows for the budget windows", ledger.COMMITTED),
 )
 FINAL = tuple(s.value for s in PaymentState if s.final)
 

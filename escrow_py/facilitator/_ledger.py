@@ -80,7 +80,7 @@ class Ledger:
         total = 0
         with self._db.read() as tx:
             for escrow_id in escrows:
-                row = tx.one("SELECT terms FROM payments WHERE escrow_id = ?", ("0x" + escrow_id.hex(),))
+                row = tx.one("SELECT terms FROM payments WHERE escrow_id = ?", (bytes(escrow_id),))
                 if row is not None:
                     total += int(json.loads(row[0])["amount"])
         return total
@@ -114,7 +114,7 @@ class Ledger:
                 amount = int(terms["amount"])
                 token = str(terms["token"])
                 figures.held_by_token[token] = figures.held_by_token.get(token, 0) + amount
-                held.append((int(deadline), escrow_id, state, amount))
+                held.append((int(deadline), "0x" + bytes(escrow_id).hex(), state, amount))
         figures.next_deadlines = [
             {"escrowId": i, "deadline": d, "state": s, "amount": str(a)} for d, i, s, a in sorted(held)[:NEXT_DEADLINES]
         ]
