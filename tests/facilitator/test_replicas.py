@@ -133,7 +133,7 @@ def test_two_replicas_on_postgresql_one_killed_mid_traffic_lose_nothing(
     mined = _operator_txs_mined(chain, start_block, last_block)
     store = open_database(db, NAMESPACE)
     try:
-        intents = {bytes.fromhex(h[2:]): intent for h, intent in store.all("SELECT tx_hash, intent FROM operator_txs")}
+        intents = {bytes(h): intent for h, intent in store.all("SELECT tx_hash, intent FROM operator_txs")}
     finally:
         store.close()
     assert mined and all(h in intents for h in mined)
