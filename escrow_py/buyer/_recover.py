@@ -7,19 +7,18 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import httpx
-from web3 import Web3
 
-from escrow_py.buyer._core import CLOCK_SKEW, PaymentCore, delivered_hash, judge_response
+from escrow_py.buyer._chain import CLOCK_SKEW
+from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
+from escrow_py.buyer._settings import BuyerSettings, no_other_options, settings_of
 from escrow_py.chain.escrow import Settled
-from escrow_py.chain.failures import typed_chain_errors
-from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ChainError, ProtocolError
+from escrow_py.errors import ChainError, ConfigError, ProtocolError
 from escrow_py.terms import State, delivery_hash
 from escrow_py.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -103,8 +102,7 @@ def _replay_released(
     if committed is None:
         # The chain, not the answer, is the judge; the answer only says where to look first.
         since = int(entry.created_at) - CLOCK_SKEW
-        with typed_chain_errors(f"searching the Delivered event of escrow 0x{eid.hex()}"):
-            committed = delivered_hash(core.chain.w3, entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
+        committed = core.chain.delivered_hash(entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
@@ -123,9 +121,7 @@ def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
     terms, eid = entry.terms, entry.escrow_id
     if not core.chain.authorization_used(terms.token, terms.buyer, eid):
         return None
-    since = int(entry.created_at) - CLOCK_SKEW
-    with typed_chain_errors(f"searching the Settled event of escrow 0x{eid.hex()}"):
-        return core.chain.escrow(entry.escrow).settlement_of(eid, since=since)
+    return core.chain.settlement_of(entry.escrow, eid, since=int(entry.created_at) - CLOCK_SKEW)
 
 
 def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> RecoveryItem:
@@ -165,15 +161,7 @@ def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
     if isinstance(answer, Exception):
         return RecoveryItem(eid, State.HELD, Action.REPLAYED, f"replay failed: {answer!r}; held", entry.state)
     try:
-        judge_response(
-            core,
-            escrow_id=eid,
-            terms=entry.terms,
-            escrow=entry.escrow,
-            valid_before=entry.valid_before,
-            response=answer,
-            replay=True,
-        )
+        core.settle(entry, answer, replay=True)
     except PaymentError as exc:
         after = core.journal.get(eid)
         return RecoveryItem(eid, State.HELD, Action.REPLAYED, str(exc), after.state if after else entry.state)
@@ -210,10 +198,8 @@ def _settle_without_replay(
 
 def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
     eid, journal = entry.escrow_id, core.journal
-    escrow = core.chain.escrow(entry.escrow)
     try:
-        with typed_chain_errors(f"refunding escrow 0x{eid.hex()}"):
-            receipt = escrow.refund(TxSender(core.chain.w3, core.signer), entry.terms)
+        tx = core.chain.refund(entry.escrow, eid, entry.terms, core.signer)
     except ChainError as exc:
         if core.chain.state_of(entry.escrow, eid) is State.REFUNDED:  # a keeper got there first
             journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
@@ -221,7 +207,6 @@ def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
                 eid, State.HELD, Action.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
             )
         return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refund failed: {exc}", entry.state)
-    tx = bytes(receipt["transactionHash"])
     journal.update(eid, PaymentState.REFUNDED, detail="refunded by recover()", tx_hash=tx)
     return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx)
 
@@ -308,16 +293,16 @@ def _advance(flow: _Flow, answer: httpx.Response | Exception | None) -> httpx.Re
 
 
 def recover(
-    journal: str | Path,
-    signer: Signer,
-    rpc_url: str,
+    settings: BuyerSettings | str | Path,
+    signer: Signer | None = None,
+    rpc_url: str | None = None,
     *,
     refund_expired: bool = True,
     transport: httpx.BaseTransport | None = None,
-    w3: Web3 | None = None,
-    rpc_timeout: float = DEFAULT_DEADLINE,
+    **options: Any,
 ) -> RecoveryReport:
-    """Finish every unfinished payment in the journal file, in a fresh process if need be.
+    """Finish every unfinished payment in the journal, in a fresh process if need be:
+    `recover(settings)`, or `recover(journal, signer, rpc_url, **BuyerSettings keywords)`.
 
     Per payment, by its escrow's on-chain state: Released, replay the request with the
     same PAYMENT-SIGNATURE and check the bytes against the Delivered hash; never deposited
@@ -330,28 +315,47 @@ def recover(
     (each call bounded by `rpc_timeout` seconds) raises a ChainError (RpcError) naming what was
     being read; what was settled before stays journaled.
     """
-    core = PaymentCore(signer, rpc_url, journal, w3=w3, rpc_timeout=rpc_timeout)
+    core = PaymentCore(_recover_settings("recover", settings, signer, rpc_url, options))
     try:
         with httpx.Client(transport=transport) as http:
             return recover_with(core, http, refund_expired=refund_expired)
     finally:
-        core.journal.close()
+        core.close()
 
 
 async def arecover(
-    journal: str | Path,
-    signer: Signer,
-    rpc_url: str,
+    settings: BuyerSettings | str | Path,
+    signer: Signer | None = None,
+    rpc_url: str | None = None,
     *,
     refund_expired: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
-    w3: Web3 | None = None,
-    rpc_timeout: float = DEFAULT_DEADLINE,
+    **options: Any,
 ) -> RecoveryReport:
     """The async form of recover(); replays go through `transport` (e.g. httpx.ASGITransport)."""
-    core = PaymentCore(signer, rpc_url, journal, w3=w3, rpc_timeout=rpc_timeout)
+    core = PaymentCore(_recover_settings("arecover", settings, signer, rpc_url, options))
     try:
         async with httpx.AsyncClient(transport=transport) as http:
             return await arecover_with(core, http, refund_expired=refund_expired)
     finally:
-        core.journal.close()
+        core.close()
+
+
+def _recover_settings(
+    entry: str,
+    settings: BuyerSettings | str | Path,
+    signer: Signer | None,
+    rpc_url: str | None,
+    options: dict[str, Any],
+) -> BuyerSettings:
+    """recover()'s arguments (the journal first in its keyword form) as a BuyerSettings."""
+    if isinstance(settings, BuyerSettings):
+        if signer is not None:
+            raise ConfigError(f"{entry}() takes a BuyerSettings or a journal, a signer and an rpc_url, not both")
+        found = settings_of(settings, rpc_url, None, options)
+    elif signer is None:
+        raise TypeError(f"{entry}() needs a BuyerSettings, or a journal, a signer and an rpc_url")
+    else:
+        found = settings_of(signer, rpc_url, settings, options)
+    no_other_options(entry, options)
+    return found
