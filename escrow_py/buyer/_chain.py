@@ -1,8 +1,8 @@
 """The buyer's one way to the chain: every step that reads or writes the chain does it through a BuyerChain.
 
 Everything the buyer asks of the chain is a method here (reads, the clock, the delivery and settlement
-events, the buyer's own refund), so nothing else in escrow_py.buyer holds a Web3 connection, and a
-shared chain port can take its place by implementing these methods.
+events, the buyer's own refund), so nothing else in escrow_py.buyer holds a Web3 connection; the names
+and signatures are those of the shared chain port (escrow_py.chain's EscrowChain), which replaces it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError
+from web3.types import TxReceipt
 
 from escrow_py.buyer._errors import PaymentRefused
 from escrow_py.chain import rpc
@@ -53,8 +54,11 @@ class BuyerChain:
     refusal is not, so an address that gets the genuine code later is judged again.
     """
 
-    def __init__(self, rpc_url: str, *, w3: Web3 | None = None, rpc_timeout: float = rpc.DEFAULT_DEADLINE) -> None:
+    def __init__(
+        self, rpc_url: str, *, signer: Signer, w3: Web3 | None = None, rpc_timeout: float = rpc.DEFAULT_DEADLINE
+    ) -> None:
         self.w3 = w3 or rpc.connect(rpc_url, deadline=rpc_timeout)
+        self.signer = signer  # the buyer's key: its own refunds (recover())
         self._chain_id: int | None = None
         self._domains: dict[str, TokenDomain] = {}
         self._genuine: set[tuple[int, str]] = set()
@@ -118,22 +122,22 @@ class BuyerChain:
         with typed_chain_errors(f"reading the authorization state of escrow 0x{escrow_id.hex()}"):
             return Token(self.w3, token).authorization_state(buyer, escrow_id)
 
-    def state_of(self, escrow: str, escrow_id: bytes) -> State:
+    def state_of(self, escrow_id: bytes, *, escrow: str) -> State:
         with typed_chain_errors(f"reading the state of escrow 0x{escrow_id.hex()}"):
             return Escrow(self.w3, escrow).state_of(escrow_id)
 
-    def delivered_hash(self, escrow: str, escrow_id: bytes, *, since: int, tx_hash: bytes | None) -> bytes | None:
+    def delivered_hash(self, escrow_id: bytes, *, escrow: str, since: int, tx_hash: bytes | None) -> bytes | None:
         """The hash of the seller's Delivered event for `escrow_id` (see delivered_hash), None before it."""
         with typed_chain_errors(f"searching the Delivered event of escrow 0x{escrow_id.hex()}"):
             return delivered_hash(self.w3, escrow, escrow_id, since=since, tx_hash=tx_hash)
 
-    def settlement_of(self, escrow: str, escrow_id: bytes, *, since: int) -> Settled | None:
+    def settlement_of(self, escrow_id: bytes, *, escrow: str, since: int) -> Settled | None:
         """The Settled event of a served-first payment, searched from chain time `since` on."""
         with typed_chain_errors(f"searching the Settled event of escrow 0x{escrow_id.hex()}"):
             return Escrow(self.w3, escrow).settlement_of(escrow_id, since=since)
 
-    def refund(self, escrow: str, escrow_id: bytes, terms: Terms, signer: Signer) -> bytes:
-        """Send Escrow.refund for `terms` from `signer`'s key; the transaction hash once it is mined."""
+    def refund(self, terms: Terms, *, escrow: str) -> TxReceipt:
+        """Send Escrow.refund for `terms` from the buyer's key; its receipt once it is mined."""
+        escrow_id = terms.escrow_id(self.chain_id, escrow)
         with typed_chain_errors(f"refunding escrow 0x{escrow_id.hex()}"):
-            receipt = Escrow(self.w3, escrow).refund(TxSender(self.w3, signer), terms)
-        return bytes(receipt["transactionHash"])
+            return Escrow(self.w3, escrow).refund(TxSender(self.w3, self.signer), terms)

@@ -61,7 +61,9 @@ class PaymentCore:
     def __init__(self, settings: BuyerSettings) -> None:
         self.settings = settings
         self.signer = settings.signer
-        self.chain = BuyerChain(settings.rpc_url, w3=settings.w3, rpc_timeout=settings.rpc_timeout)
+        self.chain = BuyerChain(
+            settings.rpc_url, signer=settings.signer, w3=settings.w3, rpc_timeout=settings.rpc_timeout
+        )
         self.journal = settings.journal if isinstance(settings.journal, Journal) else Journal(settings.journal)
         policy = settings.policy
         self.rules: Policy | None = policy if isinstance(policy, Policy) else None
@@ -176,7 +178,7 @@ class PaymentCore:
         state: State | None = None
         if answer.needs is Need.STATE or answer.extra is None or answer.extra.delivery_transaction is None:
             try:
-                state = self.chain.state_of(payment.escrow, payment.escrow_id)
+                state = self.chain.state_of(payment.escrow_id, escrow=payment.escrow)
             except ChainError as exc:
                 return ChainFacts(state_error=exc)
             if answer.needs is Need.STATE or state is not State.RELEASED:
@@ -185,7 +187,7 @@ class PaymentCore:
         since = 0 if entry is None else int(entry.created_at) - CLOCK_SKEW
         tx_hash = None if answer.extra is None else answer.extra.delivery_transaction
         try:
-            posted = self.chain.delivered_hash(payment.escrow, payment.escrow_id, since=since, tx_hash=tx_hash)
+            posted = self.chain.delivered_hash(payment.escrow_id, escrow=payment.escrow, since=since, tx_hash=tx_hash)
         except ChainError as exc:
             return ChainFacts(state=state, hash_error=exc)
         return ChainFacts(state=state, posted_hash=posted)

@@ -74,7 +74,7 @@ def replay_request(entry: JournalEntry) -> httpx.Request:
 
 
 def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow:
-    state = core.chain.state_of(entry.escrow, entry.escrow_id)
+    state = core.chain.state_of(entry.escrow_id, escrow=entry.escrow)
     now = core.chain.now()
     replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
     if state is State.NONE and (settled := _settlement(core, entry)) is not None:
@@ -102,7 +102,7 @@ def _replay_released(
     if committed is None:
         # The chain, not the answer, is the judge; the answer only says where to look first.
         since = int(entry.created_at) - CLOCK_SKEW
-        committed = core.chain.delivered_hash(entry.escrow, eid, since=since, tx_hash=_delivery_tx(answer))
+        committed = core.chain.delivered_hash(eid, escrow=entry.escrow, since=since, tx_hash=_delivery_tx(answer))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
@@ -121,7 +121,7 @@ def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
     terms, eid = entry.terms, entry.escrow_id
     if not core.chain.authorization_used(terms.token, terms.buyer, eid):
         return None
-    return core.chain.settlement_of(entry.escrow, eid, since=int(entry.created_at) - CLOCK_SKEW)
+    return core.chain.settlement_of(eid, escrow=entry.escrow, since=int(entry.created_at) - CLOCK_SKEW)
 
 
 def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> RecoveryItem:
@@ -199,14 +199,15 @@ def _settle_without_replay(
 def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
     eid, journal = entry.escrow_id, core.journal
     try:
-        tx = core.chain.refund(entry.escrow, eid, entry.terms, core.signer)
+        receipt = core.chain.refund(entry.terms, escrow=entry.escrow)
     except ChainError as exc:
-        if core.chain.state_of(entry.escrow, eid) is State.REFUNDED:  # a keeper got there first
+        if core.chain.state_of(eid, escrow=entry.escrow) is State.REFUNDED:  # a keeper got there first
             journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
             return RecoveryItem(
                 eid, State.HELD, Action.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
             )
         return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refund failed: {exc}", entry.state)
+    tx = bytes(receipt["transactionHash"])
     journal.update(eid, PaymentState.REFUNDED, detail="refunded by recover()", tx_hash=tx)
     return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx)
 
@@ -223,7 +224,7 @@ def reconcile_ledger(core: PaymentCore) -> None:
         if entry.state is PaymentState.VOID:
             journal.confirm_on_chain(escrow_id, spent=False)
             continue
-        state = core.chain.state_of(entry.escrow, escrow_id)
+        state = core.chain.state_of(escrow_id, escrow=entry.escrow)
         if state is State.NONE and entry.state in (PaymentState.DELIVERED, PaymentState.MISMATCH):
             # Served first: the token's spent authorization is the settlement's trace.
             if core.chain.authorization_used(entry.terms.token, entry.terms.buyer, escrow_id):
