@@ -4,9 +4,8 @@ and the sync and async clients built on it, which differ only in the httpx clien
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
 
@@ -22,6 +21,8 @@ from escrow_py.chain.signer import Signer
 # one it has just handed to a waiting request, whose read then fails with EBADF
 # (encode/httpcore#1110). With keep-alive equal to the connection limit it never does.
 POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+
+_Http = TypeVar("_Http", httpx.Client, httpx.AsyncClient)
 
 
 class EscrowAuth(httpx.Auth):
@@ -63,19 +64,22 @@ class EscrowAuth(httpx.Auth):
         return adrive(payment_flow(self.core, request))
 
 
-class _EscrowClientBase:
-    """What EscrowClient and AsyncEscrowClient share: the settings, the auth hook, the httpx client's keywords."""
+class _EscrowClientBase(Generic[_Http]):
+    """What EscrowClient and AsyncEscrowClient share: the settings, the auth hook, and the httpx client
+    (`_http_type`) built with every keyword that is not BuyerSettings'."""
+
+    _http_type: type[_Http]
 
     def __init__(
         self,
         settings: BuyerSettings | Signer,
-        rpc_url: str | None,
-        journal: JournalLike | None,
-        options: dict[str, Any],
+        rpc_url: str | None = None,
+        journal: JournalLike | None = None,
+        **options: Any,
     ) -> None:
         self.auth = EscrowAuth(settings_of(settings, rpc_url, journal, options))
         options.setdefault("limits", POOL_LIMITS)
-        self.httpx_options = options  # what is left is httpx's
+        self.http: _Http = self._http_type(auth=self.auth, **options)  # what is left is httpx's
 
     @property
     def settings(self) -> BuyerSettings:
@@ -86,7 +90,7 @@ class _EscrowClientBase:
         return self.auth.journal
 
 
-class EscrowClient(_EscrowClientBase):
+class EscrowClient(_EscrowClientBase[httpx.Client]):
     """An httpx.Client that pays delivery-escrow 402s; every keyword that is not BuyerSettings' goes to
     httpx.Client.
 
@@ -95,15 +99,7 @@ class EscrowClient(_EscrowClientBase):
         client.recover()                                            # after a crash
     """
 
-    def __init__(
-        self,
-        settings: BuyerSettings | Signer,
-        rpc_url: str | None = None,
-        journal: str | Path | Journal | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(settings, rpc_url, journal, options)
-        self.http = httpx.Client(auth=self.auth, **self.httpx_options)
+    _http_type = httpx.Client
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -132,18 +128,10 @@ class EscrowClient(_EscrowClientBase):
         self.close()
 
 
-class AsyncEscrowClient(_EscrowClientBase):
+class AsyncEscrowClient(_EscrowClientBase[httpx.AsyncClient]):
     """The httpx.AsyncClient form of EscrowClient."""
 
-    def __init__(
-        self,
-        settings: BuyerSettings | Signer,
-        rpc_url: str | None = None,
-        journal: str | Path | Journal | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(settings, rpc_url, journal, options)
-        self.http = httpx.AsyncClient(auth=self.auth, **self.httpx_options)
+    _http_type = httpx.AsyncClient
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
