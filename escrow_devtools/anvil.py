@@ -21,7 +21,7 @@ from eth_account import Account
 from web3 import HTTPProvider, Web3
 
 from escrow_py.chain.signer import LocalSigner
-from escrow_py.errors import ConfigError, RpcError
+from escrow_py.protocol.errors import ConfigError, RpcError
 
 BASE_SEPOLIA_CHAIN_ID = 84532
 

@@ -24,7 +24,7 @@ from escrow_py.chain.registry import Deployment, record
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ConfigError, RpcError
+from escrow_py.protocol.errors import ConfigError, RpcError
 
 # anvil's dev accounts by role; the deployer is account 0, as in `ape run deploy --account TEST::0`.
 DEPLOYER, BUYER, SELLER, OPERATOR = 0, 1, 2, 3

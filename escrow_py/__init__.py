@@ -3,7 +3,7 @@
 The shared protocol layer is re-exported here; each role lives in its own package
 (`escrow_py.keeper`; the seller middleware and buyer client follow) and the chain
 binding in `escrow_py.chain`. Every exception derives from `EscrowError`
-(the tree is drawn in `escrow_py.errors`).
+(the tree is drawn in `escrow_py.protocol.errors`).
 
 The re-exports are resolved on first use (PEP 562): importing a submodule, as the
 `x402-escrow` command does for `--help`, does not pay for the x402 SDK and eth-account.
@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from escrow_py.errors import (
+    from escrow_py.protocol.errors import (
         ChainError,
         ConfigError,
         ContractRevert,
@@ -24,27 +24,27 @@ if TYPE_CHECKING:
         RpcError,
         TransactionFailed,
     )
-    from escrow_py.terms import TERMS_TYPEHASH, State, Terms, delivery_hash, escrow_id, request_hash
-    from escrow_py.wire import SCHEME
+    from escrow_py.protocol.terms import TERMS_TYPEHASH, State, Terms, delivery_hash, escrow_id, request_hash
+    from escrow_py.protocol.wire import SCHEME
 
 __version__ = "0.1.0"
 
 # Each re-exported name and the module it comes from.
 _EXPORTS = {
-    "ChainError": "escrow_py.errors",
-    "ConfigError": "escrow_py.errors",
-    "ContractRevert": "escrow_py.errors",
-    "EscrowError": "escrow_py.errors",
-    "ProtocolError": "escrow_py.errors",
-    "RpcError": "escrow_py.errors",
-    "TransactionFailed": "escrow_py.errors",
-    "TERMS_TYPEHASH": "escrow_py.terms",
-    "State": "escrow_py.terms",
-    "Terms": "escrow_py.terms",
-    "delivery_hash": "escrow_py.terms",
-    "escrow_id": "escrow_py.terms",
-    "request_hash": "escrow_py.terms",
-    "SCHEME": "escrow_py.wire",
+    "ChainError": "escrow_py.protocol.errors",
+    "ConfigError": "escrow_py.protocol.errors",
+    "ContractRevert": "escrow_py.protocol.errors",
+    "EscrowError": "escrow_py.protocol.errors",
+    "ProtocolError": "escrow_py.protocol.errors",
+    "RpcError": "escrow_py.protocol.errors",
+    "TransactionFailed": "escrow_py.protocol.errors",
+    "TERMS_TYPEHASH": "escrow_py.protocol.terms",
+    "State": "escrow_py.protocol.terms",
+    "Terms": "escrow_py.protocol.terms",
+    "delivery_hash": "escrow_py.protocol.terms",
+    "escrow_id": "escrow_py.protocol.terms",
+    "request_hash": "escrow_py.protocol.terms",
+    "SCHEME": "escrow_py.protocol.wire",
 }
 
 

@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    from escrow_py.errors import EscrowError
+    from escrow_py.protocol.errors import EscrowError
 
     try:
         code: int = args.func(args)

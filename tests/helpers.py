@@ -35,7 +35,11 @@ from fixtures.chain import STRANGER as STRANGER
 from web3.types import RPCEndpoint, TxReceipt
 
 from escrow_devtools.anvil import dev_signer
-from escrow_py.chain.authorization import (
+from escrow_py.chain.clock import next_block_time
+from escrow_py.chain.signer import LocalSigner, Signer
+from escrow_py.chain.token import Token
+from escrow_py.chain.tx import TxSender, decode_revert
+from escrow_py.protocol.eip3009 import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
     authorization_for,
@@ -43,12 +47,8 @@ from escrow_py.chain.authorization import (
     sign_authorization,
     typed_data,
 )
-from escrow_py.chain.clock import next_block_time
-from escrow_py.chain.signer import LocalSigner, Signer
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import TxSender, decode_revert
-from escrow_py.errors import ContractRevert
-from escrow_py.terms import Terms, request_hash
+from escrow_py.protocol.errors import ContractRevert
+from escrow_py.protocol.terms import Terms, request_hash
 
 if TYPE_CHECKING:
     from fixtures.chain import Chain

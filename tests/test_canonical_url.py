@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from escrow_py.terms import canonical_url, request_hash
+from escrow_py.protocol.terms import canonical_url, request_hash
 
 
 @pytest.mark.parametrize(

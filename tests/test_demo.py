@@ -18,7 +18,7 @@ from escrow_devtools.demo import _run as demo_run
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 STORY_LINES = [
     r"1\. paid and delivered, hash verified\s+0x[0-9a-f]{12}…\s+ok",

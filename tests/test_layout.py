@@ -1,4 +1,5 @@
-"""The runtime package never imports the development tools, and the CLI imports a role only to run it."""
+"""Layering: the protocol kernel imports no other part of the package, the runtime package never imports
+the development tools, and the CLI imports a role only to run it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,48 @@ def test_no_runtime_module_imports_the_devtools() -> None:
         if imports and not (allowed and not any(top for _, top in imports)):
             offenders[str(path.relative_to(PACKAGE))] = imports
     assert offenders == {}
+
+
+def _escrow_py_imports(tree: ast.Module, module: str) -> set[str]:
+    """The escrow_py modules a module imports, relative imports resolved against its package."""
+    package = module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] == "escrow_py"}
+
+
+def test_the_protocol_kernel_imports_nothing_from_the_chain_the_storage_or_a_role() -> None:
+    kernel = PACKAGE / "protocol"
+    offenders = {}
+    for path in sorted(kernel.rglob("*.py")):
+        module = "escrow_py." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        outside = {m for m in _escrow_py_imports(ast.parse(path.read_text()), module) if not _in_kernel(m)}
+        if outside:
+            offenders[module] = sorted(outside)
+    assert offenders == {}
+    # And at run time: loading the whole kernel loads no other part of the package.
+    code = (
+        "import sys, pkgutil, importlib, escrow_py.protocol as p\n"
+        "for m in pkgutil.iter_modules(p.__path__):\n    importlib.import_module('escrow_py.protocol.' + m.name)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'escrow_py')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    loaded = set(out.split())
+    assert "escrow_py.protocol.wire" in loaded
+    assert {m for m in loaded if not _in_kernel(m)} == set()
+
+
+def _in_kernel(module: str) -> bool:
+    return module in ("escrow_py", "escrow_py.protocol") or module.startswith("escrow_py.protocol.")
 
 
 def test_the_roles_load_without_the_devtools() -> None:

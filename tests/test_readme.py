@@ -15,7 +15,7 @@ from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, deposit, make_terms
 
 from escrow_devtools.anvil import dev_private_key, free_port
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

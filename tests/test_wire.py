@@ -17,10 +17,10 @@ from x402.http.utils import (
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
 
 from escrow_devtools.anvil import dev_signer
-from escrow_py import wire
-from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
-from escrow_py.errors import ProtocolError
-from escrow_py.terms import Terms, request_hash
+from escrow_py.protocol import wire
+from escrow_py.protocol.eip3009 import TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.terms import Terms, request_hash
 
 ESCROW = "0x" + "ee" * 20
 TOKEN = to_checksum_address("0x036CbD53842c5426634e7929541eC2318f3dCF7e")

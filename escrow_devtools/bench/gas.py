@@ -30,17 +30,17 @@ from web3 import Web3
 from escrow_devtools.anvil import DEV_MNEMONIC, Anvil, dev_signer
 from escrow_devtools.artifacts import deploy
 from escrow_devtools.fiat_token import deploy_fiat_token, mint_fiat_token
-from escrow_py.chain.authorization import (
+from escrow_py.chain.escrow import Escrow, Settlement
+from escrow_py.chain.signer import LocalSigner
+from escrow_py.chain.token import Token
+from escrow_py.chain.tx import TxSender
+from escrow_py.protocol.eip3009 import (
     TRANSFER_WITH_AUTHORIZATION,
     Authorization,
     authorization_for,
     sign_authorization,
 )
-from escrow_py.chain.escrow import Escrow, Settlement
-from escrow_py.chain.signer import LocalSigner
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import TxSender
-from escrow_py.terms import Terms, delivery_hash, request_hash
+from escrow_py.protocol.terms import Terms, delivery_hash, request_hash
 
 BATCH = 50
 AMOUNT = 10_000  # 0.01 USDC

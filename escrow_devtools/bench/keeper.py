@@ -41,12 +41,12 @@ from web3.types import RPCEndpoint
 from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer, free_port
 from escrow_devtools.artifacts import deploy
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import authorization_for, sign_authorization
 from escrow_py.chain.escrow import REFUNDED_TOPIC, Escrow
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.terms import Terms, request_hash
+from escrow_py.protocol.eip3009 import authorization_for, sign_authorization
+from escrow_py.protocol.terms import Terms, request_hash
 
 KEEPER_ACCOUNTS = (7, 8, 9)  # anvil dev accounts no other role uses here
 DEPOSIT_GAS = 200_000

@@ -42,11 +42,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from escrow_devtools.anvil import free_port
 from escrow_devtools.harness import serving
-from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
-from escrow_py.terms import Terms, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
+from escrow_py.protocol.terms import Terms, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowPayload,
@@ -643,7 +643,7 @@ def _now(w3: Any) -> int:
 
 
 def _wait_delivered(escrow: Escrow, ids: list[bytes], timeout: float = 120.0) -> None:
-    from escrow_py.terms import State
+    from escrow_py.protocol.terms import State
 
     deadline = time.monotonic() + timeout
     pending = list(ids)

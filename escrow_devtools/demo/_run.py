@@ -48,16 +48,16 @@ from escrow_py.chain.registry import USDC
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, LocalSigner
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ConfigError, EscrowError
-from escrow_py.seller import FacilitatorSellerConfig, SellerConfig
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ConfigError, EscrowError
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     SettlementExtra,
     SettlementStatus,
     decode_payment_response,
     network_of,
 )
+from escrow_py.seller import FacilitatorSellerConfig, SellerConfig
 
 FUNDING = 1_000_000  # 1 USDC for the local buyer
 BURST = 5  # story 5: serve-first quotes bought at once

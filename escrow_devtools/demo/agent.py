@@ -19,7 +19,7 @@ from typing import Any
 
 from escrow_py.buyer import EscrowClient, PaymentError, recover
 from escrow_py.chain.signer import load_signer
-from escrow_py.terms import delivery_hash
+from escrow_py.protocol.terms import delivery_hash
 
 
 def _say(event: str, **fields: Any) -> None:

@@ -51,7 +51,7 @@ a look-alike contract gets nothing signed.
 Errors, each saying what happened to the money. Every failure out of the buyer API is one
 of these (httpx's own errors pass through only for a request that carried no payment):
 
-    EscrowError (escrow_py.errors)
+    EscrowError (escrow_py.protocol.errors)
     └── PaymentError               a paid request did not end in a verified delivery; `.escrow_id`
         ├── PaymentRefused         the client refused: nothing signed, no money moved; `.rule` is the
         │   │                      reason code (network_mismatch, deadline_too_far, token_domain_mismatch,

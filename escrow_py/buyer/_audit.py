@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Migration, is_postgres_url, open_store, sqlite_path
-from escrow_py.terms import Terms
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (

@@ -16,7 +16,6 @@ from web3.types import TxReceipt
 
 from escrow_py.buyer._errors import PaymentRefused
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow, Settled
 from escrow_py.chain.failures import typed_chain_errors
@@ -24,7 +23,8 @@ from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeChec
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.terms import State, Terms
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.terms import State, Terms
 
 # Wall clock (journal) against chain clock (blocks): how far apart they may be when bounding a log search.
 CLOCK_SKEW = 3600

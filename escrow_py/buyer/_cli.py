@@ -14,7 +14,7 @@ from escrow_py.buyer._ledger import LedgerRow, LedgerStatus
 from escrow_py.buyer._recover import recover
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import load_signer
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage import is_postgres_url, sqlite_path
 
 JOURNAL_HELP = "the buyer's journal (SQLite path, sqlite:/// or postgresql:// URL)"

@@ -30,10 +30,10 @@ from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._settings import AllowAll, BuyerSettings, PaymentPolicy
 from escrow_py.buyer._sign import payment_header, payment_payload, terms_for
 from escrow_py.buyer._validate import VALIDATOR_EXTENSION, problem_with
-from escrow_py.chain.authorization import Authorization, sign_authorization
-from escrow_py.errors import ChainError
-from escrow_py.terms import State, Terms
-from escrow_py.wire import EscrowRequirements, Unavailable
+from escrow_py.protocol.eip3009 import Authorization, sign_authorization
+from escrow_py.protocol.errors import ChainError
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowRequirements, Unavailable
 
 
 @dataclass(frozen=True, slots=True)

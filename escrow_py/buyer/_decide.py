@@ -12,8 +12,8 @@ import httpx
 from escrow_py.buyer._errors import PolicyDenied
 from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy, ReasonCode
 from escrow_py.buyer._validate import TASK_EXTENSION
-from escrow_py.terms import Terms
-from escrow_py.wire import EscrowRequirements
+from escrow_py.protocol.terms import Terms
+from escrow_py.protocol.wire import EscrowRequirements
 
 
 def payment_context(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck
-from escrow_py.errors import ChainError, EscrowError
+from escrow_py.protocol.errors import ChainError, EscrowError
 
 
 def _hex(value: bytes | None) -> str:

@@ -19,7 +19,7 @@ import httpx
 from escrow_py.buyer._core import PaymentCore, Prepared
 from escrow_py.buyer._errors import PaymentNotDelivered
 from escrow_py.buyer._offer import find_offer
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 # The paid request carries its payment here, so a transport failure can say which payment it left in flight.
 PAYMENT_EXTENSION = "x402_escrow_payment"

@@ -28,8 +28,8 @@ from typing import Any
 from escrow_py.buyer import _ledger as ledger
 from escrow_py.buyer._audit import AuditLog, terms_fields
 from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy
+from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store
-from escrow_py.terms import Terms
 
 
 class PaymentState(StrEnum):

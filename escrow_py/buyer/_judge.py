@@ -26,9 +26,9 @@ from escrow_py.buyer._errors import (
     PaymentRejected,
 )
 from escrow_py.buyer._journal import PaymentState
-from escrow_py.errors import ChainError, ProtocolError
-from escrow_py.terms import State, Terms, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ChainError, ProtocolError
+from escrow_py.protocol.terms import State, Terms, delivery_hash
+from escrow_py.protocol.wire import (
     DEPOSIT_MAY_BE_PENDING,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,

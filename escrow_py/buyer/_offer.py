@@ -11,9 +11,9 @@ import httpx
 from x402.schemas import PaymentRequired, PaymentRequirements
 
 from escrow_py.buyer._errors import PaymentRefused, RequestHashMismatch
-from escrow_py.errors import ProtocolError
-from escrow_py.terms import canonical_url, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.terms import canonical_url, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SCHEME,

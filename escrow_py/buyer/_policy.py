@@ -39,8 +39,8 @@ from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
 
-from escrow_py.errors import ConfigError, ProtocolError
-from escrow_py.wire import SettlementMode, chain_id_of
+from escrow_py.protocol.errors import ConfigError, ProtocolError
+from escrow_py.protocol.wire import SettlementMode, chain_id_of
 
 
 class ReasonCode(StrEnum):

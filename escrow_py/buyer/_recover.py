@@ -18,9 +18,9 @@ from escrow_py.buyer._journal import JournalEntry, PaymentState
 from escrow_py.buyer._settings import BuyerSettings, no_other_options, settings_of
 from escrow_py.chain.escrow import Settled
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ChainError, ConfigError, ProtocolError
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ChainError, ConfigError, ProtocolError
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SettlementExtra,

@@ -42,8 +42,8 @@ from escrow_py.buyer._errors import PaymentError, PaymentRefused
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.buyer._sign import payment_header, payment_payload
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ProtocolError
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SCHEME,

@@ -24,9 +24,9 @@ from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._validate import Validator
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ConfigError
-from escrow_py.terms import Terms
-from escrow_py.wire import EscrowRequirements
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import Terms
+from escrow_py.protocol.wire import EscrowRequirements
 
 
 @runtime_checkable

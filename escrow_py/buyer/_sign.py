@@ -1,7 +1,7 @@
 """Step 3, sign: the offer checked against the chain, fresh terms, their authorization, the header.
 
 `terms_for` asks the chain (through the buyer's BuyerChain) what a signature needs to be safe;
-`payment_header` is pure. The signature itself is escrow_py.chain.authorization.sign_authorization.
+`payment_header` is pure. The signature itself is escrow_py.protocol.eip3009.sign_authorization.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from x402.schemas import PaymentPayload, PaymentRequirements, ResourceInfo
 from escrow_py.buyer._chain import BuyerChain
 from escrow_py.buyer._errors import EscrowNotGenuine, PaymentRefused
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for
-from escrow_py.terms import MAX_DEADLINE_WINDOW, Terms
-from escrow_py.wire import X402_VERSION, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, Terms
+from escrow_py.protocol.wire import X402_VERSION, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
 
 
 def terms_for(

@@ -30,12 +30,12 @@ from web3.types import LogReceipt, TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
-from escrow_py.chain.authorization import Authorization
 from escrow_py.chain.blocks import LOG_CHUNK, find_in_chunks, first_block_at
 from escrow_py.chain.registry import CREATE2_PROXY, ESCROW_SALT, create2_address, escrow_init_code
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ConfigError
-from escrow_py.terms import State, Terms
+from escrow_py.protocol.eip3009 import Authorization
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import State, Terms
 
 ESCROW_ABI: list[dict[str, Any]] = load_artifact("X402Escrow")["abi"]
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from web3.exceptions import BadFunctionCallOutput, Web3Exception
 
 from escrow_py.chain.tx import revert_from_exception
-from escrow_py.errors import ChainError, EscrowError, RpcError, RpcTimeout
+from escrow_py.protocol.errors import ChainError, EscrowError, RpcError, RpcTimeout
 
 # What a chain read can raise besides our own errors: transport errors are OSError (requests'
 # RequestException included, InvalidSchema too), web3's own derive from Web3Exception, and web3

@@ -29,7 +29,7 @@ from web3 import Web3
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.registry import DEPLOYMENTS_DIR, Deployment, registry_path
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 # keccak256 of the runtime code X402Escrow leaves at its address, from the shipped artifact.
 ESCROW_CODE_HASH: bytes = keccak(hexstr=load_artifact("X402Escrow")["deployedBytecode"])

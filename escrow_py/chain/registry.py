@@ -28,7 +28,7 @@ from eth_utils.address import is_address, to_checksum_address
 from eth_utils.crypto import keccak
 
 from escrow_py.chain.artifacts import load_artifact
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 DEPLOYMENTS_DIR = Path(__file__).resolve().parent / "deployments"
 # Where the deploy script records deployments on a local chain (relative to the working directory).

@@ -27,7 +27,7 @@ from eth_utils.address import to_checksum_address
 from web3 import HTTPProvider, Web3
 from web3.types import RPCEndpoint
 
-from escrow_py.errors import RpcError, RpcTimeout
+from escrow_py.protocol.errors import RpcError, RpcTimeout
 
 DEFAULT_DEADLINE = 5.0
 

@@ -18,7 +18,8 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.eip3009 import TypedDataSigner
+from escrow_py.protocol.errors import ConfigError
 
 DEFAULT_KEY_ENV = "X402_ESCROW_PRIVATE_KEY"
 DEFAULT_PASSPHRASE_ENV = "X402_ESCROW_KEYSTORE_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
@@ -29,15 +30,9 @@ class KeyLoadError(ConfigError):
 
 
 @runtime_checkable
-class Signer(Protocol):
-    """Signs for one address. Implement it to plug in a KMS or a hardware wallet."""
-
-    @property
-    def address(self) -> ChecksumAddress: ...
-
-    def sign_typed_data(self, typed_data: dict[str, Any]) -> bytes:
-        """A 65-byte (r, s, v) signature over an EIP-712 message (full `types/domain/message` form)."""
-        ...
+class Signer(TypedDataSigner, Protocol):
+    """Signs for one address (EIP-712 messages, and transactions). Implement it to plug in a KMS or a
+    hardware wallet."""
 
     def sign_transaction(self, tx: dict[str, Any]) -> bytes:
         """The raw signed transaction, ready for `eth_sendRawTransaction`."""

@@ -13,8 +13,8 @@ from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
-from escrow_py.chain.authorization import Authorization, TokenDomain
 from escrow_py.chain.tx import TxSender
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain
 
 TOKEN_ABI: list[dict[str, Any]] = load_artifact("TestUSDC")["abi"]
 

@@ -27,7 +27,7 @@ from web3.types import BlockIdentifier, TxReceipt
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import CONTRACTS, load_artifact
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import (
+from escrow_py.protocol.errors import (
     ContractRevert,
     InsufficientFunds,
     NonceConflict,

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 CONSOLE_TOKEN_ENV = "X402_ESCROW_CONSOLE_TOKEN"  # noqa: S105 - the variable's name, not a secret
 

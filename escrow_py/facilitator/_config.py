@@ -8,9 +8,9 @@ from pathlib import Path
 from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.wire import chain_id_of
 from escrow_py.seller._config import PricedRoute, SellerConfig
-from escrow_py.wire import chain_id_of
 
 # The most a request body may hold: a settle request is a few KB, a delivery batch 100 entries.
 MAX_BODY_BYTES = 64 * 1024

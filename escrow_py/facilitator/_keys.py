@@ -26,7 +26,7 @@ from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
 
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage import open_sqlite, transaction
 
 _SCHEMA = """

@@ -34,7 +34,10 @@ from x402.schemas import (
 )
 
 from escrow_py.chain.tx import SentTx
-from escrow_py.errors import (
+from escrow_py.facilitator._config import FacilitatorConfig
+from escrow_py.facilitator._keys import ApiKey
+from escrow_py.facilitator._ledger import Ledger
+from escrow_py.protocol.errors import (
     EscrowError,
     InsufficientFunds,
     NonceConflict,
@@ -42,9 +45,8 @@ from escrow_py.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
-from escrow_py.facilitator._config import FacilitatorConfig
-from escrow_py.facilitator._keys import ApiKey
-from escrow_py.facilitator._ledger import Ledger
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._store import (
@@ -58,8 +60,6 @@ from escrow_py.seller._store import (
     StoredResponse,
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
-from escrow_py.terms import State
-from escrow_py.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
 
 log = logging.getLogger("escrow_py.facilitator")
 

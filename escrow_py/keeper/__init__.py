@@ -5,7 +5,7 @@
     keeper.run_once()            # index, follow up sent refunds, decide, refund: one cycle
     keeper.run(stop_event)       # checks, then cycles until stopped (`x402-escrow keeper run`)
 
-Errors are those of escrow_py.errors: ConfigError for bad settings and failed
+Errors are those of escrow_py.protocol.errors: ConfigError for bad settings and failed
 start-up checks (the CLI exits 2 with the message), ChainError subclasses for RPC
 and contract failures. `run` never dies of a failed cycle: it logs, counts and
 backs off.

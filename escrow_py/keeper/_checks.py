@@ -14,9 +14,9 @@ from web3 import Web3
 
 from escrow_py.chain import rpc
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, check_escrow_code
-from escrow_py.errors import ConfigError, RpcError
 from escrow_py.keeper._batch import batch_gas
 from escrow_py.keeper._config import KeeperConfig
+from escrow_py.protocol.errors import ConfigError, RpcError
 
 
 def _hex_int(value: object, what: str) -> int:

@@ -17,13 +17,13 @@ from typing import Any
 
 from escrow_py.chain import rpc
 from escrow_py.chain.signer import load_signer
-from escrow_py.errors import RpcError
 from escrow_py.keeper._config import MAX_BATCH_SIZE, KeeperConfig
 from escrow_py.keeper._daemon import Keeper
 from escrow_py.keeper._decide import TOKEN_NOT_ALLOWED, Skip, next_action
 from escrow_py.keeper._index import read_head
 from escrow_py.keeper._store import QUARANTINED, SIMULATION, SUSPECT, KeeperStore
 from escrow_py.logfmt import JsonFormatter, PlainFormatter
+from escrow_py.protocol.errors import RpcError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

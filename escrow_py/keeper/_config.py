@@ -44,9 +44,9 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.registry import USDC, registry_path
-from escrow_py.errors import ConfigError, ProtocolError
+from escrow_py.protocol.errors import ConfigError, ProtocolError
+from escrow_py.protocol.wire import chain_id_of
 from escrow_py.storage import describe, is_postgres_url
-from escrow_py.wire import chain_id_of
 
 MAX_LOG_CHUNK = 2_000
 

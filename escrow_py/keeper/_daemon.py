@@ -44,7 +44,6 @@ from escrow_py.chain import rpc
 from escrow_py.chain.escrow import ESCROW_ABI, Escrow, PayoutFailed, Refunded, decode_log, decode_settlement_log
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import SentTx, TxSender, decode_revert
-from escrow_py.errors import ChainError, ContractRevert, RpcError
 from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
@@ -53,8 +52,9 @@ from escrow_py.keeper._decide import Refund, next_action
 from escrow_py.keeper._index import Head, Indexer, read_block, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
 from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow, prune
+from escrow_py.protocol.errors import ChainError, ContractRevert, RpcError
+from escrow_py.protocol.terms import State
 from escrow_py.storage import Database, describe
-from escrow_py.terms import State
 
 log = logging.getLogger("escrow_py.keeper")
 

@@ -25,9 +25,9 @@ from web3 import Web3
 
 from escrow_py.chain import rpc
 from escrow_py.chain.escrow import DELIVERED_TOPIC, DEPOSITED_TOPIC, REFUNDED_TOPIC
-from escrow_py.errors import RpcError
 from escrow_py.keeper._config import MAX_LOG_CHUNK
 from escrow_py.keeper._store import IndexedEvent, KeeperStore
+from escrow_py.protocol.errors import RpcError
 
 log = logging.getLogger("escrow_py.keeper")
 

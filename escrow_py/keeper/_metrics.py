@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from web3.exceptions import Web3Exception
 
 from escrow_py.console import CSP, Figures, render_fragment, render_page, static_file
-from escrow_py.errors import ConfigError, EscrowError
+from escrow_py.protocol.errors import ConfigError, EscrowError
 
 # /readyz answers 503 once this many cycles in a row have failed.
 FAILURES_BEFORE_UNREADY = 3

@@ -36,9 +36,9 @@ from typing import Any
 from eth_abi.abi import decode, encode
 
 from escrow_py.chain.tx import SentTx
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, describe, open_store, run_script
-from escrow_py.terms import Terms
 
 NAMESPACE = "keeper"
 

@@ -25,7 +25,6 @@ from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._recover import RecoveryReport, arecover_flows
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ProtocolError
 from escrow_py.mcp._wire import (
     TOOL_METHOD,
     canonical_arguments,
@@ -34,7 +33,8 @@ from escrow_py.mcp._wire import (
     tool_name_of,
     tool_url,
 )
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 
 def tool_request(name: str, arguments: Mapping[str, Any] | None) -> httpx.Request:

@@ -23,7 +23,6 @@ from mcp.server.lowlevel import Server
 from starlette.types import Message, Receive, Scope, Send
 from web3 import Web3
 
-from escrow_py.errors import ConfigError
 from escrow_py.mcp._wire import (
     TOOL_HOST,
     TOOL_METHOD,
@@ -35,10 +34,11 @@ from escrow_py.mcp._wire import (
     to_tool_result,
     tool_path,
 )
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._startup import check_chain
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 
 log = logging.getLogger("escrow_py.mcp")
 

@@ -33,9 +33,9 @@ from mcp import types
 from x402.mcp import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY
 from x402.schemas import PaymentRequired, SettleResponse
 
-from escrow_py.errors import ConfigError, ProtocolError
-from escrow_py.terms import canonical_url
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ConfigError, ProtocolError
+from escrow_py.protocol.terms import canonical_url
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     UNAVAILABLE_STATUS,

@@ -16,14 +16,14 @@ from web3 import Web3
 from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import TokenDomain
 from escrow_py.chain.clock import next_block_time
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import NonceBook, OnSigned, TxSender
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowPayload
 from escrow_py.seller._config import SellerConfig
-from escrow_py.terms import State, Terms
-from escrow_py.wire import EscrowPayload
 
 
 class SellerChain:

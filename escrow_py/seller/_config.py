@@ -12,12 +12,12 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.signer import Signer
-from escrow_py.errors import ConfigError, ProtocolError
+from escrow_py.protocol.errors import ConfigError, ProtocolError
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW
+from escrow_py.protocol.wire import SettlementMode, chain_id_of
 from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices, resolve_route_prices
 from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
 from escrow_py.storage import describe, is_postgres_url
-from escrow_py.terms import MAX_DEADLINE_WINDOW
-from escrow_py.wire import SettlementMode, chain_id_of
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})

@@ -27,7 +27,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.chain import rpc
 from escrow_py.chain.tx import SentTx
-from escrow_py.errors import (
+from escrow_py.protocol.errors import (
     ConfigError,
     EscrowError,
     InsufficientFunds,
@@ -35,6 +35,23 @@ from escrow_py.errors import (
     ProtocolError,
     TransactionFailed,
     TransactionTimeout,
+)
+from escrow_py.protocol.terms import State, Terms, canonical_url, delivery_hash
+from escrow_py.protocol.wire import (
+    PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    UNAVAILABLE_STATUS,
+    EscrowPayload,
+    EscrowRequirements,
+    Reason,
+    SettlementExtra,
+    SettlementStatus,
+    Unavailable,
+    decode_payment_signature,
+    encode_payment_required,
+    encode_payment_response,
+    payment_required,
 )
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import PricedRoute, SellerConfig
@@ -65,23 +82,6 @@ from escrow_py.seller._store import (
     StoredResponse,
 )
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
-from escrow_py.terms import State, Terms, canonical_url, delivery_hash
-from escrow_py.wire import (
-    PAYMENT_REQUIRED_HEADER,
-    PAYMENT_RESPONSE_HEADER,
-    PAYMENT_SIGNATURE_HEADER,
-    UNAVAILABLE_STATUS,
-    EscrowPayload,
-    EscrowRequirements,
-    Reason,
-    SettlementExtra,
-    SettlementStatus,
-    Unavailable,
-    decode_payment_signature,
-    encode_payment_required,
-    encode_payment_response,
-    payment_required,
-)
 
 log = logging.getLogger("escrow_py.seller")
 

@@ -50,9 +50,9 @@ from x402.schemas import (
 )
 
 from escrow_py.chain.registry import KnownToken
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.wire import SCHEME, Reason
 from escrow_py.seller._price import atomic_amount, token_for
-from escrow_py.wire import SCHEME, Reason
 
 if TYPE_CHECKING:
     from escrow_py.seller._config import PricedRoute, SellerConfig

@@ -47,7 +47,9 @@ from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Delivered, PayoutFailed, Settled, Settlement, SettlementSkipped
-from escrow_py.errors import EscrowError
+from escrow_py.protocol.errors import EscrowError
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowPayload
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._store import (
     EXPIRED,
@@ -59,8 +61,6 @@ from escrow_py.seller._store import (
     QueuedSettlement,
     SellerStore,
 )
-from escrow_py.terms import State, Terms
-from escrow_py.wire import EscrowPayload
 
 log = logging.getLogger("escrow_py.seller.poster")
 sales = logging.getLogger("escrow_py.seller.sales")

@@ -27,7 +27,7 @@ from x402.schemas import AssetAmount
 from x402.schemas.helpers import parse_money
 
 from escrow_py.chain.registry import KnownToken, local_registry_dir, registry_path, resolve_escrow
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 # What a route's `price` may be: the SDK's Price (money or an AssetAmount) or its dict form.
 Price: TypeAlias = str | int | float | AssetAmount | Mapping[str, Any]

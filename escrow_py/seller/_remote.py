@@ -38,14 +38,14 @@ from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
-from escrow_py.errors import ConfigError, EscrowError
+from escrow_py.protocol.errors import ConfigError, EscrowError
+from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.wire import SCHEME, Reason, SettlementExtra, decode_payment_signature
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
 from escrow_py.seller._offers import Offers
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
-from escrow_py.terms import delivery_hash
-from escrow_py.wire import SCHEME, Reason, SettlementExtra, decode_payment_signature
 
 log = logging.getLogger("escrow_py.seller.remote")
 

@@ -27,10 +27,10 @@ from x402.http.types import HTTPTransportContext
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
 from escrow_py.chain.registry import KnownToken, resolve_escrow
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import canonical_url, delivery_hash, request_hash
+from escrow_py.protocol.wire import SCHEME
 from escrow_py.seller._price import atomic_amount, token_for
-from escrow_py.terms import canonical_url, delivery_hash, request_hash
-from escrow_py.wire import SCHEME
 
 # The SDK's sentinel for "no asset transfer method on the wire".
 _DEFAULT_TRANSFER = "default"

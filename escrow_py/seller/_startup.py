@@ -12,7 +12,7 @@ from web3 import Web3
 
 from escrow_py.chain import rpc
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, check_escrow_code
-from escrow_py.errors import ChainError, ConfigError
+from escrow_py.protocol.errors import ChainError, ConfigError
 from escrow_py.seller._chain import SellerChain
 from escrow_py.seller._config import SellerConfig
 

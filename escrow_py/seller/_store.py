@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from escrow_py.chain.tx import SentTx
+from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store
-from escrow_py.terms import Terms
 
 # The two outgoing queues of the store: delivery hashes and serve-first settlements.
 _Queue = Literal["deliveries", "settlements"]

@@ -16,13 +16,13 @@ from typing import TypeVar
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain import rpc
-from escrow_py.chain.authorization import TokenDomain, recover_signer
 from escrow_py.chain.escrow import Escrow, Settlement
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import GAS_MARGIN, TxSender
-from escrow_py.errors import ContractRevert, ProtocolError
-from escrow_py.terms import Terms, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.eip3009 import TokenDomain, recover_signer
+from escrow_py.protocol.errors import ContractRevert, ProtocolError
+from escrow_py.protocol.terms import Terms, request_hash
+from escrow_py.protocol.wire import (
     EscrowExtra,
     EscrowPayload,
     EscrowRequirements,

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage import Migration, current_version, describe, is_postgres_url, migrate, open_database
 from escrow_py.storage._roles import ROLES, Store, migrations_of, pruner_of
 

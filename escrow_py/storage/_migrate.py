@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage._port import Database, Engine, Tx
 
 # SQLite type name → PostgreSQL's: 64-bit integers, double-precision reals (a float4 would round

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage._port import Engine, Rows
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from helpers import OPERATOR, SELLER, address, dev
 from starlette.types import ASGIApp
 
 from escrow_devtools import harness
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
 
 PRICE = 10_000
 BASE_URL = "http://shop.test"

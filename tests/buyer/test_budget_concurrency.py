@@ -34,7 +34,7 @@ from escrow_py.buyer import (
     recover,
 )
 from escrow_py.chain.escrow import Deposited
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .shop import BASE_URL, PRICE, Shop
 

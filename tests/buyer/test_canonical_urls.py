@@ -33,7 +33,7 @@ from escrow_py.buyer import (
 )
 from escrow_py.buyer._offer import wire_url
 from escrow_py.buyer._recover import replay_request
-from escrow_py.terms import canonical_url, request_hash
+from escrow_py.protocol.terms import canonical_url, request_hash
 
 from .shop import PRICE, Faulty, LostPayment
 

@@ -21,8 +21,8 @@ from helpers import BUYER, dev
 from escrow_py.buyer import AsyncEscrowClient, BuyerSettings, DeliveryMismatch, EscrowClient, ResendPolicy
 from escrow_py.buyer._core import PaymentCore, Prepared
 from escrow_py.buyer._offer import Offer
-from escrow_py.terms import Terms, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.terms import Terms, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowExtra,

@@ -33,10 +33,10 @@ from escrow_py.buyer import (
     PaymentState,
 )
 from escrow_py.chain import genuine
-from escrow_py.chain.authorization import authorization_for, sign_authorization
 from escrow_py.chain.genuine import ESCROW_CODE_HASH
-from escrow_py.terms import Terms, request_hash
-from escrow_py.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
+from escrow_py.protocol.eip3009 import authorization_for, sign_authorization
+from escrow_py.protocol.terms import Terms, request_hash
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
 
 from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief

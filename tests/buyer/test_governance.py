@@ -39,7 +39,7 @@ from escrow_py.buyer import (
 from escrow_py.buyer._audit import audit_paths
 from escrow_py.buyer._ledger import insert_reservation
 from escrow_py.buyer._policy import PaymentContext
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 

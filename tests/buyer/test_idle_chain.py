@@ -21,8 +21,8 @@ from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, dev
 
 from escrow_py.buyer import DeliveryEscrowScheme, EscrowClient, Journal, PaymentState
-from escrow_py.terms import State
-from escrow_py.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, EscrowPayload, decode_payment_required
 
 from .shop import Shop, make_shop, serving
 

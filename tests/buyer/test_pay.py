@@ -26,9 +26,9 @@ from escrow_py.buyer import (
     RequestHashMismatch,
 )
 from escrow_py.chain.clock import next_block_time
-from escrow_py.errors import EscrowError
-from escrow_py.terms import State, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import EscrowError
+from escrow_py.protocol.terms import State, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     EscrowPayload,

@@ -9,7 +9,7 @@ import pytest
 from helpers import BUYER, SELLER, SELLER2, STRANGER, address
 
 from escrow_py.buyer import PaymentContext, Policy, ReasonCode, Usage, WindowBudget
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 TOKEN = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 ESCROW = address(STRANGER)

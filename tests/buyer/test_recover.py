@@ -33,8 +33,14 @@ from escrow_py.buyer import (
 )
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._offer import Offer
-from escrow_py.terms import State, delivery_hash, request_hash
-from escrow_py.wire import EscrowExtra, EscrowPayload, EscrowRequirements, decode_payment_signature, payment_required
+from escrow_py.protocol.terms import State, delivery_hash, request_hash
+from escrow_py.protocol.wire import (
+    EscrowExtra,
+    EscrowPayload,
+    EscrowRequirements,
+    decode_payment_signature,
+    payment_required,
+)
 
 from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 

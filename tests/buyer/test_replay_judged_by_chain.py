@@ -17,8 +17,8 @@ from x402.schemas import SettleResponse
 from escrow_py.buyer import BuyerSettings, DeliveryMismatch, PaymentState
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._journal import JournalEntry
-from escrow_py.terms import Terms, delivery_hash
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, encode_payment_response
+from escrow_py.protocol.terms import Terms, delivery_hash
+from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, encode_payment_response
 
 FIRST, OTHER = b'{"report": "the one served and posted"}', b'{"report": "a second handler run"}'
 

@@ -27,7 +27,7 @@ from escrow_py.buyer import (
     PaymentState,
     recover,
 )
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .shop import BASE_URL, PRICE, Shop
 

@@ -29,10 +29,10 @@ from escrow_py.buyer import (
     recover,
 )
 from escrow_py.buyer._ledger import LedgerStatus
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import Reason
 from escrow_py.seller._poster import PostReport
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import Reason
 
 from .shop import BASE_URL, PRICE, Faulty, Shop, make_shop, serving
 

@@ -29,9 +29,9 @@ from escrow_py.buyer import (
 from escrow_py.buyer._decide import decide, denial, payment_context
 from escrow_py.buyer._judge import Answer, ChainFacts, Kind, Need, Verdict, judge, read_answer
 from escrow_py.buyer._validate import TASK_EXTENSION
-from escrow_py.errors import RpcError
-from escrow_py.terms import State, Terms, delivery_hash, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import RpcError
+from escrow_py.protocol.terms import State, Terms, delivery_hash, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     EscrowExtra,

@@ -40,9 +40,9 @@ from escrow_py.buyer import (
 )
 from escrow_py.chain.rpc import DEFAULT_DEADLINE, NodeError
 from escrow_py.chain.token import Token
-from escrow_py.errors import ChainError, ConfigError, RpcError, RpcTimeout
-from escrow_py.terms import State
-from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
+from escrow_py.protocol.errors import ChainError, ConfigError, RpcError, RpcTimeout
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
 from .shop import PRICE, Shop, serving
 from .thief import NETWORK, Thief

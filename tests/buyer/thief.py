@@ -32,8 +32,8 @@ from x402.schemas import SettleResponse
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.terms import canonical_url, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.terms import canonical_url, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,

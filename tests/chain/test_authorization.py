@@ -9,7 +9,7 @@ import pytest
 from fixtures.chain import BUYER, STRANGER, Chain
 from helpers import dev, make_terms
 
-from escrow_py.chain.authorization import (
+from escrow_py.protocol.eip3009 import (
     RECEIVE_WITH_AUTHORIZATION,
     TRANSFER_WITH_AUTHORIZATION,
     Authorization,

@@ -8,7 +8,7 @@ from fixtures.chain import SELLER, Chain
 from helpers import deposit, make_terms
 
 from escrow_py.chain.blocks import chunks, first_block_at
-from escrow_py.terms import delivery_hash
+from escrow_py.protocol.terms import delivery_hash
 
 
 def test_chunks_cover_the_range_exactly_once() -> None:

@@ -6,7 +6,7 @@ from eth_abi.abi import encode
 from eth_utils.crypto import keccak
 
 from escrow_py.chain.tx import decode_revert
-from escrow_py.errors import ContractRevert
+from escrow_py.protocol.errors import ContractRevert
 
 
 def _selector(signature: str) -> bytes:

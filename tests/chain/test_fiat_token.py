@@ -12,7 +12,7 @@ from helpers import FIAT_ADMIN, FIAT_OWNER, address, clock_at, deploy_fiat_token
 
 from escrow_devtools.artifacts import CIRCLE_CONTRACTS, CIRCLE_DIR, load_artifact
 from escrow_devtools.fiat_token import blacklist, unblacklist
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 COMMIT = "46e61d0050520f4227cc02ae0d55e8aee3d43fb6"
 # EIP-1967-style slot where FiatTokenProxy (zeppelinos' AdminUpgradeabilityProxy) keeps the implementation.

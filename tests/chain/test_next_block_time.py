@@ -10,7 +10,7 @@ from helpers import BUYER, STRANGER, address
 from web3 import HTTPProvider, Web3
 
 from escrow_py.chain.clock import next_block_time
-from escrow_py.errors import RpcError
+from escrow_py.protocol.errors import RpcError
 
 
 def _mine_a_transaction(chain: Chain) -> int:

@@ -11,8 +11,8 @@ from web3 import HTTPProvider, Web3
 
 from escrow_devtools.anvil import free_port
 from escrow_py.chain import rpc
-from escrow_py.errors import ContractRevert, RpcError
-from escrow_py.terms import State
+from escrow_py.protocol.errors import ContractRevert, RpcError
+from escrow_py.protocol.terms import State
 
 
 def test_reads_match_what_web3_reads(chain: Chain) -> None:

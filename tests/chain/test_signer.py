@@ -10,7 +10,7 @@ from eth_account import Account
 from eth_typing import HexStr
 
 from escrow_py.chain.signer import DEFAULT_KEY_ENV, KeyLoadError, LocalSigner, Signer, load_signer
-from escrow_py.errors import ConfigError, EscrowError
+from escrow_py.protocol.errors import ConfigError, EscrowError
 
 # anvil's public dev key 8: a test key only.
 KEY = "0xdbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97"

@@ -1,4 +1,4 @@
-"""escrow_py.terms: request and delivery hashes, the JSON wire form and its validation."""
+"""escrow_py.protocol.terms: request and delivery hashes, the JSON wire form and its validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from escrow_py.terms import State, Terms, delivery_hash, request_hash
+from escrow_py.protocol.terms import State, Terms, delivery_hash, request_hash
 
 A = to_checksum_address("0x" + "11" * 20)
 B = to_checksum_address("0x" + "22" * 20)

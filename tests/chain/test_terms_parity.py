@@ -1,4 +1,4 @@
-"""The Python derivations in escrow_py.terms equal the contract's own, over random terms."""
+"""The Python derivations in escrow_py.protocol.terms equal the contract's own, over random terms."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fixtures.chain import Chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from escrow_py.terms import MAX_DEADLINE_WINDOW, TERMS_TYPEHASH, UINT64_MAX, UINT256_MAX, Terms
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, TERMS_TYPEHASH, UINT64_MAX, UINT256_MAX, Terms
 
 addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 terms_strategy = st.builds(

@@ -14,7 +14,7 @@ from web3.types import RPCEndpoint
 
 from escrow_py.chain import rpc
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import InsufficientFunds, NonceConflict, RpcError, RpcTimeout
+from escrow_py.protocol.errors import InsufficientFunds, NonceConflict, RpcError, RpcTimeout
 
 TRANSFER_GAS = 21_000
 

@@ -9,7 +9,7 @@ from helpers import address, deposit, expect_revert, make_terms, mine_at
 
 from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.escrow import Delivered
-from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.protocol.terms import State, Terms, delivery_hash
 
 HASH = delivery_hash(b"served")
 ZERO = "0x0000000000000000000000000000000000000000"

@@ -16,8 +16,8 @@ from helpers import (
 )
 
 from escrow_py.chain.escrow import Deposited
-from escrow_py.errors import TransactionFailed
-from escrow_py.terms import MAX_DEADLINE_WINDOW, State
+from escrow_py.protocol.errors import TransactionFailed
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State
 
 ZERO = "0x0000000000000000000000000000000000000000"
 

@@ -15,7 +15,7 @@ from web3.types import RPCEndpoint
 from escrow_devtools.artifacts import load_artifact
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import decode_revert
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 HASH = delivery_hash(b"served")
 

@@ -41,12 +41,12 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precon
 from web3.types import TxReceipt
 
 from escrow_devtools.artifacts import load_artifact
-from escrow_py.chain.authorization import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Delivered, Deposited, Refunded, Settled, Settlement, SettlementSkipped
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ContractRevert
-from escrow_py.terms import MAX_DEADLINE_WINDOW, State, Terms, delivery_hash, request_hash
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol.errors import ContractRevert
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms, delivery_hash, request_hash
 
 ACTORS = (BUYER, BUYER2, SELLER, SELLER2, OPERATOR, STRANGER)
 TOKENS = ("usdc", "usdc2", "reentrant", "false", "blocking")

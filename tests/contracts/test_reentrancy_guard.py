@@ -7,7 +7,7 @@ from helpers import make_terms, sign_deposit
 
 from escrow_devtools.artifacts import deploy, load_artifact
 from escrow_py.chain.escrow import Delivered, Deposited
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 
 def test_the_guard_is_cleared_between_two_escrow_calls_in_one_transaction(chain: Chain) -> None:

@@ -7,8 +7,8 @@ from fixtures.chain import BUYER, OPERATOR, SELLER, STRANGER, Chain
 from helpers import address, clock_at, deposit, expect_revert, make_terms, send_at
 
 from escrow_py.chain.escrow import Refunded
-from escrow_py.errors import TransactionFailed
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.errors import TransactionFailed
+from escrow_py.protocol.terms import State, delivery_hash
 
 
 def _assert_refunded(chain: Chain, terms_amount: int, buyer_before: int, buyer: str) -> None:

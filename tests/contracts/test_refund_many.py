@@ -8,7 +8,7 @@ from fixtures.chain import BUYER, BUYER2, OPERATOR, SELLER, SELLER2, STRANGER, C
 from helpers import address, clock_at, deposit, make_terms
 
 from escrow_py.chain.escrow import Refunded
-from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.protocol.terms import State, Terms, delivery_hash
 
 
 def _raw(chain: Chain, batch: list[Terms]) -> bytes:

@@ -21,9 +21,9 @@ from helpers import (
 )
 
 from escrow_devtools.artifacts import load_artifact
-from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Settled, Settlement
-from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.protocol.eip3009 import TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol.terms import State, Terms, delivery_hash
 
 HASH = delivery_hash(b"served first")
 ZERO = "0x0000000000000000000000000000000000000000"

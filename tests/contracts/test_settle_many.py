@@ -26,9 +26,9 @@ from helpers import (
 from web3.types import TxReceipt
 
 from escrow_devtools.artifacts import load_artifact
-from escrow_py.chain.authorization import TokenDomain, authorization_for, sign_authorization
 from escrow_py.chain.escrow import Settled, Settlement, SettlementSkipped, SkipReason
-from escrow_py.terms import Terms, delivery_hash
+from escrow_py.protocol.eip3009 import TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol.terms import Terms, delivery_hash
 
 TRANSFER_TOPIC = keccak(text="Transfer(address,address,uint256)")
 

@@ -14,11 +14,11 @@ from helpers import FIAT_OWNER, deploy_fiat_token, dev, make_terms
 
 from escrow_devtools.artifacts import deploy
 from escrow_devtools.fiat_token import mint_fiat_token
-from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, Authorization, authorization_for, typed_data
 from escrow_py.chain.escrow import Settlement
 from escrow_py.chain.token import Token
-from escrow_py.errors import ContractRevert
-from escrow_py.terms import State, Terms, delivery_hash
+from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, Authorization, authorization_for, typed_data
+from escrow_py.protocol.errors import ContractRevert
+from escrow_py.protocol.terms import State, Terms, delivery_hash
 
 WALLET_OWNER = 7
 

@@ -7,7 +7,7 @@ import os
 from fixtures.chain import SELLER, STRANGER, Chain
 from helpers import clock_at, deposit, make_terms
 
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 
 def test_an_unknown_id_is_none(chain: Chain) -> None:

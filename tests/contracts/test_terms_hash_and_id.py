@@ -11,8 +11,8 @@ from fixtures.chain import BUYER, STRANGER, Chain
 from helpers import address, deposit, make_terms
 
 from escrow_py.chain.escrow import Escrow, deploy_escrow
-from escrow_py.errors import ContractRevert
-from escrow_py.terms import TERMS_TYPEHASH, State, Terms
+from escrow_py.protocol.errors import ContractRevert
+from escrow_py.protocol.terms import TERMS_TYPEHASH, State, Terms
 
 
 def test_typehash_and_window_constants(chain: Chain) -> None:

@@ -9,7 +9,7 @@ from web3.types import RPCEndpoint
 
 from escrow_py.chain.escrow import deploy_escrow
 from escrow_py.chain.registry import CREATE2_PROXY, ESCROW_ADDRESS, canonical_escrow_address
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 # The deterministic deployment proxy's runtime code, the same on every chain that has it.
 PROXY_RUNTIME = bytes.fromhex(

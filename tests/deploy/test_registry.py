@@ -23,7 +23,7 @@ from escrow_py.chain.registry import (
     resolve_escrow,
     trusted_escrows,
 )
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 
 ESCROW = "0x" + "ab" * 20
 

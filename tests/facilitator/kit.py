@@ -16,8 +16,8 @@ from seller.payer import Payment, sign_payment
 from seller.shop import served
 
 from escrow_py.facilitator import Facilitator, FacilitatorConfig, KeyStore, create_app
+from escrow_py.protocol.wire import EscrowRequirements, payment_required
 from escrow_py.seller import offer_for
-from escrow_py.wire import EscrowRequirements, payment_required
 
 PRICE = 10_000
 CONSOLE_TOKEN = "console-test-token"
@@ -88,7 +88,7 @@ def requirements(chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url
 def signed(chain: Chain, offer: EscrowRequirements, **options: Any) -> tuple[Payment, dict[str, Any]]:
     """A buyer's payment for `offer`, and the x402 settle/verify request body carrying it."""
     payment = sign_payment(chain, payment_required(URL, [offer.to_model()]), **options)
-    from escrow_py.wire import decode_payment_signature
+    from escrow_py.protocol.wire import decode_payment_signature
 
     model = decode_payment_signature(payment.header)
     body = {

@@ -11,7 +11,7 @@ from x402 import x402ResourceServer
 from x402.http import AuthHeaders, FacilitatorConfig, HTTPFacilitatorClient
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 from .kit import Fac, idem, requirements, signed
 

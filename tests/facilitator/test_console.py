@@ -19,7 +19,7 @@ from fixtures.chain import Chain
 from helpers import address
 from playwright.sync_api import Browser, sync_playwright
 
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 from .kit import CONSOLE_TOKEN, Fac, idem, requirements, signed
 from .test_api import wait_for

@@ -19,7 +19,7 @@ import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER2, address
 
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 from .kit import Fac, idem, requirements, signed
 from .test_api import wait_for

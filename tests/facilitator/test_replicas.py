@@ -24,8 +24,8 @@ from escrow_devtools.anvil import free_port
 from escrow_devtools.bench.scale import RoundRobinProxy
 from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.facilitator import KeyStore
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 from .process import FacilitatorProcess
 from .test_api import wait_for

@@ -23,9 +23,14 @@ from seller.shop import served
 
 from escrow_devtools.anvil import dev_private_key, free_port
 from escrow_py.facilitator import KeyStore
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    SettlementExtra,
+    decode_payment_response,
+)
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SettlementExtra, decode_payment_response
 
 from .process import FacilitatorProcess
 from .test_api import wait_for

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from escrow_devtools.demo._shop import SERVE_FIRST_LIMITS, build_shop, routes
 from escrow_py.chain.signer import LocalSigner
+from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER
 from escrow_py.seller import SellerConfig
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER
 
 
 def die_after_handler(app: ASGIApp) -> ASGIApp:

@@ -18,7 +18,7 @@ from helpers import BUYER, dev
 
 from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import EscrowClient, PaymentState
-from escrow_py.wire import PAYMENT_REQUIRED_HEADER, decode_payment_required
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, decode_payment_required
 
 from .independent_client import canonical_url, pay
 from .world import serving

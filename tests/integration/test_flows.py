@@ -34,9 +34,9 @@ from escrow_py.buyer import (
     recover,
 )
 from escrow_py.chain.escrow import Deposited
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SCHEME
 from escrow_py.seller import SellerStore
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SCHEME
 
 from .independent_client import pay as independent_pay
 from .world import Books, SellerProcess, buy_from_a_seller_that_dies, serving

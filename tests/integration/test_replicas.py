@@ -34,9 +34,9 @@ from escrow_devtools.bench.scale import (
 )
 from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.chain.signer import LocalSigner
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import SellerStore
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
 
 
 def setup_of(chain: Chain) -> ChainSetup:

@@ -13,8 +13,8 @@ from helpers import BUYER, SELLER, address, dev
 from escrow_devtools.anvil import free_port
 from escrow_devtools.demo._shop import REPORT_PRICE
 from escrow_py.buyer import Action, PaymentState, recover
+from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.seller import SellerStore
-from escrow_py.terms import State, delivery_hash
 
 from .world import Books, SellerProcess, buy_from_a_seller_that_dies
 

@@ -26,8 +26,8 @@ from escrow_devtools.anvil import dev_private_key
 from escrow_devtools.demo._shop import build_shop, routes
 from escrow_py.buyer import EscrowClient, PaymentNotDelivered
 from escrow_py.chain.escrow import Deposited
+from escrow_py.protocol.terms import State
 from escrow_py.seller import SellerConfig
-from escrow_py.terms import State
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

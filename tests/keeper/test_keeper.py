@@ -17,9 +17,9 @@ from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
 from escrow_devtools.artifacts import load_artifact
-from escrow_py.errors import ConfigError
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
-from escrow_py.terms import State, Terms
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import State, Terms
 
 from .kit import KEEPER, KEEPER2, cli, keeper_env, make_keeper, refunds_by_id, transactions_of, wait_until
 
@@ -156,7 +156,8 @@ def test_a_reorg_that_removes_a_refund_gets_it_mined_again_and_the_next_refund_i
     chain.mine(second.deadline)
     keeper.run_once()
     keeper.run_once()
-    assert chain.escrow.state_of(chain.escrow.id_of(second)) is State.REFUNDED  # not queued behind a nonce gap
+    # Not queued behind a nonce gap (anvil mines just after the send answers: wait, a gap never gets mined).
+    wait_until(lambda: chain.escrow.state_of(chain.escrow.id_of(second)) is State.REFUNDED, "second refunded", 30)
     assert refunds_by_id(chain) == {chain.escrow.id_of(first): 1, chain.escrow.id_of(second): 1}
     for _ in range(4):
         chain.mine()
@@ -315,7 +316,7 @@ def test_a_second_keeper_with_a_stale_view_sends_nothing(chain: Chain, tmp_path:
     batch = [make_terms(chain, window=100) for _ in range(6)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     first = make_keeper(chain, tmp_path / "a.sqlite")
     second = make_keeper(chain, tmp_path / "b.sqlite", who=KEEPER2)
     second.index()  # the second keeper's view is now stale: it believes all six are open
@@ -361,7 +362,7 @@ def test_two_keeper_daemons_running_together_refund_each_escrow_once(chain: Chai
     batch = [make_terms(chain, window=100) for _ in range(12)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     keepers = [make_keeper(chain, tmp_path / f"{who}.sqlite", who=who, poll_interval=0.05, batch_size=5)
                for who in (KEEPER, KEEPER2)]  # fmt: skip
     stop = threading.Event()

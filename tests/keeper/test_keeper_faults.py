@@ -22,8 +22,8 @@ from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_devtools.anvil import free_port
-from escrow_py.errors import RpcTimeout
-from escrow_py.terms import State, Terms
+from escrow_py.protocol.errors import RpcTimeout
+from escrow_py.protocol.terms import State, Terms
 
 from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, start_keeper, transactions_of, wait_until
 
@@ -72,7 +72,7 @@ def test_keeper_survives_an_rpc_that_drops_and_fails_requests_and_serves_health(
     batch = [make_terms(chain, window=60) for _ in range(4)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     proxy = RpcProxy(chain.node.url)
     port = free_port()
     keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, poll_interval=0.05, reorg_depth=0,
@@ -138,7 +138,7 @@ def test_json_rpc_error_objects_fail_cycles_not_the_process_and_readyz_says_so(c
         batch = [make_terms(chain, window=60) for _ in range(3)]
         for terms in batch:
             deposit(chain, terms)
-        chain.mine(batch[0].deadline)
+        chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
         wait_until(alive_and(lambda: _ready(port) == 503), "readyz 503 after repeated failures")
         failures = metric(scrape(port), "x402_keeper_cycle_failures_total")
         assert failures >= 3 and all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.HELD for t in batch)
@@ -177,7 +177,7 @@ def test_a_batch_the_node_refuses_for_its_size_is_split_not_resent_forever(chain
     batch = [make_terms(chain, window=60) for _ in range(8)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     proxy = RpcProxy(chain.node.url)
     proxy.refuse_raw_over(1_500)  # 8 entries are about 2.2 kB, 4 about 1.2 kB
     try:

@@ -22,7 +22,7 @@ from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_py.keeper._batch import PAYOUT_GAS, fingerprint
 from escrow_py.keeper._store import QUARANTINED
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .kit import KEEPER, cli, make_keeper, mined, refund_blocks, transactions_of
 
@@ -39,7 +39,7 @@ def test_a_payout_the_token_refuses_only_when_mined_is_backed_off_not_resent_eve
     honest = [make_terms(chain, window=100, buyer=BUYER if i % 2 else BUYER2) for i in range(12)]
     for terms in refused + honest:
         deposit(chain, terms)
-    chain.mine(honest[0].deadline)
+    chain.mine(max(t.deadline for t in honest))  # the last deposit has the latest deadline
     deadline_block = int(chain.w3.eth.block_number)
     db = tmp_path / "k.sqlite"
     # The operator allowed the token (an allowlist is a choice, not a proof of honesty): the keeper must cope.
@@ -104,7 +104,7 @@ def test_a_batch_a_gas_burning_token_reverts_is_split_by_mining_and_the_gas_lost
     honest = [make_terms(chain, window=100, buyer=BUYER if i % 2 else BUYER2) for i in range(4)]
     for terms in hostile + honest:
         deposit(chain, terms)
-    chain.mine(honest[0].deadline)
+    chain.mine(max(t.deadline for t in honest))  # the last deposit has the latest deadline
     deadline_block = int(chain.w3.eth.block_number)
     proxy = RpcProxy(chain.node.url)
     proxy.fail_if("eth_call", lambda params: bool(params) and "maxFeePerGas" in params[0], INTERNAL_ERROR)

@@ -13,7 +13,6 @@ from helpers import deposit, dev, make_terms
 from rpc_proxy import RpcProxy
 
 from escrow_devtools.build import CONTRACTS_DIR
-from escrow_py.errors import ConfigError
 from escrow_py.keeper import KeeperConfig, OpenEscrow
 from escrow_py.keeper._batch import (
     PAYOUT_GAS,
@@ -26,8 +25,9 @@ from escrow_py.keeper._batch import (
 )
 from escrow_py.keeper._config import MAX_BATCH_SIZE, MAX_CALLDATA_BYTES
 from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import Terms
 from escrow_py.storage import SqliteDatabase
-from escrow_py.terms import Terms
 
 from .kit import make_keeper
 

@@ -20,7 +20,7 @@ from rpc_proxy import RpcProxy
 from escrow_py.chain.escrow import Refunded
 from escrow_py.keeper import CycleReport, Keeper
 from escrow_py.keeper._batch import batch_gas, ordered, refund_many_data
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .kit import KEEPER, KEEPER2, KEEPER3, make_keeper, metric, refunds_by_id, transactions_of, wait_until
 
@@ -33,7 +33,7 @@ def test_two_keepers_on_one_database_never_touch_each_others_transactions(chain:
     batch = [make_terms(chain, window=60, buyer=BUYER if i % 2 else BUYER2) for i in range(4)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     db = tmp_path / "shared.sqlite"
     first = make_keeper(chain, db, who=KEEPER, reorg_depth=0)
     second = make_keeper(chain, db, who=KEEPER2, replace_after=0, reorg_depth=0)
@@ -63,7 +63,7 @@ def test_a_peers_unsent_transaction_does_not_hold_up_the_escrows_it_covers(chain
     batch = [make_terms(chain, window=60) for _ in range(3)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     db = tmp_path / "shared.sqlite"
     first = make_keeper(chain, db, who=KEEPER, reorg_depth=0)
     first.index()
@@ -98,7 +98,7 @@ def test_three_racing_keepers_count_exactly_the_refunds_each_made(chain: Chain, 
     batch = [make_terms(chain, window=60, buyer=BUYER if i % 2 else BUYER2) for i in range(30)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     who = (KEEPER, KEEPER2, KEEPER3)
     # Two share a database, the third has its own.
     dbs = {KEEPER: tmp_path / "shared.sqlite", KEEPER2: tmp_path / "shared.sqlite", KEEPER3: tmp_path / "own.sqlite"}
@@ -118,6 +118,7 @@ def test_three_racing_keepers_count_exactly_the_refunds_each_made(chain: Chain, 
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a keeper did not stop within 30 s of being told to"
     assert refunds_by_id(chain) == {chain.escrow.id_of(t): 1 for t in batch}
     callers = [e.caller for e in chain.escrow.events(start, int(chain.w3.eth.block_number)) if isinstance(e, Refunded)]
     for keeper, w in zip(keepers, who, strict=True):
@@ -139,7 +140,7 @@ def test_act_on_a_stale_view_leaves_out_what_a_pending_transaction_covers_in_a_f
     batch = [make_terms(chain, window=60, buyer=BUYER if i % 2 else BUYER2) for i in range(40)]
     for terms in batch:
         deposit(chain, terms)
-    chain.mine(batch[0].deadline)
+    chain.mine(max(t.deadline for t in batch))  # the last deposit has the latest deadline
     first = make_keeper(chain, tmp_path / "a.sqlite", who=KEEPER)
     proxy = RpcProxy(chain.node.url)
     second = make_keeper(chain, tmp_path / "b.sqlite", who=KEEPER2, rpc_url=proxy.url, batch_size=40)
@@ -169,11 +170,12 @@ def test_a_standby_keeper_steps_in_only_for_what_the_active_one_left_after_its_d
     chain: Chain, tmp_path: Path
 ) -> None:
     start = int(chain.w3.eth.block_number)
-    mine = [make_terms(chain, window=60, buyer=BUYER) for _ in range(2)]
-    left = [make_terms(chain, window=60, buyer=BUYER2) for _ in range(2)]  # the active keeper never gets to these
+    # One deadline for all four: the standby delay below is counted to the second.
+    deadline = make_terms(chain, window=60).deadline
+    mine = [make_terms(chain, deadline=deadline, buyer=BUYER) for _ in range(2)]
+    left = [make_terms(chain, deadline=deadline, buyer=BUYER2) for _ in range(2)]  # the active one never gets these
     for terms in mine + left:
         deposit(chain, terms)
-    deadline = mine[0].deadline
     chain.mine(deadline)
     active = make_keeper(chain, tmp_path / "active.sqlite", who=KEEPER, buyers=dev(BUYER).address)
     standby = make_keeper(chain, tmp_path / "standby.sqlite", who=KEEPER2, standby_after=120)

@@ -20,8 +20,8 @@ from fixtures.chain import Chain
 from escrow_devtools.anvil import Anvil, dev_signer, free_port
 from escrow_devtools.artifacts import deploy
 from escrow_py.chain.tx import TxSender
-from escrow_py.errors import ConfigError, RpcError
 from escrow_py.keeper import KeeperConfig
+from escrow_py.protocol.errors import ConfigError, RpcError
 
 from .kit import cli, keeper_env, make_keeper
 

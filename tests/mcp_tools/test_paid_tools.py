@@ -33,7 +33,7 @@ from escrow_py.buyer import (
 )
 from escrow_py.mcp import EscrowToolClient, delivered_bytes
 from escrow_py.mcp._wire import payment_meta
-from escrow_py.terms import State, delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 
 from .shop import PRICE, SLOW_TIMEOUT, ToolShop, mcp_session, tool_shop
 
@@ -97,7 +97,7 @@ def test_an_unpaid_call_gets_the_offer_bound_to_its_tool_and_arguments(shop: Too
     offer = required["accepts"][0]
     assert offer["scheme"] == "delivery-escrow" and offer["amount"] == str(PRICE)
     from escrow_py.mcp import canonical_arguments
-    from escrow_py.terms import request_hash
+    from escrow_py.protocol.terms import request_hash
 
     expected = request_hash("POST", "mcp://tool/score", canonical_arguments({"item": "abc"}))
     assert offer["extra"]["requestHash"] == "0x" + expected.hex()

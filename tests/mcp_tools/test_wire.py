@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mcp import types
 
-from escrow_py.errors import ConfigError
 from escrow_py.mcp import canonical_arguments, delivered_bytes, paid_tool, result_text, tool_url
 from escrow_py.mcp._wire import tool_name_of
+from escrow_py.protocol.errors import ConfigError
 
 
 def test_canonical_arguments_sort_keys_at_every_level_and_keep_utf8() -> None:

@@ -1,6 +1,6 @@
 """A tiny test-side payer: answers a 402 of the seller middleware with a signed PAYMENT-SIGNATURE.
 
-Written on the shared layer only (terms, wire, chain.authorization), independently of
+Written on the shared layer only (escrow_py.protocol: terms, eip3009, wire), independently of
 the buyer client, so the seller's tests don't depend on it. Hooks let a test sign
 something wrong on purpose, or tamper with the JSON after signing.
 """
@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from helpers import BUYER, address, dev
 
-from escrow_py.chain.authorization import (
+from escrow_py.chain.signer import Signer
+from escrow_py.protocol.eip3009 import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
     TokenDomain,
     authorization_for,
     typed_data,
 )
-from escrow_py.chain.signer import Signer
-from escrow_py.terms import Terms, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.terms import Terms, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowPayload,

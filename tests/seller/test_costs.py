@@ -19,7 +19,7 @@ import pytest
 from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
 
-from escrow_py.wire import PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 from .payer import quote, sign_payment
 from .shop import make_shop

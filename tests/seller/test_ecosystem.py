@@ -29,8 +29,8 @@ from x402.schemas import AbortResult, PaymentRequirements
 
 from escrow_devtools.anvil import free_port
 from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, PaymentRejected
+from escrow_py.protocol.terms import State
 from escrow_py.seller import ExactOffer, PricedRoute, SellerHooks
-from escrow_py.terms import State
 
 from .sdk_parts import exact_facilitator, stock_client
 from .shop import PRICE, deposits, make_shop, served

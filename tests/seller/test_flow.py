@@ -15,10 +15,9 @@ from starlette.types import Message
 from x402.schemas import PaymentRequired
 
 from escrow_py.chain.escrow import Delivered, Refunded
-from escrow_py.errors import ConfigError
-from escrow_py.seller import PricedRoute, post_pending
-from escrow_py.terms import State, delivery_hash, request_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import State, delivery_hash, request_hash
+from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -28,6 +27,7 @@ from escrow_py.wire import (
     decode_payment_required,
     decode_payment_response,
 )
+from escrow_py.seller import PricedRoute, post_pending
 
 from .payer import buy, quote, sign_payment
 from .shop import PRICE, Shop, deposits, make_config, make_shop, set_gas_money

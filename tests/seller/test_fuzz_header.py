@@ -31,7 +31,7 @@ from fixtures.chain import Chain
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from escrow_py.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
 from .payer import sign_payment
 from .shop import Shop, deposits, served

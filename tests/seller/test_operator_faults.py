@@ -25,8 +25,8 @@ from rpc_proxy import RpcProxy
 
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
-from escrow_py.terms import State
-from escrow_py.wire import (
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     Reason,

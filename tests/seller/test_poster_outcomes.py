@@ -24,10 +24,15 @@ from eth_utils.crypto import keccak
 from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, STRANGER, dev, no_automine, pending_of, until
 
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import (
+    PAYMENT_RESPONSE_HEADER,
+    PAYMENT_SIGNATURE_HEADER,
+    SettlementExtra,
+    decode_payment_response,
+)
 from escrow_py.seller import PostReport
 from escrow_py.seller._store import EXPIRED, PENDING, POSTED, REFUNDED_ON_CHAIN, SETTLED_ELSEWHERE
-from escrow_py.terms import State
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, SettlementExtra, decode_payment_response
 
 from .payer import Payment, buy
 from .shop import Shop, make_shop, served

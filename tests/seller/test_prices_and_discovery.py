@@ -25,7 +25,7 @@ from x402.schemas import AssetAmount
 
 from escrow_py.buyer import AsyncEscrowClient, Journal
 from escrow_py.chain.registry import Deployment, record
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.seller import PricedRoute
 
 from .shop import deposits, make_config, make_shop

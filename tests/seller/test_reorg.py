@@ -16,8 +16,8 @@ import httpx
 from fixtures.chain import Chain
 from web3.types import RPCEndpoint
 
+from escrow_py.protocol.terms import State
 from escrow_py.seller import EscrowMiddleware
-from escrow_py.terms import State
 
 from .payer import buy
 from .shop import make_shop, served

@@ -8,8 +8,8 @@ from pathlib import Path
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address
 
+from escrow_py.protocol.terms import State
 from escrow_py.seller import PricedRoute
-from escrow_py.terms import State
 
 from .shop import PRICE, make_shop, served
 from .test_reorg import _rpc, _sell

@@ -14,8 +14,8 @@ from helpers import BUYER, address
 
 import escrow_py
 from escrow_py.chain.escrow import Delivered
-from escrow_py.terms import State
-from escrow_py.wire import PAYMENT_RESPONSE_HEADER, decode_payment_response
+from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER, decode_payment_response
 
 from .payer import buy
 from .shop import PRICE, make_shop, served

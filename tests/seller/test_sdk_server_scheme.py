@@ -24,10 +24,10 @@ from x402.schemas import AssetAmount, PaymentPayload, SettleContext, SupportedKi
 from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import DeliveryEscrowScheme
 from escrow_py.chain.registry import Deployment, record
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import canonical_url, delivery_hash, request_hash
 from escrow_py.seller import DeliveryEscrowServerScheme
 from escrow_py.seller._price import default_token
-from escrow_py.terms import canonical_url, delivery_hash, request_hash
 
 from .sdk_parts import FACILITATOR, NETWORK, stock_client
 

@@ -14,11 +14,9 @@ from fixtures.chain import Chain
 from helpers import BUYER, BUYER2, SELLER, STRANGER, address
 
 from escrow_py.chain.escrow import Settled
-from escrow_py.errors import ConfigError
-from escrow_py.seller import PricedRoute
-from escrow_py.seller._poster import PostReport
-from escrow_py.terms import State, delivery_hash
-from escrow_py.wire import (
+from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowRequirements,
@@ -28,6 +26,8 @@ from escrow_py.wire import (
     SettlementStatus,
     decode_payment_response,
 )
+from escrow_py.seller import PricedRoute
+from escrow_py.seller._poster import PostReport
 
 from .payer import Payment, buy, quote, sign_payment
 from .shop import PRICE, ProcessDied, Shop, make_config, make_shop

@@ -19,7 +19,7 @@ from helpers import OPERATOR, STRANGER, address, dev, make_terms
 from web3.types import RPCEndpoint
 
 from escrow_py.chain.tx import SentTx, TxSender
-from escrow_py.errors import InsufficientFunds
+from escrow_py.protocol.errors import InsufficientFunds
 from escrow_py.seller import SellerStore, StoredResponse
 from escrow_py.seller._store import SERVED
 

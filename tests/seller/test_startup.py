@@ -19,7 +19,7 @@ from helpers import OPERATOR, STRANGER, address
 
 from escrow_devtools.anvil import free_port
 from escrow_py.chain.genuine import ESCROW_CODE_HASH
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.seller import check_seller
 
 from .shop import make_config, make_shop, served, set_gas_money

@@ -12,7 +12,7 @@ import uvicorn
 from fixtures.chain import Chain
 
 from escrow_devtools.anvil import free_port
-from escrow_py.terms import State
+from escrow_py.protocol.terms import State
 
 from .payer import buy
 from .shop import make_shop

@@ -13,10 +13,10 @@ from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, cancel_authorization, dev
 from x402.schemas import PaymentPayload
 
-from escrow_py.chain.authorization import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
+from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
+from escrow_py.protocol.terms import Terms
+from escrow_py.protocol.wire import MAX_HEADER_BYTES, EscrowPayload, EscrowRequirements, Reason
 from escrow_py.seller import PaymentRejected, offer_for, verify_offchain, verify_onchain
-from escrow_py.terms import Terms
-from escrow_py.wire import MAX_HEADER_BYTES, EscrowPayload, EscrowRequirements, Reason
 
 CHAIN_ID = 84532
 NOW = 1_800_000_000

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from escrow_devtools.bench.postgres import PostgresServer
-from escrow_py.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.storage import Database, Migration, current_version, ddl, migrate, open_database
 from escrow_py.storage._postgres import to_pyformat
 

@@ -15,7 +15,7 @@ from escrow_py.buyer._policy import PaymentContext, Policy
 from escrow_py.chain.tx import SentTx
 from escrow_py.cli import main
 from escrow_py.keeper._store import IndexedEvent, KeeperStore
-from escrow_py.terms import Terms
+from escrow_py.protocol.terms import Terms
 
 TOKEN, SELLER, BUYER = (to_checksum_address("0x" + c * 20) for c in ("44", "33", "22"))
 NOW = 2_000_000_000

@@ -8,7 +8,7 @@ the amount and `nonce` = the escrow id, in the token's EIP-712 domain
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from eth_abi.abi import encode
 from eth_account import Account
@@ -17,8 +17,19 @@ from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
-from escrow_py.chain.signer import Signer
-from escrow_py.terms import Terms, parse_uint
+from escrow_py.protocol.terms import Terms, parse_uint
+
+
+class TypedDataSigner(Protocol):
+    """What signing an authorization asks of a key; `escrow_py.chain.signer.Signer` extends it."""
+
+    @property
+    def address(self) -> ChecksumAddress: ...
+
+    def sign_typed_data(self, typed_data: dict[str, Any]) -> bytes:
+        """A 65-byte (r, s, v) signature over an EIP-712 message (full `types/domain/message` form)."""
+        ...
+
 
 EIP712_DOMAIN_TYPEHASH = keccak(
     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
@@ -179,7 +190,10 @@ def authorization_for(terms: Terms, escrow: str, chain_id: int, valid_after: int
 
 
 def sign_authorization(
-    signer: Signer, domain: TokenDomain, authorization: Authorization, primary_type: str = RECEIVE_WITH_AUTHORIZATION
+    signer: TypedDataSigner,
+    domain: TokenDomain,
+    authorization: Authorization,
+    primary_type: str = RECEIVE_WITH_AUTHORIZATION,
 ) -> bytes:
     if signer.address != authorization.from_:
         raise ValueError(f"signer {signer.address} is not the authorization's payer {authorization.from_}")

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ValidationError
 from x402.http.constants import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 
-from escrow_py.chain.authorization import Authorization
-from escrow_py.errors import ProtocolError
-from escrow_py.terms import UINT64_MAX, Terms, parse_uint
+from escrow_py.protocol.eip3009 import Authorization
+from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.terms import UINT64_MAX, Terms, parse_uint
 
 SCHEME = "delivery-escrow"
 X402_VERSION = 2
