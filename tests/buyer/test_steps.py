@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from x402.schemas import SettleResponse
 from escrow_py.buyer import (
     DeliveryMismatch,
     HandlerFailedRefunded,
+    Journal,
     PaymentNotDelivered,
     PaymentRejected,
     PaymentState,
@@ -235,3 +237,17 @@ def test_decide_applies_the_offer_rules_and_allows_without_a_policy() -> None:
     assert decide(ctx, Policy(settlement="serve-first")).reason is ReasonCode.SETTLEMENT_NOT_ALLOWED
     # Budgets are not decide's: they need the ledger, and the journal decides them under its lock.
     assert decide(ctx, Policy(total_budget=1)).allowed
+
+
+def test_the_journal_decides_only_the_budgets_never_the_offer_rules_again(tmp_path: Path) -> None:
+    ctx = payment_context(httpx.Request("GET", "https://api.test/r"), offer(), TERMS, "default")
+    journal = Journal(tmp_path / "buyer.sqlite", audit=False)
+    try:
+        # The offer rules were decide's: an offer rule the ledger sees must not be run a second time.
+        reserved = journal.reserve(ESCROW_ID, TERMS, ctx, Policy(max_per_request=1, total_budget=10_000))
+        assert reserved.allowed
+        over = journal.reserve(OTHER_ID, TERMS, ctx, Policy(max_per_request=1, total_budget=10_000))
+        assert over.reason is ReasonCode.OVER_TOTAL_BUDGET and over.available == 0
+        assert [(row.escrow_id, row.amount) for row in journal.ledger_rows()] == [(ESCROW_ID, 10_000)]
+    finally:
+        journal.close()
