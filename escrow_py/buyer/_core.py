@@ -2,7 +2,8 @@
 
     offer   (_offer)   the 402's delivery-escrow option, bound to the request it is for     pure
     decide  (_decide)  the policy's offer rules; the ledger's budgets, reserved             pure + ledger
-    sign    (_sign)    the offer checked against the chain, fresh terms, the signature      chain
+    sign    (_sign)    the offer checked against the chain and fresh terms (before decide:   chain
+                       the policy judges the terms), then the signature (after it)
     journal (_journal) the signed payment, durable before it can leave the process          disk
     judge   (_judge)   the answer to the paid request: a Verdict, applied once here         pure + apply
 
@@ -27,7 +28,7 @@ from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._judge import Answer, ChainFacts, Need, Payment, Verdict, judge, read_answer
 from escrow_py.buyer._offer import Offer, bind, journal_headers
 from escrow_py.buyer._policy import Policy
-from escrow_py.buyer._settings import AllowAll, BuyerSettings, PaymentPolicy
+from escrow_py.buyer._settings import BuyerSettings, PaymentPolicy
 from escrow_py.buyer._sign import payment_header, payment_payload, terms_for
 from escrow_py.buyer._validate import VALIDATOR_EXTENSION, problem_with
 from escrow_py.protocol.eip3009 import Authorization, sign_authorization
@@ -68,11 +69,6 @@ class PaymentCore:
         policy = settings.policy
         self.rules: Policy | None = policy if isinstance(policy, Policy) else None
         self.hook: PaymentPolicy | None = None if policy is None or isinstance(policy, Policy) else policy
-
-    @property
-    def policy(self) -> PaymentPolicy:
-        """The custom hook (AllowAll when there is none)."""
-        return self.hook if self.hook is not None else AllowAll()
 
     # -- paying: offer → decide → sign → journal ---------------------------------------------------
 
