@@ -63,11 +63,12 @@ artifacts: bootstrap
 
 # Everything, the Ape deployment test included (ape's own pytest plugin stays disabled:
 # the deploy test drives `ape run deploy` in a subprocess).
-# Two xdist workers (the machine has two cores), each with its own anvil chains on free ports.
+# Two xdist workers (the machine has two cores), each with its own anvil chains on free ports;
+# the 25 slowest tests are listed at the end, where the time goes.
 PYTEST_WORKERS ?= 2
 
 test: bootstrap lint ape
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --durations=25
 
 # One tier at a time (markers set in tests/conftest.py): unit needs no anvil and takes seconds.
 test-unit: bootstrap

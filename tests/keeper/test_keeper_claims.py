@@ -26,6 +26,7 @@ def _split(blob: bytes) -> list[bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 1,000 deposits before the keepers start: minutes on a shared two-core machine
 def test_three_keepers_on_one_database_refund_each_of_1000_escrows_exactly_once(db_url: str, tmp_path: Path) -> None:
     with Anvil(block_time=1, extra_args=["--gas-limit", str(BLOCK_GAS_LIMIT)]) as node:
         chain = _setup(node, ESCROWS, lambda _: None)
