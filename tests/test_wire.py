@@ -17,9 +17,10 @@ from x402.http.utils import (
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
 
 from escrow_devtools.anvil import dev_signer
-from escrow_py.protocol import wire
-from escrow_py.protocol.eip3009 import TokenDomain, authorization_for, sign_authorization
+from escrow_py.protocol import codec, wire
+from escrow_py.protocol.eip3009 import Authorization, authorization_for, sign_authorization
 from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms, request_hash
 
 ESCROW = "0x" + "ee" * 20
@@ -29,17 +30,21 @@ RESOURCE = "http://127.0.0.1:8000/report/7"
 
 
 def _requirements() -> wire.EscrowRequirements:
-    extra = wire.EscrowExtra("USDC", "2", ESCROW, SELLER.address, request_hash("GET", RESOURCE))  # type: ignore[arg-type]
-    return wire.EscrowRequirements("eip155:84532", 10_000, TOKEN, SELLER.address, 120, extra)
+    extra = wire.EscrowExtra(
+        name="USDC", version="2", escrow=ESCROW, operator=SELLER.address, request_hash=request_hash("GET", RESOURCE)
+    )
+    return wire.EscrowRequirements(
+        network="eip155:84532", amount=10_000, asset=TOKEN, pay_to=SELLER.address, max_timeout_seconds=120, extra=extra
+    )
 
 
 def _payload() -> wire.EscrowPayload:
     req = _requirements()
-    terms = Terms(BUYER.address, SELLER.address, SELLER.address, TOKEN, 10_000, 1_800_000_000,
-                  req.extra.request_hash, os.urandom(32))  # fmt: skip
+    terms = Terms(buyer=BUYER.address, seller=SELLER.address, operator=SELLER.address, token=TOKEN, amount=10_000,
+                  deadline=1_800_000_000, request_hash=req.extra.request_hash, salt=os.urandom(32))  # fmt: skip
     auth = authorization_for(terms, ESCROW, 84532, 0, terms.deadline)
-    signature = sign_authorization(BUYER, TokenDomain("USDC", "2", 84532, TOKEN), auth)
-    return wire.EscrowPayload(auth, signature, terms)
+    signature = sign_authorization(BUYER, req.token_domain(), auth)
+    return wire.EscrowPayload(authorization=auth, signature=signature, terms=terms)
 
 
 def test_payment_required_decodes_with_the_sdk_decoder() -> None:
@@ -69,7 +74,9 @@ def test_payment_signature_round_trips_through_the_sdk_and_back() -> None:
 
 
 def test_settlement_response_round_trips() -> None:
-    extra = wire.SettlementExtra(os.urandom(32), 1_800_000_000, delivery_hash=os.urandom(32), state="held")
+    extra = wire.SettlementExtra(
+        escrow_id=os.urandom(32), deadline=1_800_000_000, delivery_hash=os.urandom(32), state="held"
+    )
     model = SettleResponse(success=True, transaction="0x" + "ab" * 32, network="eip155:84532", extra=extra.to_json())
     header = wire.encode_payment_response(model)
     assert wire.SettlementExtra.from_json(decode_payment_response_header(header).extra) == extra
@@ -82,21 +89,21 @@ def _b64(text: str) -> str:
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
-        ("not base64!", wire.Reason.INVALID_PAYLOAD),
-        (_b64("{not json"), wire.Reason.INVALID_PAYLOAD),
-        (_b64("[1, 2]"), wire.Reason.INVALID_PAYLOAD),
-        (_b64(json.dumps({"x402Version": 1})), wire.Reason.UNSUPPORTED_VERSION),
-        (_b64(json.dumps({"x402Version": 2, "payload": {}})), wire.Reason.INVALID_PAYLOAD),
-        ("A" * (wire.MAX_HEADER_BYTES + 4), wire.Reason.HEADER_TOO_LARGE),
+        ("not base64!", Reason.INVALID_PAYLOAD),
+        (_b64("{not json"), Reason.INVALID_PAYLOAD),
+        (_b64("[1, 2]"), Reason.INVALID_PAYLOAD),
+        (_b64(json.dumps({"x402Version": 1})), Reason.UNSUPPORTED_VERSION),
+        (_b64(json.dumps({"x402Version": 2, "payload": {}})), Reason.INVALID_PAYLOAD),
+        ("A" * (wire.MAX_HEADER_BYTES + 4), Reason.HEADER_TOO_LARGE),
         # Bounded before anything is built: nesting (RecursionError), integer width, NaN, infinity.
-        (_b64("[" * 2000), wire.Reason.INVALID_PAYLOAD),
-        (_b64('{"a":' + "[" * (wire.MAX_JSON_DEPTH) + "]" * wire.MAX_JSON_DEPTH + "}"), wire.Reason.INVALID_PAYLOAD),
-        (_b64('{"x402Version": 2, "n": ' + "9" * 79 + "}"), wire.Reason.INVALID_PAYLOAD),
-        (_b64('{"x402Version": 2, "n": NaN}'), wire.Reason.INVALID_PAYLOAD),
-        (_b64('{"x402Version": 2, "n": 1e999}'), wire.Reason.INVALID_PAYLOAD),
+        (_b64("[" * 2000), Reason.INVALID_PAYLOAD),
+        (_b64('{"a":' + "[" * (codec.MAX_JSON_DEPTH) + "]" * codec.MAX_JSON_DEPTH + "}"), Reason.INVALID_PAYLOAD),
+        (_b64('{"x402Version": 2, "n": ' + "9" * 79 + "}"), Reason.INVALID_PAYLOAD),
+        (_b64('{"x402Version": 2, "n": NaN}'), Reason.INVALID_PAYLOAD),
+        (_b64('{"x402Version": 2, "n": 1e999}'), Reason.INVALID_PAYLOAD),
     ],
 )
-def test_undecodable_signatures_are_refused_with_a_reason(header: str, reason: wire.Reason) -> None:
+def test_undecodable_signatures_are_refused_with_a_reason(header: str, reason: Reason) -> None:
     with pytest.raises(ProtocolError) as info:
         wire.decode_payment_signature(header)
     assert info.value.reason == reason
@@ -128,7 +135,7 @@ def test_malformed_payloads_name_the_field(mutate: object, message: str) -> None
     mutate(data)  # type: ignore[operator]
     with pytest.raises(ProtocolError, match=message) as info:
         wire.EscrowPayload.from_json(data)
-    assert info.value.reason == wire.Reason.INVALID_PAYLOAD
+    assert info.value.reason == Reason.INVALID_PAYLOAD
 
 
 def test_requirements_of_another_scheme_are_refused() -> None:
@@ -136,7 +143,7 @@ def test_requirements_of_another_scheme_are_refused() -> None:
     model.scheme = "exact"
     with pytest.raises(ProtocolError) as info:
         wire.EscrowRequirements.from_model(model)
-    assert info.value.reason == wire.Reason.UNSUPPORTED_SCHEME
+    assert info.value.reason == Reason.UNSUPPORTED_SCHEME
 
 
 def test_network_ids_are_caip2() -> None:
@@ -148,10 +155,10 @@ def test_network_ids_are_caip2() -> None:
 
 
 def test_a_nesting_at_the_limit_still_decodes_and_a_settlement_deadline_is_a_uint64() -> None:
-    nested = '{"x402Version": 2, "a": ' + "[" * (wire.MAX_JSON_DEPTH - 1) + "]" * (wire.MAX_JSON_DEPTH - 1) + "}"
-    with pytest.raises(ProtocolError, match="Field required"):  # past the depth check, refused by the model
+    nested = '{"x402Version": 2, "a": ' + "[" * (codec.MAX_JSON_DEPTH - 1) + "]" * (codec.MAX_JSON_DEPTH - 1) + "}"
+    with pytest.raises(ProtocolError, match="payload is missing"):  # past the depth check, refused by the model
         wire.decode_payment_signature(_b64(nested))
-    extra = wire.SettlementExtra(os.urandom(32), 1).to_json()
+    extra = wire.SettlementExtra(escrow_id=os.urandom(32), deadline=1).to_json()
     extra["deadline"] = 2**64
     with pytest.raises(ProtocolError, match="uint64"):
         wire.SettlementExtra.from_json(extra)
@@ -167,13 +174,13 @@ def _unavailable(
 
 
 def test_the_sellers_503_round_trips_and_only_its_own_reasons_count() -> None:
-    sent = wire.Unavailable(wire.Reason.DEPOSIT_PENDING, "not confirmed yet", 10)
+    sent = wire.Unavailable(Reason.DEPOSIT_PENDING, "not confirmed yet", 10)
     assert wire.Unavailable.decode(503, httpx.Headers({"Retry-After": "10"}), sent.body()) == sent
-    assert _unavailable(headers={"Retry-After": "30"}) == wire.Unavailable(wire.Reason.OPERATOR_UNFUNDED, "no gas", 30)
+    assert _unavailable(headers={"Retry-After": "30"}) == wire.Unavailable(Reason.OPERATOR_UNFUNDED, "no gas", 30)
     # Not the seller's own failure: another status, another reason, a proxy's HTML, a 402's reason.
     assert _unavailable(status=502) is None
     assert _unavailable(body={"error": "upstream down"}) is None
-    assert _unavailable(body={"error": wire.Reason.SIMULATION_FAILED.value}) is None
+    assert _unavailable(body={"error": Reason.SIMULATION_FAILED.value}) is None
     assert _unavailable(body=["operator_unfunded"]) is None
     assert wire.Unavailable.decode(503, httpx.Headers(), b"<html>Service Unavailable</html>") is None
     assert _unavailable(body={"error": "operator_unfunded", "message": "x" * 5000}) is None  # too large to be ours
@@ -191,3 +198,30 @@ def test_a_retry_after_that_is_not_plain_seconds_counts_as_one(retry_after: str 
     headers = {} if retry_after is None else {"Retry-After": retry_after}
     decoded = _unavailable(headers=headers)
     assert decoded is not None and decoded.retry_after == seconds
+
+
+def test_the_payload_and_settlement_bytes_are_the_documented_wire_form() -> None:
+    """docs/design.md section 4 is an interface: field order, names and number and hex forms are pinned here."""
+    terms = Terms(buyer="0x" + "ab" * 20, seller="0x" + "cd" * 20, operator="0x" + "ef" * 20, token="0x" + "12" * 20,
+                  amount=10**20, deadline=1_800_000_000, request_hash=b"\1" * 32, salt=b"\2" * 32)  # fmt: skip
+    auth = Authorization(from_=terms.buyer, to="0x" + "34" * 20, value=10**20, valid_after=0,
+                         valid_before=1_800_000_000, nonce=b"\3" * 32)  # fmt: skip
+    payload = wire.EscrowPayload(authorization=auth, signature=b"\5" * 65, terms=terms)
+    h = "0x" + "{}" * 32
+    expected = (
+        '{"authorization":{"from":"0xABaBaBaBABabABabAbAbABAbABabababaBaBABaB",'
+        '"to":"0x3434343434343434343434343434343434343434","value":"100000000000000000000",'
+        f'"validAfter":"0","validBefore":"1800000000","nonce":"{h.format(*["03"] * 32)}"}},'
+        f'"signature":"0x{"05" * 65}",'
+        '"terms":{"buyer":"0xABaBaBaBABabABabAbAbABAbABabababaBaBABaB",'
+        '"seller":"0xCdCDCdCdcdcdcdCdcDcDCdcDcDCdCdcdCdcDCDcD","operator":"0xeFEfeFEfeFeFEFEFEfefeFeFefEfEfEfeFEFEFEf",'
+        '"token":"0x1212121212121212121212121212121212121212","amount":"100000000000000000000",'
+        f'"deadline":1800000000,"requestHash":"{h.format(*["01"] * 32)}","salt":"{h.format(*["02"] * 32)}"}}}}'
+    )
+    assert json.dumps(payload.to_json(), separators=(",", ":")) == expected
+    assert wire.EscrowPayload.from_json(json.loads(expected)) == payload
+    extra = wire.SettlementExtra(escrow_id=b"\7" * 32, deadline=5, refund_transaction=b"\3" * 32,
+                                 settlement=wire.SettlementStatus.PENDING)  # fmt: skip
+    assert extra.to_json() == {"escrowId": "0x" + "07" * 32, "deadline": 5, "refundTransaction": "0x" + "03" * 32,
+                               "settlement": "pending"}  # fmt: skip
+    assert list(extra.to_json()) == ["escrowId", "deadline", "refundTransaction", "settlement"]

@@ -132,7 +132,9 @@ class _Bench:
 
 def _exact(bench: _Bench, buyer: LocalSigner, seller: str) -> int:
     """x402 `exact`: the buyer's transferWithAuthorization straight to the seller."""
-    auth = Authorization(buyer.address, Web3.to_checksum_address(seller), AMOUNT, 0, bench.deadline, os.urandom(32))
+    auth = Authorization(
+        from_=buyer.address, to=seller, value=AMOUNT, valid_after=0, valid_before=bench.deadline, nonce=os.urandom(32)
+    )
     signature = sign_authorization(buyer, bench.token.domain(), auth, TRANSFER_WITH_AUTHORIZATION)
     data = bench.token.transfer_with_authorization_data(auth, signature)
     return int(bench.submitter.transact(bench.token.address, data)["gasUsed"])

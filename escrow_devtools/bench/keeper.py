@@ -228,7 +228,16 @@ def _deposit_all(chain: _Chain, deadline: int, say: Callable[[str], None]) -> No
 
     def deposit(n: int) -> tuple[str, bytes, int]:
         buyer = chain.buyers[n]
-        terms = Terms(buyer.address, seller, seller, token.address, AMOUNT, deadline, rh, Terms.new_salt())
+        terms = Terms(
+            buyer=buyer.address,
+            seller=seller,
+            operator=seller,
+            token=token.address,
+            amount=AMOUNT,
+            deadline=deadline,
+            request_hash=rh,
+            salt=Terms.new_salt(),
+        )
         auth = authorization_for(terms, escrow.address, escrow.chain_id, 0, deadline)
         return escrow.address, escrow.deposit_data(terms, auth, sign_authorization(buyer, domain, auth)), DEPOSIT_GAS
 

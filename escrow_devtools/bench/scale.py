@@ -44,7 +44,7 @@ from escrow_devtools.anvil import free_port
 from escrow_devtools.harness import serving
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
-from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
+from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, authorization_for, typed_data
 from escrow_py.protocol.terms import Terms, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -354,12 +354,12 @@ def sign(signer: Signer, required_header: str, now: int) -> tuple[str, bytes]:
         salt=Terms.new_salt(),
     )
     auth = authorization_for(terms, req.extra.escrow, req.chain_id, 0, terms.deadline)
-    domain = TokenDomain(req.extra.name, req.extra.version, req.chain_id, req.asset)
+    domain = req.token_domain()
     signature = signer.sign_typed_data(typed_data(RECEIVE_WITH_AUTHORIZATION, domain, auth))
     envelope: dict[str, Any] = {
         "x402Version": 2,
         "accepted": accepted.model_dump(by_alias=True, exclude_none=True),
-        "payload": EscrowPayload(auth, signature, terms).to_json(),
+        "payload": EscrowPayload(authorization=auth, signature=signature, terms=terms).to_json(),
     }
     if required.resource is not None:
         envelope["resource"] = required.resource.model_dump(by_alias=True, exclude_none=True)

@@ -41,7 +41,7 @@ side (wire.Unavailable: chain_unavailable, operator_unfunded, deposit_pending, .
 is answered by sending the same PAYMENT-SIGNATURE again after Retry-After, within a
 `ResendPolicy` (capped wait, bounded count, never within its margin of validBefore),
 each resend journaled; never by signing a new payment. Every chain call ends within
-`rpc_timeout` seconds (escrow_py.chain.rpc.connect).
+`rpc_timeout` seconds (escrow_py.chain.web3chain.connect_chain).
 
 Before signing, the client checks that `extra.escrow` holds the genuine X402Escrow (its
 runtime code hashes to the shipped contract's, or it is the shipped registry's deployment):

@@ -8,7 +8,7 @@
     judge   (_judge)   the answer to the paid request: a Verdict, applied once here         pure + apply
 
 Each client form (escrow_py.buyer._flow's one flow for EscrowAuth and both clients, the SDK plugin,
-the MCP client, recover()) calls these; the chain is reached only through `self.chain` (BuyerChain),
+the MCP client, recover()) calls these; the chain is reached only through `self.chain` (an EscrowChain),
 the disk only through `self.journal`. Every step is a plain blocking call; the async forms run them
 in a worker thread.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from escrow_py.buyer._chain import CLOCK_SKEW, BuyerChain
+from escrow_py.buyer._chain import CLOCK_SKEW
 from escrow_py.buyer._decide import custom_denial, decide, denial, payment_context
 from escrow_py.buyer._errors import ChainUnavailable, PolicyDenied, ResponseInvalid
 from escrow_py.buyer._journal import Journal
@@ -31,6 +31,8 @@ from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._settings import BuyerSettings, PaymentPolicy
 from escrow_py.buyer._sign import payment_header, payment_payload, terms_for
 from escrow_py.buyer._validate import VALIDATOR_EXTENSION, problem_with
+from escrow_py.chain.port import EscrowChain
+from escrow_py.chain.web3chain import connect_chain
 from escrow_py.protocol.eip3009 import Authorization, sign_authorization
 from escrow_py.protocol.errors import ChainError
 from escrow_py.protocol.terms import State, Terms
@@ -62,8 +64,10 @@ class PaymentCore:
     def __init__(self, settings: BuyerSettings) -> None:
         self.settings = settings
         self.signer = settings.signer
-        self.chain = BuyerChain(
-            settings.rpc_url, signer=settings.signer, w3=settings.w3, rpc_timeout=settings.rpc_timeout
+        # The buyer pays whichever genuine escrow an offer names: a chain bound to none, sending (its own
+        # refunds, recover()) from the buyer's key; or the settings' own chain (the unit tests' in-memory one).
+        self.chain: EscrowChain = settings.chain or connect_chain(
+            settings.rpc_url, deadline=settings.rpc_timeout, signer=settings.signer, w3=settings.w3
         )
         self.journal = settings.journal if isinstance(settings.journal, Journal) else Journal(settings.journal)
         policy = settings.policy

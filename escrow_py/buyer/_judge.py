@@ -27,12 +27,12 @@ from escrow_py.buyer._errors import (
 )
 from escrow_py.buyer._journal import PaymentState
 from escrow_py.protocol.errors import ChainError, ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, Terms, delivery_hash
 from escrow_py.protocol.wire import (
     DEPOSIT_MAY_BE_PENDING,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
-    Reason,
     SettlementExtra,
     SettlementStatus,
     Unavailable,

@@ -75,7 +75,7 @@ def replay_request(entry: JournalEntry) -> httpx.Request:
 
 def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow:
     state = core.chain.state_of(entry.escrow_id, escrow=entry.escrow)
-    now = core.chain.now()
+    now = core.chain.next_block_time()
     replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
     if state is State.NONE and (settled := _settlement(core, entry)) is not None:
         # Served first and settled: the money went to the seller with this hash.

@@ -22,6 +22,7 @@ from web3 import Web3
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._validate import Validator
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ConfigError
@@ -90,7 +91,8 @@ class BuyerSettings:
     names the budget a payment counts against (a request overrides it with the `x402_task` extension);
     `validator` checks delivered bodies (override: `x402_validator`). `w3` replaces the connection to
     `rpc_url`; `rpc_timeout` bounds every chain call, retries included; `resend` says how a 503 of the
-    seller's own side is answered (the SDK plugin sends nothing itself, so it never resends).
+    seller's own side is answered (the SDK plugin sends nothing itself, so it never resends). `chain`
+    replaces the chain at `rpc_url` altogether with another EscrowChain (the unit tests' in-memory one).
     """
 
     signer: Signer
@@ -102,6 +104,7 @@ class BuyerSettings:
     w3: Web3 | None = None
     rpc_timeout: float = DEFAULT_DEADLINE
     resend: ResendPolicy = field(default_factory=ResendPolicy)
+    chain: EscrowChain | None = None
 
     def __post_init__(self) -> None:
         timeout = self.rpc_timeout

@@ -1,6 +1,6 @@
 """Step 3, sign: the offer checked against the chain, fresh terms, their authorization, the header.
 
-`terms_for` asks the chain (through the buyer's BuyerChain) what a signature needs to be safe;
+`terms_for` asks the chain (the shared EscrowChain port) what a signature needs to be safe;
 `payment_header` is pure. The signature itself is escrow_py.protocol.eip3009.sign_authorization.
 """
 
@@ -11,16 +11,18 @@ from typing import Any
 from eth_typing import ChecksumAddress
 from x402.schemas import PaymentPayload, PaymentRequirements, ResourceInfo
 
-from escrow_py.buyer._chain import BuyerChain
 from escrow_py.buyer._errors import EscrowNotGenuine, PaymentRefused
 from escrow_py.chain import rpc
+from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for
+from escrow_py.protocol.errors import ContractRevert
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, Terms
-from escrow_py.protocol.wire import X402_VERSION, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
+from escrow_py.protocol.wire import X402_VERSION, EscrowPayload, EscrowRequirements, encode_payment_signature
 
 
 def terms_for(
-    chain: BuyerChain, buyer: ChecksumAddress, req: EscrowRequirements, rhash: bytes
+    chain: EscrowChain, buyer: ChecksumAddress, req: EscrowRequirements, rhash: bytes
 ) -> tuple[TokenDomain, Terms, Authorization]:
     """The offer's checks against the chain, then fresh terms and their authorization (unsigned).
 
@@ -38,7 +40,12 @@ def terms_for(
         raise PaymentRefused(
             "deadline_too_far", f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
         )
-    domain = chain.domain(req.asset)
+    try:
+        domain = chain.token_domain(req.asset)
+    except ContractRevert as exc:  # no code there, or it reverts
+        raise PaymentRefused(
+            "asset_not_erc3009", f"the offer's asset {req.asset} does not answer name() and version() ({exc})"
+        ) from exc
     if (domain.name, domain.version) != (req.extra.name, req.extra.version):
         raise PaymentRefused(
             "token_domain_mismatch",
@@ -69,7 +76,7 @@ def terms_for(
 
 def payment_payload(terms: Terms, authorization: Authorization, signature: bytes) -> dict[str, Any]:
     """The `payload` of a delivery-escrow PaymentPayload (what the SDK plugin hands the SDK)."""
-    return EscrowPayload(authorization, signature, terms).to_json()
+    return EscrowPayload(authorization=authorization, signature=signature, terms=terms).to_json()
 
 
 def payment_header(accepted: PaymentRequirements, payload: dict[str, Any], resource: ResourceInfo | None = None) -> str:

@@ -7,6 +7,8 @@ from typing import TypeVar
 
 from web3 import Web3
 
+from escrow_py.chain.clock import block_time
+
 # Public RPCs (Base's included) refuse eth_getLogs over wide ranges; 2,000 blocks passes everywhere we know.
 LOG_CHUNK = 2_000
 
@@ -19,12 +21,12 @@ def first_block_at(w3: Web3, timestamp: int, *, latest: int | None = None) -> in
     A binary search over block headers: about log2(height) eth_getBlockByNumber calls.
     """
     hi = int(w3.eth.block_number) if latest is None else latest
-    if int(w3.eth.get_block(hi)["timestamp"]) < timestamp:
+    if block_time(w3, hi) < timestamp:
         return hi + 1
     lo = 0
     while lo < hi:
         mid = (lo + hi) // 2
-        if int(w3.eth.get_block(mid)["timestamp"]) < timestamp:
+        if block_time(w3, mid) < timestamp:
             lo = mid + 1
         else:
             hi = mid

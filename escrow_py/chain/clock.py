@@ -5,6 +5,9 @@ includes the transaction, not of the latest block. On a chain that mines only wh
 is a transaction (anvil's automine, a quiet devnet) the latest block can be minutes old,
 and a window counted from it is already spent when the next block is stamped with the
 current time. The node knows what that stamp will be: it is the `pending` block's.
+
+Every time the package reads from the chain comes from here: `next_block_time` (the clock
+deadlines and windows are judged by) and `block_time` (when a mined block was judged).
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ def next_block_time(w3: Web3) -> int:
         pending = None
     if isinstance(pending, dict) and pending.get("timestamp") is not None:
         return _timestamp(pending)
-    return _timestamp(rpc.request(w3, "eth_getBlockByNumber", ["latest", False]))
+    return block_time(w3, "latest")
+
+
+def block_time(w3: Web3, block: int | str = "latest") -> int:
+    """The timestamp of a mined block (a number, or "latest"): when the transactions in it were judged."""
+    tag = hex(block) if isinstance(block, int) else block
+    return _timestamp(rpc.request(w3, "eth_getBlockByNumber", [tag, False]))
 
 
 def _timestamp(block: object) -> int:

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 
 from web3.exceptions import BadFunctionCallOutput, Web3Exception
 
-from escrow_py.chain.tx import revert_from_exception
-from escrow_py.protocol.errors import ChainError, EscrowError, RpcError, RpcTimeout
+from escrow_py.chain import rpc
+from escrow_py.chain.tx import revert_from_exception, revert_or_node_error
+from escrow_py.protocol.errors import ChainError, ContractRevert, EscrowError, RpcError, RpcTimeout
 
 # What a chain read can raise besides our own errors: transport errors are OSError (requests'
 # RequestException included, InvalidSchema too), web3's own derive from Web3Exception, and web3
@@ -45,6 +46,11 @@ def typed_chain_errors(what: str) -> Iterator[None]:
     """Re-raise any chain failure inside the block as a ChainError (the original as its __cause__)."""
     try:
         yield
+    except rpc.NodeError as exc:
+        failure = revert_or_node_error(exc)
+        if isinstance(failure, ContractRevert):  # a raw read that reverted: the same error as web3's revert
+            raise failure from exc
+        raise
     except EscrowError as exc:
         if type(exc) in (RpcError, RpcTimeout):
             # The transport's own (rpc.DeadlineHTTPProvider) names the JSON-RPC method, not what it was for.

@@ -164,8 +164,3 @@ def estimate_gas(w3: Web3, to: str | None, data: bytes, *, sender: str) -> int:
     if to is not None:
         tx["to"] = to_checksum_address(to)
     return int(str(request(w3, "eth_estimateGas", [tx])), 16)
-
-
-def latest_timestamp(w3: Web3) -> int:
-    """The latest block's timestamp: the clock the contract judges deadlines by."""
-    return int(str(request(w3, "eth_getBlockByNumber", ["latest", False])["timestamp"]), 16)

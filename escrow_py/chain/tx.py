@@ -124,7 +124,7 @@ def revert_from_exception(exc: Exception) -> ContractRevert | None:
     return None
 
 
-def _revert_or(exc: rpc.NodeError) -> ContractRevert | rpc.NodeError:
+def revert_or_node_error(exc: rpc.NodeError) -> ContractRevert | rpc.NodeError:
     """The decoded revert behind a node error, or the node error itself when it is not a revert."""
     if exc.revert_data is not None:
         return decode_revert(exc.revert_data)
@@ -265,14 +265,14 @@ class TxSender:
                 self.w3, to, data, sender=self.address, block=block if isinstance(block, int) else str(block)
             )
         except rpc.NodeError as exc:
-            raise _revert_or(exc) from None
+            raise revert_or_node_error(exc) from None
 
     def estimate_gas(self, to: str | None, data: bytes) -> int:
         """Gas for a call to `to` (None: a contract creation); raises ContractRevert if it would revert."""
         try:
             return rpc.estimate_gas(self.w3, to, data, sender=self.address)
         except rpc.NodeError as exc:
-            failure = _revert_or(exc)
+            failure = revert_or_node_error(exc)
             if isinstance(failure, rpc.NodeError) and "insufficient funds" in str(failure).lower():
                 raise InsufficientFunds(self.address, str(failure)) from None
             raise failure from None

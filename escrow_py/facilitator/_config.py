@@ -61,7 +61,7 @@ class FacilitatorConfig:
         self.chain_settings()  # the shared checks of the chain settings
 
     def chain_settings(self) -> SellerConfig:
-        """The settings of the seller's chain layer (SellerChain, DeliveryPoster), which the facilitator reuses.
+        """The settings of the seller's chain layer (seller_chain, DeliveryPoster), which the facilitator reuses.
 
         Only the chain fields are read by that layer; `pay_to` and the route are placeholders
         it requires (the facilitator serves every seller, and prices nothing).

@@ -1,7 +1,7 @@
 """What the facilitator does for a seller, apart from HTTP: verify, deposit, queue deliveries, refund.
 
 It is the seller's chain side moved behind an API: the same off-chain and on-chain checks
-(seller._verify), the same operator sender (seller._chain.SellerChain) and the same
+(seller._verify), the same operator sender (seller._chain.seller_chain) and the same
 durable queue and poster (seller._store, seller._poster), on the facilitator's own
 database. Each escrow is recorded before its deposit leaves, so a replica that dies
 mid-request leaves a row the next request for that payment finds.
@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from web3.exceptions import Web3Exception
 from web3.types import TxReceipt
 from x402.schemas import (
     PaymentPayload,
@@ -33,6 +32,7 @@ from x402.schemas import (
     VerifyResponse,
 )
 
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.tx import SentTx
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
@@ -45,9 +45,10 @@ from escrow_py.protocol.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
-from escrow_py.protocol.wire import SCHEME, EscrowPayload, EscrowRequirements, Reason, encode_payment_signature
-from escrow_py.seller._chain import SellerChain
+from escrow_py.protocol.wire import SCHEME, EscrowPayload, EscrowRequirements, encode_payment_signature
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._store import (
     DEPOSITING,
@@ -91,18 +92,16 @@ class Settled:
 
 
 class Facilitator:
-    def __init__(self, config: FacilitatorConfig, chain: SellerChain | None = None) -> None:
+    def __init__(self, config: FacilitatorConfig, chain: EscrowChain | None = None) -> None:
         self.config = config
         settings = config.chain_settings()
         self.store = SellerStore(config.store)
         # The store is the operator key's nonce book: replicas on one database never collide on a nonce.
-        self.chain = chain or SellerChain(settings, book=self.store)
+        self.chain: EscrowChain = chain or seller_chain(settings, book=self.store)
         self.ledger = Ledger(config.store)
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         # One poster at a time per operator key, whichever replica: a lease in the database.
-        self.poster = DeliveryPoster(
-            self.chain, self.store, interval=config.poster_interval, lease=settings.poster_lease, owner=self.replica
-        )
+        self.poster = DeliveryPoster.of(settings, self.chain, self.store, owner=self.replica)
         # A /deliver batch is queued whole before this process's poster looks at the queue again, so
         # deliveries sent together leave in one deliverMany (the store queues one row per commit).
         self._queueing = threading.Lock()
@@ -173,7 +172,7 @@ class Facilitator:
         try:
             verified = self._verified(payload, requirements, key, self._now())
             chain = self.chain
-            verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+            verify_onchain(verified, chain=chain)
         except PaymentRejected as rejected:
             return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
         return VerifyResponse(is_valid=True, payer=verified.buyer)
@@ -276,14 +275,14 @@ class Facilitator:
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
         try:
-            return self.chain.state_of(escrow_id), self.chain.now()
-        except (EscrowError, OSError, Web3Exception) as exc:
+            return self.chain.state_of(escrow_id), self.chain.next_block_time()
+        except (EscrowError, OSError) as exc:
             raise self._chain_down(exc) from None
 
     def _now(self) -> int:
         try:
-            return self.chain.now()
-        except (EscrowError, OSError, Web3Exception) as exc:
+            return self.chain.next_block_time()
+        except (EscrowError, OSError) as exc:
             raise self._chain_down(exc) from None
 
     @staticmethod
@@ -305,8 +304,8 @@ class Facilitator:
     def _deposit(self, verified: VerifiedPayment, now: int, *, fresh: bool, route: str) -> bytes | None:
         escrow_id, chain = verified.escrow_id, self.chain
         try:
-            gas = verify_onchain(verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
-        except (EscrowError, OSError, Web3Exception) as exc:
+            gas = verify_onchain(verified, chain=chain)
+        except (EscrowError, OSError) as exc:
             if isinstance(exc, PaymentRejected):
                 raise
             raise self._chain_down(exc) from None
@@ -333,7 +332,7 @@ class Facilitator:
             reason = Reason.OPERATOR_UNFUNDED if isinstance(exc, InsufficientFunds) else Reason.NONCE_CONFLICT
             log.error("deposit of 0x%s not sent: %s", escrow_id.hex(), exc)
             raise FacilitatorError(503, reason, "the operator cannot send now", retry_after=30) from None
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             if chain.state_of(escrow_id) == State.HELD:
                 self.store.set_held(escrow_id, None)
                 return None
@@ -399,7 +398,7 @@ class Facilitator:
                     receipt = self.chain.refund(payment.terms)
                     refund_tx = bytes(receipt["transactionHash"])
                     self.ledger.record_tx("refund", refund_tx, receipt, [escrow_id], payment.terms.amount)
-            except (EscrowError, OSError, Web3Exception) as exc:
+            except (EscrowError, OSError) as exc:
                 log.warning("refund of 0x%s failed, the poster retries it: %s", escrow_id.hex(), exc)
                 self.store.save_failed(escrow_id, _NO_BODY, None)
                 return {"escrowId": "0x" + escrow_id.hex(), "state": "refund_pending", "transaction": None}
@@ -433,7 +432,7 @@ class Facilitator:
         with self._queueing:
             report = self.poster.post_pending()
         if report.tx_hash is not None and report.posted:
-            receipt = self.chain.sender.receipt(report.tx_hash)
+            receipt = self.chain.receipt(report.tx_hash)
             if receipt is not None:
                 amount = self.ledger.amount_of(report.posted)
                 self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from eth_abi.abi import encode
 from eth_utils.crypto import keccak
-from web3 import Web3
 
 from escrow_py.chain import rpc
-from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, check_escrow_code
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode
+from escrow_py.chain.port import EscrowChain
 from escrow_py.keeper._batch import batch_gas
 from escrow_py.keeper._config import KeeperConfig
 from escrow_py.protocol.errors import ConfigError, RpcError
@@ -30,14 +30,14 @@ def _hex_int(value: object, what: str) -> int:
 _AUTHORIZATION_STATE = keccak(text="authorizationState(address,bytes32)")[:4]
 
 
-def _check_token(w3: Web3, token: str, chain_id: int) -> None:
+def _check_token(chain: EscrowChain, token: str, chain_id: int) -> None:
     """A configured token must be an ERC-3009 contract on this chain: a typo refunds nothing, silently."""
-    code = rpc.request(w3, "eth_getCode", [token, "latest"])
+    code = chain.request("eth_getCode", [token, "latest"])
     if code in (None, "0x", "0x0", ""):
         raise ConfigError(f"tokens: {token} holds no contract code on chain {chain_id}")
     probe = "0x" + (_AUTHORIZATION_STATE + encode(["address", "bytes32"], [token, b"\0" * 32])).hex()
     try:
-        answer = rpc.request(w3, "eth_call", [{"to": token, "data": probe}, "latest"])
+        answer = chain.request("eth_call", [{"to": token, "data": probe}, "latest"])
     except rpc.NodeError as exc:  # a revert; a node that is down stays an RpcError
         raise ConfigError(
             f"tokens: {token} on chain {chain_id} is not an ERC-3009 token: authorizationState() reverts ({exc})"
@@ -48,10 +48,10 @@ def _check_token(w3: Web3, token: str, chain_id: int) -> None:
         )
 
 
-def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
+def check_startup(chain: EscrowChain, config: KeeperConfig, keeper_address: str) -> None:
     """Raise ConfigError (or RpcError) if this keeper could not refund anything as configured."""
     try:
-        chain_id = _hex_int(rpc.request(w3, "eth_chainId", []), "eth_chainId")
+        chain_id = _hex_int(chain.request("eth_chainId", []), "eth_chainId")
     except RpcError as exc:
         raise RpcError(f"rpc_url = {config.rpc_url!r}: the node does not answer ({exc})") from None
     if chain_id != config.chain_id:
@@ -61,7 +61,7 @@ def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
         )
     for address in config.escrows:
         # The one genuine-escrow check every role uses: the shipped runtime code, or a shipped deployment.
-        check = check_escrow_code(w3, address, chain_id=chain_id)
+        check = chain.check_escrow(address)
         if check.verdict is EscrowCode.NO_CODE:
             raise ConfigError(f"escrows: {address} holds no contract code on chain {chain_id}")
         if not check.genuine:
@@ -76,9 +76,9 @@ def check_startup(w3: Web3, config: KeeperConfig, keeper_address: str) -> None:
             "set tokens (the addresses to refund) or tokens = '*' for every token"
         )
     for token in config.tokens:
-        _check_token(w3, token, chain_id)
-    balance = _hex_int(rpc.request(w3, "eth_getBalance", [keeper_address, "latest"]), "eth_getBalance")
-    block = rpc.request(w3, "eth_getBlockByNumber", ["latest", False])
+        _check_token(chain, token, chain_id)
+    balance = _hex_int(chain.request("eth_getBalance", [keeper_address, "latest"]), "eth_getBalance")
+    block = chain.request("eth_getBlockByNumber", ["latest", False])
     base_fee = _hex_int(block.get("baseFeePerGas", "0x0"), "baseFeePerGas") if isinstance(block, dict) else 0
     need = batch_gas(1) * 2 * base_fee
     if balance == 0 or balance < need:

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from escrow_py.chain import rpc
 from escrow_py.chain.signer import load_signer
+from escrow_py.chain.web3chain import connect_chain
 from escrow_py.keeper._config import MAX_BATCH_SIZE, KeeperConfig
 from escrow_py.keeper._daemon import Keeper
 from escrow_py.keeper._decide import TOKEN_NOT_ALLOWED, Skip, next_action
@@ -99,10 +99,10 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     config = _config(args)
     store = KeeperStore(config.database)
-    w3 = rpc.connect(config.rpc_url, deadline=config.rpc_timeout)
+    chain = connect_chain(config.rpc_url, deadline=config.rpc_timeout)
     try:
         try:
-            head = read_head(w3)
+            head = read_head(chain)
         except RpcError as exc:
             raise RpcError(f"rpc_url = {config.rpc_url!r}: the node does not answer ({exc})") from None
         tokens = config.allowed_tokens()

@@ -38,18 +38,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eth_abi.abi import encode
-from web3.exceptions import Web3Exception
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import ESCROW_ABI, Escrow, PayoutFailed, Refunded, decode_log, decode_settlement_log
+from escrow_py.chain.escrow import ESCROW_ABI, PayoutFailed, Refunded, decode_log, decode_settlement_log
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.signer import Signer
-from escrow_py.chain.tx import SentTx, TxSender, decode_revert
+from escrow_py.chain.tx import SentTx, decode_revert
+from escrow_py.chain.web3chain import connect_chain
 from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
 from escrow_py.keeper._console import keeper_figures, open_console_db
 from escrow_py.keeper._decide import Refund, next_action
-from escrow_py.keeper._index import Head, Indexer, read_block, read_head
+from escrow_py.keeper._index import Head, Indexer, block_hash, read_head
 from escrow_py.keeper._metrics import KeeperMetrics, MetricsServer
 from escrow_py.keeper._store import IN_FLIGHT, PENDING, QUARANTINED, Attempt, KeeperStore, OpenEscrow, prune
 from escrow_py.protocol.errors import ChainError, ContractRevert, RpcError
@@ -59,7 +60,7 @@ from escrow_py.storage import Database, describe
 log = logging.getLogger("escrow_py.keeper")
 
 # Failures a cycle treats as the chain's or the network's, logged without a stack trace.
-RPC_FAILURES = (ChainError, Web3Exception, OSError, ValueError)
+RPC_FAILURES = (ChainError, OSError, ValueError)
 PRUNE_EVERY = 3600.0  # seconds between two retention prunes
 _TRANSFER = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
 # Node answers to eth_sendRawTransaction that say the nonce is taken, not that the transaction is bad.
@@ -100,17 +101,26 @@ class CycleReport:
 class Keeper:
     """Refunds every Held escrow past its deadline on the configured escrow contracts."""
 
-    def __init__(self, config: KeeperConfig, signer: Signer, *, store: KeeperStore | None = None) -> None:
+    def __init__(
+        self,
+        config: KeeperConfig,
+        signer: Signer,
+        *,
+        store: KeeperStore | None = None,
+        chain: EscrowChain | None = None,
+    ) -> None:
+        """`chain`: another EscrowChain than the node at config.rpc_url (sending from `signer`'s key)."""
         self.config = config
         # One deadline per call, retries included: a failed or hung request fails the cycle, which backs off.
-        self.w3 = rpc.connect(config.rpc_url, deadline=config.rpc_timeout)
-        self.sender = TxSender(self.w3, signer)
+        self.chain: EscrowChain = (
+            chain if chain is not None else connect_chain(config.rpc_url, deadline=config.rpc_timeout, signer=signer)
+        )
         self.me = signer.address.lower()
         self.store = store or KeeperStore(config.database)
         self.metrics = KeeperMetrics()
-        self.bindings: dict[str, Escrow] = {address: Escrow(self.w3, address) for address in config.escrows}
+        self.escrows: tuple[str, ...] = tuple(config.escrows)
         self.indexers = {
-            address: Indexer(self.w3, self.store, address, config.start_block, self.metrics.rpc_errors.inc)
+            address: Indexer(self.chain, self.store, address, config.start_block, self.metrics.rpc_errors.inc)
             for address in config.escrows
         }
         self.tokens = config.allowed_tokens()
@@ -134,13 +144,13 @@ class Keeper:
 
     def check(self) -> None:
         """Start-up checks (chain id, escrow code, token allowlist, gas); ConfigError or RpcError if one fails."""
-        check_startup(self.w3, self.config, self.sender.address)
+        check_startup(self.chain, self.config, self.chain.sender_address)
 
     # -- one cycle -------------------------------------------------------------------------------
 
     def run_once(self) -> CycleReport:
         report = CycleReport()
-        head = read_head(self.w3)
+        head = read_head(self.chain)
         hashes = {head.number: head.hash}
         new_block = head.hash != self._seen_head
         if new_block:
@@ -166,7 +176,7 @@ class Keeper:
     def index(self, head: Head | None = None, hashes: dict[int, str] | None = None,
               report: CycleReport | None = None) -> dict[str, int]:  # fmt: skip
         """Bring every escrow's events up to the confirmed head; returns the new checkpoints."""
-        head = head or read_head(self.w3)
+        head = head or read_head(self.chain)
         hashes = {head.number: head.hash} if hashes is None else hashes
         done: dict[str, int] = {}
         confirmed = head.number - self.config.confirmations + 1
@@ -236,7 +246,7 @@ class Keeper:
 
     def _renew_claims(self, attempts: list[Attempt], statuses: dict[bytes, str]) -> None:
         """Other keepers on this database stay off the escrows of this keeper's refunds while they may land."""
-        for address in self.bindings:
+        for address in self.escrows:
             ids = [i for a in attempts if a.escrow == address and statuses[a.tx_hash] in IN_FLIGHT for i in a.ids]
             self.store.renew_claims(address, self.me, ids, self.clock())
 
@@ -254,11 +264,11 @@ class Keeper:
             self.metrics.transactions.labels(outcome=status).inc()
 
     def _receipt(self, tx_hash: bytes) -> dict[str, Any] | None:
-        receipt = rpc.request(self.w3, "eth_getTransactionReceipt", ["0x" + tx_hash.hex()])
+        receipt = self.chain.request("eth_getTransactionReceipt", ["0x" + tx_hash.hex()])
         return receipt if isinstance(receipt, dict) and receipt.get("blockHash") else None
 
     def _confirmed_nonce(self) -> int:
-        return int(str(rpc.request(self.w3, "eth_getTransactionCount", [self.sender.address, "latest"])), 16)
+        return int(str(self.chain.request("eth_getTransactionCount", [self.chain.sender_address, "latest"])), 16)
 
     def _on_receipt(
         self, attempt: Attempt, receipt: dict[str, Any], head: Head, *, attempts: Sequence[Attempt],
@@ -304,8 +314,7 @@ class Keeper:
         number = attempt.block_number
         assert number is not None
         if number not in hashes:
-            block = read_block(self.w3, number)
-            hashes[number] = "" if block is None else str(block["hash"])
+            hashes[number] = block_hash(self.chain, number) or ""
         if hashes[number] == attempt.block_hash:
             if head.number - number + 1 > self.config.reorg_depth:
                 if status == "mined":
@@ -322,7 +331,7 @@ class Keeper:
         # gas twice: its set is already split); otherwise the escrows go back to the due list.
         report.reorged += 1
         self.metrics.transactions.labels(outcome="reorged").inc()
-        self.sender.resync_nonce()
+        self.chain.resync_nonce()
         again = status == "mined" and self._still_refunds(attempt)
         log.warning("refund 0x%s was removed by a reorg; %s", attempt.tx_hash.hex(),
                     "broadcasting it again" if again else "not sending it again")  # fmt: skip
@@ -336,7 +345,7 @@ class Keeper:
     def _still_refunds(self, attempt: Attempt) -> bool:
         data = bytes(self.store.attempt_tx(attempt.tx_hash).tx["data"])
         try:
-            return int.from_bytes(self.sender.call(attempt.escrow, data, block="pending")[:32], "big") > 0
+            return int.from_bytes(self.chain.call(attempt.escrow, data, block="pending")[:32], "big") > 0
         except ContractRevert:
             return False
 
@@ -398,11 +407,11 @@ class Keeper:
 
     def _priced_call(self, escrow: str, entries: list[OpenEscrow], fees: dict[str, Any]) -> ContractRevert | None:
         """refundMany(entries) as an eth_call carrying a transaction's gas price, on the pending state: its revert."""
-        call = {"from": self.sender.address, "to": escrow, "data": "0x" + refund_many_data(entries).hex(),
+        call = {"from": self.chain.sender_address, "to": escrow, "data": "0x" + refund_many_data(entries).hex(),
                 "gas": hex(batch_gas(len(entries))), "maxFeePerGas": hex(int(fees["maxFeePerGas"])),
                 "maxPriorityFeePerGas": hex(int(fees["maxPriorityFeePerGas"]))}  # fmt: skip
         try:
-            rpc.request(self.w3, "eth_call", [call, "pending"])
+            self.chain.request("eth_call", [call, "pending"])
         except rpc.NodeError as exc:
             if exc.revert_data is not None:
                 return decode_revert(exc.revert_data)
@@ -419,7 +428,7 @@ class Keeper:
         log.warning("escrow 0x%s quarantined: %s", escrow_id.hex(), reason)
 
     def _set_quarantine_gauge(self) -> None:
-        self.metrics.quarantined_open.set(sum(len(self.store.troubles(a, QUARANTINED)) for a in self.bindings))
+        self.metrics.quarantined_open.set(sum(len(self.store.troubles(a, QUARANTINED)) for a in self.escrows))
 
     def _payout_refused(
         self, escrow: str, token: str, buyer: str, amount: int, *, stage: str, report: CycleReport,
@@ -451,7 +460,7 @@ class Keeper:
         # The escrow holds no ether to pay the fees of a call from it: lend it some, for this call only.
         lend = {escrow: {"balance": hex(10**24)}}
         try:
-            result = str(rpc.request(self.w3, "eth_call", [call, "pending", lend]))
+            result = str(self.chain.request("eth_call", [call, "pending", lend]))
         except rpc.NodeError as exc:
             if exc.revert_data:
                 return f"PayoutFailed: {decode_revert(exc.revert_data)}"
@@ -463,11 +472,11 @@ class Keeper:
         return "PayoutFailed (not reproducible in eth_call)"
 
     def _set_backoff_gauge(self) -> None:
-        self.metrics.backoffs.set(sum(len(self.store.backoffs(a)) for a in self.bindings))
+        self.metrics.backoffs.set(sum(len(self.store.backoffs(a)) for a in self.escrows))
 
     def _replace(self, attempt: Attempt, statuses: dict[bytes, str], report: CycleReport) -> bool:
         """Re-sign a stuck transaction with the same nonce and higher fees; False if its broadcast failed."""
-        replacement = self.sender.replace(self.store.attempt_tx(attempt.tx_hash))
+        replacement = self.chain.replace(self.store.attempt_tx(attempt.tx_hash))
         self.store.record_attempt(attempt.escrow, self.me, attempt.ids, replacement)
         self._set(attempt, "replaced", statuses)
         report.replaced += 1
@@ -477,7 +486,7 @@ class Keeper:
     # -- decide and act ------------------------------------------------------------------------------
 
     def act(self, report: CycleReport, head: Head | None = None) -> None:
-        head = head or read_head(self.w3)
+        head = head or read_head(self.chain)
         self._act_again = False
         chain_time = head.timestamp
         limit = max_entries(self.config.batch_size, self.config.max_batch_gas, head.gas_limit)
@@ -485,7 +494,7 @@ class Keeper:
             limit = min(limit, self._batch_cap)
         standby = math.ceil(self.config.standby_after)
         wall = self.clock()
-        for address in self.bindings:
+        for address in self.escrows:
             groups: dict[str, list[OpenEscrow]] = {}
             plain: list[OpenEscrow] = []
             for entry in self.store.due(address, chain_time - standby, self._in_flight, claimable_by=self.me, now=wall):
@@ -539,7 +548,7 @@ class Keeper:
         if not batch:
             return True
         ids = [e.id for e in batch]
-        signed = self.sender.sign(address, refund_many_data(batch), gas=batch_gas(len(batch)))
+        signed = self.chain.sign(address, refund_many_data(batch), gas=batch_gas(len(batch)))
         # Durable before it leaves the process: a crash after this line re-broadcasts this exact transaction.
         self.store.record_attempt(address, self.me, ids, signed)
         self._in_flight.update(ids)
@@ -565,16 +574,16 @@ class Keeper:
             first = batch[0]
             if any((e.token, e.buyer) != (first.token, first.buyer) for e in batch):
                 return []
-            if self.bindings[address].state_of(first.id, "pending") is State.HELD:
+            if self.chain.state_of(first.id, escrow=address, block="pending") is State.HELD:
                 refused.append(batch)
             return []
         middle = len(batch) // 2
         held = []
         for part in (batch[:middle], batch[middle:]):
             try:
-                count = int.from_bytes(self.sender.call(address, refund_many_data(part), block="pending")[:32], "big")
+                count = int.from_bytes(self.chain.call(address, refund_many_data(part), block="pending")[:32], "big")
             except ContractRevert:  # the pending state moved under us: ask entry by entry
-                held += [e for e in part if self.bindings[address].state_of(e.id, "pending") is State.HELD]
+                held += [e for e in part if self.chain.state_of(e.id, escrow=address, block="pending") is State.HELD]
                 continue
             held += self._still_held(address, part, count, refused)
         return held
@@ -594,7 +603,7 @@ class Keeper:
         A batch that reverts is bisected; an entry that reverts alone is set aside for `retry_after` seconds.
         """
         try:
-            result = self.sender.call(address, refund_many_data(batch), block="pending")
+            result = self.chain.call(address, refund_many_data(batch), block="pending")
         except ContractRevert as revert:
             if len(batch) == 1:
                 entry = batch[0]
@@ -616,7 +625,7 @@ class Keeper:
         counted, and "refund batch sent" logged, once a node has accepted the transaction, and only then.
         """
         try:
-            rpc.request(self.w3, "eth_sendRawTransaction", ["0x" + signed.raw.hex()])
+            self.chain.request("eth_sendRawTransaction", ["0x" + signed.raw.hex()])
         except rpc.NodeError as exc:
             message = str(exc.error.get("message", exc.error) if isinstance(exc.error, dict) else exc.error)
             lowered = message.lower()
@@ -624,7 +633,7 @@ class Keeper:
                 return self._refused(escrow, signed, ids, message)
         except RpcError as exc:
             # Not known whether the node took it: the recorded bytes go out again next cycle.
-            self.sender.resync_nonce()
+            self.chain.resync_nonce()
             self.metrics.rpc_errors.inc()
             log.warning("broadcast of refund 0x%s failed, will retry the same transaction: %s",
                         signed.tx_hash.hex(), exc)  # fmt: skip
@@ -641,7 +650,7 @@ class Keeper:
 
     def _refused(self, escrow: str, signed: SentTx, ids: Sequence[bytes], message: str) -> str:
         """The node answered eth_sendRawTransaction with an error object."""
-        self.sender.resync_nonce()
+        self.chain.resync_nonce()
         lowered = message.lower()
         if any(k in lowered for k in _NONCE_TAKEN):
             # Its nonce is used or held by another transaction: the tracker drops it once that one is mined.
@@ -651,7 +660,7 @@ class Keeper:
         self.metrics.transactions.labels(outcome="rejected").inc()
         self._in_flight.difference_update(ids)
         if "insufficient funds" in lowered:
-            log.error("keeper key %s cannot pay for a refund of %d escrows: %s", self.sender.address, len(ids),
+            log.error("keeper key %s cannot pay for a refund of %d escrows: %s", self.chain.sender_address, len(ids),
                       message)  # fmt: skip
             return "rejected"
         # Refused for what it is (too large, over a gas limit): the same bytes would be refused forever.
@@ -675,11 +684,11 @@ class Keeper:
             self._console_db = console_db = open_console_db(self.config.database)
             self._server = MetricsServer(
                 self.metrics, *address, stale_after=stale,
-                figures=lambda: keeper_figures(console_db, lambda: int(self.w3.eth.block_number)),
+                figures=lambda: keeper_figures(console_db, lambda: self.chain.head().number),
             )  # fmt: skip
         log.info(
             "keeper started",
-            extra={"keeper": self.sender.address, "escrows": list(self.config.escrows),
+            extra={"keeper": self.chain.sender_address, "escrows": list(self.config.escrows),
                    "database": describe(self.config.database), "metrics_port": self.metrics_port,
                    "tokens": "any" if self.tokens is None else sorted(self.tokens)},
         )  # fmt: skip
@@ -693,12 +702,12 @@ class Keeper:
                         log.info("cycle", extra={"report": report.__dict__})
                 except RPC_FAILURES as exc:
                     self.metrics.cycle_failed("rpc")
-                    self.sender.resync_nonce()
+                    self.chain.resync_nonce()
                     log.warning("cycle failed (%d in a row): %s: %s", self.metrics.failures_in_a_row,
                                 type(exc).__name__, exc)  # fmt: skip
                 except Exception:  # a bug must not stop refunds for good: log it with its stack and go on
                     self.metrics.cycle_failed("internal")
-                    self.sender.resync_nonce()
+                    self.chain.resync_nonce()
                     log.exception("cycle failed (%d in a row) on an unexpected error", self.metrics.failures_in_a_row)
                 failures = self.metrics.failures_in_a_row
                 stop.wait(poll if failures == 0 else min(poll * 2 ** (failures - 1), longest))

@@ -21,10 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from web3 import Web3
-
-from escrow_py.chain import rpc
 from escrow_py.chain.escrow import DELIVERED_TOPIC, DEPOSITED_TOPIC, REFUNDED_TOPIC
+from escrow_py.chain.port import EscrowChain
 from escrow_py.keeper._config import MAX_LOG_CHUNK
 from escrow_py.keeper._store import IndexedEvent, KeeperStore
 from escrow_py.protocol.errors import RpcError
@@ -48,21 +46,15 @@ class Head:
     gas_limit: int
 
 
-def read_block(w3: Web3, block: int | str) -> dict[str, Any] | None:
-    tag = hex(block) if isinstance(block, int) else block
-    result = rpc.request(w3, "eth_getBlockByNumber", [tag, False])
-    return result if isinstance(result, dict) else None
+def block_hash(chain: EscrowChain, number: int) -> str | None:
+    """The 0x-hex hash of block `number` on the current chain (the form the store keeps); None past the head."""
+    found = chain.block_hash(number)
+    return None if found is None else "0x" + found.hex()
 
 
-def read_head(w3: Web3) -> Head:
-    block = read_block(w3, "latest")
-    if block is None:
-        raise RpcError("eth_getBlockByNumber(latest) returned no block")
-    try:
-        return Head(int(block["number"], 16), str(block["hash"]), int(block["timestamp"], 16),
-                    int(block["gasLimit"], 16))  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RpcError(f"eth_getBlockByNumber(latest) returned a malformed block: {exc}") from None
+def read_head(chain: EscrowChain) -> Head:
+    head = chain.head()
+    return Head(head.number, "0x" + head.hash.hex(), head.timestamp, head.gas_limit)
 
 
 def parse_log(entry: dict[str, Any]) -> IndexedEvent | None:
@@ -94,9 +86,9 @@ class Indexer:
     """Indexes one escrow contract's events into the store."""
 
     def __init__(
-        self, w3: Web3, store: KeeperStore, escrow: str, start_block: int, on_rpc_error: Callable[[], None]
+        self, chain: EscrowChain, store: KeeperStore, escrow: str, start_block: int, on_rpc_error: Callable[[], None]
     ) -> None:
-        self.w3 = w3
+        self.chain = chain
         self.store = store
         self.escrow = escrow
         self.start_block = start_block
@@ -133,10 +125,10 @@ class Indexer:
 
     def _canonical(self, number: int, hashes: dict[int, str]) -> str | None:
         if number not in hashes:
-            block = read_block(self.w3, number)
-            if block is None:
+            found = block_hash(self.chain, number)
+            if found is None:
                 return None
-            hashes[number] = str(block["hash"])
+            hashes[number] = found
         return hashes[number]
 
     def _fork_point(self, checkpoint: int, hashes: dict[int, str]) -> int:
@@ -158,7 +150,7 @@ class Indexer:
             end = min(last, block + chunk - 1)
             query = {"address": self.escrow, "fromBlock": hex(block), "toBlock": hex(end), "topics": topics}
             try:
-                logs = rpc.request(self.w3, "eth_getLogs", [query])
+                logs = self.chain.request("eth_getLogs", [query])
             except RpcError as exc:
                 self.on_rpc_error()
                 if chunk == 1:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from web3.exceptions import Web3Exception
 
 from escrow_py.console import CSP, Figures, render_fragment, render_page, static_file
 from escrow_py.protocol.errors import ConfigError, EscrowError
@@ -158,7 +157,6 @@ class MetricsServer:
                     OSError,
                     ValueError,
                     EscrowError,
-                    Web3Exception,
                 ) as exc:  # not fatal
                     self._answer(503, f"console unavailable: {type(exc).__name__}\n".encode())
                     return

@@ -187,7 +187,7 @@ def encode_terms(terms: Terms) -> bytes:
 
 
 def decode_terms(encoded: bytes) -> Terms:
-    return Terms(*decode(list(_TERMS_TYPES), encoded))
+    return Terms.from_tuple(decode(list(_TERMS_TYPES), encoded))
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,7 +163,7 @@ class PaidTools:
     async def start(self) -> None:
         """What an HTTP seller does when its app starts: the start-up checks, then the delivery poster."""
         if self.seller.config.startup_checks:
-            await anyio.to_thread.run_sync(check_chain, self.seller.chain)
+            await anyio.to_thread.run_sync(check_chain, self.seller.config, self.seller.chain)
         self.seller.poster.start()
 
     async def stop(self) -> None:

@@ -7,8 +7,7 @@ the amount and `nonce` = the escrow id, in the token's EIP-712 domain
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from eth_abi.abi import encode
 from eth_account import Account
@@ -16,8 +15,10 @@ from eth_account.messages import encode_typed_data
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from pydantic import Field
 
-from escrow_py.protocol.terms import Terms, parse_uint
+from escrow_py.protocol.codec import Address, Bytes32, CamelModel, Uint256
+from escrow_py.protocol.terms import Terms
 
 
 class TypedDataSigner(Protocol):
@@ -48,22 +49,17 @@ _AUTHORIZATION_FIELDS = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class TokenDomain:
+class TokenDomain(CamelModel):
     """The token's EIP-712 domain."""
 
     name: str
     version: str
-    chain_id: int
-    verifying_contract: ChecksumAddress
+    chain_id: Uint256
+    verifying_contract: Address
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "chainId": self.chain_id,
-            "verifyingContract": self.verifying_contract,
-        }
+        """The `domain` of an EIP-712 message, for eth-account."""
+        return self.model_dump(by_alias=True)
 
     def separator(self) -> bytes:
         """The EIP-712 domain separator, as the token's DOMAIN_SEPARATOR() returns it for this domain."""
@@ -81,68 +77,24 @@ class TokenDomain:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Authorization:
-    """An ERC-3009 authorization message (the x402 payload's `authorization`)."""
+class Authorization(CamelModel):
+    """An ERC-3009 authorization message (the x402 payload's `authorization`).
 
-    from_: ChecksumAddress
-    to: ChecksumAddress
-    value: int
-    valid_after: int
-    valid_before: int
-    nonce: bytes
+    Its wire form writes every number as a decimal string, as x402's exact scheme does.
+    """
+
+    WHERE: ClassVar[str] = "authorization"
+
+    from_: Address = Field(alias="from")
+    to: Address
+    value: Uint256
+    valid_after: Uint256
+    valid_before: Uint256
+    nonce: Bytes32
 
     def as_message(self) -> dict[str, Any]:
-        return {
-            "from": self.from_,
-            "to": self.to,
-            "value": self.value,
-            "validAfter": self.valid_after,
-            "validBefore": self.valid_before,
-            "nonce": self.nonce,
-        }
-
-    def to_json(self) -> dict[str, str]:
-        """Wire form: every number a decimal string, as in x402's exact scheme."""
-        return {
-            "from": self.from_,
-            "to": self.to,
-            "value": str(self.value),
-            "validAfter": str(self.valid_after),
-            "validBefore": str(self.valid_before),
-            "nonce": "0x" + self.nonce.hex(),
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> Authorization:
-        if not isinstance(data, dict):
-            raise ValueError("authorization must be a JSON object")
-        try:
-            if not isinstance(data["nonce"], str):
-                raise ValueError("authorization.nonce must be a 0x hex string")
-            nonce = bytes.fromhex(data["nonce"].removeprefix("0x"))
-            # uint256 on the token: anything wider is refused here, not by the ABI encoder later.
-            numbers = {
-                key: parse_uint(data[key], f"authorization.{key}") for key in ("value", "validAfter", "validBefore")
-            }
-            for key in ("from", "to"):
-                if not isinstance(data[key], str):
-                    raise ValueError(f"authorization.{key} must be an address string")
-            auth = cls(
-                from_=to_checksum_address(data["from"]),
-                to=to_checksum_address(data["to"]),
-                value=numbers["value"],
-                valid_after=numbers["validAfter"],
-                valid_before=numbers["validBefore"],
-                nonce=nonce,
-            )
-        except KeyError as exc:
-            raise ValueError(f"authorization.{exc.args[0]} is missing") from None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid authorization: {exc}") from None
-        if len(auth.nonce) != 32:
-            raise ValueError("authorization.nonce must be 32 bytes")
-        return auth
+        """The `message` of the EIP-712 typed data: numbers as ints, the nonce as bytes."""
+        return self.model_dump(by_alias=True)
 
 
 _EIP712_DOMAIN_FIELDS = [
@@ -181,7 +133,7 @@ def authorization_for(terms: Terms, escrow: str, chain_id: int, valid_after: int
     """The ReceiveWithAuthorization that deposits `terms` into `escrow`."""
     return Authorization(
         from_=terms.buyer,
-        to=to_checksum_address(escrow),
+        to=escrow,
         value=terms.amount,
         valid_after=valid_after,
         valid_before=valid_before,

@@ -11,7 +11,7 @@
     │   ├── ContractRevert           a call or simulation reverted; `.name` and `.args` of the custom error
     │   ├── TransactionFailed        a mined transaction has status 0; `.tx_hash`
     │   └── TransactionTimeout       sent but not confirmed in time; `.tx_hashes` (one may still be mined)
-    └── ProtocolError                a message does not follow the x402 delivery-escrow wire format;
+    └── ProtocolError                a message does not follow the x402 delivery-escrow wire format (also a ValueError);
                                      `.reason` is the machine-readable reason
 
 Roles add their own subclasses below these (the buyer's payment errors say
@@ -94,7 +94,7 @@ class TransactionTimeout(ChainError, TimeoutError):
         super().__init__(f"transaction with nonce {nonce} not confirmed within {timeout:g}s ({shown})")
 
 
-class ProtocolError(EscrowError):
+class ProtocolError(EscrowError, ValueError):
     """A message does not follow the wire format; `reason` is machine-readable."""
 
     def __init__(self, reason: str, message: str) -> None:

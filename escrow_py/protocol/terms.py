@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from eth_abi.abi import encode
-from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from pydantic import ConfigDict
+
+from escrow_py.protocol.codec import Address, Bytes32, CamelModel, Uint64, Uint256
 
 TERMS_TYPE = (
     "Terms(address buyer,address seller,address operator,address token,"
@@ -37,9 +39,6 @@ REQUEST_TYPEHASH = keccak(text=REQUEST_TYPE)
 # The contract refuses deadlines further ahead than this (X402Escrow.MAX_DEADLINE_WINDOW).
 MAX_DEADLINE_WINDOW = 30 * 24 * 3600
 
-UINT64_MAX = 2**64 - 1
-UINT256_MAX = 2**256 - 1
-
 
 class State(IntEnum):
     """An escrow's on-chain state (X402Escrow.State)."""
@@ -54,62 +53,25 @@ class State(IntEnum):
         return self in (State.RELEASED, State.REFUNDED)
 
 
-def _bytes32(value: bytes | str, field: str) -> bytes:
-    raw = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else bytes(value)
-    if len(raw) != 32:
-        raise ValueError(f"{field} must be 32 bytes, got {len(raw)}")
-    return raw
-
-
-# ASCII decimal digits only: str.isdigit() and int() also take "²" or "١٢", which the wire must not.
-_DECIMAL = re.compile(r"[0-9]{1,78}")
-
-
-def parse_uint(value: object, field: str, maximum: int = UINT256_MAX) -> int:
-    """An unsigned integer field of the wire form: a JSON integer or an ASCII decimal string, in [0, maximum].
-
-    Every number a payment carries goes through here, so a value the ABI encoder or the
-    contract would refuse (2**256, -1, "1e3", a 5,000-digit string) is refused at decode
-    time with the field's name, never later as an encoder error. Raises ValueError.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{field} must be an integer or a decimal string, got {type(value).__name__}")
-    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
-        raise ValueError(f"{field} must be a decimal string of at most 78 digits, got {value[:80]!r}")
-    number = int(value)
-    if not 0 <= number <= maximum:
-        raise ValueError(f"{field} must be an integer in [0, {maximum}], got {str(value)[:80]}")
-    return number
-
-
-def _uint(value: int | str, field: str, maximum: int) -> int:
-    return parse_uint(value, field, maximum)
-
-
-@dataclass(frozen=True, slots=True)
-class Terms:
+class Terms(CamelModel):
     """What the buyer agreed to pay, to whom, and until when (X402Escrow.Terms).
 
     Addresses are normalised to checksum form and the byte fields to 32 bytes,
-    so two Terms that hash alike compare equal.
+    so two Terms that hash alike compare equal. On the wire (the payload's `terms`)
+    every field is required and no other is accepted.
     """
 
-    buyer: ChecksumAddress
-    seller: ChecksumAddress
-    operator: ChecksumAddress
-    token: ChecksumAddress
-    amount: int
-    deadline: int
-    request_hash: bytes
-    salt: bytes
+    model_config = ConfigDict(extra="forbid")
+    WHERE: ClassVar[str] = "terms"
 
-    def __post_init__(self) -> None:
-        for name in ("buyer", "seller", "operator", "token"):
-            object.__setattr__(self, name, to_checksum_address(getattr(self, name)))
-        object.__setattr__(self, "amount", _uint(self.amount, "amount", UINT256_MAX))
-        object.__setattr__(self, "deadline", _uint(self.deadline, "deadline", UINT64_MAX))
-        object.__setattr__(self, "request_hash", _bytes32(self.request_hash, "requestHash"))
-        object.__setattr__(self, "salt", _bytes32(self.salt, "salt"))
+    buyer: Address
+    seller: Address
+    operator: Address
+    token: Address
+    amount: Uint256
+    deadline: Uint64
+    request_hash: Bytes32
+    salt: Bytes32
 
     @staticmethod
     def new_salt() -> bytes:
@@ -128,6 +90,11 @@ class Terms:
             self.salt,
         )
 
+    @classmethod
+    def from_tuple(cls, values: Sequence[Any]) -> Terms:
+        """The inverse of `as_tuple` (an ABI-decoded Terms struct)."""
+        return cls(**dict(zip(cls.model_fields, values, strict=True)))
+
     def hash(self) -> bytes:
         """termsHash, as X402Escrow.termsHash."""
         return keccak(
@@ -140,50 +107,6 @@ class Terms:
     def escrow_id(self, chain_id: int, escrow: str) -> bytes:
         """The escrow id on `chain_id` at `escrow`; also the ERC-3009 nonce."""
         return escrow_id(chain_id, escrow, self.hash())
-
-    def to_json(self) -> dict[str, Any]:
-        """The wire form (payload `terms`): amounts as decimal strings, bytes as 0x hex."""
-        return {
-            "buyer": self.buyer,
-            "seller": self.seller,
-            "operator": self.operator,
-            "token": self.token,
-            "amount": str(self.amount),
-            "deadline": self.deadline,
-            "requestHash": "0x" + self.request_hash.hex(),
-            "salt": "0x" + self.salt.hex(),
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> Terms:
-        """Parse the wire form; raises ValueError naming the field at fault."""
-        if not isinstance(data, dict):
-            raise ValueError("terms must be a JSON object")
-        expected = {"buyer", "seller", "operator", "token", "amount", "deadline", "requestHash", "salt"}
-        if set(data) != expected:
-            missing, extra = expected - set(data), set(data) - expected
-            raise ValueError(f"terms fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        for name in ("buyer", "seller", "operator", "token", "requestHash", "salt"):
-            if not isinstance(data[name], str):
-                raise ValueError(f"terms.{name} must be a string")
-        amount = parse_uint(data["amount"], "terms.amount")
-        deadline = parse_uint(data["deadline"], "terms.deadline", UINT64_MAX)
-        try:
-            return cls(
-                buyer=data["buyer"],
-                seller=data["seller"],
-                operator=data["operator"],
-                token=data["token"],
-                amount=amount,
-                deadline=deadline,
-                request_hash=data["requestHash"],
-                salt=data["salt"],
-            )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid terms: {exc}") from exc
-
-    def with_(self, **changes: Any) -> Terms:
-        return replace(self, **changes)
 
 
 def escrow_id(chain_id: int, escrow: str, terms_hash: bytes) -> bytes:

@@ -27,7 +27,7 @@ gas, and a failure stops the start naming the setting.
 
 Errors: ConfigError for bad settings (raised when SellerConfig or PricedRoute is
 built, or at start-up). A bad payment never raises to the server: it answers 400 or
-402 with a wire.Reason in PAYMENT-REQUIRED's `error` (a refused deposit adds the
+402 with a Reason in PAYMENT-REQUIRED's `error` (a refused deposit adds the
 decoded revert: "simulation_failed: ..."). A failure on the seller's side answers
 503 with Retry-After and {"error": reason, "message": ...}: chain_unavailable,
 operator_unfunded, operator_nonce_conflict, deposit_pending, payment_in_progress.
@@ -38,14 +38,14 @@ or the keeper); a delivery a reorg drops is posted again.
     ├── ConfigError
     │   └── (SellerConfig / PricedRoute settings)
     └── ProtocolError
-        └── PaymentRejected     a rule broken: `.reason` (wire.Reason) and `.status` (400 or 402)
+        └── PaymentRejected     a rule broken: `.reason` (Reason) and `.status` (400 or 402)
 """
 
 from __future__ import annotations
 
 from web3 import Web3
 
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
@@ -65,7 +65,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
     """
     store = SellerStore(config.store)
     try:
-        poster = DeliveryPoster(SellerChain(config, w3, book=store), store, lease=config.poster_lease)
+        poster = DeliveryPoster.of(config, seller_chain(config, w3, book=store), store)
         try:
             return poster.post_pending(force_settle=True)
         finally:
@@ -84,7 +84,6 @@ __all__ = [
     "PaymentRejected",
     "PostReport",
     "PricedRoute",
-    "SellerChain",
     "SellerConfig",
     "SellerHooks",
     "SellerStore",
@@ -93,6 +92,7 @@ __all__ = [
     "check_seller",
     "offer_for",
     "post_pending",
+    "seller_chain",
     "verify_offchain",
     "verify_onchain",
 ]

@@ -21,11 +21,11 @@ import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
-from web3.exceptions import Web3Exception
 from x402.http import HTTPRequestContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.chain import rpc
+from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.tx import SentTx
 from escrow_py.protocol.errors import (
     ConfigError,
@@ -36,6 +36,7 @@ from escrow_py.protocol.errors import (
     TransactionFailed,
     TransactionTimeout,
 )
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, Terms, canonical_url, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -44,7 +45,6 @@ from escrow_py.protocol.wire import (
     UNAVAILABLE_STATUS,
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementStatus,
     Unavailable,
@@ -53,7 +53,7 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
     payment_required,
 )
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._offers import (
     EXACT,
@@ -107,7 +107,7 @@ async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -
 class SellerUnavailable(EscrowError):
     """The seller's own side cannot take the payment now (503 with Retry-After); the buyer is not at fault.
 
-    `reason` is a wire.Reason, `public` the message the client sees (never an exception's
+    `reason` is a Reason, `public` the message the client sees (never an exception's
     text: those can carry the RPC URL and its API key).
     """
 
@@ -141,18 +141,19 @@ class EscrowMiddleware:
     `EscrowMiddleware.of(app)` finds the instance inside a Starlette/FastAPI app.
     """
 
-    def __init__(self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, config: SellerConfig, *, w3: Web3 | None = None, chain: EscrowChain | None = None
+    ) -> None:
         if not isinstance(config, SellerConfig):
             raise EscrowError("EscrowMiddleware needs config=SellerConfig(...)")
         self.app = app
         self.config = config
         self.store = SellerStore(config.store)
-        self.chain = SellerChain(config, w3, book=self.store)
+        # `chain`: another EscrowChain than the node at config.rpc_url (the unit tests' in-memory one).
+        self.chain: EscrowChain = chain if chain is not None else seller_chain(config, w3, book=self.store)
         # Names this process in the store's leases: a claim's owner says who holds it.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.poster = DeliveryPoster(
-            self.chain, self.store, interval=config.poster_interval, lease=config.poster_lease, owner=self.replica
-        )
+        self.poster = DeliveryPoster.of(config, self.chain, self.store, owner=self.replica)
         self.offers = Offers(config)
 
     @staticmethod
@@ -228,7 +229,7 @@ class EscrowMiddleware:
         if not self.config.startup_checks:
             return None
         try:
-            await _blocking(check_chain, self.chain)
+            await _blocking(check_chain, self.config, self.chain)
         except ConfigError as exc:
             log.error("seller start-up check failed: %s", exc)
             return str(exc)
@@ -263,7 +264,7 @@ class EscrowMiddleware:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
             await _send_unavailable(send, unavailable)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
             log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
@@ -366,7 +367,7 @@ class EscrowMiddleware:
                     state = await _blocking(self.chain.state_of, escrow_id)
             if state == State.NONE:
                 # Recorded, but the deposit never landed: try it again under today's rules.
-                now = await _blocking(self.chain.now)
+                now = await _blocking(self.chain.next_block_time)
                 verified = self._verify(header, request, now)
                 deposit_tx = await self._deposit(verified, accepted_at=None, route=request.route)
             elif state == State.HELD:
@@ -450,7 +451,7 @@ class EscrowMiddleware:
             await self._send_response(send, outcome.response, outcome.settle)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
-        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.now)
+        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.next_block_time)
 
     def _latest_valid_time(self, request: _Request, header: str) -> int:
         """The last chain time at which this payment's deadline and authorization both had time left."""
@@ -458,7 +459,7 @@ class EscrowMiddleware:
         return min(payload.terms.deadline, payload.authorization.valid_before) - self.config.min_time_left - 1
 
     async def _require_time_left(self, terms: Terms) -> None:
-        now = await _blocking(self.chain.now)
+        now = await _blocking(self.chain.next_block_time)
         if now + self.config.min_time_left > terms.deadline:
             raise PaymentRejected(
                 Reason.ESCROW_REFUNDABLE,
@@ -476,7 +477,7 @@ class EscrowMiddleware:
         escrow_id = verified.escrow_id
         chain = self.chain
         try:
-            gas = await _blocking(verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender)
+            gas = await _blocking(verify_onchain, verified, chain=chain)
         except PaymentRejected as rejected:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
@@ -500,7 +501,7 @@ class EscrowMiddleware:
         except (InsufficientFunds, NonceConflict) as exc:
             await _blocking(self.store.forget, escrow_id)  # the node refused it: nothing is on its way
             raise self._operator_failure(escrow_id, exc) from None
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             if await _blocking(chain.state_of, escrow_id) == State.HELD:
                 # It landed although we saw an error (a lost receipt): go on as deposited.
                 await _blocking(self.store.set_held, escrow_id, None)
@@ -568,9 +569,7 @@ class EscrowMiddleware:
         """
         escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
         try:
-            await _blocking(
-                verify_onchain, verified, escrow=chain.escrow, token=chain.token, sender=chain.sender, serve_first=True
-            )
+            await _blocking(verify_onchain, verified, chain=chain, serve_first=True)
         except PaymentRejected as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
@@ -610,9 +609,9 @@ class EscrowMiddleware:
         """A serve-first payment recorded and never answered (the seller died mid-handler): serve it now,
         if its authorization is still unused and leaves the poster time to settle it."""
         terms, escrow_id = verified.terms, verified.escrow_id
-        if await _blocking(self.chain.authorization_used, terms.buyer, escrow_id):
+        if await _blocking(self.chain.authorization_used, terms.token, terms.buyer, escrow_id):
             raise PaymentRejected(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-        now = await _blocking(self.chain.now)
+        now = await _blocking(self.chain.next_block_time)
         due = min(verified.payload.authorization.valid_before, terms.deadline)
         if now + self.config.min_time_left > due:
             raise PaymentRejected(
@@ -699,7 +698,7 @@ class EscrowMiddleware:
                 refund_tx=refund_tx,
                 status=str(response.status),
             )
-        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+        except (EscrowError, OSError, TimeoutError) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
         if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
@@ -756,7 +755,7 @@ class EscrowMiddleware:
         refund (a keeper, recover()), so the chain is asked; if it cannot answer, the stored reply still goes."""
         try:
             onchain = await _blocking(self.chain.state_of, escrow_id)
-        except (EscrowError, OSError, Web3Exception) as exc:
+        except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
             return "held"
         return {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held")
@@ -954,7 +953,7 @@ def _as_accepted(request: _Request, terms: Terms) -> _Request:
     offer = request.offer
     if (offer.amount, offer.pay_to) == (terms.amount, terms.seller):
         return request
-    return dataclasses.replace(request, offer=dataclasses.replace(offer, amount=terms.amount, pay_to=terms.seller))
+    return dataclasses.replace(request, offer=offer.with_(amount=terms.amount, pay_to=terms.seller))
 
 
 def _other_scheme(header: str) -> PaymentPayload | None:

@@ -51,7 +51,8 @@ from x402.schemas import (
 
 from escrow_py.chain.registry import KnownToken
 from escrow_py.protocol.errors import ConfigError
-from escrow_py.protocol.wire import SCHEME, Reason
+from escrow_py.protocol.reasons import Reason
+from escrow_py.protocol.wire import SCHEME
 from escrow_py.seller._price import atomic_amount, token_for
 
 if TYPE_CHECKING:

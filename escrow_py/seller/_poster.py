@@ -42,15 +42,14 @@ import threading
 from dataclasses import dataclass, field
 
 import anyio.to_thread
-from web3.exceptions import Web3Exception
 from web3.types import TxReceipt
 
-from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Delivered, PayoutFailed, Settled, Settlement, SettlementSkipped
+from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.errors import EscrowError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowPayload
-from escrow_py.seller._chain import SellerChain
+from escrow_py.seller._config import SellerConfig
 from escrow_py.seller._store import (
     EXPIRED,
     PENDING,
@@ -133,26 +132,46 @@ class DeliveryPoster:
 
     def __init__(
         self,
-        chain: SellerChain,
+        chain: EscrowChain,
         store: SellerStore,
         *,
         interval: float = 0.5,
         lease: float = 5.0,
         owner: str | None = None,
+        confirmation_depth: int = 5,
+        settle_batch_wait: float = 0.0,
     ) -> None:
+        """`confirmation_depth` and `settle_batch_wait` as in SellerConfig."""
         self.chain = chain
+        self.depth = confirmation_depth
+        self.settle_batch_wait = settle_batch_wait
         self.store = store
         self.interval = interval
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.lease_name = f"poster:{chain.sender.address}"
+        self.lease_name = f"poster:{chain.sender_address}"
         self._lost = threading.Event()  # set when a renewal during a pass found the lease taken
-        self._followed_at: tuple[str, str] | None = None  # (number, hash) of the head the last follow saw
+        self._followed_at: tuple[int, bytes] | None = None  # (number, hash) of the head the last follow saw
         self._task: asyncio.Task[None] | None = None
         # A thread lock, not an asyncio one: passes are run from worker threads, and a
         # caller may flush from another thread's event loop (an asyncio.Lock bound to
         # one loop never wakes a waiter on another, which hangs that caller).
         self._pass = threading.Lock()
+
+    @classmethod
+    def of(
+        cls, config: SellerConfig, chain: EscrowChain, store: SellerStore, *, owner: str | None = None
+    ) -> DeliveryPoster:
+        """The poster a seller (or a facilitator, with its seller settings) runs with `config`'s settings."""
+        return cls(
+            chain,
+            store,
+            interval=config.poster_interval,
+            lease=config.poster_lease,
+            owner=owner,
+            confirmation_depth=config.confirmation_depth,
+            settle_batch_wait=config.settle_batch_wait,
+        )
 
     def post_pending(self, *, force_settle: bool = False) -> PostReport:
         """One pass (blocking): post every pending delivery still in time, in one deliverMany per batch, and
@@ -162,7 +181,7 @@ class DeliveryPoster:
         """
         with self._pass:
             # The process's own transactions (its deposits too) are followed whether or not it posts.
-            watched = self.chain.sender.watch(self.chain.config.confirmation_depth)
+            watched = self.chain.watch(self.depth)
             for dropped in watched.dropped:
                 log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
             if not self.store.take_lease(self.lease_name, self.owner, self.lease):
@@ -201,7 +220,7 @@ class DeliveryPoster:
         self._retry_refunds(report)
         self._settle_queued(report, force=force_settle)
         while not self._lost.is_set():
-            now = self.chain.now()
+            now = self.chain.next_block_time()
             # Past (or too close to) its deadline, a delivery would be skipped: the escrow is the buyer's now.
             report.expired.extend(self.store.expire_pending(now + DEADLINE_MARGIN))
             pending = self.store.pending_deliveries(BATCH_SIZE)
@@ -219,7 +238,7 @@ class DeliveryPoster:
             ids = [e.escrow_id for e in batch]
             try:
                 receipt = self.chain.deliver_many([(e.terms, e.delivery_hash) for e in batch])
-            except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            except (EscrowError, OSError, TimeoutError) as exc:
                 # Left pending: the next pass retries (and drops what expired meanwhile).
                 log.warning("deliverMany of %d entries failed: %s", len(ids), exc)
                 self.store.note_attempt(ids, str(exc))
@@ -233,7 +252,7 @@ class DeliveryPoster:
         for the rest: the contract skips an entry that is no longer Held or past its deadline, and puts one
         whose payout the token refused back to Held."""
         tx_hash = bytes(receipt["transactionHash"])
-        delivered = {e.id for e in self.chain.escrow.events_in(receipt) if isinstance(e, Delivered)}
+        delivered = {e.id for e in self.chain.events_in(receipt) if isinstance(e, Delivered)}
         posted = [e for e in batch if e.escrow_id in delivered]
         self.store.mark_deliveries([e.escrow_id for e in posted], POSTED, tx_hash)
         report.posted.extend(e.escrow_id for e in posted)
@@ -252,7 +271,7 @@ class DeliveryPoster:
             return
         block = int(receipt["blockNumber"])
         block_time = self.chain.block_time(block)
-        refused = self.chain.escrow.payout_failures_in(receipt)
+        refused = self.chain.payout_failures_in(receipt)
         for entry in missed:
             failure = next((f for f in refused if (f.token, f.to) == (entry.terms.token, entry.terms.seller)), None)
             # The state as the transaction left it: what it skipped, or what it put back.
@@ -304,24 +323,24 @@ class DeliveryPoster:
 
     def _follow_posted(self, report: PostReport) -> None:
         """Posted deliveries until they are deep enough: one a reorg took away is queued again."""
-        depth = self.chain.config.confirmation_depth
+        depth = self.depth
         # Nothing can have moved while the chain's head is the block it was at the last pass.
-        latest = rpc.request(self.chain.w3, "eth_getBlockByNumber", ["latest", False])
-        tip = (str(latest["number"]), str(latest["hash"]))
+        latest = self.chain.head()
+        tip = (latest.number, latest.hash)
         if tip == self._followed_at:
             return
         posted = self.store.posted_unsettled()
         if not posted:
             self._followed_at = tip
             return
-        head = int(tip[0], 16)
+        head = latest.number
         final, again, refunded = [], [], []
         receipts: dict[bytes, TxReceipt | None] = {}
         delivered: dict[bytes, set[bytes]] = {}  # per transaction: the ids its Delivered events name
         for entry in posted:
             if entry.tx_hash not in receipts:
-                receipt = receipts[entry.tx_hash] = self.chain.sender.receipt(entry.tx_hash)
-                events = self.chain.escrow.events_in(receipt) if receipt is not None else []
+                receipt = receipts[entry.tx_hash] = self.chain.receipt(entry.tx_hash)
+                events = self.chain.events_in(receipt) if receipt is not None else []
                 delivered[entry.tx_hash] = {e.id for e in events if isinstance(e, Delivered)}
             receipt = receipts[entry.tx_hash]
             # Mined again after a reorg, the same transaction may now have skipped this entry.
@@ -369,14 +388,14 @@ class DeliveryPoster:
         if stored is None:
             return "lost"
         payload = EscrowPayload.from_json(json.loads(stored))
-        if self.chain.authorization_used(payload.terms.buyer, escrow_id):
+        if self.chain.authorization_used(payload.terms.token, payload.terms.buyer, escrow_id):
             return "lost"
         try:
             receipt = self.chain.deposit(payload)
-        except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+        except (EscrowError, OSError, TimeoutError) as exc:
             if self.chain.state_of(escrow_id) == State.HELD:
                 return "deposited"
-            if min(payload.authorization.valid_before, payload.terms.deadline) <= self.chain.now():
+            if min(payload.authorization.valid_before, payload.terms.deadline) <= self.chain.next_block_time():
                 return "lost"
             log.warning("deposit of 0x%s again after a reorg failed: %s; retried next pass", escrow_id.hex(), exc)
             return "retry"
@@ -394,7 +413,7 @@ class DeliveryPoster:
         (`SellerStore.losses`), and its buyer is refused serve-first from then on.
         """
         while self.store.exposure() > 0:  # anything served first and unpaid (a hold-only seller: no RPC here)
-            now = self.chain.now()
+            now = self.chain.next_block_time()
             lost, dropped = self.store.expire_settlements(now + DEADLINE_MARGIN)
             for escrow_id in lost:
                 report.lost.append(escrow_id)
@@ -404,7 +423,7 @@ class DeliveryPoster:
             queued = self.store.settlements_due(BATCH_SIZE)
             if not queued:
                 return
-            wait = self.chain.config.settle_batch_wait
+            wait = self.settle_batch_wait
             age = self.store.oldest_queued_age() or 0.0
             if len(queued) < BATCH_SIZE and age < wait and not force:
                 return  # let more join this batch (settle_batch_wait is below any payment's time left)
@@ -412,14 +431,14 @@ class DeliveryPoster:
             ids = list(entries)
             try:
                 receipt = self.chain.settle_many(list(entries.values()))
-            except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            except (EscrowError, OSError, TimeoutError) as exc:
                 log.warning("settleMany of %d entries failed: %s", len(ids), exc)
                 self.store.note_settle_attempt(ids, str(exc))
                 report.errors.append(str(exc))
                 return
             tx_hash = bytes(receipt["transactionHash"])
             report.settle_txs.append(tx_hash)
-            outcomes = self.chain.escrow.settlements_in(receipt)
+            outcomes = self.chain.settlements_in(receipt)
             paid = [e.id for e in outcomes if isinstance(e, Settled) and e.id in entries]
             self.store.mark_settled(paid, tx_hash)
             report.settled_first.extend(paid)
@@ -442,27 +461,29 @@ class DeliveryPoster:
     def _follow_settled(self, report: PostReport) -> None:
         """Settlements until they are deep enough: one a reorg took away is queued again (its authorization
         unused again, the stored signature settles it anew)."""
-        depth = self.chain.config.confirmation_depth
+        depth = self.depth
         settled = self.store.settled_unfinal()
         if not settled:
             return
-        head = int(self.chain.w3.eth.block_number)
+        head = self.chain.head().number
         final, again = [], []
         receipts: dict[bytes, TxReceipt | None] = {}
         for escrow_id, tx_hash in settled:
             if tx_hash not in receipts:
-                receipts[tx_hash] = self.chain.sender.receipt(tx_hash)
+                receipts[tx_hash] = self.chain.receipt(tx_hash)
             receipt = receipts[tx_hash]
             if (
                 receipt is not None
                 and receipt["status"] == 1
-                and any(isinstance(e, Settled) and e.id == escrow_id for e in self.chain.escrow.settlements_in(receipt))
+                and any(isinstance(e, Settled) and e.id == escrow_id for e in self.chain.settlements_in(receipt))
             ):
                 if head - int(receipt["blockNumber"]) + 1 >= depth:
                     final.append(escrow_id)
                 continue
             payment = self.store.payment(escrow_id)
-            if payment is not None and not self.chain.authorization_used(payment.terms.buyer, escrow_id):
+            if payment is not None and not self.chain.authorization_used(
+                payment.terms.token, payment.terms.buyer, escrow_id
+            ):
                 again.append(escrow_id)
                 log.warning("settlement of 0x%s vanished in a reorg; sending it again", escrow_id.hex())
             else:
@@ -480,7 +501,7 @@ class DeliveryPoster:
                     self.store.set_refunded(escrow_id, None)
                     continue
                 receipt = self.chain.refund(terms)
-            except (EscrowError, OSError, TimeoutError, Web3Exception) as exc:
+            except (EscrowError, OSError, TimeoutError) as exc:
                 log.warning("refund of 0x%s failed again: %s", escrow_id.hex(), exc)
                 report.errors.append(str(exc))
                 continue

@@ -39,8 +39,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
-from escrow_py.protocol.wire import SCHEME, Reason, SettlementExtra, decode_payment_signature
+from escrow_py.protocol.wire import SCHEME, SettlementExtra, decode_payment_signature
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
 from escrow_py.seller._offers import Offers
@@ -125,7 +126,7 @@ class FacilitatorSellerConfig:
         if not escrow or not operator:
             raise ConfigError("the facilitator's /supported names no escrow or operator for this network")
         return SellerConfig(
-            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware makes no SellerChain
+            rpc_url=self.facilitator_url,  # never used as an RPC: this middleware builds no chain
             escrow=str(escrow),
             token=self.token,
             network=self.network,

@@ -7,13 +7,16 @@ operator without gas money would otherwise start, answer 402s, and never sell.
 
 from __future__ import annotations
 
+from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3 import Web3
 
 from escrow_py.chain import rpc
-from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, check_escrow_code
-from escrow_py.protocol.errors import ChainError, ConfigError
-from escrow_py.seller._chain import SellerChain
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode
+from escrow_py.chain.port import EscrowChain
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.errors import ChainError, ConfigError, ContractRevert
+from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import SellerConfig
 
 # Gas the operator must be able to pay for at current fees: one deposit with its margin
@@ -31,10 +34,10 @@ def check_seller(config: SellerConfig, *, w3: Web3 | None = None) -> None:
 
     Raises ConfigError naming the setting at fault and the value found (see check_chain).
     """
-    check_chain(SellerChain(config, w3))
+    check_chain(config, seller_chain(config, w3))
 
 
-def check_chain(chain: SellerChain) -> None:
+def check_chain(config: SellerConfig, chain: EscrowChain) -> None:
     """Raise ConfigError for the first of these that fails, naming the setting and the value found.
 
     - `rpc_url` answers, and its chain id is the one of `network`;
@@ -43,16 +46,14 @@ def check_chain(chain: SellerChain) -> None:
       one `token_name`, `token_version`, the chain id and its address give;
     - `operator` can pay the gas of one deposit at current fees.
     """
-    config = chain.config
     try:
-        _check(chain)
+        _check(config, chain)
     except ChainError as exc:
         raise ConfigError(f"SellerConfig.rpc_url {rpc.redact_url(config.rpc_url)} cannot be used: {exc}") from None
 
 
-def _check(chain: SellerChain) -> None:
-    config, w3 = chain.config, chain.w3
-    chain_id = int(str(rpc.request(w3, "eth_chainId", [])), 16)
+def _check(config: SellerConfig, chain: EscrowChain) -> None:
+    chain_id = chain.chain_id
     if chain_id != config.chain_id:
         raise ConfigError(
             f"SellerConfig.network is {config.network}, but the node at rpc_url "
@@ -60,40 +61,45 @@ def _check(chain: SellerChain) -> None:
         )
 
     # The buyer's own check (chain.genuine): a buyer would refuse to sign for anything else.
-    escrow = check_escrow_code(w3, config.escrow, chain_id=chain_id)
+    escrow = chain.check_escrow(config.escrow)
     if not escrow.genuine:
         what = "no code (an account, or nothing deployed there on this chain)"
         if escrow.verdict is EscrowCode.OTHER_CODE and escrow.code_hash is not None:
             what = f"other code (keccak 0x{escrow.code_hash.hex()}, expected 0x{ESCROW_CODE_HASH.hex()})"
         raise ConfigError(f"SellerConfig.escrow {config.escrow} is not an X402Escrow: it holds {what}")
 
-    _check_token(chain)
+    _check_token(config, chain)
 
-    balance = chain.sender.balance()
-    max_fee, _ = chain.sender.fees()
+    balance = chain.gas_balance()
+    max_fee, _ = chain.fees()
     needed = OPERATOR_MIN_GAS * max_fee
     if balance < needed:
         raise ConfigError(
-            f"SellerConfig.operator {chain.sender.address} has {balance} wei of gas money, less than one deposit "
+            f"SellerConfig.operator {chain.sender_address} has {balance} wei of gas money, less than one deposit "
             f"needs at current fees ({OPERATOR_MIN_GAS} gas at {max_fee} wei = {needed} wei)"
         )
 
 
-def _check_token(chain: SellerChain) -> None:
-    config, w3 = chain.config, chain.w3
+def _check_token(config: SellerConfig, chain: EscrowChain) -> None:
     token = config.token
-    if rpc.request(w3, "eth_getCode", [token, "latest"]) in ("0x", None):
+    if not chain.code_at(token):
         raise ConfigError(f"SellerConfig.token {token} has no code: not a token on chain {config.chain_id}")
     try:
-        rpc.call(w3, token, _AUTHORIZATION_STATE + bytes(64))
-        separator = rpc.call(w3, token, _DOMAIN_SEPARATOR)
-    except rpc.NodeError as exc:
+        chain.call(token, _AUTHORIZATION_STATE + bytes(64))
+        separator = chain.call(token, _DOMAIN_SEPARATOR)
+    except (ContractRevert, rpc.NodeError) as exc:
         raise ConfigError(
             f"SellerConfig.token {token} is not an ERC-3009 token with an EIP-712 domain "
             f"(authorizationState or DOMAIN_SEPARATOR failed: {exc})"
         ) from None
-    if separator != chain.domain.separator():
-        name, version = _text(chain, _NAME), _text(chain, _VERSION)
+    domain = TokenDomain(
+        name=config.token_name,
+        version=config.token_version,
+        chain_id=config.chain_id,
+        verifying_contract=to_checksum_address(token),
+    )
+    if separator != domain.separator():
+        name, version = _text(chain, token, _NAME), _text(chain, token, _VERSION)
         raise ConfigError(
             f"SellerConfig.token_name/token_version are {config.token_name!r}/{config.token_version!r}, but the "
             f"token {token} signs in another EIP-712 domain (its name() is {name!r}, its version() is {version!r}): "
@@ -101,11 +107,11 @@ def _check_token(chain: SellerChain) -> None:
         )
 
 
-def _text(chain: SellerChain, selector: bytes) -> str | None:
+def _text(chain: EscrowChain, token: str, selector: bytes) -> str | None:
     """A string-returning view of the token, or None if it has none."""
     try:
-        raw = rpc.call(chain.w3, chain.config.token, selector)
+        raw = chain.call(token, selector)
         length = int.from_bytes(raw[32:64], "big")
         return raw[64 : 64 + length].decode("utf-8", errors="replace")
-    except (rpc.NodeError, ValueError):
+    except (ChainError, ValueError):
         return None

@@ -10,23 +10,23 @@ machine-readable reason and the values involved.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain import rpc
-from escrow_py.chain.escrow import Escrow, Settlement
-from escrow_py.chain.token import Token
-from escrow_py.chain.tx import GAS_MARGIN, TxSender
-from escrow_py.protocol.eip3009 import TokenDomain, recover_signer
+from escrow_py.chain.escrow import Settlement
+from escrow_py.chain.port import EscrowChain
+from escrow_py.protocol.eip3009 import recover_signer
 from escrow_py.protocol.errors import ContractRevert, ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms, request_hash
 from escrow_py.protocol.wire import (
     EscrowExtra,
     EscrowPayload,
     EscrowRequirements,
-    Reason,
     SettlementMode,
     decode_payment_signature,
 )
@@ -87,12 +87,14 @@ def offer_for(
     extra = EscrowExtra(
         name=token_name,
         version=token_version,
-        escrow=escrow,  # type: ignore[arg-type]
-        operator=operator,  # type: ignore[arg-type]
+        escrow=escrow,
+        operator=operator,
         request_hash=request_hash(method, resource_url, body),
         settlement=settlement,
     )
-    return EscrowRequirements(network, amount, asset, pay_to, max_timeout_seconds, extra)  # type: ignore[arg-type]
+    return EscrowRequirements(
+        network=network, amount=amount, asset=asset, pay_to=pay_to, max_timeout_seconds=max_timeout_seconds, extra=extra
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +215,7 @@ def _verify_offchain(
         f"validBefore {auth.valid_before} leaves no time to deposit (chain time {chain_time})",
     )
 
-    domain = TokenDomain(offer.extra.name, offer.extra.version, offer.chain_id, offer.asset)
+    domain = offer.token_domain()
     try:
         signer = recover_signer(domain, auth, payload.signature)
     except ValueError as exc:
@@ -222,28 +224,31 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(
-    payment: VerifiedPayment, *, escrow: Escrow, token: Token, sender: TxSender, serve_first: bool = False
-) -> int:
+def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
     """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as `sender` would send it.
+    that pulls the same authorization) as the chain's sender would send it.
 
     The simulation is the gas estimate itself; it returns the gas limit to send the deposit
     with, so the transaction is not simulated a second time.
     """
     payload = payment.payload
+    terms = payload.terms
     if serve_first:
         what = "settlement"
-        data = escrow.settle_data(Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH))
+        settlement = Settlement(terms, payload.authorization, payload.signature, PROBE_HASH)
+        simulate: Callable[[], int] = lambda: chain.simulate_settle(settlement)  # noqa: E731
     else:
         what = "deposit"
-        data = escrow.deposit_data(payload.terms, payload.authorization, payload.signature)
+        simulate = lambda: chain.simulate_deposit(payload)  # noqa: E731
     # Three independent reads at once (one round trip); judged in this order, the simulation last.
     balance, used, gas = rpc.gather(
-        lambda: token.balance_of(payment.buyer),
-        lambda: token.authorization_state(payment.buyer, payment.escrow_id),
-        lambda: sender.estimate_gas(escrow.address, data),
+        lambda: chain.balance_of(terms.token, payment.buyer),
+        lambda: chain.authorization_used(terms.token, payment.buyer, payment.escrow_id),
+        simulate,
     )
+    if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (balance, used)):
+        # The asset's own reads revert too: not a token this payment can be pulled from.
+        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     balance, used = _value(balance), _value(used)
     _require(
         balance >= payment.terms.amount,
@@ -253,8 +258,7 @@ def verify_onchain(
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
     if isinstance(gas, ContractRevert):
         raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    gas = _value(gas)
-    return int(gas * GAS_MARGIN)
+    return _value(gas)
 
 
 def _value(result: _T | BaseException) -> _T:

@@ -21,13 +21,13 @@ from helpers import BUYER, dev
 from escrow_py.buyer import AsyncEscrowClient, BuyerSettings, DeliveryMismatch, EscrowClient, ResendPolicy
 from escrow_py.buyer._core import PaymentCore, Prepared
 from escrow_py.buyer._offer import Offer
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms, request_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowExtra,
     EscrowRequirements,
-    Reason,
     encode_payment_required,
     payment_required,
 )
@@ -73,8 +73,12 @@ def seller(unavailable: int, body: bytes) -> tuple[list[str | None], httpx.MockT
     """A seller that asks for payment, answers the paid request `unavailable` times with its own 503, then
     delivers `body`; the list records each request's PAYMENT-SIGNATURE."""
     seen: list[str | None] = []
-    extra = EscrowExtra("USDC", "2", ADDRESS, ADDRESS, request_hash("GET", URL))
-    offer = EscrowRequirements("eip155:84532", 10_000, ADDRESS, ADDRESS, 300, extra)
+    extra = EscrowExtra(
+        name="USDC", version="2", escrow=ADDRESS, operator=ADDRESS, request_hash=request_hash("GET", URL)
+    )
+    offer = EscrowRequirements(
+        network="eip155:84532", amount=10_000, asset=ADDRESS, pay_to=ADDRESS, max_timeout_seconds=300, extra=extra
+    )
     required = encode_payment_required(payment_required(URL, [offer.to_model()]))
 
     def answer(request: httpx.Request) -> httpx.Response:

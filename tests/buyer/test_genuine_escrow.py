@@ -181,7 +181,7 @@ def test_what_the_refusal_prevents_a_signature_to_such_an_escrow_is_stolen(
     auth = authorization_for(terms, thief.escrow, 84532, 0, terms.deadline)
     signature = sign_authorization(dev(BUYER), chain.token.domain(), auth)
     before = chain.token.balance_of(thief.sender.address)
-    thief._redeem(EscrowPayload(auth, signature, terms))
+    thief._redeem(EscrowPayload(authorization=auth, signature=signature, terms=terms))
     assert chain.token.balance_of(thief.sender.address) == before + PRICE
 
 

@@ -56,7 +56,13 @@ def journaled(chain: Chain, journal: Path, *, url: str = URL, window: int = 120)
         asset=chain.token.address,
         pay_to=address(SELLER),
         max_timeout_seconds=window,
-        extra=EscrowExtra("USDC", "2", chain.escrow.address, address(OPERATOR), request_hash("GET", url)),
+        extra=EscrowExtra(
+            name="USDC",
+            version="2",
+            escrow=chain.escrow.address,
+            operator=address(OPERATOR),
+            request_hash=request_hash("GET", url),
+        ),
     )
     request = httpx.Request("GET", url)
     offer = Offer(payment_required(url, [req.to_model()]), req.to_model(), req)

@@ -62,7 +62,7 @@ def test_a_replay_with_other_bytes_is_a_mismatch_against_the_chain(
     chain: Chain, core: PaymentCore, pointer: str
 ) -> None:
     terms, escrow_id, tx = _paid(chain, core)
-    extra = SettlementExtra(escrow_id, terms.deadline, delivery_hash=delivery_hash(OTHER),
+    extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(OTHER),
                             delivery_transaction=tx if pointer == "delivery transaction" else None)  # fmt: skip
     with pytest.raises(DeliveryMismatch) as caught:
         core.settle(_paid_entry(core, escrow_id), _answer(OTHER, extra), replay=True)
@@ -74,7 +74,9 @@ def test_a_replay_with_other_bytes_is_a_mismatch_against_the_chain(
 
 def test_a_replay_with_the_posted_bytes_is_delivered(chain: Chain, core: PaymentCore) -> None:
     terms, escrow_id, tx = _paid(chain, core)
-    extra = SettlementExtra(escrow_id, terms.deadline, delivery_hash=delivery_hash(FIRST), delivery_transaction=tx)
+    extra = SettlementExtra(
+        escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(FIRST), delivery_transaction=tx
+    )
     core.settle(_paid_entry(core, escrow_id), _answer(FIRST, extra), replay=True)
     entry = core.journal.get(escrow_id)
     assert entry is not None and entry.state is PaymentState.DELIVERED

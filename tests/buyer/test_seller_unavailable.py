@@ -39,8 +39,9 @@ from escrow_py.buyer import (
 from escrow_py.buyer._journal import JournalEntry
 from escrow_py.chain.escrow import Deposited
 from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
-from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, Reason
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 from .shop import make_shop, serving
 

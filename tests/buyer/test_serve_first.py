@@ -30,8 +30,8 @@ from escrow_py.buyer import (
 )
 from escrow_py.buyer._ledger import LedgerStatus
 from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import Reason
 from escrow_py.seller._poster import PostReport
 
 from .shop import BASE_URL, PRICE, Faulty, Shop, make_shop, serving

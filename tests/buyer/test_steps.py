@@ -32,13 +32,13 @@ from escrow_py.buyer._decide import decide, denial, payment_context
 from escrow_py.buyer._judge import Answer, ChainFacts, Kind, Need, Verdict, judge, read_answer
 from escrow_py.buyer._validate import TASK_EXTENSION
 from escrow_py.protocol.errors import RpcError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, Terms, delivery_hash, request_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     EscrowExtra,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementMode,
     SettlementStatus,
@@ -79,7 +79,7 @@ def receipt(status: int, body: bytes = BODY, *, error: str | None = None, **extr
     fields: dict[str, object] = {"escrow_id": ESCROW_ID, "deadline": DEADLINE, "delivery_hash": delivery_hash(body)}
     fields.update(extra)
     settle = SettleResponse(success=error is None, error_reason=error, transaction="", network="eip155:84532",
-                            payer=BUYER, extra=SettlementExtra(**fields).to_json())  # type: ignore[arg-type]  # fmt: skip
+                            payer=BUYER, extra=SettlementExtra.model_validate(fields).to_json())  # fmt: skip
     return httpx.Response(status, content=body, headers={PAYMENT_RESPONSE_HEADER: encode_payment_response(settle)})
 
 
@@ -212,7 +212,10 @@ def test_a_receipt_for_another_escrow_or_an_unreadable_one_is_held_not_delivered
 
 
 def offer(settlement: SettlementMode = SettlementMode.HOLD) -> EscrowRequirements:
-    extra = EscrowExtra("USDC", "2", ESCROW, OPERATOR, request_hash("GET", "https://api.test/r"), settlement=settlement)
+    extra = EscrowExtra(
+        name="USDC", version="2", escrow=ESCROW, operator=OPERATOR,
+        request_hash=request_hash("GET", "https://api.test/r"), settlement=settlement,
+    )  # fmt: skip
     return EscrowRequirements(
         network="eip155:84532", amount=10_000, asset=TOKEN, pay_to=SELLER, max_timeout_seconds=300, extra=extra
     )

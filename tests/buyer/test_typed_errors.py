@@ -19,7 +19,6 @@ from eth_utils.address import to_checksum_address
 from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, dev
 from rpc_proxy import RpcProxy
-from web3.exceptions import BadFunctionCallOutput, ContractLogicError
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
@@ -40,7 +39,7 @@ from escrow_py.buyer import (
 )
 from escrow_py.chain.rpc import DEFAULT_DEADLINE, NodeError
 from escrow_py.chain.token import Token
-from escrow_py.protocol.errors import ChainError, ConfigError, RpcError, RpcTimeout
+from escrow_py.protocol.errors import ChainError, ConfigError, ContractRevert, RpcError, RpcTimeout
 from escrow_py.protocol.terms import State
 from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 
@@ -165,7 +164,8 @@ def test_a_bad_rpc_timeout_is_refused_naming_the_setting(tmp_path: Path, bad: ob
 def test_an_asset_that_does_not_answer_as_a_token_is_refused(
     chain: Chain, tmp_path: Path, form: str, asset: str
 ) -> None:
-    # main: BadFunctionCallOutput (no code at the asset) and ContractLogicError (the call reverts), raw.
+    # Before the EscrowChain port: web3's BadFunctionCallOutput and ContractLogicError leaked raw. Now the
+    # chain's own ContractRevert: EmptyReturn (no code answers) or the revert the asset raised.
     chain.mine()
     bogus = {"no_code": "0x" + "ab" * 20, "reverts": chain.escrow.address}[asset]  # the escrow has no name()
     seller = Thief(chain.w3, chain.sender(STRANGER), Token(chain.w3, bogus), chain.escrow.address, "none", PRICE)
@@ -174,8 +174,9 @@ def test_an_asset_that_does_not_answer_as_a_token_is_refused(
     with serving(seller.app()) as base, pytest.raises(PaymentRefused) as refused:
         _attempt(form, chain.node.url, journal, f"{base}/article/{asset}")
     assert refused.value.rule == "asset_not_erc3009" and to_checksum_address(bogus) in str(refused.value)
-    cause = {"no_code": BadFunctionCallOutput, "reverts": ContractLogicError}[asset]
-    assert isinstance(refused.value.__cause__, cause)
+    cause = refused.value.__cause__
+    assert isinstance(cause, ContractRevert)
+    assert (cause.name == "EmptyReturn") is (asset == "no_code"), cause
     assert seller.paid_requests == 0
     _nothing_happened(chain, journal, before)
 

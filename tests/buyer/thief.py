@@ -99,7 +99,7 @@ class Thief:
             extra=EscrowExtra(
                 name="USDC",
                 version="2",
-                escrow=self.escrow,  # type: ignore[arg-type]
+                escrow=self.escrow,
                 operator=self.sender.address,
                 request_hash=request_hash(request.method, url),
             ),

@@ -11,6 +11,7 @@ from web3 import HTTPProvider, Web3
 
 from escrow_devtools.anvil import free_port
 from escrow_py.chain import rpc
+from escrow_py.chain.clock import block_time
 from escrow_py.protocol.errors import ContractRevert, RpcError
 from escrow_py.protocol.terms import State
 
@@ -25,7 +26,7 @@ def test_reads_match_what_web3_reads(chain: Chain) -> None:
     assert chain.token.balance_of(holder) == chain.token.contract.functions.balanceOf(holder).call()
     assert chain.token.authorization_state(holder, escrow_id) is True
     assert chain.token.authorization_state(holder, os.urandom(32)) is False
-    assert rpc.latest_timestamp(chain.w3) == chain.w3.eth.get_block("latest")["timestamp"]
+    assert block_time(chain.w3) == chain.w3.eth.get_block("latest")["timestamp"]
     block = int(chain.w3.eth.block_number) - 1  # before the deposit: historical reads take a block number
     assert chain.escrow.state_of(escrow_id, block) is State.NONE
 

@@ -6,7 +6,8 @@ from fixtures.chain import Chain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, TERMS_TYPEHASH, UINT64_MAX, UINT256_MAX, Terms
+from escrow_py.protocol.codec import UINT64_MAX, UINT256_MAX
+from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, TERMS_TYPEHASH, Terms
 
 addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 terms_strategy = st.builds(

@@ -91,7 +91,7 @@ def test_settlement_is_strictly_before_the_deadline(chain: Chain) -> None:
 def test_a_token_address_without_code_is_refused(chain: Chain) -> None:
     terms = make_terms(chain, token=address(STRANGER))
     auth = authorization_for(terms, chain.escrow.address, chain.escrow.chain_id, 0, terms.deadline)
-    domain = TokenDomain("USDC", "2", chain.escrow.chain_id, terms.token)
+    domain = TokenDomain(name="USDC", version="2", chain_id=chain.escrow.chain_id, verifying_contract=terms.token)
     signature = sign_authorization(chain.signer(BUYER), domain, auth)
     with expect_revert("NotAContract", token=address(STRANGER)):
         chain.escrow.settle(chain.sender(SELLER), Settlement(terms, auth, signature, HASH))

@@ -85,7 +85,9 @@ def test_entries_whose_pull_fails_are_skipped_and_reported_with_their_reason(cha
     chain.token.transfer(chain.sender(BUYER), address(STRANGER), chain.token.balance_of(address(BUYER)) - 4_999)
     auth = authorization_for(no_code, chain.escrow.address, chain.escrow.chain_id, 0, no_code.deadline)
     no_code_signature = sign_authorization(
-        chain.signer(BUYER2), TokenDomain("USDC", "2", chain.escrow.chain_id, no_code.token), auth
+        chain.signer(BUYER2),
+        TokenDomain(name="USDC", version="2", chain_id=chain.escrow.chain_id, verifying_contract=no_code.token),
+        auth,
     )
     entries = [
         signed(chain, good[0]),

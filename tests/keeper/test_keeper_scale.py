@@ -65,7 +65,16 @@ def test_a_batchs_gas_holds_the_reserve_the_escrow_checks_before_a_payout() -> N
 
 def test_batches_are_capped_by_calldata_and_gas() -> None:
     assert max_entries(10_000, 10**12, 10**12) == MAX_BATCH_SIZE == 468
-    terms = Terms(dev(1).address, dev(2).address, dev(3).address, dev(4).address, 1, 1, b"\0" * 32, b"\0" * 32)
+    terms = Terms(
+        buyer=dev(1).address,
+        seller=dev(2).address,
+        operator=dev(3).address,
+        token=dev(4).address,
+        amount=1,
+        deadline=1,
+        request_hash=b"\0" * 32,
+        salt=b"\0" * 32,
+    )
     full = [OpenEscrow.of("0x", n.to_bytes(32, "big"), terms) for n in range(MAX_BATCH_SIZE)]
     assert len(refund_many_data(full)) <= MAX_CALLDATA_BYTES < len(refund_many_data([*full, full[0]]))
     cap = max_entries(400, 5_000_000, 60_000_000)  # the configured gas cap binds

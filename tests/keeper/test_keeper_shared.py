@@ -68,7 +68,7 @@ def test_a_peers_unsent_transaction_does_not_hold_up_the_escrows_it_covers(chain
     first = make_keeper(chain, db, who=KEEPER, reorg_depth=0)
     first.index()
     due = first.store.open_escrows(chain.escrow.address)
-    signed = first.sender.sign(chain.escrow.address, refund_many_data(due), gas=batch_gas(len(due)))
+    signed = first.chain.sign(chain.escrow.address, refund_many_data(due), gas=batch_gas(len(due)))
     first.store.record_attempt(chain.escrow.address, first.me, [e.id for e in due], signed)  # ...and crashes
     first.close()
 
@@ -151,7 +151,7 @@ def test_act_on_a_stale_view_leaves_out_what_a_pending_transaction_covers_in_a_f
         # The first keeper's transaction, pending, refunds `covered` of the forty (a run of its send order).
         if covered:
             due = ordered(first.store.open_escrows(chain.escrow.address))[:covered]
-            first.sender.send(chain.escrow.address, refund_many_data(due), gas=batch_gas(covered))
+            chain.sender(KEEPER).send(chain.escrow.address, refund_many_data(due), gas=batch_gas(covered))
         report = CycleReport()
         proxy.calls.clear()
         second.act(report)

@@ -7,7 +7,6 @@ something wrong on purpose, or tamper with the JSON after signing.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from escrow_py.chain.signer import Signer
 from escrow_py.protocol.eip3009 import (
     RECEIVE_WITH_AUTHORIZATION,
     Authorization,
-    TokenDomain,
     authorization_for,
     typed_data,
 )
@@ -49,7 +47,7 @@ class Payment:
 
 
 def sign_payment(
-    chain: Chain,
+    chain: Chain | None,
     required: PaymentRequired,
     *,
     buyer: int = BUYER,
@@ -61,7 +59,9 @@ def sign_payment(
     auth_changes: dict[str, Any] | None = None,
     tamper: Callable[[dict[str, Any]], None] | None = None,
 ) -> Payment:
-    """Sign the first `accepts` entry of `required` as dev account `buyer` (or with `signer`'s key)."""
+    """Sign the first `accepts` entry of `required` as dev account `buyer` (or with `signer`'s key).
+
+    `chain` None (a chain without a `now()`, the unit tier's fake): `deadline` must be given."""
     accepted = required.accepts[0]
     req = EscrowRequirements.from_model(accepted)
     terms = Terms(
@@ -70,7 +70,7 @@ def sign_payment(
         operator=req.extra.operator,
         token=req.asset,
         amount=req.amount,
-        deadline=deadline if deadline is not None else chain.now() + req.max_timeout_seconds - 10,
+        deadline=deadline if deadline is not None else _now(chain) + req.max_timeout_seconds - 10,
         request_hash=req.extra.request_hash,
         salt=os.urandom(32),
     )
@@ -80,19 +80,25 @@ def sign_payment(
         terms, req.extra.escrow, req.chain_id, valid_after, terms.deadline if valid_before is None else valid_before
     )
     if auth_changes:
-        auth = dataclasses.replace(auth, **auth_changes)
-    domain = TokenDomain(req.extra.name, req.extra.version, req.chain_id, req.asset)
+        auth = auth.with_(**auth_changes)
+    domain = req.token_domain()
     signature = (signer or dev(buyer)).sign_typed_data(typed_data(RECEIVE_WITH_AUTHORIZATION, domain, auth))
     envelope: dict[str, Any] = {
         "x402Version": 2,
         "accepted": accepted.model_dump(by_alias=True, exclude_none=True),
-        "payload": EscrowPayload(auth, signature, terms).to_json(),
+        "payload": EscrowPayload(authorization=auth, signature=signature, terms=terms).to_json(),
     }
     if required.resource is not None:
         envelope["resource"] = required.resource.model_dump(by_alias=True, exclude_none=True)
     if tamper is not None:
         tamper(envelope)
     return Payment(encode_header(envelope), terms, auth, signature, auth.nonce)
+
+
+def _now(chain: Chain | None) -> int:
+    if chain is None:
+        raise ValueError("sign_payment without a chain needs its deadline")
+    return chain.now()
 
 
 async def quote(client: httpx.AsyncClient, method: str, path: str, body: bytes = b"") -> PaymentRequired:

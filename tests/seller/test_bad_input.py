@@ -14,12 +14,12 @@ import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, cancel_authorization, dev
 
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms
 from escrow_py.protocol.wire import (
     MAX_HEADER_BYTES,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
-    Reason,
     decode_payment_required,
 )
 

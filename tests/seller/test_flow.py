@@ -16,13 +16,13 @@ from x402.schemas import PaymentRequired
 
 from escrow_py.chain.escrow import Delivered, Refunded
 from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash, request_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     decode_payment_required,
     decode_payment_response,

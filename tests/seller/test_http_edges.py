@@ -18,8 +18,9 @@ from rpc_proxy import RpcProxy
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
-from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, Reason, decode_payment_required
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_required
 from escrow_py.seller import EscrowMiddleware, PricedRoute
 
 from .payer import quote, sign_payment

@@ -25,13 +25,9 @@ from rpc_proxy import RpcProxy
 
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
-from escrow_py.protocol.wire import (
-    PAYMENT_RESPONSE_HEADER,
-    PAYMENT_SIGNATURE_HEADER,
-    Reason,
-    decode_payment_response,
-)
+from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER, decode_payment_response
 
 from .payer import Payment, buy, quote, sign_payment
 from .shop import Shop, deposits, make_shop, served, set_gas_money

@@ -15,12 +15,12 @@ from helpers import BUYER, BUYER2, SELLER, STRANGER, address
 
 from escrow_py.chain.escrow import Settled
 from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowRequirements,
-    Reason,
     SettlementExtra,
     SettlementMode,
     SettlementStatus,

@@ -13,9 +13,10 @@ from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, cancel_authorization, dev
 from x402.schemas import PaymentPayload
 
-from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, TokenDomain, authorization_for, typed_data
+from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, authorization_for, typed_data
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms
-from escrow_py.protocol.wire import MAX_HEADER_BYTES, EscrowPayload, EscrowRequirements, Reason
+from escrow_py.protocol.wire import MAX_HEADER_BYTES, EscrowPayload, EscrowRequirements
 from escrow_py.seller import PaymentRejected, offer_for, verify_offchain, verify_onchain
 
 CHAIN_ID = 84532
@@ -43,15 +44,16 @@ def _pay(
     valid_before: int | None = None,
 ) -> tuple[EscrowPayload, Any]:
     """A payment for `offer` signed by dev account `signer`, its terms optionally edited after signing."""
-    terms = Terms(dev(BUYER).address, offer.pay_to, offer.extra.operator, offer.asset, offer.amount, now + ttl,
-                  offer.extra.request_hash, os.urandom(32))  # fmt: skip
+    terms = Terms(buyer=dev(BUYER).address, seller=offer.pay_to, operator=offer.extra.operator, token=offer.asset,
+                  amount=offer.amount, deadline=now + ttl, request_hash=offer.extra.request_hash,
+                  salt=os.urandom(32))  # fmt: skip
     auth = authorization_for(terms, offer.extra.escrow, CHAIN_ID, valid_after, valid_before or terms.deadline)
-    domain = TokenDomain("USDC", "2", CHAIN_ID, offer.asset)
+    domain = offer.token_domain()
     # Another key signs the very same message: sign_authorization itself refuses a non-payer signer.
     signature = dev(signer).sign_typed_data(typed_data(RECEIVE_WITH_AUTHORIZATION, domain, auth))
     if edit_terms is not None:
         terms = edit_terms(terms)
-    return EscrowPayload(auth, signature, terms), offer.to_model()
+    return EscrowPayload(authorization=auth, signature=signature, terms=terms), offer.to_model()
 
 
 def _header(payload: EscrowPayload, accepted: Any, mutate: Callable[[dict[str, Any]], None] | None = None) -> str:
@@ -193,7 +195,7 @@ def test_onchain_checks_pass_for_a_funded_unused_authorization_and_deposit_nothi
     offer = _chain_offer(chain)
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     before = chain.token.balance_of(chain.escrow.address)
-    verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+    verify_onchain(payment, chain=chain.port(OPERATOR))
     assert chain.token.balance_of(chain.escrow.address) == before  # a simulation, not a deposit
 
 
@@ -204,7 +206,7 @@ def test_insufficient_balance_is_refused(chain: Chain) -> None:
                       resource_url=URL, body=b"")  # fmt: skip
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     with pytest.raises(PaymentRejected) as info:
-        verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+        verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.INSUFFICIENT_BALANCE
 
 
@@ -213,7 +215,7 @@ def test_a_cancelled_authorization_is_refused(chain: Chain) -> None:
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     cancel_authorization(chain, payment.terms)
     with pytest.raises(PaymentRejected) as info:
-        verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+        verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.AUTHORIZATION_USED
 
 
@@ -222,5 +224,5 @@ def test_a_deposit_that_would_revert_is_refused_by_simulation(chain: Chain) -> N
     payload, accepted = _pay(offer, now=chain.now())
     payment = verify_offchain(_header(payload, accepted), offer, chain_time=chain.now(), min_time_left=10)
     with pytest.raises(PaymentRejected) as info:
-        verify_onchain(payment, escrow=chain.escrow, token=chain.token, sender=chain.sender(OPERATOR))
+        verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.SIMULATION_FAILED

@@ -54,7 +54,16 @@ def test_keeper_prune_forgets_settled_history_and_keeps_open_escrows_and_totals(
 
 def _pay(journal: Journal, n: int, deadline: int) -> bytes:
     escrow_id = os.urandom(32)
-    terms = Terms(BUYER, SELLER, SELLER, TOKEN, 1_000, deadline, b"\1" * 32, b"\2" * 32)
+    terms = Terms(
+        buyer=BUYER,
+        seller=SELLER,
+        operator=SELLER,
+        token=TOKEN,
+        amount=1_000,
+        deadline=deadline,
+        request_hash=b"\1" * 32,
+        salt=b"\2" * 32,
+    )
     ctx = PaymentContext("eip155:84532", TOKEN, "0xescrow", SELLER, "shop.test", 1_000, 60, "default")
     assert journal.reserve(escrow_id, terms, ctx, Policy(total_budget=10**9)).allowed
     journal.record(escrow_id=escrow_id, chain_id=84532, escrow="0xescrow", method="GET", url=f"http://shop.test/{n}",

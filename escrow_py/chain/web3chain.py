@@ -1,0 +1,393 @@
+"""`Web3EscrowChain`: the one implementation of the EscrowChain port, on a JSON-RPC node.
+
+    chain = connect_chain(rpc_url, deadline=5.0, escrow=ESCROW, signer=operator, book=store)
+    gas = chain.simulate_deposit(payload)           # ContractRevert if it would revert
+    receipt = chain.deposit(payload, gas=gas)
+
+Seller, buyer, keeper and facilitator all build it with `connect_chain`; none of them
+builds a Web3, an Escrow binding or a TxSender itself. The per-payment reads go
+straight to the node as raw JSON-RPC (chain/rpc.py: about a quarter of web3's cost per
+call), everything else through web3.
+
+This is where web3.py's, requests' and the socket layer's exceptions stop: every method that
+talks to the node runs inside `typed_chain_errors`, so a caller sees RpcError (the node),
+ContractRevert (a revert), TransactionFailed or TransactionTimeout, each naming what it was
+doing, and nothing else of the chain's (chain/failures.py; tests/chain/test_web3chain_boundary.py).
+The raw `request` door keeps the node's error object as rpc.NodeError (an RpcError).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+from eth_abi.abi import decode
+from eth_typing import ChecksumAddress
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+from web3.types import BlockIdentifier, TxReceipt
+
+from escrow_py.chain import clock, rpc
+from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, Settlement, SettlementEvent
+from escrow_py.chain.failures import CHAIN_FAILURES, as_chain_error, typed_chain_errors
+from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
+from escrow_py.chain.port import Block, BlockHead
+from escrow_py.chain.signer import Signer
+from escrow_py.chain.token import Token
+from escrow_py.chain.tx import GAS_MARGIN, NonceBook, OnSigned, SentTx, TxSender, WatchReport, revert_or_node_error
+from escrow_py.protocol.eip3009 import TokenDomain
+from escrow_py.protocol.errors import ConfigError, ContractRevert, EscrowError, RpcError
+from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.wire import EscrowPayload
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Self = TypeVar("_Self", bound="Web3EscrowChain")
+
+_NAME = keccak(text="name()")[:4]
+_VERSION = keccak(text="version()")[:4]
+
+
+def _typed(what: str) -> Callable[[Callable[Concatenate[_Self, _P], _T]], Callable[Concatenate[_Self, _P], _T]]:
+    """Run the method inside typed_chain_errors(what): the boundary where web3's exceptions end."""
+
+    def wrap(method: Callable[Concatenate[_Self, _P], _T]) -> Callable[Concatenate[_Self, _P], _T]:
+        @functools.wraps(method)
+        def typed(self: _Self, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            with typed_chain_errors(what):
+                return method(self, *args, **kwargs)
+
+        return typed
+
+    return wrap
+
+
+def connect_chain(
+    rpc_url: str,
+    *,
+    deadline: float = rpc.DEFAULT_DEADLINE,
+    escrow: str | None = None,
+    signer: Signer | None = None,
+    book: NonceBook | None = None,
+    watch: bool = False,
+    confirmations: int = 1,
+    tx_timeout: float = 120.0,
+    reprice_after: float | None = None,
+    w3: Web3 | None = None,
+) -> Web3EscrowChain:
+    """The chain behind `rpc_url`, every call of which ends within `deadline` seconds (rpc.connect).
+
+    `escrow`: the contract escrow-scoped calls default to. `signer`: the key transactions are sent
+    from, through one TxSender (nonces in `book` when given, shared by every process on it; `watch`:
+    follow them through reorgs). Each transaction waits for `confirmations` blocks, is repriced after
+    `reprice_after` seconds stuck, and given up after `tx_timeout`. `w3`: an existing connection.
+    """
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
+        raise ConfigError(f"the RPC deadline must be a number of seconds > 0, got {deadline!r}")
+    connection = w3 if w3 is not None else rpc.connect(rpc_url, deadline=deadline)
+    sender = TxSender(connection, signer, watch=watch, book=book) if signer is not None else None
+    return Web3EscrowChain(
+        connection,
+        escrow=escrow,
+        sender=sender,
+        confirmations=confirmations,
+        tx_timeout=tx_timeout,
+        reprice_after=reprice_after,
+    )
+
+
+class Web3EscrowChain:
+    """EscrowChain on a node (see the module docstring). Thread-safe: roles call it from worker threads.
+
+    `w3`, `sender` and `binding()` are the web3 level underneath, for tooling and tests; roles use the
+    port's methods only.
+    """
+
+    def __init__(
+        self,
+        w3: Web3,
+        *,
+        escrow: str | None = None,
+        sender: TxSender | None = None,
+        confirmations: int = 1,
+        tx_timeout: float = 120.0,
+        reprice_after: float | None = None,
+    ) -> None:
+        self.w3 = w3
+        self._sender = sender
+        self._escrow = to_checksum_address(escrow) if escrow is not None else None
+        self.confirmations = confirmations
+        self.tx_timeout = tx_timeout
+        self.reprice_after = reprice_after
+        self._chain_id: int | None = None
+        self._lock = threading.Lock()
+        self._bindings: dict[str, Escrow] = {}
+        self._tokens: dict[str, Token] = {}
+        self._domains: dict[str, TokenDomain] = {}
+        self._genuine: set[str] = set()
+
+    # -- identity and the web3 level ---------------------------------------------------------------
+
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            with typed_chain_errors("reading the chain id"):
+                self._chain_id = int(str(rpc.request(self.w3, "eth_chainId", [])), 16)
+        return self._chain_id
+
+    @property
+    def escrow(self) -> ChecksumAddress:
+        if self._escrow is None:
+            raise ConfigError("this chain was built for no escrow: name one (escrow=...)")
+        return self._escrow
+
+    @property
+    def sender(self) -> TxSender:
+        if self._sender is None:
+            raise ConfigError("this chain was built without a signer: it can read, not send")
+        return self._sender
+
+    @property
+    def sender_address(self) -> ChecksumAddress:
+        return self.sender.address
+
+    def binding(self, escrow: str | None = None) -> Escrow:
+        """The web3 binding of `escrow` (the chain's own when None): calldata, events, log searches."""
+        address = self.escrow if escrow is None else to_checksum_address(escrow)
+        with self._lock:
+            found = self._bindings.get(address)
+            if found is None:
+                found = self._bindings[address] = Escrow(self.w3, address)
+            return found
+
+    def _token(self, token: str) -> Token:
+        address = to_checksum_address(token)
+        with self._lock:
+            found = self._tokens.get(address)
+            if found is None:
+                found = self._tokens[address] = Token(self.w3, address)
+            return found
+
+    # -- the one clock, and blocks ----------------------------------------------------------------
+
+    @_typed("reading the pending block's time")
+    def next_block_time(self) -> int:
+        return clock.next_block_time(self.w3)
+
+    @_typed("reading a block's time")
+    def block_time(self, block: Block) -> int:
+        return clock.block_time(self.w3, block)
+
+    @_typed("reading the latest block")
+    def head(self) -> BlockHead:
+        block = rpc.request(self.w3, "eth_getBlockByNumber", ["latest", False])
+        if not isinstance(block, dict):
+            raise RpcError(f"eth_getBlockByNumber(latest) returned no block: {block!r}")
+        try:
+            return BlockHead(
+                int(str(block["number"]), 16),
+                bytes.fromhex(str(block["hash"])[2:]),
+                int(str(block["timestamp"]), 16),
+                int(str(block["gasLimit"]), 16),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RpcError(f"eth_getBlockByNumber(latest) returned a malformed block: {exc}") from None
+
+    @_typed("reading a block's hash")
+    def block_hash(self, number: int) -> bytes | None:
+        block = rpc.request(self.w3, "eth_getBlockByNumber", [hex(number), False])
+        return bytes.fromhex(str(block["hash"])[2:]) if isinstance(block, dict) else None
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    @_typed("reading an escrow's state")
+    def state_of(self, escrow_id: bytes, *, escrow: str | None = None, block: Block = "latest") -> State:
+        return self.binding(escrow).state_of(escrow_id, block=block)
+
+    @_typed("reading a token balance")
+    def balance_of(self, token: str, holder: str, *, block: Block = "latest") -> int:
+        return self._token(token).balance_of(holder, block)
+
+    @_typed("reading an authorization's state")
+    def authorization_used(self, token: str, authorizer: str, nonce: bytes) -> bool:
+        return self._token(token).authorization_state(authorizer, nonce)
+
+    @_typed("reading the token's EIP-712 name and version")
+    def token_domain(self, token: str) -> TokenDomain:
+        address = to_checksum_address(token)
+        with self._lock:
+            if address in self._domains:
+                return self._domains[address]
+        name, version = rpc.both(lambda: self._text(address, _NAME), lambda: self._text(address, _VERSION))
+        domain = TokenDomain(name=name, version=version, chain_id=self.chain_id, verifying_contract=address)
+        with self._lock:
+            self._domains[address] = domain
+        return domain
+
+    def _text(self, token: str, selector: bytes) -> str:
+        """A string view of `token`; ContractRevert when it reverts or answers nothing (no code there)."""
+        try:
+            raw = rpc.call(self.w3, token, selector)
+        except rpc.NodeError as exc:
+            failure = revert_or_node_error(exc)
+            if isinstance(failure, ContractRevert):
+                raise failure from None
+            raise
+        try:
+            (text,) = decode(["string"], raw)
+        except Exception:  # noqa: BLE001 - eth_abi raises several kinds for data that is not a string
+            raise ContractRevert("EmptyReturn", {"token": token, "answer": raw}) from None
+        return str(text)
+
+    @_typed("reading the code at an escrow")
+    def check_escrow(self, address: str) -> EscrowCodeCheck:
+        checksummed = to_checksum_address(address)
+        chain_id = self.chain_id
+        with self._lock:
+            if checksummed in self._genuine:  # X402Escrow's code cannot change: a genuine verdict stands
+                return EscrowCodeCheck(checksummed, chain_id, EscrowCode.GENUINE, ESCROW_CODE_HASH)
+        check = check_escrow_code(self.w3, checksummed, chain_id=chain_id)
+        if check.genuine:
+            with self._lock:
+                self._genuine.add(checksummed)
+        return check
+
+    @_typed("reading the code at an address")
+    def code_at(self, address: str) -> bytes:
+        code = rpc.request(self.w3, "eth_getCode", [to_checksum_address(address), "latest"])
+        return bytes.fromhex(str(code or "0x")[2:])
+
+    @_typed("reading the sender's gas balance")
+    def gas_balance(self) -> int:
+        return self.sender.balance()
+
+    @_typed("reading the fees")
+    def fees(self) -> tuple[int, int]:
+        return self.sender.fees()
+
+    # -- simulations ------------------------------------------------------------------------------
+
+    @_typed("simulating the deposit")
+    def simulate_deposit(self, payload: EscrowPayload) -> int:
+        data = self.binding().deposit_data(payload.terms, payload.authorization, payload.signature)
+        return int(self.sender.estimate_gas(self.escrow, data) * GAS_MARGIN)
+
+    @_typed("simulating the settlement")
+    def simulate_settle(self, settlement: Settlement) -> int:
+        data = self.binding().settle_data(settlement)
+        return int(self.sender.estimate_gas(self.escrow, data) * GAS_MARGIN)
+
+    @_typed("simulating a call")
+    def call(self, to: str, data: bytes, *, block: Block = "latest") -> bytes:
+        return self.sender.call(to, data, block=block if isinstance(block, int) else cast(BlockIdentifier, block))
+
+    # -- sends ------------------------------------------------------------------------------------
+
+    def _transact(
+        self, to: str, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None
+    ) -> TxReceipt:
+        return self.sender.transact(
+            to,
+            data,
+            gas=gas,
+            confirmations=self.confirmations,
+            timeout=self.tx_timeout,
+            reprice_after=self.reprice_after,
+            on_signed=on_signed,
+        )
+
+    @_typed("depositing")
+    def deposit(
+        self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None
+    ) -> TxReceipt:
+        data = self.binding().deposit_data(payload.terms, payload.authorization, payload.signature)
+        return self._transact(self.escrow, data, gas=gas, on_signed=on_signed)
+
+    @_typed("waiting for a transaction sent earlier")
+    def resume(self, tx_hash: bytes) -> TxReceipt | None:
+        sender = self.sender
+        if sender.receipt(tx_hash) is None and not sender.known_to_node(tx_hash):
+            return None
+        sent = sender.followed(tx_hash)
+        if sent is None:  # sent by an earlier process: no signed copy to reprice, wait for it as it is
+            return sender.wait(tx_hash, confirmations=self.confirmations, timeout=self.tx_timeout)
+        return sender.confirm(
+            sent, confirmations=self.confirmations, timeout=self.tx_timeout, reprice_after=self.reprice_after
+        )
+
+    @_typed("refunding")
+    def refund(self, terms: Terms, *, escrow: str | None = None) -> TxReceipt:
+        binding = self.binding(escrow)
+        return self._transact(binding.address, binding.refund_data(terms))
+
+    @_typed("posting deliveries")
+    def deliver_many(self, entries: Sequence[tuple[Terms, bytes]]) -> TxReceipt:
+        return self._transact(self.escrow, self.binding().deliver_many_data(entries))
+
+    @_typed("settling serve-first payments")
+    def settle_many(self, entries: Sequence[Settlement]) -> TxReceipt:
+        return self._transact(self.escrow, self.binding().settle_many_data(entries))
+
+    @_typed("following sent transactions")
+    def watch(self, depth: int) -> WatchReport:
+        return self.sender.watch(depth)
+
+    @_typed("signing a transaction")
+    def sign(self, to: str, data: bytes, *, gas: int | None = None) -> SentTx:
+        return self.sender.sign(to, data, gas=gas)
+
+    @_typed("re-signing a stuck transaction")
+    def replace(self, sent: SentTx) -> SentTx:
+        return self.sender.replace(sent)
+
+    def resync_nonce(self) -> None:
+        self.sender.resync_nonce()
+
+    def request(self, method: str, params: list[Any]) -> Any:
+        # Not typed_chain_errors: the node's own error object stays an rpc.NodeError (the keeper reads its
+        # revert data); only what the transport raises besides is mapped.
+        try:
+            return rpc.request(self.w3, method, params)
+        except EscrowError:
+            raise
+        except CHAIN_FAILURES as exc:
+            raise as_chain_error(exc, f"JSON-RPC {method}") from exc
+
+    # -- receipts and events ----------------------------------------------------------------------
+
+    @_typed("reading a receipt")
+    def receipt(self, tx_hash: bytes) -> TxReceipt | None:
+        if self._sender is not None:
+            return self.sender.receipt(tx_hash)
+        try:
+            return self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return None
+
+    def events_in(self, receipt: TxReceipt, *, escrow: str | None = None) -> list[EscrowEvent]:
+        return self.binding(escrow).events_in(receipt)
+
+    def settlements_in(self, receipt: TxReceipt) -> list[SettlementEvent]:
+        return self.binding().settlements_in(receipt)
+
+    def payout_failures_in(self, receipt: TxReceipt) -> list[PayoutFailed]:
+        return self.binding().payout_failures_in(receipt)
+
+    @_typed("searching the Delivered event")
+    def delivered_hash(
+        self, escrow_id: bytes, *, escrow: str | None = None, since: int = 0, tx_hash: bytes | None = None
+    ) -> bytes | None:
+        binding = self.binding(escrow)
+        if tx_hash is not None and (event := binding.delivery_in(tx_hash, escrow_id)) is not None:
+            return event.delivery_hash
+        found = binding.delivery_of(escrow_id, since=since)
+        return None if found is None else found.delivery_hash
+
+    @_typed("searching the Settled event")
+    def settlement_of(self, escrow_id: bytes, *, escrow: str | None = None, since: int = 0) -> Settled | None:
+        return self.binding(escrow).settlement_of(escrow_id, since=since)
