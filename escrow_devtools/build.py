@@ -18,6 +18,7 @@ from typing import Any
 
 from escrow_devtools import artifacts as tooling
 from escrow_py.chain import artifacts as runtime
+from escrow_py.protocol.errors import EscrowError
 
 SOLC_VERSION = "0.8.30"
 
@@ -45,7 +46,7 @@ CONTRACTS_DIR = REPO_ROOT / "contracts"
 SOLCJS_WRAPPER = REPO_ROOT / "scripts" / "solc-js.cjs"
 
 
-class BuildError(RuntimeError):
+class BuildError(EscrowError, RuntimeError):
     """The contracts did not compile, or no compiler could be found."""
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         RpcError,
         TransactionFailed,
     )
+    from escrow_py.protocol.reasons import Reason
     from escrow_py.protocol.terms import TERMS_TYPEHASH, State, Terms, delivery_hash, escrow_id, request_hash
     from escrow_py.protocol.wire import SCHEME
 
@@ -38,6 +39,7 @@ _EXPORTS = {
     "ProtocolError": "escrow_py.protocol.errors",
     "RpcError": "escrow_py.protocol.errors",
     "TransactionFailed": "escrow_py.protocol.errors",
+    "Reason": "escrow_py.protocol.reasons",
     "TERMS_TYPEHASH": "escrow_py.protocol.terms",
     "State": "escrow_py.protocol.terms",
     "Terms": "escrow_py.protocol.terms",
@@ -65,6 +67,7 @@ __all__ = [
     "ContractRevert",
     "EscrowError",
     "ProtocolError",
+    "Reason",
     "RpcError",
     "State",
     "Terms",

@@ -99,6 +99,20 @@ def make_terms(
     )
 
 
+def offline_terms(amount: int, deadline: int, salt: bytes = b"\0" * 32) -> Terms:
+    """Terms between dev accounts 1 to 4 (buyer, seller, operator, token) for a test with no chain."""
+    return Terms(
+        buyer=dev(1).address,
+        seller=dev(2).address,
+        operator=dev(3).address,
+        token=dev(4).address,
+        amount=amount,
+        deadline=deadline,
+        request_hash=b"\0" * 32,
+        salt=salt,
+    )
+
+
 def sign_deposit(
     chain: Chain,
     terms: Terms,

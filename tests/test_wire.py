@@ -21,7 +21,7 @@ from escrow_py.protocol import codec, wire
 from escrow_py.protocol.eip3009 import Authorization, authorization_for, sign_authorization
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import Terms, request_hash
+from escrow_py.protocol.terms import State, Terms, request_hash
 
 ESCROW = "0x" + "ee" * 20
 TOKEN = to_checksum_address("0x036CbD53842c5426634e7929541eC2318f3dCF7e")
@@ -75,7 +75,7 @@ def test_payment_signature_round_trips_through_the_sdk_and_back() -> None:
 
 def test_settlement_response_round_trips() -> None:
     extra = wire.SettlementExtra(
-        escrow_id=os.urandom(32), deadline=1_800_000_000, delivery_hash=os.urandom(32), state="held"
+        escrow_id=os.urandom(32), deadline=1_800_000_000, delivery_hash=os.urandom(32), state=State.HELD
     )
     model = SettleResponse(success=True, transaction="0x" + "ab" * 32, network="eip155:84532", extra=extra.to_json())
     header = wire.encode_payment_response(model)
@@ -225,3 +225,13 @@ def test_the_payload_and_settlement_bytes_are_the_documented_wire_form() -> None
     assert extra.to_json() == {"escrowId": "0x" + "07" * 32, "deadline": 5, "refundTransaction": "0x" + "03" * 32,
                                "settlement": "pending"}  # fmt: skip
     assert list(extra.to_json()) == ["escrowId", "deadline", "refundTransaction", "settlement"]
+
+
+def test_the_settlement_state_is_the_chain_state_by_its_lower_case_name() -> None:
+    extra = wire.SettlementExtra(escrow_id=b"\7" * 32, deadline=5, state=State.RELEASED)
+    assert extra.to_json()["state"] == "released"
+    assert wire.SettlementExtra.from_json(extra.to_json()).state is State.RELEASED
+    # Advisory: a state this version does not know (or a wrong type) is no state, not a refusal.
+    for unknown in ("settled-later", "HELD", 3, None):
+        assert wire.SettlementExtra.from_json({**extra.to_json(), "state": unknown}).state is None
+    assert "state" not in wire.SettlementExtra(escrow_id=b"\7" * 32, deadline=5).to_json()

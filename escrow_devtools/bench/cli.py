@@ -192,13 +192,15 @@ def _storage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{'engine':<11}{'store':<8}{'query':<42}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
+    print(f"{'engine':<11}{'store':<8}{'query':<42}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}{'cpu ms':>9}")
     for engine, roles in result["engines"].items():
         for role, figures in roles.items():
             if "skipped" in figures:
                 print(f"{engine:<11}{role:<8}skipped: {figures['skipped']}")
             for name, q in figures.get("queries", {}).items():
-                print(f"{engine:<11}{role:<8}{name:<42}{q['p50_ms']:>9}{q['p95_ms']:>9}{q['max_ms']:>9}")
+                print(
+                    f"{engine:<11}{role:<8}{name:<42}{q['p50_ms']:>9}{q['p95_ms']:>9}{q['max_ms']:>9}{q['cpu_ms']:>9}"
+                )
     verdict = "yes" if result["met"] else "no: " + "; ".join(result["over_target"])
     print(f"every p50 under {result['target_p50_ms']} ms: {verdict}")
     return 0

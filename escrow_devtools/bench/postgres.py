@@ -70,6 +70,24 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url_of(name)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the backends serving client connections have used so far (Linux /proc; the
+        checkpointer, WAL writer and autovacuum are left out). What queries cost the server, however busy the
+        machine is."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        ticks = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != postmaster:
+                    continue
+                command = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue  # exited meanwhile
+            if b"127.0.0.1(" in command or b"[local]" in command:  # "postgres: user db 127.0.0.1(port) idle"
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self._run(PG_BIN / "pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -8,8 +8,10 @@ A synthetic fill (written straight into the tables, as years of traffic would ha
 - buyer, per paid request: the budget check (the reservation's transaction: lock, usage over the
   totals and a 1-hour and a 1-day window) and reading a payment; per recovery: unfinished payments
   and unconfirmed ledger rows;
-- seller: the store's own `bench_fill` / `bench_queries` hooks when it has them (the seller store
-  moves onto the port separately); skipped with a note otherwise.
+- seller, per paid request: reading a payment, its claim taken and released, a nonce allocated and the
+  transactions of an intent looked up (each transaction), a buyer's serve-first exposure; per poster pass:
+  its lease, refunds pending, expiring and reading pending deliveries, posted and settled ones not yet
+  final, the unpaid serve-first total and the settlements due.
 
 Target: every query's p50 under 5 ms on both engines. PostgreSQL is a throwaway local server
 (escrow_devtools.bench.postgres) unless `pg_url` names one.
@@ -30,6 +32,7 @@ from escrow_py.buyer import _ledger
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._policy import PaymentContext
 from escrow_py.keeper._store import KeeperStore
+from escrow_py.seller._store import SellerStore
 from escrow_py.storage import Database
 
 TARGET_MS = 5.0
@@ -41,16 +44,28 @@ DAY = 86_400
 def _timed(run: Callable[[], object], repeat: int) -> dict[str, float]:
     run()  # warm: plans cached, pages in memory
     samples = []
+    cpu_before = _cpu()
     for _ in range(repeat):
         start = time.perf_counter()
         run()
         samples.append((time.perf_counter() - start) * 1000)
+    cpu = (_cpu() - cpu_before) * 1000 / repeat
     samples.sort()
     return {
         "p50_ms": round(statistics.median(samples), 3),
         "p95_ms": round(samples[int(len(samples) * 0.95) - 1], 3),
         "max_ms": round(samples[-1], 3),
+        "cpu_ms": round(cpu, 3),
     }
+
+
+# CPU seconds used so far by this process (SQLite runs in it) and by the throwaway PostgreSQL server's processes:
+# a query's cost in CPU, which other processes on a busy machine do not inflate as they do its wall-clock time.
+_server_cpu: Callable[[], float] = lambda: 0.0  # noqa: E731 - replaced while a throwaway server runs
+
+
+def _cpu() -> float:
+    return time.process_time() + _server_cpu()
 
 
 def _fill_keeper(db: Database, url: str, rows: int, now: int) -> None:
@@ -220,17 +235,92 @@ def _buyer_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
         journal.close()
 
 
-def _seller_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
-    from escrow_py.seller import _store as seller
+def _fill_seller(db: Database, url: str, rows: int, now: int) -> None:
+    """`rows` payments over 90 days: delivered and final, 2% served first and settled; the last 100 in flight (a
+    poster batch of deliveries pending, as many posted and not yet final, a settlement queued); 1 refund pending per
+    10,000; one deposit transaction each."""
+    terms = json.dumps(
+        {"buyer": "0x" + "22" * 20, "seller": SELLER, "operator": SELLER, "token": TOKEN, "amount": "1000",
+         "deadline": now, "requestHash": "0x" + "01" * 32, "salt": "0x" + "02" * 32}
+    )  # fmt: skip
+    payments, deliveries, settlements, txs = [], [], [], []
+    recent = rows - 100
+    for n in range(rows):
+        escrow_id, at = n.to_bytes(32, "big"), now - (rows - n) * 90 * DAY / rows
+        deadline = int(at) + (3600 if n >= recent else 300)
+        first = n % 50 == 2
+        refund = n % 10_000 == 7
+        status = "served_first" if first else "refund_pending" if refund else "served"
+        payments.append((escrow_id, terms, deadline, status, int(at), os.urandom(32), None, 200, "[]", b"x" * 300,
+                         at, at, "GET /report/{item}", None))  # fmt: skip
+        if first:
+            queued = n >= recent
+            settlements.append((escrow_id, "0x" + f"{n % 5000:040x}", 1000, "{}", os.urandom(32), deadline,
+                                "queued" if queued else "settled", None if queued else os.urandom(32),
+                                int(not queued), at, at))  # fmt: skip
+        elif not refund:
+            state = ("pending", "posted")[n % 2] if n >= recent else "posted"
+            deliveries.append((escrow_id, terms, os.urandom(32), deadline, state,
+                               None if state == "pending" else os.urandom(32), int(n < recent), at))  # fmt: skip
+        txs.append((os.urandom(32), SELLER, n, "0x" + os.urandom(32).hex(), os.urandom(180), at))
+    with db.transaction() as tx:
+        tx.executemany(
+            "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, deposit_tx, refund_tx, "
+            "response_status, response_headers, response_body, created_at, updated_at, route, payload) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            payments,
+        )
+        tx.executemany(
+            "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, tx_hash, final, updated_at) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            deliveries,
+        )
+        tx.executemany(
+            "INSERT INTO settlements (escrow_id, buyer, amount, payload, delivery_hash, due, status, tx_hash, final, "
+            "updated_at, queued_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            settlements,
+        )
+        tx.executemany(
+            "INSERT INTO operator_txs (tx_hash, address, nonce, intent, raw, created_at) VALUES (?,?,?,?,?,?)", txs
+        )
+        tx.execute("INSERT INTO operator_nonces (address, next_nonce, updated_at) VALUES (?, ?, ?)",
+                   (SELLER, rows, now))  # fmt: skip
+    _analyze(db, url)
 
-    fill, queries = getattr(seller, "bench_fill", None), getattr(seller, "bench_queries", None)
-    if fill is None or queries is None:
-        return {
-            "skipped": "the seller store has no bench_fill/bench_queries hooks yet (it moves onto the port separately)"
-        }
-    store = fill(url, rows)
+
+def _seller_queries(url: str, rows: int, repeat: int) -> dict[str, Any]:
+    store = SellerStore(url)
     try:
-        return {"queries": {name: _timed(run, repeat) for name, run in queries(store).items()}}
+        now = int(time.time())
+        _fill_seller(store._db, url, rows, now)
+        some = (rows // 2).to_bytes(32, "big")
+        intent = store._db.one("SELECT intent FROM operator_txs LIMIT 1")
+        claim = f"claim:0x{some.hex()}"
+
+        def claimed_and_released() -> None:
+            store.take_lease(claim, "bench", 30.0)
+            store.release_lease(claim, "bench")
+
+        results = {
+            "payment by id (per paid request)": _timed(lambda: store.payment(some), repeat),
+            "claim taken and released (per paid request)": _timed(claimed_and_released, repeat),
+            "nonce allocated (per transaction)": _timed(lambda: store.allocate_nonce(SELLER, 0), repeat),
+            "transactions of an intent (per transaction)": _timed(
+                lambda: store.txs_for(SELLER, str(intent[0] if intent else "")), repeat
+            ),
+            "buyer's serve-first exposure (per serve-first request)": _timed(
+                lambda: store.exposure("0x" + f"{7:040x}"), repeat
+            ),
+            "poster lease (per pass)": _timed(lambda: store.take_lease("poster:bench", "bench", 5.0), repeat),
+            "refunds pending (per pass)": _timed(store.refunds_pending, repeat),
+            "expire pending (per pass)": _timed(lambda: store.expire_pending(now - 7 * DAY), repeat),
+            "pending deliveries (per pass)": _timed(store.pending_deliveries, repeat),
+            "posted, not final (per pass)": _timed(store.posted_unsettled, repeat),
+            "unpaid serve-first total (per pass)": _timed(store.exposure, repeat),
+            "settlements due (per pass)": _timed(store.settlements_due, repeat),
+            "settled, not final (per pass)": _timed(store.settled_unfinal, repeat),
+        }
+        return {"queries": results}
     finally:
         store.close()
 
@@ -248,9 +338,12 @@ def measure_storage(
     result: dict[str, Any] = {"rows": rows, "repeat": repeat, "target_p50_ms": TARGET_MS, "engines": {}}
     with tempfile.TemporaryDirectory(prefix="x402-bench-storage-") as tmp:
         server = PostgresServer() if "postgresql" in engines and pg_url is None else None
+        global _server_cpu  # noqa: PLW0603 - the one server this measurement runs
         try:
             for engine in engines:
                 figures: dict[str, Any] = {}
+                # An external server's CPU is not ours to read: then the CPU column is this process's alone.
+                _server_cpu = server.cpu_seconds if engine == "postgresql" and server is not None else lambda: 0.0
                 for role, run in (("keeper", _keeper_queries), ("buyer", _buyer_queries), ("seller", _seller_queries)):
                     if engine == "sqlite":
                         url = f"sqlite:///{Path(tmp) / f'{role}.sqlite'}"
@@ -260,6 +353,7 @@ def measure_storage(
                     figures[role] = run(url, rows, repeat)
                 result["engines"][engine] = figures
         finally:
+            _server_cpu = lambda: 0.0  # noqa: E731
             if server is not None:
                 server.stop()
     slow = [

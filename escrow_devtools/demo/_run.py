@@ -34,12 +34,12 @@ from escrow_devtools.demo._shop import (
 )
 from escrow_devtools.harness import ServerDidNotStart, serving
 from escrow_py.buyer import (
-    Action,
     AsyncEscrowClient,
     EscrowClient,
     HandlerFailedRefunded,
     PaymentError,
     PaymentState,
+    RecoveryAction,
     delivered_hash,
     recover,
 )
@@ -595,7 +595,9 @@ def _story_serve_first(world: World, display: Display) -> StoryResult:
     spent = before[buyer] - world.token.balance_of(buyer)
     display(f"  the seller received {_usdc(paid)} USDC, the buyer spent {_usdc(spent)} USDC")
     report = recover(journal, world.signers["buyer"], world.rpc_url)
-    closed = all((i.action, i.journal_state) == (Action.MARKED_SETTLED, PaymentState.DELIVERED) for i in report.items)
+    closed = all(
+        (i.action, i.journal_state) == (RecoveryAction.MARKED_SETTLED, PaymentState.DELIVERED) for i in report.items
+    )
     display(f"  recover(): {len(report.items)} unsettled payments closed as delivered and spent: {closed}")
     result.ok = (
         len(settled) == BURST and len(txs) == 1 and hashes_match and paid == spent == BURST * QUOTE_PRICE and closed

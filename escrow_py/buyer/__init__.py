@@ -63,7 +63,7 @@ of these (httpx's own errors pass through only for a request that carried no pay
         │   ├── ChainUnavailable   rule chain_unavailable: the RPC failed before signing (also a
         │   │                      ChainError); the typed chain error is its __cause__
         │   ├── RequestHashMismatch  the 402's requestHash is not this request's; `.expected`, `.offered`
-        │   └── PolicyDenied       the spending policy said no: `.code` (ReasonCode), `.reason`,
+        │   └── PolicyDenied       the spending policy said no: `.code` (Reason), `.reason`,
         │                          `.limit`, `.wanted`, `.available`
         ├── PaymentRejected        the seller refused the signed payment, not deposited when checked
         │                          (also after the last resend of a 503 operator_unfunded or
@@ -111,9 +111,9 @@ from escrow_py.buyer._errors import (
 from escrow_py.buyer._flow import lost_in_flight
 from escrow_py.buyer._journal import Journal, JournalEntry, PaymentState
 from escrow_py.buyer._ledger import LedgerRow, LedgerStatus
-from escrow_py.buyer._policy import Decision, PaymentContext, Policy, ReasonCode, Usage, WindowBudget
+from escrow_py.buyer._policy import Decision, PaymentContext, Policy, Usage, WindowBudget
 from escrow_py.buyer._recover import (
-    Action,
+    RecoveryAction,
     RecoveryItem,
     RecoveryReport,
     arecover,
@@ -123,11 +123,11 @@ from escrow_py.buyer._recover import (
 from escrow_py.buyer._sdk import DeliveryEscrowScheme
 from escrow_py.buyer._settings import AllowAll, BuyerSettings, PaymentPolicy, ResendPolicy
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator
+from escrow_py.protocol.reasons import Reason
 
 __all__ = [
     "TASK_EXTENSION",
     "VALIDATOR_EXTENSION",
-    "Action",
     "AllowAll",
     "AsyncEscrowClient",
     "AuditLog",
@@ -153,7 +153,8 @@ __all__ = [
     "PaymentState",
     "Policy",
     "PolicyDenied",
-    "ReasonCode",
+    "Reason",
+    "RecoveryAction",
     "RecoveryItem",
     "RecoveryReport",
     "RequestHashMismatch",

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from escrow_py.protocol.codec import to_hex
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Migration, is_postgres_url, open_store, sqlite_path
 
@@ -47,14 +48,10 @@ def audit_paths(journal: str | Path) -> tuple[Path | None, str | Path]:
     return path.with_name(path.stem + ".audit.jsonl"), path.with_name(path.stem + ".audit.sqlite")
 
 
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
-
-
 def terms_fields(terms: Terms) -> dict[str, Any]:
     """What a record says about a payment's terms: never the request hash's preimage, which it cannot know."""
     return {
-        "termsHash": _hex(terms.hash()),
+        "termsHash": to_hex(terms.hash()),
         "amount": terms.amount,
         "token": terms.token,
         "seller": terms.seller,
@@ -82,7 +79,7 @@ class AuditLog:
 
     def write(self, event: str, escrow_id: bytes | None, fields: dict[str, Any]) -> dict[str, Any]:
         """Append one record; durable in both forms when this returns."""
-        record = {"at": round(time.time(), 3), "event": event, "escrowId": _hex(escrow_id), **fields}
+        record = {"at": round(time.time(), 3), "event": event, "escrowId": to_hex(escrow_id), **fields}
         line = json.dumps(record, sort_keys=True)
         with self._lock:
             self._db.execute(

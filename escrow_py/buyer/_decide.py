@@ -10,8 +10,9 @@ from __future__ import annotations
 import httpx
 
 from escrow_py.buyer._errors import PolicyDenied
-from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy, ReasonCode
+from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy
 from escrow_py.buyer._validate import TASK_EXTENSION
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms
 from escrow_py.protocol.wire import EscrowRequirements
 
@@ -43,14 +44,14 @@ def decide(ctx: PaymentContext, rules: Policy | None) -> Decision:
 
 def custom_denial(denied: PolicyDenied) -> Decision:
     """A caller's PaymentPolicy hook said no: the decision the audit trail records."""
-    return Decision(False, ReasonCode.CUSTOM, denied.reason)
+    return Decision(False, Reason.CUSTOM, denied.reason)
 
 
 def denial(decision: Decision) -> PolicyDenied:
     """The error a denying decision raises, with its rule and numbers."""
     return PolicyDenied(
         decision.detail,
-        code=decision.reason.value,
+        code=decision.reason,
         limit=decision.limit,
         wanted=decision.wanted,
         available=decision.available,

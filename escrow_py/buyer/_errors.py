@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck
 from escrow_py.protocol.errors import ChainError, EscrowError
+from escrow_py.protocol.reasons import Reason
 
 
 def _hex(value: bytes | None) -> str:
@@ -21,7 +22,7 @@ class PaymentError(EscrowError):
 class PaymentRefused(PaymentError):
     """The client refused to pay: nothing was signed, no money moved."""
 
-    def __init__(self, rule: str, message: str) -> None:
+    def __init__(self, rule: Reason, message: str) -> None:
         self.rule = rule
         super().__init__(f"payment refused ({rule}): {message}; nothing signed, no money moved")
 
@@ -33,7 +34,7 @@ class RequestHashMismatch(PaymentRefused):
         self.expected = expected
         self.offered = offered
         super().__init__(
-            "request_hash_mismatch",
+            Reason.REQUEST_HASH_MISMATCH,
             f"the seller asks to sign requestHash {_hex(offered)} but {method} {url} with this body hashes "
             f"to {_hex(expected)}",
         )
@@ -62,7 +63,9 @@ class EscrowNotGenuine(PaymentRefused):
                 f"holds code hashing to {_hex(check.code_hash)}, not X402Escrow's {_hex(ESCROW_CODE_HASH)}: "
                 "a contract that only looks like the escrow could keep the money"
             )
-        super().__init__("escrow_not_genuine", f"{self.code}: escrow {self.escrow} on chain {self.chain_id} {found}")
+        super().__init__(
+            Reason.ESCROW_NOT_GENUINE, f"{self.code}: escrow {self.escrow} on chain {self.chain_id} {found}"
+        )
 
 
 class ChainUnavailable(PaymentRefused, ChainError):
@@ -72,18 +75,18 @@ class ChainUnavailable(PaymentRefused, ChainError):
     """
 
     def __init__(self, cause: ChainError) -> None:
-        super().__init__("chain_unavailable", str(cause))
+        super().__init__(Reason.CHAIN_UNAVAILABLE, str(cause))
 
 
 class PolicyDenied(PaymentRefused):
-    """The spending policy denied the payment: `.code` (a ReasonCode value) names the rule, `.reason`
+    """The spending policy denied the payment: `.code` (a Reason value) names the rule, `.reason`
     explains it, and `.limit`, `.wanted`, `.available` carry the numbers of a limit that was hit."""
 
     def __init__(
         self,
         reason: str,
         *,
-        code: str = "custom",
+        code: Reason = Reason.CUSTOM,
         limit: int | None = None,
         wanted: int | None = None,
         available: int | None = None,
@@ -93,7 +96,7 @@ class PolicyDenied(PaymentRefused):
         self.limit = limit
         self.wanted = wanted
         self.available = available
-        super().__init__("policy", f"{code}: {reason}")
+        super().__init__(Reason.POLICY_DENIED, f"{code}: {reason}")
 
 
 class ResponseInvalid(PaymentError):

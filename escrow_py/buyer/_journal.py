@@ -28,6 +28,7 @@ from typing import Any
 from escrow_py.buyer import _ledger as ledger
 from escrow_py.buyer._audit import AuditLog, terms_fields
 from escrow_py.buyer._policy import ALLOW, Decision, PaymentContext, Policy
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store
 
@@ -98,6 +99,7 @@ def _schema_2(tx: Tx) -> None:
 MIGRATIONS = (
     Migration(1, "payments and ledger", _SCHEMA + ";" + ledger.SCHEMA),
     Migration(2, "deadlines, running totals, indexes", _SCHEMA_2 + ";" + ledger.TOTALS, run=_schema_2),
+    Migration(3, "a covering index of the committed rows for the budget windows", ledger.COMMITTED),
 )
 FINAL = tuple(s.value for s in PaymentState if s.final)
 
@@ -194,7 +196,7 @@ class Journal:
                 ledger.set_status(tx, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
         for escrow_id in found:
             if self.audit is not None:
-                self.audit.write("ledger", escrow_id, {"ledger": "released", "reason": "never_sent"})
+                self.audit.write("ledger", escrow_id, {"ledger": "released", "reason": Reason.NEVER_SENT})
         return found
 
     def unconfirmed(self) -> list[bytes]:
@@ -207,7 +209,7 @@ class Journal:
         with self.db.transaction() as tx:
             ledger.mark_chain_final(tx, escrow_id, status, time.time())
         if self.audit is not None:
-            self.audit.write("ledger", escrow_id, {"ledger": status.value, "reason": "chain_final"})
+            self.audit.write("ledger", escrow_id, {"ledger": status.value, "reason": Reason.CHAIN_FINAL})
 
     def record_invalid(self, escrow_id: bytes, problem: str) -> None:
         """A delivered body the caller's validator rejected: noted in the journal and the audit trail."""

@@ -140,7 +140,7 @@ def read_answer(response: httpx.Response, escrow_id: bytes, *, replay: bool) -> 
     elif status >= 400 or settle.error_reason == Reason.HANDLER_FAILED_REFUNDED:
         kind = Kind.HANDLER_FAILED
     else:
-        posted = replay or extra.delivery_transaction is not None or extra.state == "released"
+        posted = replay or extra.delivery_transaction is not None or extra.state is State.RELEASED
         # A served-first payment never had an escrow, so no Delivered event holds its hash; and a header
         # hash the bytes already miss is a mismatch whatever the chain says.
         to_chain = posted and not _served_first(settle, extra) and extra.delivery_hash == received

@@ -12,6 +12,7 @@ from x402.schemas import PaymentRequired, PaymentRequirements
 
 from escrow_py.buyer._errors import PaymentRefused, RequestHashMismatch
 from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import canonical_url, request_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -64,13 +65,13 @@ def find_offer(response: httpx.Response) -> Offer | None:
     try:
         required = decode_payment_required(value)
     except ProtocolError as exc:
-        raise PaymentRefused("invalid_payment_required", str(exc)) from None
+        raise PaymentRefused(Reason.INVALID_PAYMENT_REQUIRED, str(exc)) from None
     for model in required.accepts:
         if model.scheme == SCHEME:
             try:
                 return Offer(required, model, EscrowRequirements.from_model(model))
             except ProtocolError as exc:
-                raise PaymentRefused("invalid_requirements", str(exc)) from None
+                raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
     return None
 
 
@@ -83,7 +84,7 @@ def bind(request: httpx.Request, offer: Offer) -> Bound:
     except ValueError:
         # Not quoted: the URL's userinfo is a credential.
         raise PaymentRefused(
-            "invalid_url",
+            Reason.INVALID_URL,
             f"the {request.method} URL to host {request.url.host!r} has no canonical form (credentials in the "
             "URL, or a host that is not plain ASCII), so no requestHash can bind it",
         ) from None

@@ -33,34 +33,13 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from eth_utils.address import is_address, to_checksum_address
-
+from escrow_py.protocol.codec import parse_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.wire import SettlementMode, chain_id_of
-
-
-class ReasonCode(StrEnum):
-    """Why a payment was allowed or denied; stable strings, for audit logs and dashboards."""
-
-    ALLOWED = "allowed"
-    OVER_PER_REQUEST = "over_per_request"
-    DEADLINE_TOO_FAR = "deadline_too_far"
-    NETWORK_NOT_ALLOWED = "network_not_allowed"
-    TOKEN_NOT_ALLOWED = "token_not_allowed"  # noqa: S105 - a reason code, not a secret
-    ESCROW_NOT_ALLOWED = "escrow_not_allowed"
-    SELLER_NOT_ALLOWED = "seller_not_allowed"
-    HOST_NOT_ALLOWED = "host_not_allowed"
-    HOST_UNKNOWN = "host_unknown"  # a host allowlist is set but the payer never saw the request (SDK plugin)
-    OVER_TOTAL_BUDGET = "over_total_budget"
-    OVER_TASK_BUDGET = "over_task_budget"
-    OVER_SELLER_BUDGET = "over_seller_budget"
-    OVER_WINDOW_BUDGET = "over_window_budget"
-    SETTLEMENT_NOT_ALLOWED = "settlement_not_allowed"  # the offer's settlement mode is not the one required
-    CUSTOM = "custom"  # a PaymentPolicy hook of the caller's said no
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +72,14 @@ class Decision:
     """Allow or deny, with the rule and, for limits, the numbers: `limit`, `wanted`, `available`."""
 
     allowed: bool
-    reason: ReasonCode
+    reason: Reason
     detail: str = ""
     limit: int | None = None
     wanted: int | None = None
     available: int | None = None
 
 
-ALLOW = Decision(True, ReasonCode.ALLOWED)
+ALLOW = Decision(True, Reason.ALLOWED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +90,7 @@ class WindowBudget:
     amount: int
 
 
-def _deny(reason: ReasonCode, detail: str, **numbers: int | None) -> Decision:
+def _deny(reason: Reason, detail: str, **numbers: int | None) -> Decision:
     return Decision(False, reason, detail, **numbers)
 
 
@@ -122,9 +101,10 @@ def _addresses(values: Iterable[str] | None, name: str) -> frozenset[str] | None
         raise ConfigError(f"policy.{name} must be a list of addresses, got a string")
     checked = set()
     for value in values:
-        if not isinstance(value, str) or not is_address(value):
-            raise ConfigError(f"policy.{name}: {value!r} is not a 0x address")
-        checked.add(to_checksum_address(value))
+        try:
+            checked.add(parse_address(value, f"policy.{name}"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return frozenset(checked)
 
 
@@ -245,41 +225,41 @@ class Policy:
         """The rules that need nothing but the offer."""
         if self.max_per_request is not None and ctx.amount > self.max_per_request:
             return _deny(
-                ReasonCode.OVER_PER_REQUEST,
+                Reason.OVER_PER_REQUEST,
                 f"{ctx.amount} exceeds the per-request maximum {self.max_per_request}",
                 limit=self.max_per_request,
                 wanted=ctx.amount,
             )
         if self.max_deadline_seconds is not None and ctx.deadline_seconds > self.max_deadline_seconds:
             return _deny(
-                ReasonCode.DEADLINE_TOO_FAR,
+                Reason.DEADLINE_TOO_FAR,
                 f"the deadline is {ctx.deadline_seconds}s away, the maximum is {self.max_deadline_seconds}s",
                 limit=self.max_deadline_seconds,
                 wanted=ctx.deadline_seconds,
             )
         checks = (
-            (self.networks, ctx.network, ReasonCode.NETWORK_NOT_ALLOWED, "network"),
-            (self.tokens, ctx.token, ReasonCode.TOKEN_NOT_ALLOWED, "token"),
-            (self.escrows, ctx.escrow, ReasonCode.ESCROW_NOT_ALLOWED, "escrow"),
-            (self.sellers, ctx.seller, ReasonCode.SELLER_NOT_ALLOWED, "seller"),
-            (_one(self.settlement), ctx.settlement, ReasonCode.SETTLEMENT_NOT_ALLOWED, "settlement"),
+            (self.networks, ctx.network, Reason.NETWORK_NOT_ALLOWED, "network"),
+            (self.tokens, ctx.token, Reason.TOKEN_NOT_ALLOWED, "token"),
+            (self.escrows, ctx.escrow, Reason.ESCROW_NOT_ALLOWED, "escrow"),
+            (self.sellers, ctx.seller, Reason.SELLER_NOT_ALLOWED, "seller"),
+            (_one(self.settlement), ctx.settlement, Reason.SETTLEMENT_NOT_ALLOWED, "settlement"),
         )
         for allowed, value, reason, name in checks:
             if allowed is not None and value not in allowed:
                 return _deny(reason, f"{name} {value} is not in the allowed list {sorted(allowed)}")
         if self.hosts is not None:
             if ctx.host is None:
-                return _deny(ReasonCode.HOST_UNKNOWN, "a host allowlist is set but the request's host is unknown")
+                return _deny(Reason.HOST_UNKNOWN, "a host allowlist is set but the request's host is unknown")
             if ctx.host.lower() not in self.hosts:
-                return _deny(ReasonCode.HOST_NOT_ALLOWED, f"host {ctx.host} is not in {sorted(self.hosts)}")
+                return _deny(Reason.HOST_NOT_ALLOWED, f"host {ctx.host} is not in {sorted(self.hosts)}")
         return ALLOW
 
     def check_budgets(self, ctx: PaymentContext, usage: Usage) -> Decision:
         """The budgets, given what is already committed; the ledger calls this under its lock."""
         budgets = (
-            (self.total_budget, usage.total, ReasonCode.OVER_TOTAL_BUDGET, "the total budget"),
-            (self.task_budget, usage.task, ReasonCode.OVER_TASK_BUDGET, f"the budget of task {ctx.task!r}"),
-            (self.seller_budget, usage.seller, ReasonCode.OVER_SELLER_BUDGET, f"the budget for seller {ctx.seller}"),
+            (self.total_budget, usage.total, Reason.OVER_TOTAL_BUDGET, "the total budget"),
+            (self.task_budget, usage.task, Reason.OVER_TASK_BUDGET, f"the budget of task {ctx.task!r}"),
+            (self.seller_budget, usage.seller, Reason.OVER_SELLER_BUDGET, f"the budget for seller {ctx.seller}"),
         )
         for limit, used, reason, name in budgets:
             if limit is not None and used + ctx.amount > limit:
@@ -288,7 +268,7 @@ class Policy:
             used = usage.windows.get(window.seconds, 0)
             if used + ctx.amount > window.amount:
                 name = f"the {window.seconds}s window budget"
-                return _over(ReasonCode.OVER_WINDOW_BUDGET, name, window.amount, used, ctx.amount)
+                return _over(Reason.OVER_WINDOW_BUDGET, name, window.amount, used, ctx.amount)
         return ALLOW
 
 
@@ -296,7 +276,7 @@ def _one(value: str | None) -> frozenset[str] | None:
     return None if value is None else frozenset({value})
 
 
-def _over(reason: ReasonCode, name: str, limit: int, used: int, wanted: int) -> Decision:
+def _over(reason: Reason, name: str, limit: int, used: int, wanted: int) -> Decision:
     available = max(0, limit - used)
     return _deny(
         reason,

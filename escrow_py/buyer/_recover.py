@@ -28,7 +28,7 @@ from escrow_py.protocol.wire import (
 )
 
 
-class Action(StrEnum):
+class RecoveryAction(StrEnum):
     REPLAYED = "replayed"  # asked the seller for the bytes again with the same PAYMENT-SIGNATURE
     REFUNDED = "refunded"  # sent Escrow.refund from the buyer's key
     LEFT_TO_KEEPER = "left_to_keeper"  # expired and held; refund_expired=False
@@ -44,7 +44,7 @@ class RecoveryItem:
 
     escrow_id: bytes
     chain_state: State
-    action: Action
+    action: RecoveryAction
     outcome: str
     journal_state: PaymentState
     tx_hash: bytes | None = None
@@ -98,7 +98,9 @@ def _replay_released(
     answer = yield replay_request(entry)
     if isinstance(answer, Exception) or answer.status_code >= 400:
         shown = repr(answer) if isinstance(answer, Exception) else f"status {answer.status_code}"
-        return RecoveryItem(eid, chain_state, Action.REPLAYED, f"replay failed ({shown}); paid out", entry.state)
+        return RecoveryItem(
+            eid, chain_state, RecoveryAction.REPLAYED, f"replay failed ({shown}); paid out", entry.state
+        )
     if committed is None:
         # The chain, not the answer, is the judge; the answer only says where to look first.
         since = int(entry.created_at) - CLOCK_SKEW
@@ -108,12 +110,12 @@ def _replay_released(
         journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
         outcome = "delivered: body matches the on-chain hash"
         return RecoveryItem(
-            eid, chain_state, Action.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
+            eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
         )
     journal.update(eid, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
     shown = "none" if committed is None else "0x" + committed.hex()
     outcome = f"mismatch: body hashes to 0x{received.hex()}, chain has {shown}"
-    return RecoveryItem(eid, chain_state, Action.REPLAYED, outcome, PaymentState.MISMATCH)
+    return RecoveryItem(eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.MISMATCH)
 
 
 def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
@@ -133,16 +135,16 @@ def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> 
         # The money is gone to the seller whatever the bytes: the ledger says so; the journal waits for them.
         journal.confirm_on_chain(eid, spent=True)
         outcome = "settled on chain (spent); the bytes never arrived and no request is journaled to replay"
-        return RecoveryItem(eid, State.NONE, Action.WAITING, outcome, entry.state, tx)
+        return RecoveryItem(eid, State.NONE, RecoveryAction.WAITING, outcome, entry.state, tx)
     if received == settled.delivery_hash:
         journal.update(eid, PaymentState.DELIVERED, committed_hash=settled.delivery_hash, tx_hash=tx)
         journal.confirm_on_chain(eid, spent=True)
         outcome = f"settled in tx 0x{tx.hex()}: body matches the settled hash"
-        return RecoveryItem(eid, State.NONE, Action.MARKED_SETTLED, outcome, PaymentState.DELIVERED, tx)
+        return RecoveryItem(eid, State.NONE, RecoveryAction.MARKED_SETTLED, outcome, PaymentState.DELIVERED, tx)
     journal.update(eid, PaymentState.MISMATCH, committed_hash=settled.delivery_hash, tx_hash=tx)
     journal.confirm_on_chain(eid, spent=True)
     outcome = f"settled in tx 0x{tx.hex()} with hash 0x{settled.delivery_hash.hex()}, body hashes to 0x{received.hex()}"
-    return RecoveryItem(eid, State.NONE, Action.MARKED_SETTLED, outcome, PaymentState.MISMATCH, tx)
+    return RecoveryItem(eid, State.NONE, RecoveryAction.MARKED_SETTLED, outcome, PaymentState.MISMATCH, tx)
 
 
 def _delivery_tx(answer: httpx.Response) -> bytes | None:
@@ -159,14 +161,16 @@ def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
     eid = entry.escrow_id
     answer = yield replay_request(entry)
     if isinstance(answer, Exception):
-        return RecoveryItem(eid, State.HELD, Action.REPLAYED, f"replay failed: {answer!r}; held", entry.state)
+        return RecoveryItem(eid, State.HELD, RecoveryAction.REPLAYED, f"replay failed: {answer!r}; held", entry.state)
     try:
         core.settle(entry, answer, replay=True)
     except PaymentError as exc:
         after = core.journal.get(eid)
-        return RecoveryItem(eid, State.HELD, Action.REPLAYED, str(exc), after.state if after else entry.state)
+        return RecoveryItem(eid, State.HELD, RecoveryAction.REPLAYED, str(exc), after.state if after else entry.state)
     outcome = "delivered: body matches the committed hash"
-    return RecoveryItem(eid, State.HELD, Action.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content))
+    return RecoveryItem(
+        eid, State.HELD, RecoveryAction.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
+    )
 
 
 def _settle_without_replay(
@@ -174,26 +178,30 @@ def _settle_without_replay(
 ) -> RecoveryItem:
     eid, journal = entry.escrow_id, core.journal
 
-    def item(action: Action, outcome: str, journal_state: PaymentState, tx: bytes | None = None) -> RecoveryItem:
+    def item(
+        action: RecoveryAction, outcome: str, journal_state: PaymentState, tx: bytes | None = None
+    ) -> RecoveryItem:
         return RecoveryItem(eid, state, action, outcome, journal_state, tx)
 
     if state is State.HELD and now >= entry.terms.deadline:
         if not refund_expired:
             journal.update(eid, PaymentState.HELD, detail="expired; left to the keeper")
-            return item(Action.LEFT_TO_KEEPER, f"deadline {entry.terms.deadline} passed; held", PaymentState.HELD)
+            return item(
+                RecoveryAction.LEFT_TO_KEEPER, f"deadline {entry.terms.deadline} passed; held", PaymentState.HELD
+            )
         return _refund(core, entry)
     if state is State.REFUNDED:
         journal.update(eid, PaymentState.REFUNDED, detail="refunded on chain")
-        return item(Action.MARKED_REFUNDED, "refunded on chain", PaymentState.REFUNDED)
+        return item(RecoveryAction.MARKED_REFUNDED, "refunded on chain", PaymentState.REFUNDED)
     if state is State.NONE and entry.valid_before <= now:
         # Never deposited, never settled (_flow looked): the token refuses the authorization from now on.
         outcome = f"never deposited or settled; authorization expired at {entry.valid_before}"
         journal.update(eid, PaymentState.VOID, detail=outcome)
-        return item(Action.MARKED_VOID, outcome, PaymentState.VOID)
+        return item(RecoveryAction.MARKED_VOID, outcome, PaymentState.VOID)
     if state is State.NONE:
         what = "served first; not settled yet" if entry.state is PaymentState.UNSETTLED else "not deposited"
-        return item(Action.WAITING, f"{what}; authorization valid until {entry.valid_before}", entry.state)
-    return item(Action.WAITING, f"{state.name.lower()}; no request journaled to replay", entry.state)
+        return item(RecoveryAction.WAITING, f"{what}; authorization valid until {entry.valid_before}", entry.state)
+    return item(RecoveryAction.WAITING, f"{state.name.lower()}; no request journaled to replay", entry.state)
 
 
 def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
@@ -204,12 +212,14 @@ def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
         if core.chain.state_of(eid, escrow=entry.escrow) is State.REFUNDED:  # a keeper got there first
             journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
             return RecoveryItem(
-                eid, State.HELD, Action.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
+                eid, State.HELD, RecoveryAction.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
             )
-        return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refund failed: {exc}", entry.state)
+        return RecoveryItem(eid, State.HELD, RecoveryAction.REFUNDED, f"refund failed: {exc}", entry.state)
     tx = bytes(receipt["transactionHash"])
     journal.update(eid, PaymentState.REFUNDED, detail="refunded by recover()", tx_hash=tx)
-    return RecoveryItem(eid, State.HELD, Action.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx)
+    return RecoveryItem(
+        eid, State.HELD, RecoveryAction.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx
+    )
 
 
 def reconcile_ledger(core: PaymentCore) -> None:

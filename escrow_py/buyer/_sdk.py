@@ -43,6 +43,7 @@ from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_optio
 from escrow_py.buyer._sign import payment_header, payment_payload
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -82,7 +83,7 @@ class DeliveryEscrowScheme:
         try:
             req = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
-            raise PaymentRefused("invalid_requirements", str(exc)) from None
+            raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
         terms, authorization, signature = self.core.sign(req, req.extra.request_hash, None)
         payload = payment_payload(terms, authorization, signature)
         # The SDK builds the header itself; journal the same envelope so the row is complete.

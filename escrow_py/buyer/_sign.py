@@ -31,24 +31,24 @@ def terms_for(
     """
     chain_id = chain.chain_id
     if req.chain_id != chain_id:
-        raise PaymentRefused("network_mismatch", f"the offer is for {req.network} but the RPC is chain {chain_id}")
+        raise PaymentRefused(Reason.NETWORK_MISMATCH, f"the offer is for {req.network} but the RPC is chain {chain_id}")
     # The token lets only `to` redeem the authorization: `to` must be the genuine escrow, or anyone
     # naming their own wallet (or a look-alike contract) as the escrow takes the money.
     if not (check := chain.check_escrow(req.extra.escrow)).genuine:
         raise EscrowNotGenuine(check)
     if req.max_timeout_seconds > MAX_DEADLINE_WINDOW:
         raise PaymentRefused(
-            "deadline_too_far", f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
+            Reason.DEADLINE_TOO_FAR, f"maxTimeoutSeconds {req.max_timeout_seconds} exceeds {MAX_DEADLINE_WINDOW}"
         )
     try:
         domain = chain.token_domain(req.asset)
     except ContractRevert as exc:  # no code there, or it reverts
         raise PaymentRefused(
-            "asset_not_erc3009", f"the offer's asset {req.asset} does not answer name() and version() ({exc})"
+            Reason.ASSET_NOT_ERC3009, f"the offer's asset {req.asset} does not answer name() and version() ({exc})"
         ) from exc
     if (domain.name, domain.version) != (req.extra.name, req.extra.version):
         raise PaymentRefused(
-            "token_domain_mismatch",
+            Reason.TOKEN_DOMAIN_MISMATCH,
             f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
             f"({req.extra.name!r}, {req.extra.version!r})",
         )

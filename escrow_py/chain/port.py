@@ -140,8 +140,14 @@ class EscrowChain(Protocol):
         ...
 
     def resume(self, tx_hash: bytes) -> TxReceipt | None:
-        """Wait again for a transaction sent earlier; None when the node no longer knows it and it was never
-        mined (it can be sent anew)."""
+        """Wait again for a transaction sent earlier; one the book holds at a nonce still unused is finished
+        (sent again if the node lost it, repriced at its nonce while stuck). None when the node no longer knows
+        it, it was never mined and its nonce went to another transaction (it can be sent anew)."""
+        ...
+
+    def finish_unmined(self) -> list[TxReceipt]:
+        """The receipts of the sender's recorded transactions at nonces still unused (left by a process that
+        died, or never broadcast), each finished at its own nonce: what a poster taking the key over does first."""
         ...
 
     def refund(self, terms: Terms, *, escrow: str | None = None) -> TxReceipt: ...

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Protocol
 
 from eth_abi.abi import decode
+from eth_account.typed_transactions.typed_transaction import TypedTransaction
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
@@ -163,6 +164,25 @@ class WatchReport:
 OnSigned = Callable[[SentTx], None]
 
 
+def signed_from_raw(raw: bytes, intent: str = "") -> SentTx:
+    """A recorded signed transaction (EIP-1559) as a SentTx again: what a process that did not sign it needs to
+    broadcast it once more or replace it with a fee bump at its nonce."""
+    fields = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()
+    tx: dict[str, Any] = {
+        "type": 2,
+        "chainId": int(fields["chainId"]),
+        "data": HexBytes(fields["data"]),
+        "value": int(fields["value"]),
+        "gas": int(fields["gas"]),
+        "nonce": int(fields["nonce"]),
+        "maxFeePerGas": int(fields["maxFeePerGas"]),
+        "maxPriorityFeePerGas": int(fields["maxPriorityFeePerGas"]),
+    }
+    if fields.get("to"):
+        tx["to"] = to_checksum_address(fields["to"])
+    return SentTx(bytes(keccak(raw)), tx["nonce"], tx, bytes(raw), intent=intent)
+
+
 def intent_of(to: str | None, data: bytes) -> str:
     """The intent a transaction carries out: its target and calldata. Two transactions with one intent are
     one deposit, one refund or one batch sent twice; a replacement (fee bump) keeps its original's."""
@@ -178,7 +198,9 @@ class NonceBook(Protocol):
     `give_back_nonce` returns a nonce whose transaction never left, if it is still the latest one
     taken (True); otherwise it stays a gap that `TxSender.confirm` fills. `lower_nonce` moves the
     next nonce back to `to` after a reorg dropped transactions. `txs_for` lists the recorded
-    transactions of an intent, newest first.
+    transactions of an intent, newest first. `unmined` lists the recorded transactions (of `intent`: its last
+    few) whose nonce is `from_nonce` or above, newest first: with the key's confirmed count as `from_nonce`, what
+    is in flight, or was signed and never left. `drop_tx` forgets a recorded transaction the node refused.
     """
 
     def allocate_nonce(self, address: str, at_least: int) -> int: ...
@@ -190,6 +212,10 @@ class NonceBook(Protocol):
     def record_tx(self, address: str, signed: SentTx) -> None: ...
 
     def txs_for(self, address: str, intent: str) -> list[bytes]: ...
+
+    def unmined(self, address: str, from_nonce: int, *, intent: str | None = None) -> list[SentTx]: ...
+
+    def drop_tx(self, address: str, tx_hash: bytes) -> None: ...
 
 
 # What nodes answer when a nonce is already used, or taken by a pending transaction of the same fee.
@@ -355,7 +381,9 @@ class TxSender:
         except NonceConflict:
             if self.book is None:
                 self.resync_nonce()
-            raise  # with a book: the nonce is used (the key was used elsewhere); the next allocation skips it
+            else:  # the nonce is used (the key was used elsewhere): the next allocation skips it; this one never left
+                self.book.drop_tx(self.address, signed.tx_hash)
+            raise
         except Exception as exc:
             if self.book is None:
                 self.resync_nonce()  # the nonce may or may not have been consumed: ask the node next time
@@ -364,6 +392,9 @@ class TxSender:
                 # (else a gap, which confirm() fills). Never move the shared counter back past other
                 # processes' nonces. A lost answer (a timeout) may hide an accepted transaction: kept.
                 self.book.give_back_nonce(self.address, signed.nonce)
+                # Nor is its record left for another process to finish later: a deposit refused now (and its payment
+                # forgotten) must not land when some poster sends what the book holds.
+                self.book.drop_tx(self.address, signed.tx_hash)
             raise
         self._follow(signed)
 
@@ -443,8 +474,12 @@ class TxSender:
         timeout: float = 120.0,
         reprice_after: float | None = None,
         on_signed: OnSigned | None = None,
+        earlier: Sequence[SentTx] = (),
     ) -> TxReceipt:
         """The receipt of `sent`, or of a replacement of it, once mined with `confirmations` blocks.
+
+        `earlier`: other versions of `sent` (same nonce and intent, signed before it, by any process), any of
+        which may be the one mined.
 
         A transaction not mined after `reprice_after` seconds is stuck, and holds back every
         later one of the key. If it waits behind a gap (a transaction before it vanished in a
@@ -456,7 +491,7 @@ class TxSender:
         seconds: TransactionTimeout naming every hash (one of them may still be mined).
         """
         start = time.monotonic()
-        attempts = [sent]
+        attempts = [*earlier, sent]
         next_check = start + reprice_after if reprice_after else float("inf")
         while True:
             for attempt in attempts:
@@ -539,27 +574,76 @@ class TxSender:
     ) -> TxReceipt:
         """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds.
 
-        With a book, a transaction of the same intent already sent (by any process on the book) and
-        still pending is waited for instead: one intent is never in flight twice.
+        With a book, a transaction of the same intent already signed (by any process on the book) whose
+        nonce is still unused is finished instead (`finish`): broadcast again if the node lacks it, repriced
+        at its nonce if it is stuck. One intent is never in flight twice, nor sent at a second nonce.
         """
-        earlier = self._earlier(intent_of(to, data))
-        if earlier is not None:
-            return self.wait(earlier, confirmations=confirmations, timeout=timeout)
+        if self.book is not None and (signed := self.book.unmined(self.address, 0, intent=intent_of(to, data))):
+            # Only when the intent was signed before (rare) is the chain asked which of those nonces are used.
+            used = self.confirmed_nonce()
+            if versions := [s for s in signed if s.nonce >= used]:
+                finished = self.finish(versions, confirmations=confirmations, timeout=timeout,
+                                       reprice_after=reprice_after, on_signed=on_signed)  # fmt: skip
+                if finished is not None:
+                    return finished
         sent = self.send(to, data, gas=gas, on_signed=on_signed)
         return self.confirm(
             sent, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after, on_signed=on_signed
         )
 
-    def _earlier(self, intent: str) -> bytes | None:
-        """A transaction of `intent` in the book still pending in the node (not mined yet), if any."""
+    def finish(
+        self,
+        versions: Sequence[SentTx],
+        *,
+        confirmations: int = 1,
+        timeout: float = 120.0,
+        reprice_after: float | None = None,
+        on_signed: OnSigned | None = None,
+    ) -> TxReceipt | None:
+        """Finish a transaction another process (or an earlier run) signed: `versions` of it, one nonce and intent,
+        newest first, as the book keeps them. Broadcast again if the node knows none of them (signed and never
+        sent, or evicted), then confirmed, repriced at the same nonce while stuck. None when its nonce went to
+        another transaction meanwhile and none of the versions was mined: the caller may send it anew.
+        """
+        signed = SentTx(versions[0].tx_hash, versions[0].nonce, {**versions[0].tx, "from": self.address},
+                        versions[0].raw, intent=versions[0].intent)  # fmt: skip
+        earlier = list(versions[1:])[::-1]
+        if not any(self.known_to_node(v.tx_hash) for v in versions):
+            try:
+                self.broadcast_raw(signed.raw)
+            except NonceConflict:
+                if not any(self.receipt(v.tx_hash) for v in versions):
+                    return None
+            except RpcError:
+                # Refused as it is (its fee is below today's base fee): the same call at the same nonce, repriced.
+                earlier.append(signed)
+                signed = self.replace(signed)
+                self._record(signed)
+                if on_signed is not None:
+                    on_signed(signed)
+                self.broadcast_raw(signed.raw)
+        self._follow(signed)
+        return self.confirm(signed, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after,
+                            on_signed=on_signed, earlier=earlier)  # fmt: skip
+
+    def finish_unmined(
+        self, *, confirmations: int = 1, timeout: float = 120.0, reprice_after: float | None = None
+    ) -> list[TxReceipt]:
+        """Finish every transaction of the book signed at a nonce not used on chain yet, lowest nonce first: what a
+        process that died (a poster whose lease lapsed) left in flight or never broadcast. Until they are mined
+        (or their nonces taken) every later transaction of the key waits behind them."""
         if self.book is None:
-            return None
-        for tx_hash in self.book.txs_for(self.address, intent):
-            # Mined already: its effect is on chain, and a caller asking again has seen the state
-            # since (a refused payout, a reorg) and wants a new attempt.
-            if self.receipt(tx_hash) is None and self.known_to_node(tx_hash):
-                return tx_hash
-        return None
+            return []
+        by_nonce: dict[int, list[SentTx]] = {}
+        for signed in self.book.unmined(self.address, self.confirmed_nonce()):
+            by_nonce.setdefault(signed.nonce, []).append(signed)
+        receipts = []
+        for nonce in sorted(by_nonce):
+            versions = [v for v in by_nonce[nonce] if v.intent == by_nonce[nonce][0].intent]
+            receipt = self.finish(versions, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after)
+            if receipt is not None:
+                receipts.append(receipt)
+        return receipts
 
     # -- following sent transactions through reorgs -------------------------------------------
 

@@ -311,6 +311,15 @@ class Web3EscrowChain:
     @_typed("waiting for a transaction sent earlier")
     def resume(self, tx_hash: bytes) -> TxReceipt | None:
         sender = self.sender
+        if sender.receipt(tx_hash) is None and sender.book is not None:
+            unmined = sender.book.unmined(sender.address, sender.confirmed_nonce())
+            mine = next((s for s in unmined if s.tx_hash == tx_hash), None)
+            if mine is not None:
+                # Its nonce is still unused, whoever signed it (maybe a replica that died): finish that one, sent
+                # again if the node lost it and repriced at its nonce while stuck, rather than sign another.
+                versions = [s for s in unmined if (s.nonce, s.intent) == (mine.nonce, mine.intent)]
+                return sender.finish(versions, confirmations=self.confirmations, timeout=self.tx_timeout,
+                                     reprice_after=self.reprice_after)  # fmt: skip
         if sender.receipt(tx_hash) is None and not sender.known_to_node(tx_hash):
             return None
         sent = sender.followed(tx_hash)
@@ -318,6 +327,12 @@ class Web3EscrowChain:
             return sender.wait(tx_hash, confirmations=self.confirmations, timeout=self.tx_timeout)
         return sender.confirm(
             sent, confirmations=self.confirmations, timeout=self.tx_timeout, reprice_after=self.reprice_after
+        )
+
+    @_typed("finishing transactions left in flight")
+    def finish_unmined(self) -> list[TxReceipt]:
+        return self.sender.finish_unmined(
+            confirmations=self.confirmations, timeout=self.tx_timeout, reprice_after=self.reprice_after
         )
 
     @_typed("refunding")

@@ -40,8 +40,9 @@ from escrow_py.console import CSP, EXPLORERS, render_fragment, render_page, stat
 from escrow_py.facilitator._keys import ApiKey, IdempotencyConflict, KeyStore, body_digest
 from escrow_py.facilitator._metrics import FacilitatorMetrics
 from escrow_py.facilitator._service import Facilitator, FacilitatorError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.seller._store import PENDING, REFUND_PENDING
-from escrow_py.seller._verify import PaymentRejected
+from escrow_py.seller._verify import Refusal
 
 log = logging.getLogger("escrow_py.facilitator")
 
@@ -137,7 +138,7 @@ class BodyLimit:
 
 
 async def _plain(send: Send, status: int, text: str) -> None:
-    body = json.dumps({"error": "body_too_large", "message": text}).encode()
+    body = json.dumps({"error": Reason.BODY_TOO_LARGE, "message": text}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -163,14 +164,14 @@ class _Api:
     def authenticate(self, request: Request) -> ApiKey:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
-            raise _Refused(401, "unauthorized", "an API key is required: Authorization: Bearer <key>",
+            raise _Refused(401, Reason.UNAUTHORIZED, "an API key is required: Authorization: Bearer <key>",
                            {"WWW-Authenticate": "Bearer"})  # fmt: skip
         key = self.keys.authenticate(presented.strip())
         if key is None:
-            raise _Refused(401, "unauthorized", "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+            raise _Refused(401, Reason.UNAUTHORIZED, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
         wait = self.limiter.take(key.key_id)
         if wait > 0:
-            raise _Refused(429, "rate_limited", "too many requests for this API key",
+            raise _Refused(429, Reason.RATE_LIMITED, "too many requests for this API key",
                            {"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
         return key
 
@@ -183,7 +184,7 @@ class _Api:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise _Refused(422, "invalid_request", f"{where}: {first.get('msg')}") from None
+            raise _Refused(422, Reason.INVALID_REQUEST, f"{where}: {first.get('msg')}") from None
 
     async def handle(
         self,
@@ -207,7 +208,7 @@ class _Api:
             parsed = self.parse(model, raw)
             claim = request.headers.get("idempotency-key")
             if idempotent and claim is None:
-                raise _Refused(400, "idempotency_key_required", "this request needs an Idempotency-Key header")
+                raise _Refused(400, Reason.IDEMPOTENCY_KEY_REQUIRED, "this request needs an Idempotency-Key header")
             if claim is None:
                 status, body = await act(key, parsed)
                 return JSONResponse(body, status_code=status)
@@ -231,12 +232,12 @@ class _Api:
     ) -> tuple[int, dict[str, Any]]:
         """Act once under the idempotency key `claim`; a replay gets the recorded answer (_Replayed)."""
         if len(claim) > MAX_IDEMPOTENCY_KEY:
-            raise _Refused(400, "invalid_idempotency_key", f"Idempotency-Key is over {MAX_IDEMPOTENCY_KEY} chars")
+            raise _Refused(400, Reason.INVALID_IDEMPOTENCY_KEY, f"Idempotency-Key is over {MAX_IDEMPOTENCY_KEY} chars")
         keys = self.keys
         try:
             recorded = await anyio.to_thread.run_sync(keys.begin, key.key_id, claim, endpoint, body_digest(raw))
         except IdempotencyConflict as conflict:
-            raise _Refused(conflict.status, "idempotency_conflict", str(conflict)) from None
+            raise _Refused(conflict.status, Reason.IDEMPOTENCY_CONFLICT, str(conflict)) from None
         if recorded is not None:
             raise _Replayed(recorded.status, recorded.body)
         try:
@@ -327,7 +328,7 @@ def _payment_routes(app: FastAPI, api: _Api) -> None:
             result = await anyio.to_thread.run_sync(
                 facilitator.verify, body.payment_payload, body.payment_requirements, key
             )
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return 200, {"isValid": False, "invalidReason": rejected.error, "invalidMessage": str(rejected)}
         return 200, _model_json(result)
 
@@ -342,7 +343,7 @@ def _payment_routes(app: FastAPI, api: _Api) -> None:
     async def deliver_act(key: ApiKey, body: DeliverRequest) -> tuple[int, dict[str, Any]]:
         entries = [(bytes.fromhex(e.escrow_id[2:]), bytes.fromhex(e.delivery_hash[2:])) for e in body.deliveries]
         if len({i for i, _ in entries}) != len(entries):
-            raise _Refused(422, "invalid_request", "an escrow id appears twice in one batch")
+            raise _Refused(422, Reason.INVALID_REQUEST, "an escrow id appears twice in one batch")
         return 202, {"deliveries": await anyio.to_thread.run_sync(facilitator.deliver, entries, key)}
 
     async def refund_act(key: ApiKey, body: RefundRequest) -> tuple[int, dict[str, Any]]:
@@ -371,7 +372,7 @@ def _payment_routes(app: FastAPI, api: _Api) -> None:
     async def escrow(escrow_id: str, request: Request) -> Response:
         async def act(key: ApiKey, _: None) -> tuple[int, dict[str, Any]]:
             if re.fullmatch(_HEX32, escrow_id) is None:
-                raise _Refused(422, "invalid_request", "escrow id must be 0x and 64 hex digits")
+                raise _Refused(422, Reason.INVALID_REQUEST, "escrow id must be 0x and 64 hex digits")
             return 200, await anyio.to_thread.run_sync(facilitator.escrow, bytes.fromhex(escrow_id[2:]), key)
 
         return await api.handle(request, "escrows", None, act)
@@ -406,7 +407,7 @@ def _operator_routes(
         return console_token is not None and hmac.compare_digest(request.query_params.get("token", ""), console_token)
 
     headers = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
-    hidden = JSONResponse({"error": "not_found"}, status_code=404)
+    hidden = JSONResponse({"error": Reason.NOT_FOUND}, status_code=404)
 
     @app.get("/console")
     async def console(request: Request) -> Response:

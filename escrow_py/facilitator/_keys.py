@@ -26,7 +26,7 @@ from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
 
-from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.storage import open_sqlite, transaction
 
 _SCHEMA = """
@@ -66,7 +66,7 @@ class Recorded:
     body: dict[str, object]
 
 
-class IdempotencyConflict(Exception):
+class IdempotencyConflict(EscrowError):
     """The key was used with another body (422), or its first request is still running (409)."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -90,7 +90,7 @@ class Ledger:
         with self._lock:
             for escrow_id in escrows:
                 row = self._conn.execute(
-                    "SELECT terms FROM payments WHERE escrow_id = ?", ("0x" + escrow_id.hex(),)
+                    "SELECT terms FROM payments WHERE escrow_id = ?", (bytes(escrow_id),)
                 ).fetchone()
                 if row is not None:
                     total += int(json.loads(row[0])["amount"])
@@ -127,7 +127,7 @@ class Ledger:
                 amount = int(terms["amount"])
                 token = str(terms["token"])
                 figures.held_by_token[token] = figures.held_by_token.get(token, 0) + amount
-                held.append((int(deadline), escrow_id, state, amount))
+                held.append((int(deadline), "0x" + bytes(escrow_id).hex(), state, amount))
         figures.next_deadlines = [
             {"escrowId": i, "deadline": d, "state": s, "amount": str(a)} for d, i, s, a in sorted(held)[:NEXT_DEADLINES]
         ]

@@ -37,6 +37,7 @@ from escrow_py.chain.tx import SentTx
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
 from escrow_py.facilitator._ledger import Ledger
+from escrow_py.protocol.codec import to_hex
 from escrow_py.protocol.errors import (
     EscrowError,
     InsufficientFunds,
@@ -60,7 +61,7 @@ from escrow_py.seller._store import (
     SellerStore,
     StoredResponse,
 )
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, verify_offchain, verify_onchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain, verify_onchain
 
 log = logging.getLogger("escrow_py.facilitator")
 
@@ -132,10 +133,10 @@ class Facilitator:
         try:
             offer = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
-            raise PaymentRejected(exc.reason, str(exc)) from None
+            raise Refusal(exc.reason, str(exc)) from None
         config = self.config
         if offer.pay_to not in key.pay_to:
-            raise FacilitatorError(403, "not_your_pay_to", f"payTo {offer.pay_to} is not one of this API key's")
+            raise FacilitatorError(403, Reason.NOT_YOUR_PAY_TO, f"payTo {offer.pay_to} is not one of this API key's")
         checks = (
             (offer.network == config.network, Reason.NETWORK_MISMATCH, f"network {offer.network}"),
             (offer.asset == config.token, Reason.ASSET_MISMATCH, f"asset {offer.asset}, served: {config.token}"),
@@ -153,7 +154,7 @@ class Facilitator:
         )
         for ok, reason, message in checks:
             if not ok:
-                raise PaymentRejected(reason, message)
+                raise Refusal(reason, message)
         return offer
 
     def _verified(
@@ -173,7 +174,7 @@ class Facilitator:
             verified = self._verified(payload, requirements, key, self._now())
             chain = self.chain
             verify_onchain(verified, chain=chain)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
         return VerifyResponse(is_valid=True, payer=verified.buyer)
 
@@ -184,14 +185,14 @@ class Facilitator:
         if settlement != "hold":
             return SettleResponse(
                 success=False,
-                error_reason="unsupported_settlement",
+                error_reason=Reason.UNSUPPORTED_SETTLEMENT,
                 error_message=f"settlement {settlement!r}: this facilitator settles 'hold' only",
                 transaction="",
                 network=network,
             )
         try:
             settled = self._settle(payload, requirements, key)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             return SettleResponse(
                 success=False,
                 error_reason=rejected.error,
@@ -262,7 +263,7 @@ class Facilitator:
                 self.store.set_held(escrow_id, None)
                 return Settled(verified, None, reference)
             if state != State.NONE:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
             verified = self._verified(payload, requirements, key, now)
             return Settled(verified, self._deposit(verified, now, fresh=payment is None, route=_route(key)), now)
 
@@ -270,7 +271,7 @@ class Facilitator:
         try:
             terms = EscrowPayload.from_json(payload.payload).terms
         except ProtocolError as exc:
-            raise PaymentRejected(exc.reason, str(exc)) from None
+            raise Refusal(exc.reason, str(exc)) from None
         return terms.escrow_id(offer.chain_id, offer.extra.escrow)
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
@@ -306,7 +307,7 @@ class Facilitator:
         try:
             gas = verify_onchain(verified, chain=chain)
         except (EscrowError, OSError) as exc:
-            if isinstance(exc, PaymentRejected):
+            if isinstance(exc, Refusal):
                 raise
             raise self._chain_down(exc) from None
         if fresh:
@@ -326,7 +327,7 @@ class Facilitator:
                 self.store.set_held(escrow_id, None)
                 return None
             self.store.forget(escrow_id)
-            raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
+            raise Refusal(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
         except (InsufficientFunds, NonceConflict) as exc:
             self.store.forget(escrow_id)
             reason = Reason.OPERATOR_UNFUNDED if isinstance(exc, InsufficientFunds) else Reason.NONCE_CONFLICT
@@ -348,10 +349,10 @@ class Facilitator:
     def _owned(self, escrow_id: bytes, key: ApiKey) -> Payment:
         payment = self.store.payment(escrow_id)
         if payment is None:
-            raise FacilitatorError(404, "unknown_escrow", f"escrow 0x{escrow_id.hex()} was not settled here")
+            raise FacilitatorError(404, Reason.UNKNOWN_ESCROW, f"escrow 0x{escrow_id.hex()} was not settled here")
         if payment.terms.seller not in key.pay_to:
             # Same answer as unknown would leak less, but a seller needs to see it acted on a foreign id.
-            raise FacilitatorError(403, "not_your_escrow", f"escrow 0x{escrow_id.hex()} is not this API key's")
+            raise FacilitatorError(403, Reason.NOT_YOUR_ESCROW, f"escrow 0x{escrow_id.hex()} is not this API key's")
         return payment
 
     def deliver(self, entries: list[tuple[bytes, bytes]], key: ApiKey) -> list[dict[str, str]]:
@@ -363,12 +364,12 @@ class Facilitator:
             if payment.status in (REFUNDED, REFUND_PENDING):
                 raise FacilitatorError(409, Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is being refunded")
             if payment.status == DEPOSITING:
-                raise FacilitatorError(409, "not_deposited", f"escrow 0x{escrow_id.hex()} is not deposited yet")
+                raise FacilitatorError(409, Reason.NOT_DEPOSITED, f"escrow 0x{escrow_id.hex()} is not deposited yet")
             record = self.store.delivery(escrow_id)
             if record is not None and record.delivery_hash != hashed:
                 raise FacilitatorError(
                     409,
-                    "delivery_conflict",
+                    Reason.DELIVERY_CONFLICT,
                     f"escrow 0x{escrow_id.hex()} already has delivery hash 0x{record.delivery_hash.hex()}",
                 )
             payments.append((payment, hashed))
@@ -387,11 +388,17 @@ class Facilitator:
         with self._claim(escrow_id):
             payment = self._owned(escrow_id, key)
             if payment.status == REFUNDED:
-                return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(payment.refund_tx)}
+                return {
+                    "escrowId": "0x" + escrow_id.hex(),
+                    "state": "refunded",
+                    "transaction": to_hex(payment.refund_tx),
+                }
             if payment.status == SERVED:
-                raise FacilitatorError(409, "already_delivered", f"escrow 0x{escrow_id.hex()} has a delivery queued")
+                raise FacilitatorError(
+                    409, Reason.ALREADY_DELIVERED, f"escrow 0x{escrow_id.hex()} has a delivery queued"
+                )
             if payment.status == DEPOSITING:
-                raise FacilitatorError(409, "not_deposited", f"escrow 0x{escrow_id.hex()} is not deposited yet")
+                raise FacilitatorError(409, Reason.NOT_DEPOSITED, f"escrow 0x{escrow_id.hex()} is not deposited yet")
             refund_tx: bytes | None = None
             try:
                 if self.chain.state_of(escrow_id) == State.HELD:
@@ -405,7 +412,7 @@ class Facilitator:
             self.store.save_failed(escrow_id, _NO_BODY, refund_tx)
             if refund_tx is None:
                 self.store.set_refunded(escrow_id, None)
-            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": _hex(refund_tx)}
+            return {"escrowId": "0x" + escrow_id.hex(), "state": "refunded", "transaction": to_hex(refund_tx)}
 
     def escrow(self, escrow_id: bytes, key: ApiKey) -> dict[str, object]:
         payment = self._owned(escrow_id, key)
@@ -414,14 +421,14 @@ class Facilitator:
             "escrowId": "0x" + escrow_id.hex(),
             "status": payment.status,
             "terms": payment.terms.to_json(),
-            "depositTransaction": _hex(payment.deposit_tx),
-            "refundTransaction": _hex(payment.refund_tx),
+            "depositTransaction": to_hex(payment.deposit_tx),
+            "refundTransaction": to_hex(payment.refund_tx),
             "delivery": None
             if record is None
             else {
                 "status": record.status,
                 "deliveryHash": "0x" + record.delivery_hash.hex(),
-                "transaction": _hex(record.tx_hash),
+                "transaction": to_hex(record.tx_hash),
             },
         }
 
@@ -437,10 +444,6 @@ class Facilitator:
                 amount = self.ledger.amount_of(report.posted)
                 self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)
         return report
-
-
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
 
 
 def _route(key: ApiKey) -> str:

@@ -34,7 +34,7 @@ from escrow_py.mcp._wire import (
     to_tool_result,
     tool_path,
 )
-from escrow_py.protocol.errors import ConfigError
+from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
@@ -49,7 +49,7 @@ ToolHandler = Callable[[dict[str, Any]], Awaitable[object]]
 _CALL = "x402_escrow.tool_call"
 
 
-class ToolError(Exception):
+class ToolError(EscrowError):
     """A paid tool's own failure: the buyer is refunded at once and sees this message."""
 
 

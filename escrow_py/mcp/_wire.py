@@ -34,6 +34,7 @@ from x402.mcp import MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY
 from x402.schemas import PaymentRequired, SettleResponse
 
 from escrow_py.protocol.errors import ConfigError, ProtocolError
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import canonical_url
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
@@ -187,7 +188,9 @@ def to_http_response(result: types.CallToolResult) -> httpx.Response:
         try:
             settle = SettleResponse.model_validate(meta[MCP_PAYMENT_RESPONSE_META_KEY])
         except ValueError as exc:
-            raise ProtocolError("invalid_payment_response", f"x402/payment-response does not decode: {exc}") from None
+            raise ProtocolError(
+                Reason.INVALID_PAYMENT_RESPONSE, f"x402/payment-response does not decode: {exc}"
+            ) from None
         body = delivered_bytes(result)
         return httpx.Response(
             500 if result.isError else 200,
@@ -199,7 +202,7 @@ def to_http_response(result: types.CallToolResult) -> httpx.Response:
             required = PaymentRequired.model_validate(structured)
         except ValueError as exc:
             raise ProtocolError(
-                "invalid_payment_required", f"the tool's PaymentRequired does not decode: {exc}"
+                Reason.INVALID_PAYMENT_REQUIRED, f"the tool's PaymentRequired does not decode: {exc}"
             ) from None
         return httpx.Response(402, headers={PAYMENT_REQUIRED_HEADER: encode_payment_required(required)}, content=b"")
     if result.isError and isinstance(structured, dict) and RETRY_AFTER_KEY in structured:

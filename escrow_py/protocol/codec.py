@@ -12,8 +12,9 @@ annotated types below, so each rule is written once for the whole package:
               a decimal string out (as x402's `exact` scheme writes amounts)
     Uint64    the same up to 2**64 - 1, written as a JSON integer
 
-`parse_hex` and `parse_uint` are the package's one hex parser and one uint parser; the types
-call them, and so does any code that reads such a value outside a model.
+`parse_hex`, `parse_uint` and `parse_address` are the package's one hex, uint and address
+parser; the types use the same rules, and any code that reads such a value outside a model
+(a setting, a stored row) calls them. `load_json` reads JSON from an untrusted party.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, ClassVar, Self
+from functools import lru_cache
+from typing import Annotated, Any, ClassVar, Self, overload
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_checksum_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -75,11 +77,19 @@ def _hex(value: object, length: int | None = None) -> bytes:
 def _address(value: object) -> ChecksumAddress:
     if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
         raise ValueError(f"is not an address: {str(value)[:80]!r}")
+    return _checksummed(value)
+
+
+# A paid request names the same few addresses (seller, operator, token, escrow) again and again, and
+# each EIP-55 checksum is a keccak: remember the last ones.
+@lru_cache(maxsize=4096)
+def _checksummed(value: str) -> ChecksumAddress:
+    checksummed = to_checksum_address(value)
     digits = value[2:]
     # EIP-55: mixed case is a checksum, and a wrong one is a typo (or a lie), not another spelling.
-    if not (digits.islower() or digits.isupper() or digits.isdigit()) and not is_checksum_address(value):
+    if value != checksummed and not (digits.islower() or digits.isupper()):
         raise ValueError(f"is not an address: {value!r} has a wrong EIP-55 checksum")
-    return to_checksum_address(value)
+    return checksummed
 
 
 def parse_uint(value: object, field: str, maximum: int = UINT256_MAX) -> int:
@@ -111,15 +121,20 @@ def parse_address(value: object, field: str) -> ChecksumAddress:
         raise ValueError(f"{field} {exc}") from None
 
 
-def to_hex(value: bytes) -> str:
-    return "0x" + value.hex()
+@overload
+def to_hex(value: bytes) -> str: ...
+@overload
+def to_hex(value: None) -> None: ...
+def to_hex(value: bytes | None) -> str | None:
+    """0x-hex of bytes (None stays None): how the wire, the stores and the logs write bytes."""
+    return None if value is None else "0x" + value.hex()
 
 
 Address = Annotated[ChecksumAddress, PlainValidator(_address)]
-Bytes32 = Annotated[bytes, PlainValidator(lambda v: _hex(v, 32)), PlainSerializer(to_hex, when_used="json")]
+Bytes32 = Annotated[bytes, PlainValidator(lambda value: _hex(value, 32)), PlainSerializer(to_hex, when_used="json")]
 Hex = Annotated[bytes, PlainValidator(_hex), PlainSerializer(to_hex, when_used="json")]
 Uint256 = Annotated[int, PlainValidator(_uint), PlainSerializer(str, when_used="json")]
-Uint64 = Annotated[int, PlainValidator(lambda v: _uint(v, UINT64_MAX))]
+Uint64 = Annotated[int, PlainValidator(lambda value: _uint(value, UINT64_MAX))]
 
 
 class CamelModel(BaseModel):

@@ -20,9 +20,9 @@ import binascii
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ValidationError, field_validator
+from pydantic import BaseModel, PlainSerializer, PlainValidator, ValidationError, field_validator
 from x402.http.constants import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 
@@ -30,7 +30,7 @@ from escrow_py.protocol.codec import Address, Bytes32, CamelModel, Hex, Uint64, 
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import Terms
+from escrow_py.protocol.terms import State, Terms
 
 SCHEME = "delivery-escrow"
 X402_VERSION = 2
@@ -179,6 +179,21 @@ class EscrowPayload(CamelModel):
 # -- settlement ----------------------------------------------------------------------------
 
 
+def _state_name(value: object) -> State | None:
+    """An escrow state by its lower-case name; a name this version does not know is no state at all."""
+    if isinstance(value, State):
+        return value
+    if isinstance(value, str) and value.upper() in State.__members__ and value.islower():
+        return State[value.upper()]
+    return None
+
+
+# The settlement's `state`: the on-chain State written as its lower-case name ("held").
+StateName = Annotated[
+    State | None, PlainValidator(_state_name), PlainSerializer(lambda s: s.name.lower(), when_used="json-unless-none")
+]
+
+
 class SettlementExtra(CamelModel):
     """`extra` of a delivery-escrow PAYMENT-RESPONSE."""
 
@@ -189,7 +204,7 @@ class SettlementExtra(CamelModel):
     delivery_hash: Bytes32 | None = None
     delivery_transaction: Bytes32 | None = None
     refund_transaction: Bytes32 | None = None
-    state: str | None = None  # "held", "released", "refunded" as far as the seller knows
+    state: StateName = None  # held, released or refunded, as far as the seller knows (advisory)
     settlement: SettlementStatus | None = None  # held, pending (serve-first, queued) or settled
 
 

@@ -38,7 +38,7 @@ or the keeper); a delivery a reorg drops is posted again.
     ├── ConfigError
     │   └── (SellerConfig / PricedRoute settings)
     └── ProtocolError
-        └── PaymentRejected     a rule broken: `.reason` (Reason) and `.status` (400 or 402)
+        └── Refusal     a rule broken: `.reason` (Reason) and `.status` (400 or 402)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerCon
 from escrow_py.seller._sdk import DeliveryEscrowServerScheme
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
 
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
@@ -81,9 +81,9 @@ __all__ = [
     "ExactOffer",
     "FacilitatorMiddleware",
     "FacilitatorSellerConfig",
-    "PaymentRejected",
     "PostReport",
     "PricedRoute",
+    "Refusal",
     "SellerConfig",
     "SellerHooks",
     "SellerStore",

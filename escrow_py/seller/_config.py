@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.signer import Signer
+from escrow_py.protocol.codec import parse_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW
 from escrow_py.protocol.wire import SettlementMode, chain_id_of
@@ -99,9 +99,10 @@ class PricedRoute:
 
 
 def _checked_address(value: object, name: str) -> ChecksumAddress:
-    if not isinstance(value, str) or not is_address(value):
-        raise ConfigError(f"SellerConfig.{name} must be a 0x address, got {value!r}")
-    return to_checksum_address(value)
+    try:
+        return parse_address(value, f"SellerConfig.{name}")
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (expected a 0x address)") from None
 
 
 @dataclass(frozen=True, slots=True)

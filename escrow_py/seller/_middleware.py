@@ -81,7 +81,7 @@ from escrow_py.seller._store import (
     SellerStore,
     StoredResponse,
 )
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
 
 log = logging.getLogger("escrow_py.seller")
 
@@ -260,7 +260,7 @@ class EscrowMiddleware:
             escrow_id = self._escrow_id_of(header)
             async with self._claim(escrow_id):
                 await self._settle(scope, receive, send, request, header=header, escrow_id=escrow_id)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
             await _send_unavailable(send, unavailable)
@@ -329,7 +329,7 @@ class EscrowMiddleware:
         try:
             payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
         except ProtocolError as exc:
-            raise PaymentRejected(exc.reason, str(exc)) from None
+            raise Refusal(exc.reason, str(exc)) from None
         return payload.terms.escrow_id(self.config.chain_id, self.config.escrow)
 
     def _verify(self, header: str, request: _Request, chain_time: int) -> VerifiedPayment:
@@ -373,7 +373,7 @@ class EscrowMiddleware:
             elif state == State.HELD:
                 await self._require_time_left(verified.terms)  # a crash mid-handler: serve it now
             else:
-                raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
         else:
             first = await self._first_time(scope, receive, send, request, header=header, escrow_id=escrow_id)
             if first is None:
@@ -407,7 +407,7 @@ class EscrowMiddleware:
             await _blocking(self.store.set_held, escrow_id, None)
             await self._require_time_left(verified.terms)
             return verified, None
-        raise PaymentRejected(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+        raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
 
     async def _accept_new(self, header: str, request: _Request, now: int) -> tuple[VerifiedPayment, bytes | None]:
         """A payment seen for the first time: verified and deposited, between the seller's hooks."""
@@ -427,7 +427,7 @@ class EscrowMiddleware:
         await _abort_on(hooks.after_verify, verify_result_context(payload, requirements, context, verified.buyer))
         await _abort_on(hooks.before_settle, settle_context(payload, requirements, context))
         deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
-        extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state="held")
+        extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state=State.HELD)
         result = self._settlement(verified.buyer, deposit_tx, extra)
         try:
             await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
@@ -461,7 +461,7 @@ class EscrowMiddleware:
     async def _require_time_left(self, terms: Terms) -> None:
         now = await _blocking(self.chain.next_block_time)
         if now + self.config.min_time_left > terms.deadline:
-            raise PaymentRejected(
+            raise Refusal(
                 Reason.ESCROW_REFUNDABLE,
                 f"deadline {terms.deadline} is less than {self.config.min_time_left}s after chain time {now}: "
                 "too late to deliver, the escrow is refundable",
@@ -478,7 +478,7 @@ class EscrowMiddleware:
         chain = self.chain
         try:
             gas = await _blocking(verify_onchain, verified, chain=chain)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
@@ -554,7 +554,7 @@ class EscrowMiddleware:
             return None
         await _blocking(self.store.forget, escrow_id)
         log.warning("deposit of 0x%s reverted on chain: %s (buyer %s)", escrow_id.hex(), exc, verified.buyer)
-        raise PaymentRejected(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
+        raise Refusal(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
 
     # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
 
@@ -570,7 +570,7 @@ class EscrowMiddleware:
         escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
         try:
             await _blocking(verify_onchain, verified, chain=chain, serve_first=True)
-        except PaymentRejected as rejected:
+        except Refusal as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
         due = min(verified.payload.authorization.valid_before, terms.deadline)
@@ -599,7 +599,7 @@ class EscrowMiddleware:
             if request.route.fallback_to_hold:
                 log.info("payment 0x%s served in hold mode: %s (%s)", escrow_id.hex(), why, reason)
                 return False
-            raise PaymentRejected(reason, why)
+            raise Refusal(reason, why)
         await self._serve_first_handler(scope, receive, send, request, verified)
         return True
 
@@ -610,11 +610,11 @@ class EscrowMiddleware:
         if its authorization is still unused and leaves the poster time to settle it."""
         terms, escrow_id = verified.terms, verified.escrow_id
         if await _blocking(self.chain.authorization_used, terms.token, terms.buyer, escrow_id):
-            raise PaymentRejected(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
+            raise Refusal(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
         now = await _blocking(self.chain.next_block_time)
         due = min(verified.payload.authorization.valid_before, terms.deadline)
         if now + self.config.min_time_left > due:
-            raise PaymentRejected(
+            raise Refusal(
                 Reason.AUTHORIZATION_EXPIRED, f"validBefore/deadline {due} leaves no time to settle (chain time {now})"
             )
         await self._serve_first_handler(scope, receive, send, request, verified)
@@ -680,7 +680,7 @@ class EscrowMiddleware:
                 escrow_id=escrow_id,
                 deadline=terms.deadline,
                 delivery_hash=hashed,
-                state="held",
+                state=State.HELD,
                 settlement=SettlementStatus.HELD,
             )
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
@@ -708,7 +708,7 @@ class EscrowMiddleware:
             escrow_id=escrow_id,
             deadline=terms.deadline,
             refund_transaction=refund_tx,
-            state="refunded" if refund_tx else "held",
+            state=State.REFUNDED if refund_tx else State.HELD,
         )
         settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         await self._send_response(send, response, settle)
@@ -731,7 +731,7 @@ class EscrowMiddleware:
                 escrow_id=payment.escrow_id,
                 deadline=terms.deadline,
                 refund_transaction=payment.refund_tx,
-                state="refunded" if payment.status == REFUNDED else "held",
+                state=State.REFUNDED if payment.status == REFUNDED else State.HELD,
             )
             settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         else:
@@ -969,7 +969,7 @@ async def _abort_on(hooks: list[Any], context: Any) -> None:
     """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
     aborted = await SellerHooks.run(hooks, context)
     if aborted is not None:
-        raise PaymentRejected(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
+        raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 
 
 def _route_name(route: PricedRoute) -> str:

@@ -151,6 +151,7 @@ class DeliveryPoster:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.lease_name = f"poster:{chain.sender_address}"
         self._lost = threading.Event()  # set when a renewal during a pass found the lease taken
+        self._holding = False  # held the lease at the last pass (else the next one taken starts by finishing)
         self._followed_at: tuple[int, bytes] | None = None  # (number, hash) of the head the last follow saw
         self._task: asyncio.Task[None] | None = None
         # A thread lock, not an asyncio one: passes are run from worker threads, and a
@@ -185,13 +186,20 @@ class DeliveryPoster:
             for dropped in watched.dropped:
                 log.warning("transaction 0x%s (nonce %d) vanished in a reorg", dropped.tx_hash.hex(), dropped.nonce)
             if not self.store.take_lease(self.lease_name, self.owner, self.lease):
+                self._holding = False
                 return PostReport()  # another replica's poster holds the key's lease
             self._lost.clear()
             stop = threading.Event()
             renewer = threading.Thread(target=self._renew, args=(stop,), daemon=True, name="escrow-poster-lease")
             renewer.start()
             try:
-                return self._post_pending(force_settle)
+                report = PostReport()
+                if not self._holding:
+                    # Just taken (at start, or over from a poster that died): first finish what the key has in
+                    # flight, so nothing is sent again at a new nonce nor queued behind a transaction nobody follows.
+                    self._finish_unmined(report)
+                    self._holding = not report.errors
+                return self._post_pending(force_settle, report)
             finally:
                 stop.set()
                 renewer.join()
@@ -206,6 +214,7 @@ class DeliveryPoster:
             try:
                 if not self.store.take_lease(self.lease_name, self.owner, self.lease):
                     self._lost.set()
+                    self._holding = False
                     log.error(
                         "poster lease %s lost mid-pass (this pass stalled past %.0fs)", self.lease_name, self.lease
                     )
@@ -213,8 +222,31 @@ class DeliveryPoster:
             except Exception:  # a store hiccup: the next renewal tries again
                 log.exception("poster lease %s not renewed", self.lease_name)
 
-    def _post_pending(self, force_settle: bool) -> PostReport:
-        report = PostReport()
+    def _finish_unmined(self, report: PostReport) -> None:
+        """The key's transactions signed at nonces still unused (by a poster that died holding the lease, or a
+        replica's deposit nobody follows now), each finished at its own nonce (sent again, or repriced), and
+        what their receipts delivered or settled recorded as this poster's own."""
+        try:
+            receipts = self.chain.finish_unmined()
+        except (EscrowError, OSError, TimeoutError) as exc:
+            log.warning("transactions left in flight by another process not finished yet: %s", exc)
+            report.errors.append(str(exc))
+            return
+        for receipt in receipts:
+            tx_hash = bytes(receipt["transactionHash"])
+            delivered = [e.id for e in self.chain.events_in(receipt) if isinstance(e, Delivered)]
+            settled = [e.id for e in self.chain.settlements_in(receipt) if isinstance(e, Settled)]
+            if delivered:
+                self.store.mark_deliveries(delivered, POSTED, tx_hash)
+                report.posted.extend(delivered)
+                report.tx_hash = tx_hash
+            if settled:
+                self.store.mark_settled(settled, tx_hash)
+                report.settled_first.extend(settled)
+                report.settle_txs.append(tx_hash)
+            log.warning("transaction 0x%s left in flight by another process finished (nonce of the key)", tx_hash.hex())
+
+    def _post_pending(self, force_settle: bool, report: PostReport) -> PostReport:
         self._follow_posted(report)
         self._follow_settled(report)
         self._retry_refunds(report)

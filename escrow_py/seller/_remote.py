@@ -40,13 +40,13 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import SCHEME, SettlementExtra, decode_payment_signature
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
 from escrow_py.seller._offers import Offers
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
-from escrow_py.seller._verify import PaymentRejected, VerifiedPayment
+from escrow_py.seller._verify import Refusal, VerifiedPayment
 
 log = logging.getLogger("escrow_py.seller.remote")
 
@@ -351,7 +351,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                                     down.retry_after) from None  # fmt: skip
         if not result.success:
             reason, _, detail = (result.error_reason or Reason.DEPOSIT_FAILED).partition(": ")
-            raise PaymentRejected(reason, result.error_message or reason, detail=detail or None)
+            raise Refusal(reason, result.error_message or reason, detail=detail or None)
         extra = result.extra or {}
         accepted_at = int(extra.get("acceptedAt", 0))
         verified = self._verify(header, request, accepted_at)  # a facilitator's yes for another payment is no yes
@@ -381,7 +381,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
                 return
             self._kick.set()
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state="held")
+            extra = SettlementExtra(
+                escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state=State.HELD
+            )
             await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
             return
         refund_tx: bytes | None = None
@@ -398,7 +400,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             await _blocking(self.store.set_refunded, escrow_id, None)
         extra = SettlementExtra(
             escrow_id=escrow_id, deadline=terms.deadline, refund_transaction=refund_tx,
-            state="refunded" if refunded else "held",
+            state=State.REFUNDED if refunded else State.HELD,
         )  # fmt: skip
         settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
         await self._send_response(send, response, settle)
@@ -412,7 +414,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         terms = payment.terms
         extra = SettlementExtra(
             escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-            state="held",
+            state=State.HELD,
         )  # fmt: skip
         await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from escrow_py.chain.tx import SentTx
+from escrow_py.chain.tx import SentTx, signed_from_raw
 from escrow_py.protocol.terms import Terms
-from escrow_py.storage import Database, Migration, Tx, open_store
+from escrow_py.storage import Database, Migration, Tx, open_store, run_script
 
 # The two outgoing queues of the store: delivery hashes and serve-first settlements.
 _Queue = Literal["deliveries", "settlements"]
@@ -113,10 +114,95 @@ def _payload_column(tx: Tx) -> None:
         tx.execute("ALTER TABLE payments ADD COLUMN payload TEXT")
 
 
+# Schema 4: ids, hashes and raw transactions as bytes (BLOB / BYTEA), as the keeper's and the buyer's stores keep
+# them, where schemas 1-3 kept 0x-hex text. Each table is rebuilt as `new_<table>`, its rows copied over with
+# their hex decoded, then renamed into place; the indexes are made afresh, with two for the poster's
+# follow-up reads (posted or settled, not yet final), which otherwise scan every final row.
+_SCHEMA_4 = """
+CREATE TABLE new_payments (
+    escrow_id BLOB PRIMARY KEY, terms TEXT NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    deposit_tx BLOB, refund_tx BLOB,
+    response_status INTEGER, response_headers TEXT, response_body BLOB,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, route TEXT, payload TEXT
+);
+CREATE TABLE new_deliveries (
+    escrow_id BLOB PRIMARY KEY REFERENCES new_payments (escrow_id), terms TEXT NOT NULL,
+    delivery_hash BLOB NOT NULL, deadline INTEGER NOT NULL, status TEXT NOT NULL,
+    tx_hash BLOB, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, updated_at REAL NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE new_settlements (
+    escrow_id BLOB PRIMARY KEY REFERENCES new_payments (escrow_id), buyer TEXT NOT NULL, amount INTEGER NOT NULL,
+    payload TEXT NOT NULL, delivery_hash BLOB, due INTEGER NOT NULL, status TEXT NOT NULL,
+    tx_hash BLOB, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    final INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL, queued_at REAL
+);
+CREATE TABLE new_refused_buyers (
+    buyer TEXT PRIMARY KEY, escrow_id BLOB NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE TABLE new_operator_txs (
+    tx_hash BLOB PRIMARY KEY, address TEXT NOT NULL, nonce INTEGER NOT NULL, intent TEXT NOT NULL,
+    raw BLOB NOT NULL, created_at REAL NOT NULL
+)
+"""
+_INDEXES_4 = """
+CREATE INDEX payments_status ON payments (status);
+CREATE INDEX deliveries_status ON deliveries (status, deadline);
+CREATE INDEX deliveries_unfinal ON deliveries (status, final, deadline);
+CREATE INDEX settlements_status ON settlements (status, due);
+CREATE INDEX settlements_unfinal ON settlements (status, final);
+CREATE INDEX settlements_buyer ON settlements (buyer, status);
+CREATE INDEX operator_txs_intent ON operator_txs (intent, created_at);
+CREATE INDEX operator_txs_nonce ON operator_txs (address, nonce)
+"""
+# Each rebuilt table (parents before children) and its columns that held 0x-hex.
+_HEX_COLUMNS = {
+    "payments": ("escrow_id", "deposit_tx", "refund_tx"),
+    "deliveries": ("escrow_id", "delivery_hash", "tx_hash"),
+    "settlements": ("escrow_id", "delivery_hash", "tx_hash"),
+    "refused_buyers": ("escrow_id",),
+    "operator_txs": ("tx_hash", "raw"),
+}
+
+
+def _ids_as_bytes(tx: Tx) -> None:
+    """Schema 4's data move: every row of schemas 1-3 copied into its `new_` table with its hex decoded."""
+    for table, hexed in _HEX_COLUMNS.items():
+        columns = _columns(tx, f"new_{table}")
+        at = [columns.index(c) for c in hexed]
+        names = ", ".join(columns)
+        rows = tx.all(f"SELECT {names} FROM {table}")  # noqa: S608 - our own table and column names
+        if rows:
+            tx.executemany(
+                f"INSERT INTO new_{table} ({names}) VALUES ({', '.join('?' * len(columns))})",  # noqa: S608
+                [tuple(_unhex(v) if i in at else v for i, v in enumerate(row)) for row in rows],
+            )
+    for table in reversed(_HEX_COLUMNS):  # children first: their foreign keys name the old parent
+        tx.execute(f"DROP TABLE {table}")
+    for table in _HEX_COLUMNS:
+        tx.execute(f"ALTER TABLE new_{table} RENAME TO {table}")
+        if tx.engine == "postgresql":  # the primary key's index keeps the name it was created with
+            tx.execute(f"ALTER INDEX new_{table}_pkey RENAME TO {table}_pkey")
+    run_script(tx, _INDEXES_4)
+
+
+def _columns(tx: Tx, table: str) -> list[str]:
+    if tx.engine == "sqlite":
+        return [str(row[1]) for row in tx.all(f"PRAGMA table_info({table})")]
+    rows = tx.all(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = ? ORDER BY ordinal_position",
+        (table,),
+    )
+    return [str(row[0]) for row in rows]
+
+
 MIGRATIONS = (
     Migration(1, "payments and deliveries", _SCHEMA_1, _older_columns),
     Migration(2, "leases, operator nonces and transactions", _SCHEMA_2),
     Migration(3, "serve-first settlements, refused buyers, payments.payload", _SCHEMA_3, _payload_column),
+    Migration(4, "ids, hashes and raw transactions as bytes", _SCHEMA_4, _ids_as_bytes),
 )
 
 # Payment statuses.
@@ -144,12 +230,20 @@ SETTLED_ELSEWHERE = "settled"  # found Released by another transaction (another 
 REFUNDED_ON_CHAIN = "refunded"  # found Refunded (an early refund by the seller's side, or a keeper)
 
 
-def _hex(value: bytes | None) -> str | None:
-    return None if value is None else "0x" + value.hex()
-
-
 def _unhex(value: str | None) -> bytes | None:
+    """A 0x-hex value of schemas 1-3 as bytes."""
     return None if value is None else bytes.fromhex(value[2:])
+
+
+def _opt(value: bytes | memoryview | None) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+@lru_cache(maxsize=4096)
+def _terms(text: str) -> Terms:
+    """Stored terms, parsed once: the poster reads the same in-flight rows every pass until they are final, and
+    parsing checksums four addresses (a keccak each), which cost more than the query itself. Terms is immutable."""
+    return Terms.from_json(json.loads(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +342,7 @@ class SellerStore:
         row = self._db.one(
             "SELECT terms, status, accepted_at, deposit_tx, refund_tx, response_status, response_headers, "
             "response_body, payload FROM payments WHERE escrow_id = ?",
-            (_hex(escrow_id),),
+            (escrow_id,),
         )
         if row is None:
             return None
@@ -259,20 +353,18 @@ class SellerStore:
             response = StoredResponse(int(response_status), pairs, bytes(body))
         return Payment(
             escrow_id,
-            Terms.from_json(json.loads(terms)),
+            _terms(terms),
             status,
             int(accepted_at),
-            _unhex(deposit_tx),
-            _unhex(refund_tx),
+            _opt(deposit_tx),
+            _opt(refund_tx),
             response,
             payload,
         )
 
     def answered(self, escrow_id: bytes) -> bool:
         """Whether a response is stored for the payment (then it is only ever replayed)."""
-        row = self._db.one(
-            "SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (_hex(escrow_id),)
-        )
+        row = self._db.one("SELECT 1 FROM payments WHERE escrow_id = ? AND response_status IS NOT NULL", (escrow_id,))
         return row is not None
 
     def begin_deposit(
@@ -292,20 +384,20 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
-                (_hex(tx_hash), time.time(), _hex(escrow_id), DEPOSITING),
+                (tx_hash, time.time(), escrow_id, DEPOSITING),
             )
 
     def forget(self, escrow_id: bytes) -> None:
         """Drop a payment whose deposit never happened, so the buyer may try again."""
         with self._db.transaction() as tx:
-            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), DEPOSITING))
+            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (escrow_id, DEPOSITING))
 
     def set_held(self, escrow_id: bytes, deposit_tx: bytes | None) -> None:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (HELD, _hex(deposit_tx), time.time(), _hex(escrow_id)),
+                (HELD, deposit_tx, time.time(), escrow_id),
             )
 
     def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> bool:
@@ -319,14 +411,14 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
+                (SERVED, response.status, _headers_json(response), response.body, now, escrow_id),
             ).rowcount
             if stored != 1:
                 return False
             tx.execute(
                 "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
-                (_hex(escrow_id), json.dumps(terms.to_json()), _hex(delivery_hash), terms.deadline, PENDING, now),
+                (escrow_id, json.dumps(terms.to_json()), delivery_hash, terms.deadline, PENDING, now),
             )
         return True
 
@@ -337,8 +429,8 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
                 "response_body = ?, updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (status, _hex(refund_tx), response.status, _headers_json(response), response.body, time.time(),
-                 _hex(escrow_id)),
+                (status, refund_tx, response.status, _headers_json(response), response.body, time.time(),
+                 escrow_id),
             ).rowcount  # fmt: skip
         return stored == 1
 
@@ -347,12 +439,12 @@ class SellerStore:
             tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = COALESCE(?, refund_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (REFUNDED, _hex(refund_tx), time.time(), _hex(escrow_id)),
+                (REFUNDED, refund_tx, time.time(), escrow_id),
             )
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
         rows = self._db.all("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,))
-        return [(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t))) for i, t in rows]
+        return [(bytes(i), _terms(t)) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
         """Pending deliveries due now (not held back by `defer`), earliest deadline first."""
@@ -362,12 +454,7 @@ class SellerStore:
             "ORDER BY d.deadline LIMIT ?",
             (PENDING, time.time(), limit),
         )
-        return [
-            PendingDelivery(
-                bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]), r, _unhex(d), int(n)
-            )
-            for i, t, h, r, d, n in rows
-        ]
+        return [PendingDelivery(bytes(i), _terms(t), bytes(h), r, _opt(d), int(n)) for i, t, h, r, d, n in rows]
 
     def expire_pending(self, chain_time: int) -> list[bytes]:
         """Mark expired every pending delivery whose deadline is at or before `chain_time`, held back or not."""
@@ -379,7 +466,7 @@ class SellerStore:
                 "UPDATE deliveries SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
                 [(EXPIRED, time.time(), i, PENDING) for (i,) in rows],
             )
-        return [bytes.fromhex(i[2:]) for (i,) in rows]
+        return [bytes(i) for (i,) in rows]
 
     def defer(self, delays: list[tuple[bytes, float]], error: str) -> None:
         """Keep these deliveries pending, each held back for its delay in seconds; counted as an attempt."""
@@ -388,7 +475,7 @@ class SellerStore:
             tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, retry_at = ?, updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                [(error[:500], now + delay, now, _hex(i), PENDING) for i, delay in delays],
+                [(error[:500], now + delay, now, i, PENDING) for i, delay in delays],
             )
 
     def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
@@ -398,10 +485,7 @@ class SellerStore:
             "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
             (POSTED, limit),
         )
-        return [
-            PostedDelivery(bytes.fromhex(i[2:]), Terms.from_json(json.loads(t)), bytes.fromhex(h[2:]))
-            for i, t, h in rows
-        ]
+        return [PostedDelivery(bytes(i), _terms(t), bytes(h)) for i, t, h in rows]
 
     # `table` is one of two literal names, never input: the f-string below builds no query from data.
     def _final(self, table: _Queue, ids: list[bytes]) -> None:
@@ -409,7 +493,7 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.executemany(
                 f"UPDATE {table} SET final = 1, updated_at = ? WHERE escrow_id = ?",  # noqa: S608
-                [(time.time(), _hex(i)) for i in ids],
+                [(time.time(), i) for i in ids],
             )
 
     def _requeue(self, table: _Queue, ids: list[bytes], why: str, *, sent: str, queued: str) -> None:
@@ -418,7 +502,7 @@ class SellerStore:
             tx.executemany(
                 f"UPDATE {table} SET status = ?, tx_hash = NULL, last_error = ?, updated_at = ? "  # noqa: S608
                 "WHERE escrow_id = ? AND status = ?",
-                [(queued, why[:500], time.time(), _hex(i), sent) for i in ids],
+                [(queued, why[:500], time.time(), i, sent) for i in ids],
             )
 
     def mark_final(self, ids: list[bytes]) -> None:
@@ -429,12 +513,10 @@ class SellerStore:
         self._requeue("deliveries", ids, why, sent=POSTED, queued=PENDING)
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
-        row = self._db.one(
-            "SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (_hex(escrow_id),)
-        )
+        row = self._db.one("SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (escrow_id,))
         if row is None:
             return None
-        return DeliveryRecord(row[0], bytes.fromhex(row[1][2:]), _unhex(row[2]))
+        return DeliveryRecord(row[0], bytes(row[1]), _opt(row[2]))
 
     def mark_deliveries(
         self, ids: list[bytes], status: str, tx_hash: bytes | None = None, *, was: str = PENDING
@@ -445,7 +527,7 @@ class SellerStore:
             tx.executemany(
                 "UPDATE deliveries SET status = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                [(status, _hex(tx_hash), now, _hex(i), was) for i in ids],
+                [(status, tx_hash, now, i, was) for i in ids],
             )
 
     # -- leases: one replica at a time on a payment, one poster per operator key -------------------------
@@ -506,7 +588,7 @@ class SellerStore:
             tx.execute(
                 "INSERT INTO operator_txs (tx_hash, address, nonce, intent, raw, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tx_hash) DO NOTHING",
-                (_hex(signed.tx_hash), address, signed.nonce, signed.intent, _hex(signed.raw), time.time()),
+                (signed.tx_hash, address, signed.nonce, signed.intent, signed.raw, time.time()),
             )
 
     def txs_for(self, address: str, intent: str) -> list[bytes]:
@@ -514,14 +596,28 @@ class SellerStore:
             "SELECT tx_hash FROM operator_txs WHERE intent = ? AND address = ? ORDER BY created_at DESC LIMIT 5",
             (intent, address),
         )
-        return [bytes.fromhex(h[2:]) for (h,) in rows]
+        return [bytes(h) for (h,) in rows]
+
+    def unmined(self, address: str, from_nonce: int, *, intent: str | None = None) -> list[SentTx]:
+        """The key's recorded transactions at nonce `from_nonce` or above (of `intent`: its last 5), newest first."""
+        sql = "SELECT raw, intent FROM operator_txs WHERE address = ? AND nonce >= ?"
+        args: list[object] = [address, from_nonce]
+        if intent is not None:
+            sql, args = sql + " AND intent = ?", [*args, intent]
+        rows = self._db.all(sql + " ORDER BY created_at DESC" + (" LIMIT 5" if intent is not None else ""), args)
+        return [signed_from_raw(bytes(raw), str(intent_)) for raw, intent_ in rows]
+
+    def drop_tx(self, address: str, tx_hash: bytes) -> None:
+        """Forget a transaction the node refused: it never left, and nobody is to send it later."""
+        with self._db.transaction() as tx:
+            tx.execute("DELETE FROM operator_txs WHERE tx_hash = ? AND address = ?", (tx_hash, address))
 
     def note_attempt(self, ids: list[bytes], error: str) -> None:
         now = time.time()
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
-                [(error[:500], now, _hex(i)) for i in ids],
+                [(error[:500], now, i) for i in ids],
             )
 
     # -- serve-first ---------------------------------------------------------------------------
@@ -568,7 +664,7 @@ class SellerStore:
             tx.execute(
                 "INSERT INTO settlements (escrow_id, buyer, amount, payload, due, status, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (_hex(escrow_id), buyer, amount, payload, due, SETTLE_SERVING, time.time()),
+                (escrow_id, buyer, amount, payload, due, SETTLE_SERVING, time.time()),
             )
         return None
 
@@ -583,34 +679,34 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED_FIRST, response.status, _headers_json(response), response.body, now, _hex(escrow_id)),
+                (SERVED_FIRST, response.status, _headers_json(response), response.body, now, escrow_id),
             ).rowcount
             if stored != 1:
                 return False
             tx.execute(
                 "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ?, queued_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                (SETTLE_QUEUED, _hex(delivery_hash), now, now, _hex(escrow_id), SETTLE_SERVING),
+                (SETTLE_QUEUED, delivery_hash, now, now, escrow_id, SETTLE_SERVING),
             )
         return True
 
     def forget_serve_first(self, escrow_id: bytes) -> None:
         """The handler failed: nothing was served and nothing will be settled; the exposure is freed."""
         with self._db.transaction() as tx:
-            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (_hex(escrow_id), SETTLE_SERVING))
+            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (escrow_id, SETTLE_SERVING))
             tx.execute(
                 "DELETE FROM payments WHERE escrow_id = ? AND status = ? AND response_status IS NULL",
-                (_hex(escrow_id), SERVING_FIRST),
+                (escrow_id, SERVING_FIRST),
             )
 
     def settlement(self, escrow_id: bytes) -> SettlementRecord | None:
         row = self._db.one(
             "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
-            (_hex(escrow_id),),
+            (escrow_id,),
         )
         if row is None:
             return None
-        return SettlementRecord(row[0], int(row[1]), row[2], _unhex(row[3]), _unhex(row[4]), row[5])
+        return SettlementRecord(row[0], int(row[1]), row[2], _opt(row[3]), _opt(row[4]), row[5])
 
     def settlements_due(self, limit: int = 100) -> list[QueuedSettlement]:
         """Queued settlements, the one due soonest first."""
@@ -618,7 +714,7 @@ class SellerStore:
             "SELECT escrow_id, payload, delivery_hash, attempts FROM settlements WHERE status = ? ORDER BY due LIMIT ?",
             (SETTLE_QUEUED, limit),
         )
-        return [QueuedSettlement(bytes.fromhex(i[2:]), p, bytes.fromhex(h[2:]), int(n)) for i, p, h, n in rows]
+        return [QueuedSettlement(bytes(i), p, bytes(h), int(n)) for i, p, h, n in rows]
 
     def oldest_queued_age(self) -> float | None:
         """Seconds (wall clock) since the longest-waiting queued settlement was queued; None if none is."""
@@ -648,13 +744,13 @@ class SellerStore:
             for (i,) in dropped:
                 tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (i, SETTLE_SERVING))
                 tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (i, SERVING_FIRST))
-        return [bytes.fromhex(i[2:]) for (i,) in lost], [bytes.fromhex(i[2:]) for (i,) in dropped]
+        return [bytes(i) for (i,) in lost], [bytes(i) for (i,) in dropped]
 
     def mark_settled(self, ids: list[bytes], tx_hash: bytes) -> None:
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE settlements SET status = ?, tx_hash = ?, final = 0, updated_at = ? WHERE escrow_id = ?",
-                [(SETTLE_DONE, _hex(tx_hash), time.time(), _hex(i)) for i in ids],
+                [(SETTLE_DONE, tx_hash, time.time(), i) for i in ids],
             )
 
     def mark_lost(self, escrow_id: bytes, reason: str, *, refuse_buyer: bool, tx_hash: bytes | None = None) -> None:
@@ -664,21 +760,21 @@ class SellerStore:
             tx.execute(
                 "UPDATE settlements SET status = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (SETTLE_LOST, reason[:200], _hex(tx_hash), now, _hex(escrow_id)),
+                (SETTLE_LOST, reason[:200], tx_hash, now, escrow_id),
             )
             if refuse_buyer:
                 tx.execute(
                     "INSERT INTO refused_buyers (buyer, escrow_id, reason, at) "
                     "SELECT buyer, escrow_id, ?, ? FROM settlements WHERE escrow_id = ? "
                     "ON CONFLICT (buyer) DO NOTHING",
-                    (reason[:200], now, _hex(escrow_id)),
+                    (reason[:200], now, escrow_id),
                 )
 
     def note_settle_attempt(self, ids: list[bytes], error: str) -> None:
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE settlements SET attempts = attempts + 1, last_error = ?, updated_at = ? WHERE escrow_id = ?",
-                [(error[:500], time.time(), _hex(i)) for i in ids],
+                [(error[:500], time.time(), i) for i in ids],
             )
 
     def settled_unfinal(self, limit: int = 500) -> list[tuple[bytes, bytes]]:
@@ -686,7 +782,7 @@ class SellerStore:
         rows = self._db.all(
             "SELECT escrow_id, tx_hash FROM settlements WHERE status = ? AND final = 0 LIMIT ?", (SETTLE_DONE, limit)
         )
-        return [(bytes.fromhex(i[2:]), bytes.fromhex(t[2:])) for i, t in rows]
+        return [(bytes(i), bytes(t)) for i, t in rows]
 
     def settle_final(self, ids: list[bytes]) -> None:
         self._final("settlements", ids)
@@ -718,12 +814,12 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ?",
-                (_hex(deposit_tx), time.time(), _hex(escrow_id)),
+                (deposit_tx, time.time(), escrow_id),
             )
 
     def deposit_payload(self, escrow_id: bytes) -> str | None:
         """The signed payload a hold payment was accepted with (None for rows written before it was kept)."""
-        row = self._db.one("SELECT payload FROM payments WHERE escrow_id = ?", (_hex(escrow_id),))
+        row = self._db.one("SELECT payload FROM payments WHERE escrow_id = ?", (escrow_id,))
         return None if row is None else row[0]
 
 
@@ -735,7 +831,7 @@ def _insert_payment(
     inserted = tx.execute(
         "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, created_at, updated_at, route, "
         "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
-        (_hex(escrow_id), json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
+        (escrow_id, json.dumps(terms.to_json()), terms.deadline, status, accepted_at, now, now, route,
          payload),
     ).rowcount  # fmt: skip
     return inserted == 1
@@ -743,3 +839,41 @@ def _insert_payment(
 
 def _headers_json(response: StoredResponse) -> str:
     return json.dumps([[k.hex(), v.hex()] for k, v in response.headers])
+
+
+# Retention (`x402-escrow prune --role seller`): what a payment leaves once it is settled for good.
+_DONE_DELIVERY = (
+    f"(status IN ('{EXPIRED}', '{SETTLED_ELSEWHERE}', '{REFUNDED_ON_CHAIN}') OR (status = '{POSTED}' AND final = 1))"
+)
+_DONE_PAYMENT = f"status IN ('{SERVED}', '{REFUNDED}', '{SERVED_FIRST}')"
+
+
+def prune(db: Database, *, before: float) -> dict[str, int]:
+    """Delete what no replay, poster pass or audit of losses needs any more, for escrows whose deadline is before
+    `before` (Unix seconds): deliveries posted and final (or expired, or settled or refunded elsewhere), settlements
+    paid and final, then the payments left with neither (a replay of one would be refused as expired anyway), and
+    transaction records and lapsed leases older than `before`.
+
+    Kept: anything unfinished (a delivery pending or not yet final, a refund pending, a settlement unpaid or not
+    final), lost settlements and the buyers refused for them (what `losses()` reports), and the nonce counters.
+    """
+    with db.transaction() as tx:
+        deliveries = tx.execute(f"DELETE FROM deliveries WHERE deadline < ? AND {_DONE_DELIVERY}", (before,))  # noqa: S608
+        settlements = tx.execute(
+            "DELETE FROM settlements WHERE due < ? AND status = ? AND final = 1", (before, SETTLE_DONE)
+        )
+        payments = tx.execute(
+            f"DELETE FROM payments WHERE deadline < ? AND {_DONE_PAYMENT} "  # noqa: S608 - constants
+            "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.escrow_id = payments.escrow_id) "
+            "AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.escrow_id = payments.escrow_id)",
+            (before,),
+        )
+        txs = tx.execute("DELETE FROM operator_txs WHERE created_at < ?", (before,))
+        leases = tx.execute("DELETE FROM leases WHERE expires_at < ?", (before,))
+        return {
+            "payments": payments.rowcount,
+            "deliveries": deliveries.rowcount,
+            "settlements": settlements.rowcount,
+            "operator_txs": txs.rowcount,
+            "leases": leases.rowcount,
+        }

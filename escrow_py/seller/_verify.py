@@ -4,7 +4,7 @@ Two stages. `verify_offchain` is pure (no RPC): it decodes the header and checks
 payment against the offer the seller computed for *this* request, with the chain
 time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
 balance, whether the authorization was used or cancelled, and an `eth_call`
-simulation of the deposit itself. Each rule broken raises `PaymentRejected` with the
+simulation of the deposit itself. Each rule broken raises `Refusal` with the
 machine-readable reason and the values involved.
 """
 
@@ -46,7 +46,7 @@ _UNDECODABLE = {Reason.INVALID_PAYLOAD, Reason.HEADER_TOO_LARGE, Reason.UNSUPPOR
 MAX_DETAIL = 160
 
 
-class PaymentRejected(ProtocolError):
+class Refusal(ProtocolError):
     """The payment breaks a rule; `status` is the HTTP status to answer with (400 or 402).
 
     `detail` is a short public explanation (a decoded revert, never a secret) that the
@@ -54,7 +54,7 @@ class PaymentRejected(ProtocolError):
     `"<reason>: <detail>"`.
     """
 
-    def __init__(self, reason: str, message: str, *, detail: str | None = None) -> None:
+    def __init__(self, reason: Reason | str, message: str, *, detail: str | None = None) -> None:
         super().__init__(reason, message)
         self.detail = detail[:MAX_DETAIL] if detail else None
 
@@ -113,8 +113,8 @@ class VerifiedPayment:
         return self.payload.terms.buyer
 
 
-def _reject(reason: Reason, message: str) -> PaymentRejected:
-    return PaymentRejected(reason, message)
+def _reject(reason: Reason, message: str) -> Refusal:
+    return Refusal(reason, message)
 
 
 def _require(condition: bool, reason: Reason, message: str) -> None:
@@ -128,10 +128,10 @@ def verify_offchain(
     """Decode PAYMENT-SIGNATURE and check it against `offer`, judging time by `chain_time`."""
     try:
         return _verify_offchain(header, offer, chain_time, min_time_left, deadline_slack)
-    except PaymentRejected:
+    except Refusal:
         raise
     except ProtocolError as exc:  # a decoding error of the shared wire layer
-        raise PaymentRejected(exc.reason, str(exc)) from None
+        raise Refusal(exc.reason, str(exc)) from None
 
 
 def _verify_offchain(
@@ -248,7 +248,7 @@ def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first:
     )
     if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (balance, used)):
         # The asset's own reads revert too: not a token this payment can be pulled from.
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+        raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     balance, used = _value(balance), _value(used)
     _require(
         balance >= payment.terms.amount,
@@ -257,7 +257,7 @@ def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first:
     )
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
     if isinstance(gas, ContractRevert):
-        raise PaymentRejected(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
+        raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     return _value(gas)
 
 

@@ -95,7 +95,8 @@ class Database(Protocol):
         ...
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """One read: every row."""
+        """One read: every row. Also one write statement whose rows it returns (UPDATE ... RETURNING), in a
+        transaction of its own that is committed when this returns: no BEGIN and COMMIT round trips around it."""
         ...
 
     def tables(self) -> set[str]:

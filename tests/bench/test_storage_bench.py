@@ -11,6 +11,12 @@ EXPECTED = {
                "checkpoint (per cycle)", "block hash (per cycle)", "claim 100 (per batch)"},
     "buyer": {"budget check (per paid request)", "payment by id (per paid request)",
               "unfinished payments (per recovery)", "unconfirmed ledger rows (per recovery)"},
+    "seller": {"payment by id (per paid request)", "claim taken and released (per paid request)",
+               "nonce allocated (per transaction)", "transactions of an intent (per transaction)",
+               "buyer's serve-first exposure (per serve-first request)", "poster lease (per pass)",
+               "refunds pending (per pass)", "expire pending (per pass)", "pending deliveries (per pass)",
+               "posted, not final (per pass)", "unpaid serve-first total (per pass)", "settlements due (per pass)",
+               "settled, not final (per pass)"},
 }  # fmt: skip
 
 
@@ -32,6 +38,7 @@ def test_bench_storage_json_prints_each_query_on_both_engines() -> None:
             assert set(queries) == names, (engine, role)
             for name, q in queries.items():
                 assert 0 < q["p50_ms"] <= q["p95_ms"] <= q["max_ms"], (engine, name, q)
+                assert q["cpu_ms"] >= 0, (engine, name, q)  # this process's and the server's CPU per run
                 if q["p50_ms"] >= result["target_p50_ms"]:
                     slow.append(f"{engine} {role}: {name} p50 {q['p50_ms']} ms")
     assert result["over_target"] == slow and result["met"] == (not slow)

@@ -30,7 +30,7 @@ from escrow_py.buyer import (
     PaymentState,
     Policy,
     PolicyDenied,
-    ReasonCode,
+    Reason,
     recover,
 )
 from escrow_py.chain.escrow import Deposited
@@ -50,7 +50,7 @@ def _outcome(call: object) -> str:
 def _assert_ledger_matches_the_chain(
     chain: Chain, shop: Shop, journal: Path | str, outcomes: Counter[str], seller_before: int
 ) -> None:
-    assert outcomes == Counter({"paid": AFFORDABLE, ReasonCode.OVER_TOTAL_BUDGET.value: REQUESTS - AFFORDABLE})
+    assert outcomes == Counter({"paid": AFFORDABLE, Reason.OVER_TOTAL_BUDGET.value: REQUESTS - AFFORDABLE})
     deposits = [
         e
         for e in chain.escrow.events(0, int(chain.w3.eth.block_number))

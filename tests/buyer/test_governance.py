@@ -32,7 +32,7 @@ from escrow_py.buyer import (
     PaymentState,
     Policy,
     PolicyDenied,
-    ReasonCode,
+    Reason,
     ResponseInvalid,
     arecover,
 )
@@ -72,7 +72,7 @@ def test_a_denied_payment_signs_nothing_and_carries_the_reason(chain: Chain, sho
 
     with pytest.raises(PolicyDenied) as denied:
         asyncio.run(run())
-    assert denied.value.code == ReasonCode.OVER_PER_REQUEST
+    assert denied.value.code == Reason.OVER_PER_REQUEST
     assert (denied.value.limit, denied.value.wanted) == (PRICE - 1, PRICE)
     assert Journal(journal).entries() == []  # no signed payment exists
     assert ledger(journal) == {}  # nothing reserved
@@ -98,7 +98,7 @@ def test_budgets_count_per_task_and_a_request_can_name_its_task(chain: Chain, sh
                     outcomes.append(exc.code)
         return outcomes
 
-    assert asyncio.run(run()) == ["paid", ReasonCode.OVER_TASK_BUDGET, "paid"]
+    assert asyncio.run(run()) == ["paid", Reason.OVER_TASK_BUDGET, "paid"]
     rows = ledger(journal)
     assert sorted((task, status) for status, task, _ in rows.values()) == [
         ("alpha", LedgerStatus.SPENT),
@@ -127,7 +127,7 @@ def test_the_sdk_plugin_cannot_see_the_host_so_a_host_allowlist_denies(
     with pytest.raises(Exception) as raised:  # the SDK wraps the plugin's error in its own
         asyncio.run(run())
     chain_of_errors = [raised.value, raised.value.__cause__, raised.value.__context__]
-    assert any(isinstance(e, PolicyDenied) and e.code == ReasonCode.HOST_UNKNOWN for e in chain_of_errors), repr(
+    assert any(isinstance(e, PolicyDenied) and e.code == Reason.HOST_UNKNOWN for e in chain_of_errors), repr(
         chain_of_errors
     )
     assert scheme.core.journal.entries() == []

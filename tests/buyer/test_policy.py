@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import BUYER, SELLER, SELLER2, STRANGER, address
 
-from escrow_py.buyer import PaymentContext, Policy, ReasonCode, Usage, WindowBudget
+from escrow_py.buyer import PaymentContext, Policy, Reason, Usage, WindowBudget
 from escrow_py.protocol.errors import ConfigError
 
 TOKEN = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
@@ -33,17 +33,17 @@ def ctx(**overrides: object) -> PaymentContext:
 @pytest.mark.parametrize(
     ("policy", "context", "reason"),
     [
-        (Policy(max_per_request=9_999), ctx(), ReasonCode.OVER_PER_REQUEST),
-        (Policy(max_deadline_seconds=60), ctx(), ReasonCode.DEADLINE_TOO_FAR),
-        (Policy(networks=frozenset({"eip155:8453"})), ctx(), ReasonCode.NETWORK_NOT_ALLOWED),
-        (Policy(tokens=frozenset({address(BUYER)})), ctx(), ReasonCode.TOKEN_NOT_ALLOWED),
-        (Policy(escrows=frozenset({address(BUYER)})), ctx(), ReasonCode.ESCROW_NOT_ALLOWED),
-        (Policy(sellers=frozenset({address(SELLER2)})), ctx(), ReasonCode.SELLER_NOT_ALLOWED),
-        (Policy(hosts=frozenset({"other.example.com"})), ctx(), ReasonCode.HOST_NOT_ALLOWED),
-        (Policy(hosts=frozenset({"api.example.com"})), ctx(host=None), ReasonCode.HOST_UNKNOWN),
+        (Policy(max_per_request=9_999), ctx(), Reason.OVER_PER_REQUEST),
+        (Policy(max_deadline_seconds=60), ctx(), Reason.DEADLINE_TOO_FAR),
+        (Policy(networks=frozenset({"eip155:8453"})), ctx(), Reason.NETWORK_NOT_ALLOWED),
+        (Policy(tokens=frozenset({address(BUYER)})), ctx(), Reason.TOKEN_NOT_ALLOWED),
+        (Policy(escrows=frozenset({address(BUYER)})), ctx(), Reason.ESCROW_NOT_ALLOWED),
+        (Policy(sellers=frozenset({address(SELLER2)})), ctx(), Reason.SELLER_NOT_ALLOWED),
+        (Policy(hosts=frozenset({"other.example.com"})), ctx(), Reason.HOST_NOT_ALLOWED),
+        (Policy(hosts=frozenset({"api.example.com"})), ctx(host=None), Reason.HOST_UNKNOWN),
     ],
 )
-def test_each_offer_rule_denies_with_its_reason(policy: Policy, context: PaymentContext, reason: ReasonCode) -> None:
+def test_each_offer_rule_denies_with_its_reason(policy: Policy, context: PaymentContext, reason: Reason) -> None:
     decision = policy.check_offer(context)
     assert (decision.allowed, decision.reason) == (False, reason)
     assert decision.detail
@@ -60,26 +60,26 @@ def test_an_offer_within_every_rule_is_allowed() -> None:
         hosts=frozenset({"API.example.com"}),
     )
     assert policy.check_offer(ctx()).allowed
-    assert policy.check_offer(ctx()).reason is ReasonCode.ALLOWED
+    assert policy.check_offer(ctx()).reason is Reason.ALLOWED
 
 
 @pytest.mark.parametrize(
     ("policy", "usage", "reason", "limit", "available"),
     [
-        (Policy(total_budget=50_000), Usage(total=45_000), ReasonCode.OVER_TOTAL_BUDGET, 50_000, 5_000),
-        (Policy(task_budget=20_000), Usage(task=10_001), ReasonCode.OVER_TASK_BUDGET, 20_000, 9_999),
-        (Policy(seller_budget=10_000), Usage(seller=1), ReasonCode.OVER_SELLER_BUDGET, 10_000, 9_999),
+        (Policy(total_budget=50_000), Usage(total=45_000), Reason.OVER_TOTAL_BUDGET, 50_000, 5_000),
+        (Policy(task_budget=20_000), Usage(task=10_001), Reason.OVER_TASK_BUDGET, 20_000, 9_999),
+        (Policy(seller_budget=10_000), Usage(seller=1), Reason.OVER_SELLER_BUDGET, 10_000, 9_999),
         (
             Policy(windows=(WindowBudget(3600, 100_000), WindowBudget(60, 15_000))),
             Usage(windows={3600: 20_000, 60: 10_000}),
-            ReasonCode.OVER_WINDOW_BUDGET,
+            Reason.OVER_WINDOW_BUDGET,
             15_000,
             5_000,
         ),
     ],
 )
 def test_each_budget_denies_with_the_numbers(
-    policy: Policy, usage: Usage, reason: ReasonCode, limit: int, available: int
+    policy: Policy, usage: Usage, reason: Reason, limit: int, available: int
 ) -> None:
     decision = policy.check_budgets(ctx(), usage)
     assert (decision.allowed, decision.reason) == (False, reason)
@@ -139,7 +139,9 @@ def test_the_readme_policy_example_loads(tmp_path: Path) -> None:
         ("max_per_request = ", "not valid TOML"),
         ("max_per_request = -1", "max_per_request must be a non-negative integer"),
         ("max_per_request = 1.5", "max_per_request must be a non-negative integer"),
-        ("sellers = ['0x1234']", "is not a 0x address"),
+        ("sellers = ['0x1234']", "policy.sellers is not an address: '0x1234'"),
+        # EIP-55: mixed case is a checksum; USDC's address with one letter's case flipped is a typo.
+        ("tokens = ['0x036cbD53842c5426634e7929541eC2318f3dCF7e']", "has a wrong EIP-55 checksum"),
         ("sellers = '0x036CbD53842c5426634e7929541eC2318f3dCF7e'", "policy.sellers must be a list"),
         ("networks = ['base-sepolia']", "is not a CAIP-2 eip155 id"),
         ("max_per_requests = 5", "unknown keys ['max_per_requests']"),

@@ -20,13 +20,13 @@ from helpers import deposit as deposit_terms
 
 from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
-    Action,
     AsyncEscrowClient,
     BuyerSettings,
     Journal,
     JournalEntry,
     PaymentNotDelivered,
     PaymentState,
+    RecoveryAction,
     arecover,
     delivered_hash,
     recover,
@@ -84,7 +84,11 @@ def test_held_past_deadline_is_refunded_by_the_buyer(chain: Chain, tmp_path: Pat
     deposit(chain, payload)
     chain.mine(entry.terms.deadline)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
-    assert (item.chain_state, item.action, item.journal_state) == (State.HELD, Action.REFUNDED, PaymentState.REFUNDED)
+    assert (item.chain_state, item.action, item.journal_state) == (
+        State.HELD,
+        RecoveryAction.REFUNDED,
+        PaymentState.REFUNDED,
+    )
     assert item.tx_hash is not None
     assert chain.escrow.state_of(entry.escrow_id) is State.REFUNDED
     assert chain.token.balance_of(address(BUYER)) == before
@@ -97,7 +101,7 @@ def test_held_past_deadline_can_be_left_to_the_keeper(chain: Chain, tmp_path: Pa
     deposit(chain, payload)
     chain.mine(entry.terms.deadline)
     (item,) = recover(journal, dev(BUYER), chain.node.url, refund_expired=False).items
-    assert (item.action, item.journal_state) == (Action.LEFT_TO_KEEPER, PaymentState.HELD)
+    assert (item.action, item.journal_state) == (RecoveryAction.LEFT_TO_KEEPER, PaymentState.HELD)
     assert chain.escrow.state_of(entry.escrow_id) is State.HELD
 
 
@@ -107,7 +111,7 @@ def test_refunded_by_the_operator_is_recorded(chain: Chain, tmp_path: Path) -> N
     deposit(chain, payload)
     chain.escrow.refund(chain.sender(OPERATOR), payload.terms)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
-    assert (item.chain_state, item.action) == (State.REFUNDED, Action.MARKED_REFUNDED)
+    assert (item.chain_state, item.action) == (State.REFUNDED, RecoveryAction.MARKED_REFUNDED)
     got = Journal(journal).get(entry.escrow_id)
     assert got is not None and got.state is PaymentState.REFUNDED
 
@@ -116,11 +120,15 @@ def test_never_deposited_is_void_only_after_the_authorization_expires(chain: Cha
     journal = tmp_path / "buyer.sqlite"
     entry, payload = journaled(chain, journal)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
-    assert (item.chain_state, item.action, item.journal_state) == (State.NONE, Action.WAITING, PaymentState.SIGNED)
+    assert (item.chain_state, item.action, item.journal_state) == (
+        State.NONE,
+        RecoveryAction.WAITING,
+        PaymentState.SIGNED,
+    )
     chain.set_next_timestamp(entry.valid_before)
     chain.mine()
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
-    assert (item.action, item.journal_state) == (Action.MARKED_VOID, PaymentState.VOID)
+    assert (item.action, item.journal_state) == (RecoveryAction.MARKED_VOID, PaymentState.VOID)
     # Void is true: the expired authorization can no longer be deposited.
     with expect_revert("DeadlinePassed", deadline=entry.valid_before):
         deposit(chain, payload)
@@ -141,7 +149,7 @@ def test_released_with_other_bytes_is_a_mismatch(chain: Chain, tmp_path: Path) -
     (item,) = report.items
     assert (item.chain_state, item.action, item.journal_state) == (
         State.RELEASED,
-        Action.REPLAYED,
+        RecoveryAction.REPLAYED,
         PaymentState.MISMATCH,
     )
     got = Journal(journal).get(entry.escrow_id)
@@ -174,7 +182,7 @@ def test_released_is_replayed_and_checked_against_the_chain(chain: Chain, shop: 
     (item,) = report.items
     assert (item.chain_state, item.action, item.journal_state) == (
         State.RELEASED,
-        Action.REPLAYED,
+        RecoveryAction.REPLAYED,
         PaymentState.DELIVERED,
     )
     got = Journal(journal).get(entry.escrow_id)
@@ -190,7 +198,11 @@ def test_held_in_time_is_replayed(chain: Chain, shop: Shop, tmp_path: Path) -> N
     balance = chain.token.balance_of(address(BUYER))
     report = asyncio.run(arecover(journal, dev(BUYER), chain.node.url, transport=shop.transport()))
     (item,) = report.items
-    assert (item.chain_state, item.action, item.journal_state) == (State.HELD, Action.REPLAYED, PaymentState.DELIVERED)
+    assert (item.chain_state, item.action, item.journal_state) == (
+        State.HELD,
+        RecoveryAction.REPLAYED,
+        PaymentState.DELIVERED,
+    )
     assert item.body is not None and json.loads(item.body) == {"item": "5", "call": 1}
     assert chain.token.balance_of(address(BUYER)) == balance  # no second charge
     assert shop.calls["report"] == 1

@@ -15,7 +15,6 @@ from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
 
 from escrow_py.buyer import (
-    Action,
     AsyncEscrowClient,
     DeliveryEscrowScheme,
     Journal,
@@ -25,6 +24,7 @@ from escrow_py.buyer import (
     PaymentState,
     Policy,
     PolicyDenied,
+    RecoveryAction,
     RecoveryReport,
     recover,
 )
@@ -96,13 +96,13 @@ def test_a_serve_first_payment_is_unsettled_until_recover_sees_its_settlement(ch
     assert _ledger(journal) == (LedgerStatus.RESERVED,)  # counted against the budget, not spent yet
 
     (item,) = _recover(chain, shop, journal).items
-    assert (item.action, item.journal_state) == (Action.WAITING, PaymentState.UNSETTLED)
+    assert (item.action, item.journal_state) == (RecoveryAction.WAITING, PaymentState.UNSETTLED)
 
     (tx,) = _flush(shop).settle_txs
     (item,) = _recover(chain, shop, journal).items
     assert (item.chain_state, item.action, item.journal_state) == (
         State.NONE,
-        Action.MARKED_SETTLED,
+        RecoveryAction.MARKED_SETTLED,
         PaymentState.DELIVERED,
     )
     assert item.tx_hash == tx
@@ -121,7 +121,7 @@ def test_an_unsettled_payment_is_void_once_its_authorization_expired_unused(chai
     (entry,) = _entries(journal)
     chain.mine(entry.valid_before)
     (item,) = _recover(chain, shop, journal).items
-    assert (item.action, item.journal_state) == (Action.MARKED_VOID, PaymentState.VOID)
+    assert (item.action, item.journal_state) == (RecoveryAction.MARKED_VOID, PaymentState.VOID)
     assert _ledger(journal) == (LedgerStatus.RELEASED,)  # the budget is back
     # Void is true: the seller's late settlement cannot pull it any more (its loss, not the buyer's).
     report = _flush(shop)
@@ -143,7 +143,7 @@ def test_recover_replays_a_settled_payment_whose_answer_was_lost(chain: Chain, t
     assert entry.state is PaymentState.SIGNED
     _flush(shop)  # the seller settles what it served
     (item,) = _recover(chain, shop, journal).items
-    assert (item.action, item.journal_state) == (Action.REPLAYED, PaymentState.DELIVERED), item.outcome
+    assert (item.action, item.journal_state) == (RecoveryAction.REPLAYED, PaymentState.DELIVERED), item.outcome
     assert item.body is not None and delivery_hash(item.body) == _entries(journal)[0].committed_hash
     assert _ledger(journal) == (LedgerStatus.SPENT,)
 
@@ -217,7 +217,7 @@ def test_the_sdk_plugin_pays_serve_first_and_recover_closes_it(chain: Chain, tmp
     scheme.core.journal.close()
     _flush(shop)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
-    assert (item.action, item.journal_state) == (Action.MARKED_SETTLED, PaymentState.DELIVERED)
+    assert (item.action, item.journal_state) == (RecoveryAction.MARKED_SETTLED, PaymentState.DELIVERED)
 
 
 def test_a_settled_payment_the_sdk_plugin_never_verified_is_spent_in_the_ledger(chain: Chain, tmp_path: Path) -> None:
@@ -228,6 +228,6 @@ def test_a_settled_payment_the_sdk_plugin_never_verified_is_spent_in_the_ledger(
     scheme.core.journal.close()
     _flush(shop)
     (item,) = recover(journal, dev(BUYER), chain.node.url).items
-    assert (item.action, item.journal_state) == (Action.WAITING, PaymentState.SIGNED)
+    assert (item.action, item.journal_state) == (RecoveryAction.WAITING, PaymentState.SIGNED)
     assert "settled on chain (spent)" in item.outcome
     assert _ledger(journal) == (LedgerStatus.SPENT,)

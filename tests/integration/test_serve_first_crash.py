@@ -12,7 +12,7 @@ from helpers import BUYER, SELLER, address, dev
 
 from escrow_devtools.anvil import free_port
 from escrow_devtools.demo._shop import REPORT_PRICE
-from escrow_py.buyer import Action, PaymentState, recover
+from escrow_py.buyer import PaymentState, RecoveryAction, recover
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.seller import SellerStore
 
@@ -50,7 +50,7 @@ def test_a_seller_killed_after_serving_first_settles_after_restart(chain: Chain,
         restarted.stop()
     (item,) = report.items
     # The buyer never saw the answer: recover() replays it and checks the bytes against the settled hash.
-    assert (item.action, item.journal_state) == (Action.REPLAYED, PaymentState.DELIVERED), item.outcome
+    assert (item.action, item.journal_state) == (RecoveryAction.REPLAYED, PaymentState.DELIVERED), item.outcome
     assert item.body is not None and delivery_hash(item.body) == queued[0].delivery_hash
     assert json.loads(item.body)["item"] == "crash"
     record = SellerStore(store).settlement(escrow_id)

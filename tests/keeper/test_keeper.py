@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from eth_typing import ChecksumAddress
 from fixtures.chain import Chain
-from helpers import BUYER, BUYER2, deposit, dev, make_terms
+from helpers import BUYER, BUYER2, deposit, dev, make_terms, offline_terms
 from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
@@ -29,16 +29,7 @@ def _refund_events(chain: Chain, terms: Terms) -> int:
 
 
 def test_next_action_is_decided_by_chain_time_alone() -> None:
-    terms = Terms(
-        buyer=dev(1).address,
-        seller=dev(2).address,
-        operator=dev(3).address,
-        token=dev(4).address,
-        amount=5,
-        deadline=1_000,
-        request_hash=b"\0" * 32,
-        salt=b"\1" * 32,
-    )
+    terms = offline_terms(5, 1_000, salt=b"\1" * 32)
     open_ = OpenEscrow.of("0x", b"\2" * 32, terms)
     assert next_action(open_, 999, wall_time=10**10) == Wait(1_000)  # a wall clock far ahead changes nothing
     assert next_action(open_, 1_000, wall_time=0) == Refund()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from eth_abi.abi import encode
 from fixtures.chain import Chain
-from helpers import deposit, dev, make_terms
+from helpers import deposit, dev, make_terms, offline_terms
 from rpc_proxy import RpcProxy
 
 from escrow_devtools.build import CONTRACTS_DIR
@@ -26,7 +26,6 @@ from escrow_py.keeper._batch import (
 from escrow_py.keeper._config import MAX_BATCH_SIZE, MAX_CALLDATA_BYTES
 from escrow_py.keeper._store import IndexedEvent, KeeperStore, encode_terms
 from escrow_py.protocol.errors import ConfigError
-from escrow_py.protocol.terms import Terms
 from escrow_py.storage import SqliteDatabase
 
 from .kit import make_keeper
@@ -65,16 +64,7 @@ def test_a_batchs_gas_holds_the_reserve_the_escrow_checks_before_a_payout() -> N
 
 def test_batches_are_capped_by_calldata_and_gas() -> None:
     assert max_entries(10_000, 10**12, 10**12) == MAX_BATCH_SIZE == 468
-    terms = Terms(
-        buyer=dev(1).address,
-        seller=dev(2).address,
-        operator=dev(3).address,
-        token=dev(4).address,
-        amount=1,
-        deadline=1,
-        request_hash=b"\0" * 32,
-        salt=b"\0" * 32,
-    )
+    terms = offline_terms(1, 1)
     full = [OpenEscrow.of("0x", n.to_bytes(32, "big"), terms) for n in range(MAX_BATCH_SIZE)]
     assert len(refund_many_data(full)) <= MAX_CALLDATA_BYTES < len(refund_many_data([*full, full[0]]))
     cap = max_entries(400, 5_000_000, 60_000_000)  # the configured gas cap binds

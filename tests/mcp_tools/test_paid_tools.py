@@ -24,10 +24,10 @@ from x402.mcp import MCP_PAYMENT_RESPONSE_META_KEY
 
 from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
-    Action,
     DeliveryMismatch,
     HandlerFailedRefunded,
     PaymentState,
+    RecoveryAction,
     RecoveryReport,
     delivered_hash,
 )
@@ -241,7 +241,7 @@ def test_an_agent_killed_mid_call_gets_its_result_from_recover(chain: Chain, sho
     until("the stored result", lambda: (p := shop.paid.seller.store.payment(escrow_id)) and p.response)
 
     item = _recover(shop, chain, journal_path).by_id(escrow_id)
-    assert item.action is Action.REPLAYED
+    assert item.action is RecoveryAction.REPLAYED
     assert item.journal_state is PaymentState.DELIVERED
     assert item.body == b"slow result for crash"
     assert shop.calls["ran:slow"] == 1  # replayed from the store, not run again
@@ -256,7 +256,7 @@ def test_an_agent_killed_mid_call_whose_tool_never_answers_is_refunded_by_recove
     chain.mine(chain.now() + SLOW_TIMEOUT + 5)  # the tool still hangs; the deadline passes
 
     item = _recover(shop, chain, journal_path).by_id(escrow_id)
-    assert item.action is Action.REFUNDED
+    assert item.action is RecoveryAction.REFUNDED
     assert item.journal_state is PaymentState.REFUNDED
     assert chain.escrow.state_of(escrow_id) == State.REFUNDED
     assert chain.token.balance_of(address(BUYER)) == buyer_before

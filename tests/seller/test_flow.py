@@ -121,7 +121,7 @@ def test_handler_failure_is_refunded_at_once(chain: Chain, shop: Shop, path: str
             assert response.status_code == status
             settle, extra = _settlement(response.headers)
             assert settle.error_reason == Reason.HANDLER_FAILED_REFUNDED  # type: ignore[attr-defined]
-            assert extra.state == "refunded"
+            assert extra.state is State.REFUNDED
             assert extra.refund_transaction is not None
             assert chain.escrow.state_of(payment.escrow_id) == State.REFUNDED
             assert chain.token.balance_of(address(BUYER)) == buyer_before
@@ -154,7 +154,7 @@ def test_replay_returns_the_stored_response_byte_identical_with_one_deposit(chai
         assert second.headers["content-type"] == first.headers["content-type"]
         _, extra = _settlement(second.headers)
         assert extra.delivery_hash == delivery_hash(first.content)
-        assert extra.state == "released"
+        assert extra.state is State.RELEASED
         assert extra.delivery_transaction is not None
         assert [e.id for e in deposits(chain, start)] == [payment.escrow_id]
         assert shop.calls == {"echo": 1}
@@ -256,7 +256,7 @@ def test_a_refund_that_fails_is_retried_by_the_poster(chain: Chain, shop: Shop) 
         assert response.status_code == 502
         settle, extra = _settlement(response.headers)
         assert settle.error_reason == Reason.HANDLER_FAILED_REFUNDED  # type: ignore[attr-defined]
-        assert extra.state == "held"  # the refund did not go through yet
+        assert extra.state is State.HELD  # the refund did not go through yet
         assert extra.refund_transaction is None
         assert chain.escrow.state_of(payment.escrow_id) == State.HELD
         set_gas_money(chain, OPERATOR, 10**20)

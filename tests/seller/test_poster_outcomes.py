@@ -120,10 +120,10 @@ def test_only_entries_delivered_by_the_receipt_are_posted_and_the_others_record_
     assert [(r.sale, r.escrow_id) for r in sales] == [("delivered", "0x" + ours.escrow_id.hex())]  # type: ignore[attr-defined]
 
     delivered = _replayed_state(url, "/report/ours", ours)
-    assert (delivered.state, delivered.delivery_transaction) == ("released", report.tx_hash)
-    assert _replayed_state(url, "/report/released", released).state == "released"
-    assert _replayed_state(url, "/report/refunded", refunded).state == "refunded"
-    assert _replayed_state(url, "/report/late", late).state == "held"
+    assert (delivered.state, delivered.delivery_transaction) == (State.RELEASED, report.tx_hash)
+    assert _replayed_state(url, "/report/released", released).state is State.RELEASED
+    assert _replayed_state(url, "/report/refunded", refunded).state is State.REFUNDED
+    assert _replayed_state(url, "/report/late", late).state is State.HELD
 
 
 def _set_blocked(who: str) -> bytes:
@@ -155,7 +155,7 @@ def test_a_refused_payout_stays_pending_and_is_retried_with_backoff_until_it_goe
     assert refused.posted == [] and refused.payout_refused == [payment.escrow_id]  # ...but delivered nothing
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
     assert _delivery_status(shop, payment) == PENDING
-    assert _replayed_state(url, "/report/frozen-seller", payment).state == "held"
+    assert _replayed_state(url, "/report/frozen-seller", payment).state is State.HELD
     logged = [r.getMessage() for r in caplog.records if payment.escrow_id.hex() in r.getMessage()]
     assert any("refused the payout" in line and "PayoutFailed" in line for line in logged), caplog.text
 
@@ -169,7 +169,7 @@ def test_a_refused_payout_stays_pending_and_is_retried_with_backoff_until_it_goe
     until("the retried delivery", lambda: poster.post_pending().posted == [payment.escrow_id], timeout=30)
     assert chain.escrow.state_of(payment.escrow_id) == State.RELEASED
     assert _delivery_status(shop, payment) == POSTED
-    assert _replayed_state(url, "/report/frozen-seller", payment).state == "released"
+    assert _replayed_state(url, "/report/frozen-seller", payment).state is State.RELEASED
 
 
 def test_a_refused_payout_is_retried_only_until_the_deadline(chain: Chain, blocking: tuple[Shop, str, str]) -> None:
@@ -184,7 +184,7 @@ def test_a_refused_payout_is_retried_only_until_the_deadline(chain: Chain, block
     assert report.expired == [payment.escrow_id] and report.tx_hash is None
     assert _delivery_status(shop, payment) == EXPIRED
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
-    assert _replayed_state(url, "/report/never-paid", payment).state == "held"
+    assert _replayed_state(url, "/report/never-paid", payment).state is State.HELD
     # Anyone may refund it now (a keeper); the replay then says so.
     chain.escrow.refund(chain.sender(STRANGER), payment.terms)
-    assert _replayed_state(url, "/report/never-paid", payment).state == "refunded"
+    assert _replayed_state(url, "/report/never-paid", payment).state is State.REFUNDED

@@ -160,7 +160,8 @@ def test_senders_on_one_book_never_send_one_intent_twice_nor_reuse_a_nonce(chain
 
 def test_a_refused_broadcast_gives_its_nonce_back_to_the_book(chain: Chain, tmp_path: Path) -> None:
     """The node refuses the transaction (the key cannot pay for gas): the nonce never left, so the
-    next transaction of any process on the book takes it, and no gap holds the key's queue back."""
+    next transaction of any process on the book takes it, and no gap holds the key's queue back; the refused
+    transaction's record goes too."""
     store = SellerStore(tmp_path / "seller.sqlite")
     sender = TxSender(chain.w3, dev(STRANGER), book=store)
     stranger = address(STRANGER)
@@ -170,6 +171,8 @@ def test_a_refused_broadcast_gives_its_nonce_back_to_the_book(chain: Chain, tmp_
         with pytest.raises(InsufficientFunds):
             sender.send(address(OPERATOR), b"", gas=21_000)
         assert store.allocate_nonce(stranger, 0) == first  # given back: the next one takes it
+        # Nor left in the book, where a poster taking the key's lease over would send it once the key had gas money.
+        assert store.unmined(stranger, 0) == []
     finally:
         store.close()
 

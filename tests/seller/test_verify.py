@@ -17,7 +17,7 @@ from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, authorization
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms
 from escrow_py.protocol.wire import MAX_HEADER_BYTES, EscrowPayload, EscrowRequirements
-from escrow_py.seller import PaymentRejected, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller import Refusal, offer_for, verify_offchain, verify_onchain
 
 CHAIN_ID = 84532
 NOW = 1_800_000_000
@@ -177,7 +177,7 @@ CASES: list[tuple[str, Callable[[], str], Reason, int]] = [
 def test_each_broken_rule_is_refused_with_its_reason(
     case: str, build: Callable[[], str], reason: Reason, status: int
 ) -> None:
-    with pytest.raises(PaymentRejected) as info:
+    with pytest.raises(Refusal) as info:
         _verify(build())
     assert (info.value.reason, info.value.status) == (reason, status), str(info.value)
 
@@ -205,7 +205,7 @@ def test_insufficient_balance_is_refused(chain: Chain) -> None:
                       token_name="USDC", token_version="2", max_timeout_seconds=120, method="GET",
                       resource_url=URL, body=b"")  # fmt: skip
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
-    with pytest.raises(PaymentRejected) as info:
+    with pytest.raises(Refusal) as info:
         verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.INSUFFICIENT_BALANCE
 
@@ -214,7 +214,7 @@ def test_a_cancelled_authorization_is_refused(chain: Chain) -> None:
     offer = _chain_offer(chain)
     payment = verify_offchain(_chain_pay(chain, offer), offer, chain_time=chain.now(), min_time_left=10)
     cancel_authorization(chain, payment.terms)
-    with pytest.raises(PaymentRejected) as info:
+    with pytest.raises(Refusal) as info:
         verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.AUTHORIZATION_USED
 
@@ -223,6 +223,6 @@ def test_a_deposit_that_would_revert_is_refused_by_simulation(chain: Chain) -> N
     offer = _offer(escrow=chain.escrow.address, token=chain.escrow.address)  # "token" with no ERC-3009 at all
     payload, accepted = _pay(offer, now=chain.now())
     payment = verify_offchain(_header(payload, accepted), offer, chain_time=chain.now(), min_time_left=10)
-    with pytest.raises(PaymentRejected) as info:
+    with pytest.raises(Refusal) as info:
         verify_onchain(payment, chain=chain.port(OPERATOR))
     assert info.value.reason == Reason.SIMULATION_FAILED

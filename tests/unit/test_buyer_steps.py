@@ -26,7 +26,6 @@ from escrow_py.buyer import (
     PaymentState,
     Policy,
     PolicyDenied,
-    ReasonCode,
 )
 from escrow_py.buyer._decide import decide, denial, payment_context
 from escrow_py.buyer._judge import Answer, ChainFacts, Kind, Need, Verdict, judge, read_answer
@@ -234,10 +233,10 @@ def test_decide_applies_the_offer_rules_and_allows_without_a_policy() -> None:
     assert decide(ctx, None).allowed
     assert decide(ctx, Policy(max_per_request=10_000, hosts=frozenset({"api.test"}))).allowed
     over = decide(ctx, Policy(max_per_request=9_999))
-    assert not over.allowed and over.reason is ReasonCode.OVER_PER_REQUEST and over.limit == 9_999
+    assert not over.allowed and over.reason is Reason.OVER_PER_REQUEST and over.limit == 9_999
     error = denial(over)
     assert isinstance(error, PolicyDenied) and error.code == "over_per_request" and error.wanted == 10_000
-    assert decide(ctx, Policy(settlement="serve-first")).reason is ReasonCode.SETTLEMENT_NOT_ALLOWED
+    assert decide(ctx, Policy(settlement="serve-first")).reason is Reason.SETTLEMENT_NOT_ALLOWED
     # Budgets are not decide's: they need the ledger, and the journal decides them under its lock.
     assert decide(ctx, Policy(total_budget=1)).allowed
 
@@ -250,7 +249,7 @@ def test_the_journal_decides_only_the_budgets_never_the_offer_rules_again(tmp_pa
         reserved = journal.reserve(ESCROW_ID, TERMS, ctx, Policy(max_per_request=1, total_budget=10_000))
         assert reserved.allowed
         over = journal.reserve(OTHER_ID, TERMS, ctx, Policy(max_per_request=1, total_budget=10_000))
-        assert over.reason is ReasonCode.OVER_TOTAL_BUDGET and over.available == 0
+        assert over.reason is Reason.OVER_TOTAL_BUDGET and over.available == 0
         assert [(row.escrow_id, row.amount) for row in journal.ledger_rows()] == [(ESCROW_ID, 10_000)]
     finally:
         journal.close()
