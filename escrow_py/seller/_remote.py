@@ -41,10 +41,17 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import SCHEME, SettlementExtra, decode_payment_signature
+from escrow_py.protocol.wire import SCHEME, SettlementExtra
 from escrow_py.seller._config import PricedRoute, SellerConfig
-from escrow_py.seller._middleware import EscrowMiddleware, SellerUnavailable, _blocking, _Request, _route_name
-from escrow_py.seller._offers import Offers
+from escrow_py.seller._machine import Answer, ParsedPayment, handler_failed
+from escrow_py.seller._middleware import (
+    Claim,
+    EscrowMiddleware,
+    SellerUnavailable,
+    _blocking,
+    _route_name,
+)
+from escrow_py.seller._offers import Offers, PaidRequest
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment
 
@@ -336,15 +343,24 @@ class FacilitatorMiddleware(EscrowMiddleware):
     # -- a paid request ------------------------------------------------------------------------
 
     async def _settle(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: PaidRequest,
+        parsed: ParsedPayment,
+        *,
+        claim: Claim | None,
     ) -> None:
+        assert parsed.escrow_id is not None and parsed.envelope is not None
+        escrow_id = parsed.escrow_id
         payment = await _blocking(self.store.payment, escrow_id)
         if payment is not None and payment.response is not None:
-            self._verify(header, request, payment.accepted_at)  # the same request, terms and signature
+            self._verify(parsed, request, payment.accepted_at)  # the same request, terms and signature
             await self._replay(send, payment, payment.response)
             return
         try:
-            result = await self.facilitator.settle(decode_payment_signature(header), request.offer.to_model())
+            result = await self.facilitator.settle(parsed.envelope, request.offer.to_model())
         except FacilitatorDown as down:
             log.warning("paid request %s %s: facilitator unavailable: %s", request.method, request.url, down)
             raise SellerUnavailable(down.reason, "the payment service is unavailable; send the same payment again",
@@ -354,24 +370,26 @@ class FacilitatorMiddleware(EscrowMiddleware):
             raise Refusal(reason, result.error_message or reason, detail=detail or None)
         extra = result.extra or {}
         accepted_at = int(extra.get("acceptedAt", 0))
-        verified = self._verify(header, request, accepted_at)  # a facilitator's yes for another payment is no yes
+        verified = self._verify(parsed, request, accepted_at)  # a facilitator's yes for another payment is no yes
         deposit_tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
         if payment is None:
             await _blocking(
                 self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(request.route)
             )
         await _blocking(self.store.set_held, escrow_id, deposit_tx)
-        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
+        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx, claim=claim)
 
     async def _serve(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         *,
         verified: VerifiedPayment,
         deposit_tx: bytes | None,
+        claim: Claim | None = None,
+        serve_first: bool = False,
     ) -> None:
         escrow_id, terms = verified.escrow_id, verified.terms
         response = await self._run_handler(scope, receive, request.body)
@@ -384,7 +402,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             extra = SettlementExtra(
                 escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state=State.HELD
             )
-            await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
+            await self._send_response(send, response, self._settlement(terms.buyer, Answer(extra, deposit_tx)))
             return
         refund_tx: bytes | None = None
         refunded = False
@@ -398,12 +416,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
             return
         if refunded and refund_tx is None:
             await _blocking(self.store.set_refunded, escrow_id, None)
-        extra = SettlementExtra(
-            escrow_id=escrow_id, deadline=terms.deadline, refund_transaction=refund_tx,
-            state=State.REFUNDED if refunded else State.HELD,
-        )  # fmt: skip
-        settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
-        await self._send_response(send, response, settle)
+        # `refunded` with no transaction: the facilitator found it refunded already.
+        answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False, refunded=refunded)
+        await self._send_response(send, response, self._settlement(terms.buyer, answer))
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         """A refunded payment replays as EscrowMiddleware's does; a served one says `held`: its delivery is the
@@ -416,7 +431,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
             state=State.HELD,
         )  # fmt: skip
-        await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
+        await self._send_response(send, response, self._settlement(terms.buyer, Answer(extra, payment.deposit_tx)))
 
 
 __all__ = ["FacilitatorClient", "FacilitatorMiddleware", "FacilitatorSellerConfig", "RemoteOperator"]
