@@ -148,17 +148,18 @@ class Journal:
     # -- the ledger ----------------------------------------------------------------------------
 
     def reserve(self, escrow_id: bytes, terms: Terms, ctx: PaymentContext, policy: Policy | None) -> Decision:
-        """Decide by the policy and, if allowed, reserve ctx.amount, atomically; the decision is audited."""
-        decision = ALLOW if policy is None else policy.check_offer(ctx)
-        if decision.allowed:
-            now = time.time()
-            with self.db.transaction() as tx:
-                ledger.lock_budget(tx, ctx.token)
-                if policy is not None:
-                    windows = tuple(w.seconds for w in policy.windows)
-                    decision = policy.check_budgets(ctx, ledger.usage(tx, ctx, windows, now))
-                if decision.allowed:
-                    ledger.insert_reservation(tx, escrow_id, ctx, now)
+        """Reserve ctx.amount if the policy's budgets allow it, atomically with the budget check; the decision
+        is audited. Only the budgets are decided here (they need what the ledger holds, under its lock): the
+        offer rules were decided before (escrow_py.buyer._decide), and are not run again."""
+        decision = ALLOW
+        now = time.time()
+        with self.db.transaction() as tx:
+            ledger.lock_budget(tx, ctx.token)
+            if policy is not None:
+                windows = tuple(w.seconds for w in policy.windows)
+                decision = policy.check_budgets(ctx, ledger.usage(tx, ctx, windows, now))
+            if decision.allowed:
+                ledger.insert_reservation(tx, escrow_id, ctx, now)
         self.audit_decision(escrow_id, terms, ctx, decision)
         return decision
 

@@ -7,7 +7,8 @@ and a window counted from it is already spent when the next block is stamped wit
 current time. The node knows what that stamp will be: it is the `pending` block's.
 
 Every time the package reads from the chain comes from here: `next_block_time` (the clock
-deadlines and windows are judged by) and `block_time` (when a mined block was judged).
+deadlines and windows are judged by; `next_block` also gives the base fee that block charges,
+read in the same call) and `block_time` (when a mined block was judged).
 """
 
 from __future__ import annotations
@@ -18,21 +19,28 @@ from escrow_py.chain import rpc
 
 
 def next_block_time(w3: Web3) -> int:
-    """The timestamp the next block will carry, as the node sees it now.
+    """The timestamp the next block will carry, as the node sees it now (next_block's first value)."""
+    return next_block(w3)[0]
 
-    The `pending` block's timestamp: anvil, geth and their kin build that block on top of the
-    latest one, stamped with the time the next block would get, so it is never earlier than the
-    latest block's. A node that has no pending block (some providers answer null, or an error)
-    gives the latest block's instead, which on a chain that mines every few seconds is as good.
-    Raises RpcError when the node cannot be reached.
+
+def next_block(w3: Web3) -> tuple[int, int | None]:
+    """(timestamp, base fee) of the next block, as the node sees it now; the base fee None if not told.
+
+    The `pending` block's: anvil, geth and their kin build that block on top of the latest one,
+    stamped with the time the next block would get, so it is never earlier than the latest
+    block's, and priced with the base fee a transaction sent now pays. A node that has no pending
+    block (some providers answer null, or an error) gives the latest block's instead, which on a
+    chain that mines every few seconds is as good. Raises RpcError when the node cannot be reached.
     """
     try:
         pending = rpc.request(w3, "eth_getBlockByNumber", ["pending", False])
     except rpc.NodeError:
         pending = None
-    if isinstance(pending, dict) and pending.get("timestamp") is not None:
-        return _timestamp(pending)
-    return block_time(w3, "latest")
+    block = pending if isinstance(pending, dict) and pending.get("timestamp") is not None else None
+    if block is None:
+        block = rpc.request(w3, "eth_getBlockByNumber", ["latest", False])
+    base_fee = block.get("baseFeePerGas") if isinstance(block, dict) else None
+    return _timestamp(block), None if base_fee is None else int(str(base_fee), 16)
 
 
 def block_time(w3: Web3, block: int | str = "latest") -> int:

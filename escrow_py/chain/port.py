@@ -139,6 +139,11 @@ class EscrowChain(Protocol):
         """Deposit a buyer's signed payment; `on_signed` records each signed version before it leaves."""
         ...
 
+    def deposit_intent(self, payload: EscrowPayload) -> str:
+        """The intent (chain.tx.intent_of: target and calldata) the sender's NonceBook records the deposit of
+        `payload` under: how a seller finds the deposit an earlier request or process sent for it."""
+        ...
+
     def resume(self, tx_hash: bytes) -> TxReceipt | None:
         """Wait again for a transaction sent earlier; one the book holds at a nonce still unused is finished
         (sent again if the node lost it, repriced at its nonce while stuck). None when the node no longer knows

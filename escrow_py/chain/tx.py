@@ -271,14 +271,20 @@ class TxSender:
             self._chain_id = int(self.w3.eth.chain_id)
         return self._chain_id
 
-    def fees(self) -> tuple[int, int]:
-        """(maxFeePerGas, maxPriorityFeePerGas): twice the latest base fee plus the suggested tip."""
+    def fees(self, base_fee: int | None = None) -> tuple[int, int]:
+        """(maxFeePerGas, maxPriorityFeePerGas): twice the base fee plus the suggested tip.
+
+        `base_fee` is one the caller read already (the pending block's, with the chain's clock);
+        else the latest block's is read.
+        """
         try:
-            base = int(str(rpc.request(self.w3, "eth_getBlockByNumber", ["latest", False])["baseFeePerGas"]), 16)
+            if base_fee is None:
+                block = rpc.request(self.w3, "eth_getBlockByNumber", ["latest", False])
+                base_fee = int(str(block["baseFeePerGas"]), 16)
             tip = int(str(rpc.request(self.w3, "eth_maxPriorityFeePerGas", [])), 16)
         except (RpcError, KeyError, TypeError, ValueError) as exc:
             raise RpcError(f"cannot read fees: {exc}") from exc
-        return 2 * base + tip, tip
+        return 2 * base_fee + tip, tip
 
     def balance(self) -> int:
         """The key's ETH balance in wei (what it can pay gas with)."""
@@ -303,7 +309,15 @@ class TxSender:
                 raise InsufficientFunds(self.address, str(failure)) from None
             raise failure from None
 
-    def send(self, to: str | None, data: bytes, *, gas: int | None = None, on_signed: OnSigned | None = None) -> SentTx:
+    def send(
+        self,
+        to: str | None,
+        data: bytes,
+        *,
+        gas: int | None = None,
+        on_signed: OnSigned | None = None,
+        base_fee: int | None = None,
+    ) -> SentTx:
         """Sign and broadcast (`to` None: create a contract); `on_signed` sees each signed transaction first.
 
         A revert found by the gas estimate raises ContractRevert before anything is sent. If
@@ -314,7 +328,7 @@ class TxSender:
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
         for attempt in (1, 2):
-            signed = self.sign(to, data, gas=gas)
+            signed = self.sign(to, data, gas=gas, base_fee=base_fee)
             self._record(signed)
             if on_signed is not None:
                 on_signed(signed)
@@ -327,7 +341,7 @@ class TxSender:
             return signed
         raise AssertionError("unreachable")
 
-    def sign(self, to: str | None, data: bytes, *, gas: int | None = None) -> SentTx:
+    def sign(self, to: str | None, data: bytes, *, gas: int | None = None, base_fee: int | None = None) -> SentTx:
         """Build and sign with the next nonce, without broadcasting: record it, then `broadcast` it.
 
         The nonce is taken; if the transaction is never broadcast, `resync_nonce()` lets the
@@ -335,7 +349,7 @@ class TxSender:
         """
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
-        max_fee, tip = self.fees()
+        max_fee, tip = self.fees(base_fee)
         tx: dict[str, Any] = {
             "type": 2,
             "chainId": self.chain_id,
@@ -456,13 +470,18 @@ class TxSender:
                 raise TransactionTimeout([tx_hash], -1, timeout)
             time.sleep(self.poll_interval)
 
-    def _confirmed_receipt(self, tx_hash: bytes, confirmations: int) -> TxReceipt | None:
-        receipt = self.receipt(tx_hash)
+    def _confirmed_receipt(
+        self, tx_hash: bytes, confirmations: int, receipt: TxReceipt | None = None
+    ) -> TxReceipt | None:
+        """The receipt (read unless given) once it has `confirmations` blocks; None before."""
+        if receipt is None:
+            receipt = self.receipt(tx_hash)
         if receipt is None:
             return None
         if receipt["status"] != 1:
             raise TransactionFailed(tx_hash, self._failure_reason(receipt))
-        if int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 < confirmations:
+        # A receipt is one confirmation by itself: the head is only asked for when more are wanted.
+        if confirmations > 1 and int(self.w3.eth.block_number) - int(receipt["blockNumber"]) + 1 < confirmations:
             return None
         return receipt
 
@@ -495,8 +514,9 @@ class TxSender:
         next_check = start + reprice_after if reprice_after else float("inf")
         while True:
             for attempt in attempts:
-                if self.receipt(attempt.tx_hash) is not None:
-                    final = self._confirmed_receipt(attempt.tx_hash, confirmations)
+                receipt = self.receipt(attempt.tx_hash)
+                if receipt is not None:
+                    final = self._confirmed_receipt(attempt.tx_hash, confirmations, receipt)
                     if final is not None:
                         return final
                     break
@@ -571,6 +591,7 @@ class TxSender:
         timeout: float = 120.0,
         reprice_after: float | None = None,
         on_signed: OnSigned | None = None,
+        base_fee: int | None = None,
     ) -> TxReceipt:
         """`send` then `confirm`: the receipt, repricing a stuck transaction every `reprice_after` seconds.
 
@@ -586,7 +607,7 @@ class TxSender:
                                        reprice_after=reprice_after, on_signed=on_signed)  # fmt: skip
                 if finished is not None:
                     return finished
-        sent = self.send(to, data, gas=gas, on_signed=on_signed)
+        sent = self.send(to, data, gas=gas, on_signed=on_signed, base_fee=base_fee)
         return self.confirm(
             sent, confirmations=confirmations, timeout=timeout, reprice_after=reprice_after, on_signed=on_signed
         )

@@ -18,8 +18,10 @@ The raw `request` door keeps the node's error object as rpc.NodeError (an RpcErr
 
 from __future__ import annotations
 
+import collections
 import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -39,7 +41,16 @@ from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeChec
 from escrow_py.chain.port import Block, BlockHead
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
-from escrow_py.chain.tx import GAS_MARGIN, NonceBook, OnSigned, SentTx, TxSender, WatchReport, revert_or_node_error
+from escrow_py.chain.tx import (
+    GAS_MARGIN,
+    NonceBook,
+    OnSigned,
+    SentTx,
+    TxSender,
+    WatchReport,
+    intent_of,
+    revert_or_node_error,
+)
 from escrow_py.protocol.eip3009 import TokenDomain
 from escrow_py.protocol.errors import ConfigError, ContractRevert, EscrowError, RpcError
 from escrow_py.protocol.terms import State, Terms
@@ -48,6 +59,12 @@ from escrow_py.protocol.wire import EscrowPayload
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _Self = TypeVar("_Self", bound="Web3EscrowChain")
+
+# Seconds a pending block's base fee read with the clock prices the transactions sent after it: the base fee
+# moves at most 12.5% a block, and a transaction offers twice it plus the tip (TxSender.fees).
+BASE_FEE_FRESH = 2.0
+# Deposit calldata kept per simulated payload, for the deposit that follows its simulation.
+CALLDATA_KEPT = 256
 
 _NAME = keccak(text="name()")[:4]
 _VERSION = keccak(text="version()")[:4]
@@ -130,6 +147,12 @@ class Web3EscrowChain:
         self._tokens: dict[str, Token] = {}
         self._domains: dict[str, TokenDomain] = {}
         self._genuine: set[str] = set()
+        # The deposit calldata of payloads simulated lately, by the payload object itself (a frozen model),
+        # so that a deposit after its simulation sends the bytes encoded for it, encoded once.
+        self._calldata: collections.OrderedDict[int, tuple[EscrowPayload, bytes]] = collections.OrderedDict()
+        # The base fee of the pending block the clock read last, and when (monotonic): a transaction sent
+        # soon after prices from it rather than reading a block again (TxSender.fees).
+        self._base_fee: tuple[float, int] | None = None
 
     # -- identity and the web3 level ---------------------------------------------------------------
 
@@ -177,7 +200,15 @@ class Web3EscrowChain:
 
     @_typed("reading the pending block's time")
     def next_block_time(self) -> int:
-        return clock.next_block_time(self.w3)
+        now, base_fee = clock.next_block(self.w3)
+        if base_fee is not None:
+            self._base_fee = (time.monotonic(), base_fee)
+        return now
+
+    def _fresh_base_fee(self) -> int | None:
+        """The base fee the clock read within BASE_FEE_FRESH seconds, if any (None: fees read their own)."""
+        seen = self._base_fee
+        return seen[1] if seen is not None and time.monotonic() - seen[0] <= BASE_FEE_FRESH else None
 
     @_typed("reading a block's time")
     def block_time(self, block: Block) -> int:
@@ -272,10 +303,22 @@ class Web3EscrowChain:
 
     # -- simulations ------------------------------------------------------------------------------
 
+    def _deposit_data(self, payload: EscrowPayload) -> bytes:
+        """The deposit's calldata, encoded once per payload object (simulated, then sent)."""
+        with self._lock:
+            known = self._calldata.get(id(payload))
+            if known is not None and known[0] is payload:
+                return known[1]
+        data = self.binding().deposit_data(payload.terms, payload.authorization, payload.signature)
+        with self._lock:
+            self._calldata[id(payload)] = (payload, data)  # the payload is kept: its id is not reused meanwhile
+            while len(self._calldata) > CALLDATA_KEPT:
+                self._calldata.popitem(last=False)
+        return data
+
     @_typed("simulating the deposit")
     def simulate_deposit(self, payload: EscrowPayload) -> int:
-        data = self.binding().deposit_data(payload.terms, payload.authorization, payload.signature)
-        return int(self.sender.estimate_gas(self.escrow, data) * GAS_MARGIN)
+        return int(self.sender.estimate_gas(self.escrow, self._deposit_data(payload)) * GAS_MARGIN)
 
     @_typed("simulating the settlement")
     def simulate_settle(self, settlement: Settlement) -> int:
@@ -299,14 +342,17 @@ class Web3EscrowChain:
             timeout=self.tx_timeout,
             reprice_after=self.reprice_after,
             on_signed=on_signed,
+            base_fee=self._fresh_base_fee(),
         )
 
     @_typed("depositing")
     def deposit(
         self, payload: EscrowPayload, *, gas: int | None = None, on_signed: OnSigned | None = None
     ) -> TxReceipt:
-        data = self.binding().deposit_data(payload.terms, payload.authorization, payload.signature)
-        return self._transact(self.escrow, data, gas=gas, on_signed=on_signed)
+        return self._transact(self.escrow, self._deposit_data(payload), gas=gas, on_signed=on_signed)
+
+    def deposit_intent(self, payload: EscrowPayload) -> str:
+        return intent_of(self.escrow, self._deposit_data(payload))
 
     @_typed("waiting for a transaction sent earlier")
     def resume(self, tx_hash: bytes) -> TxReceipt | None:

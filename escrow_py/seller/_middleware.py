@@ -1,13 +1,19 @@
-"""The seller's pure ASGI middleware: 402, verify, deposit, serve, store, queue the delivery, refund on failure."""
+"""The seller's ASGI middleware: the adapter between ASGI and the payment state machine (_machine.py).
+
+It does the plumbing: routing a request to its priced route, reading the body, the 402, the claim
+on a payment, reading the store's row and the chain facts a decision needs, and carrying out the
+machine's steps (the deposit, the handler, the store writes, the answer). What happens next is
+never decided here: `_machine.decide` and the `after_*` functions say it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
-import math
 import os
 import secrets
 import socket
@@ -21,45 +27,71 @@ import anyio.to_thread
 from starlette.routing import BaseRoute, Host, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
-from x402.http import HTTPRequestContext
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
 from escrow_py.chain.port import EscrowChain
-from escrow_py.chain.tx import SentTx
 from escrow_py.protocol.errors import (
     ConfigError,
     EscrowError,
     InsufficientFunds,
     NonceConflict,
-    ProtocolError,
     TransactionFailed,
     TransactionTimeout,
 )
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import State, Terms, canonical_url, delivery_hash
+from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
-    PAYMENT_SIGNATURE_HEADER,
     UNAVAILABLE_STATUS,
     EscrowPayload,
-    EscrowRequirements,
     SettlementExtra,
-    SettlementStatus,
-    Unavailable,
-    decode_payment_signature,
     encode_payment_required,
     encode_payment_response,
     payment_required,
 )
+from escrow_py.protocol.wire import (
+    Unavailable as UnavailableBody,
+)
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._machine import (
+    CHAIN_RETRY_AFTER,
+    IN_PROGRESS,
+    Adopt,
+    Answer,
+    ChainFacts,
+    Deposit,
+    DepositFault,
+    Facts,
+    Forget,
+    ParsedPayment,
+    Reject,
+    Replay,
+    Reserve,
+    ResumeDeposit,
+    RouteMode,
+    Rules,
+    Serve,
+    ServeFirst,
+    Step,
+    Unavailable,
+    after_deposit_fault,
+    after_reserve,
+    decide,
+    facts_needed,
+    handler_failed,
+    kept,
+    needs_chain_state_for_replay,
+    parse_payment,
+    replayed,
+    state_needed,
+)
 from escrow_py.seller._offers import (
-    EXACT,
     Offers,
+    PaidRequest,
     SellerHooks,
-    request_context,
     settle_context,
     settle_result_context,
     verify_context,
@@ -69,33 +101,26 @@ from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
 from escrow_py.seller._store import (
     DEPOSITING,
-    EXPIRED,
-    POSTED,
+    HELD,
     REFUND_PENDING,
     REFUNDED,
-    REFUNDED_ON_CHAIN,
-    SETTLE_DONE,
-    SETTLE_LOST,
-    SETTLED_ELSEWHERE,
     Payment,
     SellerStore,
     StoredResponse,
 )
-from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+from escrow_py.seller._verify import (
+    Refusal,
+    VerifiedPayment,
+    judge_onchain,
+    read_onchain,
+    verify_offchain,
+)
 
 log = logging.getLogger("escrow_py.seller")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-# Seconds a client should wait before sending the payment again after a 503 chain_unavailable.
-CHAIN_RETRY_AFTER = 2
-
-# PAYMENT-RESPONSE `state` of a served payment by its delivery's status: what the chain says as far as
-# the seller knows (pending and expired deliveries leave the escrow Held).
-_DELIVERY_STATE = {POSTED: "released", SETTLED_ELSEWHERE: "released", REFUNDED_ON_CHAIN: "refunded"}
-
-_SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
 
 
@@ -107,7 +132,7 @@ async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -
 class SellerUnavailable(EscrowError):
     """The seller's own side cannot take the payment now (503 with Retry-After); the buyer is not at fault.
 
-    `reason` is a Reason, `public` the message the client sees (never an exception's
+    `reason` is a wire.Reason, `public` the message the client sees (never an exception's
     text: those can carry the RPC URL and its API key).
     """
 
@@ -118,17 +143,19 @@ class SellerUnavailable(EscrowError):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
-    method: str
-    url: str
-    body: bytes
-    route: PricedRoute
-    offer: EscrowRequirements
-    # The SDK's view of the request, and the 402's offers in the seller's order (_offers.py).
-    context: HTTPRequestContext
-    accepts: list[PaymentRequirements]
-    extensions: dict[str, Any] | None
+@dataclass(slots=True)
+class Claim:
+    """The payment's claim (a lease row) this request holds; `released` once given up."""
+
+    name: str
+    owner: str
+    finishing: bool = False  # the answer is being stored: no more renewals
+    released: bool = False  # the store write that stored the answer deleted the lease row too
+
+    def hand_over(self) -> tuple[str, str]:
+        """The lease, for the store write that answers the payment to delete in its own transaction."""
+        self.finishing = True
+        return self.name, self.owner
 
 
 class EscrowMiddleware:
@@ -155,6 +182,15 @@ class EscrowMiddleware:
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.poster = DeliveryPoster.of(config, self.chain, self.store, owner=self.replica)
         self.offers = Offers(config)
+
+    # Read once per middleware (FacilitatorMiddleware, built without EscrowMiddleware.__init__, gets them too).
+    @functools.cached_property
+    def _chain_id(self) -> int:
+        return self.config.chain_id
+
+    @functools.cached_property
+    def _rules(self) -> Rules:
+        return Rules(self.config.min_time_left, self.config.deadline_slack)
 
     @staticmethod
     def of(app: Any) -> EscrowMiddleware:
@@ -242,24 +278,28 @@ class EscrowMiddleware:
         if body is None:
             await _send_plain(send, 413, b"request body too large")
             return
-        header = _header(scope, _SIGNATURE_HEADER)
         try:
-            request = await self._request(scope, body, route, header)
+            request = await self.offers.paid_request(scope, route, body)
         except ConfigError as exc:  # a dynamic price or payTo gave something unusable: the seller's bug
             log.error("route %s: %s", _route_name(route), exc)
             await _send_plain(send, 500, b"the seller's price for this route is misconfigured")
             return
+        header = request.header
         if header is None:
             await self._send_required(send, request, 402, None)
             return
-        other = _other_scheme(header)
-        if other is not None:
-            await self._pay_exact(scope, receive, send, request, other)
+        # The one decoding of the header: every step below gets this value.
+        parsed = parse_payment(header, chain_id=self._chain_id, escrow=self.config.escrow)
+        if parsed.exact:
+            assert parsed.envelope is not None
+            await self._pay_exact(scope, receive, send, request, parsed.envelope)
             return
         try:
-            escrow_id = self._escrow_id_of(header)
-            async with self._claim(escrow_id):
-                await self._settle(scope, receive, send, request, header=header, escrow_id=escrow_id)
+            if parsed.rejected is not None:
+                raise parsed.rejected
+            assert parsed.escrow_id is not None
+            async with self._claim(parsed.escrow_id) as claim:
+                await self._settle(scope, receive, send, request, parsed, claim=claim)
         except Refusal as rejected:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
@@ -271,7 +311,7 @@ class EscrowMiddleware:
             await _send_unavailable(send, down)
 
     @contextlib.asynccontextmanager
-    async def _claim(self, escrow_id: bytes) -> AsyncIterator[None]:
+    async def _claim(self, escrow_id: bytes) -> AsyncIterator[Claim | None]:
         """Hold the payment's claim in the store while it is handled: one request, in one replica, at a time.
 
         The claim is a lease row in the database, so it holds across processes and hosts. A
@@ -279,164 +319,168 @@ class EscrowMiddleware:
         it) for up to `claim_wait` seconds, then gets 503 payment_in_progress. The holder renews
         the claim while it works; if it dies, the claim expires after `claim_seconds` and the next
         copy takes the payment over where the store says it stopped. An answered payment needs
-        no claim: its replay only reads.
+        no claim (None): its replay only reads. The claim is given up in the same store
+        transaction that stores the answer (Claim.released), else when the request ends.
         """
         store, config = self.store, self.config
         if await _blocking(store.answered, escrow_id):
-            yield
+            yield None
             return
-        name = f"payment:0x{escrow_id.hex()}"
-        owner = f"{self.replica}:{secrets.token_hex(4)}"
+        claim = Claim(f"payment:0x{escrow_id.hex()}", f"{self.replica}:{secrets.token_hex(4)}")
         give_up = time.monotonic() + config.claim_wait
         pause = 0.02
-        while not await _blocking(store.take_lease, name, owner, config.claim_seconds):
+        while not await _blocking(store.take_lease, claim.name, claim.owner, config.claim_seconds):
             if await _blocking(store.answered, escrow_id):
-                yield  # the holder answered meanwhile: _settle replays its stored response
+                yield None  # the holder answered meanwhile: _settle replays its stored response
                 return
             if time.monotonic() > give_up:
-                raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
+                raise SellerUnavailable(IN_PROGRESS.reason, IN_PROGRESS.public, IN_PROGRESS.retry_after)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
-        renewal = asyncio.get_running_loop().create_task(self._renew(name, owner))
+        renewal = asyncio.get_running_loop().create_task(self._renew(claim))
         try:
-            yield
+            yield claim
         finally:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
-            # Shielded: a request cancelled by its client still hands the payment on at once.
-            with anyio.CancelScope(shield=True), contextlib.suppress(EscrowError, OSError):
-                await _blocking(store.release_lease, name, owner)
+            if not claim.released:
+                # Shielded: a request cancelled by its client still hands the payment on at once.
+                with anyio.CancelScope(shield=True), contextlib.suppress(EscrowError, OSError):
+                    await _blocking(store.release_lease, claim.name, claim.owner)
 
-    async def _renew(self, name: str, owner: str) -> None:
+    async def _renew(self, claim: Claim) -> None:
         """Keep the claim while the request runs (a deposit or handler may outlast one lease)."""
         seconds = self.config.claim_seconds
         while True:
             await asyncio.sleep(seconds / 3)
+            if claim.finishing:
+                return
             try:
-                held = await _blocking(self.store.take_lease, name, owner, seconds)
+                held = await _blocking(self.store.take_lease, claim.name, claim.owner, seconds)
             except (EscrowError, OSError) as exc:
-                log.warning("claim %s not renewed: %s", name, exc)
+                log.warning("claim %s not renewed: %s", claim.name, exc)
                 continue
             if not held:
                 # Someone took it over (this replica stalled past the lease). The store still keeps one
                 # answer: whichever response is stored first is the one every replica serves.
-                log.error("claim %s lost to another replica while handling it", name)
+                log.error("claim %s lost to another replica while handling it", claim.name)
                 return
 
-    def _escrow_id_of(self, header: str) -> bytes:
-        """The id the payment claims (it is verified before anything is done with it)."""
-        try:
-            payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
-        except ProtocolError as exc:
-            raise Refusal(exc.reason, str(exc)) from None
-        return payload.terms.escrow_id(self.config.chain_id, self.config.escrow)
-
-    def _verify(self, header: str, request: _Request, chain_time: int) -> VerifiedPayment:
+    def _verify(self, parsed: ParsedPayment, request: PaidRequest, chain_time: int) -> VerifiedPayment:
+        """The off-chain rules at `chain_time` (FacilitatorMiddleware checks its facilitator's answers with it)."""
+        assert parsed.envelope is not None
         return verify_offchain(
-            header,
+            parsed.envelope,
             request.offer,
             chain_time=chain_time,
             min_time_left=self.config.min_time_left,
             deadline_slack=self.config.deadline_slack,
+            payload=parsed.payload,
         )
 
-    async def _settle(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
-    ) -> None:
-        payment = await _blocking(self.store.payment, escrow_id)
-        if payment is not None:
-            # Verified again as it was when accepted: same request, same terms, same signature (and the
-            # price and payTo of then: a dynamic price may have moved since).
-            request = _as_accepted(request, payment.terms)
-            verified = self._verify(header, request, payment.accepted_at)
-            if payment.response is not None:
-                await self._replay(send, payment, payment.response)
-                return
-            if payment.serve_first:
-                await self._serve_first_again(scope, receive, send, request, verified)
-                return
-            deposit_tx = payment.deposit_tx
-            state = await _blocking(self.chain.state_of, escrow_id)
-            if state == State.NONE and payment.status == DEPOSITING and payment.deposit_tx is not None:
-                # Sent earlier and not confirmed then (503 deposit_pending): wait for that one, don't send another.
-                resumed = await self._resume(verified, payment.deposit_tx)
-                if resumed is not None:
-                    state, deposit_tx = State.HELD, resumed
-                else:  # gone from the node, or reverted because another deposit of it landed first
-                    state = await _blocking(self.chain.state_of, escrow_id)
-            if state == State.NONE:
-                # Recorded, but the deposit never landed: try it again under today's rules.
-                now = await _blocking(self.chain.next_block_time)
-                verified = self._verify(header, request, now)
-                deposit_tx = await self._deposit(verified, accepted_at=None, route=request.route)
-            elif state == State.HELD:
-                await self._require_time_left(verified.terms)  # a crash mid-handler: serve it now
-            else:
-                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
-        else:
-            first = await self._first_time(scope, receive, send, request, header=header, escrow_id=escrow_id)
-            if first is None:
-                return
-            verified, deposit_tx = first
-        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
-
-    async def _first_time(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
-    ) -> tuple[VerifiedPayment, bytes | None] | None:
-        """A payment this store has never seen: deposited (hold), or served first and answered (None).
-
-        The seller's hooks run around verify and the deposit (hold); a serve-first sale runs none.
-        """
-        state, now = await _blocking(self._state_and_time, escrow_id)
-        if state == State.NONE:
-            if request.route.serve_first:
-                verified = self._verify(header, request, now)
-                if await self._serve_first(scope, receive, send, request, verified=verified, now=now):
-                    return None
-            return await self._accept_new(header, request, now)
-        if state == State.HELD:
-            # Deposited by someone else (the buyer, another replica) and never answered here. The
-            # token checked the signature on deposit; judge the rest at a time the deadline was valid.
-            reference = min(now, self._latest_valid_time(request, header))
-            verified = self._verify(header, request, reference)
-            payload = json.dumps(verified.payload.to_json())
-            await _blocking(
-                self.store.begin_deposit, escrow_id, verified.terms, reference, _route_name(request.route), payload
+    async def _chain_facts(self, need: Facts, escrow_id: bytes, terms: Terms) -> ChainFacts:
+        """The chain facts a decision needs, read at once (one round trip)."""
+        chain = self.chain
+        if need == Facts.NONE:
+            return ChainFacts()
+        if need == Facts.AUTHORIZATION:
+            used, now = await _blocking(
+                rpc.both, lambda: chain.authorization_used(terms.token, terms.buyer, escrow_id), chain.next_block_time
             )
-            await _blocking(self.store.set_held, escrow_id, None)
-            await self._require_time_left(verified.terms)
-            return verified, None
-        raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is {state.name}")
+            return ChainFacts(now=now, authorization_used=used)
+        state, now = await _blocking(rpc.both, lambda: chain.state_of(escrow_id), chain.next_block_time)
+        return ChainFacts(now=now, state=state)
 
-    async def _accept_new(self, header: str, request: _Request, now: int) -> tuple[VerifiedPayment, bytes | None]:
-        """A payment seen for the first time: verified and deposited, between the seller's hooks."""
+    async def _settle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: PaidRequest,
+        parsed: ParsedPayment,
+        *,
+        claim: Claim | None,
+    ) -> None:
+        """Fetch the row and the chain facts, ask the machine (_machine.decide), run its steps until one answers."""
+        assert parsed.escrow_id is not None and parsed.payload is not None
+        escrow_id, terms = parsed.escrow_id, parsed.payload.terms
+        row = await self._with_sent_deposit(await _blocking(self.store.payment, escrow_id))
+        need = facts_needed(row)
+        facts = await self._chain_facts(need, escrow_id, terms)
+        mode = request.route
         hooks = self.config.hooks
-        if hooks is None:
-            verified = self._verify(header, request, now)
-            return verified, await self._deposit(verified, accepted_at=now, route=request.route)
-        try:
-            payload = decode_payment_signature(header)
-        except ProtocolError:
-            payload = None  # _verify names what is wrong with it
-        requirements, context = request.offer.to_model(), request.context
-        if payload is not None:
-            await _abort_on(hooks.before_verify, verify_context(payload, requirements, context))
-        verified = self._verify(header, request, now)
-        assert payload is not None
-        await _abort_on(hooks.after_verify, verify_result_context(payload, requirements, context, verified.buyer))
-        await _abort_on(hooks.before_settle, settle_context(payload, requirements, context))
-        deposit_tx = await self._deposit(verified, accepted_at=now, route=request.route)
-        extra = SettlementExtra(escrow_id=verified.escrow_id, deadline=verified.terms.deadline, state=State.HELD)
-        result = self._settlement(verified.buyer, deposit_tx, extra)
-        try:
-            await SellerHooks.run(hooks.after_settle, settle_result_context(payload, requirements, context, result))
-        except Exception:  # bookkeeping must not cost the buyer the sale it has paid for
-            log.exception("an after-settle hook raised for escrow 0x%s; serving it anyway", verified.escrow_id.hex())
-        return verified, deposit_tx
+        before_verified = False
+        if hooks is not None and row is None and facts.state == State.NONE and not mode.serve_first:
+            # The SDK's order: the seller's before-verify hooks see a new payment before it is verified.
+            await self._before_verify(parsed, request)
+            before_verified = True
+        step: Step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
+        while True:
+            if isinstance(step, Reject):
+                raise step.rejected
+            if isinstance(step, Unavailable):
+                raise SellerUnavailable(step.reason, step.public, step.retry_after)
+            if isinstance(step, Replay):
+                assert step.row.response is not None
+                await self._replay(send, step.row, step.row.response)
+                return
+            if isinstance(step, Serve):
+                await self._serve(
+                    scope, receive, send, request, verified=step.verified, deposit_tx=step.deposit_tx,
+                    claim=claim, serve_first=step.serve_first,
+                )  # fmt: skip
+                return
+            if isinstance(step, Adopt):
+                row = await self._adopt(step, request)
+            elif isinstance(step, ResumeDeposit):
+                assert row is not None
+                resumed = await self._resume(step)
+                if resumed is not None:
+                    step = resumed
+                    continue
+                # Gone from the node, or reverted (another deposit of it may have landed): ask the chain again.
+                row = dataclasses.replace(row, deposit_tx=None)
+                facts = await self._chain_facts(Facts.STATE, escrow_id, terms)
+            elif isinstance(step, ServeFirst):
+                step = await self._serve_first(step, request, mode)
+                continue
+            else:
+                if hooks is not None and step.envelope is not None and not before_verified:
+                    await self._before_verify(parsed, request)
+                step = await self._deposit(step, request)
+                continue
+            step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
+
+    async def _with_sent_deposit(self, row: Payment | None) -> Payment | None:
+        """A `depositing` row with the deposit transaction an earlier request sent for it, if any.
+
+        The signed deposit is kept before broadcast in the operator key's transaction log (the store is
+        its NonceBook), under the deposit's intent (its target and calldata), so the row itself is not
+        written again for it: the transaction is found there when a request finds the row unanswered.
+        """
+        if row is None or row.status != DEPOSITING or row.deposit_tx is not None or row.payload is None:
+            return row
+        intent = self.chain.deposit_intent(EscrowPayload.from_json(json.loads(row.payload)))
+        sent = await _blocking(self.store.txs_for, self.chain.sender_address, intent)
+        return dataclasses.replace(row, deposit_tx=sent[0]) if sent else row
+
+    async def _adopt(self, step: Adopt, request: PaidRequest) -> Payment:
+        """Record an escrow deposited by someone else (the buyer, another replica), held, in one transaction."""
+        record, row = step.row(HELD)
+        await _blocking(
+            self.store.begin_deposit, row.escrow_id, row.terms, row.accepted_at, _route_name(request.route), record,
+            held=True,
+        )  # fmt: skip
+        return row
+
+    async def _before_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
+        assert self.config.hooks is not None and parsed.envelope is not None
+        context = verify_context(parsed.envelope, request.offer.to_model(), request.context)
+        await _abort_on(self.config.hooks.before_verify, context)
 
     async def _pay_exact(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, payload: PaymentPayload
+        self, scope: Scope, receive: Receive, send: Send, request: PaidRequest, payload: PaymentPayload
     ) -> None:
         """A payment in the SDK's `exact` scheme: verified and settled through the SDK (_offers.Offers.pay_exact)."""
         outcome = await self.offers.pay_exact(
@@ -448,242 +492,158 @@ class EscrowMiddleware:
         elif outcome.response is None:
             await self._send_required(send, request, 402, outcome.error)
         else:  # no settlement when the handler failed: not charged
-            await self._send_response(send, outcome.response, outcome.settle)
+            settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
+            await self._send_response(send, outcome.response, settle)
 
-    def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
-        return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.next_block_time)
+    async def _deposit(self, step: Deposit, request: PaidRequest) -> Step:
+        """Check on chain, record (a new payment), deposit, wait for the receipt; the next step.
 
-    def _latest_valid_time(self, request: _Request, header: str) -> int:
-        """The last chain time at which this payment's deadline and authorization both had time left."""
-        payload = EscrowPayload.from_json(decode_payment_signature(header).payload)
-        return min(payload.terms.deadline, payload.authorization.valid_before) - self.config.min_time_left - 1
-
-    async def _require_time_left(self, terms: Terms) -> None:
-        now = await _blocking(self.chain.next_block_time)
-        if now + self.config.min_time_left > terms.deadline:
-            raise Refusal(
-                Reason.ESCROW_REFUNDABLE,
-                f"deadline {terms.deadline} is less than {self.config.min_time_left}s after chain time {now}: "
-                "too late to deliver, the escrow is refundable",
-            )
-
-    async def _deposit(self, verified: VerifiedPayment, *, accepted_at: int | None, route: PricedRoute) -> bytes | None:
-        """Check on chain, record, deposit, wait for the receipt. `accepted_at` None: already recorded.
-
-        The buyer's faults are 402s (a simulation or a mined deposit that reverts, with the
-        revert in `error`); the seller's own are 503s with a reason (SellerUnavailable): the
-        operator cannot pay gas, its nonce is taken, the deposit is not confirmed in time.
+        The seller's hooks run around a new payment's deposit. The buyer's faults are 402s (a
+        simulation or a mined deposit that reverts, with the revert in `error`); the seller's own
+        are 503s with a reason: the operator cannot pay gas, its nonce is taken, the deposit is not
+        confirmed in time.
         """
+        verified, chain, hooks = step.verified, self.chain, self.config.hooks
         escrow_id = verified.escrow_id
-        chain = self.chain
+        context = request.context
+        requirements = request.offer.to_model() if hooks is not None else None
+        if hooks is not None and step.envelope is not None:
+            assert requirements is not None
+            result = verify_result_context(step.envelope, requirements, context, verified.buyer)
+            await _abort_on(hooks.after_verify, result)
+            await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
+        facts = await _blocking(read_onchain, verified, chain=chain)
         try:
-            gas = await _blocking(verify_onchain, verified, chain=chain)
+            gas = judge_onchain(verified, facts)
         except Refusal as rejected:
             if rejected.reason == Reason.SIMULATION_FAILED:
                 log.warning("deposit of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
-        payload = json.dumps(verified.payload.to_json())
-        if accepted_at is not None and not await _blocking(
-            self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(route), payload
-        ):
-            raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
-
-        def record(signed: SentTx) -> None:
-            # Before the transaction leaves: a retry finds it, and never sends a second deposit beside it.
-            self.store.set_deposit_sent(escrow_id, signed.tx_hash)
-
+        if step.accepted_at is not None and not await _blocking(
+            self.store.begin_deposit, escrow_id, verified.payload.terms, step.accepted_at, _route_name(request.route),
+            step.record,
+        ):  # fmt: skip
+            return IN_PROGRESS
         try:
-            receipt = await _blocking(chain.deposit, verified.payload, gas=gas, on_signed=record)
-        except TransactionTimeout as exc:
-            raise self._pending(escrow_id, exc) from None
-        except TransactionFailed as exc:
-            return await self._deposit_reverted(verified, exc)
-        except (InsufficientFunds, NonceConflict) as exc:
-            await _blocking(self.store.forget, escrow_id)  # the node refused it: nothing is on its way
-            raise self._operator_failure(escrow_id, exc) from None
+            # Each signed version is kept in the key's transaction log before it leaves (the store is the
+            # sender's NonceBook): a retry finds it there (_with_sent_deposit) and sends no second deposit.
+            # The chain encodes the deposit's calldata once, for its simulation and this send (Web3EscrowChain).
+            receipt = await _blocking(chain.deposit, verified.payload, gas=gas)
         except (EscrowError, OSError) as exc:
-            if await _blocking(chain.state_of, escrow_id) == State.HELD:
-                # It landed although we saw an error (a lost receipt): go on as deposited.
-                await _blocking(self.store.set_held, escrow_id, None)
-                return None
-            await _blocking(self.store.forget, escrow_id)
-            log.warning("deposit of 0x%s failed: %s", escrow_id.hex(), exc)
-            raise SellerUnavailable(
-                Reason.CHAIN_UNAVAILABLE, "the deposit could not be sent", CHAIN_RETRY_AFTER
-            ) from None
-        tx_hash = bytes(receipt["transactionHash"])
-        await _blocking(self.store.set_held, escrow_id, tx_hash)
-        return tx_hash
+            return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
+        deposit_tx = bytes(receipt["transactionHash"])
+        if hooks is not None and step.envelope is not None and requirements is not None:
+            answer = Answer(SettlementExtra(escrow_id=escrow_id, deadline=verified.terms.deadline, state=State.HELD),
+                            deposit_tx)  # fmt: skip
+            settle = answer.settle_response(verified.buyer, self.config.network)
+            result = settle_result_context(step.envelope, requirements, context, settle)
+            try:
+                await SellerHooks.run(hooks.after_settle, result)
+            except Exception:  # bookkeeping must not cost the buyer the sale it has paid for
+                log.exception("an after-settle hook raised for escrow 0x%s; serving it anyway", escrow_id.hex())
+        return Serve(verified, deposit_tx)
 
-    async def _resume(self, verified: VerifiedPayment, tx_hash: bytes) -> bytes | None:
-        """The deposit sent by an earlier request, waited for again; None if it is gone (send a new one)."""
-        escrow_id = verified.escrow_id
+    async def _deposit_fault(self, verified: VerifiedPayment, fault: DepositFault, exc: Exception) -> Step:
+        """Ask the chain what a failed deposit left (when it matters), then the machine what comes next."""
+        state = await _blocking(self.chain.state_of, verified.escrow_id) if state_needed(fault) else None
+        detail = exc.reason if isinstance(exc, TransactionFailed) else None
+        step = after_deposit_fault(
+            verified, fault, state, message=str(exc), detail=detail, reprice_after=self.config.reprice_after
+        )
+        if isinstance(step, Forget):
+            await _blocking(self.store.forget, verified.escrow_id)  # the node refused it: nothing is on its way
+            return step.then
+        return step
+
+    async def _resume(self, step: ResumeDeposit) -> Step | None:
+        """The deposit sent by an earlier request, waited for again; None if it is gone (ask the chain anew)."""
+        verified = step.verified
         try:
-            receipt = await _blocking(self.chain.resume, tx_hash)
+            receipt = await _blocking(self.chain.resume, step.tx_hash)
         except TransactionTimeout as exc:
-            raise self._pending(escrow_id, exc) from None
+            return await self._deposit_fault(verified, _fault_of(exc, verified), exc)
         except TransactionFailed as exc:
-            await self._deposit_reverted(verified, exc)
-            return None
+            after = await self._deposit_fault(verified, _fault_of(exc, verified), exc)
+            return None if isinstance(after, Serve) else after  # landed by another deposit: judged anew
         if receipt is None:
             return None
-        mined = bytes(receipt["transactionHash"])
-        await _blocking(self.store.set_held, escrow_id, mined)
-        return mined
-
-    def _pending(self, escrow_id: bytes, exc: TransactionTimeout) -> SellerUnavailable:
-        log.warning("deposit of 0x%s not confirmed in time, answered 503: %s", escrow_id.hex(), exc)
-        return SellerUnavailable(
-            Reason.DEPOSIT_PENDING,
-            "the deposit was sent and is not confirmed yet; send the same payment again",
-            max(1, math.ceil(self.config.reprice_after)),
-        )
-
-    def _operator_failure(self, escrow_id: bytes, exc: InsufficientFunds | NonceConflict) -> SellerUnavailable:
-        if isinstance(exc, InsufficientFunds):
-            log.error("operator %s cannot pay gas; deposit of 0x%s not sent: %s", exc.address, escrow_id.hex(), exc)
-            return SellerUnavailable(Reason.OPERATOR_UNFUNDED, "the seller cannot pay for gas now", 30)
-        log.error("operator nonce taken twice; deposit of 0x%s not sent: %s", escrow_id.hex(), exc)
-        return SellerUnavailable(Reason.NONCE_CONFLICT, "the seller's transaction key is busy", 1)
-
-    async def _deposit_reverted(self, verified: VerifiedPayment, exc: TransactionFailed) -> bytes | None:
-        """A mined deposit that reverted: the buyer's payment failed at the token or the escrow."""
-        escrow_id = verified.escrow_id
-        if await _blocking(self.chain.state_of, escrow_id) == State.HELD:
-            await _blocking(self.store.set_held, escrow_id, None)  # deposited by another transaction meanwhile
-            return None
-        await _blocking(self.store.forget, escrow_id)
-        log.warning("deposit of 0x%s reverted on chain: %s (buyer %s)", escrow_id.hex(), exc, verified.buyer)
-        raise Refusal(Reason.DEPOSIT_FAILED, str(exc), detail=exc.reason) from None
+        return Serve(verified, bytes(receipt["transactionHash"]))
 
     # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
 
-    async def _serve_first(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, verified: VerifiedPayment, now: int
-    ) -> bool:
-        """Serve a payment before any money moves, if the exposure limits allow; False: serve it in hold mode.
-
-        Checked first as hold checks before its deposit (balance, authorization unused, an eth_call of
-        the pull: here the settlement's own); then the exposure is reserved and the payment recorded
-        in one store transaction, so concurrent requests and replicas cannot overshoot a limit.
-        """
-        escrow_id, terms, chain, config = verified.escrow_id, verified.terms, self.chain, self.config
+    async def _serve_first(self, step: ServeFirst, request: PaidRequest, mode: RouteMode) -> Step:
+        """Check on chain as hold checks before its deposit (balance, authorization unused, an eth_call of the
+        pull: here the settlement's own); then reserve the exposure and record the payment in one store
+        transaction, so concurrent requests and replicas cannot overshoot a limit."""
+        verified, chain, config = step.verified, self.chain, self.config
+        escrow_id, terms = verified.escrow_id, verified.terms
+        facts = await _blocking(read_onchain, verified, chain=chain, serve_first=True)
         try:
-            await _blocking(verify_onchain, verified, chain=chain, serve_first=True)
+            judge_onchain(verified, facts)
         except Refusal as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
-        due = min(verified.payload.authorization.valid_before, terms.deadline)
         refused = await _blocking(
             self.store.begin_serve_first,
             escrow_id,
             terms,
-            accepted_at=now,
+            accepted_at=step.now,
             route=_route_name(request.route),
-            payload=json.dumps(verified.payload.to_json()),
-            due=due,
+            payload=step.record,
+            due=step.due,
             # Both set whenever a route is serve-first (SellerConfig checks it).
             max_per_buyer=config.serve_first_max_per_buyer or 0,
             max_total=config.serve_first_max_total or 0,
         )
-        if refused == "known":
-            raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
-        if refused is not None:
-            reason = Reason(refused)
-            why = (
-                f"buyer {terms.buyer} left a serve-first settlement unpaid"
-                if reason == Reason.SERVE_FIRST_REFUSED
-                else f"serving {terms.amount} first would pass an exposure limit (per buyer "
-                f"{config.serve_first_max_per_buyer}, total {config.serve_first_max_total})"
-            )
-            if request.route.fallback_to_hold:
-                log.info("payment 0x%s served in hold mode: %s (%s)", escrow_id.hex(), why, reason)
-                return False
-            raise Refusal(reason, why)
-        await self._serve_first_handler(scope, receive, send, request, verified)
-        return True
+        outcome = Reserve.DONE if refused is None else Reserve(refused)
+        per_buyer, total = config.serve_first_max_per_buyer or 0, config.serve_first_max_total or 0
+        after = after_reserve(step, outcome, mode, per_buyer=per_buyer, total=total)
+        if isinstance(after, Deposit):
+            log.info("payment 0x%s served in hold mode: %s", escrow_id.hex(), outcome)
+        return after
 
-    async def _serve_first_again(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, verified: VerifiedPayment
-    ) -> None:
-        """A serve-first payment recorded and never answered (the seller died mid-handler): serve it now,
-        if its authorization is still unused and leaves the poster time to settle it."""
-        terms, escrow_id = verified.terms, verified.escrow_id
-        if await _blocking(self.chain.authorization_used, terms.token, terms.buyer, escrow_id):
-            raise Refusal(Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
-        now = await _blocking(self.chain.next_block_time)
-        due = min(verified.payload.authorization.valid_before, terms.deadline)
-        if now + self.config.min_time_left > due:
-            raise Refusal(
-                Reason.AUTHORIZATION_EXPIRED, f"validBefore/deadline {due} leaves no time to settle (chain time {now})"
-            )
-        await self._serve_first_handler(scope, receive, send, request, verified)
-
-    async def _serve_first_handler(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, verified: VerifiedPayment
-    ) -> None:
-        """Run the handler; store the response and queue its settlement durably, then answer `pending`.
-
-        A failed handler costs nobody anything: the record is dropped, no transaction is sent.
-        """
-        escrow_id, terms = verified.escrow_id, verified.terms
-        response = await self._run_handler(scope, receive, request.body)
-        if response.status >= 400:
-            await _blocking(self.store.forget_serve_first, escrow_id)
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline)
-            settle = self._settlement(terms.buyer, None, extra, error=Reason.HANDLER_FAILED_NOT_CHARGED)
-            await self._send_response(send, response, settle)
-            return
-        hashed = delivery_hash(response.body)
-        if not await _blocking(self.store.save_served_first, escrow_id, response, hashed):
-            await self._replay_stored(send, escrow_id)
-            return
-        extra = SettlementExtra(
-            escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, settlement=SettlementStatus.PENDING
-        )
-        await self._send_response(send, response, self._settlement(terms.buyer, None, extra))
-
-    async def _replay_served_first(self, send: Send, payment: Payment, response: StoredResponse) -> None:
-        """The stored bytes again, with where their settlement stands."""
-        record = await _blocking(self.store.settlement, payment.escrow_id)
-        settled = record is not None and record.status == SETTLE_DONE
-        lost = record is not None and record.status == SETTLE_LOST
-        extra = SettlementExtra(
-            escrow_id=payment.escrow_id,
-            deadline=payment.terms.deadline,
-            delivery_hash=delivery_hash(response.body),
-            settlement=None if lost else SettlementStatus.SETTLED if settled else SettlementStatus.PENDING,
-        )
-        tx = record.tx_hash if record is not None and settled else None
-        error = Reason.SETTLEMENT_FAILED if lost else None
-        await self._send_response(send, response, self._settlement(payment.terms.buyer, tx, extra, error=error))
+    # -- the handler, and storing its answer ----------------------------------------------
 
     async def _serve(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         *,
         verified: VerifiedPayment,
         deposit_tx: bytes | None,
+        claim: Claim | None = None,
+        serve_first: bool = False,
     ) -> None:
-        escrow_id, terms = verified.escrow_id, verified.terms
+        """Run the handler; store its response with the delivery (hold) or settlement (serve-first) queued,
+        in one transaction that also gives up the claim, then answer. A failed handler is refunded (hold)
+        or costs nobody anything (serve-first: the record is dropped, no transaction is sent)."""
+        escrow_id, terms, store = verified.escrow_id, verified.payload.terms, self.store
         response = await self._run_handler(scope, receive, request.body)
-        extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline)
+        release = claim.hand_over() if claim is not None else None
         if response.status < 400:
-            hashed = delivery_hash(response.body)
-            if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
+            keep = kept(verified, response.body, deposit_tx, serve_first=serve_first)
+            if serve_first:
+                saved = await _blocking(
+                    store.save_served_first, escrow_id, response, keep.delivery_hash, release=release
+                )
+            else:
+                saved = await _blocking(
+                    store.save_served, escrow_id, terms, response, keep.delivery_hash, deposit_tx=deposit_tx,
+                    release=release,
+                )  # fmt: skip
+            if claim is not None:
+                claim.released = True
+            if not saved:
                 await self._replay_stored(send, escrow_id)
                 return
-            extra = SettlementExtra(
-                escrow_id=escrow_id,
-                deadline=terms.deadline,
-                delivery_hash=hashed,
-                state=State.HELD,
-                settlement=SettlementStatus.HELD,
-            )
-            await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
+            await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
+            return
+        if serve_first:
+            await _blocking(store.forget_serve_first, escrow_id)
+            answer = handler_failed(escrow_id, terms, None, None, serve_first=True)
+            await self._send_response(send, response, self._settlement(terms.buyer, answer))
             return
         refund_tx: bytes | None = None
         try:
@@ -701,17 +661,16 @@ class EscrowMiddleware:
         except (EscrowError, OSError, TimeoutError) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
-        if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
+        saved = await _blocking(
+            store.save_failed, escrow_id, response, refund_tx, deposit_tx=deposit_tx, release=release
+        )
+        if claim is not None:
+            claim.released = True
+        if not saved:
             await self._replay_stored(send, escrow_id)
             return
-        extra = SettlementExtra(
-            escrow_id=escrow_id,
-            deadline=terms.deadline,
-            refund_transaction=refund_tx,
-            state=State.REFUNDED if refund_tx else State.HELD,
-        )
-        settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
-        await self._send_response(send, response, settle)
+        answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False)
+        await self._send_response(send, response, self._settlement(terms.buyer, answer))
 
     async def _replay_stored(self, send: Send, escrow_id: bytes) -> None:
         """Another run's response was stored first (this one's claim had lapsed): that one is the answer."""
@@ -722,43 +681,27 @@ class EscrowMiddleware:
         await self._replay(send, payment, payment.response)
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
-        terms = payment.terms
+        """The stored bytes again, with where their delivery or settlement stands."""
+        escrow_id, store = payment.escrow_id, self.store
+        delivery = settlement = None
+        onchain: State | None = None
         if payment.serve_first:
-            await self._replay_served_first(send, payment, response)
-            return
-        if payment.status in (REFUNDED, REFUND_PENDING):
-            extra = SettlementExtra(
-                escrow_id=payment.escrow_id,
-                deadline=terms.deadline,
-                refund_transaction=payment.refund_tx,
-                state=State.REFUNDED if payment.status == REFUNDED else State.HELD,
-            )
-            settle = self._settlement(terms.buyer, payment.deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
-        else:
-            record = await _blocking(self.store.delivery, payment.escrow_id)
-            state = _DELIVERY_STATE.get(record.status, "held") if record is not None else "held"
-            if record is not None and record.status == EXPIRED:
-                state = await self._expired_state(payment.escrow_id)
-            extra = SettlementExtra(
-                escrow_id=payment.escrow_id,
-                deadline=terms.deadline,
-                delivery_hash=delivery_hash(response.body),
-                delivery_transaction=record.tx_hash if record else None,
-                state=state,
-                settlement=SettlementStatus.HELD,
-            )
-            settle = self._settlement(terms.buyer, payment.deposit_tx, extra)
-        await self._send_response(send, response, settle)
+            settlement = await _blocking(store.settlement, escrow_id)
+        elif payment.status not in (REFUNDED, REFUND_PENDING):
+            delivery = await _blocking(store.delivery, escrow_id)
+            if needs_chain_state_for_replay(payment, delivery):
+                onchain = await self._expired_state(escrow_id)
+        answer = replayed(payment, delivery=delivery, settlement=settlement, onchain=onchain)
+        await self._send_response(send, response, self._settlement(payment.terms.buyer, answer))
 
-    async def _expired_state(self, escrow_id: bytes) -> str:
-        """The PAYMENT-RESPONSE state of an escrow whose delivery expired: it stays Held until the buyer's
-        refund (a keeper, recover()), so the chain is asked; if it cannot answer, the stored reply still goes."""
+    async def _expired_state(self, escrow_id: bytes) -> State | None:
+        """The escrow's state for a replay whose delivery expired (it stays Held until the buyer's refund);
+        None if the chain cannot answer: the stored reply still goes, saying held."""
         try:
-            onchain = await _blocking(self.chain.state_of, escrow_id)
+            return await _blocking(self.chain.state_of, escrow_id)
         except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
-            return "held"
-        return {State.RELEASED: "released", State.REFUNDED: "refunded"}.get(onchain, "held")
+            return None
 
     # -- the wrapped handler ---------------------------------------------------------------
 
@@ -796,48 +739,6 @@ class EscrowMiddleware:
 
     # -- building responses ----------------------------------------------------------------
 
-    async def _request(self, scope: Scope, body: bytes, route: PricedRoute, header: str | None) -> _Request:
-        method = str(scope["method"]).upper()
-        url = self._resource_url(scope)
-        config = self.config
-        context = request_context(scope, url, route, header)
-        amount, pay_to = await self.offers.terms_of(route, context)
-        offer = offer_for(
-            network=config.network,
-            amount=amount,
-            asset=config.token,
-            pay_to=pay_to,
-            escrow=config.escrow,
-            operator=config.operator.address,
-            token_name=config.token_name,
-            token_version=config.token_version,
-            max_timeout_seconds=route.max_timeout_seconds,
-            method=method,
-            resource_url=url,
-            body=body,
-            settlement=route.settlement,  # type: ignore[arg-type]  # PricedRoute made it a SettlementMode
-        )
-        accepts = await self.offers.accepts(route, offer.to_model(), amount, pay_to)
-        return _Request(method, url, body, route, offer, context, accepts, self.offers.extensions(route, context))
-
-    def _resource_url(self, scope: Scope) -> str:
-        """The canonical URL of this request as it went over the wire (terms.canonical_url)."""
-        root = str(scope.get("root_path", "")).encode("utf-8")
-        # raw_path is the request target exactly as sent; `path` is already percent-decoded.
-        target = scope.get("raw_path") or str(scope["path"]).encode("utf-8")
-        if root and not target.startswith(root):
-            target = root + target
-        if self.config.public_base_url is not None:
-            base = self.config.public_base_url.encode("utf-8")
-        else:
-            host = _header(scope, b"host")
-            if host is None:
-                server = scope.get("server") or ("localhost", None)
-                host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
-            base = f"{scope.get('scheme', 'http')}://{host}".encode("latin-1")
-        query = bytes(scope.get("query_string", b""))
-        return canonical_url(base + target + (b"?" + query if query else b""))
-
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
@@ -854,20 +755,11 @@ class EscrowMiddleware:
                 break
         return b"".join(chunks)
 
-    def _settlement(
-        self, payer: str, deposit_tx: bytes | None, extra: SettlementExtra, *, error: str | None = None
-    ) -> SettleResponse:
-        return SettleResponse(
-            # A serve-first handler failure: nothing was charged, and nothing will be.
-            success=error not in {Reason.HANDLER_FAILED_NOT_CHARGED, Reason.SETTLEMENT_FAILED},
-            transaction="0x" + deposit_tx.hex() if deposit_tx else "",
-            network=self.config.network,
-            payer=payer,
-            error_reason=error,
-            extra=extra.to_json(),
-        )
+    def _settlement(self, payer: str, answer: Answer) -> str:
+        """The PAYMENT-RESPONSE header of `answer`."""
+        return answer.header(payer, self.config.network)
 
-    async def _send_required(self, send: Send, request: _Request, status: int, reason: str | None) -> None:
+    async def _send_required(self, send: Send, request: PaidRequest, status: int, reason: str | None) -> None:
         model = payment_required(
             request.url,
             request.accepts,
@@ -886,11 +778,12 @@ class EscrowMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _send_response(self, send: Send, response: StoredResponse, settle: SettleResponse | None) -> None:
+    async def _send_response(self, send: Send, response: StoredResponse, settle: str | None) -> None:
+        """The response with its PAYMENT-RESPONSE header (`settle`, the header's value; None: not charged)."""
         headers = [(k, v) for k, v in response.headers if k.lower() not in _OWN_HEADERS]
         headers.append((b"cache-control", b"no-store"))
         if settle is not None:  # None: an exact payment whose handler failed, not charged
-            headers.append((PAYMENT_RESPONSE_HEADER.encode(), encode_payment_response(settle).encode()))
+            headers.append((PAYMENT_RESPONSE_HEADER.encode(), settle.encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
@@ -922,13 +815,6 @@ def _endpoint(routes: list[BaseRoute], scope: Scope) -> Any:
     return None
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if bytes(key).lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 async def _send_plain(send: Send, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -937,7 +823,7 @@ async def _send_plain(send: Send, status: int, body: bytes) -> None:
 
 async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
     """503 with Retry-After: `{"error": reason, "message": ...}`; no new offer (the same payment is to be resent)."""
-    body = Unavailable(unavailable.reason, unavailable.public, unavailable.retry_after).body()
+    body = UnavailableBody(unavailable.reason, unavailable.public, unavailable.retry_after).body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -948,28 +834,30 @@ async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _as_accepted(request: _Request, terms: Terms) -> _Request:
-    """The request judged by the amount and payTo its stored payment was accepted at."""
-    offer = request.offer
-    if (offer.amount, offer.pay_to) == (terms.amount, terms.seller):
-        return request
-    return dataclasses.replace(request, offer=offer.with_(amount=terms.amount, pay_to=terms.seller))
-
-
-def _other_scheme(header: str) -> PaymentPayload | None:
-    """The payment if it is in the SDK's `exact` scheme (any other header goes the delivery-escrow way)."""
-    try:
-        payload = decode_payment_signature(header)
-    except ProtocolError:
-        return None
-    return payload if payload.accepted.scheme == EXACT else None
-
-
 async def _abort_on(hooks: list[Any], context: Any) -> None:
     """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
     aborted = await SellerHooks.run(hooks, context)
     if aborted is not None:
         raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
+
+
+def _fault_of(exc: Exception, verified: VerifiedPayment) -> DepositFault:
+    """What a failed deposit's exception means for the payment (logged here, once)."""
+    escrow_id = verified.escrow_id.hex()
+    if isinstance(exc, TransactionTimeout):
+        log.warning("deposit of 0x%s not confirmed in time, answered 503: %s", escrow_id, exc)
+        return DepositFault.PENDING
+    if isinstance(exc, TransactionFailed):
+        log.warning("deposit of 0x%s reverted on chain: %s (buyer %s)", escrow_id, exc, verified.buyer)
+        return DepositFault.REVERTED
+    if isinstance(exc, InsufficientFunds):
+        log.error("operator %s cannot pay gas; deposit of 0x%s not sent: %s", exc.address, escrow_id, exc)
+        return DepositFault.UNFUNDED
+    if isinstance(exc, NonceConflict):
+        log.error("operator nonce taken twice; deposit of 0x%s not sent: %s", escrow_id, exc)
+        return DepositFault.NONCE
+    log.warning("deposit of 0x%s failed: %s", escrow_id, exc)
+    return DepositFault.UNKNOWN
 
 
 def _route_name(route: PricedRoute) -> str:

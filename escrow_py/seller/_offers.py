@@ -1,7 +1,9 @@
 """The seller's place in the x402 SDK's world: money and dynamic prices, `exact` beside
 delivery-escrow in one 402, bazaar discovery, and verify/settle hooks.
 
-The middleware (`_middleware.py`) asks this module, per request, for:
+The middleware (`_middleware.py`) asks this module, per request, for everything a priced request
+is offered at once (`Offers.paid_request`: its canonical URL, price, payTo, delivery-escrow
+requirements, the 402's accepts and extensions), built from:
 
 - the price and payTo (`Offers.terms_of`): a route's `amount`, or its `price` resolved like
   the SDK's (money, asset amount, or a callable of the request's HTTPRequestContext), and
@@ -52,8 +54,10 @@ from x402.schemas import (
 from escrow_py.chain.registry import KnownToken
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.wire import SCHEME
+from escrow_py.protocol.terms import canonical_url
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements
 from escrow_py.seller._price import atomic_amount, token_for
+from escrow_py.seller._verify import offer_for
 
 if TYPE_CHECKING:
     from escrow_py.seller._config import PricedRoute, SellerConfig
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("escrow_py.seller")
 
 EXACT = "exact"
+_SIGNATURE_HEADER = PAYMENT_SIGNATURE_HEADER.lower().encode()
 SCHEMES = frozenset({SCHEME, EXACT})
 
 Hook = Callable[[Any], Any]
@@ -258,6 +263,49 @@ def request_context(scope: Mapping[str, Any], url: str, route: PricedRoute, head
     )
 
 
+def header_of(scope: Mapping[str, Any], name: bytes) -> str | None:
+    """A request header's value (`name` in lower case), the first if repeated."""
+    for key, value in scope.get("headers", []):
+        if bytes(key).lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def resource_url(scope: Mapping[str, Any], public_base_url: str | None) -> str:
+    """The canonical URL of this request as it went over the wire (terms.canonical_url)."""
+    root = str(scope.get("root_path", "")).encode("utf-8")
+    # raw_path is the request target exactly as sent; `path` is already percent-decoded.
+    target = scope.get("raw_path") or str(scope["path"]).encode("utf-8")
+    if root and not target.startswith(root):
+        target = root + target
+    if public_base_url is not None:
+        base = public_base_url.encode("utf-8")
+    else:
+        host = header_of(scope, b"host")
+        if host is None:
+            server = scope.get("server") or ("localhost", None)
+            host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+        base = f"{scope.get('scheme', 'http')}://{host}".encode("latin-1")
+    query = bytes(scope.get("query_string", b""))
+    return canonical_url(base + target + (b"?" + query if query else b""))
+
+
+@dataclass(frozen=True, slots=True)
+class PaidRequest:
+    """A request to a priced route and what it is offered: the facts the payment is judged against."""
+
+    method: str
+    url: str
+    body: bytes
+    header: str | None  # PAYMENT-SIGNATURE as sent (None: no payment yet)
+    route: PricedRoute
+    offer: EscrowRequirements
+    # The SDK's view of the request, and the 402's offers in the seller's order.
+    context: HTTPRequestContext
+    accepts: list[PaymentRequirements]
+    extensions: dict[str, Any] | None
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -281,6 +329,33 @@ class Offers:
         self._server: x402ResourceServer | None = None
         self._server_lock = asyncio.Lock()
         self._retry_at = 0.0
+
+    async def paid_request(self, scope: Mapping[str, Any], route: PricedRoute, body: bytes) -> PaidRequest:
+        """Everything this request is offered, and its payment header; ConfigError if a dynamic price or
+        payTo gives a bad one."""
+        config = self.config
+        header = header_of(scope, _SIGNATURE_HEADER)
+        method = str(scope["method"]).upper()
+        url = resource_url(scope, config.public_base_url)
+        context = request_context(scope, url, route, header)
+        amount, pay_to = await self.terms_of(route, context)
+        offer = offer_for(
+            network=config.network,
+            amount=amount,
+            asset=config.token,
+            pay_to=pay_to,
+            escrow=config.escrow,
+            operator=config.operator.address,
+            token_name=config.token_name,
+            token_version=config.token_version,
+            max_timeout_seconds=route.max_timeout_seconds,
+            method=method,
+            resource_url=url,
+            body=body,
+            settlement=route.settlement,  # type: ignore[arg-type]  # PricedRoute made it a SettlementMode
+        )
+        accepts = await self.accepts(route, offer.to_model(), amount, pay_to)
+        return PaidRequest(method, url, body, header, route, offer, context, accepts, self.extensions(route, context))
 
     # -- price and payTo -------------------------------------------------------------------
 

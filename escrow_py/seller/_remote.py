@@ -29,7 +29,7 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,32 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Ve
 
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import SCHEME, SettlementExtra, SettlementStatus, decode_payment_signature
+from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.wire import SCHEME, SettlementStatus
 from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._machine import (
+    Deposit,
+    ParsedPayment,
+    Reject,
+    Reserve,
+    Serve,
+    ServeFirst,
+    Unavailable,
+    _as_accepted,
+    after_reserve,
+    handler_failed,
+    kept,
+    served,
+    settle_due,
+)
 from escrow_py.seller._middleware import (
+    Claim,
     EscrowMiddleware,
     SellerUnavailable,
-    _as_accepted,
     _blocking,
-    _Request,
     _route_name,
 )
-from escrow_py.seller._offers import Offers
+from escrow_py.seller._offers import Offers, PaidRequest
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
@@ -406,30 +420,39 @@ class FacilitatorMiddleware(EscrowMiddleware):
     # -- a paid request ------------------------------------------------------------------------
 
     async def _settle(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: PaidRequest,
+        parsed: ParsedPayment,
+        *,
+        claim: Claim | None,
     ) -> None:
+        assert parsed.escrow_id is not None and parsed.envelope is not None
+        escrow_id = parsed.escrow_id
         payment = await _blocking(self.store.payment, escrow_id)
         if payment is not None and payment.response is not None:
-            self._verify(header, request, payment.accepted_at)  # the same request, terms and signature
+            self._verify(parsed, request, payment.accepted_at)  # the same request, terms and signature
             await self._replay(send, payment, payment.response)
             return
         if payment is not None and payment.serve_first:
             # Recorded and never answered (this seller died mid-handler): served now if the facilitator
             # finds the authorization still unused with time left to settle it.
-            request = _as_accepted(request, payment.terms)
-            verified = self._verify(header, request, payment.accepted_at)
-            await self._remote_verify(header, request)
-            await self._serve_first_handler(scope, receive, send, request, verified)
-            self._kick.set()
+            request = replace(request, offer=_as_accepted(request.offer, payment.terms))
+            verified = self._verify(parsed, request, payment.accepted_at)
+            await self._remote_verify(parsed, request)
+            await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
+                              serve_first=True)  # fmt: skip
             return
         if (
             payment is None
             and request.route.serve_first
-            and await self._serve_first_remote(scope, receive, send, request, header=header, escrow_id=escrow_id)
+            and await self._serve_first_remote(scope, receive, send, request, parsed, claim=claim)
         ):
             return
         try:
-            result = await self.facilitator.settle(decode_payment_signature(header), request.offer.to_model())
+            result = await self.facilitator.settle(parsed.envelope, request.offer.to_model())
         except FacilitatorDown as down:
             log.warning("paid request %s %s: facilitator unavailable: %s", request.method, request.url, down)
             raise SellerUnavailable(down.reason, "the payment service is unavailable; send the same payment again",
@@ -441,8 +464,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
         accepted_at = int(extra.get("acceptedAt", 0))
         # A facilitator's yes for another payment is no yes: this one is checked against this request's offer.
         # Its signature the facilitator recovered before answering (and the token again on deposit).
-        verified = verify_offchain(header, request.offer, chain_time=accepted_at, signature_checked=True,
-                                   min_time_left=self.config.min_time_left,
+        verified = verify_offchain(parsed.envelope, request.offer, chain_time=accepted_at, payload=parsed.payload,
+                                   signature_checked=True, min_time_left=self.config.min_time_left,
                                    deadline_slack=self.config.deadline_slack)  # fmt: skip
         if "0x" + verified.escrow_id.hex() != extra.get("escrowId"):
             raise FacilitatorDown(f"/settle answered escrow {extra.get('escrowId')} for 0x{verified.escrow_id.hex()}",
@@ -450,13 +473,14 @@ class FacilitatorMiddleware(EscrowMiddleware):
         deposit_tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
         await _blocking(self.store.record_held, escrow_id, verified.terms, accepted_at, _route_name(request.route),
                         deposit_tx)  # fmt: skip
-        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx)
+        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx, claim=claim)
 
-    async def _remote_verify(self, header: str, request: _Request) -> None:
+    async def _remote_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
         """The facilitator's /verify: time by the chain's clock, balance, authorization unused, and a
         simulation of the settlement's pull. Its refusal is the buyer's 402; its absence a 503."""
+        assert parsed.envelope is not None
         try:
-            result = await self.facilitator.verify(decode_payment_signature(header), request.offer.to_model())
+            result = await self.facilitator.verify(parsed.envelope, request.offer.to_model())
         except FacilitatorDown as down:
             raise SellerUnavailable(down.reason, "the payment service is unavailable; send the same payment again",
                                     down.retry_after) from None  # fmt: skip
@@ -465,39 +489,56 @@ class FacilitatorMiddleware(EscrowMiddleware):
             raise Refusal(reason, result.invalid_message or reason)
 
     async def _serve_first_remote(
-        self, scope: Scope, receive: Receive, send: Send, request: _Request, *, header: str, escrow_id: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: PaidRequest,
+        parsed: ParsedPayment,
+        *,
+        claim: Claim | None,
     ) -> bool:
         """Serve a serve-first payment now, settled later through the facilitator; False: serve it in hold.
 
         The facilitator checks it as a settlement would be (/verify, by the chain's time); this seller
         checks the request binding and reserves its own exposure, then runs the handler and queues the
         settlement with the response's hash in one store transaction. The outbox hands it to /settle.
+        What a reservation's refusal leads to is the machine's (_machine.after_reserve), as in local mode.
         """
-        await self._remote_verify(header, request)
+        assert parsed.escrow_id is not None and parsed.envelope is not None and parsed.payload is not None
+        await self._remote_verify(parsed, request)
         # Judged by the chain's time at the facilitator; here, at the last time it is valid (no chain clock).
-        reference = self._latest_valid_time(request, header)
-        verified = self._verify(header, request, reference)
-        terms, config = verified.terms, self.config
+        terms, auth = parsed.payload.terms, parsed.payload.authorization
+        reference = min(terms.deadline, auth.valid_before) - self.config.min_time_left - 1
+        verified = self._verify(parsed, request, reference)
+        # In facilitator mode the store keeps the buyer's whole x402 envelope: the outbox hands it to /settle.
+        record = parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
+        step = ServeFirst(verified, reference, settle_due(verified), parsed.envelope, record)
+        config = self.config
+        per_buyer, total = config.serve_first_max_per_buyer or 0, config.serve_first_max_total or 0
         refused = await _blocking(
             self.store.begin_serve_first,
-            escrow_id,
-            terms,
+            parsed.escrow_id,
+            verified.terms,
             accepted_at=reference,
             route=_route_name(request.route),
-            payload=decode_payment_signature(header).model_dump_json(by_alias=True, exclude_none=True),
-            due=min(verified.payload.authorization.valid_before, terms.deadline),
-            max_per_buyer=config.serve_first_max_per_buyer or 0,
-            max_total=config.serve_first_max_total or 0,
+            payload=record,
+            due=step.due,
+            max_per_buyer=per_buyer,
+            max_total=total,
         )
-        if refused == "known":
-            raise SellerUnavailable(Reason.PAYMENT_IN_PROGRESS, "this payment is being processed; send it again", 1)
-        if refused is not None:
-            if request.route.fallback_to_hold:
-                log.info("payment 0x%s served in hold mode: %s", escrow_id.hex(), refused)
-                return False
-            raise Refusal(Reason(refused), f"serve-first refused for buyer {terms.buyer}: {refused}")
-        await self._serve_first_handler(scope, receive, send, request, verified)
-        self._kick.set()
+        after = after_reserve(step, Reserve.DONE if refused is None else Reserve(refused), request.route,
+                              per_buyer=per_buyer, total=total)  # fmt: skip
+        if isinstance(after, Deposit):
+            log.info("payment 0x%s served in hold mode: %s", parsed.escrow_id.hex(), refused)
+            return False
+        if isinstance(after, Reject):
+            raise after.rejected
+        if isinstance(after, Unavailable):
+            raise SellerUnavailable(after.reason, after.public, after.retry_after)
+        assert isinstance(after, Serve)
+        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
+                          serve_first=True)  # fmt: skip
         return True
 
     async def _serve(
@@ -505,22 +546,29 @@ class FacilitatorMiddleware(EscrowMiddleware):
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: _Request,
+        request: PaidRequest,
         *,
         verified: VerifiedPayment,
         deposit_tx: bytes | None,
+        claim: Claim | None = None,
+        serve_first: bool = False,
     ) -> None:
+        """Serve-first goes as EscrowMiddleware's (its settlement is queued in the store), then wakes the
+        outbox; hold's delivery and refund go to the facilitator."""
+        if serve_first:
+            await super()._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
+                                 serve_first=True)  # fmt: skip
+            self._kick.set()
+            return
         escrow_id, terms = verified.escrow_id, verified.terms
         response = await self._run_handler(scope, receive, request.body)
         if response.status < 400:
-            hashed = delivery_hash(response.body)
-            if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
+            keep = kept(verified, response.body, deposit_tx, serve_first=False)
+            if not await _blocking(self.store.save_served, escrow_id, terms, response, keep.delivery_hash):
                 await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
                 return
             self._kick.set()
-            extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed,
-                                    state=State.HELD, settlement=SettlementStatus.HELD)  # fmt: skip
-            await self._send_response(send, response, self._settlement(terms.buyer, deposit_tx, extra))
+            await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
             return
         refund_tx: bytes | None = None
         refunded = False
@@ -534,25 +582,19 @@ class FacilitatorMiddleware(EscrowMiddleware):
             return
         if refunded and refund_tx is None:
             await _blocking(self.store.set_refunded, escrow_id, None)
-        extra = SettlementExtra(
-            escrow_id=escrow_id, deadline=terms.deadline, refund_transaction=refund_tx,
-            state=State.REFUNDED if refunded else State.HELD,
-        )  # fmt: skip
-        settle = self._settlement(terms.buyer, deposit_tx, extra, error=Reason.HANDLER_FAILED_REFUNDED)
-        await self._send_response(send, response, settle)
+        # `refunded` with no transaction: the facilitator found it refunded already.
+        answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False, refunded=refunded)
+        await self._send_response(send, response, self._settlement(terms.buyer, answer))
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
-        """A refunded payment replays as EscrowMiddleware's does; a served one says `held`: its delivery is the
-        facilitator's to post, and this seller has no chain to ask."""
+        """A refunded or serve-first payment replays as EscrowMiddleware's does; a served one says `held`: its
+        delivery is the facilitator's to post, and this seller has no chain to ask."""
         if payment.serve_first or payment.status in (REFUNDED, REFUND_PENDING):
             await super()._replay(send, payment, response)
             return
-        terms = payment.terms
-        extra = SettlementExtra(
-            escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-            state=State.HELD, settlement=SettlementStatus.HELD,
-        )  # fmt: skip
-        await self._send_response(send, response, self._settlement(terms.buyer, payment.deposit_tx, extra))
+        answer = served(payment.escrow_id, payment.terms, delivery_hash(response.body), payment.deposit_tx,
+                        serve_first=False)  # fmt: skip
+        await self._send_response(send, response, self._settlement(payment.terms.buyer, answer))
 
 
 __all__ = ["FacilitatorClient", "FacilitatorMiddleware", "FacilitatorSellerConfig", "RemoteOperator"]

@@ -370,15 +370,24 @@ class SellerStore:
         return row is not None
 
     def begin_deposit(
-        self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None = None, payload: str | None = None
+        self,
+        escrow_id: bytes,
+        terms: Terms,
+        accepted_at: int,
+        route: str | None = None,
+        payload: str | None = None,
+        *,
+        held: bool = False,
     ) -> bool:
-        """Record a payment about to be deposited; False if the id is already known (unique key).
+        """Record a payment about to be deposited (`held`: found deposited already); False if the id is
+        already known (unique key).
 
         `payload` (the signed EscrowPayload as JSON) lets the poster send the deposit again if a
         reorg removes it after its response was served.
         """
+        status = HELD if held else DEPOSITING
         with self._db.transaction() as tx:
-            return _insert_payment(tx, escrow_id, terms, DEPOSITING, accepted_at=accepted_at, route=route,
+            return _insert_payment(tx, escrow_id, terms, status, accepted_at=accepted_at, route=route,
                                    payload=payload)  # fmt: skip
 
     def set_deposit_sent(self, escrow_id: bytes, tx_hash: bytes) -> None:
@@ -417,19 +426,32 @@ class SellerStore:
             elif deposit_tx is not None:
                 tx.execute("UPDATE payments SET deposit_tx = ? WHERE escrow_id = ?", (deposit_tx, escrow_id))
 
-    def save_served(self, escrow_id: bytes, terms: Terms, response: StoredResponse, delivery_hash: bytes) -> bool:
+    def save_served(
+        self,
+        escrow_id: bytes,
+        terms: Terms,
+        response: StoredResponse,
+        delivery_hash: bytes,
+        *,
+        deposit_tx: bytes | None = None,
+        release: tuple[str, str] | None = None,
+    ) -> bool:
         """Store the response and queue its delivery hash in one transaction, unless a response is stored.
 
         A stored response is never overwritten: False means another run's response was there first
         (a replica whose claim lapsed), and that one, whose hash is queued, is the one to answer.
+        `deposit_tx` is the confirmed deposit (kept if None); `release` (lease name, owner) gives up
+        the payment's claim in the same transaction, answered or not.
         """
         now = time.time()
         with self._db.transaction() as tx:
+            _release(tx, release)
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
-                "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED, response.status, _headers_json(response), response.body, now, escrow_id),
-            ).rowcount
+                "deposit_tx = COALESCE(?, deposit_tx), updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
+                (SERVED, response.status, _headers_json(response), response.body, deposit_tx, now,
+                 escrow_id),
+            ).rowcount  # fmt: skip
             if stored != 1:
                 return False
             tx.execute(
@@ -439,15 +461,28 @@ class SellerStore:
             )
         return True
 
-    def save_failed(self, escrow_id: bytes, response: StoredResponse, refund_tx: bytes | None) -> bool:
-        """Store a failed handler's response and its refund; False (nothing written) if a response is stored."""
+    def save_failed(
+        self,
+        escrow_id: bytes,
+        response: StoredResponse,
+        refund_tx: bytes | None,
+        *,
+        deposit_tx: bytes | None = None,
+        release: tuple[str, str] | None = None,
+    ) -> bool:
+        """Store a failed handler's response and its refund; False (nothing written) if a response is stored.
+
+        `deposit_tx` and `release` as in save_served.
+        """
         status = REFUNDED if refund_tx is not None else REFUND_PENDING
         with self._db.transaction() as tx:
+            _release(tx, release)
             stored = tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
-                "response_body = ?, updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (status, refund_tx, response.status, _headers_json(response), response.body, time.time(),
-                 escrow_id),
+                "response_body = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
+                "WHERE escrow_id = ? AND response_status IS NULL",
+                (status, refund_tx, response.status, _headers_json(response), response.body, deposit_tx,
+                 time.time(), escrow_id),
             ).rowcount  # fmt: skip
         return stored == 1
 
@@ -564,7 +599,7 @@ class SellerStore:
     def release_lease(self, name: str, owner: str) -> None:
         """Give the lease up at once (only if `owner` still holds it)."""
         with self._db.transaction() as tx:
-            tx.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+            _release(tx, (name, owner))
 
     def lease_holder(self, name: str) -> tuple[str, float] | None:
         """(owner, expires_at in the database's clock, Unix seconds) of lease `name`, unless released."""
@@ -685,14 +720,23 @@ class SellerStore:
             )
         return None
 
-    def save_served_first(self, escrow_id: bytes, response: StoredResponse, delivery_hash: bytes) -> bool:
+    def save_served_first(
+        self,
+        escrow_id: bytes,
+        response: StoredResponse,
+        delivery_hash: bytes,
+        *,
+        release: tuple[str, str] | None = None,
+    ) -> bool:
         """Store the response and queue its settlement in one transaction (before the answer leaves).
 
         Write-once like save_served: False means another run's response was stored first (a replica
-        whose claim lapsed), and that one, whose hash is queued, is the one to answer.
+        whose claim lapsed), and that one, whose hash is queued, is the one to answer. `release` as
+        in save_served.
         """
         now = time.time()
         with self._db.transaction() as tx:
+            _release(tx, release)
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
@@ -852,6 +896,12 @@ def _insert_payment(
          payload),
     ).rowcount  # fmt: skip
     return inserted == 1
+
+
+def _release(tx: Tx, lease: tuple[str, str] | None) -> None:
+    """Give up a lease (name, owner) inside the caller's transaction, if `owner` still holds it."""
+    if lease is not None:
+        tx.execute("DELETE FROM leases WHERE name = ? AND owner = ?", lease)
 
 
 def _headers_json(response: StoredResponse) -> str:

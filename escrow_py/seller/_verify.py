@@ -4,7 +4,8 @@ Two stages. `verify_offchain` is pure (no RPC): it decodes the header and checks
 payment against the offer the seller computed for *this* request, with the chain
 time passed in. `verify_onchain` then asks the chain what only it knows: the buyer's
 balance, whether the authorization was used or cancelled, and an `eth_call`
-simulation of the deposit itself. Each rule broken raises `Refusal` with the
+simulation of the deposit itself; it is `read_onchain` (the reads, one round trip)
+followed by `judge_onchain` (pure). Each rule broken raises `Refusal` with the
 machine-readable reason and the values involved.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from eth_typing import ChecksumAddress
+from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Settlement
@@ -123,10 +125,20 @@ def _require(condition: bool, reason: Reason, message: str) -> None:
 
 
 def verify_offchain(
-    header: str, offer: EscrowRequirements, *, chain_time: int, min_time_left: int, deadline_slack: int = 30,
+    header: str | PaymentPayload,
+    offer: EscrowRequirements,
+    *,
+    chain_time: int,
+    min_time_left: int,
+    deadline_slack: int = 30,
+    payload: EscrowPayload | None = None,
     signature_checked: bool = False,
-) -> VerifiedPayment:  # fmt: skip
-    """Decode PAYMENT-SIGNATURE and check it against `offer`, judging time by `chain_time`.
+) -> VerifiedPayment:
+    """Check PAYMENT-SIGNATURE against `offer`, judging time by `chain_time`.
+
+    `header` is the header's text, or the envelope it decodes to when the caller decoded it
+    already (the middleware decodes it once per request); `payload` likewise its decoded
+    delivery-escrow payload.
 
     `signature_checked`: the signature was checked by whoever just deposited this very payment (a
     facilitator's /settle, which recovers it before it answers): everything else is still checked,
@@ -134,8 +146,15 @@ def verify_offchain(
     the requester is the buyer.
     """
     try:
+        model = decode_payment_signature(header) if isinstance(header, str) else header
         return _verify_offchain(
-            header, offer, chain_time, min_time_left, deadline_slack, signature_checked=signature_checked
+            model,
+            payload,
+            offer,
+            chain_time=chain_time,
+            min_time_left=min_time_left,
+            deadline_slack=deadline_slack,
+            signature_checked=signature_checked,
         )
     except Refusal:
         raise
@@ -144,10 +163,15 @@ def verify_offchain(
 
 
 def _verify_offchain(
-    header: str, offer: EscrowRequirements, chain_time: int, min_time_left: int, deadline_slack: int, *,
+    model: PaymentPayload,
+    payload: EscrowPayload | None,
+    offer: EscrowRequirements,
+    *,
+    chain_time: int,
+    min_time_left: int,
+    deadline_slack: int,
     signature_checked: bool,
-) -> VerifiedPayment:  # fmt: skip
-    model = decode_payment_signature(header)
+) -> VerifiedPayment:
     accepted = model.accepted
     # The specific fields first, so the reason names what differs.
     _require(accepted.scheme == offer.to_model().scheme, Reason.UNSUPPORTED_SCHEME, f"scheme {accepted.scheme!r}")
@@ -182,7 +206,8 @@ def _verify_offchain(
     )
     _require(requirements == offer, Reason.REQUIREMENTS_MISMATCH, "accepted differs from the requirements offered")
 
-    payload = EscrowPayload.from_json(model.payload)
+    if payload is None:
+        payload = EscrowPayload.from_json(model.payload)
     terms, auth = payload.terms, payload.authorization
     _require(terms.seller == offer.pay_to, Reason.RECEIVER_MISMATCH, f"terms.seller {terms.seller}")
     _require(terms.operator == offer.extra.operator, Reason.OPERATOR_MISMATCH, f"terms.operator {terms.operator}")
@@ -236,32 +261,50 @@ def _verify_offchain(
     return VerifiedPayment(payload, escrow_id)
 
 
-def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
-    """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
-    that pulls the same authorization) as the chain's sender would send it.
+@dataclass(frozen=True, slots=True)
+class OnchainFacts:
+    """What only the chain knows about a payment, read at once: each value, or the exception its read raised.
 
-    The simulation is the gas estimate itself; it returns the gas limit to send the deposit
-    with, so the transaction is not simulated a second time.
+    `gas` is the simulation's gas limit (margin included), or the ContractRevert it met.
     """
+
+    balance: int | BaseException
+    used: bool | BaseException
+    gas: int | BaseException
+    serve_first: bool = False
+
+
+def read_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> OnchainFacts:
+    """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
+    that pulls the same authorization) as the chain's sender would send it: three reads in one round trip."""
     payload = payment.payload
     terms = payload.terms
     if serve_first:
-        what = "settlement"
         settlement = Settlement(terms, payload.authorization, payload.signature, PROBE_HASH)
         simulate: Callable[[], int] = lambda: chain.simulate_settle(settlement)  # noqa: E731
     else:
-        what = "deposit"
         simulate = lambda: chain.simulate_deposit(payload)  # noqa: E731
-    # Three independent reads at once (one round trip); judged in this order, the simulation last.
     balance, used, gas = rpc.gather(
         lambda: chain.balance_of(terms.token, payment.buyer),
         lambda: chain.authorization_used(terms.token, payment.buyer, payment.escrow_id),
         simulate,
     )
-    if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (balance, used)):
+    return OnchainFacts(balance, used, gas, serve_first)  # type: ignore[arg-type]
+
+
+def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
+    """The on-chain rules, judged in this order, the simulation last; the gas limit to send the deposit with.
+
+    Pure: a read that failed (the node) raises its exception as it was; a rule broken raises
+    Refusal. The simulation is the gas estimate itself, so the transaction is not
+    simulated a second time.
+    """
+    what = "settlement" if facts.serve_first else "deposit"
+    gas = facts.gas
+    if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (facts.balance, facts.used)):
         # The asset's own reads revert too: not a token this payment can be pulled from.
         raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    balance, used = _value(balance), _value(used)
+    balance, used = _value(facts.balance), _value(facts.used)
     _require(
         balance >= payment.terms.amount,
         Reason.INSUFFICIENT_BALANCE,
@@ -271,6 +314,11 @@ def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first:
     if isinstance(gas, ContractRevert):
         raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
     return _value(gas)
+
+
+def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
+    """read_onchain then judge_onchain: the gas limit to send the deposit with, or Refusal."""
+    return judge_onchain(payment, read_onchain(payment, chain=chain, serve_first=serve_first))
 
 
 def _value(result: _T | BaseException) -> _T:

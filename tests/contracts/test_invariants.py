@@ -660,7 +660,7 @@ def _transfers_out(receipt: TxReceipt, source: str) -> dict[tuple[str, str], int
 class _FixedFeeSender(TxSender):
     """Fixed fees: anvil's base fee stays far below them, and it saves two RPCs per transaction."""
 
-    def fees(self) -> tuple[int, int]:
+    def fees(self, base_fee: int | None = None) -> tuple[int, int]:
         return 100 * 10**9, 10**9
 
 

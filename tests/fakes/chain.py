@@ -350,6 +350,10 @@ class FakeEscrowChain:
 
         return self._send("deposit", apply, on_signed)
 
+    def deposit_intent(self, payload: EscrowPayload) -> str:
+        # No NonceBook here: an intent nothing was recorded under (a retry sends the deposit again).
+        return f"deposit:{payload.terms.escrow_id(self.chain_id, self._escrow).hex()}"
+
     def resume(self, tx_hash: bytes) -> TxReceipt | None:
         self._enter("resume")
         found = self.txs.get(tx_hash)

@@ -160,6 +160,46 @@ def _slow_deposit(chain: Chain, shop: Shop, url: str) -> None:
     assert shop.calls == {"report": 1}
 
 
+def test_a_deposit_left_pending_by_a_process_that_is_gone_is_waited_for_by_the_next_not_sent_again(
+    chain: Chain, tmp_path: Path
+) -> None:
+    """The signed deposit is found in the operator key's transaction log (not on the payment's row) by a new
+    process on the same store: it waits for that transaction, and serves the payment once it lands."""
+    chain.mine()
+    # One public URL for both processes (each server listens on a port of its own): one request, one requestHash.
+    settings: dict[str, Any] = {
+        "tx_timeout": 3,
+        "reprice_after": 60,
+        "poster_interval": 3600,
+        "public_base_url": "http://shop.example",
+    }
+    store = tmp_path / "seller.sqlite"
+    first = make_shop(chain, store, **settings)
+    start = int(chain.w3.eth.block_number) + 1
+    operator = first.config.operator.address
+    with no_automine(chain):
+        with served(first.app) as (url, _):
+            payment = _signed(chain, url, "/report/orphan")
+            pending = _pay(url, "/report/orphan", payment)
+            assert pending.status_code == 503 and pending.json()["error"] == Reason.DEPOSIT_PENDING, pending.text
+        first.middleware.store.close()  # that process is gone; its deposit is still in the pool
+        sent = pending_of(chain, operator)
+        assert len(sent) == 1
+        second = make_shop(chain, store, **settings)
+        with served(second.app) as (url, _):
+            still = _pay(url, "/report/orphan", payment)
+            assert still.status_code == 503 and still.json()["error"] == Reason.DEPOSIT_PENDING, still.text
+            assert [t["hash"] for t in pending_of(chain, operator)] == [t["hash"] for t in sent]  # no second one
+    until("the deposit mined", lambda: not pending_of(chain, operator))
+    with served(second.app) as (url, _):
+        paid = _pay(url, "/report/orphan", payment)
+    assert paid.status_code == 200, paid.text
+    settle = decode_payment_response(paid.headers[PAYMENT_RESPONSE_HEADER])
+    assert settle.transaction == sent[0]["hash"]  # the orphaned deposit is the one the answer names
+    assert [e.id for e in deposits(chain, start)] == [payment.escrow_id]
+    assert (first.calls, second.calls) == ({}, {"report": 1})
+
+
 def test_a_stuck_deposit_is_repriced_and_the_repriced_one_is_mined(chain: Chain, tmp_path: Path) -> None:
     chain.mine()
     shop = make_shop(chain, tmp_path / "seller.sqlite", tx_timeout=60, reprice_after=1.0, poster_interval=3600)
