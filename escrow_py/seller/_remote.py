@@ -39,6 +39,7 @@ from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from escrow_py.protocol.codec import parse_hex
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
@@ -273,8 +274,19 @@ class FacilitatorClient:
             raise FacilitatorDown(
                 f"/refund: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
             )
-        tx = response.json().get("transaction")
-        return bytes.fromhex(tx[2:]) if isinstance(tx, str) and tx.startswith("0x") else None
+        return tx_hash_of(response.json().get("transaction"))
+
+
+def tx_hash_of(value: object) -> bytes | None:
+    """A transaction hash the facilitator answered, or None for none or anything that is not one.
+
+    The facilitator's answers are input like any other: a garbled hash must not crash the outbox or
+    the request that asked; it is treated as "no transaction yet".
+    """
+    try:
+        return parse_hex(value, "transaction", 32)
+    except ValueError:
+        return None
 
 
 def _request_body(payload: PaymentPayload, requirements: PaymentRequirements) -> dict[str, Any]:
@@ -401,8 +413,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
             extra = result.extra or {}
             if result.success:
                 accepted += 1
-                if extra.get("settlement") == SettlementStatus.SETTLED and result.transaction.startswith("0x"):
-                    await _blocking(self.store.mark_settled, [queued.escrow_id], bytes.fromhex(result.transaction[2:]))
+                tx = tx_hash_of(result.transaction)
+                if extra.get("settlement") == SettlementStatus.SETTLED and tx is not None:
+                    await _blocking(self.store.mark_settled, [queued.escrow_id], tx)
                     await _blocking(self.store.settle_final, [queued.escrow_id])  # the facilitator follows reorgs
                     self._settle_polled.pop(queued.escrow_id, None)
                 else:
@@ -410,7 +423,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 continue
             # Refused or lost at the facilitator (unpaid authorization, expired before it landed): a loss.
             reason = result.error_reason or Reason.SETTLEMENT_FAILED
-            tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
+            tx = tx_hash_of(result.transaction)
             log.error("serve-first settlement of 0x%s not paid: %s %s", queued.escrow_id.hex(), reason,
                       result.error_message)  # fmt: skip
             await _blocking(self.store.mark_lost, queued.escrow_id, reason, refuse_buyer=True, tx_hash=tx)
@@ -470,7 +483,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         if "0x" + verified.escrow_id.hex() != extra.get("escrowId"):
             raise FacilitatorDown(f"/settle answered escrow {extra.get('escrowId')} for 0x{verified.escrow_id.hex()}",
                                   self.remote.retry_after)  # fmt: skip
-        deposit_tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
+        deposit_tx = tx_hash_of(result.transaction)
         await _blocking(self.store.record_held, escrow_id, verified.terms, accepted_at, _route_name(request.route),
                         deposit_tx)  # fmt: skip
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx, claim=claim)
