@@ -70,12 +70,13 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url_of(name)
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the backends serving client connections have used so far (Linux /proc; the
-        checkpointer, WAL writer and autovacuum are left out). What queries cost the server, however busy the
-        machine is."""
+    def backend_cpu(self) -> dict[int, float]:
+        """CPU seconds (user + system) each backend serving a client connection has used so far, by pid (Linux
+        /proc; the checkpointer, WAL writer and autovacuum are left out). What queries cost the server, however
+        busy the machine is. By pid, because a pooled connection's backend may exit between two readings: a sum
+        would then go down, and a difference of sums could be negative."""
         postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
-        ticks = 0
+        used: dict[int, float] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -85,8 +86,8 @@ class PostgresServer:
             except OSError:
                 continue  # exited meanwhile
             if b"127.0.0.1(" in command or b"[local]" in command:  # "postgres: user db 127.0.0.1(port) idle"
-                ticks += int(fields[11]) + int(fields[12])  # utime, stime
-        return ticks / os.sysconf("SC_CLK_TCK")
+                used[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return used
 
     def stop(self) -> None:
         self._run(PG_BIN / "pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")

@@ -44,12 +44,12 @@ DAY = 86_400
 def _timed(run: Callable[[], object], repeat: int) -> dict[str, float]:
     run()  # warm: plans cached, pages in memory
     samples = []
-    cpu_before = _cpu()
+    cpu_before = _cpu_now()
     for _ in range(repeat):
         start = time.perf_counter()
         run()
         samples.append((time.perf_counter() - start) * 1000)
-    cpu = (_cpu() - cpu_before) * 1000 / repeat
+    cpu = _cpu_since(cpu_before) * 1000 / repeat
     samples.sort()
     return {
         "p50_ms": round(statistics.median(samples), 3),
@@ -61,11 +61,19 @@ def _timed(run: Callable[[], object], repeat: int) -> dict[str, float]:
 
 # CPU seconds used so far by this process (SQLite runs in it) and by the throwaway PostgreSQL server's processes:
 # a query's cost in CPU, which other processes on a busy machine do not inflate as they do its wall-clock time.
-_server_cpu: Callable[[], float] = lambda: 0.0  # noqa: E731 - replaced while a throwaway server runs
+_server_cpu: Callable[[], dict[int, float]] = dict  # replaced while a throwaway server runs
 
 
-def _cpu() -> float:
-    return time.process_time() + _server_cpu()
+def _cpu_now() -> tuple[float, dict[int, float]]:
+    return time.process_time(), _server_cpu()
+
+
+def _cpu_since(before: tuple[float, dict[int, float]]) -> float:
+    """CPU seconds used since `before`: this process's, plus each server backend's own increase (a backend that
+    exited in between is left out, so the figure can only be low, never negative)."""
+    own, backends = before
+    server = sum(max(0.0, used - backends.get(pid, 0.0)) for pid, used in _server_cpu().items())
+    return time.process_time() - own + server
 
 
 def _fill_keeper(db: Database, url: str, rows: int, now: int) -> None:
@@ -343,7 +351,7 @@ def measure_storage(
             for engine in engines:
                 figures: dict[str, Any] = {}
                 # An external server's CPU is not ours to read: then the CPU column is this process's alone.
-                _server_cpu = server.cpu_seconds if engine == "postgresql" and server is not None else lambda: 0.0
+                _server_cpu = server.backend_cpu if engine == "postgresql" and server is not None else dict
                 for role, run in (("keeper", _keeper_queries), ("buyer", _buyer_queries), ("seller", _seller_queries)):
                     if engine == "sqlite":
                         url = f"sqlite:///{Path(tmp) / f'{role}.sqlite'}"
@@ -353,7 +361,7 @@ def measure_storage(
                     figures[role] = run(url, rows, repeat)
                 result["engines"][engine] = figures
         finally:
-            _server_cpu = lambda: 0.0  # noqa: E731
+            _server_cpu = dict
             if server is not None:
                 server.stop()
     slow = [

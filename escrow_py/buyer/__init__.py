@@ -8,6 +8,20 @@ what it receives against the seller's committed hash, and recovers after a crash
     httpx.Client(auth=EscrowAuth(signer, rpc_url, "buyer.sqlite"))  # for an existing client
     x402Client().register("eip155:84532", DeliveryEscrowScheme(signer, rpc_url, "buyer.sqlite"))
 
+Every entry point (EscrowClient, AsyncEscrowClient, EscrowAuth, DeliveryEscrowScheme, the MCP
+EscrowToolClient, recover) takes one `BuyerSettings` (signer, RPC URL, journal, policy, task,
+validator, rpc_timeout, resend), or the signer, RPC URL and journal with those keywords:
+
+    settings = BuyerSettings(signer, rpc_url, "buyer.sqlite", policy=Policy.from_toml("policy.toml"))
+    with EscrowClient(settings, timeout=60) as client: ...
+    recover(settings)
+
+A payment takes five steps, each its own module: offer (the 402's option, bound to the request),
+decide (the policy, pure; the ledger reserves the budget), sign (the offer checked against the chain,
+fresh terms, the signature), journal (durable before the payment leaves), judge (the answer, pure: a
+verdict the client applies once to the journal and raises from). One sans-IO flow (_flow.py) runs
+them for the sync client, the async client, EscrowAuth and the MCP client alike.
+
 Governance (DESIGN.md section 5): a declarative `Policy` (per-request maximum, deadline,
 allowed networks, tokens, escrows, sellers and hosts; budgets overall, per task, per seller
 and per time window) is decided before anything is signed; the amount is reserved in the
@@ -79,8 +93,8 @@ request left (httpx does not tell an Auth): `lost_in_flight(exc)` types it.
 from __future__ import annotations
 
 from escrow_py.buyer._audit import AuditLog
-from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient, lost_in_flight
-from escrow_py.buyer._core import AllowAll, PaymentPolicy, ResendPolicy, delivered_hash
+from escrow_py.buyer._chain import delivered_hash
+from escrow_py.buyer._client import AsyncEscrowClient, EscrowAuth, EscrowClient
 from escrow_py.buyer._errors import (
     ChainUnavailable,
     DeliveryMismatch,
@@ -94,6 +108,7 @@ from escrow_py.buyer._errors import (
     RequestHashMismatch,
     ResponseInvalid,
 )
+from escrow_py.buyer._flow import lost_in_flight
 from escrow_py.buyer._journal import Journal, JournalEntry, PaymentState
 from escrow_py.buyer._ledger import LedgerRow, LedgerStatus
 from escrow_py.buyer._policy import Decision, PaymentContext, Policy, Usage, WindowBudget
@@ -106,6 +121,7 @@ from escrow_py.buyer._recover import (
     recover,
 )
 from escrow_py.buyer._sdk import DeliveryEscrowScheme
+from escrow_py.buyer._settings import AllowAll, BuyerSettings, PaymentPolicy, ResendPolicy
 from escrow_py.buyer._validate import TASK_EXTENSION, VALIDATOR_EXTENSION, Validator
 from escrow_py.protocol.reasons import Reason
 
@@ -115,6 +131,7 @@ __all__ = [
     "AllowAll",
     "AsyncEscrowClient",
     "AuditLog",
+    "BuyerSettings",
     "ChainUnavailable",
     "Decision",
     "DeliveryEscrowScheme",

@@ -1,29 +1,20 @@
-"""The buyer's HTTP clients: an httpx.Auth hook, and sync/async clients built on it."""
+"""The buyer's HTTP clients: an httpx.Auth hook that runs the one payment flow (escrow_py.buyer._flow),
+and the sync and async clients built on it, which differ only in the httpx client they wrap."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncGenerator, Generator
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
-from web3 import Web3
 
-from escrow_py.buyer._core import PaymentCore, PaymentPolicy, Prepared, ResendPolicy, find_offer
-from escrow_py.buyer._errors import PaymentNotDelivered
+from escrow_py.buyer._core import PaymentCore
+from escrow_py.buyer._flow import adrive, drive, lost_in_flight, payment_flow
 from escrow_py.buyer._journal import Journal
-from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
-from escrow_py.buyer._validate import Validator
-from escrow_py.chain.rpc import DEFAULT_DEADLINE
+from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
-from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, UNAVAILABLE_STATUS
-
-# The paid request carries its payment here, so a transport failure can say which payment it left in flight.
-PAYMENT_EXTENSION = "x402_escrow_payment"
 
 # The clients' default pool. httpcore 1.0.9 closes an idle connection whenever the pool
 # holds more than max_keepalive_connections in all, and under many threads it can close
@@ -31,31 +22,16 @@ PAYMENT_EXTENSION = "x402_escrow_payment"
 # (encode/httpcore#1110). With keep-alive equal to the connection limit it never does.
 POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
 
-
-def lost_in_flight(exc: httpx.TransportError) -> PaymentNotDelivered | None:
-    """The typed error for a connection that failed after a signed payment was sent; None if none was."""
-    try:
-        request = exc.request
-    except RuntimeError:  # httpx raises when the error carries no request
-        return None
-    prepared = request.extensions.get(PAYMENT_EXTENSION)
-    if not isinstance(prepared, Prepared):
-        return None
-    return PaymentNotDelivered(
-        prepared.escrow_id,
-        prepared.terms.deadline,
-        f"the connection failed after the signed payment was sent ({type(exc).__name__}: {exc}); "
-        "the journal has it: recover() replays it or refunds it",
-        escrow=prepared.escrow,
-    )
+_Http = TypeVar("_Http", httpx.Client, httpx.AsyncClient)
 
 
 class EscrowAuth(httpx.Auth):
-    """Pays delivery-escrow 402s for an existing httpx client: `httpx.Client(auth=EscrowAuth(...))`.
+    """Pays delivery-escrow 402s for an existing httpx client: `httpx.Client(auth=EscrowAuth(settings))`
+    (or `EscrowAuth(signer, rpc_url, journal, **BuyerSettings keywords)`).
 
     A 402 that offers no delivery-escrow option is returned as it is. The paid request
     is sent once, and again with the same PAYMENT-SIGNATURE only after a 503 of the
-    seller's own side (within `resend`, a ResendPolicy); its answer is returned only
+    seller's own side (within the settings' ResendPolicy); its answer is returned only
     when the body's hash is the one the seller committed to, otherwise a PaymentError
     subclass is raised. httpx does not tell an Auth about a connection that fails after
     the paid request went out: the caller gets httpx's TransportError (EscrowClient turns
@@ -68,127 +44,62 @@ class EscrowAuth(httpx.Auth):
 
     def __init__(
         self,
-        signer: Signer,
-        rpc_url: str,
-        journal: str | Path | Journal,
-        *,
-        policy: Policy | PaymentPolicy | None = None,
-        task: str = "default",
-        validator: Validator | None = None,
-        w3: Web3 | None = None,
-        rpc_timeout: float = DEFAULT_DEADLINE,
-        resend: ResendPolicy | None = None,
+        settings: BuyerSettings | Signer,
+        rpc_url: str | None = None,
+        journal: JournalLike | None = None,
+        **options: Any,
     ) -> None:
-        self.core = PaymentCore(
-            signer,
-            rpc_url,
-            journal,
-            policy=policy,
-            task=task,
-            validator=validator,
-            w3=w3,
-            rpc_timeout=rpc_timeout,
-            resend=resend,
-        )
+        self.settings = settings_of(settings, rpc_url, journal, options)
+        no_other_options("EscrowAuth", options)
+        self.core = PaymentCore(self.settings)
 
     @property
     def journal(self) -> Journal:
         return self.core.journal
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if PAYMENT_SIGNATURE_HEADER in request.headers:
-            yield request  # already paid (a replay): not ours to pay again
-            return
-        response = yield request
-        response.read()  # overriding sync_auth_flow skips httpx's own read for requires_response_body
-        offer = find_offer(response)
-        if offer is None:
-            return
-        prepared = self.core.prepare(request, offer)
-        request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
-        request.extensions[PAYMENT_EXTENSION] = prepared
-        response = yield request
-        response.read()
-        resent = 0
-        while (wait := self.core.resend_after(prepared, response, resent)) is not None:
-            time.sleep(wait)  # the seller's own 503: the same request, the same signed payment, again
-            resent += 1
-            response = yield request
-            response.read()
-        self._judge(prepared, request, response)
+        return drive(payment_flow(self.core, request))
 
-    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        if PAYMENT_SIGNATURE_HEADER in request.headers:
-            yield request
-            return
-        response = yield request
-        await response.aread()
-        offer = find_offer(response)
-        if offer is None:
-            return
-        # Chain reads, signing and the journal's fsync block: keep them off the event loop.
-        prepared = await asyncio.to_thread(self.core.prepare, request, offer)
-        request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
-        request.extensions[PAYMENT_EXTENSION] = prepared
-        response = yield request
-        await response.aread()
-        resent = 0
-        # Only a 503 can be resent (and is journaled first: off the loop); any other answer is final at once.
-        while (
-            response.status_code == UNAVAILABLE_STATUS
-            and (wait := await asyncio.to_thread(self.core.resend_after, prepared, response, resent)) is not None
-        ):
-            await asyncio.sleep(wait)
-            resent += 1
-            response = yield request
-            await response.aread()
-        await asyncio.to_thread(self._judge, prepared, request, response)
-
-    def _judge(self, prepared: Prepared, request: httpx.Request, response: httpx.Response) -> None:
-        """settle, then validate: the verdict on the final answer, journaled (one worker thread for both)."""
-        self.core.settle(prepared, response)
-        self.core.validate(prepared.escrow_id, request, response)
+    def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        return adrive(payment_flow(self.core, request))
 
 
-class EscrowClient:
-    """An httpx.Client that pays delivery-escrow 402s; every other keyword goes to httpx.Client.
+class _EscrowClientBase(Generic[_Http]):
+    """What EscrowClient and AsyncEscrowClient share: the settings, the auth hook, and the httpx client
+    (`_http_type`) built with every keyword that is not BuyerSettings'."""
 
-    with EscrowClient(signer, rpc_url, "buyer.sqlite") as client:
-        body = client.get("https://api.example/report/1").content   # hash-verified
-        client.recover()                                            # after a crash
-    """
+    _http_type: type[_Http]
 
     def __init__(
         self,
-        signer: Signer,
-        rpc_url: str,
-        journal: str | Path | Journal,
-        *,
-        policy: Policy | PaymentPolicy | None = None,
-        task: str = "default",
-        validator: Validator | None = None,
-        w3: Web3 | None = None,
-        rpc_timeout: float = DEFAULT_DEADLINE,
-        resend: ResendPolicy | None = None,
-        **httpx_kwargs: Any,
+        settings: BuyerSettings | Signer,
+        rpc_url: str | None = None,
+        journal: JournalLike | None = None,
+        **options: Any,
     ) -> None:
-        self.auth = EscrowAuth(
-            signer,
-            rpc_url,
-            journal,
-            policy=policy,
-            task=task,
-            validator=validator,
-            w3=w3,
-            rpc_timeout=rpc_timeout,
-            resend=resend,
-        )
-        httpx_kwargs.setdefault("limits", POOL_LIMITS)
-        self.http = httpx.Client(auth=self.auth, **httpx_kwargs)
+        self.auth = EscrowAuth(settings_of(settings, rpc_url, journal, options))
+        options.setdefault("limits", POOL_LIMITS)
+        self.http: _Http = self._http_type(auth=self.auth, **options)  # what is left is httpx's
+
+    @property
+    def settings(self) -> BuyerSettings:
+        return self.auth.settings
 
     @property
     def journal(self) -> Journal:
         return self.auth.journal
+
+
+class EscrowClient(_EscrowClientBase[httpx.Client]):
+    """An httpx.Client that pays delivery-escrow 402s; every keyword that is not BuyerSettings' goes to
+    httpx.Client.
+
+    with EscrowClient(signer, rpc_url, "buyer.sqlite") as client:     # or EscrowClient(settings)
+        body = client.get("https://api.example/report/1").content   # hash-verified
+        client.recover()                                            # after a crash
+    """
+
+    _http_type = httpx.Client
 
     def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -208,7 +119,7 @@ class EscrowClient:
 
     def close(self) -> None:
         self.http.close()
-        self.journal.close()
+        self.auth.core.close()
 
     def __enter__(self) -> Self:
         return self
@@ -217,40 +128,10 @@ class EscrowClient:
         self.close()
 
 
-class AsyncEscrowClient:
+class AsyncEscrowClient(_EscrowClientBase[httpx.AsyncClient]):
     """The httpx.AsyncClient form of EscrowClient."""
 
-    def __init__(
-        self,
-        signer: Signer,
-        rpc_url: str,
-        journal: str | Path | Journal,
-        *,
-        policy: Policy | PaymentPolicy | None = None,
-        task: str = "default",
-        validator: Validator | None = None,
-        w3: Web3 | None = None,
-        rpc_timeout: float = DEFAULT_DEADLINE,
-        resend: ResendPolicy | None = None,
-        **httpx_kwargs: Any,
-    ) -> None:
-        self.auth = EscrowAuth(
-            signer,
-            rpc_url,
-            journal,
-            policy=policy,
-            task=task,
-            validator=validator,
-            w3=w3,
-            rpc_timeout=rpc_timeout,
-            resend=resend,
-        )
-        httpx_kwargs.setdefault("limits", POOL_LIMITS)
-        self.http = httpx.AsyncClient(auth=self.auth, **httpx_kwargs)
-
-    @property
-    def journal(self) -> Journal:
-        return self.auth.journal
+    _http_type = httpx.AsyncClient
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -269,7 +150,7 @@ class AsyncEscrowClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
-        self.journal.close()
+        self.auth.core.close()
 
     async def __aenter__(self) -> Self:
         return self

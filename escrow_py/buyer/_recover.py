@@ -7,17 +7,18 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import httpx
-from web3 import Web3
 
-from escrow_py.buyer._core import CLOCK_SKEW, PaymentCore, judge_response
+from escrow_py.buyer._chain import CLOCK_SKEW
+from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
+from escrow_py.buyer._settings import BuyerSettings, no_other_options, settings_of
 from escrow_py.chain.escrow import Settled
-from escrow_py.chain.rpc import DEFAULT_DEADLINE
 from escrow_py.chain.signer import Signer
-from escrow_py.protocol.errors import ChainError, ProtocolError
+from escrow_py.protocol.errors import ChainError, ConfigError, ProtocolError
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
@@ -122,8 +123,7 @@ def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
     terms, eid = entry.terms, entry.escrow_id
     if not core.chain.authorization_used(terms.token, terms.buyer, eid):
         return None
-    since = int(entry.created_at) - CLOCK_SKEW
-    return core.chain.settlement_of(eid, escrow=entry.escrow, since=since)
+    return core.chain.settlement_of(eid, escrow=entry.escrow, since=int(entry.created_at) - CLOCK_SKEW)
 
 
 def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> RecoveryItem:
@@ -163,15 +163,7 @@ def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
     if isinstance(answer, Exception):
         return RecoveryItem(eid, State.HELD, RecoveryAction.REPLAYED, f"replay failed: {answer!r}; held", entry.state)
     try:
-        judge_response(
-            core,
-            escrow_id=eid,
-            terms=entry.terms,
-            escrow=entry.escrow,
-            valid_before=entry.valid_before,
-            response=answer,
-            replay=True,
-        )
+        core.settle(entry, answer, replay=True)
     except PaymentError as exc:
         after = core.journal.get(eid)
         return RecoveryItem(eid, State.HELD, RecoveryAction.REPLAYED, str(exc), after.state if after else entry.state)
@@ -312,16 +304,16 @@ def _advance(flow: _Flow, answer: httpx.Response | Exception | None) -> httpx.Re
 
 
 def recover(
-    journal: str | Path,
-    signer: Signer,
-    rpc_url: str,
+    settings: BuyerSettings | str | Path,
+    signer: Signer | None = None,
+    rpc_url: str | None = None,
     *,
     refund_expired: bool = True,
     transport: httpx.BaseTransport | None = None,
-    w3: Web3 | None = None,
-    rpc_timeout: float = DEFAULT_DEADLINE,
+    **options: Any,
 ) -> RecoveryReport:
-    """Finish every unfinished payment in the journal file, in a fresh process if need be.
+    """Finish every unfinished payment in the journal, in a fresh process if need be:
+    `recover(settings)`, or `recover(journal, signer, rpc_url, **BuyerSettings keywords)`.
 
     Per payment, by its escrow's on-chain state: Released, replay the request with the
     same PAYMENT-SIGNATURE and check the bytes against the Delivered hash; never deposited
@@ -334,28 +326,47 @@ def recover(
     (each call bounded by `rpc_timeout` seconds) raises a ChainError (RpcError) naming what was
     being read; what was settled before stays journaled.
     """
-    core = PaymentCore(signer, rpc_url, journal, w3=w3, rpc_timeout=rpc_timeout)
+    core = PaymentCore(_recover_settings("recover", settings, signer, rpc_url, options))
     try:
         with httpx.Client(transport=transport) as http:
             return recover_with(core, http, refund_expired=refund_expired)
     finally:
-        core.journal.close()
+        core.close()
 
 
 async def arecover(
-    journal: str | Path,
-    signer: Signer,
-    rpc_url: str,
+    settings: BuyerSettings | str | Path,
+    signer: Signer | None = None,
+    rpc_url: str | None = None,
     *,
     refund_expired: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
-    w3: Web3 | None = None,
-    rpc_timeout: float = DEFAULT_DEADLINE,
+    **options: Any,
 ) -> RecoveryReport:
     """The async form of recover(); replays go through `transport` (e.g. httpx.ASGITransport)."""
-    core = PaymentCore(signer, rpc_url, journal, w3=w3, rpc_timeout=rpc_timeout)
+    core = PaymentCore(_recover_settings("arecover", settings, signer, rpc_url, options))
     try:
         async with httpx.AsyncClient(transport=transport) as http:
             return await arecover_with(core, http, refund_expired=refund_expired)
     finally:
-        core.journal.close()
+        core.close()
+
+
+def _recover_settings(
+    entry: str,
+    settings: BuyerSettings | str | Path,
+    signer: Signer | None,
+    rpc_url: str | None,
+    options: dict[str, Any],
+) -> BuyerSettings:
+    """recover()'s arguments (the journal first in its keyword form) as a BuyerSettings."""
+    if isinstance(settings, BuyerSettings):
+        if signer is not None:
+            raise ConfigError(f"{entry}() takes a BuyerSettings or a journal, a signer and an rpc_url, not both")
+        found = settings_of(settings, rpc_url, None, options)
+    elif signer is None:
+        raise TypeError(f"{entry}() needs a BuyerSettings, or a journal, a signer and an rpc_url")
+    else:
+        found = settings_of(signer, rpc_url, settings, options)
+    no_other_options(entry, options)
+    return found

@@ -2,6 +2,7 @@
 
     from x402 import x402Client
     client = x402Client().register("eip155:84532", DeliveryEscrowScheme(signer, rpc_url, "buyer.sqlite"))
+    # or DeliveryEscrowScheme(settings): the BuyerSettings every buyer entry point takes
 
 The SDK hands a scheme only the requirements, never the request, so the plugin
 signs extra.requestHash as given (the seller recomputes it on the paid request
@@ -28,37 +29,30 @@ local chain's TestUSDC or any other token, allow it with a cap:
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import anyio.to_thread
 import httpx
-from web3 import Web3
 from x402.mechanisms.evm import find_default_asset
-from x402.schemas import PaymentPayload, PaymentRequirements
+from x402.schemas import PaymentRequirements
 
-from escrow_py.buyer._core import PaymentCore, PaymentPolicy, judge_response
+from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
-from escrow_py.buyer._journal import Journal, PaymentRow
-from escrow_py.buyer._policy import Policy
-from escrow_py.chain.rpc import DEFAULT_DEADLINE
+from escrow_py.buyer._journal import Replay
+from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
-from escrow_py.protocol.eip3009 import Authorization
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import Terms
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SCHEME,
-    X402_VERSION,
     EscrowPayload,
     EscrowRequirements,
     SettlementExtra,
     decode_payment_response,
     decode_payment_signature,
-    encode_payment_signature,
 )
 
 
@@ -72,17 +66,16 @@ class DeliveryEscrowScheme:
 
     def __init__(
         self,
-        signer: Signer,
-        rpc_url: str,
-        journal: str | Path | Journal,
-        *,
-        policy: Policy | PaymentPolicy | None = None,
-        task: str = "default",
-        w3: Web3 | None = None,
-        rpc_timeout: float = DEFAULT_DEADLINE,
+        settings: BuyerSettings | Signer,
+        rpc_url: str | None = None,
+        journal: JournalLike | None = None,
+        **options: Any,
     ) -> None:
         # The SDK never shows the plugin the request: a Policy with a host allowlist denies (host_unknown).
-        self.core = PaymentCore(signer, rpc_url, journal, policy=policy, task=task, w3=w3, rpc_timeout=rpc_timeout)
+        # The SDK sends the paid request itself, so the settings' ResendPolicy is never used here.
+        self.settings = settings_of(settings, rpc_url, journal, options)
+        no_other_options("DeliveryEscrowScheme", options)
+        self.core = PaymentCore(self.settings)
 
     def create_payment_payload(self, requirements: PaymentRequirements) -> dict[str, Any]:
         """Sign the requirements (after the same checks as EscrowClient: genuine escrow, network, token,
@@ -91,33 +84,12 @@ class DeliveryEscrowScheme:
             req = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
             raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
-        payload: dict[str, Any] = {}
-
-        def row(terms: Terms, authorization: Authorization, signature: bytes) -> PaymentRow:
-            payload.update(EscrowPayload(authorization=authorization, signature=signature, terms=terms).to_json())
-            # The SDK builds the header itself; journal the same envelope so the row is complete.
-            header = encode_payment_signature(
-                PaymentPayload(x402_version=X402_VERSION, accepted=requirements, payload=payload)
-            )
-            return {
-                "escrow_id": authorization.nonce,
-                "chain_id": self.core.chain.chain_id,
-                "escrow": req.extra.escrow,
-                "method": "",
-                "url": "",
-                "headers": {},
-                "body": b"",
-                "terms": terms,
-                "valid_before": authorization.valid_before,
-                "payment_header": header,
-            }
-
-        self.core.sign_and_record(req, req.extra.request_hash, None, row)
-        return payload
+        # The SDK builds the header itself; the journal keeps the same envelope so the row is complete.
+        return self.core.pay(req, req.extra.request_hash, None, accepted=requirements, replay=Replay()).payload
 
     def close(self) -> None:
-        """Close the journal (and its audit log)."""
-        self.core.journal.close()
+        """Close the journal (and its audit log) if the plugin opened it."""
+        self.core.close()
 
     def __enter__(self) -> Self:
         return self
@@ -153,8 +125,9 @@ class DeliveryEscrowScheme:
 
         The payment is found by PAYMENT-RESPONSE's escrowId (or, without one, by the PAYMENT-SIGNATURE
         of the request, when the response carries it) in this plugin's journal. Raises DeliveryMismatch,
-        PaymentNotDelivered, PaymentRejected or HandlerFailedRefunded as EscrowClient would, and a bare
-        PaymentError when the response does not say which journaled payment it answers.
+        PaymentNotDelivered, PaymentRejected or HandlerFailedRefunded as EscrowClient would (and
+        ResponseInvalid when the settings' validator rejects the body), and a bare PaymentError when the
+        response does not say which journaled payment it answers.
         """
         escrow_id = _answered_escrow_id(response)
         if escrow_id is None:
@@ -167,14 +140,8 @@ class DeliveryEscrowScheme:
             raise PaymentError(
                 f"the response names escrow 0x{escrow_id.hex()}, which this journal never signed", escrow_id=escrow_id
             )
-        judge_response(
-            self.core,
-            escrow_id=escrow_id,
-            terms=entry.terms,
-            escrow=entry.escrow,
-            valid_before=entry.valid_before,
-            response=response,
-        )
+        self.core.settle(entry, response)
+        self.core.validate(escrow_id, None, response)
         return response.content
 
 

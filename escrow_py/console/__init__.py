@@ -63,13 +63,15 @@ CHART_POINTS = 120
 
 def running_totals(events: Iterable[tuple[float, str, int]]) -> dict[str, list[float]]:
     """The chart's series from money movements in order: (x, kind, amount), kind `deposit` (held grows),
-    `released` (held shrinks, settled grows) or anything else (held shrinks: a refund). Events at one x
-    make one point."""
+    `released` (held shrinks, settled grows), `settled` (serve-first: settled grows, nothing was held)
+    or anything else (held shrinks: a refund). Events at one x make one point."""
     held = settled = 0
     points: dict[float, tuple[int, int]] = {}
     for x, kind, amount in events:
         if kind == "deposit":
             held += amount
+        elif kind == "settled":  # serve-first: paid to the seller in one move, never held
+            settled += amount
         else:
             held -= amount
             settled += amount if kind == "released" else 0

@@ -1,6 +1,6 @@
 """`x402-escrow facilitator serve|keys`: run the facilitator; create, list and revoke sellers' API keys.
 
-    x402-escrow facilitator serve --rpc URL --escrow 0x.. --token 0x.. [--database facilitator.sqlite]
+    x402-escrow facilitator serve --rpc URL --escrow 0x.. --token 0x.. [--database facilitator.sqlite|postgresql://...]
     x402-escrow facilitator keys create --name shop --pay-to 0x.. [--database ...]   # prints the key once
     x402-escrow facilitator keys list | revoke KEY_ID
 
@@ -19,6 +19,9 @@ import sys
 from escrow_py.protocol.errors import ConfigError
 
 CONSOLE_TOKEN_ENV = "X402_ESCROW_CONSOLE_TOKEN"  # noqa: S105 - the variable's name, not a secret
+DATABASE_HELP = (
+    "SQLite path (default facilitator.sqlite) or a postgresql:// URL, which several replicas share (schema facilitator)"
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--network", default="eip155:84532", help="CAIP-2 network (default eip155:84532)")
     serve.add_argument("--token-name", default="USDC", help="the token's EIP-712 name (default USDC)")
     serve.add_argument("--token-version", default="2", help="the token's EIP-712 version (default 2)")
-    serve.add_argument("--database", default="facilitator.sqlite", help="SQLite path (default facilitator.sqlite)")
+    serve.add_argument("--database", default="facilitator.sqlite", help=DATABASE_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8402)
     serve.add_argument("--keystore", help="encrypted keystore JSON (else X402_ESCROW_PRIVATE_KEY)")
@@ -50,7 +53,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke = key_actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     for p in (create, listing, revoke):
-        p.add_argument("--database", default="facilitator.sqlite", help="SQLite path (default facilitator.sqlite)")
+        p.add_argument("--database", default="facilitator.sqlite", help=DATABASE_HELP)
     create.set_defaults(func=_keys_create)
     listing.set_defaults(func=_keys_list)
     revoke.set_defaults(func=_keys_revoke)
@@ -93,7 +96,10 @@ def _keys_create(args: argparse.Namespace) -> int:
     from escrow_py.facilitator._keys import KeyStore
 
     store = KeyStore(args.database)
-    key_id, key = store.create(args.name, args.pay_to)
+    try:
+        key_id, key = store.create(args.name, args.pay_to)
+    finally:
+        store.close()
     print(f"key id {key_id}; the key (shown once, store it now):", file=sys.stderr)
     print(key)
     return 0
@@ -102,7 +108,12 @@ def _keys_create(args: argparse.Namespace) -> int:
 def _keys_list(args: argparse.Namespace) -> int:
     from escrow_py.facilitator._keys import KeyStore
 
-    for key in KeyStore(args.database).list():
+    store = KeyStore(args.database)
+    try:
+        keys = store.list()
+    finally:
+        store.close()
+    for key in keys:
         state = "revoked" if key.revoked else "live"
         print(f"{key.key_id}\t{state}\t{key.name}\t{','.join(sorted(key.pay_to))}")
     return 0
@@ -111,7 +122,12 @@ def _keys_list(args: argparse.Namespace) -> int:
 def _keys_revoke(args: argparse.Namespace) -> int:
     from escrow_py.facilitator._keys import KeyStore
 
-    if not KeyStore(args.database).revoke(args.key_id):
+    store = KeyStore(args.database)
+    try:
+        revoked = store.revoke(args.key_id)
+    finally:
+        store.close()
+    if not revoked:
         print(f"no live key {args.key_id}", file=sys.stderr)
         return 1
     print(f"revoked {args.key_id}", file=sys.stderr)

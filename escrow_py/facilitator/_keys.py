@@ -19,30 +19,15 @@ import hashlib
 import hmac
 import json
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
 
+from escrow_py.facilitator._tables import open_tables
 from escrow_py.protocol.errors import ConfigError, EscrowError
-from escrow_py.storage import open_sqlite, transaction
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, name TEXT NOT NULL,
-    created_at REAL NOT NULL, revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS api_key_pay_to (
-    key_id TEXT NOT NULL REFERENCES api_keys (key_id), pay_to TEXT NOT NULL, PRIMARY KEY (key_id, pay_to)
-);
-CREATE TABLE IF NOT EXISTS idempotency (
-    key_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, endpoint TEXT NOT NULL, body_sha256 TEXT NOT NULL,
-    status INTEGER, response TEXT, started_at REAL NOT NULL,
-    PRIMARY KEY (key_id, idempotency_key)
-);
-"""
+from escrow_py.storage import Database
 
 KEY_PREFIX = "x4f"
 # An idempotency row with no answer after this long belongs to a request that died with its replica.
@@ -83,17 +68,17 @@ def body_digest(body: bytes) -> str:
 
 
 class KeyStore:
-    """API keys and idempotency rows; thread-safe, durable when a method returns."""
+    """API keys and idempotency rows on the storage port (a path, sqlite:/// or postgresql:// URL).
 
-    def __init__(self, path: str | Path) -> None:
-        self._conn = open_sqlite(path)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
+    Thread-safe, durable when a method returns, and safe for several replicas on one database:
+    each write two replicas could race is one statement or a transaction holding the row.
+    """
+
+    def __init__(self, url: str | Path, *, pool_size: int = 5) -> None:
+        self._db: Database = open_tables(url, pool_size=pool_size)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -108,27 +93,26 @@ class KeyStore:
             owned.add(to_checksum_address(address))
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
+        with self._db.transaction() as tx:
+            tx.execute(
                 "INSERT INTO api_keys (key_id, secret_sha256, name, created_at) VALUES (?, ?, ?, ?)",
                 (key_id, _digest(secret), name, time.time()),
             )
-            self._conn.executemany(
+            tx.executemany(
                 "INSERT INTO api_key_pay_to (key_id, pay_to) VALUES (?, ?)", [(key_id, a) for a in sorted(owned)]
             )
         return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
 
     def revoke(self, key_id: str) -> bool:
-        with self._lock, transaction(self._conn):
-            cursor = self._conn.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
-            )
-        return cursor.rowcount == 1
+        changed = self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+        )
+        return changed == 1
 
     def list(self) -> list[ApiKey]:
-        with self._lock:
-            rows = self._conn.execute("SELECT key_id, name, revoked_at FROM api_keys ORDER BY created_at").fetchall()
-            owned = self._conn.execute("SELECT key_id, pay_to FROM api_key_pay_to").fetchall()
+        with self._db.read() as tx:
+            rows = tx.all("SELECT key_id, name, revoked_at FROM api_keys ORDER BY created_at")
+            owned = tx.all("SELECT key_id, pay_to FROM api_key_pay_to")
         by_key: dict[str, set[str]] = {}
         for key_id, address in owned:
             by_key.setdefault(key_id, set()).add(address)
@@ -140,14 +124,15 @@ class KeyStore:
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
             return None
         key_id, secret = parts[1], parts[2]
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT secret_sha256, name, revoked_at FROM api_keys WHERE key_id = ?", (key_id,)
-            ).fetchone()
-            owned = self._conn.execute("SELECT pay_to FROM api_key_pay_to WHERE key_id = ?", (key_id,)).fetchall()
-        if row is None or not hmac.compare_digest(row[0], _digest(secret)) or row[2] is not None:
+        # One statement: the key and the payTo it owns (a key always owns at least one).
+        rows = self._db.all(
+            "SELECT k.secret_sha256, k.name, k.revoked_at, p.pay_to FROM api_keys k "
+            "JOIN api_key_pay_to p ON p.key_id = k.key_id WHERE k.key_id = ?",
+            (key_id,),
+        )
+        if not rows or not hmac.compare_digest(rows[0][0], _digest(secret)) or rows[0][2] is not None:
             return None
-        return ApiKey(key_id, row[1], frozenset(a for (a,) in owned), False)
+        return ApiKey(key_id, rows[0][1], frozenset(r[3] for r in rows), False)
 
     # -- idempotency -----------------------------------------------------------------------
 
@@ -155,17 +140,25 @@ class KeyStore:
         """Claim the key for this request; the earlier answer if it was answered already.
 
         Raises IdempotencyConflict: 422 for another body or endpoint under the key, 409 while
-        its first request is still running.
+        its first request is still running. Two replicas given the same key at once: the insert
+        lets one in, and the other reads the row that one holds (locked until its claim commits).
         """
         now = time.time()
-        with self._lock, transaction(self._conn):
-            row = self._conn.execute(
-                "SELECT endpoint, body_sha256, status, response, started_at FROM idempotency "
-                "WHERE key_id = ? AND idempotency_key = ?",
+        with self._db.transaction() as tx:
+            inserted = tx.execute(
+                "INSERT INTO idempotency (key_id, idempotency_key, endpoint, body_sha256, started_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, idempotency_key) DO NOTHING",
+                (key_id, idempotency_key, endpoint, body_sha256, now),
+            ).rowcount
+            if inserted == 1:
+                return None
+            row = tx.one(
+                "SELECT endpoint, body_sha256, status, response, started_at FROM idempotency "  # noqa: S608 - constant
+                f"WHERE key_id = ? AND idempotency_key = ?{tx.for_update(skip_locked=False)}",
                 (key_id, idempotency_key),
-            ).fetchone()
-            if row is None:
-                self._conn.execute(
+            )
+            if row is None:  # answered and abandoned between the two statements: claim it now
+                tx.execute(
                     "INSERT INTO idempotency (key_id, idempotency_key, endpoint, body_sha256, started_at) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (key_id, idempotency_key, endpoint, body_sha256, now),
@@ -182,7 +175,7 @@ class KeyStore:
                 return Recorded(int(status), json.loads(response))
             if now - float(started_at) < STALE_AFTER:
                 raise IdempotencyConflict(409, f"a request with idempotency key {idempotency_key!r} is in progress")
-            self._conn.execute(
+            tx.execute(
                 "UPDATE idempotency SET started_at = ? WHERE key_id = ? AND idempotency_key = ?",
                 (now, key_id, idempotency_key),
             )
@@ -190,19 +183,17 @@ class KeyStore:
 
     def finish(self, key_id: str, idempotency_key: str, status: int, body: dict[str, object]) -> None:
         """Record the final answer (2xx or 4xx); replays of the key get it back."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "UPDATE idempotency SET status = ?, response = ? WHERE key_id = ? AND idempotency_key = ?",
-                (status, json.dumps(body), key_id, idempotency_key),
-            )
+        self._db.execute(
+            "UPDATE idempotency SET status = ?, response = ? WHERE key_id = ? AND idempotency_key = ?",
+            (status, json.dumps(body), key_id, idempotency_key),
+        )
 
     def abandon(self, key_id: str, idempotency_key: str) -> None:
         """Forget a claim whose request failed on our side (5xx): the same request may be sent again."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "DELETE FROM idempotency WHERE key_id = ? AND idempotency_key = ? AND status IS NULL",
-                (key_id, idempotency_key),
-            )
+        self._db.execute(
+            "DELETE FROM idempotency WHERE key_id = ? AND idempotency_key = ? AND status IS NULL",
+            (key_id, idempotency_key),
+        )
 
 
 __all__ = ["ApiKey", "IdempotencyConflict", "KeyStore", "Recorded", "body_digest"]

@@ -1,7 +1,7 @@
 """The facilitator's transaction ledger and the figures the operator console shows.
 
 Each transaction the facilitator sends is recorded once its receipt is in: its kind
-(deposit, deliver, refund), the escrows it moved, their value, and the gas it cost. The
+(deposit, deliver, refund, settle), the escrows it moved, their value, and the gas it cost. The
 console's figures are read from this ledger and from the escrow store (seller._store's
 tables), both in the one database, so every replica shows the same numbers.
 """
@@ -9,13 +9,13 @@ tables), both in the one database, so every replica shows the same numbers.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 from web3.types import TxReceipt
 
 from escrow_py.console import Figures, running_totals
+from escrow_py.facilitator._tables import open_tables
 from escrow_py.seller._store import (
     DEPOSITING,
     EXPIRED,
@@ -25,17 +25,10 @@ from escrow_py.seller._store import (
     REFUND_PENDING,
     REFUNDED,
     REFUNDED_ON_CHAIN,
+    SETTLE_LOST,
     SETTLED_ELSEWHERE,
 )
-from escrow_py.storage import open_sqlite, transaction
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS facilitator_txs (
-    tx_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, escrows TEXT NOT NULL, amount TEXT NOT NULL,
-    gas_cost_wei TEXT NOT NULL, block INTEGER NOT NULL, at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS facilitator_txs_at ON facilitator_txs (at);
-"""
+from escrow_py.storage import Database
 
 # Where an escrow is, read from the store: the payment row and its delivery row.
 _STATE_OF_ROW = f"""
@@ -57,22 +50,20 @@ NEXT_DEADLINES = 10
 
 
 class Ledger:
-    def __init__(self, path: str | Path) -> None:
-        self._conn = open_sqlite(path)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
+    """The transaction ledger and the console's figures, on the facilitator's database (see _tables)."""
+
+    def __init__(self, url: str | Path, *, pool_size: int = 5) -> None:
+        self._db: Database = open_tables(url, pool_size=pool_size)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def record_tx(self, kind: str, tx_hash: bytes, receipt: TxReceipt, escrows: list[bytes], amount: int) -> None:
         gas = int(receipt["gasUsed"]) * int(receipt.get("effectiveGasPrice", 0))
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "INSERT OR IGNORE INTO facilitator_txs (tx_hash, kind, escrows, amount, gas_cost_wei, block, at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        with self._db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO facilitator_txs (tx_hash, kind, escrows, amount, gas_cost_wei, block, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tx_hash) DO NOTHING",
                 (
                     "0x" + tx_hash.hex(),
                     kind,
@@ -87,38 +78,34 @@ class Ledger:
     def amount_of(self, escrows: list[bytes]) -> int:
         """The summed value of these escrows, from their recorded terms."""
         total = 0
-        with self._lock:
+        with self._db.read() as tx:
             for escrow_id in escrows:
-                row = self._conn.execute(
-                    "SELECT terms FROM payments WHERE escrow_id = ?", (bytes(escrow_id),)
-                ).fetchone()
+                row = tx.one("SELECT terms FROM payments WHERE escrow_id = ?", (bytes(escrow_id),))
                 if row is not None:
                     total += int(json.loads(row[0])["amount"])
         return total
 
     def queue_depths(self) -> dict[str, int]:
         """Deliveries by status and refunds pending: what the poster still has to send."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT status, COUNT(*) FROM deliveries WHERE status = ? GROUP BY status", (PENDING,)
-            ).fetchall()
-            refunds = self._conn.execute(
-                "SELECT COUNT(*) FROM payments WHERE status = ?", (REFUND_PENDING,)
-            ).fetchone()[0]
+        with self._db.read() as tx:
+            rows = tx.all("SELECT status, COUNT(*) FROM deliveries WHERE status = ? GROUP BY status", (PENDING,))
+            refunds = tx.one("SELECT COUNT(*) FROM payments WHERE status = ?", (REFUND_PENDING,))
         depths = {str(s): int(n) for s, n in rows}
-        depths[REFUND_PENDING] = int(refunds)
+        depths[REFUND_PENDING] = 0 if refunds is None else int(refunds[0])
         return depths
 
     def figures(self) -> Figures:
         figures = Figures()
-        with self._lock:
-            rows = self._conn.execute(
+        with self._db.read() as tx:
+            rows = tx.all(
                 f"SELECT p.escrow_id, p.terms, p.deadline, {_STATE_OF_ROW} FROM payments p "  # noqa: S608 - constants
                 "LEFT JOIN deliveries d ON d.escrow_id = p.escrow_id"
-            ).fetchall()
-            txs = self._conn.execute(
+            )
+            txs = tx.all(
                 "SELECT tx_hash, kind, escrows, amount, gas_cost_wei, block, at FROM facilitator_txs ORDER BY at"
-            ).fetchall()
+            )
+            lost = tx.one("SELECT COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SETTLE_LOST,))
+        figures.serve_first_losses = 0 if lost is None else int(lost[0])
         held: list[tuple[int, str, str, int]] = []
         for escrow_id, terms_json, deadline, state in rows:
             figures.by_state[state] = figures.by_state.get(state, 0) + 1
@@ -133,7 +120,7 @@ class Ledger:
         ]
         for _tx, kind, _escrows, _amount, gas, _block, _at in txs:
             figures.gas_wei_by_kind[kind] = figures.gas_wei_by_kind.get(kind, 0) + int(gas)
-        moves = {"deposit": "deposit", "deliver": "released", "refund": "refunded"}
+        moves = {"deposit": "deposit", "deliver": "released", "refund": "refunded", "settle": "settled"}
         figures.series = running_totals((float(at), moves[kind], int(amount)) for _, kind, _, amount, _, _, at in txs)
         figures.recent = [
             {

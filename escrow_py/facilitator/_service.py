@@ -13,13 +13,16 @@ Errors a caller must see are `FacilitatorError`s with an HTTP status and a wire 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from web3.types import TxReceipt
@@ -32,11 +35,14 @@ from x402.schemas import (
     VerifyResponse,
 )
 
+from escrow_py.chain import rpc
+from escrow_py.chain.escrow import Settled as SettledEvent
 from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.tx import SentTx
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
 from escrow_py.facilitator._ledger import Ledger
+from escrow_py.facilitator._tables import NAMESPACE
 from escrow_py.protocol.codec import to_hex
 from escrow_py.protocol.errors import (
     EscrowError,
@@ -48,17 +54,29 @@ from escrow_py.protocol.errors import (
 )
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
-from escrow_py.protocol.wire import SCHEME, EscrowPayload, EscrowRequirements, encode_payment_signature
+from escrow_py.protocol.wire import (
+    SCHEME,
+    EscrowPayload,
+    EscrowRequirements,
+    SettlementExtra,
+    SettlementMode,
+    SettlementStatus,
+    encode_payment_signature,
+)
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
+from escrow_py.seller._sdk import CANCEL_KEY
 from escrow_py.seller._store import (
     DEPOSITING,
     HELD,
     REFUND_PENDING,
     REFUNDED,
     SERVED,
+    SETTLE_DONE,
+    SETTLE_LOST,
     Payment,
     SellerStore,
+    SettlementRecord,
     StoredResponse,
 )
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain, verify_onchain
@@ -70,6 +88,8 @@ _NO_BODY = StoredResponse(200, [], b"")
 RETRY_AFTER = 2
 # How long a copy of a payment waits for the request holding it before answering 503 payment_in_progress.
 CLAIM_WAIT = 10.0
+# The facilitator puts no exposure limit of its own on serve-first: the seller, who carries the risk, sets its own.
+_NO_LIMIT = 2**255
 
 
 class FacilitatorError(EscrowError):
@@ -96,7 +116,7 @@ class Facilitator:
     def __init__(self, config: FacilitatorConfig, chain: EscrowChain | None = None) -> None:
         self.config = config
         settings = config.chain_settings()
-        self.store = SellerStore(config.store)
+        self.store = SellerStore(config.store, namespace=NAMESPACE)
         # The store is the operator key's nonce book: replicas on one database never collide on a nonce.
         self.chain: EscrowChain = chain or seller_chain(settings, book=self.store)
         self.ledger = Ledger(config.store)
@@ -106,10 +126,24 @@ class Facilitator:
         # A /deliver batch is queued whole before this process's poster looks at the queue again, so
         # deliveries sent together leave in one deliverMany (the store queues one row per commit).
         self._queueing = threading.Lock()
+        # Writes that need not delay the answer (one SQLite commit is ~7 ms here): a payment claim given back
+        # (a dead replica's claim lapses by itself anyway) and the ledger row of a deposit (bookkeeping for
+        # the console: the deposit itself is recorded in the store before the answer leaves).
+        self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facilitator-after")
 
     def close(self) -> None:
+        self._after.shutdown(wait=True)
         self.store.close()
         self.ledger.close()
+
+    def _later(self, what: str, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except (EscrowError, OSError) as exc:
+                log.warning("%s failed: %s", what, exc)
+
+        self._after.submit(run)
 
     # -- /supported --------------------------------------------------------------------------
 
@@ -121,7 +155,7 @@ class Facilitator:
             "asset": config.token,
             "name": config.token_name,
             "version": config.token_version,
-            "settlement": ["hold"],
+            "settlement": [SettlementMode.HOLD, SettlementMode.SERVE_FIRST],
         }
         kind = SupportedKind(x402_version=2, scheme=SCHEME, network=config.network, extra=extra)
         return SupportedResponse(kinds=[kind], extensions=[], signers={"eip155:*": [config.operator.address]})
@@ -170,27 +204,36 @@ class Facilitator:
         )
 
     def verify(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> VerifyResponse:
+        """Everything a deposit (hold) or a settlement (serve-first) checks before it is sent, including its
+        simulation; nothing is recorded."""
         try:
             verified = self._verified(payload, requirements, key, self._now())
             chain = self.chain
-            verify_onchain(verified, chain=chain)
+            verify_onchain(verified, chain=chain,
+                           serve_first=_settlement_mode(requirements) == SettlementMode.SERVE_FIRST)  # fmt: skip
         except Refusal as rejected:
             return VerifyResponse(is_valid=False, invalid_reason=rejected.error, invalid_message=str(rejected))
+        except FacilitatorError:
+            raise  # not this key's payTo (403), the chain's clock unreadable (503): already the right answer
+        except (EscrowError, OSError) as exc:
+            raise self._chain_down(exc) from None
         return VerifyResponse(is_valid=True, payer=verified.buyer)
 
     def settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
-        """Deposit the payment in hold (idempotent by escrow id: the same payment again answers the same deposit)."""
+        """Hold: deposit the payment. Serve-first: queue its settlement (settleMany) with the delivery hash the
+        payload carries. Idempotent by escrow id: the same payment again answers the same deposit or settlement."""
         network = self.config.network
-        settlement = (requirements.extra or {}).get("settlement", "hold")
-        if settlement != "hold":
-            return SettleResponse(
-                success=False,
-                error_reason=Reason.UNSUPPORTED_SETTLEMENT,
-                error_message=f"settlement {settlement!r}: this facilitator settles 'hold' only",
-                transaction="",
-                network=network,
-            )
         try:
+            mode = _settlement_mode(requirements)
+        except ProtocolError as exc:
+            return SettleResponse(success=False, error_reason=exc.reason, error_message=str(exc), transaction="",
+                                  network=network)  # fmt: skip
+        if mode == SettlementMode.SERVE_FIRST:
+            return self._settle_first(payload, requirements, key)
+        if payload.payload.get(CANCEL_KEY) is not None:
+            return self._cancel(payload, requirements, key)
+        try:
+            hashed = _delivery_hash_of(payload, required=False)
             settled = self._settle(payload, requirements, key)
         except Refusal as rejected:
             return SettleResponse(
@@ -201,12 +244,16 @@ class Facilitator:
                 network=network,
             )
         verified = settled.verified
-        extra = {
+        extra: dict[str, object] = {
             "escrowId": "0x" + verified.escrow_id.hex(),
             "deadline": verified.terms.deadline,
             "settlement": "held",
             "acceptedAt": settled.accepted_at,
         }
+        if hashed is not None:
+            # The SDK's `escrow` flow settles again after the handler with the delivery hash: queue the delivery.
+            self.deliver([(verified.escrow_id, hashed)], key)
+            extra["deliveryHash"] = "0x" + hashed.hex()
         return SettleResponse(
             success=True,
             payer=verified.buyer,
@@ -215,6 +262,128 @@ class Facilitator:
             amount=str(verified.terms.amount),
             extra=extra,
         )
+
+    def _cancel(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
+        """The SDK's cancel-phase settle (the handler failed after the deposit): refund it, as /refund does.
+        Only for a payment deposited here, presented again with the signature it was deposited with."""
+        network = self.config.network
+        try:
+            offer = self._offer(requirements, key)
+            escrow_id = self._claimed_id(payload, offer)
+            payment = self._owned(escrow_id, key)
+            self._verified(payload, requirements, key, payment.accepted_at)  # the same signed payment
+        except Refusal as rejected:
+            return SettleResponse(success=False, error_reason=rejected.error, error_message=str(rejected),
+                                  transaction="", network=network)  # fmt: skip
+        answer = self.refund(escrow_id, key)
+        refund_tx = answer["transaction"]
+        extra = SettlementExtra(
+            escrow_id=escrow_id, deadline=payment.terms.deadline,
+            state=State.REFUNDED if answer["state"] == "refunded" else State.HELD,
+            refund_transaction=bytes.fromhex(refund_tx[2:]) if refund_tx else None,
+        )  # fmt: skip
+        return SettleResponse(success=True, payer=payment.terms.buyer, transaction=refund_tx or "", network=network,
+                              amount="0", extra=extra.to_json())  # fmt: skip
+
+    def _settle_first(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> SettleResponse:
+        network = self.config.network
+        try:
+            escrow_id, hashed, record = self._queue_settlement(payload, requirements, key)
+        except Refusal as rejected:
+            return SettleResponse(success=False, error_reason=rejected.error, error_message=str(rejected),
+                                  transaction="", network=network)  # fmt: skip
+        payment = self.store.payment(escrow_id)
+        assert payment is not None  # recorded with its settlement, and never removed once queued
+        extra: dict[str, object] = {
+            "escrowId": "0x" + escrow_id.hex(),
+            "deadline": payment.terms.deadline,
+            "deliveryHash": "0x" + hashed.hex(),
+            "acceptedAt": payment.accepted_at,
+        }
+        if record.status == SETTLE_LOST:
+            return SettleResponse(success=False, error_reason=Reason.SETTLEMENT_FAILED,
+                                  error_message=f"the settlement was not paid: {record.reason}",
+                                  transaction=to_hex(record.tx_hash) or "", network=network, extra=extra)  # fmt: skip
+        settled = record.status == SETTLE_DONE
+        extra["settlement"] = SettlementStatus.SETTLED if settled else SettlementStatus.PENDING
+        return SettleResponse(
+            success=True,
+            payer=payment.terms.buyer,
+            transaction=to_hex(record.tx_hash) or "" if settled else "",
+            network=network,
+            amount=str(payment.terms.amount),
+            extra=extra,
+        )
+
+    def _queue_settlement(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey
+    ) -> tuple[bytes, bytes, SettlementRecord]:
+        """Record a served serve-first payment and queue its settlement; the record already there, if any.
+
+        The poster sends it in a settleMany batch. The payment was checked as /verify checks it (the
+        simulation of the pull included); whoever asks again for the same escrow id gets the same
+        settlement, and a different delivery hash for it is refused (409), never queued.
+        """
+        offer = self._offer(requirements, key)
+        escrow_id = self._claimed_id(payload, offer)
+        hashed = _delivery_hash_of(payload, required=True)
+        assert hashed is not None
+        known = self._known_settlement(payload, requirements, key, escrow_id, hashed)
+        if known is not None:  # the seller following its settlement: answered from the store, nothing written
+            return escrow_id, hashed, known
+        with self._claim(escrow_id):
+            record = self.store.settlement(escrow_id)
+            payment = self.store.payment(escrow_id)
+            if payment is not None and record is None:
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted in hold")
+            if payment is not None and record is not None:
+                self._verified(payload, requirements, key, payment.accepted_at)  # the same signed payment
+                if record.delivery_hash is not None and record.delivery_hash != hashed:
+                    raise FacilitatorError(409, "delivery_conflict", f"escrow 0x{escrow_id.hex()} is settling "
+                                           f"with delivery hash 0x{record.delivery_hash.hex()}")  # fmt: skip
+                if record.delivery_hash is None:  # recorded by a replica that died before queueing it
+                    self.store.save_served_first(escrow_id, _NO_BODY, hashed)
+                    record = self.store.settlement(escrow_id)
+                    assert record is not None
+                return escrow_id, hashed, record
+            now = self._now()
+            verified = self._verified(payload, requirements, key, now)
+            chain = self.chain
+            try:
+                verify_onchain(verified, chain=chain, serve_first=True)
+            except Refusal:
+                raise
+            except (EscrowError, OSError) as exc:
+                raise self._chain_down(exc) from None
+            terms = verified.terms
+            # The seller carries the risk of serving first and bounds it itself; the facilitator still
+            # refuses a buyer who left a settlement unpaid (its `refused_buyers`).
+            refused = self.store.begin_serve_first(
+                escrow_id, terms, accepted_at=now, route=_route(key), payload=json.dumps(verified.payload.to_json()),
+                due=min(verified.payload.authorization.valid_before, terms.deadline),
+                max_per_buyer=_NO_LIMIT, max_total=_NO_LIMIT,
+            )  # fmt: skip
+            if refused is not None:
+                raise Refusal(Reason(refused), f"buyer {terms.buyer} left a serve-first settlement unpaid")
+            self.store.save_served_first(escrow_id, _NO_BODY, hashed)
+            record = self.store.settlement(escrow_id)
+            assert record is not None
+            return escrow_id, hashed, record
+
+    def _known_settlement(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey, escrow_id: bytes, hashed: bytes
+    ) -> SettlementRecord | None:
+        """The settlement queued for this payment with this delivery hash, if it is (the signature checked again:
+        only the signed payment learns where its settlement stands); 409 for another hash."""
+        record = self.store.settlement(escrow_id)
+        payment = self.store.payment(escrow_id) if record is not None else None
+        if record is None or record.delivery_hash is None or payment is None:
+            return None
+        self._verified(payload, requirements, key, payment.accepted_at)
+        if record.delivery_hash != hashed:
+            raise FacilitatorError(409, "delivery_conflict", f"escrow 0x{escrow_id.hex()} is settling with "
+                                   f"delivery hash 0x{record.delivery_hash.hex()}")  # fmt: skip
+        return record
 
     @contextlib.contextmanager
     def _claim(self, escrow_id: bytes) -> Iterator[None]:
@@ -236,14 +405,15 @@ class Facilitator:
         try:
             yield
         finally:
-            with contextlib.suppress(EscrowError, OSError):
-                self.store.release_lease(name, owner)
+            self._later(f"release of claim {name}", lambda: self.store.release_lease(name, owner))
 
     def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements, key: ApiKey) -> Settled:
         offer = self._offer(requirements, key)  # before anything: a key acts only on its own payTo
         escrow_id = self._claimed_id(payload, offer)
         with self._claim(escrow_id):
             payment = self.store.payment(escrow_id)
+            if payment is not None and payment.serve_first:
+                raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted serve-first")
             if payment is not None and payment.status != DEPOSITING:
                 verified = self._verified(payload, requirements, key, payment.accepted_at)
                 return Settled(verified, payment.deposit_tx, payment.accepted_at)
@@ -276,7 +446,7 @@ class Facilitator:
 
     def _state_and_time(self, escrow_id: bytes) -> tuple[State, int]:
         try:
-            return self.chain.state_of(escrow_id), self.chain.next_block_time()
+            return rpc.both(lambda: self.chain.state_of(escrow_id), self.chain.next_block_time)  # one round trip
         except (EscrowError, OSError) as exc:
             raise self._chain_down(exc) from None
 
@@ -341,7 +511,8 @@ class Facilitator:
             raise self._chain_down(exc) from None
         tx_hash = bytes(receipt["transactionHash"])
         self.store.set_held(escrow_id, tx_hash)
-        self.ledger.record_tx("deposit", tx_hash, receipt, [escrow_id], verified.terms.amount)
+        amount = verified.terms.amount
+        self._later("ledger row", lambda: self.ledger.record_tx("deposit", tx_hash, receipt, [escrow_id], amount))
         return tx_hash
 
     # -- /deliver, /refund, /escrows ---------------------------------------------------------
@@ -361,6 +532,9 @@ class Facilitator:
         payments: list[tuple[Payment, bytes]] = []
         for escrow_id, hashed in entries:
             payment = self._owned(escrow_id, key)
+            if payment.serve_first:
+                raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} settles serve-first: its "
+                                       "delivery hash goes with its /settle")  # fmt: skip
             if payment.status in (REFUNDED, REFUND_PENDING):
                 raise FacilitatorError(409, Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is being refunded")
             if payment.status == DEPOSITING:
@@ -387,6 +561,8 @@ class Facilitator:
         """Refund now (the seller's handler failed); a refund that cannot be sent now is retried by the poster."""
         with self._claim(escrow_id):
             payment = self._owned(escrow_id, key)
+            if payment.serve_first:  # nothing was deposited: a failed handler is simply never settled
+                raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} holds no deposit to refund")
             if payment.status == REFUNDED:
                 return {
                     "escrowId": "0x" + escrow_id.hex(),
@@ -417,7 +593,16 @@ class Facilitator:
     def escrow(self, escrow_id: bytes, key: ApiKey) -> dict[str, object]:
         payment = self._owned(escrow_id, key)
         record = self.store.delivery(escrow_id)
+        settlement = self.store.settlement(escrow_id)
         return {
+            "settlement": None
+            if settlement is None
+            else {
+                "status": settlement.status,
+                "deliveryHash": to_hex(settlement.delivery_hash),
+                "transaction": to_hex(settlement.tx_hash),
+                "reason": settlement.reason,
+            },
             "escrowId": "0x" + escrow_id.hex(),
             "status": payment.status,
             "terms": payment.terms.to_json(),
@@ -443,7 +628,42 @@ class Facilitator:
             if receipt is not None:
                 amount = self.ledger.amount_of(report.posted)
                 self.ledger.record_tx("deliver", report.tx_hash, receipt, report.posted, amount)
+        for tx_hash in report.settle_txs:  # serve-first settleMany batches: what they paid, what they cost
+            receipt = self.chain.receipt(tx_hash)
+            if receipt is not None:
+                paid = [s.id for s in self.chain.settlements_in(receipt) if isinstance(s, SettledEvent)]
+                self.ledger.record_tx("settle", tx_hash, receipt, paid, self.ledger.amount_of(paid))
         return report
+
+
+def _settlement_mode(requirements: PaymentRequirements) -> SettlementMode:
+    value = (requirements.extra or {}).get("settlement", SettlementMode.HOLD)
+    try:
+        return SettlementMode(value)
+    except ValueError:
+        raise ProtocolError(Reason.INVALID_PAYLOAD, f"extra.settlement {value!r} is not hold or serve-first") from None
+
+
+def _delivery_hash_of(payload: PaymentPayload, *, required: bool) -> bytes | None:
+    """The hash of the bytes the seller served, which a serve-first settlement (or, in hold, the delivery
+    queued by an after-handler settle) commits on chain; None if absent and not `required`.
+
+    It rides in the payload itself (`payload.deliveryHash`), where the SDK's resource server lets a
+    scheme add it to its after-handler settle (`enrich_settlement_payload`).
+    """
+    value = payload.payload.get("deliveryHash")
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or re.fullmatch(r"0x[0-9a-fA-F]{64}", value) is None:
+        raise Refusal(
+            Reason.INVALID_PAYLOAD,
+            f"a serve-first settlement needs payload.deliveryHash (0x and 64 hex digits, the hash of the bytes "
+            f"served), got {value!r}",
+        )
+    hashed = bytes.fromhex(value[2:])
+    if hashed == bytes(32):
+        raise Refusal(Reason.INVALID_PAYLOAD, "payload.deliveryHash is zero: the contract refuses it")
+    return hashed
 
 
 def _route(key: ApiKey) -> str:

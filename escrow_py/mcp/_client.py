@@ -1,32 +1,29 @@
 """The buyer's side of paid MCP tools: pay a tool's delivery-escrow offer over an MCP ClientSession,
 accept its result only if it hashes to what the seller committed to, and recover after a crash.
 
-Every step is the HTTP buyer's own (escrow_py.buyer's PaymentCore): the requestHash check, the
-genuine-escrow check, the policy and ledger, the journal written before the payment leaves, the
-resend of the same payment after the seller's own failure, and the judgement of the answer. A
+Every step is the HTTP buyer's own: the one payment flow of escrow_py.buyer (the requestHash check,
+the genuine-escrow check, the policy and ledger, the journal written before the payment leaves, the
+resend of the same payment after the seller's own failure, and the judgement of the answer), driven
+here by tool calls instead of HTTP requests. A
 tool call is journaled as `POST mcp://tool/<name>` with its canonical arguments, so `recover()`
 finds it like any other payment and replays it over an MCP session.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
+from contextlib import aclosing
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Self
 
 import httpx
 from mcp import ClientSession, types
-from web3 import Web3
 
-from escrow_py.buyer._core import PaymentCore, PaymentPolicy, ResendPolicy, find_offer
-from escrow_py.buyer._errors import PaymentNotDelivered
+from escrow_py.buyer._core import PaymentCore
+from escrow_py.buyer._flow import adrive, lost_payment, payment_flow
 from escrow_py.buyer._journal import Journal
-from escrow_py.buyer._policy import Policy
 from escrow_py.buyer._recover import RecoveryReport, arecover_flows
-from escrow_py.buyer._validate import Validator
-from escrow_py.chain.rpc import DEFAULT_DEADLINE
+from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
 from escrow_py.mcp._wire import (
     TOOL_METHOD,
@@ -46,7 +43,8 @@ def tool_request(name: str, arguments: Mapping[str, Any] | None) -> httpx.Reques
 
 
 class EscrowToolClient:
-    """Calls MCP tools over `session`, paying delivery-escrow offers; keywords as EscrowClient's.
+    """Calls MCP tools over `session`, paying delivery-escrow offers; settings as EscrowClient's (a
+    BuyerSettings, or the signer, RPC URL and journal with its keywords).
 
         async with ClientSession(read, write) as session:
             await session.initialize()
@@ -65,31 +63,18 @@ class EscrowToolClient:
     def __init__(
         self,
         session: ClientSession,
-        signer: Signer,
-        rpc_url: str,
-        journal: str | Path | Journal,
+        settings: BuyerSettings | Signer,
+        rpc_url: str | None = None,
+        journal: JournalLike | None = None,
         *,
-        policy: Policy | PaymentPolicy | None = None,
-        task: str = "default",
-        validator: Validator | None = None,
-        w3: Web3 | None = None,
-        rpc_timeout: float = DEFAULT_DEADLINE,
-        resend: ResendPolicy | None = None,
         read_timeout: timedelta | None = None,
+        **options: Any,
     ) -> None:
         self.session = session
         self.read_timeout = read_timeout
-        self.core = PaymentCore(
-            signer,
-            rpc_url,
-            journal,
-            policy=policy,
-            task=task,
-            validator=validator,
-            w3=w3,
-            rpc_timeout=rpc_timeout,
-            resend=resend,
-        )
+        self.settings = settings_of(settings, rpc_url, journal, options)
+        no_other_options("EscrowToolClient", options)
+        self.core = PaymentCore(self.settings)
 
     @property
     def journal(self) -> Journal:
@@ -98,38 +83,24 @@ class EscrowToolClient:
     async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None) -> types.CallToolResult:
         args = dict(arguments or {})
         request = tool_request(name, args)  # refuses arguments JSON cannot carry, before anything is sent
-        first = await self.session.call_tool(name, args, read_timeout_seconds=self.read_timeout)
-        try:
-            offer = find_offer(to_http_response(first))
-        except ProtocolError:
-            return first  # not an x402 answer this client can read: the caller sees it as it is
-        if offer is None:
-            return first
-        # Chain reads, signing and the journal's fsync block: keep them off the event loop.
-        prepared = await asyncio.to_thread(self.core.prepare, request, offer)
-        meta = payment_meta(prepared.header)
-        resent = 0
-        while True:
+        async with aclosing(adrive(payment_flow(self.core, request))) as flow:
+            await anext(flow)  # the unpaid call
+            result = await self.session.call_tool(name, args, read_timeout_seconds=self.read_timeout)
             try:
-                result = await self.session.call_tool(name, args, read_timeout_seconds=self.read_timeout, meta=meta)
                 response = to_http_response(result)
-            except Exception as exc:  # whatever broke the session, the payment has left
-                raise PaymentNotDelivered(
-                    prepared.escrow_id,
-                    prepared.terms.deadline,
-                    f"the MCP call failed after the signed payment was sent ({type(exc).__name__}: {exc}); "
-                    "the journal has it: recover() replays it or refunds it",
-                    escrow=prepared.escrow,
-                ) from exc
-            wait = await asyncio.to_thread(self.core.resend_after, prepared, response, resent)
-            if wait is None:
-                break
-            await asyncio.sleep(wait)  # the seller's own failure: the same payment again, never a new one
-            resent += 1
-        await asyncio.to_thread(self.core.settle, prepared, response)
-        request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
-        await asyncio.to_thread(self.core.validate, prepared.escrow_id, request, response)
-        return result
+            except ProtocolError:
+                return result  # not an x402 answer this client can read: the caller sees it as it is
+            while True:
+                try:
+                    paid = await flow.asend(response)
+                except StopAsyncIteration:
+                    return result  # no offer to pay, or a verified delivery
+                meta = payment_meta(paid.headers[PAYMENT_SIGNATURE_HEADER])
+                try:
+                    result = await self.session.call_tool(name, args, read_timeout_seconds=self.read_timeout, meta=meta)
+                    response = to_http_response(result)
+                except Exception as exc:  # whatever broke the session, the payment has left
+                    raise (lost_payment(paid, "MCP call", exc) or exc) from exc
 
     async def recover(self, *, refund_expired: bool = True) -> RecoveryReport:
         """Finish every unfinished journaled tool call (escrow_py.buyer.recover's rules), replaying over
@@ -151,7 +122,7 @@ class EscrowToolClient:
         )
 
     def close(self) -> None:
-        self.journal.close()
+        self.core.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -51,7 +51,7 @@ from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
-from escrow_py.seller._sdk import DeliveryEscrowServerScheme
+from escrow_py.seller._sdk import DeliveryEscrowServerScheme, DeliveryHashHeader
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
@@ -76,6 +76,7 @@ def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
 
 __all__ = [
     "DeliveryEscrowServerScheme",
+    "DeliveryHashHeader",
     "DeliveryPoster",
     "EscrowMiddleware",
     "ExactOffer",

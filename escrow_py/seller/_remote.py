@@ -28,7 +28,8 @@ import logging
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,29 @@ import httpx
 from eth_typing import ChecksumAddress
 from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from escrow_py.protocol.codec import parse_hex
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import SCHEME, SettlementExtra
+from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.wire import SCHEME, SettlementStatus
 from escrow_py.seller._config import PricedRoute, SellerConfig
-from escrow_py.seller._machine import Answer, ParsedPayment, handler_failed
+from escrow_py.seller._machine import (
+    Deposit,
+    ParsedPayment,
+    Reject,
+    Reserve,
+    Serve,
+    ServeFirst,
+    Unavailable,
+    _as_accepted,
+    after_reserve,
+    handler_failed,
+    kept,
+    served,
+    settle_due,
+)
 from escrow_py.seller._middleware import (
     Claim,
     EscrowMiddleware,
@@ -53,11 +69,13 @@ from escrow_py.seller._middleware import (
 )
 from escrow_py.seller._offers import Offers, PaidRequest
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
-from escrow_py.seller._verify import Refusal, VerifiedPayment
+from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
 log = logging.getLogger("escrow_py.seller.remote")
 
 BATCH = 100
+# How often a settlement handed to the facilitator and still pending there is asked about again.
+SETTLE_POLL = 2.0
 
 
 class RemoteOperator:
@@ -104,6 +122,10 @@ class FacilitatorSellerConfig:
     timeout: float = 35.0  # above the facilitator's own tx_timeout (30 s): a slow deposit is waited for, not abandoned
     retry_after: int = 2
     outbox_interval: float = 0.5
+    # Serve-first routes (PricedRoute(settlement="serve-first")): the exposure this seller accepts, as SellerConfig.
+    serve_first_max_price: int | None = None
+    serve_first_max_per_buyer: int | None = None
+    serve_first_max_total: int | None = None
 
     def __post_init__(self) -> None:
         if not self.facilitator_url.startswith(("http://", "https://")):
@@ -147,6 +169,9 @@ class FacilitatorSellerConfig:
             public_base_url=self.public_base_url,
             deadline_slack=self.deadline_slack,
             max_body_bytes=self.max_body_bytes,
+            serve_first_max_price=self.serve_first_max_price,
+            serve_first_max_per_buyer=self.serve_first_max_per_buyer,
+            serve_first_max_total=self.serve_first_max_total,
             startup_checks=False,
         )
 
@@ -222,17 +247,20 @@ class FacilitatorClient:
         return response
 
     async def settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
-        body = {
-            "x402Version": 2,
-            "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
-            "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
-        }
-        response = await self._post("/settle", body, None)
+        response = await self._post("/settle", _request_body(payload, requirements), None)
         if response.status_code != 200:
             raise FacilitatorDown(
                 f"/settle: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
             )
         return SettleResponse.model_validate(response.json())
+
+    async def verify(self, payload: PaymentPayload, requirements: PaymentRequirements) -> VerifyResponse:
+        response = await self._post("/verify", _request_body(payload, requirements), None)
+        if response.status_code != 200:
+            raise FacilitatorDown(
+                f"/verify: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
+            )
+        return VerifyResponse.model_validate(response.json())
 
     async def deliver(self, entries: list[tuple[bytes, bytes]]) -> httpx.Response:
         digest = hashlib.sha256(b"".join(i + h for i, h in entries)).hexdigest()
@@ -246,8 +274,28 @@ class FacilitatorClient:
             raise FacilitatorDown(
                 f"/refund: HTTP {response.status_code} {response.text[:200]}", self.config.retry_after
             )
-        tx = response.json().get("transaction")
-        return bytes.fromhex(tx[2:]) if isinstance(tx, str) and tx.startswith("0x") else None
+        return tx_hash_of(response.json().get("transaction"))
+
+
+def tx_hash_of(value: object) -> bytes | None:
+    """A transaction hash the facilitator answered, or None for none or anything that is not one.
+
+    The facilitator's answers are input like any other: a garbled hash must not crash the outbox or
+    the request that asked; it is treated as "no transaction yet".
+    """
+    try:
+        return parse_hex(value, "transaction", 32)
+    except ValueError:
+        return None
+
+
+def _request_body(payload: PaymentPayload, requirements: PaymentRequirements) -> dict[str, Any]:
+    """The x402 facilitator request (VerifyRequest / SettleRequest) as JSON."""
+    return {
+        "x402Version": 2,
+        "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+        "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
+    }
 
 
 class FacilitatorMiddleware(EscrowMiddleware):
@@ -265,6 +313,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
         self.offers = Offers(self.config)  # delivery-escrow alone: the exact scheme needs a facilitator of its own
         self._kick = asyncio.Event()
         self._outbox: asyncio.Task[None] | None = None
+        # Serve-first settlements the facilitator holds as pending: when to ask it again (monotonic seconds).
+        self._settle_polled: dict[bytes, float] = {}
 
     # -- lifespan: the outbox loop ---------------------------------------------------------------
 
@@ -338,6 +388,46 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 log.warning("refund of 0x%s waits for the facilitator: %s", escrow_id.hex(), down)
                 break
             await _blocking(self.store.set_refunded, escrow_id, tx)
+        return accepted + await self._flush_settlements()
+
+    async def _flush_settlements(self) -> int:
+        """Hand each queued serve-first settlement to the facilitator's /settle with its delivery hash, and
+        follow it there until it is paid or lost (the same /settle answers where it stands: it is
+        idempotent by escrow id). The number the facilitator accepted or settled."""
+        accepted = 0
+        now = time.monotonic()
+        for queued in await _blocking(self.store.settlements_due, BATCH):
+            if self._settle_polled.get(queued.escrow_id, 0.0) > now:
+                continue  # handed over and pending there: asked again only every SETTLE_POLL seconds
+            # In facilitator mode the stored payload is the buyer's whole x402 PaymentPayload (with the
+            # requirements it accepted, which the facilitator checks it against); no local poster reads it.
+            payload = PaymentPayload.model_validate_json(queued.payload)
+            with_hash = payload.model_copy(
+                update={"payload": {**payload.payload, "deliveryHash": "0x" + queued.delivery_hash.hex()}}
+            )
+            try:
+                result = await self.facilitator.settle(with_hash, payload.accepted)
+            except FacilitatorDown as down:
+                log.warning("settlements wait for the facilitator: %s", down)
+                break
+            extra = result.extra or {}
+            if result.success:
+                accepted += 1
+                tx = tx_hash_of(result.transaction)
+                if extra.get("settlement") == SettlementStatus.SETTLED and tx is not None:
+                    await _blocking(self.store.mark_settled, [queued.escrow_id], tx)
+                    await _blocking(self.store.settle_final, [queued.escrow_id])  # the facilitator follows reorgs
+                    self._settle_polled.pop(queued.escrow_id, None)
+                else:
+                    self._settle_polled[queued.escrow_id] = now + SETTLE_POLL
+                continue
+            # Refused or lost at the facilitator (unpaid authorization, expired before it landed): a loss.
+            reason = result.error_reason or Reason.SETTLEMENT_FAILED
+            tx = tx_hash_of(result.transaction)
+            log.error("serve-first settlement of 0x%s not paid: %s %s", queued.escrow_id.hex(), reason,
+                      result.error_message)  # fmt: skip
+            await _blocking(self.store.mark_lost, queued.escrow_id, reason, refuse_buyer=True, tx_hash=tx)
+            self._settle_polled.pop(queued.escrow_id, None)
         return accepted
 
     # -- a paid request ------------------------------------------------------------------------
@@ -359,6 +449,21 @@ class FacilitatorMiddleware(EscrowMiddleware):
             self._verify(parsed, request, payment.accepted_at)  # the same request, terms and signature
             await self._replay(send, payment, payment.response)
             return
+        if payment is not None and payment.serve_first:
+            # Recorded and never answered (this seller died mid-handler): served now if the facilitator
+            # finds the authorization still unused with time left to settle it.
+            request = replace(request, offer=_as_accepted(request.offer, payment.terms))
+            verified = self._verify(parsed, request, payment.accepted_at)
+            await self._remote_verify(parsed, request)
+            await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
+                              serve_first=True)  # fmt: skip
+            return
+        if (
+            payment is None
+            and request.route.serve_first
+            and await self._serve_first_remote(scope, receive, send, request, parsed, claim=claim)
+        ):
+            return
         try:
             result = await self.facilitator.settle(parsed.envelope, request.offer.to_model())
         except FacilitatorDown as down:
@@ -370,14 +475,84 @@ class FacilitatorMiddleware(EscrowMiddleware):
             raise Refusal(reason, result.error_message or reason, detail=detail or None)
         extra = result.extra or {}
         accepted_at = int(extra.get("acceptedAt", 0))
-        verified = self._verify(parsed, request, accepted_at)  # a facilitator's yes for another payment is no yes
-        deposit_tx = bytes.fromhex(result.transaction[2:]) if result.transaction.startswith("0x") else None
-        if payment is None:
-            await _blocking(
-                self.store.begin_deposit, escrow_id, verified.terms, accepted_at, _route_name(request.route)
-            )
-        await _blocking(self.store.set_held, escrow_id, deposit_tx)
+        # A facilitator's yes for another payment is no yes: this one is checked against this request's offer.
+        # Its signature the facilitator recovered before answering (and the token again on deposit).
+        verified = verify_offchain(parsed.envelope, request.offer, chain_time=accepted_at, payload=parsed.payload,
+                                   signature_checked=True, min_time_left=self.config.min_time_left,
+                                   deadline_slack=self.config.deadline_slack)  # fmt: skip
+        if "0x" + verified.escrow_id.hex() != extra.get("escrowId"):
+            raise FacilitatorDown(f"/settle answered escrow {extra.get('escrowId')} for 0x{verified.escrow_id.hex()}",
+                                  self.remote.retry_after)  # fmt: skip
+        deposit_tx = tx_hash_of(result.transaction)
+        await _blocking(self.store.record_held, escrow_id, verified.terms, accepted_at, _route_name(request.route),
+                        deposit_tx)  # fmt: skip
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx, claim=claim)
+
+    async def _remote_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
+        """The facilitator's /verify: time by the chain's clock, balance, authorization unused, and a
+        simulation of the settlement's pull. Its refusal is the buyer's 402; its absence a 503."""
+        assert parsed.envelope is not None
+        try:
+            result = await self.facilitator.verify(parsed.envelope, request.offer.to_model())
+        except FacilitatorDown as down:
+            raise SellerUnavailable(down.reason, "the payment service is unavailable; send the same payment again",
+                                    down.retry_after) from None  # fmt: skip
+        if not result.is_valid:
+            reason = result.invalid_reason or Reason.SIMULATION_FAILED
+            raise Refusal(reason, result.invalid_message or reason)
+
+    async def _serve_first_remote(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: PaidRequest,
+        parsed: ParsedPayment,
+        *,
+        claim: Claim | None,
+    ) -> bool:
+        """Serve a serve-first payment now, settled later through the facilitator; False: serve it in hold.
+
+        The facilitator checks it as a settlement would be (/verify, by the chain's time); this seller
+        checks the request binding and reserves its own exposure, then runs the handler and queues the
+        settlement with the response's hash in one store transaction. The outbox hands it to /settle.
+        What a reservation's refusal leads to is the machine's (_machine.after_reserve), as in local mode.
+        """
+        assert parsed.escrow_id is not None and parsed.envelope is not None and parsed.payload is not None
+        await self._remote_verify(parsed, request)
+        # Judged by the chain's time at the facilitator; here, at the last time it is valid (no chain clock).
+        terms, auth = parsed.payload.terms, parsed.payload.authorization
+        reference = min(terms.deadline, auth.valid_before) - self.config.min_time_left - 1
+        verified = self._verify(parsed, request, reference)
+        # In facilitator mode the store keeps the buyer's whole x402 envelope: the outbox hands it to /settle.
+        record = parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
+        step = ServeFirst(verified, reference, settle_due(verified), parsed.envelope, record)
+        config = self.config
+        per_buyer, total = config.serve_first_max_per_buyer or 0, config.serve_first_max_total or 0
+        refused = await _blocking(
+            self.store.begin_serve_first,
+            parsed.escrow_id,
+            verified.terms,
+            accepted_at=reference,
+            route=_route_name(request.route),
+            payload=record,
+            due=step.due,
+            max_per_buyer=per_buyer,
+            max_total=total,
+        )
+        after = after_reserve(step, Reserve.DONE if refused is None else Reserve(refused), request.route,
+                              per_buyer=per_buyer, total=total)  # fmt: skip
+        if isinstance(after, Deposit):
+            log.info("payment 0x%s served in hold mode: %s", parsed.escrow_id.hex(), refused)
+            return False
+        if isinstance(after, Reject):
+            raise after.rejected
+        if isinstance(after, Unavailable):
+            raise SellerUnavailable(after.reason, after.public, after.retry_after)
+        assert isinstance(after, Serve)
+        await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
+                          serve_first=True)  # fmt: skip
+        return True
 
     async def _serve(
         self,
@@ -391,18 +566,22 @@ class FacilitatorMiddleware(EscrowMiddleware):
         claim: Claim | None = None,
         serve_first: bool = False,
     ) -> None:
+        """Serve-first goes as EscrowMiddleware's (its settlement is queued in the store), then wakes the
+        outbox; hold's delivery and refund go to the facilitator."""
+        if serve_first:
+            await super()._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
+                                 serve_first=True)  # fmt: skip
+            self._kick.set()
+            return
         escrow_id, terms = verified.escrow_id, verified.terms
         response = await self._run_handler(scope, receive, request.body)
         if response.status < 400:
-            hashed = delivery_hash(response.body)
-            if not await _blocking(self.store.save_served, escrow_id, terms, response, hashed):
+            keep = kept(verified, response.body, deposit_tx, serve_first=False)
+            if not await _blocking(self.store.save_served, escrow_id, terms, response, keep.delivery_hash):
                 await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
                 return
             self._kick.set()
-            extra = SettlementExtra(
-                escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=hashed, state=State.HELD
-            )
-            await self._send_response(send, response, self._settlement(terms.buyer, Answer(extra, deposit_tx)))
+            await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
             return
         refund_tx: bytes | None = None
         refunded = False
@@ -421,17 +600,14 @@ class FacilitatorMiddleware(EscrowMiddleware):
         await self._send_response(send, response, self._settlement(terms.buyer, answer))
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
-        """A refunded payment replays as EscrowMiddleware's does; a served one says `held`: its delivery is the
-        facilitator's to post, and this seller has no chain to ask."""
-        if payment.status in (REFUNDED, REFUND_PENDING):
+        """A refunded or serve-first payment replays as EscrowMiddleware's does; a served one says `held`: its
+        delivery is the facilitator's to post, and this seller has no chain to ask."""
+        if payment.serve_first or payment.status in (REFUNDED, REFUND_PENDING):
             await super()._replay(send, payment, response)
             return
-        terms = payment.terms
-        extra = SettlementExtra(
-            escrow_id=payment.escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(response.body),
-            state=State.HELD,
-        )  # fmt: skip
-        await self._send_response(send, response, self._settlement(terms.buyer, Answer(extra, payment.deposit_tx)))
+        answer = served(payment.escrow_id, payment.terms, delivery_hash(response.body), payment.deposit_tx,
+                        serve_first=False)  # fmt: skip
+        await self._send_response(send, response, self._settlement(payment.terms.buyer, answer))
 
 
 __all__ = ["FacilitatorClient", "FacilitatorMiddleware", "FacilitatorSellerConfig", "RemoteOperator"]

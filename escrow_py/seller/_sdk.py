@@ -16,13 +16,23 @@ an empty body: price body-carrying routes with EscrowMiddleware instead). The fa
 that verifies and deposits delivery-escrow payments must list `delivery-escrow` on the
 network in its /supported, with `extra.operator` (and `extra.escrow` if it is not the
 network's registered escrow).
+
+Settling through this project's facilitator with the SDK's HTTPFacilitatorClient (x402-escrow
+facilitator serve): a route whose offer says `extra={"settlement": "serve-first"}` runs the
+SDK's default flow as serve-first (verify before the handler, settle after it with the delivery
+hash, which the facilitator queues for settleMany); a route with `extra={"paymentFlow": "escrow"}`
+is hold (the before-handler settle deposits, the after-handler one queues the delivery, and a
+failed handler's cancel settle refunds). Add DeliveryHashHeader inside the SDK's middleware so
+the after-handler settle carries the hash of the bytes served.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from eth_utils.address import is_address, to_checksum_address
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.http.types import HTTPTransportContext
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
@@ -34,6 +44,10 @@ from escrow_py.seller._price import atomic_amount, token_for
 
 # The SDK's sentinel for "no asset transfer method on the wire".
 _DEFAULT_TRANSFER = "default"
+# The response header DeliveryHashHeader sets and the scheme reads (lower case: ASGI header names).
+DELIVERY_HASH_HEADER = "x-delivery-hash"
+# The key a cancel-phase settle payload carries (the SDK's phase "cancel"): the facilitator refunds the deposit.
+CANCEL_KEY = "refund"
 
 
 class DeliveryEscrowServerScheme:
@@ -125,13 +139,73 @@ class DeliveryEscrowServerScheme:
         return list(ctx.requirements)
 
     def enrich_settlement_payload(self, ctx: Any) -> dict[str, Any] | None:
-        """After the handler, the delivery hash of the body served, where the transport gives it."""
+        """After the handler, the delivery hash of the body served: from the body where the transport gives
+        it, else from the `X-Delivery-Hash` header DeliveryHashHeader put on the response (the SDK's
+        own FastAPI middleware hands a scheme the response's headers, never its body)."""
         transport = ctx.transport_context
-        body = getattr(transport, "response_body", None)
-        if ctx.phase != "after-handler" or body is None:
+        if ctx.phase == "cancel":
+            return {CANCEL_KEY: "handler_failed"}  # settle_on_cancel: the facilitator refunds the deposit
+        if ctx.phase != "after-handler":
             return None
-        raw = body if isinstance(body, bytes) else str(body).encode("utf-8")
-        return {"deliveryHash": "0x" + delivery_hash(raw).hex()}
+        body = getattr(transport, "response_body", None)
+        if body is not None:
+            raw = body if isinstance(body, bytes) else str(body).encode("utf-8")
+            return {"deliveryHash": "0x" + delivery_hash(raw).hex()}
+        headers = getattr(transport, "response_headers", None) or {}
+        hashed = next((str(v) for k, v in headers.items() if str(k).lower() == DELIVERY_HASH_HEADER), None)
+        if hashed is None or re.fullmatch(r"0x[0-9a-fA-F]{64}", hashed) is None:
+            return None
+        return {"deliveryHash": hashed.lower()}
+
+    def settle_on_cancel(self, ctx: Any) -> PaymentRequirements | None:
+        """The handler failed after the `escrow` flow's deposit: settle once more, marked as a refund
+        (enrich_settlement_payload adds the mark), so the facilitator returns the buyer's money now."""
+        return ctx.requirements if "before-handler" in tuple(ctx.settled_phases or ()) else None
 
 
-__all__ = ["DeliveryEscrowServerScheme"]
+class DeliveryHashHeader:
+    """ASGI middleware for a seller on the SDK's own FastAPI middleware: puts the delivery hash of each
+    successful response's body in an `X-Delivery-Hash` header, where the scheme's after-handler settle
+    can read it (DeliveryEscrowServerScheme.enrich_settlement_payload).
+
+    Add it before the SDK's PaymentMiddlewareASGI (`app.add_middleware(DeliveryHashHeader)` first), so it
+    wraps the handler and the SDK's middleware wraps it: the hash is then over exactly the bytes the
+    SDK's middleware sends. The body is buffered (a response below 400 is hashed whole before it leaves).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def hashing(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                if int(message["status"]) >= 400:
+                    start = None
+                    await send(message)  # not a sale: no settlement, nothing to commit
+                    return
+                start = message
+                return
+            if message["type"] != "http.response.body" or start is None:
+                await send(message)
+                return
+            chunks.append(bytes(message.get("body", b"")))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers += [(b"content-length", str(len(body)).encode()),
+                        (DELIVERY_HASH_HEADER.encode(), ("0x" + delivery_hash(body).hex()).encode())]  # fmt: skip
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, hashing)
+
+
+__all__ = ["CANCEL_KEY", "DELIVERY_HASH_HEADER", "DeliveryEscrowServerScheme", "DeliveryHashHeader"]

@@ -332,8 +332,10 @@ class SellerStore:
     (a unique key, a conditional update, an upsert), never a read in the process then a write.
     """
 
-    def __init__(self, url: str | Path, *, pool_size: int = 20) -> None:
-        self._db: Database = open_store(url, NAMESPACE, MIGRATIONS, pool_size=pool_size)
+    def __init__(self, url: str | Path, *, pool_size: int = 20, namespace: str = NAMESPACE) -> None:
+        # `namespace`: the PostgreSQL schema; a facilitator keeps its escrow store in its own (`facilitator`),
+        # so a seller and a facilitator given one URL never share these tables.
+        self._db: Database = open_store(url, namespace, MIGRATIONS, component="seller", pool_size=pool_size)
 
     def close(self) -> None:
         self._db.close()
@@ -408,6 +410,21 @@ class SellerStore:
                 "WHERE escrow_id = ?",
                 (HELD, deposit_tx, time.time(), escrow_id),
             )
+
+    def record_held(
+        self, escrow_id: bytes, terms: Terms, accepted_at: int, route: str | None, deposit_tx: bytes | None
+    ) -> None:
+        """A payment deposited by someone else (a facilitator): recorded as held in one write, or an existing
+        row (a retry of the same payment) moved to held."""
+        with self._db.transaction() as tx:
+            if not _insert_payment(tx, escrow_id, terms, HELD, accepted_at=accepted_at, route=route, payload=None):
+                tx.execute(
+                    "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
+                    "WHERE escrow_id = ? AND status = ?",
+                    (HELD, deposit_tx, time.time(), escrow_id, DEPOSITING),
+                )
+            elif deposit_tx is not None:
+                tx.execute("UPDATE payments SET deposit_tx = ? WHERE escrow_id = ?", (deposit_tx, escrow_id))
 
     def save_served(
         self,

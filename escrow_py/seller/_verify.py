@@ -132,17 +132,29 @@ def verify_offchain(
     min_time_left: int,
     deadline_slack: int = 30,
     payload: EscrowPayload | None = None,
+    signature_checked: bool = False,
 ) -> VerifiedPayment:
     """Check PAYMENT-SIGNATURE against `offer`, judging time by `chain_time`.
 
     `header` is the header's text, or the envelope it decodes to when the caller decoded it
     already (the middleware decodes it once per request); `payload` likewise its decoded
     delivery-escrow payload.
+
+    `signature_checked`: the signature was checked by whoever just deposited this very payment (a
+    facilitator's /settle, which recovers it before it answers): everything else is still checked,
+    the signer is not recovered a second time. Never for a replay, where the signature is what proves
+    the requester is the buyer.
     """
     try:
         model = decode_payment_signature(header) if isinstance(header, str) else header
         return _verify_offchain(
-            model, payload, offer, chain_time=chain_time, min_time_left=min_time_left, deadline_slack=deadline_slack
+            model,
+            payload,
+            offer,
+            chain_time=chain_time,
+            min_time_left=min_time_left,
+            deadline_slack=deadline_slack,
+            signature_checked=signature_checked,
         )
     except Refusal:
         raise
@@ -158,6 +170,7 @@ def _verify_offchain(
     chain_time: int,
     min_time_left: int,
     deadline_slack: int,
+    signature_checked: bool,
 ) -> VerifiedPayment:
     accepted = model.accepted
     # The specific fields first, so the reason names what differs.
@@ -237,6 +250,8 @@ def _verify_offchain(
         f"validBefore {auth.valid_before} leaves no time to deposit (chain time {chain_time})",
     )
 
+    if signature_checked:
+        return VerifiedPayment(payload, escrow_id)
     domain = offer.token_domain()
     try:
         signer = recover_signer(domain, auth, payload.signature)

@@ -21,8 +21,8 @@ def register_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     mig = sub.add_parser(
         "migrate",
         help=COMMANDS["migrate"][0],
-        description="On PostgreSQL every role keeps its tables in its own schema (keeper, buyer, seller), so one "
-        "URL serves all of them; on SQLite each role has its own file, so name the role.",
+        description="On PostgreSQL every role keeps its tables in its own schema (keeper, buyer, seller, "
+        "facilitator), so one URL serves all of them; on SQLite each role has its own file, so name the role.",
     )
     mig.add_argument("--db", required=True, help="postgresql://... URL, sqlite:///path or a path")
     mig.add_argument("--role", action="append", choices=sorted(ROLES), help=ROLE_HELP)

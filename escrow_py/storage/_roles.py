@@ -30,6 +30,11 @@ ROLES: dict[str, tuple[Store, ...]] = {
         Store("buyer", "audit", "escrow_py.buyer._audit:MIGRATIONS"),
     ),
     "seller": (Store("seller", "seller", "escrow_py.seller._store:MIGRATIONS", "escrow_py.seller._store:prune"),),
+    # The facilitator's escrow store (the seller's tables, in its own schema) and its keys, idempotency and ledger.
+    "facilitator": (
+        Store("facilitator", "seller", "escrow_py.seller._store:MIGRATIONS", "escrow_py.seller._store:prune"),
+        Store("facilitator", "facilitator", "escrow_py.facilitator._tables:MIGRATIONS"),
+    ),
 }
 
 

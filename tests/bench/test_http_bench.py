@@ -31,7 +31,7 @@ def test_bench_http_prints_every_variant_and_the_ratio() -> None:
     assert result["ratio_p50_escrow_vs_sdk_exact"] == expected
     expected = round(result["serve_first"]["p50_ms"] / result["sdk_exact"]["p50_ms"], 3)
     assert result["ratio_p50_serve_first_vs_sdk_exact"] == expected
-    assert result["targets"] == {"ratio_p50_serve_first_vs_sdk_exact": 0.5}
+    assert result["targets"] == {"ratio_p50_serve_first_vs_sdk_exact": 0.5, "ratio_p50_facilitator_vs_escrow": 1.25}
     assert set(result["met"]) == set(result["targets"])
     keyless = round(result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3)
     assert result["ratio_p50_facilitator_vs_escrow"] == keyless

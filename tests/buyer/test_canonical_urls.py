@@ -31,7 +31,7 @@ from escrow_py.buyer import (
     PaymentState,
     recover,
 )
-from escrow_py.buyer._core import wire_url
+from escrow_py.buyer._offer import wire_url
 from escrow_py.buyer._recover import replay_request
 from escrow_py.protocol.terms import canonical_url, request_hash
 

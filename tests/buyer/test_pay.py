@@ -42,7 +42,7 @@ from .shop import BASE_URL, PRICE, Faulty, LostPayment, Shop
 
 
 def client(chain: Chain, journal: Path, transport: httpx.AsyncBaseTransport, **kw: object) -> AsyncEscrowClient:
-    return AsyncEscrowClient(dev(BUYER), chain.node.url, journal, transport=transport, base_url=BASE_URL, **kw)  # type: ignore[arg-type]
+    return AsyncEscrowClient(dev(BUYER), chain.node.url, journal, transport=transport, base_url=BASE_URL, **kw)
 
 
 def test_happy_path_pays_once_and_verifies_the_hash(chain: Chain, shop: Shop, tmp_path: Path) -> None:

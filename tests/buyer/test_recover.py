@@ -21,6 +21,7 @@ from helpers import deposit as deposit_terms
 from escrow_devtools.anvil import dev_private_key
 from escrow_py.buyer import (
     AsyncEscrowClient,
+    BuyerSettings,
     Journal,
     JournalEntry,
     PaymentNotDelivered,
@@ -30,7 +31,8 @@ from escrow_py.buyer import (
     delivered_hash,
     recover,
 )
-from escrow_py.buyer._core import Offer, PaymentCore
+from escrow_py.buyer._core import PaymentCore
+from escrow_py.buyer._offer import Offer
 from escrow_py.protocol.terms import State, delivery_hash, request_hash
 from escrow_py.protocol.wire import (
     EscrowExtra,
@@ -47,7 +49,7 @@ URL = "http://other.test/thing"
 
 def journaled(chain: Chain, journal: Path, *, url: str = URL, window: int = 120) -> tuple[JournalEntry, EscrowPayload]:
     """A payment signed and journaled by the buyer's own code, never sent."""
-    core = PaymentCore(dev(BUYER), chain.node.url, journal)
+    core = PaymentCore(BuyerSettings(dev(BUYER), chain.node.url, journal))
     req = EscrowRequirements(
         network="eip155:84532",
         amount=PRICE,

@@ -14,8 +14,9 @@ from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, deposit, dev, make_terms
 from x402.schemas import SettleResponse
 
-from escrow_py.buyer import DeliveryMismatch, PaymentState
-from escrow_py.buyer._core import PaymentCore, judge_response
+from escrow_py.buyer import BuyerSettings, DeliveryMismatch, PaymentState
+from escrow_py.buyer._core import PaymentCore
+from escrow_py.buyer._journal import JournalEntry, PaymentRow
 from escrow_py.protocol.terms import Terms, delivery_hash
 from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, encode_payment_response
 
@@ -33,17 +34,23 @@ def _paid(chain: Chain, core: PaymentCore) -> tuple[Terms, bytes, bytes]:
     terms = make_terms(chain, window=600)
     deposit(chain, terms)
     escrow_id = chain.escrow.id_of(terms)
-    core.journal.record(escrow_id=escrow_id, chain_id=84532, escrow=chain.escrow.address, method="GET",
-                        url="http://shop.test/report", headers={}, body=b"", terms=terms, valid_before=terms.deadline,
-                        payment_header="x")  # fmt: skip
+    core.journal.record(PaymentRow(escrow_id=escrow_id, chain_id=84532, escrow=chain.escrow.address, method="GET",
+                                   url="http://shop.test/report", headers={}, body=b"", terms=terms,
+                                   valid_before=terms.deadline, payment_header="x"))  # fmt: skip
     receipt = chain.escrow.deliver(chain.sender(SELLER), terms, delivery_hash(FIRST))
     return terms, escrow_id, bytes(receipt["transactionHash"])
+
+
+def _paid_entry(core: PaymentCore, escrow_id: bytes) -> JournalEntry:
+    entry = core.journal.get(escrow_id)
+    assert entry is not None
+    return entry
 
 
 @pytest.fixture
 def core(chain: Chain, db_url: str) -> Iterator[PaymentCore]:
     """The buyer's core on a journal of each engine."""
-    paying = PaymentCore(dev(BUYER), chain.node.url, db_url)
+    paying = PaymentCore(BuyerSettings(dev(BUYER), chain.node.url, db_url))
     try:
         yield paying
     finally:
@@ -58,8 +65,7 @@ def test_a_replay_with_other_bytes_is_a_mismatch_against_the_chain(
     extra = SettlementExtra(escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(OTHER),
                             delivery_transaction=tx if pointer == "delivery transaction" else None)  # fmt: skip
     with pytest.raises(DeliveryMismatch) as caught:
-        judge_response(core, escrow_id=escrow_id, terms=terms, escrow=chain.escrow.address,
-                       valid_before=terms.deadline, response=_answer(OTHER, extra), replay=True)  # fmt: skip
+        core.settle(_paid_entry(core, escrow_id), _answer(OTHER, extra), replay=True)
     assert caught.value.committed == delivery_hash(FIRST)  # the chain's word, not the header's
     entry = core.journal.get(escrow_id)
     assert entry is not None and entry.state is PaymentState.MISMATCH
@@ -71,7 +77,6 @@ def test_a_replay_with_the_posted_bytes_is_delivered(chain: Chain, core: Payment
     extra = SettlementExtra(
         escrow_id=escrow_id, deadline=terms.deadline, delivery_hash=delivery_hash(FIRST), delivery_transaction=tx
     )
-    judge_response(core, escrow_id=escrow_id, terms=terms, escrow=chain.escrow.address, valid_before=terms.deadline,
-                   response=_answer(FIRST, extra), replay=True)  # fmt: skip
+    core.settle(_paid_entry(core, escrow_id), _answer(FIRST, extra), replay=True)
     entry = core.journal.get(escrow_id)
     assert entry is not None and entry.state is PaymentState.DELIVERED

@@ -19,14 +19,17 @@ from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 
 from escrow_py.buyer import (
     AsyncEscrowClient,
+    BuyerSettings,
     DeliveryEscrowScheme,
     DeliveryMismatch,
     EscrowClient,
     Journal,
     PaymentError,
     PaymentState,
+    ResponseInvalid,
     recover,
 )
+from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import State
 
 from .shop import BASE_URL, PRICE, Shop
@@ -161,3 +164,35 @@ def test_the_sdks_spend_controls_see_delivery_escrow_offers_of_its_own_usdc(
     with pytest.raises(PaymentError):  # refused later by the plugin itself: no USDC on this chain
         asyncio.run(sdk.create_payment_payload(required))
     assert reached == [usdc]
+
+
+def test_one_settings_object_serves_the_client_the_sdk_plugin_and_recover(
+    chain: Chain, shop: Shop, served: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # The validator wants a key the shop's reports never have: every verified delivery is rejected by it.
+    settings = BuyerSettings(
+        dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite", task="research", validator={"required": ["nope"]}
+    )
+    with EscrowClient(settings) as client, pytest.raises(ResponseInvalid, match="'nope' is a required property"):
+        client.get(f"{served}/report/client")
+    scheme = DeliveryEscrowScheme(settings)
+    request.addfinalizer(scheme.close)
+    sdk = x402Client().register("eip155:84532", scheme)
+    sdk.set_spend_controls({"allowed_assets": [{"network": "eip155:84532", "asset": chain.token.address}]})
+
+    async def run() -> httpx.Response:
+        transport = x402_httpx_transport(sdk, shop.transport())
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            return await http.get("/report/sdk")
+
+    with pytest.raises(ResponseInvalid):  # the plugin applies the settings' validator as the client does
+        scheme.verify_delivery(asyncio.run(run()))
+    entries = scheme.core.journal.entries()
+    assert [e.state for e in entries] == [PaymentState.DELIVERED] * 2
+    assert all((e.detail or "").startswith("validation failed") for e in entries)
+    assert {row.task for row in scheme.core.journal.ledger_rows()} == {"research"}
+    assert recover(settings).items == []
+    with pytest.raises(ConfigError, match="not both"):
+        EscrowClient(settings, task="other")
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['timeout'\\]"):
+        DeliveryEscrowScheme(settings, timeout=5)

@@ -53,7 +53,7 @@ def _client(chain: Chain, shop: Shop, journal: Path, **options: object) -> Async
         journal,
         transport=transport,
         base_url=BASE_URL,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 

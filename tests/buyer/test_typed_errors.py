@@ -134,7 +134,7 @@ def test_a_node_that_never_answers_refuses_before_signing_within_the_deadline(
 
         def attempt() -> None:
             try:
-                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:  # type: ignore[arg-type]
+                with EscrowClient(dev(BUYER), proxy.url, journal, **settings) as client:
                     client.get(f"{served}/report/hung")
             except BaseException as exc:
                 outcome.append(exc)
@@ -156,7 +156,7 @@ def test_a_node_that_never_answers_refuses_before_signing_within_the_deadline(
 @pytest.mark.parametrize("bad", [0, -1.5, "5", True, None])
 def test_a_bad_rpc_timeout_is_refused_naming_the_setting(tmp_path: Path, bad: object) -> None:
     with pytest.raises(ConfigError, match=f"rpc_timeout must be a number of seconds > 0, got {bad!r}"):
-        EscrowClient(dev(BUYER), "http://127.0.0.1:1", tmp_path / "buyer.sqlite", rpc_timeout=bad)  # type: ignore[arg-type]
+        EscrowClient(dev(BUYER), "http://127.0.0.1:1", tmp_path / "buyer.sqlite", rpc_timeout=bad)
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -12,11 +12,13 @@ import httpx
 import pytest
 from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, SELLER2, address, dev
+from hexbytes import HexBytes
 from seller.payer import Payment, sign_payment
 from seller.shop import served
 
+from escrow_py.chain.escrow import SETTLED_TOPIC, Settled, decode_settlement_log
 from escrow_py.facilitator import Facilitator, FacilitatorConfig, KeyStore, create_app
-from escrow_py.protocol.wire import EscrowRequirements, payment_required
+from escrow_py.protocol.wire import EscrowRequirements, SettlementMode, payment_required
 from escrow_py.seller import offer_for
 
 PRICE = 10_000
@@ -68,7 +70,10 @@ def fac(chain: Chain, tmp_path: Path) -> Iterator[Fac]:
     keys.close()
 
 
-def requirements(chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url: str = URL) -> EscrowRequirements:
+def requirements(
+    chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url: str = URL,
+    settlement: SettlementMode = SettlementMode.HOLD,
+) -> EscrowRequirements:  # fmt: skip
     return offer_for(
         network="eip155:84532",
         amount=amount,
@@ -82,6 +87,7 @@ def requirements(chain: Chain, *, pay_to: int = SELLER, amount: int = PRICE, url
         method="GET",
         resource_url=url,
         body=b"",
+        settlement=settlement,
     )
 
 
@@ -101,3 +107,13 @@ def signed(chain: Chain, offer: EscrowRequirements, **options: Any) -> tuple[Pay
 
 def idem() -> str:
     return os.urandom(8).hex()
+
+
+def settled_on_chain(chain: Chain, start: int) -> dict[bytes, bytes]:
+    """escrow id -> delivery hash of every serve-first `Settled` event from block `start` on."""
+    last = int(chain.w3.eth.block_number)
+    if last < start:
+        return {}
+    logs = chain.w3.eth.get_logs({"address": chain.escrow.address, "fromBlock": start, "toBlock": last,
+                                  "topics": [HexBytes(SETTLED_TOPIC)]})  # fmt: skip
+    return {e.id: e.delivery_hash for log in logs if isinstance(e := decode_settlement_log(log), Settled)}

@@ -19,7 +19,11 @@ CLI = str(Path(sys.executable).parent / "x402-escrow")
 
 
 class FacilitatorProcess:
-    def __init__(self, chain: Chain, db: Path, port: int, *flags: str, console_token: str | None = None) -> None:
+    def __init__(
+        self, chain: Chain, db: Path | str, port: int, *flags: str, console_token: str | None = None,
+        log_dir: Path | None = None,
+    ) -> None:  # fmt: skip
+        """`db`: a SQLite path (its log goes beside it) or a postgresql:// URL (the log goes in `log_dir`)."""
         self.command = [
             CLI, "facilitator", "serve", "--rpc", chain.node.url, "--escrow", chain.escrow.address,
             "--token", chain.token.address, "--database", str(db), "--port", str(port),
@@ -29,7 +33,11 @@ class FacilitatorProcess:
         if console_token:
             self.env["X402_ESCROW_CONSOLE_TOKEN"] = console_token
         self.url = f"http://127.0.0.1:{port}"
-        self.log = db.with_suffix(f".{port}.log")
+        if isinstance(db, Path):
+            self.log = db.with_suffix(f".{port}.log")
+        else:
+            assert log_dir is not None, "a PostgreSQL facilitator needs a log_dir"
+            self.log = log_dir / f"facilitator.{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 

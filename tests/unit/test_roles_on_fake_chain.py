@@ -29,7 +29,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from escrow_py.buyer import EscrowAuth, PaymentState
-from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._recover import arecover_with
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
@@ -170,9 +169,7 @@ async def test_a_node_that_cannot_be_reached_answers_503_and_charges_nothing(
 
 
 def _buyer(fake_chain: FakeEscrowChain, journal: Path) -> EscrowAuth:
-    auth = EscrowAuth(dev(BUYER), "http://127.0.0.1:9", journal)
-    auth.core = PaymentCore(dev(BUYER), "http://127.0.0.1:9", auth.core.journal, chain=fake_chain)
-    return auth
+    return EscrowAuth(dev(BUYER), "http://127.0.0.1:9", journal, chain=fake_chain)
 
 
 @_sync
