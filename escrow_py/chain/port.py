@@ -48,12 +48,16 @@ class BlockHead:
     gas_limit: int
 
 
+# What a settlement's simulation gives when it passes (simulate_settle, PaymentLook.gas): an eth_call tells no gas.
+SETTLE_SIMULATED = 0
+
+
 @dataclass(frozen=True, slots=True)
 class PaymentLook:
     """A payment's first look at the chain (EscrowChain.look): the escrow's state, the clock, and, when a
-    check was asked for, the buyer's balance, the authorization's state and the simulation's gas limit
-    (margin included), each a value or the ChainError it met (ContractRevert for a simulation that reverts),
-    so the caller judges them in its own order."""
+    check was asked for, the buyer's balance, the authorization's state and the simulation's outcome (a
+    deposit's gas limit, margin included; SETTLE_SIMULATED for a settlement), each a value or the ChainError
+    it met (ContractRevert for a simulation that reverts), so the caller judges them in its own order."""
 
     state: State
     now: int
@@ -138,7 +142,9 @@ class EscrowChain(Protocol):
         ...
 
     def simulate_settle(self, settlement: Settlement) -> int:
-        """The same for a serve-first `settle` of one payment."""
+        """A serve-first `settle` of one payment as the sender would send it, simulated by eth_call (the pull
+        the poster's settleMany will make): SETTLE_SIMULATED, or ContractRevert naming the rule it would break.
+        No gas is estimated: the settlement goes out later in a batch that estimates its own."""
         ...
 
     def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:

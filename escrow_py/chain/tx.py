@@ -318,12 +318,26 @@ class TxSender:
 
     def call(self, to: str, data: bytes, *, block: BlockIdentifier = "latest") -> bytes:
         """eth_call as this sender; raises ContractRevert with the decoded error."""
+        request = self.call_request(to, data, block=block if isinstance(block, int) else str(block))
         try:
-            return rpc.call(
-                self.w3, to, data, sender=self.address, block=block if isinstance(block, int) else str(block)
-            )
+            result: object = rpc.send(self.w3, request)
         except rpc.NodeError as exc:
-            raise revert_or_node_error(exc) from None
+            result = exc
+        return self.output_from(result)
+
+    def call_request(self, to: str, data: bytes, *, block: str | int = "latest") -> rpc.Request:
+        """call as a request to batch with others; `output_from` reads its result."""
+        return rpc.call_request(to, data, sender=self.address, block=block)
+
+    @staticmethod
+    def output_from(result: object) -> bytes:
+        """The return data of a call's answer; its failure raised as `call` raises it (ContractRevert for a
+        revert, the node's error otherwise)."""
+        if isinstance(result, rpc.NodeError):
+            raise revert_or_node_error(result) from None
+        if isinstance(result, BaseException):
+            raise result
+        return rpc.call_output(result)
 
     def estimate_gas(self, to: str | None, data: bytes) -> int:
         """Gas for a call to `to` (None: a contract creation); raises ContractRevert if it would revert."""

@@ -38,7 +38,7 @@ from escrow_py.chain import clock, rpc
 from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, Settlement, SettlementEvent
 from escrow_py.chain.failures import CHAIN_FAILURES, as_chain_error, typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
-from escrow_py.chain.port import Block, BlockHead, PaymentLook
+from escrow_py.chain.port import SETTLE_SIMULATED, Block, BlockHead, PaymentLook
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import (
@@ -326,8 +326,8 @@ class Web3EscrowChain:
 
     @_typed("simulating the settlement")
     def simulate_settle(self, settlement: Settlement) -> int:
-        data = self.binding().settle_data(settlement)
-        return int(self.sender.estimate_gas(self.escrow, data) * GAS_MARGIN)
+        self.sender.call(self.escrow, self.binding().settle_data(settlement))
+        return SETTLE_SIMULATED
 
     @_typed("reading a token balance and the pending block")
     def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:
@@ -341,14 +341,15 @@ class Web3EscrowChain:
         if check is not None:
             terms, auth = check.terms, check.authorization
             if isinstance(check, Settlement):
-                data = binding.settle_data(check)
+                simulation = self.sender.call_request(self.escrow, binding.settle_data(check))
             else:
                 data = binding.deposit_data(terms, auth, check.signature)
+                simulation = self.sender.estimate_gas_request(self.escrow, data)
             token = self._token(terms.token)
             requests += [
                 token.balance_request(terms.buyer),
                 token.authorization_state_request(terms.buyer, escrow_id),
-                self.sender.estimate_gas_request(self.escrow, data),
+                simulation,
             ]
         answers = rpc.batch(self.w3, requests)
         if isinstance(answers[0], Exception):
@@ -359,12 +360,16 @@ class Web3EscrowChain:
         if check is None:
             return look
         balance, used, gas = answers[2:]
+        if isinstance(check, Settlement):
+            simulated = _handed_back(lambda: (self.sender.output_from(gas), SETTLE_SIMULATED)[1])
+        else:
+            simulated = _handed_back(lambda: int(self.sender.gas_from(gas) * GAS_MARGIN))
         return PaymentLook(
             look.state,
             look.now,
             balance=_handed_back(lambda: Token.balance_from(_raised(balance))),
             used=_handed_back(lambda: Token.authorization_state_from(_raised(used))),
-            gas=_handed_back(lambda: int(self.sender.gas_from(gas) * GAS_MARGIN)),
+            gas=simulated,
         )
 
     @_typed("simulating a call")

@@ -46,7 +46,7 @@ from escrow_py.chain.escrow import (
     SkipReason,
 )
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck
-from escrow_py.chain.port import Block, BlockHead, EscrowChain, PaymentLook
+from escrow_py.chain.port import SETTLE_SIMULATED, Block, BlockHead, EscrowChain, PaymentLook
 from escrow_py.chain.tx import OnSigned, SentTx, WatchReport
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain, recover_signer
 from escrow_py.protocol.errors import ContractRevert, RpcError
@@ -297,7 +297,7 @@ class FakeEscrowChain:
                 raise ContractRevert("DeadlinePassed", {"deadline": settlement.terms.deadline, "now_": now})
             auth = settlement.authorization
             self._pull(settlement.terms, auth.valid_after, auth.valid_before, settlement.signature, now)
-        return GAS
+        return SETTLE_SIMULATED
 
     def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:
         return self.balance_of(token, holder), self.next_block_time()

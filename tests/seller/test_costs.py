@@ -70,9 +70,11 @@ SQLITE_TRANSACTIONS = 5
 # One paid serve-first request: the chain read as a hold payment's is before its deposit, and no transaction:
 # every read in one batch before the handler runs.
 SERVE_FIRST_RPC_CALLS = {
-    "eth_call": 3,  # stateOf(id), the buyer's balance, its authorization's state
+    # stateOf(id), the buyer's balance, its authorization's state, and the settlement's simulation (the pull the
+    # poster's settleMany will make) by eth_call: no gas is estimated for a settlement sent later in a batch that
+    # estimates its own (an eth_estimateGas before, several executions of the call on the node instead of one).
+    "eth_call": 4,
     "eth_getBlockByNumber": 1,  # the chain's clock
-    "eth_estimateGas": 1,  # the settlement's simulation (the pull the poster's settleMany will make)
 }
 SERVE_FIRST_RPC_ROUND_TRIPS = 1
 # The claim taken; the exposure reserved and the payment recorded (one transaction); the response stored with
