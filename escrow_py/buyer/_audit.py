@@ -10,8 +10,9 @@ the only part of a URL it keeps, and `include_path=True` adds the path.
 
 The SQLite table is the reference (one row per record, never updated or deleted by
 this code); the JSONL file is the same records as lines, flushed and fsync'd, for
-log shippers. Both are written after the journal's transaction commits and before
-the call that caused them returns.
+log shippers. Both are written (side by side: two files, two disk flushes at once) after
+the journal's transaction commits and before the call that caused them returns; a write
+that fails in either form raises.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,20 @@ def terms_fields(terms: Terms) -> dict[str, Any]:
     }
 
 
+# The JSONL appends, each on a worker while its caller commits the table (shared by every AuditLog; a worker
+# thread is started only when needed).
+_APPENDS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="audit-jsonl")
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    """Append `lines` to the JSONL file and fsync it. Opened per write: a journal nobody closes leaves no file
+    handle behind."""
+    with path.open("a", encoding="utf-8") as jsonl:
+        jsonl.write("".join(line + "\n" for line in lines))
+        jsonl.flush()
+        os.fsync(jsonl.fileno())
+
+
 class AuditLog:
     """Appends records to `jsonl` (if given) and the `audit` table of `store`; safe to share between threads."""
 
@@ -90,17 +106,18 @@ class AuditLog:
         ]
         lines = [json.dumps(record, sort_keys=True) for record in built]
         with self._lock:
-            with self._db.transaction() as tx:
-                tx.executemany(
-                    "INSERT INTO audit (at, event, escrow_id, record) VALUES (?,?,?,?)",
-                    [(r["at"], r["event"], r["escrowId"], line) for r, line in zip(built, lines, strict=True)],
-                )
-            if self.jsonl_path is not None:
-                # Opened per write: a journal nobody closes leaves no file handle behind.
-                with self.jsonl_path.open("a", encoding="utf-8") as jsonl:
-                    jsonl.write("".join(line + "\n" for line in lines))
-                    jsonl.flush()
-                    os.fsync(jsonl.fileno())
+            # The two forms are two files: each waits for its own disk flush, so they are written side by side
+            # (the table here, the lines on a worker thread), and both are durable before this returns.
+            appended = None if self.jsonl_path is None else _APPENDS.submit(_append, self.jsonl_path, lines)
+            try:
+                with self._db.transaction() as tx:
+                    tx.executemany(
+                        "INSERT INTO audit (at, event, escrow_id, record) VALUES (?,?,?,?)",
+                        [(r["at"], r["event"], r["escrowId"], line) for r, line in zip(built, lines, strict=True)],
+                    )
+            finally:
+                if appended is not None:
+                    appended.result()
         return built
 
     def records(self) -> list[dict[str, Any]]:
