@@ -333,7 +333,8 @@ def verify_onchain(
     payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False, look: PaymentLook | None = None
 ) -> int:
     """read_onchain (or `look`'s reads, when EscrowChain.look was asked the same check) then judge_onchain:
-    the gas limit to send the deposit with, or Refusal."""
+    the gas limit to send the deposit with (for a settlement, simulated by eth_call, SETTLE_SIMULATED), or
+    Refusal."""
     facts = None if look is None else onchain_from_look(look, serve_first=serve_first)
     if facts is None:
         facts = read_onchain(payment, chain=chain, serve_first=serve_first)

@@ -11,26 +11,16 @@ from hypothesis import strategies as st
 from web3 import Web3
 
 from escrow_py.chain.escrow import Escrow, Settlement
-from escrow_py.protocol.codec import UINT64_MAX, UINT256_MAX
+from escrow_py.protocol.codec import UINT256_MAX
 from escrow_py.protocol.eip3009 import Authorization
 from escrow_py.protocol.terms import Terms
 
+from .test_terms_parity import terms_strategy
+
 ESCROW = Escrow(Web3(), "0x" + "ab" * 20)  # encoding reads nothing from a node
 
-addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 words = st.binary(min_size=32, max_size=32)
 uint256 = st.integers(min_value=0, max_value=UINT256_MAX)
-terms_strategy = st.builds(
-    Terms,
-    buyer=addresses,
-    seller=addresses,
-    operator=addresses,
-    token=addresses,
-    amount=uint256,
-    deadline=st.integers(min_value=0, max_value=UINT64_MAX),
-    request_hash=words,
-    salt=words,
-)
 signatures = st.binary(min_size=0, max_size=130)
 
 
