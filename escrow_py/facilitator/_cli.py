@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--rate", type=float, default=50.0, help="requests per second per API key (default 50)")
     serve.add_argument("--burst", type=int, default=100, help="requests at once per API key (default 100)")
     serve.add_argument("--poster-interval", type=float, default=0.5, help="seconds between delivery batches")
+    serve.add_argument(
+        "--settle-batch-wait", type=float, default=0.0,
+        help="seconds a queued serve-first settlement may wait for others to share its settleMany (default 0)",
+    )  # fmt: skip
     serve.set_defaults(func=_serve)
     keys = actions.add_parser("keys", help="sellers' API keys")
     key_actions = keys.add_subparsers(dest="key_action", required=True)
@@ -82,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         rate=args.rate,
         burst=args.burst,
         poster_interval=args.poster_interval,
+        settle_batch_wait=args.settle_batch_wait,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     facilitator = Facilitator(config)

@@ -23,7 +23,10 @@ class FacilitatorConfig:
 
     `rate` and `burst` bound each API key: `burst` requests at once, refilled at `rate` per
     second (per replica). The chain settings mean what they mean for the seller
-    (SellerConfig): the facilitator sends the same transactions the seller would.
+    (SellerConfig): the facilitator sends the same transactions the seller would;
+    `settle_batch_wait` lets the poster hold queued serve-first settlements back until the
+    oldest has waited that long, so settlements handed over one /settle at a time still
+    leave in one settleMany.
     """
 
     rpc_url: str
@@ -42,6 +45,7 @@ class FacilitatorConfig:
     reprice_after: float = 10.0
     confirmation_depth: int = 5
     poster_interval: float = 0.5
+    settle_batch_wait: float = 0.0
     rate: float = 50.0
     burst: int = 100
     max_body_bytes: int = MAX_BODY_BYTES
@@ -80,6 +84,7 @@ class FacilitatorConfig:
             token_name=self.token_name,
             token_version=self.token_version,
             poster_interval=self.poster_interval,
+            settle_batch_wait=self.settle_batch_wait,
             deadline_slack=self.deadline_slack,
             rpc_timeout=self.rpc_timeout,
             tx_timeout=self.tx_timeout,
