@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from escrow_py.facilitator._config import DEFAULT_RETENTION, MIN_RETENTION
 from escrow_py.protocol.errors import ConfigError
 
 CONSOLE_TOKEN_ENV = "X402_ESCROW_CONSOLE_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -46,6 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--settle-batch-wait", type=float, default=0.0,
         help="seconds a queued serve-first settlement may wait for others to share its settleMany (default 0)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--idempotency-retention", type=float, default=DEFAULT_RETENTION,
+        help=f"seconds an idempotency record is kept, pruned hourly (default {DEFAULT_RETENTION}, 7 days; at least "
+        f"{MIN_RETENTION}; 0 keeps them forever)",
     )  # fmt: skip
     serve.set_defaults(func=_serve)
     keys = actions.add_parser("keys", help="sellers' API keys")
@@ -87,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         burst=args.burst,
         poster_interval=args.poster_interval,
         settle_batch_wait=args.settle_batch_wait,
+        idempotency_retention=args.idempotency_retention,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     facilitator = Facilitator(config)
