@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import SettleRequest, VerifyRequest
 
-from escrow_py.console import CSP, EXPLORERS, render_fragment, render_page, static_file
+from escrow_py.console import CSP, render_fragment, render_page, static_file
 from escrow_py.facilitator._keys import ApiKey, IdempotencyConflict, KeyStore, body_digest
 from escrow_py.facilitator._metrics import FacilitatorMetrics
 from escrow_py.facilitator._service import Facilitator, FacilitatorError
@@ -379,7 +379,6 @@ def _operator_routes(
     app: FastAPI, facilitator: Facilitator, metrics: FacilitatorMetrics, console_token: str | None
 ) -> None:
     """/healthz, /metrics and the operator console (only with a console token: it shows every seller's money)."""
-    explorer = EXPLORERS.get(facilitator.config.chain_id)
     ledger = facilitator.ledger
 
     @app.get("/healthz")
@@ -411,6 +410,7 @@ def _operator_routes(
         if not allowed(request):
             return hidden
         figures = await anyio.to_thread.run_sync(ledger.figures)
+        explorer = await anyio.to_thread.run_sync(facilitator.explorer)
         page = render_page(figures, title="x402-escrow facilitator", base="/console", explorer=explorer,
                            query=str(request.query_params))  # fmt: skip
         return HTMLResponse(page, headers=headers)
@@ -420,6 +420,7 @@ def _operator_routes(
         if not allowed(request):
             return hidden
         figures = await anyio.to_thread.run_sync(ledger.figures)
+        explorer = await anyio.to_thread.run_sync(facilitator.explorer)
         return HTMLResponse(render_fragment(figures, explorer=explorer), headers=headers)
 
     @app.get("/console/data.json")

@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"seconds an idempotency record is kept, pruned hourly (default {DEFAULT_RETENTION}, 7 days; at least "
         f"{MIN_RETENTION}; 0 keeps them forever)",
     )  # fmt: skip
+    serve.add_argument(
+        "--explorer-url", help="block explorer the console links transactions to (default: Basescan on Base Sepolia "
+        "and Base; none on any other chain or on a development node such as anvil)",
+    )  # fmt: skip
     serve.set_defaults(func=_serve)
     keys = actions.add_parser("keys", help="sellers' API keys")
     key_actions = keys.add_subparsers(dest="key_action", required=True)
@@ -94,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         poster_interval=args.poster_interval,
         settle_batch_wait=args.settle_batch_wait,
         idempotency_retention=args.idempotency_retention,
+        explorer_url=args.explorer_url,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     facilitator = Facilitator(config)

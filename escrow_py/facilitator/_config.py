@@ -33,6 +33,9 @@ class FacilitatorConfig:
     leave in one settleMany. `idempotency_retention` (seconds, 0: forever) is how long an
     idempotency record is kept: a replay within it gets the recorded answer; the facilitator
     deletes older ones hourly (as `x402-escrow prune --role facilitator --grace` does).
+    `explorer_url` (e.g. a local Blockscout) is where the console links transactions; without
+    it, Base Sepolia and Base link to Basescan and any other chain, or a development node
+    such as anvil under a public id, shows the hashes unlinked (console.explorer_for).
     """
 
     rpc_url: str
@@ -56,6 +59,7 @@ class FacilitatorConfig:
     burst: int = 100
     max_body_bytes: int = MAX_BODY_BYTES
     idempotency_retention: float = DEFAULT_RETENTION
+    explorer_url: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("escrow", "token"):
@@ -75,6 +79,9 @@ class FacilitatorConfig:
                 f"FacilitatorConfig.idempotency_retention must be 0 (kept forever) or at least {MIN_RETENTION} "
                 f"seconds, got {keep!r}"
             )
+        url = self.explorer_url
+        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+            raise ConfigError(f"FacilitatorConfig.explorer_url must be an http(s) URL, got {url!r}")
         self.chain_settings()  # the shared checks of the chain settings
 
     def chain_settings(self) -> SellerConfig:
