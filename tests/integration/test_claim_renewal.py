@@ -37,7 +37,9 @@ SHORT_CLAIM = {"claim_seconds": 1.0, "poster_lease": 2.0}
 
 
 def setup_of(chain: Chain) -> ChainSetup:
-    return ChainSetup(chain.node.url, chain.escrow.address, chain.token.address, address(SELLER), dev_private_key(OPERATOR))
+    return ChainSetup(
+        chain.node.url, chain.escrow.address, chain.token.address, address(SELLER), dev_private_key(OPERATOR)
+    )
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -60,14 +62,14 @@ def until_answered(url: str, header: str, seen: list[int], timeout: float = 60.0
         seen.append(answer.status_code)
         if answer.status_code != 503 or time.monotonic() > deadline:
             return answer
-        assert answer.json().get("reason") == "payment_in_progress", answer.text
+        assert answer.json().get("error") == "payment_in_progress", answer.text
         time.sleep(0.1)
 
 
 def committed_hash(chain: Chain, escrow_id: bytes, start: int, timeout: float = 60.0) -> bytes:
     wait_for(lambda: chain.escrow.state_of(escrow_id) == State.RELEASED, "the delivery to be released", timeout)
     events = chain.escrow.events(start, int(chain.w3.eth.block_number))
-    return next(e.delivery_hash for e in events if isinstance(e, Delivered) and e.escrow_id == escrow_id)
+    return next(e.delivery_hash for e in events if isinstance(e, Delivered) and e.id == escrow_id)
 
 
 def paid_header(chain: Chain, url: str) -> tuple[str, bytes]:
@@ -184,7 +186,7 @@ def test_a_paused_replica_that_lost_its_claim_neither_writes_nor_serves_its_own_
         if answer_a.status_code == 200:
             assert answer_a.content == answer_b.content
         else:
-            assert answer_a.json().get("reason") == "payment_in_progress"
+            assert answer_a.json().get("error") == "payment_in_progress"
         for url in (a, b):
             replay = httpx.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
             assert replay.status_code == 200 and replay.content == answer_b.content
