@@ -34,6 +34,7 @@ class Claim:
     finishing: bool = False  # the answer is being stored: no more renewals
     released: bool = False  # the store write that stored the answer deleted the lease row too
     lost: bool = False  # a renewal found another owner on it (or no row): this request must not answer it
+    renewed_at: float = 0.0  # lease_clock() just before the statement that last took or renewed it
 
     @property
     def key(self) -> tuple[str, str]:
@@ -43,6 +44,15 @@ class Claim:
         """The lease, for the store write that answers the payment to delete in its own transaction."""
         self.finishing = True
         return self.key
+
+
+def lease_clock() -> float:
+    """Seconds on a clock that keeps running while the process is stopped or the machine suspended.
+
+    Read just *before* a statement takes or renews a lease, it bounds the lease from below: the database
+    set the expiry later than that, so while less than the lease's length has passed on this clock the
+    lease cannot have lapsed (only clock rates matter, not whether two machines agree on the time)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
 
 class ClaimHeartbeat:
@@ -58,7 +68,16 @@ class ClaimHeartbeat:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def hold(self, claim: Claim) -> None:
+    def take(self, claim: Claim) -> bool:
+        """Take `claim` in the store (False while another owner holds it); once taken, it is renewed until dropped."""
+        started = lease_clock()
+        if not self.store.take_lease(claim.name, claim.owner, self.seconds):
+            return False
+        claim.renewed_at = started
+        self._hold(claim)
+        return True
+
+    def _hold(self, claim: Claim) -> None:
         with self._lock:
             self._claims[claim.key] = claim
             if self._thread is None:
@@ -70,11 +89,20 @@ class ClaimHeartbeat:
             self._claims.pop(claim.key, None)
 
     def confirm(self, claim: Claim) -> bool:
-        """Renew `claim` now (blocking): True while this request still holds it, else it is marked lost.
+        """True while this request still holds `claim`, with at least half a lease ahead; else it is marked lost.
 
-        Called before what must not be done twice (the handler, a refund): a holder that was paused
-        past its lease finds out here, even before its heartbeat runs again."""
-        if not claim.lost and claim.key not in self.store.renew_leases([claim.key], self.seconds):
+        Called before what must not be done twice (the handler, a refund): a holder that was paused past
+        its lease finds out here, even before its heartbeat runs again. A claim taken or renewed less than
+        half a lease ago (lease_clock) cannot have lapsed and needs no statement; an older one is renewed now.
+        """
+        if claim.lost:
+            return False
+        started = lease_clock()
+        if started - claim.renewed_at < self.seconds / 2:
+            return True
+        if claim.key in self.store.renew_leases([claim.key], self.seconds):
+            claim.renewed_at = max(claim.renewed_at, started)
+        else:
             self._lose(claim)
         return not claim.lost
 
@@ -88,12 +116,16 @@ class ClaimHeartbeat:
                 claims = [c for c in self._claims.values() if not (c.finishing or c.lost)]
             if not claims:
                 continue
+            started = lease_clock()
             try:
                 renewed = self.store.renew_leases([c.key for c in claims], self.seconds)
             except Exception:  # the store's hiccup (any kind: this thread must not die of it): next beat
                 log.exception("%d payment claims not renewed", len(claims))
                 continue
             with self._lock:
+                for claim in claims:
+                    if claim.key in renewed:
+                        claim.renewed_at = max(claim.renewed_at, started)
                 # One handed over or dropped meanwhile was deleted by the save or release that ended it: not lost.
                 missing = [c for c in claims if c.key not in renewed and c.key in self._claims and not c.finishing]
             for claim in missing:

@@ -319,7 +319,7 @@ class EscrowMiddleware:
         claim = Claim(f"payment:0x{escrow_id.hex()}", f"{self.replica}:{secrets.token_hex(4)}")
         give_up = time.monotonic() + config.claim_wait
         pause = 0.02
-        while not await _blocking(store.take_lease, claim.name, claim.owner, config.claim_seconds):
+        while not await _blocking(self._heartbeat.take, claim):
             if await _blocking(store.answered, escrow_id):
                 yield None  # the holder answered meanwhile: _settle replays its stored response
                 return
@@ -327,7 +327,6 @@ class EscrowMiddleware:
                 raise SellerUnavailable(IN_PROGRESS.reason, IN_PROGRESS.public, IN_PROGRESS.retry_after)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
-        self._heartbeat.hold(claim)
         try:
             yield claim
         finally:

@@ -73,10 +73,12 @@ SERVE_FIRST_SQLITE_TRANSACTIONS = 3
 
 # Calls from the ASGI adapter (seller/_middleware.py) into other escrow_py modules during one paid hold request:
 # 33 into 9 modules before the payment state machine (the header decoded in three places, the offer built from six
-# calls, the answer's hash and header built in place), 16 into 7 now: route_for, paid_request (_offers), parse_payment,
-# facts_needed, decide, kept, header (_machine), rpc.both, read_onchain, judge_onchain, chain.deposit, and the store's
-# five (answered, take_lease, payment, begin_deposit, save_served).
-ADAPTER_TRIPS = 16
+# calls, the answer's hash and header built in place), 16 into 7 with the machine: route_for, paid_request (_offers),
+# parse_payment, facts_needed, decide, kept, header (_machine), rpc.both, read_onchain, judge_onchain, chain.deposit,
+# and the store's five (answered, take_lease, payment, begin_deposit, save_served). 19 into 8 now the claim is the
+# process's heartbeat's (_claims): take (instead of the store's take_lease), confirm before the handler (no statement
+# while the claim is fresh), hand_over to the save that releases it, drop when the request ends.
+ADAPTER_TRIPS = 19
 _ADAPTER = "seller/_middleware.py"
 
 
