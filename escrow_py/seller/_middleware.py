@@ -645,16 +645,20 @@ class EscrowMiddleware:
         response: StoredResponse,
         settle: str,
     ) -> None:
-        """Store this run's answer with `save`, which gives the claim up in its own transaction and writes
-        nothing if the claim was lost; then send it, or else the answer of the run that has the payment."""
+        """Store this run's answer (_store_once), then send it, or else the answer of the run that has the payment."""
+        if not await self._store_once(claim, save):
+            await self._answer_of_another(send, escrow_id)
+            return
+        await self._send_response(send, response, settle)
+
+    async def _store_once(self, claim: Claim | None, save: functools.partial[bool]) -> bool:
+        """Run the store write `save` that answers the payment, given the claim to release in its own transaction;
+        False if it wrote nothing: another response was stored first, or the claim was lost (taken over)."""
         release = claim.hand_over() if claim is not None else None
         saved = await _blocking(save, release=release)
         if claim is not None:
             claim.released = True
-        if not saved:
-            await self._answer_of_another(send, escrow_id)
-            return
-        await self._send_response(send, response, settle)
+        return saved
 
     async def _still_held(self, claim: Claim | None) -> bool:
         """Renew the claim now, before what must not run twice; False if another run took it over."""

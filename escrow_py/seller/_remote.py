@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -580,12 +581,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
         response = await self._run_handler(scope, receive, request.body)
         if response.status < 400:
             keep = kept(verified, response.body, deposit_tx, serve_first=False)
-            release = claim.hand_over() if claim is not None else None
-            saved = await _blocking(self.store.save_served, escrow_id, terms, response, keep.delivery_hash,
-                                    release=release)  # fmt: skip
-            if claim is not None:
-                claim.released = True
-            if not saved:
+            save = functools.partial(self.store.save_served, escrow_id, terms, response, keep.delivery_hash)
+            if not await self._store_once(claim, save):
                 await self._answer_of_another(send, escrow_id)  # another run's answer was stored, or is coming
                 return
             self._kick.set()
@@ -601,11 +598,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             refunded = True
         except FacilitatorDown as down:
             log.warning("refund of 0x%s queued, facilitator unavailable: %s", escrow_id.hex(), down)
-        release = claim.hand_over() if claim is not None else None
-        saved = await _blocking(self.store.save_failed, escrow_id, response, refund_tx, release=release)
-        if claim is not None:
-            claim.released = True
-        if not saved:
+        if not await self._store_once(claim, functools.partial(self.store.save_failed, escrow_id, response, refund_tx)):
             await self._answer_of_another(send, escrow_id)
             return
         if refunded and refund_tx is None:
