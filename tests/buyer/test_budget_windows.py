@@ -18,7 +18,7 @@ from escrow_py.storage import open_store
 TOKEN, OTHER = (to_checksum_address("0x" + c * 20) for c in ("44", "55"))
 SELLER = to_checksum_address("0x" + "33" * 20)
 NOW = 2_000_000_000.0  # on no hour: the windows' starts fall inside an hour
-WINDOWS = (60, 1800, HOUR, HOUR + 1, 5400, 86_400, 86_400 + 0.5, 7 * 86_400)
+WINDOWS = (60, 1800, HOUR, HOUR + 1, 5400, 86_400, 86_400 - 1, 7 * 86_400)
 
 
 def _context(token: str, amount: int) -> PaymentContext:

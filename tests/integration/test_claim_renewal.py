@@ -16,6 +16,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -51,7 +52,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) ->
 
 def runs_in(replicas: Replicas, key: str, pid: int | None = None) -> int:
     total, by_pid = handler_runs(replicas.runs_dir)
-    return total[key] if pid is None else by_pid.get(str(pid), {}).get(key, 0)
+    return total[key] if pid is None else by_pid.get(str(pid), Counter())[key]
 
 
 def until_answered(url: str, header: str, seen: list[int], timeout: float = 60.0) -> httpx.Response:
