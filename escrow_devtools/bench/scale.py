@@ -81,6 +81,9 @@ def replica_app() -> ASGIApp:
     settings: dict[str, Any] = json.loads(os.environ[CONFIG_ENV])
     runs_dir = Path(settings["runs_dir"])
     work = float(settings.get("work_seconds", 0.0))
+    # A handler whose work blocks its event loop (sync code in an async handler): the case that
+    # starves anything else the replica schedules on that loop while it runs.
+    blocking = bool(settings.get("blocking_work", False))
     config = SellerConfig(
         rpc_url=settings["rpc_url"],
         escrow=settings["escrow"],
@@ -109,7 +112,10 @@ def replica_app() -> ASGIApp:
     @app.get("/report/{item}")
     async def report(item: str, request: Request) -> Response:
         record_run(request, "report")
-        await asyncio.sleep(work)
+        if blocking:
+            time.sleep(work)
+        else:
+            await asyncio.sleep(work)
         # Bytes unique to this run: two runs of one payment can never serve the same body.
         body = json.dumps({"item": item, "pid": os.getpid(), "run": secrets.token_hex(8), "at": time.time()})
         return Response(body.encode(), media_type="application/json")
@@ -161,6 +167,7 @@ class Replicas:
         workers: int = 1,
         work_dir: Path,
         work_seconds: float = 0.0,
+        blocking_work: bool = False,
         seller: dict[str, Any] | None = None,
         poster_interval: float = 0.2,
     ) -> None:
@@ -175,6 +182,7 @@ class Replicas:
             "store": store,
             "runs_dir": str(self.runs_dir),
             "work_seconds": work_seconds,
+            "blocking_work": blocking_work,
             "poster_interval": poster_interval,
             # Behind a balancer every replica prices the one public URL, whichever port a request reached.
             "seller": {"public_base_url": PUBLIC_URL, **(seller or {})},
