@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.chain", "fixtures.fake_chain", "fixtures.postgres"]
+pytest_plugins = ["fixtures.chain", "fixtures.fake_chain", "fixtures.postgres", "fixtures.schedule"]
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "contracts", "integration")
