@@ -41,7 +41,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from escrow_devtools.anvil import free_port
-from escrow_devtools.harness import serving
+from escrow_devtools.harness import serving, wait_until_answering
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
 from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, authorization_for, typed_data
@@ -211,18 +211,14 @@ class Replicas:
             raise
 
     def _wait_ready(self, n: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.processes[n].poll() is not None:
-                raise RuntimeError(f"replica {n} exited at start-up:\n{self.logs[n].read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"replica {n} did not start in {timeout:.0f}s")
-            try:
-                if httpx.get(f"{self.urls[n]}/report/ping", timeout=2).status_code == 402:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until_answering(
+            f"{self.urls[n]}/report/ping",
+            ready=lambda answer: answer.status_code == 402,
+            process=self.processes[n],
+            output=lambda: self.logs[n].read_text()[-3000:],
+            timeout=timeout,
+            what=f"replica {n}",
+        )
 
     def kill(self, n: int) -> None:
         """SIGKILL replica `n` and its workers (no shutdown, no last poster pass): a crash."""
