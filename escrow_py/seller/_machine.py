@@ -47,6 +47,7 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
 )
 from escrow_py.seller._store import (
+    DECLINED,
     DEPOSITING,
     EXPIRED,
     POSTED,
@@ -149,7 +150,7 @@ class ChainFacts:
 
 
 def facts_needed(row: Payment | None) -> Facts:
-    if row is not None and row.response is not None:
+    if row is not None and (row.response is not None or row.declined is not None):
         return Facts.NONE
     if row is not None and row.serve_first:
         return Facts.AUTHORIZATION
@@ -209,8 +210,8 @@ class ServeFirst:
     verified: VerifiedPayment
     now: int
     due: int  # the chain time by which its settlement must land: min(validBefore, deadline)
-    envelope: PaymentPayload | None = None  # for the seller's hooks, should it fall back to hold
-    record: str = ""  # the signed payload as the store keeps it (JSON text)
+    envelope: PaymentPayload | None = None  # for the seller's hooks
+    record: str = ""  # the buyer's x402 envelope as the store keeps it (JSON text): see envelope_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,8 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
     verified = _verify(parsed, offer, row.accepted_at, rules)
     if row.response is not None:
         return Replay(row)
+    if row.declined is not None:
+        raise declined(row)
     if row.serve_first:
         # Recorded and never answered (the seller died mid-handler): served now if its authorization
         # is still unused and leaves the poster time to settle it.
@@ -292,13 +295,20 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
     raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{verified.escrow_id.hex()} is {chain.state.name}")
 
 
+def declined(row: Payment) -> Refusal:
+    """The refusal of a payment the seller's before-settle hook declined after its handler ran: answered as it was
+    then (402 with the hook's reason), never served and never charged."""
+    reason = row.declined or DECLINED
+    return Refusal(reason, f"the seller declined to settle payment 0x{row.escrow_id.hex()}: {reason}")
+
+
 def _first_time(
     parsed: ParsedPayment, offer: EscrowRequirements, route: RouteMode, chain: ChainFacts, rules: Rules
 ) -> Step:
     if chain.state == State.NONE:
         verified = _verify(parsed, offer, chain.now, rules)
         if route.serve_first:
-            return ServeFirst(verified, chain.now, settle_due(verified), parsed.envelope, _payload_json(verified))
+            return ServeFirst(verified, chain.now, settle_due(verified), parsed.envelope, envelope_json(parsed))
         return Deposit(verified, accepted_at=chain.now, envelope=parsed.envelope, record=_payload_json(verified))
     if chain.state == State.HELD:
         # Deposited by someone else (the buyer, another replica) and never answered here. The token
@@ -332,6 +342,32 @@ def _payload_json(verified: VerifiedPayment) -> str:
     return json.dumps(verified.payload.to_json())
 
 
+def envelope_json(parsed: ParsedPayment) -> str:
+    """The buyer's whole x402 envelope as a serve-first record keeps it: the settlement needs its payload, and
+    the seller's after-settle hooks (run later, by the settlement worker) its accepted requirements."""
+    assert parsed.envelope is not None
+    return parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def stored_escrow_payload(text: str) -> EscrowPayload:
+    """The signed EscrowPayload of a stored record: kept alone (hold, a facilitator's own settlements, serve-first
+    records written before the envelope was kept) or inside the buyer's x402 envelope (serve-first)."""
+    data = json.loads(text)
+    if isinstance(data, dict) and "accepted" in data and isinstance(data.get("payload"), dict):
+        data = data["payload"]
+    return EscrowPayload.from_json(data)
+
+
+def stored_envelope(text: str | None) -> PaymentPayload | None:
+    """The x402 envelope of a stored serve-first record; None for a record that keeps the EscrowPayload alone."""
+    if text is None:
+        return None
+    data = json.loads(text)
+    if not (isinstance(data, dict) and "accepted" in data):
+        return None
+    return PaymentPayload.model_validate(data)
+
+
 def settle_due(verified: VerifiedPayment) -> int:
     """The chain time by which a serve-first settlement must have landed."""
     return min(verified.payload.authorization.valid_before, verified.terms.deadline)
@@ -363,7 +399,8 @@ def after_reserve(step: ServeFirst, outcome: Reserve, route: RouteMode, *, per_b
         else f"serving {terms.amount} first would pass an exposure limit (per buyer {per_buyer}, total {total})"
     )
     if route.fallback_to_hold:
-        return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope, record=step.record)
+        # Its record is a hold one: the signed payload alone, what a reorg's re-deposit sends again.
+        return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope, record=_payload_json(step.verified))
     return Reject(Refusal(reason, why))
 
 

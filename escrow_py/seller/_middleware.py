@@ -93,7 +93,6 @@ from escrow_py.seller._offers import (
     PaidRequest,
     SellerHooks,
     settle_context,
-    settle_result_context,
     verify_context,
     verify_result_context,
 )
@@ -120,6 +119,10 @@ log = logging.getLogger("escrow_py.seller")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+# A seller hook that raised: what the buyer is told (never the exception's text), and when to try again.
+HOOK_FAILED = "the seller's own check of this payment failed; nothing was charged, send the same payment again"
+HOOK_RETRY_AFTER = 5
 
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
 
@@ -410,9 +413,10 @@ class EscrowMiddleware:
         facts = await self._chain_facts(need, escrow_id, terms)
         mode = request.route
         hooks = self.config.hooks
-        before_verified = False
-        if hooks is not None and row is None and facts.state == State.NONE and not mode.serve_first:
-            # The SDK's order: the seller's before-verify hooks see a new payment before it is verified.
+        before_verified = after_verified = False
+        if hooks is not None and row is None and facts.state == State.NONE:
+            # The SDK's order: the seller's before-verify hooks see a new payment before it is verified
+            # (hold and serve-first alike: an abort answers 402 before anything is recorded or run).
             await self._before_verify(parsed, request)
             before_verified = True
         step: Step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
@@ -428,7 +432,7 @@ class EscrowMiddleware:
             if isinstance(step, Serve):
                 await self._serve(
                     scope, receive, send, request, verified=step.verified, deposit_tx=step.deposit_tx,
-                    claim=claim, serve_first=step.serve_first,
+                    claim=claim, serve_first=step.serve_first, envelope=parsed.envelope,
                 )  # fmt: skip
                 return
             if isinstance(step, Adopt):
@@ -443,12 +447,14 @@ class EscrowMiddleware:
                 row = dataclasses.replace(row, deposit_tx=None)
                 facts = await self._chain_facts(Facts.STATE, escrow_id, terms)
             elif isinstance(step, ServeFirst):
+                # A fallback to hold does not run the after-verify hooks again: they saw the serve-first checks.
+                after_verified = hooks is not None and step.envelope is not None
                 step = await self._serve_first(step, request, mode)
                 continue
             else:
                 if hooks is not None and step.envelope is not None and not before_verified:
                     await self._before_verify(parsed, request)
-                step = await self._deposit(step, request)
+                step = await self._deposit(step, request, after_verified=after_verified)
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
 
@@ -495,10 +501,11 @@ class EscrowMiddleware:
             settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
             await self._send_response(send, outcome.response, settle)
 
-    async def _deposit(self, step: Deposit, request: PaidRequest) -> Step:
+    async def _deposit(self, step: Deposit, request: PaidRequest, *, after_verified: bool = False) -> Step:
         """Check on chain, record (a new payment), deposit, wait for the receipt; the next step.
 
-        The seller's hooks run around a new payment's deposit. The buyer's faults are 402s (a
+        The seller's hooks run around a new payment's deposit (`after_verified`: a serve-first payment
+        falling back to hold, whose after-verify hooks ran on its serve-first checks). The buyer's faults are 402s (a
         simulation or a mined deposit that reverts, with the revert in `error`); the seller's own
         are 503s with a reason: the operator cannot pay gas, its nonce is taken, the deposit is not
         confirmed in time.
@@ -509,8 +516,9 @@ class EscrowMiddleware:
         requirements = request.offer.to_model() if hooks is not None else None
         if hooks is not None and step.envelope is not None:
             assert requirements is not None
-            result = verify_result_context(step.envelope, requirements, context, verified.buyer)
-            await _abort_on(hooks.after_verify, result)
+            if not after_verified:
+                await _abort_on(hooks.after_verify, verify_result_context(step.envelope, requirements, context,
+                                                                          verified.buyer))  # fmt: skip
             await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
         facts = await _blocking(read_onchain, verified, chain=chain)
         try:
@@ -536,11 +544,8 @@ class EscrowMiddleware:
             answer = Answer(SettlementExtra(escrow_id=escrow_id, deadline=verified.terms.deadline, state=State.HELD),
                             deposit_tx)  # fmt: skip
             settle = answer.settle_response(verified.buyer, self.config.network)
-            result = settle_result_context(step.envelope, requirements, context, settle)
-            try:
-                await SellerHooks.run(hooks.after_settle, result)
-            except Exception:  # bookkeeping must not cost the buyer the sale it has paid for
-                log.exception("an after-settle hook raised for escrow 0x%s; serving it anyway", escrow_id.hex())
+            # Bookkeeping must not cost the buyer the sale it has paid for: a hook that raises is logged.
+            await hooks.after_settled(step.envelope, requirements, settle, escrow_id, context=context)
         return Serve(verified, deposit_tx)
 
     async def _deposit_fault(self, verified: VerifiedPayment, fault: DepositFault, exc: Exception) -> Step:
@@ -583,6 +588,10 @@ class EscrowMiddleware:
         except Refusal as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
+        if config.hooks is not None and step.envelope is not None:
+            # Serve-first's verification is these checks of the pull: the after-verify hooks see it passed.
+            result = verify_result_context(step.envelope, request.offer.to_model(), request.context, verified.buyer)
+            await _abort_on(config.hooks.after_verify, result)
         refused = await _blocking(
             self.store.begin_serve_first,
             escrow_id,
@@ -615,12 +624,19 @@ class EscrowMiddleware:
         deposit_tx: bytes | None,
         claim: Claim | None = None,
         serve_first: bool = False,
+        envelope: PaymentPayload | None = None,
     ) -> None:
         """Run the handler; store its response with the delivery (hold) or settlement (serve-first) queued,
         in one transaction that also gives up the claim, then answer. A failed handler is refunded (hold)
-        or costs nobody anything (serve-first: the record is dropped, no transaction is sent)."""
+        or costs nobody anything (serve-first: the record is dropped, no transaction is sent). Serve-first's
+        settlement is the seller's before-settle hooks' to decline (`envelope`: the buyer's, for them)."""
         escrow_id, terms, store = verified.escrow_id, verified.payload.terms, self.store
         response = await self._run_handler(scope, receive, request.body)
+        if serve_first and response.status < 400 and envelope is not None:
+            declined = await self._before_settle_first(request, envelope, escrow_id)
+            if declined is not None:
+                await self._decline(send, request, verified, declined, claim)
+                return
         release = claim.hand_over() if claim is not None else None
         if response.status < 400:
             keep = kept(verified, response.body, deposit_tx, serve_first=serve_first)
@@ -671,6 +687,41 @@ class EscrowMiddleware:
             return
         answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False)
         await self._send_response(send, response, self._settlement(terms.buyer, answer))
+
+    async def _before_settle_first(
+        self, request: PaidRequest, envelope: PaymentPayload, escrow_id: bytes
+    ) -> str | None:
+        """A serve-first payment's before-settle hooks, after its handler succeeded and before its settlement is
+        queued (phase "after-handler"): the reason one declined it, or None. A hook that raises decides nothing:
+        the record is dropped as for a failed handler (nothing served, nothing owed) and the buyer gets 503."""
+        hooks = self.config.hooks
+        if hooks is None or not hooks.before_settle:
+            return None
+        context = settle_context(envelope, request.offer.to_model(), request.context, phase="after-handler")
+        try:
+            aborted = await SellerHooks.run(hooks.before_settle, context)
+        except Exception:
+            log.exception("a before-settle hook raised for serve-first 0x%s; not served, not charged", escrow_id.hex())
+            await _blocking(self.store.forget_serve_first, escrow_id)
+            raise SellerUnavailable(Reason.SELLER_HOOK_FAILED, HOOK_FAILED, HOOK_RETRY_AFTER) from None
+        return None if aborted is None else aborted.reason
+
+    async def _decline(
+        self, send: Send, request: PaidRequest, verified: VerifiedPayment, reason: str, claim: Claim | None
+    ) -> None:
+        """The seller declined to collect a served-first payment: recorded (exposure freed, nothing queued, the
+        claim given up in the same transaction), and answered as the SDK answers a settlement its hook
+        aborted: 402 with the hook's reason, the handler's response withheld. A replay gets the same 402."""
+        escrow_id = verified.escrow_id
+        release = claim.hand_over() if claim is not None else None
+        declined = await _blocking(self.store.decline_serve_first, escrow_id, reason, release=release)
+        if claim is not None:
+            claim.released = True
+        if not declined:
+            await self._replay_stored(send, escrow_id)
+            return
+        log_sale("declined", escrow_id, verified.terms, route=_route_name(request.route), reason=reason)
+        await self._send_required(send, request, 402, reason)
 
     async def _replay_stored(self, send: Send, escrow_id: bytes) -> None:
         """Another run's response was stored first (this one's claim had lapsed): that one is the answer."""
@@ -835,8 +886,14 @@ async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
 
 
 async def _abort_on(hooks: list[Any], context: Any) -> None:
-    """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
-    aborted = await SellerHooks.run(hooks, context)
+    """Run a seller's before/after-verify or before-settle hooks, before anything is recorded or moved: an
+    AbortResult refuses the payment with its reason (402); a hook that raises is a 503 (nothing was charged:
+    the same payment may be sent again)."""
+    try:
+        aborted = await SellerHooks.run(hooks, context)
+    except Exception:
+        log.exception("a seller hook raised; the payment was not taken")
+        raise SellerUnavailable(Reason.SELLER_HOOK_FAILED, HOOK_FAILED, HOOK_RETRY_AFTER) from None
     if aborted is not None:
         raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 

@@ -44,6 +44,7 @@ from x402.schemas import (
     PaymentRequirements,
     ResourceConfig,
     SettleContext,
+    SettlePhase,
     SettleResponse,
     SettleResultContext,
     VerifyContext,
@@ -155,6 +156,33 @@ class SellerHooks:
         for register, hooks in registrations:
             for hook in hooks:
                 register(hook)
+
+    async def after_settled(
+        self,
+        payload: PaymentPayload,
+        requirements: PaymentRequirements,
+        result: SettleResponse,
+        escrow_id: bytes,
+        *,
+        context: HTTPRequestContext | None = None,
+        phase: SettlePhase = "before-handler",
+    ) -> None:
+        """Run the after-settle hooks, for bookkeeping: what they return is ignored, and one that raises is
+        logged with the escrow id; the settlement it reports stays recorded and is never sent again.
+        `context` None: run by the settlement worker, after the request has gone (no transport context)."""
+        if not self.after_settle:
+            return
+        settled = SettleResultContext(
+            payment_payload=payload,
+            requirements=requirements,
+            transport_context=None if context is None else _transport(context),
+            phase=phase,
+            result=result,
+        )
+        try:
+            await SellerHooks.run(self.after_settle, settled)
+        except Exception:
+            log.exception("an after-settle hook raised for escrow 0x%s; the settlement stands", escrow_id.hex())
 
     @staticmethod
     async def run(hooks: list[Hook], context: Any) -> AbortResult | None:
@@ -518,24 +546,15 @@ def verify_result_context(
     )
 
 
-def settle_context(payload: PaymentPayload, requirements: PaymentRequirements, context: HTTPRequestContext) -> Any:
-    return SettleContext(
-        payment_payload=payload,
-        requirements=requirements,
-        transport_context=_transport(context),
-        phase="before-handler",
-    )
-
-
-def settle_result_context(
-    payload: PaymentPayload, requirements: PaymentRequirements, context: HTTPRequestContext, result: SettleResponse
+def settle_context(
+    payload: PaymentPayload,
+    requirements: PaymentRequirements,
+    context: HTTPRequestContext,
+    *,
+    phase: SettlePhase = "before-handler",
 ) -> Any:
-    return SettleResultContext(
-        payment_payload=payload,
-        requirements=requirements,
-        transport_context=_transport(context),
-        phase="before-handler",
-        result=result,
+    return SettleContext(
+        payment_payload=payload, requirements=requirements, transport_context=_transport(context), phase=phase
     )
 
 

@@ -50,11 +50,14 @@ from escrow_py.protocol.errors import EscrowError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowPayload
 from escrow_py.seller._config import SellerConfig
+from escrow_py.seller._machine import replayed, stored_envelope, stored_escrow_payload
+from escrow_py.seller._offers import SellerHooks
 from escrow_py.seller._store import (
     EXPIRED,
     PENDING,
     POSTED,
     REFUNDED_ON_CHAIN,
+    SETTLE_LOST,
     SETTLED_ELSEWHERE,
     PendingDelivery,
     QueuedSettlement,
@@ -123,8 +126,29 @@ def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes
 
 
 def _settlement(queued: QueuedSettlement) -> Settlement:
-    payload = EscrowPayload.from_json(json.loads(queued.payload))
+    payload = stored_escrow_payload(queued.payload)
     return Settlement(payload.terms, payload.authorization, payload.signature, queued.delivery_hash)
+
+
+async def run_settled_hooks(hooks: SellerHooks | None, store: SellerStore, ids: list[bytes], network: str) -> None:
+    """The seller's after-settle hooks for serve-first settlements a worker now knows mined or lost (the local
+    poster, the facilitator-mode outbox), after it recorded them: once per outcome it records, with the result
+    a replay would answer (`success`, the settlement transaction, or `settlement_failed` and why in
+    `errorMessage`). Phase "after-handler", no transport context: the request has long gone."""
+    if hooks is None or not hooks.after_settle:
+        return
+    for escrow_id in ids:
+        payment, record = await anyio.to_thread.run_sync(
+            lambda i=escrow_id: (store.payment(i), store.settlement(i))  # type: ignore[misc]
+        )
+        envelope = stored_envelope(record.payload if record is not None else None)
+        if payment is None or record is None or envelope is None:
+            log.warning("after-settle hooks skipped for 0x%s: no x402 envelope is stored with it", escrow_id.hex())
+            continue
+        result = replayed(payment, settlement=record).settle_response(payment.terms.buyer, network)
+        if record.status == SETTLE_LOST:
+            result.error_message = record.reason
+        await hooks.after_settled(envelope, envelope.accepted, result, escrow_id, phase="after-handler")
 
 
 class DeliveryPoster:
@@ -140,9 +164,14 @@ class DeliveryPoster:
         owner: str | None = None,
         confirmation_depth: int = 5,
         settle_batch_wait: float = 0.0,
+        hooks: SellerHooks | None = None,
+        network: str = "",
     ) -> None:
-        """`confirmation_depth` and `settle_batch_wait` as in SellerConfig."""
+        """`confirmation_depth`, `settle_batch_wait`, `hooks` and `network` as in SellerConfig (the hooks' after-settle
+        run for each serve-first settlement a pass finds mined or lost, once `flush` has recorded it)."""
         self.chain = chain
+        self.hooks = hooks
+        self.network = network
         self.depth = confirmation_depth
         self.settle_batch_wait = settle_batch_wait
         self.store = store
@@ -172,6 +201,8 @@ class DeliveryPoster:
             owner=owner,
             confirmation_depth=config.confirmation_depth,
             settle_batch_wait=config.settle_batch_wait,
+            hooks=config.hooks,
+            network=config.network,
         )
 
     def post_pending(self, *, force_settle: bool = False) -> PostReport:
@@ -543,8 +574,11 @@ class DeliveryPoster:
             log_sale("refunded", escrow_id, terms, refund_tx=refund_tx)
 
     async def flush(self, *, force_settle: bool = False) -> PostReport:
-        """One pass now, off the event loop; passes never overlap."""
-        return await anyio.to_thread.run_sync(lambda: self.post_pending(force_settle=force_settle))
+        """One pass now, off the event loop (passes never overlap), then the seller's after-settle hooks for the
+        serve-first settlements it recorded mined or lost, on the event loop."""
+        report = await anyio.to_thread.run_sync(lambda: self.post_pending(force_settle=force_settle))
+        await run_settled_hooks(self.hooks, self.store, [*report.settled_first, *report.lost], self.network)
+        return report
 
     async def _run(self) -> None:
         while True:

@@ -55,6 +55,7 @@ from escrow_py.seller._machine import (
     Unavailable,
     _as_accepted,
     after_reserve,
+    declined,
     handler_failed,
     kept,
     served,
@@ -64,10 +65,18 @@ from escrow_py.seller._middleware import (
     Claim,
     EscrowMiddleware,
     SellerUnavailable,
+    _abort_on,
     _blocking,
     _route_name,
 )
-from escrow_py.seller._offers import Offers, PaidRequest
+from escrow_py.seller._offers import (
+    Offers,
+    PaidRequest,
+    SellerHooks,
+    settle_context,
+    verify_result_context,
+)
+from escrow_py.seller._poster import run_settled_hooks
 from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
@@ -126,8 +135,13 @@ class FacilitatorSellerConfig:
     serve_first_max_price: int | None = None
     serve_first_max_per_buyer: int | None = None
     serve_first_max_total: int | None = None
+    # The seller's verify/settle hooks, as SellerConfig.hooks (README, "Hooks"): around the facilitator's
+    # /verify and /settle for hold, around /verify and the queued settlement for serve-first.
+    hooks: SellerHooks | None = None
 
     def __post_init__(self) -> None:
+        if self.hooks is not None and not isinstance(self.hooks, SellerHooks):
+            raise ConfigError(f"FacilitatorSellerConfig.hooks must be a SellerHooks, got {type(self.hooks).__name__}")
         if not self.facilitator_url.startswith(("http://", "https://")):
             raise ConfigError(f"facilitator_url must be an http(s) URL, got {self.facilitator_url!r}")
         object.__setattr__(self, "facilitator_url", self.facilitator_url.rstrip("/"))
@@ -172,6 +186,7 @@ class FacilitatorSellerConfig:
             serve_first_max_price=self.serve_first_max_price,
             serve_first_max_per_buyer=self.serve_first_max_per_buyer,
             serve_first_max_total=self.serve_first_max_total,
+            hooks=self.hooks,
             startup_checks=False,
         )
 
@@ -287,6 +302,11 @@ def tx_hash_of(value: object) -> bytes | None:
         return parse_hex(value, "transaction", 32)
     except ValueError:
         return None
+
+
+def _payer(parsed: ParsedPayment) -> str:
+    assert parsed.payload is not None
+    return parsed.payload.terms.buyer
 
 
 def _request_body(payload: PaymentPayload, requirements: PaymentRequirements) -> dict[str, Any]:
@@ -418,6 +438,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                     await _blocking(self.store.mark_settled, [queued.escrow_id], tx)
                     await _blocking(self.store.settle_final, [queued.escrow_id])  # the facilitator follows reorgs
                     self._settle_polled.pop(queued.escrow_id, None)
+                    await run_settled_hooks(self.config.hooks, self.store, [queued.escrow_id], self.config.network)
                 else:
                     self._settle_polled[queued.escrow_id] = now + SETTLE_POLL
                 continue
@@ -428,6 +449,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                       result.error_message)  # fmt: skip
             await _blocking(self.store.mark_lost, queued.escrow_id, reason, refuse_buyer=True, tx_hash=tx)
             self._settle_polled.pop(queued.escrow_id, None)
+            await run_settled_hooks(self.config.hooks, self.store, [queued.escrow_id], self.config.network)
         return accepted
 
     # -- a paid request ------------------------------------------------------------------------
@@ -449,6 +471,11 @@ class FacilitatorMiddleware(EscrowMiddleware):
             self._verify(parsed, request, payment.accepted_at)  # the same request, terms and signature
             await self._replay(send, payment, payment.response)
             return
+        if payment is not None and payment.declined is not None:
+            self._verify(
+                parsed, replace(request, offer=_as_accepted(request.offer, payment.terms)), payment.accepted_at
+            )
+            raise declined(payment)
         if payment is not None and payment.serve_first:
             # Recorded and never answered (this seller died mid-handler): served now if the facilitator
             # finds the authorization still unused with time left to settle it.
@@ -456,14 +483,22 @@ class FacilitatorMiddleware(EscrowMiddleware):
             verified = self._verify(parsed, request, payment.accepted_at)
             await self._remote_verify(parsed, request)
             await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
-                              serve_first=True)  # fmt: skip
+                              serve_first=True, envelope=parsed.envelope)  # fmt: skip
             return
-        if (
-            payment is None
-            and request.route.serve_first
-            and await self._serve_first_remote(scope, receive, send, request, parsed, claim=claim)
-        ):
-            return
+        hooks = self.config.hooks if payment is None else None  # they run around a new payment, as in local mode
+        if payment is None and request.route.serve_first:
+            if await self._serve_first_remote(scope, receive, send, request, parsed, claim=claim):
+                return
+        elif hooks is not None:
+            # The SDK's order around the facilitator's calls: before-verify, /verify, after-verify (a
+            # serve-first payment falling back to hold ran these already).
+            await self._before_verify(parsed, request)
+            await self._remote_verify(parsed, request)
+            await _abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
+                                                                      request.context, _payer(parsed)))  # fmt: skip
+        if hooks is not None:
+            await _abort_on(hooks.before_settle, settle_context(parsed.envelope, request.offer.to_model(),
+                                                                request.context))  # fmt: skip
         try:
             result = await self.facilitator.settle(parsed.envelope, request.offer.to_model())
         except FacilitatorDown as down:
@@ -486,6 +521,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
         deposit_tx = tx_hash_of(result.transaction)
         await _blocking(self.store.record_held, escrow_id, verified.terms, accepted_at, _route_name(request.route),
                         deposit_tx)  # fmt: skip
+        if hooks is not None:
+            await hooks.after_settled(parsed.envelope, request.offer.to_model(), result, escrow_id,
+                                      context=request.context)  # fmt: skip
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx, claim=claim)
 
     async def _remote_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
@@ -519,11 +557,17 @@ class FacilitatorMiddleware(EscrowMiddleware):
         What a reservation's refusal leads to is the machine's (_machine.after_reserve), as in local mode.
         """
         assert parsed.escrow_id is not None and parsed.envelope is not None and parsed.payload is not None
+        hooks = self.config.hooks
+        if hooks is not None:
+            await self._before_verify(parsed, request)
         await self._remote_verify(parsed, request)
         # Judged by the chain's time at the facilitator; here, at the last time it is valid (no chain clock).
         terms, auth = parsed.payload.terms, parsed.payload.authorization
         reference = min(terms.deadline, auth.valid_before) - self.config.min_time_left - 1
         verified = self._verify(parsed, request, reference)
+        if hooks is not None:
+            await _abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
+                                                                      request.context, verified.buyer))  # fmt: skip
         # In facilitator mode the store keeps the buyer's whole x402 envelope: the outbox hands it to /settle.
         record = parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
         step = ServeFirst(verified, reference, settle_due(verified), parsed.envelope, record)
@@ -551,7 +595,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             raise SellerUnavailable(after.reason, after.public, after.retry_after)
         assert isinstance(after, Serve)
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
-                          serve_first=True)  # fmt: skip
+                          serve_first=True, envelope=parsed.envelope)  # fmt: skip
         return True
 
     async def _serve(
@@ -565,12 +609,13 @@ class FacilitatorMiddleware(EscrowMiddleware):
         deposit_tx: bytes | None,
         claim: Claim | None = None,
         serve_first: bool = False,
+        envelope: PaymentPayload | None = None,
     ) -> None:
-        """Serve-first goes as EscrowMiddleware's (its settlement is queued in the store), then wakes the
-        outbox; hold's delivery and refund go to the facilitator."""
+        """Serve-first goes as EscrowMiddleware's (its settlement is queued in the store, or declined by the
+        seller's before-settle hooks), then wakes the outbox; hold's delivery and refund go to the facilitator."""
         if serve_first:
             await super()._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
-                                 serve_first=True)  # fmt: skip
+                                 serve_first=True, envelope=envelope)  # fmt: skip
             self._kick.set()
             return
         escrow_id, terms = verified.escrow_id, verified.terms

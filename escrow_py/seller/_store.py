@@ -213,12 +213,16 @@ REFUNDED = "refunded"  # handler failed, refund confirmed
 REFUND_PENDING = "refund_pending"  # handler failed, refund not (yet) confirmed
 SERVING_FIRST = "serving_first"  # serve-first: verified, exposure reserved, handler not finished
 SERVED_FIRST = "served_first"  # serve-first: response stored, settlement queued (see `settlements`)
+# Serve-first: the handler ran, then the seller's before-settle hook declined to collect. Nothing is
+# stored as the answer and nothing is settled; a replay is refused with the hook's reason.
+DECLINED = "declined"
 
 # Settlement statuses (serve-first). Unpaid (counted against the exposure limits): serving, queued.
 SETTLE_SERVING = "serving"  # the handler runs; no hash yet
 SETTLE_QUEUED = "queued"  # response stored, to be settled by the poster
 SETTLE_DONE = "settled"  # our settleMany's Settled event names it
 SETTLE_LOST = "lost"  # skipped by settleMany, or its authorization expired unsettled: the seller's loss
+SETTLE_DECLINED = "declined"  # the seller's before-settle hook declined it: never sent, not owed, `reason` says why
 UNPAID = (SETTLE_SERVING, SETTLE_QUEUED)
 
 # Delivery statuses. Only `posted` means our own transaction delivered it (its Delivered event
@@ -262,7 +266,8 @@ class Payment:
     deposit_tx: bytes | None
     refund_tx: bytes | None
     response: StoredResponse | None
-    payload: str | None = None  # the signed EscrowPayload as JSON text
+    payload: str | None = None  # the signed EscrowPayload as JSON text (serve-first: the x402 envelope)
+    declined: str | None = None  # status DECLINED: the reason the seller's before-settle hook gave
 
     @property
     def serve_first(self) -> bool:
@@ -313,6 +318,7 @@ class SettlementRecord:
     delivery_hash: bytes | None
     tx_hash: bytes | None
     reason: str | None
+    payload: str | None = None  # as QueuedSettlement.payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +359,10 @@ class SellerStore:
         if response_status is not None:
             pairs = [(bytes.fromhex(k), bytes.fromhex(v)) for k, v in json.loads(headers)]
             response = StoredResponse(int(response_status), pairs, bytes(body))
+        declined = None
+        if status == DECLINED:  # rare: the one case that reads the settlement too
+            record = self.settlement(escrow_id)
+            declined = record.reason if record is not None and record.reason else DECLINED
         return Payment(
             escrow_id,
             _terms(terms),
@@ -362,6 +372,7 @@ class SellerStore:
             _opt(refund_tx),
             response,
             payload,
+            declined,
         )
 
     def answered(self, escrow_id: bytes) -> bool:
@@ -760,14 +771,35 @@ class SellerStore:
                 (escrow_id, SERVING_FIRST),
             )
 
+    def decline_serve_first(self, escrow_id: bytes, reason: str, *, release: tuple[str, str] | None = None) -> bool:
+        """The seller's before-settle hook declined a served-first payment after its handler ran: recorded
+        as declined with `reason` (its exposure freed, nothing queued), in one transaction that also gives
+        up the claim. False (nothing written) if another run's response was stored first."""
+        now = time.time()
+        with self._db.transaction() as tx:
+            _release(tx, release)
+            declined = tx.execute(
+                "UPDATE payments SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ? "
+                "AND response_status IS NULL",
+                (DECLINED, now, escrow_id, SERVING_FIRST),
+            ).rowcount
+            if declined != 1:
+                return False
+            tx.execute(
+                "UPDATE settlements SET status = ?, reason = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
+                (SETTLE_DECLINED, reason[:200], now, escrow_id, SETTLE_SERVING),
+            )
+        return True
+
     def settlement(self, escrow_id: bytes) -> SettlementRecord | None:
         row = self._db.one(
-            "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
+            "SELECT status, amount, buyer, delivery_hash, tx_hash, reason, payload FROM settlements "
+            "WHERE escrow_id = ?",
             (escrow_id,),
         )
         if row is None:
             return None
-        return SettlementRecord(row[0], int(row[1]), row[2], _opt(row[3]), _opt(row[4]), row[5])
+        return SettlementRecord(row[0], int(row[1]), row[2], _opt(row[3]), _opt(row[4]), row[5], row[6])
 
     def settlements_due(self, limit: int = 100) -> list[QueuedSettlement]:
         """Queued settlements, the one due soonest first."""
@@ -912,14 +944,14 @@ def _headers_json(response: StoredResponse) -> str:
 _DONE_DELIVERY = (
     f"(status IN ('{EXPIRED}', '{SETTLED_ELSEWHERE}', '{REFUNDED_ON_CHAIN}') OR (status = '{POSTED}' AND final = 1))"
 )
-_DONE_PAYMENT = f"status IN ('{SERVED}', '{REFUNDED}', '{SERVED_FIRST}')"
+_DONE_PAYMENT = f"status IN ('{SERVED}', '{REFUNDED}', '{SERVED_FIRST}', '{DECLINED}')"
 
 
 def prune(db: Database, *, before: float) -> dict[str, int]:
     """Delete what no replay, poster pass or audit of losses needs any more, for escrows whose deadline is before
     `before` (Unix seconds): deliveries posted and final (or expired, or settled or refunded elsewhere), settlements
-    paid and final, then the payments left with neither (a replay of one would be refused as expired anyway), and
-    transaction records and lapsed leases older than `before`.
+    paid and final or declined by the seller, then the payments left with neither (a replay of one would be refused
+    as expired anyway), and transaction records and lapsed leases older than `before`.
 
     Kept: anything unfinished (a delivery pending or not yet final, a refund pending, a settlement unpaid or not
     final), lost settlements and the buyers refused for them (what `losses()` reports), and the nonce counters.
@@ -927,7 +959,8 @@ def prune(db: Database, *, before: float) -> dict[str, int]:
     with db.transaction() as tx:
         deliveries = tx.execute(f"DELETE FROM deliveries WHERE deadline < ? AND {_DONE_DELIVERY}", (before,))  # noqa: S608
         settlements = tx.execute(
-            "DELETE FROM settlements WHERE due < ? AND status = ? AND final = 1", (before, SETTLE_DONE)
+            "DELETE FROM settlements WHERE due < ? AND ((status = ? AND final = 1) OR status = ?)",
+            (before, SETTLE_DONE, SETTLE_DECLINED),
         )
         payments = tx.execute(
             f"DELETE FROM payments WHERE deadline < ? AND {_DONE_PAYMENT} "  # noqa: S608 - constants
