@@ -26,48 +26,16 @@ from escrow_py.protocol.wire import (
     PAYMENT_SIGNATURE_HEADER,
     SettlementMode,
 )
-from escrow_py.seller import PricedRoute, SellerHooks
+from escrow_py.seller import PricedRoute
 from escrow_py.seller._poster import PostReport
 from escrow_py.seller._store import DECLINED, SETTLE_DECLINED
 
+from .hook_books import Books
 from .payer import Payment, quote, sign_payment
 from .shop import PRICE, Shop, make_shop
 
 SF = SettlementMode.SERVE_FIRST
 LIMITS = {"serve_first_max_price": PRICE, "serve_first_max_per_buyer": 3 * PRICE, "serve_first_max_total": 10 * PRICE}
-HOOKS = ("before_verify", "after_verify", "before_settle", "after_settle")
-
-
-class Books:
-    """Hooks that record what they saw, and answer (or raise) as a test sets them."""
-
-    def __init__(self, shop_calls: dict[str, int]) -> None:
-        self.seen: list[tuple[str, Any]] = []
-        self.answer: dict[str, Any] = {}
-        self.raises: set[str] = set()
-        self.calls = shop_calls
-
-    def hook(self, name: str) -> Any:
-        async def run(context: Any) -> Any:  # async, as the SDK allows
-            self.seen.append((name, context))
-            if name in self.raises:
-                raise RuntimeError(f"{name}: the bookkeeping database is down")
-            return self.answer.get(name)
-
-        return run
-
-    def hooks(self) -> SellerHooks:
-        hooks = SellerHooks()
-        for name in HOOKS:
-            getattr(hooks, f"on_{name}")(self.hook(name))
-        return hooks
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.seen]
-
-    def context(self, name: str) -> Any:
-        (context,) = [c for n, c in self.seen if n == name]
-        return context
 
 
 def _shop(chain: Chain, tmp_path: Path, *, fallback: bool = False, **overrides: Any) -> tuple[Shop, Books]:
