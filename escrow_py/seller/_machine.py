@@ -47,19 +47,13 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
 )
 from escrow_py.seller._store import (
-    DECLINED,
-    DEPOSITING,
-    EXPIRED,
-    POSTED,
-    REFUND_PENDING,
-    REFUNDED,
-    REFUNDED_ON_CHAIN,
-    SETTLE_DONE,
-    SETTLE_LOST,
-    SETTLED_ELSEWHERE,
     DeliveryRecord,
+    DeliveryStatus,
     Payment,
+    PaymentStatus,
+    Reserve,
     SettlementRecord,
+    SettleStatus,
 )
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
@@ -67,7 +61,11 @@ EXACT = "exact"  # the x402 SDK's own scheme: settled by the SDK's facilitator, 
 
 # PAYMENT-RESPONSE `state` of a served payment by its delivery's status: what the chain says as far as
 # the seller knows (pending and expired deliveries leave the escrow Held).
-_DELIVERY_STATE = {POSTED: State.RELEASED, SETTLED_ELSEWHERE: State.RELEASED, REFUNDED_ON_CHAIN: State.REFUNDED}
+_DELIVERY_STATE = {
+    DeliveryStatus.POSTED: State.RELEASED,
+    DeliveryStatus.SETTLED_ELSEWHERE: State.RELEASED,
+    DeliveryStatus.REFUNDED_ON_CHAIN: State.REFUNDED,
+}
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -198,7 +196,7 @@ class Adopt:
     verified: VerifiedPayment
     accepted_at: int  # a chain time at which its deadline and authorization were both valid
 
-    def row(self, status: str) -> tuple[str, Payment]:
+    def row(self, status: PaymentStatus) -> tuple[str, Payment]:
         """(the payload as the store keeps it, the row recorded in `status`) of the adopted payment."""
         verified, record = self.verified, _payload_json(self.verified)
         terms = verified.payload.terms
@@ -284,7 +282,7 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
             )
         return Serve(verified, serve_first=True)
     if chain.state == State.NONE:
-        if row.status == DEPOSITING and row.deposit_tx is not None:
+        if row.status == PaymentStatus.DEPOSITING and row.deposit_tx is not None:
             # Sent earlier and not confirmed then (503 deposit_pending): wait for that one, don't send another.
             return ResumeDeposit(verified, row.deposit_tx)
         # Recorded, but the deposit never landed: try it again under today's rules.
@@ -298,7 +296,7 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
 def declined(row: Payment) -> Refusal:
     """The refusal of a payment the seller's before-settle hook declined after its handler ran: answered as it was
     then (402 with the hook's reason), never served and never charged."""
-    reason = row.declined or DECLINED
+    reason = row.declined or PaymentStatus.DECLINED
     return Refusal(reason, f"the seller declined to settle payment 0x{row.escrow_id.hex()}: {reason}")
 
 
@@ -374,15 +372,6 @@ def settle_due(verified: VerifiedPayment) -> int:
 
 
 # -- after an action -------------------------------------------------------------------------------
-
-
-class Reserve(StrEnum):
-    """What the store said to a serve-first reservation (SellerStore.begin_serve_first)."""
-
-    DONE = "done"
-    KNOWN = "known"  # recorded already, by another request or replica
-    LIMIT = "serve_first_limit"  # the buyer's or everyone's unpaid total would pass its limit
-    REFUSED = "serve_first_refused"  # this buyer left a settlement unpaid
 
 
 def after_reserve(step: ServeFirst, outcome: Reserve, route: RouteMode, *, per_buyer: int, total: int) -> Step:
@@ -546,7 +535,7 @@ def handler_failed(
 
 def needs_chain_state_for_replay(row: Payment, delivery: DeliveryRecord | None) -> bool:
     """A hold replay whose delivery expired: the escrow stays Held until the buyer's refund, so the chain is asked."""
-    return not row.serve_first and delivery is not None and delivery.status == EXPIRED
+    return not row.serve_first and delivery is not None and delivery.status == DeliveryStatus.EXPIRED
 
 
 def replayed(
@@ -560,8 +549,8 @@ def replayed(
     terms, escrow_id = row.terms, row.escrow_id
     hashed = delivery_hash(row.response.body) if row.response is not None else None
     if row.serve_first:
-        settled = settlement is not None and settlement.status == SETTLE_DONE
-        lost = settlement is not None and settlement.status == SETTLE_LOST
+        settled = settlement is not None and settlement.status == SettleStatus.SETTLED
+        lost = settlement is not None and settlement.status == SettleStatus.LOST
         extra = SettlementExtra(
             escrow_id=escrow_id,
             deadline=terms.deadline,
@@ -570,16 +559,16 @@ def replayed(
         )
         tx = settlement.tx_hash if settlement is not None and settled else None
         return Answer(extra, tx, Reason.SETTLEMENT_FAILED if lost else None)
-    if row.status in (REFUNDED, REFUND_PENDING):
+    if row.status in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
         extra = SettlementExtra(
             escrow_id=escrow_id,
             deadline=terms.deadline,
             refund_transaction=row.refund_tx,
-            state=State.REFUNDED if row.status == REFUNDED else State.HELD,
+            state=State.REFUNDED if row.status == PaymentStatus.REFUNDED else State.HELD,
         )
         return Answer(extra, row.deposit_tx, Reason.HANDLER_FAILED_REFUNDED)
     state = _DELIVERY_STATE.get(delivery.status, State.HELD) if delivery is not None else State.HELD
-    if delivery is not None and delivery.status == EXPIRED:
+    if delivery is not None and delivery.status == DeliveryStatus.EXPIRED:
         # Expired: Held until the buyer's refund, unless the chain (asked) says otherwise.
         state = onchain if onchain in (State.RELEASED, State.REFUNDED) else State.HELD
     extra = SettlementExtra(

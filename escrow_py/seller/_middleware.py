@@ -69,7 +69,6 @@ from escrow_py.seller._machine import (
     ParsedPayment,
     Reject,
     Replay,
-    Reserve,
     ResumeDeposit,
     RouteMode,
     Rules,
@@ -98,15 +97,7 @@ from escrow_py.seller._offers import (
 )
 from escrow_py.seller._poster import DeliveryPoster, log_sale
 from escrow_py.seller._startup import check_chain
-from escrow_py.seller._store import (
-    DEPOSITING,
-    HELD,
-    REFUND_PENDING,
-    REFUNDED,
-    Payment,
-    SellerStore,
-    StoredResponse,
-)
+from escrow_py.seller._store import Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import (
     Refusal,
     VerifiedPayment,
@@ -465,7 +456,7 @@ class EscrowMiddleware:
         its NonceBook), under the deposit's intent (its target and calldata), so the row itself is not
         written again for it: the transaction is found there when a request finds the row unanswered.
         """
-        if row is None or row.status != DEPOSITING or row.deposit_tx is not None or row.payload is None:
+        if row is None or row.status != PaymentStatus.DEPOSITING or row.deposit_tx is not None or row.payload is None:
             return row
         intent = self.chain.deposit_intent(EscrowPayload.from_json(json.loads(row.payload)))
         sent = await _blocking(self.store.txs_for, self.chain.sender_address, intent)
@@ -473,7 +464,7 @@ class EscrowMiddleware:
 
     async def _adopt(self, step: Adopt, request: PaidRequest) -> Payment:
         """Record an escrow deposited by someone else (the buyer, another replica), held, in one transaction."""
-        record, row = step.row(HELD)
+        record, row = step.row(PaymentStatus.HELD)
         await _blocking(
             self.store.begin_deposit, row.escrow_id, row.terms, row.accepted_at, _route_name(request.route), record,
             held=True,
@@ -604,7 +595,7 @@ class EscrowMiddleware:
             max_per_buyer=config.serve_first_max_per_buyer or 0,
             max_total=config.serve_first_max_total or 0,
         )
-        outcome = Reserve.DONE if refused is None else Reserve(refused)
+        outcome = Reserve.DONE if refused is None else refused
         per_buyer, total = config.serve_first_max_per_buyer or 0, config.serve_first_max_total or 0
         after = after_reserve(step, outcome, mode, per_buyer=per_buyer, total=total)
         if isinstance(after, Deposit):
@@ -738,7 +729,7 @@ class EscrowMiddleware:
         onchain: State | None = None
         if payment.serve_first:
             settlement = await _blocking(store.settlement, escrow_id)
-        elif payment.status not in (REFUNDED, REFUND_PENDING):
+        elif payment.status not in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
             delivery = await _blocking(store.delivery, escrow_id)
             if needs_chain_state_for_replay(payment, delivery):
                 onchain = await self._expired_state(escrow_id)

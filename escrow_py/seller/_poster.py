@@ -40,6 +40,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import anyio.to_thread
 from web3.types import TxReceipt
@@ -52,17 +53,7 @@ from escrow_py.protocol.wire import EscrowPayload
 from escrow_py.seller._config import SellerConfig
 from escrow_py.seller._machine import replayed, stored_envelope, stored_escrow_payload
 from escrow_py.seller._offers import SellerHooks
-from escrow_py.seller._store import (
-    EXPIRED,
-    PENDING,
-    POSTED,
-    REFUNDED_ON_CHAIN,
-    SETTLE_LOST,
-    SETTLED_ELSEWHERE,
-    PendingDelivery,
-    QueuedSettlement,
-    SellerStore,
-)
+from escrow_py.seller._store import DeliveryStatus, PendingDelivery, QueuedSettlement, SellerStore, SettleStatus
 
 log = logging.getLogger("escrow_py.seller.poster")
 sales = logging.getLogger("escrow_py.seller.sales")
@@ -104,12 +95,12 @@ def undelivered_outcome(state: State, deadline: int, chain_time: int, payout_ref
     payout refused, or a deposit a reorg removed for now): still pending, retried later.
     """
     if state == State.RELEASED:
-        return SETTLED_ELSEWHERE
+        return DeliveryStatus.SETTLED_ELSEWHERE
     if state == State.REFUNDED:
-        return REFUNDED_ON_CHAIN
+        return DeliveryStatus.REFUNDED_ON_CHAIN
     if deadline <= chain_time:
-        return EXPIRED
-    return PENDING
+        return DeliveryStatus.EXPIRED
+    return DeliveryStatus.PENDING
 
 
 def retry_delay(attempts: int) -> float:
@@ -146,9 +137,17 @@ async def run_settled_hooks(hooks: SellerHooks | None, store: SellerStore, ids: 
             log.warning("after-settle hooks skipped for 0x%s: no x402 envelope is stored with it", escrow_id.hex())
             continue
         result = replayed(payment, settlement=record).settle_response(payment.terms.buyer, network)
-        if record.status == SETTLE_LOST:
+        if record.status == SettleStatus.LOST:
             result.error_message = record.reason
         await hooks.after_settled(envelope, envelope.accepted, result, escrow_id, phase="after-handler")
+
+
+class Redeposit(StrEnum):
+    """What sending again a deposit a reorg removed came to."""
+
+    DEPOSITED = "deposited"  # it is Held again (sent now, or found deposited)
+    LOST = "lost"  # no stored signature, or the authorization is spent, cancelled or expired
+    RETRY = "retry"  # the send failed; the next pass tries again
 
 
 class DeliveryPoster:
@@ -268,7 +267,7 @@ class DeliveryPoster:
             delivered = [e.id for e in self.chain.events_in(receipt) if isinstance(e, Delivered)]
             settled = [e.id for e in self.chain.settlements_in(receipt) if isinstance(e, Settled)]
             if delivered:
-                self.store.mark_deliveries(delivered, POSTED, tx_hash)
+                self.store.mark_deliveries(delivered, DeliveryStatus.POSTED, tx_hash)
                 report.posted.extend(delivered)
                 report.tx_hash = tx_hash
             if settled:
@@ -317,7 +316,7 @@ class DeliveryPoster:
         tx_hash = bytes(receipt["transactionHash"])
         delivered = {e.id for e in self.chain.events_in(receipt) if isinstance(e, Delivered)}
         posted = [e for e in batch if e.escrow_id in delivered]
-        self.store.mark_deliveries([e.escrow_id for e in posted], POSTED, tx_hash)
+        self.store.mark_deliveries([e.escrow_id for e in posted], DeliveryStatus.POSTED, tx_hash)
         report.posted.extend(e.escrow_id for e in posted)
         report.tx_hash = tx_hash
         for entry in posted:
@@ -356,16 +355,16 @@ class DeliveryPoster:
         escrow_id, terms = entry.escrow_id, entry.terms
         shown = f"0x{escrow_id.hex()}" + (f" (deliverMany 0x{tx_hash.hex()})" if tx_hash else "")
         outcome = undelivered_outcome(state, terms.deadline, chain_time, payout_refused is not None)
-        if outcome == SETTLED_ELSEWHERE:
-            self.store.mark_deliveries([escrow_id], SETTLED_ELSEWHERE)
+        if outcome == DeliveryStatus.SETTLED_ELSEWHERE:
+            self.store.mark_deliveries([escrow_id], DeliveryStatus.SETTLED_ELSEWHERE)
             report.settled.append(escrow_id)
             log.info("delivery of %s: already released by another transaction", shown)
-        elif outcome == REFUNDED_ON_CHAIN:
-            self.store.mark_deliveries([escrow_id], REFUNDED_ON_CHAIN)
+        elif outcome == DeliveryStatus.REFUNDED_ON_CHAIN:
+            self.store.mark_deliveries([escrow_id], DeliveryStatus.REFUNDED_ON_CHAIN)
             report.refunded_elsewhere.append(escrow_id)
             log.warning("delivery of %s: the escrow was refunded to buyer %s instead", shown, terms.buyer)
-        elif outcome == EXPIRED:
-            self.store.mark_deliveries([escrow_id], EXPIRED)
+        elif outcome == DeliveryStatus.EXPIRED:
+            self.store.mark_deliveries([escrow_id], DeliveryStatus.EXPIRED)
             report.expired.append(escrow_id)
             log.warning("delivery of %s: deadline %d passed before it landed; refundable", shown, terms.deadline)
         else:
@@ -422,9 +421,9 @@ class DeliveryPoster:
             elif state == State.NONE:
                 # The deposit went with the reorg too: send it again from the stored signature, then the delivery.
                 outcome = self._deposit_again(entry.escrow_id)
-                if outcome == "deposited":
+                if outcome == Redeposit.DEPOSITED:
                     again.append(entry.escrow_id)
-                elif outcome == "lost":
+                elif outcome == Redeposit.LOST:
                     final.append(entry.escrow_id)
                     log.error(
                         "escrow 0x%s: its deposit and delivery vanished in a reorg and the deposit cannot be sent "
@@ -437,34 +436,33 @@ class DeliveryPoster:
             else:
                 final.append(entry.escrow_id)  # released by another transaction: nothing left to follow
         self.store.mark_final(final)
-        self.store.mark_deliveries(refunded, REFUNDED_ON_CHAIN, was=POSTED)
+        self.store.mark_deliveries(refunded, DeliveryStatus.REFUNDED_ON_CHAIN, was=DeliveryStatus.POSTED)
         self.store.repost(again, "its transaction vanished in a reorg")
         self._followed_at = tip
         report.final.extend(final)
         report.reposted.extend(again)
         report.refunded_elsewhere.extend(refunded)
 
-    def _deposit_again(self, escrow_id: bytes) -> str:
-        """Re-send a deposit a reorg removed: "deposited", "lost" (no stored signature, or the authorization
-        is spent, cancelled or expired), or "retry" (the send failed; the next pass tries again)."""
+    def _deposit_again(self, escrow_id: bytes) -> Redeposit:
+        """Re-send a deposit a reorg removed (see Redeposit)."""
         stored = self.store.deposit_payload(escrow_id)
         if stored is None:
-            return "lost"
+            return Redeposit.LOST
         payload = EscrowPayload.from_json(json.loads(stored))
         if self.chain.authorization_used(payload.terms.token, payload.terms.buyer, escrow_id):
-            return "lost"
+            return Redeposit.LOST
         try:
             receipt = self.chain.deposit(payload)
         except (EscrowError, OSError, TimeoutError) as exc:
             if self.chain.state_of(escrow_id) == State.HELD:
-                return "deposited"
+                return Redeposit.DEPOSITED
             if min(payload.authorization.valid_before, payload.terms.deadline) <= self.chain.next_block_time():
-                return "lost"
+                return Redeposit.LOST
             log.warning("deposit of 0x%s again after a reorg failed: %s; retried next pass", escrow_id.hex(), exc)
-            return "retry"
+            return Redeposit.RETRY
         self.store.set_held_again(escrow_id, bytes(receipt["transactionHash"]))
         log.warning("escrow 0x%s: its deposit vanished in a reorg; sent again", escrow_id.hex())
-        return "deposited"
+        return Redeposit.DEPOSITED
 
     # -- serve-first settlements -----------------------------------------------------------
 

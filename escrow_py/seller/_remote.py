@@ -49,7 +49,6 @@ from escrow_py.seller._machine import (
     Deposit,
     ParsedPayment,
     Reject,
-    Reserve,
     Serve,
     ServeFirst,
     Unavailable,
@@ -77,7 +76,7 @@ from escrow_py.seller._offers import (
     verify_result_context,
 )
 from escrow_py.seller._poster import run_settled_hooks
-from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._store import DeliveryStatus, Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
 log = logging.getLogger("escrow_py.seller.remote")
@@ -394,7 +393,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 return accepted
             ids = [p.escrow_id for p in pending]
             if response.status_code == 202:
-                await _blocking(self.store.mark_deliveries, ids, POSTED)
+                await _blocking(self.store.mark_deliveries, ids, DeliveryStatus.POSTED)
                 accepted += len(ids)
                 continue
             # A refused batch (an entry the facilitator does not know, a conflict): hold it back and log.
@@ -584,7 +583,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             max_per_buyer=per_buyer,
             max_total=total,
         )
-        after = after_reserve(step, Reserve.DONE if refused is None else Reserve(refused), request.route,
+        after = after_reserve(step, Reserve.DONE if refused is None else refused, request.route,
                               per_buyer=per_buyer, total=total)  # fmt: skip
         if isinstance(after, Deposit):
             log.info("payment 0x%s served in hold mode: %s", parsed.escrow_id.hex(), refused)
@@ -647,7 +646,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         """A refunded or serve-first payment replays as EscrowMiddleware's does; a served one says `held`: its
         delivery is the facilitator's to post, and this seller has no chain to ask."""
-        if payment.serve_first or payment.status in (REFUNDED, REFUND_PENDING):
+        if payment.serve_first or payment.status in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
             await super()._replay(send, payment, response)
             return
         answer = served(payment.escrow_id, payment.terms, delivery_hash(response.body), payment.deposit_tx,

@@ -27,7 +27,7 @@ from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
 from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SettlementMode
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
-from escrow_py.seller._store import DECLINED, SellerStore
+from escrow_py.seller._store import PaymentStatus, SellerStore
 
 from .kit import Fac, settled_on_chain
 from .test_api import wait_for
@@ -129,7 +129,7 @@ def test_a_before_settle_abort_declines_and_the_facilitator_never_settles_it(
     store = SellerStore(seller.store)
     try:
         row = store.payment(payment.escrow_id)
-        assert row is not None and row.status == DECLINED and store.settlements_due() == []
+        assert row is not None and row.status == PaymentStatus.DECLINED and store.settlements_due() == []
     finally:
         store.close()
     assert fac.facilitator.store.settlement(payment.escrow_id) is None  # never handed to /settle

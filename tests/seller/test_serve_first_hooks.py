@@ -28,7 +28,7 @@ from escrow_py.protocol.wire import (
 )
 from escrow_py.seller import PricedRoute
 from escrow_py.seller._poster import PostReport
-from escrow_py.seller._store import DECLINED, SETTLE_DECLINED
+from escrow_py.seller._store import PaymentStatus, SettleStatus
 
 from .hook_books import Books
 from .payer import Payment, quote, sign_payment
@@ -138,8 +138,13 @@ def test_a_before_settle_abort_after_the_handler_declines_the_payment(chain: Cha
     assert shop.calls["report"] == 1
     store = shop.middleware.store
     row, record = store.payment(payment.escrow_id), store.settlement(payment.escrow_id)
-    assert row is not None and row.status == DECLINED and row.declined == "out_of_stock" and row.response is None
-    assert record is not None and (record.status, record.reason) == (SETTLE_DECLINED, "out_of_stock")
+    assert (
+        row is not None
+        and row.status == PaymentStatus.DECLINED
+        and row.declined == "out_of_stock"
+        and row.response is None
+    )
+    assert record is not None and (record.status, record.reason) == (SettleStatus.DECLINED, "out_of_stock")
     assert store.exposure() == 0 and store.settlements_due() == []
 
     # The same payment again is refused the same way: not served for free, not run again, not settled.
