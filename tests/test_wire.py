@@ -201,7 +201,7 @@ def test_a_retry_after_that_is_not_plain_seconds_counts_as_one(retry_after: str 
 
 
 def test_the_payload_and_settlement_bytes_are_the_documented_wire_form() -> None:
-    """docs/design.md section 4 is an interface: field order, names and number and hex forms are pinned here."""
+    """docs/design.md section 3 is an interface: field order, names and number and hex forms are pinned here."""
     terms = Terms(buyer="0x" + "ab" * 20, seller="0x" + "cd" * 20, operator="0x" + "ef" * 20, token="0x" + "12" * 20,
                   amount=10**20, deadline=1_800_000_000, request_hash=b"\1" * 32, salt=b"\2" * 32)  # fmt: skip
     auth = Authorization(from_=terms.buyer, to="0x" + "34" * 20, value=10**20, valid_after=0,

@@ -15,6 +15,7 @@ from escrow_py.buyer._chain import CLOCK_SKEW
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError
 from escrow_py.buyer._journal import JournalEntry, PaymentState
+from escrow_py.buyer._judge import Verdict
 from escrow_py.buyer._settings import BuyerSettings, no_other_options, settings_of
 from escrow_py.chain.escrow import Settled
 from escrow_py.chain.signer import Signer
@@ -74,48 +75,135 @@ def replay_request(entry: JournalEntry) -> httpx.Request:
 
 
 def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow:
+    """Read the chain, replay where the seller still owes bytes, decide, apply the finding once."""
     state = core.chain.state_of(entry.escrow_id, escrow=entry.escrow)
     now = core.chain.next_block_time()
     replayable = bool(entry.url)  # the SDK plugin never sees the request, so journals none
     if state is State.NONE and (settled := _settlement(core, entry)) is not None:
         # Served first and settled: the money went to the seller with this hash.
         if entry.response_hash is None and replayable:
-            return (yield from _replay_released(core, entry, committed=settled.delivery_hash, chain_state=state))
-        return _close_settled(core, entry, settled)
+            answer = yield replay_request(entry)
+            return _apply(core, entry, judge_replay(entry, answer, settled.delivery_hash, chain_state=state))
+        return _apply(core, entry, judge_settled(entry, settled))
     if state is State.RELEASED and replayable:
-        return (yield from _replay_released(core, entry))
+        answer = yield replay_request(entry)
+        committed = None if _failed(answer) else _delivered_hash(core, entry, answer)
+        return _apply(core, entry, judge_replay(entry, answer, committed, chain_state=state))
     if state is State.HELD and now < entry.terms.deadline and replayable:
         return (yield from _replay_held(core, entry))
-    return _settle_without_replay(core, entry, state, now, refund_expired)
+    finding = judge_without_replay(entry, state, now, refund_expired=refund_expired)
+    if finding is None:
+        return _refund(core, entry)
+    return _apply(core, entry, finding)
 
 
-def _replay_released(
-    core: PaymentCore, entry: JournalEntry, *, committed: bytes | None = None, chain_state: State = State.RELEASED
-) -> _Flow:
-    """Replay a paid-out payment and judge the bytes by the hash on chain (`committed`: already found,
-    a serve-first settlement's; else the Delivered event is searched)."""
-    eid, journal = entry.escrow_id, core.journal
-    answer = yield replay_request(entry)
+# -- pure decisions: the journal entry and what the chain (and a replay) showed in, a Finding out ----
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What recovery concluded for one payment: the report's item, the journal write it calls for
+    (a Verdict; None: none) and the ledger's chain-final word (`spent`; None: not final yet).
+    Decided by the pure functions below, applied once by `_apply`."""
+
+    item: RecoveryItem
+    verdict: Verdict | None = None
+    spent: bool | None = None
+
+
+def judge_replay(
+    entry: JournalEntry, answer: httpx.Response | Exception, committed: bytes | None, *, chain_state: State
+) -> Finding:
+    """A replay of a payment whose money went to the seller (Released, or settled first), judged by the hash
+    the chain committed (`committed`; None: none found), never by the answer's own header."""
+    eid = entry.escrow_id
     if isinstance(answer, Exception) or answer.status_code >= 400:
         shown = repr(answer) if isinstance(answer, Exception) else f"status {answer.status_code}"
-        return RecoveryItem(
-            eid, chain_state, RecoveryAction.REPLAYED, f"replay failed ({shown}); paid out", entry.state
-        )
-    if committed is None:
-        # The chain, not the answer, is the judge; the answer only says where to look first.
-        since = int(entry.created_at) - CLOCK_SKEW
-        committed = core.chain.delivered_hash(eid, escrow=entry.escrow, since=since, tx_hash=_delivery_tx(answer))
+        outcome = f"replay failed ({shown}); paid out"
+        return Finding(RecoveryItem(eid, chain_state, RecoveryAction.REPLAYED, outcome, entry.state))
     received = delivery_hash(answer.content)
     if committed is not None and received == committed:
-        journal.update(eid, PaymentState.DELIVERED, response_hash=received, committed_hash=committed)
         outcome = "delivered: body matches the on-chain hash"
-        return RecoveryItem(
+        item = RecoveryItem(
             eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
         )
-    journal.update(eid, PaymentState.MISMATCH, response_hash=received, committed_hash=committed)
+        return Finding(item, Verdict(PaymentState.DELIVERED, response_hash=received, committed_hash=committed))
     shown = "none" if committed is None else "0x" + committed.hex()
     outcome = f"mismatch: body hashes to 0x{received.hex()}, chain has {shown}"
-    return RecoveryItem(eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.MISMATCH)
+    item = RecoveryItem(eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.MISMATCH)
+    return Finding(item, Verdict(PaymentState.MISMATCH, response_hash=received, committed_hash=committed))
+
+
+def judge_settled(entry: JournalEntry, settled: Settled) -> Finding:
+    """A served-first payment the chain shows settled, judged by the bytes already received: delivered if
+    they hash to the settled hash, mismatch if not; spent either way."""
+    eid, received, tx = entry.escrow_id, entry.response_hash, settled.at.tx_hash
+    if received is None:
+        # The money is gone to the seller whatever the bytes: the ledger says so; the journal waits for them.
+        outcome = "settled on chain (spent); the bytes never arrived and no request is journaled to replay"
+        return Finding(RecoveryItem(eid, State.NONE, RecoveryAction.WAITING, outcome, entry.state, tx), spent=True)
+    if received == settled.delivery_hash:
+        outcome = f"settled in tx 0x{tx.hex()}: body matches the settled hash"
+        state = PaymentState.DELIVERED
+    else:
+        outcome = (
+            f"settled in tx 0x{tx.hex()} with hash 0x{settled.delivery_hash.hex()}, body hashes to 0x{received.hex()}"
+        )
+        state = PaymentState.MISMATCH
+    item = RecoveryItem(eid, State.NONE, RecoveryAction.MARKED_SETTLED, outcome, state, tx)
+    return Finding(item, Verdict(state, committed_hash=settled.delivery_hash, tx_hash=tx), spent=True)
+
+
+def judge_without_replay(entry: JournalEntry, state: State, now: int, *, refund_expired: bool) -> Finding | None:
+    """A payment nobody can replay now (not owed bytes, or no request journaled), by its escrow's state and the
+    chain's clock `now`. None: it is Held past its deadline and the buyer refunds it (an action, not a fact)."""
+    eid = entry.escrow_id
+
+    def found(action: RecoveryAction, outcome: str, journal_state: PaymentState, detail: str | None) -> Finding:
+        verdict = None if detail is None else Verdict(journal_state, detail)
+        return Finding(RecoveryItem(eid, state, action, outcome, journal_state), verdict)
+
+    if state is State.HELD and now >= entry.terms.deadline:
+        if refund_expired:
+            return None
+        outcome = f"deadline {entry.terms.deadline} passed; held"
+        return found(RecoveryAction.LEFT_TO_KEEPER, outcome, PaymentState.HELD, "expired; left to the keeper")
+    if state is State.REFUNDED:
+        return found(RecoveryAction.MARKED_REFUNDED, "refunded on chain", PaymentState.REFUNDED, "refunded on chain")
+    if state is State.NONE and entry.valid_before <= now:
+        # Never deposited, never settled (_flow looked): the token refuses the authorization from now on.
+        outcome = f"never deposited or settled; authorization expired at {entry.valid_before}"
+        return found(RecoveryAction.MARKED_VOID, outcome, PaymentState.VOID, outcome)
+    if state is State.NONE:
+        what = "served first; not settled yet" if entry.state is PaymentState.UNSETTLED else "not deposited"
+        outcome = f"{what}; authorization valid until {entry.valid_before}"
+        return found(RecoveryAction.WAITING, outcome, entry.state, None)
+    outcome = f"{state.name.lower()}; no request journaled to replay"
+    return found(RecoveryAction.WAITING, outcome, entry.state, None)
+
+
+# -- reads and actions around the decisions -------------------------------------------------------
+
+
+def _apply(core: PaymentCore, entry: JournalEntry, finding: Finding) -> RecoveryItem:
+    """Write a finding to the journal and the ledger, once."""
+    if finding.verdict is not None:
+        core.apply(entry.escrow_id, finding.verdict)
+    if finding.spent is not None:
+        core.journal.confirm_on_chain(entry.escrow_id, spent=finding.spent)
+    return finding.item
+
+
+def _failed(answer: httpx.Response | Exception) -> bool:
+    return isinstance(answer, Exception) or answer.status_code >= 400
+
+
+def _delivered_hash(core: PaymentCore, entry: JournalEntry, answer: httpx.Response | Exception) -> bytes | None:
+    """The hash a Released escrow's Delivered event committed. The chain, not the answer, is the judge; the
+    answer only says which transaction to look in first."""
+    tx_hash = _delivery_tx(answer) if isinstance(answer, httpx.Response) else None
+    since = int(entry.created_at) - CLOCK_SKEW
+    return core.chain.delivered_hash(entry.escrow_id, escrow=entry.escrow, since=since, tx_hash=tx_hash)
 
 
 def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
@@ -124,27 +212,6 @@ def _settlement(core: PaymentCore, entry: JournalEntry) -> Settled | None:
     if not core.chain.authorization_used(terms.token, terms.buyer, eid):
         return None
     return core.chain.settlement_of(eid, escrow=entry.escrow, since=int(entry.created_at) - CLOCK_SKEW)
-
-
-def _close_settled(core: PaymentCore, entry: JournalEntry, settled: Settled) -> RecoveryItem:
-    """A served-first payment the chain shows settled: delivered if the bytes received hash to the settled
-    hash, mismatch if not; spent either way."""
-    eid, journal, received = entry.escrow_id, core.journal, entry.response_hash
-    tx = settled.at.tx_hash
-    if received is None:
-        # The money is gone to the seller whatever the bytes: the ledger says so; the journal waits for them.
-        journal.confirm_on_chain(eid, spent=True)
-        outcome = "settled on chain (spent); the bytes never arrived and no request is journaled to replay"
-        return RecoveryItem(eid, State.NONE, RecoveryAction.WAITING, outcome, entry.state, tx)
-    if received == settled.delivery_hash:
-        journal.update(eid, PaymentState.DELIVERED, committed_hash=settled.delivery_hash, tx_hash=tx)
-        journal.confirm_on_chain(eid, spent=True)
-        outcome = f"settled in tx 0x{tx.hex()}: body matches the settled hash"
-        return RecoveryItem(eid, State.NONE, RecoveryAction.MARKED_SETTLED, outcome, PaymentState.DELIVERED, tx)
-    journal.update(eid, PaymentState.MISMATCH, committed_hash=settled.delivery_hash, tx_hash=tx)
-    journal.confirm_on_chain(eid, spent=True)
-    outcome = f"settled in tx 0x{tx.hex()} with hash 0x{settled.delivery_hash.hex()}, body hashes to 0x{received.hex()}"
-    return RecoveryItem(eid, State.NONE, RecoveryAction.MARKED_SETTLED, outcome, PaymentState.MISMATCH, tx)
 
 
 def _delivery_tx(answer: httpx.Response) -> bytes | None:
@@ -158,6 +225,7 @@ def _delivery_tx(answer: httpx.Response) -> bytes | None:
 
 
 def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
+    """A Held escrow still in time: the replay is judged as the paid request's answer is (core.settle's Verdict)."""
     eid = entry.escrow_id
     answer = yield replay_request(entry)
     if isinstance(answer, Exception):
@@ -173,53 +241,23 @@ def _replay_held(core: PaymentCore, entry: JournalEntry) -> _Flow:
     )
 
 
-def _settle_without_replay(
-    core: PaymentCore, entry: JournalEntry, state: State, now: int, refund_expired: bool
-) -> RecoveryItem:
-    eid, journal = entry.escrow_id, core.journal
-
-    def item(
-        action: RecoveryAction, outcome: str, journal_state: PaymentState, tx: bytes | None = None
-    ) -> RecoveryItem:
-        return RecoveryItem(eid, state, action, outcome, journal_state, tx)
-
-    if state is State.HELD and now >= entry.terms.deadline:
-        if not refund_expired:
-            journal.update(eid, PaymentState.HELD, detail="expired; left to the keeper")
-            return item(
-                RecoveryAction.LEFT_TO_KEEPER, f"deadline {entry.terms.deadline} passed; held", PaymentState.HELD
-            )
-        return _refund(core, entry)
-    if state is State.REFUNDED:
-        journal.update(eid, PaymentState.REFUNDED, detail="refunded on chain")
-        return item(RecoveryAction.MARKED_REFUNDED, "refunded on chain", PaymentState.REFUNDED)
-    if state is State.NONE and entry.valid_before <= now:
-        # Never deposited, never settled (_flow looked): the token refuses the authorization from now on.
-        outcome = f"never deposited or settled; authorization expired at {entry.valid_before}"
-        journal.update(eid, PaymentState.VOID, detail=outcome)
-        return item(RecoveryAction.MARKED_VOID, outcome, PaymentState.VOID)
-    if state is State.NONE:
-        what = "served first; not settled yet" if entry.state is PaymentState.UNSETTLED else "not deposited"
-        return item(RecoveryAction.WAITING, f"{what}; authorization valid until {entry.valid_before}", entry.state)
-    return item(RecoveryAction.WAITING, f"{state.name.lower()}; no request journaled to replay", entry.state)
-
-
 def _refund(core: PaymentCore, entry: JournalEntry) -> RecoveryItem:
-    eid, journal = entry.escrow_id, core.journal
+    """Refund a Held escrow past its deadline from the buyer's key; a keeper that got there first is fine."""
+    eid = entry.escrow_id
     try:
         receipt = core.chain.refund(entry.terms, escrow=entry.escrow)
     except ChainError as exc:
         if core.chain.state_of(eid, escrow=entry.escrow) is State.REFUNDED:  # a keeper got there first
-            journal.update(eid, PaymentState.REFUNDED, detail="refunded by another caller")
-            return RecoveryItem(
+            item = RecoveryItem(
                 eid, State.HELD, RecoveryAction.MARKED_REFUNDED, "refunded by another caller", PaymentState.REFUNDED
             )
+            return _apply(core, entry, Finding(item, Verdict(PaymentState.REFUNDED, "refunded by another caller")))
         return RecoveryItem(eid, State.HELD, RecoveryAction.REFUNDED, f"refund failed: {exc}", entry.state)
     tx = bytes(receipt["transactionHash"])
-    journal.update(eid, PaymentState.REFUNDED, detail="refunded by recover()", tx_hash=tx)
-    return RecoveryItem(
+    item = RecoveryItem(
         eid, State.HELD, RecoveryAction.REFUNDED, f"refunded in tx 0x{tx.hex()}", PaymentState.REFUNDED, tx
     )
+    return _apply(core, entry, Finding(item, Verdict(PaymentState.REFUNDED, "refunded by recover()", tx_hash=tx)))
 
 
 def reconcile_ledger(core: PaymentCore) -> None:
