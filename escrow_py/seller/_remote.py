@@ -35,7 +35,6 @@ from typing import Any
 
 import httpx
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -76,6 +75,7 @@ from escrow_py.seller._offers import (
     verify_result_context,
 )
 from escrow_py.seller._poster import run_settled_hooks
+from escrow_py.seller._price import checked_address
 from escrow_py.seller._store import DeliveryStatus, Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
@@ -90,7 +90,7 @@ class RemoteOperator:
     """The facilitator's operator as a Signer with no key: the address goes in offers, nothing is signed here."""
 
     def __init__(self, address: str) -> None:
-        self._address = to_checksum_address(address)
+        self._address = checked_address(address, "the facilitator's operator")
 
     @property
     def address(self) -> ChecksumAddress:
@@ -148,8 +148,8 @@ class FacilitatorSellerConfig:
             raise ConfigError("FacilitatorSellerConfig.api_key is required (x402-escrow facilitator keys create)")
         for name in ("escrow", "operator"):
             value = getattr(self, name)
-            if value is not None and not is_address(value):
-                raise ConfigError(f"FacilitatorSellerConfig.{name} must be a 0x address, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, checked_address(value, f"FacilitatorSellerConfig.{name}"))
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ConfigError(f"FacilitatorSellerConfig.timeout must be > 0 seconds, got {self.timeout!r}")
 
@@ -163,7 +163,7 @@ class FacilitatorSellerConfig:
         operator = self.operator or kind.get("operator")
         for name, mine, theirs in (("escrow", self.escrow, kind.get("escrow")),
                                    ("operator", self.operator, kind.get("operator"))):  # fmt: skip
-            if mine and theirs and to_checksum_address(mine) != to_checksum_address(str(theirs)):
+            if mine and theirs and mine != checked_address(theirs, f"the facilitator's /supported {name}"):
                 raise ConfigError(f"the facilitator's {name} is {theirs}, this seller pins {mine}")
         if not escrow or not operator:
             raise ConfigError("the facilitator's /supported names no escrow or operator for this network")

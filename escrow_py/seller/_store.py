@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from escrow_py.chain.tx import SentTx, signed_from_raw
+from escrow_py.protocol.codec import parse_hex
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store, run_script
 
@@ -177,7 +178,10 @@ def _ids_as_bytes(tx: Tx) -> None:
         if rows:
             tx.executemany(
                 f"INSERT INTO new_{table} ({names}) VALUES ({', '.join('?' * len(columns))})",  # noqa: S608
-                [tuple(_unhex(v) if i in at else v for i, v in enumerate(row)) for row in rows],
+                [
+                    tuple(_unhex(v, f"{table}.{columns[i]}") if i in at else v for i, v in enumerate(row))
+                    for row in rows
+                ],
             )
     for table in reversed(_HEX_COLUMNS):  # children first: their foreign keys name the old parent
         tx.execute(f"DROP TABLE {table}")
@@ -255,9 +259,9 @@ class DeliveryStatus(StrEnum):
     REFUNDED_ON_CHAIN = "refunded"  # found Refunded (an early refund by the seller's side, or a keeper)
 
 
-def _unhex(value: str | None) -> bytes | None:
-    """A 0x-hex value of schemas 1-3 as bytes."""
-    return None if value is None else bytes.fromhex(value[2:])
+def _unhex(value: str | None, field: str) -> bytes | None:
+    """A 0x-hex value of schemas 1-3 as bytes (ValueError naming `field` if a row holds anything else)."""
+    return None if value is None else parse_hex(value, field)
 
 
 def _opt(value: bytes | memoryview | None) -> bytes | None:
@@ -378,7 +382,7 @@ class SellerStore:
         terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body, payload = row
         response = None
         if response_status is not None:
-            pairs = [(bytes.fromhex(k), bytes.fromhex(v)) for k, v in json.loads(headers)]
+            pairs = [_header(k, v) for k, v in json.loads(headers)]
             response = StoredResponse(int(response_status), pairs, bytes(body))
         declined = None
         if status == PaymentStatus.DECLINED:  # rare: the one case that reads the settlement too
@@ -980,6 +984,11 @@ def _release(tx: Tx, lease: tuple[str, str] | None) -> None:
 
 def _headers_json(response: StoredResponse) -> str:
     return json.dumps([[k.hex(), v.hex()] for k, v in response.headers])
+
+
+def _header(name: str, value: str) -> tuple[bytes, bytes]:
+    """A stored response header (its name and value kept as bare hex, see _headers_json)."""
+    return parse_hex(f"0x{name}", "stored response header name"), parse_hex(f"0x{value}", "stored response header")
 
 
 # Retention (`x402-escrow prune --role seller`): what a payment leaves once it is settled for good.
