@@ -25,19 +25,19 @@ from x402.schemas import AbortResult
 
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
-from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SettlementMode
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
 from escrow_py.seller._store import PaymentStatus, SellerStore
 
 from .kit import Fac, settled_on_chain
 from .test_api import wait_for
-
-PRICE = 10_000
-SF = SettlementMode.SERVE_FIRST
+from .test_serve_first import PRICE, SF
 
 
 @dataclass
 class Seller:
+    """The keyless seller on uvicorn, and the hooks it runs."""
+
     url: str
     store: Path
     books: Books
