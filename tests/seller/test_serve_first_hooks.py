@@ -10,6 +10,7 @@ settlement is mined or lost. A hook that raises costs the buyer nothing and move
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from escrow_py.protocol.wire import (
 )
 from escrow_py.seller import PricedRoute
 from escrow_py.seller._poster import PostReport
-from escrow_py.seller._store import PaymentStatus, SettleStatus
+from escrow_py.seller._store import NAMESPACE, PaymentStatus, SettleStatus
+from escrow_py.storage import open_database
 
 from .hook_books import Books
 from .payer import Payment, quote, sign_payment
@@ -226,3 +228,28 @@ def test_a_serve_first_payment_falling_back_to_hold_runs_each_hook_once(chain: C
     assert books.names() == ["before_verify", "after_verify", "before_settle", "after_settle"]
     assert books.context("before_settle").phase == "before-handler"  # hold's settle is the deposit
     assert books.context("after_settle").result.transaction.startswith("0x")  # the deposit
+
+
+def test_a_settlement_queued_by_an_older_version_still_settles(
+    chain: Chain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records written before serve-first kept the buyer's envelope hold the EscrowPayload alone: the poster
+    still settles them (once); only the after-settle hooks, which need the envelope, are skipped, with a warning."""
+    shop, books = _shop(chain, tmp_path)
+    response, payment = asyncio.run(_pay(shop, chain, "/report/old"))
+    assert response.status_code == 200
+    store = shop.middleware.store
+    row = store.settlement(payment.escrow_id)
+    assert row is not None and row.payload is not None and "accepted" in json.loads(row.payload)
+    alone = json.dumps(json.loads(row.payload)["payload"])  # what the older version stored
+    db = open_database(f"sqlite:///{tmp_path / 'seller.sqlite'}", NAMESPACE)
+    try:
+        with db.transaction() as tx:
+            tx.execute("UPDATE settlements SET payload = ? WHERE escrow_id = ?", (alone, payment.escrow_id))
+    finally:
+        db.close()
+    with caplog.at_level(logging.WARNING, logger="escrow_py.seller.poster"):
+        assert _flush(shop).settled_first == [payment.escrow_id]
+    assert "after_settle" not in books.names()
+    assert any("after-settle hooks skipped" in r.getMessage() for r in caplog.records)
+    assert _flush(shop).settle_txs == []
