@@ -95,7 +95,7 @@ from escrow_py.seller._offers import (
     verify_context,
     verify_result_context,
 )
-from escrow_py.seller._poster import DeliveryPoster, log_sale
+from escrow_py.seller._poster import DeliveryPoster, Sale, log_sale
 from escrow_py.seller._startup import check_chain
 from escrow_py.seller._store import Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import (
@@ -657,7 +657,7 @@ class EscrowMiddleware:
             receipt = await _blocking(self.chain.refund, terms)
             refund_tx = bytes(receipt["transactionHash"])
             log_sale(
-                "refunded",
+                Sale.REFUNDED,
                 escrow_id,
                 terms,
                 route=_route_name(request.route),
@@ -711,7 +711,7 @@ class EscrowMiddleware:
         if not declined:
             await self._replay_stored(send, escrow_id)
             return
-        log_sale("declined", escrow_id, verified.terms, route=_route_name(request.route), reason=reason)
+        log_sale(Sale.DECLINED, escrow_id, verified.terms, route=_route_name(request.route), reason=reason)
         await self._send_required(send, request, 402, reason)
 
     async def _replay_stored(self, send: Send, escrow_id: bytes) -> None:

@@ -108,7 +108,17 @@ def retry_delay(attempts: int) -> float:
     return float(min(RETRY_CAP, RETRY_FIRST * 2 ** min(attempts, 16)))
 
 
-def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes | None) -> None:
+class Sale(StrEnum):
+    """How a sale ended, as its line on `escrow_py.seller.sales` says it (`sale <outcome> ...`)."""
+
+    DELIVERED = "delivered"  # hold: our deliverMany released it to the seller
+    REFUNDED = "refunded"  # hold: the handler failed and the escrow went back to the buyer
+    SETTLED = "settled"  # serve-first: our settleMany pulled the payment
+    LOST = "lost"  # serve-first: the settlement was skipped; served unpaid
+    DECLINED = "declined"  # serve-first: the seller's before-settle hook declined to collect
+
+
+def log_sale(outcome: Sale, escrow_id: bytes, terms: Terms, **fields: str | bytes | None) -> None:
     """The one INFO line of a sale, with its fields as key=value (and as LogRecord attributes)."""
     values: dict[str, object] = {"escrow_id": escrow_id, "amount": terms.amount, **fields, "buyer": terms.buyer}
     shown = {k: ("0x" + v.hex() if isinstance(v, bytes) else v) for k, v in values.items() if v is not None}
@@ -321,7 +331,7 @@ class DeliveryPoster:
         report.tx_hash = tx_hash
         for entry in posted:
             log_sale(
-                "delivered",
+                Sale.DELIVERED,
                 entry.escrow_id,
                 entry.terms,
                 route=entry.route,
@@ -504,7 +514,7 @@ class DeliveryPoster:
             self.store.mark_settled(paid, tx_hash)
             report.settled_first.extend(paid)
             for escrow_id in paid:
-                log_sale("settled", escrow_id, entries[escrow_id].terms, settle_tx=tx_hash)
+                log_sale(Sale.SETTLED, escrow_id, entries[escrow_id].terms, settle_tx=tx_hash)
             for skipped in (e for e in outcomes if isinstance(e, SettlementSkipped) and e.id in entries):
                 terms = entries[skipped.id].terms
                 self.store.mark_lost(skipped.id, skipped.reason.name.lower(), refuse_buyer=True, tx_hash=tx_hash)
@@ -513,7 +523,7 @@ class DeliveryPoster:
                     "settlement of 0x%s skipped (%s) in settleMany 0x%s: %d lost, buyer %s refused serve-first",
                     skipped.id.hex(), skipped.reason.name, tx_hash.hex(), terms.amount, terms.buyer,
                 )  # fmt: skip
-                log_sale("lost", skipped.id, terms, settle_tx=tx_hash, reason=skipped.reason.name.lower())
+                log_sale(Sale.LOST, skipped.id, terms, settle_tx=tx_hash, reason=skipped.reason.name.lower())
             unanswered = [i for i in ids if i not in paid and i not in report.lost]
             if unanswered:  # no event for it: not expected of the contract; tried again next pass
                 self.store.note_settle_attempt(unanswered, f"settleMany 0x{tx_hash.hex()} said nothing of it")
@@ -569,7 +579,7 @@ class DeliveryPoster:
             refund_tx = bytes(receipt["transactionHash"])
             self.store.set_refunded(escrow_id, refund_tx)
             report.refunded.append(escrow_id)
-            log_sale("refunded", escrow_id, terms, refund_tx=refund_tx)
+            log_sale(Sale.REFUNDED, escrow_id, terms, refund_tx=refund_tx)
 
     async def flush(self, *, force_settle: bool = False) -> PostReport:
         """One pass now, off the event loop (passes never overlap), then the seller's after-settle hooks for the

@@ -127,15 +127,20 @@ def test_a_verify_hook_refuses_serve_first_before_anything_is_recorded_or_run(
     assert "before_settle" not in books.names() and "after_settle" not in books.names()
 
 
-def test_a_before_settle_abort_after_the_handler_declines_the_payment(chain: Chain, tmp_path: Path) -> None:
+def test_a_before_settle_abort_after_the_handler_declines_the_payment(
+    chain: Chain, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The seller chose not to collect: recorded as declined, nothing queued, never charged; the buyer gets
     the SDK's answer to an aborted settlement (402 with the hook's reason, the handler's bytes withheld)."""
     shop, books = _shop(chain, tmp_path)
     books.answer["before_settle"] = AbortResult(reason="out_of_stock")
     buyer_before = chain.token.balance_of(address(BUYER))
     start = _block(chain)
-    response, payment = asyncio.run(_pay(shop, chain, "/report/x"))
+    with caplog.at_level(logging.INFO, logger="escrow_py.seller.sales"):
+        response, payment = asyncio.run(_pay(shop, chain, "/report/x"))
     assert response.status_code == 402 and response.json()["error"] == "out_of_stock"
+    sales = [(getattr(r, "sale", None), getattr(r, "reason", None)) for r in caplog.records if hasattr(r, "sale")]
+    assert sales == [("declined", "out_of_stock")]
     assert b'"item"' not in response.content  # the handler's response did not leave
     assert shop.calls["report"] == 1
     store = shop.middleware.store
