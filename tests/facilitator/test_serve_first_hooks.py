@@ -9,6 +9,7 @@ Hold: before/after-verify around /verify, before-settle before /settle (the depo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
 from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
-from escrow_py.seller._store import PaymentStatus, SellerStore
+from escrow_py.seller._store import PaymentStatus, SellerStore, SettleStatus
 
 from .kit import Fac, settled_on_chain
 from .test_api import wait_for
@@ -172,3 +173,25 @@ def test_hold_routes_in_facilitator_mode_run_the_hooks_around_verify_and_the_dep
     refused, payment = asyncio.run(_pay(seller, chain, "/held/2"))
     assert refused.status_code == 402 and refused.json()["error"] == "out_of_stock"
     assert books.calls["held"] == 1 and chain.escrow.state_of(payment.escrow_id).name == "NONE"  # nothing deposited
+
+
+def test_an_after_settle_hook_that_raises_in_the_outbox_leaves_the_settlement_recorded_once(
+    chain: Chain, seller: Seller
+) -> None:
+    chain.mine()
+    start = int(chain.w3.eth.block_number) + 1
+    seller_before = chain.token.balance_of(address(SELLER))
+    seller.books.raises.add("after_settle")
+    response, payment = asyncio.run(_pay(seller, chain, "/fast/x"))
+    assert response.status_code == 200, response.text
+    wait_for(lambda: "after_settle" in seller.books.names(), timeout=60)  # it ran, and raised
+    store = SellerStore(seller.store)
+    try:
+        record = store.settlement(payment.escrow_id)
+        assert record is not None and record.status == SettleStatus.SETTLED  # recorded before the hook ran
+    finally:
+        store.close()
+    time.sleep(1.0)  # several more outbox passes: none hands it over again nor runs its hooks again
+    assert seller.books.names().count("after_settle") == 1
+    assert list(settled_on_chain(chain, start)) == [payment.escrow_id]
+    assert chain.token.balance_of(address(SELLER)) == seller_before + PRICE
