@@ -5,7 +5,7 @@ so this file only assembles them:
 
     x402-escrow dev                 a local chain with the escrow and a funded buyer, until Ctrl-C (development tool)
     x402-escrow contracts build     recompile contracts/ into the shipped artifacts (development tool)
-    x402-escrow demo                play the escrow's four stories over HTTP (local anvil or --rpc)
+    x402-escrow demo                play the escrow's five stories over HTTP (local anvil or --rpc)
     x402-escrow keeper run|status   refund expired escrows; show what is open
     x402-escrow bench gas [--json]  receipt gas of every escrow operation against x402 exact
     x402-escrow migrate --db URL    bring a store's schema to this version (SQLite or PostgreSQL)
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "contracts": ("compile the Solidity sources into the shipped artifacts", "escrow_py.cli:register_contracts"),
     "demo": (
-        "play the escrow's four stories over HTTP on a fresh local anvil (or an existing chain)",
+        "play the escrow's five stories over HTTP on a fresh local anvil (or an existing chain)",
         "escrow_py.cli:register_demo",
     ),
     "keeper": (

@@ -1,4 +1,4 @@
-"""`x402-escrow demo`: the escrow's promise, told in four stories over real HTTP on a real chain.
+"""`x402-escrow demo`: the escrow's promise, told in five stories over real HTTP on a real chain.
 
 By default it starts anvil (chain id 84532, one block per second), deploys TestUSDC and
 X402Escrow, funds a buyer, serves a priced FastAPI app behind the seller middleware on
@@ -11,12 +11,16 @@ loopback, and starts a keeper process. Then:
    the seller never answers: the keeper refunds at the deadline, no buyer alive;
 4. a buyer agent is SIGKILLed after paying while the seller works; the seller
    delivers; a new buyer process runs recover() and gets the exact bytes, checked
-   against the on-chain hash.
+   against the on-chain hash;
+5. a burst of serve-first quotes is answered before any money moves, then one
+   settleMany pays them all, each with the hash of the bytes its buyer got.
 
 After each story and at the end: the sum of balances is unchanged and the escrow
 holds exactly what is Held. `run_demo` returns False (the command exits 1) otherwise.
 With `DemoOptions(rpc_url=..., escrow=...)` (`--rpc`, `--escrow`) it plays the same
-stories on an existing chain, with keys from the environment.
+stories on an existing chain, with keys from the environment. With `facilitator=True`
+(`--facilitator`) the seller holds no key and no RPC: a facilitator on loopback holds the
+seller's key, deposits, delivers, refunds and settles the serve-first burst.
 """
 
 from __future__ import annotations

@@ -283,6 +283,8 @@ def _facilitator(world: World, display: Display) -> Iterator[None]:
         rpc_url=world.rpc_url, escrow=world.escrow.address, token=world.token.address,
         network=network_of(world.chain_id), operator=world.signers["seller"], store=database,
         token_name=domain.name, token_version=domain.version,
+        # The keyless shop hands each serve-first settlement over on its own: they wait here for each other.
+        settle_batch_wait=SETTLE_BATCH_WAIT,
     )  # fmt: skip
     keys = KeyStore(database)
     _, world.facilitator_key = keys.create("demo shop", [world.address("seller")])
@@ -307,11 +309,11 @@ def _seller(world: World, display: Display) -> Iterator[None]:
     domain = world.token.domain(world.chain_id)
     config: SellerConfig | FacilitatorSellerConfig
     if world.facilitator_url is not None and world.facilitator_key is not None:
-        # A facilitator deposits and delivers; it settles nothing served first, so /quote is not sold here.
+        # The facilitator deposits and delivers (hold), and settles what the shop served first (/quote).
         config = FacilitatorSellerConfig(
             facilitator_url=world.facilitator_url, api_key=world.facilitator_key, network=network_of(world.chain_id),
-            token=world.token.address, pay_to=world.address("seller"), routes=routes(),
-            store=world.workdir / "seller.sqlite",
+            token=world.token.address, pay_to=world.address("seller"), routes=[*routes(), quote_route()],
+            store=world.workdir / "seller.sqlite", **SERVE_FIRST_LIMITS,  # type: ignore[arg-type]
         )  # fmt: skip
         how = "FacilitatorMiddleware: no key, no RPC"
     else:
@@ -618,8 +620,7 @@ STORIES: list[tuple[str, Callable[[World, Display], StoryResult]]] = [
 
 
 def run_demo(options: DemoOptions | None = None, out: IO[str] | None = None) -> bool:
-    """Play the stories (five; four through a facilitator); True when every story ended as promised and
-    every token is accounted for."""
+    """Play the five stories; True when every story ended as promised and every token is accounted for."""
     options = options or DemoOptions()
     display = Display(out or sys.stdout)
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="x402-escrow-demo-"))
@@ -654,9 +655,7 @@ def _play(world: World, display: Display) -> bool:
     books = Books(world)
     results: list[StoryResult] = []
     books_ok = True
-    # Through a facilitator the seller holds no key, so it settles nothing itself: no serve-first story.
-    stories = STORIES if world.facilitator_url is None else [s for s in STORIES if s[1] is not _story_serve_first]
-    for number, (title, story) in enumerate(stories, start=1):
+    for number, (title, story) in enumerate(STORIES, start=1):
         display()
         display(f"story {number}: {title}")
         result = StoryResult(number, title)

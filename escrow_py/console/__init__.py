@@ -10,13 +10,21 @@ nothing from outside its server). Tests hold the shipped files equal to node_mod
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 
-# Block explorers by chain id; a chain without one shows transaction hashes unlinked.
+from escrow_py.protocol.errors import EscrowError
+
+log = logging.getLogger("escrow_py.console")
+
+# Block explorers of the public chains by chain id; any other chain shows transaction hashes unlinked.
 EXPLORERS = {84532: "https://sepolia.basescan.org", 8453: "https://basescan.org"}
+# Development nodes (by web3_clientVersion) run a local chain even under a public chain's id (the demo's and the
+# tests' `anvil --chain-id 84532`): the public explorer has never seen their transactions.
+DEV_NODES = ("anvil", "hardhat", "ganache")
 STATIC = {
     "uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "uPlot.min.css": "text/css; charset=utf-8",
@@ -84,6 +92,34 @@ def running_totals(events: Iterable[tuple[float, str, int]]) -> dict[str, list[f
         "held": [points[xs[i]][0] for i in keep],
         "settled": [points[xs[i]][1] for i in keep],
     }
+
+
+def explorer_for(chain_id: int, client_version: str | None, *, configured: str | None = None) -> str | None:
+    """Where transaction links point: the operator's own explorer if one is `configured`; else the public explorer of
+    `chain_id` (Base Sepolia, Base), unless the node is a development node or its client is unknown (None: a link
+    to a public explorer for a transaction it never saw is worse than none); else None, and hashes show unlinked."""
+    if configured:
+        return configured.rstrip("/")
+    if client_version is None or client_version.lower().startswith(DEV_NODES):
+        return None
+    return EXPLORERS.get(chain_id)
+
+
+class Explorer:
+    """`explorer_for` a chain whose node is asked its client version once (`ask`: web3_clientVersion), and asked
+    again at the next call while it has not answered (meanwhile: no link)."""
+
+    def __init__(self, chain_id: int, ask: Callable[[], object], *, configured: str | None = None) -> None:
+        self.chain_id, self._ask, self.configured = chain_id, ask, configured
+        self._client: str | None = None
+
+    def __call__(self) -> str | None:
+        if self.configured is None and self._client is None:
+            try:
+                self._client = str(self._ask())
+            except (EscrowError, OSError, ValueError) as exc:
+                log.warning("web3_clientVersion failed; transactions are shown unlinked for now: %s", exc)
+        return explorer_for(self.chain_id, self._client, configured=self.configured)
 
 
 def static_file(name: str) -> tuple[bytes, str] | None:
@@ -196,4 +232,15 @@ def render_page(figures: Figures, *, title: str, base: str, explorer: str | None
     )
 
 
-__all__ = ["CSP", "EXPLORERS", "Figures", "render_fragment", "render_page", "running_totals", "static_file"]
+__all__ = [
+    "CSP",
+    "DEV_NODES",
+    "EXPLORERS",
+    "Explorer",
+    "Figures",
+    "explorer_for",
+    "render_fragment",
+    "render_page",
+    "running_totals",
+    "static_file",
+]

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import SettleRequest, VerifyRequest
 
-from escrow_py.console import CSP, EXPLORERS, render_fragment, render_page, static_file
+from escrow_py.console import CSP, render_fragment, render_page, static_file
 from escrow_py.facilitator._keys import ApiKey, IdempotencyConflict, KeyStore, body_digest
 from escrow_py.facilitator._metrics import FacilitatorMetrics
 from escrow_py.facilitator._service import Facilitator, FacilitatorError
@@ -47,6 +46,7 @@ from escrow_py.seller._verify import Refusal
 log = logging.getLogger("escrow_py.facilitator")
 
 MAX_IDEMPOTENCY_KEY = 200
+PRUNE_EVERY = 3600.0  # seconds between two prunes of old idempotency records
 _HEX32 = r"^0x[0-9a-fA-F]{64}$"
 
 
@@ -71,27 +71,6 @@ class _Refused(Exception):
     def __init__(self, status: int, error: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.headers = status, error, message, headers or {}
-
-
-class RateLimiter:
-    """A token bucket per API key (in this replica): `burst` at once, refilled at `rate` per second."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key_id: str) -> float:
-        """0 if allowed, else the seconds until a token is free."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(key_id, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._buckets[key_id] = (tokens - 1, now)
-                return 0.0
-            self._buckets[key_id] = (tokens, now)
-            return (1 - tokens) / self.rate
 
 
 class BodyLimit:
@@ -158,22 +137,28 @@ class _Api:
         self.facilitator = facilitator
         self.keys = keys
         self.metrics = metrics
-        config = facilitator.config
-        self.limiter = RateLimiter(config.rate, config.burst)
 
-    def authenticate(self, request: Request) -> ApiKey:
+    async def authenticate(self, request: Request) -> ApiKey:
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise _Refused(401, Reason.UNAUTHORIZED, "an API key is required: Authorization: Bearer <key>",
                            {"WWW-Authenticate": "Bearer"})  # fmt: skip
-        key = self.keys.authenticate(presented.strip())
+        key, wait = await anyio.to_thread.run_sync(self._admit, presented.strip())
         if key is None:
             raise _Refused(401, Reason.UNAUTHORIZED, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-        wait = self.limiter.take(key.key_id)
         if wait > 0:
             raise _Refused(429, Reason.RATE_LIMITED, "too many requests for this API key",
                            {"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
         return key
+
+    def _admit(self, presented: str) -> tuple[ApiKey | None, float]:
+        """The key `presented` names and its wait under the rate limit every replica shares (counted only for a
+        genuine key: a stranger cannot spend a seller's limit by naming its key id)."""
+        key = self.keys.authenticate(presented)
+        if key is None:
+            return None, 0.0
+        config = self.facilitator.config
+        return key, self.keys.take(key.key_id, rate=config.rate, burst=config.burst)
 
     @staticmethod
     def parse(model: type[BaseModel] | None, raw: bytes) -> Any:
@@ -203,7 +188,7 @@ class _Api:
         started = time.perf_counter()
         status = 500
         try:
-            key = self.authenticate(request)
+            key = await self.authenticate(request)
             raw = await request.body()
             parsed = self.parse(model, raw)
             claim = request.headers.get("idempotency-key")
@@ -270,11 +255,12 @@ def create_app(
     metrics: FacilitatorMetrics | None = None,
 ) -> ASGIApp:
     """The facilitator's ASGI app. `run_poster`: post queued deliveries in the background (passes are
-    serialised per process, and the chain skips an entry another replica delivered first)."""
+    serialised per process, and the chain skips an entry another replica delivered first), and prune
+    idempotency records past `idempotency_retention` at start and hourly."""
     metrics = metrics or FacilitatorMetrics()
     app = FastAPI(
         title="x402-escrow facilitator",
-        lifespan=_poster_lifespan(facilitator, metrics) if run_poster else None,
+        lifespan=_poster_lifespan(facilitator, keys, metrics) if run_poster else None,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -286,13 +272,24 @@ def create_app(
     return BodyLimit(app, facilitator.config.max_body_bytes)
 
 
-def _poster_lifespan(facilitator: Facilitator, metrics: FacilitatorMetrics) -> Callable[[FastAPI], Any]:
+def _poster_lifespan(facilitator: Facilitator, keys: KeyStore, metrics: FacilitatorMetrics) -> Callable[[FastAPI], Any]:
+    retention = facilitator.config.idempotency_retention
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        pruned_at = -PRUNE_EVERY
 
         async def poster() -> None:
+            nonlocal pruned_at
             while not stop.is_set():
+                if retention > 0 and time.monotonic() - pruned_at >= PRUNE_EVERY:
+                    pruned_at = time.monotonic()
+                    try:
+                        deleted = await anyio.to_thread.run_sync(lambda: keys.prune(before=time.time() - retention))
+                        log.info("pruned idempotency records older than %.0f s: %s", retention, deleted)
+                    except Exception:  # a database hiccup: tried again at the next hour
+                        log.exception("idempotency prune failed")
                 try:
                     report = await anyio.to_thread.run_sync(facilitator.post_pending)
                     if report.posted:
@@ -382,7 +379,6 @@ def _operator_routes(
     app: FastAPI, facilitator: Facilitator, metrics: FacilitatorMetrics, console_token: str | None
 ) -> None:
     """/healthz, /metrics and the operator console (only with a console token: it shows every seller's money)."""
-    explorer = EXPLORERS.get(facilitator.config.chain_id)
     ledger = facilitator.ledger
 
     @app.get("/healthz")
@@ -414,6 +410,7 @@ def _operator_routes(
         if not allowed(request):
             return hidden
         figures = await anyio.to_thread.run_sync(ledger.figures)
+        explorer = await anyio.to_thread.run_sync(facilitator.explorer)
         page = render_page(figures, title="x402-escrow facilitator", base="/console", explorer=explorer,
                            query=str(request.query_params))  # fmt: skip
         return HTMLResponse(page, headers=headers)
@@ -423,6 +420,7 @@ def _operator_routes(
         if not allowed(request):
             return hidden
         figures = await anyio.to_thread.run_sync(ledger.figures)
+        explorer = await anyio.to_thread.run_sync(facilitator.explorer)
         return HTMLResponse(render_fragment(figures, explorer=explorer), headers=headers)
 
     @app.get("/console/data.json")

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from escrow_py.facilitator._config import DEFAULT_RETENTION, MIN_RETENTION
 from escrow_py.protocol.errors import ConfigError
 
 CONSOLE_TOKEN_ENV = "X402_ESCROW_CONSOLE_TOKEN"  # noqa: S105 - the variable's name, not a secret
@@ -43,6 +44,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--rate", type=float, default=50.0, help="requests per second per API key (default 50)")
     serve.add_argument("--burst", type=int, default=100, help="requests at once per API key (default 100)")
     serve.add_argument("--poster-interval", type=float, default=0.5, help="seconds between delivery batches")
+    serve.add_argument(
+        "--settle-batch-wait", type=float, default=0.0,
+        help="seconds a queued serve-first settlement may wait for others to share its settleMany (default 0)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--idempotency-retention", type=float, default=DEFAULT_RETENTION,
+        help=f"seconds an idempotency record is kept, pruned hourly (default {DEFAULT_RETENTION}, 7 days; at least "
+        f"{MIN_RETENTION}; 0 keeps them forever)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--explorer-url", help="block explorer the console links transactions to (default: Basescan on Base Sepolia "
+        "and Base; none on any other chain or on a development node such as anvil)",
+    )  # fmt: skip
     serve.set_defaults(func=_serve)
     keys = actions.add_parser("keys", help="sellers' API keys")
     key_actions = keys.add_subparsers(dest="key_action", required=True)
@@ -82,6 +96,9 @@ def _serve(args: argparse.Namespace) -> int:
         rate=args.rate,
         burst=args.burst,
         poster_interval=args.poster_interval,
+        settle_batch_wait=args.settle_batch_wait,
+        idempotency_retention=args.idempotency_retention,
+        explorer_url=args.explorer_url,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     facilitator = Facilitator(config)

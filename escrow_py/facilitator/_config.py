@@ -15,6 +15,9 @@ from escrow_py.seller._config import PricedRoute, SellerConfig
 # The most a request body may hold: a settle request is a few KB, a delivery batch 100 entries.
 MAX_BODY_BYTES = 64 * 1024
 MAX_DELIVERY_BATCH = 100
+# Idempotency records are kept at least this long (a seller retries a hand-over for minutes, not hours).
+MIN_RETENTION = 3600
+DEFAULT_RETENTION = 7 * 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,8 +25,17 @@ class FacilitatorConfig:
     """One chain, one escrow, one token, one operator key; the database holds everything else.
 
     `rate` and `burst` bound each API key: `burst` requests at once, refilled at `rate` per
-    second (per replica). The chain settings mean what they mean for the seller
-    (SellerConfig): the facilitator sends the same transactions the seller would.
+    second, counted in the database, so across every replica on it (give them all the same).
+    The chain settings mean what they mean for the seller (SellerConfig): the facilitator
+    sends the same transactions the seller would;
+    `settle_batch_wait` lets the poster hold queued serve-first settlements back until the
+    oldest has waited that long, so settlements handed over one /settle at a time still
+    leave in one settleMany. `idempotency_retention` (seconds, 0: forever) is how long an
+    idempotency record is kept: a replay within it gets the recorded answer; the facilitator
+    deletes older ones hourly (as `x402-escrow prune --role facilitator --grace` does).
+    `explorer_url` (e.g. a local Blockscout) is where the console links transactions; without
+    it, Base Sepolia and Base link to Basescan and any other chain, or a development node
+    such as anvil under a public id, shows the hashes unlinked (console.explorer_for).
     """
 
     rpc_url: str
@@ -42,9 +54,12 @@ class FacilitatorConfig:
     reprice_after: float = 10.0
     confirmation_depth: int = 5
     poster_interval: float = 0.5
+    settle_batch_wait: float = 0.0
     rate: float = 50.0
     burst: int = 100
     max_body_bytes: int = MAX_BODY_BYTES
+    idempotency_retention: float = DEFAULT_RETENTION
+    explorer_url: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("escrow", "token"):
@@ -58,6 +73,15 @@ class FacilitatorConfig:
             raise ConfigError(f"FacilitatorConfig.burst must be an integer >= 1, got {self.burst!r}")
         if not (isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024):
             raise ConfigError(f"FacilitatorConfig.max_body_bytes must be >= 1024, got {self.max_body_bytes!r}")
+        keep = self.idempotency_retention
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (keep == 0 or keep >= MIN_RETENTION):
+            raise ConfigError(
+                f"FacilitatorConfig.idempotency_retention must be 0 (kept forever) or at least {MIN_RETENTION} "
+                f"seconds, got {keep!r}"
+            )
+        url = self.explorer_url
+        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+            raise ConfigError(f"FacilitatorConfig.explorer_url must be an http(s) URL, got {url!r}")
         self.chain_settings()  # the shared checks of the chain settings
 
     def chain_settings(self) -> SellerConfig:
@@ -80,6 +104,7 @@ class FacilitatorConfig:
             token_name=self.token_name,
             token_version=self.token_version,
             poster_interval=self.poster_interval,
+            settle_batch_wait=self.settle_batch_wait,
             deadline_slack=self.deadline_slack,
             rpc_timeout=self.rpc_timeout,
             tx_timeout=self.tx_timeout,

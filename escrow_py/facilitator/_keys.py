@@ -11,6 +11,10 @@ same body gets that answer again without acting, the same key with another body 
 refused (422). A request still in flight under the key answers 409; a row left behind by
 a replica that died mid-request is taken over after `STALE_AFTER` seconds (the actions
 behind it are themselves idempotent by escrow id, so running one again is safe).
+
+The rate limit per key is kept here too, so replicas on one database share it: a generic cell
+rate algorithm (a token bucket stored as one number, the key's "theoretical arrival time"),
+advanced in one upsert on the database's clock, which every replica reads alike.
 """
 
 from __future__ import annotations
@@ -27,12 +31,31 @@ from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.facilitator._tables import open_tables
 from escrow_py.protocol.errors import ConfigError, EscrowError
-from escrow_py.storage import Database
+from escrow_py.storage import Database, Engine
 
 KEY_PREFIX = "x4f"
 # An idempotency row with no answer after this long belongs to a request that died with its replica.
 STALE_AFTER = 15.0
 MAX_IDEMPOTENCY_KEY = 200
+
+# The database's clock in Unix seconds, and the larger of two numbers, as each engine spells them. The
+# clock is the database's so that replicas whose clocks differ still agree on every key's bucket.
+_NOW: dict[Engine, str] = {
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+    "postgresql": "CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)",
+}
+_GREATEST: dict[Engine, str] = {"sqlite": "MAX", "postgresql": "GREATEST"}
+
+
+def _take_sql(engine: Engine) -> str:
+    """One request against a key's bucket: the arrival time advances by one interval (`?` 1, 2, 3) unless that
+    puts it more than the burst's tolerance (`?` 4) ahead of now; the new time comes back only if it did."""
+    now, greatest = _NOW[engine], _GREATEST[engine]
+    advanced = f"{greatest}(rate_limits.tat, {now}) + ?"
+    return (
+        f"INSERT INTO rate_limits (key_id, tat) VALUES (?, {now} + ?) "  # noqa: S608 - constants
+        f"ON CONFLICT (key_id) DO UPDATE SET tat = {advanced} WHERE {advanced} - {now} <= ? RETURNING tat"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +99,14 @@ class KeyStore:
 
     def __init__(self, url: str | Path, *, pool_size: int = 5) -> None:
         self._db: Database = open_tables(url, pool_size=pool_size)
+        self._take = _take_sql(self._db.engine)
 
     def close(self) -> None:
         self._db.close()
+
+    def prune(self, *, before: float) -> dict[str, int]:
+        """`prune` on this store: idempotency records older than `before` (see the function)."""
+        return prune(self._db, before=before)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -133,6 +161,22 @@ class KeyStore:
         if not rows or not hmac.compare_digest(rows[0][0], _digest(secret)) or rows[0][2] is not None:
             return None
         return ApiKey(key_id, rows[0][1], frozenset(r[3] for r in rows), False)
+
+    # -- rate limit ------------------------------------------------------------------------
+
+    def take(self, key_id: str, *, rate: float, burst: int) -> float:
+        """Count one request of `key_id` against its limit (`burst` at once, refilled at `rate` per second),
+        shared by every replica on this database: 0.0 if allowed, else the seconds until one would be.
+
+        One statement, so two replicas counting at once each see the other's request.
+        """
+        interval = 1.0 / rate
+        tolerance = burst * interval
+        if self._db.all(self._take, (key_id, interval, interval, interval, tolerance)):
+            return 0.0
+        row = self._db.one(f"SELECT tat - {_NOW[self._db.engine]} FROM rate_limits WHERE key_id = ?", (key_id,))  # noqa: S608
+        ahead = float(row[0]) if row is not None else tolerance
+        return max(ahead + interval - tolerance, 0.001)  # another request may have moved it since: still refused
 
     # -- idempotency -----------------------------------------------------------------------
 
@@ -196,4 +240,23 @@ class KeyStore:
         )
 
 
-__all__ = ["ApiKey", "IdempotencyConflict", "KeyStore", "Recorded", "body_digest"]
+def prune(db: Database, *, before: float) -> dict[str, int]:
+    """Retention (`x402-escrow prune --role facilitator`, FacilitatorConfig.idempotency_retention): delete the
+    idempotency records whose first request is older than `before` (Unix seconds), and rate-limit rows whose
+    bucket is full again (no different from no row).
+
+    Kept: every record younger than `before`, so a replay within the window still gets its recorded answer;
+    and a claim still in flight (unanswered and younger than STALE_AFTER) whatever the window, so its answer is
+    not lost to a prune that runs while it is being made. API keys and the ledger are kept.
+    """
+    in_flight = min(before, time.time() - STALE_AFTER)
+    with db.transaction() as tx:
+        records = tx.execute(
+            "DELETE FROM idempotency WHERE started_at < ? AND (status IS NOT NULL OR started_at < ?)",
+            (before, in_flight),
+        )
+        limits = tx.execute(f"DELETE FROM rate_limits WHERE tat < {_NOW[tx.engine]}")  # noqa: S608 - constant
+        return {"idempotency": records.rowcount, "rate_limits": limits.rowcount}
+
+
+__all__ = ["ApiKey", "IdempotencyConflict", "KeyStore", "Recorded", "body_digest", "prune"]

@@ -39,6 +39,7 @@ from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Settled as SettledEvent
 from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.tx import SentTx
+from escrow_py.console import Explorer
 from escrow_py.facilitator._config import FacilitatorConfig
 from escrow_py.facilitator._keys import ApiKey
 from escrow_py.facilitator._ledger import Ledger
@@ -118,6 +119,9 @@ class Facilitator:
         # (a dead replica's claim lapses by itself anyway) and the ledger row of a deposit (bookkeeping for
         # the console: the deposit itself is recorded in the store before the answer leaves).
         self._after = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facilitator-after")
+        # Where the console links transactions: by the chain id, unless the node is a development node.
+        self.explorer = Explorer(config.chain_id, lambda: self.chain.request("web3_clientVersion", []),
+                                 configured=config.explorer_url)  # fmt: skip
 
     def close(self) -> None:
         self._after.shutdown(wait=True)

@@ -7,8 +7,8 @@ ledger: the `facilitator` migrations). On PostgreSQL both live in the schema `fa
 seller and a facilitator given one URL never share a `payments` table, and the console's joins of
 the ledger with the escrow store stay within one schema.
 
-The rate limiter is not here: it is a token bucket per replica (FacilitatorConfig.rate), kept in
-memory because a database write per request would cost more than the limit protects.
+The rate limit lives here too (`rate_limits`, one row per API key), so every replica on the database
+counts against one limit per key (KeyStore.admit).
 """
 
 from __future__ import annotations
@@ -39,8 +39,19 @@ CREATE TABLE IF NOT EXISTS facilitator_txs (
 CREATE INDEX IF NOT EXISTS facilitator_txs_at ON facilitator_txs (at)
 """
 
+# The rate limit per API key, shared by the replicas: the key's theoretical arrival time (GCRA, the
+# token bucket kept as one number), in Unix seconds of the database's clock. Idempotency records are
+# pruned by age (`x402-escrow prune`, FacilitatorConfig.idempotency_retention): an index on it.
+_SCHEMA_2 = """
+CREATE TABLE rate_limits (key_id TEXT PRIMARY KEY, tat REAL NOT NULL);
+CREATE INDEX idempotency_started_at ON idempotency (started_at)
+"""
+
 # IF NOT EXISTS: a SQLite file written before the port has these tables already, with the same columns.
-MIGRATIONS = (Migration(1, "api keys, idempotency records, transaction ledger", _SCHEMA_1),)
+MIGRATIONS = (
+    Migration(1, "api keys, idempotency records, transaction ledger", _SCHEMA_1),
+    Migration(2, "rate limits shared by the replicas; idempotency records by age", _SCHEMA_2),
+)
 
 
 def open_tables(url: str | Path, *, pool_size: int = 10) -> Database:

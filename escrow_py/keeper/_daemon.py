@@ -45,6 +45,7 @@ from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.tx import SentTx, decode_revert
 from escrow_py.chain.web3chain import connect_chain
+from escrow_py.console import Explorer
 from escrow_py.keeper._batch import PAYOUT_GAS, batch_gas, fingerprint, max_entries, ordered, refund_many_data, split
 from escrow_py.keeper._checks import check_startup
 from escrow_py.keeper._config import LONGEST_RETRY, KeeperConfig
@@ -685,6 +686,7 @@ class Keeper:
             self._server = MetricsServer(
                 self.metrics, *address, stale_after=stale,
                 figures=lambda: keeper_figures(console_db, lambda: self.chain.head().number),
+                explorer=Explorer(self.chain.chain_id, lambda: self.chain.request("web3_clientVersion", [])),
             )  # fmt: skip
         log.info(
             "keeper started",

@@ -113,7 +113,8 @@ class KeeperMetrics:
 class MetricsServer:
     """/metrics (Prometheus text), /healthz (the process answers), /readyz (cycles are succeeding), and the
     operator console (/console) when `figures` is given: the same page as the facilitator's, from the keeper's
-    index (the console shows public chain data only, so it needs no token here)."""
+    index (the console shows public chain data only, so it needs no token here), its transactions linked to
+    `explorer()` (console.Explorer), if any."""
 
     def __init__(
         self,
@@ -122,6 +123,8 @@ class MetricsServer:
         port: int,
         stale_after: float,
         figures: Callable[[], Figures] | None = None,
+        *,
+        explorer: Callable[[], str | None] = lambda: None,
     ) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -163,9 +166,9 @@ class MetricsServer:
                 if path == "/console/data.json":
                     self._answer(200, json.dumps(shown.to_json()).encode(), "application/json")
                 elif path == "/console/fragment":
-                    self._answer(200, render_fragment(shown, explorer=None).encode(), "text/html; charset=utf-8")
+                    self._answer(200, render_fragment(shown, explorer=explorer()).encode(), "text/html; charset=utf-8")
                 else:
-                    page = render_page(shown, title="x402-escrow keeper", base="/console", explorer=None)
+                    page = render_page(shown, title="x402-escrow keeper", base="/console", explorer=explorer())
                     self._answer(200, page.encode(), "text/html; charset=utf-8")
 
             def _answer(self, status: int, body: bytes, content_type: str = "text/plain") -> None:

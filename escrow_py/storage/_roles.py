@@ -33,7 +33,12 @@ ROLES: dict[str, tuple[Store, ...]] = {
     # The facilitator's escrow store (the seller's tables, in its own schema) and its keys, idempotency and ledger.
     "facilitator": (
         Store("facilitator", "seller", "escrow_py.seller._store:MIGRATIONS", "escrow_py.seller._store:prune"),
-        Store("facilitator", "facilitator", "escrow_py.facilitator._tables:MIGRATIONS"),
+        Store(
+            "facilitator",
+            "facilitator",
+            "escrow_py.facilitator._tables:MIGRATIONS",
+            "escrow_py.facilitator._keys:prune",
+        ),
     ),
 }
 

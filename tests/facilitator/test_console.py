@@ -13,15 +13,19 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from eth_typing import HexStr
 from fixtures.chain import Chain
-from helpers import address
+from helpers import SELLER, address
 from playwright.sync_api import Browser, sync_playwright
+from seller.shop import served
 
+from escrow_py.console import Explorer, Figures, explorer_for, render_fragment
+from escrow_py.facilitator import Facilitator, KeyStore, create_app
 from escrow_py.protocol.terms import State, delivery_hash
 
-from .kit import CONSOLE_TOKEN, Fac, idem, requirements, signed
+from .kit import CONSOLE_TOKEN, Fac, fac_config, idem, requirements, signed
 from .test_api import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -99,6 +103,9 @@ def test_console_shows_what_the_chain_and_database_hold_and_updates(
     shown: list[str] = page.eval_on_selector_all("#recent [data-tx]", "els => els.map(e => e.dataset.tx)")
     db_txs = [str(r["tx"]) for r in fac.facilitator.ledger.figures().recent]
     assert sorted(shown) == sorted(db_txs) and len(shown) == 5  # 3 deposits, 1 deliverMany, 1 refund
+    # A local anvil under Base Sepolia's id: Basescan never saw these transactions, so they show unlinked.
+    assert page.locator("#recent a").count() == 0 and "basescan" not in page.content()
+    assert page.locator("#recent code[data-tx]").count() == 5
     assert int(page.get_attribute("#gas-total", "data-wei") or "0") == _gas_of(chain, shown)
     # A new payment: the page shows it without a reload.
     _, body = signed(chain, requirements(chain))
@@ -167,3 +174,58 @@ def test_the_keepers_console_shows_its_index_and_lag(chain: Chain, browser: Brow
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_explorer_links_follow_the_chain_id_and_never_a_development_node() -> None:
+    assert explorer_for(84532, "op-geth/v1.101503.4-stable/linux-amd64/go1.23") == "https://sepolia.basescan.org"
+    assert explorer_for(8453, "Geth/v1.101503.4-stable") == "https://basescan.org"
+    for dev_node in ("anvil/v1.4.3", "HardhatNetwork/2.22.0/@ethereumjs/vm/6.4.0", "Ganache/v7.9.2/EthereumJS TestRPC"):
+        assert explorer_for(84532, dev_node) is None, dev_node  # a local chain under Base Sepolia's id
+    assert explorer_for(31337, "Geth/v1.14") is None  # an unknown chain
+    assert explorer_for(8453, None) is None  # the node never said what it is
+    # The operator's own explorer wins, on any chain and node.
+    assert explorer_for(31337, "anvil/v1.4.3", configured="https://scan.local/") == "https://scan.local"
+    tx = "0x" + "ab" * 32
+    figures = Figures(recent=[{"tx": tx, "kind": "deposit", "escrows": 1, "amount": 1, "gasWei": 1, "at": 0}])
+    linked = render_fragment(figures, explorer=explorer_for(84532, "op-geth/v1"))
+    assert f'href="https://sepolia.basescan.org/tx/{tx}"' in linked
+    unlinked = render_fragment(figures, explorer=explorer_for(84532, "anvil/v1.4.3"))
+    assert "href" not in unlinked and f'data-tx="{tx}"' in unlinked
+
+
+def test_the_node_is_asked_what_it_is_until_it_answers() -> None:
+    answers: list[object] = [OSError("connection refused"), "op-geth/v1"]
+
+    def ask() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    explorer = Explorer(84532, ask)
+    assert explorer() is None  # no answer yet: no link rather than a guess
+    assert explorer() == "https://sepolia.basescan.org"
+    assert explorer() == "https://sepolia.basescan.org" and answers == []  # asked once it answered
+
+
+def test_the_console_links_to_the_operators_explorer_when_one_is_configured(
+    chain: Chain, browser: Browser, tmp_path: Path
+) -> None:
+    chain.mine()
+    db = tmp_path / "facilitator.sqlite"
+    keys = KeyStore(db)
+    _, key = keys.create("shop", [address(SELLER)])
+    facilitator = Facilitator(fac_config(chain, db, explorer_url="https://scan.example/"))
+    try:
+        with served(create_app(facilitator, keys, console_token=CONSOLE_TOKEN)) as (url, _server):
+            _, body = signed(chain, requirements(chain))
+            answer = httpx.post(f"{url}/settle", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+            deposit = answer.json()["transaction"]
+            page = browser.new_page()
+            page.goto(f"{url}/console?token={CONSOLE_TOKEN}")
+            page.wait_for_selector("#chart canvas")
+            wait_for(lambda: page.locator("#recent a").count() == 1)
+            assert page.get_attribute("#recent a", "href") == f"https://scan.example/tx/{deposit}"
+    finally:
+        facilitator.close()
+        keys.close()

@@ -24,7 +24,7 @@ from seller.shop import served
 
 from escrow_devtools.anvil import free_port
 from escrow_py.chain.escrow import Deposited
-from escrow_py.facilitator import KeyStore
+from escrow_py.facilitator import Facilitator, KeyStore, create_app
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import (
@@ -38,7 +38,7 @@ from escrow_py.protocol.wire import (
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
 from escrow_py.seller._store import SellerStore, SettleStatus
 
-from .kit import Fac, idem, requirements, settled_on_chain, signed
+from .kit import Fac, fac_config, idem, requirements, settled_on_chain, signed
 from .process import FacilitatorProcess
 from .test_api import wait_for
 
@@ -172,8 +172,8 @@ def test_hold_and_serve_first_routes_side_by_side(chain: Chain, seller: Seller) 
     assert chain.escrow.state_of(extra.escrow_id) in (State.HELD, State.RELEASED)  # deposited before serving
 
 
-def _serve_first_body(chain: Chain, delivery: str | None) -> tuple[bytes, dict[str, object]]:
-    offer = requirements(chain, url="http://shop.test/fast/1", settlement=SF)
+def _serve_first_body(chain: Chain, delivery: str | None, *, item: int = 1) -> tuple[bytes, dict[str, object]]:
+    offer = requirements(chain, url=f"http://shop.test/fast/{item}", settlement=SF)
     payment, body = signed(chain, offer)
     if delivery is not None:
         body["paymentPayload"]["payload"]["deliveryHash"] = delivery
@@ -271,3 +271,34 @@ def test_a_serve_first_settlement_queued_while_the_facilitator_is_down_leaves_wh
                      timeout=60)  # fmt: skip
     finally:
         process.stop()
+
+
+def test_settlements_handed_over_one_at_a_time_leave_in_one_settle_many(chain: Chain, tmp_path: Path) -> None:
+    """A keyless seller hands each serve-first settlement over in its own /settle; with `settle_batch_wait` the
+    facilitator's poster holds them until the oldest has waited that long, so they share one settleMany
+    although several poster passes run between them."""
+    chain.mine()
+    db = tmp_path / "facilitator.sqlite"
+    keys = KeyStore(db)
+    _, key = keys.create("shop", [address(SELLER)])
+    facilitator = Facilitator(fac_config(chain, db, poster_interval=0.1, settle_batch_wait=3.0))
+    ids = []
+    try:
+        with (
+            served(create_app(facilitator, keys)) as (url, _server),
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client,
+        ):
+            for item in range(3):
+                escrow_id, body = _serve_first_body(chain, "0x" + f"{item + 1:02x}" * 32, item=item)
+                answer = client.post("/settle", json=body).json()
+                assert answer["success"] is True and answer["extra"]["settlement"] == "pending", answer
+                ids.append(escrow_id)
+                time.sleep(0.4)  # several poster passes between two hand-overs
+            store = facilitator.store
+            wait_for(lambda: all((r := store.settlement(i)) is not None and r.status == SETTLE_DONE for i in ids),
+                     timeout=60)  # fmt: skip
+            txs = {record.tx_hash for i in ids if (record := store.settlement(i)) is not None}
+    finally:
+        facilitator.close()
+        keys.close()
+    assert len(txs) == 1 and None not in txs

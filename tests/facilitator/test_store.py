@@ -159,3 +159,58 @@ def test_migrate_names_the_facilitator_role(db_url: str, capsys: Any) -> None:
         assert keys.list() == []
     finally:
         keys.close()
+
+
+def _age(db_url: str, idempotency_key: str, seconds: float) -> None:
+    db = open_database(db_url, NAMESPACE)
+    try:
+        db.execute(
+            "UPDATE idempotency SET started_at = started_at - ? WHERE idempotency_key = ?", (seconds, idempotency_key)
+        )
+    finally:
+        db.close()
+
+
+def test_prune_removes_idempotency_records_past_the_window_and_keeps_what_a_replay_needs(
+    db_url: str, capsys: Any
+) -> None:
+    from escrow_py.cli import main
+
+    keys = KeyStore(db_url)
+    try:
+        for claim in ("old", "new", "old-unanswered", "in-flight"):
+            assert keys.begin("k1", claim, "deliver", "aa") is None
+        keys.finish("k1", "old", 202, {"deliveries": ["old"]})
+        keys.finish("k1", "new", 202, {"deliveries": ["new"]})
+        _age(db_url, "old", 7200)
+        _age(db_url, "old-unanswered", 7200)  # a request that died with its replica, long ago
+        assert main(["prune", "--db", db_url, "--role", "facilitator", "--grace", "3600"]) == 0
+        out = capsys.readouterr().out
+        assert '"idempotency": 2' in out, out
+        # Within the window: the replay gets its recorded answer, the running request is still running.
+        recorded = keys.begin("k1", "new", "deliver", "aa")
+        assert recorded is not None and recorded.body == {"deliveries": ["new"]}
+        with pytest.raises(IdempotencyConflict) as running:
+            keys.begin("k1", "in-flight", "deliver", "aa")
+        assert running.value.status == 409
+        # Past it: forgotten, so the key is claimed afresh (the actions behind it are idempotent by escrow id).
+        assert keys.begin("k1", "old", "deliver", "bb") is None
+        # A window of 0 forgets every answered record, but never a claim whose request may still be running.
+        assert keys.prune(before=time.time() + 1) == {"idempotency": 1, "rate_limits": 0}  # "new"
+        for claim in ("in-flight", "old"):
+            with pytest.raises(IdempotencyConflict):
+                keys.begin("k1", claim, "deliver", "aa")
+    finally:
+        keys.close()
+
+
+def test_prune_forgets_only_rate_limit_rows_whose_bucket_is_full_again(db_url: str) -> None:
+    keys = KeyStore(db_url)
+    try:
+        assert keys.take("idle", rate=1000.0, burst=1) == 0.0
+        assert keys.take("busy", rate=0.01, burst=1) == 0.0
+        time.sleep(0.05)  # "idle" refilled long ago (1 ms), "busy" in 100 s
+        assert keys.prune(before=0.0)["rate_limits"] == 1
+        assert keys.take("busy", rate=0.01, burst=1) > 90  # its spent burst survived the prune
+    finally:
+        keys.close()
