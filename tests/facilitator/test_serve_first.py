@@ -295,8 +295,8 @@ def test_settlements_handed_over_one_at_a_time_leave_in_one_settle_many(chain: C
                 ids.append(escrow_id)
                 time.sleep(0.4)  # several poster passes between two hand-overs
             store = facilitator.store
-            wait_for(lambda: all((r := store.settlement(i)) is not None and r.status == SETTLE_DONE for i in ids),
-                     timeout=60)  # fmt: skip
+            wait_for(lambda: all((r := store.settlement(i)) is not None and r.status == SettleStatus.SETTLED
+                                 for i in ids), timeout=60)  # fmt: skip
             txs = {record.tx_hash for i in ids if (record := store.settlement(i)) is not None}
     finally:
         facilitator.close()
