@@ -8,6 +8,7 @@
         proxy.refuse_raw_over(6_000)         # eth_sendRawTransaction over N bytes: an error object
         proxy.drop_rate, proxy.http_error_rate = 0.1, 0.05  # connections closed unanswered, HTTP 502
         proxy.answer_errors()                # every method answers a JSON-RPC error object (NODE_ERROR)
+        proxy.refuse_batches = True          # a JSON-RPC batch gets one error object (faults by method apply in one)
         proxy.heal()                         # a faithful proxy again
         proxy.calls["eth_call"]              # how often each method was asked for; proxy.faults: faults made
         proxy.stop()                         # the node is gone: every later call fails to connect
@@ -36,7 +37,16 @@ NODE_ERROR = {"code": -32000, "message": "header not found"}
 # A node's generic failure (-32603), e.g. on eth_getTransactionCount when its state is not ready.
 INTERNAL_ERROR = {"code": -32603, "message": "internal error"}
 
+# What a provider that takes no JSON-RPC batches answers one with.
+BATCH_REFUSED = {"code": -32600, "message": "batch requests are not supported"}
+
 _EVERY_METHOD = "*"
+
+
+def _forward(upstream: str, body: bytes) -> bytes:
+    forwarded = urllib.request.Request(upstream, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(forwarded, timeout=30) as answer:
+        return bytes(answer.read())
 
 
 class RpcProxy:
@@ -48,6 +58,7 @@ class RpcProxy:
         self.faults = 0  # requests answered with an injected fault
         self.drop_rate = 0.0  # share of requests whose connection is closed unanswered
         self.http_error_rate = 0.0  # share answered with HTTP 502
+        self.refuse_batches = False  # answer every JSON-RPC batch with one error object, as some providers do
         self._errors: dict[str, tuple[dict[str, Any], int | None]] = {}
         self._errors_if: list[tuple[str, Callable[[list[Any]], bool], dict[str, Any]]] = []
         self._raw_limit: tuple[int, str] | None = None
@@ -82,13 +93,14 @@ class RpcProxy:
                 if roll < proxy.drop_rate + proxy.http_error_rate:
                     self._answer(b"", status=502)
                     return
+                if isinstance(request, list):
+                    self._answer(proxy._batch(request))
+                    return
                 error = proxy._take_error(method, request)
                 if error is not None and isinstance(request, dict):
                     self._answer(json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode())
                     return
-                forwarded = urllib.request.Request(upstream, body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(forwarded, timeout=30) as answer:
-                    self._answer(answer.read())
+                self._answer(_forward(upstream, body))
 
             def _answer(self, data: bytes, status: int = 200) -> None:
                 self.send_response(status)
@@ -148,7 +160,29 @@ class RpcProxy:
             self._errors_if.clear()
             self._raw_limit = None
             self.drop_rate = self.http_error_rate = 0.0
+            self.refuse_batches = False
         self.mode = "forward"
+
+    def _batch(self, items: list[Any]) -> bytes:
+        """A JSON-RPC batch: refused whole (`refuse_batches`), or each item faulted as it would be alone
+        and the rest forwarded to the node as one batch, the answers merged back."""
+        if self.refuse_batches:
+            with self._lock:
+                self.faults += 1
+            return json.dumps({"jsonrpc": "2.0", "id": None, "error": BATCH_REFUSED}).encode()
+        answers: dict[Any, Any] = {}
+        forward = []
+        for item in items:
+            method = str(item.get("method")) if isinstance(item, dict) else "?"
+            error = self._take_error(method, item)
+            if error is not None and isinstance(item, dict):
+                answers[item.get("id")] = {"jsonrpc": "2.0", "id": item.get("id"), "error": error}
+            else:
+                forward.append(item)
+        if forward:
+            for answer in json.loads(_forward(self.upstream, json.dumps(forward).encode())):
+                answers[answer.get("id")] = answer
+        return json.dumps([answers[i.get("id")] for i in items if isinstance(i, dict)]).encode()
 
     def _seen(self, request: Any, method: str) -> float:
         """Count the request; the roll that decides whether it is dropped or answered 502."""

@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         help="anvil block time in seconds, repeatable (0: automine; default: automine, then 2)",
     )
+    http.add_argument(
+        "--variant",
+        action="append",
+        help="measure only this variant, repeatable: unpaid, escrow, serve_first, sdk_exact, sdk_exact_inprocess, "
+        "facilitator (default: every one; a ratio is printed when both its variants ran)",
+    )
     http.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     http.set_defaults(func=_http)
     scale = kinds.add_parser(
@@ -114,11 +120,16 @@ def _http(args: argparse.Namespace) -> int:
         print("x402-escrow: --block-time must be >= 0 (0: automine)", file=sys.stderr)
         return 2
     block_times = tuple(t or None for t in args.block_time) if args.block_time else (None, 2.0)
+    variants = tuple(dict.fromkeys(args.variant)) if args.variant else VARIANTS
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        print(f"x402-escrow: --variant must be one of {', '.join(VARIANTS)}, not {', '.join(unknown)}", file=sys.stderr)
+        return 2
     results = measure_http_chains(
         block_times=block_times,
         requests=args.requests,
         concurrency=args.concurrency,
         warmup=max(0, args.warmup),
+        variants=variants,
         progress=_progress,
     )
     if args.json:
@@ -126,7 +137,7 @@ def _http(args: argparse.Namespace) -> int:
         return 0
     chains = list(results)
     print(f"{'variant':<22}" + "".join(f"{c + ' p50 ms':>20}{'p95 ms':>10}{'rps':>8}" for c in chains))
-    for name in VARIANTS:
+    for name in (v for v in VARIANTS if v in variants):
         row = "".join(f"{r[name]['p50_ms']:>20}{r[name]['p95_ms']:>10}{r[name]['rps']:>8}" for r in results.values())
         print(f"{name:<22}{row}")
     print(f"{'ratio':<44}" + "".join(f"{c:>14}{'target':>8}" for c in chains) + "    (! a target missed)")

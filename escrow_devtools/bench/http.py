@@ -18,13 +18,20 @@ transaction's wait is real), one token, one handler served these ways on loopbac
   (its own operator key); target p50 <= 1.25x `escrow`'s.
 
 Latency: requests one at a time, round-robin over the variants so that machine noise hits
-all of them alike. Throughput: `concurrency` workers per variant, variants in turn.
+all of them alike. On a chain with blocks every few seconds each request starts after a random
+pause (not counted) of up to one block time: a request's wait for a block depends on where in
+the block interval it starts, and back-to-back requests would otherwise start at a phase the
+previous variant's block wait set (a variant that follows one ending just after a block waits
+almost a whole block, the one after a quick variant less), which biases the p50s by up to a
+block time. Throughput: `concurrency` workers per variant, variants in turn.
 Every paid request is checked: status 200, and on chain exactly one payment per request.
+`variants` picks which run (`unpaid` and the SDK `exact` baseline are the usual companions).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import tempfile
 import time
@@ -193,13 +200,24 @@ async def _one(variant: Variant, item: str) -> float:
     return elapsed
 
 
-async def _measure(variants: list[Variant], requests: int, concurrency: int, warmup: int, progress: Progress) -> None:
+async def _measure(
+    variants: list[Variant],
+    requests: int,
+    concurrency: int,
+    warmup: int,
+    progress: Progress,
+    *,
+    block_time: float | None,
+) -> None:
     for variant in variants:
         for i in range(warmup):
             await _one(variant, f"warm-{i}")
     progress(f"latency: {requests} sequential requests per variant, interleaved")
+    phase = random.Random(14)  # seeded: the same pauses in every run
     for i in range(requests):
         for variant in variants:
+            if block_time is not None:
+                await asyncio.sleep(phase.uniform(0, block_time))  # start at a random point of the block interval
             variant.latencies.append(await _one(variant, f"lat-{i}"))
     progress(f"throughput: {requests} requests per variant over {concurrency} concurrent workers")
     for variant in variants:
@@ -216,15 +234,13 @@ async def _measure(variants: list[Variant], requests: int, concurrency: int, war
 
 def measure_http(
     *, requests: int = 100, concurrency: int = 8, warmup: int = 5, block_time: float | None = None,
-    progress: Progress = lambda _: None,
+    variants: tuple[str, ...] = VARIANTS, progress: Progress = lambda _: None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run the benchmark; the JSON-ready result (see the module docstring)."""
-    from x402 import x402Facilitator
-    from x402.http import HTTPFacilitatorClient
-    from x402.http.clients.httpx import x402_httpx_transport
-    from x402.mechanisms.evm import FacilitatorWeb3Signer
-    from x402.mechanisms.evm.exact import register_exact_evm_facilitator
-
+    """Run the benchmark on the chosen `variants` (all by default); the JSON-ready result (see the module docstring)."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise ValueError(f"variants must be some of {', '.join(VARIANTS)}; got {', '.join(unknown) or 'none'}")
+    chosen = [name for name in VARIANTS if name in variants]
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="x402-bench-http-") as tmp:
         progress(f"anvil ({'automine' if block_time is None else f'{block_time}s blocks'}), deploying")
         node = stack.enter_context(Anvil(block_time=block_time))
@@ -238,95 +254,138 @@ def measure_http(
         def serve(app: Any) -> str:
             return stack.enter_context(serving(app, timeout_graceful_shutdown=None)).url
 
-        unpaid_url = serve(_report_app())
-        escrow_app = _report_app()
-        config = SellerConfig(
-            rpc_url=node.url,
-            escrow=escrow.address,
-            token=token.address,
-            network=NETWORK,
-            pay_to=dev_signer(ESCROW_SELLER).address,
-            operator=dev_signer(OPERATOR),
-            routes=[PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300)],
-            store=Path(tmp) / "seller.sqlite",
-        )
-        escrow_app.add_middleware(EscrowMiddleware, config=config)
-        escrow_url = serve(escrow_app)
-        first_app = _report_app()
-        first_config = _serve_first_config(node.url, escrow.address, token.address, Path(tmp) / "seller-first.sqlite")
-        first_app.add_middleware(EscrowMiddleware, config=first_config)
-        first_url = serve(first_app)
-        facilitator = x402Facilitator()
-        register_exact_evm_facilitator(
-            facilitator, FacilitatorWeb3Signer(dev_private_key(FACILITATOR), node.url), NETWORK
-        )
-        facilitator_url = serve(_facilitator_app(facilitator))
-        exact_url = serve(_exact_app(token.address, HTTPFacilitatorClient({"url": facilitator_url})))
-        exact_inprocess_url = serve(_exact_app(token.address, facilitator))
-        keyless_url = serve(_keyless_app(node.url, escrow.address, token.address, Path(tmp), serve))
-        progress(
-            "servers up: unpaid, escrow, serve_first, sdk_exact (+ local facilitator), sdk_exact_inprocess, facilitator"
-        )
+        urls = _servers(chosen, node.url, escrow.address, token.address, Path(tmp), serve=serve)
+        progress(f"servers up: {', '.join(chosen)}")
 
         async def run() -> list[Variant]:
             async with (
                 httpx.AsyncClient(timeout=60) as plain,
                 AsyncEscrowClient(dev_signer(BUYER), node.url, Path(tmp) / "buyer.sqlite", timeout=60) as buyer,
                 AsyncEscrowClient(dev_signer(BUYER), node.url, Path(tmp) / "buyer-sf.sqlite", timeout=60) as first,
-                httpx.AsyncClient(
-                    transport=x402_httpx_transport(_sdk_client(token.address), httpx.AsyncHTTPTransport()), timeout=60
-                ) as sdk,
+                _sdk_http(token.address) as sdk,
             ):
-                variants = [
-                    Variant("unpaid", unpaid_url, plain.get),
-                    Variant("escrow", escrow_url, buyer.get),
-                    Variant("serve_first", first_url, first.get),
-                    Variant("sdk_exact", exact_url, sdk.get),
-                    Variant("sdk_exact_inprocess", exact_inprocess_url, sdk.get),
-                    Variant("facilitator", keyless_url, buyer.get),
-                ]
-                await _measure(variants, requests, concurrency, warmup, progress)
-                return variants
+                clients: dict[str, Callable[[str], Awaitable[httpx.Response]]] = {
+                    "unpaid": plain.get,
+                    "escrow": buyer.get,
+                    "serve_first": first.get,
+                    "sdk_exact": sdk.get,
+                    "sdk_exact_inprocess": sdk.get,
+                    "facilitator": buyer.get,
+                }
+                measured = [Variant(name, urls[name], clients[name]) for name in chosen]
+                await _measure(measured, requests, concurrency, warmup, progress, block_time=block_time)
+                return measured
 
-        variants = {v.name: v for v in asyncio.run(run())}
+        measured = {v.name: v for v in asyncio.run(run())}
         progress("waiting for the serve-first settlements, then checking every payment on chain")
-        _wait_settled(token, variants["serve_first"].paid, deadline=time.monotonic() + 120)
-        _check_payments(w3, escrow, token, start_block, variants)
-        result: dict[str, Any] = {name: v.summary() for name, v in variants.items()}
-        for name in ("escrow", "serve_first"):
-            for exact in ("sdk_exact", "sdk_exact_inprocess"):
-                result[f"ratio_p50_{name}_vs_{exact}"] = round(result[name]["p50_ms"] / result[exact]["p50_ms"], 3)
-            result[f"ratio_rps_{name}_vs_sdk_exact"] = round(result[name]["rps"] / result["sdk_exact"]["rps"], 3)
-        result["ratio_p50_facilitator_vs_escrow"] = round(
-            result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3
-        )
+        paid = {name: measured[name].paid if name in measured else 0 for name in VARIANTS}
+        _wait_settled(token, paid["serve_first"], deadline=time.monotonic() + 120)
+        _check_payments(w3, escrow, token, start_block, paid)
+        result: dict[str, Any] = {name: v.summary() for name, v in measured.items()}
+        result.update(_ratios(result))
         chain = "automine" if block_time is None else f"{block_time:g}s blocks"
-        targets = TARGETS.get(chain, {})
+        targets = {key: limit for key, limit in TARGETS.get(chain, {}).items() if key in result}
         result["targets"] = targets
         result["met"] = {key: result[key] <= limit for key, limit in targets.items()}
-        result["settings"] = {"requests": requests, "concurrency": concurrency, "warmup": warmup, "anvil": chain}
+        result["settings"] = {
+            "requests": requests, "concurrency": concurrency, "warmup": warmup, "anvil": chain, "variants": chosen,
+        }  # fmt: skip
         return result
 
 
-def _serve_first_config(rpc_url: str, escrow: str, token: str, store: Path) -> SellerConfig:
-    """The serve-first seller: its own payee and operator key, limits that one buyer's whole run fits in."""
-    route = PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300, settlement="serve-first")
+def _servers(
+    chosen: list[str], rpc_url: str, escrow: str, token: str, tmp: Path, *, serve: Callable[[Any], str]
+) -> dict[str, str]:
+    """Start the loopback server of each chosen variant; their URLs by variant."""
+    urls: dict[str, str] = {}
+    if "unpaid" in chosen:
+        urls["unpaid"] = serve(_report_app())
+    if "escrow" in chosen:
+        app = _report_app()
+        config = _seller_config(rpc_url, escrow, token, tmp / "seller.sqlite", payee=ESCROW_SELLER, operator=OPERATOR)
+        app.add_middleware(EscrowMiddleware, config=config)
+        urls["escrow"] = serve(app)
+    if "serve_first" in chosen:
+        app = _report_app()
+        app.add_middleware(
+            EscrowMiddleware, config=_serve_first_config(rpc_url, escrow, token, tmp / "seller-first.sqlite")
+        )
+        urls["serve_first"] = serve(app)
+    if "sdk_exact" in chosen or "sdk_exact_inprocess" in chosen:
+        from x402 import x402Facilitator
+        from x402.http import HTTPFacilitatorClient
+        from x402.mechanisms.evm import FacilitatorWeb3Signer
+        from x402.mechanisms.evm.exact import register_exact_evm_facilitator
+
+        facilitator = x402Facilitator()
+        register_exact_evm_facilitator(
+            facilitator, FacilitatorWeb3Signer(dev_private_key(FACILITATOR), rpc_url), NETWORK
+        )
+        if "sdk_exact" in chosen:
+            facilitator_url = serve(_facilitator_app(facilitator))
+            urls["sdk_exact"] = serve(_exact_app(token, HTTPFacilitatorClient({"url": facilitator_url})))
+        if "sdk_exact_inprocess" in chosen:
+            urls["sdk_exact_inprocess"] = serve(_exact_app(token, facilitator))
+    if "facilitator" in chosen:
+        urls["facilitator"] = serve(_keyless_app(rpc_url, escrow, token, tmp, serve))
+    return urls
+
+
+def _sdk_http(token: str) -> httpx.AsyncClient:
+    """The SDK's httpx client, paying `exact` 402s as the buyer."""
+    from x402.http.clients.httpx import x402_httpx_transport
+
+    return httpx.AsyncClient(transport=x402_httpx_transport(_sdk_client(token), httpx.AsyncHTTPTransport()), timeout=60)
+
+
+def _ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Each p50 (and req/s) ratio whose two variants both ran."""
+    ratios: dict[str, float] = {}
+    for name in ("escrow", "serve_first"):
+        for exact in ("sdk_exact", "sdk_exact_inprocess"):
+            if name in result and exact in result:
+                ratios[f"ratio_p50_{name}_vs_{exact}"] = round(result[name]["p50_ms"] / result[exact]["p50_ms"], 3)
+        if name in result and "sdk_exact" in result:
+            ratios[f"ratio_rps_{name}_vs_sdk_exact"] = round(result[name]["rps"] / result["sdk_exact"]["rps"], 3)
+    if "facilitator" in result and "escrow" in result:
+        ratios["ratio_p50_facilitator_vs_escrow"] = round(
+            result["facilitator"]["p50_ms"] / result["escrow"]["p50_ms"], 3
+        )
+    return ratios
+
+
+def _seller_config(
+    rpc_url: str, escrow: str, token: str, store: Path, *, payee: int, operator: int, **settings: Any
+) -> SellerConfig:
+    """A seller of the report route (hold mode unless `settings` say otherwise), paid to dev account `payee`,
+    its own `operator` key (one sender per key)."""
+    settlement = settings.pop("settlement", "hold")
+    route = PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=300, settlement=settlement)
     return SellerConfig(
         rpc_url=rpc_url,
         escrow=escrow,
         token=token,
         network=NETWORK,
-        pay_to=dev_signer(FIRST_SELLER).address,
-        operator=dev_signer(FIRST_OPERATOR),
+        pay_to=dev_signer(payee).address,
+        operator=dev_signer(operator),
         routes=[route],
         store=store,
+        **settings,
+    )
+
+
+def _serve_first_config(rpc_url: str, escrow: str, token: str, store: Path) -> SellerConfig:
+    """The serve-first seller: its own payee and operator key, limits that one buyer's whole run fits in."""
+    return _seller_config(
+        rpc_url, escrow, token, store, payee=FIRST_SELLER, operator=FIRST_OPERATOR,
+        settlement="serve-first",
         serve_first_max_price=PRICE,
         serve_first_max_per_buyer=PRICE * 100_000,
         serve_first_max_total=PRICE * 100_000,
         # Settlements wait up to 5 s for each other: bigger settleMany batches, fewer transactions.
         settle_batch_wait=5.0,
         min_time_left=10,
-    )
+    )  # fmt: skip
 
 
 def measure_http_chains(
@@ -347,7 +406,7 @@ def _wait_settled(token: Token, paid: int, *, deadline: float) -> None:
         time.sleep(0.2)
 
 
-def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, variants: dict[str, Variant]) -> None:
+def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, paid: dict[str, int]) -> None:
     """Exactly one on-chain payment per paid request: deposits by the buyer, and the exact seller's income."""
     buyer = dev_signer(BUYER).address
     deposits = [
@@ -355,13 +414,13 @@ def _check_payments(w3: Any, escrow: Escrow, token: Token, start_block: int, var
         for e in escrow.events(start_block, int(w3.eth.block_number))
         if isinstance(e, Deposited) and e.terms.buyer == buyer
     ]
-    escrow_paid = variants["escrow"].paid + variants["facilitator"].paid
+    escrow_paid = paid["escrow"] + paid["facilitator"]
     if len(deposits) != escrow_paid or len({d.id for d in deposits}) != len(deposits):
         raise RuntimeError(f"{escrow_paid} escrow requests but {len(deposits)} deposits")
     settled = token.balance_of(dev_signer(FIRST_SELLER).address)
-    if settled != variants["serve_first"].paid * PRICE:
-        raise RuntimeError(f"{variants['serve_first'].paid} serve-first requests but the seller received {settled}")
-    exact_paid = variants["sdk_exact"].paid + variants["sdk_exact_inprocess"].paid
+    if settled != paid["serve_first"] * PRICE:
+        raise RuntimeError(f"{paid['serve_first']} serve-first requests but the seller received {settled}")
+    exact_paid = paid["sdk_exact"] + paid["sdk_exact_inprocess"]
     income = token.balance_of(dev_signer(EXACT_SELLER).address)
     if income != exact_paid * PRICE:
         raise RuntimeError(f"{exact_paid} exact requests but the exact seller received {income}")

@@ -1,10 +1,12 @@
 """The buyer's steps for one BuyerSettings, in the order a payment takes them:
 
     offer   (_offer)   the 402's delivery-escrow option, bound to the request it is for     pure
-    decide  (_decide)  the policy's offer rules; the ledger's budgets, reserved             pure + ledger
     sign    (_sign)    the offer checked against the chain and fresh terms (before decide:   chain
-                       the policy judges the terms), then the signature (after it)
-    journal (_journal) the signed payment, durable before it can leave the process          disk
+                       the policy judges the terms)
+    decide  (_decide)  the policy's offer rules and the caller's hook                       pure
+    journal (_journal) in one transaction: the ledger's budgets decided and the amount      disk
+                       reserved, the signature made (_sign), the signed payment recorded;
+                       durable before it can leave the process
     judge   (_judge)   the answer to the paid request: a Verdict, applied once here         pure + apply
 
 Each client form (escrow_py.buyer._flow's one flow for EscrowAuth and both clients, the SDK plugin,
@@ -17,23 +19,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
+from x402.schemas import PaymentRequirements, ResourceInfo
 
 from escrow_py.buyer._chain import CLOCK_SKEW
 from escrow_py.buyer._decide import custom_denial, decide, denial, payment_context
 from escrow_py.buyer._errors import ChainUnavailable, PolicyDenied, ResponseInvalid
-from escrow_py.buyer._journal import Journal
+from escrow_py.buyer._journal import Journal, PaymentRow, Replay
 from escrow_py.buyer._judge import Answer, ChainFacts, Need, Payment, Verdict, judge, read_answer
 from escrow_py.buyer._offer import Offer, bind, journal_headers
-from escrow_py.buyer._policy import Policy
+from escrow_py.buyer._policy import PaymentContext, Policy
 from escrow_py.buyer._settings import BuyerSettings, PaymentPolicy
-from escrow_py.buyer._sign import payment_header, payment_payload, terms_for
+from escrow_py.buyer._sign import Signed, sign_payment, terms_for
 from escrow_py.buyer._validate import VALIDATOR_EXTENSION, problem_with
 from escrow_py.chain.port import EscrowChain
 from escrow_py.chain.web3chain import connect_chain
-from escrow_py.protocol.eip3009 import Authorization, sign_authorization
 from escrow_py.protocol.errors import ChainError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowRequirements, Unavailable
@@ -74,54 +75,61 @@ class PaymentCore:
         self.rules: Policy | None = policy if isinstance(policy, Policy) else None
         self.hook: PaymentPolicy | None = None if policy is None or isinstance(policy, Policy) else policy
 
-    # -- paying: offer → decide → sign → journal ---------------------------------------------------
+    # -- paying: offer → sign (terms) → decide → journal (budgets, signature, row) ---------------------
 
     def prepare(self, request: httpx.Request, offer: Offer) -> Prepared:
         """Bind the offer to the request, decide, sign, and journal durably; raises PaymentRefused."""
         req = offer.requirements
         bound = bind(request, offer)
         signing = time.monotonic()  # no later than the chain time the window is counted from
-        terms, authorization, signature = self.sign(req, bound.request_hash, request)
-        window = authorization.valid_before - (terms.deadline - req.max_timeout_seconds)
-        payload = payment_payload(terms, authorization, signature)
-        header = payment_header(offer.model, payload, offer.required.resource)
-        # Durable before the header can leave the process: a crash from here on is recoverable.
-        self.record_payment(
-            escrow_id=authorization.nonce,
-            chain_id=self.chain.chain_id,
-            escrow=req.extra.escrow,
-            method=request.method,
-            url=bound.url,
-            headers=journal_headers(request),
-            body=request.content,
-            terms=terms,
-            valid_before=authorization.valid_before,
-            payment_header=header,
+        replay = Replay(request.method, bound.url, journal_headers(request), request.content)
+        signed = self.pay(
+            req, bound.request_hash, request, accepted=offer.model, resource=offer.required.resource, replay=replay
         )
+        terms, authorization = signed.terms, signed.authorization
+        window = authorization.valid_before - (terms.deadline - req.max_timeout_seconds)
         resend_until = signing + window - self.settings.resend.margin
-        return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, header, resend_until)
+        return Prepared(authorization.nonce, terms, req.extra.escrow, authorization.valid_before, signed.header,
+                        resend_until)  # fmt: skip
 
-    def sign(
-        self, req: EscrowRequirements, rhash: bytes, request: httpx.Request | None
-    ) -> tuple[Terms, Authorization, bytes]:
-        """Check the requirements against the chain, build fresh terms, decide, sign; raises PaymentRefused.
+    def pay(
+        self,
+        req: EscrowRequirements,
+        rhash: bytes,
+        request: httpx.Request | None,
+        *,
+        accepted: PaymentRequirements,
+        resource: ResourceInfo | None = None,
+        replay: Replay,
+    ) -> Signed:
+        """Check the requirements against the chain and build fresh terms, decide, then reserve the amount, sign
+        and journal the payment in one journal transaction; durable when this returns. Raises PaymentRefused.
 
-        Nothing is reserved, journaled or signed unless every check passed, the genuine-escrow one first.
+        Nothing is reserved, journaled or signed unless every check passed, the genuine-escrow one first and the
+        budgets last; a crash before the commit leaves nothing reserved, recorded or sent.
         """
         try:
             domain, terms, authorization = terms_for(self.chain, self.signer.address, req, rhash)
         except ChainError as exc:
             raise ChainUnavailable(exc) from exc
-        self.decide(request, req, terms, authorization.nonce)
-        try:
-            return terms, authorization, sign_authorization(self.signer, domain, authorization)
-        except BaseException:
-            self.journal.cancel_reservation(authorization.nonce)  # nothing was signed, nothing can be sent
-            raise
+        ctx = self.decide(request, req, terms, authorization.nonce)
+        signed: Signed | None = None
 
-    def decide(self, request: httpx.Request | None, req: EscrowRequirements, terms: Terms, escrow_id: bytes) -> None:
-        """The policy's verdict, audited: the offer rules, the caller's hook, then the budgets, reserved in
-        the ledger on allow. Raises PolicyDenied."""
+        def sign() -> PaymentRow:
+            nonlocal signed
+            signed = sign_payment(self.signer, domain, terms, authorization, accepted=accepted, resource=resource)
+            return self.row(signed, req.extra.escrow, replay)
+
+        decision = self.journal.reserve_and_record(authorization.nonce, terms, ctx, self.rules, sign)
+        if signed is None:  # the budgets said no: nothing was signed
+            raise denial(decision)
+        return signed
+
+    def decide(
+        self, request: httpx.Request | None, req: EscrowRequirements, terms: Terms, escrow_id: bytes
+    ) -> PaymentContext:
+        """The offer rules' and the caller's hook's verdict (a denial audited; raises PolicyDenied); the context
+        the budgets are then decided in (by the journal, in the transaction that reserves the amount)."""
         ctx = payment_context(request, req, terms, self.settings.task)
         if not (decision := decide(ctx, self.rules)).allowed:
             self.journal.audit_decision(escrow_id, terms, ctx, decision)
@@ -132,17 +140,22 @@ class PaymentCore:
             except PolicyDenied as denied:
                 self.journal.audit_decision(escrow_id, terms, ctx, custom_denial(denied))
                 raise
-        decision = self.journal.reserve(escrow_id, terms, ctx, self.rules)
-        if not decision.allowed:
-            raise denial(decision)
+        return ctx
 
-    def record_payment(self, **fields: Any) -> None:
-        """journal.record, releasing the reservation if the row could not be written (the header is never sent)."""
-        try:
-            self.journal.record(**fields)
-        except BaseException:
-            self.journal.cancel_reservation(fields["escrow_id"])
-            raise
+    def row(self, signed: Signed, escrow: str, replay: Replay) -> PaymentRow:
+        """The journal row of a signed payment to `escrow`, for `replay`'s request."""
+        return PaymentRow(
+            escrow_id=signed.authorization.nonce,
+            chain_id=self.chain.chain_id,
+            escrow=escrow,
+            method=replay.method,
+            url=replay.url,
+            headers=replay.headers,
+            body=replay.body,
+            terms=signed.terms,
+            valid_before=signed.authorization.valid_before,
+            payment_header=signed.header,
+        )
 
     # -- sending again -----------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,8 @@ FINAL = tuple(s.value for s in PaymentState if s.final)
 
 
 @dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One journaled payment."""
+class PaymentRow:
+    """What a new payment's journal row holds, written once when it is signed: enough to replay it."""
 
     escrow_id: bytes
     chain_id: int
@@ -118,6 +119,23 @@ class JournalEntry:
     terms: Terms
     valid_before: int
     payment_header: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The request a payment is for, as a replay sends it again: empty for the SDK plugin (the SDK never
+    shows it the request, so recover() can refund or void such a payment, not fetch its bytes again)."""
+
+    method: str = ""
+    url: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry(PaymentRow):
+    """One journaled payment: its row as signed, and what became of it."""
+
     state: PaymentState
     detail: str | None
     response_hash: bytes | None
@@ -151,38 +169,48 @@ class Journal:
         """Reserve ctx.amount if the policy's budgets allow it, atomically with the budget check; the decision
         is audited. Only the budgets are decided here (they need what the ledger holds, under its lock): the
         offer rules were decided before (escrow_py.buyer._decide), and are not run again."""
-        decision = ALLOW
-        now = time.time()
         with self.db.transaction() as tx:
-            ledger.lock_budget(tx, ctx.token)
-            if policy is not None:
-                windows = tuple(w.seconds for w in policy.windows)
-                decision = policy.check_budgets(ctx, ledger.usage(tx, ctx, windows, now))
-            if decision.allowed:
-                ledger.insert_reservation(tx, escrow_id, ctx, now)
+            decision = _reserve(tx, escrow_id, ctx, policy, time.time())
         self.audit_decision(escrow_id, terms, ctx, decision)
         return decision
 
-    def audit_decision(self, escrow_id: bytes, terms: Terms, ctx: PaymentContext, decision: Decision) -> None:
-        if self.audit is None:
-            return
-        fields = {
-            **terms_fields(terms),
-            "decision": "allow" if decision.allowed else "deny",
-            "reason": decision.reason.value,
-            "network": ctx.network,
-            "escrow": ctx.escrow,
-            "host": ctx.host,
-            "task": ctx.task,
-        }
-        if not decision.allowed:
-            fields.update(detail=decision.detail, limit=decision.limit, available=decision.available)
-        self.audit.write("decision", escrow_id, fields)
+    def reserve_and_record(
+        self,
+        escrow_id: bytes,
+        terms: Terms,
+        ctx: PaymentContext,
+        policy: Policy | None,
+        sign: Callable[[], PaymentRow],
+    ) -> Decision:
+        """`reserve` and `record` in one transaction: if the policy's budgets allow it, reserve ctx.amount, then
+        call `sign()` (the budget still locked, so nothing is signed unless the budgets allowed the payment),
+        which signs and returns the new payment's row (record's keyword arguments), and commit both; durable
+        when this returns. One commit and one audit write (the decision, then the `signed` state) instead of
+        two each. As in `reserve`, only the budgets are decided here.
 
-    def cancel_reservation(self, escrow_id: bytes) -> None:
-        """Release a reservation whose payment was never sent (signing failed)."""
+        Denied: nothing is signed or written but the decision's audit record. If `sign()` or the row fails, or
+        the process dies before the commit, nothing was reserved or recorded (the transaction is rolled back)
+        and no signature left the process.
+        """
+        row: PaymentRow | None = None
+        now = time.time()
         with self.db.transaction() as tx:
-            ledger.set_status(tx, escrow_id, ledger.LedgerStatus.RELEASED, time.time())
+            decision = _reserve(tx, escrow_id, ctx, policy, now)
+            if decision.allowed:
+                row = sign()
+                _insert_payment(tx, now, row)
+        if self.audit is not None:
+            records: list[tuple[str, bytes | None, dict[str, Any]]] = [
+                ("decision", escrow_id, _decision_fields(terms, ctx, decision))
+            ]
+            if row is not None:
+                records.append(("state", escrow_id, {**terms_fields(terms), "state": PaymentState.SIGNED.value}))
+            self.audit.write_many(records)
+        return decision
+
+    def audit_decision(self, escrow_id: bytes, terms: Terms, ctx: PaymentContext, decision: Decision) -> None:
+        if self.audit is not None:
+            self.audit.write("decision", escrow_id, _decision_fields(terms, ctx, decision))
 
     def ledger_rows(self) -> list[ledger.LedgerRow]:
         with self.db.read() as tx:
@@ -217,45 +245,12 @@ class Journal:
         if self.audit is not None:
             self.audit.write("validation_failed", escrow_id, {"problem": problem})
 
-    def record(
-        self,
-        *,
-        escrow_id: bytes,
-        chain_id: int,
-        escrow: str,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: bytes,
-        terms: Terms,
-        valid_before: int,
-        payment_header: str,
-    ) -> None:
+    def record(self, row: PaymentRow) -> None:
         """Commit a new `signed` payment; durable when this returns."""
-        now = time.time()
         with self.db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
-                " payment_header, state, created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    escrow_id,
-                    chain_id,
-                    escrow,
-                    method,
-                    url,
-                    json.dumps(headers),
-                    body,
-                    json.dumps(terms.to_json()),
-                    valid_before,
-                    payment_header,
-                    PaymentState.SIGNED.value,
-                    now,
-                    now,
-                    terms.deadline,
-                ),
-            )
+            _insert_payment(tx, time.time(), row)
         if self.audit is not None:
-            self.audit.write("state", escrow_id, {**terms_fields(terms), "state": PaymentState.SIGNED.value})
+            self.audit.write("state", row.escrow_id, {**terms_fields(row.terms), "state": PaymentState.SIGNED.value})
 
     def update(
         self,
@@ -312,6 +307,47 @@ class Journal:
         else:
             rows = self.db.all(f"SELECT {_COLUMNS} FROM payments ORDER BY created_at")  # noqa: S608
         return [_entry(row) for row in rows]
+
+
+def _reserve(tx: Tx, escrow_id: bytes, ctx: PaymentContext, policy: Policy | None, now: float) -> Decision:
+    """The budgets' decision under the token's budget lock, and on allow the reservation (in `tx`)."""
+    decision = ALLOW
+    ledger.lock_budget(tx, ctx.token)
+    if policy is not None:
+        windows = tuple(w.seconds for w in policy.windows)
+        decision = policy.check_budgets(ctx, ledger.usage(tx, ctx, windows, now))
+    if decision.allowed:
+        ledger.insert_reservation(tx, escrow_id, ctx, now)
+    return decision
+
+
+def _decision_fields(terms: Terms, ctx: PaymentContext, decision: Decision) -> dict[str, Any]:
+    """A `decision` audit record's fields."""
+    fields = {
+        **terms_fields(terms),
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.reason.value,
+        "network": ctx.network,
+        "escrow": ctx.escrow,
+        "host": ctx.host,
+        "task": ctx.task,
+    }
+    if not decision.allowed:
+        fields.update(detail=decision.detail, limit=decision.limit, available=decision.available)
+    return fields
+
+
+def _insert_payment(tx: Tx, now: float, row: PaymentRow) -> None:
+    """A new `signed` payment's row."""
+    tx.execute(
+        "INSERT INTO payments (escrow_id, chain_id, escrow, method, url, headers, body, terms, valid_before,"
+        " payment_header, state, created_at, updated_at, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            row.escrow_id, row.chain_id, row.escrow, row.method, row.url, json.dumps(row.headers), row.body,
+            json.dumps(row.terms.to_json()), row.valid_before, row.payment_header, PaymentState.SIGNED.value,
+            now, now, row.terms.deadline,
+        ),
+    )  # fmt: skip
 
 
 _COLUMNS = (

@@ -39,8 +39,8 @@ from x402.schemas import PaymentRequirements
 
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
+from escrow_py.buyer._journal import Replay
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
-from escrow_py.buyer._sign import payment_header, payment_payload
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
@@ -84,23 +84,8 @@ class DeliveryEscrowScheme:
             req = EscrowRequirements.from_model(requirements)
         except ProtocolError as exc:
             raise PaymentRefused(Reason.INVALID_REQUIREMENTS, str(exc)) from None
-        terms, authorization, signature = self.core.sign(req, req.extra.request_hash, None)
-        payload = payment_payload(terms, authorization, signature)
-        # The SDK builds the header itself; journal the same envelope so the row is complete.
-        header = payment_header(requirements, payload)
-        self.core.record_payment(
-            escrow_id=authorization.nonce,
-            chain_id=self.core.chain.chain_id,
-            escrow=req.extra.escrow,
-            method="",
-            url="",
-            headers={},
-            body=b"",
-            terms=terms,
-            valid_before=authorization.valid_before,
-            payment_header=header,
-        )
-        return payload
+        # The SDK builds the header itself; the journal keeps the same envelope so the row is complete.
+        return self.core.pay(req, req.extra.request_hash, None, accepted=requirements, replay=Replay()).payload
 
     def close(self) -> None:
         """Close the journal (and its audit log) if the plugin opened it."""

@@ -1,20 +1,23 @@
 """Step 3, sign: the offer checked against the chain, fresh terms, their authorization, the header.
 
-`terms_for` asks the chain (the shared EscrowChain port) what a signature needs to be safe;
-`payment_header` is pure. The signature itself is escrow_py.protocol.eip3009.sign_authorization.
+`terms_for` asks the chain (the shared EscrowChain port) what a signature needs to be safe, in one
+round trip for what changes between payments (the balance and the next block's time); `sign_payment`
+signs (escrow_py.protocol.eip3009.sign_authorization) and wraps the signature in what carries it, and is
+called by the journal step inside the transaction that reserves the amount and records the payment.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from eth_typing import ChecksumAddress
 from x402.schemas import PaymentPayload, PaymentRequirements, ResourceInfo
 
 from escrow_py.buyer._errors import EscrowNotGenuine, PaymentRefused
-from escrow_py.chain import rpc
 from escrow_py.chain.port import EscrowChain
-from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for
+from escrow_py.chain.signer import Signer
+from escrow_py.protocol.eip3009 import Authorization, TokenDomain, authorization_for, sign_authorization
 from escrow_py.protocol.errors import ContractRevert
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, Terms
@@ -52,8 +55,8 @@ def terms_for(
             f"token {req.asset} signs as ({domain.name!r}, {domain.version!r}), the offer says "
             f"({req.extra.name!r}, {req.extra.version!r})",
         )
-    # The balance and the next block's time at once: one round trip on the paying path.
-    balance, next_time = rpc.both(lambda: chain.balance_of(req.asset, buyer), chain.next_block_time)
+    # The balance and the next block's time in one round trip on the paying path.
+    balance, next_time = chain.balance_and_next_block_time(req.asset, buyer)
     if balance < req.amount:
         raise PaymentRefused(Reason.INSUFFICIENT_BALANCE, f"{buyer} holds {balance} of {req.asset}, needs {req.amount}")
     # The contract (deadline) and the token (validBefore) judge the deposit by the time of the block
@@ -72,6 +75,31 @@ def terms_for(
     )
     # validBefore = deadline: a deposit after the deadline reverts anyway, one before it needs the token's consent.
     return domain, terms, authorization_for(terms, req.extra.escrow, chain_id, 0, deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A signed payment as it leaves the process: the SDK's `payload`, and the PAYMENT-SIGNATURE `header`
+    around it (what the journal keeps and the client sends)."""
+
+    terms: Terms
+    authorization: Authorization
+    payload: dict[str, Any]
+    header: str
+
+
+def sign_payment(
+    signer: Signer,
+    domain: TokenDomain,
+    terms: Terms,
+    authorization: Authorization,
+    *,
+    accepted: PaymentRequirements,
+    resource: ResourceInfo | None = None,
+) -> Signed:
+    """Sign the authorization and wrap it for the offer it accepts."""
+    payload = payment_payload(terms, authorization, sign_authorization(signer, domain, authorization))
+    return Signed(terms, authorization, payload, payment_header(accepted, payload, resource))
 
 
 def payment_payload(terms: Terms, authorization: Authorization, signature: bytes) -> dict[str, Any]:

@@ -33,9 +33,26 @@ def next_block(w3: Web3) -> tuple[int, int | None]:
     chain that mines every few seconds is as good. Raises RpcError when the node cannot be reached.
     """
     try:
-        pending = rpc.request(w3, "eth_getBlockByNumber", ["pending", False])
+        pending = rpc.send(w3, NEXT_BLOCK_TIME)
     except rpc.NodeError:
         pending = None
+    return next_block_from(w3, pending)
+
+
+# next_block's request, to batch with others; `next_block_from` / `next_block_time_from` read its result.
+NEXT_BLOCK_TIME = rpc.Request("eth_getBlockByNumber", ["pending", False])
+
+
+def next_block_time_from(w3: Web3, pending: object) -> int:
+    """The next block's time from the answer to NEXT_BLOCK_TIME (next_block_from's first value)."""
+    return next_block_from(w3, pending)[0]
+
+
+def next_block_from(w3: Web3, pending: object) -> tuple[int, int | None]:
+    """next_block from the answer to NEXT_BLOCK_TIME (a value or the NodeError it met); a node without a
+    pending block is asked for the latest block's. Other failures are raised as they were."""
+    if isinstance(pending, BaseException) and not isinstance(pending, rpc.NodeError):
+        raise pending
     block = pending if isinstance(pending, dict) and pending.get("timestamp") is not None else None
     if block is None:
         block = rpc.request(w3, "eth_getBlockByNumber", ["latest", False])

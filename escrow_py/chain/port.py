@@ -48,6 +48,24 @@ class BlockHead:
     gas_limit: int
 
 
+# What a settlement's simulation gives when it passes (simulate_settle, PaymentLook.gas): an eth_call tells no gas.
+SETTLE_SIMULATED = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentLook:
+    """A payment's first look at the chain (EscrowChain.look): the escrow's state, the clock, and, when a
+    check was asked for, the buyer's balance, the authorization's state and the simulation's outcome (a
+    deposit's gas limit, margin included; SETTLE_SIMULATED for a settlement), each a value or the ChainError
+    it met (ContractRevert for a simulation that reverts), so the caller judges them in its own order."""
+
+    state: State
+    now: int
+    balance: int | Exception | None = None
+    used: bool | Exception | None = None
+    gas: int | Exception | None = None
+
+
 class EscrowChain(Protocol):
     """The chain as seen by one signer (or none: a read-only buyer view) through one node."""
 
@@ -124,7 +142,19 @@ class EscrowChain(Protocol):
         ...
 
     def simulate_settle(self, settlement: Settlement) -> int:
-        """The same for a serve-first `settle` of one payment."""
+        """A serve-first `settle` of one payment as the sender would send it, simulated by eth_call (the pull
+        the poster's settleMany will make): SETTLE_SIMULATED, or ContractRevert naming the rule it would break.
+        No gas is estimated: the settlement goes out later in a batch that estimates its own."""
+        ...
+
+    def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:
+        """balance_of and next_block_time in one round trip: what a buyer reads before it signs."""
+        ...
+
+    def look(self, escrow_id: bytes, check: EscrowPayload | Settlement | None = None) -> PaymentLook:
+        """state_of and next_block_time, and with `check` (a deposit's payload, or a settlement) balance_of
+        the buyer, authorization_used and the simulation (simulate_deposit or simulate_settle), in one round
+        trip: what a new payment's checks read. The state and the clock raise; the rest are handed back."""
         ...
 
     def call(self, to: str, data: bytes, *, block: Block = "latest") -> bytes:

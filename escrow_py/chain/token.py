@@ -44,13 +44,27 @@ class Token:
         self.contract = w3.eth.contract(address=self.address, abi=TOKEN_ABI)
 
     def balance_of(self, account: str, block: str | int = "latest") -> int:
-        data = _BALANCE_OF + _word(account)
-        return int.from_bytes(rpc.call(self.w3, self.address, data, block=block), "big")
+        return self.balance_from(rpc.send(self.w3, self.balance_request(account, block)))
+
+    def balance_request(self, account: str, block: str | int = "latest") -> rpc.Request:
+        """balance_of as a request to batch with others; `balance_from` reads its result."""
+        return rpc.call_request(self.address, _BALANCE_OF + _word(account), block=block)
+
+    @staticmethod
+    def balance_from(result: object) -> int:
+        return int.from_bytes(rpc.call_output(result), "big")
 
     def authorization_state(self, authorizer: str, nonce: bytes) -> bool:
         """True once the nonce was used or cancelled."""
-        data = _AUTHORIZATION_STATE + _word(authorizer) + nonce
-        return int.from_bytes(rpc.call(self.w3, self.address, data), "big") != 0
+        return self.authorization_state_from(rpc.send(self.w3, self.authorization_state_request(authorizer, nonce)))
+
+    def authorization_state_request(self, authorizer: str, nonce: bytes) -> rpc.Request:
+        """authorization_state as a request to batch with others; `authorization_state_from` reads its result."""
+        return rpc.call_request(self.address, _AUTHORIZATION_STATE + _word(authorizer) + nonce)
+
+    @staticmethod
+    def authorization_state_from(result: object) -> bool:
+        return int.from_bytes(rpc.call_output(result), "big") != 0
 
     def domain(self, chain_id: int | None = None) -> TokenDomain:
         """The token's EIP-712 domain, read from its `name()` and `version()`."""

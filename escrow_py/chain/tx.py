@@ -135,6 +135,30 @@ def revert_or_node_error(exc: rpc.NodeError) -> ContractRevert | rpc.NodeError:
     return exc
 
 
+# What fees() reads: the latest block (its base fee, unless the caller has one) and the node's suggested tip.
+_LATEST_BLOCK = rpc.Request("eth_getBlockByNumber", ["latest", False])
+_TIP = rpc.Request("eth_maxPriorityFeePerGas", [])
+
+
+def _fee_requests(base_fee: int | None) -> list[rpc.Request]:
+    """The requests fees(base_fee) needs: the tip, and the latest block when no base fee is given."""
+    return [_TIP] if base_fee is not None else [_LATEST_BLOCK, _TIP]
+
+
+def _fees_from(answers: list[Any], base_fee: int | None) -> tuple[int, int]:
+    """(maxFeePerGas, maxPriorityFeePerGas) from the answers to _fee_requests(base_fee)."""
+    try:
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        if base_fee is None:
+            base_fee = int(str(answers[0]["baseFeePerGas"]), 16)
+        tip = int(str(answers[-1]), 16)
+    except (RpcError, KeyError, TypeError, ValueError) as exc:
+        raise RpcError(f"cannot read fees: {exc}") from exc
+    return 2 * base_fee + tip, tip
+
+
 @dataclass
 class SentTx:
     """A signed transaction; `tx` is what was signed, so it can be replaced with the same nonce.
@@ -275,16 +299,18 @@ class TxSender:
         """(maxFeePerGas, maxPriorityFeePerGas): twice the base fee plus the suggested tip.
 
         `base_fee` is one the caller read already (the pending block's, with the chain's clock);
-        else the latest block's is read.
+        else the latest block's is read, in the same round trip as the tip.
         """
-        try:
-            if base_fee is None:
-                block = rpc.request(self.w3, "eth_getBlockByNumber", ["latest", False])
-                base_fee = int(str(block["baseFeePerGas"]), 16)
-            tip = int(str(rpc.request(self.w3, "eth_maxPriorityFeePerGas", [])), 16)
-        except (RpcError, KeyError, TypeError, ValueError) as exc:
-            raise RpcError(f"cannot read fees: {exc}") from exc
-        return 2 * base_fee + tip, tip
+        return _fees_from(rpc.batch(self.w3, _fee_requests(base_fee)), base_fee)
+
+    def _fees_and_pending_nonce(self, base_fee: int | None = None) -> tuple[int, int, int]:
+        """fees(base_fee) and the key's pending transaction count, in one round trip: what signing reads."""
+        nonce = rpc.Request("eth_getTransactionCount", [self.address, "pending"])
+        *fees, pending = rpc.batch(self.w3, [*_fee_requests(base_fee), nonce])
+        max_fee, tip = _fees_from(fees, base_fee)
+        if isinstance(pending, BaseException):
+            raise pending
+        return max_fee, tip, int(str(pending), 16)
 
     def balance(self) -> int:
         """The key's ETH balance in wei (what it can pay gas with)."""
@@ -292,22 +318,50 @@ class TxSender:
 
     def call(self, to: str, data: bytes, *, block: BlockIdentifier = "latest") -> bytes:
         """eth_call as this sender; raises ContractRevert with the decoded error."""
+        request = self.call_request(to, data, block=block if isinstance(block, int) else str(block))
         try:
-            return rpc.call(
-                self.w3, to, data, sender=self.address, block=block if isinstance(block, int) else str(block)
-            )
+            result: object = rpc.send(self.w3, request)
         except rpc.NodeError as exc:
-            raise revert_or_node_error(exc) from None
+            result = exc
+        return self.output_from(result)
+
+    def call_request(self, to: str, data: bytes, *, block: str | int = "latest") -> rpc.Request:
+        """call as a request to batch with others; `output_from` reads its result."""
+        return rpc.call_request(to, data, sender=self.address, block=block)
+
+    @staticmethod
+    def output_from(result: object) -> bytes:
+        """The return data of a call's answer; its failure raised as `call` raises it (ContractRevert for a
+        revert, the node's error otherwise)."""
+        if isinstance(result, rpc.NodeError):
+            raise revert_or_node_error(result) from None
+        if isinstance(result, BaseException):
+            raise result
+        return rpc.call_output(result)
 
     def estimate_gas(self, to: str | None, data: bytes) -> int:
         """Gas for a call to `to` (None: a contract creation); raises ContractRevert if it would revert."""
         try:
-            return rpc.estimate_gas(self.w3, to, data, sender=self.address)
+            result = rpc.send(self.w3, self.estimate_gas_request(to, data))
         except rpc.NodeError as exc:
-            failure = revert_or_node_error(exc)
+            result = exc
+        return self.gas_from(result)
+
+    def estimate_gas_request(self, to: str | None, data: bytes) -> rpc.Request:
+        """estimate_gas as a request to batch with others; `gas_from` reads its result."""
+        return rpc.estimate_gas_request(to, data, sender=self.address)
+
+    def gas_from(self, result: object) -> int:
+        """The gas of an estimate's answer; its failure raised as estimate_gas raises it (ContractRevert for
+        a revert, InsufficientFunds when the key cannot pay, the node's error otherwise)."""
+        if isinstance(result, rpc.NodeError):
+            failure = revert_or_node_error(result)
             if isinstance(failure, rpc.NodeError) and "insufficient funds" in str(failure).lower():
                 raise InsufficientFunds(self.address, str(failure)) from None
             raise failure from None
+        if isinstance(result, BaseException):
+            raise result
+        return int(str(result), 16)
 
     def send(
         self,
@@ -349,7 +403,7 @@ class TxSender:
         """
         if gas is None:
             gas = int(self.estimate_gas(to, data) * GAS_MARGIN)
-        max_fee, tip = self.fees(base_fee)
+        max_fee, tip, pending = self._fees_and_pending_nonce(base_fee)
         tx: dict[str, Any] = {
             "type": 2,
             "chainId": self.chain_id,
@@ -362,15 +416,15 @@ class TxSender:
         }
         if to is not None:
             tx["to"] = to_checksum_address(to)
-        signed = self._sign_next(tx)
+        signed = self._sign_next(tx, pending)
         signed.intent = intent_of(to, data)
         return signed
 
-    def _sign_next(self, tx: dict[str, Any]) -> SentTx:
+    def _sign_next(self, tx: dict[str, Any], pending: int) -> SentTx:
+        """Sign `tx` with the key's next nonce; `pending` is the node's pending transaction count, read just before."""
         if self.book is not None:
             # The book's row for this key is the one counter every process shares; the node's pending
             # count only matters when the key was used outside the book (then it is ahead).
-            pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
             nonce = self.book.allocate_nonce(self.address, pending)
             tx = {**tx, "nonce": nonce}
             raw = self.signer.sign_transaction(tx)
@@ -381,7 +435,6 @@ class TxSender:
             # transactions are on their way to the node. Ours too far ahead (a reorg dropped one, a
             # broadcast was lost) is corrected by resync_nonce(), which watch, confirm and a failed
             # broadcast call.
-            pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
             nonce = pending if self._next_nonce is None else max(pending, self._next_nonce)
             tx = {**tx, "nonce": nonce}
             raw = self.signer.sign_transaction(tx)
@@ -473,7 +526,7 @@ class TxSender:
     def _confirmed_receipt(
         self, tx_hash: bytes, confirmations: int, receipt: TxReceipt | None = None
     ) -> TxReceipt | None:
-        """The receipt (read unless given) once it has `confirmations` blocks; None before."""
+        """The receipt (read now unless given) once `confirmations` deep, else None; TransactionFailed on status 0."""
         if receipt is None:
             receipt = self.receipt(tx_hash)
         if receipt is None:
@@ -514,8 +567,7 @@ class TxSender:
         next_check = start + reprice_after if reprice_after else float("inf")
         while True:
             for attempt in attempts:
-                receipt = self.receipt(attempt.tx_hash)
-                if receipt is not None:
+                if (receipt := self.receipt(attempt.tx_hash)) is not None:
                     final = self._confirmed_receipt(attempt.tx_hash, confirmations, receipt)
                     if final is not None:
                         return final

@@ -38,7 +38,7 @@ from escrow_py.chain import clock, rpc
 from escrow_py.chain.escrow import Escrow, EscrowEvent, PayoutFailed, Settled, Settlement, SettlementEvent
 from escrow_py.chain.failures import CHAIN_FAILURES, as_chain_error, typed_chain_errors
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck, check_escrow_code
-from escrow_py.chain.port import Block, BlockHead
+from escrow_py.chain.port import SETTLE_SIMULATED, Block, BlockHead, PaymentLook
 from escrow_py.chain.signer import Signer
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import (
@@ -201,9 +201,13 @@ class Web3EscrowChain:
     @_typed("reading the pending block's time")
     def next_block_time(self) -> int:
         now, base_fee = clock.next_block(self.w3)
+        self._saw_base_fee(base_fee)
+        return now
+
+    def _saw_base_fee(self, base_fee: int | None) -> None:
+        """Keep the pending block's base fee the clock read, for a transaction sent soon after."""
         if base_fee is not None:
             self._base_fee = (time.monotonic(), base_fee)
-        return now
 
     def _fresh_base_fee(self) -> int | None:
         """The base fee the clock read within BASE_FEE_FRESH seconds, if any (None: fees read their own)."""
@@ -322,8 +326,51 @@ class Web3EscrowChain:
 
     @_typed("simulating the settlement")
     def simulate_settle(self, settlement: Settlement) -> int:
-        data = self.binding().settle_data(settlement)
-        return int(self.sender.estimate_gas(self.escrow, data) * GAS_MARGIN)
+        self.sender.call(self.escrow, self.binding().settle_data(settlement))
+        return SETTLE_SIMULATED
+
+    @_typed("reading a token balance and the pending block")
+    def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:
+        balance, pending = rpc.batch(self.w3, [self._token(token).balance_request(holder), clock.NEXT_BLOCK_TIME])
+        return Token.balance_from(_raised(balance)), clock.next_block_time_from(self.w3, pending)
+
+    @_typed("reading a payment's escrow state, clock, balance and authorization, and simulating it")
+    def look(self, escrow_id: bytes, check: EscrowPayload | Settlement | None = None) -> PaymentLook:
+        binding = self.binding()
+        requests = [binding.state_request(escrow_id), clock.NEXT_BLOCK_TIME]
+        if check is not None:
+            terms, auth = check.terms, check.authorization
+            if isinstance(check, Settlement):
+                simulation = self.sender.call_request(self.escrow, binding.settle_data(check))
+            else:
+                data = binding.deposit_data(terms, auth, check.signature)
+                simulation = self.sender.estimate_gas_request(self.escrow, data)
+            token = self._token(terms.token)
+            requests += [
+                token.balance_request(terms.buyer),
+                token.authorization_state_request(terms.buyer, escrow_id),
+                simulation,
+            ]
+        answers = rpc.batch(self.w3, requests)
+        if isinstance(answers[0], Exception):
+            raise answers[0]
+        now, base_fee = clock.next_block_from(self.w3, answers[1])
+        self._saw_base_fee(base_fee)
+        look = PaymentLook(Escrow.state_from(answers[0]), now)
+        if check is None:
+            return look
+        balance, used, gas = answers[2:]
+        if isinstance(check, Settlement):
+            simulated = _handed_back(lambda: (self.sender.output_from(gas), SETTLE_SIMULATED)[1])
+        else:
+            simulated = _handed_back(lambda: int(self.sender.gas_from(gas) * GAS_MARGIN))
+        return PaymentLook(
+            look.state,
+            look.now,
+            balance=_handed_back(lambda: Token.balance_from(_raised(balance))),
+            used=_handed_back(lambda: Token.authorization_state_from(_raised(used))),
+            gas=simulated,
+        )
 
     @_typed("simulating a call")
     def call(self, to: str, data: bytes, *, block: Block = "latest") -> bytes:
@@ -452,3 +499,20 @@ class Web3EscrowChain:
     @_typed("searching the Settled event")
     def settlement_of(self, escrow_id: bytes, *, escrow: str | None = None, since: int = 0) -> Settled | None:
         return self.binding(escrow).settlement_of(escrow_id, since=since)
+
+
+def _raised(answer: object) -> object:
+    """A batched answer, or the exception it is raised."""
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+def _handed_back(read: Callable[[], _T]) -> _T | Exception:
+    """`read()`'s value, or the ChainError it raised (web3's own typed as the boundary types them)."""
+    try:
+        return read()
+    except EscrowError as exc:
+        return exc
+    except CHAIN_FAILURES as exc:
+        return as_chain_error(exc, "a payment's first look")

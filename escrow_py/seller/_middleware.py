@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from web3 import Web3
 from x402.schemas import PaymentPayload
 
-from escrow_py.chain import rpc
+from escrow_py.chain.escrow import Settlement
 from escrow_py.chain.port import EscrowChain
 from escrow_py.protocol.errors import (
     ConfigError,
@@ -40,7 +40,7 @@ from escrow_py.protocol.errors import (
     TransactionTimeout,
 )
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import State, Terms
+from escrow_py.protocol.terms import State
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_RESPONSE_HEADER,
@@ -99,14 +99,21 @@ from escrow_py.seller._poster import DeliveryPoster, Sale, log_sale
 from escrow_py.seller._startup import check_chain
 from escrow_py.seller._store import Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import (
+    OnchainFacts,
     Refusal,
     VerifiedPayment,
     judge_onchain,
+    onchain_from_look,
     read_onchain,
+    serve_first_probe,
     verify_offchain,
 )
 
 log = logging.getLogger("escrow_py.seller")
+
+# What a payment's first look at the chain simulates (EscrowChain.look's check), and whether it is a
+# serve-first settlement's; None: the state and the clock only.
+Check = tuple[EscrowPayload | Settlement, bool] | None
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -373,18 +380,33 @@ class EscrowMiddleware:
             payload=parsed.payload,
         )
 
-    async def _chain_facts(self, need: Facts, escrow_id: bytes, terms: Terms) -> ChainFacts:
-        """The chain facts a decision needs, read at once (one round trip)."""
-        chain = self.chain
+    async def _chain_facts(
+        self, need: Facts, escrow_id: bytes, payload: EscrowPayload, *, check: Check = None
+    ) -> tuple[ChainFacts, OnchainFacts | None]:
+        """The chain facts a decision needs, read in one round trip (EscrowChain.look); with `check`, the
+        payment's on-chain checks too (OnchainFacts, judged by _deposit or _serve_first once the machine
+        has verified the payment off chain)."""
         if need == Facts.NONE:
-            return ChainFacts()
+            return ChainFacts(), None
         if need == Facts.AUTHORIZATION:
-            used, now = await _blocking(
-                rpc.both, lambda: chain.authorization_used(terms.token, terms.buyer, escrow_id), chain.next_block_time
-            )
-            return ChainFacts(now=now, authorization_used=used)
-        state, now = await _blocking(rpc.both, lambda: chain.state_of(escrow_id), chain.next_block_time)
-        return ChainFacts(now=now, state=state)
+            # The authorization's state is one of the reads made with a settlement's check.
+            look = await _blocking(self.chain.look, escrow_id, serve_first_probe(payload))
+            if isinstance(look.used, BaseException):
+                raise look.used
+            return ChainFacts(now=look.now, authorization_used=bool(look.used)), None
+        look = await _blocking(self.chain.look, escrow_id, None if check is None else check[0])
+        onchain = None if check is None else onchain_from_look(look, serve_first=check[1])
+        return ChainFacts(now=look.now, state=look.state), onchain
+
+    def _first_check(self, row: Payment | None, payload: EscrowPayload, mode: RouteMode) -> Check:
+        """What a payment's first look at the chain simulates with its state and clock: a serve-first
+        settlement, or a new payment's deposit when no seller hook runs between verify and the deposit
+        (a hook may abort it, or change what the chain says before the deposit is checked)."""
+        if row is not None:
+            return None
+        if mode.serve_first:
+            return serve_first_probe(payload), True
+        return (payload, False) if self.config.hooks is None else None
 
     async def _settle(
         self,
@@ -398,11 +420,12 @@ class EscrowMiddleware:
     ) -> None:
         """Fetch the row and the chain facts, ask the machine (_machine.decide), run its steps until one answers."""
         assert parsed.escrow_id is not None and parsed.payload is not None
-        escrow_id, terms = parsed.escrow_id, parsed.payload.terms
+        escrow_id, payload = parsed.escrow_id, parsed.payload
         row = await self._with_sent_deposit(await _blocking(self.store.payment, escrow_id))
         need = facts_needed(row)
-        facts = await self._chain_facts(need, escrow_id, terms)
         mode = request.route
+        # `onchain`: the on-chain checks read with the facts, for the first Deposit or ServeFirst step.
+        facts, onchain = await self._chain_facts(need, escrow_id, payload, check=self._first_check(row, payload, mode))
         hooks = self.config.hooks
         before_verified = after_verified = False
         if hooks is not None and row is None and facts.state == State.NONE:
@@ -436,16 +459,16 @@ class EscrowMiddleware:
                     continue
                 # Gone from the node, or reverted (another deposit of it may have landed): ask the chain again.
                 row = dataclasses.replace(row, deposit_tx=None)
-                facts = await self._chain_facts(Facts.STATE, escrow_id, terms)
+                facts, onchain = await self._chain_facts(Facts.STATE, escrow_id, payload)
             elif isinstance(step, ServeFirst):
                 # A fallback to hold does not run the after-verify hooks again: they saw the serve-first checks.
                 after_verified = hooks is not None and step.envelope is not None
-                step = await self._serve_first(step, request, mode)
+                step, onchain = await self._serve_first(step, request, mode, onchain), None
                 continue
             else:
                 if hooks is not None and step.envelope is not None and not before_verified:
                     await self._before_verify(parsed, request)
-                step = await self._deposit(step, request, after_verified=after_verified)
+                step, onchain = await self._deposit(step, request, onchain, after_verified=after_verified), None
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
 
@@ -492,8 +515,11 @@ class EscrowMiddleware:
             settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
             await self._send_response(send, outcome.response, settle)
 
-    async def _deposit(self, step: Deposit, request: PaidRequest, *, after_verified: bool = False) -> Step:
-        """Check on chain, record (a new payment), deposit, wait for the receipt; the next step.
+    async def _deposit(
+        self, step: Deposit, request: PaidRequest, onchain: OnchainFacts | None = None, *, after_verified: bool = False
+    ) -> Step:
+        """Check on chain (with `onchain`, a deposit's checks read already), record (a new payment), deposit,
+        wait for the receipt; the next step.
 
         The seller's hooks run around a new payment's deposit (`after_verified`: a serve-first payment
         falling back to hold, whose after-verify hooks ran on its serve-first checks). The buyer's faults are 402s (a
@@ -511,7 +537,9 @@ class EscrowMiddleware:
                 await _abort_on(hooks.after_verify, verify_result_context(step.envelope, requirements, context,
                                                                           verified.buyer))  # fmt: skip
             await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
-        facts = await _blocking(read_onchain, verified, chain=chain)
+        facts = onchain if onchain is not None and not onchain.serve_first else None
+        if facts is None:
+            facts = await _blocking(read_onchain, verified, chain=chain)
         try:
             gas = judge_onchain(verified, facts)
         except Refusal as rejected:
@@ -567,13 +595,17 @@ class EscrowMiddleware:
 
     # -- serve-first (DESIGN.md section 8) ---------------------------------------------------
 
-    async def _serve_first(self, step: ServeFirst, request: PaidRequest, mode: RouteMode) -> Step:
+    async def _serve_first(
+        self, step: ServeFirst, request: PaidRequest, mode: RouteMode, onchain: OnchainFacts | None = None
+    ) -> Step:
         """Check on chain as hold checks before its deposit (balance, authorization unused, an eth_call of the
         pull: here the settlement's own); then reserve the exposure and record the payment in one store
         transaction, so concurrent requests and replicas cannot overshoot a limit."""
         verified, chain, config = step.verified, self.chain, self.config
         escrow_id, terms = verified.escrow_id, verified.terms
-        facts = await _blocking(read_onchain, verified, chain=chain, serve_first=True)
+        facts = onchain if onchain is not None and onchain.serve_first else None
+        if facts is None:  # not read with the first look (a payment that fell back from hold, or read again)
+            facts = await _blocking(read_onchain, verified, chain=chain, serve_first=True)
         try:
             judge_onchain(verified, facts)
         except Refusal as rejected:

@@ -20,7 +20,7 @@ from x402.schemas import PaymentPayload
 
 from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Settlement
-from escrow_py.chain.port import EscrowChain
+from escrow_py.chain.port import EscrowChain, PaymentLook
 from escrow_py.protocol.eip3009 import recover_signer
 from escrow_py.protocol.errors import ContractRevert, ProtocolError
 from escrow_py.protocol.reasons import Reason
@@ -274,13 +274,26 @@ class OnchainFacts:
     serve_first: bool = False
 
 
+def serve_first_probe(payload: EscrowPayload) -> Settlement:
+    """The settlement a serve-first payment is simulated as before its handler has run (PROBE_HASH)."""
+    return Settlement(payload.terms, payload.authorization, payload.signature, PROBE_HASH)
+
+
+def onchain_from_look(look: PaymentLook, *, serve_first: bool = False) -> OnchainFacts | None:
+    """The on-chain reads EscrowChain.look made with a check (None: it was asked for none): the same
+    facts read_onchain reads, taken from the round trip that read the escrow's state and the clock."""
+    if look.balance is None or look.used is None or look.gas is None:
+        return None
+    return OnchainFacts(look.balance, look.used, look.gas, serve_first)
+
+
 def read_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> OnchainFacts:
     """Balance, authorization state, and a simulation of the deposit (or, `serve_first`, of the settlement
     that pulls the same authorization) as the chain's sender would send it: three reads in one round trip."""
     payload = payment.payload
     terms = payload.terms
     if serve_first:
-        settlement = Settlement(terms, payload.authorization, payload.signature, PROBE_HASH)
+        settlement = serve_first_probe(payload)
         simulate: Callable[[], int] = lambda: chain.simulate_settle(settlement)  # noqa: E731
     else:
         simulate = lambda: chain.simulate_deposit(payload)  # noqa: E731
@@ -313,12 +326,19 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
     if isinstance(gas, ContractRevert):
         raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    return _value(gas)
+    return int(_value(gas))
 
 
-def verify_onchain(payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False) -> int:
-    """read_onchain then judge_onchain: the gas limit to send the deposit with, or Refusal."""
-    return judge_onchain(payment, read_onchain(payment, chain=chain, serve_first=serve_first))
+def verify_onchain(
+    payment: VerifiedPayment, *, chain: EscrowChain, serve_first: bool = False, look: PaymentLook | None = None
+) -> int:
+    """read_onchain (or `look`'s reads, when EscrowChain.look was asked the same check) then judge_onchain:
+    the gas limit to send the deposit with (for a settlement, simulated by eth_call, SETTLE_SIMULATED), or
+    Refusal."""
+    facts = None if look is None else onchain_from_look(look, serve_first=serve_first)
+    if facts is None:
+        facts = read_onchain(payment, chain=chain, serve_first=serve_first)
+    return judge_onchain(payment, facts)
 
 
 def _value(result: _T | BaseException) -> _T:

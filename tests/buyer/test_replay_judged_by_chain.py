@@ -16,7 +16,7 @@ from x402.schemas import SettleResponse
 
 from escrow_py.buyer import BuyerSettings, DeliveryMismatch, PaymentState
 from escrow_py.buyer._core import PaymentCore
-from escrow_py.buyer._journal import JournalEntry
+from escrow_py.buyer._journal import JournalEntry, PaymentRow
 from escrow_py.protocol.terms import Terms, delivery_hash
 from escrow_py.protocol.wire import PAYMENT_RESPONSE_HEADER, SettlementExtra, encode_payment_response
 
@@ -34,9 +34,9 @@ def _paid(chain: Chain, core: PaymentCore) -> tuple[Terms, bytes, bytes]:
     terms = make_terms(chain, window=600)
     deposit(chain, terms)
     escrow_id = chain.escrow.id_of(terms)
-    core.journal.record(escrow_id=escrow_id, chain_id=84532, escrow=chain.escrow.address, method="GET",
-                        url="http://shop.test/report", headers={}, body=b"", terms=terms, valid_before=terms.deadline,
-                        payment_header="x")  # fmt: skip
+    core.journal.record(PaymentRow(escrow_id=escrow_id, chain_id=84532, escrow=chain.escrow.address, method="GET",
+                                   url="http://shop.test/report", headers={}, body=b"", terms=terms,
+                                   valid_before=terms.deadline, payment_header="x"))  # fmt: skip
     receipt = chain.escrow.deliver(chain.sender(SELLER), terms, delivery_hash(FIRST))
     return terms, escrow_id, bytes(receipt["transactionHash"])
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 from fixtures.chain import SELLER, STRANGER, Chain
-from helpers import address, deposit, make_terms
+from helpers import address, deposit, make_terms, sign_deposit
+from rpc_proxy import RpcProxy
 from web3 import HTTPProvider, Web3
 
 from escrow_devtools.anvil import free_port
@@ -49,3 +50,51 @@ def test_node_errors_and_dead_nodes_are_rpc_errors(chain: Chain) -> None:
     dead = Web3(HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 2}))
     with pytest.raises(RpcError, match="eth_call failed"):
         rpc.call(dead, chain.escrow.address, b"")
+
+
+def _reads(chain: Chain, escrow_id: bytes, holder: str, data: bytes) -> list[rpc.Request]:
+    return [
+        chain.escrow.state_request(escrow_id),
+        chain.token.balance_request(holder),
+        chain.token.authorization_state_request(holder, escrow_id),
+        chain.sender(SELLER).estimate_gas_request(chain.escrow.address, data),
+        rpc.Request("eth_noSuchMethod", []),
+    ]
+
+
+def _check_answers(chain: Chain, answers: list[object], escrow_id: bytes, holder: str) -> None:
+    state, balance, used, gas, unknown = answers
+    assert chain.escrow.state_from(state) is State.HELD
+    assert chain.token.balance_from(balance) == chain.token.balance_of(holder)
+    assert chain.token.authorization_state_from(used) is True
+    # A failed item is its own error (here a revert, decoded as estimate_gas decodes it); the others still answer.
+    with pytest.raises(ContractRevert) as reverted:
+        chain.sender(SELLER).gas_from(gas)
+    assert reverted.value.name == "AlreadyDeposited"
+    assert isinstance(unknown, rpc.NodeError) and "eth_noSuchMethod failed" in str(unknown)
+
+
+def test_a_batch_answers_each_read_as_it_would_alone_in_one_round_trip(chain: Chain) -> None:
+    terms = make_terms(chain)
+    deposit(chain, terms)
+    escrow_id = chain.escrow.id_of(terms)
+    auth, signature = sign_deposit(chain, terms)
+    again = chain.escrow.deposit_data(terms, auth, signature)  # a second deposit of the same id reverts
+    with RpcProxy(chain.node.url) as proxy:
+        w3 = rpc.connect(proxy.url)
+        answers = rpc.batch(w3, _reads(chain, escrow_id, terms.buyer, again))
+        assert proxy.requests == ["batch"]  # one HTTP request for the five
+        assert sum(proxy.calls.values()) == 5
+        _check_answers(chain, answers, escrow_id, terms.buyer)
+        # A provider that takes no batches gets them one by one, with the same answers.
+        proxy.refuse_batches = True
+        answers = rpc.batch(w3, _reads(chain, escrow_id, terms.buyer, again))
+        assert proxy.requests[1:2] == ["batch"] and len(proxy.requests) == 2 + 5
+        _check_answers(chain, answers, escrow_id, terms.buyer)
+
+
+def test_a_batch_to_a_dead_node_gives_each_read_the_rpc_error(chain: Chain) -> None:
+    dead = rpc.connect(f"http://127.0.0.1:{free_port()}", deadline=2)
+    answers = rpc.batch(dead, [chain.escrow.state_request(b"\x00" * 32), rpc.Request("eth_blockNumber", [])])
+    assert len(answers) == 2
+    assert all(isinstance(a, RpcError) and "unreachable" in str(a) for a in answers)

@@ -60,6 +60,8 @@ def _calls(chain: Web3EscrowChain, real: Chain) -> dict[str, Callable[[], Any]]:
         "fees": chain.fees,
         "simulate_deposit": lambda: chain.simulate_deposit(payload),
         "simulate_settle": lambda: chain.simulate_settle(settlement),
+        "look": lambda: chain.look(os.urandom(32), settlement),
+        "balance_and_next_block_time": lambda: chain.balance_and_next_block_time(token, address(BUYER)),
         "call": lambda: chain.call(token, b"\x00\x00\x00\x00"),
         "deposit": lambda: chain.deposit(payload),
         "resume": lambda: chain.resume(tx),

@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
@@ -46,12 +46,14 @@ from escrow_py.chain.escrow import (
     SkipReason,
 )
 from escrow_py.chain.genuine import ESCROW_CODE_HASH, EscrowCode, EscrowCodeCheck
-from escrow_py.chain.port import Block, BlockHead, EscrowChain
+from escrow_py.chain.port import SETTLE_SIMULATED, Block, BlockHead, EscrowChain, PaymentLook
 from escrow_py.chain.tx import OnSigned, SentTx, WatchReport
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain, recover_signer
 from escrow_py.protocol.errors import ContractRevert, RpcError
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW, State, Terms
 from escrow_py.protocol.wire import EscrowPayload
+
+_T = TypeVar("_T")
 
 CHAIN_ID = 84532
 GAS = 120_000  # what every simulation answers: the fake does not meter gas
@@ -295,7 +297,29 @@ class FakeEscrowChain:
                 raise ContractRevert("DeadlinePassed", {"deadline": settlement.terms.deadline, "now_": now})
             auth = settlement.authorization
             self._pull(settlement.terms, auth.valid_after, auth.valid_before, settlement.signature, now)
-        return GAS
+        return SETTLE_SIMULATED
+
+    def balance_and_next_block_time(self, token: str, holder: str) -> tuple[int, int]:
+        return self.balance_of(token, holder), self.next_block_time()
+
+    def look(self, escrow_id: bytes, check: EscrowPayload | Settlement | None = None) -> PaymentLook:
+        state, now = self.state_of(escrow_id), self.next_block_time()
+        if check is None:
+            return PaymentLook(state, now)
+        terms = check.terms
+        if isinstance(check, Settlement):
+            settlement = check
+            simulate: Callable[[], int] = lambda: self.simulate_settle(settlement)  # noqa: E731
+        else:
+            payload = check
+            simulate = lambda: self.simulate_deposit(payload)  # noqa: E731
+        return PaymentLook(
+            state,
+            now,
+            balance=_handed_back(lambda: self.balance_of(terms.token, terms.buyer)),
+            used=_handed_back(lambda: self.authorization_used(terms.token, terms.buyer, escrow_id)),
+            gas=_handed_back(simulate),
+        )
 
     def call(self, to: str, data: bytes, *, block: Block = "latest") -> bytes:
         raise NotImplementedError("the fake chain runs no EVM: raw calls are for the anvil tiers")
@@ -490,3 +514,11 @@ class FakeEscrowChain:
 def as_port(chain: FakeEscrowChain) -> EscrowChain:
     """The fake as the port it stands in for (mypy checks here that it is one)."""
     return chain
+
+
+def _handed_back(read: Callable[[], _T]) -> _T | Exception:
+    """`read()`'s value, or the ChainError it raised (as EscrowChain.look hands them back)."""
+    try:
+        return read()
+    except (ContractRevert, RpcError) as exc:
+        return exc

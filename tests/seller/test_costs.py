@@ -1,4 +1,5 @@
-"""What one paid request costs the seller, hold and serve-first: JSON-RPC calls and SQLite transactions, pinned.
+"""What one paid request costs the seller, hold and serve-first: JSON-RPC calls, the round trips they take
+(HTTP requests to the node: a JSON-RPC batch is one), SQLite transactions and the adapter's calls, pinned.
 
 The counts are measured through the real stack (the ASGI app, the middleware, anvil behind the
 fault-injecting proxy used here only to count, SQLite traced on its connection), on the second paid
@@ -15,6 +16,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import httpx
 import pytest
 from fixtures.chain import Chain
 from rpc_proxy import RpcProxy
+from sqlite_trace import SqliteTrace
 
 import escrow_py
 from escrow_py.chain.tx import TxSender
@@ -38,10 +41,10 @@ from escrow_py.seller import PricedRoute, _machine, _verify
 from .payer import quote, sign_payment
 from .shop import PRICE, make_shop
 
-# What one paid GET /report/{item} costs (hold mode, deposit confirmed before the handler runs): 9 calls
-# (12 before the payment state machine: the fees no longer read a block of their own, the receipt is read once,
-# and a receipt is its own first confirmation). Lower these numbers when a change removes a call; never raise
-# them without a reason.
+# What one paid GET /report/{item} costs (hold mode, deposit confirmed before the handler runs): 9 calls in 4
+# round trips (12 calls before the payment state machine: the fees no longer read a block of their own, the
+# receipt is read once, and a receipt is its own first confirmation). Lower these numbers when a change removes a
+# call; never raise them without a reason.
 RPC_CALLS = {
     "eth_call": 3,  # stateOf(id), the buyer's balance, its authorization's state
     "eth_getBlockByNumber": 1,  # the pending block: the chain's clock and the base fee the deposit pays
@@ -51,6 +54,10 @@ RPC_CALLS = {
     "eth_sendRawTransaction": 1,  # the deposit
     "eth_getTransactionReceipt": 1,  # the deposit mined: one confirmation (polls before it was mined not counted)
 }
+# One batch before the deposit (the escrow's state, the clock, the balance, the authorization's state and the
+# deposit's simulation; judged after the off-chain checks had that clock), one for the tip with the operator's
+# nonce (the base fee is the pending block's, read with the clock), then the deposit itself and its receipt.
+RPC_ROUND_TRIPS = 1 + 1 + 1 + 1
 # The payment's claim taken (a lease row: one replica at a time), the payment recorded, the key's nonce allocated
 # (its row in the store, shared by every process), the signed deposit kept in the key's transaction log before
 # broadcast (under the deposit's intent, which is how a retry finds it: the payment's row is not written for it),
@@ -60,12 +67,16 @@ RPC_CALLS = {
 # before the response is stored, and the signed deposit is durable before it leaves, as before.
 SQLITE_TRANSACTIONS = 5
 
-# One paid serve-first request: the chain read as a hold payment's is before its deposit, and no transaction.
+# One paid serve-first request: the chain read as a hold payment's is before its deposit, and no transaction:
+# every read in one batch before the handler runs.
 SERVE_FIRST_RPC_CALLS = {
-    "eth_call": 3,  # stateOf(id), the buyer's balance, its authorization's state
+    # stateOf(id), the buyer's balance, its authorization's state, and the settlement's simulation (the pull the
+    # poster's settleMany will make) by eth_call: no gas is estimated for a settlement sent later in a batch that
+    # estimates its own (an eth_estimateGas before, several executions of the call on the node instead of one).
+    "eth_call": 4,
     "eth_getBlockByNumber": 1,  # the chain's clock
-    "eth_estimateGas": 1,  # the settlement's simulation (the pull the poster's settleMany will make)
 }
+SERVE_FIRST_RPC_ROUND_TRIPS = 1
 # The claim taken; the exposure reserved and the payment recorded (one transaction); the response stored with
 # its settlement queued and the claim released (one transaction). 4 before: the claim's release was its own.
 SERVE_FIRST_SQLITE_TRANSACTIONS = 3
@@ -73,49 +84,31 @@ SERVE_FIRST_SQLITE_TRANSACTIONS = 3
 
 # Calls from the ASGI adapter (seller/_middleware.py) into other escrow_py modules during one paid hold request:
 # 33 into 9 modules before the payment state machine (the header decoded in three places, the offer built from six
-# calls, the answer's hash and header built in place), 16 into 7 now: route_for, paid_request (_offers), parse_payment,
-# facts_needed, decide, kept, header (_machine), rpc.both, read_onchain, judge_onchain, chain.deposit, and the store's
-# five (answered, take_lease, payment, begin_deposit, save_served).
-ADAPTER_TRIPS = 16
+# calls, the answer's hash and header built in place), 17 into 6 now: route_for, paid_request, the route's
+# serve_first (_config, _offers: it picks what the first look at the chain simulates), parse_payment, facts_needed,
+# decide, kept, header (_machine), chain.look and chain.deposit (the port), onchain_from_look and judge_onchain
+# (_verify), and the store's five (answered, take_lease, payment, begin_deposit, save_served). 16 with the state
+# machine alone: the chain was read by rpc.both (state, clock) and read_onchain (the checks), in two round trips.
+ADAPTER_TRIPS = 17
 _ADAPTER = "seller/_middleware.py"
 
 
-class SqliteTrace:
-    """Counts the transactions of every SQLite connection opened while it is installed."""
+class Trace(SqliteTrace):
+    """SQLite's transactions, and what else a request is counted by: receipt polls made before the deposit was
+    mined, and decodings of PAYMENT-SIGNATURE."""
 
     def __init__(self) -> None:
-        self.statements: list[str] = []
+        super().__init__()
         self.early_receipt_polls = 0
         self.header_decodes = 0
 
-    def connect(self, real: Any) -> Any:
-        def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-            conn: sqlite3.Connection = real(*args, **kwargs)
-            conn.set_trace_callback(self.statements.append)
-            return conn
-
-        return traced
-
-    def transactions(self) -> int:
-        """Explicit BEGIN ... COMMIT blocks plus the writes run on their own in autocommit mode."""
-        count, inside = 0, False
-        for statement in self.statements:
-            word = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
-            if word == "BEGIN":
-                count, inside = count + 1, True
-            elif word in ("COMMIT", "ROLLBACK", "END"):
-                inside = False
-            elif not inside and word in ("INSERT", "UPDATE", "DELETE", "REPLACE"):
-                count += 1
-        return count
-
 
 @pytest.fixture
-def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[SqliteTrace]:
-    tracer = SqliteTrace()
+def trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[Trace]:
+    tracer = Trace()
     monkeypatch.setattr(sqlite3, "connect", tracer.connect(sqlite3.connect))
     # anvil's automine mines just after eth_sendRawTransaction answers: on a loaded machine the first receipt
-    # poll can come too early. Such polls (receipt None) are counted apart, so the pin holds under load.
+    # poll can come too early. Such polls (receipt None) are counted apart, so the pins hold under load.
     real = TxSender.receipt
 
     def receipt(self: TxSender, tx_hash: bytes) -> Any:
@@ -153,19 +146,27 @@ def _trips(trips: Counter[str]) -> Any:
     return profile
 
 
-def _costs(
-    chain: Chain, tmp_path: Path, trace: SqliteTrace, trips: Counter[str] | None = None, **settings: Any
-) -> tuple[dict[str, int], int, Any]:
-    """The JSON-RPC calls and SQLite transactions of the second paid GET /report/{item} of a fresh shop."""
+@dataclass
+class Costs:
+    """What the second paid GET /report/{item} of a fresh shop cost."""
+
+    calls: dict[str, int]  # JSON-RPC calls by method
+    round_trips: int  # HTTP requests to the node (a batch is one)
+    transactions: int  # SQLite transactions
+    response: httpx.Response
+
+
+def _costs(chain: Chain, tmp_path: Path, trace: Trace, trips: Counter[str] | None = None, **settings: Any) -> Costs:
+    """The JSON-RPC calls, round trips and SQLite transactions of the second paid GET /report/{item} of a fresh shop."""
     chain.mine()
     with RpcProxy(chain.node.url) as proxy:
         shop = make_shop(chain, tmp_path / "seller.sqlite", rpc_url=proxy.url, **settings)
 
-        async def pay(item: str) -> tuple[Counter[str], int, httpx.Response]:
+        async def pay(item: str) -> Costs:
             async with shop.client() as client:
                 payment = sign_payment(chain, await quote(client, "GET", f"/report/{item}"))
-                calls_before, statements_before = Counter(proxy.calls), len(trace.statements)
-                early_before = trace.early_receipt_polls
+                calls_before, trips_before = Counter(proxy.calls), len(proxy.requests)
+                statements_before, early_before = len(trace.statements), trace.early_receipt_polls
                 profile = _trips(trips) if trips is not None and item == "counted" else None
                 sys.setprofile(profile)
                 threading.setprofile(profile)
@@ -175,39 +176,41 @@ def _costs(
                     sys.setprofile(None)
                     threading.setprofile(None)
                 assert response.status_code == 200, response.text
+                early = trace.early_receipt_polls - early_before  # each its own request, of one call
                 calls = Counter(proxy.calls)
                 calls.subtract(calls_before)
-                calls["eth_getTransactionReceipt"] -= trace.early_receipt_polls - early_before
-                tail = SqliteTrace()
-                tail.statements = trace.statements[statements_before:]
-                return +calls, tail.transactions(), response
+                calls["eth_getTransactionReceipt"] -= early
+                round_trips = len(proxy.requests) - trips_before - early
+                return Costs(dict(+calls), round_trips, trace.since(statements_before).transactions(), response)
 
         asyncio.run(pay("warm-up"))  # the first request also reads what the app caches (chain id, domain, ...)
-        calls, transactions, response = asyncio.run(pay("counted"))
+        costs = asyncio.run(pay("counted"))
     assert shop.calls == {"report": 2}
-    return dict(calls), transactions, response
+    return costs
 
 
 def test_one_paid_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
-    chain: Chain, tmp_path: Path, trace: SqliteTrace
+    chain: Chain, tmp_path: Path, trace: Trace
 ) -> None:
     trips: Counter[str] = Counter()
-    calls, transactions, _ = _costs(chain, tmp_path, trace, trips)
+    costs = _costs(chain, tmp_path, trace, trips)
     # The header decoded once per request (three times before): the quotes' 402s decode nothing.
     assert trace.header_decodes == 2  # the warm-up request and the counted one
-    print(f"one paid request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
+    print(
+        f"one paid request: {sum(costs.calls.values())} JSON-RPC calls {costs.calls} in {costs.round_trips} "
+        f"round trips, {costs.transactions} SQLite transactions"
+    )
     print(f"{sum(trips.values())} trips from the adapter: {dict(trips)}")
-    assert calls == RPC_CALLS
-    assert transactions == SQLITE_TRANSACTIONS
+    assert costs.calls == RPC_CALLS
+    assert costs.round_trips == RPC_ROUND_TRIPS
+    assert costs.transactions == SQLITE_TRANSACTIONS
     assert sum(trips.values()) <= ADAPTER_TRIPS, dict(trips)
     assert trips["seller/_machine.py:decide"] == 1 and trips["seller/_machine.py:parse_payment"] == 1
 
 
-def test_one_serve_first_request_makes_the_pinned_rpc_calls_and_sqlite_transactions(
-    chain: Chain, tmp_path: Path, trace: SqliteTrace
-) -> None:
+def test_one_serve_first_request_reads_the_chain_in_one_round_trip(chain: Chain, tmp_path: Path, trace: Trace) -> None:
     routes = [PricedRoute("GET", "/report/{item}", amount=PRICE, settlement=SettlementMode.SERVE_FIRST)]
-    calls, transactions, response = _costs(
+    costs = _costs(
         chain,
         tmp_path,
         trace,
@@ -217,8 +220,12 @@ def test_one_serve_first_request_makes_the_pinned_rpc_calls_and_sqlite_transacti
         serve_first_max_total=10 * PRICE,
         poster_interval=3600.0,
     )
-    print(f"one serve-first request: {sum(calls.values())} JSON-RPC calls {calls}, {transactions} SQLite transactions")
-    settle = decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER])
+    print(
+        f"one serve-first request: {sum(costs.calls.values())} JSON-RPC calls {costs.calls} in "
+        f"{costs.round_trips} round trips, {costs.transactions} SQLite transactions"
+    )
+    settle = decode_payment_response(costs.response.headers[PAYMENT_RESPONSE_HEADER])
     assert SettlementExtra.from_json(settle.extra).settlement is SettlementStatus.PENDING  # answered unsettled
-    assert calls == SERVE_FIRST_RPC_CALLS
-    assert transactions == SERVE_FIRST_SQLITE_TRANSACTIONS
+    assert costs.calls == SERVE_FIRST_RPC_CALLS
+    assert costs.round_trips == SERVE_FIRST_RPC_ROUND_TRIPS
+    assert costs.transactions == SERVE_FIRST_SQLITE_TRANSACTIONS

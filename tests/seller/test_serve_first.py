@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from eth_utils.crypto import keccak
 from fixtures.chain import Chain
 from helpers import BUYER, BUYER2, SELLER, STRANGER, address
 
@@ -251,6 +252,29 @@ def test_serve_first_refuses_what_hold_refuses_before_the_handler_runs(chain: Ch
     assert response.status_code == 402
     assert response.json()["error"] == Reason.INSUFFICIENT_BALANCE
     assert "report" not in shop.calls
+
+
+def test_a_settlement_whose_pull_would_revert_is_refused_with_the_revert_before_the_handler(
+    chain: Chain, tmp_path: Path
+) -> None:
+    """Balance and authorization fine, the pull itself reverts (the token blocks the escrow as a recipient):
+    the eth_call of the settlement says so, decoded, and nothing is served or queued."""
+    token = chain.deploy_token("BlockingToken")
+    shop = _shop(chain, tmp_path, token=token.address)
+    set_blocked = keccak(text="setBlocked(address)")[:4] + bytes(12) + bytes.fromhex(chain.escrow.address[2:])
+    chain.deployer.transact(token.address, set_blocked)
+
+    async def run() -> httpx.Response:
+        async with shop.client() as client:
+            response, _ = await buy(client, chain, "GET", "/report/frozen")
+            return response
+
+    response = asyncio.run(run())
+    assert response.status_code == 402, response.text
+    error = response.json()["error"]
+    assert error == f"{Reason.SIMULATION_FAILED}: RecipientBlocked(to={chain.escrow.address})", error
+    assert "report" not in shop.calls
+    assert shop.middleware.store.settlements_due() == [] and shop.middleware.store.exposure() == 0
 
 
 def test_serve_first_settings_are_checked_when_built(chain: Chain, tmp_path: Path) -> None:

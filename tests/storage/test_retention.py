@@ -10,6 +10,7 @@ import pytest
 from eth_utils.address import to_checksum_address
 
 from escrow_py.buyer import Journal, PaymentState
+from escrow_py.buyer._journal import PaymentRow
 from escrow_py.buyer._ledger import LedgerStatus
 from escrow_py.buyer._policy import PaymentContext, Policy
 from escrow_py.chain.tx import SentTx
@@ -66,8 +67,9 @@ def _pay(journal: Journal, n: int, deadline: int) -> bytes:
     )
     ctx = PaymentContext("eip155:84532", TOKEN, "0xescrow", SELLER, "shop.test", 1_000, 60, "default")
     assert journal.reserve(escrow_id, terms, ctx, Policy(total_budget=10**9)).allowed
-    journal.record(escrow_id=escrow_id, chain_id=84532, escrow="0xescrow", method="GET", url=f"http://shop.test/{n}",
-                   headers={}, body=b"", terms=terms, valid_before=deadline, payment_header="x")  # fmt: skip
+    journal.record(PaymentRow(escrow_id=escrow_id, chain_id=84532, escrow="0xescrow", method="GET",
+                              url=f"http://shop.test/{n}", headers={}, body=b"", terms=terms, valid_before=deadline,
+                              payment_header="x"))  # fmt: skip
     return escrow_id
 
 
