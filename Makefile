@@ -63,22 +63,26 @@ artifacts: bootstrap
 
 # Everything, the Ape deployment test included (ape's own pytest plugin stays disabled:
 # the deploy test drives `ape run deploy` in a subprocess).
-# Two xdist workers (the machine has two cores), each with its own anvil chains on free ports;
-# the 25 slowest tests are listed at the end, where the time goes.
-PYTEST_WORKERS ?= 2
+# Four xdist workers on two cores: much of the suite waits (on blocks, deadlines, processes starting,
+# other processes' answers), and a third and fourth worker run tests in that idle time. Each worker
+# has its own anvil chains on free ports. The longest tests go first (tests/durations.json,
+# tests/fixtures/schedule.py) and `--maxschedchunk 1` hands each free worker the next one, so no long
+# test starts last. The 25 slowest tests are listed at the end, where the time goes.
+PYTEST_WORKERS ?= 4
+PYTEST_XDIST   := -n $(PYTEST_WORKERS) --maxschedchunk 1
 
 test: bootstrap lint ape
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --durations=25
+	$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25
 
 # One tier at a time (markers set in tests/conftest.py): unit needs no anvil and takes seconds.
 test-unit: bootstrap
 	$(BIN)/pytest -q -m unit
 
 test-contracts: bootstrap
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m contracts
+	$(BIN)/pytest -q $(PYTEST_XDIST) -m contracts
 
 test-integration: bootstrap ape
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m integration
+	$(BIN)/pytest -q $(PYTEST_XDIST) -m integration
 
 # The operator console's browser test drives Debian's chromium through Playwright (no browser
 # download); chromium is installed from the distribution if missing (needs root).

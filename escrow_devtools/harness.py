@@ -7,13 +7,15 @@ with serving(app) as running:      # started (lifespan on) before the block runs
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import uvicorn
 
 from escrow_devtools.anvil import free_port
@@ -61,3 +63,33 @@ def serving(
     finally:
         server.should_exit = True
         thread.join(stop_timeout)
+
+
+def wait_until_answering(
+    url: str,
+    *,
+    ready: Callable[[httpx.Response], bool] = lambda _: True,
+    process: subprocess.Popen[Any] | None = None,
+    output: Callable[[], str] = lambda: "",
+    timeout: float = 60.0,
+    what: str = "the server",
+) -> None:
+    """Poll `url` every 0.1 s until an answer is `ready` (by default: any answer); a server started in another process.
+
+    Raises ServerDidNotStart when `process` exits first (with its `output()`) or after `timeout` seconds.
+    One HTTP client serves every poll: a new one per poll (`httpx.get`) builds a TLS context each time,
+    about 40 ms of CPU, which on a loaded machine is taken from the very process being waited for.
+    """
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2) as client:
+        while True:
+            if process is not None and process.poll() is not None:
+                raise ServerDidNotStart(f"{what} exited ({process.returncode}) at start-up:\n{output()}")
+            if time.monotonic() > deadline:
+                raise ServerDidNotStart(f"{what} did not answer {url} as started within {timeout:.0f}s")
+            try:
+                if ready(client.get(url)):
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)

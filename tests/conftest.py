@@ -7,7 +7,8 @@ Tiers (markers, set here from where a test lives and what it needs, so no test f
     contracts    the contract itself on anvil (tests/contracts/)
     integration  everything else on anvil: the roles, uvicorn, processes, the CLI, the benchmarks, and
                  every test on the throwaway PostgreSQL server (the `db_url` fixture's postgresql half)
-    slow         the long ones (crash and soak trials), a subset of integration
+    slow         20 s or more alone on the two-core machine (crash and soak trials, the demo, Ape, the
+                 benchmarks, the contract fuzzing, the fresh compile): in the integration and contracts tiers
 
 A test is `integration` when it uses the `chain` fixture, when it lives in one of the files below
 (they start their own anvil, ape or the CLI in subprocesses), or when it says so itself.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.chain", "fixtures.fake_chain", "fixtures.postgres"]
+pytest_plugins = ["fixtures.chain", "fixtures.fake_chain", "fixtures.postgres", "fixtures.schedule"]
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "contracts", "integration")

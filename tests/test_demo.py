@@ -52,6 +52,7 @@ def _assert_every_story_told(stdout: str) -> None:
     assert stdout.rstrip().endswith("every token accounted for")
 
 
+@pytest.mark.slow
 def test_demo_plays_every_story_on_a_fresh_anvil_and_accounts_for_every_token(tmp_path: Path) -> None:
     out = _demo("--workdir", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -71,6 +72,7 @@ def test_demo_plays_every_story_on_a_fresh_anvil_and_accounts_for_every_token(tm
             assert not path.exists() or key not in path.read_text(errors="replace")
 
 
+@pytest.mark.slow
 def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_environment(tmp_path: Path) -> None:
     buyer, seller, keeper = 5, 6, 7  # not the local defaults: the keys must come from the environment
     with Anvil(block_time=1) as node:
@@ -129,6 +131,7 @@ def test_a_token_that_leaves_the_books_fails_the_demo(monkeypatch: pytest.Monkey
     assert out.getvalue().rstrip().endswith("ACCOUNTING FAILED")
 
 
+@pytest.mark.slow
 def test_demo_with_a_facilitator_plays_every_story_with_a_keyless_seller(tmp_path: Path) -> None:
     out = _demo("--facilitator", "--workdir", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr

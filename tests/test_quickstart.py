@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, until
 
 from escrow_devtools.anvil import dev_private_key, free_port
+from escrow_devtools.harness import wait_until_answering
 from escrow_py.chain.registry import DEPLOYMENTS_DIR, ESCROW_ADDRESS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,15 +80,13 @@ def test_the_mcp_examples_pay_for_a_tool_call_over_streamable_http(chain: Chain,
     )
     url = f"http://127.0.0.1:{port}/mcp"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the example MCP server did not start"
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_answering(
+            url,
+            process=server,
+            output=lambda: server.stderr.read() if server.stderr else "",
+            timeout=60,
+            what="the example MCP server",
+        )
         seller_before = chain.token.balance_of(address(SELLER))
         client = subprocess.run(
             [sys.executable, str(EXAMPLES / "mcp_client.py"), url, "widget"],

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, STRANGER, address, deposit, make_terms
 
 from escrow_devtools.anvil import dev_private_key, free_port
+from escrow_devtools.harness import wait_until_answering
 from escrow_py.protocol.terms import State
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,15 +56,14 @@ def test_the_seller_and_buyer_examples_pay_and_deliver_over_http(chain: Chain, t
     )
     url = f"http://127.0.0.1:{port}/report/readme"
     try:
-        deadline = time.monotonic() + 120  # a loaded machine takes long to import web3
-        while True:
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the example seller did not start"
-            try:
-                if httpx.get(url, timeout=1).status_code == 402:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_answering(  # a loaded machine takes long to import web3
+            url,
+            ready=lambda answer: answer.status_code == 402,
+            process=server,
+            output=lambda: server.stderr.read() if server.stderr else "",
+            timeout=120,
+            what="the example seller",
+        )
         seller_before = chain.token.balance_of(address(SELLER))
         buyer = subprocess.run(
             [sys.executable, str(REPO / "examples" / "buyer.py"), url],

@@ -41,7 +41,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from escrow_devtools.anvil import free_port
-from escrow_devtools.harness import serving
+from escrow_devtools.harness import serving, wait_until_answering
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
 from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, authorization_for, typed_data
@@ -81,6 +81,9 @@ def replica_app() -> ASGIApp:
     settings: dict[str, Any] = json.loads(os.environ[CONFIG_ENV])
     runs_dir = Path(settings["runs_dir"])
     work = float(settings.get("work_seconds", 0.0))
+    # A handler whose work blocks its event loop (sync code in an async handler): the case that
+    # starves anything else the replica schedules on that loop while it runs.
+    blocking = bool(settings.get("blocking_work", False))
     config = SellerConfig(
         rpc_url=settings["rpc_url"],
         escrow=settings["escrow"],
@@ -109,7 +112,10 @@ def replica_app() -> ASGIApp:
     @app.get("/report/{item}")
     async def report(item: str, request: Request) -> Response:
         record_run(request, "report")
-        await asyncio.sleep(work)
+        if blocking:
+            time.sleep(work)
+        else:
+            await asyncio.sleep(work)
         # Bytes unique to this run: two runs of one payment can never serve the same body.
         body = json.dumps({"item": item, "pid": os.getpid(), "run": secrets.token_hex(8), "at": time.time()})
         return Response(body.encode(), media_type="application/json")
@@ -161,6 +167,7 @@ class Replicas:
         workers: int = 1,
         work_dir: Path,
         work_seconds: float = 0.0,
+        blocking_work: bool = False,
         seller: dict[str, Any] | None = None,
         poster_interval: float = 0.2,
     ) -> None:
@@ -175,6 +182,7 @@ class Replicas:
             "store": store,
             "runs_dir": str(self.runs_dir),
             "work_seconds": work_seconds,
+            "blocking_work": blocking_work,
             "poster_interval": poster_interval,
             # Behind a balancer every replica prices the one public URL, whichever port a request reached.
             "seller": {"public_base_url": PUBLIC_URL, **(seller or {})},
@@ -203,18 +211,14 @@ class Replicas:
             raise
 
     def _wait_ready(self, n: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.processes[n].poll() is not None:
-                raise RuntimeError(f"replica {n} exited at start-up:\n{self.logs[n].read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"replica {n} did not start in {timeout:.0f}s")
-            try:
-                if httpx.get(f"{self.urls[n]}/report/ping", timeout=2).status_code == 402:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_until_answering(
+            f"{self.urls[n]}/report/ping",
+            ready=lambda answer: answer.status_code == 402,
+            process=self.processes[n],
+            output=lambda: self.logs[n].read_text()[-3000:],
+            timeout=timeout,
+            what=f"replica {n}",
+        )
 
     def kill(self, n: int) -> None:
         """SIGKILL replica `n` and its workers (no shutdown, no last poster pass): a crash."""

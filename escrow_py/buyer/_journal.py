@@ -101,6 +101,7 @@ MIGRATIONS = (
     Migration(1, "payments and ledger", _SCHEMA + ";" + ledger.SCHEMA),
     Migration(2, "deadlines, running totals, indexes", _SCHEMA_2 + ";" + ledger.TOTALS, run=_schema_2),
     Migration(3, "a covering index of the committed rows for the budget windows", ledger.COMMITTED),
+    Migration(4, "committed amounts per hour for the budget windows", ledger.HOURS, run=ledger.fill_hours),
 )
 FINAL = tuple(s.value for s in PaymentState if s.final)
 

@@ -10,7 +10,8 @@ is always the budget minus what is reserved minus what is spent.
 What is committed (reserved + spent) is kept as running totals per (token, task,
 seller) in `ledger_totals`, moved with every change of status, so a budget check
 reads a handful of rows however long the history is (and pruned rows stay counted);
-the time windows sum the rows of the window only, through a covering index.
+the time windows read per-hour totals (`ledger_hours`, moved the same way) and the rows
+of the window's first, partial hour only.
 
     reserved ──delivered, mismatch, released on chain──► spent
         │  └──refunded, void, never sent───────────────► released
@@ -66,6 +67,38 @@ DROP INDEX ledger_window
 """
 
 
+# Schema 4: what is committed per (token, hour reserved), moved with every change of status as the totals are, so
+# a window sums at most one bucket per hour of it plus the rows of its first, partial hour: a day's window reads
+# 24 buckets and an hour of rows however many payments the day had (at 100,000 payments over 30 days, 3,333 rows
+# were summed per check before, 2 ms of the budget check's 3.4 ms of CPU).
+HOUR = 3600
+HOURS = """
+CREATE TABLE ledger_hours (
+    token TEXT NOT NULL, hour INTEGER NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (token, hour)
+)
+"""
+
+
+# One window's committed sum: the buckets of its whole hours, and the rows of the partial hour before them.
+_WINDOW_SQL = (
+    "(SELECT COALESCE(SUM(committed), 0) FROM ledger_hours WHERE token = ? AND hour >= ?) + "  # noqa: S608 - constants
+    "(SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE token = ? AND reserved_at >= ? AND reserved_at < ? AND "
+    + _COMMITTED_SQL
+    + ")"
+)
+
+
+def fill_hours(tx: Tx) -> None:
+    """Schema 4's buckets, from the committed rows a journal of schema 3 holds (the hour computed here: the two
+    engines round a REAL to an INTEGER differently)."""
+    sums: dict[tuple[str, int], int] = {}
+    for token, reserved_at, amount in tx.all(f"SELECT token, reserved_at, amount FROM ledger WHERE {_COMMITTED_SQL}"):  # noqa: S608
+        key = (str(token), int(float(reserved_at) // HOUR))
+        sums[key] = sums.get(key, 0) + int(amount)
+    tx.executemany("INSERT INTO ledger_hours (token, hour, committed) VALUES (?, ?, ?)",
+                   [(token, hour, total) for (token, hour), total in sums.items()])  # fmt: skip
+
+
 def fill_totals(tx: Tx) -> None:
     """Schema 2's totals, from the rows a journal of schema 1 holds."""
     tx.execute(
@@ -113,24 +146,24 @@ def lock_budget(tx: Tx, token: str) -> None:
 def usage(tx: Tx, ctx: PaymentContext, windows: tuple[int, ...], now: float) -> Usage:
     """What is committed (reserved + spent) in ctx's token: overall, for its task, its seller, each window.
 
-    One statement (one round trip): the token's running totals (one row per task and seller), and a sum per
-    window over the committed rows of the longest one, through the covering index `ledger_committed`.
+    One statement (one round trip): the token's running totals (one row per task and seller), and per window
+    the hourly buckets from its first whole hour on plus the committed rows of the partial hour before that
+    (through the covering index `ledger_committed`).
     """
     totals = (
         "SELECT COALESCE(SUM(committed), 0) AS total, COALESCE(SUM(CASE WHEN task = ? THEN committed ELSE 0 END), 0) "
         "AS task, COALESCE(SUM(CASE WHEN seller = ? THEN committed ELSE 0 END), 0) AS seller "
         "FROM ledger_totals WHERE token = ?"
     )
-    args: list[object] = [ctx.task, ctx.seller, ctx.token]
-    sums = ", ".join(f"COALESCE(SUM(CASE WHEN reserved_at >= ? THEN amount ELSE 0 END), 0) AS w{i}"
-                     for i in range(len(windows)))  # fmt: skip
+    args: list[object] = []
+    for seconds in windows:  # their placeholders come first in the statement
+        start = now - seconds
+        whole = -(-start // HOUR)  # the first hour wholly inside the window
+        args += [ctx.token, int(whole), ctx.token, start, whole * HOUR]
     if windows:
-        totals = (
-            f"SELECT t.total, t.task, t.seller, {', '.join(f'w.w{i}' for i in range(len(windows)))} "  # noqa: S608
-            f"FROM ({totals}) t, (SELECT {sums} FROM ledger WHERE token = ? AND reserved_at >= ? "
-            f"AND {_COMMITTED_SQL}) w"
-        )
-        args += [*(now - s for s in windows), ctx.token, now - max(windows)]
+        sums = ", ".join([_WINDOW_SQL] * len(windows))
+        totals = f"SELECT t.total, t.task, t.seller, {sums} FROM ({totals}) t"  # noqa: S608
+    args += [ctx.task, ctx.seller, ctx.token]
     row = tx.one(totals, args)
     values = [int(v) for v in row] if row else [0] * (3 + len(windows))
     return Usage(total=values[0], task=values[1], seller=values[2],
@@ -145,18 +178,27 @@ def _add(tx: Tx, token: str, task: str, seller: str, amount: int) -> None:
     )
 
 
+def _add_hour(tx: Tx, token: str, reserved_at: float, amount: int) -> None:
+    tx.execute(
+        "INSERT INTO ledger_hours (token, hour, committed) VALUES (?, ?, ?) "
+        "ON CONFLICT (token, hour) DO UPDATE SET committed = ledger_hours.committed + excluded.committed",
+        (token, int(reserved_at // HOUR), amount),
+    )
+
+
 def insert_reservation(tx: Tx, escrow_id: bytes, ctx: PaymentContext, now: float) -> None:
     tx.execute(
         "INSERT INTO ledger (escrow_id, task, seller, token, amount, status, reserved_at) VALUES (?,?,?,?,?,?,?)",
         (escrow_id, ctx.task, ctx.seller, ctx.token, ctx.amount, LedgerStatus.RESERVED.value, now),
     )
     _add(tx, ctx.token, ctx.task, ctx.seller, ctx.amount)
+    _add_hour(tx, ctx.token, now, ctx.amount)
 
 
 def _move(tx: Tx, escrow_id: bytes, status: LedgerStatus, now: float, *, chain_final: bool) -> None:
     """Set a row's status; the totals follow. The row is locked first, so two moves of it add up."""
     lock = tx.for_update(skip_locked=False)
-    query = f"SELECT status, token, task, seller, amount FROM ledger WHERE escrow_id = ?{lock}"  # noqa: S608
+    query = f"SELECT status, token, task, seller, amount, reserved_at FROM ledger WHERE escrow_id = ?{lock}"  # noqa: S608
     row = tx.one(query, (escrow_id,))
     if row is None:
         return
@@ -169,7 +211,9 @@ def _move(tx: Tx, escrow_id: bytes, status: LedgerStatus, now: float, *, chain_f
     elif before is not status:
         tx.execute("UPDATE ledger SET status = ?, settled_at = ? WHERE escrow_id = ?", (status.value, now, escrow_id))
     if before.committed != status.committed:
-        _add(tx, str(row[1]), str(row[2]), str(row[3]), int(row[4]) if status.committed else -int(row[4]))
+        amount = int(row[4]) if status.committed else -int(row[4])
+        _add(tx, str(row[1]), str(row[2]), str(row[3]), amount)
+        _add_hour(tx, str(row[1]), float(row[5]), amount)
 
 
 def set_status(tx: Tx, escrow_id: bytes, status: LedgerStatus, now: float) -> None:

@@ -19,7 +19,6 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
@@ -55,6 +54,7 @@ from escrow_py.protocol.wire import (
     Unavailable as UnavailableBody,
 )
 from escrow_py.seller._chain import seller_chain
+from escrow_py.seller._claims import Claim, ClaimHeartbeat
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._machine import (
     CHAIN_RETRY_AFTER,
@@ -144,21 +144,6 @@ class SellerUnavailable(EscrowError):
         self.retry_after = retry_after
 
 
-@dataclass(slots=True)
-class Claim:
-    """The payment's claim (a lease row) this request holds; `released` once given up."""
-
-    name: str
-    owner: str
-    finishing: bool = False  # the answer is being stored: no more renewals
-    released: bool = False  # the store write that stored the answer deleted the lease row too
-
-    def hand_over(self) -> tuple[str, str]:
-        """The lease, for the store write that answers the payment to delete in its own transaction."""
-        self.finishing = True
-        return self.name, self.owner
-
-
 class EscrowMiddleware:
     """Prices routes of an ASGI app with delivery-escrow payments (DESIGN.md sections 3 and 4).
 
@@ -192,6 +177,10 @@ class EscrowMiddleware:
     @functools.cached_property
     def _rules(self) -> Rules:
         return Rules(self.config.min_time_left, self.config.deadline_slack)
+
+    @functools.cached_property
+    def _heartbeat(self) -> ClaimHeartbeat:
+        return ClaimHeartbeat(self.store, self.config.claim_seconds)
 
     @staticmethod
     def of(app: Any) -> EscrowMiddleware:
@@ -317,8 +306,9 @@ class EscrowMiddleware:
 
         The claim is a lease row in the database, so it holds across processes and hosts. A
         copy of a payment another request holds waits for that one's stored answer (and replays
-        it) for up to `claim_wait` seconds, then gets 503 payment_in_progress. The holder renews
-        the claim while it works; if it dies, the claim expires after `claim_seconds` and the next
+        it) for up to `claim_wait` seconds, then gets 503 payment_in_progress. The holder's process
+        renews the claim while it works (_claims.ClaimHeartbeat: on a thread of its own, so a busy
+        event loop cannot starve it); if it dies, the claim expires after `claim_seconds` and the next
         copy takes the payment over where the store says it stopped. An answered payment needs
         no claim (None): its replay only reads. The claim is given up in the same store
         transaction that stores the answer (Claim.released), else when the request ends.
@@ -330,7 +320,7 @@ class EscrowMiddleware:
         claim = Claim(f"payment:0x{escrow_id.hex()}", f"{self.replica}:{secrets.token_hex(4)}")
         give_up = time.monotonic() + config.claim_wait
         pause = 0.02
-        while not await _blocking(store.take_lease, claim.name, claim.owner, config.claim_seconds):
+        while not await _blocking(self._heartbeat.take, claim):
             if await _blocking(store.answered, escrow_id):
                 yield None  # the holder answered meanwhile: _settle replays its stored response
                 return
@@ -338,35 +328,14 @@ class EscrowMiddleware:
                 raise SellerUnavailable(IN_PROGRESS.reason, IN_PROGRESS.public, IN_PROGRESS.retry_after)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
-        renewal = asyncio.get_running_loop().create_task(self._renew(claim))
         try:
             yield claim
         finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
+            self._heartbeat.drop(claim)
             if not claim.released:
                 # Shielded: a request cancelled by its client still hands the payment on at once.
                 with anyio.CancelScope(shield=True), contextlib.suppress(EscrowError, OSError):
                     await _blocking(store.release_lease, claim.name, claim.owner)
-
-    async def _renew(self, claim: Claim) -> None:
-        """Keep the claim while the request runs (a deposit or handler may outlast one lease)."""
-        seconds = self.config.claim_seconds
-        while True:
-            await asyncio.sleep(seconds / 3)
-            if claim.finishing:
-                return
-            try:
-                held = await _blocking(self.store.take_lease, claim.name, claim.owner, seconds)
-            except (EscrowError, OSError) as exc:
-                log.warning("claim %s not renewed: %s", claim.name, exc)
-                continue
-            if not held:
-                # Someone took it over (this replica stalled past the lease). The store still keeps one
-                # answer: whichever response is stored first is the one every replica serves.
-                log.error("claim %s lost to another replica while handling it", claim.name)
-                return
 
     def _verify(self, parsed: ParsedPayment, request: PaidRequest, chain_time: int) -> VerifiedPayment:
         """The off-chain rules at `chain_time` (FacilitatorMiddleware checks its facilitator's answers with it)."""
@@ -654,35 +623,35 @@ class EscrowMiddleware:
         or costs nobody anything (serve-first: the record is dropped, no transaction is sent). Serve-first's
         settlement is the seller's before-settle hooks' to decline (`envelope`: the buyer's, for them)."""
         escrow_id, terms, store = verified.escrow_id, verified.payload.terms, self.store
+        if not await self._still_held(claim):  # this run stalled past its lease and was taken over
+            await self._answer_of_another(send, escrow_id)
+            return
         response = await self._run_handler(scope, receive, request.body)
         if serve_first and response.status < 400 and envelope is not None:
-            declined = await self._before_settle_first(request, envelope, escrow_id)
+            declined = await self._before_settle_first(request, envelope, escrow_id, claim)
             if declined is not None:
                 await self._decline(send, request, verified, declined, claim)
                 return
-        release = claim.hand_over() if claim is not None else None
+        save: functools.partial[bool]  # given the claim to release (release=) by _answer_once
         if response.status < 400:
             keep = kept(verified, response.body, deposit_tx, serve_first=serve_first)
             if serve_first:
-                saved = await _blocking(
-                    store.save_served_first, escrow_id, response, keep.delivery_hash, release=release
-                )
+                save = functools.partial(store.save_served_first, escrow_id, response, keep.delivery_hash)
             else:
-                saved = await _blocking(
-                    store.save_served, escrow_id, terms, response, keep.delivery_hash, deposit_tx=deposit_tx,
-                    release=release,
-                )  # fmt: skip
-            if claim is not None:
-                claim.released = True
-            if not saved:
-                await self._replay_stored(send, escrow_id)
-                return
-            await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
+                save = functools.partial(
+                    store.save_served, escrow_id, terms, response, keep.delivery_hash, deposit_tx=deposit_tx
+                )
+            settle = self._settlement(terms.buyer, keep.answer)
+            await self._answer_once(send, claim, escrow_id=escrow_id, save=save, response=response, settle=settle)
             return
         if serve_first:
-            await _blocking(store.forget_serve_first, escrow_id)
             answer = handler_failed(escrow_id, terms, None, None, serve_first=True)
-            await self._send_response(send, response, self._settlement(terms.buyer, answer))
+            save = functools.partial(store.forget_serve_first, escrow_id)
+            settle = self._settlement(terms.buyer, answer)
+            await self._answer_once(send, claim, escrow_id=escrow_id, save=save, response=response, settle=settle)
+            return
+        if not await self._still_held(claim):  # a refund now could undo the answer of the run that took over
+            await self._answer_of_another(send, escrow_id)
             return
         refund_tx: bytes | None = None
         try:
@@ -700,19 +669,38 @@ class EscrowMiddleware:
         except (EscrowError, OSError, TimeoutError) as exc:
             # The poster retries it; failing that, the keeper refunds after the deadline.
             log.warning("refund of 0x%s failed: %s", escrow_id.hex(), exc)
-        saved = await _blocking(
-            store.save_failed, escrow_id, response, refund_tx, deposit_tx=deposit_tx, release=release
-        )
+        answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False)
+        save = functools.partial(store.save_failed, escrow_id, response, refund_tx, deposit_tx=deposit_tx)
+        settle = self._settlement(terms.buyer, answer)
+        await self._answer_once(send, claim, escrow_id=escrow_id, save=save, response=response, settle=settle)
+
+    async def _answer_once(
+        self,
+        send: Send,
+        claim: Claim | None,
+        *,
+        escrow_id: bytes,
+        save: functools.partial[bool],
+        response: StoredResponse,
+        settle: str,
+    ) -> None:
+        """Store this run's answer (_store_once), then send it, or else the answer of the run that has the payment."""
+        if not await self._store_once(claim, save):
+            await self._answer_of_another(send, escrow_id)
+            return
+        await self._send_response(send, response, settle)
+
+    async def _store_once(self, claim: Claim | None, save: functools.partial[bool]) -> bool:
+        """Run the store write `save` that answers the payment, given the claim to release in its own transaction;
+        False if it wrote nothing: another response was stored first, or the claim was lost (taken over)."""
+        release = claim.hand_over() if claim is not None else None
+        saved = await _blocking(save, release=release)
         if claim is not None:
             claim.released = True
-        if not saved:
-            await self._replay_stored(send, escrow_id)
-            return
-        answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False)
-        await self._send_response(send, response, self._settlement(terms.buyer, answer))
+        return saved
 
     async def _before_settle_first(
-        self, request: PaidRequest, envelope: PaymentPayload, escrow_id: bytes
+        self, request: PaidRequest, envelope: PaymentPayload, escrow_id: bytes, claim: Claim | None
     ) -> str | None:
         """A serve-first payment's before-settle hooks, after its handler succeeded and before its settlement is
         queued (phase "after-handler"): the reason one declined it, or None. A hook that raises decides nothing:
@@ -725,7 +713,8 @@ class EscrowMiddleware:
             aborted = await SellerHooks.run(hooks.before_settle, context)
         except Exception:
             log.exception("a before-settle hook raised for serve-first 0x%s; not served, not charged", escrow_id.hex())
-            await _blocking(self.store.forget_serve_first, escrow_id)
+            # Dropped with the claim given up in the same transaction (nothing, if another run took it over).
+            await self._store_once(claim, functools.partial(self.store.forget_serve_first, escrow_id))
             raise SellerUnavailable(Reason.SELLER_HOOK_FAILED, HOOK_FAILED, HOOK_RETRY_AFTER) from None
         return None if aborted is None else aborted.reason
 
@@ -736,23 +725,31 @@ class EscrowMiddleware:
         claim given up in the same transaction), and answered as the SDK answers a settlement its hook
         aborted: 402 with the hook's reason, the handler's response withheld. A replay gets the same 402."""
         escrow_id = verified.escrow_id
-        release = claim.hand_over() if claim is not None else None
-        declined = await _blocking(self.store.decline_serve_first, escrow_id, reason, release=release)
-        if claim is not None:
-            claim.released = True
-        if not declined:
-            await self._replay_stored(send, escrow_id)
+        if not await self._store_once(claim, functools.partial(self.store.decline_serve_first, escrow_id, reason)):
+            await self._answer_of_another(send, escrow_id)
             return
         log_sale(Sale.DECLINED, escrow_id, verified.terms, route=_route_name(request.route), reason=reason)
         await self._send_required(send, request, 402, reason)
 
-    async def _replay_stored(self, send: Send, escrow_id: bytes) -> None:
-        """Another run's response was stored first (this one's claim had lapsed): that one is the answer."""
-        log.error("payment 0x%s was answered by another replica meanwhile; serving its response", escrow_id.hex())
-        payment = await _blocking(self.store.payment, escrow_id)
-        if payment is None or payment.response is None:  # save_* found one stored: it cannot have vanished
-            raise EscrowError(f"payment 0x{escrow_id.hex()}: no stored response after a refused save")
-        await self._replay(send, payment, payment.response)
+    async def _still_held(self, claim: Claim | None) -> bool:
+        """Renew the claim now, before what must not run twice; False if another run took it over."""
+        return claim is None or await _blocking(self._heartbeat.confirm, claim)
+
+    async def _answer_of_another(self, send: Send, escrow_id: bytes) -> None:
+        """This run lost the payment (its claim lapsed and was taken over, or another response was stored
+        first): the answer is the other run's stored response, waited for up to `claim_wait` seconds, else
+        503 payment_in_progress, as for any copy of a payment being handled. Never this run's own bytes."""
+        log.error("payment 0x%s is another run's now (this one's claim lapsed); serving its answer", escrow_id.hex())
+        give_up, pause = time.monotonic() + self.config.claim_wait, 0.02
+        while True:
+            payment = await _blocking(self.store.payment, escrow_id)
+            if payment is not None and payment.response is not None:
+                await self._replay(send, payment, payment.response)
+                return
+            if time.monotonic() > give_up:
+                raise SellerUnavailable(IN_PROGRESS.reason, IN_PROGRESS.public, IN_PROGRESS.retry_after)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         """The stored bytes again, with where their delivery or settlement stands."""

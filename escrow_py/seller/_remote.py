@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -43,6 +44,7 @@ from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
 from escrow_py.protocol.wire import SCHEME, SettlementStatus
+from escrow_py.seller._claims import Claim
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._machine import (
     Deposit,
@@ -60,7 +62,6 @@ from escrow_py.seller._machine import (
     settle_due,
 )
 from escrow_py.seller._middleware import (
-    Claim,
     EscrowMiddleware,
     SellerUnavailable,
     _abort_on,
@@ -618,14 +619,21 @@ class FacilitatorMiddleware(EscrowMiddleware):
             self._kick.set()
             return
         escrow_id, terms = verified.escrow_id, verified.terms
+        if not await self._still_held(claim):
+            await self._answer_of_another(send, escrow_id)
+            return
         response = await self._run_handler(scope, receive, request.body)
         if response.status < 400:
             keep = kept(verified, response.body, deposit_tx, serve_first=False)
-            if not await _blocking(self.store.save_served, escrow_id, terms, response, keep.delivery_hash):
-                await self._replay_stored(send, escrow_id)  # another replica's answer was stored first
+            save = functools.partial(self.store.save_served, escrow_id, terms, response, keep.delivery_hash)
+            if not await self._store_once(claim, save):
+                await self._answer_of_another(send, escrow_id)  # another run's answer was stored, or is coming
                 return
             self._kick.set()
             await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
+            return
+        if not await self._still_held(claim):  # a refund now could undo the answer of the run that took over
+            await self._answer_of_another(send, escrow_id)
             return
         refund_tx: bytes | None = None
         refunded = False
@@ -634,8 +642,8 @@ class FacilitatorMiddleware(EscrowMiddleware):
             refunded = True
         except FacilitatorDown as down:
             log.warning("refund of 0x%s queued, facilitator unavailable: %s", escrow_id.hex(), down)
-        if not await _blocking(self.store.save_failed, escrow_id, response, refund_tx):
-            await self._replay_stored(send, escrow_id)
+        if not await self._store_once(claim, functools.partial(self.store.save_failed, escrow_id, response, refund_tx)):
+            await self._answer_of_another(send, escrow_id)
             return
         if refunded and refund_tx is None:
             await _blocking(self.store.set_refunded, escrow_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -89,6 +90,8 @@ _TAKE_LEASE_SQL = (
     "WHERE leases.owner = excluded.owner OR leases.expires_at < NOW RETURNING owner"
 )
 _TAKE_LEASE = {engine: _TAKE_LEASE_SQL.replace("NOW", now) for engine, now in _DB_NOW.items()}
+# Renewal only: a lease its owner no longer holds (taken over, released) is never brought back.
+_RENEW_LEASES_SQL = "UPDATE leases SET expires_at = NOW + ? WHERE (name, owner) IN (VALUES PAIRS) RETURNING name, owner"
 
 # Serve-first (DESIGN.md section 8): the buyer's signed authorization is kept with its payment until
 # the settlement lands, since the settlement itself is what pulls the money. IF NOT EXISTS: a SQLite
@@ -479,11 +482,13 @@ class SellerStore:
         A stored response is never overwritten: False means another run's response was there first
         (a replica whose claim lapsed), and that one, whose hash is queued, is the one to answer.
         `deposit_tx` is the confirmed deposit (kept if None); `release` (lease name, owner) gives up
-        the payment's claim in the same transaction, answered or not.
+        the payment's claim in the same transaction, and nothing is written (False) unless that owner
+        still held it: a run whose claim was taken over never answers, even before the other stores.
         """
         now = time.time()
         with self._db.transaction() as tx:
-            _release(tx, release)
+            if not _release(tx, release):
+                return False  # the claim was lost: the run that took it over answers
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "deposit_tx = COALESCE(?, deposit_tx), updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
@@ -514,7 +519,8 @@ class SellerStore:
         """
         status = PaymentStatus.REFUNDED if refund_tx is not None else PaymentStatus.REFUND_PENDING
         with self._db.transaction() as tx:
-            _release(tx, release)
+            if not _release(tx, release):
+                return False  # the claim was lost: the run that took it over answers
             stored = tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = ?, response_status = ?, response_headers = ?, "
                 "response_body = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
@@ -642,6 +648,16 @@ class SellerStore:
         with self._db.transaction() as tx:
             row = tx.execute(_TAKE_LEASE[tx.engine], (name, owner, seconds)).fetchone()
         return row is not None
+
+    def renew_leases(self, leases: Sequence[tuple[str, str]], seconds: float) -> set[tuple[str, str]]:
+        """Extend each lease (name, owner) its owner still holds to `seconds` from now, in one statement; the
+        ones renewed. One missing was taken over by another owner (or released): it is not taken back."""
+        if not leases:
+            return set()
+        pairs = ", ".join("(?, ?)" for _ in leases)
+        sql = _RENEW_LEASES_SQL.replace("NOW", _DB_NOW[self._db.engine]).replace("PAIRS", pairs)
+        rows = self._db.all(sql, (seconds, *(part for lease in leases for part in lease)))
+        return {(str(name), str(owner)) for name, owner in rows}
 
     def release_lease(self, name: str, owner: str) -> None:
         """Give the lease up at once (only if `owner` still holds it)."""
@@ -783,7 +799,8 @@ class SellerStore:
         """
         now = time.time()
         with self._db.transaction() as tx:
-            _release(tx, release)
+            if not _release(tx, release):
+                return False  # the claim was lost: the run that took it over answers
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
@@ -798,22 +815,29 @@ class SellerStore:
             )
         return True
 
-    def forget_serve_first(self, escrow_id: bytes) -> None:
-        """The handler failed: nothing was served and nothing will be settled; the exposure is freed."""
+    def forget_serve_first(self, escrow_id: bytes, *, release: tuple[str, str] | None = None) -> bool:
+        """The handler failed: nothing was served and nothing will be settled; the exposure is freed.
+
+        `release` as in save_served: False (nothing deleted) if the claim was taken over meanwhile."""
         with self._db.transaction() as tx:
+            if not _release(tx, release):
+                return False
             tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (escrow_id, SettleStatus.SERVING))
             tx.execute(
                 "DELETE FROM payments WHERE escrow_id = ? AND status = ? AND response_status IS NULL",
                 (escrow_id, PaymentStatus.SERVING_FIRST),
             )
+        return True
 
     def decline_serve_first(self, escrow_id: bytes, reason: str, *, release: tuple[str, str] | None = None) -> bool:
         """The seller's before-settle hook declined a served-first payment after its handler ran: recorded
         as declined with `reason` (its exposure freed, nothing queued), in one transaction that also gives
-        up the claim. False (nothing written) if another run's response was stored first."""
+        up the claim. False (nothing written) if another run's response was stored first, or the claim was
+        taken over (`release` as in save_served)."""
         now = time.time()
         with self._db.transaction() as tx:
-            _release(tx, release)
+            if not _release(tx, release):
+                return False
             declined = tx.execute(
                 "UPDATE payments SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ? "
                 "AND response_status IS NULL",
@@ -976,10 +1000,16 @@ def _insert_payment(
     return inserted == 1
 
 
-def _release(tx: Tx, lease: tuple[str, str] | None) -> None:
-    """Give up a lease (name, owner) inside the caller's transaction, if `owner` still holds it."""
-    if lease is not None:
-        tx.execute("DELETE FROM leases WHERE name = ? AND owner = ?", lease)
+def _release(tx: Tx, lease: tuple[str, str] | None) -> bool:
+    """Give up a lease (name, owner) inside the caller's transaction; False if `owner` no longer held it.
+
+    A save that answers a payment calls this first and writes nothing on False: its claim was taken
+    over (its holder stalled past the lease), so another run owns the payment now. The delete locks
+    the lease row, so a takeover racing this save waits for it and then finds the payment answered.
+    """
+    if lease is None:
+        return True
+    return tx.execute("DELETE FROM leases WHERE name = ? AND owner = ?", lease).rowcount == 1
 
 
 def _headers_json(response: StoredResponse) -> str:

@@ -7,6 +7,7 @@ database URL serves every role without two `payments` tables meeting; the pool s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,31 +59,62 @@ def lock_id(key: str) -> int:
 
 
 class PostgresTx:
+    """One transaction on one connection, in as few round trips as its results allow.
+
+    What needs no answer (the BEGIN, an advisory lock) is not sent alone: it waits and goes with the next
+    statement, in one pipeline (one round trip). The order the server runs them in is the order they were
+    written, and at READ COMMITTED each statement reads a snapshot taken when it starts, so a statement sent
+    behind a lock still reads what was committed before the lock was granted to it.
+    """
+
     engine: Engine = "postgresql"
 
-    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], namespace: str) -> None:
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], namespace: str, *, begin: str | None = None) -> None:
         self.conn = conn
         self.namespace = namespace
+        self._waiting: list[tuple[str, tuple[Any, ...]]] = [] if begin is None else [(begin, ())]
+        self.begun = begin is None  # True once a BEGIN (if any) has reached the server
+
+    def _send(self, sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[tuple[Any, ...]]:
+        """Run `sql` after whatever waits to be sent, all in one round trip."""
+        if not self._waiting:
+            return self.conn.execute(sql, params)
+        waiting, self._waiting = self._waiting, []
+        self.begun = True
+        with self.conn.pipeline():
+            for query, args in waiting:
+                self.conn.execute(query, args)
+            return self.conn.execute(sql, params)
+
+    def finish(self, sql: str) -> None:
+        """COMMIT or ROLLBACK, if anything was sent; what only waited (a BEGIN, a lock) is dropped unsent."""
+        self._waiting = []
+        if self.begun:
+            self.conn.execute(sql)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
-        return self.conn.execute(to_pyformat(sql), tuple(params))
+        return self._send(to_pyformat(sql), tuple(params))
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
-        with self.conn.cursor() as cursor:
+        waiting, self._waiting = self._waiting, []
+        self.begun = True
+        with self.conn.pipeline(), self.conn.cursor() as cursor:
+            for query, args in waiting:
+                cursor.execute(query, args)
             cursor.executemany(to_pyformat(sql), [tuple(p) for p in params])
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        return self.conn.execute(to_pyformat(sql), tuple(params)).fetchone()
+        return self._send(to_pyformat(sql), tuple(params)).fetchone()
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.conn.execute(to_pyformat(sql), tuple(params)).fetchall()
+        return self._send(to_pyformat(sql), tuple(params)).fetchall()
 
     def lock(self, key: str) -> None:
-        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(f"{self.namespace}:{key}"),))
+        # Granted before the next statement runs (the server runs a pipeline in order): sent with it.
+        self._waiting.append(("SELECT pg_advisory_xact_lock(%s)", (lock_id(f"{self.namespace}:{key}"),)))
 
     def try_lock(self, key: str) -> bool:
-        row = self.conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_id(f"{self.namespace}:{key}"),))
-        got = row.fetchone()
+        got = self._send("SELECT pg_try_advisory_xact_lock(%s)", (lock_id(f"{self.namespace}:{key}"),)).fetchone()
         return bool(got and got[0])
 
     def for_update(self, *, skip_locked: bool = True) -> str:
@@ -134,13 +166,23 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[PostgresTx]:
-        with self._pool.connection() as conn, conn.transaction():
-            yield PostgresTx(conn, self.namespace)
+        # BEGIN goes with the first statement (PostgresTx), so a transaction costs one round trip per
+        # statement whose answer is needed, plus the COMMIT, whose answer is the durability it waits for.
+        with self._pool.connection() as conn:
+            tx = PostgresTx(conn, self.namespace, begin="BEGIN")
+            try:
+                yield tx
+            except BaseException:
+                # A broken connection cannot roll back: the pool discards it, and the server ends the transaction.
+                with contextlib.suppress(Exception):
+                    tx.finish("ROLLBACK")
+                raise
+            tx.finish("COMMIT")
 
     @contextmanager
     def read(self) -> Iterator[PostgresTx]:
-        with self._pool.connection() as conn, conn.transaction():
-            yield PostgresTx(conn, self.namespace)
+        with self.transaction() as tx:
+            yield tx
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self.transaction() as tx:

@@ -11,6 +11,7 @@ import pytest
 from escrow_devtools.bench.gas import OPERATIONS, TARGETS, TOKENS
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # deploys Circle's FiatToken and measures every operation twice: minutes under load
 def test_bench_gas_json_prints_every_figure_and_consistent_ratios_against_both_tokens() -> None:
     out = subprocess.run(

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 
 def _bench(*args: str) -> dict[str, Any]:
     out = subprocess.run(
@@ -18,6 +20,7 @@ def _bench(*args: str) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.slow
 def test_bench_keeper_refunds_every_escrow_of_distinct_buyers_and_reports_the_figures() -> None:
     result = _bench("--escrows", "12")
     assert result["escrows"] == 12 and result["distinct_buyers"] == 12
@@ -37,6 +40,7 @@ def test_bench_keeper_refunds_every_escrow_of_distinct_buyers_and_reports_the_fi
     assert isinstance(result["gas_per_refund"], int) and 15_000 < result["gas_per_refund"] < 60_000
 
 
+@pytest.mark.slow
 def test_bench_keeper_with_racing_keepers_reports_the_gas_they_waste() -> None:
     result = _bench("--escrows", "6", "--keepers", "2")
     assert result["keepers"] == 2

@@ -9,6 +9,7 @@ from escrow_devtools import build
 from escrow_py.chain import artifacts as runtime
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # solc-js through viaIR: minutes on a loaded two-core machine
 def test_shipped_artifacts_equal_a_fresh_compile() -> None:
     fresh = build.compile_contracts()

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from eth_abi.abi import encode
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
@@ -673,6 +674,7 @@ def _assert_revert(revert: ContractRevert, name: str, args: dict[str, Any]) -> N
     assert got == args, f"{name}: expected {args}, got {got}"
 
 
+@pytest.mark.slow
 def test_escrow_invariants_hold_over_random_sequences(chain: Chain) -> None:
     OUTCOMES.clear()
     chosen = os.environ.get(SEED_ENV)

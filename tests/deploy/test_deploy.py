@@ -52,6 +52,7 @@ def _shipped_records() -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in DEPLOYMENTS_DIR.glob("*.json")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ape_deploy_script_deploys_at_the_one_address_verifies_and_records(tmp_path: Path) -> None:
     assert APE.is_file(), "the Ape tooling is missing: run `make ape`"

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from fixtures.chain import Chain
 from helpers import OPERATOR
 
 from escrow_devtools.anvil import dev_private_key
+from escrow_devtools.harness import wait_until_answering
 
 CLI = str(Path(sys.executable).parent / "x402-escrow")
 
@@ -44,15 +43,14 @@ class FacilitatorProcess:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "the facilitator did not start"
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_answering(
+            f"{self.url}/healthz",
+            ready=lambda answer: answer.status_code == 200,
+            process=self.process,
+            output=self.log.read_text,
+            timeout=120,
+            what="the facilitator",
+        )
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no last poster pass."""

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
+import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address
 from seller.payer import quote, sign_payment
@@ -68,6 +69,7 @@ def _operator_txs_mined(chain: Chain, first: int, last: int) -> list[bytes]:
     return mined
 
 
+@pytest.mark.slow
 def test_two_replicas_on_postgresql_one_killed_mid_traffic_lose_nothing(
     chain: Chain, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:

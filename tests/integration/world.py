@@ -10,13 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
@@ -99,15 +97,14 @@ class SellerProcess:
         env = {**os.environ, "X402_ESCROW_PRIVATE_KEY": dev_private_key(OPERATOR)}
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, self.output()
-            assert time.monotonic() < deadline, "the seller process did not start"
-            try:
-                if httpx.get(f"{self.url}/report/ping", timeout=1).status_code == 402:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
+        harness.wait_until_answering(
+            f"{self.url}/report/ping",
+            ready=lambda answer: answer.status_code == 402,
+            process=self.process,
+            output=self.output,
+            timeout=30,
+            what="the seller process",
+        )
 
     def output(self) -> str:
         if self.process.poll() is None:

@@ -30,6 +30,7 @@ from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, sta
 TRIALS = 20
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_no_refund_and_sends_none_twice(chain: Chain, tmp_path: Path) -> None:
     rng = random.Random(402)
     db = tmp_path / "keeper.sqlite"

@@ -84,12 +84,14 @@ SERVE_FIRST_SQLITE_TRANSACTIONS = 3
 
 # Calls from the ASGI adapter (seller/_middleware.py) into other escrow_py modules during one paid hold request:
 # 33 into 9 modules before the payment state machine (the header decoded in three places, the offer built from six
-# calls, the answer's hash and header built in place), 17 into 6 now: route_for, paid_request, the route's
-# serve_first (_config, _offers: it picks what the first look at the chain simulates), parse_payment, facts_needed,
-# decide, kept, header (_machine), chain.look and chain.deposit (the port), onchain_from_look and judge_onchain
-# (_verify), and the store's five (answered, take_lease, payment, begin_deposit, save_served). 16 with the state
-# machine alone: the chain was read by rpc.both (state, clock) and read_onchain (the checks), in two round trips.
-ADAPTER_TRIPS = 17
+# calls, the answer's hash and header built in place), 17 into 6 with the machine and the batched chain look:
+# route_for, paid_request, the route's serve_first (_config, _offers: it picks what the first look at the chain
+# simulates), parse_payment, facts_needed, decide, kept, header (_machine), chain.look and chain.deposit (the port),
+# onchain_from_look and judge_onchain (_verify), and the store's five (answered, take_lease, payment, begin_deposit,
+# save_served). 20 into 7 now the claim is the process's heartbeat's (_claims): take (instead of the store's
+# take_lease), confirm before the handler (no statement while the claim is fresh), hand_over to the save that
+# releases it, drop when the request ends.
+ADAPTER_TRIPS = 20
 _ADAPTER = "seller/_middleware.py"
 
 

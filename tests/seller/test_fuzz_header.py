@@ -208,7 +208,7 @@ def _header(draw: st.DrawFn, envelope: dict[str, Any]) -> str:
 
 # The whole hunt goes through the ASGI stack (fast); a smaller one through a real uvicorn server checks that
 # the HTTP server in front (header parsing, its own limits) does not turn a refusal into anything else.
-@pytest.mark.parametrize("transport", ["asgi", "uvicorn"])
+@pytest.mark.parametrize("transport", [pytest.param("asgi", marks=pytest.mark.slow), "uvicorn"])
 def test_no_mutation_of_a_valid_header_gets_anything_but_400_or_402_and_nothing_is_sent(
     chain: Chain, shop: Shop, transport: str
 ) -> None:

@@ -65,6 +65,7 @@ def test_an_operator_key_used_behind_the_sellers_back_does_not_fail_the_next_sal
     assert second.status_code == 200, second.text
 
 
+@pytest.mark.slow
 def test_a_nonce_too_low_from_the_node_is_resynchronised_and_retried_once(chain: Chain, tmp_path: Path) -> None:
     chain.mine()
     proxy = RpcProxy(chain.node.url)

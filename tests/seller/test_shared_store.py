@@ -89,6 +89,76 @@ def test_a_stored_response_is_never_overwritten(chain: Chain, db_url: str) -> No
         b.close()
 
 
+def test_a_holder_whose_claim_was_taken_over_writes_nothing(chain: Chain, db_url: str) -> None:
+    """The stalled holder's save comes first (the one that took over is still in its handler): refused all
+    the same, since its claim is gone; the live holder's answer is then stored and its claim released."""
+    a, b = SellerStore(db_url), SellerStore(db_url)
+    try:
+        terms = make_terms(chain)
+        escrow_id = os.urandom(32)
+        claim = f"payment:0x{escrow_id.hex()}"
+        assert a.begin_deposit(escrow_id, terms, 1)
+        a.set_held(escrow_id, None)
+        assert a.take_lease(claim, "stalled", 0.2)
+        deadline = time.monotonic() + 10
+        while not b.take_lease(claim, "live", 30):  # the stalled holder's lease lapses; b takes it over
+            assert time.monotonic() < deadline, "the lease never lapsed"
+            time.sleep(0.05)
+        stalled = StoredResponse(200, [], b"the stalled run")
+        assert not a.save_served(escrow_id, terms, stalled, b"\x01" * 32, release=(claim, "stalled"))
+        assert not a.save_failed(escrow_id, StoredResponse(502, [], b"x"), None, release=(claim, "stalled"))
+        assert not a.answered(escrow_id) and a.delivery(escrow_id) is None
+        assert a.lease_holder(claim) is not None  # and the live holder's claim is untouched
+        live = StoredResponse(200, [], b"the live run")
+        assert b.save_served(escrow_id, terms, live, b"\x02" * 32, release=(claim, "live"))
+        payment = a.payment(escrow_id)
+        assert payment is not None and payment.response == live
+        assert a.lease_holder(claim) is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_renewal_extends_only_the_leases_still_held_and_never_takes_one_back(db_url: str) -> None:
+    a, b = SellerStore(db_url), SellerStore(db_url)
+    try:
+        assert a.take_lease("payment:0x0a", "a1", 0.2)
+        assert a.take_lease("payment:0x0b", "a2", 30)
+        assert a.take_lease("payment:0x0c", "a3", 30)
+        a.release_lease("payment:0x0c", "a3")
+        deadline = time.monotonic() + 10
+        while not b.take_lease("payment:0x0a", "b1", 30):
+            assert time.monotonic() < deadline, "the lease never lapsed"
+            time.sleep(0.05)
+        held = a.lease_holder("payment:0x0b")
+        assert held is not None
+        renewed = a.renew_leases([("payment:0x0a", "a1"), ("payment:0x0b", "a2"), ("payment:0x0c", "a3")], 60)
+        assert renewed == {("payment:0x0b", "a2")}
+        after = a.lease_holder("payment:0x0b")
+        assert after is not None and after[1] > held[1] + 20
+        assert a.lease_holder("payment:0x0c") is None  # a released lease stays released
+        holder = a.lease_holder("payment:0x0a")
+        assert holder is not None and holder[0] == "b1"
+        assert a.renew_leases([], 60) == set()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_replica_whose_clock_runs_fast_cannot_take_a_live_claim(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lease expiry is judged by the database's clock: a replica an hour ahead still waits for the lease."""
+    a, b = SellerStore(db_url), SellerStore(db_url)
+    try:
+        assert a.take_lease("payment:0x0d", "honest", 30)
+        ahead = time.time() + 3600
+        monkeypatch.setattr(time, "time", lambda: ahead)
+        assert not b.take_lease("payment:0x0d", "fast-clock", 30)
+        assert b.renew_leases([("payment:0x0d", "fast-clock")], 30) == set()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_nonces_from_many_stores_at_once_are_distinct_and_contiguous(db_url: str) -> None:
     stores = [SellerStore(db_url) for _ in range(4)]
     try:
@@ -209,6 +279,8 @@ def test_a_served_first_answer_is_stored_once_and_a_loss_refuses_the_buyer(chain
         assert a.begin_serve_first(escrow_id, terms, accepted_at=1, route=None, payload="{}", **limits) is None
         assert b.begin_serve_first(escrow_id, terms, accepted_at=1, route=None, payload="{}", **limits) == "known"
         first = StoredResponse(200, [], b"first run")
+        assert a.take_lease("payment:sf", "a", 30)
+        assert not b.forget_serve_first(escrow_id, release=("payment:sf", "b"))  # not b's claim: kept
         assert a.save_served_first(escrow_id, first, b"\x01" * 32)
         assert not b.save_served_first(escrow_id, StoredResponse(200, [], b"second run"), b"\x02" * 32)
         payment = b.payment(escrow_id)

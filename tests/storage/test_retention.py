@@ -102,7 +102,7 @@ def test_migrate_and_prune_commands(db_url: str, capsys: pytest.CaptureFixture[s
         assert main(["migrate", "--db", db_url]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         done = {(x["role"], x["store"]): x for x in lines if "version" in x}
-        assert done[("keeper", "keeper")]["applied"] == [1, 2] and done[("buyer", "buyer")]["version"] == 3
+        assert done[("keeper", "keeper")]["applied"] == [1, 2] and done[("buyer", "buyer")]["version"] == 4
         assert main(["migrate", "--db", db_url]) == 0  # again: nothing to do
         assert all(not x.get("applied") for x in map(json.loads, capsys.readouterr().out.splitlines()))
     else:
