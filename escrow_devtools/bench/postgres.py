@@ -1,8 +1,11 @@
 """A throwaway PostgreSQL 15 server (tests, `bench storage`, `bench scale`): initdb and pg_ctl in a temp directory.
 
-It listens on a free port and on a unix socket in its own directory, trusts local connections, and
-runs with fsync off (the server dies with the session). As root (CI containers) it runs as the
-`postgres` user, since initdb refuses root. Every test gets a database of its own (`fresh`).
+It listens on a free port and on a unix socket in its own directory and trusts local connections.
+Tests run it with fsync off (the server dies with the session); the benchmarks run it `durable`, with
+PostgreSQL's defaults (fsync, synchronous_commit, full_page_writes on), so that a commit costs what it
+costs a production server and the comparison with SQLite's synchronous=FULL is like for like. As root
+(CI containers) it runs as the `postgres` user, since initdb refuses root.
+Every test gets a database of its own (`fresh`).
 Nothing is downloaded: the Debian package's binaries (X402_ESCROW_PG_BIN to point elsewhere).
 """
 
@@ -27,7 +30,8 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         self._as: list[str] = []
         if not (PG_BIN / "initdb").exists():
             raise RuntimeError(f"PostgreSQL binaries not found in {PG_BIN} (set X402_ESCROW_PG_BIN)")
@@ -40,10 +44,9 @@ class PostgresServer:
             self._as = ["runuser", "-u", "postgres", "--"]
         self._names = itertools.count()
         self._run(PG_BIN / "initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
-        options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
-        )
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=300"
+        if not durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(PG_BIN / "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
         self.url = self.url_of("postgres")
 

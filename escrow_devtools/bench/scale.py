@@ -577,7 +577,7 @@ def measure_scale(
         setup = ChainSetup(node.url, escrow.address, token.address, dev_signer(2).address, dev_private_key(3))
         if postgres_url is None:
             progress("throwaway PostgreSQL server")
-            server = PostgresServer()
+            server = PostgresServer(durable=True)  # commits flushed, as SQLite's are
             stack.callback(server.stop)
             postgres_url = server.url
         for engine, count in VARIANTS:

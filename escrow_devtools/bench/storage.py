@@ -356,7 +356,7 @@ def measure_storage(
 
     result: dict[str, Any] = {"rows": rows, "repeat": repeat, "target_p50_ms": TARGET_MS, "engines": {}}
     with tempfile.TemporaryDirectory(prefix="x402-bench-storage-") as tmp:
-        server = PostgresServer() if "postgresql" in engines and pg_url is None else None
+        server = PostgresServer(durable=True) if "postgresql" in engines and pg_url is None else None
         global _server_cpu  # noqa: PLW0603 - the one server this measurement runs
         try:
             for engine in engines:
