@@ -40,7 +40,7 @@ from escrow_py.facilitator._keys import ApiKey, IdempotencyConflict, KeyStore, b
 from escrow_py.facilitator._metrics import FacilitatorMetrics
 from escrow_py.facilitator._service import Facilitator, FacilitatorError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.seller._store import PENDING, REFUND_PENDING
+from escrow_py.seller._store import DeliveryStatus, PaymentStatus
 from escrow_py.seller._verify import Refusal
 
 log = logging.getLogger("escrow_py.facilitator")
@@ -395,8 +395,8 @@ def _operator_routes(
         for state, count in figures.by_state.items():
             metrics.escrows.labels(state).set(count)
         depth = await anyio.to_thread.run_sync(ledger.queue_depths)
-        metrics.queue.labels("deliveries").set(depth.get(PENDING, 0))
-        metrics.queue.labels("refunds").set(depth.get(REFUND_PENDING, 0))
+        metrics.queue.labels("deliveries").set(depth.get(DeliveryStatus.PENDING, 0))
+        metrics.queue.labels("refunds").set(depth.get(PaymentStatus.REFUND_PENDING, 0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def allowed(request: Request) -> bool:

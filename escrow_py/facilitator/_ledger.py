@@ -16,31 +16,20 @@ from web3.types import TxReceipt
 
 from escrow_py.console import Figures, running_totals
 from escrow_py.facilitator._tables import open_tables
-from escrow_py.seller._store import (
-    DEPOSITING,
-    EXPIRED,
-    HELD,
-    PENDING,
-    POSTED,
-    REFUND_PENDING,
-    REFUNDED,
-    REFUNDED_ON_CHAIN,
-    SETTLE_LOST,
-    SETTLED_ELSEWHERE,
-)
+from escrow_py.seller._store import DeliveryStatus, PaymentStatus, SettleStatus
 from escrow_py.storage import Database
 
 # Where an escrow is, read from the store: the payment row and its delivery row.
 _STATE_OF_ROW = f"""
 CASE
-  WHEN p.status = '{DEPOSITING}' THEN 'depositing'
-  WHEN p.status = '{REFUNDED}' THEN 'refunded'
-  WHEN p.status = '{REFUND_PENDING}' THEN 'refund pending'
-  WHEN p.status = '{HELD}' THEN 'held'
-  WHEN d.status = '{PENDING}' THEN 'delivery queued'
-  WHEN d.status IN ('{POSTED}', '{SETTLED_ELSEWHERE}') THEN 'released'
-  WHEN d.status = '{REFUNDED_ON_CHAIN}' THEN 'refunded'
-  WHEN d.status = '{EXPIRED}' THEN 'expired (refundable)'
+  WHEN p.status = '{PaymentStatus.DEPOSITING}' THEN 'depositing'
+  WHEN p.status = '{PaymentStatus.REFUNDED}' THEN 'refunded'
+  WHEN p.status = '{PaymentStatus.REFUND_PENDING}' THEN 'refund pending'
+  WHEN p.status = '{PaymentStatus.HELD}' THEN 'held'
+  WHEN d.status = '{DeliveryStatus.PENDING}' THEN 'delivery queued'
+  WHEN d.status IN ('{DeliveryStatus.POSTED}', '{DeliveryStatus.SETTLED_ELSEWHERE}') THEN 'released'
+  WHEN d.status = '{DeliveryStatus.REFUNDED_ON_CHAIN}' THEN 'refunded'
+  WHEN d.status = '{DeliveryStatus.EXPIRED}' THEN 'expired (refundable)'
   ELSE p.status
 END
 """
@@ -88,10 +77,12 @@ class Ledger:
     def queue_depths(self) -> dict[str, int]:
         """Deliveries by status and refunds pending: what the poster still has to send."""
         with self._db.read() as tx:
-            rows = tx.all("SELECT status, COUNT(*) FROM deliveries WHERE status = ? GROUP BY status", (PENDING,))
-            refunds = tx.one("SELECT COUNT(*) FROM payments WHERE status = ?", (REFUND_PENDING,))
+            rows = tx.all(
+                "SELECT status, COUNT(*) FROM deliveries WHERE status = ? GROUP BY status", (DeliveryStatus.PENDING,)
+            )
+            refunds = tx.one("SELECT COUNT(*) FROM payments WHERE status = ?", (PaymentStatus.REFUND_PENDING,))
         depths = {str(s): int(n) for s, n in rows}
-        depths[REFUND_PENDING] = 0 if refunds is None else int(refunds[0])
+        depths[PaymentStatus.REFUND_PENDING] = 0 if refunds is None else int(refunds[0])
         return depths
 
     def figures(self) -> Figures:
@@ -104,7 +95,7 @@ class Ledger:
             txs = tx.all(
                 "SELECT tx_hash, kind, escrows, amount, gas_cost_wei, block, at FROM facilitator_txs ORDER BY at"
             )
-            lost = tx.one("SELECT COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SETTLE_LOST,))
+            lost = tx.one("SELECT COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SettleStatus.LOST,))
         figures.serve_first_losses = 0 if lost is None else int(lost[0])
         held: list[tuple[int, str, str, int]] = []
         for escrow_id, terms_json, deadline, state in rows:

@@ -67,19 +67,7 @@ from escrow_py.protocol.wire import (
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._poster import DeliveryPoster, PostReport
 from escrow_py.seller._sdk import CANCEL_KEY
-from escrow_py.seller._store import (
-    DEPOSITING,
-    HELD,
-    REFUND_PENDING,
-    REFUNDED,
-    SERVED,
-    SETTLE_DONE,
-    SETTLE_LOST,
-    Payment,
-    SellerStore,
-    SettlementRecord,
-    StoredResponse,
-)
+from escrow_py.seller._store import Payment, PaymentStatus, SellerStore, SettlementRecord, SettleStatus, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain, verify_onchain
 
 log = logging.getLogger("escrow_py.facilitator")
@@ -304,11 +292,11 @@ class Facilitator:
             "deliveryHash": "0x" + hashed.hex(),
             "acceptedAt": payment.accepted_at,
         }
-        if record.status == SETTLE_LOST:
+        if record.status == SettleStatus.LOST:
             return SettleResponse(success=False, error_reason=Reason.SETTLEMENT_FAILED,
                                   error_message=f"the settlement was not paid: {record.reason}",
                                   transaction=to_hex(record.tx_hash) or "", network=network, extra=extra)  # fmt: skip
-        settled = record.status == SETTLE_DONE
+        settled = record.status == SettleStatus.SETTLED
         extra["settlement"] = SettlementStatus.SETTLED if settled else SettlementStatus.PENDING
         return SettleResponse(
             success=True,
@@ -418,7 +406,7 @@ class Facilitator:
             payment = self.store.payment(escrow_id)
             if payment is not None and payment.serve_first:
                 raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} was accepted serve-first")
-            if payment is not None and payment.status != DEPOSITING:
+            if payment is not None and payment.status != PaymentStatus.DEPOSITING:
                 verified = self._verified(payload, requirements, key, payment.accepted_at)
                 return Settled(verified, payment.deposit_tx, payment.accepted_at)
             state, now = self._state_and_time(escrow_id)
@@ -539,9 +527,9 @@ class Facilitator:
             if payment.serve_first:
                 raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} settles serve-first: its "
                                        "delivery hash goes with its /settle")  # fmt: skip
-            if payment.status in (REFUNDED, REFUND_PENDING):
+            if payment.status in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
                 raise FacilitatorError(409, Reason.ESCROW_SETTLED, f"escrow 0x{escrow_id.hex()} is being refunded")
-            if payment.status == DEPOSITING:
+            if payment.status == PaymentStatus.DEPOSITING:
                 raise FacilitatorError(409, Reason.NOT_DEPOSITED, f"escrow 0x{escrow_id.hex()} is not deposited yet")
             record = self.store.delivery(escrow_id)
             if record is not None and record.delivery_hash != hashed:
@@ -554,11 +542,16 @@ class Facilitator:
         answers = []
         with self._queueing:
             for payment, hashed in payments:
-                if payment.status == HELD:
+                if payment.status == PaymentStatus.HELD:
                     self.store.save_served(payment.escrow_id, payment.terms, _NO_BODY, hashed)
         for payment, _hashed in payments:
             record = self.store.delivery(payment.escrow_id)
-            answers.append({"escrowId": "0x" + payment.escrow_id.hex(), "status": record.status if record else SERVED})
+            answers.append(
+                {
+                    "escrowId": "0x" + payment.escrow_id.hex(),
+                    "status": record.status if record else PaymentStatus.SERVED,
+                }
+            )
         return answers
 
     def refund(self, escrow_id: bytes, key: ApiKey) -> dict[str, str | None]:
@@ -567,17 +560,17 @@ class Facilitator:
             payment = self._owned(escrow_id, key)
             if payment.serve_first:  # nothing was deposited: a failed handler is simply never settled
                 raise FacilitatorError(409, "serve_first", f"escrow 0x{escrow_id.hex()} holds no deposit to refund")
-            if payment.status == REFUNDED:
+            if payment.status == PaymentStatus.REFUNDED:
                 return {
                     "escrowId": "0x" + escrow_id.hex(),
                     "state": "refunded",
                     "transaction": to_hex(payment.refund_tx),
                 }
-            if payment.status == SERVED:
+            if payment.status == PaymentStatus.SERVED:
                 raise FacilitatorError(
                     409, Reason.ALREADY_DELIVERED, f"escrow 0x{escrow_id.hex()} has a delivery queued"
                 )
-            if payment.status == DEPOSITING:
+            if payment.status == PaymentStatus.DEPOSITING:
                 raise FacilitatorError(409, Reason.NOT_DEPOSITED, f"escrow 0x{escrow_id.hex()} is not deposited yet")
             refund_tx: bytes | None = None
             try:

@@ -57,6 +57,7 @@ class Reason(StrEnum):
     DEPOSIT_PENDING = "deposit_pending"  # the deposit was sent and is not confirmed yet (it may still land)
     PAYMENT_IN_PROGRESS = "payment_in_progress"  # another request or replica is handling this payment now
     FACILITATOR_UNAVAILABLE = "facilitator_unavailable"  # the seller's facilitator is down, slow or refused it
+    SELLER_HOOK_FAILED = "seller_hook_failed"  # a verify/settle hook of the seller's raised: nothing was charged
 
     # -- the buyer refuses to pay (PaymentRefused.rule): nothing signed, no money moved
     INVALID_PAYMENT_REQUIRED = "invalid_payment_required"  # the 402's PAYMENT-REQUIRED does not decode

@@ -222,6 +222,7 @@ SELLER_SIDE_REASONS = frozenset(
         Reason.DEPOSIT_PENDING,
         Reason.PAYMENT_IN_PROGRESS,
         Reason.FACILITATOR_UNAVAILABLE,
+        Reason.SELLER_HOOK_FAILED,
     }
 )
 # After these a deposit of the payment may already be on its way (sent, or being sent by another

@@ -11,12 +11,11 @@ from typing import Any
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain.signer import Signer
-from escrow_py.protocol.codec import parse_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW
 from escrow_py.protocol.wire import SettlementMode, chain_id_of
 from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices, resolve_route_prices
-from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
+from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, checked_address, token_for
 from escrow_py.storage import describe, is_postgres_url
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
@@ -99,10 +98,7 @@ class PricedRoute:
 
 
 def _checked_address(value: object, name: str) -> ChecksumAddress:
-    try:
-        return parse_address(value, f"SellerConfig.{name}")
-    except ValueError as exc:
-        raise ConfigError(f"{exc} (expected a 0x address)") from None
+    return checked_address(value, f"SellerConfig.{name}")
 
 
 @dataclass(frozen=True, slots=True)

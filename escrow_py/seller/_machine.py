@@ -47,18 +47,13 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
 )
 from escrow_py.seller._store import (
-    DEPOSITING,
-    EXPIRED,
-    POSTED,
-    REFUND_PENDING,
-    REFUNDED,
-    REFUNDED_ON_CHAIN,
-    SETTLE_DONE,
-    SETTLE_LOST,
-    SETTLED_ELSEWHERE,
     DeliveryRecord,
+    DeliveryStatus,
     Payment,
+    PaymentStatus,
+    Reserve,
     SettlementRecord,
+    SettleStatus,
 )
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
@@ -66,7 +61,11 @@ EXACT = "exact"  # the x402 SDK's own scheme: settled by the SDK's facilitator, 
 
 # PAYMENT-RESPONSE `state` of a served payment by its delivery's status: what the chain says as far as
 # the seller knows (pending and expired deliveries leave the escrow Held).
-_DELIVERY_STATE = {POSTED: State.RELEASED, SETTLED_ELSEWHERE: State.RELEASED, REFUNDED_ON_CHAIN: State.REFUNDED}
+_DELIVERY_STATE = {
+    DeliveryStatus.POSTED: State.RELEASED,
+    DeliveryStatus.SETTLED_ELSEWHERE: State.RELEASED,
+    DeliveryStatus.REFUNDED_ON_CHAIN: State.REFUNDED,
+}
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -149,7 +148,7 @@ class ChainFacts:
 
 
 def facts_needed(row: Payment | None) -> Facts:
-    if row is not None and row.response is not None:
+    if row is not None and (row.response is not None or row.declined is not None):
         return Facts.NONE
     if row is not None and row.serve_first:
         return Facts.AUTHORIZATION
@@ -197,7 +196,7 @@ class Adopt:
     verified: VerifiedPayment
     accepted_at: int  # a chain time at which its deadline and authorization were both valid
 
-    def row(self, status: str) -> tuple[str, Payment]:
+    def row(self, status: PaymentStatus) -> tuple[str, Payment]:
         """(the payload as the store keeps it, the row recorded in `status`) of the adopted payment."""
         verified, record = self.verified, _payload_json(self.verified)
         terms = verified.payload.terms
@@ -209,8 +208,8 @@ class ServeFirst:
     verified: VerifiedPayment
     now: int
     due: int  # the chain time by which its settlement must land: min(validBefore, deadline)
-    envelope: PaymentPayload | None = None  # for the seller's hooks, should it fall back to hold
-    record: str = ""  # the signed payload as the store keeps it (JSON text)
+    envelope: PaymentPayload | None = None  # for the seller's hooks
+    record: str = ""  # the buyer's x402 envelope as the store keeps it (JSON text): see envelope_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +267,8 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
     verified = _verify(parsed, offer, row.accepted_at, rules)
     if row.response is not None:
         return Replay(row)
+    if row.declined is not None:
+        raise declined(row)
     if row.serve_first:
         # Recorded and never answered (the seller died mid-handler): served now if its authorization
         # is still unused and leaves the poster time to settle it.
@@ -281,7 +282,7 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
             )
         return Serve(verified, serve_first=True)
     if chain.state == State.NONE:
-        if row.status == DEPOSITING and row.deposit_tx is not None:
+        if row.status == PaymentStatus.DEPOSITING and row.deposit_tx is not None:
             # Sent earlier and not confirmed then (503 deposit_pending): wait for that one, don't send another.
             return ResumeDeposit(verified, row.deposit_tx)
         # Recorded, but the deposit never landed: try it again under today's rules.
@@ -292,13 +293,20 @@ def _recorded(parsed: ParsedPayment, offer: EscrowRequirements, row: Payment, ch
     raise Refusal(Reason.ESCROW_SETTLED, f"escrow 0x{verified.escrow_id.hex()} is {chain.state.name}")
 
 
+def declined(row: Payment) -> Refusal:
+    """The refusal of a payment the seller's before-settle hook declined after its handler ran: answered as it was
+    then (402 with the hook's reason), never served and never charged."""
+    reason = row.declined or PaymentStatus.DECLINED
+    return Refusal(reason, f"the seller declined to settle payment 0x{row.escrow_id.hex()}: {reason}")
+
+
 def _first_time(
     parsed: ParsedPayment, offer: EscrowRequirements, route: RouteMode, chain: ChainFacts, rules: Rules
 ) -> Step:
     if chain.state == State.NONE:
         verified = _verify(parsed, offer, chain.now, rules)
         if route.serve_first:
-            return ServeFirst(verified, chain.now, settle_due(verified), parsed.envelope, _payload_json(verified))
+            return ServeFirst(verified, chain.now, settle_due(verified), parsed.envelope, envelope_json(parsed))
         return Deposit(verified, accepted_at=chain.now, envelope=parsed.envelope, record=_payload_json(verified))
     if chain.state == State.HELD:
         # Deposited by someone else (the buyer, another replica) and never answered here. The token
@@ -332,21 +340,38 @@ def _payload_json(verified: VerifiedPayment) -> str:
     return json.dumps(verified.payload.to_json())
 
 
+def envelope_json(parsed: ParsedPayment) -> str:
+    """The buyer's whole x402 envelope as a serve-first record keeps it: the settlement needs its payload, and
+    the seller's after-settle hooks (run later, by the settlement worker) its accepted requirements."""
+    assert parsed.envelope is not None
+    return parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def stored_escrow_payload(text: str) -> EscrowPayload:
+    """The signed EscrowPayload of a stored record: kept alone (hold, a facilitator's own settlements, serve-first
+    records written before the envelope was kept) or inside the buyer's x402 envelope (serve-first)."""
+    data = json.loads(text)
+    if isinstance(data, dict) and "accepted" in data and isinstance(data.get("payload"), dict):
+        data = data["payload"]
+    return EscrowPayload.from_json(data)
+
+
+def stored_envelope(text: str | None) -> PaymentPayload | None:
+    """The x402 envelope of a stored serve-first record; None for a record that keeps the EscrowPayload alone."""
+    if text is None:
+        return None
+    data = json.loads(text)
+    if not (isinstance(data, dict) and "accepted" in data):
+        return None
+    return PaymentPayload.model_validate(data)
+
+
 def settle_due(verified: VerifiedPayment) -> int:
     """The chain time by which a serve-first settlement must have landed."""
     return min(verified.payload.authorization.valid_before, verified.terms.deadline)
 
 
 # -- after an action -------------------------------------------------------------------------------
-
-
-class Reserve(StrEnum):
-    """What the store said to a serve-first reservation (SellerStore.begin_serve_first)."""
-
-    DONE = "done"
-    KNOWN = "known"  # recorded already, by another request or replica
-    LIMIT = "serve_first_limit"  # the buyer's or everyone's unpaid total would pass its limit
-    REFUSED = "serve_first_refused"  # this buyer left a settlement unpaid
 
 
 def after_reserve(step: ServeFirst, outcome: Reserve, route: RouteMode, *, per_buyer: int, total: int) -> Step:
@@ -363,7 +388,8 @@ def after_reserve(step: ServeFirst, outcome: Reserve, route: RouteMode, *, per_b
         else f"serving {terms.amount} first would pass an exposure limit (per buyer {per_buyer}, total {total})"
     )
     if route.fallback_to_hold:
-        return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope, record=step.record)
+        # Its record is a hold one: the signed payload alone, what a reorg's re-deposit sends again.
+        return Deposit(step.verified, accepted_at=step.now, envelope=step.envelope, record=_payload_json(step.verified))
     return Reject(Refusal(reason, why))
 
 
@@ -509,7 +535,7 @@ def handler_failed(
 
 def needs_chain_state_for_replay(row: Payment, delivery: DeliveryRecord | None) -> bool:
     """A hold replay whose delivery expired: the escrow stays Held until the buyer's refund, so the chain is asked."""
-    return not row.serve_first and delivery is not None and delivery.status == EXPIRED
+    return not row.serve_first and delivery is not None and delivery.status == DeliveryStatus.EXPIRED
 
 
 def replayed(
@@ -523,8 +549,8 @@ def replayed(
     terms, escrow_id = row.terms, row.escrow_id
     hashed = delivery_hash(row.response.body) if row.response is not None else None
     if row.serve_first:
-        settled = settlement is not None and settlement.status == SETTLE_DONE
-        lost = settlement is not None and settlement.status == SETTLE_LOST
+        settled = settlement is not None and settlement.status == SettleStatus.SETTLED
+        lost = settlement is not None and settlement.status == SettleStatus.LOST
         extra = SettlementExtra(
             escrow_id=escrow_id,
             deadline=terms.deadline,
@@ -533,16 +559,16 @@ def replayed(
         )
         tx = settlement.tx_hash if settlement is not None and settled else None
         return Answer(extra, tx, Reason.SETTLEMENT_FAILED if lost else None)
-    if row.status in (REFUNDED, REFUND_PENDING):
+    if row.status in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
         extra = SettlementExtra(
             escrow_id=escrow_id,
             deadline=terms.deadline,
             refund_transaction=row.refund_tx,
-            state=State.REFUNDED if row.status == REFUNDED else State.HELD,
+            state=State.REFUNDED if row.status == PaymentStatus.REFUNDED else State.HELD,
         )
         return Answer(extra, row.deposit_tx, Reason.HANDLER_FAILED_REFUNDED)
     state = _DELIVERY_STATE.get(delivery.status, State.HELD) if delivery is not None else State.HELD
-    if delivery is not None and delivery.status == EXPIRED:
+    if delivery is not None and delivery.status == DeliveryStatus.EXPIRED:
         # Expired: Held until the buyer's refund, unless the chain (asked) says otherwise.
         state = onchain if onchain in (State.RELEASED, State.REFUNDED) else State.HELD
     extra = SettlementExtra(

@@ -69,7 +69,6 @@ from escrow_py.seller._machine import (
     ParsedPayment,
     Reject,
     Replay,
-    Reserve,
     ResumeDeposit,
     RouteMode,
     Rules,
@@ -93,21 +92,12 @@ from escrow_py.seller._offers import (
     PaidRequest,
     SellerHooks,
     settle_context,
-    settle_result_context,
     verify_context,
     verify_result_context,
 )
-from escrow_py.seller._poster import DeliveryPoster, log_sale
+from escrow_py.seller._poster import DeliveryPoster, Sale, log_sale
 from escrow_py.seller._startup import check_chain
-from escrow_py.seller._store import (
-    DEPOSITING,
-    HELD,
-    REFUND_PENDING,
-    REFUNDED,
-    Payment,
-    SellerStore,
-    StoredResponse,
-)
+from escrow_py.seller._store import Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import (
     OnchainFacts,
     Refusal,
@@ -127,6 +117,10 @@ Check = tuple[EscrowPayload | Settlement, bool] | None
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+# A seller hook that raised: what the buyer is told (never the exception's text), and when to try again.
+HOOK_FAILED = "the seller's own check of this payment failed; nothing was charged, send the same payment again"
+HOOK_RETRY_AFTER = 5
 
 _OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
 
@@ -402,9 +396,10 @@ class EscrowMiddleware:
         # `onchain`: the on-chain checks read with the facts, for the first Deposit or ServeFirst step.
         facts, onchain = await self._chain_facts(need, escrow_id, payload, check=self._first_check(row, payload, mode))
         hooks = self.config.hooks
-        before_verified = False
-        if hooks is not None and row is None and facts.state == State.NONE and not mode.serve_first:
-            # The SDK's order: the seller's before-verify hooks see a new payment before it is verified.
+        before_verified = after_verified = False
+        if hooks is not None and row is None and facts.state == State.NONE:
+            # The SDK's order: the seller's before-verify hooks see a new payment before it is verified
+            # (hold and serve-first alike: an abort answers 402 before anything is recorded or run).
             await self._before_verify(parsed, request)
             before_verified = True
         step: Step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
@@ -420,7 +415,7 @@ class EscrowMiddleware:
             if isinstance(step, Serve):
                 await self._serve(
                     scope, receive, send, request, verified=step.verified, deposit_tx=step.deposit_tx,
-                    claim=claim, serve_first=step.serve_first,
+                    claim=claim, serve_first=step.serve_first, envelope=parsed.envelope,
                 )  # fmt: skip
                 return
             if isinstance(step, Adopt):
@@ -435,12 +430,14 @@ class EscrowMiddleware:
                 row = dataclasses.replace(row, deposit_tx=None)
                 facts, onchain = await self._chain_facts(Facts.STATE, escrow_id, payload)
             elif isinstance(step, ServeFirst):
+                # A fallback to hold does not run the after-verify hooks again: they saw the serve-first checks.
+                after_verified = hooks is not None and step.envelope is not None
                 step, onchain = await self._serve_first(step, request, mode, onchain), None
                 continue
             else:
                 if hooks is not None and step.envelope is not None and not before_verified:
                     await self._before_verify(parsed, request)
-                step, onchain = await self._deposit(step, request, onchain), None
+                step, onchain = await self._deposit(step, request, onchain, after_verified=after_verified), None
                 continue
             step = decide(parsed, request.offer, route=mode, row=row, chain=facts, rules=self._rules)
 
@@ -451,7 +448,7 @@ class EscrowMiddleware:
         its NonceBook), under the deposit's intent (its target and calldata), so the row itself is not
         written again for it: the transaction is found there when a request finds the row unanswered.
         """
-        if row is None or row.status != DEPOSITING or row.deposit_tx is not None or row.payload is None:
+        if row is None or row.status != PaymentStatus.DEPOSITING or row.deposit_tx is not None or row.payload is None:
             return row
         intent = self.chain.deposit_intent(EscrowPayload.from_json(json.loads(row.payload)))
         sent = await _blocking(self.store.txs_for, self.chain.sender_address, intent)
@@ -459,7 +456,7 @@ class EscrowMiddleware:
 
     async def _adopt(self, step: Adopt, request: PaidRequest) -> Payment:
         """Record an escrow deposited by someone else (the buyer, another replica), held, in one transaction."""
-        record, row = step.row(HELD)
+        record, row = step.row(PaymentStatus.HELD)
         await _blocking(
             self.store.begin_deposit, row.escrow_id, row.terms, row.accepted_at, _route_name(request.route), record,
             held=True,
@@ -487,11 +484,14 @@ class EscrowMiddleware:
             settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
             await self._send_response(send, outcome.response, settle)
 
-    async def _deposit(self, step: Deposit, request: PaidRequest, onchain: OnchainFacts | None = None) -> Step:
+    async def _deposit(
+        self, step: Deposit, request: PaidRequest, onchain: OnchainFacts | None = None, *, after_verified: bool = False
+    ) -> Step:
         """Check on chain (with `onchain`, a deposit's checks read already), record (a new payment), deposit,
         wait for the receipt; the next step.
 
-        The seller's hooks run around a new payment's deposit. The buyer's faults are 402s (a
+        The seller's hooks run around a new payment's deposit (`after_verified`: a serve-first payment
+        falling back to hold, whose after-verify hooks ran on its serve-first checks). The buyer's faults are 402s (a
         simulation or a mined deposit that reverts, with the revert in `error`); the seller's own
         are 503s with a reason: the operator cannot pay gas, its nonce is taken, the deposit is not
         confirmed in time.
@@ -502,8 +502,9 @@ class EscrowMiddleware:
         requirements = request.offer.to_model() if hooks is not None else None
         if hooks is not None and step.envelope is not None:
             assert requirements is not None
-            result = verify_result_context(step.envelope, requirements, context, verified.buyer)
-            await _abort_on(hooks.after_verify, result)
+            if not after_verified:
+                await _abort_on(hooks.after_verify, verify_result_context(step.envelope, requirements, context,
+                                                                          verified.buyer))  # fmt: skip
             await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
         facts = onchain if onchain is not None and not onchain.serve_first else None
         if facts is None:
@@ -531,11 +532,8 @@ class EscrowMiddleware:
             answer = Answer(SettlementExtra(escrow_id=escrow_id, deadline=verified.terms.deadline, state=State.HELD),
                             deposit_tx)  # fmt: skip
             settle = answer.settle_response(verified.buyer, self.config.network)
-            result = settle_result_context(step.envelope, requirements, context, settle)
-            try:
-                await SellerHooks.run(hooks.after_settle, result)
-            except Exception:  # bookkeeping must not cost the buyer the sale it has paid for
-                log.exception("an after-settle hook raised for escrow 0x%s; serving it anyway", escrow_id.hex())
+            # Bookkeeping must not cost the buyer the sale it has paid for: a hook that raises is logged.
+            await hooks.after_settled(step.envelope, requirements, settle, escrow_id, context=context)
         return Serve(verified, deposit_tx)
 
     async def _deposit_fault(self, verified: VerifiedPayment, fault: DepositFault, exc: Exception) -> Step:
@@ -582,6 +580,10 @@ class EscrowMiddleware:
         except Refusal as rejected:
             log.warning("serve-first of 0x%s refused: %s (buyer %s)", escrow_id.hex(), rejected, verified.buyer)
             raise
+        if config.hooks is not None and step.envelope is not None:
+            # Serve-first's verification is these checks of the pull: the after-verify hooks see it passed.
+            result = verify_result_context(step.envelope, request.offer.to_model(), request.context, verified.buyer)
+            await _abort_on(config.hooks.after_verify, result)
         refused = await _blocking(
             self.store.begin_serve_first,
             escrow_id,
@@ -594,7 +596,7 @@ class EscrowMiddleware:
             max_per_buyer=config.serve_first_max_per_buyer or 0,
             max_total=config.serve_first_max_total or 0,
         )
-        outcome = Reserve.DONE if refused is None else Reserve(refused)
+        outcome = Reserve.DONE if refused is None else refused
         per_buyer, total = config.serve_first_max_per_buyer or 0, config.serve_first_max_total or 0
         after = after_reserve(step, outcome, mode, per_buyer=per_buyer, total=total)
         if isinstance(after, Deposit):
@@ -614,15 +616,22 @@ class EscrowMiddleware:
         deposit_tx: bytes | None,
         claim: Claim | None = None,
         serve_first: bool = False,
+        envelope: PaymentPayload | None = None,
     ) -> None:
         """Run the handler; store its response with the delivery (hold) or settlement (serve-first) queued,
         in one transaction that also gives up the claim, then answer. A failed handler is refunded (hold)
-        or costs nobody anything (serve-first: the record is dropped, no transaction is sent)."""
+        or costs nobody anything (serve-first: the record is dropped, no transaction is sent). Serve-first's
+        settlement is the seller's before-settle hooks' to decline (`envelope`: the buyer's, for them)."""
         escrow_id, terms, store = verified.escrow_id, verified.payload.terms, self.store
         if not await self._still_held(claim):  # this run stalled past its lease and was taken over
             await self._answer_of_another(send, escrow_id)
             return
         response = await self._run_handler(scope, receive, request.body)
+        if serve_first and response.status < 400 and envelope is not None:
+            declined = await self._before_settle_first(request, envelope, escrow_id, claim)
+            if declined is not None:
+                await self._decline(send, request, verified, declined, claim)
+                return
         save: functools.partial[bool]  # given the claim to release (release=) by _answer_once
         if response.status < 400:
             keep = kept(verified, response.body, deposit_tx, serve_first=serve_first)
@@ -649,7 +658,7 @@ class EscrowMiddleware:
             receipt = await _blocking(self.chain.refund, terms)
             refund_tx = bytes(receipt["transactionHash"])
             log_sale(
-                "refunded",
+                Sale.REFUNDED,
                 escrow_id,
                 terms,
                 route=_route_name(request.route),
@@ -690,6 +699,38 @@ class EscrowMiddleware:
             claim.released = True
         return saved
 
+    async def _before_settle_first(
+        self, request: PaidRequest, envelope: PaymentPayload, escrow_id: bytes, claim: Claim | None
+    ) -> str | None:
+        """A serve-first payment's before-settle hooks, after its handler succeeded and before its settlement is
+        queued (phase "after-handler"): the reason one declined it, or None. A hook that raises decides nothing:
+        the record is dropped as for a failed handler (nothing served, nothing owed) and the buyer gets 503."""
+        hooks = self.config.hooks
+        if hooks is None or not hooks.before_settle:
+            return None
+        context = settle_context(envelope, request.offer.to_model(), request.context, phase="after-handler")
+        try:
+            aborted = await SellerHooks.run(hooks.before_settle, context)
+        except Exception:
+            log.exception("a before-settle hook raised for serve-first 0x%s; not served, not charged", escrow_id.hex())
+            # Dropped with the claim given up in the same transaction (nothing, if another run took it over).
+            await self._store_once(claim, functools.partial(self.store.forget_serve_first, escrow_id))
+            raise SellerUnavailable(Reason.SELLER_HOOK_FAILED, HOOK_FAILED, HOOK_RETRY_AFTER) from None
+        return None if aborted is None else aborted.reason
+
+    async def _decline(
+        self, send: Send, request: PaidRequest, verified: VerifiedPayment, reason: str, claim: Claim | None
+    ) -> None:
+        """The seller declined to collect a served-first payment: recorded (exposure freed, nothing queued, the
+        claim given up in the same transaction), and answered as the SDK answers a settlement its hook
+        aborted: 402 with the hook's reason, the handler's response withheld. A replay gets the same 402."""
+        escrow_id = verified.escrow_id
+        if not await self._store_once(claim, functools.partial(self.store.decline_serve_first, escrow_id, reason)):
+            await self._answer_of_another(send, escrow_id)
+            return
+        log_sale(Sale.DECLINED, escrow_id, verified.terms, route=_route_name(request.route), reason=reason)
+        await self._send_required(send, request, 402, reason)
+
     async def _still_held(self, claim: Claim | None) -> bool:
         """Renew the claim now, before what must not run twice; False if another run took it over."""
         return claim is None or await _blocking(self._heartbeat.confirm, claim)
@@ -717,7 +758,7 @@ class EscrowMiddleware:
         onchain: State | None = None
         if payment.serve_first:
             settlement = await _blocking(store.settlement, escrow_id)
-        elif payment.status not in (REFUNDED, REFUND_PENDING):
+        elif payment.status not in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
             delivery = await _blocking(store.delivery, escrow_id)
             if needs_chain_state_for_replay(payment, delivery):
                 onchain = await self._expired_state(escrow_id)
@@ -865,8 +906,14 @@ async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
 
 
 async def _abort_on(hooks: list[Any], context: Any) -> None:
-    """Run a seller's before/after-verify hooks; an AbortResult refuses the payment with its reason."""
-    aborted = await SellerHooks.run(hooks, context)
+    """Run a seller's before/after-verify or before-settle hooks, before anything is recorded or moved: an
+    AbortResult refuses the payment with its reason (402); a hook that raises is a 503 (nothing was charged:
+    the same payment may be sent again)."""
+    try:
+        aborted = await SellerHooks.run(hooks, context)
+    except Exception:
+        log.exception("a seller hook raised; the payment was not taken")
+        raise SellerUnavailable(Reason.SELLER_HOOK_FAILED, HOOK_FAILED, HOOK_RETRY_AFTER) from None
     if aborted is not None:
         raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 

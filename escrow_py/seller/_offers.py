@@ -30,7 +30,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio.to_thread
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_address, to_checksum_address
 from x402 import x402ResourceServer
 from x402.extensions.bazaar import BAZAAR, bazaar_resource_server_extension
 from x402.http import HTTPRequestContext
@@ -44,6 +43,7 @@ from x402.schemas import (
     PaymentRequirements,
     ResourceConfig,
     SettleContext,
+    SettlePhase,
     SettleResponse,
     SettleResultContext,
     VerifyContext,
@@ -56,7 +56,7 @@ from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import canonical_url
 from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements
-from escrow_py.seller._price import atomic_amount, token_for
+from escrow_py.seller._price import atomic_amount, checked_address, token_for
 from escrow_py.seller._verify import offer_for
 
 if TYPE_CHECKING:
@@ -156,6 +156,33 @@ class SellerHooks:
             for hook in hooks:
                 register(hook)
 
+    async def after_settled(
+        self,
+        payload: PaymentPayload,
+        requirements: PaymentRequirements,
+        result: SettleResponse,
+        escrow_id: bytes,
+        *,
+        context: HTTPRequestContext | None = None,
+        phase: SettlePhase = "before-handler",
+    ) -> None:
+        """Run the after-settle hooks, for bookkeeping: what they return is ignored, and one that raises is
+        logged with the escrow id; the settlement it reports stays recorded and is never sent again.
+        `context` None: run by the settlement worker, after the request has gone (no transport context)."""
+        if not self.after_settle:
+            return
+        settled = SettleResultContext(
+            payment_payload=payload,
+            requirements=requirements,
+            transport_context=None if context is None else _transport(context),
+            phase=phase,
+            result=result,
+        )
+        try:
+            await SellerHooks.run(self.after_settle, settled)
+        except Exception:
+            log.exception("an after-settle hook raised for escrow 0x%s; the settlement stands", escrow_id.hex())
+
     @staticmethod
     async def run(hooks: list[Hook], context: Any) -> AbortResult | None:
         """Run `hooks` in order; the first AbortResult stops them and is returned."""
@@ -177,9 +204,7 @@ def check_route_prices(route: PricedRoute) -> None:
     if (amount > 0) == (route.price is not None):
         raise ConfigError(f"{where}: give exactly one of amount (atomic units) and price ('$0.01', ...)")
     if route.pay_to is not None and not callable(route.pay_to):
-        if not isinstance(route.pay_to, str) or not is_address(route.pay_to):
-            raise ConfigError(f"{where}: pay_to must be an address or a callable, got {route.pay_to!r}")
-        object.__setattr__(route, "pay_to", to_checksum_address(route.pay_to))
+        object.__setattr__(route, "pay_to", checked_address(route.pay_to, f"{where}: pay_to (or a callable)"))
     if route.schemes is not None:
         schemes = tuple(route.schemes)
         if not schemes or len(set(schemes)) != len(schemes) or not set(schemes) <= SCHEMES or SCHEME not in schemes:
@@ -368,9 +393,7 @@ class Offers:
         pay_to: Any = route.pay_to if route.pay_to is not None else self.config.pay_to
         if callable(pay_to):
             pay_to = await _maybe_await(pay_to(context))
-            if not isinstance(pay_to, str) or not is_address(pay_to):
-                raise ConfigError(f"route {route.method} {route.path}: pay_to gave {pay_to!r}, not an address")
-        return amount, to_checksum_address(pay_to)
+        return amount, checked_address(pay_to, f"route {route.method} {route.path}: pay_to")
 
     # -- the 402 ---------------------------------------------------------------------------
 
@@ -518,24 +541,15 @@ def verify_result_context(
     )
 
 
-def settle_context(payload: PaymentPayload, requirements: PaymentRequirements, context: HTTPRequestContext) -> Any:
-    return SettleContext(
-        payment_payload=payload,
-        requirements=requirements,
-        transport_context=_transport(context),
-        phase="before-handler",
-    )
-
-
-def settle_result_context(
-    payload: PaymentPayload, requirements: PaymentRequirements, context: HTTPRequestContext, result: SettleResponse
+def settle_context(
+    payload: PaymentPayload,
+    requirements: PaymentRequirements,
+    context: HTTPRequestContext,
+    *,
+    phase: SettlePhase = "before-handler",
 ) -> Any:
-    return SettleResultContext(
-        payment_payload=payload,
-        requirements=requirements,
-        transport_context=_transport(context),
-        phase="before-handler",
-        result=result,
+    return SettleContext(
+        payment_payload=payload, requirements=requirements, transport_context=_transport(context), phase=phase
     )
 
 

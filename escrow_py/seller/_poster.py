@@ -40,6 +40,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import anyio.to_thread
 from web3.types import TxReceipt
@@ -50,16 +51,9 @@ from escrow_py.protocol.errors import EscrowError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowPayload
 from escrow_py.seller._config import SellerConfig
-from escrow_py.seller._store import (
-    EXPIRED,
-    PENDING,
-    POSTED,
-    REFUNDED_ON_CHAIN,
-    SETTLED_ELSEWHERE,
-    PendingDelivery,
-    QueuedSettlement,
-    SellerStore,
-)
+from escrow_py.seller._machine import replayed, stored_envelope, stored_escrow_payload
+from escrow_py.seller._offers import SellerHooks
+from escrow_py.seller._store import DeliveryStatus, PendingDelivery, QueuedSettlement, SellerStore, SettleStatus
 
 log = logging.getLogger("escrow_py.seller.poster")
 sales = logging.getLogger("escrow_py.seller.sales")
@@ -101,12 +95,12 @@ def undelivered_outcome(state: State, deadline: int, chain_time: int, payout_ref
     payout refused, or a deposit a reorg removed for now): still pending, retried later.
     """
     if state == State.RELEASED:
-        return SETTLED_ELSEWHERE
+        return DeliveryStatus.SETTLED_ELSEWHERE
     if state == State.REFUNDED:
-        return REFUNDED_ON_CHAIN
+        return DeliveryStatus.REFUNDED_ON_CHAIN
     if deadline <= chain_time:
-        return EXPIRED
-    return PENDING
+        return DeliveryStatus.EXPIRED
+    return DeliveryStatus.PENDING
 
 
 def retry_delay(attempts: int) -> float:
@@ -114,7 +108,17 @@ def retry_delay(attempts: int) -> float:
     return float(min(RETRY_CAP, RETRY_FIRST * 2 ** min(attempts, 16)))
 
 
-def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes | None) -> None:
+class Sale(StrEnum):
+    """How a sale ended, as its line on `escrow_py.seller.sales` says it (`sale <outcome> ...`)."""
+
+    DELIVERED = "delivered"  # hold: our deliverMany released it to the seller
+    REFUNDED = "refunded"  # hold: the handler failed and the escrow went back to the buyer
+    SETTLED = "settled"  # serve-first: our settleMany pulled the payment
+    LOST = "lost"  # serve-first: the settlement was skipped; served unpaid
+    DECLINED = "declined"  # serve-first: the seller's before-settle hook declined to collect
+
+
+def log_sale(outcome: Sale, escrow_id: bytes, terms: Terms, **fields: str | bytes | None) -> None:
     """The one INFO line of a sale, with its fields as key=value (and as LogRecord attributes)."""
     values: dict[str, object] = {"escrow_id": escrow_id, "amount": terms.amount, **fields, "buyer": terms.buyer}
     shown = {k: ("0x" + v.hex() if isinstance(v, bytes) else v) for k, v in values.items() if v is not None}
@@ -123,8 +127,37 @@ def log_sale(outcome: str, escrow_id: bytes, terms: Terms, **fields: str | bytes
 
 
 def _settlement(queued: QueuedSettlement) -> Settlement:
-    payload = EscrowPayload.from_json(json.loads(queued.payload))
+    payload = stored_escrow_payload(queued.payload)
     return Settlement(payload.terms, payload.authorization, payload.signature, queued.delivery_hash)
+
+
+async def run_settled_hooks(hooks: SellerHooks | None, store: SellerStore, ids: list[bytes], network: str) -> None:
+    """The seller's after-settle hooks for serve-first settlements a worker now knows mined or lost (the local
+    poster, the facilitator-mode outbox), after it recorded them: once per outcome it records, with the result
+    a replay would answer (`success`, the settlement transaction, or `settlement_failed` and why in
+    `errorMessage`). Phase "after-handler", no transport context: the request has long gone."""
+    if hooks is None or not hooks.after_settle:
+        return
+    for escrow_id in ids:
+        payment, record = await anyio.to_thread.run_sync(
+            lambda i=escrow_id: (store.payment(i), store.settlement(i))  # type: ignore[misc]
+        )
+        envelope = stored_envelope(record.payload if record is not None else None)
+        if payment is None or record is None or envelope is None:
+            log.warning("after-settle hooks skipped for 0x%s: no x402 envelope is stored with it", escrow_id.hex())
+            continue
+        result = replayed(payment, settlement=record).settle_response(payment.terms.buyer, network)
+        if record.status == SettleStatus.LOST:
+            result.error_message = record.reason
+        await hooks.after_settled(envelope, envelope.accepted, result, escrow_id, phase="after-handler")
+
+
+class Redeposit(StrEnum):
+    """What sending again a deposit a reorg removed came to."""
+
+    DEPOSITED = "deposited"  # it is Held again (sent now, or found deposited)
+    LOST = "lost"  # no stored signature, or the authorization is spent, cancelled or expired
+    RETRY = "retry"  # the send failed; the next pass tries again
 
 
 class DeliveryPoster:
@@ -140,9 +173,14 @@ class DeliveryPoster:
         owner: str | None = None,
         confirmation_depth: int = 5,
         settle_batch_wait: float = 0.0,
+        hooks: SellerHooks | None = None,
+        network: str = "",
     ) -> None:
-        """`confirmation_depth` and `settle_batch_wait` as in SellerConfig."""
+        """`confirmation_depth`, `settle_batch_wait`, `hooks` and `network` as in SellerConfig (the hooks' after-settle
+        run for each serve-first settlement a pass finds mined or lost, once `flush` has recorded it)."""
         self.chain = chain
+        self.hooks = hooks
+        self.network = network
         self.depth = confirmation_depth
         self.settle_batch_wait = settle_batch_wait
         self.store = store
@@ -172,6 +210,8 @@ class DeliveryPoster:
             owner=owner,
             confirmation_depth=config.confirmation_depth,
             settle_batch_wait=config.settle_batch_wait,
+            hooks=config.hooks,
+            network=config.network,
         )
 
     def post_pending(self, *, force_settle: bool = False) -> PostReport:
@@ -237,7 +277,7 @@ class DeliveryPoster:
             delivered = [e.id for e in self.chain.events_in(receipt) if isinstance(e, Delivered)]
             settled = [e.id for e in self.chain.settlements_in(receipt) if isinstance(e, Settled)]
             if delivered:
-                self.store.mark_deliveries(delivered, POSTED, tx_hash)
+                self.store.mark_deliveries(delivered, DeliveryStatus.POSTED, tx_hash)
                 report.posted.extend(delivered)
                 report.tx_hash = tx_hash
             if settled:
@@ -286,12 +326,12 @@ class DeliveryPoster:
         tx_hash = bytes(receipt["transactionHash"])
         delivered = {e.id for e in self.chain.events_in(receipt) if isinstance(e, Delivered)}
         posted = [e for e in batch if e.escrow_id in delivered]
-        self.store.mark_deliveries([e.escrow_id for e in posted], POSTED, tx_hash)
+        self.store.mark_deliveries([e.escrow_id for e in posted], DeliveryStatus.POSTED, tx_hash)
         report.posted.extend(e.escrow_id for e in posted)
         report.tx_hash = tx_hash
         for entry in posted:
             log_sale(
-                "delivered",
+                Sale.DELIVERED,
                 entry.escrow_id,
                 entry.terms,
                 route=entry.route,
@@ -325,16 +365,16 @@ class DeliveryPoster:
         escrow_id, terms = entry.escrow_id, entry.terms
         shown = f"0x{escrow_id.hex()}" + (f" (deliverMany 0x{tx_hash.hex()})" if tx_hash else "")
         outcome = undelivered_outcome(state, terms.deadline, chain_time, payout_refused is not None)
-        if outcome == SETTLED_ELSEWHERE:
-            self.store.mark_deliveries([escrow_id], SETTLED_ELSEWHERE)
+        if outcome == DeliveryStatus.SETTLED_ELSEWHERE:
+            self.store.mark_deliveries([escrow_id], DeliveryStatus.SETTLED_ELSEWHERE)
             report.settled.append(escrow_id)
             log.info("delivery of %s: already released by another transaction", shown)
-        elif outcome == REFUNDED_ON_CHAIN:
-            self.store.mark_deliveries([escrow_id], REFUNDED_ON_CHAIN)
+        elif outcome == DeliveryStatus.REFUNDED_ON_CHAIN:
+            self.store.mark_deliveries([escrow_id], DeliveryStatus.REFUNDED_ON_CHAIN)
             report.refunded_elsewhere.append(escrow_id)
             log.warning("delivery of %s: the escrow was refunded to buyer %s instead", shown, terms.buyer)
-        elif outcome == EXPIRED:
-            self.store.mark_deliveries([escrow_id], EXPIRED)
+        elif outcome == DeliveryStatus.EXPIRED:
+            self.store.mark_deliveries([escrow_id], DeliveryStatus.EXPIRED)
             report.expired.append(escrow_id)
             log.warning("delivery of %s: deadline %d passed before it landed; refundable", shown, terms.deadline)
         else:
@@ -391,9 +431,9 @@ class DeliveryPoster:
             elif state == State.NONE:
                 # The deposit went with the reorg too: send it again from the stored signature, then the delivery.
                 outcome = self._deposit_again(entry.escrow_id)
-                if outcome == "deposited":
+                if outcome == Redeposit.DEPOSITED:
                     again.append(entry.escrow_id)
-                elif outcome == "lost":
+                elif outcome == Redeposit.LOST:
                     final.append(entry.escrow_id)
                     log.error(
                         "escrow 0x%s: its deposit and delivery vanished in a reorg and the deposit cannot be sent "
@@ -406,34 +446,33 @@ class DeliveryPoster:
             else:
                 final.append(entry.escrow_id)  # released by another transaction: nothing left to follow
         self.store.mark_final(final)
-        self.store.mark_deliveries(refunded, REFUNDED_ON_CHAIN, was=POSTED)
+        self.store.mark_deliveries(refunded, DeliveryStatus.REFUNDED_ON_CHAIN, was=DeliveryStatus.POSTED)
         self.store.repost(again, "its transaction vanished in a reorg")
         self._followed_at = tip
         report.final.extend(final)
         report.reposted.extend(again)
         report.refunded_elsewhere.extend(refunded)
 
-    def _deposit_again(self, escrow_id: bytes) -> str:
-        """Re-send a deposit a reorg removed: "deposited", "lost" (no stored signature, or the authorization
-        is spent, cancelled or expired), or "retry" (the send failed; the next pass tries again)."""
+    def _deposit_again(self, escrow_id: bytes) -> Redeposit:
+        """Re-send a deposit a reorg removed (see Redeposit)."""
         stored = self.store.deposit_payload(escrow_id)
         if stored is None:
-            return "lost"
+            return Redeposit.LOST
         payload = EscrowPayload.from_json(json.loads(stored))
         if self.chain.authorization_used(payload.terms.token, payload.terms.buyer, escrow_id):
-            return "lost"
+            return Redeposit.LOST
         try:
             receipt = self.chain.deposit(payload)
         except (EscrowError, OSError, TimeoutError) as exc:
             if self.chain.state_of(escrow_id) == State.HELD:
-                return "deposited"
+                return Redeposit.DEPOSITED
             if min(payload.authorization.valid_before, payload.terms.deadline) <= self.chain.next_block_time():
-                return "lost"
+                return Redeposit.LOST
             log.warning("deposit of 0x%s again after a reorg failed: %s; retried next pass", escrow_id.hex(), exc)
-            return "retry"
+            return Redeposit.RETRY
         self.store.set_held_again(escrow_id, bytes(receipt["transactionHash"]))
         log.warning("escrow 0x%s: its deposit vanished in a reorg; sent again", escrow_id.hex())
-        return "deposited"
+        return Redeposit.DEPOSITED
 
     # -- serve-first settlements -----------------------------------------------------------
 
@@ -475,7 +514,7 @@ class DeliveryPoster:
             self.store.mark_settled(paid, tx_hash)
             report.settled_first.extend(paid)
             for escrow_id in paid:
-                log_sale("settled", escrow_id, entries[escrow_id].terms, settle_tx=tx_hash)
+                log_sale(Sale.SETTLED, escrow_id, entries[escrow_id].terms, settle_tx=tx_hash)
             for skipped in (e for e in outcomes if isinstance(e, SettlementSkipped) and e.id in entries):
                 terms = entries[skipped.id].terms
                 self.store.mark_lost(skipped.id, skipped.reason.name.lower(), refuse_buyer=True, tx_hash=tx_hash)
@@ -484,7 +523,7 @@ class DeliveryPoster:
                     "settlement of 0x%s skipped (%s) in settleMany 0x%s: %d lost, buyer %s refused serve-first",
                     skipped.id.hex(), skipped.reason.name, tx_hash.hex(), terms.amount, terms.buyer,
                 )  # fmt: skip
-                log_sale("lost", skipped.id, terms, settle_tx=tx_hash, reason=skipped.reason.name.lower())
+                log_sale(Sale.LOST, skipped.id, terms, settle_tx=tx_hash, reason=skipped.reason.name.lower())
             unanswered = [i for i in ids if i not in paid and i not in report.lost]
             if unanswered:  # no event for it: not expected of the contract; tried again next pass
                 self.store.note_settle_attempt(unanswered, f"settleMany 0x{tx_hash.hex()} said nothing of it")
@@ -540,11 +579,14 @@ class DeliveryPoster:
             refund_tx = bytes(receipt["transactionHash"])
             self.store.set_refunded(escrow_id, refund_tx)
             report.refunded.append(escrow_id)
-            log_sale("refunded", escrow_id, terms, refund_tx=refund_tx)
+            log_sale(Sale.REFUNDED, escrow_id, terms, refund_tx=refund_tx)
 
     async def flush(self, *, force_settle: bool = False) -> PostReport:
-        """One pass now, off the event loop; passes never overlap."""
-        return await anyio.to_thread.run_sync(lambda: self.post_pending(force_settle=force_settle))
+        """One pass now, off the event loop (passes never overlap), then the seller's after-settle hooks for the
+        serve-first settlements it recorded mined or lost, on the event loop."""
+        report = await anyio.to_thread.run_sync(lambda: self.post_pending(force_settle=force_settle))
+        await run_settled_hooks(self.hooks, self.store, [*report.settled_first, *report.lost], self.network)
+        return report
 
     async def _run(self) -> None:
         while True:

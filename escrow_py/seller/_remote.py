@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -51,12 +50,12 @@ from escrow_py.seller._machine import (
     Deposit,
     ParsedPayment,
     Reject,
-    Reserve,
     Serve,
     ServeFirst,
     Unavailable,
     _as_accepted,
     after_reserve,
+    declined,
     handler_failed,
     kept,
     served,
@@ -65,11 +64,20 @@ from escrow_py.seller._machine import (
 from escrow_py.seller._middleware import (
     EscrowMiddleware,
     SellerUnavailable,
+    _abort_on,
     _blocking,
     _route_name,
 )
-from escrow_py.seller._offers import Offers, PaidRequest
-from escrow_py.seller._store import POSTED, REFUND_PENDING, REFUNDED, Payment, SellerStore, StoredResponse
+from escrow_py.seller._offers import (
+    Offers,
+    PaidRequest,
+    SellerHooks,
+    settle_context,
+    verify_result_context,
+)
+from escrow_py.seller._poster import run_settled_hooks
+from escrow_py.seller._price import checked_address
+from escrow_py.seller._store import DeliveryStatus, Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
 log = logging.getLogger("escrow_py.seller.remote")
@@ -83,7 +91,7 @@ class RemoteOperator:
     """The facilitator's operator as a Signer with no key: the address goes in offers, nothing is signed here."""
 
     def __init__(self, address: str) -> None:
-        self._address = to_checksum_address(address)
+        self._address = checked_address(address, "the facilitator's operator")
 
     @property
     def address(self) -> ChecksumAddress:
@@ -127,8 +135,13 @@ class FacilitatorSellerConfig:
     serve_first_max_price: int | None = None
     serve_first_max_per_buyer: int | None = None
     serve_first_max_total: int | None = None
+    # The seller's verify/settle hooks, as SellerConfig.hooks (README, "Hooks"): around the facilitator's
+    # /verify and /settle for hold, around /verify and the queued settlement for serve-first.
+    hooks: SellerHooks | None = None
 
     def __post_init__(self) -> None:
+        if self.hooks is not None and not isinstance(self.hooks, SellerHooks):
+            raise ConfigError(f"FacilitatorSellerConfig.hooks must be a SellerHooks, got {type(self.hooks).__name__}")
         if not self.facilitator_url.startswith(("http://", "https://")):
             raise ConfigError(f"facilitator_url must be an http(s) URL, got {self.facilitator_url!r}")
         object.__setattr__(self, "facilitator_url", self.facilitator_url.rstrip("/"))
@@ -136,8 +149,8 @@ class FacilitatorSellerConfig:
             raise ConfigError("FacilitatorSellerConfig.api_key is required (x402-escrow facilitator keys create)")
         for name in ("escrow", "operator"):
             value = getattr(self, name)
-            if value is not None and not is_address(value):
-                raise ConfigError(f"FacilitatorSellerConfig.{name} must be a 0x address, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, checked_address(value, f"FacilitatorSellerConfig.{name}"))
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ConfigError(f"FacilitatorSellerConfig.timeout must be > 0 seconds, got {self.timeout!r}")
 
@@ -151,7 +164,7 @@ class FacilitatorSellerConfig:
         operator = self.operator or kind.get("operator")
         for name, mine, theirs in (("escrow", self.escrow, kind.get("escrow")),
                                    ("operator", self.operator, kind.get("operator"))):  # fmt: skip
-            if mine and theirs and to_checksum_address(mine) != to_checksum_address(str(theirs)):
+            if mine and theirs and mine != checked_address(theirs, f"the facilitator's /supported {name}"):
                 raise ConfigError(f"the facilitator's {name} is {theirs}, this seller pins {mine}")
         if not escrow or not operator:
             raise ConfigError("the facilitator's /supported names no escrow or operator for this network")
@@ -173,6 +186,7 @@ class FacilitatorSellerConfig:
             serve_first_max_price=self.serve_first_max_price,
             serve_first_max_per_buyer=self.serve_first_max_per_buyer,
             serve_first_max_total=self.serve_first_max_total,
+            hooks=self.hooks,
             startup_checks=False,
         )
 
@@ -290,6 +304,11 @@ def tx_hash_of(value: object) -> bytes | None:
         return None
 
 
+def _payer(parsed: ParsedPayment) -> str:
+    assert parsed.payload is not None
+    return parsed.payload.terms.buyer
+
+
 def _request_body(payload: PaymentPayload, requirements: PaymentRequirements) -> dict[str, Any]:
     """The x402 facilitator request (VerifyRequest / SettleRequest) as JSON."""
     return {
@@ -375,7 +394,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 return accepted
             ids = [p.escrow_id for p in pending]
             if response.status_code == 202:
-                await _blocking(self.store.mark_deliveries, ids, POSTED)
+                await _blocking(self.store.mark_deliveries, ids, DeliveryStatus.POSTED)
                 accepted += len(ids)
                 continue
             # A refused batch (an entry the facilitator does not know, a conflict): hold it back and log.
@@ -419,6 +438,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                     await _blocking(self.store.mark_settled, [queued.escrow_id], tx)
                     await _blocking(self.store.settle_final, [queued.escrow_id])  # the facilitator follows reorgs
                     self._settle_polled.pop(queued.escrow_id, None)
+                    await run_settled_hooks(self.config.hooks, self.store, [queued.escrow_id], self.config.network)
                 else:
                     self._settle_polled[queued.escrow_id] = now + SETTLE_POLL
                 continue
@@ -429,6 +449,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                       result.error_message)  # fmt: skip
             await _blocking(self.store.mark_lost, queued.escrow_id, reason, refuse_buyer=True, tx_hash=tx)
             self._settle_polled.pop(queued.escrow_id, None)
+            await run_settled_hooks(self.config.hooks, self.store, [queued.escrow_id], self.config.network)
         return accepted
 
     # -- a paid request ------------------------------------------------------------------------
@@ -450,6 +471,11 @@ class FacilitatorMiddleware(EscrowMiddleware):
             self._verify(parsed, request, payment.accepted_at)  # the same request, terms and signature
             await self._replay(send, payment, payment.response)
             return
+        if payment is not None and payment.declined is not None:
+            self._verify(
+                parsed, replace(request, offer=_as_accepted(request.offer, payment.terms)), payment.accepted_at
+            )
+            raise declined(payment)
         if payment is not None and payment.serve_first:
             # Recorded and never answered (this seller died mid-handler): served now if the facilitator
             # finds the authorization still unused with time left to settle it.
@@ -457,14 +483,22 @@ class FacilitatorMiddleware(EscrowMiddleware):
             verified = self._verify(parsed, request, payment.accepted_at)
             await self._remote_verify(parsed, request)
             await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
-                              serve_first=True)  # fmt: skip
+                              serve_first=True, envelope=parsed.envelope)  # fmt: skip
             return
-        if (
-            payment is None
-            and request.route.serve_first
-            and await self._serve_first_remote(scope, receive, send, request, parsed, claim=claim)
-        ):
-            return
+        hooks = self.config.hooks if payment is None else None  # they run around a new payment, as in local mode
+        if payment is None and request.route.serve_first:
+            if await self._serve_first_remote(scope, receive, send, request, parsed, claim=claim):
+                return
+        elif hooks is not None:
+            # The SDK's order around the facilitator's calls: before-verify, /verify, after-verify (a
+            # serve-first payment falling back to hold ran these already).
+            await self._before_verify(parsed, request)
+            await self._remote_verify(parsed, request)
+            await _abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
+                                                                      request.context, _payer(parsed)))  # fmt: skip
+        if hooks is not None:
+            await _abort_on(hooks.before_settle, settle_context(parsed.envelope, request.offer.to_model(),
+                                                                request.context))  # fmt: skip
         try:
             result = await self.facilitator.settle(parsed.envelope, request.offer.to_model())
         except FacilitatorDown as down:
@@ -487,6 +521,9 @@ class FacilitatorMiddleware(EscrowMiddleware):
         deposit_tx = tx_hash_of(result.transaction)
         await _blocking(self.store.record_held, escrow_id, verified.terms, accepted_at, _route_name(request.route),
                         deposit_tx)  # fmt: skip
+        if hooks is not None:
+            await hooks.after_settled(parsed.envelope, request.offer.to_model(), result, escrow_id,
+                                      context=request.context)  # fmt: skip
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=deposit_tx, claim=claim)
 
     async def _remote_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
@@ -520,11 +557,17 @@ class FacilitatorMiddleware(EscrowMiddleware):
         What a reservation's refusal leads to is the machine's (_machine.after_reserve), as in local mode.
         """
         assert parsed.escrow_id is not None and parsed.envelope is not None and parsed.payload is not None
+        hooks = self.config.hooks
+        if hooks is not None:
+            await self._before_verify(parsed, request)
         await self._remote_verify(parsed, request)
         # Judged by the chain's time at the facilitator; here, at the last time it is valid (no chain clock).
         terms, auth = parsed.payload.terms, parsed.payload.authorization
         reference = min(terms.deadline, auth.valid_before) - self.config.min_time_left - 1
         verified = self._verify(parsed, request, reference)
+        if hooks is not None:
+            await _abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
+                                                                      request.context, verified.buyer))  # fmt: skip
         # In facilitator mode the store keeps the buyer's whole x402 envelope: the outbox hands it to /settle.
         record = parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
         step = ServeFirst(verified, reference, settle_due(verified), parsed.envelope, record)
@@ -541,7 +584,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             max_per_buyer=per_buyer,
             max_total=total,
         )
-        after = after_reserve(step, Reserve.DONE if refused is None else Reserve(refused), request.route,
+        after = after_reserve(step, Reserve.DONE if refused is None else refused, request.route,
                               per_buyer=per_buyer, total=total)  # fmt: skip
         if isinstance(after, Deposit):
             log.info("payment 0x%s served in hold mode: %s", parsed.escrow_id.hex(), refused)
@@ -552,7 +595,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             raise SellerUnavailable(after.reason, after.public, after.retry_after)
         assert isinstance(after, Serve)
         await self._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
-                          serve_first=True)  # fmt: skip
+                          serve_first=True, envelope=parsed.envelope)  # fmt: skip
         return True
 
     async def _serve(
@@ -566,12 +609,13 @@ class FacilitatorMiddleware(EscrowMiddleware):
         deposit_tx: bytes | None,
         claim: Claim | None = None,
         serve_first: bool = False,
+        envelope: PaymentPayload | None = None,
     ) -> None:
-        """Serve-first goes as EscrowMiddleware's (its settlement is queued in the store), then wakes the
-        outbox; hold's delivery and refund go to the facilitator."""
+        """Serve-first goes as EscrowMiddleware's (its settlement is queued in the store, or declined by the
+        seller's before-settle hooks), then wakes the outbox; hold's delivery and refund go to the facilitator."""
         if serve_first:
             await super()._serve(scope, receive, send, request, verified=verified, deposit_tx=None, claim=claim,
-                                 serve_first=True)  # fmt: skip
+                                 serve_first=True, envelope=envelope)  # fmt: skip
             self._kick.set()
             return
         escrow_id, terms = verified.escrow_id, verified.terms
@@ -610,7 +654,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         """A refunded or serve-first payment replays as EscrowMiddleware's does; a served one says `held`: its
         delivery is the facilitator's to post, and this seller has no chain to ask."""
-        if payment.serve_first or payment.status in (REFUNDED, REFUND_PENDING):
+        if payment.serve_first or payment.status in (PaymentStatus.REFUNDED, PaymentStatus.REFUND_PENDING):
             await super()._replay(send, payment, response)
             return
         answer = served(payment.escrow_id, payment.terms, delivery_hash(response.body), payment.deposit_tx,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from eth_utils.address import is_address, to_checksum_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402.http.types import HTTPTransportContext
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
@@ -40,7 +39,7 @@ from escrow_py.chain.registry import KnownToken, resolve_escrow
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import canonical_url, delivery_hash, request_hash
 from escrow_py.protocol.wire import SCHEME
-from escrow_py.seller._price import atomic_amount, token_for
+from escrow_py.seller._price import atomic_amount, checked_address, token_for
 
 # The SDK's sentinel for "no asset transfer method on the wire".
 _DEFAULT_TRANSFER = "default"
@@ -77,12 +76,10 @@ class DeliveryEscrowServerScheme:
         token_name: str = "",
         token_version: str = "",
     ) -> None:
-        for name, value in (("escrow", escrow), ("operator", operator), ("token", token)):
-            if value is not None and not is_address(value):
-                raise ConfigError(f"DeliveryEscrowServerScheme {name} must be an address, got {value!r}")
-        self.escrow = to_checksum_address(escrow) if escrow else None
-        self.operator = to_checksum_address(operator) if operator else None
-        self.token = to_checksum_address(token) if token else None
+        self.escrow, self.operator, self.token = (
+            None if value is None else checked_address(value, f"DeliveryEscrowServerScheme {name}")
+            for name, value in (("escrow", escrow), ("operator", operator), ("token", token))
+        )
         self.token_domain = (token_name, token_version)
 
     def _token(self, network: str) -> KnownToken:
@@ -94,7 +91,7 @@ class DeliveryEscrowServerScheme:
         if isinstance(price, (AssetAmount, dict)):
             data = price.model_dump(exclude_none=True) if isinstance(price, AssetAmount) else price
             asset = data.get("asset")
-            if isinstance(asset, str) and is_address(asset) and to_checksum_address(asset) != token.address:
+            if asset is not None and checked_address(asset, "price asset") != token.address:
                 name, version = (data.get("extra") or {}).get("name"), (data.get("extra") or {}).get("version")
                 if not isinstance(name, str) or not isinstance(version, str):
                     raise ConfigError(f"price in token {asset} needs extra.name and extra.version (its EIP-712 domain)")
@@ -113,13 +110,13 @@ class DeliveryEscrowServerScheme:
         if escrow is None:
             escrow = resolve_escrow(requirements.network).escrow
         operator = self.operator or offered.get("operator")
-        if not isinstance(operator, str) or not is_address(operator):
+        if operator is None:
             raise ConfigError(
                 f"no operator for delivery-escrow on {requirements.network}: the facilitator's /supported "
                 "names none (extra.operator); pass operator= to DeliveryEscrowServerScheme"
             )
-        requirements.extra.setdefault("escrow", to_checksum_address(escrow))
-        requirements.extra.setdefault("operator", to_checksum_address(operator))
+        requirements.extra.setdefault("escrow", checked_address(escrow, f"escrow on {requirements.network}"))
+        requirements.extra.setdefault("operator", checked_address(operator, "the facilitator's /supported operator"))
         return requirements
 
     def enrich_payment_required_response(self, ctx: Any) -> list[PaymentRequirements] | None:

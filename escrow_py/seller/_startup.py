@@ -7,7 +7,6 @@ operator without gas money would otherwise start, answer 402s, and never sell.
 
 from __future__ import annotations
 
-from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 from web3 import Web3
 
@@ -96,7 +95,7 @@ def _check_token(config: SellerConfig, chain: EscrowChain) -> None:
         name=config.token_name,
         version=config.token_version,
         chain_id=config.chain_id,
-        verifying_contract=to_checksum_address(token),
+        verifying_contract=token,  # checksummed by SellerConfig
     )
     if separator != domain.separator():
         name, version = _text(chain, token, _NAME), _text(chain, token, _VERSION)

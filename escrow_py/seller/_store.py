@@ -13,11 +13,13 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from escrow_py.chain.tx import SentTx, signed_from_raw
+from escrow_py.protocol.codec import parse_hex
 from escrow_py.protocol.terms import Terms
 from escrow_py.storage import Database, Migration, Tx, open_store, run_script
 
@@ -179,7 +181,10 @@ def _ids_as_bytes(tx: Tx) -> None:
         if rows:
             tx.executemany(
                 f"INSERT INTO new_{table} ({names}) VALUES ({', '.join('?' * len(columns))})",  # noqa: S608
-                [tuple(_unhex(v) if i in at else v for i, v in enumerate(row)) for row in rows],
+                [
+                    tuple(_unhex(v, f"{table}.{columns[i]}") if i in at else v for i, v in enumerate(row))
+                    for row in rows
+                ],
             )
     for table in reversed(_HEX_COLUMNS):  # children first: their foreign keys name the old parent
         tx.execute(f"DROP TABLE {table}")
@@ -208,34 +213,58 @@ MIGRATIONS = (
     Migration(4, "ids, hashes and raw transactions as bytes", _SCHEMA_4, _ids_as_bytes),
 )
 
-# Payment statuses.
-DEPOSITING = "depositing"  # recorded, deposit sent or about to be
-HELD = "held"  # deposit confirmed, handler not finished
-SERVED = "served"  # response stored, delivery queued
-REFUNDED = "refunded"  # handler failed, refund confirmed
-REFUND_PENDING = "refund_pending"  # handler failed, refund not (yet) confirmed
-SERVING_FIRST = "serving_first"  # serve-first: verified, exposure reserved, handler not finished
-SERVED_FIRST = "served_first"  # serve-first: response stored, settlement queued (see `settlements`)
 
-# Settlement statuses (serve-first). Unpaid (counted against the exposure limits): serving, queued.
-SETTLE_SERVING = "serving"  # the handler runs; no hash yet
-SETTLE_QUEUED = "queued"  # response stored, to be settled by the poster
-SETTLE_DONE = "settled"  # our settleMany's Settled event names it
-SETTLE_LOST = "lost"  # skipped by settleMany, or its authorization expired unsettled: the seller's loss
-UNPAID = (SETTLE_SERVING, SETTLE_QUEUED)
+class PaymentStatus(StrEnum):
+    """A payment row's `status` (the values are what the database stores)."""
 
-# Delivery statuses. Only `posted` means our own transaction delivered it (its Delivered event
-# is in our receipt); the others say why it never will be.
-PENDING = "pending"  # to post; `retry_at` (wall clock) holds it back after a refused payout
-POSTED = "posted"
-EXPIRED = "expired"  # still Held when its deadline passed: the escrow is the buyer's to refund
-SETTLED_ELSEWHERE = "settled"  # found Released by another transaction (another poster, the seller's own key)
-REFUNDED_ON_CHAIN = "refunded"  # found Refunded (an early refund by the seller's side, or a keeper)
+    DEPOSITING = "depositing"  # recorded, deposit sent or about to be
+    HELD = "held"  # deposit confirmed, handler not finished
+    SERVED = "served"  # response stored, delivery queued
+    REFUNDED = "refunded"  # handler failed, refund confirmed
+    REFUND_PENDING = "refund_pending"  # handler failed, refund not (yet) confirmed
+    SERVING_FIRST = "serving_first"  # serve-first: verified, exposure reserved, handler not finished
+    SERVED_FIRST = "served_first"  # serve-first: response stored, settlement queued (see `settlements`)
+    # Serve-first: the handler ran, then the seller's before-settle hook declined to collect. Nothing is
+    # stored as the answer and nothing is settled; a replay is refused with the hook's reason.
+    DECLINED = "declined"
 
 
-def _unhex(value: str | None) -> bytes | None:
-    """A 0x-hex value of schemas 1-3 as bytes."""
-    return None if value is None else bytes.fromhex(value[2:])
+class SettleStatus(StrEnum):
+    """A serve-first settlement's `status`. Unpaid (counted against the exposure limits): serving, queued."""
+
+    SERVING = "serving"  # the handler runs; no hash yet
+    QUEUED = "queued"  # response stored, to be settled by the poster
+    SETTLED = "settled"  # our settleMany's Settled event names it
+    LOST = "lost"  # skipped by settleMany, or its authorization expired unsettled: the seller's loss
+    DECLINED = "declined"  # the seller's before-settle hook declined it: never sent, not owed, `reason` says why
+
+
+UNPAID = (SettleStatus.SERVING, SettleStatus.QUEUED)
+
+
+class Reserve(StrEnum):
+    """What the store said to a serve-first reservation (SellerStore.begin_serve_first; DONE: None there)."""
+
+    DONE = "done"
+    KNOWN = "known"  # recorded already, by another request or replica
+    LIMIT = "serve_first_limit"  # the buyer's or everyone's unpaid total would pass its limit
+    REFUSED = "serve_first_refused"  # this buyer left a settlement unpaid
+
+
+class DeliveryStatus(StrEnum):
+    """A delivery's `status`. Only `posted` means our own transaction delivered it (its Delivered event is in
+    our receipt); the others say why it never will be."""
+
+    PENDING = "pending"  # to post; `retry_at` (wall clock) holds it back after a refused payout
+    POSTED = "posted"
+    EXPIRED = "expired"  # still Held when its deadline passed: the escrow is the buyer's to refund
+    SETTLED_ELSEWHERE = "settled"  # found Released by another transaction (another poster, the seller's own key)
+    REFUNDED_ON_CHAIN = "refunded"  # found Refunded (an early refund by the seller's side, or a keeper)
+
+
+def _unhex(value: str | None, field: str) -> bytes | None:
+    """A 0x-hex value of schemas 1-3 as bytes (ValueError naming `field` if a row holds anything else)."""
+    return None if value is None else parse_hex(value, field)
 
 
 def _opt(value: bytes | memoryview | None) -> bytes | None:
@@ -260,16 +289,17 @@ class StoredResponse:
 class Payment:
     escrow_id: bytes
     terms: Terms
-    status: str
+    status: PaymentStatus
     accepted_at: int  # the chain time the payment was verified at: replays are verified at it again
     deposit_tx: bytes | None
     refund_tx: bytes | None
     response: StoredResponse | None
-    payload: str | None = None  # the signed EscrowPayload as JSON text
+    payload: str | None = None  # the signed EscrowPayload as JSON text (serve-first: the x402 envelope)
+    declined: str | None = None  # status PaymentStatus.DECLINED: the reason the seller's before-settle hook gave
 
     @property
     def serve_first(self) -> bool:
-        return self.status in (SERVING_FIRST, SERVED_FIRST)
+        return self.status in (PaymentStatus.SERVING_FIRST, PaymentStatus.SERVED_FIRST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +323,7 @@ class PostedDelivery:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryRecord:
-    status: str
+    status: DeliveryStatus
     delivery_hash: bytes
     tx_hash: bytes | None
 
@@ -310,12 +340,13 @@ class QueuedSettlement:
 
 @dataclass(frozen=True, slots=True)
 class SettlementRecord:
-    status: str
+    status: SettleStatus
     amount: int
     buyer: str
     delivery_hash: bytes | None
     tx_hash: bytes | None
     reason: str | None
+    payload: str | None = None  # as QueuedSettlement.payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,17 +385,22 @@ class SellerStore:
         terms, status, accepted_at, deposit_tx, refund_tx, response_status, headers, body, payload = row
         response = None
         if response_status is not None:
-            pairs = [(bytes.fromhex(k), bytes.fromhex(v)) for k, v in json.loads(headers)]
+            pairs = [_header(k, v) for k, v in json.loads(headers)]
             response = StoredResponse(int(response_status), pairs, bytes(body))
+        declined = None
+        if status == PaymentStatus.DECLINED:  # rare: the one case that reads the settlement too
+            record = self.settlement(escrow_id)
+            declined = record.reason if record is not None and record.reason else PaymentStatus.DECLINED
         return Payment(
             escrow_id,
             _terms(terms),
-            status,
+            PaymentStatus(status),
             int(accepted_at),
             _opt(deposit_tx),
             _opt(refund_tx),
             response,
             payload,
+            declined,
         )
 
     def answered(self, escrow_id: bytes) -> bool:
@@ -388,7 +424,7 @@ class SellerStore:
         `payload` (the signed EscrowPayload as JSON) lets the poster send the deposit again if a
         reorg removes it after its response was served.
         """
-        status = HELD if held else DEPOSITING
+        status = PaymentStatus.HELD if held else PaymentStatus.DEPOSITING
         with self._db.transaction() as tx:
             return _insert_payment(tx, escrow_id, terms, status, accepted_at=accepted_at, route=route,
                                    payload=payload)  # fmt: skip
@@ -398,20 +434,20 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET deposit_tx = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
-                (tx_hash, time.time(), escrow_id, DEPOSITING),
+                (tx_hash, time.time(), escrow_id, PaymentStatus.DEPOSITING),
             )
 
     def forget(self, escrow_id: bytes) -> None:
         """Drop a payment whose deposit never happened, so the buyer may try again."""
         with self._db.transaction() as tx:
-            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (escrow_id, DEPOSITING))
+            tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (escrow_id, PaymentStatus.DEPOSITING))
 
     def set_held(self, escrow_id: bytes, deposit_tx: bytes | None) -> None:
         with self._db.transaction() as tx:
             tx.execute(
                 "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (HELD, deposit_tx, time.time(), escrow_id),
+                (PaymentStatus.HELD, deposit_tx, time.time(), escrow_id),
             )
 
     def record_held(
@@ -420,11 +456,13 @@ class SellerStore:
         """A payment deposited by someone else (a facilitator): recorded as held in one write, or an existing
         row (a retry of the same payment) moved to held."""
         with self._db.transaction() as tx:
-            if not _insert_payment(tx, escrow_id, terms, HELD, accepted_at=accepted_at, route=route, payload=None):
+            if not _insert_payment(
+                tx, escrow_id, terms, PaymentStatus.HELD, accepted_at=accepted_at, route=route, payload=None
+            ):
                 tx.execute(
                     "UPDATE payments SET status = ?, deposit_tx = COALESCE(?, deposit_tx), updated_at = ? "
                     "WHERE escrow_id = ? AND status = ?",
-                    (HELD, deposit_tx, time.time(), escrow_id, DEPOSITING),
+                    (PaymentStatus.HELD, deposit_tx, time.time(), escrow_id, PaymentStatus.DEPOSITING),
                 )
             elif deposit_tx is not None:
                 tx.execute("UPDATE payments SET deposit_tx = ? WHERE escrow_id = ?", (deposit_tx, escrow_id))
@@ -454,7 +492,7 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "deposit_tx = COALESCE(?, deposit_tx), updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED, response.status, _headers_json(response), response.body, deposit_tx, now,
+                (PaymentStatus.SERVED, response.status, _headers_json(response), response.body, deposit_tx, now,
                  escrow_id),
             ).rowcount  # fmt: skip
             if stored != 1:
@@ -462,7 +500,7 @@ class SellerStore:
             tx.execute(
                 "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (escrow_id) DO NOTHING",
-                (escrow_id, json.dumps(terms.to_json()), delivery_hash, terms.deadline, PENDING, now),
+                (escrow_id, json.dumps(terms.to_json()), delivery_hash, terms.deadline, DeliveryStatus.PENDING, now),
             )
         return True
 
@@ -479,7 +517,7 @@ class SellerStore:
 
         `deposit_tx` and `release` as in save_served.
         """
-        status = REFUNDED if refund_tx is not None else REFUND_PENDING
+        status = PaymentStatus.REFUNDED if refund_tx is not None else PaymentStatus.REFUND_PENDING
         with self._db.transaction() as tx:
             if not _release(tx, release):
                 return False  # the claim was lost: the run that took it over answers
@@ -497,11 +535,11 @@ class SellerStore:
             tx.execute(
                 "UPDATE payments SET status = ?, refund_tx = COALESCE(?, refund_tx), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (REFUNDED, refund_tx, time.time(), escrow_id),
+                (PaymentStatus.REFUNDED, refund_tx, time.time(), escrow_id),
             )
 
     def refunds_pending(self) -> list[tuple[bytes, Terms]]:
-        rows = self._db.all("SELECT escrow_id, terms FROM payments WHERE status = ?", (REFUND_PENDING,))
+        rows = self._db.all("SELECT escrow_id, terms FROM payments WHERE status = ?", (PaymentStatus.REFUND_PENDING,))
         return [(bytes(i), _terms(t)) for i, t in rows]
 
     def pending_deliveries(self, limit: int = 100) -> list[PendingDelivery]:
@@ -510,7 +548,7 @@ class SellerStore:
             "SELECT d.escrow_id, d.terms, d.delivery_hash, p.route, p.deposit_tx, d.attempts FROM deliveries d "
             "LEFT JOIN payments p ON p.escrow_id = d.escrow_id WHERE d.status = ? AND d.retry_at <= ? "
             "ORDER BY d.deadline LIMIT ?",
-            (PENDING, time.time(), limit),
+            (DeliveryStatus.PENDING, time.time(), limit),
         )
         return [PendingDelivery(bytes(i), _terms(t), bytes(h), r, _opt(d), int(n)) for i, t, h, r, d, n in rows]
 
@@ -518,11 +556,12 @@ class SellerStore:
         """Mark expired every pending delivery whose deadline is at or before `chain_time`, held back or not."""
         with self._db.transaction() as tx:
             rows = tx.execute(
-                "SELECT escrow_id FROM deliveries WHERE status = ? AND deadline <= ?", (PENDING, chain_time)
+                "SELECT escrow_id FROM deliveries WHERE status = ? AND deadline <= ?",
+                (DeliveryStatus.PENDING, chain_time),
             ).fetchall()
             tx.executemany(
                 "UPDATE deliveries SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
-                [(EXPIRED, time.time(), i, PENDING) for (i,) in rows],
+                [(DeliveryStatus.EXPIRED, time.time(), i, DeliveryStatus.PENDING) for (i,) in rows],
             )
         return [bytes(i) for (i,) in rows]
 
@@ -533,7 +572,7 @@ class SellerStore:
             tx.executemany(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, retry_at = ?, updated_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                [(error[:500], now + delay, now, i, PENDING) for i, delay in delays],
+                [(error[:500], now + delay, now, i, DeliveryStatus.PENDING) for i, delay in delays],
             )
 
     def posted_unsettled(self, limit: int = 500) -> list[PostedDelivery]:
@@ -541,7 +580,7 @@ class SellerStore:
         rows = self._db.all(
             "SELECT escrow_id, terms, tx_hash FROM deliveries "
             "WHERE status = ? AND final = 0 AND tx_hash IS NOT NULL ORDER BY deadline LIMIT ?",
-            (POSTED, limit),
+            (DeliveryStatus.POSTED, limit),
         )
         return [PostedDelivery(bytes(i), _terms(t), bytes(h)) for i, t, h in rows]
 
@@ -554,7 +593,10 @@ class SellerStore:
                 [(time.time(), i) for i in ids],
             )
 
-    def _requeue(self, table: _Queue, ids: list[bytes], why: str, *, sent: str, queued: str) -> None:
+    def _requeue(
+        self, table: _Queue, ids: list[bytes], why: str, *, sent: DeliveryStatus | SettleStatus,
+        queued: DeliveryStatus | SettleStatus,
+    ) -> None:  # fmt: skip
         """Rows whose transaction a reorg removed go back from `sent` to `queued`, to be sent again."""
         with self._db.transaction() as tx:
             tx.executemany(
@@ -568,16 +610,21 @@ class SellerStore:
 
     def repost(self, ids: list[bytes], why: str) -> None:
         """Back to pending: the transaction that posted them is gone (a reorg); the poster sends them again."""
-        self._requeue("deliveries", ids, why, sent=POSTED, queued=PENDING)
+        self._requeue("deliveries", ids, why, sent=DeliveryStatus.POSTED, queued=DeliveryStatus.PENDING)
 
     def delivery(self, escrow_id: bytes) -> DeliveryRecord | None:
         row = self._db.one("SELECT status, delivery_hash, tx_hash FROM deliveries WHERE escrow_id = ?", (escrow_id,))
         if row is None:
             return None
-        return DeliveryRecord(row[0], bytes(row[1]), _opt(row[2]))
+        return DeliveryRecord(DeliveryStatus(row[0]), bytes(row[1]), _opt(row[2]))
 
     def mark_deliveries(
-        self, ids: list[bytes], status: str, tx_hash: bytes | None = None, *, was: str = PENDING
+        self,
+        ids: list[bytes],
+        status: DeliveryStatus,
+        tx_hash: bytes | None = None,
+        *,
+        was: DeliveryStatus = DeliveryStatus.PENDING,
     ) -> None:
         """Move deliveries that are in status `was` to `status` (a row in any other status is left alone)."""
         now = time.time()
@@ -701,12 +748,12 @@ class SellerStore:
         due: int,
         max_per_buyer: int,
         max_total: int,
-    ) -> str | None:
+    ) -> Reserve | None:
         """Reserve exposure for a serve-first payment and record it, atomically; None when done.
 
-        Otherwise the reason it may not be served first: `serve_first_refused` (this buyer left a
-        settlement unpaid), `serve_first_limit` (the buyer's or everyone's unpaid total would pass
-        its limit), or `known` (the id is recorded already, by another request or replica).
+        Otherwise why it may not be served first: Reserve.REFUSED (this buyer left a settlement
+        unpaid), Reserve.LIMIT (the buyer's or everyone's unpaid total would pass its limit), or
+        Reserve.KNOWN (the id is recorded already, by another request or replica).
         `due` is the chain time by which the settlement must have landed (min(validBefore, deadline)).
         Replicas on one PostgreSQL store take one advisory lock for the check and the insert, so two
         of them cannot both fit under a limit only one fits under (SQLite: BEGIN IMMEDIATE does it).
@@ -716,7 +763,7 @@ class SellerStore:
         with self._db.transaction() as tx:
             tx.lock("seller.serve_first_exposure")
             if tx.one("SELECT 1 FROM refused_buyers WHERE buyer = ?", (buyer,)) is not None:
-                return "serve_first_refused"
+                return Reserve.REFUSED
             row = tx.one(
                 f"SELECT COALESCE(SUM(CASE WHEN buyer = ? THEN amount END), 0), COALESCE(SUM(amount), 0) "  # noqa: S608
                 f"FROM settlements WHERE status IN ({unpaid})",
@@ -724,15 +771,15 @@ class SellerStore:
             )
             owed_by_buyer, owed = (0, 0) if row is None else row
             if int(owed_by_buyer) + amount > max_per_buyer or int(owed) + amount > max_total:
-                return "serve_first_limit"
+                return Reserve.LIMIT
             if not _insert_payment(
-                tx, escrow_id, terms, SERVING_FIRST, accepted_at=accepted_at, route=route, payload=payload
+                tx, escrow_id, terms, PaymentStatus.SERVING_FIRST, accepted_at=accepted_at, route=route, payload=payload
             ):
-                return "known"
+                return Reserve.KNOWN
             tx.execute(
                 "INSERT INTO settlements (escrow_id, buyer, amount, payload, due, status, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (escrow_id, buyer, amount, payload, due, SETTLE_SERVING, time.time()),
+                (escrow_id, buyer, amount, payload, due, SettleStatus.SERVING, time.time()),
             )
         return None
 
@@ -757,14 +804,14 @@ class SellerStore:
             stored = tx.execute(
                 "UPDATE payments SET status = ?, response_status = ?, response_headers = ?, response_body = ?, "
                 "updated_at = ? WHERE escrow_id = ? AND response_status IS NULL",
-                (SERVED_FIRST, response.status, _headers_json(response), response.body, now, escrow_id),
+                (PaymentStatus.SERVED_FIRST, response.status, _headers_json(response), response.body, now, escrow_id),
             ).rowcount
             if stored != 1:
                 return False
             tx.execute(
                 "UPDATE settlements SET status = ?, delivery_hash = ?, updated_at = ?, queued_at = ? "
                 "WHERE escrow_id = ? AND status = ?",
-                (SETTLE_QUEUED, delivery_hash, now, now, escrow_id, SETTLE_SERVING),
+                (SettleStatus.QUEUED, delivery_hash, now, now, escrow_id, SettleStatus.SERVING),
             )
         return True
 
@@ -775,33 +822,56 @@ class SellerStore:
         with self._db.transaction() as tx:
             if not _release(tx, release):
                 return False
-            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (escrow_id, SETTLE_SERVING))
+            tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (escrow_id, SettleStatus.SERVING))
             tx.execute(
                 "DELETE FROM payments WHERE escrow_id = ? AND status = ? AND response_status IS NULL",
-                (escrow_id, SERVING_FIRST),
+                (escrow_id, PaymentStatus.SERVING_FIRST),
+            )
+        return True
+
+    def decline_serve_first(self, escrow_id: bytes, reason: str, *, release: tuple[str, str] | None = None) -> bool:
+        """The seller's before-settle hook declined a served-first payment after its handler ran: recorded
+        as declined with `reason` (its exposure freed, nothing queued), in one transaction that also gives
+        up the claim. False (nothing written) if another run's response was stored first, or the claim was
+        taken over (`release` as in save_served)."""
+        now = time.time()
+        with self._db.transaction() as tx:
+            if not _release(tx, release):
+                return False
+            declined = tx.execute(
+                "UPDATE payments SET status = ?, updated_at = ? WHERE escrow_id = ? AND status = ? "
+                "AND response_status IS NULL",
+                (PaymentStatus.DECLINED, now, escrow_id, PaymentStatus.SERVING_FIRST),
+            ).rowcount
+            if declined != 1:
+                return False
+            tx.execute(
+                "UPDATE settlements SET status = ?, reason = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
+                (SettleStatus.DECLINED, reason[:200], now, escrow_id, SettleStatus.SERVING),
             )
         return True
 
     def settlement(self, escrow_id: bytes) -> SettlementRecord | None:
         row = self._db.one(
-            "SELECT status, amount, buyer, delivery_hash, tx_hash, reason FROM settlements WHERE escrow_id = ?",
+            "SELECT status, amount, buyer, delivery_hash, tx_hash, reason, payload FROM settlements "
+            "WHERE escrow_id = ?",
             (escrow_id,),
         )
         if row is None:
             return None
-        return SettlementRecord(row[0], int(row[1]), row[2], _opt(row[3]), _opt(row[4]), row[5])
+        return SettlementRecord(SettleStatus(row[0]), int(row[1]), row[2], _opt(row[3]), _opt(row[4]), row[5], row[6])
 
     def settlements_due(self, limit: int = 100) -> list[QueuedSettlement]:
         """Queued settlements, the one due soonest first."""
         rows = self._db.all(
             "SELECT escrow_id, payload, delivery_hash, attempts FROM settlements WHERE status = ? ORDER BY due LIMIT ?",
-            (SETTLE_QUEUED, limit),
+            (SettleStatus.QUEUED, limit),
         )
         return [QueuedSettlement(bytes(i), p, bytes(h), int(n)) for i, p, h, n in rows]
 
     def oldest_queued_age(self) -> float | None:
         """Seconds (wall clock) since the longest-waiting queued settlement was queued; None if none is."""
-        row = self._db.one("SELECT MIN(queued_at) FROM settlements WHERE status = ?", (SETTLE_QUEUED,))
+        row = self._db.one("SELECT MIN(queued_at) FROM settlements WHERE status = ?", (SettleStatus.QUEUED,))
         oldest = None if row is None else row[0]
         return None if oldest is None else time.time() - float(oldest)
 
@@ -814,26 +884,26 @@ class SellerStore:
             return [], []  # the usual pass: nothing due, no write transaction
         with self._db.transaction() as tx:
             lost = tx.all(
-                "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_QUEUED, chain_time)
+                "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SettleStatus.QUEUED, chain_time)
             )
             dropped = tx.all(
-                "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SETTLE_SERVING, chain_time)
+                "SELECT escrow_id FROM settlements WHERE status = ? AND due <= ?", (SettleStatus.SERVING, chain_time)
             )
             now = time.time()
             tx.executemany(
                 "UPDATE settlements SET status = ?, reason = ?, updated_at = ? WHERE escrow_id = ? AND status = ?",
-                [(SETTLE_LOST, "expired", now, i, SETTLE_QUEUED) for (i,) in lost],
+                [(SettleStatus.LOST, "expired", now, i, SettleStatus.QUEUED) for (i,) in lost],
             )
             for (i,) in dropped:
-                tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (i, SETTLE_SERVING))
-                tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (i, SERVING_FIRST))
+                tx.execute("DELETE FROM settlements WHERE escrow_id = ? AND status = ?", (i, SettleStatus.SERVING))
+                tx.execute("DELETE FROM payments WHERE escrow_id = ? AND status = ?", (i, PaymentStatus.SERVING_FIRST))
         return [bytes(i) for (i,) in lost], [bytes(i) for (i,) in dropped]
 
     def mark_settled(self, ids: list[bytes], tx_hash: bytes) -> None:
         with self._db.transaction() as tx:
             tx.executemany(
                 "UPDATE settlements SET status = ?, tx_hash = ?, final = 0, updated_at = ? WHERE escrow_id = ?",
-                [(SETTLE_DONE, tx_hash, time.time(), i) for i in ids],
+                [(SettleStatus.SETTLED, tx_hash, time.time(), i) for i in ids],
             )
 
     def mark_lost(self, escrow_id: bytes, reason: str, *, refuse_buyer: bool, tx_hash: bytes | None = None) -> None:
@@ -843,7 +913,7 @@ class SellerStore:
             tx.execute(
                 "UPDATE settlements SET status = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? "
                 "WHERE escrow_id = ?",
-                (SETTLE_LOST, reason[:200], tx_hash, now, escrow_id),
+                (SettleStatus.LOST, reason[:200], tx_hash, now, escrow_id),
             )
             if refuse_buyer:
                 tx.execute(
@@ -863,7 +933,8 @@ class SellerStore:
     def settled_unfinal(self, limit: int = 500) -> list[tuple[bytes, bytes]]:
         """(escrow id, settle tx) of settlements not yet deep enough to survive a reorg."""
         rows = self._db.all(
-            "SELECT escrow_id, tx_hash FROM settlements WHERE status = ? AND final = 0 LIMIT ?", (SETTLE_DONE, limit)
+            "SELECT escrow_id, tx_hash FROM settlements WHERE status = ? AND final = 0 LIMIT ?",
+            (SettleStatus.SETTLED, limit),
         )
         return [(bytes(i), bytes(t)) for i, t in rows]
 
@@ -872,7 +943,7 @@ class SellerStore:
 
     def resettle(self, ids: list[bytes], why: str) -> None:
         """Back to queued: the settlement's transaction vanished in a reorg and the authorization is unused."""
-        self._requeue("settlements", ids, why, sent=SETTLE_DONE, queued=SETTLE_QUEUED)
+        self._requeue("settlements", ids, why, sent=SettleStatus.SETTLED, queued=SettleStatus.QUEUED)
 
     def exposure(self, buyer: str | None = None) -> int:
         """What buyers (or one buyer) owe in serve-first settlements not yet paid."""
@@ -887,7 +958,9 @@ class SellerStore:
 
     def losses(self) -> Losses:
         with self._db.read() as tx:
-            row = tx.one("SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SETTLE_LOST,))
+            row = tx.one(
+                "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM settlements WHERE status = ?", (SettleStatus.LOST,)
+            )
             refused = tx.all("SELECT buyer FROM refused_buyers")
         count, amount = (0, 0) if row is None else row
         return Losses(int(count), int(amount), frozenset(r[0] for r in refused))
@@ -907,7 +980,14 @@ class SellerStore:
 
 
 def _insert_payment(
-    tx: Tx, escrow_id: bytes, terms: Terms, status: str, *, accepted_at: int, route: str | None, payload: str | None
+    tx: Tx,
+    escrow_id: bytes,
+    terms: Terms,
+    status: PaymentStatus,
+    *,
+    accepted_at: int,
+    route: str | None,
+    payload: str | None,
 ) -> bool:
     """Insert a payment row; False (nothing written) if its id is recorded already."""
     now = time.time()
@@ -936,18 +1016,27 @@ def _headers_json(response: StoredResponse) -> str:
     return json.dumps([[k.hex(), v.hex()] for k, v in response.headers])
 
 
+def _header(name: str, value: str) -> tuple[bytes, bytes]:
+    """A stored response header (its name and value kept as bare hex, see _headers_json)."""
+    return parse_hex(f"0x{name}", "stored response header name"), parse_hex(f"0x{value}", "stored response header")
+
+
 # Retention (`x402-escrow prune --role seller`): what a payment leaves once it is settled for good.
-_DONE_DELIVERY = (
-    f"(status IN ('{EXPIRED}', '{SETTLED_ELSEWHERE}', '{REFUNDED_ON_CHAIN}') OR (status = '{POSTED}' AND final = 1))"
-)
-_DONE_PAYMENT = f"status IN ('{SERVED}', '{REFUNDED}', '{SERVED_FIRST}')"
+def _quoted(*statuses: StrEnum) -> str:
+    return ", ".join(f"'{status}'" for status in statuses)
+
+
+_FINISHED = _quoted(DeliveryStatus.EXPIRED, DeliveryStatus.SETTLED_ELSEWHERE, DeliveryStatus.REFUNDED_ON_CHAIN)
+_DONE_DELIVERY = f"(status IN ({_FINISHED}) OR (status = '{DeliveryStatus.POSTED}' AND final = 1))"
+_ANSWERED = _quoted(PaymentStatus.SERVED, PaymentStatus.REFUNDED, PaymentStatus.SERVED_FIRST, PaymentStatus.DECLINED)
+_DONE_PAYMENT = f"status IN ({_ANSWERED})"
 
 
 def prune(db: Database, *, before: float) -> dict[str, int]:
     """Delete what no replay, poster pass or audit of losses needs any more, for escrows whose deadline is before
     `before` (Unix seconds): deliveries posted and final (or expired, or settled or refunded elsewhere), settlements
-    paid and final, then the payments left with neither (a replay of one would be refused as expired anyway), and
-    transaction records and lapsed leases older than `before`.
+    paid and final or declined by the seller, then the payments left with neither (a replay of one would be refused
+    as expired anyway), and transaction records and lapsed leases older than `before`.
 
     Kept: anything unfinished (a delivery pending or not yet final, a refund pending, a settlement unpaid or not
     final), lost settlements and the buyers refused for them (what `losses()` reports), and the nonce counters.
@@ -955,7 +1044,8 @@ def prune(db: Database, *, before: float) -> dict[str, int]:
     with db.transaction() as tx:
         deliveries = tx.execute(f"DELETE FROM deliveries WHERE deadline < ? AND {_DONE_DELIVERY}", (before,))  # noqa: S608
         settlements = tx.execute(
-            "DELETE FROM settlements WHERE due < ? AND status = ? AND final = 1", (before, SETTLE_DONE)
+            "DELETE FROM settlements WHERE due < ? AND ((status = ? AND final = 1) OR status = ?)",
+            (before, SettleStatus.SETTLED, SettleStatus.DECLINED),
         )
         payments = tx.execute(
             f"DELETE FROM payments WHERE deadline < ? AND {_DONE_PAYMENT} "  # noqa: S608 - constants

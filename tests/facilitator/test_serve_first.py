@@ -36,7 +36,7 @@ from escrow_py.protocol.wire import (
     decode_payment_response,
 )
 from escrow_py.seller import FacilitatorMiddleware, FacilitatorSellerConfig, PricedRoute
-from escrow_py.seller._store import SETTLE_DONE, SellerStore
+from escrow_py.seller._store import SellerStore, SettleStatus
 
 from .kit import Fac, fac_config, idem, requirements, settled_on_chain, signed
 from .process import FacilitatorProcess
@@ -128,7 +128,9 @@ def test_a_keyless_seller_serves_first_and_the_facilitator_settles_in_a_batch(ch
     # The seller's outbox follows the settlement at the facilitator; a replay then says settled, same bytes.
     store = SellerStore(seller.store)
     try:
-        wait_for(lambda: all((r := store.settlement(i)) and r.status == SETTLE_DONE for i, _, _ in paid), timeout=30)
+        wait_for(
+            lambda: all((r := store.settlement(i)) and r.status == SettleStatus.SETTLED for i, _, _ in paid), timeout=30
+        )
     finally:
         store.close()
     escrow_id, first, header = paid[0]
@@ -201,8 +203,8 @@ def test_settle_serve_first_needs_the_delivery_hash_and_never_takes_a_second_one
         assert deliver.status_code == 409  # serve-first has no deposit to deliver
     record = fac.facilitator.store.settlement(escrow_id)
     assert record is not None and record.delivery_hash == bytes.fromhex(hashed[2:])
-    wait_for(lambda: (r := fac.facilitator.store.settlement(escrow_id)) is not None and r.status == SETTLE_DONE,
-             timeout=60)  # fmt: skip
+    wait_for(lambda: (r := fac.facilitator.store.settlement(escrow_id)) is not None
+             and r.status == SettleStatus.SETTLED, timeout=60)  # fmt: skip
     # Its gas goes in the ledger once the poster's pass that sent it ends.
     wait_for(lambda: any(r["kind"] == "settle" for r in fac.facilitator.ledger.figures().recent), timeout=30)
 
@@ -293,8 +295,8 @@ def test_settlements_handed_over_one_at_a_time_leave_in_one_settle_many(chain: C
                 ids.append(escrow_id)
                 time.sleep(0.4)  # several poster passes between two hand-overs
             store = facilitator.store
-            wait_for(lambda: all((r := store.settlement(i)) is not None and r.status == SETTLE_DONE for i in ids),
-                     timeout=60)  # fmt: skip
+            wait_for(lambda: all((r := store.settlement(i)) is not None and r.status == SettleStatus.SETTLED
+                                 for i in ids), timeout=60)  # fmt: skip
             txs = {record.tx_hash for i in ids if (record := store.settlement(i)) is not None}
     finally:
         facilitator.close()

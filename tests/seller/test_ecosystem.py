@@ -29,9 +29,13 @@ from x402.schemas import AbortResult, PaymentRequirements
 
 from escrow_devtools.anvil import free_port
 from escrow_py.buyer import AsyncEscrowClient, DeliveryEscrowScheme, PaymentRejected
+from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import ExactOffer, PricedRoute, SellerHooks
 
+from .hook_books import Books
+from .payer import quote, sign_payment
 from .sdk_parts import exact_facilitator, stock_client
 from .shop import PRICE, deposits, make_shop, served
 from .test_startup import _failed_start
@@ -291,6 +295,27 @@ def test_an_after_settle_hook_that_raises_does_not_cost_the_buyer_the_sale(chain
     with served(shop.app) as (base, _):
         paid = asyncio.run(_escrow_get(chain, f"{base}/report/x", tmp_path / "b.sqlite"))
     assert paid.status_code == 200 and paid.json()["item"] == "x"
+
+
+@pytest.mark.parametrize("hook", ["before_verify", "after_verify", "before_settle"])
+def test_a_hold_hook_that_raises_is_a_503_that_moves_nothing(chain: Chain, tmp_path: Path, hook: str) -> None:
+    calls: dict[str, int] = {}
+    books = Books(calls)
+    books.raises.add(hook)
+    shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), hooks=books.hooks())
+    start = int(chain.w3.eth.block_number) + 1
+
+    async def pay() -> tuple[httpx.Response, httpx.Response]:
+        async with shop.client() as client:
+            payment = sign_payment(chain, await quote(client, "GET", "/report/x"))
+            failed = await client.get("/report/x", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+            books.raises.clear()  # the seller fixed its hook: the same payment, sent again, pays once
+            return failed, await client.get("/report/x", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+
+    failed, paid = asyncio.run(pay())
+    assert failed.status_code == 503 and failed.json()["error"] == Reason.SELLER_HOOK_FAILED
+    assert paid.status_code == 200, paid.text
+    assert shop.calls == {"report": 1} and len(deposits(chain, start)) == 1  # run once, deposited once
 
 
 def test_an_sdk_client_with_both_plugins_takes_the_sellers_first_offer(chain: Chain, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import runpy
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,7 +114,18 @@ def test_seller_hooks(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: P
             _escrow_get(chain, f"{base}/report/x", tmp_path / "b2.sqlite", buyer=BUYER2)
         assert deposits(chain, start) == []
         assert _escrow_get(chain, f"{base}/report/x", tmp_path / "b.sqlite").status_code == 200
-    assert (tmp_path / "sales.log").read_text() == f"delivery-escrow {address(BUYER)} 10000\n"
+        line = f"delivery-escrow {address(BUYER)} 10000\n"
+        assert (tmp_path / "sales.log").read_text() == line
+        served_first = _escrow_get(chain, f"{base}/quote/x", tmp_path / "b.sqlite")
+        assert served_first.status_code == 200 and served_first.json() == {"quote": "x"}
+        with pytest.raises(PaymentRejected, match="quote_withdrawn"):
+            _escrow_get(chain, f"{base}/quote/stale", tmp_path / "b.sqlite")
+        # The poster settles the quote in the background; its after-settle hook books it then.
+        deadline = time.monotonic() + 60
+        while (tmp_path / "sales.log").read_text() == line:
+            assert time.monotonic() < deadline, "the serve-first settlement was not booked"
+            time.sleep(0.1)
+    assert (tmp_path / "sales.log").read_text() == line * 2  # the withdrawn quote was never booked nor charged
 
 
 def test_sdk_buyer(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -26,7 +26,6 @@ from escrow_py.seller._machine import (
     ParsedPayment,
     Reject,
     Replay,
-    Reserve,
     ResumeDeposit,
     Route,
     Rules,
@@ -46,20 +45,13 @@ from escrow_py.seller._machine import (
     served,
 )
 from escrow_py.seller._store import (
-    DEPOSITING,
-    EXPIRED,
-    POSTED,
-    REFUND_PENDING,
-    REFUNDED,
-    SERVED,
-    SERVED_FIRST,
-    SERVING_FIRST,
-    SETTLE_DONE,
-    SETTLE_LOST,
-    SETTLE_QUEUED,
     DeliveryRecord,
+    DeliveryStatus,
     Payment,
+    PaymentStatus,
+    Reserve,
     SettlementRecord,
+    SettleStatus,
     StoredResponse,
 )
 
@@ -87,7 +79,9 @@ class Case:
     def escrow_id(self) -> bytes:
         return self.payload.terms.escrow_id(CHAIN_ID, ESCROW)
 
-    def row(self, status: str = DEPOSITING, *, response: StoredResponse | None = None, **fields: Any) -> Payment:
+    def row(
+        self, status: str = PaymentStatus.DEPOSITING, *, response: StoredResponse | None = None, **fields: Any
+    ) -> Payment:
         values: dict[str, Any] = {
             "escrow_id": self.escrow_id,
             "terms": self.payload.terms,
@@ -242,7 +236,7 @@ def test_a_new_payment_whose_deadline_is_too_near_is_rejected() -> None:
 
 def test_an_answered_payment_is_replayed_and_needs_no_chain_facts() -> None:
     case = Case()
-    row = case.row(SERVED, response=RESPONSE, deposit_tx=TX)
+    row = case.row(PaymentStatus.SERVED, response=RESPONSE, deposit_tx=TX)
     assert facts_needed(row) == Facts.NONE
     step = _decide(case, row=row, chain=ChainFacts())  # no clock: nothing was read
     assert isinstance(step, Replay) and step.row is row
@@ -251,27 +245,27 @@ def test_an_answered_payment_is_replayed_and_needs_no_chain_facts() -> None:
 def test_a_replay_is_verified_against_the_request_it_was_paid_for() -> None:
     """The same payment header sent to another URL is not a replay of that URL's answer."""
     case = Case()
-    row = case.row(SERVED, response=RESPONSE)
+    row = case.row(PaymentStatus.SERVED, response=RESPONSE)
     other = _offer(url="http://127.0.0.1:8000/report/8")
     assert _rejected(_decide(case, row=row, offer=other)) == Reason.REQUEST_HASH_MISMATCH
 
 
 def test_a_replay_is_judged_at_the_price_it_was_accepted_at_after_a_dynamic_price_moved() -> None:
     case = Case()
-    row = case.row(SERVED, response=RESPONSE)
+    row = case.row(PaymentStatus.SERVED, response=RESPONSE)
     dearer = case.offer.with_(amount=case.offer.amount * 2)
     assert isinstance(_decide(case, row=row, offer=dearer), Replay)
 
 
 def test_a_replay_long_after_the_deadline_is_still_a_replay() -> None:
     case = Case()
-    row = case.row(SERVED, response=RESPONSE)
+    row = case.row(PaymentStatus.SERVED, response=RESPONSE)
     assert isinstance(_decide(case, row=row, chain=ChainFacts(now=NOW + 10_000)), Replay)
 
 
 def test_a_deposit_in_flight_from_an_earlier_request_or_another_replica_is_waited_for_not_sent_again() -> None:
     case = Case()
-    row = case.row(DEPOSITING, deposit_tx=TX)
+    row = case.row(PaymentStatus.DEPOSITING, deposit_tx=TX)
     assert facts_needed(row) == Facts.STATE
     step = _decide(case, row=row, chain=ChainFacts(now=NOW + 3, state=State.NONE))
     assert isinstance(step, ResumeDeposit) and step.tx_hash == TX
@@ -279,7 +273,7 @@ def test_a_deposit_in_flight_from_an_earlier_request_or_another_replica_is_waite
 
 def test_a_recorded_payment_whose_deposit_never_left_is_deposited_under_todays_rules() -> None:
     case = Case()
-    row = case.row(DEPOSITING)
+    row = case.row(PaymentStatus.DEPOSITING)
     step = _decide(case, row=row, chain=ChainFacts(now=NOW + 3, state=State.NONE))
     assert isinstance(step, Deposit) and step.accepted_at is None  # recorded already: not recorded again
     # ... and under today's clock the deadline may no longer leave time: refused then.
@@ -289,14 +283,14 @@ def test_a_recorded_payment_whose_deposit_never_left_is_deposited_under_todays_r
 
 def test_crash_recovery_serves_a_held_payment_that_was_never_answered() -> None:
     case = Case()
-    row = case.row(DEPOSITING, deposit_tx=TX)
+    row = case.row(PaymentStatus.DEPOSITING, deposit_tx=TX)
     step = _decide(case, row=row, chain=ChainFacts(now=NOW + 20, state=State.HELD))
     assert isinstance(step, Serve) and step.deposit_tx == TX and not step.serve_first
 
 
 def test_crash_recovery_too_near_the_deadline_refuses_to_serve() -> None:
     case = Case()
-    row = case.row(DEPOSITING, deposit_tx=TX)
+    row = case.row(PaymentStatus.DEPOSITING, deposit_tx=TX)
     assert _rejected(_decide(case, row=row, chain=ChainFacts(now=NOW + 95, state=State.HELD))) == (
         Reason.ESCROW_REFUNDABLE
     )
@@ -304,7 +298,9 @@ def test_crash_recovery_too_near_the_deadline_refuses_to_serve() -> None:
 
 def test_a_recorded_payment_whose_escrow_was_settled_meanwhile_is_rejected() -> None:
     case = Case()
-    step = _decide(case, row=case.row(DEPOSITING, deposit_tx=TX), chain=ChainFacts(now=NOW, state=State.REFUNDED))
+    step = _decide(
+        case, row=case.row(PaymentStatus.DEPOSITING, deposit_tx=TX), chain=ChainFacts(now=NOW, state=State.REFUNDED)
+    )
     assert _rejected(step) == Reason.ESCROW_SETTLED
 
 
@@ -318,7 +314,7 @@ def test_a_recorded_payment_whose_escrow_was_settled_meanwhile_is_rejected() -> 
 )
 def test_a_serve_first_payment_recorded_and_never_answered(chain: ChainFacts, expected: Reason | None) -> None:
     case = Case()
-    row = case.row(SERVING_FIRST)
+    row = case.row(PaymentStatus.SERVING_FIRST)
     assert facts_needed(row) == Facts.AUTHORIZATION
     step = _decide(case, row=row, chain=chain, route=SERVE_FIRST)
     if expected is None:
@@ -430,23 +426,27 @@ def test_a_served_answer_names_the_hash_and_its_settlement_mode() -> None:
     ("delivery", "onchain", "state"),
     [
         (None, None, State.HELD),
-        (DeliveryRecord(POSTED, b"\x11" * 32, TX), None, State.RELEASED),
-        (DeliveryRecord(EXPIRED, b"\x11" * 32, None), State.REFUNDED, State.REFUNDED),
-        (DeliveryRecord(EXPIRED, b"\x11" * 32, None), None, State.HELD),  # the chain did not answer
+        (DeliveryRecord(DeliveryStatus.POSTED, b"\x11" * 32, TX), None, State.RELEASED),
+        (DeliveryRecord(DeliveryStatus.EXPIRED, b"\x11" * 32, None), State.REFUNDED, State.REFUNDED),
+        (DeliveryRecord(DeliveryStatus.EXPIRED, b"\x11" * 32, None), None, State.HELD),  # the chain did not answer
     ],
 )
 def test_a_hold_replay_says_where_its_delivery_stands(
     delivery: DeliveryRecord | None, onchain: State | None, state: State
 ) -> None:
     case = Case()
-    row = case.row(SERVED, response=RESPONSE, deposit_tx=TX)
-    assert needs_chain_state_for_replay(row, delivery) == (delivery is not None and delivery.status == EXPIRED)
+    row = case.row(PaymentStatus.SERVED, response=RESPONSE, deposit_tx=TX)
+    assert needs_chain_state_for_replay(row, delivery) == (
+        delivery is not None and delivery.status == DeliveryStatus.EXPIRED
+    )
     answer = replayed(row, delivery=delivery, onchain=onchain)
     assert answer.extra.state == state and answer.tx == TX and answer.error is None
     assert answer.extra.delivery_hash == delivery_hash(RESPONSE.body)  # the stored bytes' hash, recomputed
 
 
-@pytest.mark.parametrize(("status", "state"), [(REFUNDED, State.REFUNDED), (REFUND_PENDING, State.HELD)])
+@pytest.mark.parametrize(
+    ("status", "state"), [(PaymentStatus.REFUNDED, State.REFUNDED), (PaymentStatus.REFUND_PENDING, State.HELD)]
+)
 def test_a_refunded_replay_says_so(status: str, state: State) -> None:
     case = Case()
     row = case.row(status, response=StoredResponse(500, [], b"no"), deposit_tx=TX, refund_tx=b"\x0e" * 32)
@@ -458,16 +458,16 @@ def test_a_refunded_replay_says_so(status: str, state: State) -> None:
     ("record", "settlement", "error"),
     [
         (None, SettlementStatus.PENDING, None),
-        (SettlementRecord(SETTLE_QUEUED, 1, "b", b"\x11" * 32, None, None), SettlementStatus.PENDING, None),
-        (SettlementRecord(SETTLE_DONE, 1, "b", b"\x11" * 32, TX, None), SettlementStatus.SETTLED, None),
-        (SettlementRecord(SETTLE_LOST, 1, "b", b"\x11" * 32, None, "x"), None, Reason.SETTLEMENT_FAILED),
+        (SettlementRecord(SettleStatus.QUEUED, 1, "b", b"\x11" * 32, None, None), SettlementStatus.PENDING, None),
+        (SettlementRecord(SettleStatus.SETTLED, 1, "b", b"\x11" * 32, TX, None), SettlementStatus.SETTLED, None),
+        (SettlementRecord(SettleStatus.LOST, 1, "b", b"\x11" * 32, None, "x"), None, Reason.SETTLEMENT_FAILED),
     ],
 )
 def test_a_serve_first_replay_says_where_its_settlement_stands(
     record: SettlementRecord | None, settlement: SettlementStatus | None, error: Reason | None
 ) -> None:
     case = Case()
-    row = case.row(SERVED_FIRST, response=RESPONSE)
+    row = case.row(PaymentStatus.SERVED_FIRST, response=RESPONSE)
     answer = replayed(row, settlement=record)
     assert (answer.extra.settlement, answer.error) == (settlement, error)
     assert answer.tx == (TX if settlement == SettlementStatus.SETTLED else None)

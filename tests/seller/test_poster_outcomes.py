@@ -32,7 +32,7 @@ from escrow_py.protocol.wire import (
     decode_payment_response,
 )
 from escrow_py.seller import PostReport
-from escrow_py.seller._store import EXPIRED, PENDING, POSTED, REFUNDED_ON_CHAIN, SETTLED_ELSEWHERE
+from escrow_py.seller._store import DeliveryStatus
 
 from .payer import Payment, buy
 from .shop import Shop, make_shop, served
@@ -110,10 +110,10 @@ def test_only_entries_delivered_by_the_receipt_are_posted_and_the_others_record_
     assert report.refunded_elsewhere == [refunded.escrow_id]
     assert report.expired == [late.escrow_id]
     assert [_delivery_status(shop, p) for p in (ours, released, refunded, late)] == [
-        POSTED,
-        SETTLED_ELSEWHERE,
-        REFUNDED_ON_CHAIN,
-        EXPIRED,
+        DeliveryStatus.POSTED,
+        DeliveryStatus.SETTLED_ELSEWHERE,
+        DeliveryStatus.REFUNDED_ON_CHAIN,
+        DeliveryStatus.EXPIRED,
     ]
     # One sale line, for the one delivery our transaction made.
     sales = [r for r in caplog.records if r.name == "escrow_py.seller.sales"]
@@ -154,7 +154,7 @@ def test_a_refused_payout_stays_pending_and_is_retried_with_backoff_until_it_goe
     assert refused.tx_hash is not None  # the deliverMany was mined and succeeded...
     assert refused.posted == [] and refused.payout_refused == [payment.escrow_id]  # ...but delivered nothing
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
-    assert _delivery_status(shop, payment) == PENDING
+    assert _delivery_status(shop, payment) == DeliveryStatus.PENDING
     assert _replayed_state(url, "/report/frozen-seller", payment).state is State.HELD
     logged = [r.getMessage() for r in caplog.records if payment.escrow_id.hex() in r.getMessage()]
     assert any("refused the payout" in line and "PayoutFailed" in line for line in logged), caplog.text
@@ -168,7 +168,7 @@ def test_a_refused_payout_stays_pending_and_is_retried_with_backoff_until_it_goe
     chain.deployer.transact(token, _set_blocked("0x" + "00" * 20))  # the token pays the seller again
     until("the retried delivery", lambda: poster.post_pending().posted == [payment.escrow_id], timeout=30)
     assert chain.escrow.state_of(payment.escrow_id) == State.RELEASED
-    assert _delivery_status(shop, payment) == POSTED
+    assert _delivery_status(shop, payment) == DeliveryStatus.POSTED
     assert _replayed_state(url, "/report/frozen-seller", payment).state is State.RELEASED
 
 
@@ -182,7 +182,7 @@ def test_a_refused_payout_is_retried_only_until_the_deadline(chain: Chain, block
     # Still held back by its backoff, but past its deadline: expired, the buyer's to refund.
     report = poster.post_pending()
     assert report.expired == [payment.escrow_id] and report.tx_hash is None
-    assert _delivery_status(shop, payment) == EXPIRED
+    assert _delivery_status(shop, payment) == DeliveryStatus.EXPIRED
     assert chain.escrow.state_of(payment.escrow_id) == State.HELD
     assert _replayed_state(url, "/report/never-paid", payment).state is State.HELD
     # Anyone may refund it now (a keeper); the replay then says so.

@@ -25,7 +25,7 @@ from escrow_py.seller import PostReport, SellerStore, StoredResponse
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import SellerConfig
 from escrow_py.seller._poster import BATCH_SIZE, DeliveryPoster
-from escrow_py.seller._store import POSTED
+from escrow_py.seller._store import DeliveryStatus
 
 from .shop import make_config
 
@@ -110,10 +110,10 @@ def test_a_transaction_signed_and_never_broadcast_is_sent_as_it_was(scene: Scene
 
     for escrow_id in scene.ids:
         record = store.delivery(escrow_id)
-        assert record is not None and (record.status, record.tx_hash) == (POSTED, signed.tx_hash)
+        assert record is not None and (record.status, record.tx_hash) == (DeliveryStatus.POSTED, signed.tx_hash)
         assert chain.escrow.state_of(escrow_id) == State.RELEASED
     third = store.delivery(later)
-    assert third is not None and third.status == POSTED and third.tx_hash != signed.tx_hash
+    assert third is not None and third.status == DeliveryStatus.POSTED and third.tx_hash != signed.tx_hash
     assert third.tx_hash is not None
     mined = chain.w3.eth.get_transaction(HexBytes(third.tx_hash))
     assert int(mined["nonce"]) == signed.nonce + 1
@@ -150,7 +150,7 @@ def test_a_transaction_stuck_in_the_pool_is_repriced_at_its_nonce(scene: Scene, 
     assert result, "the survivor's pass did not finish"
     assert sorted(result[0].posted) == sorted(scene.ids)
     records = [store.delivery(escrow_id) for escrow_id in scene.ids]
-    assert all(r is not None and r.status == POSTED for r in records)
+    assert all(r is not None and r.status == DeliveryStatus.POSTED for r in records)
     mined = {r.tx_hash for r in records if r is not None}
     assert len(mined) == 1 and signed.tx_hash not in mined
     bumped = mined.pop()

@@ -21,7 +21,7 @@ from web3.types import RPCEndpoint
 from escrow_py.chain.tx import SentTx, TxSender
 from escrow_py.protocol.errors import InsufficientFunds
 from escrow_py.seller import SellerStore, StoredResponse
-from escrow_py.seller._store import SERVED
+from escrow_py.seller._store import PaymentStatus
 
 KEY = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 
@@ -80,7 +80,7 @@ def test_a_stored_response_is_never_overwritten(chain: Chain, db_url: str) -> No
         assert not b.save_served(escrow_id, terms, second, b"\x02" * 32)
         assert not b.save_failed(escrow_id, StoredResponse(500, [], b"boom"), None)
         payment = b.payment(escrow_id)
-        assert payment is not None and payment.response == first and payment.status == SERVED
+        assert payment is not None and payment.response == first and payment.status == PaymentStatus.SERVED
         record = b.delivery(escrow_id)
         assert record is not None and record.delivery_hash == b"\x01" * 32  # the queued hash is the stored bytes'
         assert b.answered(escrow_id)

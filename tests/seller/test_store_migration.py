@@ -16,7 +16,7 @@ from escrow_py.chain.tx import SentTx
 from escrow_py.cli import main
 from escrow_py.protocol.terms import Terms
 from escrow_py.seller import SellerStore, StoredResponse
-from escrow_py.seller._store import MIGRATIONS, NAMESPACE, POSTED, SERVED, SERVED_FIRST, SETTLE_QUEUED, prune
+from escrow_py.seller._store import MIGRATIONS, NAMESPACE, DeliveryStatus, PaymentStatus, SettleStatus, prune
 from escrow_py.storage import migrate, open_database
 
 KEY = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
@@ -51,7 +51,7 @@ def _write_schema_3(url: str, now: float, deadline: int) -> dict[str, bytes]:
         migrate(db, "seller", MIGRATIONS[:3])
         headers = json.dumps([[b"content-type".hex(), b"text/plain".hex()]])
         with db.transaction() as tx:
-            for name, status in (("served", SERVED), ("first", SERVED_FIRST)):
+            for name, status in (("served", PaymentStatus.SERVED), ("first", PaymentStatus.SERVED_FIRST)):
                 tx.execute(
                     "INSERT INTO payments (escrow_id, terms, deadline, status, accepted_at, deposit_tx, refund_tx, "
                     "response_status, response_headers, response_body, created_at, updated_at, route, payload) "
@@ -64,12 +64,12 @@ def _write_schema_3(url: str, now: float, deadline: int) -> dict[str, bytes]:
                 "INSERT INTO deliveries (escrow_id, terms, delivery_hash, deadline, status, tx_hash, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (_hex(ids["served"]), json.dumps(_terms(deadline, 6).to_json()), _hex(hashes["delivery"]), deadline,
-                 POSTED, _hex(hashes["posted"]), now),
+                 DeliveryStatus.POSTED, _hex(hashes["posted"]), now),
             )  # fmt: skip
             tx.execute(
                 "INSERT INTO settlements (escrow_id, buyer, amount, payload, delivery_hash, due, status, updated_at, "
                 "queued_at) VALUES (?, ?, 10000, '{}', ?, ?, ?, ?, ?)",
-                (_hex(ids["first"]), BUYER, _hex(hashes["settle"]), deadline, SETTLE_QUEUED, now, now),
+                (_hex(ids["first"]), BUYER, _hex(hashes["settle"]), deadline, SettleStatus.QUEUED, now, now),
             )
             tx.execute(
                 "INSERT INTO refused_buyers (buyer, escrow_id, reason, at) VALUES (?, ?, 'expired', ?)",
@@ -91,7 +91,7 @@ def test_a_store_of_schema_3_is_carried_over_to_bytes(db_url: str) -> None:
     store = SellerStore(db_url)  # applies schema 4 at start
     try:
         served = store.payment(old["served"])
-        assert served is not None and served.status == SERVED and served.deposit_tx == old["deposit"]
+        assert served is not None and served.status == PaymentStatus.SERVED and served.deposit_tx == old["deposit"]
         assert served.response == StoredResponse(200, [(b"content-type", b"text/plain")], b"served")
         assert served.terms == _terms(deadline, len("served"))
         assert store.answered(old["first"]) and not store.answered(b"\xcc" * 32)
@@ -151,7 +151,7 @@ def test_prune_keeps_what_is_not_settled_for_good(db_url: str) -> None:
         assert store.save_served(b"\x01" * 32, terms, StoredResponse(200, [], b"x"), b"\x03" * 32)
         counts = prune(store._db, before=time.time())
         assert counts["payments"] == counts["deliveries"] == 0  # its delivery is pending: kept
-        store.mark_deliveries([b"\x01" * 32], POSTED, b"\x04" * 32)
+        store.mark_deliveries([b"\x01" * 32], DeliveryStatus.POSTED, b"\x04" * 32)
         assert prune(store._db, before=time.time())["deliveries"] == 0  # posted, not final yet: kept
         store.mark_final([b"\x01" * 32])
         assert prune(store._db, before=past)["deliveries"] == 0  # not past the cut-off
