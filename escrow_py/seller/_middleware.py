@@ -23,8 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
-from starlette.routing import BaseRoute, Host, Match, Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from web3 import Web3
 from x402.schemas import PaymentPayload
 
@@ -42,8 +41,6 @@ from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
-    PAYMENT_RESPONSE_HEADER,
-    UNAVAILABLE_STATUS,
     EscrowPayload,
     SettlementExtra,
     encode_payment_required,
@@ -52,6 +49,15 @@ from escrow_py.protocol.wire import (
 )
 from escrow_py.protocol.wire import (
     Unavailable as UnavailableBody,
+)
+from escrow_py.seller._asgi import (
+    lifespan,
+    priced_route,
+    read_body,
+    run_handler,
+    send_plain,
+    send_response,
+    send_unavailable,
 )
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._claims import Claim, ClaimHeartbeat
@@ -122,8 +128,6 @@ _T = TypeVar("_T")
 HOOK_FAILED = "the seller's own check of this payment failed; nothing was charged, send the same payment again"
 HOOK_RETRY_AFTER = 5
 
-_OWN_HEADERS = frozenset({PAYMENT_RESPONSE_HEADER.lower().encode(), b"cache-control"})
-
 
 async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Run web3 and SQLite calls in a worker thread: they block."""
@@ -142,6 +146,10 @@ class SellerUnavailable(EscrowError):
         self.reason = reason
         self.public = public
         self.retry_after = retry_after
+
+    def wire(self) -> UnavailableBody:
+        """The 503's body and Retry-After (_asgi.send_unavailable sends it)."""
+        return UnavailableBody(self.reason, self.public, self.retry_after)
 
 
 class EscrowMiddleware:
@@ -199,56 +207,23 @@ class EscrowMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        route = self._priced_route(scope) if scope["type"] == "http" else None
+        route = priced_route(self.config, self.app, scope) if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return
         await self._paid(scope, receive, send, route)
 
-    def _priced_route(self, scope: Scope) -> PricedRoute | None:
-        """The priced route this request reaches, whatever its method.
-
-        A PricedRoute names a method, but frameworks send other methods to the same handler:
-        Starlette's Route answers HEAD with the GET endpoint, FastAPI takes methods=["GET",
-        "HEAD"], an api_route may take GET and POST. The rule: a request is priced if its own
-        method is priced on its path, or if the app's router sends it to the same endpoint as
-        a priced method on that path (then it pays that route's price). Without a router to
-        ask (a bare ASGI app), HEAD is priced as GET, the way every server answers it.
-        """
-        method, path = str(scope["method"]).upper(), str(scope["path"])
-        route = self.config.route_for(method, path)
-        if route is not None:
-            return route
-        others = [r for r in self.config.routes if r.matches_path(path)]
-        if not others:
-            return None
-        routes = _router_routes(scope, self.app)
-        if routes is None:
-            return next((r for r in others if r.method == "GET"), None) if method == "HEAD" else None
-        reached = _endpoint(routes, scope)
-        if reached is None:
-            return None
-        return next((r for r in others if _endpoint(routes, {**scope, "method": r.method}) is reached), None)
-
     # -- lifespan ------------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def on_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.shutdown":
-                await self.poster.stop()
-            return message
+        await lifespan(self.app, scope, receive, send, startup=self._start, shutdown=self.poster.stop)
 
-        async def on_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                failure = await self._startup_failure()
-                if failure is not None:
-                    await send({"type": "lifespan.startup.failed", "message": failure})
-                    return
-                self.poster.start()
-            await send(message)
-
-        await self.app(scope, on_receive, on_send)
+    async def _start(self) -> str | None:
+        """Once the app has started: the start-up checks' verdict, else the delivery poster started."""
+        failure = await self._startup_failure()
+        if failure is None:
+            self.poster.start()
+        return failure
 
     async def _startup_failure(self) -> str | None:
         """check_seller's verdict when the app starts (None: fine, or checks turned off)."""
@@ -264,15 +239,15 @@ class EscrowMiddleware:
     # -- a paid request --------------------------------------------------------------------
 
     async def _paid(self, scope: Scope, receive: Receive, send: Send, route: PricedRoute) -> None:
-        body = await self._read_body(receive)
+        body = await read_body(receive, self.config.max_body_bytes)
         if body is None:
-            await _send_plain(send, 413, b"request body too large")
+            await send_plain(send, 413, b"request body too large")
             return
         try:
             request = await self.offers.paid_request(scope, route, body)
         except ConfigError as exc:  # a dynamic price or payTo gave something unusable: the seller's bug
             log.error("route %s: %s", _route_name(route), exc)
-            await _send_plain(send, 500, b"the seller's price for this route is misconfigured")
+            await send_plain(send, 500, b"the seller's price for this route is misconfigured")
             return
         header = request.header
         if header is None:
@@ -293,12 +268,12 @@ class EscrowMiddleware:
         except Refusal as rejected:
             await self._send_required(send, request, rejected.status, rejected.error)
         except SellerUnavailable as unavailable:
-            await _send_unavailable(send, unavailable)
+            await send_unavailable(send, unavailable.wire())
         except (EscrowError, OSError) as exc:
             # The chain or the store failed, not the buyer: nothing was served, a retry or replay is safe.
             log.warning("paid request %s %s failed: %s", request.method, request.route.path, exc)
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the chain node failed", CHAIN_RETRY_AFTER)
-            await _send_unavailable(send, down)
+            await send_unavailable(send, down.wire())
 
     @contextlib.asynccontextmanager
     async def _claim(self, escrow_id: bytes) -> AsyncIterator[Claim | None]:
@@ -473,16 +448,16 @@ class EscrowMiddleware:
     ) -> None:
         """A payment in the SDK's `exact` scheme: verified and settled through the SDK (_offers.Offers.pay_exact)."""
         outcome = await self.offers.pay_exact(
-            payload, request.accepts, request.context, lambda: self._run_handler(scope, receive, request.body)
+            payload, request.accepts, request.context, lambda: run_handler(self.app, scope, receive, request.body)
         )
         if outcome.unavailable:
             down = SellerUnavailable(Reason.CHAIN_UNAVAILABLE, "the payment facilitator failed", CHAIN_RETRY_AFTER)
-            await _send_unavailable(send, down)
+            await send_unavailable(send, down.wire())
         elif outcome.response is None:
             await self._send_required(send, request, 402, outcome.error)
         else:  # no settlement when the handler failed: not charged
             settle = None if outcome.settle is None else encode_payment_response(outcome.settle)
-            await self._send_response(send, outcome.response, settle)
+            await send_response(send, outcome.response, settle)
 
     async def _deposit(
         self, step: Deposit, request: PaidRequest, onchain: OnchainFacts | None = None, *, after_verified: bool = False
@@ -626,7 +601,7 @@ class EscrowMiddleware:
         if not await self._still_held(claim):  # this run stalled past its lease and was taken over
             await self._answer_of_another(send, escrow_id)
             return
-        response = await self._run_handler(scope, receive, request.body)
+        response = await run_handler(self.app, scope, receive, request.body)
         if serve_first and response.status < 400 and envelope is not None:
             declined = await self._before_settle_first(request, envelope, escrow_id, claim)
             if declined is not None:
@@ -688,7 +663,7 @@ class EscrowMiddleware:
         if not await self._store_once(claim, save):
             await self._answer_of_another(send, escrow_id)
             return
-        await self._send_response(send, response, settle)
+        await send_response(send, response, settle)
 
     async def _store_once(self, claim: Claim | None, save: functools.partial[bool]) -> bool:
         """Run the store write `save` that answers the payment, given the claim to release in its own transaction;
@@ -763,7 +738,7 @@ class EscrowMiddleware:
             if needs_chain_state_for_replay(payment, delivery):
                 onchain = await self._expired_state(escrow_id)
         answer = replayed(payment, delivery=delivery, settlement=settlement, onchain=onchain)
-        await self._send_response(send, response, self._settlement(payment.terms.buyer, answer))
+        await send_response(send, response, self._settlement(payment.terms.buyer, answer))
 
     async def _expired_state(self, escrow_id: bytes) -> State | None:
         """The escrow's state for a replay whose delivery expired (it stays Held until the buyer's refund);
@@ -773,58 +748,6 @@ class EscrowMiddleware:
         except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
             return None
-
-    # -- the wrapped handler ---------------------------------------------------------------
-
-    async def _run_handler(self, scope: Scope, receive: Receive, body: bytes) -> StoredResponse:
-        """Run the app with the buffered body and capture its whole response; an exception is a 500."""
-        delivered = False
-
-        async def replay_receive() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        status: int | None = None
-        headers: list[tuple[bytes, bytes]] = []
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            nonlocal status, headers
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
-            elif message["type"] == "http.response.body":
-                chunks.append(bytes(message.get("body", b"")))
-
-        try:
-            await self.app(scope, replay_receive, capture)
-        except Exception:
-            log.exception("handler for %s %s raised", scope["method"], scope["path"])
-            return StoredResponse(500, [(b"content-type", b"text/plain; charset=utf-8")], b"Internal Server Error")
-        if status is None:
-            return StoredResponse(500, [(b"content-type", b"text/plain; charset=utf-8")], b"no response")
-        return StoredResponse(status, headers, b"".join(chunks))
-
-    # -- building responses ----------------------------------------------------------------
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = bytes(message.get("body", b""))
-            size += len(chunk)
-            if size > self.config.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
 
     def _settlement(self, payer: str, answer: Answer) -> str:
         """The PAYMENT-RESPONSE header of `answer`."""
@@ -848,61 +771,6 @@ class EscrowMiddleware:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def _send_response(self, send: Send, response: StoredResponse, settle: str | None) -> None:
-        """The response with its PAYMENT-RESPONSE header (`settle`, the header's value; None: not charged)."""
-        headers = [(k, v) for k, v in response.headers if k.lower() not in _OWN_HEADERS]
-        headers.append((b"cache-control", b"no-store"))
-        if settle is not None:  # None: an exact payment whose handler failed, not charged
-            headers.append((PAYMENT_RESPONSE_HEADER.encode(), settle.encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body, "more_body": False})
-
-
-def _router_routes(scope: Scope, app: ASGIApp) -> list[BaseRoute] | None:
-    """The routes of the Starlette/FastAPI router behind this middleware, if there is one."""
-    candidates: list[Any] = [scope.get("app")]
-    node: Any = app
-    while node is not None:  # the middleware stack down to the router
-        candidates.append(node)
-        node = getattr(node, "app", None)
-    for candidate in candidates:
-        router = getattr(candidate, "router", candidate)
-        routes = getattr(router, "routes", None)
-        if isinstance(routes, list) and all(isinstance(r, BaseRoute) for r in routes):
-            return routes
-    return None
-
-
-def _endpoint(routes: list[BaseRoute], scope: Scope) -> Any:
-    """The endpoint the router would run for `scope` (None: no full match), looking into mounts."""
-    for route in routes:
-        match, child = route.matches(scope)
-        if match is Match.FULL:
-            inner = getattr(route, "routes", None)
-            if isinstance(route, (Mount, Host)) and inner:
-                return _endpoint(list(inner), {**scope, **child})
-            return child.get("endpoint", route)
-    return None
-
-
-async def _send_plain(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _send_unavailable(send: Send, unavailable: SellerUnavailable) -> None:
-    """503 with Retry-After: `{"error": reason, "message": ...}`; no new offer (the same payment is to be resent)."""
-    body = UnavailableBody(unavailable.reason, unavailable.public, unavailable.retry_after).body()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        (b"retry-after", str(unavailable.retry_after).encode()),
-    ]
-    await send({"type": "http.response.start", "status": UNAVAILABLE_STATUS, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _abort_on(hooks: list[Any], context: Any) -> None:

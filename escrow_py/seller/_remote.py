@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 from eth_typing import ChecksumAddress
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 from escrow_py.protocol.codec import parse_hex
@@ -44,6 +44,7 @@ from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
 from escrow_py.protocol.wire import SCHEME, SettlementStatus
+from escrow_py.seller._asgi import lifespan, run_handler, send_response
 from escrow_py.seller._claims import Claim
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._machine import (
@@ -339,18 +340,11 @@ class FacilitatorMiddleware(EscrowMiddleware):
     # -- lifespan: the outbox loop ---------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def on_receive() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.shutdown":
-                await self.stop_outbox()
-            return message
+        await lifespan(self.app, scope, receive, send, startup=self._start, shutdown=self.stop_outbox)
 
-        async def on_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                self.start_outbox()
-            await send(message)
-
-        await self.app(scope, on_receive, on_send)
+    async def _start(self) -> str | None:
+        self.start_outbox()
+        return None
 
     def start_outbox(self) -> None:
         if self._outbox is None or self._outbox.done():
@@ -622,7 +616,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         if not await self._still_held(claim):
             await self._answer_of_another(send, escrow_id)
             return
-        response = await self._run_handler(scope, receive, request.body)
+        response = await run_handler(self.app, scope, receive, request.body)
         if response.status < 400:
             keep = kept(verified, response.body, deposit_tx, serve_first=False)
             save = functools.partial(self.store.save_served, escrow_id, terms, response, keep.delivery_hash)
@@ -630,7 +624,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
                 await self._answer_of_another(send, escrow_id)  # another run's answer was stored, or is coming
                 return
             self._kick.set()
-            await self._send_response(send, response, self._settlement(terms.buyer, keep.answer))
+            await send_response(send, response, self._settlement(terms.buyer, keep.answer))
             return
         if not await self._still_held(claim):  # a refund now could undo the answer of the run that took over
             await self._answer_of_another(send, escrow_id)
@@ -649,7 +643,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             await _blocking(self.store.set_refunded, escrow_id, None)
         # `refunded` with no transaction: the facilitator found it refunded already.
         answer = handler_failed(escrow_id, terms, deposit_tx, refund_tx, serve_first=False, refunded=refunded)
-        await self._send_response(send, response, self._settlement(terms.buyer, answer))
+        await send_response(send, response, self._settlement(terms.buyer, answer))
 
     async def _replay(self, send: Send, payment: Payment, response: StoredResponse) -> None:
         """A refunded or serve-first payment replays as EscrowMiddleware's does; a served one says `held`: its
@@ -659,7 +653,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
             return
         answer = served(payment.escrow_id, payment.terms, delivery_hash(response.body), payment.deposit_tx,
                         serve_first=False)  # fmt: skip
-        await self._send_response(send, response, self._settlement(payment.terms.buyer, answer))
+        await send_response(send, response, self._settlement(payment.terms.buyer, answer))
 
 
 __all__ = ["FacilitatorClient", "FacilitatorMiddleware", "FacilitatorSellerConfig", "RemoteOperator"]
