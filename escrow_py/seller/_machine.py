@@ -35,7 +35,7 @@ from typing import Protocol
 
 from x402.schemas import PaymentPayload, SettleResponse
 
-from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.errors import EscrowError, ProtocolError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import State, Terms, delivery_hash
 from escrow_py.protocol.wire import (
@@ -46,6 +46,7 @@ from escrow_py.protocol.wire import (
     decode_payment_signature,
     encode_payment_response,
 )
+from escrow_py.protocol.wire import Unavailable as UnavailableBody
 from escrow_py.seller._store import (
     DeliveryRecord,
     DeliveryStatus,
@@ -168,6 +169,25 @@ class Unavailable:
     reason: Reason
     public: str  # the message the client sees: never an exception's text (it can carry the RPC URL)
     retry_after: int
+
+
+class SellerUnavailable(EscrowError):
+    """The seller's own side cannot take the payment now (503 with Retry-After); the buyer is not at fault.
+    The adapter raises it for an Unavailable step, a claim it cannot take and a hook that raised.
+
+    `reason` is a wire.Reason, `public` the message the client sees (never an exception's
+    text: those can carry the RPC URL and its API key).
+    """
+
+    def __init__(self, reason: Reason, public: str, retry_after: int) -> None:
+        super().__init__(f"{reason}: {public}")
+        self.reason = reason
+        self.public = public
+        self.retry_after = retry_after
+
+    def wire(self) -> UnavailableBody:
+        """The 503's body and Retry-After (_asgi.send_unavailable sends it)."""
+        return UnavailableBody(self.reason, self.public, self.retry_after)
 
 
 @dataclass(frozen=True, slots=True)

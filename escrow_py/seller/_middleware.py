@@ -47,9 +47,6 @@ from escrow_py.protocol.wire import (
     encode_payment_response,
     payment_required,
 )
-from escrow_py.protocol.wire import (
-    Unavailable as UnavailableBody,
-)
 from escrow_py.seller._asgi import (
     lifespan,
     priced_route,
@@ -62,6 +59,7 @@ from escrow_py.seller._asgi import (
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._claims import Claim, ClaimHeartbeat
 from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._hooks import HOOK_FAILED, HOOK_RETRY_AFTER, abort_on
 from escrow_py.seller._machine import (
     CHAIN_RETRY_AFTER,
     IN_PROGRESS,
@@ -78,6 +76,7 @@ from escrow_py.seller._machine import (
     ResumeDeposit,
     RouteMode,
     Rules,
+    SellerUnavailable,
     Serve,
     ServeFirst,
     Step,
@@ -124,32 +123,10 @@ Check = tuple[EscrowPayload | Settlement, bool] | None
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-# A seller hook that raised: what the buyer is told (never the exception's text), and when to try again.
-HOOK_FAILED = "the seller's own check of this payment failed; nothing was charged, send the same payment again"
-HOOK_RETRY_AFTER = 5
-
 
 async def _blocking(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Run web3 and SQLite calls in a worker thread: they block."""
     return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
-
-
-class SellerUnavailable(EscrowError):
-    """The seller's own side cannot take the payment now (503 with Retry-After); the buyer is not at fault.
-
-    `reason` is a wire.Reason, `public` the message the client sees (never an exception's
-    text: those can carry the RPC URL and its API key).
-    """
-
-    def __init__(self, reason: Reason, public: str, retry_after: int) -> None:
-        super().__init__(f"{reason}: {public}")
-        self.reason = reason
-        self.public = public
-        self.retry_after = retry_after
-
-    def wire(self) -> UnavailableBody:
-        """The 503's body and Retry-After (_asgi.send_unavailable sends it)."""
-        return UnavailableBody(self.reason, self.public, self.retry_after)
 
 
 class EscrowMiddleware:
@@ -441,7 +418,7 @@ class EscrowMiddleware:
     async def _before_verify(self, parsed: ParsedPayment, request: PaidRequest) -> None:
         assert self.config.hooks is not None and parsed.envelope is not None
         context = verify_context(parsed.envelope, request.offer.to_model(), request.context)
-        await _abort_on(self.config.hooks.before_verify, context)
+        await abort_on(self.config.hooks.before_verify, context)
 
     async def _pay_exact(
         self, scope: Scope, receive: Receive, send: Send, request: PaidRequest, payload: PaymentPayload
@@ -478,9 +455,9 @@ class EscrowMiddleware:
         if hooks is not None and step.envelope is not None:
             assert requirements is not None
             if not after_verified:
-                await _abort_on(hooks.after_verify, verify_result_context(step.envelope, requirements, context,
+                await abort_on(hooks.after_verify, verify_result_context(step.envelope, requirements, context,
                                                                           verified.buyer))  # fmt: skip
-            await _abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
+            await abort_on(hooks.before_settle, settle_context(step.envelope, requirements, context))
         facts = onchain if onchain is not None and not onchain.serve_first else None
         if facts is None:
             facts = await _blocking(read_onchain, verified, chain=chain)
@@ -558,7 +535,7 @@ class EscrowMiddleware:
         if config.hooks is not None and step.envelope is not None:
             # Serve-first's verification is these checks of the pull: the after-verify hooks see it passed.
             result = verify_result_context(step.envelope, request.offer.to_model(), request.context, verified.buyer)
-            await _abort_on(config.hooks.after_verify, result)
+            await abort_on(config.hooks.after_verify, result)
         refused = await _blocking(
             self.store.begin_serve_first,
             escrow_id,
@@ -771,19 +748,6 @@ class EscrowMiddleware:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _abort_on(hooks: list[Any], context: Any) -> None:
-    """Run a seller's before/after-verify or before-settle hooks, before anything is recorded or moved: an
-    AbortResult refuses the payment with its reason (402); a hook that raises is a 503 (nothing was charged:
-    the same payment may be sent again)."""
-    try:
-        aborted = await SellerHooks.run(hooks, context)
-    except Exception:
-        log.exception("a seller hook raised; the payment was not taken")
-        raise SellerUnavailable(Reason.SELLER_HOOK_FAILED, HOOK_FAILED, HOOK_RETRY_AFTER) from None
-    if aborted is not None:
-        raise Refusal(aborted.reason, aborted.message or f"refused by the seller: {aborted.reason}")
 
 
 def _fault_of(exc: Exception, verified: VerifiedPayment) -> DepositFault:

@@ -47,10 +47,12 @@ from escrow_py.protocol.wire import SCHEME, SettlementStatus
 from escrow_py.seller._asgi import lifespan, run_handler, send_response
 from escrow_py.seller._claims import Claim
 from escrow_py.seller._config import PricedRoute, SellerConfig
+from escrow_py.seller._hooks import abort_on
 from escrow_py.seller._machine import (
     Deposit,
     ParsedPayment,
     Reject,
+    SellerUnavailable,
     Serve,
     ServeFirst,
     Unavailable,
@@ -62,13 +64,7 @@ from escrow_py.seller._machine import (
     served,
     settle_due,
 )
-from escrow_py.seller._middleware import (
-    EscrowMiddleware,
-    SellerUnavailable,
-    _abort_on,
-    _blocking,
-    _route_name,
-)
+from escrow_py.seller._middleware import EscrowMiddleware, _blocking, _route_name
 from escrow_py.seller._offers import (
     Offers,
     PaidRequest,
@@ -488,10 +484,10 @@ class FacilitatorMiddleware(EscrowMiddleware):
             # serve-first payment falling back to hold ran these already).
             await self._before_verify(parsed, request)
             await self._remote_verify(parsed, request)
-            await _abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
+            await abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
                                                                       request.context, _payer(parsed)))  # fmt: skip
         if hooks is not None:
-            await _abort_on(hooks.before_settle, settle_context(parsed.envelope, request.offer.to_model(),
+            await abort_on(hooks.before_settle, settle_context(parsed.envelope, request.offer.to_model(),
                                                                 request.context))  # fmt: skip
         try:
             result = await self.facilitator.settle(parsed.envelope, request.offer.to_model())
@@ -560,7 +556,7 @@ class FacilitatorMiddleware(EscrowMiddleware):
         reference = min(terms.deadline, auth.valid_before) - self.config.min_time_left - 1
         verified = self._verify(parsed, request, reference)
         if hooks is not None:
-            await _abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
+            await abort_on(hooks.after_verify, verify_result_context(parsed.envelope, request.offer.to_model(),
                                                                       request.context, verified.buyer))  # fmt: skip
         # In facilitator mode the store keeps the buyer's whole x402 envelope: the outbox hands it to /settle.
         record = parsed.envelope.model_dump_json(by_alias=True, exclude_none=True)
