@@ -1,9 +1,19 @@
 """The seller's ASGI middleware: the adapter between ASGI and the payment state machine (_machine.py).
 
-It does the plumbing: routing a request to its priced route, reading the body, the 402, the claim
-on a payment, reading the store's row and the chain facts a decision needs, and carrying out the
-machine's steps (the deposit, the handler, the store writes, the answer). What happens next is
-never decided here: `_machine.decide` and the `after_*` functions say it.
+It carries out a paid request's steps: the 402, the claim on a payment, reading the store's row and
+the chain facts a decision needs, and then the machine's steps (the deposit, serve-first's reservation,
+the handler, the store writes, the answer, the replay). What happens next is never decided here:
+`_machine.decide` and the `after_*` functions say it.
+
+Read top-down: EscrowMiddleware's __init__ and __call__, the lifespan, a paid request (`_paid`, the
+claim, the settle loop `_settle`), the deposit, serve-first, serving the handler and storing its
+answer, then the replay. Elsewhere, so that this file is the request's steps:
+- _asgi.py: the ASGI plumbing, no payment logic: which priced route a request reaches (Starlette/
+  FastAPI router lookup), the lifespan wrapper, reading the body, running the handler and capturing
+  its response, sending the plain, 503 and stored responses;
+- _hooks.py: the seller's verify/settle hooks as a request runs them (`abort_on`);
+- _machine.py: the decisions, and SellerUnavailable (the 503 a step, a claim or a hook raises);
+- _remote.py: FacilitatorMiddleware, this class with a facilitator for its chain side.
 """
 
 from __future__ import annotations
@@ -687,6 +697,8 @@ class EscrowMiddleware:
         """Renew the claim now, before what must not run twice; False if another run took it over."""
         return claim is None or await _blocking(self._heartbeat.confirm, claim)
 
+    # -- another run's answer, and the replay ------------------------------------------------
+
     async def _answer_of_another(self, send: Send, escrow_id: bytes) -> None:
         """This run lost the payment (its claim lapsed and was taken over, or another response was stored
         first): the answer is the other run's stored response, waited for up to `claim_wait` seconds, else
@@ -725,6 +737,8 @@ class EscrowMiddleware:
         except (EscrowError, OSError) as exc:
             log.warning("replay of 0x%s: escrow state unknown (%s); answered held", escrow_id.hex(), exc)
             return None
+
+    # -- the 402 and the PAYMENT-RESPONSE header ---------------------------------------------
 
     def _settlement(self, payer: str, answer: Answer) -> str:
         """The PAYMENT-RESPONSE header of `answer`."""
