@@ -87,7 +87,8 @@ def _flow(core: PaymentCore, entry: JournalEntry, refund_expired: bool) -> _Flow
         return _apply(core, entry, judge_settled(entry, settled))
     if state is State.RELEASED and replayable:
         answer = yield replay_request(entry)
-        committed = None if _failed(answer) else _delivered_hash(core, entry, answer)
+        answered = _answered(answer)
+        committed = None if answered is None else _delivered_hash(core, entry, answered)
         return _apply(core, entry, judge_replay(entry, answer, committed, chain_state=state))
     if state is State.HELD and now < entry.terms.deadline and replayable:
         return (yield from _replay_held(core, entry))
@@ -117,15 +118,16 @@ def judge_replay(
     """A replay of a payment whose money went to the seller (Released, or settled first), judged by the hash
     the chain committed (`committed`; None: none found), never by the answer's own header."""
     eid = entry.escrow_id
-    if isinstance(answer, Exception) or answer.status_code >= 400:
+    answered = _answered(answer)
+    if answered is None:
         shown = repr(answer) if isinstance(answer, Exception) else f"status {answer.status_code}"
         outcome = f"replay failed ({shown}); paid out"
         return Finding(RecoveryItem(eid, chain_state, RecoveryAction.REPLAYED, outcome, entry.state))
-    received = delivery_hash(answer.content)
+    received = delivery_hash(answered.content)
     if committed is not None and received == committed:
         outcome = "delivered: body matches the on-chain hash"
         item = RecoveryItem(
-            eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answer.content)
+            eid, chain_state, RecoveryAction.REPLAYED, outcome, PaymentState.DELIVERED, body=bytes(answered.content)
         )
         return Finding(item, Verdict(PaymentState.DELIVERED, response_hash=received, committed_hash=committed))
     shown = "none" if committed is None else "0x" + committed.hex()
@@ -194,14 +196,15 @@ def _apply(core: PaymentCore, entry: JournalEntry, finding: Finding) -> Recovery
     return finding.item
 
 
-def _failed(answer: httpx.Response | Exception) -> bool:
-    return isinstance(answer, Exception) or answer.status_code >= 400
+def _answered(answer: httpx.Response | Exception) -> httpx.Response | None:
+    """The replay's answer if the seller answered it (below 400); None for an error status or a failed send."""
+    return answer if isinstance(answer, httpx.Response) and answer.status_code < 400 else None
 
 
-def _delivered_hash(core: PaymentCore, entry: JournalEntry, answer: httpx.Response | Exception) -> bytes | None:
+def _delivered_hash(core: PaymentCore, entry: JournalEntry, answer: httpx.Response) -> bytes | None:
     """The hash a Released escrow's Delivered event committed. The chain, not the answer, is the judge; the
     answer only says which transaction to look in first."""
-    tx_hash = _delivery_tx(answer) if isinstance(answer, httpx.Response) else None
+    tx_hash = _delivery_tx(answer)
     since = int(entry.created_at) - CLOCK_SKEW
     return core.chain.delivered_hash(entry.escrow_id, escrow=entry.escrow, since=since, tx_hash=tx_hash)
 
