@@ -120,7 +120,10 @@ class Indexer:
         if head_hash is not None:
             block_hashes[top] = head_hash
         changed = self.store.apply(self.escrow, rewind_to=rewind, events=events, checkpoint=top,
-                                   block_hashes=sorted(block_hashes.items()))  # fmt: skip
+                                   block_hashes=sorted(block_hashes.items()), read_checkpoint=checkpoint)  # fmt: skip
+        if changed is None:  # another keeper indexed meanwhile: its checkpoint stands, the next cycle goes on from it
+            moved = self.store.checkpoint(self.escrow)
+            return (rewind if moved is None else moved), None, False
         return top, fork, changed
 
     def _canonical(self, number: int, hashes: dict[int, str]) -> str | None:

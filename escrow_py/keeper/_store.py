@@ -335,16 +335,23 @@ class KeeperStore:
         events: Iterable[IndexedEvent],
         checkpoint: int,
         block_hashes: Sequence[tuple[int, str]],
+        read_checkpoint: int | None,
         keep_hashes: int = 1_000,
-    ) -> bool:
+    ) -> bool | None:
         """Undo everything indexed after `rewind_to`, add `events` (chain order), move the checkpoint.
 
-        One transaction. Returns whether any escrow changed state.
+        One transaction. Returns whether any escrow changed state, or None, writing nothing, when the
+        stored checkpoint is no longer `read_checkpoint` (the one the caller read before fetching
+        `events`): another keeper on this database indexed in between, and a rewind computed from the
+        older checkpoint would undo what that keeper wrote since (its claims among it).
         """
         changed = False
         with self.db.transaction() as tx:
             # Keepers sharing a database index one escrow contract one at a time (SQLite: the write lock).
             tx.lock(f"index:{escrow}")
+            now_at = tx.one("SELECT block_number FROM checkpoints WHERE escrow = ?", (escrow,))
+            if (None if now_at is None else int(now_at[0])) != read_checkpoint:
+                return None
             undone = tx.all("SELECT id, kind FROM settlements WHERE escrow = ? AND block_number > ?",
                             (escrow, rewind_to))  # fmt: skip
             if undone:
@@ -355,8 +362,6 @@ class KeeperStore:
                 for kind in {k for _, k in undone}:
                     n = sum(1 for _, k in undone if k == kind)
                     tx.execute("UPDATE totals SET n = n - ? WHERE escrow = ? AND kind = ?", (n, escrow, kind))
-            if tx.execute("DELETE FROM deposits WHERE escrow = ? AND block_number > ?", (escrow, rewind_to)).rowcount:
-                changed = True
             deposits = []
             settled: dict[str, int] = {}
             settlements = []
@@ -367,6 +372,15 @@ class KeeperStore:
                 else:
                     settlements.append((escrow, _bytes(e.id), e.kind, _bytes(e.tx_hash), e.block_number,
                                         e.block_hash))  # fmt: skip
+            # A deposit the rewind undid and the new events bring back (re-mined after a reorg) keeps its row, so
+            # a keeper's claim on it stands while that keeper's refund may still land; only the gone ones go.
+            again = {row[1] for row in deposits}
+            gone = [(escrow, bytes(r[0])) for r in tx.all(
+                "SELECT id FROM deposits WHERE escrow = ? AND block_number > ?", (escrow, rewind_to)
+            ) if bytes(r[0]) not in again]  # fmt: skip
+            if gone:
+                changed = True
+                tx.executemany("DELETE FROM deposits WHERE escrow = ? AND id = ?", gone)
             if deposits:
                 changed = True
                 tx.executemany(

@@ -109,7 +109,7 @@ def _history(store: KeeperStore, escrow: str, n: int, below: int) -> None:
                                    token="0x" + "33" * 20))  # fmt: skip
         events.append(IndexedEvent("refunded", escrow_id, block, "0x" + "ab" * 32, "0x" + "ef" * 32))
     store.apply(escrow, rewind_to=below, events=events, checkpoint=store.checkpoint(escrow) or below,
-                block_hashes=[])  # fmt: skip
+                block_hashes=[], read_checkpoint=store.checkpoint(escrow))  # fmt: skip
 
 
 def _cycle_cost(chain: Chain, db: Path, history: int) -> tuple[int, dict[str, int], int]:
@@ -203,7 +203,7 @@ def test_refused_payouts_back_off_doubling_up_to_the_longest_wait(db_url: str) -
     store = KeeperStore(db_url)
     event = IndexedEvent("deposited", "0x" + "11" * 32, 5, "0xaa", "0xbb", encoded=b"\0" * 256, deadline=9,
                          buyer="0x" + "22" * 20, seller="0x" + "33" * 20, token="0x" + "44" * 20)  # fmt: skip
-    store.apply("0xescrow", rewind_to=0, events=[event], checkpoint=5, block_hashes=[(5, "0xaa")])
+    store.apply("0xescrow", rewind_to=0, events=[event], checkpoint=5, block_hashes=[(5, "0xaa")], read_checkpoint=None)
     store.record_refused_payout("0xescrow", "0x" + "44" * 20, "0x" + "22" * 20, "PayoutFailed", now=0.0,
                                 first_wait=300.0, longest_wait=3600.0)  # fmt: skip
     [backoff] = store.backoffs("0xescrow")

@@ -33,7 +33,7 @@ def test_keeper_prune_forgets_settled_history_and_keeps_open_escrows_and_totals(
     events = [_deposit(1, OLD), _deposit(2, OLD), _deposit(3, RECENT),
               IndexedEvent("refunded", "0x" + f"{1:064x}", 6, "0xcc", "0x" + "dd" * 32),
               IndexedEvent("released", "0x" + f"{3:064x}", 6, "0xcc", "0x" + "ee" * 32)]  # fmt: skip
-    store.apply("0xescrow", rewind_to=0, events=events, checkpoint=6, block_hashes=[(6, "0xcc")])
+    store.apply("0xescrow", rewind_to=0, events=events, checkpoint=6, block_hashes=[(6, "0xcc")], read_checkpoint=None)
     for n, status in ((7, "final"), (8, "sent")):
         store.record_attempt("0xescrow", "0xkeeper", [n.to_bytes(32, "big")], SentTx(bytes([n]) * 32, n, {}, b"\x02"))
         store.set_attempt_status(bytes([n]) * 32, status)
@@ -113,7 +113,14 @@ def test_migrate_and_prune_commands(db_url: str, capsys: pytest.CaptureFixture[s
     store = KeeperStore(db_url)
     long_ago = int(time.time()) - 30 * 86_400  # the command prunes against the wall clock
     refund = IndexedEvent("refunded", "0x" + f"{1:064x}", 6, "0xcc", "0x" + "dd" * 32)
-    store.apply("0xescrow", rewind_to=0, checkpoint=6, block_hashes=[], events=[_deposit(1, long_ago), refund])
+    store.apply(
+        "0xescrow",
+        rewind_to=0,
+        checkpoint=6,
+        block_hashes=[],
+        events=[_deposit(1, long_ago), refund],
+        read_checkpoint=None,
+    )
     store.close()
     assert main(["prune", "--db", db_url, "--role", "keeper", "--grace", "86400"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"]["deposits"] == 1
