@@ -18,8 +18,10 @@ PIP_INSTALL := $(BIN)/pip install --progress-bar off --disable-pip-version-check
 RUN_EXTRAS := seller,mcp
 DEV_EXTRAS := dev,seller,postgres,mcp
 APE_EXTRAS := $(DEV_EXTRAS),ape
-# $(call install,EXTRAS): the package, editable, with those extras.
-install = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --python $(BIN)/python -e '.[$(1)]'; \
+# $(call install,EXTRAS): the package, editable, with those extras. uv compiles the bytecode as pip
+# does (on both cores): with PYTHONDONTWRITEBYTECODE set, as here, nothing else would, and every
+# process the tests start would compile web3 and the rest again (4-5 s of CPU each).
+install = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e '.[$(1)]'; \
 	else $(PIP_INSTALL) -e '.[$(1)]'; fi
 
 .PHONY: bootstrap quickstart test test-deps test-unit test-contracts test-integration test-console lint format artifacts demo bench ape clean
