@@ -18,13 +18,12 @@ PIP_INSTALL := $(BIN)/pip install --progress-bar off --disable-pip-version-check
 RUN_EXTRAS := seller,mcp
 DEV_EXTRAS := dev,seller,postgres,mcp
 APE_EXTRAS := $(DEV_EXTRAS),ape
-# $(call install,EXTRAS): the package, editable, with those extras. uv compiles the bytecode as pip
-# does (on both cores): with PYTHONDONTWRITEBYTECODE set, as here, nothing else would, and every
-# process the tests start would compile web3 and the rest again (4-5 s of CPU each).
-install = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e '.[$(1)]'; \
+# $(call install,EXTRAS): the package, editable, with those extras (uv without bytecode: see
+# bytecode-cache).
+install = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --python $(BIN)/python -e '.[$(1)]'; \
 	else $(PIP_INSTALL) -e '.[$(1)]'; fi
 
-.PHONY: bootstrap quickstart test test-deps test-unit test-contracts test-integration test-console lint format artifacts demo bench ape clean
+.PHONY: bootstrap quickstart test test-deps bytecode-cache test-unit test-contracts test-integration test-console lint format artifacts demo bench ape clean
 
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
@@ -85,8 +84,8 @@ lint-slither:
 	$(BIN)/python scripts/slither_check.py
 
 format: bootstrap
-	$(BIN)/ruff format escrow_py escrow_devtools tests scripts examples
-	$(BIN)/ruff check --fix escrow_py escrow_devtools tests scripts examples
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 # Recompile contracts/ into the runtime's artifacts (escrow_py/chain/artifacts/) and the tools'
 # (escrow_devtools/artifacts/).
@@ -102,31 +101,43 @@ artifacts: bootstrap
 # test starts last. The 25 slowest tests are listed at the end, where the time goes.
 PYTEST_WORKERS ?= 4
 PYTEST_XDIST   := -n $(PYTEST_WORKERS) --maxschedchunk 1
+# Some sandboxes and containers set PYTHONDONTWRITEBYTECODE: then each of the hundreds of processes the
+# suite starts (CLI runs, replicas, keepers, agents) compiles the package from source again, and each
+# xdist worker rewrites every test module's asserts again (collection 9.9 s of CPU per worker instead of
+# 4.2). The test runs write their bytecode caches (__pycache__, ignored by git) as Python does by default.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/pytest
 
-# One install of everything (the dev tools and the Ape tooling together) with npm beside it, then
-# the lint steps side by side, then the suite.
+# One install of everything (the dev tools and the Ape tooling together) with npm beside it; then the
+# lint steps side by side, and beside them one collection of the suite (bytecode-cache), then the suite.
 test: test-deps
-	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25
+	$(MAKE) -j$(LINT_JOBS) --output-sync=target --no-print-directory $(LINT_STEPS) bytecode-cache
+	$(PYTEST) -q $(PYTEST_XDIST) --durations=25
 
 test-deps:
 	$(MAKE) -j2 --no-print-directory $(APE_STAMP) $(NODE_STAMP)
 
+# uv writes no bytecode at install (compiling all 7,400 files of the venv is 30 s of CPU, most of them
+# never imported), and $(PYTEST) lets Python write it as it goes; but four xdist workers starting at once
+# would each compile the same imports and rewrite the same test modules' asserts. One collection first,
+# beside the lint steps (mypy keeps one core busy, the other is mostly idle), writes those caches once.
+bytecode-cache:
+	$(PYTEST) -q --collect-only > /dev/null
+
 # One tier at a time (markers set in tests/conftest.py): unit needs no anvil and takes seconds.
 test-unit: bootstrap
-	$(BIN)/pytest -q -m unit
+	$(PYTEST) -q -m unit
 
 test-contracts: bootstrap
-	$(BIN)/pytest -q $(PYTEST_XDIST) -m contracts
+	$(PYTEST) -q $(PYTEST_XDIST) -m contracts
 
 test-integration: ape bootstrap
-	$(BIN)/pytest -q $(PYTEST_XDIST) -m integration
+	$(PYTEST) -q $(PYTEST_XDIST) -m integration
 
 # The operator console's browser test drives Debian's chromium through Playwright (no browser
 # download); chromium is installed from the distribution if missing (needs root).
 test-console: bootstrap
 	command -v chromium >/dev/null || apt-get install -y chromium
-	$(BIN)/pytest -q tests/facilitator/test_console.py
+	$(PYTEST) -q tests/facilitator/test_console.py
 
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), installed with the dev
 # set in one step (a superset of bootstrap's, so it stamps that one too: listed before `bootstrap`,
