@@ -28,16 +28,20 @@ install = if [ -x $(BIN)/uv ]; then $(BIN)/uv pip install --python $(BIN)/python
 bootstrap: $(PY_STAMP) $(NODE_STAMP)
 
 # What running the package needs (seller, buyer, keeper, MCP tools, a local chain), without the
-# dev tools: the README's quickstart. pip and npm run side by side: both mostly wait on downloads.
+# dev tools: the README's quickstart. uv (or pip) and npm run side by side: both mostly wait on downloads.
 quickstart:
 	$(MAKE) -j2 $(RUN_STAMP) $(NODE_STAMP)
 
+# With uv: a venv without pip (ensurepip unpacks and compiles pip: 5-6 s of CPU), the system's pip
+# puts uv in it, and uv puts pip in it (under a second) for whoever wants one. Otherwise, or if any
+# of that fails (no pip beside $(PYTHON), older than 22.3, uv not installable), a venv with pip.
 $(BIN)/python:
 	@echo "== creating $(VENV)"
-	$(PYTHON) -m venv $(VENV)
-	if [ "$(INSTALLER)" = uv ] && $(PIP_INSTALL) --quiet uv==$(UV_VERSION); then :; else \
+	if [ "$(INSTALLER)" = uv ] && $(PYTHON) -m venv --without-pip $(VENV) \
+		&& $(PYTHON) -m pip --python $(BIN)/python install --quiet --disable-pip-version-check uv==$(UV_VERSION) \
+		&& $(BIN)/uv pip install --quiet --python $(BIN)/python pip; then :; else \
 		echo "== installing with pip (uv: INSTALLER=$(INSTALLER), or not installable)"; \
-		rm -f $(BIN)/uv; $(PIP_INSTALL) --quiet --upgrade pip; fi
+		rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && $(PIP_INSTALL) --quiet --upgrade pip; fi
 
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	@echo "== installing x402-escrow with the seller and MCP extras into $(VENV)"
