@@ -63,7 +63,8 @@ $(NODE_STAMP): package.json package-lock.json
 	npm install --prefer-offline --no-audit --no-fund --loglevel=http
 	touch $@
 
-# The lint steps run side by side (LINT_JOBS at once), each one's output printed whole when it ends.
+# The lint steps run side by side (LINT_JOBS at once), each one's output printed whole when it ends,
+# every one to its end even when another fails (so one run lists every failure).
 # The longest is mypy (the package and the tools, then the tests, which reuse the package's cache):
 # about 20 s of one core; Slither (about 6 s) and ruff run beside it on the other.
 # Slither runs on contracts/ through the solc-js wrapper; every finding must be triaged, with its
@@ -74,7 +75,7 @@ LINT_STEPS := lint-ruff lint-format lint-mypy lint-slither
 .PHONY: $(LINT_STEPS)
 
 lint: bootstrap
-	$(MAKE) -j$(LINT_JOBS) --output-sync=target --no-print-directory $(LINT_STEPS)
+	$(MAKE) -j$(LINT_JOBS) --keep-going --output-sync=target --no-print-directory $(LINT_STEPS)
 
 lint-ruff:
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -116,7 +117,7 @@ PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/pytest
 # One install of everything (the dev tools and the Ape tooling together) with npm beside it; then the
 # lint steps side by side, and beside them one collection of the suite (bytecode-cache), then the suite.
 test: test-deps
-	$(MAKE) -j$(LINT_JOBS) --output-sync=target --no-print-directory $(LINT_STEPS) bytecode-cache
+	$(MAKE) -j$(LINT_JOBS) --keep-going --output-sync=target --no-print-directory $(LINT_STEPS) bytecode-cache
 	$(PYTEST) -q $(PYTEST_XDIST) --durations=25
 
 test-deps:
