@@ -149,8 +149,9 @@ test-console: bootstrap
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), installed with the dev
 # set in one step (a superset of bootstrap's, so it stamps that one too: listed before `bootstrap`,
 # `ape` leaves it nothing to do). It also lets ape-solidity find the compiler: the solc-js wrapper,
-# where py-solc-x keeps solc versions (unless a native solc 0.8.30 is already there).
-ape: $(APE_STAMP)
+# where py-solc-x keeps solc versions (unless a native solc 0.8.30 is already there), which runs on
+# node_modules' solc.
+ape: $(APE_STAMP) $(NODE_STAMP)
 
 $(APE_STAMP): pyproject.toml | $(BIN)/python
 	@echo "== installing x402-escrow with the dev tools and the Ape deployment tooling into $(VENV)"
