@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     keeper.add_argument("--escrows", type=int, default=1000, help="how many escrows expire together (default 1000)")
     keeper.add_argument("--keepers", type=int, default=1, help="independent keeper processes racing (1-3; default 1)")
+    keeper.add_argument(
+        "--idle-window", dest="idle_window", type=float,
+        help="seconds of idle CPU measured after the burst (default 20; a test's smoke run needs a few)",
+    )  # fmt: skip
     keeper.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     keeper.set_defaults(func=_keeper)
     http = kinds.add_parser(
@@ -106,7 +110,11 @@ def _keeper(args: argparse.Namespace) -> int:
     if not 1 <= args.keepers <= 3:
         print("x402-escrow: --keepers must be 1, 2 or 3", file=sys.stderr)
         return 2
-    result = measure_keeper(args.escrows, keepers=args.keepers, progress=_progress)
+    if args.idle_window is not None and not args.idle_window > 0:
+        print("x402-escrow: --idle-window must be above 0 seconds", file=sys.stderr)
+        return 2
+    idle = {} if args.idle_window is None else {"idle_window": args.idle_window}
+    result = measure_keeper(args.escrows, keepers=args.keepers, progress=_progress, **idle)
     _print(result, args.json)
     return 0
 
