@@ -254,7 +254,7 @@ def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says
     assert allowed.run_once().refunds_sent == 1
 
 
-@pytest.mark.integration  # runs the CLI in subprocesses
+@pytest.mark.integration  # runs the CLI in a subprocess (and in-process)
 def test_bad_configuration_exits_non_zero_saying_what_to_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -277,7 +277,7 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(
         return printed.err
 
     stderr = run("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0xnope")
-    assert "'0xnope' is not an address" in stderr
+    assert "escrows is not an address: '0xnope'" in stderr
     stderr = run("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20)
     assert "X402_ESCROW_PRIVATE_KEY is not set" in stderr
     stderr = run("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
