@@ -22,9 +22,9 @@ from escrow_devtools.anvil import dev_private_key
 from escrow_devtools.bench.postgres import PostgresServer
 from escrow_devtools.bench.scale import (
     ChainSetup,
+    ConnectionRoundRobin,
     LoadResult,
     Replicas,
-    RoundRobinProxy,
     audit,
     handler_runs,
     nonce_errors_in,
@@ -123,7 +123,7 @@ def test_uvicorn_two_workers_on_sqlite_serve_20_buyers_10_requests_each(chain: C
     assert checked.mismatched == 0
 
 
-# -- three replicas on PostgreSQL behind a round-robin balancer ---------------------------------------
+# -- three replicas on PostgreSQL behind a round-robin balancer (a connection per request) ----------------------
 
 FAST_TAKEOVER = {"claim_seconds": 3.0, "claim_wait": 2.0, "poster_lease": 2.0}
 
@@ -150,7 +150,7 @@ def test_three_replicas_on_postgres_500_payments_with_duplicates_replays_and_a_c
             replicas.kill(2)
 
     try:
-        with RoundRobinProxy(replicas.urls) as proxy:
+        with ConnectionRoundRobin(replicas.urls) as proxy:
             load = asyncio.run(
                 run_load(
                     proxy.url,
