@@ -98,6 +98,10 @@ class Authorization(CamelModel):
     valid_before: Uint256
     nonce: Bytes32
 
+    def as_tuple(self) -> tuple[Any, ...]:
+        """The ABI values, in the order of the ERC-3009 functions' arguments and of the signed struct."""
+        return (self.from_, self.to, self.value, self.valid_after, self.valid_before, self.nonce)
+
     def as_message(self) -> dict[str, Any]:
         """The `message` of the EIP-712 typed data: numbers as ints, the nonce as bytes."""
         return self.model_dump(by_alias=True)
@@ -169,15 +173,7 @@ def authorization_struct_hash(primary_type: str, authorization: Authorization) -
     return keccak(
         encode(
             ["bytes32", *(f["type"] for f in _AUTHORIZATION_FIELDS)],
-            [
-                _type_hash(primary_type),
-                authorization.from_,
-                authorization.to,
-                authorization.value,
-                authorization.valid_after,
-                authorization.valid_before,
-                authorization.nonce,
-            ],
+            [_type_hash(primary_type), *authorization.as_tuple()],
         )
     )
 
