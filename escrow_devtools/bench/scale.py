@@ -507,7 +507,7 @@ async def run_load(
     return load.result
 
 
-def _again(response: httpx.Response) -> bool:
+def again(response: httpx.Response) -> bool:
     """Whether to send a request again: a 503 (the seller asks for the payment again), or a 502 that is not the
     seller's (no PAYMENT-RESPONSE: a transport error, a replica that died mid-request, no replica up). A seller's
     502 is its handler's failure, answered with its refund: final, and so is every replay of it."""
@@ -532,7 +532,7 @@ class _Load:
         self.on_progress: Any = None
 
     async def send(self, url: str, path: str, header: str) -> httpx.Response:
-        """GET `path` (with the payment `header`, if any), again after an answer that asks for it (_again)
+        """GET `path` (with the payment `header`, if any), again after an answer that asks for it (`again`)
         until give_up_after."""
         until = time.monotonic() + self.give_up_after
         while True:
@@ -543,7 +543,7 @@ class _Load:
                 response = httpx.Response(502, content=b"transport error")
             if any(t in response.text.lower() for t in NONCE_ERROR_TEXTS):
                 self.result.nonce_errors += 1
-            if not _again(response) or time.monotonic() > until:
+            if not again(response) or time.monotonic() > until:
                 return response
             await asyncio.sleep(0.2)
 

@@ -25,6 +25,7 @@ from escrow_devtools.bench.scale import (
     ConnectionRoundRobin,
     LoadResult,
     Replicas,
+    again,
     audit,
     handler_runs,
     nonce_errors_in,
@@ -35,7 +36,7 @@ from escrow_devtools.bench.scale import (
 from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import SellerStore
 
 
@@ -121,6 +122,15 @@ def test_uvicorn_two_workers_on_sqlite_serve_20_buyers_10_requests_each(chain: C
     assert set(checked.deposits.values()) == {1} and len(checked.deposits) == 200
     assert checked.duplicate_runs == 0
     assert checked.mismatched == 0
+
+
+def test_the_load_sends_a_payment_again_only_when_no_seller_answered_it() -> None:
+    """A 503 and a 502 without PAYMENT-RESPONSE (a transport error, a replica killed mid-request) are sent again;
+    a 502 with it is the seller's answer for a failed handler (refunded) and final, as is any other answer."""
+    settled = {PAYMENT_RESPONSE_HEADER: "e30="}
+    assert again(httpx.Response(503)) and again(httpx.Response(502, content=b"transport error"))
+    assert not again(httpx.Response(502, headers=settled))
+    assert not any(again(httpx.Response(status, headers=settled)) for status in (200, 402))
 
 
 # -- three replicas on PostgreSQL behind a round-robin balancer (a connection per request) ----------------------
