@@ -10,11 +10,11 @@ const path = require("path");
 
 // Resolve `solc` from this repository's node_modules even when the script is
 // installed (copied) under ~/.solcx: X402_ESCROW_ROOT points back home.
-function loadSolc() {
+function resolveSolc() {
   const roots = [process.env.X402_ESCROW_ROOT, path.join(__dirname, ".."), __dirname].filter(Boolean);
   for (const root of roots) {
     try {
-      return require(require.resolve("solc", { paths: [root] }));
+      return require.resolve("solc", { paths: [root] });
     } catch (_) {
       /* try the next root */
     }
@@ -24,11 +24,14 @@ function loadSolc() {
 }
 
 const args = process.argv.slice(2);
-const solc = loadSolc();
+const solcPath = resolveSolc();
+// Loading soljson (instantiating the wasm) costs most of a second: a cache hit skips it.
+let loaded;
+const solc = () => (loaded ??= require(solcPath));
 
 if (args.includes("--version")) {
   // Native solc prints exactly these two lines; py-solc-x parses the second.
-  process.stdout.write(`solc, the solidity compiler commandline interface\nVersion: ${solc.version()}\n`);
+  process.stdout.write(`solc, the solidity compiler commandline interface\nVersion: ${solc().version()}\n`);
   process.exit(0);
 }
 
@@ -59,5 +62,74 @@ function findImports(importPath) {
   return { error: `File not found: ${importPath}` };
 }
 
+// A content-addressed compile cache, so that the same standard-JSON input given to the same
+// compiler is compiled once per checkout (solc is deterministic: the output is a function of
+// these). The key is the sha256 of the exact input, the compiler's version, the soljson file and
+// this script. Sources the compiler reads from disk through `findImports` (inputs that give
+// `urls`, as crytic-compile's do) are not in the input: each entry lists the files read with their
+// hashes, and a hit requires every one to read the same again, else it is compiled afresh. Only
+// outputs without errors are kept. X402_ESCROW_SOLC_CACHE names the folder (default: .build/
+// of this checkout, never committed), or `off`; X402_ESCROW_SOLC_CACHE_LOG=1 reports hits and
+// misses on stderr.
+const crypto = require("crypto");
+const sha256 = (data) => crypto.createHash("sha256").update(data).digest("hex");
+
+const solcDir = path.dirname(solcPath); // <checkout>/node_modules/solc
+
+function cacheDir() {
+  const chosen = process.env.X402_ESCROW_SOLC_CACHE;
+  if (chosen === "off") return null;
+  return path.resolve(chosen || path.join(solcDir, "..", "..", ".build", "solc-js-cache"));
+}
+
+function compilerId() {
+  const { version } = JSON.parse(fs.readFileSync(path.join(solcDir, "package.json"), "utf8"));
+  const soljson = fs.readFileSync(path.join(solcDir, "soljson.js"));
+  return [version, sha256(soljson), sha256(fs.readFileSync(__filename))].join("\n");
+}
+
+// What an import resolves to, as a comparable fingerprint (a missing file is one too).
+function fingerprint(found) {
+  return found.contents !== undefined ? sha256(found.contents) : `error: ${found.error}`;
+}
+
+function log(message) {
+  if (process.env.X402_ESCROW_SOLC_CACHE_LOG) process.stderr.write(`solc-js.cjs: ${message}\n`);
+}
+
+function cachedCompile(input) {
+  const dir = cacheDir();
+  const reads = {};
+  const recordingImports = (importPath) => {
+    const found = findImports(importPath);
+    reads[importPath] = fingerprint(found);
+    return found;
+  };
+  if (!dir) return solc().compile(input, { import: findImports });
+  const key = sha256(`x402-escrow solc-js cache v1\n${compilerId()}\n${input}`);
+  const entryPath = path.join(dir, `${key}.json`);
+  try {
+    const entry = JSON.parse(fs.readFileSync(entryPath, "utf8"));
+    const stale = Object.entries(entry.reads).find(([file, print]) => fingerprint(findImports(file)) !== print);
+    if (!stale) {
+      log(`cache hit ${key}`);
+      return entry.output;
+    }
+    log(`cache miss ${key}: ${stale[0]} changed`);
+  } catch (_) {
+    log(`cache miss ${key}`);
+  }
+  const output = solc().compile(input, { import: recordingImports });
+  const failed = (JSON.parse(output).errors || []).some((e) => e.severity === "error");
+  if (!failed) {
+    // Written whole then renamed: a reader never sees half an entry.
+    fs.mkdirSync(dir, { recursive: true });
+    const tmp = `${entryPath}.${process.pid}.tmp`;
+    fs.writeFileSync(tmp, JSON.stringify({ reads, output }));
+    fs.renameSync(tmp, entryPath);
+  }
+  return output;
+}
+
 const input = fs.readFileSync(0, "utf8");
-process.stdout.write(solc.compile(input, { import: findImports }));
+process.stdout.write(cachedCompile(input));
