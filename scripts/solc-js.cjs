@@ -70,7 +70,7 @@ function findImports(importPath) {
 // hashes, and a hit requires every one to read the same again, else it is compiled afresh. Only
 // outputs without errors are kept. X402_ESCROW_SOLC_CACHE names the folder (default: .build/
 // of this checkout, never committed), or `off`; X402_ESCROW_SOLC_CACHE_LOG=1 reports hits and
-// misses on stderr.
+// misses on stderr (any other value: appends them to that file).
 const crypto = require("crypto");
 const sha256 = (data) => crypto.createHash("sha256").update(data).digest("hex");
 
@@ -94,41 +94,96 @@ function fingerprint(found) {
 }
 
 function log(message) {
-  if (process.env.X402_ESCROW_SOLC_CACHE_LOG) process.stderr.write(`solc-js.cjs: ${message}\n`);
+  const to = process.env.X402_ESCROW_SOLC_CACHE_LOG;
+  if (to === "1") process.stderr.write(`solc-js.cjs: ${message}\n`);
+  else if (to) fs.appendFileSync(to, `${message}\n`);
+}
+
+function sleep(ms) {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return e.code === "EPERM";
+  }
+}
+
+// Two consumers compiling the same input at once (xdist workers: the artifacts test and Ape's
+// check) compile it once: the first holds <key>.lock while it compiles, the other waits and then
+// reads its entry. A lock whose process is gone is taken over; after 20 minutes of waiting the
+// input is compiled anyway. Returns whether the lock is held.
+function lock(lockPath) {
+  const deadline = Date.now() + 20 * 60 * 1000;
+  for (;;) {
+    try {
+      fs.writeFileSync(lockPath, String(process.pid), { flag: "wx" });
+      return true;
+    } catch (e) {
+      if (e.code !== "EEXIST") return false;
+    }
+    try {
+      const holder = Number(fs.readFileSync(lockPath, "utf8"));
+      const age = Date.now() - fs.statSync(lockPath).mtimeMs;
+      if (holder ? !alive(holder) : age > 10_000) fs.unlinkSync(lockPath);
+    } catch (_) {
+      /* released meanwhile: try again */
+    }
+    if (Date.now() > deadline) return false;
+    sleep(200);
+  }
 }
 
 function cachedCompile(input) {
   const dir = cacheDir();
-  const reads = {};
-  const recordingImports = (importPath) => {
-    const found = findImports(importPath);
-    reads[importPath] = fingerprint(found);
-    return found;
-  };
   if (!dir) return solc().compile(input, { import: findImports });
   const key = sha256(`x402-escrow solc-js cache v1\n${compilerId()}\n${input}`);
   const entryPath = path.join(dir, `${key}.json`);
-  try {
-    const entry = JSON.parse(fs.readFileSync(entryPath, "utf8"));
-    const stale = Object.entries(entry.reads).find(([file, print]) => fingerprint(findImports(file)) !== print);
-    if (!stale) {
-      log(`cache hit ${key}`);
-      return entry.output;
+  const lookup = () => {
+    let entry;
+    try {
+      entry = JSON.parse(fs.readFileSync(entryPath, "utf8"));
+    } catch (_) {
+      log(`cache miss ${key}`);
+      return undefined;
     }
-    log(`cache miss ${key}: ${stale[0]} changed`);
-  } catch (_) {
-    log(`cache miss ${key}`);
+    const stale = Object.entries(entry.reads).find(([file, print]) => fingerprint(findImports(file)) !== print);
+    if (stale) {
+      log(`cache miss ${key}: ${stale[0]} changed`);
+      return undefined;
+    }
+    log(`cache hit ${key}`);
+    return entry.output;
+  };
+  const hit = lookup();
+  if (hit !== undefined) return hit;
+  fs.mkdirSync(dir, { recursive: true });
+  const lockPath = `${entryPath}.lock`;
+  const locked = lock(lockPath);
+  try {
+    const meanwhile = locked ? lookup() : undefined;
+    if (meanwhile !== undefined) return meanwhile;
+    const reads = {};
+    const recordingImports = (importPath) => {
+      const found = findImports(importPath);
+      reads[importPath] = fingerprint(found);
+      return found;
+    };
+    const output = solc().compile(input, { import: recordingImports });
+    const failed = (JSON.parse(output).errors || []).some((e) => e.severity === "error");
+    if (!failed) {
+      // Written whole then renamed: a reader never sees half an entry.
+      const tmp = `${entryPath}.${process.pid}.tmp`;
+      fs.writeFileSync(tmp, JSON.stringify({ reads, output }));
+      fs.renameSync(tmp, entryPath);
+    }
+    return output;
+  } finally {
+    if (locked) fs.unlinkSync(lockPath);
   }
-  const output = solc().compile(input, { import: recordingImports });
-  const failed = (JSON.parse(output).errors || []).some((e) => e.severity === "error");
-  if (!failed) {
-    // Written whole then renamed: a reader never sees half an entry.
-    fs.mkdirSync(dir, { recursive: true });
-    const tmp = `${entryPath}.${process.pid}.tmp`;
-    fs.writeFileSync(tmp, JSON.stringify({ reads, output }));
-    fs.renameSync(tmp, entryPath);
-  }
-  return output;
 }
 
 const input = fs.readFileSync(0, "utf8");
