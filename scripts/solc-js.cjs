@@ -142,29 +142,30 @@ function cachedCompile(input) {
   if (!dir) return solc().compile(input, { import: findImports });
   const key = sha256(`x402-escrow solc-js cache v1\n${compilerId()}\n${input}`);
   const entryPath = path.join(dir, `${key}.json`);
-  const lookup = () => {
+  // Logs a miss the first time only (`again`: after taking the lock).
+  const lookup = (again) => {
     let entry;
     try {
       entry = JSON.parse(fs.readFileSync(entryPath, "utf8"));
     } catch (_) {
-      log(`cache miss ${key}`);
+      if (!again) log(`cache miss ${key}`);
       return undefined;
     }
     const stale = Object.entries(entry.reads).find(([file, print]) => fingerprint(findImports(file)) !== print);
     if (stale) {
-      log(`cache miss ${key}: ${stale[0]} changed`);
+      if (!again) log(`cache miss ${key}: ${stale[0]} changed`);
       return undefined;
     }
     log(`cache hit ${key}`);
     return entry.output;
   };
-  const hit = lookup();
+  const hit = lookup(false);
   if (hit !== undefined) return hit;
   fs.mkdirSync(dir, { recursive: true });
   const lockPath = `${entryPath}.lock`;
   const locked = lock(lockPath);
   try {
-    const meanwhile = locked ? lookup() : undefined;
+    const meanwhile = locked ? lookup(true) : undefined;
     if (meanwhile !== undefined) return meanwhile;
     const reads = {};
     const recordingImports = (importPath) => {
@@ -173,6 +174,7 @@ function cachedCompile(input) {
       return found;
     };
     const output = solc().compile(input, { import: recordingImports });
+    log(`compiled ${key}`);
     const failed = (JSON.parse(output).errors || []).some((e) => e.severity === "error");
     if (!failed) {
       // Written whole then renamed: a reader never sees half an entry.

@@ -73,3 +73,25 @@ def test_the_compile_cache_misses_when_a_source_byte_changes(tmp_path: Path, giv
     assert "cache miss" in how, how
     abi = json.dumps(_multicall(changed)["abi"])
     assert "CallFailEd" in abi and "CallFailed" not in abi
+
+
+def test_two_compiles_of_the_same_input_at_once_compile_it_once(tmp_path: Path) -> None:
+    """xdist runs the artifacts test and Ape's check side by side: the second waits for the first's entry."""
+    source = "contracts/test/EscrowMulticall.sol"
+    standard_input = {
+        "language": "Solidity",
+        "sources": {source: build.sources()[source]},
+        "settings": build.SOLC_SETTINGS,
+    }
+    log = tmp_path / "cache.log"
+    env = {**os.environ, "X402_ESCROW_SOLC_CACHE": str(tmp_path / "cache"), "X402_ESCROW_SOLC_CACHE_LOG": str(log)}
+    command = ["node", str(build.SOLCJS_WRAPPER), "--standard-json"]
+    both = []
+    for stdin in (tmp_path / "in-0.json", tmp_path / "in-1.json"):  # each reads its input at once
+        stdin.write_text(json.dumps(standard_input))
+        with stdin.open() as given:
+            both.append(subprocess.Popen(command, stdin=given, stdout=subprocess.PIPE, env=env, text=True))
+    outputs = [json.loads(p.communicate(timeout=300)[0]) for p in both]
+    assert outputs[0] == outputs[1] and "EscrowMulticall" in outputs[0]["contracts"][source]
+    said = log.read_text().splitlines()
+    assert sum(line.startswith("compiled ") for line in said) == 1, said
