@@ -70,25 +70,30 @@ artifacts: bootstrap
 # test starts last. The 25 slowest tests are listed at the end, where the time goes.
 PYTEST_WORKERS ?= 4
 PYTEST_XDIST   := -n $(PYTEST_WORKERS) --maxschedchunk 1
+# Some sandboxes and containers set PYTHONDONTWRITEBYTECODE: then each of the hundreds of processes the
+# suite starts (CLI runs, replicas, keepers, agents) compiles the package from source again, and each
+# xdist worker rewrites every test module's asserts again (collection 9.9 s of CPU per worker instead of
+# 4.2). The test runs write their bytecode caches (__pycache__, ignored by git) as Python does by default.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/pytest
 
 test: bootstrap lint ape
-	$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25
+	$(PYTEST) -q $(PYTEST_XDIST) --durations=25
 
 # One tier at a time (markers set in tests/conftest.py): unit needs no anvil and takes seconds.
 test-unit: bootstrap
-	$(BIN)/pytest -q -m unit
+	$(PYTEST) -q -m unit
 
 test-contracts: bootstrap
-	$(BIN)/pytest -q $(PYTEST_XDIST) -m contracts
+	$(PYTEST) -q $(PYTEST_XDIST) -m contracts
 
 test-integration: bootstrap ape
-	$(BIN)/pytest -q $(PYTEST_XDIST) -m integration
+	$(PYTEST) -q $(PYTEST_XDIST) -m integration
 
 # The operator console's browser test drives Debian's chromium through Playwright (no browser
 # download); chromium is installed from the distribution if missing (needs root).
 test-console: bootstrap
 	command -v chromium >/dev/null || apt-get install -y chromium
-	$(BIN)/pytest -q tests/facilitator/test_console.py
+	$(PYTEST) -q tests/facilitator/test_console.py
 
 # The Ape deployment tooling (eth-ape, ape-foundry, ape-solidity, ape-base), in one step. It also
 # lets ape-solidity find the compiler: the solc-js wrapper, where py-solc-x keeps solc versions

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["fixtures.chain", "fixtures.fake_chain", "fixtures.postgres", "fixtures.schedule"]
+pytest_plugins = [
+    "fixtures.chain",
+    "fixtures.fake_chain",
+    "fixtures.postgres",
+    "fixtures.schedule",
+    "fixtures.temproot",
+]
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "contracts", "integration")

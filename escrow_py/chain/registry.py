@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
 from escrow_py.chain.artifacts import load_artifact
+from escrow_py.protocol.codec import parse_address, setting_address
 from escrow_py.protocol.errors import ConfigError
 
 DEPLOYMENTS_DIR = Path(__file__).resolve().parent / "deployments"
@@ -98,9 +99,7 @@ class Deployment:
     salt: str | None = None  # the CREATE2 salt, 0x hex
 
     def __post_init__(self) -> None:
-        if not is_address(self.escrow):
-            raise ConfigError(f"escrow {self.escrow!r} is not an address")
-        object.__setattr__(self, "escrow", to_checksum_address(self.escrow))
+        object.__setattr__(self, "escrow", setting_address(self.escrow, "escrow"))
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -108,13 +107,10 @@ class Deployment:
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> Deployment:
         try:
-            escrow = data["escrow"]
-            if not is_address(escrow):
-                raise ValueError(f"escrow {escrow!r} is not an address")
             return cls(
                 network=str(data["network"]),
                 chain_id=int(data["chain_id"]),
-                escrow=to_checksum_address(escrow),
+                escrow=parse_address(data["escrow"], "escrow"),
                 block=data.get("block"),
                 transaction=data.get("transaction"),
                 deployer=data.get("deployer"),
@@ -184,9 +180,8 @@ def resolve_escrow(network: str, override: str | None = None, directory: Path | 
     chosen = override or os.environ.get(ADDRESS_ENV)
     path = registry_path(network, directory)
     if chosen:
-        if not is_address(chosen):
-            raise ConfigError(f"escrow override {chosen!r} is not an address")
-        return Deployment(network=network, chain_id=int(network[7:]), escrow=to_checksum_address(chosen))
+        escrow = setting_address(chosen, "the escrow override")
+        return Deployment(network=network, chain_id=int(network[7:]), escrow=escrow)
     if not path.is_file():
         raise ConfigError(
             f"no X402Escrow deployment known for {network} ({path} does not exist): deploy it with "

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from eth_utils.address import is_address, to_checksum_address
-
 from escrow_py.chain.signer import Signer
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.wire import chain_id_of
 from escrow_py.seller._config import PricedRoute, SellerConfig
@@ -63,10 +62,7 @@ class FacilitatorConfig:
 
     def __post_init__(self) -> None:
         for name in ("escrow", "token"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not is_address(value):
-                raise ConfigError(f"FacilitatorConfig.{name} must be a 0x address, got {value!r}")
-            object.__setattr__(self, name, to_checksum_address(value))
+            object.__setattr__(self, name, setting_address(getattr(self, name), f"FacilitatorConfig.{name}"))
         if not (isinstance(self.rate, (int, float)) and self.rate > 0):
             raise ConfigError(f"FacilitatorConfig.rate must be > 0 requests per second, got {self.rate!r}")
         if not (isinstance(self.burst, int) and self.burst >= 1):

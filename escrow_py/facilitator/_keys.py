@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from eth_utils.address import is_address, to_checksum_address
-
 from escrow_py.facilitator._tables import open_tables
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.storage import Database, Engine
 
@@ -114,11 +113,7 @@ class KeyStore:
         """A new key for a seller owning `pay_to`; returns (key id, the full key, shown once)."""
         if not pay_to:
             raise ConfigError("an API key needs at least one payTo address")
-        owned = set()
-        for address in pay_to:
-            if not is_address(address):
-                raise ConfigError(f"payTo must be a 0x address, got {address!r}")
-            owned.add(to_checksum_address(address))
+        owned = {setting_address(address, "payTo") for address in pay_to}
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         with self._db.transaction() as tx:

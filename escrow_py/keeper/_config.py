@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from eth_typing import ChecksumAddress
-from eth_utils.address import is_address, to_checksum_address
 
 from escrow_py.chain.registry import USDC, registry_path
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
 from escrow_py.protocol.wire import chain_id_of
 from escrow_py.storage import describe, is_postgres_url
@@ -151,12 +151,7 @@ def _list(name: str, value: Any) -> list[str]:
 
 
 def _addresses(name: str, value: Any) -> tuple[ChecksumAddress, ...]:
-    out = []
-    for item in _list(name, value):
-        if not is_address(item):
-            raise ConfigError(f"{name}: {item!r} is not an address (expected 0x followed by 40 hex digits)")
-        out.append(to_checksum_address(item))
-    return tuple(out)
+    return tuple(setting_address(item, name) for item in _list(name, value))
 
 
 @dataclass(frozen=True)
@@ -247,8 +242,8 @@ class KeeperConfig:
         if self.network in USDC:
             allowed.add(USDC[self.network].address.lower())
         registered = registry_entry(self.network).get("token")
-        if isinstance(registered, str) and is_address(registered):
-            allowed.add(registered.lower())
+        if registered is not None:  # a deployment record naming a malformed token is refused, not skipped
+            allowed.add(setting_address(registered, f"the token of the {self.network} deployment record").lower())
         return frozenset(allowed)
 
     @classmethod

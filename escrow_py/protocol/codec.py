@@ -14,7 +14,9 @@ annotated types below, so each rule is written once for the whole package:
 
 `parse_hex`, `parse_uint` and `parse_address` are the package's one hex, uint and address
 parser; the types use the same rules, and any code that reads such a value outside a model
-(a setting, a stored row) calls them. `load_json` reads JSON from an untrusted party.
+(a stored row) calls them; an address setting (a config field, an option, a registry entry) goes
+through `setting_address`, the same rule raising ConfigError. `load_json` reads JSON from an
+untrusted party.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from eth_utils.address import to_checksum_address
 from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, ValidationError
 from pydantic.alias_generators import to_camel
 
-from escrow_py.protocol.errors import ProtocolError
+from escrow_py.protocol.errors import ConfigError, ProtocolError
 from escrow_py.protocol.reasons import Reason
 
 UINT64_MAX = 2**64 - 1
@@ -119,6 +121,15 @@ def parse_address(value: object, field: str) -> ChecksumAddress:
         return _address(value)
     except ValueError as exc:
         raise ValueError(f"{field} {exc}") from None
+
+
+def setting_address(value: object, field: str) -> ChecksumAddress:
+    """A setting that must be an address, by `parse_address`'s rule: 0x and 40 hex digits, any case, a
+    mixed-case one with a wrong EIP-55 checksum refused; ConfigError naming `field` otherwise."""
+    try:
+        return parse_address(value, field)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (expected a 0x address)") from None
 
 
 @overload

@@ -11,11 +11,12 @@ from typing import Any
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain.signer import Signer
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
 from escrow_py.protocol.terms import MAX_DEADLINE_WINDOW
 from escrow_py.protocol.wire import SettlementMode, chain_id_of
 from escrow_py.seller._offers import ExactOffer, SellerHooks, check_route_prices, resolve_route_prices
-from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, checked_address, token_for
+from escrow_py.seller._price import DynamicPayTo, DynamicPrice, Price, token_for
 from escrow_py.storage import describe, is_postgres_url
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
@@ -98,7 +99,7 @@ class PricedRoute:
 
 
 def _checked_address(value: object, name: str) -> ChecksumAddress:
-    return checked_address(value, f"SellerConfig.{name}")
+    return setting_address(value, f"SellerConfig.{name}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,11 +52,12 @@ from x402.schemas import (
 )
 
 from escrow_py.chain.registry import KnownToken
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import canonical_url
 from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER, SCHEME, EscrowRequirements
-from escrow_py.seller._price import atomic_amount, checked_address, token_for
+from escrow_py.seller._price import atomic_amount, token_for
 from escrow_py.seller._verify import offer_for
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def check_route_prices(route: PricedRoute) -> None:
     if (amount > 0) == (route.price is not None):
         raise ConfigError(f"{where}: give exactly one of amount (atomic units) and price ('$0.01', ...)")
     if route.pay_to is not None and not callable(route.pay_to):
-        object.__setattr__(route, "pay_to", checked_address(route.pay_to, f"{where}: pay_to (or a callable)"))
+        object.__setattr__(route, "pay_to", setting_address(route.pay_to, f"{where}: pay_to (or a callable)"))
     if route.schemes is not None:
         schemes = tuple(route.schemes)
         if not schemes or len(set(schemes)) != len(schemes) or not set(schemes) <= SCHEMES or SCHEME not in schemes:
@@ -393,7 +394,7 @@ class Offers:
         pay_to: Any = route.pay_to if route.pay_to is not None else self.config.pay_to
         if callable(pay_to):
             pay_to = await _maybe_await(pay_to(context))
-        return amount, checked_address(pay_to, f"route {route.method} {route.path}: pay_to")
+        return amount, setting_address(pay_to, f"route {route.method} {route.path}: pay_to")
 
     # -- the 402 ---------------------------------------------------------------------------
 

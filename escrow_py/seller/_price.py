@@ -20,14 +20,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeAlias
 
-from eth_typing import ChecksumAddress
 from x402.http import HTTPRequestContext
 from x402.mechanisms.evm.default_assets import find_default_asset, get_default_asset
 from x402.schemas import AssetAmount
 from x402.schemas.helpers import parse_money
 
 from escrow_py.chain.registry import KnownToken, local_registry_dir, registry_path, resolve_escrow
-from escrow_py.protocol.codec import parse_address
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError
 
 # What a route's `price` may be: the SDK's Price (money or an AssetAmount) or its dict form.
@@ -49,17 +48,8 @@ def _sdk_entry(network: str, asset: str | None = None) -> dict[str, Any] | None:
     return dict(entry) if entry is not None else None
 
 
-def checked_address(value: object, field: str) -> ChecksumAddress:
-    """A seller setting that must be an address, by the kernel's one rule (codec.parse_address): 0x and 40 hex
-    digits, any case, a mixed-case one with a wrong EIP-55 checksum refused; ConfigError naming `field`."""
-    try:
-        return parse_address(value, field)
-    except ValueError as exc:
-        raise ConfigError(f"{exc} (expected a 0x address)") from None
-
-
 def _known(entry: Mapping[str, Any]) -> KnownToken:
-    asset = checked_address(entry["asset"], "the x402 SDK's default asset")
+    asset = setting_address(entry["asset"], "the x402 SDK's default asset")
     return KnownToken(asset, entry["name"], entry["version"], int(entry["decimals"]))
 
 
@@ -76,7 +66,7 @@ def default_token(network: str) -> KnownToken:
     if path.is_file():
         token = resolve_escrow(network, directory=path.parent).token
         if token is not None:
-            address = checked_address(token, f"the token of deployment record {path}")
+            address = setting_address(token, f"the token of deployment record {path}")
             return KnownToken(address, LOCAL_TOKEN_NAME, LOCAL_TOKEN_VERSION, LOCAL_TOKEN_DECIMALS)
     raise ConfigError(
         f"no default token for {network}: the x402 SDK has no default asset there and no local deployment "
@@ -97,7 +87,7 @@ def token_for(network: str, address: str = "", name: str = "", version: str = ""
         entry = _sdk_entry(network, address)
         if entry is None:
             return KnownToken(
-                checked_address(address, f"token on {network}"),
+                setting_address(address, f"token on {network}"),
                 name or LOCAL_TOKEN_NAME,
                 version or LOCAL_TOKEN_VERSION,
                 LOCAL_TOKEN_DECIMALS,
@@ -144,7 +134,7 @@ def atomic_amount(price: object, token: KnownToken, network: str) -> int:
 
 def _asset_amount(price: Mapping[str, Any], token: KnownToken, network: str) -> int:
     asset, raw = price.get("asset"), price.get("amount")
-    if checked_address(asset, "price asset") != token.address:
+    if setting_address(asset, "price asset") != token.address:
         raise ConfigError(f"price names asset {asset!r}, but the route is paid in token {token.address} on {network}")
     try:
         amount = Decimal(str(raw))

@@ -39,7 +39,7 @@ from eth_typing import ChecksumAddress
 from starlette.types import ASGIApp, Receive, Scope, Send
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
-from escrow_py.protocol.codec import parse_hex
+from escrow_py.protocol.codec import parse_hex, setting_address
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
@@ -73,7 +73,6 @@ from escrow_py.seller._offers import (
     verify_result_context,
 )
 from escrow_py.seller._poster import run_settled_hooks
-from escrow_py.seller._price import checked_address
 from escrow_py.seller._store import DeliveryStatus, Payment, PaymentStatus, Reserve, SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, verify_offchain
 
@@ -88,7 +87,7 @@ class RemoteOperator:
     """The facilitator's operator as a Signer with no key: the address goes in offers, nothing is signed here."""
 
     def __init__(self, address: str) -> None:
-        self._address = checked_address(address, "the facilitator's operator")
+        self._address = setting_address(address, "the facilitator's operator")
 
     @property
     def address(self) -> ChecksumAddress:
@@ -147,7 +146,7 @@ class FacilitatorSellerConfig:
         for name in ("escrow", "operator"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, checked_address(value, f"FacilitatorSellerConfig.{name}"))
+                object.__setattr__(self, name, setting_address(value, f"FacilitatorSellerConfig.{name}"))
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ConfigError(f"FacilitatorSellerConfig.timeout must be > 0 seconds, got {self.timeout!r}")
 
@@ -161,7 +160,7 @@ class FacilitatorSellerConfig:
         operator = self.operator or kind.get("operator")
         for name, mine, theirs in (("escrow", self.escrow, kind.get("escrow")),
                                    ("operator", self.operator, kind.get("operator"))):  # fmt: skip
-            if mine and theirs and mine != checked_address(theirs, f"the facilitator's /supported {name}"):
+            if mine and theirs and mine != setting_address(theirs, f"the facilitator's /supported {name}"):
                 raise ConfigError(f"the facilitator's {name} is {theirs}, this seller pins {mine}")
         if not escrow or not operator:
             raise ConfigError("the facilitator's /supported names no escrow or operator for this network")

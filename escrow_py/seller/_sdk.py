@@ -36,10 +36,11 @@ from x402.http.types import HTTPTransportContext
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
 from escrow_py.chain.registry import KnownToken, resolve_escrow
+from escrow_py.protocol.codec import setting_address
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import canonical_url, delivery_hash, request_hash
 from escrow_py.protocol.wire import SCHEME
-from escrow_py.seller._price import atomic_amount, checked_address, token_for
+from escrow_py.seller._price import atomic_amount, token_for
 
 # The SDK's sentinel for "no asset transfer method on the wire".
 _DEFAULT_TRANSFER = "default"
@@ -77,7 +78,7 @@ class DeliveryEscrowServerScheme:
         token_version: str = "",
     ) -> None:
         self.escrow, self.operator, self.token = (
-            None if value is None else checked_address(value, f"DeliveryEscrowServerScheme {name}")
+            None if value is None else setting_address(value, f"DeliveryEscrowServerScheme {name}")
             for name, value in (("escrow", escrow), ("operator", operator), ("token", token))
         )
         self.token_domain = (token_name, token_version)
@@ -91,7 +92,7 @@ class DeliveryEscrowServerScheme:
         if isinstance(price, (AssetAmount, dict)):
             data = price.model_dump(exclude_none=True) if isinstance(price, AssetAmount) else price
             asset = data.get("asset")
-            if asset is not None and checked_address(asset, "price asset") != token.address:
+            if asset is not None and setting_address(asset, "price asset") != token.address:
                 name, version = (data.get("extra") or {}).get("name"), (data.get("extra") or {}).get("version")
                 if not isinstance(name, str) or not isinstance(version, str):
                     raise ConfigError(f"price in token {asset} needs extra.name and extra.version (its EIP-712 domain)")
@@ -115,8 +116,8 @@ class DeliveryEscrowServerScheme:
                 f"no operator for delivery-escrow on {requirements.network}: the facilitator's /supported "
                 "names none (extra.operator); pass operator= to DeliveryEscrowServerScheme"
             )
-        requirements.extra.setdefault("escrow", checked_address(escrow, f"escrow on {requirements.network}"))
-        requirements.extra.setdefault("operator", checked_address(operator, "the facilitator's /supported operator"))
+        requirements.extra.setdefault("escrow", setting_address(escrow, f"escrow on {requirements.network}"))
+        requirements.extra.setdefault("operator", setting_address(operator, "the facilitator's /supported operator"))
         return requirements
 
     def enrich_payment_required_response(self, ctx: Any) -> list[PaymentRequirements] | None:

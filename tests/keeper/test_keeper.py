@@ -259,7 +259,7 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> 
     out = cli("keeper", "run", "--escrow", "0x" + "11" * 20, env=env)
     assert out.returncode == 2 and "no RPC URL: pass --rpc" in out.stderr
     out = cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0xnope", env=env)
-    assert out.returncode == 2 and "'0xnope' is not an address" in out.stderr
+    assert out.returncode == 2 and "escrows is not an address: '0xnope'" in out.stderr
     out = cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20, env=env)
     assert out.returncode == 2 and "X402_ESCROW_PRIVATE_KEY is not set" in out.stderr
     out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
