@@ -116,8 +116,8 @@ def deployed_input() -> dict[str, Any]:
     return {"sources": chosen, "settings": settings, "language": "Solidity"}
 
 
-def test_input() -> dict[str, Any]:
-    """The standard-JSON input that generates code for the test contracts only (contracts/test/)."""
+def tooling_input() -> dict[str, Any]:
+    """The standard-JSON input that generates code for the test contracts only (the tooling artifacts)."""
     every = sources()
     selection = {
         source: {"*": SOLC_SETTINGS["outputSelection"]["*"]["*"]} for source in every if source.startswith(TEST_SOURCES)
@@ -145,7 +145,7 @@ def compile_contracts(solc: Path | None = None) -> dict[str, dict[str, Any]]:
     # Two independent inputs, compiled side by side (each compile is one single-threaded process).
     with ThreadPoolExecutor(max_workers=2) as pool:
         outputs = list(
-            pool.map(lambda standard_input: compile_input(standard_input, binary), [deployed_input(), test_input()])
+            pool.map(lambda standard_input: compile_input(standard_input, binary), [deployed_input(), tooling_input()])
         )
     artifacts: dict[str, dict[str, Any]] = {}
     for output in outputs:
