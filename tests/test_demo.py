@@ -15,6 +15,7 @@ from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer
 from escrow_devtools.artifacts import deploy
 from escrow_devtools.demo import DemoOptions, run_demo
 from escrow_devtools.demo import _run as demo_run
+from escrow_py import cli as x402_cli
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
@@ -38,6 +39,17 @@ def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         check=False,
         env=env,
     )
+
+
+def _demo_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`x402-escrow demo` through the command's entry point in this process: its exit status and stdout.
+
+    The same stories over the same real parts (anvil, uvicorn, the keeper and buyer agent processes), without
+    a process start that imports the seller, the buyer and the facilitator again. The README's own command,
+    as its own process, is the fresh-anvil test's.
+    """
+    code = x402_cli.main(["demo", *args])
+    return code, capsys.readouterr().out
 
 
 def _assert_every_story_told(stdout: str) -> None:
@@ -73,7 +85,9 @@ def test_demo_plays_every_story_on_a_fresh_anvil_and_accounts_for_every_token(tm
 
 
 @pytest.mark.slow
-def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_environment(tmp_path: Path) -> None:
+def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     buyer, seller, keeper = 5, 6, 7  # not the local defaults: the keys must come from the environment
     with Anvil(block_time=1) as node:
         w3 = node.web3()
@@ -81,17 +95,14 @@ def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_env
         token = Token(w3, deploy(deployer, "TestUSDC", "USDC", "2"))
         escrow = Escrow(w3, deploy(deployer, "X402Escrow"))
         token.mint(deployer, dev_signer(buyer).address, 60_000)  # exactly what the stories need
-        env = {
-            **os.environ,
-            "X402_ESCROW_BUYER_KEY": dev_private_key(buyer),
-            "X402_ESCROW_SELLER_KEY": dev_private_key(seller),
-            "X402_ESCROW_KEEPER_KEY": dev_private_key(keeper),
-        }
+        monkeypatch.setenv("X402_ESCROW_BUYER_KEY", dev_private_key(buyer))
+        monkeypatch.setenv("X402_ESCROW_SELLER_KEY", dev_private_key(seller))
+        monkeypatch.setenv("X402_ESCROW_KEEPER_KEY", dev_private_key(keeper))
         args = ("--rpc", node.url, "--escrow", escrow.address, "--token", token.address, "--workdir", str(tmp_path))
-        out = _demo(*args, env=env)
-        assert out.returncode == 0, out.stdout + out.stderr
-        _assert_every_story_told(out.stdout)
-        assert "keeper process" in out.stdout and dev_signer(keeper).address in out.stdout
+        code, stdout = _demo_in_process(capsys, *args)
+        assert code == 0, stdout
+        _assert_every_story_told(stdout)
+        assert "keeper process" in stdout and dev_signer(keeper).address in stdout
         assert token.balance_of(dev_signer(buyer).address) == 30_000
         assert token.balance_of(dev_signer(seller).address) == 30_000
         assert token.balance_of(escrow.address) == 0
@@ -132,15 +143,17 @@ def test_a_token_that_leaves_the_books_fails_the_demo(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.slow
-def test_demo_with_a_facilitator_plays_every_story_with_a_keyless_seller(tmp_path: Path) -> None:
-    out = _demo("--facilitator", "--workdir", str(tmp_path))
-    assert out.returncode == 0, out.stdout + out.stderr
+def test_demo_with_a_facilitator_plays_every_story_with_a_keyless_seller(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, stdout = _demo_in_process(capsys, "--facilitator", "--workdir", str(tmp_path))
+    assert code == 0, stdout
     # Every story, the serve-first burst included: the facilitator settles it in one settleMany with the hash
     # of each body its buyer got, and the books balance after it.
-    _assert_every_story_told(out.stdout)
-    assert "(FastAPI + FacilitatorMiddleware: no key, no RPC)" in out.stdout
-    assert re.search(r"facilitator on http://127\.0\.0\.1:\d+ holds the operator key", out.stdout)
+    _assert_every_story_told(stdout)
+    assert "(FastAPI + FacilitatorMiddleware: no key, no RPC)" in stdout
+    assert re.search(r"facilitator on http://127\.0\.0\.1:\d+ holds the operator key", stdout)
     # Stories 1 and 4 (0.01 each) and five quotes (0.002 each), as without a facilitator.
-    assert re.search(r"buyer\s+0x\w{40}\s+1\.000000\s+0\.970000\s+-0\.030000", out.stdout), out.stdout
-    assert re.search(r"seller\s+0x\w{40}\s+0\.000000\s+0\.030000\s+\+0\.030000", out.stdout), out.stdout
+    assert re.search(r"buyer\s+0x\w{40}\s+1\.000000\s+0\.970000\s+-0\.030000", stdout), stdout
+    assert re.search(r"seller\s+0x\w{40}\s+0\.000000\s+0\.030000\s+\+0\.030000", stdout), stdout
     assert (tmp_path / "facilitator.sqlite").exists()

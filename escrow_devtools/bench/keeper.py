@@ -13,7 +13,7 @@ Measured from the keepers' side (each process's /proc):
 - peak RSS of each keeper (VmHWM);
 - CPU per refund: the keepers' CPU from ready (imported, checked) until each has indexed every refund,
   over N, so it includes indexing the N deposits and following up its own transactions;
-- idle CPU after the burst: CPU seconds per second over the IDLE_WINDOW seconds after that (the keeper is
+- idle CPU after the burst: CPU seconds per second over the idle window after that (IDLE_WINDOW s; the keeper is
   still following its last transactions to `reorg_depth` then);
 - gas: per refund, and the share spent on transactions that refunded nothing (with several keepers).
 """
@@ -277,7 +277,9 @@ class _Usage:
         return sum(b[1] - a[1] for a, b in zip(since, until, strict=True))
 
 
-def _burst(chain: _Chain, group: _Keepers, deadline: int, say: Callable[[str], None]) -> tuple[_Usage, float]:
+def _burst(
+    chain: _Chain, group: _Keepers, deadline: int, idle_window: float, say: Callable[[str], None]
+) -> tuple[_Usage, float]:
     """Deposit, wait for the keepers to index, jump to the deadline, wait for every refund, then idle."""
     group.wait(lambda: all(_ready(p) for p in group.ports), "the keepers to start", 120)
     usage = _Usage(ready=group.usage())
@@ -309,18 +311,24 @@ def _burst(chain: _Chain, group: _Keepers, deadline: int, say: Callable[[str], N
     group.wait(lambda: all(_metrics(p).get(done) == len(chain.buyers) for p in group.ports),
                "the keepers to index every refund", 600)  # fmt: skip
     usage.refunded = group.usage()
-    say(f"all refunded; measuring idle CPU for {IDLE_WINDOW:.0f}s")
-    time.sleep(IDLE_WINDOW)
+    say(f"all refunded; measuring idle CPU for {idle_window:.0f}s")
+    time.sleep(idle_window)
     group.check_alive()
     usage.idle = group.usage()
     return usage, seconds
 
 
 def measure_keeper(
-    escrows: int = 1000, keepers: int = 1, progress: Callable[[str], None] | None = None
+    escrows: int = 1000,
+    keepers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    idle_window: float = IDLE_WINDOW,
 ) -> dict[str, Any]:
+    """Refund `escrows` expiring together with `keepers` racing; idle CPU over `idle_window` seconds after."""
     if not 1 <= keepers <= len(KEEPER_ACCOUNTS):
         raise ValueError(f"keepers must be 1 to {len(KEEPER_ACCOUNTS)}, got {keepers}")
+    if idle_window <= 0:
+        raise ValueError(f"idle_window must be above 0 seconds, got {idle_window}")
     say = progress or (lambda _msg: None)
     with Anvil(block_time=1, extra_args=["--gas-limit", str(BLOCK_GAS_LIMIT)]) as node, \
             tempfile.TemporaryDirectory() as tmp:  # fmt: skip
@@ -332,7 +340,7 @@ def measure_keeper(
         # Far ahead: the buyers sign it now, the clock jumps to it once every deposit is indexed.
         deadline = int(w3.eth.get_block("latest")["timestamp"]) + 7 * 24 * 3600
         try:
-            usage, seconds = _burst(chain, group, deadline, say)
+            usage, seconds = _burst(chain, group, deadline, idle_window, say)
         finally:
             group.stop()
         head = int(w3.eth.block_number)
@@ -349,7 +357,7 @@ def measure_keeper(
         # Wasted: a transaction that reverted, or refunded nothing because another keeper got there first.
         wasted = sum(int(r["gasUsed"], 16) for r in receipts
                      if int(r["status"], 16) == 0 or all(e["topics"][0] != topic for e in r["logs"]))  # fmt: skip
-        idle = max(b[1] - a[1] for a, b in zip(usage.refunded, usage.idle, strict=True)) / IDLE_WINDOW
+        idle = max(b[1] - a[1] for a, b in zip(usage.refunded, usage.idle, strict=True)) / idle_window
         return {
             "escrows": escrows,
             "keepers": keepers,

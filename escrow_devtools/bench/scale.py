@@ -8,7 +8,8 @@ The parts, each usable alone (the tests in tests/integration/test_replicas.py us
   written with O_APPEND, so a SIGKILLed replica's runs are counted too) and answers bytes
   that differ on every run, so a second run of one payment cannot hide.
 - `Replicas`: N uvicorn processes (each with `--workers W`) on one store URL.
-- `RoundRobinProxy`: a load balancer that sends each request to the next live replica.
+- `ConnectionRoundRobin`: a TCP balancer that sends each new connection to the next live replica (run_load
+  opens one per request); `RoundRobinProxy`: an HTTP one that sends each request to the next live replica.
 - `run_load()`: buyers paying through the proxy, with deliberate duplicates (the same payment
   sent to several replicas at once) and replays (sent again to a replica other than the proxy's).
 - `audit()`: what the chain committed against what the buyers got: deposits per payment,
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -48,6 +50,7 @@ from escrow_py.protocol.eip3009 import RECEIVE_WITH_AUTHORIZATION, authorization
 from escrow_py.protocol.terms import Terms, delivery_hash
 from escrow_py.protocol.wire import (
     PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     EscrowPayload,
     EscrowRequirements,
@@ -326,6 +329,106 @@ class RoundRobinProxy:
         self._stack.close()
 
 
+class ConnectionRoundRobin:
+    """A TCP load balancer on 127.0.0.1: each new connection goes to the next backend that accepts it.
+
+    The bytes are spliced both ways, never parsed, so the balancer costs next to nothing next to the
+    replicas it measures (an HTTP-level proxy, RoundRobinProxy, parses and re-sends every request and
+    answer). Requests alternate replicas as long as the client opens a connection per request, as
+    run_load does through it. A backend that refuses the connection is skipped (nothing reached it);
+    one that dies with a request in flight drops the client's connection, which the client sees as a
+    transport error and may resend, as it would a balancer's 502.
+    """
+
+    def __init__(self, backends: Sequence[str]) -> None:
+        self.backends = [_host_port(b) for b in backends]
+        self._next = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()  # both ends of the connections being spliced, closed on exit
+        self.url = ""
+
+    async def _splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy `reader` to `writer` until either side ends; then close `writer` (the other direction ends too)."""
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _connection(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._open.add(client_writer)
+        try:
+            first = self._next
+            self._next += 1
+            for n in range(len(self.backends)):  # from this connection's turn on, whatever others take meanwhile
+                host, port = self.backends[(first + n) % len(self.backends)]
+                try:
+                    backend_reader, backend_writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    continue  # dead: nothing was sent, try the next one
+                self._open.add(backend_writer)
+                try:
+                    await asyncio.gather(
+                        self._splice(client_reader, backend_writer), self._splice(backend_reader, client_writer)
+                    )
+                finally:
+                    self._open.discard(backend_writer)
+                return
+            client_writer.write(
+                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 10\r\nconnection: close\r\n\r\nno backend"
+            )
+            client_writer.close()
+        finally:
+            self._open.discard(client_writer)
+
+    def __enter__(self) -> ConnectionRoundRobin:
+        started = threading.Event()
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+            started.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="round-robin", daemon=True)
+        self._thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the round-robin balancer did not start")
+        assert self._server is not None
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for writer in list(self._open):
+                writer.close()  # each splice then reads the end of its connection and returns
+            deadline = time.monotonic() + 5
+            while self._open and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop.close()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parsed = httpx.URL(url)
+    assert parsed.port is not None, f"{url}: a backend needs a port"
+    return parsed.host, parsed.port
+
+
 # -- the buyers ------------------------------------------------------------------------------------
 
 
@@ -386,11 +489,14 @@ async def run_load(
     """Each buyer pays `requests_per_buyer` requests through `entry`, one after another, all buyers at once.
 
     Every `duplicate_every`-th payment is also sent, at the same moment, straight to two other
-    replicas; every `replay_every`-th is replayed to another replica once answered. A 502 (a
-    replica died) or 503 (the seller asks for the same payment again) is answered by sending the
-    same payment again, until `give_up_after` seconds. `chain_now` is the chain's clock at the start.
+    replicas; every `replay_every`-th is replayed to another replica once answered. A 503 (the
+    seller asks for the same payment again) or a 502 that is not the seller's (a replica died) is
+    answered by sending the same payment again, until `give_up_after` seconds. `chain_now` is the chain's
+    clock at the start.
     """
-    limits = httpx.Limits(max_connections=len(buyers) * 4 + 8)
+    # A connection per request, never kept: through a ConnectionRoundRobin each request then reaches the next
+    # replica, and the pool holds no idle connections to scan (httpcore checks each idle one per request).
+    limits = httpx.Limits(max_connections=len(buyers) * 4 + 8, max_keepalive_connections=0)
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         load = _Load(client, entry, replicas, chain_now - time.time(), give_up_after)
@@ -399,6 +505,15 @@ async def run_load(
         await asyncio.gather(*(load.buyer(n, signer, requests_per_buyer) for n, signer in enumerate(buyers)))
     load.result.elapsed = time.monotonic() - started
     return load.result
+
+
+def again(response: httpx.Response) -> bool:
+    """Whether to send a request again: a 503 (the seller asks for the payment again), or a 502 that is not the
+    seller's (no PAYMENT-RESPONSE: a transport error, a replica that died mid-request, no replica up). A seller's
+    502 is its handler's failure, answered with its refund: final, and so is every replay of it."""
+    if response.status_code == 503:
+        return True
+    return response.status_code == 502 and PAYMENT_RESPONSE_HEADER not in response.headers
 
 
 class _Load:
@@ -417,7 +532,8 @@ class _Load:
         self.on_progress: Any = None
 
     async def send(self, url: str, path: str, header: str) -> httpx.Response:
-        """GET `path` (with the payment `header`, if any), again after a 502 or 503 until give_up_after."""
+        """GET `path` (with the payment `header`, if any), again after an answer that asks for it (`again`)
+        until give_up_after."""
         until = time.monotonic() + self.give_up_after
         while True:
             try:
@@ -427,7 +543,7 @@ class _Load:
                 response = httpx.Response(502, content=b"transport error")
             if any(t in response.text.lower() for t in NONCE_ERROR_TEXTS):
                 self.result.nonce_errors += 1
-            if response.status_code not in (502, 503) or time.monotonic() > until:
+            if not again(response) or time.monotonic() > until:
                 return response
             await asyncio.sleep(0.2)
 
@@ -618,7 +734,7 @@ def _variant(
     start = int(w3.eth.block_number) + 1
     replicas = Replicas(setup, store, count=count, work_dir=work)
     try:
-        with RoundRobinProxy(replicas.urls) as proxy:
+        with ConnectionRoundRobin(replicas.urls) as proxy:
             # Unmeasured: one payment per buyer fills the connection pools and the replicas' caches.
             warm = asyncio.run(run_load(proxy.url, replicas.urls, people, requests_per_buyer=1, chain_now=_now(w3)))
             if warm.failed:

@@ -25,6 +25,20 @@ seller's key, deposits, delivers, refunds and settles the serve-first burst.
 
 from __future__ import annotations
 
-from escrow_devtools.demo._run import DemoOptions, run_demo
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from escrow_devtools.demo._run import DemoOptions, run_demo
 
 __all__ = ["DemoOptions", "run_demo"]
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use, not with the package: `python -m escrow_devtools.demo.agent` (a buyer process
+    # the demo and the integration tests start several times) must not pay for the seller, FastAPI and
+    # the shop that `_run` imports (about a second of CPU per process).
+    if name in __all__:
+        from escrow_devtools.demo import _run
+
+        return getattr(_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

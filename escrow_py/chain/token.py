@@ -91,18 +91,7 @@ class Token:
         fn = self.contract.get_function_by_signature(
             "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
         )
-        args = (
-            authorization.from_,
-            authorization.to,
-            authorization.value,
-            authorization.valid_after,
-            authorization.valid_before,
-            authorization.nonce,
-            v,
-            r,
-            s,
-        )
-        return bytes(HexBytes(fn(*args)._encode_transaction_data()))
+        return bytes(HexBytes(fn(*authorization.as_tuple(), v, r, s)._encode_transaction_data()))
 
     def cancel_authorization_data(self, authorizer: ChecksumAddress, nonce: bytes, signature: bytes) -> bytes:
         v, r, s = split_signature(signature)

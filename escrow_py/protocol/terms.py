@@ -12,6 +12,7 @@ The id is also the ERC-3009 nonce the buyer signs, so an escrow id names its ter
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -97,18 +98,26 @@ class Terms(CamelModel):
 
     def hash(self) -> bytes:
         """termsHash, as X402Escrow.termsHash."""
-        return keccak(
-            encode(
-                ["bytes32", "address", "address", "address", "address", "uint256", "uint64", "bytes32", "bytes32"],
-                [TERMS_TYPEHASH, *self.as_tuple()],
-            )
-        )
+        return _terms_hash(self)
 
     def escrow_id(self, chain_id: int, escrow: str) -> bytes:
         """The escrow id on `chain_id` at `escrow`; also the ERC-3009 nonce."""
         return escrow_id(chain_id, escrow, self.hash())
 
 
+# A paid request names its terms several times (the header's escrow id, its verification, the deposit), and every
+# copy and replay of a payment brings equal terms again: the ABI encoding and the hashes are worked out once.
+@functools.lru_cache(maxsize=4096)
+def _terms_hash(terms: Terms) -> bytes:
+    return keccak(
+        encode(
+            ["bytes32", "address", "address", "address", "address", "uint256", "uint64", "bytes32", "bytes32"],
+            [TERMS_TYPEHASH, *terms.as_tuple()],
+        )
+    )
+
+
+@functools.lru_cache(maxsize=4096)
 def escrow_id(chain_id: int, escrow: str, terms_hash: bytes) -> bytes:
     """keccak256(abi.encode(chainId, escrow, termsHash)), as X402Escrow.escrowId."""
     return keccak(encode(["uint256", "address", "bytes32"], [chain_id, to_checksum_address(escrow), terms_hash]))

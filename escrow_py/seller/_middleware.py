@@ -275,21 +275,17 @@ class EscrowMiddleware:
         no claim (None): its replay only reads. The claim is given up in the same store
         transaction that stores the answer (Claim.released), else when the request ends.
         """
-        store, config = self.store, self.config
-        if await _blocking(store.answered, escrow_id):
-            yield None
-            return
         claim = Claim(f"payment:0x{escrow_id.hex()}", f"{self.replica}:{secrets.token_hex(4)}")
-        give_up = time.monotonic() + config.claim_wait
-        pause = 0.02
-        while not await _blocking(self._heartbeat.take, claim):
-            if await _blocking(store.answered, escrow_id):
-                yield None  # the holder answered meanwhile: _settle replays its stored response
+        give_up = time.monotonic() + self.config.claim_wait
+        pause, first = 0.02, True
+        while not (taken := await _blocking(self._answered_or_take, escrow_id, claim, first=first)):
+            if taken is None:
+                yield None  # answered (before, or by the holder meanwhile): _settle replays its stored response
                 return
             if time.monotonic() > give_up:
                 raise SellerUnavailable(IN_PROGRESS.reason, IN_PROGRESS.public, IN_PROGRESS.retry_after)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.25)
+            pause, first = min(pause * 2, 0.25), False
         try:
             yield claim
         finally:
@@ -297,7 +293,16 @@ class EscrowMiddleware:
             if not claim.released:
                 # Shielded: a request cancelled by its client still hands the payment on at once.
                 with anyio.CancelScope(shield=True), contextlib.suppress(EscrowError, OSError):
-                    await _blocking(store.release_lease, claim.name, claim.owner)
+                    await _blocking(self.store.release_lease, claim.name, claim.owner)
+
+    def _answered_or_take(self, escrow_id: bytes, claim: Claim, *, first: bool) -> bool | None:
+        """One attempt at the claim, in one worker-thread trip: None if the payment is answered (looked at before
+        the first attempt, and after each failed one), True once taken, False while another request holds it."""
+        if first and self.store.answered(escrow_id):
+            return None
+        if self._heartbeat.take(claim):
+            return True
+        return None if self.store.answered(escrow_id) else False
 
     def _verify(self, parsed: ParsedPayment, request: PaidRequest, chain_time: int) -> VerifiedPayment:
         """The off-chain rules at `chain_time` (FacilitatorMiddleware checks its facilitator's answers with it)."""
@@ -695,7 +700,9 @@ class EscrowMiddleware:
 
     async def _still_held(self, claim: Claim | None) -> bool:
         """Renew the claim now, before what must not run twice; False if another run took it over."""
-        return claim is None or await _blocking(self._heartbeat.confirm, claim)
+        if claim is None or self._heartbeat.fresh(claim):
+            return True
+        return await _blocking(self._heartbeat.confirm, claim)
 
     # -- another run's answer, and the replay ------------------------------------------------
 

@@ -26,6 +26,7 @@ from escrow_py.protocol.errors import ContractRevert, ProtocolError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import Terms, request_hash
 from escrow_py.protocol.wire import (
+    SCHEME,
     EscrowExtra,
     EscrowPayload,
     EscrowRequirements,
@@ -174,7 +175,7 @@ def _verify_offchain(
 ) -> VerifiedPayment:
     accepted = model.accepted
     # The specific fields first, so the reason names what differs.
-    _require(accepted.scheme == offer.to_model().scheme, Reason.UNSUPPORTED_SCHEME, f"scheme {accepted.scheme!r}")
+    _require(accepted.scheme == SCHEME, Reason.UNSUPPORTED_SCHEME, f"scheme {accepted.scheme!r}")
     _require(
         accepted.network == offer.network,
         Reason.NETWORK_MISMATCH,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -13,14 +13,11 @@ from escrow_devtools.bench.gas import OPERATIONS, TARGETS, TOKENS
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # deploys Circle's FiatToken and measures every operation twice: minutes under load
-def test_bench_gas_json_prints_every_figure_and_consistent_ratios_against_both_tokens() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "escrow_py.cli", "bench", "gas", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    )
+def test_bench_gas_json_prints_every_figure_and_consistent_ratios_against_both_tokens(
+    bench: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    out = bench("gas", "--json")
+    assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["tokens"] == list(TOKENS) == ["TestUSDC", "FiatToken"]
     for token in TOKENS:

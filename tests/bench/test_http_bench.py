@@ -9,15 +9,19 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
+
+Bench = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command as its own process (its refusals: exit status 2 before any import of the bench)."""
     command = [sys.executable, "-m", "escrow_py.cli", "bench", "http", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_bench_http_prints_every_variant_and_the_ratio() -> None:
-    out = _bench("--requests", "4", "--concurrency", "2", "--warmup", "1", "--block-time", "0", "--json")
+def test_bench_http_prints_every_variant_and_the_ratio(bench: Bench) -> None:
+    out = bench("http", "--requests", "4", "--concurrency", "2", "--warmup", "1", "--block-time", "0", "--json")
     assert out.returncode == 0, out.stderr
     (result,) = json.loads(out.stdout).values()
     for name in ("unpaid", "escrow", "serve_first", "sdk_exact", "sdk_exact_inprocess", "facilitator"):
@@ -48,8 +52,8 @@ def test_bench_http_refuses_nonsense_settings() -> None:
     assert out.returncode == 2 and "--requests must be at least 1" in out.stderr
 
 
-def test_bench_http_measures_only_the_variants_asked_for() -> None:
-    out = _bench("--requests", "2", "--concurrency", "1", "--warmup", "0", "--block-time", "0",
+def test_bench_http_measures_only_the_variants_asked_for(bench: Bench) -> None:
+    out = bench("http", "--requests", "2", "--concurrency", "1", "--warmup", "0", "--block-time", "0",
                  "--variant", "serve_first", "--variant", "sdk_exact", "--json")  # fmt: skip
     assert out.returncode == 0, out.stderr
     (result,) = json.loads(out.stdout).values()

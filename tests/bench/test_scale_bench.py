@@ -10,16 +10,16 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
 
 @pytest.mark.slow
-def test_bench_scale_prints_every_variant_with_clean_accounting() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "escrow_py.cli", "bench", "scale", "--buyers", "3", "--requests", "3", "--json"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+def test_bench_scale_prints_every_variant_with_clean_accounting(
+    bench: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    out = bench("scale", "--buyers", "3", "--requests", "3", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     for name in ("sqlite_1", "postgresql_1", "postgresql_2", "postgresql_3"):

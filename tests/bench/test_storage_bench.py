@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+from collections.abc import Callable
 
 EXPECTED = {
     "keeper": {"due (per cycle)", "held count (per cycle with changes)", "tracked attempts (per cycle)",
@@ -21,14 +21,11 @@ EXPECTED = {
 }  # fmt: skip
 
 
-def test_bench_storage_json_prints_each_query_on_both_engines() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "escrow_py.cli", "bench", "storage", "--rows", "3000", "--repeat", "5", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    )
+def test_bench_storage_json_prints_each_query_on_both_engines(
+    bench: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    out = bench("storage", "--rows", "3000", "--repeat", "5", "--json")
+    assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["rows"] == 3000 and set(result["engines"]) == {"sqlite", "postgresql"}
     slow = []

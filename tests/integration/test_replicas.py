@@ -22,9 +22,10 @@ from escrow_devtools.anvil import dev_private_key
 from escrow_devtools.bench.postgres import PostgresServer
 from escrow_devtools.bench.scale import (
     ChainSetup,
+    ConnectionRoundRobin,
     LoadResult,
     Replicas,
-    RoundRobinProxy,
+    again,
     audit,
     handler_runs,
     nonce_errors_in,
@@ -35,7 +36,7 @@ from escrow_devtools.bench.scale import (
 from escrow_py.chain.escrow import Delivered, Deposited
 from escrow_py.chain.signer import LocalSigner
 from escrow_py.protocol.terms import State, delivery_hash
-from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER
+from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 from escrow_py.seller import SellerStore
 
 
@@ -123,7 +124,16 @@ def test_uvicorn_two_workers_on_sqlite_serve_20_buyers_10_requests_each(chain: C
     assert checked.mismatched == 0
 
 
-# -- three replicas on PostgreSQL behind a round-robin balancer ---------------------------------------
+def test_the_load_sends_a_payment_again_only_when_no_seller_answered_it() -> None:
+    """A 503 and a 502 without PAYMENT-RESPONSE (a transport error, a replica killed mid-request) are sent again;
+    a 502 with it is the seller's answer for a failed handler (refunded) and final, as is any other answer."""
+    settled = {PAYMENT_RESPONSE_HEADER: "e30="}
+    assert again(httpx.Response(503)) and again(httpx.Response(502, content=b"transport error"))
+    assert not again(httpx.Response(502, headers=settled))
+    assert not any(again(httpx.Response(status, headers=settled)) for status in (200, 402))
+
+
+# -- three replicas on PostgreSQL behind a round-robin balancer (a connection per request) ----------------------
 
 FAST_TAKEOVER = {"claim_seconds": 3.0, "claim_wait": 2.0, "poster_lease": 2.0}
 
@@ -150,7 +160,7 @@ def test_three_replicas_on_postgres_500_payments_with_duplicates_replays_and_a_c
             replicas.kill(2)
 
     try:
-        with RoundRobinProxy(replicas.urls) as proxy:
+        with ConnectionRoundRobin(replicas.urls) as proxy:
             load = asyncio.run(
                 run_load(
                     proxy.url,

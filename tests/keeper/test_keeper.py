@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
 from escrow_devtools.artifacts import load_artifact
+from escrow_py import cli as x402_cli
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import State, Terms
@@ -252,29 +254,43 @@ def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says
     assert allowed.run_once().refunds_sent == 1
 
 
-@pytest.mark.integration  # runs the CLI in subprocesses
-def test_bad_configuration_exits_non_zero_saying_what_to_fix(tmp_path: Path) -> None:
+@pytest.mark.integration  # runs the CLI in a subprocess (and in-process)
+def test_bad_configuration_exits_non_zero_saying_what_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     env = keeper_env()
     del env["X402_ESCROW_PRIVATE_KEY"]
+    # The command as its own process: exit status 2 and one line, no traceback.
     out = cli("keeper", "run", "--escrow", "0x" + "11" * 20, env=env)
     assert out.returncode == 2 and "no RPC URL: pass --rpc" in out.stderr
-    out = cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0xnope", env=env)
-    assert out.returncode == 2 and "escrows is not an address: '0xnope'" in out.stderr
-    out = cli("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20, env=env)
-    assert out.returncode == 2 and "X402_ESCROW_PRIVATE_KEY is not set" in out.stderr
-    out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
-              "--database", "mysql://db/keeper", env=env)  # fmt: skip
-    assert out.returncode == 2 and "expected a SQLite path, sqlite:///path or postgresql://" in out.stderr
-    out = cli("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
-              "--database", "postgresql://keeper:hunter2@127.0.0.1:1/keeper", env=env)  # fmt: skip
-    assert out.returncode == 2 and "postgresql://keeper:***@127.0.0.1:1/keeper: cannot open" in out.stderr
-    assert "hunter2" not in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    # Every other setting through the same entry point in this process (a keeper process start costs a second
+    # and a half of CPU): the same exit status and message; an uncaught exception would fail the test here.
+    for name in [k for k in os.environ if k.startswith("X402_")]:
+        monkeypatch.delenv(name)
+
+    def run(*args: str) -> str:
+        code = x402_cli.main(list(args))
+        printed = capsys.readouterr()
+        assert "Traceback" not in printed.err + printed.out
+        assert code == 2, (args, printed)
+        return printed.err
+
+    stderr = run("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0xnope")
+    assert "escrows is not an address: '0xnope'" in stderr
+    stderr = run("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20)
+    assert "X402_ESCROW_PRIVATE_KEY is not set" in stderr
+    stderr = run("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
+                 "--database", "mysql://db/keeper")  # fmt: skip
+    assert "expected a SQLite path, sqlite:///path or postgresql://" in stderr
+    stderr = run("keeper", "status", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20,
+                 "--database", "postgresql://keeper:hunter2@127.0.0.1:1/keeper")  # fmt: skip
+    assert "postgresql://keeper:***@127.0.0.1:1/keeper: cannot open" in stderr
+    assert "hunter2" not in stderr
     toml = tmp_path / "keeper.toml"
     toml.write_text('[keeper]\nrpc_url = "http://127.0.0.1:1"\nbatchsize = 3\n')
-    out = cli("keeper", "run", "--config", str(toml), env=env)
-    assert out.returncode == 2 and "unknown settings ['batchsize']" in out.stderr
-    for output in (out.stderr, out.stdout):
-        assert "Traceback" not in output
+    stderr = run("keeper", "run", "--config", str(toml))
+    assert "unknown settings ['batchsize']" in stderr
 
 
 @pytest.mark.parametrize("log_format", ["json", "plain"])
