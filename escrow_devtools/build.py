@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,39 +82,85 @@ def find_solc() -> Path:
 
 
 def sources() -> dict[str, dict[str, str]]:
-    """Every .sol file under contracts/, keyed by its path relative to that folder."""
+    """Every .sol file under contracts/, keyed by its path relative to the checkout (as Ape names them)."""
     return {
-        path.relative_to(CONTRACTS_DIR).as_posix(): {"content": path.read_text()}
+        path.relative_to(REPO_ROOT).as_posix(): {"content": path.read_text(encoding="utf8")}
         for path in sorted(CONTRACTS_DIR.rglob("*.sol"))
     }
 
 
-def compile_contracts(solc: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Compile every contract; return the artifact dict of each shipped contract by name."""
+# ape-solidity's output selection (ape_solidity._utils.OUTPUT_SELECTION), per source, with its AST.
+APE_OUTPUT_SELECTION = [
+    "abi", "bin-runtime", "devdoc", "userdoc",
+    "evm.bytecode.object", "evm.bytecode.sourceMap", "evm.deployedBytecode.object",
+]  # fmt: skip
+TEST_SOURCES = "contracts/test/"
+
+
+def deployed_input() -> dict[str, Any]:
+    """The standard-JSON input of the deployed contracts (everything outside contracts/test/).
+
+    Shaped exactly as ape-solidity shapes its own (source ids, output selection, the order of
+    the keys) when scripts/deploy.py compiles these sources with `bytecodeHash: none`: the
+    solc-js wrapper's cache then answers both from one compile. Another shape costs a second
+    compile, never a wrong answer (tests/deploy/test_deploy.py checks that the two are the same).
+    """
+    chosen = {k: v for k, v in sorted(sources().items()) if not k.startswith(TEST_SOURCES)}
+    settings = {
+        "optimizer": SOLC_SETTINGS["optimizer"],
+        "outputSelection": {source: {"*": APE_OUTPUT_SELECTION, "": ["ast"]} for source in chosen},
+        "metadata": SOLC_SETTINGS["metadata"],
+        "evmVersion": SOLC_SETTINGS["evmVersion"],
+        "viaIR": SOLC_SETTINGS["viaIR"],
+    }
+    return {"sources": chosen, "settings": settings, "language": "Solidity"}
+
+
+def tooling_input() -> dict[str, Any]:
+    """The standard-JSON input that generates code for the test contracts only (the tooling artifacts)."""
+    every = sources()
+    selection = {
+        source: {"*": SOLC_SETTINGS["outputSelection"]["*"]["*"]} for source in every if source.startswith(TEST_SOURCES)
+    }
+    return {"language": "Solidity", "sources": every, "settings": {**SOLC_SETTINGS, "outputSelection": selection}}
+
+
+def compile_input(standard_input: dict[str, Any], binary: Path) -> dict[str, Any]:
+    """The output of one standard-JSON input, through py-solc-x as Ape calls it; BuildError on an error."""
     import solcx  # development dependency only
 
-    binary = solc or find_solc()
-    standard_input = {"language": "Solidity", "sources": sources(), "settings": SOLC_SETTINGS}
     try:
-        output = solcx.compile_standard(standard_input, solc_binary=binary, base_path=str(CONTRACTS_DIR))
+        output: dict[str, Any] = solcx.compile_standard(standard_input, solc_binary=binary, base_path=str(REPO_ROOT))
     except solcx.exceptions.SolcError as exc:
         raise BuildError(str(exc)) from exc
     errors = [e for e in output.get("errors", []) if e.get("severity") == "error"]
     if errors:
         raise BuildError("\n".join(e.get("formattedMessage", e.get("message", "")) for e in errors))
+    return output
+
+
+def compile_contracts(solc: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Compile every contract; return the artifact dict of each shipped contract by name."""
+    binary = solc or find_solc()
+    # Two independent inputs, compiled side by side (each compile is one single-threaded process).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outputs = list(
+            pool.map(lambda standard_input: compile_input(standard_input, binary), [deployed_input(), tooling_input()])
+        )
     artifacts: dict[str, dict[str, Any]] = {}
-    for source_name, contracts in output["contracts"].items():
-        for name, out in contracts.items():
-            if name not in CONTRACTS:
-                continue
-            artifacts[name] = {
-                "contractName": name,
-                "sourceName": source_name,
-                "compiler": {"version": SOLC_VERSION, "settings": _settings_without_selection()},
-                "abi": out["abi"],
-                "bytecode": "0x" + out["evm"]["bytecode"]["object"],
-                "deployedBytecode": "0x" + out["evm"]["deployedBytecode"]["object"],
-            }
+    for output in outputs:
+        for source_id, contracts in output["contracts"].items():
+            for name, out in contracts.items():
+                if name not in CONTRACTS:
+                    continue
+                artifacts[name] = {
+                    "contractName": name,
+                    "sourceName": source_id.removeprefix("contracts/"),
+                    "compiler": {"version": SOLC_VERSION, "settings": _settings_without_selection()},
+                    "abi": out["abi"],
+                    "bytecode": "0x" + out["evm"]["bytecode"]["object"],
+                    "deployedBytecode": "0x" + out["evm"]["deployedBytecode"]["object"],
+                }
     missing = set(CONTRACTS) - set(artifacts)
     if missing:
         raise BuildError(f"contracts not found in the sources: {sorted(missing)}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 
 import click
-from ape import chain, project
+from ape import chain, compilers, project
 from ape.cli import ConnectedProviderCommand, account_option
 from ape.contracts import ContractContainer
 from ethpm_types import ContractType
@@ -42,12 +42,6 @@ from escrow_py.chain.registry import (
 LOCAL_NETWORKS = {"local", "anvil"}
 
 
-def _without_metadata(code: str) -> bytes:
-    """Runtime code less its CBOR metadata trailer (whose length is its last two bytes)."""
-    raw = bytes.fromhex(code.removeprefix("0x"))
-    return raw[: -2 - int.from_bytes(raw[-2:], "big")]
-
-
 def _container(name: str) -> ContractContainer:
     artifact = load_artifact(name)
     contract_type = ContractType.model_validate(
@@ -62,11 +56,18 @@ def _container(name: str) -> ContractContainer:
 
 
 def _check_reproducible() -> None:
-    compiled = project.X402Escrow.contract_type.runtime_bytecode
-    shipped = load_artifact("X402Escrow")["deployedBytecode"]
-    if compiled is None or compiled.bytecode is None:
+    # The shipped artifacts are built with `bytecodeHash: none`, which ape-config.yaml cannot set,
+    # so it is given here: Ape's compile (the config's version, EVM, viaIR and optimizer) must then
+    # reproduce the runtime code byte for byte, its metadata trailer included.
+    # Every source Ape compiles (ape-config.yaml leaves out contracts/test/), as build.py's
+    # deployed_input() does: the same input, so the solc-js wrapper compiles it once for both.
+    settings = {"solidity": {"metadata": {"bytecodeHash": "none"}}}
+    compiled = {ct.name: ct for ct in compilers.compile(project.sources.paths, project=project, settings=settings)}
+    escrow = compiled.get("X402Escrow")
+    runtime = escrow.runtime_bytecode if escrow else None
+    if runtime is None or runtime.bytecode is None:
         raise click.ClickException("Ape produced no runtime bytecode for X402Escrow")
-    if _without_metadata(compiled.bytecode) != _without_metadata(shipped):
+    if runtime.bytecode != load_artifact("X402Escrow")["deployedBytecode"]:
         raise click.ClickException(
             "Ape's compile of contracts/X402Escrow.sol differs from the shipped artifact: "
             "run `make artifacts` and check ape-config.yaml's solidity settings"

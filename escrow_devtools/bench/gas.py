@@ -136,8 +136,11 @@ def _send_all(sender: TxSender, calls: Sequence[tuple[str, bytes, int]]) -> list
     """Send each (to, data, gas) as its own transaction; each one's receipt gas, each checked to have succeeded.
 
     Set-up traffic (the funding mints, the deposits the batch figures need): signed here with consecutive
-    nonces, sent as one JSON-RPC batch and the receipts read back as one, instead of four or five web3 round
-    trips per transaction. What is measured is receipt gas, which does not depend on how a transaction was sent.
+    nonces, sent one request each in nonce order and the receipts read back as one batch, instead of four or five
+    web3 round trips per transaction. Not the sends in one batch: anvil answers a batch's calls concurrently, a
+    transaction that arrives before its predecessor waits in the pool for a gap that is filled by a block it is
+    not in, and automine mines nothing more until another transaction comes (seen: "not confirmed within 120s").
+    What is measured is receipt gas, which does not depend on how a transaction was sent.
     """
     w3, provider = sender.w3, sender.w3.provider
     assert isinstance(provider, HTTPProvider)
@@ -149,7 +152,7 @@ def _send_all(sender: TxSender, calls: Sequence[tuple[str, bytes, int]]) -> list
         sender.signer.sign_transaction({**fixed, "to": to, "data": data, "nonce": first + n, "gas": gas})
         for n, (to, data, gas) in enumerate(calls)
     ]
-    hashes = _batch(provider, "eth_sendRawTransaction", [["0x" + raw.hex()] for raw in raws])
+    hashes = [_one(provider, "eth_sendRawTransaction", ["0x" + raw.hex()]) for raw in raws]
     receipts = _batch(provider, "eth_getTransactionReceipt", [[h] for h in hashes])
     gas_used = []
     for tx_hash, receipt in zip(hashes, receipts, strict=True):
@@ -159,6 +162,14 @@ def _send_all(sender: TxSender, calls: Sequence[tuple[str, bytes, int]]) -> list
         else:
             gas_used.append(int(receipt["gasUsed"], 16))
     return gas_used
+
+
+def _one(provider: HTTPProvider, method: str, params: list[Any]) -> Any:
+    """One JSON-RPC call's result, or RuntimeError with the node's error."""
+    answer = provider.make_request(RPCEndpoint(method), params)
+    if "error" in answer:
+        raise RuntimeError(f"{method} failed: {answer['error']}")
+    return answer["result"]
 
 
 def _batch(provider: HTTPProvider, method: str, params: Sequence[list[Any]]) -> list[Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
+from escrow_devtools import build
 from escrow_devtools.anvil import Anvil, dev_signer
 from escrow_py.chain.artifacts import load_artifact
 from escrow_py.chain.escrow import deploy_local
@@ -31,6 +32,8 @@ pytestmark = pytest.mark.ape
 
 
 def _ape_deploy(node: Anvil, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # The solc-js wrapper's cache stays the checkout's (shared with the artifacts test); its
+    # hits and misses are logged, by key, to compare Ape's input with build.py's.
     solcx = tmp_path / "solcx"
     if not solcx.exists():
         solcx.mkdir()
@@ -41,6 +44,7 @@ def _ape_deploy(node: Anvil, tmp_path: Path, *args: str) -> subprocess.Completed
         "SOLCX_BINARY_PATH": str(solcx),
         "X402_ESCROW_ANVIL_URL": node.url,
         "X402_ESCROW_DEPLOYMENTS_DIR": str(tmp_path / "deployments"),
+        "X402_ESCROW_SOLC_CACHE_LOG": str(tmp_path / "solc-cache.log"),
     }
     return subprocess.run(
         [str(APE), "run", "deploy", "--network", "base:anvil:node", "--account", "TEST::0", *args],
@@ -54,7 +58,9 @@ def _shipped_records() -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ape_deploy_script_deploys_at_the_one_address_verifies_and_records(tmp_path: Path) -> None:
+def test_ape_deploy_script_deploys_at_the_one_address_verifies_and_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert APE.is_file(), "the Ape tooling is missing: run `make ape`"
     shipped = _shipped_records()
     registry = tmp_path / "deployments"
@@ -62,6 +68,12 @@ def test_ape_deploy_script_deploys_at_the_one_address_verifies_and_records(tmp_p
         out = _ape_deploy(node, tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "Ape's compile reproduces the shipped artifact" in out.stdout
+        # Ape compiled the very input build.py compiles the escrow from, so one compile serves both.
+        apes = (tmp_path / "solc-cache.log").read_text().split()
+        monkeypatch.setenv("X402_ESCROW_SOLC_CACHE_LOG", str(tmp_path / "build-cache.log"))
+        build.compile_input(build.deployed_input(), build.SOLCJS_WRAPPER)
+        ours = (tmp_path / "build-cache.log").read_text().split()
+        assert ours[:2] == ["cache", "hit"] and ours[2] in apes, (apes, ours)
         entry = json.loads((registry / "eip155_84532.json").read_text())
         deployment = resolve_escrow("eip155:84532", directory=registry)
         assert deployment.escrow == ESCROW_ADDRESS  # through the CREATE2 proxy, with the fixed salt
