@@ -502,6 +502,15 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
             live = _terms(BUYER2, SELLER, usdc, 10_000, self.t + 3_601, self._salt())
             self._settle_batch([stale, live], OPERATOR)
 
+        @initialize(target=escrows)
+        def a_held_escrow(self) -> Terms:
+            """Every run also starts with one valid escrow Held: most random deposits are refused (a zero amount,
+            a deadline out of range), and a seed whose runs never held one long enough to deliver it left the
+            deliver path unexercised (seen with seeds 16806325916716216280 and 10919657846914992117)."""
+            terms = self.deposit(BUYER, SELLER, "usdc", 10_000, 86_400, OPERATOR)
+            assert isinstance(terms, Terms)
+            return terms
+
         def _settle_batch(self, batch: list[Terms], who: int) -> None:
             entries = []
             for terms in batch:
