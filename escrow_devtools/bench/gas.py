@@ -27,8 +27,7 @@ from eth_abi.abi import encode
 from eth_account import Account
 from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
-from web3 import HTTPProvider, Web3
-from web3.types import RPCEndpoint
+from web3 import Web3
 
 from escrow_devtools.anvil import DEV_MNEMONIC, Anvil, dev_signer
 from escrow_devtools.artifacts import deploy
@@ -133,56 +132,14 @@ class _Bench:
 
 
 def _send_all(sender: TxSender, calls: Sequence[tuple[str, bytes, int]]) -> list[int]:
-    """Send each (to, data, gas) as its own transaction; each one's receipt gas, each checked to have succeeded.
+    """Send each (to, data, gas) as its own transaction, one after another; each one's receipt gas, each checked
+    to have succeeded (TxSender.transact raises TransactionFailed on a revert).
 
-    Set-up traffic (the funding mints, the deposits the batch figures need): signed here with consecutive
-    nonces, sent one request each in nonce order and the receipts read back as one batch, instead of four or five
-    web3 round trips per transaction. Not the sends in one batch: anvil answers a batch's calls concurrently, a
-    transaction that arrives before its predecessor waits in the pool for a gap that is filled by a block it is
-    not in, and automine mines nothing more until another transaction comes (seen: "not confirmed within 120s").
-    What is measured is receipt gas, which does not depend on how a transaction was sent.
+    Set-up traffic (the funding mints, the deposits the batch figures need). Not signed ahead with
+    consecutive nonces and sent without waiting: in two full-suite runs one of them was never mined ("nonce -1
+    not confirmed within 120s"), which the one-at-a-time path has never shown.
     """
-    w3, provider = sender.w3, sender.w3.provider
-    assert isinstance(provider, HTTPProvider)
-    max_fee, tip = sender.fees()
-    first = int(w3.eth.get_transaction_count(sender.address, "pending"))
-    fixed = {"type": 2, "chainId": sender.chain_id, "from": sender.address, "value": 0, "maxFeePerGas": max_fee,
-             "maxPriorityFeePerGas": tip}  # fmt: skip
-    raws = [
-        sender.signer.sign_transaction({**fixed, "to": to, "data": data, "nonce": first + n, "gas": gas})
-        for n, (to, data, gas) in enumerate(calls)
-    ]
-    hashes = [_one(provider, "eth_sendRawTransaction", ["0x" + raw.hex()]) for raw in raws]
-    receipts = _batch(provider, "eth_getTransactionReceipt", [[h] for h in hashes])
-    gas_used = []
-    for tx_hash, receipt in zip(hashes, receipts, strict=True):
-        if receipt is None or int(receipt["status"], 16) != 1:
-            # Not mined yet (a node that does not automine), or reverted: wait, or raise TransactionFailed.
-            gas_used.append(int(sender.wait(bytes.fromhex(tx_hash[2:]))["gasUsed"]))
-        else:
-            gas_used.append(int(receipt["gasUsed"], 16))
-    return gas_used
-
-
-def _one(provider: HTTPProvider, method: str, params: list[Any]) -> Any:
-    """One JSON-RPC call's result, or RuntimeError with the node's error."""
-    answer = provider.make_request(RPCEndpoint(method), params)
-    if "error" in answer:
-        raise RuntimeError(f"{method} failed: {answer['error']}")
-    return answer["result"]
-
-
-def _batch(provider: HTTPProvider, method: str, params: Sequence[list[Any]]) -> list[Any]:
-    """One JSON-RPC batch of `method` calls; each one's result, or RuntimeError naming the first error."""
-    answers = provider.make_batch_request([(RPCEndpoint(method), p) for p in params])
-    if not isinstance(answers, list):
-        raise RuntimeError(f"the node refused a batch of {method}: {answers.get('error')}")
-    results = []
-    for answer in answers:
-        if "error" in answer:
-            raise RuntimeError(f"{method} failed: {answer['error']}")
-        results.append(answer["result"])
-    return results
+    return [int(sender.transact(to, data, gas=gas)["gasUsed"]) for to, data, gas in calls]
 
 
 def _exact(bench: _Bench, buyer: LocalSigner, seller: str) -> int:
