@@ -22,6 +22,7 @@ import pytest
 
 pytest_plugins = [
     "fixtures.chain",
+    "fixtures.cli",
     "fixtures.fake_chain",
     "fixtures.postgres",
     "fixtures.schedule",

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures.cli import InProcessCli
 
 from escrow_devtools.anvil import Anvil, dev_private_key, dev_signer
 from escrow_devtools.artifacts import deploy
 from escrow_devtools.demo import DemoOptions, run_demo
 from escrow_devtools.demo import _run as demo_run
-from escrow_py import cli as x402_cli
 from escrow_py.chain.escrow import Escrow
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
@@ -39,17 +39,6 @@ def _demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         check=False,
         env=env,
     )
-
-
-def _demo_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """`x402-escrow demo` through the command's entry point in this process: its exit status and stdout.
-
-    The same stories over the same real parts (anvil, uvicorn, the keeper and buyer agent processes), without
-    a process start that imports the seller, the buyer and the facilitator again. The README's own command,
-    as its own process, is the fresh-anvil test's.
-    """
-    code = x402_cli.main(["demo", *args])
-    return code, capsys.readouterr().out
 
 
 def _assert_every_story_told(stdout: str) -> None:
@@ -86,7 +75,7 @@ def test_demo_plays_every_story_on_a_fresh_anvil_and_accounts_for_every_token(tm
 
 @pytest.mark.slow
 def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process_cli: InProcessCli
 ) -> None:
     buyer, seller, keeper = 5, 6, 7  # not the local defaults: the keys must come from the environment
     with Anvil(block_time=1) as node:
@@ -99,8 +88,9 @@ def test_demo_plays_the_same_stories_on_an_existing_chain_with_keys_from_the_env
         monkeypatch.setenv("X402_ESCROW_SELLER_KEY", dev_private_key(seller))
         monkeypatch.setenv("X402_ESCROW_KEEPER_KEY", dev_private_key(keeper))
         args = ("--rpc", node.url, "--escrow", escrow.address, "--token", token.address, "--workdir", str(tmp_path))
-        code, stdout = _demo_in_process(capsys, *args)
-        assert code == 0, stdout
+        out = in_process_cli("demo", *args)
+        stdout = out.stdout
+        assert out.returncode == 0, stdout + out.stderr
         _assert_every_story_told(stdout)
         assert "keeper process" in stdout and dev_signer(keeper).address in stdout
         assert token.balance_of(dev_signer(buyer).address) == 30_000
@@ -144,10 +134,11 @@ def test_a_token_that_leaves_the_books_fails_the_demo(monkeypatch: pytest.Monkey
 
 @pytest.mark.slow
 def test_demo_with_a_facilitator_plays_every_story_with_a_keyless_seller(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, in_process_cli: InProcessCli
 ) -> None:
-    code, stdout = _demo_in_process(capsys, "--facilitator", "--workdir", str(tmp_path))
-    assert code == 0, stdout
+    out = in_process_cli("demo", "--facilitator", "--workdir", str(tmp_path))
+    stdout = out.stdout
+    assert out.returncode == 0, stdout + out.stderr
     # Every story, the serve-first burst included: the facilitator settles it in one settleMany with the hash
     # of each body its buyer got, and the books balance after it.
     _assert_every_story_told(stdout)

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from eth_typing import ChecksumAddress
 from fixtures.chain import Chain
+from fixtures.cli import InProcessCli
 from helpers import BUYER, BUYER2, deposit, dev, make_terms, offline_terms
 from hexbytes import HexBytes
 from prometheus_client import generate_latest
 
 from escrow_devtools.artifacts import load_artifact
-from escrow_py import cli as x402_cli
 from escrow_py.keeper import CycleReport, Keeper, KeeperConfig, OpenEscrow, Refund, Skip, Wait, next_action
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import State, Terms
@@ -256,7 +256,7 @@ def test_escrows_of_a_token_outside_the_allowlist_are_left_alone_and_status_says
 
 @pytest.mark.integration  # runs the CLI in a subprocess (and in-process)
 def test_bad_configuration_exits_non_zero_saying_what_to_fix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process_cli: InProcessCli
 ) -> None:
     env = keeper_env()
     del env["X402_ESCROW_PRIVATE_KEY"]
@@ -270,11 +270,10 @@ def test_bad_configuration_exits_non_zero_saying_what_to_fix(
         monkeypatch.delenv(name)
 
     def run(*args: str) -> str:
-        code = x402_cli.main(list(args))
-        printed = capsys.readouterr()
-        assert "Traceback" not in printed.err + printed.out
-        assert code == 2, (args, printed)
-        return printed.err
+        printed = in_process_cli(*args)
+        assert "Traceback" not in printed.stderr + printed.stdout
+        assert printed.returncode == 2, (args, printed)
+        return printed.stderr
 
     stderr = run("keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0xnope")
     assert "escrows is not an address: '0xnope'" in stderr
