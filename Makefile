@@ -74,8 +74,11 @@ LINT_PATHS := escrow_py escrow_devtools tests scripts examples
 LINT_STEPS := lint-ruff lint-format lint-mypy lint-slither
 .PHONY: $(LINT_STEPS)
 
+# Runs its goals side by side, each one's output whole, every one to its end.
+SIDE_BY_SIDE = $(MAKE) -j$(LINT_JOBS) --keep-going --output-sync=target --no-print-directory
+
 lint: bootstrap
-	$(MAKE) -j$(LINT_JOBS) --keep-going --output-sync=target --no-print-directory $(LINT_STEPS)
+	$(SIDE_BY_SIDE) $(LINT_STEPS)
 
 lint-ruff:
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -117,7 +120,7 @@ PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/pytest
 # One install of everything (the dev tools and the Ape tooling together) with npm beside it; then the
 # lint steps side by side, and beside them one collection of the suite (bytecode-cache), then the suite.
 test: test-deps
-	$(MAKE) -j$(LINT_JOBS) --keep-going --output-sync=target --no-print-directory $(LINT_STEPS) bytecode-cache
+	$(SIDE_BY_SIDE) $(LINT_STEPS) bytecode-cache
 	$(PYTEST) -q $(PYTEST_XDIST) --durations=25
 
 test-deps:
