@@ -22,7 +22,7 @@ from escrow_py.keeper import CycleReport, Keeper
 from escrow_py.keeper._batch import batch_gas, ordered, refund_many_data
 from escrow_py.protocol.terms import State
 
-from .kit import KEEPER, KEEPER2, KEEPER3, make_keeper, metric, refunds_by_id, transactions_of, wait_until
+from .kit import KEEPER, KEEPER2, KEEPER3, make_keeper, metric, mined, refunds_by_id, transactions_of, wait_until
 
 
 def _automine(chain: Chain, on: bool) -> None:
@@ -73,8 +73,10 @@ def test_a_peers_unsent_transaction_does_not_hold_up_the_escrows_it_covers(chain
     first.close()
 
     second = make_keeper(chain, db, who=KEEPER2, reorg_depth=0)
+    before = int(chain.w3.eth.block_number) + 1
     report = second.run_once()
     assert report.refunds_sent == 3
+    mined(chain, KEEPER2, before, 1)
     assert all(chain.escrow.state_of(chain.escrow.id_of(t)) is State.REFUNDED for t in batch)
     # The first keeper's record is its own: untouched by the second, followed up by the first on restart.
     restarted = make_keeper(chain, db, who=KEEPER, reorg_depth=0)
@@ -185,6 +187,7 @@ def test_a_standby_keeper_steps_in_only_for_what_the_active_one_left_after_its_d
     assert standby.run_once().refunds_sent == 0
     chain.mine(deadline + 120)
     assert standby.run_once().refunds_sent == 2
+    mined(chain, KEEPER2, start, 1)  # one transaction (automine mines it just after the node answers)
     assert refunds_by_id(chain) == {chain.escrow.id_of(t): 1 for t in mine + left}
-    [receipt] = transactions_of(chain, KEEPER2, start)  # one transaction, and it refunded the two left
+    [receipt] = transactions_of(chain, KEEPER2, start)  # ...and it refunded the two left
     assert receipt["status"] == 1
