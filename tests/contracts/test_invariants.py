@@ -50,6 +50,7 @@ from hypothesis.stateful import (
 from web3.types import TxReceipt
 
 from escrow_devtools.artifacts import load_artifact
+from escrow_py.chain import rpc
 from escrow_py.chain.escrow import Delivered, Deposited, Refunded, Settled, Settlement, SettlementSkipped
 from escrow_py.chain.token import Token
 from escrow_py.chain.tx import TxSender
@@ -103,6 +104,22 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
     escrow = chain.escrow
     signers = {i: dev(i) for i in range(7)}
 
+    def _balance_call(key: tuple[str, str]) -> tuple[str, bytes]:
+        name, who = key
+        return tokens.by_name[name].address, BALANCE_OF + bytes(12) + bytes.fromhex(who[2:])
+
+    def _read(calls: list[tuple[str, bytes]]) -> list[int]:
+        """Raw eth_calls (to, data) in one batched round trip, each answer as an integer: web3's contract-call
+        machinery costs milliseconds of CPU per call."""
+        responses = chain.w3.provider.make_batch_request(  # type: ignore[attr-defined]
+            [("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"]) for to, data in calls]
+        )
+        return [int(r["result"], 16) for r in sorted(responses, key=lambda r: int(r["id"]))]
+
+    # The hostile tokens' set-up calls, encoded with their ABIs (built once, not for every step).
+    reentrant = chain.w3.eth.contract(abi=load_artifact("ReentrantToken")["abi"])
+    blocking = chain.w3.eth.contract(abi=load_artifact("BlockingToken")["abi"])
+
     class EscrowMachine(RuleBasedStateMachine):
         escrows = Bundle("escrows")
         served_bundle = Bundle("served")
@@ -115,11 +132,9 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
             self.served: dict[bytes, Terms] = {}  # ids settled serve-first: never Held, no storage
             self.pending_serve: dict[bytes, Terms] = {}  # the terms of the settlement being mined
             self.salt_count = 0
-            self.balances: dict[tuple[str, str], int] = {
-                (name, who): token.balance_of(who)
-                for name, token in tokens.by_name.items()
-                for who in [*(address(i) for i in ACTORS), escrow.address]
-            }
+            keys = [(name, who) for name in tokens.by_name for who in [*(address(i) for i in ACTORS), escrow.address]]
+            initial = _read([_balance_call(key) for key in keys])
+            self.balances: dict[tuple[str, str], int] = dict(zip(keys, initial, strict=True))
             self.settlements: Counter[bytes] = Counter()
             self.ever_settled: set[bytes] = set()
             self.bubble: bool | None = None  # the ReentrantToken's hook: None disarmed
@@ -590,7 +605,6 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
             """Point the ReentrantToken's transfer hook at a settlement call into the escrow (None: disarm)."""
             callback = escrow.refund_data(terms) if kind == "refund" else escrow.deliver_data(terms, b"\x01" * 32)
             target = escrow.address if bubble is not None else ZERO
-            reentrant = chain.w3.eth.contract(abi=load_artifact("ReentrantToken")["abi"])
             data = reentrant.encode_abi("setHook", args=[target, callback, bool(bubble)])
             self._exec(DEPLOYER, bytes.fromhex(data.removeprefix("0x")), None, to=tokens.by_name["reentrant"].address)
             self.bubble = bubble
@@ -598,7 +612,6 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
         @rule(who=st.sampled_from([None, BUYER, BUYER2, SELLER, SELLER2]))
         def block_recipient(self, who: int | None) -> None:
             blocked = address(who) if who is not None else ZERO
-            blocking = chain.w3.eth.contract(abi=load_artifact("BlockingToken")["abi"])
             data = blocking.encode_abi("setBlocked", args=[blocked])
             self._exec(DEPLOYER, bytes.fromhex(data.removeprefix("0x")), None, to=tokens.by_name["blocking"].address)
             self.blocked = blocked if who is not None else None
@@ -607,25 +620,18 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
 
         @invariant()
         def invariants_1_to_5(self) -> None:
-            # One batched round trip of raw eth_calls reads every balance, state and spent nonce the checks
-            # need (web3's contract-call machinery costs milliseconds of CPU per call).
+            # One round trip (_read) reads every balance, state and spent nonce the checks need.
             balance_keys = list(self.balances)
             ids = list(self.records)
             served = list(self.served.items())
-            calls = [
-                (tokens.by_name[name].address, BALANCE_OF + bytes(12) + bytes.fromhex(who[2:]))
-                for name, who in balance_keys
-            ]
+            calls = [_balance_call(key) for key in balance_keys]
             calls += [(escrow.address, STATE_OF + escrow_id) for escrow_id in ids]
             calls += [(escrow.address, STATE_OF + escrow_id) for escrow_id, _ in served]
             calls += [
                 (terms.token, AUTHORIZATION_STATE + bytes(12) + bytes.fromhex(terms.buyer[2:]) + escrow_id)
                 for escrow_id, terms in served
             ]
-            responses = chain.w3.provider.make_batch_request(  # type: ignore[attr-defined]
-                [("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"]) for to, data in calls]
-            )
-            results = [int(r["result"], 16) for r in sorted(responses, key=lambda r: int(r["id"]))]
+            results = _read(calls)
             balances = dict(zip(balance_keys, results[: len(balance_keys)], strict=True))
             rest = results[len(balance_keys) :]
             states = dict(zip(ids, (State(r) for r in rest[: len(ids)]), strict=True))
@@ -688,10 +694,15 @@ def _transfers_out(receipt: TxReceipt, source: str) -> dict[tuple[str, str], int
 
 
 class _FixedFeeSender(TxSender):
-    """Fixed fees: anvil's base fee stays far below them, and it saves two RPCs per transaction."""
+    """Fixed fees: anvil's base fee stays far below them, so signing reads the key's pending nonce only, where
+    reading the fees too costs two more RPCs per transaction (sent one by one on the test's plain provider)."""
 
     def fees(self, base_fee: int | None = None) -> tuple[int, int]:
         return 100 * 10**9, 10**9
+
+    def _fees_and_pending_nonce(self, base_fee: int | None = None) -> tuple[int, int, int]:
+        pending = rpc.request(self.w3, "eth_getTransactionCount", [self.address, "pending"])
+        return *self.fees(), int(str(pending), 16)
 
 
 def _assert_revert(revert: ContractRevert, name: str, args: dict[str, Any]) -> None:
