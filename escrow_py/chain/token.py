@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from eth_abi.abi import decode
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
@@ -13,8 +14,9 @@ from web3.types import TxReceipt
 
 from escrow_py.chain import rpc
 from escrow_py.chain.artifacts import load_artifact
-from escrow_py.chain.tx import TxSender
+from escrow_py.chain.tx import TxSender, revert_or_node_error
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain
+from escrow_py.protocol.errors import ContractRevert
 
 TOKEN_ABI: list[dict[str, Any]] = load_artifact("TestUSDC")["abi"]
 
@@ -29,6 +31,9 @@ def split_signature(signature: bytes) -> tuple[int, bytes, bytes]:
 # The two reads on every payment, encoded by hand: web3's contract machinery costs more than the node.
 _BALANCE_OF = keccak(text="balanceOf(address)")[:4]
 _AUTHORIZATION_STATE = keccak(text="authorizationState(address,bytes32)")[:4]
+_NAME = keccak(text="name()")[:4]
+_VERSION = keccak(text="version()")[:4]
+_CHAIN_ID = rpc.Request("eth_chainId", [])
 
 
 def _word(address: str) -> bytes:
@@ -67,13 +72,32 @@ class Token:
         return int.from_bytes(rpc.call_output(result), "big") != 0
 
     def domain(self, chain_id: int | None = None) -> TokenDomain:
-        """The token's EIP-712 domain, read from its `name()` and `version()`."""
-        return TokenDomain(
-            name=str(self.contract.functions.name().call()),
-            version=str(self.contract.functions.version().call()),
-            chain_id=int(chain_id if chain_id is not None else self.w3.eth.chain_id),
-            verifying_contract=self.address,
-        )
+        """The token's EIP-712 domain, read from its `name()` and `version()` (and the chain id unless given) in
+        one round trip (rpc.batch); ContractRevert when the token reverts or answers nothing (no code there).
+
+        Raw calls: through web3's contract machinery the three reads cost about 12 ms of CPU.
+        """
+        reads = [rpc.call_request(self.address, _NAME), rpc.call_request(self.address, _VERSION)]
+        answers = rpc.batch(self.w3, reads if chain_id is not None else [*reads, _CHAIN_ID])
+        name, version = (self._text(answer) for answer in answers[:2])
+        if chain_id is None:
+            chain_id = int(str(_result(answers[2])), 16)
+        return TokenDomain(name=name, version=version, chain_id=chain_id, verifying_contract=self.address)
+
+    def _text(self, answer: object) -> str:
+        """A string view's answer, as `domain` reads it."""
+        try:
+            raw = rpc.call_output(_result(answer))
+        except rpc.NodeError as exc:
+            failure = revert_or_node_error(exc)
+            if isinstance(failure, ContractRevert):
+                raise failure from None
+            raise
+        try:
+            (text,) = decode(["string"], raw)
+        except Exception:  # noqa: BLE001 - eth_abi raises several kinds for data that is not a string
+            raise ContractRevert("EmptyReturn", {"token": self.address, "answer": raw}) from None
+        return str(text)
 
     def _data(self, fn: str, *args: Any) -> bytes:
         return bytes(HexBytes(self.contract.encode_abi(fn, args=list(args))))
@@ -97,3 +121,10 @@ class Token:
         v, r, s = split_signature(signature)
         fn = self.contract.get_function_by_signature("cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")
         return bytes(HexBytes(fn(authorizer, nonce, v, r, s)._encode_transaction_data()))
+
+
+def _result(answer: object) -> object:
+    """A batched request's result; the failure it met raised."""
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer

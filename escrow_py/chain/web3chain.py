@@ -25,10 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
-from eth_abi.abi import decode
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
@@ -49,10 +47,9 @@ from escrow_py.chain.tx import (
     TxSender,
     WatchReport,
     intent_of,
-    revert_or_node_error,
 )
 from escrow_py.protocol.eip3009 import TokenDomain
-from escrow_py.protocol.errors import ConfigError, ContractRevert, EscrowError, RpcError
+from escrow_py.protocol.errors import ConfigError, EscrowError, RpcError
 from escrow_py.protocol.terms import State, Terms
 from escrow_py.protocol.wire import EscrowPayload
 
@@ -65,9 +62,6 @@ _Self = TypeVar("_Self", bound="Web3EscrowChain")
 BASE_FEE_FRESH = 2.0
 # Deposit calldata kept per simulated payload, for the deposit that follows its simulation.
 CALLDATA_KEPT = 256
-
-_NAME = keccak(text="name()")[:4]
-_VERSION = keccak(text="version()")[:4]
 
 
 def _typed(what: str) -> Callable[[Callable[Concatenate[_Self, _P], _T]], Callable[Concatenate[_Self, _P], _T]]:
@@ -258,26 +252,10 @@ class Web3EscrowChain:
         with self._lock:
             if address in self._domains:
                 return self._domains[address]
-        name, version = rpc.both(lambda: self._text(address, _NAME), lambda: self._text(address, _VERSION))
-        domain = TokenDomain(name=name, version=version, chain_id=self.chain_id, verifying_contract=address)
+        domain = self._token(address).domain(self.chain_id)
         with self._lock:
             self._domains[address] = domain
         return domain
-
-    def _text(self, token: str, selector: bytes) -> str:
-        """A string view of `token`; ContractRevert when it reverts or answers nothing (no code there)."""
-        try:
-            raw = rpc.call(self.w3, token, selector)
-        except rpc.NodeError as exc:
-            failure = revert_or_node_error(exc)
-            if isinstance(failure, ContractRevert):
-                raise failure from None
-            raise
-        try:
-            (text,) = decode(["string"], raw)
-        except Exception:  # noqa: BLE001 - eth_abi raises several kinds for data that is not a string
-            raise ContractRevert("EmptyReturn", {"token": token, "answer": raw}) from None
-        return str(text)
 
     @_typed("reading the code at an escrow")
     def check_escrow(self, address: str) -> EscrowCodeCheck:
