@@ -167,11 +167,12 @@ def batch(w3: Web3, requests: Sequence[Request]) -> list[Any]:
     one's `result`, or the RpcError it met (NodeError for the node's error object), in order; the caller
     decides in its own order which failure counts first.
 
-    A node that refuses batches (some providers answer a batch with one error object), or a provider
-    other than DeadlineHTTPProvider, gets the requests one by one, at once (`gather`).
+    A plain HTTPProvider (the development tools' and tests' own) batches too, its transport errors typed
+    as DeadlineHTTPProvider types them. A node that refuses batches (some providers answer a batch with one
+    error object), or a provider that is not HTTP, gets the requests one by one, at once (`gather`).
     """
     provider = w3.provider
-    if len(requests) == 1 or not isinstance(provider, DeadlineHTTPProvider):
+    if len(requests) == 1 or not isinstance(provider, HTTPProvider):
         return _one_by_one(w3, requests)
     body = [{"jsonrpc": "2.0", "id": i, "method": r.method, "params": r.params} for i, r in enumerate(requests)]
     try:
@@ -179,6 +180,9 @@ def batch(w3: Web3, requests: Sequence[Request]) -> list[Any]:
         answers = json.loads(raw)
     except RpcError as exc:  # the whole round trip failed: every request met it
         return [exc] * len(requests)
+    except OSError as exc:  # the same, from a plain HTTPProvider (requests' errors are OSErrors)
+        shown = redact_url(str(provider.endpoint_uri))
+        return [RpcError(f"batch: {shown} unreachable: {type(exc).__name__}")] * len(requests)
     except ValueError as exc:  # not JSON: the same for every request
         return [RpcError(f"batch of {len(requests)}: unreadable answer ({exc})")] * len(requests)
     if not isinstance(answers, list):  # refused as a batch: ask one by one

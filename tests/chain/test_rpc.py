@@ -98,3 +98,26 @@ def test_a_batch_to_a_dead_node_gives_each_read_the_rpc_error(chain: Chain) -> N
     answers = rpc.batch(dead, [chain.escrow.state_request(b"\x00" * 32), rpc.Request("eth_blockNumber", [])])
     assert len(answers) == 2
     assert all(isinstance(a, RpcError) and "unreachable" in str(a) for a in answers)
+
+
+def test_a_plain_http_provider_batches_in_one_round_trip_too(chain: Chain) -> None:
+    """The tools' and tests' own Web3 (web3's HTTPProvider, not the roles' DeadlineHTTPProvider) batches too: a
+    TxSender on it reads the fees and its nonce in one request, not three. Its transport failures are RpcErrors."""
+    terms = make_terms(chain)
+    deposit(chain, terms)
+    escrow_id = chain.escrow.id_of(terms)
+    auth, signature = sign_deposit(chain, terms)
+    again = chain.escrow.deposit_data(terms, auth, signature)
+    with RpcProxy(chain.node.url) as proxy:
+        plain = Web3(HTTPProvider(proxy.url))
+        answers = rpc.batch(plain, _reads(chain, escrow_id, terms.buyer, again))
+        assert proxy.requests == ["batch"] and sum(proxy.calls.values()) == 5
+        _check_answers(chain, answers, escrow_id, terms.buyer)
+        proxy.refuse_batches = True
+        answers = rpc.batch(plain, _reads(chain, escrow_id, terms.buyer, again))
+        assert proxy.requests[1:2] == ["batch"] and len(proxy.requests) == 2 + 5
+        _check_answers(chain, answers, escrow_id, terms.buyer)
+    dead = Web3(HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 2}))
+    answers = rpc.batch(dead, [chain.escrow.state_request(b"\x00" * 32), rpc.Request("eth_blockNumber", [])])
+    assert len(answers) == 2
+    assert all(isinstance(a, RpcError) and "unreachable" in str(a) for a in answers)
