@@ -99,3 +99,21 @@ def test_untrusted_json_is_bounded() -> None:
                           (b"NaN", "is not JSON"), (b"1e999", "overflows"), (b"\xff", "is not JSON")]:  # fmt: skip
         with pytest.raises(ValueError, match=fragment):
             codec.load_json(raw)
+
+
+def test_the_depth_limit_counts_nesting_not_brackets() -> None:
+    limit = codec.MAX_JSON_DEPTH
+    assert codec.load_json(b"[" * limit + b"]" * limit) == _nested(limit)
+    # More brackets than the limit, none of them nesting past it: in strings, and side by side.
+    assert codec.load_json(b'["' + b"[{" * limit + b'"]') == ["[{" * limit]
+    assert codec.load_json(b"[" + b"[]," * limit + b"[]]") == [[]] * (limit + 1)
+    # Past it, with a closing bracket in a string (after an escaped quote) that must not count.
+    deep = b'["\\"]",' + b"[" * limit + b"]" * limit + b"]"
+    objects = b'{"a":' * (limit + 1) + b"1" + b"}" * (limit + 1)  # objects count as arrays do
+    for raw in (deep, objects):
+        with pytest.raises(ValueError, match=f"nests {limit + 1} levels"):
+            codec.load_json(raw)
+
+
+def _nested(depth: int) -> object:
+    return [] if depth == 1 else [_nested(depth - 1)]
