@@ -16,6 +16,7 @@ A test is `integration` when it uses the `chain` fixture, when it lives in one o
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         else:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection built (every imported module, every test item: most of a worker's heap) lives until the
+    end, so it is moved out of the collector's sight. Every full collection after it walked all of it again:
+    with the whole suite collected, a worker spent 2.9 s of CPU in 20 full collections over a 25 s run (0.6 s
+    with it frozen), and pytest collects five times more at its end to report unraisable exceptions.
+    Objects made by the tests themselves, and their finalizers, are collected as before."""
+    gc.collect()
+    gc.freeze()
