@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -176,13 +177,16 @@ _JSON = {"Content-Type": "application/json"}
 
 
 class LocalNodeProvider(HTTPProvider):
-    """web3's HTTPProvider for a node on this machine (anvil), on one keep-alive http.client connection per thread.
+    """web3's HTTPProvider for a node on this machine (anvil), on keep-alive http.client connections.
 
     Through requests a call costs about 1 ms of CPU against anvil (the proxy settings looked up in the
     environment, cookie jars, adapters), ten times http.client's; the tests, the demo and the benchmarks make
     tens of thousands of calls. No proxy, TLS or redirect is ever involved on 127.0.0.1. The roles keep their
     own provider (escrow_py.chain.rpc.DeadlineHTTPProvider). Failures are raised as requests' exceptions, as
     HTTPProvider raises them; `timeout` applies to each connect and read, as requests' does.
+
+    Each call takes an idle connection (or opens one) and puts it back once answered, so threads share them
+    and none is left open by a thread that ended; they are closed with the provider (`close`).
     """
 
     def __init__(self, url: str, timeout: float = 30.0) -> None:
@@ -190,40 +194,55 @@ class LocalNodeProvider(HTTPProvider):
         parts = urlsplit(url)
         self._host, self._port, self._path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
         self._timeout = timeout
-        self._local = threading.local()
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._idle, self._lock)
 
-    def _make_request(self, method: RPCEndpoint, request_data: bytes) -> bytes:
-        connection = self._connection()
+    def post(self, body: bytes, what: str = "post") -> bytes:
+        """POST `body` to the node; the answer's body (requests' exceptions on failure, `what` in their message)."""
+        connection = self._take()
         try:
-            connection.request("POST", self._path, body=request_data, headers=_JSON)
+            connection.request("POST", self._path, body=body, headers=_JSON)
             response = connection.getresponse()
-            body = response.read()
+            answer = response.read()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
-            self._local.connection = None
             if isinstance(exc, TimeoutError):
-                raise requests.exceptions.ReadTimeout(f"{method}: {exc}") from exc
-            raise requests.exceptions.ConnectionError(f"{method}: {type(exc).__name__}: {exc}") from exc
+                raise requests.exceptions.ReadTimeout(f"{what}: {exc}") from exc
+            raise requests.exceptions.ConnectionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        with self._lock:
+            self._idle.append(connection)
         if response.status != 200:
-            raise requests.exceptions.HTTPError(f"{method}: HTTP {response.status} {response.reason}")
-        return body
+            raise requests.exceptions.HTTPError(f"{what}: HTTP {response.status} {response.reason}")
+        return answer
+
+    def _make_request(self, method: RPCEndpoint, request_data: bytes) -> bytes:
+        return self.post(request_data, method)
 
     def make_batch_request(self, batch_requests: list[tuple[RPCEndpoint, Any]]) -> Any:
-        """As HTTPProvider's, on this provider's connection: the answers in the order of the requests."""
-        answers = self.decode_rpc_response(
-            self._make_request(RPCEndpoint("batch"), self.encode_batch_rpc_request(batch_requests))
-        )
+        """As HTTPProvider's, on this provider's connections: the answers in the order of the requests."""
+        answers = self.decode_rpc_response(self.post(self.encode_batch_rpc_request(batch_requests), "batch"))
         if not isinstance(answers, list):  # the node refused the batch with one error object
             return answers
         return sorted(answers, key=lambda answer: int(answer["id"]))
 
-    def _connection(self) -> http.client.HTTPConnection:
-        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+    def close(self) -> None:
+        """Close the idle connections (a later call opens a new one)."""
+        _close_all(self._idle, self._lock)
+
+    def _take(self) -> http.client.HTTPConnection:
+        with self._lock:
+            connection = self._idle.pop() if self._idle else None
         if connection is None:
-            connection = self._local.connection = http.client.HTTPConnection(
-                self._host, self._port, timeout=self._timeout
-            )
-        elif connection.sock is not None and select.select([connection.sock], [], [], 0)[0]:
-            # Readable while idle: the node closed it (or sent what nobody asked for). A fresh one, as urllib3 does.
+            return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        if connection.sock is not None and select.select([connection.sock], [], [], 0)[0]:
+            # Readable while idle: the node closed it (or sent what nobody asked for). Reopened, as urllib3 does.
             connection.close()
         return connection
+
+
+def _close_all(connections: list[http.client.HTTPConnection], lock: threading.Lock) -> None:
+    with lock:
+        closing, connections[:] = list(connections), []
+    for connection in closing:
+        connection.close()

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import random
 import threading
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from escrow_devtools.anvil import free_port
+from escrow_devtools.anvil import LocalNodeProvider, free_port
 
 # What a load-balanced public RPC answers when the backend behind it lags: a real error, not a revert.
 NODE_ERROR = {"code": -32000, "message": "header not found"}
@@ -43,15 +42,12 @@ BATCH_REFUSED = {"code": -32600, "message": "batch requests are not supported"}
 _EVERY_METHOD = "*"
 
 
-def _forward(upstream: str, body: bytes) -> bytes:
-    forwarded = urllib.request.Request(upstream, body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(forwarded, timeout=30) as answer:
-        return bytes(answer.read())
-
-
 class RpcProxy:
     def __init__(self, upstream: str, *, seed: int = 7) -> None:
         self.upstream = upstream
+        # Forwarded on kept-alive connections: a new connection (and urllib's proxy look-ups) per request cost
+        # the test's process more CPU than the node spent answering.
+        self._node = LocalNodeProvider(upstream)
         self.mode = "forward"
         self.requests: list[str] = []  # methods seen, in order
         self.calls: Counter[str] = Counter()  # methods seen, counted (each item of a JSON-RPC batch)
@@ -100,7 +96,7 @@ class RpcProxy:
                 if error is not None and isinstance(request, dict):
                     self._answer(json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode())
                     return
-                self._answer(_forward(upstream, body))
+                self._answer(proxy._node.post(body, "forward"))
 
             def _answer(self, data: bytes, status: int = 200) -> None:
                 self.send_response(status)
@@ -180,7 +176,7 @@ class RpcProxy:
             else:
                 forward.append(item)
         if forward:
-            for answer in json.loads(_forward(self.upstream, json.dumps(forward).encode())):
+            for answer in json.loads(self._node.post(json.dumps(forward).encode(), "forward")):
                 answers[answer.get("id")] = answer
         return json.dumps([answers[i.get("id")] for i in items if isinstance(i, dict)]).encode()
 
@@ -232,6 +228,7 @@ class RpcProxy:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+        self._node.close()
 
     close = stop
 
