@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
+import requests
 from fixtures.chain import SELLER, STRANGER, Chain
 from helpers import address, deposit, make_terms, sign_deposit
 from rpc_proxy import RpcProxy
 from web3 import HTTPProvider, Web3
+from web3.types import RPCEndpoint
 
-from escrow_devtools.anvil import free_port
+from escrow_devtools.anvil import LocalNodeProvider, free_port
 from escrow_py.chain import rpc
 from escrow_py.chain.clock import block_time
 from escrow_py.protocol.errors import ContractRevert, RpcError
@@ -121,3 +125,26 @@ def test_a_plain_http_provider_batches_in_one_round_trip_too(chain: Chain) -> No
     answers = rpc.batch(dead, [chain.escrow.state_request(b"\x00" * 32), rpc.Request("eth_blockNumber", [])])
     assert len(answers) == 2
     assert all(isinstance(a, RpcError) and "unreachable" in str(a) for a in answers)
+
+
+def test_the_tools_local_provider_answers_as_web3s_own_and_fails_as_it_does(chain: Chain) -> None:
+    """Anvil.web3()'s LocalNodeProvider: web3's answers over kept-alive connections shared by threads, batches in
+    the order asked, and a dead node's failure as web3's HTTPProvider raises it (requests' ConnectionError)."""
+    w3, plain = chain.w3, Web3(HTTPProvider(chain.node.url))
+    assert isinstance(w3.provider, LocalNodeProvider)
+    assert w3.eth.get_block("latest") == plain.eth.get_block("latest")
+    with ThreadPoolExecutor(8) as pool:
+        heads = set(pool.map(lambda _: int(w3.eth.block_number), range(200)))
+    assert heads == {int(plain.eth.block_number)}
+    asked: list[tuple[RPCEndpoint, Any]] = [
+        (RPCEndpoint(method), []) for method in ("eth_chainId", "eth_blockNumber", "eth_noSuchMethod")
+    ]
+    answers = w3.provider.make_batch_request(asked)
+    assert isinstance(answers, list)
+    assert [a.get("result") for a in answers[:2]] == [hex(w3.eth.chain_id), hex(plain.eth.block_number)]
+    assert "error" in answers[2]
+    dead = Web3(LocalNodeProvider(f"http://127.0.0.1:{free_port()}", timeout=2))
+    with pytest.raises(requests.exceptions.ConnectionError):
+        dead.eth.get_block("latest")
+    with pytest.raises(RpcError, match="eth_call failed"):
+        rpc.call(dead, chain.escrow.address, b"")
