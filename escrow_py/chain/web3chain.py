@@ -23,7 +23,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from eth_abi.abi import decode
 from eth_typing import ChecksumAddress
@@ -54,7 +54,9 @@ from escrow_py.chain.tx import (
 from escrow_py.protocol.eip3009 import TokenDomain
 from escrow_py.protocol.errors import ConfigError, ContractRevert, EscrowError, RpcError
 from escrow_py.protocol.terms import State, Terms
-from escrow_py.protocol.wire import EscrowPayload
+
+if TYPE_CHECKING:  # the wire's pydantic models and the x402 SDK: the keeper never loads them
+    from escrow_py.protocol.wire import EscrowPayload
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
