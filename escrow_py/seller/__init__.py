@@ -43,6 +43,8 @@ or the keeper); a delivery a reorg drops is posted again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from web3 import Web3
 
 from escrow_py.seller._chain import seller_chain
@@ -50,11 +52,23 @@ from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
 from escrow_py.seller._poster import DeliveryPoster, PostReport
-from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
 from escrow_py.seller._sdk import DeliveryEscrowServerScheme, DeliveryHashHeader
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+
+if TYPE_CHECKING:
+    from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
+
+
+def __getattr__(name: str) -> object:
+    """The keyless seller's two names, imported when first asked for: with httpx (and here the rich and click
+    of httpx's CLI, about 0.2 s of CPU) that a seller holding its own key, and the facilitator, never use."""
+    if name in ("FacilitatorMiddleware", "FacilitatorSellerConfig"):
+        from escrow_py.seller import _remote
+
+        return getattr(_remote, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
