@@ -20,9 +20,11 @@ from helpers import OPERATOR, SELLER, address
 from escrow_devtools.anvil import dev_private_key
 
 # What each deferral saves per process, in CPU at import on the 2-core machine (python -X importtime, time):
-# the x402 SDK's package and the wire's models ~0.1 s; httpx ~0.1 s plus its CLI's rich, click and pygments
-# (installed beside it by eth-ape) ~0.13 s; the bazaar with jsonschema ~0.15 s; jsonschema alone ~0.1 s.
+# web3 (with the eth_account it signs with) ~0.6 s; the x402 SDK's package and the wire's models ~0.1 s;
+# httpx ~0.1 s plus its CLI's rich, click and pygments (installed beside it by eth-ape) ~0.13 s; the bazaar
+# with jsonschema ~0.15 s; jsonschema alone ~0.1 s.
 WATCHED = (
+    "web3",
     "x402",
     "escrow_py.protocol.wire",
     "fastapi",
@@ -40,8 +42,12 @@ import json, os, sys
 def step(name):
     print(json.dumps([name, sorted(m for m in WATCHED if m in sys.modules)]), flush=True)
 
-# The keeper's command: `x402-escrow keeper run` imports this module, which imports the keeper.
-import escrow_py.keeper._cli
+# `x402-escrow keeper run` with a bad setting ends before it imports the chain stack; a running keeper's modules.
+from escrow_py import cli
+code = cli.main(["keeper", "run", "--rpc", "http://127.0.0.1:1", "--escrow", "0x" + "11" * 20, "--poll-interval", "0"])
+assert code == 2, code
+step("keeper refusing a setting")
+import escrow_py.keeper._cli, escrow_py.keeper._daemon, escrow_py.keeper._status
 step("keeper")
 
 # A seller holding its own key, as the bench's replica processes build it (uvicorn --factory).
@@ -85,9 +91,10 @@ def test_each_role_loads_only_what_its_common_path_uses(tmp_path: Path) -> None:
     ).stdout
     loaded = {name: set(modules) for name, modules in map(json.loads, out.splitlines())}
 
-    assert loaded["keeper"] == set()  # not the SDK, the wire, an ASGI framework, httpx or jsonschema
+    assert loaded["keeper refusing a setting"] == set()
+    assert loaded["keeper"] == {"web3"}  # not the SDK, the wire, an ASGI framework, httpx or jsonschema
     # A seller with its own key: the SDK and its ASGI stack, but no HTTP client, no bazaar, no exact, no schemas.
-    assert loaded["seller replica"] == {"x402", "escrow_py.protocol.wire", "fastapi", "starlette"}
+    assert loaded["seller replica"] == {"web3", "x402", "escrow_py.protocol.wire", "fastapi", "starlette"}
     assert loaded["demo shop"] == loaded["seller replica"]
     assert loaded["facilitator"] == loaded["seller replica"]
     # The buyer is an HTTP client: httpx (and what httpx loads with it) is its job; a schema is not.
