@@ -19,6 +19,7 @@ import httpx
 import uvicorn
 
 from escrow_devtools.anvil import free_port
+from escrow_py.protocol.tls import tls_context
 
 
 class ServerDidNotStart(RuntimeError):
@@ -81,7 +82,7 @@ def wait_until_answering(
     about 40 ms of CPU, which on a loaded machine is taken from the very process being waited for.
     """
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as client:
+    with httpx.Client(timeout=2, verify=tls_context()) as client:
         while True:
             if process is not None and process.poll() is not None:
                 raise ServerDidNotStart(f"{what} exited ({process.returncode}) at start-up:\n{output()}")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, until
@@ -53,7 +54,7 @@ def test_the_quickstart_script_starts_a_chain_and_pays_a_first_request(tmp_path:
     # The script ended `dev` with SIGTERM, as Ctrl-C would: its anvil went with it.
     assert "stopping anvil" in lines
     with pytest.raises(httpx.TransportError):
-        httpx.post(
+        localhttp.post(
             settings["X402_ESCROW_RPC_URL"], json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"}, timeout=5
         )
 

@@ -15,6 +15,7 @@ from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
+from escrow_py.protocol.tls import client_options
 
 # The clients' default pool. httpcore 1.0.9 closes an idle connection whenever the pool
 # holds more than max_keepalive_connections in all, and under many threads it can close
@@ -79,7 +80,7 @@ class _EscrowClientBase(Generic[_Http]):
     ) -> None:
         self.auth = EscrowAuth(settings_of(settings, rpc_url, journal, options))
         options.setdefault("limits", POOL_LIMITS)
-        self.http: _Http = self._http_type(auth=self.auth, **options)  # what is left is httpx's
+        self.http: _Http = self._http_type(auth=self.auth, **client_options(options))  # what is left is httpx's
 
     @property
     def settings(self) -> BuyerSettings:

@@ -21,6 +21,7 @@ from escrow_py.chain.escrow import Settled
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ChainError, ConfigError, ProtocolError
 from escrow_py.protocol.terms import State, delivery_hash
+from escrow_py.protocol.tls import tls_context
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -369,7 +370,7 @@ def recover(
     """
     core = PaymentCore(_recover_settings("recover", settings, signer, rpc_url, options))
     try:
-        with httpx.Client(transport=transport) as http:
+        with httpx.Client(transport=transport, verify=tls_context()) as http:
             return recover_with(core, http, refund_expired=refund_expired)
     finally:
         core.close()
@@ -387,7 +388,7 @@ async def arecover(
     """The async form of recover(); replays go through `transport` (e.g. httpx.ASGITransport)."""
     core = PaymentCore(_recover_settings("arecover", settings, signer, rpc_url, options))
     try:
-        async with httpx.AsyncClient(transport=transport) as http:
+        async with httpx.AsyncClient(transport=transport, verify=tls_context()) as http:
             return await arecover_with(core, http, refund_expired=refund_expired)
     finally:
         core.close()

@@ -9,4 +9,5 @@ checks it), so a message can be built, encoded, decoded and checked without a no
     eip3009.py   Authorization, TokenDomain, the EIP-712 typed data, sign and recover
     wire.py      the x402 v2 envelope of the delivery-escrow scheme and its header codecs
     errors.py    the one exception tree
+    tls.py       the one verifying TLS context every HTTP client the package builds shares
 """

@@ -43,6 +43,7 @@ from escrow_py.protocol.codec import parse_hex, setting_address
 from escrow_py.protocol.errors import ConfigError, EscrowError
 from escrow_py.protocol.reasons import Reason
 from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.tls import tls_context
 from escrow_py.protocol.wire import SCHEME, SettlementStatus
 from escrow_py.seller._asgi import lifespan, run_handler, send_response
 from escrow_py.seller._claims import Claim
@@ -223,7 +224,10 @@ class FacilitatorClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._client = httpx.AsyncClient(
-                base_url=self.config.facilitator_url, headers=self.config.headers(), timeout=self.config.timeout
+                base_url=self.config.facilitator_url,
+                headers=self.config.headers(),
+                timeout=self.config.timeout,
+                verify=tls_context(),
             )
             self._loop = loop
         return self._client

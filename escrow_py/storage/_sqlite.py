@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,11 +36,31 @@ def open_sqlite(url_or_path: str | Path) -> sqlite3.Connection:
     path = sqlite_path(url_or_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    _journal_in_wal(conn, path)
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+def _journal_in_wal(conn: sqlite3.Connection, path: Path) -> None:
+    """Switch the file to WAL, waiting out another connection doing the same.
+
+    Two processes opening a new file at once (an agent and the tool that polls its journal) both ask
+    for WAL: that needs the file to themselves, and SQLite refuses one of them at once, busy timeout or
+    not (waiting could deadlock). Once the other has switched, the same pragma is a no-op.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"{path}: journal_mode is {mode!r}, not WAL (a read-only or in-memory file?)")
 
 
 @contextmanager

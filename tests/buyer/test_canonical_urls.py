@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import localhttp
 import pytest
 from eth_utils.crypto import keccak
 from fixtures.chain import Chain
@@ -90,7 +91,7 @@ def test_recover_replays_a_request_that_hashes_to_the_same_url(chain: Chain, ser
     # The seller serves the paid request, the reply is lost; a later process replays it from the journal.
     journal = tmp_path / "buyer.sqlite"
     path = "/report/été-✓?q=a%20b&q=&r"
-    transport = Faulty(httpx.AsyncHTTPTransport(), drop_after=True)
+    transport = Faulty(localhttp.AsyncHTTPTransport(), drop_after=True)
 
     async def pay() -> None:
         async with AsyncEscrowClient(dev(BUYER), chain.node.url, journal, transport=transport) as client:
@@ -116,7 +117,7 @@ def test_the_sdk_plugin_pays_unicode_urls(chain: Chain, served: str, tmp_path: P
     sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
 
     async def run() -> httpx.Response:
-        async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:
+        async with localhttp.AsyncClient(transport=x402_httpx_transport(sdk, localhttp.AsyncHTTPTransport())) as http:
             return await http.get(f"{served}/report/été-✓?q=a%20b", headers={"Host": "shop.example"})
 
     response = asyncio.run(run())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, STRANGER, address, dev
@@ -89,7 +90,7 @@ def _pay(form: str, chain: Chain, journal: Path, url: str) -> BaseException | No
                 client.get(url)
         elif form == "EscrowAuth":
             auth = EscrowAuth(dev(BUYER), rpc, journal)
-            with httpx.Client(auth=auth) as http:
+            with localhttp.Client(auth=auth) as http:
                 http.get(url)
             auth.journal.close()
         elif form == "AsyncEscrowClient":
@@ -103,7 +104,7 @@ def _pay(form: str, chain: Chain, journal: Path, url: str) -> BaseException | No
             scheme = DeliveryEscrowScheme(dev(BUYER), rpc, journal)
 
             async def run_sdk() -> None:
-                transport = x402_httpx_transport(_sdk(chain, scheme), httpx.AsyncHTTPTransport())
+                transport = x402_httpx_transport(_sdk(chain, scheme), localhttp.AsyncHTTPTransport())
                 async with httpx.AsyncClient(transport=transport) as http:
                     await http.get(url)
 
@@ -154,7 +155,7 @@ def test_the_sdk_plugin_refuses_before_signing(chain: Chain, thief_of: Callable[
     # The plugin as the SDK calls it, with the thief's own requirements.
     thief = thief_of("eoa")
     with serving(thief.app()) as base:
-        offer = httpx.get(f"{base}/article/direct")
+        offer = localhttp.get(f"{base}/article/direct")
     requirements = decode_payment_required(offer.headers[PAYMENT_REQUIRED_HEADER]).accepts[0]
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
     with pytest.raises(EscrowNotGenuine, match=r"no_code: escrow .* holds no code"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
+import localhttp
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, dev
 
@@ -43,7 +43,7 @@ def _stand_idle(chain: Chain, seconds: int) -> None:
 
 def test_a_payment_signed_after_two_idle_minutes_deposits_in_time(chain: Chain, served: str, tmp_path: Path) -> None:
     # The SDK plugin signs the seller's own requirements; the signed payment is deposited as the seller would.
-    requirements = decode_payment_required(httpx.get(f"{served}/report/idle").headers[PAYMENT_REQUIRED_HEADER])
+    requirements = decode_payment_required(localhttp.get(f"{served}/report/idle").headers[PAYMENT_REQUIRED_HEADER])
     scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
     _stand_idle(chain, IDLE)
     payload = EscrowPayload.from_json(scheme.create_payment_payload(requirements.accepts[0]))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, address, dev, no_automine, rpc
@@ -110,7 +111,7 @@ def _pay(
             return client.get(url), seen
     auth = EscrowAuth(dev(BUYER), chain.node.url, journal, resend=resend)
     try:
-        with httpx.Client(auth=auth, event_hooks=hooks, timeout=60) as http:
+        with localhttp.Client(auth=auth, event_hooks=hooks, timeout=60) as http:
             return http.get(url), seen
     finally:
         auth.journal.close()

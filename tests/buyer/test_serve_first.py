@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, dev
@@ -200,7 +201,9 @@ def _sdk_get(chain: Chain, shop: Shop, scheme: DeliveryEscrowScheme, path: str) 
     with serving(shop.app) as url:
 
         async def run() -> httpx.Response:
-            async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:
+            async with localhttp.AsyncClient(
+                transport=x402_httpx_transport(sdk, localhttp.AsyncHTTPTransport())
+            ) as http:
                 return await http.get(f"{url}{path}")
 
         return asyncio.run(run())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from eth_utils.address import to_checksum_address
 from fixtures.chain import Chain
@@ -59,7 +60,7 @@ def _get(form: str, rpc_url: str, journal: Path, url: str, **settings: Any) -> N
     elif form == "EscrowAuth":
         auth = EscrowAuth(dev(BUYER), rpc_url, journal, **settings)
         try:
-            with httpx.Client(auth=auth, event_hooks=hooks, timeout=60) as http:
+            with localhttp.Client(auth=auth, event_hooks=hooks, timeout=60) as http:
                 http.get(url)
         finally:
             auth.journal.close()
@@ -84,7 +85,7 @@ def _attempt(form: str, rpc_url: str, journal: Path, url: str) -> None:
     if form in HTTP_FORMS:
         _get(form, rpc_url, journal, url)
         return
-    requirements = decode_payment_required(httpx.get(url).headers[PAYMENT_REQUIRED_HEADER]).accepts[0]
+    requirements = decode_payment_required(localhttp.get(url).headers[PAYMENT_REQUIRED_HEADER]).accepts[0]
     scheme = DeliveryEscrowScheme(dev(BUYER), rpc_url, journal)
     try:
         scheme.create_payment_payload(requirements)
@@ -228,7 +229,7 @@ def _sdk_get(chain: Chain, scheme: DeliveryEscrowScheme, url: str) -> httpx.Resp
     sdk.set_spend_controls({"allowed_assets": [allowed]})  # type: ignore[arg-type]
 
     async def run() -> httpx.Response:
-        async with httpx.AsyncClient(transport=x402_httpx_transport(sdk, httpx.AsyncHTTPTransport())) as http:
+        async with localhttp.AsyncClient(transport=x402_httpx_transport(sdk, localhttp.AsyncHTTPTransport())) as http:
             return await http.get(url)
 
     return asyncio.run(run())

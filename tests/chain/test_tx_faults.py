@@ -10,6 +10,7 @@ import pytest
 from fixtures.chain import OPERATOR, STRANGER, Chain
 from helpers import address, dev
 from rpc_proxy import RpcProxy
+from web3 import Web3
 from web3.types import RPCEndpoint
 
 from escrow_py.chain import rpc
@@ -90,11 +91,23 @@ def test_a_key_without_gas_money_raises_insufficient_funds(chain: Chain) -> None
     assert info.value.address == address(OPERATOR)
 
 
+def _answers(w3: Web3) -> bool:
+    """The node answers through `w3` within its 1 s deadline, tried for 30 s: on a loaded machine one
+    round trip through the proxy can take longer than the deadline, which is then doing its job."""
+    give_up = time.monotonic() + 30
+    while True:
+        try:
+            return int(w3.eth.block_number) >= 0
+        except RpcTimeout:
+            if time.monotonic() > give_up:
+                raise
+
+
 def test_every_call_has_one_total_deadline_retries_included(chain: Chain) -> None:
     proxy = RpcProxy(chain.node.url)
     try:
         w3 = rpc.connect(proxy.url + "/v2/SECRET", deadline=1.0)
-        assert int(w3.eth.block_number) >= 0
+        assert _answers(w3)
         proxy.mode = "blackhole"
         calls: tuple[Callable[[], int], ...] = (lambda: w3.eth.block_number, lambda: block_time(w3))
         for call in calls:
@@ -106,7 +119,7 @@ def test_every_call_has_one_total_deadline_retries_included(chain: Chain) -> Non
         with pytest.raises(RpcTimeout):
             w3.eth.get_balance(address(STRANGER))
         proxy.mode = "forward"
-        assert int(w3.eth.block_number) >= 0  # recovers once the node answers
+        assert _answers(w3)  # recovers once the node answers
     finally:
         proxy.close()
     with pytest.raises(RpcError, match="unreachable"):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import OPERATOR, SELLER, SELLER2, address, dev
@@ -37,7 +38,7 @@ class Fac:
 
     def client(self, key: str | None = None, **headers: str) -> httpx.Client:
         auth = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers={**auth, **headers}, timeout=60)
+        return localhttp.Client(base_url=self.url, headers={**auth, **headers}, timeout=60)
 
 
 def fac_config(chain: Chain, db: Path, **overrides: Any) -> FacilitatorConfig:

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import localhttp
 import pytest
 from eth_typing import HexStr
 from fixtures.chain import Chain
@@ -219,7 +219,7 @@ def test_the_console_links_to_the_operators_explorer_when_one_is_configured(
     try:
         with served(create_app(facilitator, keys, console_token=CONSOLE_TOKEN)) as (url, _server):
             _, body = signed(chain, requirements(chain))
-            answer = httpx.post(f"{url}/settle", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+            answer = localhttp.post(f"{url}/settle", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
             deposit = answer.json()["transaction"]
             page = browser.new_page()
             page.goto(f"{url}/console?token={CONSOLE_TOKEN}")

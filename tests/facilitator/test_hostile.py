@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER2, address
@@ -210,7 +211,7 @@ CASES: dict[str, tuple[Case, int]] = {
 def test_hostile_requests_are_refused_and_never_acted_on(scene: Scene) -> None:
     assert len(CASES) >= 25
     failures = []
-    with httpx.Client(base_url=scene.fac.url, timeout=60) as http:
+    with localhttp.Client(base_url=scene.fac.url, timeout=60) as http:
         for name, (case, expected) in CASES.items():
             before = _snapshot(scene)
             response = case(scene, http)

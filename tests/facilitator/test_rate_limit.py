@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import SELLER, SELLER2, address
@@ -62,7 +63,7 @@ def test_two_replicas_on_one_postgresql_share_each_keys_limit(
 
         def ask(n: int, presented: str) -> httpx.Response:
             url = f"{replicas[n % 2].url}/escrows/{unknown}"  # alternating: each replica sees half the requests
-            return httpx.get(url, headers={"Authorization": f"Bearer {presented}"}, timeout=30)
+            return localhttp.get(url, headers={"Authorization": f"Bearer {presented}"}, timeout=30)
 
         # A stranger naming the key's id with a wrong secret is refused and spends none of its limit.
         forged = f"x4f_{key_id}_{secrets.token_urlsafe(32)}"

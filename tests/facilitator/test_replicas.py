@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address
@@ -91,7 +92,7 @@ def test_two_replicas_on_postgresql_one_killed_mid_traffic_lose_nothing(
                 got: list[tuple[str, bytes, httpx.Response]] = []
 
                 async def traffic() -> None:
-                    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                    async with localhttp.AsyncClient(base_url=url, timeout=120) as client:
                         gate = asyncio.Semaphore(AT_ONCE)
 
                         async def one(path: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import SELLER, address
@@ -41,7 +41,7 @@ def test_a_running_facilitator_prunes_idempotency_records_past_its_retention(cha
         facilitator = Facilitator(config)
         with served(create_app(facilitator, keys)) as (url, _server):
             for claim in ("old", "new"):  # any request may carry a key; its answer (404 here) is recorded
-                assert httpx.get(url + unknown, headers={**auth, "Idempotency-Key": claim}).status_code == 404
+                assert localhttp.get(url + unknown, headers={**auth, "Idempotency-Key": claim}).status_code == 404
         facilitator.close()
         store = open_database(db, NAMESPACE)
         try:
@@ -52,7 +52,7 @@ def test_a_running_facilitator_prunes_idempotency_records_past_its_retention(cha
         facilitator = Facilitator(config)  # a replica starting: it prunes at once, then hourly
         with served(create_app(facilitator, keys)) as (url, _server):
             wait_for(lambda: _claims(db) == {"new"}, timeout=30)
-            replay = httpx.get(url + unknown, headers={**auth, "Idempotency-Key": "new"})
+            replay = localhttp.get(url + unknown, headers={**auth, "Idempotency-Key": "new"})
             assert replay.status_code == 404 and replay.headers.get("idempotent-replayed") == "true"
         facilitator.close()
     finally:

@@ -13,6 +13,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import localhttp
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fixtures.chain import Chain
@@ -143,7 +144,7 @@ def test_a_failed_handler_in_the_escrow_flow_is_refunded_by_the_cancel_settle(
     with served(_sdk_seller(chain, fac, calls, {"paymentFlow": "escrow"})) as (url, _server):
 
         async def buy() -> httpx.Response:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            async with localhttp.AsyncClient(base_url=url, timeout=60) as http:
                 required = await quote(http, "GET", "/fail/1")
                 payment = sign_payment(chain, required)
                 return await http.get("/fail/1", headers={PAYMENT_SIGNATURE_HEADER: payment.header})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -47,7 +48,7 @@ class Remote:
     calls: dict[str, int] = field(default_factory=dict)
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=60)
+        return localhttp.AsyncClient(base_url=self.url, timeout=60)
 
 
 async def resend_until_served(client: httpx.AsyncClient, path: str, header: str) -> httpx.Response:

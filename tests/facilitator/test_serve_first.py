@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -99,7 +100,7 @@ def test_a_keyless_seller_serves_first_and_the_facilitator_settles_in_a_batch(ch
     seller_before = chain.token.balance_of(address(SELLER))
 
     async def run() -> list[tuple[bytes, httpx.Response, str]]:
-        async with httpx.AsyncClient(base_url=seller.url, timeout=60) as client:
+        async with localhttp.AsyncClient(base_url=seller.url, timeout=60) as client:
             paid = []
             for item in range(3):
                 required = await quote(client, "GET", f"/fast/{item}")
@@ -134,7 +135,7 @@ def test_a_keyless_seller_serves_first_and_the_facilitator_settles_in_a_batch(ch
     finally:
         store.close()
     escrow_id, first, header = paid[0]
-    replay = httpx.get(f"{seller.url}/fast/0", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
+    replay = localhttp.get(f"{seller.url}/fast/0", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
     settle, extra = _extra(replay)
     assert replay.content == first.content and extra.settlement == SettlementStatus.SETTLED
     assert settle.transaction.startswith("0x")  # type: ignore[attr-defined]
@@ -147,7 +148,7 @@ def test_a_failed_serve_first_handler_charges_nothing_and_queues_nothing(
     buyer_before = chain.token.balance_of(address(BUYER))
 
     async def run() -> httpx.Response:
-        async with httpx.AsyncClient(base_url=seller.url, timeout=60) as client:
+        async with localhttp.AsyncClient(base_url=seller.url, timeout=60) as client:
             payment = sign_payment(chain, await quote(client, "GET", "/fast-fail"))
             return await client.get("/fast-fail", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
 
@@ -162,7 +163,7 @@ def test_a_failed_serve_first_handler_charges_nothing_and_queues_nothing(
 
 def test_hold_and_serve_first_routes_side_by_side(chain: Chain, seller: Seller) -> None:
     async def run() -> httpx.Response:
-        async with httpx.AsyncClient(base_url=seller.url, timeout=60) as client:
+        async with localhttp.AsyncClient(base_url=seller.url, timeout=60) as client:
             payment = sign_payment(chain, await quote(client, "GET", "/held/1"))
             return await client.get("/held/1", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
 
@@ -254,7 +255,7 @@ def test_a_serve_first_settlement_queued_while_the_facilitator_is_down_leaves_wh
         with served(app) as (url, _server):
 
             async def buy() -> tuple[bytes, httpx.Response]:
-                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                async with localhttp.AsyncClient(base_url=url, timeout=60) as client:
                     payment = sign_payment(chain, await quote(client, "GET", "/kills-facilitator"))
                     response = await client.get(
                         "/kills-facilitator", headers={PAYMENT_SIGNATURE_HEADER: payment.header}
@@ -286,7 +287,7 @@ def test_settlements_handed_over_one_at_a_time_leave_in_one_settle_many(chain: C
     try:
         with (
             served(create_app(facilitator, keys)) as (url, _server),
-            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client,
+            localhttp.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client,
         ):
             for item in range(3):
                 escrow_id, body = _serve_first_body(chain, "0x" + f"{item + 1:02x}" * 32, item=item)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fastapi import FastAPI
 from fixtures.chain import Chain
@@ -76,13 +77,13 @@ def seller(chain: Chain, fac: Fac, tmp_path: Path) -> Iterator[Seller]:
 
 
 async def _pay(seller: Seller, chain: Chain, path: str) -> tuple[httpx.Response, Payment]:
-    async with httpx.AsyncClient(base_url=seller.url, timeout=60) as client:
+    async with localhttp.AsyncClient(base_url=seller.url, timeout=60) as client:
         payment = sign_payment(chain, await quote(client, "GET", path))
         return await client.get(path, headers={PAYMENT_SIGNATURE_HEADER: payment.header}), payment
 
 
 def _send(seller: Seller, path: str, payment: Payment) -> httpx.Response:
-    return httpx.get(f"{seller.url}{path}", headers={PAYMENT_SIGNATURE_HEADER: payment.header}, timeout=60)
+    return localhttp.get(f"{seller.url}{path}", headers={PAYMENT_SIGNATURE_HEADER: payment.header}, timeout=60)
 
 
 def test_serve_first_hooks_run_around_verify_the_handler_and_the_facilitators_settlement(

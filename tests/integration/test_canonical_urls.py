@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, dev
@@ -54,7 +54,7 @@ def test_every_target_pays_from_the_independent_client_and_from_ours(
     with serving(chain, tmp_path / "seller.sqlite") as base:
         for target in TARGETS:
             url = base + target
-            offered = decode_payment_required(httpx.get(url).headers[PAYMENT_REQUIRED_HEADER])
+            offered = decode_payment_required(localhttp.get(url).headers[PAYMENT_REQUIRED_HEADER])
             assert offered.resource is not None
             assert offered.resource.url == base + expectations[target]
             assert canonical_url(url) == base + expectations[target]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 
@@ -60,7 +61,7 @@ def until_answered(url: str, header: str, seen: list[int], timeout: float = 60.0
     """Send the payment to `url` until it is answered (a 503 payment_in_progress is sent again); every status seen."""
     deadline = time.monotonic() + timeout
     while True:
-        answer = httpx.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=timeout)
+        answer = localhttp.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=timeout)
         seen.append(answer.status_code)
         if answer.status_code != 503 or time.monotonic() > deadline:
             return answer
@@ -75,7 +76,7 @@ def committed_hash(chain: Chain, escrow_id: bytes, start: int, timeout: float = 
 
 
 def paid_header(chain: Chain, url: str) -> tuple[str, bytes]:
-    quote = httpx.get(url, timeout=30)
+    quote = localhttp.get(url, timeout=30)
     assert quote.status_code == 402, quote.text
     return sign(dev(BUYER), quote.headers[PAYMENT_REQUIRED_HEADER], chain.now())
 
@@ -110,7 +111,7 @@ def test_a_handler_blocking_its_event_loop_past_the_lease_runs_once_while_a_copy
         assert set(seen) <= {200, 503}
         assert copy.status_code == 200 and copy.content == answer.content
         for url in (a, b):
-            replay = httpx.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
+            replay = localhttp.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
             assert replay.status_code == 200 and replay.content == answer.content
         assert committed_hash(chain, escrow_id, start) == delivery_hash(answer.content)
         assert runs_in(replicas, key) == 1
@@ -190,7 +191,7 @@ def test_a_paused_replica_that_lost_its_claim_neither_writes_nor_serves_its_own_
         else:
             assert answer_a.json().get("error") == "payment_in_progress"
         for url in (a, b):
-            replay = httpx.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
+            replay = localhttp.get(url, headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
             assert replay.status_code == 200 and replay.content == answer_b.content
         assert committed_hash(chain, escrow_id, start) == delivery_hash(answer_b.content)
         assert runs_in(replicas, key) == 2  # A's run, cut off by the pause, and B's after the takeover

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, SELLER, address, dev
@@ -70,7 +70,7 @@ class AgentProcess:
 
 def test_the_sellers_402_decodes_with_the_official_sdk(chain: Chain, tmp_path: Path) -> None:
     with serving(chain, tmp_path / "seller.sqlite") as url:
-        response = httpx.get(f"{url}/report/sdk?q=1")
+        response = localhttp.get(f"{url}/report/sdk?q=1")
     assert response.status_code == 402
     assert response.headers["cache-control"] == "no-store"
     required = decode_payment_required_header(response.headers["PAYMENT-REQUIRED"])
@@ -128,7 +128,7 @@ def test_replay_returns_the_same_bytes_and_never_charges_twice(chain: Chain, tmp
             first = client.get(f"{url}/report/replay")
             (entry,) = client.journal.entries()
         again = [
-            httpx.get(f"{url}/report/replay", headers={PAYMENT_SIGNATURE_HEADER: entry.payment_header})
+            localhttp.get(f"{url}/report/replay", headers={PAYMENT_SIGNATURE_HEADER: entry.payment_header})
             for _ in range(3)
         ]
     assert [r.status_code for r in again] == [200, 200, 200]

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
@@ -69,11 +70,11 @@ def test_two_processes_on_one_sqlite_file_handle_a_payment_once(chain: Chain, tm
     start = int(chain.w3.eth.block_number) + 1
     replicas = Replicas(setup_of(chain), str(tmp_path / "seller.sqlite"), count=2, work_dir=tmp_path, work_seconds=0.3)
     try:
-        quote = httpx.get(replicas.urls[0] + "/report/once", timeout=10)
+        quote = localhttp.get(replicas.urls[0] + "/report/once", timeout=10)
         header, escrow_id = sign(dev(BUYER), quote.headers[PAYMENT_REQUIRED_HEADER], chain.now())
 
         async def send_all() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=60) as client:
+            async with localhttp.AsyncClient(timeout=60) as client:
 
                 async def one(url: str) -> httpx.Response:
                     deadline = time.monotonic() + 45
@@ -94,7 +95,9 @@ def test_two_processes_on_one_sqlite_file_handle_a_payment_once(chain: Chain, tm
         runs, _ = handler_runs(replicas.runs_dir)
         assert runs[run_key(header)] == 1, "the handler ran more than once for one payment"
         assert {delivery_hash(a.content) for a in answers} == {committed}
-        replay = httpx.get(replicas.urls[1] + "/report/once", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30)
+        replay = localhttp.get(
+            replicas.urls[1] + "/report/once", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=30
+        )
         assert replay.status_code == 200 and delivery_hash(replay.content) == committed
     finally:
         replicas.stop()
@@ -230,9 +233,9 @@ def test_the_poster_lease_moves_to_another_replica_within_seconds_of_its_holder_
         took = time.monotonic() - died
         assert took < FAST_TAKEOVER["poster_lease"] + 2.0, f"took {took:.1f}s"
         # The survivor posts: a payment it serves is released with no other poster alive.
-        quote = httpx.get(replicas.urls[1 - holder] + "/report/after", timeout=10)
+        quote = localhttp.get(replicas.urls[1 - holder] + "/report/after", timeout=10)
         header, escrow_id = sign(dev(BUYER), quote.headers[PAYMENT_REQUIRED_HEADER], chain.now())
-        paid = httpx.get(
+        paid = localhttp.get(
             replicas.urls[1 - holder] + "/report/after", headers={PAYMENT_SIGNATURE_HEADER: header}, timeout=60
         )
         assert paid.status_code == 200, paid.text

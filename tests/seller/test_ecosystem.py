@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from eth_typing import HexStr
 from fixtures.chain import BUYER2, Chain
@@ -50,7 +51,7 @@ def _routes(**report: Any) -> list[PricedRoute]:
 
 
 async def _stock_get(chain: Chain, url: str, buyer: int = BUYER2) -> httpx.Response:
-    transport = x402_httpx_transport(stock_client(chain, buyer), httpx.AsyncHTTPTransport())
+    transport = x402_httpx_transport(stock_client(chain, buyer), localhttp.AsyncHTTPTransport())
     async with httpx.AsyncClient(transport=transport, timeout=60) as http:
         return await http.get(url)
 
@@ -64,7 +65,7 @@ def test_one_route_sells_exact_to_the_stock_client_and_escrow_to_ours(chain: Cha
     with exact_facilitator(chain) as facilitator:
         shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
         with served(shop.app) as (base, _):
-            unpaid = httpx.get(f"{base}/report/a")
+            unpaid = localhttp.get(f"{base}/report/a")
             assert unpaid.status_code == 402
             offered = decode_payment_required_header(unpaid.headers["payment-required"]).accepts
             assert [a.scheme for a in offered] == ["delivery-escrow", "exact"]  # the seller's default order
@@ -104,9 +105,9 @@ def test_the_seller_orders_the_offers_and_can_leave_exact_out(chain: Chain, tmp_
         ]
         shop = make_shop(chain, tmp_path / "s.sqlite", routes=routes, exact=ExactOffer(facilitator, first=True))
         with served(shop.app) as (base, _):
-            first = decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"])
+            first = decode_payment_required_header(localhttp.get(f"{base}/report/a").headers["payment-required"])
             assert [a.scheme for a in first.accepts] == ["exact", "delivery-escrow"]
-            only = decode_payment_required_header(httpx.get(f"{base}/fail").headers["payment-required"])
+            only = decode_payment_required_header(localhttp.get(f"{base}/fail").headers["payment-required"])
             assert [a.scheme for a in only.accepts] == ["delivery-escrow"]
             before = chain.token.balance_of(address(BUYER2))
             with pytest.raises(Exception, match="No payment requirements match"):
@@ -138,7 +139,7 @@ def test_exact_is_not_settled_when_the_handler_fails_nor_twice_on_replay(chain: 
                 transport = x402_httpx_transport(stock_client(chain, BUYER2), Recording())
                 async with httpx.AsyncClient(transport=transport) as http:
                     first = await http.get(f"{base}/report/once")
-                async with httpx.AsyncClient() as plain:
+                async with localhttp.AsyncClient() as plain:
                     again = await plain.get(f"{base}/report/once", headers={"PAYMENT-SIGNATURE": captured[-1]})
                 return first, again
 
@@ -204,12 +205,12 @@ def test_a_tampered_exact_payment_matches_no_offer_and_moves_nothing(chain: Chai
 
             async def cheaper() -> httpx.Response:
                 # The buyer signs an exact payment of 1 unit and claims the offer said so.
-                required = decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"])
+                required = decode_payment_required_header(localhttp.get(f"{base}/report/a").headers["payment-required"])
                 exact = next(a for a in required.accepts if a.scheme == "exact").model_copy(update={"amount": "1"})
                 client = stock_client(chain, BUYER2)
                 payload = await client.create_payment_payload(required.model_copy(update={"accepts": [exact]}))
                 header = encode_payment_signature_header(payload)
-                async with httpx.AsyncClient() as http:
+                async with localhttp.AsyncClient() as http:
                     return await http.get(f"{base}/report/a", headers={"PAYMENT-SIGNATURE": header})
 
             before = chain.token.balance_of(address(BUYER2))
@@ -226,7 +227,11 @@ def test_a_facilitator_that_fails_costs_exact_buyers_nothing_and_escrow_still_se
         shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(facilitator))
         with served(shop.app) as (base, _):
             assert (
-                len(decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"]).accepts)
+                len(
+                    decode_payment_required_header(
+                        localhttp.get(f"{base}/report/a").headers["payment-required"]
+                    ).accepts
+                )
                 == 2
             )
     # The facilitator is gone now; the seller still offers exact (it listed it) but cannot verify it.
@@ -244,7 +249,7 @@ def test_a_facilitator_that_never_answered_leaves_exact_out_of_the_402(chain: Ch
     gone = HTTPFacilitatorClient(FacilitatorConfig(url=f"http://127.0.0.1:{free_port()}", timeout=5))
     shop = make_shop(chain, tmp_path / "s.sqlite", routes=_routes(), exact=ExactOffer(gone))
     with served(shop.app) as (base, _):  # it starts: escrow sells without the facilitator
-        required = decode_payment_required_header(httpx.get(f"{base}/report/a").headers["payment-required"])
+        required = decode_payment_required_header(localhttp.get(f"{base}/report/a").headers["payment-required"])
         assert [a.scheme for a in required.accepts] == ["delivery-escrow"]
         assert asyncio.run(_escrow_get(chain, f"{base}/report/ours", tmp_path / "b.sqlite")).status_code == 200
 
@@ -323,7 +328,7 @@ def test_an_sdk_client_with_both_plugins_takes_the_sellers_first_offer(chain: Ch
         client = stock_client(chain, BUYER)  # exact, and this project's plugin beside it
         with DeliveryEscrowScheme(dev(BUYER), chain.node.url, journal) as scheme:
             client.register("eip155:84532", scheme)
-            transport = x402_httpx_transport(client, httpx.AsyncHTTPTransport())
+            transport = x402_httpx_transport(client, localhttp.AsyncHTTPTransport())
             async with httpx.AsyncClient(transport=transport, timeout=60) as http:
                 return await http.get(url)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import BUYER2, Chain
 from helpers import BUYER, OPERATOR, SELLER, SELLER2, address, dev
@@ -47,7 +48,7 @@ def example_app(name: str, chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def _required(url: str) -> Any:
-    response = httpx.get(url)
+    response = localhttp.get(url)
     assert response.status_code == 402
     return decode_payment_required_header(response.headers["payment-required"])
 
@@ -64,7 +65,7 @@ def test_seller_both_schemes(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_
     from x402.http.clients.httpx import x402_httpx_transport
 
     async def stock_get(url: str) -> httpx.Response:
-        transport = x402_httpx_transport(stock_client(chain, BUYER2), httpx.AsyncHTTPTransport())
+        transport = x402_httpx_transport(stock_client(chain, BUYER2), localhttp.AsyncHTTPTransport())
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             return await http.get(url)
 
@@ -144,7 +145,7 @@ def test_sdk_seller(chain: Chain, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     from .test_sdk_server_scheme import EscrowKindListing
 
     async def stock_get(url: str) -> httpx.Response:
-        transport = x402_httpx_transport(stock_client(chain, BUYER2), httpx.AsyncHTTPTransport())
+        transport = x402_httpx_transport(stock_client(chain, BUYER2), localhttp.AsyncHTTPTransport())
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             return await http.get(url)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from fastapi import FastAPI
 from fixtures.chain import Chain
@@ -70,7 +71,7 @@ def test_a_method_that_reaches_a_priced_handler_is_priced(chain: Chain, tmp_path
     with served(_method_app(chain, tmp_path / "seller.sqlite", calls)) as (url, _):
 
         async def run() -> None:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with localhttp.AsyncClient(base_url=url) as client:
                 unpaid = await client.request(method, path)
                 assert unpaid.status_code == 402, (unpaid.status_code, unpaid.headers)
                 assert "x-secret" not in unpaid.headers
@@ -90,8 +91,8 @@ def test_a_method_that_reaches_a_priced_handler_is_priced(chain: Chain, tmp_path
 def test_another_handler_on_a_priced_path_stays_free(chain: Chain, tmp_path: Path) -> None:
     calls: dict[str, int] = {}
     with served(_method_app(chain, tmp_path / "seller.sqlite", calls)) as (url, _):
-        free = httpx.post(f"{url}/split")
-        priced = httpx.get(f"{url}/split")
+        free = localhttp.post(f"{url}/split")
+        priced = localhttp.get(f"{url}/split")
     assert (free.status_code, free.json()) == (200, {"secret": "split-post"})
     assert priced.status_code == 402
     assert calls == {"split-post": 1}
@@ -128,7 +129,7 @@ def test_deeply_nested_json_and_a_uint256_overflow_get_400_not_500(chain: Chain,
     with served(shop.app) as (url, _):
 
         async def run() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with localhttp.AsyncClient(base_url=url) as client:
                 nested = await client.get("/report/a", headers={PAYMENT_SIGNATURE_HEADER: _b64(b"[" * 2000)})
                 payment = sign_payment(chain, await quote(client, "GET", "/report/a"))
                 envelope = json.loads(base64.b64decode(payment.header))
@@ -168,7 +169,7 @@ def test_a_node_that_never_answers_gets_503_within_the_deadline_and_the_app_reco
         with served(shop.app) as (url, _):
 
             async def run() -> None:
-                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                async with localhttp.AsyncClient(base_url=url, timeout=60) as client:
                     payments = [sign_payment(chain, await quote(client, "GET", f"/report/h{i}")) for i in range(3)]
                     proxy.mode = "blackhole"
                     began = time.monotonic()

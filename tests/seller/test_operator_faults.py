@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import localhttp
 import pytest
 from eth_utils.crypto import keccak
 from fixtures.chain import Chain
@@ -34,12 +35,12 @@ from .shop import Shop, deposits, make_shop, served, set_gas_money
 
 
 def _pay(url: str, path: str, payment: Payment) -> httpx.Response:
-    return httpx.get(f"{url}{path}", headers={PAYMENT_SIGNATURE_HEADER: payment.header}, timeout=120)
+    return localhttp.get(f"{url}{path}", headers={PAYMENT_SIGNATURE_HEADER: payment.header}, timeout=120)
 
 
 def _signed(chain: Chain, url: str, path: str) -> Payment:
     async def run() -> Payment:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with localhttp.AsyncClient(base_url=url) as client:
             return sign_payment(chain, await quote(client, "GET", path))
 
     return asyncio.run(run())
@@ -129,7 +130,7 @@ def _slow_deposit(chain: Chain, shop: Shop, url: str) -> None:
     with no_automine(chain):
 
         async def run() -> httpx.Response:
-            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async with localhttp.AsyncClient(base_url=url, timeout=120) as client:
                 paid = asyncio.create_task(
                     client.get("/report/slow", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
                 )
@@ -211,7 +212,7 @@ def test_a_stuck_deposit_is_repriced_and_the_repriced_one_is_mined(chain: Chain,
         with no_automine(chain):
 
             async def run() -> httpx.Response:
-                async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                async with localhttp.AsyncClient(base_url=url, timeout=120) as client:
                     paid = asyncio.create_task(
                         client.get("/report/stuck", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
                     )
@@ -259,7 +260,7 @@ def test_a_deposit_that_would_revert_gets_402_with_the_revert_and_is_logged_with
     with served(shop.app) as (url, _):
 
         async def run() -> tuple[httpx.Response, Payment]:
-            async with httpx.AsyncClient(base_url=url) as client:
+            async with localhttp.AsyncClient(base_url=url) as client:
                 return await buy(client, chain, "GET", "/report/frozen")
 
         response, payment = asyncio.run(run())
@@ -284,7 +285,7 @@ def test_a_deposit_that_reverts_when_mined_gets_402_with_the_revert_and_is_logge
         with no_automine(chain):
 
             async def run() -> httpx.Response:
-                async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                async with localhttp.AsyncClient(base_url=url, timeout=120) as client:
                     paid = asyncio.create_task(
                         client.get("/report/late-freeze", headers={PAYMENT_SIGNATURE_HEADER: payment.header})
                     )

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import localhttp
 import pytest
 from eth_utils.crypto import keccak
 from fixtures.chain import Chain
@@ -40,7 +40,7 @@ from .shop import Shop, make_shop, served
 
 def _buy(url: str, chain: Chain, path: str, **options: Any) -> Payment:
     async def run() -> Payment:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with localhttp.AsyncClient(base_url=url, timeout=60) as client:
             response, payment = await buy(client, chain, "GET", path, **options)
         assert response.status_code == 200, response.text
         return payment
@@ -50,7 +50,7 @@ def _buy(url: str, chain: Chain, path: str, **options: Any) -> Payment:
 
 def _replayed_state(url: str, path: str, payment: Payment) -> SettlementExtra:
     """The same PAYMENT-SIGNATURE again: the stored response, with what the seller now says of the escrow."""
-    response = httpx.get(f"{url}{path}", headers={PAYMENT_SIGNATURE_HEADER: payment.header}, timeout=60)
+    response = localhttp.get(f"{url}{path}", headers={PAYMENT_SIGNATURE_HEADER: payment.header}, timeout=60)
     assert response.status_code == 200, response.text
     return SettlementExtra.from_json(decode_payment_response(response.headers[PAYMENT_RESPONSE_HEADER]).extra)
 

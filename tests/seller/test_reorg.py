@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
+import localhttp
 from fixtures.chain import Chain
 from web3.types import RPCEndpoint
 
@@ -31,7 +31,7 @@ def _rpc(chain: Chain, method: str, params: list[Any]) -> Any:
 
 def _sell(chain: Chain, url: str, path: str) -> bytes:
     async def run() -> bytes:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async with localhttp.AsyncClient(base_url=url, timeout=60) as client:
             response, payment = await buy(client, chain, "GET", path)
         assert response.status_code == 200, response.text
         return payment.escrow_id

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import localhttp
 import pytest
 from fixtures.chain import Chain
 from helpers import BUYER, address
@@ -33,7 +34,7 @@ def test_each_sale_is_one_info_line_with_its_fields_in_the_escrow_py_namespace(
     with served(shop.app) as (url, _):
 
         async def run() -> tuple[httpx.Response, bytes, httpx.Response, bytes]:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async with localhttp.AsyncClient(base_url=url, timeout=60) as client:
                 sold, sold_payment = await buy(client, chain, "GET", "/report/logged?secret=1")
                 failed, failed_payment = await buy(client, chain, "GET", "/fail")
             return sold, sold_payment.escrow_id, failed, failed_payment.escrow_id

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import localhttp
 import pytest
 import uvicorn
 from fixtures.chain import Chain
@@ -116,8 +116,8 @@ def test_a_well_configured_seller_starts_and_the_checks_can_run_on_their_own(cha
     with pytest.raises(ConfigError, match=r"SellerConfig\.escrow"):
         check_seller(make_config(chain, tmp_path / "b.sqlite", escrow=chain.token.address))
     with served(make_shop(chain, tmp_path / "c.sqlite").app) as (url, _):
-        assert httpx.get(f"{url}/report/x").status_code == 402
+        assert localhttp.get(f"{url}/report/x").status_code == 402
     # startup_checks=False is the escape hatch (e.g. a node that is down at boot): it starts anyway.
     unchecked = make_shop(chain, tmp_path / "d.sqlite", escrow=address(STRANGER), startup_checks=False)
     with served(unchecked.app) as (url, _):
-        assert httpx.get(f"{url}/report/x").status_code == 402
+        assert localhttp.get(f"{url}/report/x").status_code == 402

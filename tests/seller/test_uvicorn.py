@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+import localhttp
 import uvicorn
 from fixtures.chain import Chain
 
@@ -32,7 +32,7 @@ def test_over_real_http_the_lifespan_poster_releases_the_payment(chain: Chain, t
             time.sleep(0.02)
 
         async def run() -> bytes:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            async with localhttp.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 response, payment = await buy(client, chain, "GET", "/report/live")
             assert response.status_code == 200, response.text
             return payment.escrow_id

@@ -161,6 +161,29 @@ def test_concurrent_starts_migrate_once(db_url: str, opened: Callable[..., Datab
     assert "t2" in dbs[0].tables()
 
 
+def test_processes_opening_a_new_sqlite_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """An agent creating its journal while a tool polls it: both switch the new file to WAL, which SQLite
+    grants one of them and refuses the other at once (no busy wait); the refused one must wait, not fail."""
+    failures: list[BaseException] = []
+    for round_ in range(100):  # the race is narrow: on the old code a few rounds in a hundred failed
+        path = tmp_path / f"new-{round_}.sqlite"
+        start = threading.Barrier(4)
+
+        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                open_database(f"sqlite:///{path}", "porttest").close()
+            except BaseException as exc:  # collected and asserted below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+
+
 def test_roles_on_one_postgres_url_keep_their_tables_apart(
     postgres_server: PostgresServer, opened: Callable[..., Database]
 ) -> None:
