@@ -43,6 +43,7 @@ or the keeper); a delivery a reorg drops is posted again.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from web3 import Web3
@@ -61,14 +62,16 @@ if TYPE_CHECKING:
     from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
 
 
-def __getattr__(name: str) -> object:
-    """The keyless seller's two names, imported when first asked for: with httpx (and here the rich and click
-    of httpx's CLI, about 0.2 s of CPU) that a seller holding its own key, and the facilitator, never use."""
-    if name in ("FacilitatorMiddleware", "FacilitatorSellerConfig"):
-        from escrow_py.seller import _remote
+# The keyless seller's names, imported when first used (PEP 562): they bring httpx (and here the rich and
+# click of httpx's CLI: about 0.2 s of CPU together), which a seller holding its own key, and the
+# facilitator, never use.
+_LAZY = {"FacilitatorMiddleware": "_remote", "FacilitatorSellerConfig": "_remote"}
 
-        return getattr(_remote, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
