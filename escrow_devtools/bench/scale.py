@@ -2,11 +2,8 @@
 
 The parts, each usable alone (the tests in tests/integration/test_replicas.py use them):
 
-- `replica_app()`: the seller app a replica runs (`uvicorn --factory escrow_devtools.bench.scale:replica_app`),
-  configured from the environment (`X402_SCALE_CONFIG` JSON, the operator key in
-  `X402_ESCROW_PRIVATE_KEY`). Its handler records every run in `runs_dir` (one line per run,
-  written with O_APPEND, so a SIGKILLed replica's runs are counted too) and answers bytes
-  that differ on every run, so a second run of one payment cannot hide.
+- `replica_app()`, in `replica.py` (a module of its own, so that a replica process imports nothing
+  else of the benchmark): the seller app a replica runs, configured from the environment.
 - `Replicas`: N uvicorn processes (each with `--workers W`) on one store URL.
 - `ConnectionRoundRobin`: a TCP balancer that sends each new connection to the next live replica (run_load
   opens one per request); `RoundRobinProxy`: an HTTP one that sends each request to the next live replica.
@@ -22,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import os
-import secrets
 import signal
 import statistics
 import subprocess
@@ -40,9 +36,10 @@ from typing import Any
 import httpx
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from escrow_devtools.anvil import free_port
+from escrow_devtools.bench.replica import CONFIG_ENV, KEY_ENV, run_key
 from escrow_devtools.harness import serving, wait_until_answering
 from escrow_py.chain.escrow import Delivered, Deposited, Escrow
 from escrow_py.chain.signer import LocalSigner, Signer
@@ -58,78 +55,9 @@ from escrow_py.protocol.wire import (
     encode_header,
 )
 
-CONFIG_ENV = "X402_SCALE_CONFIG"
-KEY_ENV = "X402_ESCROW_PRIVATE_KEY"
-PRICE = 10_000
 PUBLIC_URL = "http://shop.example"
-NETWORK = "eip155:84532"
 # Texts a node answers when two transactions of one key collide (tx.py's NonceConflict cases).
 NONCE_ERROR_TEXTS = ("nonce too low", "replacement transaction underpriced", "operator_nonce_conflict", "nonce taken")
-
-
-def run_key(header: str) -> str:
-    """The name a payment's handler runs are counted under: the same for every copy of one payment."""
-    return hashlib.sha256(header.encode()).hexdigest()[:24]
-
-
-# -- the replica's app -----------------------------------------------------------------------------
-
-
-def replica_app() -> ASGIApp:
-    """The app of one replica, from `X402_SCALE_CONFIG` (an ASGI factory for `uvicorn --factory`)."""
-    from fastapi import FastAPI
-
-    from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
-
-    settings: dict[str, Any] = json.loads(os.environ[CONFIG_ENV])
-    runs_dir = Path(settings["runs_dir"])
-    work = float(settings.get("work_seconds", 0.0))
-    # A handler whose work blocks its event loop (sync code in an async handler): the case that
-    # starves anything else the replica schedules on that loop while it runs.
-    blocking = bool(settings.get("blocking_work", False))
-    config = SellerConfig(
-        rpc_url=settings["rpc_url"],
-        escrow=settings["escrow"],
-        token=settings["token"],
-        network=NETWORK,
-        pay_to=settings["pay_to"],
-        operator=LocalSigner.from_env(KEY_ENV),
-        routes=[
-            PricedRoute("GET", "/report/{item}", amount=PRICE, max_timeout_seconds=120),
-            PricedRoute("GET", "/fail/{item}", amount=PRICE, max_timeout_seconds=120),
-        ],
-        store=settings["store"],
-        poster_interval=float(settings.get("poster_interval", 0.2)),
-        **settings.get("seller", {}),
-    )
-    app = FastAPI()
-
-    def record_run(request: Request, route: str) -> None:
-        line = f"{run_key(request.headers.get(PAYMENT_SIGNATURE_HEADER, ''))} {route} {os.getpid()}\n"
-        fd = os.open(runs_dir / f"runs-{os.getpid()}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-    @app.get("/report/{item}")
-    async def report(item: str, request: Request) -> Response:
-        record_run(request, "report")
-        if blocking:
-            time.sleep(work)
-        else:
-            await asyncio.sleep(work)
-        # Bytes unique to this run: two runs of one payment can never serve the same body.
-        body = json.dumps({"item": item, "pid": os.getpid(), "run": secrets.token_hex(8), "at": time.time()})
-        return Response(body.encode(), media_type="application/json")
-
-    @app.get("/fail/{item}")
-    async def fail(item: str, request: Request) -> Response:
-        record_run(request, "fail")
-        return Response(b'{"error": "upstream down"}', status_code=502, media_type="application/json")
-
-    app.add_middleware(EscrowMiddleware, config=config)
-    return app
 
 
 def handler_runs(runs_dir: Path) -> tuple[Counter[str], dict[str, Counter[str]]]:
@@ -198,7 +126,7 @@ class Replicas:
             port = free_port()
             log = work_dir / f"replica-{n}.log"
             command = [
-                sys.executable, "-m", "uvicorn", "--factory", "escrow_devtools.bench.scale:replica_app",
+                sys.executable, "-m", "uvicorn", "--factory", "escrow_devtools.bench.replica:replica_app",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                 "--lifespan", "on", "--log-level", "warning", "--timeout-graceful-shutdown", "2",
             ]  # fmt: skip

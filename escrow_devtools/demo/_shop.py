@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from escrow_py.seller import (
-    EscrowMiddleware,
-    FacilitatorMiddleware,
-    FacilitatorSellerConfig,
-    PricedRoute,
-    SellerConfig,
-)
+from escrow_py.seller import EscrowMiddleware, PricedRoute, SellerConfig
+
+if TYPE_CHECKING:  # the keyless seller (and its httpx) is imported only by a shop that uses it
+    from escrow_py.seller import FacilitatorSellerConfig
 
 REPORT_PRICE = 10_000  # 0.01 USDC
 STUCK_PRICE = 20_000
@@ -82,8 +79,10 @@ def build_shop(config: SellerConfig | FacilitatorSellerConfig, *, work_seconds: 
         await asyncio.Event().wait()  # an upstream that never answers: nothing is ever delivered
         raise AssertionError("unreachable")
 
-    if isinstance(config, FacilitatorSellerConfig):
-        app.add_middleware(FacilitatorMiddleware, config=config)
-    else:
+    if isinstance(config, SellerConfig):
         app.add_middleware(EscrowMiddleware, config=config)
+    else:
+        from escrow_py.seller import FacilitatorMiddleware
+
+        app.add_middleware(FacilitatorMiddleware, config=config)
     return app

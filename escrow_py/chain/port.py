@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from eth_typing import ChecksumAddress
 from web3.types import TxReceipt
@@ -33,7 +33,9 @@ from escrow_py.chain.genuine import EscrowCodeCheck
 from escrow_py.chain.tx import OnSigned, SentTx, WatchReport
 from escrow_py.protocol.eip3009 import TokenDomain
 from escrow_py.protocol.terms import State, Terms
-from escrow_py.protocol.wire import EscrowPayload
+
+if TYPE_CHECKING:  # the wire's pydantic models and the x402 SDK: the keeper never loads them
+    from escrow_py.protocol.wire import EscrowPayload
 
 Block = int | str  # a block number, or a tag: "latest", "pending"
 

@@ -23,7 +23,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from eth_typing import ChecksumAddress
 from eth_utils.address import to_checksum_address
@@ -51,7 +51,9 @@ from escrow_py.chain.tx import (
 from escrow_py.protocol.eip3009 import TokenDomain
 from escrow_py.protocol.errors import ConfigError, EscrowError, RpcError
 from escrow_py.protocol.terms import State, Terms
-from escrow_py.protocol.wire import EscrowPayload
+
+if TYPE_CHECKING:  # the wire's pydantic models and the x402 SDK: the keeper never loads them
+    from escrow_py.protocol.wire import EscrowPayload
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

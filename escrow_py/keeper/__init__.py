@@ -11,10 +11,39 @@ and contract failures. `run` never dies of a failed cycle: it logs, counts and
 backs off.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from escrow_py.keeper._config import KeeperConfig
-from escrow_py.keeper._daemon import CycleReport, Keeper
-from escrow_py.keeper._decide import Action, Refund, Skip, Wait, next_action
-from escrow_py.keeper._store import KeeperStore, OpenEscrow
+
+if TYPE_CHECKING:
+    from escrow_py.keeper._daemon import CycleReport, Keeper
+    from escrow_py.keeper._decide import Action, Refund, Skip, Wait, next_action
+    from escrow_py.keeper._store import KeeperStore, OpenEscrow
+
+# The module of each name below, imported when the name is first used (PEP 562): they bring the chain
+# stack (web3, about 0.6 s of CPU), which `x402-escrow keeper` imports only once its settings are read
+# and checked, so that a bad setting ends the command at once.
+_LAZY = {
+    "CycleReport": "_daemon",
+    "Keeper": "_daemon",
+    "Action": "_decide",
+    "Refund": "_decide",
+    "Skip": "_decide",
+    "Wait": "_decide",
+    "next_action": "_decide",
+    "KeeperStore": "_store",
+    "OpenEscrow": "_store",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
 
 __all__ = [
     "Action",

@@ -43,9 +43,8 @@ from typing import Any, TypeVar
 from eth_typing import ChecksumAddress
 
 from escrow_py.chain.registry import USDC, registry_path
-from escrow_py.protocol.codec import setting_address
+from escrow_py.protocol.codec import chain_id_of, setting_address
 from escrow_py.protocol.errors import ConfigError, ProtocolError
-from escrow_py.protocol.wire import chain_id_of
 from escrow_py.storage import describe, is_postgres_url
 
 MAX_LOG_CHUNK = 2_000

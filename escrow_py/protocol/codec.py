@@ -132,6 +132,20 @@ def setting_address(value: object, field: str) -> ChecksumAddress:
         raise ConfigError(f"{exc} (expected a 0x address)") from None
 
 
+def network_of(chain_id: int) -> str:
+    """CAIP-2 id of an EVM chain: eip155:84532 for Base Sepolia."""
+    return f"eip155:{chain_id}"
+
+
+def chain_id_of(network: str) -> int:
+    """The chain id of a CAIP-2 EVM network id (eip155:84532 -> 84532); ProtocolError for any other."""
+    namespace, _, reference = network.partition(":")
+    # ASCII digits only ("²".isdigit() is true), and no wider than a uint256 chain id.
+    if namespace != "eip155" or not (reference.isascii() and reference.isdigit() and len(reference) <= 78):
+        raise ProtocolError(Reason.NETWORK_MISMATCH, f"not an EVM CAIP-2 network id: {network!r}")
+    return int(reference)
+
+
 @overload
 def to_hex(value: bytes) -> str: ...
 @overload

@@ -26,7 +26,18 @@ from pydantic import BaseModel, PlainSerializer, PlainValidator, ValidationError
 from x402.http.constants import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, PAYMENT_SIGNATURE_HEADER
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 
-from escrow_py.protocol.codec import Address, Bytes32, CamelModel, Hex, Uint64, Uint256, describe, load_json
+from escrow_py.protocol.codec import (
+    Address,
+    Bytes32,
+    CamelModel,
+    Hex,
+    Uint64,
+    Uint256,
+    chain_id_of,
+    describe,
+    load_json,
+    network_of,
+)
 from escrow_py.protocol.eip3009 import Authorization, TokenDomain
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
@@ -85,19 +96,6 @@ class SettlementStatus(StrEnum):
     HELD = "held"  # deposited (hold mode), delivery pending or posted
     PENDING = "pending"  # serve-first, the settlement queued: nothing has moved yet
     SETTLED = "settled"  # serve-first, pulled and paid to the seller with the delivery hash
-
-
-def network_of(chain_id: int) -> str:
-    """CAIP-2 id of an EVM chain: eip155:84532 for Base Sepolia."""
-    return f"eip155:{chain_id}"
-
-
-def chain_id_of(network: str) -> int:
-    namespace, _, reference = network.partition(":")
-    # ASCII digits only ("²".isdigit() is true), and no wider than a uint256 chain id.
-    if namespace != "eip155" or not (reference.isascii() and reference.isdigit() and len(reference) <= 78):
-        raise ProtocolError(Reason.NETWORK_MISMATCH, f"not an EVM CAIP-2 network id: {network!r}")
-    return int(reference)
 
 
 # -- requirements --------------------------------------------------------------------------

@@ -43,6 +43,9 @@ or the keeper); a delivery a reorg drops is posted again.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from web3 import Web3
 
 from escrow_py.seller._chain import seller_chain
@@ -50,11 +53,25 @@ from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
 from escrow_py.seller._offers import ExactOffer, SellerHooks
 from escrow_py.seller._poster import DeliveryPoster, PostReport
-from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
 from escrow_py.seller._sdk import DeliveryEscrowServerScheme, DeliveryHashHeader
 from escrow_py.seller._startup import check_seller
 from escrow_py.seller._store import SellerStore, StoredResponse
 from escrow_py.seller._verify import Refusal, VerifiedPayment, offer_for, verify_offchain, verify_onchain
+
+if TYPE_CHECKING:
+    from escrow_py.seller._remote import FacilitatorMiddleware, FacilitatorSellerConfig
+
+
+# The keyless seller's names, imported when first used (PEP 562): they bring httpx (and here the rich and
+# click of httpx's CLI: about 0.2 s of CPU together), which a seller holding its own key, and the
+# facilitator, never use.
+_LAZY = {"FacilitatorMiddleware": "_remote", "FacilitatorSellerConfig": "_remote"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:

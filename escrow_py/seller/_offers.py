@@ -31,10 +31,8 @@ from urllib.parse import parse_qs, urlsplit
 import anyio.to_thread
 from eth_typing import ChecksumAddress
 from x402 import x402ResourceServer
-from x402.extensions.bazaar import BAZAAR, bazaar_resource_server_extension
 from x402.http import HTTPRequestContext
 from x402.http.types import HTTPTransportContext
-from x402.mechanisms.evm.exact import ExactEvmServerScheme
 from x402.schemas import (
     AbortResult,
     AssetAmount,
@@ -213,9 +211,13 @@ def check_route_prices(route: PricedRoute) -> None:
                 f"{where}: schemes must order {SCHEME!r} and optionally {EXACT!r}, each once, got {route.schemes!r}"
             )
         object.__setattr__(route, "schemes", schemes)
-    if route.discovery is not None and (
-        not isinstance(route.discovery, Mapping) or not isinstance(route.discovery.get(BAZAAR.key), Mapping)
-    ):
+    if route.discovery is None:
+        return
+    # The SDK's bazaar (with jsonschema, about 0.15 s of CPU at import) is loaded by the routes that declare
+    # discovery only: a seller without discovery, and every replica and test process, does not pay for it.
+    from x402.extensions.bazaar import BAZAAR
+
+    if not isinstance(route.discovery, Mapping) or not isinstance(route.discovery.get(BAZAAR.key), Mapping):
         raise ConfigError(f"{where}: discovery must be declare_discovery_extension(...)'s result")
 
 
@@ -423,6 +425,8 @@ class Offers:
         settlement mode of its delivery-escrow offer under `info.settlement`."""
         if route.discovery is None:
             return None
+        from x402.extensions.bazaar import BAZAAR, bazaar_resource_server_extension  # discovery only (see above)
+
         declaration = copy.deepcopy(dict(route.discovery[BAZAAR.key]))
         enriched = bazaar_resource_server_extension.enrich_declaration(declaration, context)
         enriched.setdefault("info", {})["settlement"] = "hold"
@@ -442,6 +446,9 @@ class Offers:
                     raise ConnectionError("the exact facilitator failed recently; not asked again yet")
                 exact = self.config.exact
                 assert exact is not None
+                # Imported by the sellers that offer exact only: the others never load the SDK's EVM scheme.
+                from x402.mechanisms.evm.exact import ExactEvmServerScheme
+
                 server = x402ResourceServer(exact.facilitator)
                 server.register(self.config.network, ExactEvmServerScheme())  # type: ignore[no-untyped-call, arg-type]
                 if self.config.hooks is not None:

@@ -28,7 +28,8 @@ from fixtures.chain import Chain
 from helpers import BUYER, OPERATOR, SELLER, address, dev
 
 from escrow_devtools.anvil import dev_private_key
-from escrow_devtools.bench.scale import ChainSetup, Replicas, handler_runs, run_key, sign
+from escrow_devtools.bench.replica import run_key
+from escrow_devtools.bench.scale import ChainSetup, Replicas, handler_runs, sign
 from escrow_py.chain.escrow import Delivered
 from escrow_py.protocol.terms import State, delivery_hash
 from escrow_py.protocol.wire import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER

@@ -21,6 +21,7 @@ from helpers import BUYER, OPERATOR, SELLER, address, dev
 
 from escrow_devtools.anvil import dev_private_key
 from escrow_devtools.bench.postgres import PostgresServer
+from escrow_devtools.bench.replica import run_key
 from escrow_devtools.bench.scale import (
     ChainSetup,
     ConnectionRoundRobin,
@@ -30,7 +31,6 @@ from escrow_devtools.bench.scale import (
     audit,
     handler_runs,
     nonce_errors_in,
-    run_key,
     run_load,
     sign,
 )
