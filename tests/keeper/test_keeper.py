@@ -54,7 +54,8 @@ def test_next_action_is_decided_by_chain_time_alone() -> None:
 
 def test_refunds_after_the_deadline_and_nothing_before(chain: Chain, tmp_path: Path) -> None:
     early = make_terms(chain, window=100)
-    also_early = make_terms(chain, window=100, amount=7_000)
+    # The same deadline, not the same window: a second may pass between the two (each deposit mines a block).
+    also_early = make_terms(chain, deadline=early.deadline, amount=7_000)
     late = make_terms(chain, window=10_000)
     for terms in (early, also_early, late):
         deposit(chain, terms)
