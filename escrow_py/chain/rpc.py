@@ -93,13 +93,17 @@ def gather(*calls: Callable[[], _T]) -> list[_T | BaseException]:
     return results
 
 
+def value(result: _T | BaseException) -> _T:
+    """A gathered or batched read's value; the exception it met (the node failed) raised as it was."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def both(first: Callable[[], _T], second: Callable[[], _U]) -> tuple[_T, _U]:
     """Two independent blocking reads at once; raises the first one's exception, else the second's."""
     a, b = gather(first, second)
-    for result in (a, b):
-        if isinstance(result, BaseException):
-            raise result
-    return a, b  # type: ignore[return-value]
+    return value(a), value(b)  # type: ignore[return-value]
 
 
 def redact_url(url: str) -> str:

@@ -81,13 +81,13 @@ class Token:
         answers = rpc.batch(self.w3, reads if chain_id is not None else [*reads, _CHAIN_ID])
         name, version = (self._text(answer) for answer in answers[:2])
         if chain_id is None:
-            chain_id = int(str(_result(answers[2])), 16)
+            chain_id = int(str(rpc.value(answers[2])), 16)
         return TokenDomain(name=name, version=version, chain_id=chain_id, verifying_contract=self.address)
 
     def _text(self, answer: object) -> str:
         """A string view's answer, as `domain` reads it."""
         try:
-            raw = rpc.call_output(_result(answer))
+            raw = rpc.call_output(rpc.value(answer))
         except rpc.NodeError as exc:
             failure = revert_or_node_error(exc)
             if isinstance(failure, ContractRevert):
@@ -121,10 +121,3 @@ class Token:
         v, r, s = split_signature(signature)
         fn = self.contract.get_function_by_signature("cancelAuthorization(address,bytes32,uint8,bytes32,bytes32)")
         return bytes(HexBytes(fn(authorizer, nonce, v, r, s)._encode_transaction_data()))
-
-
-def _result(answer: object) -> object:
-    """A batched request's result; the failure it met raised."""
-    if isinstance(answer, BaseException):
-        raise answer
-    return answer

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from eth_typing import ChecksumAddress
 from x402.schemas import PaymentPayload
@@ -33,8 +32,6 @@ from escrow_py.protocol.wire import (
     SettlementMode,
     decode_payment_signature,
 )
-
-_T = TypeVar("_T")
 
 # What a serve-first settlement is simulated with before the handler has run: any non-zero hash
 # (the pull, which is what can fail, does not depend on it).
@@ -318,7 +315,7 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
     if isinstance(gas, ContractRevert) and any(isinstance(r, ContractRevert) for r in (facts.balance, facts.used)):
         # The asset's own reads revert too: not a token this payment can be pulled from.
         raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    balance, used = _value(facts.balance), _value(facts.used)
+    balance, used = rpc.value(facts.balance), rpc.value(facts.used)
     _require(
         balance >= payment.terms.amount,
         Reason.INSUFFICIENT_BALANCE,
@@ -327,7 +324,7 @@ def judge_onchain(payment: VerifiedPayment, facts: OnchainFacts) -> int:
     _require(not used, Reason.AUTHORIZATION_USED, "the authorization was already used or cancelled")
     if isinstance(gas, ContractRevert):
         raise Refusal(Reason.SIMULATION_FAILED, f"{what} would revert: {gas}", detail=str(gas)) from None
-    return int(_value(gas))
+    return int(rpc.value(gas))
 
 
 def verify_onchain(
@@ -340,10 +337,3 @@ def verify_onchain(
     if facts is None:
         facts = read_onchain(payment, chain=chain, serve_first=serve_first)
     return judge_onchain(payment, facts)
-
-
-def _value(result: _T | BaseException) -> _T:
-    """A gathered read's value; its exception (the node failed) raised as it was."""
-    if isinstance(result, BaseException):
-        raise result
-    return result

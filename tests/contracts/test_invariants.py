@@ -109,12 +109,10 @@ def make_machine(chain: Chain, tokens: Tokens) -> type[RuleBasedStateMachine]:
         return tokens.by_name[name].address, BALANCE_OF + bytes(12) + bytes.fromhex(who[2:])
 
     def _read(calls: list[tuple[str, bytes]]) -> list[int]:
-        """Raw eth_calls (to, data) in one batched round trip, each answer as an integer: web3's contract-call
-        machinery costs milliseconds of CPU per call."""
-        responses = chain.w3.provider.make_batch_request(  # type: ignore[attr-defined]
-            [("eth_call", [{"to": to, "data": "0x" + data.hex()}, "latest"]) for to, data in calls]
-        )
-        return [int(r["result"], 16) for r in sorted(responses, key=lambda r: int(r["id"]))]
+        """Raw eth_calls (to, data) in one batched round trip (rpc.batch), each answer as an integer: web3's
+        contract-call machinery costs milliseconds of CPU per call."""
+        answers = rpc.batch(chain.w3, [rpc.call_request(to, data) for to, data in calls])
+        return [int.from_bytes(rpc.call_output(rpc.value(answer)), "big") for answer in answers]
 
     # The hostile tokens' set-up calls, encoded with their ABIs (built once, not for every step).
     reentrant = chain.w3.eth.contract(abi=load_artifact("ReentrantToken")["abi"])
