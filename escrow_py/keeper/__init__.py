@@ -13,9 +13,9 @@ backs off.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from escrow_py._lazy import lazy_names
 from escrow_py.keeper._config import KeeperConfig
 
 if TYPE_CHECKING:
@@ -38,11 +38,7 @@ _LAZY = {
     "OpenEscrow": "_store",
 }
 
-
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = [

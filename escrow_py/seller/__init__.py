@@ -43,11 +43,11 @@ or the keeper); a delivery a reorg drops is posted again.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from web3 import Web3
 
+from escrow_py._lazy import lazy_names
 from escrow_py.seller._chain import seller_chain
 from escrow_py.seller._config import PricedRoute, SellerConfig
 from escrow_py.seller._middleware import EscrowMiddleware
@@ -67,11 +67,7 @@ if TYPE_CHECKING:
 # facilitator, never use.
 _LAZY = {"FacilitatorMiddleware": "_remote", "FacilitatorSellerConfig": "_remote"}
 
-
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def post_pending(config: SellerConfig, *, w3: Web3 | None = None) -> PostReport:
