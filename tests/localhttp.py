@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from escrow_py.protocol.tls import client_options, tls_context
+from escrow_py.protocol.tls import client_options
 
 
 def Client(**options: Any) -> httpx.Client:
@@ -23,10 +23,6 @@ def Client(**options: Any) -> httpx.Client:
 
 def AsyncClient(**options: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(**client_options(options))
-
-
-def HTTPTransport(**options: Any) -> httpx.HTTPTransport:
-    return httpx.HTTPTransport(**client_options(options))
 
 
 def AsyncHTTPTransport(**options: Any) -> httpx.AsyncHTTPTransport:
@@ -41,4 +37,4 @@ def post(url: str, **options: Any) -> httpx.Response:
     return httpx.post(url, **client_options(options))
 
 
-__all__ = ["AsyncClient", "AsyncHTTPTransport", "Client", "HTTPTransport", "get", "post", "tls_context"]
+__all__ = ["AsyncClient", "AsyncHTTPTransport", "Client", "get", "post"]
