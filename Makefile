@@ -58,9 +58,12 @@ $(PY_STAMP): pyproject.toml | $(BIN)/python
 # optional anvil binaries out of the lockfile, and `npm ci` then refuses it as out of sync.
 # --prefer-offline: what the npm cache holds is taken without asking the registry again (the
 # lockfile pins every version and its hash); with a warm cache that is 5 s instead of 30 here.
+# --ignore-scripts: no package's install script runs. The one that has one (@foundry-rs/anvil's
+# postinstall) only checks for, or downloads, the platform binary that npm has already installed
+# as an optional dependency; escrow_devtools.anvil runs that binary directly.
 $(NODE_STAMP): package.json package-lock.json
 	@echo "== installing solc-js and anvil from npm into node_modules"
-	npm install --prefer-offline --no-audit --no-fund --loglevel=http
+	npm install --ignore-scripts --prefer-offline --no-audit --no-fund --loglevel=http
 	touch $@
 
 # The lint steps run side by side (LINT_JOBS at once), each one's output printed whole when it ends,
