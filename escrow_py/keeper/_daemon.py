@@ -68,6 +68,10 @@ _TRANSFER = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
 _NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
                 "nonce has already been used")  # fmt: skip
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
+# Answers that refuse the moment, not the transaction: a provider's rate limit, a full or busy pool. The same bytes
+# go out again next cycle; taken for a refusal of what the transaction is, they quarantined a lone escrow for good.
+_REFUSED_FOR_NOW = ("limit exceeded", "rate limit", "too many requests", "txpool is full", "transaction pool is full",
+                    "pool is full", "try again", "temporarily", "busy")  # fmt: skip
 # Reverts that are the escrow's own rules (e.g. a reorg took a deposit): a race with the chain, never a
 # token's doing. Every other revert of a refund that passed its simulation is the token's: a TransferFailed,
 # or an InsufficientGas because a token burned more gas once mined than it did in the simulation.
@@ -657,6 +661,11 @@ class Keeper:
             # Its nonce is used or held by another transaction: the tracker drops it once that one is mined.
             log.warning("refund 0x%s not accepted (%s); nonce resynchronised", signed.tx_hash.hex(), message)
             return "nonce"
+        if any(k in lowered for k in _REFUSED_FOR_NOW):
+            self.metrics.rpc_errors.inc()
+            log.warning("broadcast of refund 0x%s refused for now (%s), will retry the same transaction",
+                        signed.tx_hash.hex(), message)  # fmt: skip
+            return "transient"
         self.store.set_attempt_status(signed.tx_hash, "rejected")
         self.metrics.transactions.labels(outcome="rejected").inc()
         self._in_flight.difference_update(ids)

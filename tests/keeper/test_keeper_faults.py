@@ -233,3 +233,37 @@ def test_a_node_that_never_answers_fails_a_cycle_within_rpc_timeout(chain: Chain
         assert time.monotonic() - started < 5  # one deadline, not one per retry
         proxy.mode = "forward"
         keeper.run_once()  # and the next cycle works again
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        {"code": -32005, "message": "limit exceeded"},  # a public RPC's rate limit, as an error object
+        {"code": -32000, "message": "txpool is full"},  # geth under load
+    ],
+    ids=["rate-limited", "pool-full"],
+)
+def test_a_broadcast_the_node_refuses_for_now_is_sent_again_not_quarantined(
+    chain: Chain, tmp_path: Path, refusal: dict[str, object]
+) -> None:
+    """A refusal that says nothing about the transaction (a rate limit, a full pool) is a fault of the moment:
+    the same bytes go out again next cycle. Taken for a refusal of what the transaction is, it quarantined the
+    lone escrow for good (or halved the batches for the life of the process)."""
+    terms = make_terms(chain, window=60)
+    deposit(chain, terms)
+    chain.mine(terms.deadline)
+    escrow_id = chain.escrow.id_of(terms)
+    proxy = RpcProxy(chain.node.url)
+    try:
+        keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
+        proxy.fail("eth_sendRawTransaction", refusal, times=1)
+        first = keeper.run_once()
+        assert first.quarantined == 0 and chain.escrow.state_of(escrow_id) is State.HELD
+        reports = [keeper.run_once() for _ in range(3)]
+    finally:
+        proxy.close()
+    assert chain.escrow.state_of(escrow_id) is State.REFUNDED
+    assert keeper.store.troubles(chain.escrow.address, "quarantined") == []
+    assert keeper._batch_cap is None  # the batches were not shrunk for a fault of the node
+    assert sum(r.refunds_sent for r in [first, *reports]) == 1 and sum(r.confirmed for r in reports) == 1
+    assert refunds_by_id(chain)[escrow_id] == 1
