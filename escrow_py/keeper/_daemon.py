@@ -68,6 +68,13 @@ _TRANSFER = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
 _NONCE_TAKEN = ("nonce too low", "nonce is too low", "replacement transaction underpriced", "already exists",
                 "nonce has already been used")  # fmt: skip
 _ALREADY_KNOWN = ("already known", "already imported", "known transaction")
+# Answers that refuse the moment, not the transaction: a provider's rate limit, a full or busy pool. The same bytes
+# go out again next cycle; taken for a refusal of what the transaction is, they quarantined a lone escrow for good.
+_REFUSED_FOR_NOW = ("limit exceeded", "rate limit", "too many requests", "txpool is full", "transaction pool is full",
+                    "pool is full", "try again", "temporarily", "busy")  # fmt: skip
+# Answers that refuse the transaction's fees, not the refund: recorded bytes re-broadcast after an outage meet a
+# base fee that rose past their cap. The same nonce goes out again with higher fees, never the same bytes forever.
+_UNDERPRICED = ("less than block base fee", "fee cap less than", "feecap too low", "fee too low", "underpriced")
 # Reverts that are the escrow's own rules (e.g. a reorg took a deposit): a race with the chain, never a
 # token's doing. Every other revert of a refund that passed its simulation is the token's: a TransferFailed,
 # or an InsufficientGas because a token burned more gas once mined than it did in the simulation.
@@ -233,7 +240,7 @@ class Keeper:
                     # Recorded but not (known to be) accepted: a crash or a failed broadcast. A replacement's
                     # escrows were counted as sent with the transaction it replaces.
                     replacement = any(statuses[a.tx_hash] == "replaced" and a.nonce == attempt.nonce for a in attempts)
-                    outcome = self._rebroadcast(attempt, statuses, report if not replacement else None)
+                    outcome = self._rebroadcast(attempt, statuses, report if not replacement else None, report)
                     broadcast_ok = outcome == "sent"
                     changed |= outcome == "rejected"
                 elif (status == "sent" and newest[attempt.nonce] is attempt and broadcast_ok
@@ -251,9 +258,14 @@ class Keeper:
             ids = [i for a in attempts if a.escrow == address and statuses[a.tx_hash] in IN_FLIGHT for i in a.ids]
             self.store.renew_claims(address, self.me, ids, self.clock())
 
-    def _rebroadcast(self, attempt: Attempt, statuses: dict[bytes, str], first: CycleReport | None) -> str:
-        """Broadcast a recorded transaction again, as it was (same bytes, same nonce)."""
+    def _rebroadcast(
+        self, attempt: Attempt, statuses: dict[bytes, str], first: CycleReport | None, report: CycleReport
+    ) -> str:
+        """Broadcast a recorded transaction again, as it was (same bytes, same nonce); refused for its fees (the base
+        fee rose past its cap meanwhile), re-signed at its nonce with higher fees instead."""
         outcome = self._broadcast(attempt.escrow, self.store.attempt_tx(attempt.tx_hash), attempt.ids, first=first)
+        if outcome == "underpriced":
+            return "sent" if self._replace(attempt, statuses, report, first=first) else outcome
         if outcome in ("sent", "rejected"):
             statuses[attempt.tx_hash] = outcome
         return outcome
@@ -338,7 +350,7 @@ class Keeper:
                     "broadcasting it again" if again else "not sending it again")  # fmt: skip
         if again:
             self._set(attempt, "sent", statuses)  # accepted once already: counted as sent then
-            self._rebroadcast(attempt, statuses, None)
+            self._rebroadcast(attempt, statuses, None, report)
         else:
             self._set(attempt, "dropped", statuses)
         return True
@@ -475,14 +487,18 @@ class Keeper:
     def _set_backoff_gauge(self) -> None:
         self.metrics.backoffs.set(sum(len(self.store.backoffs(a)) for a in self.escrows))
 
-    def _replace(self, attempt: Attempt, statuses: dict[bytes, str], report: CycleReport) -> bool:
-        """Re-sign a stuck transaction with the same nonce and higher fees; False if its broadcast failed."""
+    def _replace(
+        self, attempt: Attempt, statuses: dict[bytes, str], report: CycleReport, *, first: CycleReport | None = None
+    ) -> bool:
+        """Re-sign a stuck transaction with the same nonce and higher fees; False if its broadcast failed.
+
+        `first`: as for `_broadcast`, when no node accepted the replaced one, so its escrows are not counted yet."""
         replacement = self.chain.replace(self.store.attempt_tx(attempt.tx_hash))
         self.store.record_attempt(attempt.escrow, self.me, attempt.ids, replacement)
         self._set(attempt, "replaced", statuses)
         report.replaced += 1
         log.info("stuck refund 0x%s replaced by 0x%s", attempt.tx_hash.hex(), replacement.tx_hash.hex())
-        return self._broadcast(attempt.escrow, replacement, attempt.ids, first=None) == "sent"
+        return self._broadcast(attempt.escrow, replacement, attempt.ids, first=first) == "sent"
 
     # -- decide and act ------------------------------------------------------------------------------
 
@@ -620,7 +636,8 @@ class Keeper:
         return batch, int.from_bytes(result[:32], "big")
 
     def _broadcast(self, escrow: str, signed: SentTx, ids: Sequence[bytes], *, first: CycleReport | None) -> str:
-        """eth_sendRawTransaction; returns sent, transient (try the same bytes later), nonce, or rejected.
+        """eth_sendRawTransaction; returns sent, transient (try the same bytes later), underpriced (re-sign at
+        its nonce with higher fees), nonce, or rejected.
 
         `first` is the cycle's report when these escrows have not been counted as sent yet: they are
         counted, and "refund batch sent" logged, once a node has accepted the transaction, and only then.
@@ -657,6 +674,15 @@ class Keeper:
             # Its nonce is used or held by another transaction: the tracker drops it once that one is mined.
             log.warning("refund 0x%s not accepted (%s); nonce resynchronised", signed.tx_hash.hex(), message)
             return "nonce"
+        if any(k in lowered for k in _REFUSED_FOR_NOW):
+            self.metrics.rpc_errors.inc()
+            log.warning("broadcast of refund 0x%s refused for now (%s), will retry the same transaction",
+                        signed.tx_hash.hex(), message)  # fmt: skip
+            return "transient"
+        if any(k in lowered for k in _UNDERPRICED):
+            log.warning("refund 0x%s refused for its fees (%s); it goes out again at its nonce with higher fees",
+                        signed.tx_hash.hex(), message)  # fmt: skip
+            return "underpriced"
         self.store.set_attempt_status(signed.tx_hash, "rejected")
         self.metrics.transactions.labels(outcome="rejected").inc()
         self._in_flight.difference_update(ids)

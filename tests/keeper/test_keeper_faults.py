@@ -233,3 +233,66 @@ def test_a_node_that_never_answers_fails_a_cycle_within_rpc_timeout(chain: Chain
         assert time.monotonic() - started < 5  # one deadline, not one per retry
         proxy.mode = "forward"
         keeper.run_once()  # and the next cycle works again
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        {"code": -32005, "message": "limit exceeded"},  # a public RPC's rate limit, as an error object
+        {"code": -32000, "message": "txpool is full"},  # geth under load
+    ],
+    ids=["rate-limited", "pool-full"],
+)
+def test_a_broadcast_the_node_refuses_for_now_is_sent_again_not_quarantined(
+    chain: Chain, tmp_path: Path, refusal: dict[str, object]
+) -> None:
+    """A refusal that says nothing about the transaction (a rate limit, a full pool) is a fault of the moment:
+    the same bytes go out again next cycle. Taken for a refusal of what the transaction is, it quarantined the
+    lone escrow for good (or halved the batches for the life of the process)."""
+    terms = make_terms(chain, window=60)
+    deposit(chain, terms)
+    chain.mine(terms.deadline)
+    escrow_id = chain.escrow.id_of(terms)
+    proxy = RpcProxy(chain.node.url)
+    try:
+        keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
+        proxy.fail("eth_sendRawTransaction", refusal, times=1)
+        first = keeper.run_once()
+        assert first.quarantined == 0 and chain.escrow.state_of(escrow_id) is State.HELD
+        reports = [keeper.run_once() for _ in range(3)]
+    finally:
+        proxy.close()
+    assert chain.escrow.state_of(escrow_id) is State.REFUNDED
+    assert keeper.store.troubles(chain.escrow.address, "quarantined") == []
+    assert keeper._batch_cap is None  # the batches were not shrunk for a fault of the node
+    assert sum(r.refunds_sent for r in [first, *reports]) == 1 and sum(r.confirmed for r in reports) == 1
+    assert refunds_by_id(chain)[escrow_id] == 1
+
+
+def test_a_recorded_refund_the_node_refuses_for_its_fees_goes_out_again_at_its_nonce_with_higher_fees(
+    chain: Chain, tmp_path: Path
+) -> None:
+    """Recorded bytes broadcast again (after a crash or an outage) can meet a base fee above their cap. That is a
+    refusal of the fees, not of the refund: it quarantined the lone escrow for good; re-sent as the same bytes
+    it would be refused forever and hold back every later nonce. It is re-signed at its nonce with higher fees."""
+    terms = make_terms(chain, window=60)
+    deposit(chain, terms)
+    chain.mine(terms.deadline)
+    escrow_id = chain.escrow.id_of(terms)
+    proxy = RpcProxy(chain.node.url)
+    try:
+        keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
+        # Refused when first sent and when sent again as it was: only new fees get it in.
+        proxy.fail("eth_sendRawTransaction", {"code": -32000, "message": "max fee per gas less than block base fee"},
+                   times=2)  # fmt: skip
+        reports = [keeper.run_once() for _ in range(3)]
+    finally:
+        proxy.close()
+    assert chain.escrow.state_of(escrow_id) is State.REFUNDED
+    assert keeper.store.troubles(chain.escrow.address, "quarantined") == []
+    # One nonce: the original, never accepted, dropped once its replacement was mined.
+    assert keeper.store.attempt_counts() == {"dropped": 1, "final": 1}
+    (mined,) = transactions_of(chain, KEEPER, int(chain.w3.eth.block_number) - 1)
+    assert mined["status"] == 1
+    assert sum(r.refunds_sent for r in reports) == 1 and sum(r.replaced for r in reports) == 1
+    assert refunds_by_id(chain)[escrow_id] == 1
