@@ -142,23 +142,24 @@ class DeliveryEscrowScheme:
             raise PaymentError(
                 f"the response names escrow 0x{escrow_id.hex()}, which this journal never signed", escrow_id=escrow_id
             )
-        if entry.state is not PaymentState.SIGNED:
-            return _judged_before(entry, response)
-        self.core.settle(entry, response)
-        self.core.validate(escrow_id, None, response)
+        if entry.state is PaymentState.SIGNED:
+            self.core.settle(entry, response)
+        else:
+            _judged_before(entry, response)
+        self.core.validate(escrow_id, None, response)  # the same bytes again are validated again
         return response.content
 
 
-def _judged_before(entry: JournalEntry, response: httpx.Response) -> bytes:
+def _judged_before(entry: JournalEntry, response: httpx.Response) -> None:
     """An answer naming a payment the journal has already judged: the same delivered bytes again (the hook,
-    then the caller by hand) are returned; anything else is refused with the journal left as it is.
+    then the caller by hand) pass; anything else is refused with the journal left as it is.
 
     Escrow ids are public and the hook sees every response of its client: a response that could judge a payment
     again could turn a delivery into a mismatch (with hashes of its choosing) or a rejection.
     """
     received = delivery_hash(response.content)
     if entry.state in (PaymentState.DELIVERED, PaymentState.UNSETTLED) and entry.response_hash == received:
-        return response.content
+        return
     raise PaymentError(
         f"the response ({response.status_code}, body hashing to 0x{received.hex()}) names escrow "
         f"0x{entry.escrow_id.hex()}, whose payment was already judged {entry.state.value} (journaled body hash "
