@@ -40,11 +40,12 @@ from x402.schemas import PaymentRequirements
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
 from escrow_py.buyer._journal import JournalEntry, PaymentState, Replay
+from escrow_py.buyer._offer import wire_url
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
-from escrow_py.protocol.terms import delivery_hash
+from escrow_py.protocol.terms import delivery_hash, request_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -128,8 +129,10 @@ class DeliveryEscrowScheme:
         of the request, when the response carries it) in this plugin's journal. Raises DeliveryMismatch,
         PaymentNotDelivered, PaymentRejected or HandlerFailedRefunded as EscrowClient would (and
         ResponseInvalid when the settings' validator rejects the body), and a bare PaymentError when the
-        response does not say which journaled payment it answers, or names one already judged (unless it
-        brings the same delivered bytes again: those are returned, and nothing is written).
+        response does not say which journaled payment it answers, names one already judged (unless it
+        brings the same delivered bytes again: those are validated and returned, nothing is written), or
+        answers a request other than the one the payment was signed for (its requestHash, when the
+        response carries its request).
         """
         escrow_id = _answered_escrow_id(response)
         if escrow_id is None:
@@ -142,10 +145,18 @@ class DeliveryEscrowScheme:
             raise PaymentError(
                 f"the response names escrow 0x{escrow_id.hex()}, which this journal never signed", escrow_id=escrow_id
             )
-        if entry.state is PaymentState.SIGNED:
-            self.core.settle(entry, response)
-        else:
+        if entry.state is not PaymentState.SIGNED:
             _judged_before(entry, response)
+        elif (answered := _request_hash_of(response)) is not None and answered != entry.terms.request_hash:
+            raise PaymentError(
+                f"the response names escrow 0x{escrow_id.hex()}, signed for requestHash "
+                f"0x{entry.terms.request_hash.hex()}, but answers another request ({response.request.method} "
+                f"hashing to 0x{answered.hex()}): it is not that payment's delivery, and the journal is left as it "
+                "was (the payment stays signed)",
+                escrow_id=escrow_id,
+            )
+        else:
+            self.core.settle(entry, response)
         self.core.validate(escrow_id, None, response)  # the same bytes again are validated again
         return response.content
 
@@ -167,6 +178,19 @@ def _judged_before(entry: JournalEntry, response: httpx.Response) -> None:
         "to that payment, and the journal is left as it was",
         escrow_id=entry.escrow_id,
     )
+
+
+def _request_hash_of(response: httpx.Response) -> bytes | None:
+    """The requestHash of the request `response` answers, as the seller hashes it from the wire; None when the
+    response carries no request (one built by hand) or its request cannot be hashed.
+
+    A receipt names its escrow, and escrow ids are public: only the request binds an answer to its payment.
+    """
+    try:
+        sent = response.request
+        return request_hash(sent.method, wire_url(sent), sent.content)
+    except (RuntimeError, httpx.RequestNotRead, ValueError):  # no request; a streamed body; no canonical URL
+        return None
 
 
 def _answered_escrow_id(response: httpx.Response) -> bytes | None:
