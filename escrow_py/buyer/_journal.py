@@ -241,8 +241,12 @@ class Journal:
             self.audit.write("ledger", escrow_id, {"ledger": status.value, "reason": Reason.CHAIN_FINAL})
 
     def record_invalid(self, escrow_id: bytes, problem: str) -> None:
-        """A delivered body the caller's validator rejected: noted in the journal and the audit trail."""
-        self.update(escrow_id, PaymentState.DELIVERED, detail=f"validation failed: {problem}")
+        """A delivered body the caller's validator rejected: noted in the payment's detail and the audit trail.
+
+        Its state stays what the judge made it: a served-first body is still `unsettled` (no money has moved;
+        recover() closes it by the chain, spent or void), not `delivered`.
+        """
+        self._set_detail(escrow_id, f"validation failed: {problem}")
         if self.audit is not None:
             self.audit.write("validation_failed", escrow_id, {"problem": problem})
 
@@ -284,16 +288,21 @@ class Journal:
     def record_resend(self, escrow_id: bytes, attempt: int, reason: str, retry_after: int, wait: float) -> None:
         """The same signed payment is about to be sent again after a 503 of the seller's (`reason`): noted in
         the payment's detail (its state stays what it was) and as a `resend` record of the audit trail."""
-        detail = f"resend {attempt} after 503 {reason} (Retry-After {retry_after}s, waiting {wait:g}s)"
+        self._set_detail(
+            escrow_id, f"resend {attempt} after 503 {reason} (Retry-After {retry_after}s, waiting {wait:g}s)"
+        )
+        if self.audit is not None:
+            fields = {"attempt": attempt, "reason": reason, "retryAfter": retry_after, "wait": wait}
+            self.audit.write("resend", escrow_id, fields)
+
+    def _set_detail(self, escrow_id: bytes, detail: str) -> None:
+        """Replace a payment's detail, its state left as it is."""
         with self.db.transaction() as tx:
             cursor = tx.execute(
                 "UPDATE payments SET detail = ?, updated_at = ? WHERE escrow_id = ?", (detail, time.time(), escrow_id)
             )
             if cursor.rowcount != 1:
                 raise KeyError(f"escrow 0x{escrow_id.hex()} is not in the journal {self.path}")
-        if self.audit is not None:
-            fields = {"attempt": attempt, "reason": reason, "retryAfter": retry_after, "wait": wait}
-            self.audit.write("resend", escrow_id, fields)
 
     def get(self, escrow_id: bytes) -> JournalEntry | None:
         query = f"SELECT {_COLUMNS} FROM payments WHERE escrow_id = ?"  # noqa: S608 - constant column list

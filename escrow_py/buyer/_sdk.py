@@ -39,11 +39,13 @@ from x402.schemas import PaymentRequirements
 
 from escrow_py.buyer._core import PaymentCore
 from escrow_py.buyer._errors import PaymentError, PaymentRefused
-from escrow_py.buyer._journal import Replay
+from escrow_py.buyer._journal import JournalEntry, PaymentState, Replay
+from escrow_py.buyer._offer import wire_url
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
 from escrow_py.chain.signer import Signer
 from escrow_py.protocol.errors import ProtocolError
 from escrow_py.protocol.reasons import Reason
+from escrow_py.protocol.terms import delivery_hash, request_hash
 from escrow_py.protocol.wire import (
     PAYMENT_RESPONSE_HEADER,
     PAYMENT_SIGNATURE_HEADER,
@@ -127,7 +129,10 @@ class DeliveryEscrowScheme:
         of the request, when the response carries it) in this plugin's journal. Raises DeliveryMismatch,
         PaymentNotDelivered, PaymentRejected or HandlerFailedRefunded as EscrowClient would (and
         ResponseInvalid when the settings' validator rejects the body), and a bare PaymentError when the
-        response does not say which journaled payment it answers.
+        response does not say which journaled payment it answers, names one already judged (unless it
+        brings the same delivered bytes again: those are validated and returned, nothing is written), or
+        answers a request other than the one the payment was signed for (its requestHash, when the
+        response carries its request).
         """
         escrow_id = _answered_escrow_id(response)
         if escrow_id is None:
@@ -140,9 +145,52 @@ class DeliveryEscrowScheme:
             raise PaymentError(
                 f"the response names escrow 0x{escrow_id.hex()}, which this journal never signed", escrow_id=escrow_id
             )
-        self.core.settle(entry, response)
-        self.core.validate(escrow_id, None, response)
+        if entry.state is not PaymentState.SIGNED:
+            _judged_before(entry, response)
+        elif (answered := _request_hash_of(response)) is not None and answered != entry.terms.request_hash:
+            raise PaymentError(
+                f"the response names escrow 0x{escrow_id.hex()}, signed for requestHash "
+                f"0x{entry.terms.request_hash.hex()}, but answers another request ({response.request.method} "
+                f"hashing to 0x{answered.hex()}): it is not that payment's delivery, and the journal is left as it "
+                "was (the payment stays signed)",
+                escrow_id=escrow_id,
+            )
+        else:
+            self.core.settle(entry, response)
+        self.core.validate(escrow_id, None, response)  # the same bytes again are validated again
         return response.content
+
+
+def _judged_before(entry: JournalEntry, response: httpx.Response) -> None:
+    """An answer naming a payment the journal has already judged: the same delivered bytes again (the hook,
+    then the caller by hand) pass; anything else is refused with the journal left as it is.
+
+    Escrow ids are public and the hook sees every response of its client: a response that could judge a payment
+    again could turn a delivery into a mismatch (with hashes of its choosing) or a rejection.
+    """
+    received = delivery_hash(response.content)
+    if entry.state in (PaymentState.DELIVERED, PaymentState.UNSETTLED) and entry.response_hash == received:
+        return
+    raise PaymentError(
+        f"the response ({response.status_code}, body hashing to 0x{received.hex()}) names escrow "
+        f"0x{entry.escrow_id.hex()}, whose payment was already judged {entry.state.value} (journaled body hash "
+        f"{'none' if entry.response_hash is None else '0x' + entry.response_hash.hex()}): it is not the answer "
+        "to that payment, and the journal is left as it was",
+        escrow_id=entry.escrow_id,
+    )
+
+
+def _request_hash_of(response: httpx.Response) -> bytes | None:
+    """The requestHash of the request `response` answers, as the seller hashes it from the wire; None when the
+    response carries no request (one built by hand) or its request cannot be hashed.
+
+    A receipt names its escrow, and escrow ids are public: only the request binds an answer to its payment.
+    """
+    try:
+        sent = response.request
+        return request_hash(sent.method, wire_url(sent), sent.content)
+    except (RuntimeError, httpx.RequestNotRead, ValueError):  # no request; a streamed body; no canonical URL
+        return None
 
 
 def _answered_escrow_id(response: httpx.Response) -> bytes | None:

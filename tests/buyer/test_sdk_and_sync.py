@@ -12,10 +12,13 @@ import pytest
 from eth_utils.crypto import keccak
 from fixtures.chain import Chain
 from helpers import BUYER, address, dev
+from starlette.applications import Starlette
+from starlette.responses import Response as StarletteResponse
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402Client
 from x402.http.clients.httpx import x402_httpx_transport
-from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
+from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 
 from escrow_py.buyer import (
     AsyncEscrowClient,
@@ -31,6 +34,13 @@ from escrow_py.buyer import (
 )
 from escrow_py.protocol.errors import ConfigError
 from escrow_py.protocol.terms import State
+from escrow_py.protocol.wire import (
+    PAYMENT_REQUIRED_HEADER,
+    PAYMENT_RESPONSE_HEADER,
+    SettlementExtra,
+    decode_payment_required,
+    encode_payment_response,
+)
 
 from .shop import BASE_URL, PRICE, Shop
 
@@ -196,3 +206,78 @@ def test_one_settings_object_serves_the_client_the_sdk_plugin_and_recover(
         EscrowClient(settings, task="other")
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['timeout'\\]"):
         DeliveryEscrowScheme(settings, timeout=5)
+
+
+def _naming(
+    escrow_id: bytes, deadline: int, status: int, body: bytes, committed: bytes = b"a body never served", **settle: Any
+) -> ASGIApp:
+    """Another host, answering every request with a receipt that names `escrow_id` (escrow ids are public)
+    and commits to the body `committed`."""
+    extra = SettlementExtra(escrow_id=escrow_id, deadline=deadline, delivery_hash=keccak(committed))
+    receipt = SettleResponse(transaction="", network="eip155:84532", extra=extra.to_json(), **settle)
+    headers = {PAYMENT_RESPONSE_HEADER: encode_payment_response(receipt)}
+    return Starlette(routes=[Route("/{path:path}", lambda _: StarletteResponse(body, status, headers=headers))])
+
+
+@pytest.mark.parametrize(
+    ("status", "settle"),
+    [
+        (200, {"success": True}),  # a body that is not the one committed: would be journaled a mismatch
+        (500, {"success": False, "error_reason": "handler_failed_not_charged"}),  # would be journaled rejected
+    ],
+    ids=["mismatch", "not-charged"],
+)
+def test_a_receipt_naming_a_payment_already_judged_rewrites_nothing(
+    chain: Chain, shop: Shop, tmp_path: Path, request: pytest.FixtureRequest, status: int, settle: dict[str, Any]
+) -> None:
+    # main: the hook judged whatever journaled escrow a response named, again: any host the client talked to
+    # could turn a delivered payment into a mismatch (its hashes replaced by the host's) or a rejection.
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
+    sdk = x402Client().register("eip155:84532", scheme)
+    sdk.set_spend_controls({"allowed_assets": [{"network": "eip155:84532", "asset": chain.token.address}]})
+    hooks = {"response": [scheme.check_response]}
+
+    async def get(transport: httpx.AsyncBaseTransport, path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, event_hooks=hooks) as http:
+            return await http.get(path)
+
+    paid = asyncio.run(get(x402_httpx_transport(sdk, httpx.ASGITransport(app=shop.app)), "/report/judged"))
+    (delivered,) = scheme.core.journal.entries()
+    assert delivered.state is PaymentState.DELIVERED and delivered.response_hash == keccak(paid.content)
+    assert scheme.verify_delivery(paid) == paid.content  # the same answer judged again by hand: still delivered
+
+    liar = _naming(delivered.escrow_id, delivered.terms.deadline, status, b"forged", **settle)
+    with pytest.raises(PaymentError, match="already judged delivered") as refused:
+        asyncio.run(get(httpx.ASGITransport(app=liar), "/anything"))
+    assert refused.value.escrow_id == delivered.escrow_id
+    assert scheme.core.journal.get(delivered.escrow_id) == delivered  # state, hashes and detail as they were
+
+
+def test_a_receipt_naming_a_payment_for_another_request_is_not_its_delivery(
+    chain: Chain, shop: Shop, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # main: the hook judged the escrow a response named whatever request the response answered: a host that
+    # named another request's payment still in flight had its own bytes journaled as that payment's delivery.
+    scheme = DeliveryEscrowScheme(dev(BUYER), chain.node.url, tmp_path / "buyer.sqlite")
+    request.addfinalizer(scheme.close)
+
+    async def offer() -> PaymentRequirements:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=shop.app), base_url=BASE_URL) as http:
+            refused = await http.get("/report/in-flight")
+        return decode_payment_required(refused.headers[PAYMENT_REQUIRED_HEADER]).accepts[0]
+
+    scheme.create_payment_payload(asyncio.run(offer()))  # signed and journaled, its request not answered yet
+    (in_flight,) = scheme.core.journal.entries()
+
+    async def get(app: ASGIApp, path: str) -> httpx.Response:
+        hooks = {"response": [scheme.check_response]}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, event_hooks=hooks) as http:
+            return await http.get(path)
+
+    liar = _naming(in_flight.escrow_id, in_flight.terms.deadline, 200, b"forged", committed=b"forged", success=True)
+    with pytest.raises(PaymentError, match="another request") as refused:
+        asyncio.run(get(liar, "/anything"))
+    assert refused.value.escrow_id == in_flight.escrow_id
+    assert scheme.core.journal.get(in_flight.escrow_id) == in_flight  # still signed, still owed its delivery

@@ -27,6 +27,7 @@ from escrow_py.buyer import (
     PolicyDenied,
     RecoveryAction,
     RecoveryReport,
+    ResponseInvalid,
     recover,
 )
 from escrow_py.buyer._ledger import LedgerStatus
@@ -234,3 +235,24 @@ def test_a_settled_payment_the_sdk_plugin_never_verified_is_spent_in_the_ledger(
     assert (item.action, item.journal_state) == (RecoveryAction.WAITING, PaymentState.SIGNED)
     assert "settled on chain (spent)" in item.outcome
     assert _ledger(journal) == (LedgerStatus.SPENT,)
+
+
+def test_a_rejected_serve_first_body_stays_unsettled_until_the_chain_closes_it(chain: Chain, tmp_path: Path) -> None:
+    # main: the validator's verdict journaled the unsettled payment delivered (final, its budget spent) though
+    # no money had moved: recover() no longer looked at it, and a seller that never settled kept the budget.
+    shop, journal = _shop(chain, tmp_path), tmp_path / "buyer.sqlite"
+
+    async def pay() -> None:
+        async with _client(chain, shop, journal, validator=lambda _: False) as client:
+            await client.get("/report/rejected-shape")
+
+    with pytest.raises(ResponseInvalid):
+        asyncio.run(pay())
+    (entry,) = _entries(journal)
+    assert entry.state is PaymentState.UNSETTLED and "validation failed" in (entry.detail or "")
+    assert _ledger(journal) == (LedgerStatus.RESERVED,)
+
+    chain.mine(entry.valid_before)  # the seller never settled it
+    (item,) = _recover(chain, shop, journal).items
+    assert (item.action, item.journal_state) == (RecoveryAction.MARKED_VOID, PaymentState.VOID)
+    assert _ledger(journal) == (LedgerStatus.RELEASED,)  # the budget is back
