@@ -10,7 +10,14 @@ from typing import Any, Generic, Self, TypeVar
 import httpx
 
 from escrow_py.buyer._core import PaymentCore
-from escrow_py.buyer._flow import adrive, drive, lost_in_flight, payment_flow
+from escrow_py.buyer._flow import (
+    adrive,
+    akeep_payment_on_its_url,
+    drive,
+    keep_payment_on_its_url,
+    lost_in_flight,
+    payment_flow,
+)
 from escrow_py.buyer._journal import Journal
 from escrow_py.buyer._recover import RecoveryReport, arecover_with, recover_with
 from escrow_py.buyer._settings import BuyerSettings, JournalLike, no_other_options, settings_of
@@ -38,10 +45,19 @@ class EscrowAuth(httpx.Auth):
     the paid request went out: the caller gets httpx's TransportError (EscrowClient turns
     it into PaymentNotDelivered, and `lost_in_flight(exc)` does the same for any client);
     the journal holds the payment.
+
+    A client that follows redirects must run `request_hook` (httpx.AsyncClient: `async_request_hook`) as its
+    first request event hook, as EscrowClient and AsyncEscrowClient do: httpx follows a redirect inside the
+    auth flow's send, with the paid request's headers, and the hook keeps PAYMENT-SIGNATURE off every hop to
+    another URL. A paid request answered with a redirect is judged by that answer (what the seller charged
+    for); the hops after it are other requests, and the response httpx returns is the last hop's, with the
+    judged one in its `history`.
     """
 
     requires_request_body = True
     requires_response_body = True
+    request_hook = staticmethod(keep_payment_on_its_url)
+    async_request_hook = staticmethod(akeep_payment_on_its_url)
 
     def __init__(
         self,
@@ -80,6 +96,10 @@ class _EscrowClientBase(Generic[_Http]):
     ) -> None:
         self.auth = EscrowAuth(settings_of(settings, rpc_url, journal, options))
         options.setdefault("limits", POOL_LIMITS)
+        hooks: dict[str, list[Any]] = dict(options.pop("event_hooks", None) or {})
+        keep: Any = EscrowAuth.request_hook if self._http_type is httpx.Client else EscrowAuth.async_request_hook
+        hooks["request"] = [keep, *hooks.get("request", [])]  # first: a hook of the caller's never sees it
+        options["event_hooks"] = hooks
         self.http: _Http = self._http_type(auth=self.auth, **client_options(options))  # what is left is httpx's
 
     @property

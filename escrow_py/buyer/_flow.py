@@ -10,6 +10,7 @@ sends block on the chain and the disk, so `adrive` runs them in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from escrow_py.protocol.wire import PAYMENT_SIGNATURE_HEADER
 
 # The paid request carries its payment here, so a transport failure can say which payment it left in flight.
 PAYMENT_EXTENSION = "x402_escrow_payment"
+# ... and the URL it pays for: httpx copies a request's extensions onto each redirect hop it builds, so a hop
+# knows the one URL its payment header may go to (keep_payment_on_its_url).
+PAID_URL_EXTENSION = "x402_escrow_paid_url"
+
+log = logging.getLogger("escrow_py.buyer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +57,49 @@ def payment_flow(core: PaymentCore, request: httpx.Request) -> Flow:
     prepared = core.prepare(request, offer)
     request.headers[PAYMENT_SIGNATURE_HEADER] = prepared.header
     request.extensions[PAYMENT_EXTENSION] = prepared
-    response = yield Send(request)
+    request.extensions[PAID_URL_EXTENSION] = request.url
+    response = _paid_answer(request, (yield Send(request)))
     resent = 0
     while (wait := core.resend_after(prepared, response, resent)) is not None:
         # The seller's own 503: the same request, the same signed payment, again; never a new one.
         resent += 1
-        response = yield Send(request, after=wait)
+        response = _paid_answer(request, (yield Send(request, after=wait)))
     core.settle(prepared, response)
     core.validate(prepared.escrow_id, request, response)
+
+
+def keep_payment_on_its_url(request: httpx.Request) -> None:
+    """An httpx request event hook: a redirect hop to any URL but the one paid for goes without PAYMENT-SIGNATURE.
+
+    httpx follows a redirect inside each send of an auth flow and builds the hop from the paid request's headers
+    (it strips only Authorization, and only across origins), so without this the next host would get the
+    payment header: a bearer token for the delivery. Request hooks run for every hop, before it is sent.
+    """
+    paid_url = request.extensions.get(PAID_URL_EXTENSION)
+    if paid_url is not None and request.url != paid_url and PAYMENT_SIGNATURE_HEADER in request.headers:
+        del request.headers[PAYMENT_SIGNATURE_HEADER]
+
+
+async def akeep_payment_on_its_url(request: httpx.Request) -> None:
+    """keep_payment_on_its_url for httpx.AsyncClient, which awaits its event hooks."""
+    keep_payment_on_its_url(request)
+
+
+def _paid_answer(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+    """The seller's answer to the paid request itself: `response`, or, when the client followed a redirect, the
+    redirect it answered with (what the seller charged for and committed to; the hops after it are other
+    requests). Warns if the payment header went along on a hop: the client lacks keep_payment_on_its_url."""
+    if not response.history:
+        return response
+    chain = [*response.history, response]
+    for hop in chain:
+        if hop.request is not request and PAYMENT_SIGNATURE_HEADER in hop.request.headers:
+            log.warning(
+                "the payment for %s went along with a redirect to %s: install EscrowAuth.request_hook as the "
+                "client's first request event hook", request.url, hop.request.url,
+            )  # fmt: skip
+    # The flow sends one request object again and again (unpaid, paid, resent): its last answer is this send's.
+    return next((hop for hop in reversed(chain) if hop.request is request), response)
 
 
 def drive(flow: Flow) -> Generator[httpx.Request, httpx.Response, None]:
