@@ -76,8 +76,8 @@ of these (httpx's own errors pass through only for a request that carried no pay
         │                          connection drops after the paid request left
         ├── DeliveryMismatch       the body's hash differs from the committed hash; `.committed`, `.received`
         ├── HandlerFailedRefunded  the seller's handler failed and it refunded; `.refund_tx`
-        └── ResponseInvalid        delivered and settled (money spent) but the validator rejected the
-                                   body; `.problem`, `.body`
+        └── ResponseInvalid        delivered (held: settled, money spent; served first: `.settled`
+                                   False) but the validator rejected the body; `.problem`, `.body`
 
 Both settlement modes are paid (DESIGN.md section 8; `Policy(settlement=...)` may forbid one):
 a `serve-first` delivery is returned like any other but journaled `unsettled`, its budget

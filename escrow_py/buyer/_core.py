@@ -26,7 +26,7 @@ from x402.schemas import PaymentRequirements, ResourceInfo
 from escrow_py.buyer._chain import CLOCK_SKEW
 from escrow_py.buyer._decide import custom_denial, decide, denial, payment_context
 from escrow_py.buyer._errors import ChainUnavailable, PolicyDenied, ResponseInvalid
-from escrow_py.buyer._journal import Journal, PaymentRow, Replay
+from escrow_py.buyer._journal import Journal, PaymentRow, PaymentState, Replay
 from escrow_py.buyer._judge import Answer, ChainFacts, Need, Payment, Verdict, judge, read_answer
 from escrow_py.buyer._offer import Offer, bind, journal_headers
 from escrow_py.buyer._policy import PaymentContext, Policy
@@ -228,7 +228,9 @@ class PaymentCore:
             return
         if (problem := problem_with(validator, response)) is not None:
             self.journal.record_invalid(escrow_id, problem)
-            raise ResponseInvalid(escrow_id, problem, response.content)
+            entry = self.journal.get(escrow_id)
+            settled = entry is None or entry.state is not PaymentState.UNSETTLED
+            raise ResponseInvalid(escrow_id, problem, response.content, settled=settled)
 
     def close(self) -> None:
         """Close the journal if this core opened it (an open Journal in the settings is the caller's)."""

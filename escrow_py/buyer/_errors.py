@@ -102,17 +102,23 @@ class PolicyDenied(PaymentRefused):
 class ResponseInvalid(PaymentError):
     """The delivery was verified (its hash is the committed one) but the caller's validator rejected it.
 
-    The payment is delivered and settled: the money is the seller's. The agent must not act on
-    the body; the journal and the audit trail record the failure as evidence.
+    A held payment is delivered and settled: the money is the seller's. A served-first one is delivered
+    and not settled yet (`settled` False): the seller may still collect it, and recover() follows it to
+    spent or void. The agent must not act on the body; the journal and the audit trail record the
+    failure as evidence.
     """
 
-    def __init__(self, escrow_id: bytes, problem: str, body: bytes) -> None:
+    def __init__(self, escrow_id: bytes, problem: str, body: bytes, *, settled: bool = True) -> None:
         self.problem = problem
         self.body = body
+        self.settled = settled
+        money = (
+            "the payment was delivered and settled, the money is spent"
+            if settled
+            else "the body was served first and its payment is not settled yet: the seller may still collect it"
+        )
         super().__init__(
-            f"escrow {_hex(escrow_id)}: the response failed validation ({problem}); the payment was delivered "
-            "and settled, the money is spent",
-            escrow_id=escrow_id,
+            f"escrow {_hex(escrow_id)}: the response failed validation ({problem}); {money}", escrow_id=escrow_id
         )
 
 

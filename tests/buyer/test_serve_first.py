@@ -246,8 +246,9 @@ def test_a_rejected_serve_first_body_stays_unsettled_until_the_chain_closes_it(c
         async with _client(chain, shop, journal, validator=lambda _: False) as client:
             await client.get("/report/rejected-shape")
 
-    with pytest.raises(ResponseInvalid):
+    with pytest.raises(ResponseInvalid) as raised:
         asyncio.run(pay())
+    assert not raised.value.settled and "not settled yet" in str(raised.value)  # not "the money is spent"
     (entry,) = _entries(journal)
     assert entry.state is PaymentState.UNSETTLED and "validation failed" in (entry.detail or "")
     assert _ledger(journal) == (LedgerStatus.RESERVED,)
