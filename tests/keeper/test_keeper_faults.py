@@ -235,6 +235,14 @@ def test_a_node_that_never_answers_fails_a_cycle_within_rpc_timeout(chain: Chain
         keeper.run_once()  # and the next cycle works again
 
 
+def _one_expired_escrow(chain: Chain) -> bytes:
+    """One escrow deposited and past its deadline: due for a keeper's refund."""
+    terms = make_terms(chain, window=60)
+    deposit(chain, terms)
+    chain.mine(terms.deadline)
+    return chain.escrow.id_of(terms)
+
+
 @pytest.mark.parametrize(
     "refusal",
     [
@@ -249,10 +257,7 @@ def test_a_broadcast_the_node_refuses_for_now_is_sent_again_not_quarantined(
     """A refusal that says nothing about the transaction (a rate limit, a full pool) is a fault of the moment:
     the same bytes go out again next cycle. Taken for a refusal of what the transaction is, it quarantined the
     lone escrow for good (or halved the batches for the life of the process)."""
-    terms = make_terms(chain, window=60)
-    deposit(chain, terms)
-    chain.mine(terms.deadline)
-    escrow_id = chain.escrow.id_of(terms)
+    escrow_id = _one_expired_escrow(chain)
     proxy = RpcProxy(chain.node.url)
     try:
         keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
@@ -275,10 +280,7 @@ def test_a_recorded_refund_the_node_refuses_for_its_fees_goes_out_again_at_its_n
     """Recorded bytes broadcast again (after a crash or an outage) can meet a base fee above their cap. That is a
     refusal of the fees, not of the refund: it quarantined the lone escrow for good; re-sent as the same bytes
     it would be refused forever and hold back every later nonce. It is re-signed at its nonce with higher fees."""
-    terms = make_terms(chain, window=60)
-    deposit(chain, terms)
-    chain.mine(terms.deadline)
-    escrow_id = chain.escrow.id_of(terms)
+    escrow_id = _one_expired_escrow(chain)
     proxy = RpcProxy(chain.node.url)
     try:
         keeper = make_keeper(chain, tmp_path / "k.sqlite", rpc_url=proxy.url, reorg_depth=0)
