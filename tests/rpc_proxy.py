@@ -9,6 +9,7 @@
         proxy.drop_rate, proxy.http_error_rate = 0.1, 0.05  # connections closed unanswered, HTTP 502
         proxy.answer_errors()                # every method answers a JSON-RPC error object (NODE_ERROR)
         proxy.refuse_batches = True          # a JSON-RPC batch gets one error object (faults by method apply in one)
+        proxy.seen_up_to = 41                # eth_getLogs and eth_getBlockByNumber(n) answered by a backend at block 41
         proxy.heal()                         # a faithful proxy again
         proxy.calls["eth_call"]              # how often each method was asked for; proxy.faults: faults made
         proxy.stop()                         # the node is gone: every later call fails to connect
@@ -55,6 +56,9 @@ class RpcProxy:
         self.drop_rate = 0.0  # share of requests whose connection is closed unanswered
         self.http_error_rate = 0.0  # share answered with HTTP 502
         self.refuse_batches = False  # answer every JSON-RPC batch with one error object, as some providers do
+        # A load-balanced endpoint's backend that has seen blocks up to this one only (None: the node's head): the
+        # logs of later blocks are left out with no error, and a later block by number is null. "latest" is not.
+        self.seen_up_to: int | None = None
         self._errors: dict[str, tuple[dict[str, Any], int | None]] = {}
         self._errors_if: list[tuple[str, Callable[[list[Any]], bool], dict[str, Any]]] = []
         self._raw_limit: tuple[int, str] | None = None
@@ -96,7 +100,7 @@ class RpcProxy:
                 if error is not None and isinstance(request, dict):
                     self._answer(json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode())
                     return
-                self._answer(proxy._node.post(body, "forward"))
+                self._answer(proxy._lagged(request, proxy._node.post(body, "forward")))
 
             def _answer(self, data: bytes, status: int = 200) -> None:
                 self.send_response(status)
@@ -157,6 +161,7 @@ class RpcProxy:
             self._raw_limit = None
             self.drop_rate = self.http_error_rate = 0.0
             self.refuse_batches = False
+            self.seen_up_to = None
         self.mode = "forward"
 
     def _batch(self, items: list[Any]) -> bytes:
@@ -176,9 +181,27 @@ class RpcProxy:
             else:
                 forward.append(item)
         if forward:
+            asked = {item.get("id"): item for item in forward if isinstance(item, dict)}
             for answer in json.loads(self._node.post(json.dumps(forward).encode(), "forward")):
-                answers[answer.get("id")] = answer
+                item = asked.get(answer.get("id"))
+                answers[answer.get("id")] = json.loads(self._lagged(item, json.dumps(answer).encode()))
         return json.dumps([answers[i.get("id")] for i in items if isinstance(i, dict)]).encode()
+
+    def _lagged(self, request: Any, answer: bytes) -> bytes:
+        """`answer` as a backend at block `seen_up_to` would give it."""
+        last = self.seen_up_to
+        if last is None or not isinstance(request, dict):
+            return answer
+        method, params, parsed = request.get("method"), request.get("params") or [], json.loads(answer)
+        if method == "eth_getLogs" and isinstance(parsed.get("result"), list):
+            parsed["result"] = [log for log in parsed["result"] if int(log["blockNumber"], 16) <= last]
+        elif method == "eth_getBlockByNumber" and str(params[0]).startswith("0x") and int(params[0], 16) > last:
+            parsed["result"] = None
+        else:
+            return answer
+        with self._lock:
+            self.faults += 1
+        return json.dumps(parsed).encode()
 
     def _seen(self, request: Any, method: str) -> float:
         """Count the request; the roll that decides whether it is dropped or answered 502."""

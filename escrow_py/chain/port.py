@@ -218,6 +218,11 @@ class EscrowChain(Protocol):
         RpcError, or rpc.NodeError carrying the node's error object."""
         ...
 
+    def requests(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
+        """Independent raw JSON-RPC requests in one round trip (a batch, so one backend of a load-balanced
+        endpoint answers them all): each one's result, or the RpcError it met, in order."""
+        ...
+
     # -- receipts and events -------------------------------------------------------------------------
 
     def receipt(self, tx_hash: bytes) -> TxReceipt | None:

@@ -446,6 +446,10 @@ class Web3EscrowChain:
         except CHAIN_FAILURES as exc:
             raise as_chain_error(exc, f"JSON-RPC {method}") from exc
 
+    def requests(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
+        # rpc.batch types every failure as an RpcError in its slot; it raises none.
+        return rpc.batch(self.w3, [rpc.Request(method, params) for method, params in calls])
+
     # -- receipts and events ----------------------------------------------------------------------
 
     @_typed("reading a receipt")

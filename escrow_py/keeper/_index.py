@@ -5,7 +5,8 @@ blocks every cycle: if the block at the checkpoint still has the hash we stored,
 every block below it is unchanged too. Only when it differs does the indexer walk
 back through the hashes it stored (one per indexed head and per block with an
 escrow event) to the newest block still on the chain, and re-index from there.
-A quiet chain therefore costs one `eth_getLogs` per new block and nothing more,
+A quiet chain therefore costs one `eth_getLogs` per new block (batched with that
+block, so a backend behind the head cannot pass for a quiet one) and nothing more,
 however much history the store holds.
 
 Logs are read raw: a Deposited log's indexed buyer and seller topics followed by
@@ -152,14 +153,24 @@ class Indexer:
         while block <= last:
             end = min(last, block + chunk - 1)
             query = {"address": self.escrow, "fromBlock": hex(block), "toBlock": hex(end), "topics": topics}
-            try:
-                logs = self.chain.request("eth_getLogs", [query])
-            except RpcError as exc:
+            # With the range's last block in the same batch: a backend behind the head answers eth_getLogs for
+            # blocks it has not seen with [] and no error, which would index them as empty for good.
+            logs, last_block = self.chain.requests(
+                [("eth_getLogs", [query]), ("eth_getBlockByNumber", [hex(end), False])]
+            )
+            failed = next((a for a in (logs, last_block) if isinstance(a, BaseException)), None)
+            if failed is not None:
                 self.on_rpc_error()
                 if chunk == 1:
-                    raise RpcError(f"eth_getLogs failed for block {block}: {exc}") from exc
+                    raise RpcError(f"eth_getLogs failed for block {block}: {failed}") from failed
                 chunk = max(1, chunk // 2)
                 continue
+            if last_block is None:
+                self.on_rpc_error()
+                raise RpcError(
+                    f"the node answering eth_getLogs for blocks {block}-{end} has not seen block {end} (a backend "
+                    "behind the head): not indexed until it has"
+                )
             if not isinstance(logs, list):
                 raise RpcError(f"eth_getLogs returned {type(logs).__name__}, not a list")
             events.extend(e for entry in logs if (e := parse_log(entry)) is not None)

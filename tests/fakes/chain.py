@@ -470,6 +470,9 @@ class FakeEscrowChain:
     def request(self, method: str, params: list[Any]) -> Any:
         raise NotImplementedError(f"the fake chain answers no raw JSON-RPC ({method})")
 
+    def requests(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
+        raise NotImplementedError(f"the fake chain answers no raw JSON-RPC ({[m for m, _ in calls]})")
+
     # -- receipts and events -------------------------------------------------------------------------
 
     def receipt(self, tx_hash: bytes) -> TxReceipt | None:

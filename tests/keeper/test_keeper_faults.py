@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from rpc_proxy import INTERNAL_ERROR, RpcProxy
 
 from escrow_devtools.anvil import free_port
-from escrow_py.protocol.errors import RpcTimeout
+from escrow_py.protocol.errors import RpcError, RpcTimeout
 from escrow_py.protocol.terms import State, Terms
 
 from .kit import KEEPER, make_keeper, metric, readyz, refunds_by_id, scrape, start_keeper, transactions_of, wait_until
@@ -297,4 +297,28 @@ def test_a_recorded_refund_the_node_refuses_for_its_fees_goes_out_again_at_its_n
     (mined,) = transactions_of(chain, KEEPER, int(chain.w3.eth.block_number) - 1)
     assert mined["status"] == 1
     assert sum(r.refunds_sent for r in reports) == 1 and sum(r.replaced for r in reports) == 1
+    assert refunds_by_id(chain)[escrow_id] == 1
+
+
+def test_logs_from_a_backend_behind_the_head_are_not_indexed_as_empty_blocks(chain: Chain, tmp_path: Path) -> None:
+    """A load-balanced endpoint's backend a block behind the one that gave the head answers eth_getLogs for the
+    block it has not seen with [] and no error. Taken as a quiet block, the deposit in it was never indexed and
+    never refunded; the range's last block is read in the same batch, and a backend that lacks it is refused."""
+    chain.mine()
+    keeper_db = tmp_path / "k.sqlite"
+    with RpcProxy(chain.node.url) as proxy:
+        keeper = make_keeper(chain, keeper_db, rpc_url=proxy.url, reorg_depth=0)
+        keeper.run_once()  # indexed up to here
+        terms = make_terms(chain, window=60)
+        deposit(chain, terms)
+        escrow_id = chain.escrow.id_of(terms)
+        proxy.seen_up_to = int(chain.w3.eth.block_number) - 1  # the deposit's block is past this backend
+        with pytest.raises(RpcError, match="has not seen block"):
+            keeper.run_once()
+        proxy.heal()
+        keeper.run_once()
+        chain.mine(terms.deadline)
+        for _ in range(3):
+            keeper.run_once()
+    assert chain.escrow.state_of(escrow_id) is State.REFUNDED
     assert refunds_by_id(chain)[escrow_id] == 1
